@@ -1,0 +1,37 @@
+"""`python -m jobs`: run the worker. `python -m jobs --check`: exit 0 if a worker is alive."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from arq.connections import RedisSettings
+from arq.worker import async_check_health, run_worker
+
+from jobs.worker import worker_settings
+from server.constants import HEALTH_CHECK_KEY, QUEUE_NAME
+from server.logs import configure_logging
+from server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="health check, for probes")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    if args.check:
+        return asyncio.run(
+            async_check_health(
+                RedisSettings.from_dsn(settings.redis_url), HEALTH_CHECK_KEY, QUEUE_NAME
+            )
+        )
+    run_worker(worker_settings(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The shoppers' REST API (DESIGN.md §5): thin endpoints, parse → call the shop → render."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.clock import now_ms
+from server.errors import ProductNotFound, ReservationNotFound
+from server.http import RequestError, json_response, parse_body
+from server.inventory import Held, is_reservation_id
+from server.model import HoldRequest, Reservation
+from server.schemas import MAX_INT32, ProductOut, ReservationOut, ReserveBody
+from server.shop import Shop
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def shop_of(request: Request) -> Shop:
+    shop: Shop = request.app.state.shop
+    return shop
+
+
+async def list_products(request: Request) -> Response:
+    catalog = shop_of(request).catalog
+    assert catalog is not None
+    body, etag = catalog.listing()
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return json_response(body, headers=headers)
+
+
+async def get_product(request: Request) -> Response:
+    product_id = path_id(request, "product_id")
+    product = None if product_id is None else await shop_of(request).product(product_id)
+    if product is None:
+        raise ProductNotFound(product_id or 0)
+    return json_response(ProductOut.of(product))
+
+
+async def create_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    body = await parse_body(
+        request, ReserveBody, {"max_quantity": request.app.state.settings.max_quantity}
+    )
+    held = await shop.reserve(HoldRequest(body.product_id, body.quantity, idempotency_key(request)))
+    headers = {"Idempotent-Replayed": "true"} if held.replayed else None
+    return await render_reservation(shop, held, 201, headers)
+
+
+async def get_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    reservation = await shop.reservation(request.path_params["reservation_id"])
+    if reservation is None:
+        raise ReservationNotFound()
+    return await render_reservation(shop, reservation)
+
+
+async def complete_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    reservation = await shop.complete(_known_id(request))
+    return await render_reservation(shop, reservation)
+
+
+async def cancel_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    reservation = await shop.cancel(_known_id(request))
+    return await render_reservation(shop, reservation)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the database and Redis both answer, each within a second."""
+    checks = {}
+    for name, probe in (
+        ("database", shop_of(request).store.ping()),
+        ("redis", request.app.state.redis.ping()),
+    ):
+        try:
+            await asyncio.wait_for(probe, 1.0)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure at all means "not ready"
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    if ready:
+        return json_response({"status": "ok", "checks": checks})
+    return json_response(
+        {"status": "unavailable", "checks": checks}, 503, headers={"Retry-After": "5"}
+    )
+
+
+async def render_reservation(
+    shop: Shop,
+    reservation: Reservation | Held,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    if isinstance(reservation, Held):
+        reservation = reservation.reservation
+    product = await shop.product(reservation.product_id)
+    assert product is not None, "a hold's product cannot disappear"
+    return json_response(ReservationOut.of(reservation, product, now=now_ms()), status, headers)
+
+
+def path_id(request: Request, name: str) -> int | None:
+    """A positive 32-bit id from the path, or None (answered 404 by the caller)."""
+    text = request.path_params[name]
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    value = int(text)
+    return value if 1 <= value <= MAX_INT32 else None
+
+
+def _known_id(request: Request) -> str:
+    reservation_id: str = request.path_params["reservation_id"]
+    if not is_reservation_id(reservation_id):
+        raise ReservationNotFound()
+    return reservation_id
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
+        )
+    return key
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    candidates = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in candidates or etag in candidates
+
+
+routes = [
+    Route("/api/products", list_products, methods=["GET"]),
+    Route("/api/products/{product_id}", get_product, methods=["GET"]),
+    Route("/api/reservations", create_reservation, methods=["POST"]),
+    Route("/api/reservations/{reservation_id}", get_reservation, methods=["GET"]),
+    Route("/api/reservations/{reservation_id}/complete", complete_reservation, methods=["POST"]),
+    Route("/api/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

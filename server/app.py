@@ -1,0 +1,113 @@
+"""The web process: routes, middleware, and the lifespan that owns every connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from server import admin, api, migrate
+from server.catalog import Catalog
+from server.database import Store
+from server.events import Publisher
+from server.expiry import ExpiryScheduler
+from server.http import EXCEPTION_HANDLERS, BodyLimit
+from server.settings import Settings
+from server.shop import Shop
+from server.subscriber import Subscriber
+
+logger = logging.getLogger(__name__)
+
+
+class SchemaNotReady(RuntimeError):
+    pass
+
+
+def redis_client(url: str) -> ArqRedis:
+    """One client for publishing and enqueueing; it connects on first use, not at import."""
+    if not url:
+        raise RuntimeError(
+            "REDIS_URL is not set. `bin/serve` starts a Redis for you; "
+            "otherwise point REDIS_URL at one, e.g. redis://127.0.0.1:6379/0"
+        )
+    pool = ConnectionPool.from_url(
+        url, socket_connect_timeout=1.0, socket_timeout=5.0, health_check_interval=15
+    )
+    return ArqRedis(connection_pool=pool)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            store = Store(settings.database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
+            await store.connect()
+            stack.push_async_callback(store.close)
+            waiting = await migrate.pending(store)
+            if waiting:
+                names = ", ".join(f"{m.version:04d}_{m.name}" for m in waiting)
+                raise SchemaNotReady(
+                    f"the database needs migrations ({names}): run `python -m server migrate`"
+                )
+
+            redis = redis_client(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+
+            catalog = Catalog()
+            await catalog.reload(store)
+            publisher = Publisher(redis)
+            publisher.start()
+            stack.push_async_callback(publisher.stop)
+            scheduler = ExpiryScheduler(redis, bucket_ms=settings.expiry_bucket_ms)
+            scheduler.start()
+            stack.push_async_callback(scheduler.stop)
+
+            shop = Shop(
+                store,
+                hold_ms=round(settings.hold_seconds * 1000),
+                publish=publisher.publish,
+                scheduler=scheduler,
+                catalog=catalog,
+            )
+            await shop.start()
+            stack.push_async_callback(shop.stop)
+
+            subscriber = Subscriber(redis, store, catalog)
+            subscriber.start()
+            stack.push_async_callback(subscriber.stop)
+
+            app.state.settings = settings
+            app.state.redis = redis
+            app.state.shop = shop
+            app.state.publisher = publisher
+            app.state.scheduler = scheduler
+            app.state.subscriber = subscriber
+            yield
+
+    middleware = [
+        Middleware(BodyLimit),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Idempotency-Key", "Authorization", "If-None-Match"],
+            expose_headers=["ETag", "Date", "Retry-After", "Idempotent-Replayed"],
+            max_age=600,
+        ),
+    ]
+    app = Starlette(
+        routes=[*api.routes, *admin.routes],
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

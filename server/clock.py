@@ -1,0 +1,35 @@
+"""The one clock of the service.
+
+Every process (web and worker) reads "now" from its own wall clock, in integer milliseconds
+since the Unix epoch, and the database stores times in the same unit. Integers compare the
+same way in SQLite and PostgreSQL, so the SQL stays identical on both. Machines that share a
+database are expected to keep their clocks in sync (NTP); a hold's fate is still decided
+exactly once, because every transition is gated on the row's status.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso(ms: int) -> str:
+    """`2026-11-24T22:30:00.123Z`: ISO-8601, UTC, milliseconds."""
+    seconds, millis = divmod(ms, 1000)
+    t = time.gmtime(seconds)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{millis:03d}Z"
+    )
+
+
+def parse_iso(text: str) -> int:
+    """Milliseconds since the epoch for an ISO-8601 time that states its offset."""
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError("the time must state its offset, for example 2026-12-01T09:00:00Z")
+    return int(parsed.astimezone(UTC).timestamp() * 1000)

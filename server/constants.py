@@ -1,0 +1,21 @@
+"""Every Redis key, channel and queue name the service uses, in one place."""
+
+from __future__ import annotations
+
+# Pub/sub channel carrying live-update frames (DESIGN.md §6), one JSON frame per message.
+EVENTS_CHANNEL = "flashsale:events"
+
+# arq: the queue the worker consumes, and the job that expires the holds due by a time.
+QUEUE_NAME = "flashsale:queue"
+EXPIRE_DUE_JOB = "expire_due"
+SWEEP_JOB = "sweep"
+HEALTH_CHECK_KEY = "flashsale:worker:health"
+
+
+def expire_due_job_id(due_ms: int) -> str:
+    """One job per due time: enqueueing it again while it is queued (or just ran) is a no-op."""
+    return f"expire:{due_ms}"
+
+
+# Rate limiting (production readiness): one counter per client and window.
+RATE_LIMIT_PREFIX = "flashsale:ratelimit:"

@@ -1,0 +1,72 @@
+"""`python -m server serve`: the whole service on one machine, for development and demos.
+
+Starts a Redis-compatible server when REDIS_URL is unset (append-only file under ./var/,
+bound to loopback), applies migrations, seeds demo products into an empty database, then
+runs the Procfile's `web` and `worker` under honcho, and stops everything it started on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from server import demo, migrate
+from server.database import Store
+from server.embedded_redis import EmbeddedRedis
+from server.settings import Settings
+
+VAR = Path("var")
+
+
+async def prepare_database(settings: Settings, *, seed: bool) -> None:
+    """Apply pending migrations and, when asked, seed demo products into an empty database."""
+    store = Store(settings.database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
+    await store.connect()
+    try:
+        applied = await migrate.migrate(store)
+        print(f"migrations: {len(applied)} applied, the schema is up to date")
+        if seed and (count := await demo.seed_if_empty(store)):
+            print(f"demo: added {count} products")
+    finally:
+        await store.close()
+
+
+def serve(settings: Settings) -> int:
+    env = dict(os.environ)
+    env.setdefault("PORT", "8000")
+    env.setdefault("HOST", "127.0.0.1")
+    env.setdefault("WEB_CONCURRENCY", str(settings.web_concurrency))
+    redis: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        redis = EmbeddedRedis(VAR / "redis", persist=True)
+        redis.start()
+        env["REDIS_URL"] = redis.url
+        print(f"redis: started an embedded server at {redis.url} (data in {redis.data_dir}/)")
+    if not settings.admin_token:
+        env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
+    try:
+        asyncio.run(prepare_database(settings, seed=True))
+        base = f"http://127.0.0.1:{env['PORT']}"
+        print(
+            f"\n  Shop:             {base}/\n"
+            f"  Operator console: {base}/admin   (token: {env['ADMIN_TOKEN']})\n"
+            f"  API:              {base}/api/products\n\n"
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        honcho = [sys.executable, "-m", "honcho", "start", "-f", "Procfile", "web", "worker"]
+        with subprocess.Popen(honcho, env=env) as process:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                # honcho got the same Ctrl-C and is stopping its processes; let it finish.
+                return process.wait()
+    finally:
+        if redis is not None:
+            redis.stop()
+            print("redis: stopped")

@@ -1,0 +1,74 @@
+"""Configuration, read from the environment once (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/flashsale.db"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    # Empty means "none configured": the launcher starts an embedded server and sets it.
+    redis_url: str = ""
+    hold_seconds: float = 120.0
+    max_quantity: int = 10
+    sweep_seconds: int = 2
+    cors_origins: tuple[str, ...] = ()
+    admin_token: str = ""
+    web_concurrency: int = 1
+    ws_max_clients: int = 10_000
+    log_level: str = "INFO"
+    # How long a writer waits for SQLite's write lock before answering 503.
+    db_busy_timeout_ms: int = 5_000
+    # Expiry jobs are scheduled per time bucket of this many milliseconds (see server/expiry.py).
+    expiry_bucket_ms: int = 100
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            redis_url=env.get("REDIS_URL", ""),
+            hold_seconds=_number(env, "HOLD_SECONDS", 120.0, minimum=0.05),
+            max_quantity=int(_number(env, "MAX_QUANTITY", 10, minimum=1, integer=True)),
+            sweep_seconds=int(_number(env, "SWEEP_SECONDS", 2, minimum=1, integer=True)),
+            cors_origins=tuple(
+                o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()
+            ),
+            admin_token=env.get("ADMIN_TOKEN", ""),
+            web_concurrency=int(_number(env, "WEB_CONCURRENCY", 1, minimum=1, integer=True)),
+            ws_max_clients=int(_number(env, "WS_MAX_CLIENTS", 10_000, minimum=1, integer=True)),
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            db_busy_timeout_ms=int(
+                _number(env, "DB_BUSY_TIMEOUT_MS", 5_000, minimum=1, integer=True)
+            ),
+            expiry_bucket_ms=int(_number(env, "EXPIRY_BUCKET_MS", 100, minimum=10, integer=True)),
+        )
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False
+) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value

@@ -1,0 +1,279 @@
+"""The service layer: each use case is a transaction around an inventory operation, then its
+side effects after commit. The HTTP endpoints and the worker's jobs call this, nothing lower.
+
+"now" is read after the transaction has begun (on SQLite, after the write lock is held), so
+time spent waiting for the lock can never let a hold be completed after its expiresAt.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+from databases.core import Connection
+
+from server import inventory
+from server.batching import GroupCommit
+from server.catalog import Catalog
+from server.clock import now_ms
+from server.database import Store
+from server.errors import (
+    IdempotencyKeyReused,
+    InsufficientStock,
+    ProductNotFound,
+    SaleNotStarted,
+)
+from server.expiry import ExpiryScheduler
+from server.inventory import Held, Stats
+from server.model import (
+    Event,
+    HoldRequest,
+    Outcome,
+    Product,
+    Reservation,
+    Status,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_BATCH = 256
+EventSink = Callable[[Sequence[Event]], None]
+_UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A pass of the expirer: the holds it expired, and when."""
+
+    reservations: list[Reservation]
+    at: int
+
+
+class Shop:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hold_ms: int,
+        publish: EventSink,
+        scheduler: ExpiryScheduler | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self._hold_ms = hold_ms
+        self._publish = publish
+        self._scheduler = scheduler
+        self._holds: GroupCommit[HoldRequest, Held] = GroupCommit(
+            self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
+        )
+
+    async def start(self) -> None:
+        self._holds.start()
+
+    async def stop(self) -> None:
+        await self._holds.stop()
+
+    @property
+    def reserve_backlog(self) -> int:
+        return self._holds.backlog
+
+    # -- shoppers ------------------------------------------------------------------------
+
+    async def reserve(self, request: HoldRequest) -> Held:
+        product = await self.product(request.product_id)
+        if product is None:
+            raise ProductNotFound(request.product_id)
+        now = now_ms()
+        if product.sale_starts_at is not None and product.sale_starts_at > now:
+            raise SaleNotStarted(product.sale_starts_at)
+        if product.available_stock < request.quantity:
+            # Too late, as far as this process knows (its view is milliseconds old): answer
+            # without a write lock. A retried request with a key may have been served.
+            replay = await self._replay(request)
+            if replay is not None:
+                return replay
+            raise InsufficientStock(product.available_stock, request.quantity)
+        return await self._holds.submit(request)
+
+    async def _replay(self, request: HoldRequest) -> Held | None:
+        if request.idempotency_key is None:
+            return None
+        async with self.store.reader() as conn:
+            earlier = await inventory.get_reservation_by_key(conn, request.idempotency_key)
+        if earlier is None or earlier.created_at <= now_ms() - inventory.IDEMPOTENCY_WINDOW_MS:
+            return None
+        if (earlier.product_id, earlier.quantity) != (request.product_id, request.quantity):
+            raise IdempotencyKeyReused()
+        return Held(earlier, replayed=True)
+
+    async def _reserve_batch(self, requests: Sequence[HoldRequest]) -> list[Held | BaseException]:
+        # Requests sharing an Idempotency-Key are one request: the first goes to the
+        # database, the others get its answer.
+        first_of: dict[str, int] = {}
+        unique: list[HoldRequest] = []
+        position: list[int] = []
+        for request in requests:
+            key = request.idempotency_key
+            if key is not None and key in first_of:
+                position.append(-1 - first_of[key])
+                continue
+            if key is not None:
+                first_of[key] = len(unique)
+            position.append(len(unique))
+            unique.append(request)
+
+        for attempt in range(3):
+            try:
+                async with self.store.transaction() as conn:
+                    now = now_ms()
+                    outcomes, events = await inventory.reserve(
+                        conn, unique, now=now, hold_ms=self._hold_ms
+                    )
+                break
+            except _UNIQUE_VIOLATIONS:
+                # Another process made a hold with one of these keys after we looked
+                # (PostgreSQL only). Try again: this time we will find it.
+                if attempt == 2:
+                    raise
+        self._after_commit(events)
+        if self._scheduler is not None:
+            self._scheduler.schedule(
+                o.value.reservation.expires_at
+                for o in outcomes
+                if o.value is not None and not o.value.replayed
+            )
+
+        results: list[Held | BaseException] = []
+        for request, pos in zip(requests, position, strict=True):
+            if pos >= 0:
+                outcome = outcomes[pos]
+                results.append(outcome.value if outcome.value is not None else _error(outcome))
+                continue
+            first, first_outcome = unique[-1 - pos], outcomes[-1 - pos]
+            if (first.product_id, first.quantity) != (request.product_id, request.quantity):
+                results.append(IdempotencyKeyReused())
+            elif first_outcome.value is not None:
+                results.append(Held(first_outcome.value.reservation, replayed=True))
+            else:
+                results.append(_error(first_outcome))
+        return results
+
+    async def reservation(self, reservation_id: str) -> Reservation | None:
+        if not inventory.is_reservation_id(reservation_id):
+            return None
+        async with self.store.reader() as conn:
+            return await inventory.get_reservation(conn, reservation_id)
+
+    async def complete(self, reservation_id: str) -> Reservation:
+        return await self._write(
+            lambda conn, now: inventory.complete(conn, reservation_id, now=now)
+        )
+
+    async def cancel(self, reservation_id: str) -> Reservation:
+        return await self._write(lambda conn, now: inventory.cancel(conn, reservation_id, now=now))
+
+    # -- products ------------------------------------------------------------------------
+
+    async def product(self, product_id: int) -> Product | None:
+        """The freshest view this process has; the database when it has none."""
+        if self.catalog is not None and (product := self.catalog.get(product_id)):
+            return product
+        async with self.store.reader() as conn:
+            product = await inventory.get_product(conn, product_id)
+        if product is not None and self.catalog is not None:
+            self.catalog.apply(product)
+        return product
+
+    async def products(self) -> list[Product]:
+        async with self.store.reader() as conn:
+            return await inventory.list_products(conn)
+
+    # -- operators -----------------------------------------------------------------------
+
+    async def create_product(
+        self, *, name: str, price_cents: int, stock: int, sale_starts_at: int | None
+    ) -> Product:
+        for attempt in range(5):
+            try:
+                return await self._write(
+                    lambda conn, now: inventory.create_product(
+                        conn,
+                        name=name,
+                        price_cents=price_cents,
+                        stock=stock,
+                        sale_starts_at=sale_starts_at,
+                        now=now,
+                    )
+                )
+            except _UNIQUE_VIOLATIONS:
+                # Two processes chose the same next id (PostgreSQL only): choose again.
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def restock(self, product_id: int, quantity: int) -> Product:
+        return await self._write(
+            lambda conn, now: inventory.restock(conn, product_id, quantity, now=now)
+        )
+
+    async def stats(self, product_id: int | None = None) -> list[Stats]:
+        async with self.store.reader() as conn:
+            return await inventory.stats(conn, product_id)
+
+    async def reservations(
+        self, *, product_id: int | None, status: Status | None, limit: int
+    ) -> list[Reservation]:
+        async with self.store.reader() as conn:
+            return await inventory.list_reservations(
+                conn, product_id=product_id, status=status, limit=limit
+            )
+
+    # -- the worker ----------------------------------------------------------------------
+
+    async def expire_overdue(self, *, batch: int = inventory.SWEEP_BATCH) -> Expired:
+        """Expire every hold due by now, `batch` holds per transaction."""
+        expired: list[Reservation] = []
+        started = now_ms()
+        while True:
+            done = await self._write(
+                lambda conn, now: inventory.expire_overdue(conn, now=now, limit=batch)
+            )
+            expired.extend(done)
+            if len(done) < batch:
+                return Expired(expired, started)
+
+    async def forget_old_idempotency_keys(self, *, batch: int = inventory.SWEEP_BATCH) -> int:
+        total = 0
+        while True:
+            async with self.store.transaction() as conn:
+                freed = await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=batch)
+            total += freed
+            if freed < batch:
+                return total
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _write(self, operation: Callable[[Connection, int], Awaitable[Outcome[T]]]) -> T:
+        async with self.store.transaction() as conn:
+            outcome = await operation(conn, now_ms())
+        self._after_commit(outcome.events)
+        return outcome.result()
+
+    def _after_commit(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        if self.catalog is not None:
+            for event in events:
+                self.catalog.apply(event.product)
+        self._publish(events)
+
+
+def _error(outcome: Outcome[Held]) -> BaseException:
+    assert outcome.error is not None
+    return outcome.error
