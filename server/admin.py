@@ -25,10 +25,10 @@ from server.model import Status
 from server.schemas import (
     MAX_INT32,
     CreateProductBody,
-    ProductOut,
-    ReservationOut,
     RestockBody,
     StatsOut,
+    product_view,
+    reservation_view,
 )
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -64,7 +64,7 @@ async def create_product(request: Request) -> Response:
             None if body.sale_starts_at is None else int(body.sale_starts_at.timestamp() * 1000)
         ),
     )
-    return json_response(ProductOut.of(product), 201)
+    return json_response(product_view(product), 201)
 
 
 @operator_only
@@ -74,7 +74,7 @@ async def restock(request: Request) -> Response:
     if product_id is None:
         raise ProductNotFound(0)
     product = await shop_of(request).restock(product_id, body.quantity)
-    return json_response(ProductOut.of(product))
+    return json_response(product_view(product))
 
 
 @operator_only
@@ -112,7 +112,7 @@ async def list_reservations(request: Request) -> Response:
     for reservation in reservations:
         product = await shop.product(reservation.product_id)
         assert product is not None
-        out.append(ReservationOut.of(reservation, product, now=now).model_dump())
+        out.append(reservation_view(reservation, product_view(product), now=now))
     return json_response(out)
 
 

@@ -8,12 +8,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from server.catalog import Catalog
 from server.clock import now_ms
 from server.errors import ProductNotFound, ReservationNotFound
 from server.http import RequestError, json_response, parse_body
 from server.inventory import Held, is_reservation_id
 from server.model import HoldRequest, Reservation
-from server.schemas import MAX_INT32, ProductOut, ReservationOut, ReserveBody
+from server.schemas import MAX_INT32, ReserveBody, reservation_view
 from server.shop import Shop
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -24,10 +25,14 @@ def shop_of(request: Request) -> Shop:
     return shop
 
 
-async def list_products(request: Request) -> Response:
+def _catalog(request: Request) -> Catalog:
     catalog = shop_of(request).catalog
-    assert catalog is not None
-    body, etag = catalog.listing()
+    assert catalog is not None, "web processes have a catalog"
+    return catalog
+
+
+async def list_products(request: Request) -> Response:
+    body, etag = _catalog(request).listing()
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
@@ -39,7 +44,7 @@ async def get_product(request: Request) -> Response:
     product = None if product_id is None else await shop_of(request).product(product_id)
     if product is None:
         raise ProductNotFound(product_id or 0)
-    return json_response(ProductOut.of(product))
+    return json_response(_catalog(request).view(product))
 
 
 async def create_reservation(request: Request) -> Response:
@@ -105,8 +110,11 @@ async def render_reservation(
     if isinstance(reservation, Held):
         reservation = reservation.reservation
     product = await shop.product(reservation.product_id)
-    assert product is not None, "a hold's product cannot disappear"
-    return json_response(ReservationOut.of(reservation, product, now=now_ms()), status, headers)
+    assert product is not None, "a hold's product cannot vanish"
+    catalog = shop.catalog
+    assert catalog is not None, "web processes have a catalog"
+    view = reservation_view(reservation, catalog.view(product), now=now_ms())
+    return json_response(view, status, headers)
 
 
 def path_id(request: Request, name: str) -> int | None:

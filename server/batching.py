@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from server.errors import DomainError
 
@@ -64,13 +64,9 @@ class GroupCommit(Generic[Req, Res]):
         future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
         self._wake.set()
-        # If the caller goes away, the request is still carried out: it may already be in
-        # a transaction, and a hold made for nobody simply expires.
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(_consume)
-            raise
+        # If the caller goes away its future is cancelled, but the request is still carried
+        # out: it may already be in a transaction, and a hold made for nobody simply expires.
+        return await future
 
     async def _run(self) -> None:
         while True:
@@ -107,15 +103,12 @@ class GroupCommit(Generic[Req, Res]):
                 return
             results = [exc] * len(batch)
         for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller went away
+                continue
             if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # nobody is waiting: don't warn that nobody looked
 
 
 def _worth_splitting(exc: Exception) -> bool:

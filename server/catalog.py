@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from typing import Any
 
 from pydantic_core import to_json
 
 from server.database import Store
 from server.inventory import list_products
 from server.model import Product
-from server.schemas import ProductOut
+from server.schemas import product_view
 
 
 class Catalog:
     def __init__(self) -> None:
         self._products: dict[int, Product] = {}
+        self._views: dict[int, dict[str, Any]] = {}
         self._listing: tuple[bytes, str] | None = None
 
     def get(self, product_id: int) -> Product | None:
@@ -43,6 +45,7 @@ class Catalog:
         if current is not None and (current.version > product.version or current == product):
             return False
         self._products[product.id] = product
+        self._views.pop(product.id, None)
         self._listing = None
         return True
 
@@ -59,10 +62,19 @@ class Catalog:
             products = await list_products(conn)
         return [p for p in products if self.apply(p)]
 
+    def view(self, product: Product) -> dict[str, Any]:
+        """The product's JSON view, rendered once per version."""
+        view = self._views.get(product.id)
+        if view is None or view["version"] != product.version:
+            view = product_view(product)
+            if self._products.get(product.id) == product:
+                self._views[product.id] = view
+        return view
+
     def listing(self) -> tuple[bytes, str]:
         """`GET /api/products`: the body and its ETag, rendered once per change."""
         if self._listing is None:
-            body = to_json([ProductOut.of(p).model_dump() for p in self.all()])
+            body = to_json([self.view(p) for p in self.all()])
             etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
             self._listing = (body, etag)
         return self._listing

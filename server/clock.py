@@ -9,6 +9,7 @@ exactly once, because every transition is gated on the row's status.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 
@@ -20,10 +21,16 @@ def now_ms() -> int:
 def iso(ms: int) -> str:
     """`2026-11-24T22:30:00.123Z`: ISO-8601, UTC, milliseconds."""
     seconds, millis = divmod(ms, 1000)
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    # A response names a handful of seconds (now, created, expires): format each once.
     t = time.gmtime(seconds)
     return (
         f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{millis:03d}Z"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
     )
 
 

@@ -18,7 +18,7 @@ from server.background import Drainer
 from server.clock import now_ms, parse_iso
 from server.constants import EVENTS_CHANNEL
 from server.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
-from server.schemas import ProductOut, ReservationOut
+from server.schemas import product_view, reservation_view
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def stock_frame(product: Product) -> dict[str, Any]:
 
 
 def product_frame(product: Product) -> dict[str, Any]:
-    return {"type": "product", "product": ProductOut.of(product).model_dump()}
+    return {"type": "product", "product": product_view(product)}
 
 
 def product_from_frame(out: dict[str, Any]) -> Product:
@@ -57,8 +57,8 @@ def product_from_frame(out: dict[str, Any]) -> Product:
 
 
 def reservation_frame(event: ReservationChanged, *, now: int) -> dict[str, Any]:
-    out = ReservationOut.of(event.reservation, event.product, now=now)
-    return {"type": "reservation", "reservation": out.model_dump()}
+    view = reservation_view(event.reservation, product_view(event.product), now=now)
+    return {"type": "reservation", "reservation": view}
 
 
 class Publisher(Drainer):

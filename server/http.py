@@ -16,11 +16,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
-from server.schemas import ErrorOut, FieldError
+from server.schemas import FieldError
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 MAX_BODY_BYTES = 16 * 1024
 
 
@@ -77,14 +78,16 @@ def error_response(
     details: list[FieldError] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    out = ErrorOut(
-        status_code=status,
-        error=HTTPStatus(status).phrase,
-        code=code,
-        message=message,
-        details=details,
-    )
-    return json_response(out.model_dump(exclude_none=True), status, headers)
+    """An `ErrorOut`."""
+    view: dict[str, Any] = {
+        "statusCode": status,
+        "error": _PHRASES[status],
+        "code": code,
+        "message": message,
+    }
+    if details:
+        view["details"] = [d.model_dump() for d in details]
+    return json_response(view, status, headers)
 
 
 async def domain_error(request: Request, exc: Exception) -> Response:

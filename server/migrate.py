@@ -14,10 +14,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from databases.core import Connection
-
 from server.clock import now_ms
-from server.database import Store
+from server.database import Executor, Store
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def _statements(script: str) -> tuple[str, ...]:
 
 
 @asynccontextmanager
-async def _locked(store: Store) -> AsyncIterator[Connection]:
+async def _locked(store: Store) -> AsyncIterator[Executor]:
     """A write transaction that no other migration runner can enter at the same time."""
     async with store.transaction() as conn:
         if not store.is_sqlite:

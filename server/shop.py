@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
-from databases.core import Connection
 
 from server import inventory
 from server.batching import GroupCommit
 from server.catalog import Catalog
 from server.clock import now_ms
-from server.database import Store
+from server.database import Executor, Store
 from server.errors import (
     IdempotencyKeyReused,
     InsufficientStock,
@@ -86,7 +85,9 @@ class Shop:
     # -- shoppers ------------------------------------------------------------------------
 
     async def reserve(self, request: HoldRequest) -> Held:
-        product = await self.product(request.product_id)
+        product = self.catalog.get(request.product_id) if self.catalog else None
+        if product is None:
+            product = await self.product(request.product_id)
         if product is None:
             raise ProductNotFound(request.product_id)
         now = now_ms()
@@ -259,7 +260,7 @@ class Shop:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    async def _write(self, operation: Callable[[Connection, int], Awaitable[Outcome[T]]]) -> T:
+    async def _write(self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]]) -> T:
         async with self.store.transaction() as conn:
             outcome = await operation(conn, now_ms())
         self._after_commit(outcome.events)
