@@ -44,7 +44,9 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
             given.strip().encode(), expected.encode()
         ):
             raise RequestError(
-                401, "unauthorized", "This needs the operator token: Authorization: Bearer …"
+                401,
+                "unauthorized",
+                "This needs the operator token: send Authorization: Bearer <token>.",
             )
         return await endpoint(request)
 

@@ -58,6 +58,9 @@ class ExpiryScheduler(Drainer):
 
     async def drain(self) -> float | None:
         pending, self._pending = sorted(self._pending), set()
+        # Taken now, not after the round trip, so that batches committed meanwhile don't
+        # enqueue the same bucket again.
+        self._sent.update(pending)
         for due in pending:
             try:
                 await self._arq.enqueue_job(
@@ -71,9 +74,9 @@ class ExpiryScheduler(Drainer):
                 # The sweeper will expire these holds; retrying would only pile up work
                 # while Redis is away.
                 self.failures += 1
+                self._sent.discard(due)
                 logger.warning("could not enqueue the expiry job due at %d: %s", due, exc)
                 continue
-            self._sent.add(due)
             self.enqueued += 1
         horizon = now_ms() - _REMEMBER_MS
         self._sent = {due for due in self._sent if due > horizon}

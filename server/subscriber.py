@@ -45,6 +45,11 @@ class Subscriber:
         self._reloader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def listen(self, listener: FrameListener) -> None:
         self._listeners.append(listener)
@@ -54,6 +59,10 @@ class Subscriber:
         self._reloader = asyncio.create_task(self._reload_forever(), name="catalog-reloader")
 
     async def stop(self) -> None:
+        # Cancelling is not enough on its own: redis-py can swallow a cancellation that
+        # lands while a read waits inside its timeout (redis/redis-py#2551). The loop also
+        # checks this flag after every bounded wait.
+        self._stopping = True
         for task in (self._task, self._reloader):
             if task is not None:
                 task.cancel()
@@ -63,17 +72,21 @@ class Subscriber:
 
     async def _run(self) -> None:
         backoff = MIN_BACKOFF
-        while True:
+        while not self.stopping:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS_CHANNEL)
                     self.connected.set()
                     backoff = MIN_BACKOFF
                     await self._resync()
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
+                    while not self.stopping:
+                        # Not listen(): a bounded wait lets redis-py send its health-check
+                        # PING on an idle subscription, and keeps socket timeouts away.
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and message["type"] == "message":
                             self._dispatch(message["data"])
-                raise ConnectionError("the subscription ended")
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, DomainError) as exc:
@@ -85,9 +98,10 @@ class Subscriber:
             except Exception:
                 self.connected.clear()
                 logger.exception("live updates: subscriber failed; restarting it")
-            # Back off with jitter, so that all processes don't hammer a recovering Redis.
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            if not self.stopping:
+                # Back off with jitter, so that all processes don't hammer a recovering Redis.
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _dispatch(self, raw: bytes) -> None:
         try:

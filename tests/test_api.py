@@ -1,0 +1,500 @@
+"""The REST API (DESIGN.md §5), in process, over a real database and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.clock import now_ms
+from server.database import Store
+from server.embedded_redis import EmbeddedRedis
+from server.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
+from server.settings import Settings
+from tests.support import assert_invariant, hold, make_product, stats
+
+TOKEN = "operator-secret"
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class Api:
+    def __init__(self, client: httpx.AsyncClient, store: Store) -> None:
+        self.client = client
+        self.store = store
+
+    async def reserve(
+        self, product_id: Any, quantity: Any, key: str | None = None
+    ) -> httpx.Response:
+        headers = {"Idempotency-Key": key} if key else {}
+        return await self.client.post(
+            "/api/reservations",
+            json={"productId": product_id, "quantity": quantity},
+            headers=headers,
+        )
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        return await self.client.request(method, path, headers=headers, **kwargs)
+
+
+def app_settings(database_url: str, redis_url: str, **overrides: Any) -> Settings:
+    fields: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "admin_token": TOKEN,
+        "max_quantity": 10,
+    }
+    fields.update(overrides)
+    return Settings(**fields)
+
+
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://shop.test"
+        ) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+async def api(database_url: str, redis_url: str, store: Store) -> AsyncIterator[Api]:
+    async for client in serve(app_settings(database_url, redis_url)):
+        yield Api(client, store)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    ErrorOut.model_validate(body)
+    assert body["statusCode"] == status
+    assert body["code"] == code
+    assert body["message"].endswith(".")
+    return body
+
+
+# -- products ------------------------------------------------------------------------------
+
+
+async def test_products_are_listed_by_id_with_an_etag_and_304(api: Api) -> None:
+    made = [
+        await api.admin(
+            "POST", "/api/admin/products", json={"name": name, "price": 19.99, "stock": stock}
+        )
+        for name, stock in (("First", 5), ("Second", 0))
+    ]
+    first, second = (m.json() for m in made)
+    listed = await api.client.get("/api/products")
+    assert listed.status_code == 200
+    body = listed.json()
+    assert [p["id"] for p in body] == [first["id"], second["id"]]
+    for p in body:
+        ProductOut.model_validate(p)
+    assert body[0] == {
+        "id": first["id"],
+        "name": "First",
+        "price": 19.99,
+        "availableStock": 5,
+        "totalStock": 5,
+        "version": first["version"],
+        "saleStartsAt": None,
+    }
+    etag = listed.headers["etag"]
+    unchanged = await api.client.get("/api/products", headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    await api.reserve(first["id"], 1)
+    changed = await api.client.get("/api/products", headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != etag
+    assert changed.json()[0]["availableStock"] == 4
+
+
+@pytest.mark.parametrize("path_id", ["999999", "0", "abc", "-1", "99999999999", "1.0"])
+async def test_an_unknown_product_is_404(api: Api, path_id: str) -> None:
+    assert_error(await api.client.get(f"/api/products/{path_id}"), 404, "product_not_found")
+
+
+# -- reservations --------------------------------------------------------------------------
+
+
+async def test_a_reservation_is_created_with_the_documented_shape(api: Api) -> None:
+    product = await make_product(api.store, 5)
+    before = now_ms()
+    response = await api.reserve(product.id, 2)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    ReservationOut.model_validate(body)
+    assert set(body) == {
+        "id", "productId", "quantity", "status", "createdAt", "expiresAt", "completedAt",
+        "product", "serverTime",
+    }  # fmt: skip
+    assert len(body["id"]) == 22
+    assert (body["productId"], body["quantity"], body["status"]) == (product.id, 2, "ACTIVE")
+    assert body["completedAt"] is None
+    for field in ("createdAt", "expiresAt", "serverTime"):
+        assert ISO_MS.match(body[field]), body[field]
+    assert body["product"]["availableStock"] == 3
+    assert body["product"]["version"] > product.version
+    fetched = await api.client.get(f"/api/reservations/{body['id']}")
+    assert fetched.status_code == 200
+    assert fetched.json()["id"] == body["id"]
+    assert now_ms() >= before
+
+
+async def test_insufficient_stock_says_how_many_are_left(api: Api) -> None:
+    product = await make_product(api.store, 3)
+    body = assert_error(await api.reserve(product.id, 5), 409, "insufficient_stock")
+    assert body["message"] == "Only 3 left, 5 requested."
+    sold_out = await make_product(api.store, 0)
+    body = assert_error(await api.reserve(sold_out.id, 1), 409, "insufficient_stock")
+    assert "Sold out" in body["message"]
+
+
+async def test_a_reservation_for_a_missing_product_is_404(api: Api) -> None:
+    assert_error(await api.reserve(987_654, 1), 404, "product_not_found")
+
+
+async def test_a_reservation_before_the_sale_starts_is_refused(api: Api) -> None:
+    product = await make_product(api.store, 5, sale_starts_at=now_ms() + 3_600_000)
+    body = assert_error(await api.reserve(product.id, 1), 409, "sale_not_started")
+    assert "starts at" in body["message"]
+    assert (await stats(api.store, product.id)).available == 5
+
+
+BAD_BODIES: list[tuple[str, Any, int, str]] = [
+    ("quantity 0", {"productId": "P", "quantity": 0}, 400, "invalid_request"),
+    ("quantity -1", {"productId": "P", "quantity": -1}, 400, "invalid_request"),
+    ("quantity 1.5", {"productId": "P", "quantity": 1.5}, 400, "invalid_request"),
+    ("quantity '2'", {"productId": "P", "quantity": "2"}, 400, "invalid_request"),
+    ("quantity true", {"productId": "P", "quantity": True}, 400, "invalid_request"),
+    ("quantity null", {"productId": "P", "quantity": None}, 400, "invalid_request"),
+    ("quantity 10^9", {"productId": "P", "quantity": 10**9}, 400, "invalid_request"),
+    ("quantity over max", {"productId": "P", "quantity": 11}, 400, "invalid_request"),
+    ("quantity 2^63", {"productId": "P", "quantity": 2**63}, 400, "invalid_request"),
+    ("productId 0", {"productId": 0, "quantity": 1}, 400, "invalid_request"),
+    ("productId -1", {"productId": -1, "quantity": 1}, 400, "invalid_request"),
+    ("productId 'abc'", {"productId": "abc", "quantity": 1}, 400, "invalid_request"),
+    ("productId 2^63", {"productId": 2**63, "quantity": 1}, 400, "invalid_request"),
+    ("productId 1.0", {"productId": 1.0, "quantity": 1}, 400, "invalid_request"),
+    ("productId missing", {"quantity": 1}, 400, "invalid_request"),
+    ("quantity missing", {"productId": "P"}, 400, "invalid_request"),
+    ("both missing", {}, 400, "invalid_request"),
+    ("extra field", {"productId": "P", "quantity": 1, "price": 0}, 400, "invalid_request"),
+    ("an array", ["P", 1], 400, "invalid_request"),
+    ("a string", "hello", 400, "invalid_request"),
+    ("null", None, 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "code"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES]
+)
+async def test_bad_bodies_get_a_clear_4xx_and_change_nothing(
+    api: Api, case: str, body: Any, status: int, code: str
+) -> None:
+    product = await make_product(api.store, 5)
+
+    def fill(value: Any) -> Any:
+        if value == "P":
+            return product.id
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    response = await api.client.post("/api/reservations", json=fill(body))
+    error = assert_error(response, status, code)
+    if isinstance(body, dict) and body:
+        assert error["details"], error
+        assert all(d["field"] and d["message"] for d in error["details"])
+    await _nothing_changed(api, product.id)
+
+
+RAW_BODIES: list[tuple[str, bytes, str, int, str]] = [
+    ("invalid JSON", b'{"productId": 1, "quantity": ', "application/json", 400, "invalid_json"),
+    ("empty body", b"", "application/json", 400, "invalid_request"),
+    ("form body", b"productId=1&quantity=1", "application/x-www-form-urlencoded", 415,
+     "unsupported_media_type"),
+    ("text body", b'{"productId": 1, "quantity": 1}', "text/plain", 415, "unsupported_media_type"),
+    ("20 KB body", b'{"productId": 1, "quantity": 1, "pad": "' + b"x" * 20_000 + b'"}',
+     "application/json", 413, "payload_too_large"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "media_type", "status", "code"), RAW_BODIES, ids=[c[0] for c in RAW_BODIES]
+)
+async def test_malformed_bodies_get_a_clear_4xx_and_change_nothing(
+    api: Api, case: str, content: bytes, media_type: str, status: int, code: str
+) -> None:
+    product = await make_product(api.store, 5)
+    response = await api.client.post(
+        "/api/reservations", content=content, headers={"Content-Type": media_type}
+    )
+    assert_error(response, status, code)
+    await _nothing_changed(api, product.id)
+
+
+async def test_a_large_body_sent_in_chunks_is_refused_too(api: Api) -> None:
+    product = await make_product(api.store, 5)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"productId": 1, "quantity": 1, "pad": "'
+        for _ in range(10):
+            yield b"x" * 2_048
+        yield b'"}'
+
+    response = await api.client.post(
+        "/api/reservations", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 413, "payload_too_large")
+    await _nothing_changed(api, product.id)
+
+
+async def _nothing_changed(api: Api, product_id: int) -> None:
+    s = await stats(api.store, product_id)
+    assert (s.available, s.held, s.sold, s.expired, s.cancelled) == (5, 0, 0, 0, 0)
+
+
+async def test_complete_and_cancel_are_idempotent(api: Api) -> None:
+    product = await make_product(api.store, 5)
+    first = (await api.reserve(product.id, 2)).json()["id"]
+    second = (await api.reserve(product.id, 1)).json()["id"]
+    for _ in range(2):
+        done = await api.client.post(f"/api/reservations/{first}/complete")
+        assert done.status_code == 200, done.text
+        assert done.json()["status"] == "COMPLETED"
+        assert ISO_MS.match(done.json()["completedAt"])
+        cancelled = await api.client.post(f"/api/reservations/{second}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "CANCELLED"
+    assert cancelled.json()["product"]["availableStock"] == 3
+    assert_error(
+        await api.client.post(f"/api/reservations/{first}/cancel"), 409, "reservation_completed"
+    )
+    assert_error(
+        await api.client.post(f"/api/reservations/{second}/complete"), 409, "reservation_cancelled"
+    )
+    s = await assert_invariant(api.store, product.id)
+    assert (s.available, s.sold, s.cancelled) == (3, 2, 1)
+
+
+async def test_complete_after_expiry_is_409_expired_even_when_no_job_ran(api: Api) -> None:
+    product = await make_product(api.store, 5)
+    overdue = await hold(api.store, product.id, 2, now=now_ms() - 5_000, hold_ms=1_000)
+    shown = await api.client.get(f"/api/reservations/{overdue.id}")
+    assert shown.json()["status"] == "EXPIRED"
+    body = assert_error(
+        await api.client.post(f"/api/reservations/{overdue.id}/complete"),
+        409,
+        "reservation_expired",
+    )
+    assert "expired" in body["message"]
+    assert_error(
+        await api.client.post(f"/api/reservations/{overdue.id}/cancel"), 409, "reservation_expired"
+    )
+    s = await assert_invariant(api.store, product.id)
+    assert (s.available, s.sold, s.expired) == (5, 0, 2)
+
+
+@pytest.mark.parametrize(
+    "reservation_id",
+    ["AAAAAAAAAAAAAAAAAAAAAA", "short", "x" * 200, "not%20valid%20at%20all", "%00%01"],
+)
+async def test_unknown_or_malformed_reservation_ids_are_404(api: Api, reservation_id: str) -> None:
+    for method, suffix in (("GET", ""), ("POST", "/complete"), ("POST", "/cancel")):
+        response = await api.client.request(method, f"/api/reservations/{reservation_id}{suffix}")
+        assert_error(response, 404, "reservation_not_found")
+
+
+async def test_ten_concurrent_requests_with_one_key_make_one_hold(api: Api) -> None:
+    product = await make_product(api.store, 50)
+    responses = await asyncio.gather(*(api.reserve(product.id, 2, "same-key") for _ in range(10)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 9
+    assert (await stats(api.store, product.id)).held == 2
+    later = await api.reserve(product.id, 2, "same-key")
+    assert later.json()["id"] == responses[0].json()["id"]
+    assert_error(await api.reserve(product.id, 3, "same-key"), 422, "idempotency_key_reused")
+
+
+async def test_a_retry_with_its_key_gets_its_hold_even_when_sold_out(api: Api) -> None:
+    product = await make_product(api.store, 1)
+    first = await api.reserve(product.id, 1, "last-unit")
+    assert first.status_code == 201
+    retried = await api.reserve(product.id, 1, "last-unit")
+    assert retried.status_code == 201
+    assert retried.json()["id"] == first.json()["id"]
+    assert_error(await api.reserve(product.id, 1, "someone-else"), 409, "insufficient_stock")
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "naïve"])
+async def test_a_malformed_idempotency_key_is_400(api: Api, key: str) -> None:
+    product = await make_product(api.store, 5)
+    response = await api.client.post(
+        "/api/reservations",
+        json={"productId": product.id, "quantity": 1},
+        headers=[(b"Idempotency-Key", key.encode())],
+    )
+    assert_error(response, 400, "invalid_request")
+    await _nothing_changed(api, product.id)
+
+
+# -- operators -----------------------------------------------------------------------------
+
+
+async def test_operators_create_restock_and_read_stats(api: Api) -> None:
+    created = await api.admin(
+        "POST",
+        "/api/admin/products",
+        json={
+            "name": "Drop",
+            "price": 12.5,
+            "stock": 7,
+            "saleStartsAt": "2030-01-01T09:00:00+01:00",
+        },
+    )
+    assert created.status_code == 201, created.text
+    product = created.json()
+    assert product["price"] == 12.5
+    assert product["saleStartsAt"] == "2030-01-01T08:00:00.000Z"
+    restocked = await api.admin(
+        "POST", f"/api/admin/products/{product['id']}/restock", json={"quantity": 3}
+    )
+    assert restocked.status_code == 200
+    assert (restocked.json()["totalStock"], restocked.json()["availableStock"]) == (10, 10)
+    assert restocked.json()["version"] > product["version"]
+
+    on_sale = await make_product(api.store, 4)
+    reserved = (await api.reserve(on_sale.id, 3)).json()
+    await api.client.post(f"/api/reservations/{reserved['id']}/complete")
+    await api.reserve(on_sale.id, 1)
+    stats_response = await api.admin("GET", f"/api/admin/products/{on_sale.id}/stats")
+    assert stats_response.status_code == 200
+    body = stats_response.json()
+    StatsOut.model_validate(body)
+    assert {k: body[k] for k in ("total", "available", "held", "sold", "expired", "cancelled")} == {
+        "total": 4, "available": 0, "held": 1, "sold": 3, "expired": 0, "cancelled": 0
+    }  # fmt: skip
+    every = await api.admin("GET", "/api/admin/stats")
+    assert {s["productId"] for s in every.json()} >= {on_sale.id, product["id"]}
+
+    listed = await api.admin("GET", f"/api/admin/reservations?productId={on_sale.id}&status=ACTIVE")
+    assert [(r["quantity"], r["status"]) for r in listed.json()] == [(1, "ACTIVE")]
+    newest_first = await api.admin("GET", f"/api/admin/reservations?productId={on_sale.id}&limit=5")
+    assert [r["quantity"] for r in newest_first.json()] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "", "price": 1, "stock": 1}, "name"),
+        ({"name": "   ", "price": 1, "stock": 1}, "name"),
+        ({"name": "x", "price": -1, "stock": 1}, "price"),
+        ({"name": "x", "price": 1.999, "stock": 1}, "price"),
+        ({"name": "x", "price": 1, "stock": -1}, "stock"),
+        ({"name": "x", "price": 1, "stock": 1.5}, "stock"),
+        ({"name": "x", "price": 1, "stock": 1, "saleStartsAt": "tomorrow"}, "saleStartsAt"),
+        (
+            {"name": "x", "price": 1, "stock": 1, "saleStartsAt": "2030-01-01T09:00:00"},
+            "saleStartsAt",
+        ),
+        ({"name": "x", "price": 1, "stock": 1, "color": "red"}, "color"),
+    ],
+)
+async def test_bad_product_bodies_are_400(api: Api, body: dict[str, Any], field: str) -> None:
+    error = assert_error(
+        await api.admin("POST", "/api/admin/products", json=body), 400, "invalid_request"
+    )
+    assert field in {d["field"] for d in error["details"]}
+
+
+@pytest.mark.parametrize("quantity", [0, -5, 1.5, "3", None, 10**10])
+async def test_bad_restocks_are_400_and_change_nothing(api: Api, quantity: Any) -> None:
+    product = await make_product(api.store, 5)
+    response = await api.admin(
+        "POST", f"/api/admin/products/{product.id}/restock", json={"quantity": quantity}
+    )
+    assert_error(response, 400, "invalid_request")
+    await _nothing_changed(api, product.id)
+
+
+@pytest.mark.parametrize("query", ["productId=abc", "status=GONE", "limit=0", "limit=5000", "x=1"])
+async def test_bad_reservation_queries_are_400(api: Api, query: str) -> None:
+    assert_error(await api.admin("GET", f"/api/admin/reservations?{query}"), 400, "invalid_request")
+
+
+async def test_operator_calls_need_the_token(api: Api) -> None:
+    product = await make_product(api.store, 5)
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/api/admin/products", {"json": {"name": "x", "price": 1, "stock": 1}}),
+        ("POST", f"/api/admin/products/{product.id}/restock", {"json": {"quantity": 1}}),
+        ("GET", f"/api/admin/products/{product.id}/stats", {}),
+        ("GET", "/api/admin/reservations", {}),
+    ]
+    for method, path, kwargs in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = await api.client.request(method, path, headers=headers, **kwargs)
+            assert_error(response, 401, "unauthorized")
+    await _nothing_changed(api, product.id)
+
+
+async def test_without_a_configured_token_there_is_no_operator_api(
+    database_url: str, redis_url: str
+) -> None:
+    async for client in serve(app_settings(database_url, redis_url, admin_token="")):
+        response = await client.get("/api/admin/reservations", headers={"Authorization": "Bearer "})
+        assert_error(response, 404, "not_found")
+
+
+# -- the rest ------------------------------------------------------------------------------
+
+
+async def test_unknown_routes_and_methods_answer_json(api: Api) -> None:
+    assert_error(await api.client.get("/api/nothing"), 404, "not_found")
+    assert_error(await api.client.delete("/api/products"), 405, "method_not_allowed")
+
+
+async def test_health_and_readiness(api: Api) -> None:
+    assert (await api.client.get("/healthz")).json() == {"status": "ok"}
+    ready = await api.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+
+
+async def test_not_ready_without_redis(database_url: str, own_redis: EmbeddedRedis) -> None:
+    async for client in serve(app_settings(database_url, own_redis.url)):
+        own_redis.stop()
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"].startswith("unavailable")
+        assert (await client.get("/healthz")).status_code == 200
+        own_redis.start()
+
+
+async def test_cors_allows_only_configured_origins(database_url: str, redis_url: str) -> None:
+    settings = app_settings(database_url, redis_url, cors_origins=("https://shop.example",))
+    async for client in serve(settings):
+        allowed = await client.options(
+            "/api/reservations",
+            headers={
+                "Origin": "https://shop.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, idempotency-key",
+            },
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://shop.example"
+        foreign = await client.get("/api/products", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in foreign.headers

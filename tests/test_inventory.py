@@ -1,0 +1,273 @@
+"""The inventory operations against a real database: SQLite file and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server import inventory
+from server.clock import now_ms
+from server.database import Store
+from server.errors import (
+    IdempotencyKeyReused,
+    InsufficientStock,
+    ProductNotFound,
+    ReservationCancelled,
+    ReservationCompleted,
+    ReservationExpired,
+    ReservationNotFound,
+    SaleNotStarted,
+)
+from server.model import HoldRequest, ReservationChanged, Status, StockChanged
+from tests.support import assert_invariant, hold, make_product, reservation, stats
+
+
+async def reserve(store: Store, *requests: HoldRequest, now: int | None = None):  # type: ignore[no-untyped-def]
+    async with store.transaction() as conn:
+        return await inventory.reserve(
+            conn, list(requests), now=now_ms() if now is None else now, hold_ms=60_000
+        )
+
+
+async def test_reserve_takes_units_and_records_an_active_hold(store: Store) -> None:
+    product = await make_product(store, 5)
+    outcomes, events = await reserve(store, HoldRequest(product.id, 2))
+    held = outcomes[0].result()
+    assert held.reservation.status is Status.ACTIVE
+    assert held.reservation.expires_at == held.reservation.created_at + 60_000
+    (event,) = events
+    assert isinstance(event, StockChanged)
+    assert event.product.available_stock == 3
+    assert event.product.version == product.version + 1
+    assert (await reservation(store, held.reservation.id)).quantity == 2
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.sold) == (3, 2, 0)
+
+
+async def test_reserve_refuses_more_than_is_left_and_changes_nothing(store: Store) -> None:
+    product = await make_product(store, 3)
+    outcomes, events = await reserve(store, HoldRequest(product.id, 5))
+    with pytest.raises(InsufficientStock) as refused:
+        outcomes[0].result()
+    assert (refused.value.available, refused.value.requested) == (3, 5)
+    assert "Only 3 left, 5 requested" in refused.value.message
+    assert events == []
+    s = await stats(store, product.id)
+    assert (s.available, s.held) == (3, 0)
+
+
+async def test_reserve_tells_a_missing_product_from_a_sold_out_one(store: Store) -> None:
+    sold_out = await make_product(store, 0)
+    outcomes, _ = await reserve(store, HoldRequest(999_999, 1), HoldRequest(sold_out.id, 1))
+    with pytest.raises(ProductNotFound):
+        outcomes[0].result()
+    with pytest.raises(InsufficientStock, match="Sold out"):
+        outcomes[1].result()
+
+
+async def test_reserve_is_refused_before_the_sale_starts(store: Store) -> None:
+    starts = now_ms() + 60_000
+    product = await make_product(store, 5, sale_starts_at=starts)
+    outcomes, _ = await reserve(store, HoldRequest(product.id, 1))
+    with pytest.raises(SaleNotStarted):
+        outcomes[0].result()
+    outcomes, _ = await reserve(store, HoldRequest(product.id, 1), now=starts)
+    assert outcomes[0].result().reservation.quantity == 1
+
+
+async def test_a_batch_is_served_first_come_first_served(store: Store) -> None:
+    product = await make_product(store, 5)
+    other = await make_product(store, 1)
+    outcomes, events = await reserve(
+        store,
+        HoldRequest(product.id, 3),
+        HoldRequest(product.id, 3),  # only 2 left: refused
+        HoldRequest(other.id, 1),
+        HoldRequest(product.id, 2),  # fits exactly
+        HoldRequest(product.id, 1),  # nothing left
+    )
+    granted = [o.error is None for o in outcomes]
+    assert granted == [True, False, True, True, False]
+    assert isinstance(outcomes[1].error, InsufficientStock)
+    assert {e.product.id: e.product.available_stock for e in events} == {product.id: 0, other.id: 0}
+    assert (await assert_invariant(store, product.id)).held == 5
+
+
+async def test_a_batch_that_all_fits_takes_one_version(store: Store) -> None:
+    product = await make_product(store, 10)
+    _, events = await reserve(store, *[HoldRequest(product.id, 1) for _ in range(4)])
+    (event,) = events
+    assert event.product.version == product.version + 1
+    assert event.product.available_stock == 6
+
+
+async def test_an_idempotency_key_makes_one_hold(store: Store) -> None:
+    product = await make_product(store, 5)
+    first = (await reserve(store, HoldRequest(product.id, 2, "key-1")))[0][0].result()
+    again = (await reserve(store, HoldRequest(product.id, 2, "key-1")))[0][0].result()
+    assert again.replayed
+    assert again.reservation.id == first.reservation.id
+    assert (await stats(store, product.id)).held == 2
+    other_body = (await reserve(store, HoldRequest(product.id, 3, "key-1")))[0][0]
+    assert isinstance(other_body.error, IdempotencyKeyReused)
+
+
+async def test_an_idempotency_key_is_free_again_after_a_day(store: Store) -> None:
+    product = await make_product(store, 5)
+    day_ago = now_ms() - inventory.IDEMPOTENCY_WINDOW_MS - 1
+    old = await hold(store, product.id, 1, now=day_ago, key="reused")
+    fresh = (await reserve(store, HoldRequest(product.id, 1, "reused")))[0][0].result()
+    assert not fresh.replayed
+    assert fresh.reservation.id != old.id
+
+
+async def test_old_idempotency_keys_are_forgotten_in_batches(store: Store) -> None:
+    product = await make_product(store, 10)
+    day_ago = now_ms() - inventory.IDEMPOTENCY_WINDOW_MS - 1
+    for n in range(5):
+        await hold(store, product.id, 1, now=day_ago, key=f"old-{n}")
+    recent = await hold(store, product.id, 1, key="recent")
+    async with store.transaction() as conn:
+        assert await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=3) == 3
+    async with store.transaction() as conn:
+        assert await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=3) == 2
+    async with store.reader() as conn:
+        assert await inventory.get_reservation_by_key(conn, "old-0") is None
+        assert (await inventory.get_reservation_by_key(conn, "recent")).id == recent.id  # type: ignore[union-attr]
+
+
+async def test_complete_is_idempotent_and_keeps_the_units_sold(store: Store) -> None:
+    product = await make_product(store, 5)
+    held = await hold(store, product.id, 2)
+    async with store.transaction() as conn:
+        done = await inventory.complete(conn, held.id, now=now_ms())
+    assert done.result().status is Status.COMPLETED
+    assert isinstance(done.events[0], ReservationChanged)
+    async with store.transaction() as conn:
+        again = await inventory.complete(conn, held.id, now=now_ms())
+    assert again.result().completed_at == done.result().completed_at
+    assert again.events == []
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.sold) == (3, 0, 2)
+
+
+async def test_a_hold_past_its_expiry_can_never_be_completed(store: Store) -> None:
+    product = await make_product(store, 5)
+    overdue = await hold(store, product.id, 2, now=now_ms() - 10_000, hold_ms=1_000)
+    # No job has run: the hold is still ACTIVE in the database.
+    assert (await reservation(store, overdue.id)).status is Status.ACTIVE
+    async with store.transaction() as conn:
+        refused = await inventory.complete(conn, overdue.id, now=now_ms())
+    with pytest.raises(ReservationExpired, match="expired"):
+        refused.result()
+    # ...and refusing it expired it on the spot, units back.
+    assert (await reservation(store, overdue.id)).status is Status.EXPIRED
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.expired) == (5, 0, 2)
+
+
+async def test_complete_and_cancel_answer_for_holds_in_other_states(store: Store) -> None:
+    product = await make_product(store, 5)
+    cancelled = await hold(store, product.id, 1)
+    completed = await hold(store, product.id, 1)
+    async with store.transaction() as conn:
+        await inventory.cancel(conn, cancelled.id, now=now_ms())
+        await inventory.complete(conn, completed.id, now=now_ms())
+    async with store.transaction() as conn:
+        with pytest.raises(ReservationCancelled):
+            (await inventory.complete(conn, cancelled.id, now=now_ms())).result()
+        with pytest.raises(ReservationCompleted):
+            (await inventory.cancel(conn, completed.id, now=now_ms())).result()
+        with pytest.raises(ReservationNotFound):
+            (await inventory.complete(conn, "x" * 22, now=now_ms())).result()
+        with pytest.raises(ReservationNotFound):
+            (await inventory.cancel(conn, "x" * 22, now=now_ms())).result()
+    await assert_invariant(store, product.id)
+
+
+async def test_cancel_restores_the_units_once(store: Store) -> None:
+    product = await make_product(store, 5)
+    held = await hold(store, product.id, 3)
+    for _ in range(3):
+        async with store.transaction() as conn:
+            outcome = await inventory.cancel(conn, held.id, now=now_ms())
+        assert outcome.result().status is Status.CANCELLED
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.cancelled) == (5, 0, 3)
+
+
+async def test_expire_waits_for_the_hold_to_be_due_and_restores_once(store: Store) -> None:
+    product = await make_product(store, 5)
+    held = await hold(store, product.id, 2, hold_ms=1_000)
+    async with store.transaction() as conn:
+        early = await inventory.expire(conn, held.id, now=held.expires_at - 1)
+    assert early.value is None
+    assert early.events == []
+    for _ in range(2):
+        async with store.transaction() as conn:
+            await inventory.expire(conn, held.id, now=held.expires_at)
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.expired) == (5, 0, 2)
+
+
+async def test_expire_overdue_takes_every_overdue_hold_in_bounded_batches(store: Store) -> None:
+    product = await make_product(store, 1_300)
+    past = now_ms() - 60_000
+    async with store.transaction() as conn:
+        outcomes, _ = await inventory.reserve(
+            conn, [HoldRequest(product.id, 1)] * 1_200, now=past, hold_ms=1_000
+        )
+    assert all(o.error is None for o in outcomes)
+    not_due = await hold(store, product.id, 1)
+    sizes = []
+    while True:
+        async with store.transaction() as conn:
+            done = await inventory.expire_overdue(conn, now=now_ms(), limit=500)
+        sizes.append(len(done.result()))
+        if not done.result():
+            break
+    assert sizes == [500, 500, 200, 0]
+    assert (await reservation(store, not_due.id)).status is Status.ACTIVE
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.expired) == (1_299, 1, 1_200)
+
+
+async def test_restock_and_create_move_total_and_available_together(store: Store) -> None:
+    first = await make_product(store, 5)
+    second = await make_product(store, 0)
+    assert second.id == first.id + 1
+    await hold(store, first.id, 2)
+    async with store.transaction() as conn:
+        restocked = (await inventory.restock(conn, first.id, 10, now=now_ms())).result()
+    assert (restocked.total_stock, restocked.available_stock) == (15, 13)
+    await assert_invariant(store, first.id)
+    async with store.transaction() as conn:
+        missing = await inventory.restock(conn, 999_999, 1, now=now_ms())
+    assert isinstance(missing.error, ProductNotFound)
+
+
+async def test_two_processes_cannot_oversell_through_separate_connections(
+    database_url: str,
+) -> None:
+    """Several Stores (as several processes have) reserving at once on one database."""
+    stores = [Store(database_url, busy_timeout_ms=10_000) for _ in range(3)]
+    for each in stores:
+        await each.connect()
+    try:
+        product = await make_product(stores[0], 50)
+
+        async def storm(store: Store, n: int) -> int:
+            granted = 0
+            for _ in range(n):
+                outcomes, _ = await reserve(store, *[HoldRequest(product.id, q) for q in (1, 2, 3)])
+                granted += sum(o.result().reservation.quantity for o in outcomes if not o.error)
+            return granted
+
+        granted = await asyncio.gather(*(storm(each, 15) for each in stores))
+        assert sum(granted) == 50
+        s = await assert_invariant(stores[0], product.id)
+        assert (s.available, s.held) == (0, 50)
+    finally:
+        for each in stores:
+            await each.close()

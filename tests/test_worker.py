@@ -1,0 +1,219 @@
+"""Expiry with a real arq worker and a real Redis: on time, exactly once, whatever fails."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.jobs import Job, JobStatus
+from arq.worker import Worker
+
+from jobs import worker as jobs
+from server import inventory
+from server.app import redis_client
+from server.clock import now_ms
+from server.constants import QUEUE_NAME, expire_due_job_id
+from server.database import Store
+from server.embedded_redis import EmbeddedRedis
+from server.events import Publisher
+from server.expiry import ExpiryScheduler, due_time
+from server.model import HoldRequest, Status
+from server.settings import Settings
+from server.shop import Shop
+from tests.events import listening, reservation_status
+from tests.support import assert_invariant, eventually, hold, make_product, reservation, stats
+
+HOLD_MS = 300
+BUCKET_MS = 100
+
+
+def settings_for(database_url: str, redis_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        hold_seconds=HOLD_MS / 1000,
+        sweep_seconds=1,
+        expiry_bucket_ms=BUCKET_MS,
+    )
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A real arq worker, in this process, until the block ends."""
+    worker = Worker(**jobs.worker_settings(settings), handle_signals=False)
+    task = asyncio.create_task(worker.main())
+    try:
+        yield worker
+    finally:
+        # Stop as a worker should: take no new job, finish the ones running, then close.
+        worker.allow_pick_jobs = False
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
+
+
+@asynccontextmanager
+async def web_shop(settings: Settings) -> AsyncIterator[tuple[Shop, ExpiryScheduler, ArqRedis]]:
+    """What a web process has: a shop that schedules expiry jobs and publishes events."""
+    redis = redis_client(settings.redis_url)
+    store = Store(settings.database_url)
+    await store.connect()
+    publisher = Publisher(redis)
+    scheduler = ExpiryScheduler(redis, bucket_ms=settings.expiry_bucket_ms)
+    publisher.start()
+    scheduler.start()
+    shop = Shop(store, hold_ms=HOLD_MS, publish=publisher.publish, scheduler=scheduler)
+    await shop.start()
+    try:
+        yield shop, scheduler, redis
+    finally:
+        await shop.stop()
+        await scheduler.stop()
+        await publisher.stop()
+        await store.close()
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def job_context(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """The `ctx` a worker gives its jobs, to call a job function directly."""
+    redis = redis_client(settings.redis_url)
+    ctx: dict[str, Any] = {"settings": settings, "redis": redis}
+    await jobs.startup(ctx)
+    try:
+        yield ctx
+    finally:
+        await jobs.shutdown(ctx)
+        await redis.aclose()
+
+
+async def test_a_hold_expires_on_time_and_its_units_come_back_once(
+    database_url: str, redis_url: str
+) -> None:
+    settings = settings_for(database_url, redis_url)
+    async with (
+        web_shop(settings) as (shop, scheduler, _),
+        running_worker(settings),
+        listening(redis_url) as frames,
+    ):
+        product = await make_product(shop.store, 5)
+        held = (await shop.reserve(HoldRequest(product.id, 2))).reservation
+        await scheduler.wait_idle()
+        assert scheduler.enqueued == 1
+        (frame,) = await frames.wait_for(reservation_status(held.id, "EXPIRED"))
+        assert frame["reservation"]["product"]["availableStock"] == 5
+        assert (await reservation(shop.store, held.id)).status is Status.EXPIRED
+        s = await assert_invariant(shop.store, product.id)
+        assert (s.available, s.held, s.expired) == (5, 0, 2)
+
+
+async def test_holds_due_in_one_bucket_share_one_job(database_url: str, redis_url: str) -> None:
+    settings = settings_for(database_url, redis_url)
+    async with web_shop(settings) as (shop, scheduler, redis):
+        product = await make_product(shop.store, 50)
+        holds = await asyncio.gather(*(shop.reserve(HoldRequest(product.id, 1)) for _ in range(40)))
+        await scheduler.wait_idle()
+        dues = {due_time(h.reservation.expires_at, BUCKET_MS) for h in holds}
+        assert scheduler.enqueued == len(dues) <= 2
+        queued = await redis.zrange(QUEUE_NAME, 0, -1)
+        assert {q.decode() for q in queued} == {expire_due_job_id(d) for d in dues}
+
+
+async def test_the_job_run_twice_and_the_sweeper_at_once_restore_once(
+    database_url: str, redis_url: str
+) -> None:
+    settings = settings_for(database_url, redis_url)
+    async with job_context(settings) as ctx, job_context(settings) as other_worker:
+        store: Store = ctx["store"]
+        product = await make_product(store, 100)
+        past = now_ms() - 10_000
+        held = [await hold(store, product.id, 2, now=past, hold_ms=1_000) for _ in range(30)]
+        expired = await asyncio.gather(
+            jobs.expire_due(ctx, past),
+            jobs.expire_due(ctx, past),
+            jobs.sweep(ctx),
+            jobs.expire_due(other_worker, past),
+            jobs.sweep(other_worker),
+        )
+        assert sum(expired) == 30
+        s = await assert_invariant(store, product.id)
+        assert (s.available, s.held, s.expired) == (100, 0, 60)
+        assert {(await reservation(store, h.id)).status for h in held} == {Status.EXPIRED}
+
+
+async def test_a_worker_that_was_down_expires_the_holds_when_it_starts(
+    database_url: str, redis_url: str
+) -> None:
+    settings = settings_for(database_url, redis_url)
+    async with web_shop(settings) as (shop, scheduler, redis), listening(redis_url) as frames:
+        product = await make_product(shop.store, 10)
+        held = (await shop.reserve(HoldRequest(product.id, 3))).reservation
+        await scheduler.wait_idle()
+        # No worker is running: the hold's time passes and nothing happens...
+        await eventually(lambda: _past(held.expires_at + 200), what="the hold to be well overdue")
+        assert (await reservation(shop.store, held.id)).status is Status.ACTIVE
+        job = Job(expire_due_job_id(due_time(held.expires_at, BUCKET_MS)), redis, QUEUE_NAME)
+        assert await job.status() is JobStatus.queued
+        # ...until a worker starts.
+        async with running_worker(settings):
+            await frames.wait_for(reservation_status(held.id, "EXPIRED"))
+        s = await assert_invariant(shop.store, product.id)
+        assert (s.available, s.expired) == (10, 3)
+
+
+async def test_when_redis_loses_the_jobs_the_sweeper_restores_the_units(
+    database_url: str, redis_url: str
+) -> None:
+    settings = settings_for(database_url, redis_url)
+    async with web_shop(settings) as (shop, scheduler, redis), listening(redis_url) as frames:
+        product = await make_product(shop.store, 10)
+        held = (await shop.reserve(HoldRequest(product.id, 4))).reservation
+        await scheduler.wait_idle()
+        await redis.flushall()  # every job gone
+        assert await redis.zcard(QUEUE_NAME) == 0
+        async with running_worker(settings):
+            await frames.wait_for(reservation_status(held.id, "EXPIRED"))
+        s = await assert_invariant(shop.store, product.id)
+        assert (s.available, s.expired) == (10, 4)
+
+
+async def test_a_hold_made_while_redis_is_down_stands_and_expires_once_it_is_back(
+    database_url: str, own_redis: EmbeddedRedis
+) -> None:
+    settings = settings_for(database_url, own_redis.url)
+    async with web_shop(settings) as (shop, scheduler, _):
+        product = await make_product(shop.store, 10)
+        own_redis.stop()
+        held = (await shop.reserve(HoldRequest(product.id, 2))).reservation
+        await scheduler.wait_idle()
+        assert scheduler.failures >= 1
+        assert (await reservation(shop.store, held.id)).status is Status.ACTIVE
+        assert (await stats(shop.store, product.id)).held == 2
+
+        own_redis.start()
+        async with running_worker(settings), listening(own_redis.url) as frames:
+            await frames.wait_for(reservation_status(held.id, "EXPIRED"))
+            s = await assert_invariant(shop.store, product.id)
+            assert (s.available, s.expired) == (10, 2)
+
+
+async def test_the_sweeper_frees_idempotency_keys_older_than_a_day(
+    database_url: str, redis_url: str
+) -> None:
+    settings = settings_for(database_url, redis_url)
+    async with job_context(settings) as ctx:
+        store: Store = ctx["store"]
+        product = await make_product(store, 5)
+        day_ago = now_ms() - inventory.IDEMPOTENCY_WINDOW_MS - 1
+        await hold(store, product.id, 1, now=day_ago, key="yesterday")
+        await jobs.sweep(ctx)
+        async with store.reader() as conn:
+            assert await inventory.get_reservation_by_key(conn, "yesterday") is None
+
+
+async def _past(ms: int) -> bool:
+    return now_ms() > ms
