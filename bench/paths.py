@@ -1,0 +1,95 @@
+"""Scenario: the request paths under load, each as a share of the bare endpoint's rate.
+
+(a) reservations with ample stock, (b) reservations of a sold-out product, (c) the product
+list with and without If-None-Match, and the bare endpoint before and after, all at the same
+concurrency, in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench import wrk
+from bench.stack import Bare, cpu_seconds
+from tests.service import Service
+
+
+@dataclass
+class Row:
+    name: str
+    result: wrk.Result
+    cpu_us_per_request: float | None
+
+    def as_dict(self, bare_rps: float) -> dict[str, Any]:
+        return {
+            "scenario": self.name,
+            **self.result.as_dict(),
+            "share_of_bare": round(self.result.rps / bare_rps, 3),
+            "cpu_us_per_request": self.cpu_us_per_request,
+        }
+
+
+def _product(service: Service, stock: int) -> int:
+    response = httpx.post(
+        f"{service.base_url}/api/admin/products",
+        json={"name": f"Bench {stock}", "price": 1, "stock": stock},
+        headers=service.admin_headers(),
+    )
+    response.raise_for_status()
+    product_id: int = response.json()["id"]
+    return product_id
+
+
+def _measure(name: str, base_url: str, load: wrk.Load, pid: int | None) -> Row:
+    before = cpu_seconds(pid) if pid else 0.0
+    result = wrk.run(base_url, load)
+    cpu = None
+    if pid:
+        cpu = round((cpu_seconds(pid) - before) * 1e6 / max(result.requests, 1), 1)
+    print(
+        f"  {name:<34} {result.rps:>9.0f} req/s   p50 {result.p50_us / 1000:6.2f} ms   "
+        f"p99 {result.p99_us / 1000:6.2f} ms",
+        flush=True,
+    )
+    return Row(name, result, cpu)
+
+
+def run(service: Service, bare: Bare, *, seconds: float, connections: int) -> list[dict[str, Any]]:
+    ample = _product(service, 1_000_000_000)
+    sold_out = _product(service, 0)
+
+    def load(path: str, **kwargs: Any) -> wrk.Load:
+        return wrk.Load(path, connections=connections, seconds=seconds, **kwargs)
+
+    def reserve(product_id: int) -> wrk.Load:
+        return load(
+            "/api/reservations",
+            method="POST",
+            body=json.dumps({"productId": product_id, "quantity": 1}),
+            headers={"Content-Type": "application/json"},
+        )
+
+    pid = service.web.pid
+    rows = [
+        _measure("bare endpoint (before)", bare.base_url, load("/"), None),
+        _measure("(a) reserve, ample stock", service.base_url, reserve(ample), pid),
+        _measure("(b) reserve, sold out", service.base_url, reserve(sold_out), pid),
+        _measure("(c) GET /api/products → 200", service.base_url, load("/api/products"), pid),
+    ]
+    # Read after (a) has changed the stock, and nothing changes it during this run.
+    etag = httpx.get(f"{service.base_url}/api/products").headers["etag"]
+    rows += [
+        _measure(
+            "(c) GET /api/products → 304",
+            service.base_url,
+            load("/api/products", headers={"If-None-Match": etag}),
+            pid,
+        ),
+        _measure("bare endpoint (after)", bare.base_url, load("/"), None),
+    ]
+    bare_rps = (rows[0].result.rps + rows[-1].result.rps) / 2
+    return [row.as_dict(bare_rps) for row in rows]

@@ -1,0 +1,158 @@
+"""The stack under test: a fresh database, a Redis of its own, web and worker processes
+started with the Procfile's commands, and the bare baseline app beside them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from server import migrate
+from server.database import Store
+from server.embedded_redis import EmbeddedRedis, free_port
+from tests.service import Process, Service, procfile
+
+BARE_APP = "bench.bare:app"
+
+
+@contextmanager
+def fresh_database(database_url: str | None, work_dir: Path) -> Iterator[str]:
+    """A new, migrated database: a SQLite file under `work_dir`, or, for a PostgreSQL URL,
+    a database created beside the one named (and dropped afterwards; nothing of yours is
+    touched)."""
+    if not database_url or database_url.startswith("sqlite"):
+        url = f"sqlite:///{work_dir / 'bench.db'}"
+        asyncio.run(_migrate(url))
+        yield url
+        return
+    base, _, _ = database_url.rpartition("/")
+    name = f"flashsale_bench_{secrets.token_hex(4)}"
+    asyncio.run(_admin(database_url, f'CREATE DATABASE "{name}"'))
+    url = f"{base}/{name}"
+    try:
+        asyncio.run(_migrate(url))
+        yield url
+    finally:
+        asyncio.run(_admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _migrate(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    try:
+        await migrate.migrate(store)
+    finally:
+        await store.close()
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def redis(work_dir: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(work_dir / "redis", persist=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def service(
+    database_url: str, redis_url: str, work_dir: Path, *, web_concurrency: int, **settings: str
+) -> Iterator[Service]:
+    svc = Service(
+        database_url, redis_url, work_dir / "logs", web_concurrency=web_concurrency, **settings
+    )
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop()
+
+
+@dataclass
+class Bare:
+    base_url: str
+
+
+@contextmanager
+def bare(work_dir: Path, *, web_concurrency: int) -> Iterator[Bare]:
+    """The baseline: a bare Starlette JSON endpoint under the very same uvicorn command."""
+    command = procfile()["web"]
+    assert "--factory server.app:create_app" in command
+    port = free_port()
+    process = Process(
+        "web",
+        {
+            "PATH": _path(),
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WEB_CONCURRENCY": str(web_concurrency),
+        },
+        work_dir / "bare.log",
+    )
+    process.command = command.replace("--factory server.app:create_app", BARE_APP)
+    process.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(base_url + "/", timeout=1)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline or not process.running:
+                raise RuntimeError("the bare app did not start") from None
+            time.sleep(0.05)
+    try:
+        yield Bare(base_url)
+    finally:
+        process.stop()
+
+
+def _path() -> str:
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its live descendants
+    (uvicorn's workers), read from /proc."""
+    total = 0.0
+    for p in _descendants(pid) | {pid}:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks
+    return total
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found

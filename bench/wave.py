@@ -1,0 +1,125 @@
+"""Scenario: an expiry wave. N holds fall due within one second; how late is each restored
+(its units back, in the database) and announced (its EXPIRED frame received from Redis)?
+
+The holds are written straight to the database with exact expiry times spread evenly over
+the second, and their jobs are scheduled with the web process's own ExpiryScheduler, so the
+worker sees exactly what a storm of reservations would have left it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic_core import from_json
+from redis.asyncio import Redis
+
+from server import inventory
+from server.app import redis_client
+from server.clock import now_ms
+from server.constants import EVENTS_CHANNEL
+from server.database import Store
+from server.expiry import ExpiryScheduler
+from server.model import HoldRequest
+
+LEAD_MS = 4_000  # time to write the holds and schedule their jobs before the first is due
+GROUPS = 100  # distinct expiry times within the second
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": ordered[-1]}
+
+
+async def run(
+    database_url: str, redis_url: str, *, holds: int, bucket_ms: int, within_s: float = 60
+) -> dict[str, Any]:
+    store = Store(database_url)
+    await store.connect()
+    redis = redis_client(redis_url)
+    listener = Redis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(EVENTS_CHANNEL)
+    announced: dict[str, int] = {}
+    try:
+        async with store.transaction() as conn:
+            product = (
+                await inventory.create_product(
+                    conn,
+                    name="Wave",
+                    price_cents=100,
+                    stock=holds,
+                    sale_starts_at=None,
+                    now=now_ms(),
+                )
+            ).result()
+        first_due = now_ms() + LEAD_MS
+        expires: dict[str, int] = {}
+        per_group = holds // GROUPS
+        for group in range(GROUPS):
+            due = first_due + group * 1000 // GROUPS
+            async with store.transaction() as conn:
+                outcomes, _ = await inventory.reserve(
+                    conn, [HoldRequest(product.id, 1)] * per_group, now=due - 60_000, hold_ms=60_000
+                )
+            for outcome in outcomes:
+                expires[outcome.result().reservation.id] = due
+        scheduler = ExpiryScheduler(redis, bucket_ms=bucket_ms)
+        scheduler.start()
+        scheduler.schedule(set(expires.values()))
+        await scheduler.wait_idle()
+        await scheduler.stop()
+        if now_ms() > first_due:
+            raise RuntimeError("setting up the wave took longer than its lead time")
+
+        deadline = first_due + 1000 + within_s * 1000
+        while len(announced) < len(expires) and now_ms() < deadline:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is None:
+                continue
+            frame = from_json(message["data"])
+            if frame.get("type") == "reservation" and frame["reservation"]["status"] == "EXPIRED":
+                announced.setdefault(frame["reservation"]["id"], now_ms())
+
+        restored: dict[str, int] = {}
+        async with store.reader() as conn:
+            rows = await conn.fetch_all(
+                "SELECT id, ended_at FROM reservations "
+                "WHERE product_id = :p AND status = 'EXPIRED'",
+                {"p": product.id},
+            )
+        restored = {str(r["id"]): int(r["ended_at"]) for r in rows}
+        restore_late = [restored[i] - expires[i] for i in restored]
+        announce_late = [announced[i] - expires[i] for i in announced if i in expires]
+        return {
+            "holds": len(expires),
+            "restored": len(restored),
+            "announced": len(announced),
+            "missed": len(expires) - len(restored),
+            "restore_lateness_ms": percentiles(restore_late),
+            "announce_lateness_ms": percentiles(announce_late),
+            "bucket_ms": bucket_ms,
+        }
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await redis.aclose()
+        await store.close()
+
+
+def run_sync(database_url: str, redis_url: str, **kwargs: Any) -> dict[str, Any]:
+    result = asyncio.run(run(database_url, redis_url, **kwargs))
+    r, a = result["restore_lateness_ms"], result["announce_lateness_ms"]
+    print(
+        f"  {result['holds']} holds: restored {result['restored']}, missed {result['missed']}; "
+        f"lateness restored p50 {r.get('p50')} p99 {r.get('p99')} max {r.get('max')} ms, "
+        f"announced p50 {a.get('p50')} p99 {a.get('p99')} max {a.get('max')} ms",
+        flush=True,
+    )
+    return result

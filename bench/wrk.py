@@ -1,0 +1,133 @@
+"""Driving wrk: one scenario, one generated Lua script, results as data.
+
+wrk (C, event-driven) is the load generator because a Python client would be the bottleneck
+long before the service is. The script counts statuses per thread and prints one JSON line
+with the latency distribution when the run is done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SCRIPT = """
+local method, path, body = %(method)s, %(path)s, %(body)s
+local headers = %(headers)s
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  s2, s3, s4, s5 = 0, 0, 0, 0
+end
+
+function request()
+  return wrk.format(method, path, headers, body)
+end
+
+function response(status, hdrs, b)
+  if status < 300 then s2 = s2 + 1
+  elseif status < 400 then s3 = s3 + 1
+  elseif status < 500 then s4 = s4 + 1
+  else s5 = s5 + 1 end
+end
+
+function done(summary, latency, requests)
+  local c = {0, 0, 0, 0}
+  for _, t in ipairs(threads) do
+    c[1] = c[1] + t:get("s2"); c[2] = c[2] + t:get("s3")
+    c[3] = c[3] + t:get("s4"); c[4] = c[4] + t:get("s5")
+  end
+  io.write(string.format(
+    '\\nRESULT {"requests": %%d, "duration_us": %%d, "errors": %%d, ' ..
+    '"p50_us": %%d, "p90_us": %%d, "p99_us": %%d, "max_us": %%d, ' ..
+    '"status": {"2xx": %%d, "3xx": %%d, "4xx": %%d, "5xx": %%d}}\\n',
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write +
+      summary.errors.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    c[1], c[2], c[3], c[4]))
+end
+"""
+
+
+def _lua(value: str | None) -> str:
+    return "nil" if value is None else json.dumps(value)
+
+
+@dataclass
+class Load:
+    path: str
+    method: str = "GET"
+    body: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    connections: int = 64
+    threads: int = 1
+    seconds: float = 10.0
+
+
+@dataclass
+class Result:
+    requests: int
+    duration_us: int
+    errors: int
+    p50_us: int
+    p90_us: int
+    p99_us: int
+    max_us: int
+    status: dict[str, int]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / (self.duration_us / 1e6)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rps": round(self.rps, 1)}
+
+
+def available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def run(base_url: str, load: Load) -> Result:
+    headers = (
+        "{"
+        + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in load.headers.items())
+        + "}"
+    )
+    script = _SCRIPT % {
+        "method": json.dumps(load.method),
+        "path": json.dumps(load.path),
+        "body": _lua(load.body),
+        "headers": headers,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+        script_path = Path(f.name)
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{load.threads}",
+                f"-c{load.connections}",
+                f"-d{max(1, round(load.seconds))}s",
+                "-s",
+                str(script_path),
+                base_url + load.path,
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=load.seconds + 60,
+        ).stdout
+    finally:
+        script_path.unlink()
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    return Result(**json.loads(line.removeprefix("RESULT ")))
