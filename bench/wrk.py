@@ -118,10 +118,9 @@ def run(base_url: str, load: Load) -> Result:
                 f"-t{load.threads}",
                 f"-c{load.connections}",
                 f"-d{max(1, round(load.seconds))}s",
-                "-s",
-                str(script_path),
+                f"--script={script_path}",
                 base_url + load.path,
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             check=True,
