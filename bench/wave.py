@@ -9,6 +9,7 @@ worker sees exactly what a storm of reservations would have left it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from pydantic_core import from_json
@@ -48,9 +49,9 @@ async def run(
     await pubsub.subscribe(EVENTS_CHANNEL)
     announced: dict[str, int] = {}
     try:
-        async with store.transaction() as conn:
-            product = (
-                await inventory.create_product(
+        product = (
+            await store.write(
+                lambda conn: inventory.create_product(
                     conn,
                     name="Wave",
                     price_cents=100,
@@ -58,16 +59,19 @@ async def run(
                     sale_starts_at=None,
                     now=now_ms(),
                 )
-            ).result()
+            )
+        ).result()
         first_due = now_ms() + LEAD_MS
         expires: dict[str, int] = {}
         per_group = holds // GROUPS
         for group in range(GROUPS):
             due = first_due + group * 1000 // GROUPS
-            async with store.transaction() as conn:
-                outcomes, _ = await inventory.reserve(
-                    conn, [HoldRequest(product.id, 1)] * per_group, now=due - 60_000, hold_ms=60_000
+            requests = [HoldRequest(product.id, 1)] * per_group
+            outcomes, _ = await store.write(
+                functools.partial(
+                    inventory.reserve, requests=requests, now=due - 60_000, hold_ms=60_000
                 )
+            )
             for outcome in outcomes:
                 expires[outcome.result().reservation.id] = due
         scheduler = ExpiryScheduler(redis, bucket_ms=bucket_ms)

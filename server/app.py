@@ -21,6 +21,7 @@ from server.database import Store
 from server.events import Publisher
 from server.expiry import ExpiryScheduler
 from server.http import EXCEPTION_HANDLERS, BodyLimit
+from server.logs import configure_logging
 from server.settings import Settings
 from server.shop import Shop
 from server.subscriber import Subscriber
@@ -59,6 +60,7 @@ def tune_garbage_collector() -> None:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -1,37 +1,41 @@
-"""How a process reaches the database: `databases`, one SQL dialect, SQLite or PostgreSQL.
+"""How a process reaches the database: one SQL dialect, SQLite or PostgreSQL.
 
-Two costs measured here shape this module (figures in bench/README.md):
+The domain code sees an `Executor` (`fetch_all`, `fetch_one`, `execute` of portable SQL with
+`:name` placeholders) inside `Store.write(work)`, one write transaction, or
+`Store.reader()`. How each backend is driven was decided by measurement (bench/README.md):
 
-- `databases` opens a fresh aiosqlite connection (and thread) for every acquire on SQLite.
-  So on SQLite the connections are held for the life of the process: one writer, used by
-  one transaction at a time, and a few readers (WAL lets them read while the writer writes).
-  On PostgreSQL the asyncpg pool already keeps connections, and replaces broken ones, so
-  each unit of work borrows one.
-- Through `databases`' query methods a statement costs three thread hops and a SQLAlchemy
-  compile of its text: ~150 µs of event-loop time, ~30 µs more per bound value. On SQLite
-  the same SQL text runs through the aiosqlite connection `databases` hands out
-  (`Connection.raw_connection`) in one hop with no compile, since sqlite3 binds `:name`
-  placeholders itself; that is 5× less per transaction and holds the write lock 4× shorter.
-  On PostgreSQL statements go through `databases` as they are.
+PostgreSQL goes through `databases` as it is: the asyncpg pool keeps connections, replaces
+broken ones, and each unit of work borrows one.
 
-Either way the domain code sees an `Executor`: `fetch_all`, `fetch_one`, `execute` of
-portable SQL with `:name` placeholders.
+SQLite is driven differently, for three measured reasons:
 
-Writes are serialised per process: SQLite takes one writer at a time anyway, and a queue in
-the process is far cheaper than several connections sleeping in SQLite's busy handler.
+- `databases` opens a fresh aiosqlite connection (and thread) for every acquire. So the
+  readers are `databases` connections held for the life of the process, and they run their
+  SQL through the aiosqlite connection `databases` hands out (`raw_connection`): one thread
+  hop per statement and no SQLAlchemy compile (sqlite3 binds `:name` itself), 5× less
+  event-loop time than `databases`' query methods.
+- A transaction of several statements, each a hop to another thread and back, holds SQLite's
+  write lock across several turns of a busy event loop: under load a web process held it half
+  the time, 10 ms at a stretch, and a second writer (another web process, the worker) slept
+  in SQLite's busy handler, sometimes for seconds. So each process has one writer, a plain
+  sqlite3 connection on a thread of its own, and runs each whole transaction there in one
+  call, from BEGIN IMMEDIATE to COMMIT: the lock is held only while the statements run.
+- The domain operations are coroutines; against an executor whose methods never suspend
+  they run to completion in that one call (`_run_to_completion`). An operation that tried to
+  wait on anything else inside a transaction, such as the network, fails loudly instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import asyncpg
@@ -44,6 +48,7 @@ from server.model import Row
 logger = logging.getLogger(__name__)
 
 Values = Mapping[str, Any]
+T = TypeVar("T")
 
 SQLITE_READERS = 2
 
@@ -75,6 +80,87 @@ class SQLiteExecutor:
 
     async def execute(self, sql: str, values: Values | None = None) -> None:
         await self._raw.execute_fetchall(sql, values or {})
+
+
+class ImmediateSQLiteExecutor:
+    """Runs each statement at once, on the thread that calls it: only ever inside
+    `SQLiteWriter.run`, on the writer's own thread."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._conn = connection
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        return self._conn.execute(sql, values or {}).fetchall()
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        rows = self._conn.execute(sql, values or {}).fetchall()
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        self._conn.execute(sql, values or {}).fetchall()
+
+
+def _run_to_completion(work: Awaitable[T]) -> T:
+    """Run a coroutine that never suspends, synchronously, and return its result."""
+    steps = work.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    steps.close()
+    raise RuntimeError(
+        "a write transaction waited on something other than the database; do that after commit"
+    )
+
+
+class SQLiteWriter:
+    """The process's one SQLite writer: a connection on a thread of its own."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(
+            self._path,
+            factory=sqlite_connection_class(self._busy_timeout_ms),
+            isolation_level=None,
+        )
+        conn.row_factory = sqlite3.Row
+        # WAL persists in the file; setting it here makes any fresh file right.
+        conn.execute("PRAGMA journal_mode = WAL")
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
+        self._thread.shutdown(wait=True)
+
+    async def run(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        return await self._call(self._transaction, work)
+
+    def _transaction(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        conn = self._conn
+        assert conn is not None, "the writer is not open"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = _run_to_completion(work(ImmediateSQLiteExecutor(conn)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite rolls back by itself on some errors
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
 
 class DatabasesExecutor:
@@ -117,6 +203,7 @@ class Store:
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 5_000, pool_size: int = 10) -> None:
         self.url = url
+        self._busy_timeout_ms = busy_timeout_ms
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = sqlite_path(url)
@@ -142,7 +229,7 @@ class Store:
             )
         self._write_lock = asyncio.Lock()
         self._held: list[Connection] = []
-        self._writer: SQLiteExecutor | None = None
+        self._writer: SQLiteWriter | None = None
         self._readers: list[SQLiteExecutor] = []
         self._next_reader = itertools.cycle(range(SQLITE_READERS))
 
@@ -150,9 +237,8 @@ class Store:
         try:
             await self._db.connect()
             if self.is_sqlite:
-                self._writer = SQLiteExecutor(await self._hold())
-                # WAL persists in the file; setting it here makes any fresh file right.
-                await self._writer.execute("PRAGMA journal_mode = WAL")
+                self._writer = SQLiteWriter(sqlite_path(self.url), self._busy_timeout_ms)
+                await self._writer.open()
                 self._readers = [SQLiteExecutor(await self._hold()) for _ in range(SQLITE_READERS)]
         except (OSError, asyncpg.PostgresError, sqlite3.Error) as exc:
             await self.close()
@@ -161,6 +247,8 @@ class Store:
     async def close(self) -> None:
         for conn in reversed(self._held):
             await conn.__aexit__()
+        if self._writer is not None:
+            await self._writer.close()
         self._held, self._writer, self._readers = [], None, []
         await self._db.disconnect()
 
@@ -172,29 +260,24 @@ class Store:
         self._held.append(conn)
         return conn
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Executor]:
-        """One write transaction at a time per process; commits on success.
+    async def write(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        """Run `work` in one write transaction, committed if it returns, rolled back if it
+        raises. One at a time per process.
 
-        On SQLite it begins IMMEDIATE, taking the write lock first, so that nothing inside
-        can fail on a lock upgrade; a lock not obtained within the busy timeout raises
-        `DatabaseBusy` with nothing changed.
+        `work` must only wait on the executor it is given: no network, no sleep. On SQLite
+        the transaction begins IMMEDIATE, taking the write lock first, so that nothing
+        inside can fail on a lock upgrade; a lock not obtained within the busy timeout
+        raises `DatabaseBusy`, with nothing changed.
         """
-        async with self._write_lock, _translated_errors():
+        async with _translated_errors():
             if self._writer is not None:
-                writer = self._writer
-                await writer.execute("BEGIN IMMEDIATE")
-                try:
-                    yield writer
-                    await writer.execute("COMMIT")
-                except BaseException:
-                    # SQLite may have rolled back already (it does on some errors).
-                    with contextlib.suppress(sqlite3.Error):
-                        await writer.execute("ROLLBACK")
-                    raise
-                return
-            async with Connection(self._db, self._db._backend) as conn, conn.transaction():
-                yield DatabasesExecutor(conn)
+                return await self._writer.run(work)
+            async with (
+                self._write_lock,
+                Connection(self._db, self._db._backend) as conn,
+                conn.transaction(),
+            ):
+                return await work(DatabasesExecutor(conn))
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[Executor]:

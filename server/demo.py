@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from server import inventory
@@ -32,14 +33,15 @@ async def seed_if_empty(store: Store) -> int:
             return 0
     now = now_ms()
     for name, price, stock, starts_in in PRODUCTS:
-        async with store.transaction() as conn:
-            await inventory.create_product(
-                conn,
+        await store.write(
+            functools.partial(
+                inventory.create_product,
                 name=name,
                 price_cents=price,
                 stock=stock,
                 sale_starts_at=None if starts_in is None else now + starts_in * 1000,
                 now=now,
             )
+        )
     logger.info("seeded %d demo products", len(PRODUCTS))
     return len(PRODUCTS)

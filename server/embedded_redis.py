@@ -74,7 +74,9 @@ class EmbeddedRedis:
             "--loglevel", "warning",
             "--logfile", str((self.data_dir / "server.log").resolve()),
         ]  # fmt: skip
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # A session of its own: a Ctrl-C meant for the processes using it must not stop it
+        # before they have shut down; whoever started it stops it last.
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self._process.poll() is not None:

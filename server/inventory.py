@@ -1,7 +1,7 @@
 """The inventory operations: the only code that writes stock or holds (DESIGN.md §4).
 
 Each write operation runs inside one short transaction that the caller opens
-(`Store.transaction()`), makes no network call, and returns an `Outcome` whose events the
+(`Store.write()`), makes no network call, and returns an `Outcome` whose events the
 caller publishes after commit. Stock only ever moves through conditional UPDATEs evaluated
 by the database (`available_stock >= :q`, `status = 'ACTIVE'`), so concurrency across
 connections, processes and machines cannot oversell or restore a unit twice; Python decides

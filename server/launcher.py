@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,9 @@ def serve(settings: Settings) -> int:
             try:
                 return process.wait()
             except KeyboardInterrupt:
-                # honcho got the same Ctrl-C and is stopping its processes; let it finish.
+                # A terminal's Ctrl-C reached honcho too; a SIGINT sent to us alone did not.
+                # Either way honcho stops its processes gracefully (it ignores a second one).
+                process.send_signal(signal.SIGINT)
                 return process.wait()
     finally:
         if redis is not None:

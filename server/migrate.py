@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,20 +58,21 @@ def _statements(script: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in without_comments.split(";") if s.strip())
 
 
-@asynccontextmanager
-async def _locked(store: Store) -> AsyncIterator[Executor]:
-    """A write transaction that no other migration runner can enter at the same time."""
-    async with store.transaction() as conn:
-        if not store.is_sqlite:
-            await conn.execute("SELECT pg_advisory_xact_lock(:id)", {"id": _PG_LOCK_ID})
-        await conn.execute(CREATE_TABLE)
-        yield conn
+async def _lock(conn: Executor, postgres: bool) -> None:
+    """Inside a write transaction: no other migration runner gets past this at once
+    (SQLite's BEGIN IMMEDIATE already holds the write lock)."""
+    if postgres:
+        await conn.execute("SELECT pg_advisory_xact_lock(:id)", {"id": _PG_LOCK_ID})
+    await conn.execute(CREATE_TABLE)
 
 
 async def pending(store: Store) -> list[Migration]:
-    async with _locked(store) as conn:
+    async def read(conn: Executor) -> set[int]:
+        await _lock(conn, not store.is_sqlite)
         rows = await conn.fetch_all("SELECT version FROM schema_migrations")
-    done = {int(row["version"]) for row in rows}
+        return {int(row["version"]) for row in rows}
+
+    done = await store.write(read)
     return [m for m in available() if m.version not in done]
 
 
@@ -81,19 +80,24 @@ async def migrate(store: Store) -> list[Migration]:
     """Apply every pending migration; returns those applied by this call."""
     applied = []
     for migration in available():
-        async with _locked(store) as conn:
+
+        async def apply(conn: Executor, migration: Migration = migration) -> bool:
+            await _lock(conn, not store.is_sqlite)
             done = await conn.fetch_one(
                 "SELECT version FROM schema_migrations WHERE version = :v",
                 {"v": migration.version},
             )
             if done is not None:
-                continue
+                return False
             for statement in migration.statements:
                 await conn.execute(statement)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (:v, :name, :at)",
                 {"v": migration.version, "name": migration.name, "at": now_ms()},
             )
-        logger.info("applied migration %04d_%s", migration.version, migration.name)
-        applied.append(migration)
+            return True
+
+        if await store.write(apply):
+            logger.info("applied migration %04d_%s", migration.version, migration.name)
+            applied.append(migration)
     return applied

@@ -131,11 +131,11 @@ class Shop:
 
         for attempt in range(3):
             try:
-                async with self.store.transaction() as conn:
-                    now = now_ms()
-                    outcomes, events = await inventory.reserve(
-                        conn, unique, now=now, hold_ms=self._hold_ms
+                outcomes, events = await self.store.write(
+                    lambda conn: inventory.reserve(
+                        conn, unique, now=now_ms(), hold_ms=self._hold_ms
                     )
+                )
                 break
             except _UNIQUE_VIOLATIONS:
                 # Another process made a hold with one of these keys after we looked
@@ -252,8 +252,9 @@ class Shop:
     async def forget_old_idempotency_keys(self, *, batch: int = inventory.SWEEP_BATCH) -> int:
         total = 0
         while True:
-            async with self.store.transaction() as conn:
-                freed = await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=batch)
+            freed = await self.store.write(
+                lambda conn: inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=batch)
+            )
             total += freed
             if freed < batch:
                 return total
@@ -261,8 +262,7 @@ class Shop:
     # -- plumbing ------------------------------------------------------------------------
 
     async def _write(self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]]) -> T:
-        async with self.store.transaction() as conn:
-            outcome = await operation(conn, now_ms())
+        outcome = await self.store.write(lambda conn: operation(conn, now_ms()))
         self._after_commit(outcome.events)
         return outcome.result()
 

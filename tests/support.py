@@ -25,8 +25,8 @@ def product_name() -> str:
 async def make_product(
     store: Store, stock: int, *, price_cents: int = 1999, sale_starts_at: int | None = None
 ) -> Product:
-    async with store.transaction() as conn:
-        outcome = await inventory.create_product(
+    outcome = await store.write(
+        lambda conn: inventory.create_product(
             conn,
             name=product_name(),
             price_cents=price_cents,
@@ -34,6 +34,7 @@ async def make_product(
             sale_starts_at=sale_starts_at,
             now=now_ms(),
         )
+    )
     return outcome.result()
 
 
@@ -47,13 +48,14 @@ async def hold(
     key: str | None = None,
 ) -> Reservation:
     """Make one hold directly, at a chosen time (to make holds that are already overdue)."""
-    async with store.transaction() as conn:
-        outcomes, _ = await inventory.reserve(
+    outcomes, _ = await store.write(
+        lambda conn: inventory.reserve(
             conn,
             [HoldRequest(product_id, quantity, key)],
             now=now_ms() if now is None else now,
             hold_ms=hold_ms,
         )
+    )
     return outcomes[0].result().reservation
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -19,15 +20,23 @@ from server.errors import (
     ReservationNotFound,
     SaleNotStarted,
 )
-from server.model import HoldRequest, ReservationChanged, Status, StockChanged
+from server.model import (
+    HoldRequest,
+    Outcome,
+    Reservation,
+    ReservationChanged,
+    Status,
+    StockChanged,
+)
 from tests.support import assert_invariant, hold, make_product, reservation, stats
 
 
 async def reserve(store: Store, *requests: HoldRequest, now: int | None = None):  # type: ignore[no-untyped-def]
-    async with store.transaction() as conn:
-        return await inventory.reserve(
+    return await store.write(
+        lambda conn: inventory.reserve(
             conn, list(requests), now=now_ms() if now is None else now, hold_ms=60_000
         )
+    )
 
 
 async def test_reserve_takes_units_and_records_an_active_hold(store: Store) -> None:
@@ -128,10 +137,11 @@ async def test_old_idempotency_keys_are_forgotten_in_batches(store: Store) -> No
     for n in range(5):
         await hold(store, product.id, 1, now=day_ago, key=f"old-{n}")
     recent = await hold(store, product.id, 1, key="recent")
-    async with store.transaction() as conn:
-        assert await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=3) == 3
-    async with store.transaction() as conn:
-        assert await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=3) == 2
+    for expected in (3, 2):
+        freed = await store.write(
+            lambda conn: inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=3)
+        )
+        assert freed == expected
     async with store.reader() as conn:
         assert await inventory.get_reservation_by_key(conn, "old-0") is None
         assert (await inventory.get_reservation_by_key(conn, "recent")).id == recent.id  # type: ignore[union-attr]
@@ -140,12 +150,10 @@ async def test_old_idempotency_keys_are_forgotten_in_batches(store: Store) -> No
 async def test_complete_is_idempotent_and_keeps_the_units_sold(store: Store) -> None:
     product = await make_product(store, 5)
     held = await hold(store, product.id, 2)
-    async with store.transaction() as conn:
-        done = await inventory.complete(conn, held.id, now=now_ms())
+    done = await store.write(lambda conn: inventory.complete(conn, held.id, now=now_ms()))
     assert done.result().status is Status.COMPLETED
     assert isinstance(done.events[0], ReservationChanged)
-    async with store.transaction() as conn:
-        again = await inventory.complete(conn, held.id, now=now_ms())
+    again = await store.write(lambda conn: inventory.complete(conn, held.id, now=now_ms()))
     assert again.result().completed_at == done.result().completed_at
     assert again.events == []
     s = await assert_invariant(store, product.id)
@@ -157,8 +165,7 @@ async def test_a_hold_past_its_expiry_can_never_be_completed(store: Store) -> No
     overdue = await hold(store, product.id, 2, now=now_ms() - 10_000, hold_ms=1_000)
     # No job has run: the hold is still ACTIVE in the database.
     assert (await reservation(store, overdue.id)).status is Status.ACTIVE
-    async with store.transaction() as conn:
-        refused = await inventory.complete(conn, overdue.id, now=now_ms())
+    refused = await store.write(lambda conn: inventory.complete(conn, overdue.id, now=now_ms()))
     with pytest.raises(ReservationExpired, match="expired"):
         refused.result()
     # ...and refusing it expired it on the spot, units back.
@@ -171,27 +178,33 @@ async def test_complete_and_cancel_answer_for_holds_in_other_states(store: Store
     product = await make_product(store, 5)
     cancelled = await hold(store, product.id, 1)
     completed = await hold(store, product.id, 1)
-    async with store.transaction() as conn:
-        await inventory.cancel(conn, cancelled.id, now=now_ms())
-        await inventory.complete(conn, completed.id, now=now_ms())
-    async with store.transaction() as conn:
-        with pytest.raises(ReservationCancelled):
-            (await inventory.complete(conn, cancelled.id, now=now_ms())).result()
-        with pytest.raises(ReservationCompleted):
-            (await inventory.cancel(conn, completed.id, now=now_ms())).result()
-        with pytest.raises(ReservationNotFound):
-            (await inventory.complete(conn, "x" * 22, now=now_ms())).result()
-        with pytest.raises(ReservationNotFound):
-            (await inventory.cancel(conn, "x" * 22, now=now_ms())).result()
+    await store.write(lambda conn: inventory.cancel(conn, cancelled.id, now=now_ms()))
+    await store.write(lambda conn: inventory.complete(conn, completed.id, now=now_ms()))
+    refusals = [
+        (inventory.complete, cancelled.id, ReservationCancelled),
+        (inventory.cancel, completed.id, ReservationCompleted),
+        (inventory.complete, "x" * 22, ReservationNotFound),
+        (inventory.cancel, "x" * 22, ReservationNotFound),
+    ]
+    for operation, reservation_id, error in refusals:
+        with pytest.raises(error):
+            (await _attempt(store, operation, reservation_id)).result()
     await assert_invariant(store, product.id)
+
+
+async def _attempt(
+    store: Store,
+    operation: Callable[..., Awaitable[Outcome[Reservation]]],
+    reservation_id: str,
+) -> Outcome[Reservation]:
+    return await store.write(lambda conn: operation(conn, reservation_id, now=now_ms()))
 
 
 async def test_cancel_restores_the_units_once(store: Store) -> None:
     product = await make_product(store, 5)
     held = await hold(store, product.id, 3)
     for _ in range(3):
-        async with store.transaction() as conn:
-            outcome = await inventory.cancel(conn, held.id, now=now_ms())
+        outcome = await store.write(lambda conn: inventory.cancel(conn, held.id, now=now_ms()))
         assert outcome.result().status is Status.CANCELLED
     s = await assert_invariant(store, product.id)
     assert (s.available, s.held, s.cancelled) == (5, 0, 3)
@@ -200,13 +213,11 @@ async def test_cancel_restores_the_units_once(store: Store) -> None:
 async def test_expire_waits_for_the_hold_to_be_due_and_restores_once(store: Store) -> None:
     product = await make_product(store, 5)
     held = await hold(store, product.id, 2, hold_ms=1_000)
-    async with store.transaction() as conn:
-        early = await inventory.expire(conn, held.id, now=held.expires_at - 1)
+    early = await store.write(lambda conn: inventory.expire(conn, held.id, now=held.expires_at - 1))
     assert early.value is None
     assert early.events == []
     for _ in range(2):
-        async with store.transaction() as conn:
-            await inventory.expire(conn, held.id, now=held.expires_at)
+        await store.write(lambda conn: inventory.expire(conn, held.id, now=held.expires_at))
     s = await assert_invariant(store, product.id)
     assert (s.available, s.held, s.expired) == (5, 0, 2)
 
@@ -214,16 +225,18 @@ async def test_expire_waits_for_the_hold_to_be_due_and_restores_once(store: Stor
 async def test_expire_overdue_takes_every_overdue_hold_in_bounded_batches(store: Store) -> None:
     product = await make_product(store, 1_300)
     past = now_ms() - 60_000
-    async with store.transaction() as conn:
-        outcomes, _ = await inventory.reserve(
+    outcomes, _ = await store.write(
+        lambda conn: inventory.reserve(
             conn, [HoldRequest(product.id, 1)] * 1_200, now=past, hold_ms=1_000
         )
+    )
     assert all(o.error is None for o in outcomes)
     not_due = await hold(store, product.id, 1)
     sizes = []
     while True:
-        async with store.transaction() as conn:
-            done = await inventory.expire_overdue(conn, now=now_ms(), limit=500)
+        done = await store.write(
+            lambda conn: inventory.expire_overdue(conn, now=now_ms(), limit=500)
+        )
         sizes.append(len(done.result()))
         if not done.result():
             break
@@ -238,12 +251,12 @@ async def test_restock_and_create_move_total_and_available_together(store: Store
     second = await make_product(store, 0)
     assert second.id == first.id + 1
     await hold(store, first.id, 2)
-    async with store.transaction() as conn:
-        restocked = (await inventory.restock(conn, first.id, 10, now=now_ms())).result()
+    restocked = (
+        await store.write(lambda conn: inventory.restock(conn, first.id, 10, now=now_ms()))
+    ).result()
     assert (restocked.total_stock, restocked.available_stock) == (15, 13)
     await assert_invariant(store, first.id)
-    async with store.transaction() as conn:
-        missing = await inventory.restock(conn, 999_999, 1, now=now_ms())
+    missing = await store.write(lambda conn: inventory.restock(conn, 999_999, 1, now=now_ms()))
     assert isinstance(missing.error, ProductNotFound)
 
 
