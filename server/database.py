@@ -100,6 +100,11 @@ class ImmediateSQLiteExecutor:
         self._conn.execute(sql, values or {}).fetchall()
 
 
+_MUST_NOT_WAIT = (
+    "a write transaction waited on something other than the database; do that after commit"
+)
+
+
 def _run_to_completion(work: Awaitable[T]) -> T:
     """Run a coroutine that never suspends, synchronously, and return its result."""
     steps = work.__await__()
@@ -108,10 +113,12 @@ def _run_to_completion(work: Awaitable[T]) -> T:
     except StopIteration as done:
         result: T = done.value
         return result
+    except RuntimeError as exc:
+        if "event loop" in str(exc):  # asyncio, reached from the writer's thread
+            raise RuntimeError(_MUST_NOT_WAIT) from exc
+        raise
     steps.close()
-    raise RuntimeError(
-        "a write transaction waited on something other than the database; do that after commit"
-    )
+    raise RuntimeError(_MUST_NOT_WAIT)
 
 
 class SQLiteWriter:

@@ -1,0 +1,135 @@
+"""The database layer: write transactions commit or roll back whole, refuse to wait on
+anything but the database, and give up with DatabaseBusy when someone else holds the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from server import migrate
+from server.database import Executor, Store, sqlite_path
+from server.errors import DatabaseBusy
+from tests.support import make_product, stats
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_a_write_commits_what_it_did(store: Store) -> None:
+    product = await make_product(store, 5)
+
+    async def take_two(conn: Executor) -> int:
+        row = await conn.fetch_one(
+            "UPDATE products SET available_stock = available_stock - 2 WHERE id = :id "
+            "RETURNING available_stock",
+            {"id": product.id},
+        )
+        assert row is not None
+        return int(row["available_stock"])
+
+    assert await store.write(take_two) == 3
+    assert (await stats(store, product.id)).available == 3
+
+
+async def test_a_write_that_raises_changes_nothing(store: Store) -> None:
+    product = await make_product(store, 5)
+
+    async def take_then_fail(conn: Executor) -> None:
+        await conn.execute(
+            "UPDATE products SET available_stock = 0 WHERE id = :id", {"id": product.id}
+        )
+        raise Boom
+
+    with pytest.raises(Boom):
+        await store.write(take_then_fail)
+    assert (await stats(store, product.id)).available == 5
+
+
+async def test_a_sqlite_write_may_not_wait_on_anything_but_the_database(
+    tmp_path: Path,
+) -> None:
+    """The SQLite writer runs each transaction in one call on its own thread, so that the
+    write lock is held only while statements run; a transaction that would wait (on the
+    network, say) is refused, and changes nothing."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    store = Store(url)
+    await store.connect()
+    await migrate.migrate(store)
+    product = await make_product(store, 5)
+
+    async def take_then_sleep(conn: Executor) -> None:
+        await conn.execute(
+            "UPDATE products SET available_stock = 0 WHERE id = :id", {"id": product.id}
+        )
+        await asyncio.sleep(0.01)  # a network call would do the same
+
+    try:
+        with pytest.raises(RuntimeError, match="after commit"):
+            await store.write(take_then_sleep)
+        assert (await stats(store, product.id)).available == 5
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def write_lock_held_elsewhere(database_url: str, product_id: int) -> AsyncIterator[None]:
+    """Another connection (another process, in real life) in a long write transaction."""
+    if database_url.startswith("sqlite"):
+        other = sqlite3.connect(sqlite_path(database_url), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE products SET version = version WHERE id = ?", (product_id,))
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        return
+    conn = await asyncpg.connect(database_url)
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.execute("UPDATE products SET version = version WHERE id = $1", product_id)
+    try:
+        yield
+    finally:
+        await transaction.rollback()
+        await conn.close()
+
+
+async def test_a_held_write_lock_gives_database_busy_within_the_timeout(
+    database_url: str,
+) -> None:
+    store = Store(database_url, busy_timeout_ms=300)
+    await store.connect()
+    try:
+        product = await make_product(store, 5)
+
+        async def take_one(conn: Executor) -> None:
+            await conn.execute(
+                "UPDATE products SET available_stock = available_stock - 1 WHERE id = :id",
+                {"id": product.id},
+            )
+
+        async with write_lock_held_elsewhere(database_url, product.id):
+            started = time.monotonic()
+            with pytest.raises(DatabaseBusy):
+                await store.write(take_one)
+            waited = time.monotonic() - started
+        assert 0.25 < waited < 5, waited
+        # ...and once the lock is free, the same write goes through.
+        await store.write(take_one)
+        assert (await stats(store, product.id)).available == 4
+    finally:
+        await store.close()
+
+
+def test_sqlite_in_memory_is_refused() -> None:
+    with pytest.raises(ValueError, match="file"):
+        Store("sqlite:///:memory:")
