@@ -21,7 +21,8 @@ from server.database import Store
 from server.embedded_redis import EmbeddedRedis
 from server.settings import Settings
 
-VAR = Path("var")
+VAR = Path("var")  # relative to where it is run, like the default DATABASE_URL
+PROCFILE = Path(__file__).resolve().parent.parent / "Procfile"
 
 
 async def prepare_database(settings: Settings, *, seed: bool) -> None:
@@ -60,7 +61,10 @@ def serve(settings: Settings) -> int:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        honcho = [sys.executable, "-m", "honcho", "start", "-f", "Procfile", "web", "worker"]
+        # The processes run where this does, so relative paths (./var/) mean the same.
+        honcho = [
+            sys.executable, "-m", "honcho", "start", "--procfile", str(PROCFILE), "web", "worker"
+        ]  # fmt: skip
         with subprocess.Popen(honcho, env=env) as process:
             try:
                 return process.wait()

@@ -47,7 +47,7 @@ class Process:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self._popen = subprocess.Popen(
-                ["bash", "-c", f"exec {self.command}"],
+                ["bash", "-c", self.command],
                 cwd=ROOT,
                 env=self.env,
                 stdout=out,
