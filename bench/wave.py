@@ -16,12 +16,12 @@ from pydantic_core import from_json
 from redis.asyncio import Redis
 
 from server import inventory
-from server.app import redis_client
 from server.clock import now_ms
 from server.constants import EVENTS_CHANNEL
 from server.database import Store
 from server.expiry import ExpiryScheduler
 from server.model import HoldRequest
+from server.redis_client import redis_client
 
 LEAD_MS = 4_000  # time to write the holds and schedule their jobs before the first is due
 GROUPS = 100  # distinct expiry times within the second

@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from arq.connections import RedisSettings
-from arq.worker import async_check_health, run_worker
+from arq.worker import async_check_health
 
-from jobs.worker import worker_settings
+from jobs import worker
 from server.constants import HEALTH_CHECK_KEY, QUEUE_NAME
 from server.logs import configure_logging
 from server.settings import Settings
+
+
+async def serve(settings: Settings) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await worker.run(settings, stopping)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 RedisSettings.from_dsn(settings.redis_url), HEALTH_CHECK_KEY, QUEUE_NAME
             )
         )
-    run_worker(worker_settings(settings))
+    asyncio.run(serve(settings))
     return 0
 
 

@@ -1,8 +1,10 @@
 """The arq worker: expires holds on time, and sweeps up any that a lost job missed.
 
-Life cycle, top to bottom: `startup` connects the database and the publisher and builds the
-shop; arq then runs `expire_due` jobs (one per due time bucket, see server/expiry.py) and the
-`sweep` cron every SWEEP_SECONDS; `shutdown` closes in reverse order.
+Life cycle, top to bottom (`run`): open what the jobs use (the database, a publisher, the
+shop) for the life of the process; run arq until asked to stop, and start it again if it
+dies: arq's poll loop does not survive Redis going away, and a worker that quietly stopped
+would leak every hold until someone noticed. On SIGTERM it takes no new job, lets the ones in
+hand finish, and closes in reverse order.
 
 Both jobs expire *every* overdue hold, in bounded batches, each in its own transaction gated
 on `status = 'ACTIVE'`: a job that runs twice, a job and the sweeper at once, or two workers
@@ -11,18 +13,25 @@ restore each hold's units exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from arq import Retry, cron, func
 from arq.connections import RedisSettings
+from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from server import migrate
-from server.clock import now_ms
 from server.constants import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
 from server.database import Store
 from server.errors import DatabaseBusy, DatabaseUnavailable
 from server.events import Publisher
+from server.redis_client import redis_client
 from server.settings import Settings
 from server.shop import Expired, Shop
 
@@ -30,29 +39,11 @@ logger = logging.getLogger(__name__)
 
 Ctx = dict[str, Any]
 
-
-async def startup(ctx: Ctx) -> None:
-    settings: Settings = ctx["settings"]
-    store = Store(settings.database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
-    await store.connect()
-    if await migrate.pending(store):
-        await store.close()
-        raise RuntimeError("the database needs migrations: run `python -m server migrate`")
-    publisher = Publisher(ctx["redis"])
-    publisher.start()
-    ctx["store"] = store
-    ctx["publisher"] = publisher
-    ctx["shop"] = Shop(
-        store, hold_ms=round(settings.hold_seconds * 1000), publish=publisher.publish
-    )
-    logger.info("worker ready: sweeping every %ds", settings.sweep_seconds)
+JOB_GRACE_SECONDS = 10.0  # on SIGTERM, how long the jobs in hand may take to finish
+MAX_RESTART_DELAY = 10.0
 
 
-async def shutdown(ctx: Ctx) -> None:
-    if "publisher" in ctx:
-        await ctx["publisher"].stop()
-    if "store" in ctx:
-        await ctx["store"].close()
+# -- the jobs ------------------------------------------------------------------------------
 
 
 async def expire_due(ctx: Ctx, due_ms: int) -> int:
@@ -90,6 +81,32 @@ async def _expire(ctx: Ctx) -> Expired:
         raise Retry(defer=1) from exc
 
 
+# -- running them --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def resources(settings: Settings) -> AsyncIterator[Ctx]:
+    """What the jobs use, for the life of the process: the `ctx` arq passes them."""
+    store = Store(settings.database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
+    await store.connect()
+    try:
+        if await migrate.pending(store):
+            raise RuntimeError("the database needs migrations: run `python -m server migrate`")
+        redis = redis_client(settings.redis_url)
+        publisher = Publisher(redis)
+        publisher.start()
+        try:
+            shop = Shop(
+                store, hold_ms=round(settings.hold_seconds * 1000), publish=publisher.publish
+            )
+            yield {"settings": settings, "store": store, "publisher": publisher, "shop": shop}
+        finally:
+            await publisher.stop()
+            await redis.aclose()
+    finally:
+        await store.close()
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `arq.worker.Worker`."""
     if not settings.redis_url:
@@ -107,8 +124,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
                 max_tries=1,
             )
         ],
-        "on_startup": startup,
-        "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": QUEUE_NAME,
         # A deferred job starts within one poll of its time; the expiry jobs' lateness
@@ -118,5 +133,57 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "job_timeout": 120,
         "health_check_interval": 30,
         "health_check_key": HEALTH_CHECK_KEY,
-        "ctx": {"settings": settings, "started_ms": now_ms()},
+        "handle_signals": False,  # `run` handles them
     }
+
+
+async def run(settings: Settings, stopping: asyncio.Event) -> None:
+    """Run the worker until `stopping` is set; start arq again whenever it dies."""
+    async with resources(settings) as ctx:
+        delay = 0.5
+        while not stopping.is_set():
+            started = time.monotonic()
+            crash = await _run_once(settings, ctx, stopping)
+            if crash is None:
+                return
+            if time.monotonic() - started > 60:
+                delay = 0.5
+            logger.warning("worker stopped (%r); starting it again in %.1f s", crash, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            delay = min(delay * 2, MAX_RESTART_DELAY)
+
+
+async def _run_once(settings: Settings, ctx: Ctx, stopping: asyncio.Event) -> BaseException | None:
+    """One arq worker, until it dies (returns why) or `stopping` is set (returns None)."""
+    worker = Worker(**worker_settings(settings), ctx=dict(ctx))
+    main = asyncio.create_task(worker.main(), name="arq-worker")
+    stop = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        worker.allow_pick_jobs = False
+        in_hand = [task for task in worker.tasks.values() if not task.done()]
+        if in_hand:
+            await asyncio.wait(in_hand, timeout=JOB_GRACE_SECONDS)
+        crash = None
+        if main.done() and not main.cancelled():
+            crash = main.exception()
+        main.cancel()
+        await asyncio.gather(main, return_exceptions=True)
+        await _close(worker)
+    if crash is None and not stopping.is_set():
+        crash = RuntimeError("arq's worker returned")
+    return crash
+
+
+async def _close(worker: Worker) -> None:
+    # arq's close() cancels what is left, deletes its health key and closes its pool; with
+    # Redis gone the delete raises, so close the pool ourselves then.
+    try:
+        await worker.close()
+    except (RedisError, OSError, asyncio.CancelledError) as exc:
+        logger.debug("arq's close failed: %r", exc)
+        with contextlib.suppress(RedisError, OSError, RuntimeError):
+            await worker.pool.aclose()

@@ -7,13 +7,11 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import cast
 
-from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import WebSocketRoute
 
 from server import admin, api, migrate
 from server.catalog import Catalog
@@ -21,7 +19,9 @@ from server.database import Store
 from server.events import Publisher
 from server.expiry import ExpiryScheduler
 from server.http import EXCEPTION_HANDLERS, BodyLimit
+from server.live import Hub, live_updates
 from server.logs import configure_logging
+from server.redis_client import redis_client
 from server.settings import Settings
 from server.shop import Shop
 from server.subscriber import Subscriber
@@ -31,20 +31,6 @@ logger = logging.getLogger(__name__)
 
 class SchemaNotReady(RuntimeError):
     pass
-
-
-def redis_client(url: str) -> ArqRedis:
-    """One client for publishing and enqueueing; it connects on first use, not at import."""
-    if not url:
-        raise RuntimeError(
-            "REDIS_URL is not set. `bin/serve` starts a Redis for you; "
-            "otherwise point REDIS_URL at one, e.g. redis://127.0.0.1:6379/0"
-        )
-    pool = ConnectionPool.from_url(
-        url, socket_connect_timeout=1.0, socket_timeout=5.0, health_check_interval=15
-    )
-    # from_pool: the client owns the pool, so aclose() closes its connections too.
-    return cast(ArqRedis, ArqRedis.from_pool(pool))
 
 
 @functools.cache
@@ -97,9 +83,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await shop.start()
             stack.push_async_callback(shop.stop)
 
+            hub = Hub(catalog, max_clients=settings.ws_max_clients)
             subscriber = Subscriber(redis, store, catalog)
+            subscriber.listen(hub.publish)
             subscriber.start()
             stack.push_async_callback(subscriber.stop)
+            stack.push_async_callback(hub.close_all)
 
             app.state.settings = settings
             app.state.redis = redis
@@ -107,6 +96,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.publisher = publisher
             app.state.scheduler = scheduler
             app.state.subscriber = subscriber
+            app.state.hub = hub
             tune_garbage_collector()
             yield
 
@@ -125,7 +115,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*api.routes, *admin.routes],
+        routes=[*api.routes, *admin.routes, WebSocketRoute("/ws", live_updates)],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -468,6 +468,18 @@ async def get_reservation(conn: Executor, reservation_id: str) -> Reservation | 
     return None if row is None else Reservation.from_row(row)
 
 
+async def get_reservations(conn: Executor, reservation_ids: Sequence[str]) -> list[Reservation]:
+    if not reservation_ids:
+        return []
+    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    rows = await conn.fetch_all(
+        f"SELECT {RESERVATION} FROM reservations "
+        f"WHERE id IN ({', '.join(':' + name for name in names)})",
+        names,
+    )
+    return [Reservation.from_row(row) for row in rows]
+
+
 async def get_reservation_by_key(conn: Executor, key: str) -> Reservation | None:
     row = await conn.fetch_one(
         f"SELECT {RESERVATION} FROM reservations WHERE idempotency_key = :key", {"key": key}

@@ -171,6 +171,11 @@ class Shop:
         async with self.store.reader() as conn:
             return await inventory.get_reservation(conn, reservation_id)
 
+    async def reservations_by_id(self, reservation_ids: Sequence[str]) -> list[Reservation]:
+        wanted = [i for i in reservation_ids if inventory.is_reservation_id(i)]
+        async with self.store.reader() as conn:
+            return await inventory.get_reservations(conn, wanted)
+
     async def complete(self, reservation_id: str) -> Reservation:
         return await self._write(
             lambda conn, now: inventory.complete(conn, reservation_id, now=now)

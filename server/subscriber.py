@@ -30,7 +30,7 @@ Frame = dict[str, Any]
 FrameListener = Callable[[Frame, bytes], None]
 
 MIN_BACKOFF = 0.1
-MAX_BACKOFF = 5.0
+MAX_BACKOFF = 2.0
 # How often the catalog is reloaded anyway, in case a frame was missed while connected.
 RELOAD_SECONDS = 5.0
 
@@ -125,10 +125,18 @@ class Subscriber:
                 logger.exception("live updates: a listener failed")
 
     async def _resync(self) -> None:
-        """Catch up with what was published while we were not subscribed."""
+        """Catch up with what was published while we were not subscribed.
+
+        Every product's stock is passed on, not only what the catalog had not seen: this
+        process's own commits reach its catalog at once but its sockets only through Redis,
+        so a change committed while Redis was away is in the catalog and on no page. The
+        listeners drop what they have already sent, by version."""
         for product in await self._catalog.reload(self._store):
-            for frame in (product_frame(product), stock_frame(product)):
-                self._emit(frame, to_json(frame))
+            frame = product_frame(product)
+            self._emit(frame, to_json(frame))
+        for product in self._catalog.all():
+            frame = stock_frame(product)
+            self._emit(frame, to_json(frame))
 
     async def _reload_forever(self) -> None:
         while True:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
-from arq.worker import Worker
 
 from jobs import worker as jobs
 from server import inventory
-from server.app import redis_client
 from server.clock import now_ms
 from server.constants import QUEUE_NAME, expire_due_job_id
 from server.database import Store
@@ -21,6 +19,7 @@ from server.embedded_redis import EmbeddedRedis
 from server.events import Publisher
 from server.expiry import ExpiryScheduler, due_time
 from server.model import HoldRequest, Status
+from server.redis_client import redis_client
 from server.settings import Settings
 from server.shop import Shop
 from tests.events import listening, reservation_status
@@ -41,19 +40,15 @@ def settings_for(database_url: str, redis_url: str) -> Settings:
 
 
 @asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """A real arq worker, in this process, until the block ends."""
-    worker = Worker(**jobs.worker_settings(settings), handle_signals=False)
-    task = asyncio.create_task(worker.main())
+async def running_worker(settings: Settings) -> AsyncIterator[None]:
+    """The real worker (`jobs.worker.run`, as `python -m jobs` runs it), until the block ends."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(jobs.run(settings, stopping))
     try:
-        yield worker
+        yield
     finally:
-        # Stop as a worker should: take no new job, finish the ones running, then close.
-        worker.allow_pick_jobs = False
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
+        stopping.set()
+        await asyncio.wait_for(task, 30)
 
 
 @asynccontextmanager
@@ -78,17 +73,9 @@ async def web_shop(settings: Settings) -> AsyncIterator[tuple[Shop, ExpirySchedu
         await redis.aclose()
 
 
-@asynccontextmanager
-async def job_context(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+def job_context(settings: Settings) -> AbstractAsyncContextManager[dict[str, Any]]:
     """The `ctx` a worker gives its jobs, to call a job function directly."""
-    redis = redis_client(settings.redis_url)
-    ctx: dict[str, Any] = {"settings": settings, "redis": redis}
-    await jobs.startup(ctx)
-    try:
-        yield ctx
-    finally:
-        await jobs.shutdown(ctx)
-        await redis.aclose()
+    return jobs.resources(settings)
 
 
 async def test_a_hold_expires_on_time_and_its_units_come_back_once(
@@ -217,3 +204,25 @@ async def test_the_sweeper_frees_idempotency_keys_older_than_a_day(
 
 async def _past(ms: int) -> bool:
     return now_ms() > ms
+
+
+async def test_the_worker_outlives_a_redis_outage(
+    database_url: str, own_redis: EmbeddedRedis
+) -> None:
+    """arq's own loop dies when Redis goes away; the worker starts it again and goes on
+    expiring holds, including one made and due while Redis was down."""
+    settings = settings_for(database_url, own_redis.url)
+    async with web_shop(settings) as (shop, _, _), running_worker(settings):
+        product = await make_product(shop.store, 10)
+        async with listening(own_redis.url) as frames:  # the worker is up and expiring
+            first = (await shop.reserve(HoldRequest(product.id, 1))).reservation
+            await frames.wait_for(reservation_status(first.id, "EXPIRED"))
+        own_redis.stop()
+        held = (await shop.reserve(HoldRequest(product.id, 2))).reservation
+        # Down for longer than the hold: the worker (polling every 50 ms) notices meanwhile.
+        await eventually(lambda: _past(held.expires_at + 300), what="the hold to be overdue")
+        own_redis.start()
+        async with listening(own_redis.url) as frames:
+            await frames.wait_for(reservation_status(held.id, "EXPIRED"), within=30)
+        s = await assert_invariant(shop.store, product.id)
+        assert (s.available, s.expired) == (10, 3)

@@ -1,0 +1,342 @@
+"""Live updates over `/ws` (DESIGN.md §6): this process's sockets, and the fan-out to them.
+
+Frames arrive from the process's one Redis subscription (server/subscriber.py), already in
+their final form. The hub keeps, per product, the newest frame not yet sent, and flushes at
+most every `FLUSH_SECONDS` (at once if it has not flushed for that long): a product that
+changes a thousand times a second reaches each page about twenty times a second, always
+ending on its latest value. Reservation frames go only to the sockets watching that hold.
+
+Fan-out is one synchronous pass over the sockets. Sending to a healthy socket completes
+without waiting (the bytes go to its transport), so ten thousand sends cost about what a bare
+loop of `send_text` costs (PITFALLS.md: ~155 ms here). A socket whose buffer is full would
+make the pass wait; instead its send is finished by a task of its own, with a deadline, while
+its later frames are coalesced to the newest per product, so that a slow or dead client
+never holds up the others, and one that stays stuck is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic_core import from_json, to_json
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from server.catalog import Catalog
+from server.clock import iso, now_ms
+from server.events import reservation_frame
+from server.inventory import is_reservation_id
+from server.model import ReservationChanged
+from server.shop import Shop
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.05
+SEND_TIMEOUT_SECONDS = 5.0
+MAX_WATCHED = 50
+MAX_BAD_MESSAGES = 10
+
+# WebSocket close codes
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
+Key = tuple[str, int | str]  # ("stock", product id) or ("reservation", id): what coalesces
+
+
+class Client:
+    """One socket: sends what it is offered, now if it can, else soon, in order."""
+
+    def __init__(self, websocket: WebSocket, hub: Hub) -> None:
+        self.websocket = websocket
+        self.watching: set[str] = set()
+        self.bad_messages = 0
+        self._hub = hub
+        self._backlog: dict[Key, str] = {}
+        self._sending: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def offer(self, key: Key, text: str) -> None:
+        if self.closed:
+            return
+        if self._sending is not None:
+            # Still finishing an earlier send: keep only the newest frame per key.
+            self._backlog.pop(key, None)
+            self._backlog[key] = text
+            return
+        self._start(self.websocket.send_text(text))
+
+    def _start(self, send: Coroutine[Any, Any, None]) -> None:
+        """Run `send` up to its first wait; if it has to wait, finish it in a task."""
+        try:
+            waiting_on = send.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # the socket is gone, or going
+            send.close()
+            self._hub.leave(self, f"send failed: {exc!r}")
+            return
+        self._sending = asyncio.create_task(self._finish(send, waiting_on))
+
+    async def _finish(self, send: Coroutine[Any, Any, None], waiting_on: object) -> None:
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                await _resume(send, waiting_on)
+                while self._backlog and not self.closed:
+                    key = next(iter(self._backlog))
+                    await self.websocket.send_text(self._backlog.pop(key))
+        except TimeoutError:
+            self._hub.leave(self, f"stuck: could not send for {SEND_TIMEOUT_SECONDS:g} s")
+        except Exception as exc:
+            self._hub.leave(self, f"send failed: {exc!r}")
+        finally:
+            self._sending = None
+
+
+async def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: object) -> None:
+    """Carry on a coroutine that was started by hand and stopped at `waiting_on`.
+
+    What a coroutine yields when it waits is the future it waits on (or None, to be
+    rescheduled); once that is done, sending into the coroutine resumes it, exactly as
+    asyncio's own Task does. (Python 3.12's eager tasks do the same for every task.)"""
+    try:
+        while True:
+            if waiting_on is None:
+                await asyncio.sleep(0)
+            else:
+                await _wait(waiting_on)
+            waiting_on = coroutine.send(None)
+    except StopIteration:
+        return
+    finally:
+        coroutine.close()
+
+
+def _wait(future: object) -> Awaitable[object]:
+    assert isinstance(future, asyncio.Future), f"unexpected awaitable {future!r}"
+    # Shielded: if our deadline cancels us, the socket's own future must not be cancelled
+    # under uvicorn's feet.
+    return asyncio.shield(future)
+
+
+class Hub:
+    """Every socket of this process, and what to send them."""
+
+    def __init__(self, catalog: Catalog, *, max_clients: int) -> None:
+        self._catalog = catalog
+        self._max_clients = max_clients
+        self.clients: set[Client] = set()
+        self._watchers: dict[str, set[Client]] = {}
+        self._stock: dict[int, tuple[int, str]] = {}  # product → (version, frame) to send
+        self._sent_version: dict[int, int] = {}
+        self._products: dict[int, str] = {}
+        self._reservations: list[tuple[str, str]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
+        self.dropped = 0
+        self.refused_full = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.clients) >= self._max_clients
+
+    # -- sockets ---------------------------------------------------------------------
+
+    def join(self, websocket: WebSocket) -> Client:
+        client = Client(websocket, self)
+        body, _ = self._catalog.listing()
+        snapshot = (
+            '{"type":"snapshot","serverTime":"' + iso(now_ms()) + '","products":'
+            + body.decode() + "}"
+        )  # fmt: skip
+        client.offer(("snapshot", 0), snapshot)
+        self.clients.add(client)
+        return client
+
+    def leave(self, client: Client, reason: str | None = None) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        self.clients.discard(client)
+        for reservation_id in client.watching:
+            watchers = self._watchers.get(reservation_id)
+            if watchers is not None:
+                watchers.discard(client)
+                if not watchers:
+                    del self._watchers[reservation_id]
+        if reason is not None:
+            self.dropped += 1
+            logger.info("live updates: dropping a client (%s)", reason)
+            asyncio.get_running_loop().create_task(_abandon(client.websocket))
+
+    def watch(self, client: Client, reservation_ids: list[str]) -> None:
+        for reservation_id in client.watching - set(reservation_ids):
+            watchers = self._watchers.get(reservation_id)
+            if watchers is not None:
+                watchers.discard(client)
+                if not watchers:
+                    del self._watchers[reservation_id]
+        client.watching = set(reservation_ids)
+        for reservation_id in client.watching:
+            self._watchers.setdefault(reservation_id, set()).add(client)
+
+    def tell(self, client: Client, reservation_id: str, frame: dict[str, Any]) -> None:
+        """Send one client the current state of a hold it watches."""
+        client.offer(("reservation", reservation_id), to_json(frame).decode())
+
+    # -- frames ----------------------------------------------------------------------
+
+    def publish(self, frame: dict[str, Any], raw: bytes) -> None:
+        """A frame from the subscription (or a resync): queue it for the next flush."""
+        kind = frame.get("type")
+        if kind == "stock":
+            product_id, version = int(frame["productId"]), int(frame["version"])
+            queued = self._stock.get(product_id)
+            if version <= self._sent_version.get(product_id, -1):
+                return
+            if queued is None or queued[0] < version:
+                self._stock[product_id] = (version, raw.decode())
+        elif kind == "product":
+            self._products[int(frame["product"]["id"])] = raw.decode()
+        elif kind == "reservation":
+            reservation_id = str(frame["reservation"]["id"])
+            if reservation_id in self._watchers:
+                self._reservations.append((reservation_id, raw.decode()))
+        else:
+            return
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_flush + FLUSH_SECONDS - loop.time())
+        self._flush_handle = loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
+        products, self._products = self._products, {}
+        stock, self._stock = self._stock, {}
+        reservations, self._reservations = self._reservations, []
+        frames: list[tuple[Key, str]] = [(("product", pid), text) for pid, text in products.items()]
+        for product_id, (version, text) in stock.items():
+            self._sent_version[product_id] = version
+            frames.append((("stock", product_id), text))
+        if frames:
+            for client in list(self.clients):
+                for key, text in frames:
+                    client.offer(key, text)
+        for reservation_id, text in reservations:
+            for client in list(self._watchers.get(reservation_id, ())):
+                client.offer(("reservation", reservation_id), text)
+
+    async def close_all(self, code: int = 1001) -> None:
+        """Going away (shutdown): tell every client, so that pages reconnect elsewhere."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for client in list(self.clients):
+            self.leave(client)
+            try:
+                async with asyncio.timeout(1.0):
+                    await client.websocket.close(code)
+            except (TimeoutError, RuntimeError, OSError):
+                pass
+
+
+async def _abandon(websocket: WebSocket) -> None:
+    """Close a socket we gave up on, without waiting on it for long."""
+    if websocket.application_state is WebSocketState.DISCONNECTED:
+        return
+    try:
+        async with asyncio.timeout(1.0):
+            await websocket.close(TRY_AGAIN_LATER)
+    except (TimeoutError, RuntimeError, OSError):
+        pass
+
+
+def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """The page's own origin, or one of CORS_ORIGINS. No Origin (not a browser): allowed."""
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    host = websocket.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.lower()
+
+
+async def live_updates(websocket: WebSocket) -> None:
+    """`WS /ws`: a snapshot, then stock frames; `watch` adds reservation frames."""
+    app = websocket.app
+    hub: Hub = app.state.hub
+    if not origin_allowed(websocket, app.state.settings.cors_origins):
+        await websocket.close(POLICY_VIOLATION)  # before accept: the handshake gets 403
+        return
+    await websocket.accept()
+    if hub.full:
+        hub.refused_full += 1
+        await websocket.close(TRY_AGAIN_LATER, "too many connections here; try again")
+        return
+    client = hub.join(websocket)
+    try:
+        while not client.closed:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            await _handle(websocket, hub, client, message.get("text"))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        hub.leave(client)
+
+
+async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | None) -> None:
+    problem = None
+    try:
+        message = from_json(text) if text is not None else None
+    except ValueError:
+        message, problem = None, ("invalid_json", "Messages must be JSON text.")
+    if problem is None:
+        if not isinstance(message, dict) or message.get("type") != "watch":
+            problem = ("unknown_message", 'The only message understood is {"type": "watch", …}.')
+        else:
+            ids = message.get("reservations")
+            if (
+                not isinstance(ids, list)
+                or len(ids) > MAX_WATCHED
+                or not all(isinstance(i, str) and is_reservation_id(i) for i in ids)
+                or set(message) - {"type", "reservations"}
+            ):
+                problem = (
+                    "invalid_watch",
+                    f'"reservations" must be a list of at most {MAX_WATCHED} reservation ids.',
+                )
+            else:
+                hub.watch(client, ids)
+                await _tell_current(websocket, hub, client, ids)
+                return
+    client.bad_messages += 1
+    code, text_out = problem
+    client.offer(
+        ("error", client.bad_messages),
+        to_json({"type": "error", "code": code, "message": text_out}).decode(),
+    )
+    if client.bad_messages >= MAX_BAD_MESSAGES:
+        hub.leave(client)
+        await websocket.close(POLICY_VIOLATION, "too many malformed messages")
+
+
+async def _tell_current(websocket: WebSocket, hub: Hub, client: Client, ids: list[str]) -> None:
+    """After a watch, each watched hold's current state: it may have changed while the page
+    was away."""
+    shop: Shop = websocket.app.state.shop
+    now = now_ms()
+    for reservation in await shop.reservations_by_id(ids):
+        product = await shop.product(reservation.product_id)
+        assert product is not None, "a hold's product cannot vanish"
+        frame = reservation_frame(ReservationChanged(reservation, product), now=now)
+        hub.tell(client, reservation.id, frame)

@@ -1,0 +1,362 @@
+"""Live updates over /ws through real uvicorn processes, a real Redis and a real worker.
+
+Two web services (one process each) share the database and Redis, so that "a change made
+through the other process" is certain. Tests wait for frames with a deadline, never sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic_core import from_json, to_json
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from server.embedded_redis import EmbeddedRedis
+from tests.events import Frame, FrameLog
+from tests.service import Service
+
+pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def two_services(
+    database_url: str, redis_url: str, logs: Path, **settings: str
+) -> Iterator[tuple[Service, Service]]:
+    """Two web services on one database and Redis, and one worker."""
+    first = Service(database_url, redis_url, logs / "a", web_concurrency=1, **settings)
+    second = Service(database_url, redis_url, logs / "b", web_concurrency=1, **settings)
+    try:
+        first.start(worker=True)
+        second.start(worker=False)
+        yield first, second
+    finally:
+        second.stop()
+        first.stop()
+
+
+class Socket:
+    """A /ws client that collects every frame it receives."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        self.frames = FrameLog()
+        self.closed: ConnectionClosed | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.connection:
+                await self.frames.add(from_json(message))
+        except ConnectionClosed as closed:
+            self.closed = closed
+
+    async def send(self, message: object) -> None:
+        await self.connection.send(
+            message if isinstance(message, str) else to_json(message).decode()
+        )
+
+    async def stock(self, product_id: int, available: int, within: float = 10) -> Frame:
+        (frame,) = await self.frames.wait_for(
+            lambda f: (
+                f["type"] == "stock"
+                and f["productId"] == product_id
+                and f["availableStock"] == available
+            ),
+            within=within,
+        )
+        return frame
+
+    async def status(self, reservation_id: str, status: str, within: float = 10) -> Frame:
+        (frame,) = await self.frames.wait_for(
+            lambda f: (
+                f["type"] == "reservation"
+                and f["reservation"]["id"] == reservation_id
+                and f["reservation"]["status"] == status
+            ),
+            within=within,
+        )
+        return frame
+
+    async def close(self) -> None:
+        await self.connection.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@asynccontextmanager
+async def socket_to(service: Service, **kwargs: Any) -> AsyncIterator[Socket]:
+    url = service.base_url.replace("http://", "ws://") + "/ws"
+    async with connect(url, open_timeout=10, **kwargs) as connection:
+        client = Socket(connection)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+async def reserve(service: Service, product_id: int, quantity: int = 1) -> dict[str, Any]:
+    async with service.client() as client:
+        response = await client.post(
+            "/api/reservations", json={"productId": product_id, "quantity": quantity}
+        )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def new_product(service: Service, stock: int) -> dict[str, Any]:
+    async with service.client() as client:
+        response = await client.post(
+            "/api/admin/products",
+            json={"name": "Live", "price": 5, "stock": stock},
+            headers=service.admin_headers(),
+        )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_a_socket_opens_with_a_snapshot(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path) as (a, _):
+        product = await new_product(a, 7)
+        async with socket_to(a) as ws:
+            (snapshot,) = await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+        assert snapshot["serverTime"].endswith("Z")
+        assert any(
+            p["id"] == product["id"] and p["availableStock"] == 7 for p in snapshot["products"]
+        )
+
+
+async def test_a_change_through_one_process_reaches_clients_of_both(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="120") as (a, b):
+        product = await new_product(a, 10)
+        async with socket_to(a) as on_a, socket_to(b) as on_b:
+            await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
+            held = await reserve(a, product["id"], 3)
+            seen_on_b = await on_b.stock(product["id"], 7)
+            seen_on_a = await on_a.stock(product["id"], 7)
+        assert seen_on_b["version"] > product["version"]
+        assert seen_on_b["version"] == seen_on_a["version"] == held["product"]["version"]
+
+
+async def test_an_expiry_by_the_worker_reaches_clients_of_both(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="0.5") as (a, b):
+        product = await new_product(a, 10)
+        async with socket_to(a) as on_a, socket_to(b) as on_b:
+            await on_a.frames.wait_for(lambda f: f["type"] == "snapshot")
+            await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
+            await reserve(b, product["id"], 4)
+            await on_a.stock(product["id"], 6)
+            await on_a.stock(product["id"], 10)  # the worker expired it
+            await on_b.stock(product["id"], 10)
+
+
+async def test_a_watcher_hears_its_hold_expire_complete_and_cancel(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="1") as (a, b):
+        product = await new_product(a, 10)
+        to_expire = await reserve(a, product["id"])
+        async with socket_to(b) as ws:
+            await ws.send({"type": "watch", "reservations": [to_expire["id"]]})
+            await ws.status(to_expire["id"], "ACTIVE")  # its current state, at once
+            expired = await ws.status(to_expire["id"], "EXPIRED")
+            assert expired["reservation"]["product"]["availableStock"] == 10
+
+        async with a.client() as http, socket_to(b) as ws:
+            to_complete = await reserve(a, product["id"])
+            to_cancel = await reserve(a, product["id"])
+            await ws.send({"type": "watch", "reservations": [to_complete["id"], to_cancel["id"]]})
+            await ws.status(to_cancel["id"], "ACTIVE")
+            await http.post(f"/api/reservations/{to_complete['id']}/complete")
+            await http.post(f"/api/reservations/{to_cancel['id']}/cancel")
+            await ws.status(to_complete["id"], "COMPLETED")
+            cancelled = await ws.status(to_cancel["id"], "CANCELLED")
+            assert cancelled["reservation"]["product"]["availableStock"] == 9
+
+
+async def test_after_a_redis_restart_clients_get_what_they_missed_and_what_follows(
+    database_url: str, own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    with two_services(database_url, own_redis.url, tmp_path, HOLD_SECONDS="120") as (a, b):
+        product = await new_product(a, 10)
+        async with socket_to(a) as on_a, socket_to(b) as on_b:
+            await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
+            own_redis.stop()
+            await reserve(a, product["id"], 2)  # while Redis is down: published nowhere
+            own_redis.start()
+            # Resynchronised from the database once the subscription is back...
+            await on_a.stock(product["id"], 8, within=20)
+            await on_b.stock(product["id"], 8, within=20)
+            # ...and live again.
+            await reserve(b, product["id"], 1)
+            await on_a.stock(product["id"], 7)
+            await on_b.stock(product["id"], 7)
+
+
+def _raw_websocket(service: Service) -> socket.socket:
+    """A client that completes the handshake and then never reads."""
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+def _read_until_closed(sock: socket.socket, within: float) -> int | None:
+    """Read everything the server sent; the close frame's code, or None on a bare EOF."""
+    sock.settimeout(within)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    code = None
+    while len(data) >= 2:  # walk the frames (server frames are unmasked)
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        offset = 2
+        if length == 126:
+            length, offset = struct.unpack("!H", data[2:4])[0], 4
+        elif length == 127:
+            length, offset = struct.unpack("!Q", data[2:10])[0], 10
+        if opcode == 0x8 and length >= 2:
+            code = struct.unpack("!H", data[offset : offset + 2])[0]
+        data = data[offset + length :]
+    return code
+
+
+async def test_a_client_that_never_reads_delays_no_one_and_is_closed(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path, WS_PING_SECONDS="1") as (a, _):
+        product = await new_product(a, 1_000)
+        stuck = _raw_websocket(a)
+        try:
+            async with socket_to(a) as healthy:
+                for n in range(1, 21):
+                    await reserve(a, product["id"])
+                    await healthy.stock(product["id"], 1_000 - n, within=2)
+            # It answered no ping: the server gave up on it and closed it.
+            code = await asyncio.to_thread(_read_until_closed, stuck, 15)
+            assert code in (None, 1011)
+        finally:
+            stuck.close()
+
+
+async def test_messages_that_are_not_understood_get_error_frames(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path) as (a, _):
+        async with socket_to(a) as ws:
+            await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            for bad, code in [
+                ("not json", "invalid_json"),
+                ({"type": "dance"}, "unknown_message"),
+                ([1, 2], "unknown_message"),
+                ({"type": "watch", "reservations": "abc"}, "invalid_watch"),
+                ({"type": "watch", "reservations": ["short"]}, "invalid_watch"),
+                ({"type": "watch", "reservations": ["A" * 22] * 51}, "invalid_watch"),
+            ]:
+                await ws.send(bad)
+                await ws.frames.wait_for(_error(code))
+            # Still connected and served:
+            await ws.send({"type": "watch", "reservations": []})
+            for _ in range(4):
+                await ws.send("again not json")
+            await ws.connection.wait_closed()
+            assert ws.connection.close_code == 1008  # too many malformed messages
+
+
+def _error(code: str) -> Callable[[Frame], bool]:
+    return lambda frame: frame["type"] == "error" and frame["code"] == code
+
+
+async def test_an_oversized_message_closes_the_socket(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path) as (a, _):
+        async with socket_to(a) as ws:
+            await ws.send({"type": "watch", "reservations": ["x" * 8_000]})
+            await ws.connection.wait_closed()
+            assert ws.connection.close_code == 1009
+
+
+async def test_a_foreign_origin_is_refused_and_the_own_origin_allowed(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path, CORS_ORIGINS="https://shop.example") as (
+        a,
+        _,
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            async with socket_to(a, origin="https://evil.example"):
+                pass
+        assert refused.value.response.status_code == 403
+        for origin in (a.base_url, "https://shop.example"):
+            async with socket_to(a, origin=origin) as ws:
+                await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+
+
+async def test_the_connection_cap_answers_1013(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path, WS_MAX_CLIENTS="2") as (a, _):
+        async with socket_to(a) as one, socket_to(a) as two:
+            await one.frames.wait_for(lambda f: f["type"] == "snapshot")
+            await two.frames.wait_for(lambda f: f["type"] == "snapshot")
+            async with socket_to(a) as three:
+                await three.connection.wait_closed()
+                assert three.connection.close_code == 1013
+        async with socket_to(a) as again:  # room again once they left
+            await again.frames.wait_for(lambda f: f["type"] == "snapshot")
+
+
+async def test_polling_gets_304_while_nothing_changes(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with two_services(database_url, redis_url, tmp_path) as (a, b):
+        product = await new_product(a, 5)
+        async with b.client() as client:
+            first = await client.get("/api/products")
+            etag = first.headers["etag"]
+            assert (
+                await client.get("/api/products", headers={"If-None-Match": etag})
+            ).status_code == 304
+            await reserve(a, product["id"])
+            changed = await _eventually_changed(client, etag)
+            assert any(
+                p["id"] == product["id"] and p["availableStock"] == 4 for p in changed.json()
+            )
+
+
+async def _eventually_changed(client: httpx.AsyncClient, etag: str) -> httpx.Response:
+    """Poll as a page does (If-None-Match) until the list changes."""
+    for _ in range(200):
+        response = await client.get("/api/products", headers={"If-None-Match": etag})
+        if response.status_code == 200:
+            return response
+        await asyncio.sleep(0.05)
+    raise AssertionError("the product list never changed")
