@@ -12,12 +12,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import paths, stack, wave, wrk
+from bench import fanout, paths, stack, wave, wrk
 from server.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -26,18 +27,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "scenarios", nargs="*", default=["paths", "wave"], choices=["paths", "wave"]
+        "scenarios", nargs="*", default=["paths", "wave"], choices=["paths", "wave", "fanout"]
     )
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
     parser.add_argument("--web-concurrency", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--holds", type=int, default=10_000, help="in the expiry wave")
+    parser.add_argument(
+        "--sockets", type=int, nargs="*", default=[1_000, 10_000], help="fan-out sizes"
+    )
     args = parser.parse_args(argv)
     if "paths" in args.scenarios and not wrk.available():
         print("wrk is needed for the paths scenario (apt-get install wrk)", file=sys.stderr)
         return 2
 
+    # Every socket is a file descriptor, here and in the processes started from here.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     out = RESULTS / time.strftime("%Y%m%d-%H%M%S")
     work = out / "work"
     work.mkdir(parents=True)
@@ -68,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             with stack.bare(work, web_concurrency=args.web_concurrency) as bare:
                 report["paths"] = paths.run(
                     service, bare, seconds=args.seconds, connections=args.connections
+                )
+        if "fanout" in args.scenarios:
+            report["fanout"] = []
+            for count in args.sockets:
+                print(f"fan-out to {count} sockets:", flush=True)
+                report["fanout"].append(
+                    fanout.run(
+                        service,
+                        sockets=count,
+                        client_processes=max(1, min(4, count // 1_000)),
+                        throughput_seconds=args.seconds,
+                    )
                 )
         if "wave" in args.scenarios:
             print("expiry wave:", flush=True)
@@ -100,6 +119,21 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {row['scenario']} | {row['rps']:.0f} | {row['share_of_bare']:.0%} "
                 f"| {row['p50_us'] / 1000:.2f} | {row['p99_us'] / 1000:.2f} "
                 f"| {row['cpu_us_per_request'] or ''} | {statuses} |"
+            )
+        lines.append("")
+    if "fanout" in report:
+        lines += [
+            "| sockets | KiB per socket | delivery p50 / p99 / max (ms) | missed | "
+            "changes/s | final value, max ms after last change | reservations/s with / without |",
+            "|---:|---:|---|---:|---:|---:|---|",
+        ]
+        for f in report["fanout"]:
+            d, c = f["delivery_ms"], f["convergence"]
+            lines.append(
+                f"| {f['sockets']} | {f['memory_per_socket_kib']} | {d['p50']} / {d['p99']} / "
+                f"{d['max']} | {f['delivery_missing']} | {c['changes_per_second']} | "
+                f"{c['after_last_change_ms']['max']} | {f['reserve_rps_with_sockets']} / "
+                f"{f['reserve_rps_without_sockets']} ({f['reserve_share_with_sockets']:.0%}) |"
             )
         lines.append("")
     if "wave" in report:

@@ -156,3 +156,16 @@ def _descendants(pid: int) -> set[int]:
                 found.add(child)
                 frontier.append(child)
     return found
+
+
+def descendants_rss(pid: int) -> int:
+    """Resident memory, in bytes, of a process and its live descendants."""
+    total = 0
+    for p in _descendants(pid) | {pid}:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            continue
+    return total
