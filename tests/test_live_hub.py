@@ -1,0 +1,116 @@
+"""The hub's isolation of slow sockets, in process.
+
+A socket's buffer fills only after megabytes, so the end-to-end tests (test_live.py) cannot
+make a send wait in reasonable time. Here sockets are stand-ins whose send waits until the
+test releases it, as uvicorn's does while a transport's buffer is full; the hub under test
+is the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from pydantic_core import to_json
+from starlette.websockets import WebSocketState
+
+from server import live
+from server.catalog import Catalog
+from server.live import Hub
+from tests.support import eventually
+
+
+class Socket:
+    """Just enough of Starlette's WebSocket for the hub; `send_text` waits while blocked."""
+
+    def __init__(self) -> None:
+        self.scope: dict[str, Any] = {"extensions": {}}
+        self.sent: list[str] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed_with: int | None = None
+        self.application_state = WebSocketState.CONNECTED
+
+    async def send_text(self, text: str) -> None:
+        await self.writable.wait()
+        self.sent.append(text)
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with = code
+        self.application_state = WebSocketState.DISCONNECTED
+
+
+def stock(product_id: int, available: int, version: int) -> tuple[dict[str, Any], bytes]:
+    frame = {
+        "type": "stock",
+        "productId": product_id,
+        "availableStock": available,
+        "version": version,
+    }
+    return frame, to_json(frame)
+
+
+def versions(socket: Socket) -> list[int]:
+    return [int(t.split('"version":')[1].rstrip("}")) for t in socket.sent if '"stock"' in t]
+
+
+async def test_a_blocked_socket_delays_no_one_and_gets_only_the_newest_frame() -> None:
+    hub = Hub(Catalog(), max_clients=10)
+    slow, fast = Socket(), Socket()
+    slow_client = hub.join(slow)  # type: ignore[arg-type]
+    hub.join(fast)  # type: ignore[arg-type]
+    slow.writable.clear()  # its buffer is full from now on
+
+    for version in (1, 2, 3):
+        hub.publish(*stock(7, 10 - version, version))
+        hub.flush()
+    assert versions(fast) == [1, 2, 3]  # delivered at once, in order, despite `slow`
+    assert versions(slow) == []
+
+    slow.writable.set()  # the buffer drains
+    await eventually(lambda: _true(versions(slow) == [1, 3]), what="the backlog to drain")
+    # 1 was already on its way when the socket blocked; 2 was superseded by 3.
+    assert slow_client in hub.clients
+
+
+async def test_a_socket_that_stays_blocked_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(live, "SEND_TIMEOUT_SECONDS", 0.2)
+    hub = Hub(Catalog(), max_clients=10)
+    stuck, fine = Socket(), Socket()
+    stuck_client = hub.join(stuck)  # type: ignore[arg-type]
+    hub.join(fine)  # type: ignore[arg-type]
+    stuck.writable.clear()
+    hub.publish(*stock(7, 9, 1))
+    hub.flush()
+    await eventually(lambda: _true(stuck_client not in hub.clients), what="the stuck one to go")
+    assert hub.dropped == 1
+    hub.publish(*stock(7, 8, 2))
+    hub.flush()
+    assert versions(fine) == [1, 2]
+
+
+async def test_a_full_hub_says_so() -> None:
+    hub = Hub(Catalog(), max_clients=2)
+    hub.join(Socket())  # type: ignore[arg-type]
+    assert not hub.full
+    hub.join(Socket())  # type: ignore[arg-type]
+    assert hub.full
+
+
+async def test_older_versions_are_never_sent_after_newer_ones() -> None:
+    hub = Hub(Catalog(), max_clients=10)
+    socket = Socket()
+    hub.join(socket)  # type: ignore[arg-type]
+    hub.publish(*stock(7, 5, 5))
+    hub.flush()
+    hub.publish(*stock(7, 6, 4))  # a late frame from another process
+    hub.publish(*stock(7, 4, 6))
+    hub.publish(*stock(7, 3, 5))
+    hub.flush()
+    assert versions(socket) == [5, 6]
+
+
+async def _true(value: bool) -> bool:
+    await asyncio.sleep(0)
+    return value
