@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.catalog import Catalog
-from server.clock import now_ms
+from server.clock import iso, now_ms
 from server.errors import ProductNotFound, ReservationNotFound
 from server.http import RequestError, json_response, parse_body
 from server.inventory import Held, is_reservation_id
@@ -75,6 +75,18 @@ async def cancel_reservation(request: Request) -> Response:
     shop = shop_of(request)
     reservation = await shop.cancel(_known_id(request))
     return await render_reservation(shop, reservation)
+
+
+async def config(request: Request) -> Response:
+    """What a page needs to know to behave: the limits, and the server's time."""
+    settings = request.app.state.settings
+    return json_response(
+        {
+            "maxQuantity": settings.max_quantity,
+            "holdSeconds": settings.hold_seconds,
+            "serverTime": iso(now_ms()),
+        }
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -160,6 +172,7 @@ routes = [
     Route("/api/reservations/{reservation_id}", get_reservation, methods=["GET"]),
     Route("/api/reservations/{reservation_id}/complete", complete_reservation, methods=["POST"]),
     Route("/api/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
+    Route("/api/config", config, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from server import admin, api, migrate
+from server import admin, api, migrate, pages
 from server.catalog import Catalog
 from server.database import Store
 from server.events import Publisher
@@ -115,7 +115,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*api.routes, *admin.routes, WebSocketRoute("/ws", live_updates)],
+        routes=[
+            *api.routes,
+            *admin.routes,
+            WebSocketRoute("/ws", live_updates),
+            *pages.routes,
+        ],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -1,0 +1,86 @@
+// Talking to the shop's API: JSON requests, errors as sentences, the server's clock.
+
+export class ApiError extends Error {
+  constructor(status, body, retryAfter) {
+    super(body?.message || `The server answered ${status}.`);
+    this.status = status;
+    this.code = body?.code || "error";
+    this.retryAfter = retryAfter;
+  }
+}
+
+// The server's clock, as this page best knows it: a countdown must not trust the device's
+// own clock, which may be minutes off.
+export const clock = {
+  offset: 0, // server time minus local time, in ms
+  precise: false, // learned from a millisecond timestamp, not just a Date header
+
+  now() {
+    return Date.now() + this.offset;
+  },
+
+  // `serverMs` was read by the server somewhere between `sentAt` and `receivedAt`.
+  learn(serverMs, sentAt, receivedAt, precise) {
+    if (!Number.isFinite(serverMs) || (this.precise && !precise)) return;
+    this.offset = serverMs - (sentAt + receivedAt) / 2;
+    this.precise = this.precise || precise;
+  },
+};
+
+export function parseTime(iso) {
+  return iso == null ? null : Date.parse(iso);
+}
+
+// One human sentence for whatever went wrong, never a bare status code.
+export function sentenceFor(error) {
+  if (!(error instanceof ApiError)) {
+    return "We could not reach the shop. Check your connection and try again.";
+  }
+  switch (error.status) {
+    case 429:
+      return `Too many requests from you just now; please wait ${error.retryAfter || "a few"} seconds and try again.`;
+    case 503:
+      return "The shop is very busy right now; please try again in a moment.";
+    default:
+      return error.status >= 500
+        ? "Something went wrong on our side; please try again."
+        : error.message;
+  }
+}
+
+export async function request(method, path, { body, headers = {}, etag } = {}) {
+  const sentAt = Date.now();
+  const init = { method, headers: { Accept: "application/json", ...headers } };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  if (etag) init.headers["If-None-Match"] = etag;
+  const response = await fetch(path, init);
+  const receivedAt = Date.now();
+  const date = response.headers.get("Date");
+  if (date) clock.learn(Date.parse(date) + 500, sentAt, receivedAt, false);
+  if (response.status === 304) return { status: 304, data: null, etag };
+  let data = null;
+  if (response.headers.get("Content-Type")?.includes("application/json")) {
+    data = await response.json();
+  }
+  if (data?.serverTime) clock.learn(parseTime(data.serverTime), sentAt, receivedAt, true);
+  if (!response.ok) {
+    throw new ApiError(response.status, data, response.headers.get("Retry-After"));
+  }
+  return { status: response.status, data, etag: response.headers.get("ETag"), headers: response.headers };
+}
+
+export const api = {
+  config: () => request("GET", "/api/config"),
+  products: (etag) => request("GET", "/api/products", { etag }),
+  reservation: (id) => request("GET", `/api/reservations/${encodeURIComponent(id)}`),
+  reserve: (productId, quantity, key) =>
+    request("POST", "/api/reservations", {
+      body: { productId, quantity },
+      headers: { "Idempotency-Key": key },
+    }),
+  complete: (id) => request("POST", `/api/reservations/${encodeURIComponent(id)}/complete`),
+  cancel: (id) => request("POST", `/api/reservations/${encodeURIComponent(id)}/cancel`),
+};

@@ -1,0 +1,381 @@
+"""The shop page and the operator console in a real browser (Debian's Chromium, driven by
+Playwright), against real uvicorn, worker and Redis processes.
+
+Chromium comes from `apt-get install chromium` (bin/test installs it when it can); where it
+is missing these tests are skipped, except in CI, where that is a failure. Screenshots of
+both pages land in tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
+
+from server import migrate
+from server.database import Store
+from server.embedded_redis import EmbeddedRedis
+from tests.conftest import IN_CI, run_apart
+from tests.service import ADMIN_TOKEN, Service
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def _migrated_sqlite(path: Path) -> str:
+    url = f"sqlite:///{path}"
+
+    async def run() -> None:
+        store = Store(url)
+        await store.connect()
+        await migrate.migrate(store)
+        await store.close()
+
+    run_apart(run())
+    return url
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The whole service, for the pages of this module, with a Redis of its own: two
+    services on one Redis would share its job queue and its channel."""
+    work = tmp_path_factory.mktemp("site")
+    redis = EmbeddedRedis(work / "redis", persist=False)
+    redis.start()
+    service = Service(
+        _migrated_sqlite(work / "shop.db"), redis.url, work / "logs", web_concurrency=1
+    )
+    service.start()
+    yield service
+    service.stop()
+    redis.stop()
+
+
+def _chromium_missing() -> str | None:
+    if Path(CHROMIUM).exists() or shutil.which(CHROMIUM):
+        return None
+    return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    missing = _chromium_missing()
+    if missing:
+        if IN_CI:
+            pytest.fail(missing)
+        pytest.skip(missing)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--disable-gpu", "--no-sandbox", "--disable-background-networking"],
+        )
+        yield browser
+        await browser.close()
+
+
+async def open_shop(browser: Browser, site: Service, **context: Any) -> Page:
+    page = await (await browser.new_context(**context)).new_page()
+    await page.goto(site.base_url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    return page
+
+
+async def new_product(site: Service, name: str, stock: int, **fields: Any) -> dict[str, Any]:
+    async with site.client() as client:
+        response = await client.post(
+            "/api/admin/products",
+            json={"name": name, "price": 12.5, "stock": stock, **fields},
+            headers=site.admin_headers(),
+        )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def reserve(site: Service, product_id: int, quantity: int = 1) -> None:
+    """A reservation made elsewhere: by another shopper, not this page."""
+    async with site.client() as client:
+        response = await client.post(
+            "/api/reservations", json={"productId": product_id, "quantity": quantity}
+        )
+    assert response.status_code == 201, response.text
+
+
+def card(page: Page, product: dict[str, Any]) -> Any:
+    return page.locator(f'.product[data-id="{product["id"]}"]')
+
+
+def seconds(countdown: str) -> int:
+    minutes, secs = countdown.split(":")
+    return int(minutes) * 60 + int(secs)
+
+
+async def test_reserve_counts_down_and_complete_says_purchased(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Countdown kettle", 5)
+    page = await open_shop(browser, site)
+    await card(page, product).get_by_role("button", name="Reserve").click()
+    countdown = page.locator(".hold .countdown")
+    await expect(countdown).to_have_text(re.compile(r"^0[12]:\d\d$"))
+    first = seconds(await countdown.inner_text())
+    assert 110 <= first <= 120
+    await expect(countdown).not_to_have_text(await countdown.inner_text(), timeout=3000)
+    assert seconds(await countdown.inner_text()) < first
+    await expect(card(page, product).locator(".count")).to_have_text("4 of 5 left")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "shop.png", full_page=True)
+
+    await page.get_by_role("button", name="Complete purchase").click()
+    await expect(page.locator(".hold .outcome")).to_have_text("Purchased. Thank you!")
+    await expect(card(page, product).locator(".count")).to_have_text("4 of 5 left")
+
+
+async def test_cancel_puts_the_units_back(browser: Browser, site: Service) -> None:
+    product = await new_product(site, "Cancel candle", 5)
+    page = await open_shop(browser, site)
+    await card(page, product).locator("select").select_option("2")
+    await card(page, product).get_by_role("button", name="Reserve").click()
+    await expect(card(page, product).locator(".count")).to_have_text("3 of 5 left")
+    await page.get_by_role("button", name="Cancel").click()
+    await expect(page.locator(".hold .outcome")).to_contain_text("Cancelled")
+    await expect(card(page, product).locator(".count")).to_have_text("5 of 5 left")
+
+
+async def test_a_reservation_in_one_page_moves_the_stock_in_another_without_polling(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Shared scarf", 10)
+    buyer = await open_shop(browser, site)
+    watcher = await open_shop(browser, site)
+    polls: list[str] = []
+    watcher.on(
+        "request",
+        lambda request: polls.append(request.url) if "/api/products" in request.url else None,
+    )
+    started = time.monotonic()
+    await card(buyer, product).get_by_role("button", name="Reserve").click()
+    await expect(card(watcher, product).locator(".count")).to_have_text(
+        "9 of 10 left", timeout=1000
+    )
+    assert time.monotonic() - started < 1.5
+    assert polls == []  # it came over the socket
+
+
+class SocketSwitch:
+    """Closes the page's WebSockets while off, passes them to the server while on."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    async def handle(self, socket: WebSocketRoute) -> None:
+        if self.on:
+            socket.connect_to_server()
+        else:
+            await socket.close(code=4002, reason="blocked by the test")
+
+
+async def test_without_the_socket_the_page_polls_and_stays_correct(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Polled poncho", 10)
+    page = await (await browser.new_context()).new_page()
+    switch = SocketSwitch()
+    await page.route_web_socket(re.compile("^ws"), switch.handle)
+    polls: list[str] = []
+    page.on("request", lambda r: polls.append(r.url) if "/api/products" in r.url else None)
+    await page.goto(site.base_url + "/")
+    connection = page.locator("#connection")
+    await expect(connection).to_have_attribute("data-state", "polling", timeout=10_000)
+    await expect(connection).to_have_text("Updating every few seconds")
+
+    await reserve(site, product["id"], 3)
+    await expect(card(page, product).locator(".count")).to_have_text("7 of 10 left", timeout=8000)
+    assert len(polls) >= 2  # the first load, then polling
+
+    switch.on = True  # the socket can be used again: the page goes back to it
+    await expect(connection).to_have_attribute("data-state", "live", timeout=20_000)
+    await expect(connection).to_have_text("Live")
+
+
+async def test_a_page_that_the_server_closes_on_polls_too(browser: Browser, site: Service) -> None:
+    product = await new_product(site, "Closed cloak", 4)
+    page = await (await browser.new_context()).new_page()
+
+    async def close_from_server(socket: WebSocketRoute) -> None:
+        # As a full server does: accept, then close before sending anything.
+        server = socket.connect_to_server()
+        server.on_message(lambda message: None)
+        await socket.close(code=1013, reason="try again later")
+
+    await page.route_web_socket(re.compile("^ws"), close_from_server)
+    await page.goto(site.base_url + "/")
+    await expect(page.locator("#connection")).to_have_attribute(
+        "data-state", "polling", timeout=10_000
+    )
+    await reserve(site, product["id"], 1)
+    await expect(card(page, product).locator(".count")).to_have_text("3 of 4 left", timeout=8000)
+
+
+async def test_a_short_hold_expires_and_the_page_says_so(
+    browser: Browser, tmp_path: Path, own_redis: EmbeddedRedis
+) -> None:
+    service = Service(
+        _migrated_sqlite(tmp_path / "short.db"),
+        own_redis.url,
+        tmp_path / "logs",
+        web_concurrency=1,
+        HOLD_SECONDS="3",
+    )
+    service.start()
+    try:
+        product = await new_product(service, "Fleeting fedora", 2)
+        page = await open_shop(browser, service)
+        await card(page, product).get_by_role("button", name="Reserve").click()
+        await expect(card(page, product).locator(".count")).to_have_text("1 of 2 left")
+        await expect(page.locator(".hold .outcome")).to_have_text(
+            "This hold expired: its units went back on sale.", timeout=10_000
+        )
+        await expect(card(page, product).locator(".count")).to_have_text(
+            "2 of 2 left", timeout=10_000
+        )
+        await expect(page.locator(".hold")).to_have_attribute("data-status", "EXPIRED")
+    finally:
+        service.stop()
+
+
+async def test_a_wrong_local_clock_still_shows_the_right_time_left(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Clockwork cup", 3)
+    page = await (await browser.new_context()).new_page()
+    await page.clock.install(time=time.time() - 5 * 60)  # this device is five minutes slow
+    await page.goto(site.base_url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await card(page, product).get_by_role("button", name="Reserve").click()
+    countdown = page.locator(".hold .countdown")
+    await expect(countdown).to_have_text(re.compile(r"^0[12]:\d\d$"))
+    assert 110 <= seconds(await countdown.inner_text()) <= 120
+
+
+async def test_refusals_are_sentences(browser: Browser, site: Service) -> None:
+    few = await new_product(site, "Scarce scone", 3)
+    sold = await new_product(site, "Gone gloves", 1)
+    later = await new_product(site, "Later loafers", 5, saleStartsAt="2099-01-01T00:00:00Z")
+    await reserve(site, sold["id"], 1)
+    page = await open_shop(browser, site)
+
+    await card(page, few).locator("select").select_option("5")
+    await card(page, few).get_by_role("button", name="Reserve").click()
+    await expect(card(page, few).locator(".error")).to_have_text("Only 3 left, 5 requested.")
+
+    await expect(card(page, sold).locator(".count")).to_have_text("Sold out")
+    await expect(card(page, sold).get_by_role("button", name="Reserve")).to_be_disabled()
+
+    await expect(card(page, later).locator(".starts")).to_contain_text("Starts in")
+    await expect(card(page, later).get_by_role("button", name="Reserve")).to_be_disabled()
+
+
+async def test_a_page_that_has_not_heard_yet_shows_the_servers_sentence(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Last lantern", 1)
+    page = await (await browser.new_context()).new_page()
+    switch = SocketSwitch()  # off: this page hears nothing live
+    await page.route_web_socket(re.compile("^ws"), switch.handle)
+    await page.goto(site.base_url + "/")
+    await expect(card(page, product).locator(".count")).to_have_text("1 of 1 left")
+    await reserve(site, product["id"], 1)
+    await card(page, product).get_by_role("button", name="Reserve").click()
+    await expect(card(page, product).locator(".error")).to_have_text("Sold out: no units are left.")
+
+
+async def test_holds_survive_a_reload(browser: Browser, site: Service) -> None:
+    product = await new_product(site, "Remembered robe", 5)
+    page = await open_shop(browser, site)
+    await card(page, product).get_by_role("button", name="Reserve").click()
+    await expect(page.locator(".hold .countdown")).to_be_visible()
+    await page.reload()
+    await expect(page.locator(".hold .what")).to_have_text("1 × Remembered robe")
+    await expect(page.locator(".hold .countdown")).to_have_text(re.compile(r"^0[12]:\d\d$"))
+
+
+async def test_the_shop_works_from_the_keyboard(browser: Browser, site: Service) -> None:
+    product = await new_product(site, "Keyboard kite", 5)
+    page = await open_shop(browser, site)
+    select = card(page, product).locator("select")
+    await select.focus()
+    await page.keyboard.press("Tab")  # to its Reserve button
+    await expect(card(page, product).get_by_role("button", name="Reserve")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".hold .countdown")).to_be_visible()
+    await page.get_by_role("button", name="Complete purchase").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".hold .outcome")).to_have_text("Purchased. Thank you!")
+
+
+async def test_the_page_fits_a_phone(browser: Browser, site: Service) -> None:
+    page = await open_shop(browser, site, viewport={"width": 375, "height": 740})
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375
+
+
+async def test_data_reaches_the_page_as_text_never_as_html(browser: Browser, site: Service) -> None:
+    product = await new_product(site, '<img src=x onerror="window.pwned=1">Hack hat', 2)
+    page = await open_shop(browser, site)
+    await expect(card(page, product).locator(".name")).to_have_text(
+        '<img src=x onerror="window.pwned=1">Hack hat'
+    )
+    assert await page.evaluate("window.pwned") is None
+
+
+# -- the operator console ------------------------------------------------------------------
+
+
+async def test_the_console_refuses_a_wrong_token_and_works_with_the_right_one(
+    browser: Browser, site: Service
+) -> None:
+    page = await (await browser.new_context(viewport={"width": 1280, "height": 900})).new_page()
+    await page.goto(site.base_url + "/admin")
+    await page.get_by_label("Operator token").fill("not-it")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#signin-message")).to_have_text(
+        "That token is not the operator token."
+    )
+
+    await page.get_by_label("Operator token").fill(ADMIN_TOKEN)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#console")).to_be_visible()
+
+    await page.get_by_label("Name").fill("Console cape")
+    await page.get_by_label("Price").fill("19.99")
+    await page.get_by_label("Stock", exact=True).and_(page.get_by_role("spinbutton")).fill("8")
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.locator("#create-message")).to_contain_text("Created Console cape")
+    row = page.locator("#stock-rows tr", has_text="Console cape")
+    await expect(row.locator(".available")).to_have_text("8")
+
+    await row.get_by_label("Units to add to Console cape").fill("4")
+    await row.get_by_role("button", name="Add").click()
+    await expect(row.locator(".total")).to_have_text("12")
+    await expect(row.locator(".available")).to_have_text("12")
+
+    product_id = int(await row.get_attribute("data-id") or 0)
+    await reserve(site, product_id, 3)
+    await expect(row.locator(".held")).to_have_text("3", timeout=5000)
+    await expect(row.locator(".available")).to_have_text("9")
+    await expect(page.locator("#hold-rows tr", has_text="Console cape")).to_have_count(1)
+    await row.click()
+    await expect(page.locator("#chart-product")).to_have_text("Console cape")
+    await expect(page.locator("#chart polyline")).to_have_count(2, timeout=5000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "admin.png", full_page=True)
