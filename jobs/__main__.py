@@ -5,19 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from arq.connections import RedisSettings
 from arq.worker import async_check_health
+from prometheus_client import start_http_server
 
 from jobs import worker
 from server.constants import HEALTH_CHECK_KEY, QUEUE_NAME
 from server.logs import configure_logging
 from server.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 
 async def serve(settings: Settings) -> None:
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port, addr=os.environ.get("HOST", "0.0.0.0"))
+        except OSError as exc:
+            # Metrics are worth less than expiring holds: run without them.
+            logger.error("no metrics on port %d: %s", settings.worker_metrics_port, exc)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -30,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="health check, for probes")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.check:
         return asyncio.run(
             async_check_health(

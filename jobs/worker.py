@@ -24,6 +24,7 @@ from typing import Any
 from arq import Retry, cron, func
 from arq.connections import RedisSettings
 from arq.worker import Worker
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from server import migrate
@@ -31,6 +32,7 @@ from server.constants import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP
 from server.database import Store
 from server.errors import DatabaseBusy, DatabaseUnavailable
 from server.events import Publisher
+from server.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
 from server.redis_client import redis_client
 from server.settings import Settings
 from server.shop import Expired, Shop
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 Ctx = dict[str, Any]
 
+BY_JOB = HOLDS_EXPIRED.labels("job")
+BY_SWEEPER = HOLDS_EXPIRED.labels("sweeper")
 JOB_GRACE_SECONDS = 10.0  # on SIGTERM, how long the jobs in hand may take to finish
 MAX_RESTART_DELAY = 10.0
 
@@ -48,7 +52,7 @@ MAX_RESTART_DELAY = 10.0
 
 async def expire_due(ctx: Ctx, due_ms: int) -> int:
     """Expire every hold due by now (the job was deferred to `due_ms`)."""
-    expired = await _expire(ctx)
+    expired = await _expire(ctx, BY_JOB)
     if expired.reservations:
         late = max(expired.at - r.expires_at for r in expired.reservations)
         logger.debug(
@@ -62,7 +66,7 @@ async def expire_due(ctx: Ctx, due_ms: int) -> int:
 
 async def sweep(ctx: Ctx) -> int:
     """The safety net: expire whatever is overdue, whether or not its job ran."""
-    expired = await _expire(ctx)
+    expired = await _expire(ctx, BY_SWEEPER)
     if expired.reservations:
         logger.info(
             "sweeper expired %d overdue holds that no job had expired", len(expired.reservations)
@@ -72,13 +76,18 @@ async def sweep(ctx: Ctx) -> int:
     return len(expired.reservations)
 
 
-async def _expire(ctx: Ctx) -> Expired:
+async def _expire(ctx: Ctx, counter: Counter) -> Expired:
     shop: Shop = ctx["shop"]
     try:
-        return await shop.expire_overdue()
+        expired = await shop.expire_overdue()
     except (DatabaseBusy, DatabaseUnavailable) as exc:
         logger.warning("expiry postponed: %s", exc)
         raise Retry(defer=1) from exc
+    counter.inc(len(expired.reservations))
+    for reservation in expired.reservations:
+        assert reservation.ended_at is not None
+        EXPIRY_LATENESS.observe((reservation.ended_at - reservation.expires_at) / 1000)
+    return expired
 
 
 # -- running them --------------------------------------------------------------------------

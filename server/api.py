@@ -10,10 +10,22 @@ from starlette.routing import Route
 
 from server.catalog import Catalog
 from server.clock import iso, now_ms
-from server.errors import ProductNotFound, ReservationNotFound
+from server.errors import (
+    DatabaseBusy,
+    DatabaseUnavailable,
+    DomainError,
+    IdempotencyKeyReused,
+    InsufficientStock,
+    ProductNotFound,
+    ReservationNotFound,
+    SaleNotStarted,
+)
 from server.http import RequestError, json_response, parse_body
 from server.inventory import Held, is_reservation_id
+from server.metrics import DEFERRED, RESERVATIONS
+from server.metrics import render as render_metrics
 from server.model import HoldRequest, Reservation
+from server.ratelimit import RateLimiter
 from server.schemas import MAX_INT32, ReserveBody, reservation_view
 from server.shop import Shop
 
@@ -48,13 +60,57 @@ async def get_product(request: Request) -> Response:
 
 
 async def create_reservation(request: Request) -> Response:
+    try:
+        response = await _create_reservation(request)
+    except DomainError as exc:
+        if isinstance(exc, RequestError) and exc.status == 429:
+            DEFERRED.inc(_RATE_LIMITED)
+        else:
+            DEFERRED.inc(_RESERVATION_OUTCOMES.get(type(exc), _OTHER_OUTCOME))
+        raise
+    DEFERRED.inc(_REPLAYED if "idempotent-replayed" in response.headers else _HELD)
+    return response
+
+
+async def _create_reservation(request: Request) -> Response:
     shop = shop_of(request)
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        client = request.client.host if request.client else "unknown"
+        wait = await limiter.retry_after(client)
+        if wait is not None:
+            raise RequestError(
+                429,
+                "rate_limited",
+                f"Too many reservations from you; try again in {wait} seconds.",
+                headers={"Retry-After": str(wait)},
+            )
     body = await parse_body(
         request, ReserveBody, {"max_quantity": request.app.state.settings.max_quantity}
     )
     held = await shop.reserve(HoldRequest(body.product_id, body.quantity, idempotency_key(request)))
     headers = {"Idempotent-Replayed": "true"} if held.replayed else None
     return await render_reservation(shop, held, 201, headers)
+
+
+_HELD = RESERVATIONS.labels("held")
+_REPLAYED = RESERVATIONS.labels("replayed")
+_RATE_LIMITED = RESERVATIONS.labels("rate_limited")
+_OTHER_OUTCOME = RESERVATIONS.labels("other")
+_RESERVATION_OUTCOMES = {
+    InsufficientStock: RESERVATIONS.labels("insufficient_stock"),
+    SaleNotStarted: RESERVATIONS.labels("sale_not_started"),
+    ProductNotFound: RESERVATIONS.labels("not_found"),
+    IdempotencyKeyReused: RESERVATIONS.labels("invalid"),
+    RequestError: RESERVATIONS.labels("invalid"),
+    DatabaseBusy: RESERVATIONS.labels("busy"),
+    DatabaseUnavailable: RESERVATIONS.labels("busy"),
+}
+
+
+async def metrics(request: Request) -> Response:
+    body, media_type = render_metrics()
+    return Response(body, media_type=media_type)
 
 
 async def get_reservation(request: Request) -> Response:
@@ -174,5 +230,6 @@ routes = [
     Route("/api/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
     Route("/api/config", config, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

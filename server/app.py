@@ -21,6 +21,9 @@ from server.expiry import ExpiryScheduler
 from server.http import EXCEPTION_HANDLERS, BodyLimit
 from server.live import Hub, live_updates
 from server.logs import configure_logging
+from server.metrics import DEFERRED
+from server.observe import Observed
+from server.ratelimit import RateLimiter
 from server.redis_client import redis_client
 from server.settings import Settings
 from server.shop import Shop
@@ -46,13 +49,14 @@ def tune_garbage_collector() -> None:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             store = Store(settings.database_url, busy_timeout_ms=settings.db_busy_timeout_ms)
             await store.connect()
+            stack.callback(DEFERRED.flush)  # last: what the closing steps counted
             stack.push_async_callback(store.close)
             waiting = await migrate.pending(store)
             if waiting:
@@ -97,10 +101,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.scheduler = scheduler
             app.state.subscriber = subscriber
             app.state.hub = hub
+            app.state.rate_limiter = (
+                RateLimiter(redis, count=limit[0], per_seconds=limit[1])
+                if (limit := settings.reserve_rate_limit)
+                else None
+            )
             tune_garbage_collector()
             yield
 
-    middleware = [Middleware(BodyLimit)]
+    middleware = [
+        Middleware(Observed, max_in_flight=settings.max_in_flight, access_log=settings.access_log),
+        Middleware(BodyLimit),
+    ]
     if settings.cors_origins:
         # Only other origins need CORS; the page's own origin never does. Without origins
         # configured the middleware would only add work to every request.

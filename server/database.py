@@ -50,6 +50,7 @@ from databases import Database, DatabaseURL
 from databases.core import Connection
 
 from server.errors import DatabaseBusy, DatabaseUnavailable
+from server.metrics import DATABASE_BUSY
 from server.model import Row
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ Values = Mapping[str, Any]
 T = TypeVar("T")
 
 SQLITE_READERS = 2
+BUSY_RETRY = DATABASE_BUSY.labels("retry")
 SWITCH_INTERVAL = 0.0002
 
 
@@ -182,6 +184,7 @@ class SQLiteWriter:
                     raise
                 if time.monotonic() >= deadline:
                     raise
+            BUSY_RETRY.inc()
             time.sleep(random.uniform(0.0002, 0.001))
 
     def _transaction(self, work: Callable[[Executor], Awaitable[T]]) -> T:

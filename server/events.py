@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from server.background import Drainer
 from server.clock import now_ms, parse_iso
 from server.constants import EVENTS_CHANNEL
+from server.metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES
 from server.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
 from server.schemas import product_view, reservation_view
 
@@ -115,6 +116,7 @@ class Publisher(Drainer):
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failures += 1
+            PUBLISH_FAILURES.inc()
             logger.warning("could not publish %d events (%s); will retry", len(frames), exc)
             # Keep them, behind anything newer that arrived meanwhile.
             for product in products.values():
@@ -124,6 +126,7 @@ class Publisher(Drainer):
             self._reservations = {**reservations, **self._reservations}
             return 0.5
         self.published += len(frames)
+        EVENTS_PUBLISHED.inc(len(frames))
         return None
 
 

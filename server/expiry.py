@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from server.background import Drainer
 from server.clock import now_ms
 from server.constants import EXPIRE_DUE_JOB, QUEUE_NAME, expire_due_job_id
+from server.metrics import ENQUEUE_FAILURES
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ExpiryScheduler(Drainer):
                 # The sweeper will expire these holds; retrying would only pile up work
                 # while Redis is away.
                 self.failures += 1
+                ENQUEUE_FAILURES.inc()
                 self._sent.discard(due)
                 logger.warning("could not enqueue the expiry job due at %d: %s", due, exc)
                 continue

@@ -4,7 +4,7 @@ errors into responses (`{"statusCode", "error", "code", "message", "details"?}`)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -16,12 +16,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
+from server.metrics import DATABASE_BUSY
 from server.schemas import FieldError
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
+DATABASE_BUSY_GAVE_UP = DATABASE_BUSY.labels("gave_up")
 MAX_BODY_BYTES = 16 * 1024
 
 
@@ -34,11 +36,13 @@ class RequestError(errors.DomainError):
         code: str,
         message: str,
         details: list[FieldError] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.details = details
+        self.headers = headers
 
 
 # status, and extra headers, per domain error
@@ -93,10 +97,14 @@ def error_response(
 async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.DomainError)
     if isinstance(exc, RequestError):
-        return error_response(exc.status, exc.code, exc.message, details=exc.details)
+        return error_response(
+            exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers
+        )
     status, headers = _STATUS.get(type(exc), (500, {}))
     if status >= 500:
         logger.warning("%s %s answered %d: %s", request.method, request.url.path, status, exc)
+        if isinstance(exc, errors.DatabaseBusy):
+            DATABASE_BUSY_GAVE_UP.inc()
     return error_response(status, exc.code, exc.message, headers=headers)
 
 
@@ -189,16 +197,22 @@ class BodyLimit:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: in the common case it hands back the next app's own, so that it
+        # adds no frame for every later resume of the request to pass through.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.limit:
-                    await self._refuse(scope, receive, send)
-                    return
-                break
+                    return self._refuse(scope, receive, send)
+                return self.app(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return self.app(scope, receive, send)
+        return self._counted(scope, receive, send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A body without a Content-Length (chunked): count it as it arrives."""
         received = 0
 
         async def limited_receive() -> Message:

@@ -36,6 +36,7 @@ from server.catalog import Catalog
 from server.clock import iso, now_ms
 from server.events import reservation_frame
 from server.inventory import is_reservation_id
+from server.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
 from server.model import ReservationChanged
 from server.shop import Shop
 from server.wsprotocol import EXTENSION, PreparedFrames, prepare_text
@@ -170,6 +171,7 @@ class Hub:
         )  # fmt: skip
         client.offer(("snapshot", 0), snapshot)
         self.clients.add(client)
+        WEBSOCKETS.inc()
         return client
 
     def leave(self, client: Client, reason: str | None = None) -> None:
@@ -177,6 +179,7 @@ class Hub:
             return
         client.closed = True
         self.clients.discard(client)
+        WEBSOCKETS.dec()
         for reservation_id in client.watching:
             watchers = self._watchers.get(reservation_id)
             if watchers is not None:
@@ -185,6 +188,7 @@ class Hub:
                     del self._watchers[reservation_id]
         if reason is not None:
             self.dropped += 1
+            WEBSOCKETS_DROPPED.inc()
             logger.info("live updates: dropping a client (%s)", reason)
             asyncio.get_running_loop().create_task(_abandon(client.websocket))
 
@@ -258,6 +262,8 @@ class Hub:
         self.flushes += 1
         self._last_flush = loop.time()
         self._flush_cost = self._last_flush - started
+        if self.clients:
+            FANOUT_DURATION.observe(self._flush_cost)
 
     async def close_all(self, code: int = 1001) -> None:
         """Going away (shutdown): tell every client, so that pages reconnect elsewhere."""

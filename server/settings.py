@@ -30,6 +30,13 @@ class Settings:
     db_busy_timeout_ms: int = 5_000
     # Expiry jobs are scheduled per time bucket of this many milliseconds (see server/expiry.py).
     expiry_bucket_ms: int = 100
+    log_format: str = "text"
+    access_log: bool = True
+    # Requests in flight in one web process beyond which the next get 503 at once.
+    max_in_flight: int = 1_000
+    # Reservations one client may make: (count, per seconds); None is no limit.
+    reserve_rate_limit: tuple[int, int] | None = None
+    worker_metrics_port: int = 9108
 
     @property
     def is_sqlite(self) -> bool:
@@ -55,6 +62,13 @@ class Settings:
                 _number(env, "DB_BUSY_TIMEOUT_MS", 5_000, minimum=1, integer=True)
             ),
             expiry_bucket_ms=int(_number(env, "EXPIRY_BUCKET_MS", 100, minimum=10, integer=True)),
+            log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
+            access_log=_choice(env, "ACCESS_LOG", ("on", "off")) == "on",
+            max_in_flight=int(_number(env, "MAX_IN_FLIGHT", 1_000, minimum=1, integer=True)),
+            reserve_rate_limit=_rate(env, "RESERVE_RATE_LIMIT"),
+            worker_metrics_port=int(
+                _number(env, "WORKER_METRICS_PORT", 9108, minimum=0, integer=True)
+            ),
         )
 
 
@@ -72,3 +86,25 @@ def _number(
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or allowed[0]
+    if raw not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
+def _rate(env: Mapping[str, str], name: str) -> tuple[int, int] | None:
+    """`COUNT/SECONDS`, e.g. `10/60`; empty for none."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    count, _, seconds = raw.partition("/")
+    try:
+        limit = (int(count), int(seconds or "60"))
+    except ValueError:
+        raise SettingsError(f"{name} must look like 10/60 (reservations per seconds)") from None
+    if limit[0] < 1 or limit[1] < 1:
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return limit

@@ -28,12 +28,14 @@ from server.errors import (
 )
 from server.expiry import ExpiryScheduler
 from server.inventory import Held, Stats
+from server.metrics import HOLDS_EXPIRED
 from server.model import (
     Event,
     HoldRequest,
     Outcome,
     Product,
     Reservation,
+    ReservationChanged,
     Status,
 )
 
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256
+BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
 EventSink = Callable[[Sequence[Event]], None]
 _UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
 
@@ -178,11 +181,13 @@ class Shop:
 
     async def complete(self, reservation_id: str) -> Reservation:
         return await self._write(
-            lambda conn, now: inventory.complete(conn, reservation_id, now=now)
+            lambda conn, now: inventory.complete(conn, reservation_id, now=now), late=True
         )
 
     async def cancel(self, reservation_id: str) -> Reservation:
-        return await self._write(lambda conn, now: inventory.cancel(conn, reservation_id, now=now))
+        return await self._write(
+            lambda conn, now: inventory.cancel(conn, reservation_id, now=now), late=True
+        )
 
     # -- products ------------------------------------------------------------------------
 
@@ -266,9 +271,18 @@ class Shop:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    async def _write(self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]]) -> T:
+    async def _write(
+        self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]], *, late: bool = False
+    ) -> T:
         outcome = await self.store.write(lambda conn: operation(conn, now_ms()))
         self._after_commit(outcome.events)
+        if late:  # a complete or cancel that came after expiresAt expires the hold itself
+            expired = sum(
+                isinstance(e, ReservationChanged) and e.reservation.status is Status.EXPIRED
+                for e in outcome.events
+            )
+            if expired:
+                BY_REFUSAL.inc(expired)
         return outcome.result()
 
     def _after_commit(self, events: Sequence[Event]) -> None:

@@ -23,6 +23,7 @@ from server.constants import EVENTS_CHANNEL
 from server.database import Store
 from server.errors import DomainError
 from server.events import product_frame, product_from_frame, stock_frame
+from server.metrics import PUBSUB_RECONNECTS
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Subscriber:
                 self.connected.clear()
                 if was_connected:
                     self.reconnects += 1
+                    PUBSUB_RECONNECTS.inc()
                     logger.warning("live updates: lost Redis (%s); reconnecting", exc)
             except Exception:
                 self.connected.clear()

@@ -49,6 +49,19 @@ class PreparedFrames:
 
 
 class FanOutProtocol(WebSocketsSansIOProtocol):
+    def shutdown(self) -> None:
+        """The server is stopping: close with 1001 (going away), so that pages reconnect
+        elsewhere, rather than uvicorn's 1012."""
+        if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
+            self.stop_keepalive()
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1001})
+            self.conn.send_close(1001, "the server is going away")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+            return
+        super().shutdown()
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)

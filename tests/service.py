@@ -116,6 +116,7 @@ class Service:
             "PORT": str(self.port),
             "WEB_CONCURRENCY": str(web_concurrency),
             "LOG_LEVEL": "WARNING",
+            "WORKER_METRICS_PORT": str(free_port()),
             **settings,
         }
         self.web = Process("web", env, log_dir / "web.log")
