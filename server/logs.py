@@ -43,6 +43,13 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(JsonLines() if log_format == "json" else WithRequestId(TEXT_FORMAT))
         root.addHandler(handler)
     root.setLevel(level)
+    if log_format == "json":
+        # uvicorn gives its loggers text handlers of their own: send their lines through
+        # ours, so that every line of the process is JSON.
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            uvicorn_logger = logging.getLogger(name)
+            uvicorn_logger.handlers.clear()
+            uvicorn_logger.propagate = True
     if logging.getLevelName(level) > logging.DEBUG:
         # arq logs every job's start and end at INFO: a line per second from the sweeper
         # alone. Its warnings and errors still show.

@@ -1,0 +1,220 @@
+"""What an on-call engineer relies on: metrics that add up across processes, request ids in
+responses and logs, JSON log lines, and the per-client reservation limit.
+
+All against the real processes (two uvicorn workers where the claim is about several).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service import Service, running
+from tests.support import eventually
+
+pytestmark = [
+    pytest.mark.slow,
+    # About the processes, not the database: SQLite suffices.
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
+
+REQUEST_ID = re.compile(r"^([0-9a-f]{6})-[0-9a-f]+$")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text page, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    page: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return page.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return samples(response.text)
+
+
+async def new_product(service: Service, stock: int) -> int:
+    async with service.client() as client:
+        response = await client.post(
+            "/api/admin/products",
+            json={"name": "Metered", "price": 1, "stock": stock},
+            headers=service.admin_headers(),
+        )
+    assert response.status_code == 201, response.text
+    product_id: int = response.json()["id"]
+    return product_id
+
+
+async def reserve_on_a_new_connection(service: Service, product_id: int) -> httpx.Response:
+    """One request per connection, so the kernel spreads them over the uvicorn workers."""
+    async with service.client() as client:
+        return await client.post("/api/reservations", json={"productId": product_id, "quantity": 1})
+
+
+def process_of(response: httpx.Response) -> str:
+    """Which web process answered: request ids start with a prefix of each process's own."""
+    match = REQUEST_ID.match(response.headers["x-request-id"])
+    assert match, response.headers["x-request-id"]
+    return match.group(1)
+
+
+async def test_metrics_add_up_over_the_web_processes(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with running(database_url, redis_url, tmp_path / "logs", web_concurrency=2) as service:
+        product_id = await new_product(service, 1_000)
+        sold_out = await new_product(service, 0)
+        answered_by: Counter[str] = Counter()
+        held = 0
+        # Until both processes have answered some (and at least 20 in all).
+        while len(answered_by) < 2 or held < 20:
+            response = await reserve_on_a_new_connection(service, product_id)
+            assert response.status_code == 201, response.text
+            answered_by[process_of(response)] += 1
+            held += 1
+            assert held < 500, "the requests never reached the second process"
+        refused = await reserve_on_a_new_connection(service, sold_out)
+        assert refused.status_code == 409
+
+        async def counted() -> bool:
+            page = await scrape(service.base_url + "/metrics")
+            return (
+                value(page, "flashsale_reservations_total", outcome="held") == held
+                and value(page, "flashsale_reservations_total", outcome="insufficient_stock") == 1
+                and value(
+                    page,
+                    "flashsale_http_request_duration_seconds_count",
+                    route="/api/reservations",
+                    method="POST",
+                    status="2xx",
+                )
+                == held
+            )
+
+        # Each process writes its counts out within a second; /metrics adds them up.
+        await eventually(counted, within=10, what=f"{held} held reservations in /metrics")
+
+
+async def test_the_worker_serves_its_own_metrics(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with running(
+        database_url, redis_url, tmp_path / "logs", web_concurrency=1, HOLD_SECONDS="0.5"
+    ) as service:
+        product_id = await new_product(service, 10)
+        response = await reserve_on_a_new_connection(service, product_id)
+        assert response.status_code == 201
+        url = f"http://127.0.0.1:{service.worker.env['WORKER_METRICS_PORT']}/metrics"
+
+        async def expired_by_a_job() -> bool:
+            page = await scrape(url)
+            return (
+                value(page, "flashsale_holds_expired_total", by="job") == 1
+                and value(page, "flashsale_expiry_lateness_seconds_count") == 1
+            )
+
+        await eventually(expired_by_a_job, within=15, what="the expiry in the worker's metrics")
+
+
+async def test_request_ids_are_returned_and_logged_as_json_lines(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with running(
+        database_url,
+        redis_url,
+        tmp_path / "logs",
+        worker=False,
+        web_concurrency=1,
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+    ) as service:
+        async with service.client() as client:
+            mine = await client.get("/api/products", headers={"X-Request-ID": "lb-7f3a.2"})
+            bad = await client.get("/api/products", headers={"X-Request-ID": "no spaces <b>"})
+            missing = await client.get("/api/reservations/nonesuch")
+        assert mine.headers["x-request-id"] == "lb-7f3a.2"  # a load balancer's id is kept
+        assert REQUEST_ID.match(bad.headers["x-request-id"])  # a strange one is replaced
+        assert missing.status_code == 404
+        assert REQUEST_ID.match(missing.headers["x-request-id"])
+
+        def lines() -> list[dict[str, object]]:
+            text = service.web.log.read_text()
+            return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+        async def logged() -> list[dict[str, object]]:
+            wanted = {"lb-7f3a.2", missing.headers["x-request-id"]}
+            return [line for line in lines() if line.get("request_id") in wanted]
+
+        found = await eventually(logged, within=5, what="the access log lines")
+        by_id = {line["request_id"]: line for line in found}
+        assert by_id["lb-7f3a.2"]["logger"] == "flashsale.access"
+        assert str(by_id["lb-7f3a.2"]["message"]).startswith("GET /api/products 200 ")
+        assert str(by_id[missing.headers["x-request-id"]]["message"]).startswith(
+            "GET /api/reservations/nonesuch 404 "
+        )
+        # Every line the web process wrote is JSON, uvicorn's own included.
+        text = service.web.log.read_text().strip()
+        for line in text.splitlines():
+            record = json.loads(line)
+            assert {"time", "level", "logger", "message"} <= record.keys()
+
+
+async def test_the_reservation_limit_holds_across_processes(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with running(
+        database_url, redis_url, tmp_path / "logs", web_concurrency=2, RESERVE_RATE_LIMIT="5/60"
+    ) as service:
+        product_id = await new_product(service, 100)
+        # The limit counts per minute-long window: start well inside one.
+        if time.time() % 60 > 50:
+            await asyncio.sleep(60 - time.time() % 60)
+        window = int(time.time() // 60)
+        statuses: Counter[int] = Counter()
+        refused_by: set[str] = set()
+        while len(refused_by) < 2:  # until both processes have refused some
+            response = await reserve_on_a_new_connection(service, product_id)
+            statuses[response.status_code] += 1
+            if response.status_code == 429:
+                refused_by.add(process_of(response))
+                body = response.json()
+                assert body["code"] == "rate_limited"
+                assert body["statusCode"] == 429
+                assert 1 <= int(response.headers["retry-after"]) <= 60
+                assert "try again in" in body["message"]
+            assert sum(statuses.values()) < 300, "the requests never reached both processes"
+        assert int(time.time() // 60) == window, "the run crossed a window: inconclusive"
+        assert statuses[201] == 5, statuses
+        assert set(statuses) == {201, 429}, statuses
+
+        async with service.client() as client:
+            product = (await client.get(f"/api/products/{product_id}")).json()
+            # Reading is never limited, only reserving.
+            assert product["availableStock"] == 95
+
+        async def counted() -> bool:
+            page = await scrape(service.base_url + "/metrics")
+            return (
+                value(page, "flashsale_reservations_total", outcome="rate_limited") == statuses[429]
+            )
+
+        await eventually(counted, within=10, what="the refusals in /metrics")
