@@ -285,6 +285,79 @@ async def test_refusals_are_sentences(browser: Browser, site: Service) -> None:
     await expect(card(page, later).get_by_role("button", name="Reserve")).to_be_disabled()
 
 
+@pytest.fixture(scope="module")
+def limited_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service that lets each client make one reservation per 5 seconds."""
+    work = tmp_path_factory.mktemp("limited")
+    redis = EmbeddedRedis(work / "redis", persist=False)
+    redis.start()
+    service = Service(
+        _migrated_sqlite(work / "shop.db"),
+        redis.url,
+        work / "logs",
+        web_concurrency=1,
+        RESERVE_RATE_LIMIT="1/5",
+    )
+    service.start(worker=False)
+    yield service
+    service.stop()
+    redis.stop()
+
+
+async def test_too_many_reservations_is_a_sentence_and_the_page_waits(
+    browser: Browser, limited_site: Service
+) -> None:
+    product = await new_product(limited_site, "Rationed rice", 50)
+    page = await open_shop(browser, limited_site)
+    button = card(page, product).get_by_role("button", name="Reserve")
+    error = card(page, product).locator(".error")
+    # One per window is allowed: the second click in the same window is refused (or the
+    # third, if the first two straddled a window's end).
+    for _ in range(3):
+        held = await page.locator(".hold").count()
+        await button.click()
+        refused = card(page, product).locator(".error:not([hidden])")
+        await expect(page.locator(".hold").nth(held).or_(refused)).to_be_visible()
+        if await error.is_visible():
+            break
+    await expect(error).to_have_text(
+        re.compile(r"^Too many requests from you just now; please wait [1-5] seconds")
+    )
+    # The page holds back until the server's Retry-After has passed, then lets you try.
+    await expect(button).to_be_disabled()
+    await expect(button).to_be_enabled(timeout=8000)
+
+
+async def test_a_busy_server_is_a_sentence_and_the_page_waits(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Busy biscuits", 50)
+    page = await open_shop(browser, site)
+    # The service's own overload answer (server/observe.py), as a proxy would pass it on:
+    # making one process overloaded on cue is the drills' business (tests/test_drills.py).
+    busy = error_body(503, "overloaded", "The shop is very busy right now.")
+    await page.route(
+        "**/api/reservations",
+        lambda route: route.fulfill(
+            status=503, json=busy, headers={"Retry-After": "2", "X-Request-ID": "test"}
+        ),
+    )
+    button = card(page, product).get_by_role("button", name="Reserve")
+    await button.click()
+    await expect(card(page, product).locator(".error")).to_have_text(
+        "The shop is very busy right now; please try again in a moment."
+    )
+    await expect(button).to_be_disabled()
+    await page.unroute("**/api/reservations")
+    await expect(button).to_be_enabled(timeout=5000)
+    await button.click()
+    await expect(page.locator(".hold .countdown")).to_be_visible()
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"statusCode": status, "error": "Service Unavailable", "code": code, "message": message}
+
+
 async def test_a_page_that_has_not_heard_yet_shows_the_servers_sentence(
     browser: Browser, site: Service
 ) -> None:

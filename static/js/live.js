@@ -5,7 +5,7 @@
 // If-None-Match, the watched holds too, while the socket is retried with backoff and
 // jitter). The page stays correct in every state.
 
-import { api, clock, parseTime } from "./api.js";
+import { ApiError, api, clock, parseTime } from "./api.js";
 
 const POLL_MS = 3000;
 const FIRST_RETRY_MS = 500;
@@ -121,6 +121,7 @@ export class LiveFeed {
 
   async poll() {
     this.setState("polling");
+    let wait = POLL_MS;
     try {
       const { status, data, etag } = await api.products(this.etag);
       if (status === 200) {
@@ -131,10 +132,13 @@ export class LiveFeed {
         const { data: reservation } = await api.reservation(id);
         this.handlers.reservation(reservation);
       }
-    } catch {
-      // Not reachable right now, or a hold that no longer exists: try again next tick.
+    } catch (error) {
+      // Not reachable right now, or a hold that no longer exists: try again next tick, or
+      // when a busy server (429, 503) says to.
+      const asked = error instanceof ApiError ? Number(error.retryAfter) * 1000 : 0;
+      if (asked > wait) wait = asked;
     }
-    if (this.pollTimer) this.pollTimer = setTimeout(() => this.poll(), POLL_MS);
+    if (this.pollTimer) this.pollTimer = setTimeout(() => this.poll(), wait);
   }
 
   setState(state) {

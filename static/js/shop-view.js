@@ -83,7 +83,7 @@ export class ShopView {
         this.holdsSection.hidden = !this.holds.children.length;
         break;
       case "tick":
-        this.tick(data.now, data.products, data.holds);
+        this.tick(data.now, data.paused);
         break;
       case "connection":
         this.connection.dataset.state = data;
@@ -185,7 +185,7 @@ export class ShopView {
     if (!active) $(".error", item).hidden = true;
   }
 
-  tick(now, products, holds) {
+  tick(now, paused) {
     for (const item of this.holds.children) {
       if (item.dataset.status !== "ACTIVE") continue;
       const left = Date.parse(item.dataset.expiresAt) - now;
@@ -201,7 +201,7 @@ export class ShopView {
       card.classList.toggle("not-started", waiting);
       const button = $("button", card);
       if (!card.classList.contains("busy")) {
-        button.disabled = waiting || card.classList.contains("sold-out");
+        button.disabled = waiting || paused || card.classList.contains("sold-out");
       }
     }
   }

@@ -20,6 +20,7 @@ class Shop {
     this.tentative = new Set(); // holds whose time is up, before the server has said so
     this.unresolved = new Set(); // stored ids we could not look up this time
     this.announced = new Map(); // hold id → the last reminder announced
+    this.pausedUntil = 0; // Date.now() until which the server asked us not to reserve
     this.live = new LiveFeed({
       products: (list) => list.forEach((p) => this.applyProduct(p)),
       stock: (frame) => this.applyStock(frame),
@@ -107,6 +108,12 @@ class Shop {
       );
     } catch (error) {
       this.view.render("productError", { id: productId, message: sentenceFor(error) });
+      if (error instanceof ApiError && (error.status === 429 || error.status === 503)) {
+        // Asked to wait: no reserve button works until then (a busy shop is not helped
+        // by every page clicking again at once).
+        const seconds = Number(error.retryAfter) > 0 ? Number(error.retryAfter) : 2;
+        this.pausedUntil = Date.now() + seconds * 1000;
+      }
     } finally {
       this.view.render("productBusy", { id: productId, busy: false });
       this.tick();
@@ -192,7 +199,7 @@ class Shop {
         this.remind(reservation, left);
       }
     }
-    this.view.render("tick", { now });
+    this.view.render("tick", { now, paused: Date.now() < this.pausedUntil });
   }
 
   remind(reservation, left) {
