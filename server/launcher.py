@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from server import demo, migrate
@@ -51,13 +52,17 @@ def serve(settings: Settings) -> int:
         print(f"redis: started an embedded server at {redis.url} (data in {redis.data_dir}/)")
     if not settings.admin_token:
         env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
+    # The web processes' metric values, fresh for this run and removed after it.
+    metrics_dir = tempfile.TemporaryDirectory(prefix="flashsale-metrics-")
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
     try:
         asyncio.run(prepare_database(settings, seed=True))
         base = f"http://127.0.0.1:{env['PORT']}"
         print(
             f"\n  Shop:             {base}/\n"
             f"  Operator console: {base}/admin   (token: {env['ADMIN_TOKEN']})\n"
-            f"  API:              {base}/api/products\n\n"
+            f"  API:              {base}/api/products\n"
+            f"  Metrics:          {base}/metrics\n\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
@@ -74,6 +79,7 @@ def serve(settings: Settings) -> int:
                 process.send_signal(signal.SIGINT)
                 return process.wait()
     finally:
+        metrics_dir.cleanup()
         if redis is not None:
             redis.stop()
             print("redis: stopped")
