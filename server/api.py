@@ -25,6 +25,7 @@ from server.inventory import Held, is_reservation_id
 from server.metrics import DEFERRED, RESERVATIONS
 from server.metrics import render as render_metrics
 from server.model import HoldRequest, Reservation
+from server.openapi import openapi_json, reference_page
 from server.ratelimit import RateLimiter
 from server.schemas import MAX_INT32, ReserveBody, reservation_view
 from server.shop import Shop
@@ -232,4 +233,6 @@ routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/api/openapi.json", openapi_json, methods=["GET"]),
+    Route("/api/docs", reference_page, methods=["GET"]),
 ]

@@ -11,6 +11,7 @@ so the two cannot drift apart.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,9 @@ from server.model import Product, Reservation, Status
 MAX_INT32 = 2**31 - 1
 MAX_STOCK = 1_000_000_000
 DEFAULT_MAX_QUANTITY = 10
+
+# Times go out as text in one format, `2026-11-24T22:30:00.123Z` (server.clock.iso).
+_TIME: dict[str, Any] = {"format": "date-time"}
 
 ProductId = Annotated[int, Field(ge=1, le=MAX_INT32, description="A product's id.")]
 
@@ -89,6 +93,15 @@ class CreateProductBody(_Request):
             raise ValueError("the name cannot be blank")
         return value.strip()
 
+    @field_validator("sale_starts_at")
+    @classmethod
+    def _a_utc_year(cls, value: datetime | None) -> datetime | None:
+        # 9999-12-31T23:59:59-05:00 is year 10000 in UTC: no ISO-8601 time could show it.
+        try:
+            return None if value is None else value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("the time must fall within the years 1 to 9999 in UTC") from None
+
 
 class RestockBody(_Request):
     quantity: Annotated[int, Field(ge=1, le=MAX_STOCK)]
@@ -104,7 +117,9 @@ class ProductOut(_Response):
     available_stock: int
     total_stock: int
     version: int = Field(description="Goes up by at least 1 on every stock change.")
-    sale_starts_at: str | None = Field(description="ISO-8601 UTC, or null: on sale now.")
+    sale_starts_at: str | None = Field(
+        description="ISO-8601 UTC, or null: on sale now.", json_schema_extra=_TIME
+    )
 
 
 class ReservationOut(_Response):
@@ -115,11 +130,13 @@ class ReservationOut(_Response):
         description="ACTIVE until completed, cancelled or expired. A hold whose expiresAt has "
         "passed is shown as EXPIRED even before the worker has restored its units."
     )
-    created_at: str
-    expires_at: str
-    completed_at: str | None
+    created_at: str = Field(json_schema_extra=_TIME)
+    expires_at: str = Field(json_schema_extra=_TIME)
+    completed_at: str | None = Field(json_schema_extra=_TIME)
     product: ProductOut
-    server_time: str = Field(description="The server's clock when this was rendered.")
+    server_time: str = Field(
+        description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
 
 
 class FieldError(_Response):
@@ -148,6 +165,53 @@ class StatsOut(_Response):
 class HealthOut(_Response):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ConfigOut(_Response):
+    max_quantity: int = Field(description="The most units one reservation may hold.")
+    hold_seconds: float = Field(description="How long a hold lasts before it expires.")
+    server_time: str = Field(
+        description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
+
+
+# -- live frames over /ws (DESIGN.md §6) -------------------------------------------------
+
+
+class SnapshotFrame(_Response):
+    type: Literal["snapshot"]
+    server_time: str = Field(json_schema_extra=_TIME)
+    products: list[ProductOut]
+
+
+class StockFrame(_Response):
+    type: Literal["stock"]
+    product_id: int
+    available_stock: int
+    version: int
+
+
+class ProductFrame(_Response):
+    type: Literal["product"]
+    product: ProductOut
+
+
+class ReservationFrame(_Response):
+    type: Literal["reservation"]
+    reservation: ReservationOut
+
+
+class ErrorFrame(_Response):
+    type: Literal["error"]
+    code: Literal["invalid_json", "unknown_message", "invalid_watch"]
+    message: str
+
+
+class WatchMessage(_Request):
+    """Follow these holds; replaces the previous list."""
+
+    type: Literal["watch"]
+    reservations: Annotated[list[str], Field(max_length=50)]
 
 
 # -- views: what the responses and frames carry, as plain data -------------------------
