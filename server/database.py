@@ -60,6 +60,8 @@ T = TypeVar("T")
 
 SQLITE_READERS = 2
 BUSY_RETRY = DATABASE_BUSY.labels("retry")
+# PostgreSQL: times a transaction chosen as a deadlock victim is run again before a 503.
+DEADLOCK_RETRIES = 2
 SWITCH_INTERVAL = 0.0002
 
 
@@ -338,12 +340,21 @@ class Store:
         async with _translated_errors():
             if self._writer is not None:
                 return await self._writer.run(work)
-            async with (
-                self._write_lock,
-                Connection(self._db, self._db._backend) as conn,
-                conn.transaction(),
-            ):
-                return await work(PostgresExecutor(conn))
+            async with self._write_lock:
+                for attempt in range(DEADLOCK_RETRIES + 1):
+                    try:
+                        async with (
+                            Connection(self._db, self._db._backend) as conn,
+                            conn.transaction(),
+                        ):
+                            return await work(PostgresExecutor(conn))
+                    except asyncpg.exceptions.DeadlockDetectedError:
+                        # Rolled back whole, so it may simply run again; transactions take
+                        # products in id order, but rows of `reservations` have no order.
+                        if attempt == DEADLOCK_RETRIES:
+                            raise
+                        logger.info("deadlock, retrying the transaction")
+            raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[Executor]:

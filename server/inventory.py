@@ -100,7 +100,9 @@ async def reserve(
 
     events: list[Event] = []
     granted: list[int] = []
-    for product_id, indexes in by_product.items():
+    # Products in id order, as every transaction that changes several takes them: two such
+    # transactions in opposite orders would deadlock (PostgreSQL's row locks).
+    for product_id, indexes in sorted(by_product.items()):
         quantities = [requests[i].quantity for i in indexes]
         product, fits = await _take_stock(conn, product_id, quantities, now=now)
         if product is None:

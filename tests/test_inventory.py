@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import pytest
 
 from server import inventory
@@ -28,7 +29,14 @@ from server.model import (
     Status,
     StockChanged,
 )
-from tests.support import assert_invariant, hold, make_product, reservation, stats
+from tests.support import (
+    assert_invariant,
+    eventually,
+    hold,
+    make_product,
+    reservation,
+    stats,
+)
 
 
 async def reserve(store: Store, *requests: HoldRequest, now: int | None = None):  # type: ignore[no-untyped-def]
@@ -284,3 +292,42 @@ async def test_two_processes_cannot_oversell_through_separate_connections(
     finally:
         for each in stores:
             await each.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_batch_takes_its_products_in_id_order(store: Store, database_url: str) -> None:
+    """Every transaction that changes several products locks them in id order, so two can
+    never wait on each other (the expiry of holds on both products, say). Shown here by a
+    batch that names the higher id first: it must already hold the lower one when it
+    waits for the higher."""
+    low = await make_product(store, 10)
+    high = await make_product(store, 10)
+    other = await asyncpg.connect(database_url)
+    try:
+        blocker = other.transaction()
+        await blocker.start()
+        await other.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", high.id)
+        batch = asyncio.create_task(reserve(store, HoldRequest(high.id, 1), HoldRequest(low.id, 1)))
+        probe = await asyncpg.connect(database_url)
+        try:
+
+            async def low_is_locked() -> bool:
+                try:
+                    async with probe.transaction():
+                        await probe.execute("SET LOCAL lock_timeout = '50ms'")
+                        await probe.execute(
+                            "SELECT 1 FROM products WHERE id = $1 FOR UPDATE", low.id
+                        )
+                except asyncpg.exceptions.LockNotAvailableError:
+                    return True
+                return False
+
+            await eventually(low_is_locked, within=5, what="the batch to lock the lower id")
+            assert not batch.done()
+        finally:
+            await probe.close()
+        await blocker.rollback()
+        outcomes, _ = await batch
+        assert all(outcome.error is None for outcome in outcomes)
+    finally:
+        await other.close()
