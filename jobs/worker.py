@@ -175,7 +175,15 @@ async def _run_once(settings: Settings, ctx: Ctx, stopping: asyncio.Event) -> Ba
         worker.allow_pick_jobs = False
         in_hand = [task for task in worker.tasks.values() if not task.done()]
         if in_hand:
-            await asyncio.wait(in_hand, timeout=JOB_GRACE_SECONDS)
+            logger.info("stopping: finishing %d job(s) in hand, taking no new ones", len(in_hand))
+            _, unfinished = await asyncio.wait(in_hand, timeout=JOB_GRACE_SECONDS)
+            if unfinished:
+                logger.warning(
+                    "%d job(s) still running after %.0f s; cancelling them (their holds are "
+                    "expired by the next worker)",
+                    len(unfinished),
+                    JOB_GRACE_SECONDS,
+                )
         crash = None
         if main.done() and not main.cancelled():
             crash = main.exception()

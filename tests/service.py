@@ -83,6 +83,23 @@ class Process:
         self._popen = None
         return code
 
+    def wait(self, timeout: float) -> int:
+        """Until it exits by itself (after a signal sent with `signal`); its exit code."""
+        assert self._popen is not None
+        code = self._popen.wait(timeout)
+        self._popen = None
+        return code
+
+    def children(self) -> list[int]:
+        """The pids of its child processes (uvicorn's workers, under its supervisor)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            try:
+                found.extend(int(pid) for pid in task.read_text().split())
+            except OSError:  # the thread ended meanwhile
+                continue
+        return sorted(set(found))
+
     def kill(self) -> None:
         """SIGKILL to the whole process group, as a crash would."""
         if self.running:
