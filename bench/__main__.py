@@ -1,9 +1,12 @@
-"""`python -m bench`: run the benchmark scenarios against the real stack, write a report.
+"""`python -m bench` (or `bin/bench`): the flash-sale benchmark, one command.
 
-Each run starts its own Redis, a fresh database (SQLite, or beside DATABASE_URL's PostgreSQL
-database), the web and worker processes from the Procfile, and the bare Starlette baseline
-under the same uvicorn command, and writes `bench/results/<time>/report.md` and
-`results.json`.
+By default it runs the whole matrix: the scenarios storm, paths, wave and steady on SQLite
+with one and with two web processes, and on PostgreSQL when DATABASE_URL or --database-url
+names one, plus fanout (1,000 and 10,000 sockets) on the first configuration (SQLite, one
+web process). Each configuration starts its own Redis, a fresh database (SQLite, or a
+database created beside the PostgreSQL one named, dropped afterwards), the web and worker
+processes from the Procfile, and the bare Starlette baseline under the same uvicorn command.
+Results go to bench/results/<time>/: report.md, results.json and PNG charts.
 """
 
 from __future__ import annotations
@@ -15,143 +18,347 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, paths, stack, wave, wrk
+from bench import charts, fanout, paths, stack, steady, storm, wave, wrk
+from bench.report import evaluate, markdown
 from server.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ["storm", "paths", "wave", "steady", "fanout"]
+CONFIGS = ["sqlite-w1", "sqlite-w2", "postgresql-w1", "postgresql-w2"]
+
+
+@dataclass(frozen=True)
+class Config:
+    database: str  # "sqlite" or "postgresql"
+    web_concurrency: int
+
+    @classmethod
+    def parse(cls, name: str) -> Config:
+        database, _, workers = name.partition("-w")
+        return cls(database, int(workers))
+
+    @property
+    def name(self) -> str:
+        return f"{self.database}-w{self.web_concurrency}"
+
+    @property
+    def label(self) -> str:
+        db = "SQLite" if self.database == "sqlite" else "PostgreSQL"
+        return f"{db}, W={self.web_concurrency}"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    seconds: float  # per wrk run
+    connections: int
+    holds: int  # in the expiry wave
+    sockets: list[int]  # fan-out sizes
+    fanout_rounds: int
+    storm_shoppers: int
+    storm_sockets: int
+    storm_units: int
+    storm_lead: float | None
+    steady_seconds: float
+    steady_hold_seconds: float
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bin/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--configs",
+        help=f"comma list of {', '.join(CONFIGS)} (default: sqlite-w1,sqlite-w2, and "
+        "postgresql-w1 when a PostgreSQL URL is given)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", ""),
+        help="a PostgreSQL server to benchmark on, e.g. postgresql://postgres@127.0.0.1:5432/"
+        "test (a fresh database is created beside it and dropped afterwards); default "
+        "$DATABASE_URL",
+    )
+    parser.add_argument(
+        "--web-concurrency",
+        type=int,
+        help="run one configuration with this many web processes (on PostgreSQL when a URL "
+        "is given), instead of the matrix",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and short runs: a smoke test"
+    )
+    parser.add_argument("--seconds", type=float, help="per wrk run (default 10; quick 2)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk's (default 64)")
+    parser.add_argument("--holds", type=int, help="in the expiry wave (default 10,000)")
+    parser.add_argument("--sockets", type=int, nargs="*", help="fan-out sizes (1,000 10,000)")
+    parser.add_argument("--storm-shoppers", type=int, help="default 5,000")
+    parser.add_argument("--storm-sockets", type=int, help="default 5,000")
+    parser.add_argument("--storm-units", type=int, default=100)
+    parser.add_argument(
+        "--storm-lead", type=float, help="seconds from creating the product to the sale's start"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the service under test, e.g. --set MAX_IN_FLIGHT=20000 (repeatable)",
+    )
+    parser.add_argument("--steady-seconds", type=float, help="default 60")
+    parser.add_argument(
+        "--steady-hold-seconds", type=float, help="HOLD_SECONDS in the steady shop (default 10)"
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.scenarios) - {*SCENARIOS, "all"}
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {SCENARIOS}")
+    if not args.scenarios or "all" in args.scenarios:
+        args.scenarios = SCENARIOS
+    postgres = args.database_url.startswith("postgres")
+    if args.configs:
+        args.configs = [Config.parse(c.strip()) for c in args.configs.split(",") if c.strip()]
+        bad = [c.name for c in args.configs if c.name not in CONFIGS]
+        if bad:
+            parser.error(f"unknown configuration {', '.join(bad)}; choose from {CONFIGS}")
+    elif args.web_concurrency:
+        args.configs = [Config("postgresql" if postgres else "sqlite", args.web_concurrency)]
+    else:
+        args.configs = [Config("sqlite", 1), Config("sqlite", 2)]
+        if postgres:
+            args.configs.append(Config("postgresql", 1))
+    try:
+        args.settings = dict(item.split("=", 1) for item in args.set)
+    except ValueError:
+        parser.error("--set takes NAME=VALUE")
+    if any(c.database == "postgresql" for c in args.configs) and not postgres:
+        parser.error("a postgresql configuration needs --database-url or DATABASE_URL")
+    return args
+
+
+def sizes(args: argparse.Namespace) -> Sizes:
+    quick = args.quick
+
+    def pick(given: Any, full: Any, small: Any) -> Any:
+        return given if given is not None else (small if quick else full)
+
+    return Sizes(
+        seconds=pick(args.seconds, 10.0, 2.0),
+        connections=args.connections,
+        holds=pick(args.holds, 10_000, 1_000),
+        sockets=pick(args.sockets, [1_000, 10_000], [200, 1_000]),
+        fanout_rounds=5 if quick else fanout.ROUNDS,
+        storm_shoppers=pick(args.storm_shoppers, 5_000, 500),
+        storm_sockets=pick(args.storm_sockets, 5_000, 500),
+        storm_units=args.storm_units,
+        storm_lead=args.storm_lead,
+        steady_seconds=pick(args.steady_seconds, 60.0, 8.0),
+        steady_hold_seconds=pick(args.steady_hold_seconds, 10.0, 3.0),
+    )
+
+
+class Progress:
+    """`[3/14 2m05s] SQLite, W=1 · paths` lines, so a long run shows where it is."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.done, self.started = steps, 0, time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        elapsed = int(time.monotonic() - self.started)
+        print(
+            f"\n[{self.done}/{self.steps} {elapsed // 60}m{elapsed % 60:02d}s] {what}", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument(
-        "scenarios", nargs="*", default=["paths", "wave"], choices=["paths", "wave", "fanout"]
-    )
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
-    parser.add_argument("--web-concurrency", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--holds", type=int, default=10_000, help="in the expiry wave")
-    parser.add_argument(
-        "--sockets", type=int, nargs="*", default=[1_000, 10_000], help="fan-out sizes"
-    )
-    args = parser.parse_args(argv)
-    if "paths" in args.scenarios and not wrk.available():
-        print("wrk is needed for the paths scenario (apt-get install wrk)", file=sys.stderr)
+    args = parse(argv)
+    size = sizes(args)
+    if not wrk.available():  # every configuration measures the bare endpoint with it
+        print("wrk is needed (apt-get install wrk)", file=sys.stderr)
         return 2
 
     # Every socket is a file descriptor, here and in the processes started from here.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     out = RESULTS / time.strftime("%Y%m%d-%H%M%S")
-    work = out / "work"
-    work.mkdir(parents=True)
+    out.mkdir(parents=True)
     settings = Settings()
+    per_config = [s for s in args.scenarios if s != "fanout"]
+    fanout_sizes = size.sockets if "fanout" in args.scenarios else []
+    progress = Progress(len(args.configs) * (1 + len(per_config)) + len(fanout_sizes))
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "web_concurrency": args.web_concurrency,
+        "command": "bin/bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": args.quick,
+        "connections": size.connections,
+        "sizes": size.__dict__,
+        "settings": args.settings,
+        "configs": [],
     }
-    backend = "postgresql" if args.database_url.startswith("postgres") else "sqlite"
-    report["database"] = backend
-    print(f"benchmark: {backend}, WEB_CONCURRENCY={args.web_concurrency} → {out}", flush=True)
+    print(
+        f"benchmark: {', '.join(args.scenarios)} on {', '.join(c.label for c in args.configs)}"
+        f"{' (quick)' if args.quick else ''} → {out}",
+        flush=True,
+    )
+    started = time.monotonic()
+    for index, config in enumerate(args.configs):
+        result = run_config(
+            config,
+            per_config,
+            fanout_sizes if index == 0 else [],
+            args.database_url,
+            size,
+            settings,
+            out / "work" / config.name,
+            progress,
+            args.settings,
+        )
+        report["configs"].append(result["config"])
+        if "fanout" in result:
+            report["fanout"] = result["fanout"]
+    report["duration_s"] = round(time.monotonic() - started)
+    report["goals"] = evaluate(report)
+    drawn = charts.draw_all(report, out)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report, drawn))
+    met = sum(g["met"] for g in report["goals"])
+    print(f"\ngoals met: {met} of {len(report['goals'])}")
+    for goal in report["goals"]:
+        if not goal["met"]:
+            print(f"  missed: {goal['goal']} ({goal['config']}): {goal['measured']}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def run_config(
+    config: Config,
+    scenarios: list[str],
+    fanout_sizes: list[int],
+    database_url: str,
+    size: Sizes,
+    settings: Settings,
+    work: Path,
+    progress: Progress,
+    overrides: dict[str, str],
+) -> dict[str, Any]:
+    work.mkdir(parents=True)
+    result: dict[str, Any] = {
+        "name": config.name,
+        "label": config.label,
+        "database": config.database,
+        "web_concurrency": config.web_concurrency,
+    }
+    url = database_url if config.database == "postgresql" else ""
+    log_level = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
+    bare_load = wrk.Load("/", connections=size.connections, seconds=size.seconds)
+    fanned: dict[str, Any] = {}
     with (
         stack.redis(work) as redis,
-        stack.fresh_database(args.database_url, work) as database_url,
-        stack.service(
-            database_url,
+        stack.fresh_database(url, work) as db_url,
+        stack.bare(work, web_concurrency=config.web_concurrency) as bare,
+    ):
+        progress.step(f"{config.label} · bare endpoint")
+        before = wrk.run(bare.base_url, bare_load)
+        print(f"  {before.rps:,.0f} req/s, p99 {before.p99_us / 1000:.2f} ms", flush=True)
+        after = None
+        with stack.service(
+            db_url,
             redis.url,
             work,
-            web_concurrency=args.web_concurrency,
-            HOLD_SECONDS="3600",
-            LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-        ) as service,
-    ):
-        if "paths" in args.scenarios:
-            print(f"paths (wrk, {args.connections} connections, {args.seconds:g} s each):")
-            with stack.bare(work, web_concurrency=args.web_concurrency) as bare:
-                report["paths"] = paths.run(
-                    service, bare, seconds=args.seconds, connections=args.connections
+            web_concurrency=config.web_concurrency,
+            **{"HOLD_SECONDS": "3600", "LOG_LEVEL": log_level, **overrides},
+        ) as service:
+            if "storm" in scenarios:
+                progress.step(f"{config.label} · storm")
+                result["storm"] = storm.run(
+                    service,
+                    shoppers=size.storm_shoppers,
+                    sockets=size.storm_sockets,
+                    units=size.storm_units,
+                    lead_seconds=size.storm_lead,
                 )
-        if "fanout" in args.scenarios:
-            report["fanout"] = []
-            for count in args.sockets:
-                print(f"fan-out to {count} sockets:", flush=True)
-                report["fanout"].append(
+            if "paths" in scenarios:
+                progress.step(f"{config.label} · paths")
+                result["paths"] = paths.run(
+                    service,
+                    bare,
+                    seconds=size.seconds,
+                    connections=size.connections,
+                    bare_before=before,
+                )
+                after = next(r for r in result["paths"] if r["scenario"].endswith("(after)"))
+            if "wave" in scenarios:
+                progress.step(f"{config.label} · expiry wave")
+                result["wave"] = wave.run_sync(
+                    db_url, redis.url, holds=size.holds, bucket_ms=settings.expiry_bucket_ms
+                )
+            runs = []
+            for count in fanout_sizes:
+                progress.step(f"{config.label} · fan-out to {count:,} sockets")
+                runs.append(
                     fanout.run(
                         service,
                         sockets=count,
                         client_processes=max(1, min(4, count // 1_000)),
-                        throughput_seconds=args.seconds,
+                        throughput_seconds=size.seconds,
+                        rounds=size.fanout_rounds,
                     )
                 )
-        if "wave" in args.scenarios:
-            print("expiry wave:", flush=True)
-            report["wave"] = wave.run_sync(
-                database_url, redis.url, holds=args.holds, bucket_ms=settings.expiry_bucket_ms
+            if runs:
+                fanned = {"label": config.label, "config": config.name, "runs": runs}
+        if "steady" in scenarios:
+            progress.step(
+                f"{config.label} · steady shop ({size.steady_seconds:g} s, "
+                f"HOLD_SECONDS={size.steady_hold_seconds:g})"
             )
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
-    print(f"\nreport: {out / 'report.md'}")
-    return 0
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# Benchmark {report['started']}",
-        "",
-        f"`{report['command']}` — {report['database']}, WEB_CONCURRENCY="
-        f"{report['web_concurrency']}, {report['machine']['cpus']} CPUs, "
-        f"Python {report['machine']['python']}",
-        "",
-    ]
-    if "paths" in report:
-        lines += [
-            "| scenario | req/s | share of bare | p50 ms | p99 ms | CPU µs/req | statuses |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for row in report["paths"]:
-            statuses = ", ".join(f"{k}: {v}" for k, v in row["status"].items() if v)
-            lines.append(
-                f"| {row['scenario']} | {row['rps']:.0f} | {row['share_of_bare']:.0%} "
-                f"| {row['p50_us'] / 1000:.2f} | {row['p99_us'] / 1000:.2f} "
-                f"| {row['cpu_us_per_request'] or ''} | {statuses} |"
-            )
-        lines.append("")
-    if "fanout" in report:
-        lines += [
-            "| sockets | KiB per socket | delivery p50 / p99 / max (ms) | missed | "
-            "changes/s | final value, max ms after last change | reservations/s with / without |",
-            "|---:|---:|---|---:|---:|---:|---|",
-        ]
-        for f in report["fanout"]:
-            d, c = f["delivery_ms"], f["convergence"]
-            lines.append(
-                f"| {f['sockets']} | {f['memory_per_socket_kib']} | {d['p50']} / {d['p99']} / "
-                f"{d['max']} | {f['delivery_missing']} | {c['changes_per_second']} | "
-                f"{c['after_last_change_ms']['max']} | {f['reserve_rps_with_sockets']} / "
-                f"{f['reserve_rps_without_sockets']} ({f['reserve_share_with_sockets']:.0%}) |"
-            )
-        lines.append("")
-    if "wave" in report:
-        w = report["wave"]
-        r, a = w["restore_lateness_ms"], w["announce_lateness_ms"]
-        lines += [
-            f"Expiry wave: {w['holds']} holds due within one second "
-            f"(jobs per {w['bucket_ms']} ms bucket); missed: {w['missed']}.",
-            "",
-            "| lateness (ms) | p50 | p90 | p99 | max |",
-            "|---|---:|---:|---:|---:|",
-            f"| units restored | {r.get('p50')} | {r.get('p90')} | {r.get('p99')} "
-            f"| {r.get('max')} |",
-            f"| EXPIRED frame received | {a.get('p50')} | {a.get('p90')} | {a.get('p99')} "
-            f"| {a.get('max')} |",
-            "",
-        ]
-    return "\n".join(lines)
+            with stack.service(
+                db_url,
+                redis.url,
+                work / "steady",
+                web_concurrency=config.web_concurrency,
+                **{
+                    "LOG_LEVEL": log_level,
+                    **overrides,
+                    "HOLD_SECONDS": str(size.steady_hold_seconds),
+                },
+            ) as service:
+                result["steady"] = steady.run(
+                    service,
+                    seconds=size.steady_seconds,
+                    hold_seconds=size.steady_hold_seconds,
+                    connections=size.connections,
+                    sweep_seconds=settings.sweep_seconds,
+                )
+        after_rps = wrk.run(bare.base_url, bare_load).rps if after is None else after["rps"]
+    for leftover in work.glob("bench.db*"):  # the SQLite file: up to gigabytes, not needed
+        leftover.unlink()
+    bare_rps = (before.rps + after_rps) / 2
+    result["bare"] = {
+        "before": round(before.rps),
+        "after": round(after_rps),
+        "rps": round(bare_rps),
+        "p99_us": before.p99_us,
+    }
+    if "steady" in result:
+        result["steady"]["share_of_bare"] = round(result["steady"]["rps"] / bare_rps, 3)
+    if "storm" in result:
+        result["storm"]["share_of_bare"] = round(result["storm"]["rps"] / bare_rps, 3)
+    if fanned:
+        fanned["bare_rps"] = round(bare_rps)
+    return {"config": result, **({"fanout": fanned} if fanned else {})}
 
 
 if __name__ == "__main__":

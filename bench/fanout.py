@@ -59,6 +59,28 @@ class Clients:
             missing += answer["missing"]
         return times, missing
 
+    def _ask(self, command: str) -> list[Any]:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+        answers = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            answers.append(json.loads(proc.stdout.readline()))
+        return answers
+
+    def available(self, value: int) -> tuple[list[int], int]:
+        """When each socket first showed `value` or fewer units left (epoch ms), and how many
+        never did."""
+        answers = self._ask(f"available {value}")
+        return [t for a in answers for t in a["times"]], sum(a["missing"] for a in answers)
+
+    def series(self) -> list[list[int]]:
+        """`[epoch ms, available]` for every stock value one socket received."""
+        series: list[list[int]] = self._ask("series")[0]
+        return series
+
     def wait_all(self, version: int, within: float = 10.0) -> tuple[list[int], int]:
         deadline = time.monotonic() + within
         while True:
@@ -124,7 +146,12 @@ async def _burst(
 
 
 def run(
-    service: Service, *, sockets: int, client_processes: int, throughput_seconds: float
+    service: Service,
+    *,
+    sockets: int,
+    client_processes: int,
+    throughput_seconds: float,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
     product = _product(service, 1_000_000_000)
     ws_url = service.base_url.replace("http://", "ws://") + "/ws"
@@ -163,7 +190,7 @@ def run(
         slowest: list[int] = []
         missing = 0
         with httpx.Client(base_url=service.base_url, timeout=30) as http:
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 version, created = _reserve(http, product["id"])
                 times, lost = clients.wait_all(version)
                 missing += lost

@@ -58,7 +58,16 @@ def _measure(name: str, base_url: str, load: wrk.Load, pid: int | None) -> Row:
     return Row(name, result, cpu)
 
 
-def run(service: Service, bare: Bare, *, seconds: float, connections: int) -> list[dict[str, Any]]:
+def run(
+    service: Service,
+    bare: Bare,
+    *,
+    seconds: float,
+    connections: int,
+    bare_before: wrk.Result | None = None,
+) -> list[dict[str, Any]]:
+    """The rows; `bare_before`, when given, is the bare endpoint measured just before (at the
+    same load), taken as the first row instead of measuring it again."""
     ample = _product(service, 1_000_000_000)
     sold_out = _product(service, 0)
 
@@ -74,8 +83,13 @@ def run(service: Service, bare: Bare, *, seconds: float, connections: int) -> li
         )
 
     pid = service.web.pid
+    before = (
+        Row("bare endpoint (before)", bare_before, None)
+        if bare_before is not None
+        else _measure("bare endpoint (before)", bare.base_url, load("/"), None)
+    )
     rows = [
-        _measure("bare endpoint (before)", bare.base_url, load("/"), None),
+        before,
         _measure("(a) reserve, ample stock", service.base_url, reserve(ample), pid),
         _measure("(b) reserve, sold out", service.base_url, reserve(sold_out), pid),
         _measure("(c) GET /api/products → 200", service.base_url, load("/api/products"), pid),

@@ -109,6 +109,7 @@ async def run(
             "restore_lateness_ms": percentiles(restore_late),
             "announce_lateness_ms": percentiles(announce_late),
             "bucket_ms": bucket_ms,
+            "series": {"restore_lateness_ms": sorted(restore_late)},
         }
     finally:
         await pubsub.aclose()

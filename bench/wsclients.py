@@ -1,12 +1,14 @@
 """A process holding many /ws clients, for the fan-out benchmark.
 
 `python -m bench.wsclients URL COUNT PRODUCT_ID` opens COUNT sockets to URL and records, for
-each, when it received each version of PRODUCT_ID's stock. It prints `ready N` once every
-socket has its snapshot, then answers commands on stdin, one per line:
+each, when it received each version (and available stock) of PRODUCT_ID. It prints `ready N`
+once every socket has its snapshot, then answers commands on stdin, one per line:
 
 - `report VERSION`: one JSON line, `{"times": [...], "missing": n}`: for each socket, the
   epoch milliseconds at which it first held VERSION or newer (a socket that has not is
   counted in `missing`).
+- `available N`: the same, for the first frame that showed N or fewer units available.
+- `series`: one JSON line, `[[epoch ms, available], ...]`: every value the first socket saw.
 - `quit`.
 
 The clients are lean on purpose (a raw asyncio protocol on uvloop that finds the version
@@ -31,7 +33,9 @@ from urllib.parse import urlsplit
 
 import uvloop
 
-_VERSION = re.compile(rb'"(?:productId|id)":(\d+)[^{}]*?"version":(\d+)')
+_VERSION = re.compile(
+    rb'"(?:productId|id)":(\d+)[^{}]*?"availableStock":(\d+)[^{}]*?"version":(\d+)'
+)
 
 
 def _now_ms() -> int:
@@ -42,7 +46,7 @@ class Client(asyncio.Protocol):
     def __init__(self, product_id: int, host: str, path: str) -> None:
         self.product = str(product_id).encode()
         self.host, self.path = host, path
-        self.seen: list[tuple[int, int]] = []  # (version, time)
+        self.seen: list[tuple[int, int, int]] = []  # (version, available, time)
         self.ready = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -93,9 +97,9 @@ class Client(asyncio.Protocol):
         if opcode != 0x1:
             return
         now = _now_ms()
-        for product_id, version in _VERSION.findall(payload):
+        for product_id, available, version in _VERSION.findall(payload):
             if product_id == self.product:
-                self.seen.append((int(version), now))
+                self.seen.append((int(version), int(available), now))
         if not self.ready.done() and payload.startswith(b'{"type":"snapshot"'):
             self.ready.set_result(None)
 
@@ -107,7 +111,18 @@ def _returning(client: Client) -> Callable[[], Client]:
 def report(clients: list[Client], version: int) -> dict[str, object]:
     times, missing = [], 0
     for client in clients:
-        at = next((t for v, t in client.seen if v >= version), None)
+        at = next((t for v, _, t in client.seen if v >= version), None)
+        if at is None:
+            missing += 1
+        else:
+            times.append(at)
+    return {"times": times, "missing": missing}
+
+
+def report_available(clients: list[Client], available: int) -> dict[str, object]:
+    times, missing = [], 0
+    for client in clients:
+        at = next((t for _, a, t in client.seen if a <= available), None)
         if at is None:
             missing += 1
         else:
@@ -139,6 +154,10 @@ async def main(url: str, count: int, product_id: int) -> None:
         command, _, argument = line.partition(" ")
         if command == "report":
             print(json.dumps(report(clients, int(argument))), flush=True)
+        elif command == "available":
+            print(json.dumps(report_available(clients, int(argument))), flush=True)
+        elif command == "series":
+            print(json.dumps([[t, a] for _, a, t in clients[0].seen]), flush=True)
     for client in clients:
         if client.transport is not None:
             client.transport.close()

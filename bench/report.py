@@ -1,0 +1,499 @@
+"""The run's report: the goals checked against what was measured, and `report.md`.
+
+Every throughput is shown with its share of the bare endpoint measured in the same
+configuration of the same run, so that figures compare across machines. The goals are those
+of the flash-sale benchmark issue (README's performance section, DESIGN.md §1); they are data
+here, so that a shop can hold the service to its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Goal:
+    scenario: str
+    text: str
+    # The measured value as text, and whether it meets the goal; None when not measured.
+    check: Callable[[dict[str, Any]], tuple[str, bool] | None]
+
+
+def _path(name: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    def find(config: dict[str, Any]) -> dict[str, Any] | None:
+        return next((r for r in config.get("paths", []) if r["scenario"].startswith(name)), None)
+
+    return find
+
+
+def _share_goal(name: str, least: float, p99_ms: float | None = None) -> Goal:
+    text = f"{name}: ≥ {least:.0%} of the bare endpoint" + (
+        f", p99 ≤ {p99_ms:g} ms" if p99_ms else ""
+    )
+    find = _path(name)
+
+    def check(config: dict[str, Any]) -> tuple[str, bool] | None:
+        row = find(config)
+        if row is None:
+            return None
+        p99 = row["p99_us"] / 1000
+        met = row["share_of_bare"] >= least and (p99_ms is None or p99 <= p99_ms)
+        return f"{row['share_of_bare']:.0%}, p99 {p99:.1f} ms", met
+
+    return Goal("paths", text, check)
+
+
+def _storm_held(config: dict[str, Any]) -> tuple[str, bool] | None:
+    s = config.get("storm")
+    if s is None:
+        return None
+    held = s["stats_after"]["held"] + s["stats_after"]["sold"]
+    return f"{s['held']} × 201, {held} held", s["held"] == s["units"] == held
+
+
+def _storm_5xx(config: dict[str, Any]) -> tuple[str, bool] | None:
+    s = config.get("storm")
+    if s is None:
+        return None
+    return f"{s['errors_5xx']} 5xx, {s['no_answer']} unanswered", not (
+        s["errors_5xx"] or s["no_answer"]
+    )
+
+
+def _storm_sockets(config: dict[str, Any]) -> tuple[str, bool] | None:
+    s = config.get("storm")
+    if s is None:
+        return None
+    worst = s["sockets_at_zero_ms"].get("max")
+    never = s["sockets_never_zero"]
+    return f"{worst} ms, {never} never", worst is not None and worst <= 1000 and not never
+
+
+def _wave(config: dict[str, Any]) -> tuple[str, bool] | None:
+    w = config.get("wave")
+    if w is None:
+        return None
+    p99 = w["restore_lateness_ms"].get("p99")
+    return f"p99 {p99} ms, {w['missed']} missed", p99 is not None and p99 <= 250 and not w["missed"]
+
+
+def _steady_invariant(config: dict[str, Any]) -> tuple[str, bool] | None:
+    s = config.get("steady")
+    if s is None:
+        return None
+    broken = len(s["invariant_broken_after_run"]) + len(s["invariant_broken_settled"])
+    leaked = s["held_after_expiry"]
+    text = f"{broken} products off, {leaked} units still held after expiry"
+    return text, not broken and not leaked
+
+
+def _steady_5xx(config: dict[str, Any]) -> tuple[str, bool] | None:
+    s = config.get("steady")
+    if s is None:
+        return None
+    return f"{s['errors_5xx']} 5xx, {s['no_answer']} unanswered", not (
+        s["errors_5xx"] or s["no_answer"]
+    )
+
+
+GOALS = [
+    Goal("storm", "units held == the stock (100): never oversold", _storm_held),
+    Goal("storm", "no 5xx, every shopper answered", _storm_5xx),
+    Goal("storm", "every socket shows 0 left within 1 s of the start", _storm_sockets),
+    _share_goal("(a) reserve, ample stock", 0.30, 25),
+    _share_goal("(b) reserve, sold out", 0.50),
+    _share_goal("(c) GET /api/products → 200", 0.50),
+    _share_goal("(c) GET /api/products → 304", 0.50),
+    Goal("wave", "units restored: p99 lateness ≤ 250 ms, none missed", _wave),
+    Goal(
+        "steady", "available + held + sold == total; nothing held after expiry", _steady_invariant
+    ),
+    Goal("steady", "no 5xx, every request answered", _steady_5xx),
+]
+
+
+def fanout_goals(run: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for one fan-out size."""
+    n = run["sockets"]
+    limit = 100 if n <= 1_000 else 250
+    d, c = run["delivery_ms"], run["convergence"]
+    goals = [
+        (f"delivery p99 ≤ {limit} ms", f"{d['p99']} ms", d["p99"] <= limit),
+        (
+            "memory ≤ 32 KiB a socket",
+            f"{run['memory_per_socket_kib']} KiB",
+            run["memory_per_socket_kib"] <= 32,
+        ),
+        (
+            "final value everywhere ≤ 250 ms after the last change",
+            f"{c['after_last_change_ms']['max']} ms",
+            c["after_last_change_ms"]["max"] <= 250 and not c["missing"],
+        ),
+    ]
+    if n >= 10_000:
+        share = run["reserve_share_with_sockets"]
+        goals.append(
+            ("reservations/s with the sockets ≥ 90% of without", f"{share:.0%}", share >= 0.9)
+        )
+    return goals
+
+
+def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for goal in GOALS:
+        for config in report["configs"]:
+            checked = goal.check(config)
+            if checked is not None:
+                rows.append(
+                    {
+                        "scenario": goal.scenario,
+                        "goal": goal.text,
+                        "config": config["label"],
+                        "measured": checked[0],
+                        "met": checked[1],
+                    }
+                )
+    fanout = report.get("fanout")
+    if fanout:
+        for run in fanout["runs"]:
+            for text, measured, met in fanout_goals(run):
+                rows.append(
+                    {
+                        "scenario": "fanout",
+                        "goal": f"{run['sockets']:,} sockets: {text}",
+                        "config": fanout["label"],
+                        "measured": measured,
+                        "met": met,
+                    }
+                )
+    return rows
+
+
+# -- Markdown ---------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]], right: int = 1) -> list[str]:
+    align = ["---"] * right + ["---:"] * (len(header) - right)
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(align) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+
+
+def _rps(rps: float, bare: float) -> str:
+    return f"{rps:,.0f}/s ({rps / bare:.0%})"
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
+    configs = report["configs"]
+    labels = [c["label"] for c in configs]
+    lines = [
+        f"# Flash-sale benchmark, {report['started']}",
+        "",
+        f"`{report['command']}` — {report['machine']['cpus']} CPUs, Python "
+        f"{report['machine']['python']}, {report['duration_s'] / 60:.1f} min"
+        + (
+            " — **quick mode: small sizes, the figures are a smoke test**"
+            if report["quick"]
+            else ""
+        ),
+        "",
+        "Throughput is also shown as a share of the bare Starlette endpoint measured under the "
+        "same uvicorn command in the same configuration of this run (wrk, "
+        f"{report['connections']} connections).",
+        "",
+    ]
+    if report.get("settings"):
+        settings = ", ".join(f"`{k}={v}`" for k, v in report["settings"].items())
+        lines += [f"Service settings given for this run: {settings}.", ""]
+    goals = report["goals"]
+    met = sum(g["met"] for g in goals)
+    lines += [f"## Goals: {met} of {len(goals)} met", ""]
+    lines += _table(
+        ["goal", "configuration", "measured", ""],
+        [
+            [g["goal"], g["config"], g["measured"], "met" if g["met"] else "**missed**"]
+            for g in goals
+        ],
+        right=4,
+    )
+    lines += [
+        "The request-path goals are set for one web process; with two, the bare endpoint is "
+        "itself two processes while SQLite still takes one writer at a time.",
+        "",
+        "## Bare endpoint",
+        "",
+    ]
+    lines += _table(
+        ["", *labels],
+        [
+            ["req/s (mean of before and after)", *(f"{c['bare']['rps']:,.0f}" for c in configs)],
+            [
+                "before / after",
+                *(f"{c['bare']['before']:,.0f} / {c['bare']['after']:,.0f}" for c in configs),
+            ],
+        ],
+    )
+    if any("storm" in c for c in configs):
+        lines += _storm(configs, charts)
+    if any("paths" in c for c in configs):
+        lines += _paths(configs, charts)
+    if any("wave" in c for c in configs):
+        lines += _wave_section(configs, charts)
+    if any("steady" in c for c in configs):
+        lines += _steady(configs, charts)
+    if report.get("fanout"):
+        lines += _fanout(report["fanout"])
+    return "\n".join(lines)
+
+
+def _storm(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
+    runs = [c for c in configs if "storm" in c]
+    first = runs[0]["storm"]
+    lines = [
+        "## Storm: the sale's first second",
+        "",
+        f"{first['units']} units go on sale; {first['sockets']:,} sockets watch; at the start "
+        f"{first['shoppers']:,} shoppers (keep-alive connections opened beforehand, in separate "
+        "processes) each send one reservation.",
+        "",
+    ]
+
+    def row(name: str, value: Callable[[dict[str, Any], dict[str, Any]], str]) -> list[str]:
+        return [name, *(value(c["storm"], c) for c in runs)]
+
+    lines += _table(
+        ["", *(c["label"] for c in runs)],
+        [
+            row("units held (201)", lambda s, c: f"{s['held']} of {s['units']}"),
+            row(
+                "statuses",
+                lambda s, c: ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items())),
+            ),
+            row("error codes", lambda s, c: ", ".join(f"{k}: {v}" for k, v in s["codes"].items())),
+            row("5xx", lambda s, c: str(s["errors_5xx"])),
+            row(
+                "latency p50 / p99 / max (ms)",
+                lambda s, c: " / ".join(_ms(s["latency_ms"].get(k)) for k in ("p50", "p99", "max")),
+            ),
+            row("every answer in (ms after the start)", lambda s, c: _ms(s["answered_in_ms"])),
+            row("requests/s", lambda s, c: _rps(s["rps"], c["bare"]["rps"])),
+            row(
+                "sockets at 0 left, p50 / p99 / max (ms after the start)",
+                lambda s, c: " / ".join(
+                    _ms(s["sockets_at_zero_ms"].get(k)) for k in ("p50", "p99", "max")
+                ),
+            ),
+            row(
+                "requests sent, first / last (ms after the start)",
+                lambda s, c: f"{s['send_ms']['first']} / {s['send_ms']['last']}",
+            ),
+            row("shoppers' CPU (s)", lambda s, c: str(s["shopper_cpu_seconds"])),
+        ],
+    )
+    for c in runs:
+        chart = charts.get(f"storm-{c['name']}")
+        if chart:
+            lines += [f"![storm, {c['label']}]({chart})", ""]
+    return lines
+
+
+def _paths(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
+    runs = [c for c in configs if "paths" in c]
+    names = [r["scenario"] for r in runs[0]["paths"]]
+    rows = []
+    for name in names:
+        cells = []
+        for c in runs:
+            r = next((r for r in c["paths"] if r["scenario"] == name), None)
+            cells.append(
+                "–"
+                if r is None
+                else f"{r['rps']:,.0f}/s ({r['share_of_bare']:.0%}), "
+                f"p99 {r['p99_us'] / 1000:.1f} ms"
+            )
+        rows.append([name, *cells])
+    lines = [
+        "## Request paths",
+        "",
+        "wrk, one thread, each path for the same duration: (a) reservations with ample stock, (b) "
+        "of a sold-out product, (c) the product list without and with `If-None-Match`.",
+        "",
+    ]
+    lines += _table(["path", *(c["label"] for c in runs)], rows)
+    cpu_rows = []
+    for name in names[1:-1]:
+        cells = []
+        for c in runs:
+            r = next((r for r in c["paths"] if r["scenario"] == name), None)
+            cells.append(
+                "–"
+                if r is None or r["cpu_us_per_request"] is None
+                else f"{r['cpu_us_per_request']}"
+            )
+        cpu_rows.append([name, *cells])
+    lines += ["Web processes' CPU per request (µs):", ""]
+    lines += _table(["path", *(c["label"] for c in runs)], cpu_rows)
+    if "paths" in charts:
+        lines += [f"![throughput per path]({charts['paths']})", ""]
+    return lines
+
+
+def _wave_section(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
+    runs = [c for c in configs if "wave" in c]
+    w0 = runs[0]["wave"]
+    lines = [
+        "## Expiry wave",
+        "",
+        f"{w0['holds']:,} holds fall due within one second (one job per {w0['bucket_ms']} ms "
+        "bucket); lateness from each hold's `expiresAt` to its units being restored, and to its "
+        "EXPIRED frame reaching a subscriber.",
+        "",
+    ]
+    rows = []
+    for c in runs:
+        w = c["wave"]
+        r, a = w["restore_lateness_ms"], w["announce_lateness_ms"]
+        rows.append(
+            [
+                c["label"],
+                " / ".join(_ms(r.get(k)) for k in ("p50", "p90", "p99", "max")),
+                " / ".join(_ms(a.get(k)) for k in ("p50", "p90", "p99", "max")),
+                str(w["missed"]),
+            ]
+        )
+    lines += _table(
+        [
+            "configuration",
+            "restored p50 / p90 / p99 / max (ms)",
+            "EXPIRED frame p50 / p90 / p99 / max (ms)",
+            "missed",
+        ],
+        rows,
+    )
+    if "wave" in charts:
+        lines += [f"![expiry lateness]({charts['wave']})", ""]
+    return lines
+
+
+def _steady(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
+    runs = [c for c in configs if "steady" in c]
+    s0 = runs[0]["steady"]
+    mix = ", ".join(f"{v:.0%} {k}" for k, v in s0["mix"].items())
+    lines = [
+        "## Steady shop",
+        "",
+        f"{s0['seconds']:g} s of mixed traffic ({mix}) on {s0['connections']} keep-alive "
+        f"connections from two load-generator processes; HOLD_SECONDS={s0['hold_seconds']:g}, "
+        "so most holds expire during the run.",
+        "",
+    ]
+
+    def row(name: str, value: Callable[[dict[str, Any], dict[str, Any]], str]) -> list[str]:
+        return [name, *(value(c["steady"], c) for c in runs)]
+
+    rows = [row("all requests", lambda s, c: _rps(s["rps"], c["bare"]["rps"]))]
+    for kind in s0["kinds"]:
+        rows.append(row(f"{kind}: req/s, p50 / p99 (ms)", _kind_rate(kind)))
+        rows.append(row(f"{kind}: statuses", _kind_statuses(kind)))
+    rows += [
+        row(
+            "invariant (after the run / settled)",
+            lambda s, c: (
+                ("holds" if not s["invariant_broken_after_run"] else "**broken**")
+                + " / "
+                + ("holds" if not s["invariant_broken_settled"] else "**broken**")
+            ),
+        ),
+        row(
+            "units: sold / expired / cancelled / held after expiry",
+            lambda s, c: (
+                f"{s['units']['sold']:,} / {s['units']['expired']:,} / "
+                f"{s['units']['cancelled']:,} / {s['held_after_expiry']}"
+            ),
+        ),
+        row("5xx", lambda s, c: str(s["errors_5xx"])),
+        row(
+            "CPU: web processes (share of a core)",
+            lambda s, c: (
+                f"{s['cpu']['web_share_of_core']:.0%}, {s['cpu']['web_us_per_request']} µs/req"
+            ),
+        ),
+        row("CPU: worker", lambda s, c: f"{s['cpu']['worker_share_of_core']:.0%}"),
+        row(
+            "CPU: each load-generator process",
+            lambda s, c: (
+                f"{s['cpu']['generator_share_of_core']:.0%}, "
+                f"{s['cpu']['generator_us_per_request']} µs/req"
+            ),
+        ),
+    ]
+    lines += _table(["", *(c["label"] for c in runs)], rows)
+    if "steady" in charts:
+        lines += [f"![steady shop]({charts['steady']})", ""]
+    return lines
+
+
+def _kind_rate(kind: str) -> Callable[[dict[str, Any], dict[str, Any]], str]:
+    def cell(s: dict[str, Any], c: dict[str, Any]) -> str:
+        k = s["kinds"][kind]
+        latency = k["latency_ms"]
+        return f"{k['rps']:,.0f}/s, {_ms(latency.get('p50'))} / {_ms(latency.get('p99'))}"
+
+    return cell
+
+
+def _kind_statuses(kind: str) -> Callable[[dict[str, Any], dict[str, Any]], str]:
+    def cell(s: dict[str, Any], c: dict[str, Any]) -> str:
+        k = s["kinds"][kind]
+        statuses = ", ".join(f"{code}: {n}" for code, n in sorted(k["statuses"].items()))
+        return statuses + "".join(f" ({code}: {n})" for code, n in k["codes"].items())
+
+    return cell
+
+
+def _fanout(fanout: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Live updates: fan-out ({fanout['label']})",
+        "",
+        "Sockets held by lean clients in separate processes on the same machine.",
+        "",
+    ]
+    rows = []
+    bare = fanout["bare_rps"]
+    for f in fanout["runs"]:
+        d, c = f["delivery_ms"], f["convergence"]
+        rows.append(
+            [
+                f"{f['sockets']:,}",
+                f"{f['memory_per_socket_kib']}",
+                f"{d['p50']} / {d['p99']} / {d['max']}",
+                str(f["delivery_missing"]),
+                f"{c['changes_per_second']}",
+                f"{c['after_last_change_ms']['max']}",
+                f"{_rps(f['reserve_rps_with_sockets'], bare)} / "
+                f"{_rps(f['reserve_rps_without_sockets'], bare)} "
+                f"({f['reserve_share_with_sockets']:.0%})",
+            ]
+        )
+    lines += _table(
+        [
+            "sockets",
+            "KiB per socket",
+            "201 → every socket: p50 / p99 / max (ms)",
+            "missed",
+            "changes/s",
+            "final value, ms after the last change",
+            "reservations with / without the sockets",
+        ],
+        rows,
+    )
+    return lines

@@ -1,0 +1,71 @@
+"""A process of storm shoppers: each holds one keep-alive connection and sends one
+reservation at the sale's start.
+
+`python -m bench.shoppers HOST PORT COUNT START_MS BODY` opens COUNT connections (a shopper's
+page is already open: its connection is made before the sale, as a browser's would be), prints
+`ready N`, waits for the epoch millisecond START_MS, writes every request in one pass, and
+prints one JSON line when every answer is in: `{"results": [[sent ms, answered ms, status,
+code], ...], "cpu_seconds": s}`.
+
+They fire at the start exactly, not before: the service and the shoppers read the same
+clock, so a request sent at the start is processed after it, and every 409 `sale_not_started`
+in the report is a clock disagreement, not a shopper's impatience.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import resource
+import sys
+
+import uvloop
+
+from bench.rawhttp import Connection, now_ms, request_bytes
+
+_CODE = re.compile(rb'"code":"([a-z_]+)"')
+
+
+async def main(host: str, port: int, count: int, start_ms: float, body: bytes) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    connections: list[Connection] = []
+    for start in range(0, count, 200):  # in batches: the listen backlog is finite
+        connections += await asyncio.gather(
+            *(Connection.open(host, port) for _ in range(start, min(start + 200, count)))
+        )
+    print(f"ready {count}", flush=True)
+    request = request_bytes("POST", "/api/reservations", f"{host}:{port}", body)
+
+    # asyncio's timers are about a millisecond coarse: sleep to just before, then spin.
+    delay = (start_ms - now_ms()) / 1000 - 0.005
+    if delay > 0:
+        await asyncio.sleep(delay)
+    while now_ms() < start_ms:
+        pass
+    sent, futures = [], []
+    for connection in connections:
+        sent.append(now_ms())
+        futures.append(connection.send(request))
+    await asyncio.wait(futures, timeout=120)
+
+    results = []
+    for at, connection, future in zip(sent, connections, futures, strict=True):
+        response = future.result() if future.done() else None
+        status = response.status if response else 0
+        code = ""
+        if response is not None and status >= 400:
+            found = _CODE.search(response.body)
+            code = found.group(1).decode() if found else ""
+        answered = connection.answered_at if response else 0.0
+        results.append([round(at, 2), round(answered, 2), status, code])
+        connection.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"results": results, "cpu_seconds": usage.ru_utime + usage.ru_stime}))
+    await asyncio.sleep(0.05)  # let the closes go out
+
+
+if __name__ == "__main__":
+    host, port, count, start_ms, body = sys.argv[1:6]
+    uvloop.run(main(host, int(port), int(count), float(start_ms), body.encode()))
