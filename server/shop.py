@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -71,6 +72,11 @@ class Shop:
         self._hold_ms = hold_ms
         self._publish = publish
         self._scheduler = scheduler
+        # Units asked for by reservations waiting for the database, by product; and the
+        # Idempotency-Keys among them (a retry of one of those must join it, not be refused).
+        self._promised: Counter[int] = Counter()
+        self._keys_waiting: Counter[str] = Counter()
+        self._promises: set[int] = set()  # id() of the requests counted in them
         self._holds: GroupCommit[HoldRequest, Held] = GroupCommit(
             self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
         )
@@ -96,14 +102,44 @@ class Shop:
         now = now_ms()
         if product.sale_starts_at is not None and product.sale_starts_at > now:
             raise SaleNotStarted(product.sale_starts_at)
-        if product.available_stock < request.quantity:
+        key = request.idempotency_key
+        # Units not yet promised to the requests of this process already waiting for the
+        # database: in a storm the first hundred requests promise the last hundred units,
+        # and the thousands behind them are answered now, not after a queue of batches.
+        left = product.available_stock - self._promised.get(product.id, 0)
+        if left < request.quantity and not (key is not None and key in self._keys_waiting):
             # Too late, as far as this process knows (its view is milliseconds old): answer
             # without a write lock. A retried request with a key may have been served.
             replay = await self._replay(request)
             if replay is not None:
                 return replay
-            raise InsufficientStock(product.available_stock, request.quantity)
-        return await self._holds.submit(request)
+            raise InsufficientStock(max(left, 0), request.quantity)
+        self._promise(request)
+        try:
+            return await self._holds.submit(request)
+        finally:
+            self._release(request)
+
+    def _promise(self, request: HoldRequest) -> None:
+        self._promises.add(id(request))
+        self._promised[request.product_id] += request.quantity
+        if request.idempotency_key is not None:
+            self._keys_waiting[request.idempotency_key] += 1
+
+    def _release(self, request: HoldRequest) -> None:
+        """Once, when the request's batch has committed (the catalog then has the stock it
+        took) or failed."""
+        if id(request) not in self._promises:
+            return
+        self._promises.discard(id(request))
+        self._promised[request.product_id] -= request.quantity
+        if not self._promised[request.product_id]:
+            del self._promised[request.product_id]
+        key = request.idempotency_key
+        if key is not None:
+            self._keys_waiting[key] -= 1
+            if not self._keys_waiting[key]:
+                del self._keys_waiting[key]
 
     async def _replay(self, request: HoldRequest) -> Held | None:
         if request.idempotency_key is None:
@@ -145,6 +181,8 @@ class Shop:
                 # (PostgreSQL only). Try again: this time we will find it.
                 if attempt == 2:
                     raise
+        for request in requests:
+            self._release(request)
         self._after_commit(events)
         if self._scheduler is not None:
             self._scheduler.schedule(

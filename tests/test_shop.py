@@ -1,0 +1,99 @@
+"""The service layer's storm path: reservations the database could not grant anyway are
+answered at once, without waiting behind the ones it will."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from server.catalog import Catalog
+from server.database import Store
+from server.errors import DatabaseBusy, InsufficientStock
+from server.model import HoldRequest
+from server.shop import Shop
+from tests.support import assert_invariant, make_product
+from tests.test_database import write_lock_held_elsewhere
+
+
+@pytest.fixture
+async def shop_with_catalog(store: Store) -> AsyncIterator[Shop]:
+    catalog = Catalog()
+    shop = Shop(store, hold_ms=120_000, publish=lambda events: None, catalog=catalog)
+    await shop.start()
+    await catalog.reload(store)
+    yield shop
+    await shop.stop()
+
+
+async def test_requests_beyond_the_units_promised_are_refused_before_the_database_answers(
+    store: Store, shop_with_catalog: Shop, database_url: str
+) -> None:
+    shop = shop_with_catalog
+    product = await make_product(store, 100)
+    assert shop.catalog is not None
+    await shop.catalog.reload(store)
+
+    async with write_lock_held_elsewhere(database_url, product.id):
+        # The database cannot commit anything now: the first hundred wait for it, and
+        # the fifty behind them, for whom no unit is left, are answered meanwhile.
+        tasks = [asyncio.create_task(shop.reserve(HoldRequest(product.id, 1))) for _ in range(150)]
+        await asyncio.wait(tasks, timeout=2)
+        refused = [t for t in tasks if t.done()]
+        assert len(refused) == 50
+        for task in refused:
+            error = task.exception()
+            assert isinstance(error, InsufficientStock)
+            assert error.message == "Sold out: no units are left."
+        assert all(not t.done() for t in tasks[:100])
+
+    held = await asyncio.gather(*tasks[:100])
+    assert len({h.reservation.id for h in held}) == 100
+    stats = await assert_invariant(store, product.id)
+    assert (stats.available, stats.held) == (0, 100)
+
+
+async def test_a_retry_of_a_waiting_request_joins_it_even_with_nothing_left_to_promise(
+    store: Store, shop_with_catalog: Shop, database_url: str
+) -> None:
+    shop = shop_with_catalog
+    product = await make_product(store, 1)
+    assert shop.catalog is not None
+    await shop.catalog.reload(store)
+
+    async with write_lock_held_elsewhere(database_url, product.id):
+        first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1, "click-1")))
+        retry = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1, "click-1")))
+        other = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1, "click-2")))
+        await asyncio.wait([other], timeout=2)
+        assert other.done()
+        assert isinstance(other.exception(), InsufficientStock)
+        assert not first.done()
+        assert not retry.done()
+
+    one, again = await first, await retry
+    assert one.reservation.id == again.reservation.id
+    assert again.replayed
+    assert (await assert_invariant(store, product.id)).held == 1
+
+
+async def test_units_promised_to_a_batch_that_failed_are_offered_again(
+    database_url: str,
+) -> None:
+    store = Store(database_url, busy_timeout_ms=200)
+    await store.connect()
+    catalog = Catalog()
+    shop = Shop(store, hold_ms=120_000, publish=lambda events: None, catalog=catalog)
+    await shop.start()
+    try:
+        product = await make_product(store, 1)
+        await catalog.reload(store)
+        async with write_lock_held_elsewhere(database_url, product.id):
+            with pytest.raises(DatabaseBusy):
+                await shop.reserve(HoldRequest(product.id, 1))
+        held = await shop.reserve(HoldRequest(product.id, 1))
+        assert held.reservation.quantity == 1
+    finally:
+        await shop.stop()
+        await store.close()
