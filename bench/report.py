@@ -62,6 +62,14 @@ def _storm_5xx(config: dict[str, Any]) -> tuple[str, bool] | None:
     )
 
 
+def _storm_latency(config: dict[str, Any]) -> tuple[str, bool] | None:
+    s = config.get("storm")
+    if s is None:
+        return None
+    p99 = s["latency_ms"].get("p99")
+    return f"p99 {p99} ms", p99 is not None and p99 < 250
+
+
 def _storm_sockets(config: dict[str, Any]) -> tuple[str, bool] | None:
     s = config.get("storm")
     if s is None:
@@ -101,6 +109,7 @@ def _steady_5xx(config: dict[str, Any]) -> tuple[str, bool] | None:
 GOALS = [
     Goal("storm", "units held == the stock (100): never oversold", _storm_held),
     Goal("storm", "no 5xx, every shopper answered", _storm_5xx),
+    Goal("storm", "reservation latency p99 under 250 ms", _storm_latency),
     Goal("storm", "every socket shows 0 left within 1 s of the start", _storm_sockets),
     _share_goal("(a) reserve, ample stock", 0.30, 25),
     _share_goal("(b) reserve, sold out", 0.50),
