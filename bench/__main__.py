@@ -305,20 +305,28 @@ def run_config(
                 result["wave"] = wave.run_sync(
                     db_url, redis.url, holds=size.holds, bucket_ms=settings.expiry_bucket_ms
                 )
-            runs = []
-            for count in fanout_sizes:
-                progress.step(f"{config.label} · fan-out to {count:,} sockets")
+        runs = []
+        for count in fanout_sizes:
+            progress.step(f"{config.label} · fan-out to {count:,} sockets")
+            # A service of its own: memory per socket is read against a fresh process.
+            with stack.service(
+                db_url,
+                redis.url,
+                work / f"fanout-{count}",
+                web_concurrency=config.web_concurrency,
+                **{"HOLD_SECONDS": "3600", "LOG_LEVEL": log_level, **overrides},
+            ) as fresh:
                 runs.append(
                     fanout.run(
-                        service,
+                        fresh,
                         sockets=count,
                         client_processes=max(1, min(4, count // 1_000)),
                         throughput_seconds=size.seconds,
                         rounds=size.fanout_rounds,
                     )
                 )
-            if runs:
-                fanned = {"label": config.label, "config": config.name, "runs": runs}
+        if runs:
+            fanned = {"label": config.label, "config": config.name, "runs": runs}
         if "steady" in scenarios:
             progress.step(
                 f"{config.label} · steady shop ({size.steady_seconds:g} s, "
