@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -176,6 +177,18 @@ class Service:
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def new_product(self, stock: int, **fields: object) -> dict[str, Any]:
+        """A product made through the operator API, as a shop would make it."""
+        async with self.client() as client:
+            response = await client.post(
+                "/api/admin/products",
+                json={"name": "Test product", "price": 10, "stock": stock, **fields},
+                headers=self.admin_headers(),
+            )
+        assert response.status_code == 201, response.text
+        body: dict[str, Any] = response.json()
+        return body
 
 
 @contextmanager

@@ -57,18 +57,6 @@ def storm_client(service: Service, connections: int = 100) -> httpx.AsyncClient:
     )
 
 
-async def new_product(service: Service, stock: int) -> Body:
-    async with service.client() as client:
-        response = await client.post(
-            "/api/admin/products",
-            json={"name": "Drill", "price": 10, "stock": stock},
-            headers=service.admin_headers(),
-        )
-    assert response.status_code == 201, response.text
-    body: Body = response.json()
-    return body
-
-
 async def reserve(client: httpx.AsyncClient, product_id: int, quantity: int = 1) -> httpx.Response:
     return await client.post(
         "/api/reservations", json={"productId": product_id, "quantity": quantity}
@@ -339,7 +327,7 @@ async def test_a_web_process_killed_mid_storm_leaves_no_half_written_hold(
             return found if len(found) == 2 and but_not not in found else None
 
         workers: list[int] = await until(two_workers, "uvicorn's two workers")
-        product = await new_product(service, 100_000)
+        product = await service.new_product(100_000)
         async with storm_client(service) as client:
             storm = Storm(client, product["id"], lanes=40)
             try:
@@ -436,7 +424,7 @@ async def test_a_redis_restart_mid_storm_loses_no_hold_and_everything_recovers(
         ) as service,
         stopped_on_exit(service.worker),
     ):  # fmt: skip
-        product = await new_product(service, stock)
+        product = await service.new_product(stock)
         async with socket_to(service) as ws, storm_client(service) as client:
             storm = Storm(client, product["id"], lanes=20)
             try:
@@ -502,7 +490,7 @@ async def test_a_database_held_from_outside_answers_503_in_time_then_serves_agai
         database_url, redis_url, tmp_path / "logs",
         web_concurrency=1, DB_BUSY_TIMEOUT_MS=str(BUSY_TIMEOUT_MS),
     ) as service:  # fmt: skip
-        product = await new_product(service, 10)
+        product = await service.new_product(10)
         async with service.client() as client:
             async with outside_writer(database_url, product["id"]):
                 started = time.monotonic()
@@ -541,7 +529,7 @@ async def test_past_the_in_flight_limit_requests_get_503_at_once_and_health_is_a
         store.url, redis_url, tmp_path / "logs", worker=False,
         web_concurrency=1, MAX_IN_FLIGHT=str(limit), DB_BUSY_TIMEOUT_MS="15000",
     ) as service:  # fmt: skip
-        product = await new_product(service, 100)
+        product = await service.new_product(100)
         async with storm_client(service) as client:
             async with outside_writer(store.url, product["id"]):
                 requests = [
@@ -627,7 +615,7 @@ async def test_on_sigterm_web_finishes_the_request_in_flight_and_exits(
         store.url, redis_url, tmp_path / "logs", worker=False,
         web_concurrency=web_concurrency, DB_BUSY_TIMEOUT_MS="15000",
     ) as service:  # fmt: skip
-        product = await new_product(service, 10)
+        product = await service.new_product(10)
         async with sigterm_with_a_request_in_flight(service, store.url, product["id"]) as request:
             pass
         # Released: the request in flight gets its proper answer...
@@ -657,7 +645,7 @@ async def test_on_sigterm_new_connections_are_refused_not_left_hanging(
         store.url, redis_url, tmp_path / "logs", worker=False,
         web_concurrency=web_concurrency, DB_BUSY_TIMEOUT_MS="15000",
     ) as service:  # fmt: skip
-        product = await new_product(service, 10)
+        product = await service.new_product(10)
         async with sigterm_with_a_request_in_flight(service, store.url, product["id"]):
             # While it drains, a new client is refused at once (and can go elsewhere).
             outcome = await asyncio.to_thread(new_connection_outcome, service.port, 3.0)

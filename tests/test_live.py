@@ -114,23 +114,11 @@ async def reserve(service: Service, product_id: int, quantity: int = 1) -> dict[
     return body
 
 
-async def new_product(service: Service, stock: int) -> dict[str, Any]:
-    async with service.client() as client:
-        response = await client.post(
-            "/api/admin/products",
-            json={"name": "Live", "price": 5, "stock": stock},
-            headers=service.admin_headers(),
-        )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 async def test_a_socket_opens_with_a_snapshot(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with two_services(database_url, redis_url, tmp_path) as (a, _):
-        product = await new_product(a, 7)
+        product = await a.new_product(7)
         async with socket_to(a) as ws:
             (snapshot,) = await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
         assert snapshot["serverTime"].endswith("Z")
@@ -143,7 +131,7 @@ async def test_a_change_through_one_process_reaches_clients_of_both(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="120") as (a, b):
-        product = await new_product(a, 10)
+        product = await a.new_product(10)
         async with socket_to(a) as on_a, socket_to(b) as on_b:
             await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
             held = await reserve(a, product["id"], 3)
@@ -157,7 +145,7 @@ async def test_an_expiry_by_the_worker_reaches_clients_of_both(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="0.5") as (a, b):
-        product = await new_product(a, 10)
+        product = await a.new_product(10)
         async with socket_to(a) as on_a, socket_to(b) as on_b:
             await on_a.frames.wait_for(lambda f: f["type"] == "snapshot")
             await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
@@ -171,7 +159,7 @@ async def test_a_watcher_hears_its_hold_expire_complete_and_cancel(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="1") as (a, b):
-        product = await new_product(a, 10)
+        product = await a.new_product(10)
         to_expire = await reserve(a, product["id"])
         async with socket_to(b) as ws:
             await ws.send({"type": "watch", "reservations": [to_expire["id"]]})
@@ -195,7 +183,7 @@ async def test_after_a_redis_restart_clients_get_what_they_missed_and_what_follo
     database_url: str, own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     with two_services(database_url, own_redis.url, tmp_path, HOLD_SECONDS="120") as (a, b):
-        product = await new_product(a, 10)
+        product = await a.new_product(10)
         async with socket_to(a) as on_a, socket_to(b) as on_b:
             await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
             own_redis.stop()
@@ -252,7 +240,7 @@ async def test_a_client_that_never_reads_delays_no_one_and_is_closed(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with two_services(database_url, redis_url, tmp_path, WS_PING_SECONDS="1") as (a, _):
-        product = await new_product(a, 1_000)
+        product = await a.new_product(1_000)
         stuck = _raw_websocket(a)
         try:
             async with socket_to(a) as healthy:
@@ -338,7 +326,7 @@ async def test_polling_gets_304_while_nothing_changes(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with two_services(database_url, redis_url, tmp_path) as (a, b):
-        product = await new_product(a, 5)
+        product = await a.new_product(5)
         async with b.client() as client:
             first = await client.get("/api/products")
             etag = first.headers["etag"]

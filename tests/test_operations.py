@@ -52,18 +52,6 @@ async def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float
     return samples(response.text)
 
 
-async def new_product(service: Service, stock: int) -> int:
-    async with service.client() as client:
-        response = await client.post(
-            "/api/admin/products",
-            json={"name": "Metered", "price": 1, "stock": stock},
-            headers=service.admin_headers(),
-        )
-    assert response.status_code == 201, response.text
-    product_id: int = response.json()["id"]
-    return product_id
-
-
 async def reserve_on_a_new_connection(service: Service, product_id: int) -> httpx.Response:
     """One request per connection, so the kernel spreads them over the uvicorn workers."""
     async with service.client() as client:
@@ -81,8 +69,8 @@ async def test_metrics_add_up_over_the_web_processes(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with running(database_url, redis_url, tmp_path / "logs", web_concurrency=2) as service:
-        product_id = await new_product(service, 1_000)
-        sold_out = await new_product(service, 0)
+        product_id = (await service.new_product(1_000))["id"]
+        sold_out = (await service.new_product(0))["id"]
         answered_by: Counter[str] = Counter()
         held = 0
         # Until both processes have answered some (and at least 20 in all).
@@ -120,7 +108,7 @@ async def test_the_worker_serves_its_own_metrics(
     with running(
         database_url, redis_url, tmp_path / "logs", web_concurrency=1, HOLD_SECONDS="0.5"
     ) as service:
-        product_id = await new_product(service, 10)
+        product_id = (await service.new_product(10))["id"]
         response = await reserve_on_a_new_connection(service, product_id)
         assert response.status_code == 201
         url = f"http://127.0.0.1:{service.worker.env['WORKER_METRICS_PORT']}/metrics"
@@ -184,7 +172,7 @@ async def test_the_reservation_limit_holds_across_processes(
     with running(
         database_url, redis_url, tmp_path / "logs", web_concurrency=2, RESERVE_RATE_LIMIT="5/60"
     ) as service:
-        product_id = await new_product(service, 100)
+        product_id = (await service.new_product(100))["id"]
         # The limit counts per minute-long window: start well inside one.
         if time.time() % 60 > 50:
             await asyncio.sleep(60 - time.time() % 60)

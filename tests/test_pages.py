@@ -46,15 +46,23 @@ def _migrated_sqlite(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The whole service, for the pages of this module, with a Redis of its own: two
-    services on one Redis would share its job queue and its channel."""
-    work = tmp_path_factory.mktemp("site")
+    """The whole service, for the pages of this module."""
+    yield from _serve(tmp_path_factory.mktemp("site"))
+
+
+def _serve(work: Path, *, worker: bool = True, **settings: str) -> Iterator[Service]:
+    """A service with a Redis of its own: two services on one Redis would share its job
+    queue and its channel."""
     redis = EmbeddedRedis(work / "redis", persist=False)
     redis.start()
     service = Service(
-        _migrated_sqlite(work / "shop.db"), redis.url, work / "logs", web_concurrency=1
+        _migrated_sqlite(work / "shop.db"),
+        redis.url,
+        work / "logs",
+        web_concurrency=1,
+        **settings,
     )
-    service.start()
+    service.start(worker=worker)
     yield service
     service.stop()
     redis.stop()
@@ -288,20 +296,7 @@ async def test_refusals_are_sentences(browser: Browser, site: Service) -> None:
 @pytest.fixture(scope="module")
 def limited_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A service that lets each client make one reservation per 5 seconds."""
-    work = tmp_path_factory.mktemp("limited")
-    redis = EmbeddedRedis(work / "redis", persist=False)
-    redis.start()
-    service = Service(
-        _migrated_sqlite(work / "shop.db"),
-        redis.url,
-        work / "logs",
-        web_concurrency=1,
-        RESERVE_RATE_LIMIT="1/5",
-    )
-    service.start(worker=False)
-    yield service
-    service.stop()
-    redis.stop()
+    yield from _serve(tmp_path_factory.mktemp("limited"), worker=False, RESERVE_RATE_LIMIT="1/5")
 
 
 async def test_too_many_reservations_is_a_sentence_and_the_page_waits(
