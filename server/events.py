@@ -78,7 +78,6 @@ class Publisher(Drainer):
         self._products: dict[int, Product] = {}
         self._stock: dict[int, Product] = {}
         self._reservations: dict[str, ReservationChanged] = {}
-        self.published = 0
         self.failures = 0
         self.dropped = 0
 
@@ -125,7 +124,6 @@ class Publisher(Drainer):
                 _keep_newest(self._stock, product)
             self._reservations = {**reservations, **self._reservations}
             return 0.5
-        self.published += len(frames)
         EVENTS_PUBLISHED.inc(len(frames))
         return None
 

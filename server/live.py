@@ -157,9 +157,7 @@ class Hub:
         self._flush_cost = 0.0
         self._budget = FANOUT_BURST  # seconds of fan-out that may be spent now
         self._budget_at = 0.0  # loop time when the budget was last topped up
-        self.flushes = 0
         self.dropped = 0
-        self.refused_full = 0
 
     @property
     def full(self) -> bool:
@@ -269,7 +267,6 @@ class Hub:
         for reservation_id, text in reservations:
             for client in list(self._watchers.get(reservation_id, ())):
                 client.offer(("reservation", reservation_id), text)
-        self.flushes += 1
         self._last_flush = loop.time()
         self._flush_cost = self._last_flush - started
         # Debt beyond the budget is not carried: past MAX_FLUSH_GAP it is spent anyway.
@@ -322,7 +319,6 @@ async def live_updates(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     if hub.full:
-        hub.refused_full += 1
         await websocket.close(TRY_AGAIN_LATER, "too many connections here; try again")
         return
     client = hub.join(websocket)

@@ -42,18 +42,18 @@ class Observed:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        request_id = self._request_id(scope["headers"])
         if self.in_flight >= self.max_in_flight and path not in NEVER_REFUSED:
-            OVERLOADED.inc()
+            DEFERRED.inc(OVERLOADED)  # a storm of refusals must stay cheap
             response = error_response(
                 503,
                 "overloaded",
                 "The shop is very busy right now; please try again in a moment.",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": "1", "X-Request-ID": request_id.decode()},
             )
             await response(scope, receive, send)
             return
 
-        request_id = self._request_id(scope["headers"])
         status = 500
         started = time.perf_counter()
 

@@ -4,7 +4,7 @@ web process (and machine).
 A fixed window per client: `INCR` a counter named after the client and the window, set to
 expire with it. The client is the address uvicorn reports, which behind a load balancer is
 the forwarded one once `FORWARDED_ALLOW_IPS` names the balancer. If Redis cannot be reached
-the limit is not applied (counted, and logged): a shop would rather sell than refuse
+the limit is not applied (and a warning logged): a shop would rather sell than refuse
 everyone.
 """
 
@@ -26,7 +26,6 @@ class RateLimiter:
         self._redis = redis
         self._count = count
         self._per = per_seconds
-        self.unchecked = 0
 
     async def retry_after(self, client: str) -> int | None:
         """None if `client` may reserve now; otherwise the seconds until it may."""
@@ -39,7 +38,6 @@ class RateLimiter:
                 pipe.expire(key, self._per * 2)
                 used, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
-            self.unchecked += 1
             logger.warning("rate limit not checked (Redis: %s)", exc)
             return None
         if int(used) <= self._count:

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import asyncpg
+import httpx
+
 from server import inventory
+from server.app import create_app
 from server.clock import now_ms
-from server.database import Store
+from server.database import Store, sqlite_path
 from server.inventory import Stats
 from server.model import HoldRequest, Product, Reservation
+from server.settings import Settings
 
 T = TypeVar("T")
 
@@ -96,3 +103,42 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def write_lock_held_elsewhere(database_url: str, product_id: int) -> AsyncIterator[None]:
+    """A long write transaction from outside the service (another process, in real life),
+    until the block ends: on SQLite the file's write lock (`BEGIN IMMEDIATE`), on
+    PostgreSQL the product's row."""
+    if database_url.startswith("sqlite"):
+        conn = sqlite3.connect(sqlite_path(database_url), timeout=10, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            conn.rollback()
+            conn.close()
+        return
+    pg = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        transaction = pg.transaction()
+        await transaction.start()
+        await pg.fetch("SELECT id FROM products WHERE id = $1 FOR UPDATE", product_id)
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+    finally:
+        await pg.close()
+
+
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in this process, started as uvicorn would start it, and a client for it."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://shop.test"
+        ) as client,
+    ):
+        yield client

@@ -10,13 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from server.app import create_app
 from server.clock import now_ms
 from server.database import Store
 from server.embedded_redis import EmbeddedRedis
 from server.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
 from server.settings import Settings
-from tests.support import assert_invariant, hold, make_product, stats
+from tests.support import assert_invariant, hold, make_product, serve, stats
 
 TOKEN = "operator-secret"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -51,17 +50,6 @@ def app_settings(database_url: str, redis_url: str, **overrides: Any) -> Setting
     }
     fields.update(overrides)
     return Settings(**fields)
-
-
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://shop.test"
-        ) as client,
-    ):
-        yield client
 
 
 @pytest.fixture

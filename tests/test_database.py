@@ -4,19 +4,15 @@ anything but the database, and give up with DatabaseBusy when someone else holds
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from server import migrate
-from server.database import Executor, Store, sqlite_path
+from server.database import Executor, Store
 from server.errors import DatabaseBusy
-from tests.support import make_product, stats
+from tests.support import make_product, stats, write_lock_held_elsewhere
 
 
 class Boom(Exception):
@@ -77,30 +73,6 @@ async def test_a_sqlite_write_may_not_wait_on_anything_but_the_database(
         assert (await stats(store, product.id)).available == 5
     finally:
         await store.close()
-
-
-@asynccontextmanager
-async def write_lock_held_elsewhere(database_url: str, product_id: int) -> AsyncIterator[None]:
-    """Another connection (another process, in real life) in a long write transaction."""
-    if database_url.startswith("sqlite"):
-        other = sqlite3.connect(sqlite_path(database_url), isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("UPDATE products SET version = version WHERE id = ?", (product_id,))
-        try:
-            yield
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
-        return
-    conn = await asyncpg.connect(database_url)
-    transaction = conn.transaction()
-    await transaction.start()
-    await conn.execute("UPDATE products SET version = version WHERE id = $1", product_id)
-    try:
-        yield
-    finally:
-        await transaction.rollback()
-        await conn.close()
 
 
 async def test_a_held_write_lock_gives_database_busy_within_the_timeout(

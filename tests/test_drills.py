@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import socket
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,7 +21,6 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from pydantic_core import from_json
@@ -33,14 +31,19 @@ from websockets.exceptions import ConnectionClosed
 from server import inventory
 from server.clock import now_ms
 from server.constants import HEALTH_CHECK_KEY, expire_due_job_id
-from server.database import Store, sqlite_path
+from server.database import Store
 from server.embedded_redis import EmbeddedRedis
 from server.expiry import ExpiryScheduler, due_time
 from server.model import HoldRequest
 from server.redis_client import redis_client
 from tests.events import FrameLog
 from tests.service import Process, Service, running
-from tests.support import assert_invariant, eventually, make_product
+from tests.support import (
+    assert_invariant,
+    eventually,
+    make_product,
+    write_lock_held_elsewhere,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -132,32 +135,6 @@ async def worker_busy_retries(service: Service) -> float:
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(f"http://127.0.0.1:{port}/metrics")
     return metric(response.text, *BUSY_RETRIES)
-
-
-@asynccontextmanager
-async def outside_writer(database_url: str, product_id: int) -> AsyncIterator[None]:
-    """A long write transaction from outside the service, until the block ends: on SQLite
-    the file's write lock (`BEGIN IMMEDIATE`), on PostgreSQL the product's row."""
-    if database_url.startswith("sqlite"):
-        conn = sqlite3.connect(sqlite_path(database_url), timeout=10, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            yield
-        finally:
-            conn.rollback()
-            conn.close()
-        return
-    pg = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        transaction = pg.transaction()
-        await transaction.start()
-        await pg.fetch("SELECT id FROM products WHERE id = $1 FOR UPDATE", product_id)
-        try:
-            yield
-        finally:
-            await transaction.rollback()
-    finally:
-        await pg.close()
 
 
 async def until(check: Callable[[], Awaitable[Any]], what: str, within: float = 15.0) -> Any:
@@ -492,7 +469,7 @@ async def test_a_database_held_from_outside_answers_503_in_time_then_serves_agai
     ) as service:  # fmt: skip
         product = await service.new_product(10)
         async with service.client() as client:
-            async with outside_writer(database_url, product["id"]):
+            async with write_lock_held_elsewhere(database_url, product["id"]):
                 started = time.monotonic()
                 refused = await asyncio.gather(*(reserve(client, product["id"]) for _ in range(3)))
                 waited = time.monotonic() - started
@@ -531,7 +508,7 @@ async def test_past_the_in_flight_limit_requests_get_503_at_once_and_health_is_a
     ) as service:  # fmt: skip
         product = await service.new_product(100)
         async with storm_client(service) as client:
-            async with outside_writer(store.url, product["id"]):
+            async with write_lock_held_elsewhere(store.url, product["id"]):
                 requests = [
                     asyncio.create_task(reserve(client, product["id"])) for _ in range(fired)
                 ]
@@ -549,6 +526,7 @@ async def test_past_the_in_flight_limit_requests_get_503_at_once_and_health_is_a
                     assert response.status_code == 503, response.text
                     assert response.json()["code"] == "overloaded"
                     assert response.headers["retry-after"].isdigit()
+                    assert response.headers["x-request-id"]  # refused, but still traceable
                 # Still at the limit: health is answered, anything else refused.
                 for path in ("/healthz", "/readyz"):
                     assert (await client.get(path)).status_code == 200, path
@@ -577,7 +555,7 @@ async def sigterm_with_a_request_in_flight(
     the block runs while uvicorn waits for it, and the lock is released when it ends."""
     baseline = await web_busy_retries(service)
     async with service.client() as client:
-        async with outside_writer(database_url, product_id):
+        async with write_lock_held_elsewhere(database_url, product_id):
             in_flight = asyncio.create_task(reserve(client, product_id, 3))
 
             async def waiting_on_the_lock() -> bool:
@@ -691,7 +669,7 @@ async def test_on_sigterm_the_worker_finishes_the_job_in_hand(
         )  # fmt: skip
         baseline = await worker_busy_retries(service)
         in_progress = f"arq:in-progress:{expire_due_job_id(due_time(due, 100))}"
-        async with outside_writer(database_url, product.id):
+        async with write_lock_held_elsewhere(database_url, product.id):
 
             async def job_waiting_on_the_lock() -> bool:
                 return bool(

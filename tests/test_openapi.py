@@ -42,6 +42,7 @@ from server.pages import SECURITY_HEADERS
 from server.schemas import WatchMessage
 from server.settings import Settings
 from tests.service import Service, running
+from tests.support import serve
 
 Operation = APIOperation[Any, Any, Any, Any]
 MAX_QUANTITY = 10
@@ -145,15 +146,8 @@ def test_what_the_document_declares_agrees_with_the_service(spec: dict[str, Any]
 
 @pytest.fixture
 async def client(database_url: str, redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(
-        Settings(database_url=database_url, redis_url=redis_url, max_quantity=MAX_QUANTITY)
-    )
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://shop.test"
-        ) as client,
-    ):
+    settings = Settings(database_url=database_url, redis_url=redis_url, max_quantity=MAX_QUANTITY)
+    async for client in serve(settings):
         yield client
 
 

@@ -13,8 +13,7 @@ from server.database import Store
 from server.errors import DatabaseBusy, InsufficientStock
 from server.model import HoldRequest
 from server.shop import Shop
-from tests.support import assert_invariant, make_product
-from tests.test_database import write_lock_held_elsewhere
+from tests.support import assert_invariant, make_product, write_lock_held_elsewhere
 
 
 @pytest.fixture
