@@ -7,6 +7,13 @@ web process). Each configuration starts its own Redis, a fresh database (SQLite,
 database created beside the PostgreSQL one named, dropped afterwards), the web and worker
 processes from the Procfile, and the bare Starlette baseline under the same uvicorn command.
 Results go to bench/results/<time>/: report.md, results.json and PNG charts.
+
+`bin/bench history` (not part of the default run: it takes about 20 minutes with PostgreSQL)
+measures what a month of sales costs: on each configuration (SQLite, W=1, and PostgreSQL,
+W=1, when a URL is given) it runs the paths (with (d), completing holds), the expiry wave,
+pages opening /ws and the operator console's requests on an empty database, then again on
+databases loaded with 100,000 and 1,000,000 past holds (bench/history.py), and reports each
+figure beside the empty database's of the same run.
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import charts, fanout, paths, stack, steady, storm, wave, wrk
+import httpx
+
+from bench import charts, fanout, history, paths, stack, steady, storm, wave, wrk
 from bench.report import evaluate, markdown
 from server.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ["storm", "paths", "wave", "steady", "fanout"]
+DEFAULT_SCENARIOS = ["storm", "paths", "wave", "steady", "fanout"]
+SCENARIOS = [*DEFAULT_SCENARIOS, "history"]
 CONFIGS = ["sqlite-w1", "sqlite-w2", "postgresql-w1", "postgresql-w2"]
 
 
@@ -64,6 +74,9 @@ class Sizes:
     storm_lead: float | None
     steady_seconds: float
     steady_hold_seconds: float
+    history_holds: list[int]  # past holds to load, after the empty run
+    history_products: int  # 0: one per 100 holds
+    socket_seconds: float  # pages opening /ws, in the history scenario
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +89,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+        help=f"any of {', '.join(SCENARIOS)} (default, or all: every one but history)",
     )
     parser.add_argument(
         "--configs",
@@ -120,12 +133,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steady-hold-seconds", type=float, help="HOLD_SECONDS in the steady shop (default 10)"
     )
+    parser.add_argument(
+        "--history-holds",
+        type=int,
+        nargs="*",
+        help="past holds to load for the history scenario (default 100,000 1,000,000; quick "
+        "2,000 20,000)",
+    )
+    parser.add_argument(
+        "--history-products",
+        type=int,
+        default=0,
+        help="products the past holds are spread over (default: one per 100 holds)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.scenarios) - {*SCENARIOS, "all"}
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {SCENARIOS}")
     if not args.scenarios or "all" in args.scenarios:
-        args.scenarios = SCENARIOS
+        args.scenarios = sorted(
+            {*DEFAULT_SCENARIOS, *(s for s in args.scenarios if s != "all")}, key=SCENARIOS.index
+        )
     postgres = args.database_url.startswith("postgres")
     if args.configs:
         args.configs = [Config.parse(c.strip()) for c in args.configs.split(",") if c.strip()]
@@ -165,6 +193,9 @@ def sizes(args: argparse.Namespace) -> Sizes:
         storm_lead=args.storm_lead,
         steady_seconds=pick(args.steady_seconds, 60.0, 8.0),
         steady_hold_seconds=pick(args.steady_hold_seconds, 10.0, 3.0),
+        history_holds=pick(args.history_holds, [100_000, 1_000_000], [2_000, 20_000]),
+        history_products=args.history_products,
+        socket_seconds=5.0 if not quick else 2.0,
     )
 
 
@@ -195,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     settings = Settings()
-    per_config = [s for s in args.scenarios if s != "fanout"]
+    per_config = [s for s in args.scenarios if s not in ("fanout", "history")]
     fanout_sizes = size.sockets if "fanout" in args.scenarios else []
-    progress = Progress(len(args.configs) * (1 + len(per_config)) + len(fanout_sizes))
+    history_runs = (1 + len(size.history_holds)) if "history" in args.scenarios else 0
+    progress = Progress(
+        (len(args.configs) * (1 + len(per_config)) if per_config or fanout_sizes else 0)
+        + len(fanout_sizes)
+        + len(args.configs) * history_runs * HISTORY_STEPS
+    )
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -214,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     started = time.monotonic()
-    for index, config in enumerate(args.configs):
+    for index, config in enumerate(args.configs if per_config or fanout_sizes else []):
         result = run_config(
             config,
             per_config,
@@ -229,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         report["configs"].append(result["config"])
         if "fanout" in result:
             report["fanout"] = result["fanout"]
+    if history_runs:
+        for config in args.configs:
+            report["configs"] += run_history(
+                config, args.database_url, size, settings, out / "work", progress, args.settings
+            )
     report["duration_s"] = round(time.monotonic() - started)
     report["goals"] = evaluate(report)
     drawn = charts.draw_all(report, out)
@@ -298,6 +339,7 @@ def run_config(
                     seconds=size.seconds,
                     connections=size.connections,
                     bare_before=before,
+                    database_url=db_url,
                 )
                 after = next(r for r in result["paths"] if r["scenario"].endswith("(after)"))
             if "wave" in scenarios:
@@ -367,6 +409,163 @@ def run_config(
     if fanned:
         fanned["bare_rps"] = round(bare_rps)
     return {"config": result, **({"fanout": fanned} if fanned else {})}
+
+
+HISTORY_STEPS = 4  # progress lines per database state: load and bare, wave, paths, pages
+
+
+def run_history(
+    config: Config,
+    database_url: str,
+    size: Sizes,
+    settings: Settings,
+    work: Path,
+    progress: Progress,
+    overrides: dict[str, str],
+) -> list[dict[str, Any]]:
+    """The history scenario on one configuration: the empty database first, then each
+    history size on a database of its own; every figure also as a share of the empty one's.
+    """
+    runs = []
+    for holds in [0, *size.history_holds]:
+        tag = "empty" if holds == 0 else f"h{holds}"
+        runs.append(
+            _history_run(
+                config,
+                holds,
+                database_url,
+                size,
+                settings,
+                work / f"{config.name}-{tag}",
+                progress,
+                overrides,
+            )
+        )
+    empty = runs[0]
+    for run in runs:
+        run["history"]["vs_empty"] = history_ratios(run, empty)
+    return runs
+
+
+def _history_run(
+    config: Config,
+    holds: int,
+    database_url: str,
+    size: Sizes,
+    settings: Settings,
+    work: Path,
+    progress: Progress,
+    overrides: dict[str, str],
+) -> dict[str, Any]:
+    work.mkdir(parents=True)
+    state = "an empty database" if not holds else f"{holds:,} past holds"
+    result: dict[str, Any] = {
+        "name": f"{config.name}-{'empty' if not holds else f'h{holds}'}",
+        "label": f"{config.label}, {'no history' if not holds else f'{holds:,} past holds'}",
+        "database": config.database,
+        "web_concurrency": config.web_concurrency,
+        "history": {"holds": holds},
+    }
+    url = database_url if config.database == "postgresql" else ""
+    log_level = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
+    bare_load = wrk.Load("/", connections=size.connections, seconds=size.seconds)
+    backlog: list[dict[str, Any]] = []
+    with (
+        stack.redis(work) as redis,
+        stack.fresh_database(url, work) as db_url,
+        stack.bare(work, web_concurrency=config.web_concurrency) as bare,
+    ):
+        progress.step(f"{config.label} · history: {state}, loading and bare endpoint")
+        if holds:
+            loaded = history.load(
+                db_url, history.History(holds=holds, products=size.history_products)
+            )
+            result["history"]["loaded"] = loaded.summary()
+            print(
+                f"  loaded {holds:,} holds over {len(loaded.products):,} products in "
+                f"{loaded.seconds:.1f} s; {loaded.keys_older_than_a_day:,} idempotency keys "
+                "older than a day",
+                flush=True,
+            )
+        before = wrk.run(bare.base_url, bare_load)
+        print(f"  {before.rps:,.0f} req/s, p99 {before.p99_us / 1000:.2f} ms", flush=True)
+        started = time.monotonic()
+
+        def note_backlog(at: str) -> None:
+            keys = history.key_backlog(db_url)
+            backlog.append({"at": at, "s": round(time.monotonic() - started, 1), "keys": keys})
+            print(f"  idempotency keys older than a day: {keys:,} ({at})", flush=True)
+
+        with stack.service(
+            db_url,
+            redis.url,
+            work,
+            web_concurrency=config.web_concurrency,
+            **{"HOLD_SECONDS": "3600", "LOG_LEVEL": log_level, **overrides},
+        ) as service:
+            started = time.monotonic()
+            note_backlog("service started")
+            progress.step(f"{config.label} · history: {state}, expiry wave")
+            result["wave"] = wave.run_sync(
+                db_url,
+                redis.url,
+                holds=size.holds,
+                bucket_ms=settings.expiry_bucket_ms,
+                lead_ms=10_000 if holds else wave.LEAD_MS,
+            )
+            note_backlog("after the wave")
+            progress.step(f"{config.label} · history: {state}, paths")
+            result["paths"] = paths.run(
+                service,
+                bare,
+                seconds=size.seconds,
+                connections=size.connections,
+                bare_before=before,
+                database_url=db_url,
+            )
+            note_backlog("after the paths")
+            progress.step(f"{config.label} · history: {state}, pages and operator console")
+            result["sockets"] = history.socket_connect_rate(
+                service.base_url + "/ws", seconds=size.socket_seconds
+            )
+            # The product with the most holds: the one (d) made its holds for, created last.
+            product_id = max(p["id"] for p in httpx.get(service.base_url + "/api/products").json())
+            result["operator"] = history.operator_latency(
+                service.base_url, service.admin_headers(), product_id
+            )
+            note_backlog("at the end")
+    result["history"]["key_backlog"] = backlog
+    after = next(r for r in result["paths"] if r["scenario"].endswith("(after)"))
+    result["bare"] = {
+        "before": round(before.rps),
+        "after": round(after["rps"]),
+        "rps": round((before.rps + after["rps"]) / 2),
+        "p99_us": before.p99_us,
+    }
+    for leftover in work.glob("bench.db*"):
+        leftover.unlink()
+    return result
+
+
+def history_ratios(run: dict[str, Any], empty: dict[str, Any]) -> dict[str, Any]:
+    """Each figure of `run` over the empty database's: paths as shares of each run's own
+    bare endpoint (so that a busier moment of the machine does not count), /ws connects
+    per second, wave lateness and operator latency (ms; > 1 is slower)."""
+    empty_paths = {r["scenario"]: r for r in empty["paths"]}
+    ratios: dict[str, Any] = {"paths": {}, "operator_p50": {}}
+    for row in run["paths"]:
+        base = empty_paths.get(row["scenario"])
+        if base is None or row["scenario"].startswith("bare"):
+            continue
+        ratios["paths"][row["scenario"]] = round(row["share_of_bare"] / base["share_of_bare"], 3)
+    share = run["sockets"]["per_second"] / run["bare"]["rps"]
+    empty_share = empty["sockets"]["per_second"] / empty["bare"]["rps"]
+    ratios["sockets"] = round(share / empty_share, 3) if empty_share else None
+    for name, latency in run["operator"].items():
+        base = empty["operator"].get(name)
+        if base:
+            ratios["operator_p50"][name] = round(latency["p50"] / max(base["p50"], 0.01), 1)
+    return ratios
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Scenario: the request paths under load, each as a share of the bare endpoint's rate.
 
 (a) reservations with ample stock, (b) reservations of a sold-out product, (c) the product
-list with and without If-None-Match, and the bare endpoint before and after, all at the same
-concurrency, in the same run.
+list with and without If-None-Match, (d) completing holds, each request a different ACTIVE
+hold (made beforehand, straight into the database), and the bare endpoint before and
+after, all at the same concurrency, in the same run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +18,16 @@ import httpx
 
 from bench import wrk
 from bench.stack import Bare, cpu_seconds
+from server import inventory
+from server.clock import now_ms
+from server.database import Store
+from server.model import HoldRequest
 from tests.service import Service
+
+# Holds made for (d): more than the path completes in its run (~5,000/s here), so that
+# every request completes a fresh one.
+COMPLETE_HOLDS_PER_SECOND = 8_000
+HOLD_BATCH = 1_000
 
 
 @dataclass
@@ -44,6 +56,25 @@ def _product(service: Service, stock: int) -> int:
     return product_id
 
 
+async def _make_holds(database_url: str, product_id: int, count: int) -> list[str]:
+    """`count` ACTIVE holds of one unit, an hour long, written straight to the database."""
+    store = Store(database_url)
+    await store.connect()
+    ids: list[str] = []
+    try:
+        for start in range(0, count, HOLD_BATCH):
+            requests = [HoldRequest(product_id, 1)] * min(HOLD_BATCH, count - start)
+            outcomes, _ = await store.write(
+                functools.partial(
+                    inventory.reserve, requests=requests, now=now_ms(), hold_ms=3_600_000
+                )
+            )
+            ids += [o.result().reservation.id for o in outcomes]
+    finally:
+        await store.close()
+    return ids
+
+
 def _measure(name: str, base_url: str, load: wrk.Load, pid: int | None) -> Row:
     before = cpu_seconds(pid) if pid else 0.0
     result = wrk.run(base_url, load)
@@ -65,11 +96,17 @@ def run(
     seconds: float,
     connections: int,
     bare_before: wrk.Result | None = None,
+    database_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """The rows; `bare_before`, when given, is the bare endpoint measured just before (at the
-    same load), taken as the first row instead of measuring it again."""
+    same load), taken as the first row instead of measuring it again. (d) is measured when
+    `database_url` (the service's database) is given."""
     ample = _product(service, 1_000_000_000)
     sold_out = _product(service, 0)
+    to_complete: list[str] = []
+    if database_url is not None:
+        count = round(seconds * COMPLETE_HOLDS_PER_SECOND)
+        to_complete = asyncio.run(_make_holds(database_url, _product(service, count), count))
 
     def load(path: str, **kwargs: Any) -> wrk.Load:
         return wrk.Load(path, connections=connections, seconds=seconds, **kwargs)
@@ -103,7 +140,21 @@ def run(
             load("/api/products", headers={"If-None-Match": etag}),
             pid,
         ),
-        _measure("bare endpoint (after)", bare.base_url, load("/"), None),
     ]
+    if to_complete:
+        row = _measure(
+            "(d) complete a hold",
+            service.base_url,
+            load(
+                "/api/reservations/-/complete",
+                method="POST",
+                paths=[f"/api/reservations/{i}/complete" for i in to_complete],
+            ),
+            pid,
+        )
+        if row.result.requests > len(to_complete):
+            print(f"  (d) ran out of holds: {len(to_complete):,} were fresh", flush=True)
+        rows.append(row)
+    rows.append(_measure("bare endpoint (after)", bare.base_url, load("/"), None))
     bare_rps = (rows[0].result.rps + rows[-1].result.rps) / 2
     return [row.as_dict(bare_rps) for row in rows]

@@ -106,6 +106,44 @@ def _steady_5xx(config: dict[str, Any]) -> tuple[str, bool] | None:
     )
 
 
+HISTORY_SHARE = 0.9  # of the empty database's figure, with a month of history
+OPERATOR_MS = 50.0  # the operator console's requests, p90
+
+
+def _history(config: dict[str, Any]) -> dict[str, Any] | None:
+    h: dict[str, Any] | None = config.get("history")
+    return h if h and h["holds"] and "vs_empty" in h else None
+
+
+def _history_paths(config: dict[str, Any]) -> tuple[str, bool] | None:
+    h = _history(config)
+    if h is None:
+        return None
+    ratios: dict[str, float] = h["vs_empty"]["paths"]
+    worst = min(ratios, key=lambda name: ratios[name])
+    return (
+        f"worst {worst}: {ratios[worst]:.2f}×",
+        all(r >= HISTORY_SHARE for r in ratios.values()),
+    )
+
+
+def _history_sockets(config: dict[str, Any]) -> tuple[str, bool] | None:
+    h = _history(config)
+    if h is None or h["vs_empty"].get("sockets") is None:
+        return None
+    ratio = h["vs_empty"]["sockets"]
+    return f"{ratio:.2f}×", ratio >= HISTORY_SHARE
+
+
+def _operator(config: dict[str, Any]) -> tuple[str, bool] | None:
+    o = config.get("operator")
+    if not o:
+        return None
+    worst = max(o, key=lambda name: o[name]["p90"])
+    p90 = o[worst]["p90"]
+    return f"worst {worst}: p90 {p90:g} ms", p90 <= OPERATOR_MS
+
+
 GOALS = [
     Goal("storm", "units held == the stock (100): never oversold", _storm_held),
     Goal("storm", "no 5xx, every shopper answered", _storm_5xx),
@@ -120,6 +158,18 @@ GOALS = [
         "steady", "available + held + sold == total; nothing held after expiry", _steady_invariant
     ),
     Goal("steady", "no 5xx, every request answered", _steady_5xx),
+    # A month of sales (`bin/bench history`): the wave's goal above applies with history too.
+    Goal(
+        "history",
+        f"every path ≥ {HISTORY_SHARE:g}× of the empty database's (shares of the bare endpoint)",
+        _history_paths,
+    ),
+    Goal(
+        "history",
+        f"pages opening /ws ≥ {HISTORY_SHARE:g}× of the empty database's rate",
+        _history_sockets,
+    ),
+    Goal("history", f"operator console requests: p90 ≤ {OPERATOR_MS:g} ms", _operator),
 ]
 
 
@@ -261,6 +311,8 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
         lines += _steady(configs, charts)
     if report.get("fanout"):
         lines += _fanout(report["fanout"])
+    if any("history" in c for c in configs):
+        lines += _history_section(configs)
     return "\n".join(lines)
 
 
@@ -505,4 +557,93 @@ def _fanout(fanout: dict[str, Any]) -> list[str]:
         ],
         rows,
     )
+    return lines
+
+
+def _history_section(configs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## A month of history",
+        "",
+        "Each database state is a fresh database (loaded with past holds in bulk: COMPLETED, "
+        "EXPIRED or CANCELLED over 30 days, half with an Idempotency-Key, one product per 100 "
+        "holds) and a fresh service. In order: the expiry wave, right after the service starts; "
+        "the paths; pages opening `/ws`; the operator console's requests. `×` is the figure "
+        "over the empty database's, paths as shares of each run's own bare endpoint.",
+        "",
+    ]
+    databases = sorted({c["database"] for c in configs if "history" in c}, reverse=True)
+    for database in databases:
+        runs = [c for c in configs if "history" in c and c["database"] == database]
+        label = runs[0]["label"].rsplit(",", 1)[0]
+        lines += [f"### {label}", ""]
+        header = ["", *(c["label"].rsplit(", ", 1)[1] for c in runs)]
+        rows: list[list[str]] = []
+
+        def loaded(c: dict[str, Any]) -> str:
+            info = c["history"].get("loaded")
+            if not info:
+                return "–"
+            return (
+                f"{info['holds']:,} holds, {info['products']:,} products, "
+                f"{info['load_seconds']:g} s"
+            )
+
+        rows.append(["loaded", *(loaded(c) for c in runs)])
+        rows.append(["bare endpoint", *(f"{c['bare']['rps']:,.0f}/s" for c in runs)])
+        names = [r["scenario"] for r in runs[0]["paths"] if not r["scenario"].startswith("bare")]
+        for name in names:
+            cells = []
+            for c in runs:
+                row = next((r for r in c["paths"] if r["scenario"] == name), None)
+                ratio = c["history"]["vs_empty"]["paths"].get(name)
+                if row is None:
+                    cells.append("–")
+                    continue
+                cell = (
+                    f"{row['rps']:,.0f}/s ({row['share_of_bare']:.0%}), "
+                    f"p99 {row['p99_us'] / 1000:.1f} ms"
+                )
+                if c["history"]["holds"] and ratio is not None:
+                    cell += f", **{ratio:.2f}×**"
+                cells.append(cell)
+            rows.append([name, *cells])
+
+        def sockets(c: dict[str, Any]) -> str:
+            s = c["sockets"]
+            cell = f"{s['per_second']:,.0f}/s, {s['snapshot_bytes']:,} B snapshot"
+            ratio = c["history"]["vs_empty"].get("sockets")
+            if c["history"]["holds"] and ratio is not None:
+                cell += f", **{ratio:.2f}×**"
+            return cell
+
+        rows.append(["pages opening `/ws` (connect + snapshot)", *(sockets(c) for c in runs)])
+
+        def wave(c: dict[str, Any]) -> str:
+            r = c["wave"]["restore_lateness_ms"]
+            return " / ".join(_ms(r.get(k)) for k in ("p50", "p99", "max")) + (
+                f", {c['wave']['missed']} missed" if c["wave"]["missed"] else ""
+            )
+
+        rows.append(
+            [f"expiry wave ({runs[0]['wave']['holds']:,} holds): lateness p50 / p99 / max (ms)"]
+            + [wave(c) for c in runs]
+        )
+        for name in runs[0]["operator"]:
+            rows.append(
+                [
+                    f"`{name}` p50 / p90 (ms)",
+                    *(
+                        f"{c['operator'][name]['p50']:g} / {c['operator'][name]['p90']:g}"
+                        for c in runs
+                    ),
+                ]
+            )
+        rows.append(
+            [
+                "idempotency keys older than a day (start → after the wave → after the paths "
+                "→ end)",
+                *(" → ".join(f"{b['keys']:,}" for b in c["history"]["key_backlog"]) for c in runs),
+            ]
+        )
+        lines += _table(header, rows)
     return lines

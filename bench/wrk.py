@@ -18,7 +18,9 @@ from typing import Any
 _SCRIPT = """
 local method, path, body = %(method)s, %(path)s, %(body)s
 local headers = %(headers)s
+local paths_file = %(paths_file)s
 local threads = {}
+local paths, next_path = nil, 0
 
 function setup(thread)
   table.insert(threads, thread)
@@ -26,9 +28,17 @@ end
 
 function init(args)
   s2, s3, s4, s5 = 0, 0, 0, 0
+  if paths_file then
+    paths = {}
+    for line in io.lines(paths_file) do table.insert(paths, line) end
+  end
 end
 
 function request()
+  if paths then
+    next_path = next_path %% #paths + 1
+    return wrk.format(method, paths[next_path], headers, body)
+  end
   return wrk.format(method, path, headers, body)
 end
 
@@ -71,6 +81,9 @@ class Load:
     connections: int = 64
     threads: int = 1
     seconds: float = 10.0
+    # Each request takes the next of these paths instead of `path` (round the list again
+    # when it runs out), e.g. a different hold to complete each time.
+    paths: list[str] | None = None
 
 
 @dataclass
@@ -102,11 +115,17 @@ def run(base_url: str, load: Load) -> Result:
         + ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in load.headers.items())
         + "}"
     )
+    paths_path = None
+    if load.paths:
+        with tempfile.NamedTemporaryFile("w", suffix=".paths", delete=False) as f:
+            f.write("\n".join(load.paths) + "\n")
+            paths_path = Path(f.name)
     script = _SCRIPT % {
         "method": json.dumps(load.method),
         "path": json.dumps(load.path),
         "body": _lua(load.body),
         "headers": headers,
+        "paths_file": _lua(None if paths_path is None else str(paths_path)),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
@@ -128,5 +147,7 @@ def run(base_url: str, load: Load) -> Result:
         ).stdout
     finally:
         script_path.unlink()
+        if paths_path is not None:
+            paths_path.unlink()
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     return Result(**json.loads(line.removeprefix("RESULT ")))
