@@ -9,13 +9,13 @@ import os
 import signal
 import sys
 
-from arq.connections import RedisSettings
 from arq.worker import async_check_health
 from prometheus_client import start_http_server
 
 from jobs import worker
 from server.constants import HEALTH_CHECK_KEY, QUEUE_NAME
 from server.logs import configure_logging
+from server.redis_client import arq_redis_settings
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.check:
         return asyncio.run(
-            async_check_health(
-                RedisSettings.from_dsn(settings.redis_url), HEALTH_CHECK_KEY, QUEUE_NAME
-            )
+            async_check_health(arq_redis_settings(settings), HEALTH_CHECK_KEY, QUEUE_NAME)
         )
     asyncio.run(serve(settings))
     return 0

@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from arq import Retry, cron, func
-from arq.connections import RedisSettings
 from arq.worker import Worker
 from prometheus_client import Counter
 from redis.exceptions import RedisError
@@ -33,7 +32,7 @@ from server.database import Store
 from server.errors import DatabaseBusy, DatabaseUnavailable
 from server.events import Publisher
 from server.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
-from server.redis_client import redis_client
+from server.redis_client import arq_redis_settings, redis_client_for
 from server.settings import Settings
 from server.shop import Expired, Shop
 
@@ -101,7 +100,7 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
     try:
         if await migrate.pending(store):
             raise RuntimeError("the database needs migrations: run `python -m server migrate`")
-        redis = redis_client(settings.redis_url)
+        redis = redis_client_for(settings)
         publisher = Publisher(redis)
         publisher.start()
         try:
@@ -117,8 +116,13 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `arq.worker.Worker`."""
-    if not settings.redis_url:
+    """Keyword arguments for `arq.worker.Worker`, with a new Redis client for it to own.
+
+    arq is handed our client (`redis_pool`) rather than building its own from
+    `redis_settings`: arq's pool, with or without Sentinel, sets no read timeout, so on a
+    network partition its poll loop would wait on a dead connection for as long as TCP
+    does (many minutes) instead of failing and being started again by `run`."""
+    if not settings.has_redis:
         raise RuntimeError("REDIS_URL is not set; `bin/serve` starts a Redis for you")
     return {
         "functions": [func(expire_due, name=EXPIRE_DUE_JOB, keep_result=60, max_tries=10)],
@@ -133,7 +137,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
                 max_tries=1,
             )
         ],
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_redis_settings(settings),
+        "redis_pool": redis_client_for(settings),
         "queue_name": QUEUE_NAME,
         # A deferred job starts within one poll of its time; the expiry jobs' lateness
         # budget is a bucket plus a poll.

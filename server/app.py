@@ -24,7 +24,7 @@ from server.logs import configure_logging
 from server.metrics import DEFERRED
 from server.observe import Observed
 from server.ratelimit import RateLimiter
-from server.redis_client import redis_client
+from server.redis_client import redis_client_for
 from server.settings import Settings
 from server.shop import Shop
 from server.subscriber import Subscriber
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     f"the database needs migrations ({names}): run `python -m server migrate`"
                 )
 
-            redis = redis_client(settings.redis_url)
+            redis = redis_client_for(settings)
             stack.push_async_callback(redis.aclose)
 
             catalog = Catalog()

@@ -45,7 +45,7 @@ def serve(settings: Settings) -> int:
     env.setdefault("HOST", "127.0.0.1")
     env.setdefault("WEB_CONCURRENCY", str(settings.web_concurrency))
     redis: EmbeddedRedis | None = None
-    if not settings.redis_url:
+    if not settings.has_redis:
         redis = EmbeddedRedis(VAR / "redis", persist=True)
         redis.start()
         env["REDIS_URL"] = redis.url

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/flashsale.db"
+# The name Redis' own sentinel.conf example monitors its primary under.
+DEFAULT_SENTINEL_SERVICE = "mymaster"
+DEFAULT_SENTINEL_PORT = 26379
 
 
 class SettingsError(ValueError):
@@ -18,6 +21,10 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     # Empty means "none configured": the launcher starts an embedded server and sets it.
     redis_url: str = ""
+    # Redis Sentinel instead of one server: the Sentinels' (host, port) pairs, and the name
+    # they monitor the primary under. Set, they replace redis_url (server/redis_client.py).
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_service: str = DEFAULT_SENTINEL_SERVICE
     hold_seconds: float = 120.0
     max_quantity: int = 10
     sweep_seconds: int = 2
@@ -44,12 +51,26 @@ class Settings:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    @property
+    def has_redis(self) -> bool:
+        """Whether a Redis is configured, as one server or through Sentinel."""
+        return bool(self.redis_url or self.redis_sentinels)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        sentinels = _addresses(env, "REDIS_SENTINELS", DEFAULT_SENTINEL_PORT)
+        if sentinels and env.get("REDIS_URL", "").strip():
+            raise SettingsError(
+                "REDIS_URL and REDIS_SENTINELS are both set: set one (with Sentinel, the "
+                "primary's address comes from the Sentinels)"
+            )
         return cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
             redis_url=env.get("REDIS_URL", ""),
+            redis_sentinels=sentinels,
+            redis_sentinel_service=env.get("REDIS_SENTINEL_SERVICE", "").strip()
+            or DEFAULT_SENTINEL_SERVICE,
             hold_seconds=_number(env, "HOLD_SECONDS", 120.0, minimum=0.05),
             max_quantity=int(_number(env, "MAX_QUANTITY", 10, minimum=1, integer=True)),
             sweep_seconds=int(_number(env, "SWEEP_SECONDS", 2, minimum=1, integer=True)),
@@ -110,3 +131,27 @@ def _rate(env: Mapping[str, str], name: str) -> tuple[int, int] | None:
     if limit[0] < 1 or limit[1] < 1:
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return limit
+
+
+def _addresses(env: Mapping[str, str], name: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port,…` (the port may be left out; IPv6 hosts in brackets)."""
+    found = []
+    for item in env.get(name, "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, port = item, str(default_port)
+        if item.startswith("["):  # [::1]:26379
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = rest.removeprefix(":")
+        elif item.count(":") == 1:
+            host, _, port = item.partition(":")
+        try:
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not host or not 0 < number < 65536:
+            raise SettingsError(f"{name} must look like host:port,host:port, got {item!r}")
+        found.append((host, number))
+    return tuple(found)
