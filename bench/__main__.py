@@ -33,7 +33,7 @@ import httpx
 
 from bench import charts, fanout, history, paths, stack, steady, storm, wave, wrk
 from bench.report import evaluate, markdown
-from server.settings import Settings
+from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SCENARIOS = ["storm", "paths", "wave", "steady", "fanout"]

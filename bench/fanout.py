@@ -19,7 +19,7 @@ import httpx
 from bench import wrk
 from bench.stack import descendants_rss
 from bench.wave import percentiles
-from tests.service import Service
+from server.devtools.processes import Service
 
 ROUNDS = 20
 

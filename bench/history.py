@@ -43,8 +43,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 
-from server.clock import now_ms
-from server.database import sqlite_path
+from server.domain.clock import now_ms
+from server.storage.database import sqlite_path
 
 DAY_MS = 86_400_000
 HOLD_MS = 120_000  # the holds of the past lasted the default two minutes

@@ -18,11 +18,11 @@ import httpx
 
 from bench import wrk
 from bench.stack import Bare, cpu_seconds
-from server import inventory
-from server.clock import now_ms
-from server.database import Store
-from server.model import HoldRequest
-from tests.service import Service
+from server.devtools.processes import Service
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.model import HoldRequest
+from server.storage.database import Store
 
 # Holds made for (d): more than the path completes in its run (~5,000/s here), so that
 # every request completes a fresh one.

@@ -16,10 +16,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from server import migrate
-from server.database import Store
-from server.embedded_redis import EmbeddedRedis, free_port
-from tests.service import Process, Service, procfile
+from server.devtools.embedded_redis import EmbeddedRedis, free_port
+from server.devtools.processes import Process, Service, procfile
+from server.storage import migrate
+from server.storage.database import Store
 
 BARE_APP = "bench.bare:app"
 
@@ -95,7 +95,7 @@ class Bare:
 def bare(work_dir: Path, *, web_concurrency: int) -> Iterator[Bare]:
     """The baseline: a bare Starlette JSON endpoint under the very same uvicorn command."""
     command = procfile()["web"]
-    assert "--factory server.app:create_app" in command
+    assert "--factory server.api.app:create_app" in command
     port = free_port()
     process = Process(
         "web",
@@ -107,7 +107,7 @@ def bare(work_dir: Path, *, web_concurrency: int) -> Iterator[Bare]:
         },
         work_dir / "bare.log",
     )
-    process.command = command.replace("--factory server.app:create_app", BARE_APP)
+    process.command = command.replace("--factory server.api.app:create_app", BARE_APP)
     process.start()
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20

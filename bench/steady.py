@@ -23,7 +23,7 @@ import httpx
 from bench.stack import cpu_seconds
 from bench.steadyload import KINDS
 from bench.wave import percentiles
-from tests.service import Service
+from server.devtools.processes import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX = {"browse": 0.80, "reserve": 0.15, "complete": 0.03, "cancel": 0.02}

@@ -22,8 +22,8 @@ import httpx
 from bench.fanout import Clients
 from bench.rawhttp import now_ms
 from bench.wave import percentiles
-from server.clock import iso, parse_iso
-from tests.service import Service
+from server.devtools.processes import Service
+from server.domain.clock import iso, parse_iso
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.025

@@ -15,13 +15,13 @@ from typing import Any
 from pydantic_core import from_json
 from redis.asyncio import Redis
 
-from server import inventory
-from server.clock import now_ms
-from server.constants import EVENTS_CHANNEL
-from server.database import Store
-from server.expiry import ExpiryScheduler
-from server.model import HoldRequest
-from server.redis_client import redis_client
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.model import HoldRequest
+from server.infra.keys import EVENTS_CHANNEL
+from server.infra.redis_client import redis_client
+from server.service.expiry import ExpiryScheduler
+from server.storage.database import Store
 
 LEAD_MS = 4_000  # time to write the holds and schedule their jobs before the first is due
 GROUPS = 100  # distinct expiry times within the second

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.embedded_redis import server_binary
-from server.settings import DEFAULT_SENTINEL_SERVICE
+from server.devtools.embedded_redis import server_binary
+from server.infra.settings import DEFAULT_SENTINEL_SERVICE
 
 Address = tuple[str, int]
 

@@ -13,10 +13,10 @@ from arq.worker import async_check_health
 from prometheus_client import start_http_server
 
 from jobs import worker
-from server.constants import HEALTH_CHECK_KEY, QUEUE_NAME
-from server.logs import configure_logging
-from server.redis_client import arq_redis_settings
-from server.settings import Settings
+from server.infra.keys import HEALTH_CHECK_KEY, QUEUE_NAME
+from server.infra.logs import configure_logging
+from server.infra.redis_client import arq_redis_settings
+from server.infra.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ from arq.worker import Worker
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from server import migrate
-from server.constants import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
-from server.database import Store
-from server.errors import DatabaseBusy, DatabaseUnavailable
-from server.events import Publisher
-from server.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
-from server.redis_client import arq_redis_settings, redis_client_for
-from server.settings import Settings
-from server.shop import Expired, Shop
+from server.domain.errors import DatabaseBusy, DatabaseUnavailable
+from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
+from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
+from server.infra.redis_client import arq_redis_settings, redis_client_for
+from server.infra.settings import Settings
+from server.live.publisher import Publisher
+from server.service.shop import Expired, Shop
+from server.storage import migrate
+from server.storage.database import Store
 
 logger = logging.getLogger(__name__)
 

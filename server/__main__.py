@@ -13,9 +13,9 @@ import asyncio
 import logging
 import sys
 
-from server.launcher import prepare_database, serve
-from server.logs import configure_logging
-from server.settings import Settings
+from server.devtools.launcher import prepare_database, serve
+from server.infra.logs import configure_logging
+from server.infra.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:

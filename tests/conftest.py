@@ -8,10 +8,13 @@ are skipped, except in CI (CI=true), where that is a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import threading
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,11 +22,11 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from server import migrate
-from server.database import Store
-from server.embedded_redis import EmbeddedRedis
-from server.model import Event
-from server.shop import Shop
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.domain.model import Event
+from server.service.shop import Shop
+from server.storage import migrate
+from server.storage.database import Store
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -65,11 +68,25 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 class PostgresDatabases:
-    """Creates a database per test from a template migrated once per session."""
+    """Creates a database per test from a template migrated once per session.
+
+    Making a database from the template takes a few hundred milliseconds, most of the
+    PostgreSQL tests' set-up. So the next few are made ahead, on a thread of their own,
+    while tests run, and the used ones are dropped there too: each test still gets a
+    database nobody has touched, without waiting for it to be made.
+    """
+
+    AHEAD = 2
 
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
         self.template = f"flashsale_tpl_{secrets.token_hex(4)}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="postgres-databases", daemon=True
+        )
+        self._ready: deque[Future[str]] = deque()
+        self._dropping: list[Future[None]] = []
 
     def url(self, name: str) -> str:
         base, _, _ = self.admin_url.rpartition("/")
@@ -82,7 +99,12 @@ class PostgresDatabases:
         finally:
             await conn.close()
 
-    async def setup(self) -> None:
+    def setup(self) -> None:
+        self._thread.start()
+        self._submit(self._setup()).result()
+        self._make_ahead()
+
+    async def _setup(self) -> None:
         await self._admin(f'CREATE DATABASE "{self.template}"')
         store = Store(self.url(self.template))
         await store.connect()
@@ -91,13 +113,42 @@ class PostgresDatabases:
         finally:
             await store.close()
 
-    async def create(self) -> str:
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _make_ahead(self) -> None:
+        while len(self._ready) < self.AHEAD:
+            self._ready.append(self._submit(self._create()))
+
+    async def _create(self) -> str:
         name = f"flashsale_t_{secrets.token_hex(6)}"
         await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
         return name
 
-    async def drop(self, name: str) -> None:
+    async def create(self) -> str:
+        """A fresh, migrated database's name."""
+        made = self._ready.popleft()
+        self._make_ahead()
+        return await asyncio.wrap_future(made)
+
+    def drop(self, name: str) -> None:
+        """Drop it in the background (the session's end waits for it)."""
+        self._dropping.append(self._submit(self._drop(name)))
+
+    async def _drop(self, name: str) -> None:
         await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def close(self) -> None:
+        """Drop every database made, the unused ones and the template too."""
+        for made in self._ready:
+            with contextlib.suppress(Exception):
+                self.drop(made.result())
+        for dropping in self._dropping:
+            dropping.result()
+        self._submit(self._drop(self.template)).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
 
 def run_apart(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -127,9 +178,9 @@ def postgres() -> Iterator[PostgresDatabases]:
             pytest.fail(problem + " (CI must run the PostgreSQL tests)")
         pytest.skip(problem)
     databases = PostgresDatabases(POSTGRES_ADMIN_URL)
-    run_apart(databases.setup())
+    databases.setup()
     yield databases
-    run_apart(databases.drop(databases.template))
+    databases.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -146,7 +197,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     postgres: PostgresDatabases = request.getfixturevalue("postgres")
     name = await postgres.create()
     yield postgres.url(name)
-    await postgres.drop(name)
+    postgres.drop(name)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic_core import from_json
 from redis.asyncio import Redis
 
-from server.constants import EVENTS_CHANNEL
+from server.infra.keys import EVENTS_CHANNEL
 
 Frame = dict[str, Any]
 

@@ -14,13 +14,13 @@ from typing import TypeVar
 import asyncpg
 import httpx
 
-from server import inventory
-from server.app import create_app
-from server.clock import now_ms
-from server.database import Store, sqlite_path
-from server.inventory import Stats
-from server.model import HoldRequest, Product, Reservation
-from server.settings import Settings
+from server.api.app import create_app
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.inventory import Stats
+from server.domain.model import HoldRequest, Product, Reservation
+from server.infra.settings import Settings
+from server.storage.database import Store, sqlite_path
 
 T = TypeVar("T")
 

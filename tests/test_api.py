@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from server.clock import now_ms
-from server.database import Store
-from server.embedded_redis import EmbeddedRedis
-from server.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
-from server.settings import Settings
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.domain.clock import now_ms
+from server.infra.settings import Settings
+from server.storage.database import Store
+from server.wire.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
 from tests.support import assert_invariant, hold, make_product, serve, stats
 
 TOKEN = "operator-secret"

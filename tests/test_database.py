@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from server import migrate
-from server.database import Executor, Store
-from server.errors import DatabaseBusy
+from server.domain.errors import DatabaseBusy
+from server.domain.executor import Executor
+from server.storage import migrate
+from server.storage.database import Store
 from tests.support import make_product, stats, write_lock_held_elsewhere
 
 

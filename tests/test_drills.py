@@ -28,16 +28,16 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server import inventory
-from server.clock import now_ms
-from server.constants import HEALTH_CHECK_KEY, expire_due_job_id
-from server.database import Store
-from server.embedded_redis import EmbeddedRedis
-from server.expiry import ExpiryScheduler, due_time
-from server.model import HoldRequest
-from server.redis_client import redis_client
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.devtools.processes import Process, Service, running
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.model import HoldRequest
+from server.infra.keys import HEALTH_CHECK_KEY, expire_due_job_id
+from server.infra.redis_client import redis_client
+from server.service.expiry import ExpiryScheduler, due_time
+from server.storage.database import Store
 from tests.events import FrameLog
-from tests.service import Process, Service, running
 from tests.support import (
     assert_invariant,
     eventually,

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from bench import history
-from server import inventory
-from server.clock import now_ms
-from server.database import Store
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.storage.database import Store
 
 SMALL = history.History(holds=3_000, products=30)
 

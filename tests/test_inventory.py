@@ -8,10 +8,9 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 
-from server import inventory
-from server.clock import now_ms
-from server.database import Store
-from server.errors import (
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.errors import (
     IdempotencyKeyReused,
     InsufficientStock,
     ProductNotFound,
@@ -21,7 +20,7 @@ from server.errors import (
     ReservationNotFound,
     SaleNotStarted,
 )
-from server.model import (
+from server.domain.model import (
     HoldRequest,
     Outcome,
     Reservation,
@@ -29,6 +28,7 @@ from server.model import (
     Status,
     StockChanged,
 )
+from server.storage.database import Store
 from tests.support import (
     assert_invariant,
     eventually,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.embedded_redis import free_port
+from server.devtools.embedded_redis import free_port
 
 pytestmark = pytest.mark.slow
 

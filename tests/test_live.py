@@ -22,9 +22,9 @@ from pydantic_core import from_json, to_json
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.embedded_redis import EmbeddedRedis
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.devtools.processes import Service
 from tests.events import Frame, FrameLog
-from tests.service import Service
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import pytest
 from pydantic_core import to_json
 from starlette.websockets import WebSocketState
 
-from server import live
-from server.catalog import Catalog
-from server.live import Hub
+from server.live import hub as live
+from server.live.hub import Hub
+from server.service.catalog import Catalog
 from tests.support import eventually
 
 

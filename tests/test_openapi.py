@@ -34,14 +34,14 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from server import live
-from server.app import create_app
-from server.inventory import is_reservation_id, new_reservation_ids
-from server.openapi import RESERVATION_ID_PATTERN, document
-from server.pages import SECURITY_HEADERS
-from server.schemas import WatchMessage
-from server.settings import Settings
-from tests.service import Service, running
+from server.api.app import create_app
+from server.api.openapi import RESERVATION_ID_PATTERN, document
+from server.api.pages import SECURITY_HEADERS
+from server.devtools.processes import Service, running
+from server.domain.inventory import is_reservation_id, new_reservation_ids
+from server.infra.settings import Settings
+from server.live import hub as live
+from server.wire.schemas import WatchMessage
 from tests.support import serve
 
 Operation = APIOperation[Any, Any, Any, Any]

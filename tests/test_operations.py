@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service import Service, running
+from server.devtools.processes import Service, running
 from tests.support import eventually
 
 pytestmark = [

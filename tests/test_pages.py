@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
 
-from server import migrate
-from server.database import Store
-from server.embedded_redis import EmbeddedRedis
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.devtools.processes import ADMIN_TOKEN, Service
+from server.storage import migrate
+from server.storage.database import Store
 from tests.conftest import IN_CI, run_apart
-from tests.service import ADMIN_TOKEN, Service
 
 pytestmark = pytest.mark.browser
 
@@ -328,7 +328,7 @@ async def test_a_busy_server_is_a_sentence_and_the_page_waits(
 ) -> None:
     product = await new_product(site, "Busy biscuits", 50)
     page = await open_shop(browser, site)
-    # The service's own overload answer (server/observe.py), as a proxy would pass it on:
+    # The service's own overload answer (server/api/middleware.py), as a proxy would pass it on:
     # making one process overloaded on cue is the drills' business (tests/test_drills.py).
     busy = error_body(503, "overloaded", "The shop is very busy right now.")
     await page.route(

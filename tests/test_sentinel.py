@@ -23,13 +23,13 @@ import pytest
 from redis.asyncio import Redis
 
 from cluster.redis_ha import RedisGroup
-from server.constants import EVENTS_CHANNEL, HEALTH_CHECK_KEY, RATE_LIMIT_PREFIX
-from server.database import Store
-from server.embedded_redis import free_port
-from server.redis_client import redis_client
-from server.settings import Settings, SettingsError
+from server.devtools.embedded_redis import free_port
+from server.devtools.processes import ROOT, Service
+from server.infra.keys import EVENTS_CHANNEL, HEALTH_CHECK_KEY, RATE_LIMIT_PREFIX
+from server.infra.redis_client import redis_client
+from server.infra.settings import Settings, SettingsError
+from server.storage.database import Store
 from tests.events import listening
-from tests.service import ROOT, Service
 from tests.support import assert_invariant, eventually
 from tests.test_drills import metric
 from tests.test_live import socket_to

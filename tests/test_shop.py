@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from server.catalog import Catalog
-from server.database import Store
-from server.errors import DatabaseBusy, InsufficientStock
-from server.model import HoldRequest
-from server.shop import Shop
+from server.domain.errors import DatabaseBusy, InsufficientStock
+from server.domain.model import HoldRequest
+from server.service.catalog import Catalog
+from server.service.shop import Shop
+from server.storage.database import Store
 from tests.support import assert_invariant, make_product, write_lock_held_elsewhere
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from server.clock import now_ms
-from server.database import Store
-from server.model import Reservation, Status
-from server.shop import Shop
-from tests.service import Service, running
+from server.devtools.processes import Service, running
+from server.domain.clock import now_ms
+from server.domain.model import Reservation, Status
+from server.service.shop import Shop
+from server.storage.database import Store
 from tests.support import assert_invariant, hold, make_product, reservation
 
 pytestmark = pytest.mark.slow

@@ -11,17 +11,17 @@ from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
 from jobs import worker as jobs
-from server import inventory
-from server.clock import now_ms
-from server.constants import QUEUE_NAME, expire_due_job_id
-from server.database import Store
-from server.embedded_redis import EmbeddedRedis
-from server.events import Publisher
-from server.expiry import ExpiryScheduler, due_time
-from server.model import HoldRequest, Status
-from server.redis_client import redis_client
-from server.settings import Settings
-from server.shop import Shop
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.model import HoldRequest, Status
+from server.infra.keys import QUEUE_NAME, expire_due_job_id
+from server.infra.redis_client import redis_client
+from server.infra.settings import Settings
+from server.live.publisher import Publisher
+from server.service.expiry import ExpiryScheduler, due_time
+from server.service.shop import Shop
+from server.storage.database import Store
 from tests.events import listening, reservation_status
 from tests.support import assert_invariant, eventually, hold, make_product, reservation, stats
 

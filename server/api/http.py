@@ -1,0 +1,204 @@
+"""HTTP plumbing: reading bodies strictly, rendering JSON, and the one table that turns
+errors into responses (`{"statusCode", "error", "code", "message", "details"?}`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.domain import errors
+from server.infra.metrics import DATABASE_BUSY
+from server.service.shop import Shop
+from server.wire.schemas import MAX_INT32, FieldError
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+DATABASE_BUSY_GAVE_UP = DATABASE_BUSY.labels("gave_up")
+MAX_BODY_BYTES = 16 * 1024
+
+
+class RequestError(errors.DomainError):
+    """The request itself is wrong; nothing was looked at or changed."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[FieldError] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.details = details
+        self.headers = headers
+
+
+# status, and extra headers, per domain error
+_STATUS: dict[type[errors.DomainError], tuple[int, Mapping[str, str]]] = {
+    errors.ProductNotFound: (404, {}),
+    errors.ReservationNotFound: (404, {}),
+    errors.InsufficientStock: (409, {}),
+    errors.SaleNotStarted: (409, {}),
+    errors.ReservationExpired: (409, {}),
+    errors.ReservationCancelled: (409, {}),
+    errors.ReservationCompleted: (409, {}),
+    errors.IdempotencyKeyReused: (422, {}),
+    errors.DatabaseBusy: (503, {"Retry-After": "1"}),
+    errors.DatabaseUnavailable: (503, {"Retry-After": "5"}),
+}
+
+
+def json_response(
+    content: BaseModel | list[Any] | dict[str, Any] | bytes,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    if isinstance(content, bytes):
+        body = content
+    elif isinstance(content, BaseModel):
+        body = content.model_dump_json().encode()
+    else:
+        body = to_json(content)
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: list[FieldError] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """An `ErrorOut`."""
+    view: dict[str, Any] = {
+        "statusCode": status,
+        "error": _PHRASES[status],
+        "code": code,
+        "message": message,
+    }
+    if details:
+        view["details"] = [d.model_dump() for d in details]
+    return json_response(view, status, headers)
+
+
+async def domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.DomainError)
+    if isinstance(exc, RequestError):
+        return error_response(
+            exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers
+        )
+    status, headers = _STATUS.get(type(exc), (500, {}))
+    if status >= 500:
+        logger.warning("%s %s answered %d: %s", request.method, request.url.path, status, exc)
+        if isinstance(exc, errors.DatabaseBusy):
+            DATABASE_BUSY_GAVE_UP.inc()
+    return error_response(status, exc.code, exc.message, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    messages = {
+        404: f"There is nothing at {request.url.path}.",
+        405: f"{request.method} is not allowed on {request.url.path}.",
+    }
+    status = exc.status_code
+    return error_response(
+        status,
+        codes.get(status, "http_error"),
+        messages.get(status, str(exc.detail)),
+        headers=exc.headers,
+    )
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    logger.error(
+        "%s %s failed",
+        request.method,
+        request.url.path,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return error_response(
+        500, "internal_error", "Something went wrong on our side; it has been logged."
+    )
+
+
+EXCEPTION_HANDLERS = {
+    errors.DomainError: domain_error,
+    HTTPException: http_error,
+    Exception: internal_error,
+}
+
+
+async def parse_body(request: Request, model: type[M], context: dict[str, Any] | None = None) -> M:
+    """The request body as `model`, or a 4xx `RequestError` saying exactly what is wrong."""
+    body = await request.body()
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not body:
+        raise RequestError(400, "invalid_request", "The request body is empty; send a JSON object.")
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            "Send the body as JSON, with Content-Type: application/json.",
+        )
+    try:
+        return model.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def parse_params(data: Mapping[str, Any], model: type[M]) -> M:
+    """Query parameters as `model` (lax: they arrive as text)."""
+    try:
+        return model.model_validate(dict(data), strict=False)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> RequestError:
+    details = []
+    for problem in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "json_invalid":
+            return RequestError(400, "invalid_json", "The request body is not valid JSON.")
+        if problem["type"] == "extra_forbidden":
+            message = "is not a field of this request"
+        if problem["type"] == "model_type":
+            return RequestError(400, "invalid_request", "The request body must be a JSON object.")
+        details.append(FieldError(field=field, message=message))
+    first = details[0]
+    return RequestError(
+        400,
+        "invalid_request",
+        f"{first.field}: {first.message}." if first.field else f"{first.message}.",
+        details,
+    )
+
+
+def shop_of(request: Request) -> Shop:
+    shop: Shop = request.app.state.shop
+    return shop
+
+
+def path_id(request: Request, name: str) -> int | None:
+    """A positive 32-bit id from the path, or None (answered 404 by the caller)."""
+    text = request.path_params[name]
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    value = int(text)
+    return value if 1 <= value <= MAX_INT32 else None

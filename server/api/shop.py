@@ -1,0 +1,186 @@
+"""The shoppers' REST API: thin endpoints, parse → call the shop → render."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.api.http import RequestError, json_response, parse_body, path_id, shop_of
+from server.api.ratelimit import RateLimiter
+from server.domain.clock import iso, now_ms
+from server.domain.errors import (
+    DatabaseBusy,
+    DatabaseUnavailable,
+    DomainError,
+    IdempotencyKeyReused,
+    InsufficientStock,
+    ProductNotFound,
+    ReservationNotFound,
+    SaleNotStarted,
+)
+from server.domain.inventory import Held, is_reservation_id
+from server.domain.model import HoldRequest, Reservation
+from server.infra.metrics import DEFERRED, RESERVATIONS
+from server.service.catalog import Catalog
+from server.service.shop import Shop
+from server.wire.schemas import ReserveBody, reservation_view
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def _catalog(request: Request) -> Catalog:
+    catalog = shop_of(request).catalog
+    assert catalog is not None, "web processes have a catalog"
+    return catalog
+
+
+async def list_products(request: Request) -> Response:
+    body, etag = _catalog(request).listing()
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return json_response(body, headers=headers)
+
+
+async def get_product(request: Request) -> Response:
+    product_id = path_id(request, "product_id")
+    product = None if product_id is None else await shop_of(request).product(product_id)
+    if product is None:
+        raise ProductNotFound(product_id or 0)
+    return json_response(_catalog(request).view(product))
+
+
+async def create_reservation(request: Request) -> Response:
+    try:
+        response = await _create_reservation(request)
+    except DomainError as exc:
+        if isinstance(exc, RequestError) and exc.status == 429:
+            DEFERRED.inc(_RATE_LIMITED)
+        else:
+            DEFERRED.inc(_RESERVATION_OUTCOMES.get(type(exc), _OTHER_OUTCOME))
+        raise
+    DEFERRED.inc(_REPLAYED if "idempotent-replayed" in response.headers else _HELD)
+    return response
+
+
+async def _create_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        client = request.client.host if request.client else "unknown"
+        wait = await limiter.retry_after(client)
+        if wait is not None:
+            raise RequestError(
+                429,
+                "rate_limited",
+                f"Too many reservations from you; try again in {wait} seconds.",
+                headers={"Retry-After": str(wait)},
+            )
+    body = await parse_body(
+        request, ReserveBody, {"max_quantity": request.app.state.settings.max_quantity}
+    )
+    held = await shop.reserve(HoldRequest(body.product_id, body.quantity, idempotency_key(request)))
+    headers = {"Idempotent-Replayed": "true"} if held.replayed else None
+    return await render_reservation(shop, held, 201, headers)
+
+
+_HELD = RESERVATIONS.labels("held")
+_REPLAYED = RESERVATIONS.labels("replayed")
+_RATE_LIMITED = RESERVATIONS.labels("rate_limited")
+_OTHER_OUTCOME = RESERVATIONS.labels("other")
+_RESERVATION_OUTCOMES = {
+    InsufficientStock: RESERVATIONS.labels("insufficient_stock"),
+    SaleNotStarted: RESERVATIONS.labels("sale_not_started"),
+    ProductNotFound: RESERVATIONS.labels("not_found"),
+    IdempotencyKeyReused: RESERVATIONS.labels("invalid"),
+    RequestError: RESERVATIONS.labels("invalid"),
+    DatabaseBusy: RESERVATIONS.labels("busy"),
+    DatabaseUnavailable: RESERVATIONS.labels("busy"),
+}
+
+
+async def get_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    reservation = await shop.reservation(request.path_params["reservation_id"])
+    if reservation is None:
+        raise ReservationNotFound()
+    return await render_reservation(shop, reservation)
+
+
+async def complete_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    reservation = await shop.complete(_known_id(request))
+    return await render_reservation(shop, reservation)
+
+
+async def cancel_reservation(request: Request) -> Response:
+    shop = shop_of(request)
+    reservation = await shop.cancel(_known_id(request))
+    return await render_reservation(shop, reservation)
+
+
+async def config(request: Request) -> Response:
+    """What a page needs to know to behave: the limits, and the server's time."""
+    settings = request.app.state.settings
+    return json_response(
+        {
+            "maxQuantity": settings.max_quantity,
+            "holdSeconds": settings.hold_seconds,
+            "serverTime": iso(now_ms()),
+        }
+    )
+
+
+async def render_reservation(
+    shop: Shop,
+    reservation: Reservation | Held,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    if isinstance(reservation, Held):
+        reservation = reservation.reservation
+    product = await shop.product(reservation.product_id)
+    assert product is not None, "a hold's product cannot vanish"
+    catalog = shop.catalog
+    assert catalog is not None, "web processes have a catalog"
+    view = reservation_view(reservation, catalog.view(product), now=now_ms())
+    return json_response(view, status, headers)
+
+
+def _known_id(request: Request) -> str:
+    reservation_id: str = request.path_params["reservation_id"]
+    if not is_reservation_id(reservation_id):
+        raise ReservationNotFound()
+    return reservation_id
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
+        )
+    return key
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    candidates = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in candidates or etag in candidates
+
+
+routes = [
+    Route("/api/products", list_products, methods=["GET"]),
+    Route("/api/products/{product_id}", get_product, methods=["GET"]),
+    Route("/api/reservations", create_reservation, methods=["POST"]),
+    Route("/api/reservations/{reservation_id}", get_reservation, methods=["GET"]),
+    Route("/api/reservations/{reservation_id}/complete", complete_reservation, methods=["POST"]),
+    Route("/api/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
+    Route("/api/config", config, methods=["GET"]),
+]

@@ -1,0 +1,52 @@
+"""The service's own endpoints: liveness, readiness and Prometheus metrics.
+
+These three are never refused for overload (`server.api.middleware.NEVER_REFUSED`): a
+probe or a scrape must get an answer from a process that is busy serving shoppers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.api.http import json_response, shop_of
+from server.infra.metrics import render as render_metrics
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the database and Redis both answer, each within a second."""
+    checks = {}
+    for name, probe in (
+        ("database", shop_of(request).store.ping()),
+        ("redis", request.app.state.redis.ping()),
+    ):
+        try:
+            await asyncio.wait_for(probe, 1.0)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure at all means "not ready"
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    if ready:
+        return json_response({"status": "ok", "checks": checks})
+    return json_response(
+        {"status": "unavailable", "checks": checks}, 503, headers={"Retry-After": "5"}
+    )
+
+
+async def metrics(request: Request) -> Response:
+    body, media_type = render_metrics()
+    return Response(body, media_type=media_type)
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

@@ -1,0 +1,203 @@
+"""The service as real processes, started with the Procfile's own commands.
+
+Concurrency claims need real processes: in-process tests share one event loop and one
+connection and can hide races (PITFALLS.md). These run `web` (uvicorn, WEB_CONCURRENCY
+processes) and `worker` exactly as the Procfile says, with the environment a deployment
+would set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.devtools.embedded_redis import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "operator-secret"
+
+
+def procfile() -> dict[str, str]:
+    commands = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() and not name.startswith("#"):
+            commands[name.strip()] = command.strip()
+    return commands
+
+
+class Process:
+    """One Procfile entry, running under bash like a process manager would run it."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log: Path) -> None:
+        self.name = name
+        self.command = procfile()[name]
+        self.env = dict(env)
+        self.log = log
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self._popen = subprocess.Popen(
+                ["bash", "-c", self.command],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: signals reach uvicorn's workers too
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self._popen is not None
+        return self._popen.pid
+
+    @property
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.running:
+            os.killpg(self.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self._popen is None:
+            return None
+        if self.running:
+            os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self._popen.wait()
+        code = self._popen.returncode
+        self._popen = None
+        return code
+
+    def wait(self, timeout: float) -> int:
+        """Until it exits by itself (after a signal sent with `signal`); its exit code."""
+        assert self._popen is not None
+        code = self._popen.wait(timeout)
+        self._popen = None
+        return code
+
+    def children(self) -> list[int]:
+        """The pids of its child processes (uvicorn's workers, under its supervisor)."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            try:
+                found.extend(int(pid) for pid in task.read_text().split())
+            except OSError:  # the thread ended meanwhile
+                continue
+        return sorted(set(found))
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group, as a crash would."""
+        if self.running:
+            os.killpg(self.pid, signal.SIGKILL)
+            assert self._popen is not None
+            self._popen.wait()
+        self._popen = None
+
+
+class Service:
+    def __init__(
+        self,
+        database_url: str,
+        redis_url: str,
+        log_dir: Path,
+        *,
+        web_concurrency: int = 2,
+        **settings: str,
+    ) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": str(web_concurrency),
+            "LOG_LEVEL": "WARNING",
+            "WORKER_METRICS_PORT": str(free_port()),
+            **settings,
+        }
+        self.web = Process("web", env, log_dir / "web.log")
+        self.worker = Process("worker", env, log_dir / "worker.log")
+
+    def start(self, *, worker: bool = True) -> None:
+        self.web.start()
+        if worker:
+            self.worker.start()
+        self.wait_ready()
+
+    def wait_ready(self, within: float = 30.0) -> None:
+        """Until /readyz answers 200 (the processes take a moment to start)."""
+        deadline = time.monotonic() + within
+        while True:
+            if not self.web.running:
+                raise RuntimeError(f"web exited at start:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"web not ready within {within} s:\n{self.logs()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.web.stop()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.log.read_text()[-4000:]}"
+            for p in (self.web, self.worker)
+            if p.log.exists()
+        )
+
+    def client(self, **kwargs: object) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def new_product(self, stock: int, **fields: object) -> dict[str, Any]:
+        """A product made through the operator API, as a shop would make it."""
+        async with self.client() as client:
+            response = await client.post(
+                "/api/admin/products",
+                json={"name": "Test product", "price": 10, "stock": stock, **fields},
+                headers=self.admin_headers(),
+            )
+        assert response.status_code == 201, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+
+@contextmanager
+def running(
+    database_url: str, redis_url: str, log_dir: Path, *, worker: bool = True, **kwargs: object
+) -> Iterator[Service]:
+    service = Service(database_url, redis_url, log_dir, **kwargs)  # type: ignore[arg-type]
+    try:
+        service.start(worker=worker)
+        yield service
+    finally:
+        service.stop()

@@ -1,0 +1,94 @@
+"""What can go wrong, as the domain sees it. The HTTP layer maps each class to a status.
+
+Every error has a stable `code` for programs and a `message` that is one human sentence.
+"""
+
+from __future__ import annotations
+
+from server.domain.clock import iso
+
+
+class DomainError(Exception):
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ProductNotFound(DomainError):
+    code = "product_not_found"
+
+    def __init__(self, product_id: int) -> None:
+        super().__init__(f"There is no product {product_id}.")
+        self.product_id = product_id
+
+
+class ReservationNotFound(DomainError):
+    code = "reservation_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("There is no such reservation.")
+
+
+class InsufficientStock(DomainError):
+    code = "insufficient_stock"
+
+    def __init__(self, available: int, requested: int) -> None:
+        if available <= 0:
+            message = "Sold out: no units are left."
+        elif available == 1:
+            message = f"Only 1 left, {requested} requested."
+        else:
+            message = f"Only {available} left, {requested} requested."
+        super().__init__(message)
+        self.available = available
+        self.requested = requested
+
+
+class SaleNotStarted(DomainError):
+    code = "sale_not_started"
+
+    def __init__(self, starts_at_ms: int) -> None:
+        super().__init__(f"The sale has not started yet; it starts at {iso(starts_at_ms)}.")
+        self.starts_at_ms = starts_at_ms
+
+
+class ReservationExpired(DomainError):
+    code = "reservation_expired"
+
+    def __init__(self) -> None:
+        super().__init__("This reservation has expired; its units went back on sale.")
+
+
+class ReservationCancelled(DomainError):
+    code = "reservation_cancelled"
+
+    def __init__(self) -> None:
+        super().__init__("This reservation was cancelled.")
+
+
+class ReservationCompleted(DomainError):
+    code = "reservation_completed"
+
+    def __init__(self) -> None:
+        super().__init__("This reservation was already purchased and cannot be cancelled.")
+
+
+class IdempotencyKeyReused(DomainError):
+    code = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was already used for a different request; use a new key."
+        )
+
+
+class DatabaseBusy(DomainError):
+    """The write lock was not obtained in time; the transaction changed nothing."""
+
+    code = "database_busy"
+
+
+class DatabaseUnavailable(DomainError):
+    code = "database_unavailable"

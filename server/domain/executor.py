@@ -1,0 +1,33 @@
+"""What the domain needs from storage: something that runs its SQL.
+
+The inventory operations are written against this protocol, never against a driver:
+`server.storage` implements it for SQLite and PostgreSQL, and runs each write operation
+inside one transaction (`Store.write`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+Values = Mapping[str, Any]
+
+
+class Row(Protocol):
+    """A database row, read by column name (sqlite3.Row, asyncpg.Record)."""
+
+    def __getitem__(self, key: str) -> Any: ...
+
+
+class Executor(Protocol):
+    """Runs portable SQL (`:name` placeholders) on one connection.
+
+    The same statement text runs on SQLite and PostgreSQL: `:name` placeholders, RETURNING,
+    CAST, no `::` casts and no colons inside literals.
+    """
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]: ...
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None: ...
+
+    async def execute(self, sql: str, values: Values | None = None) -> None: ...

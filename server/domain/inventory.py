@@ -1,0 +1,548 @@
+"""The inventory operations: the only code that writes stock or holds (DESIGN.md §4).
+
+Each write operation runs inside one short transaction that the caller opens
+(`Store.write()`), makes no network call, and returns an `Outcome` whose events the
+caller publishes after commit. Stock only ever moves through conditional UPDATEs evaluated
+by the database (`available_stock >= :q`, `status = 'ACTIVE'`), so concurrency across
+connections, processes and machines cannot oversell or restore a unit twice; Python decides
+at most *what to try*, never what the stock is. Row counts come from RETURNING.
+
+The SQL is one dialect for SQLite and PostgreSQL: `:name` placeholders, RETURNING, CAST.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from server.domain.errors import (
+    DomainError,
+    IdempotencyKeyReused,
+    InsufficientStock,
+    ProductNotFound,
+    ReservationCancelled,
+    ReservationCompleted,
+    ReservationExpired,
+    ReservationNotFound,
+    SaleNotStarted,
+)
+from server.domain.executor import Executor, Row
+from server.domain.model import (
+    Event,
+    HoldRequest,
+    Outcome,
+    Product,
+    ProductChanged,
+    Reservation,
+    ReservationChanged,
+    Status,
+    StockChanged,
+)
+
+IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+SWEEP_BATCH = 500
+
+PRODUCT = (
+    "id, name, price_cents, total_stock, available_stock, version, sale_starts_at, "
+    "created_at, updated_at"
+)
+RESERVATION = (
+    "id, product_id, quantity, status, created_at, expires_at, completed_at, ended_at, "
+    "idempotency_key"
+)
+
+
+def new_reservation_ids(count: int) -> list[str]:
+    """128 random bits each, URL-safe: knowing the id is what lets someone act on the hold.
+
+    One read of the OS's randomness for the whole batch, rather than one per hold."""
+    entropy = secrets.token_bytes(16 * count)
+    return [
+        base64.urlsafe_b64encode(entropy[i : i + 16]).rstrip(b"=").decode()
+        for i in range(0, 16 * count, 16)
+    ]
+
+
+def is_reservation_id(text: str) -> bool:
+    return len(text) == 22 and all(c.isalnum() or c in "-_" for c in text) and text.isascii()
+
+
+# -- reserve ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A successful reserve: the hold, and whether it was made by an earlier request."""
+
+    reservation: Reservation
+    replayed: bool = False
+
+
+async def reserve(
+    conn: Executor, requests: Sequence[HoldRequest], *, now: int, hold_ms: int
+) -> tuple[list[Outcome[Held]], list[Event]]:
+    """Hold units for each request, first come first served, in one transaction.
+
+    Answers in the order of `requests`. Holds for one product take one conditional UPDATE
+    for all of them when the stock covers them all (the common case); otherwise the
+    requests that fit, in order, are granted and the rest answered `insufficient_stock`.
+    """
+    outcomes: list[Outcome[Held] | None] = [None] * len(requests)
+    fresh = await _replay_idempotent(conn, requests, outcomes, now=now)
+
+    by_product: dict[int, list[int]] = defaultdict(list)
+    for index in fresh:
+        by_product[requests[index].product_id].append(index)
+
+    events: list[Event] = []
+    granted: list[int] = []
+    # Products in id order, as every transaction that changes several takes them: two such
+    # transactions in opposite orders would deadlock (PostgreSQL's row locks).
+    for product_id, indexes in sorted(by_product.items()):
+        quantities = [requests[i].quantity for i in indexes]
+        product, fits = await _take_stock(conn, product_id, quantities, now=now)
+        if product is None:
+            for i in indexes:
+                outcomes[i] = Outcome(error=ProductNotFound(product_id))
+            continue
+        if isinstance(fits, DomainError):
+            for i in indexes:
+                outcomes[i] = Outcome(error=fits)
+            continue
+        if any(fits):
+            events.append(StockChanged(product))
+        for i, ok in zip(indexes, fits, strict=True):
+            if ok:
+                granted.append(i)
+            else:
+                outcomes[i] = Outcome(
+                    error=InsufficientStock(product.available_stock, requests[i].quantity)
+                )
+
+    if granted:
+        expires = now + hold_ms
+        ids = new_reservation_ids(len(granted))
+        holds = [(rid, requests[i]) for i, rid in zip(granted, ids, strict=True)]
+        rows = await _insert_holds(conn, holds, now, expires)
+        for i, reservation in zip(granted, rows, strict=True):
+            outcomes[i] = Outcome(Held(reservation))
+
+    assert all(o is not None for o in outcomes)
+    return [o for o in outcomes if o is not None], events
+
+
+async def _replay_idempotent(
+    conn: Executor,
+    requests: Sequence[HoldRequest],
+    outcomes: list[Outcome[Held] | None],
+    *,
+    now: int,
+) -> list[int]:
+    """Answer requests whose Idempotency-Key made a hold already; return the others.
+
+    A key seen twice in one batch is left to the first request; the later ones are
+    answered from the earlier ones' result by the caller (see `writer.py`), which never
+    sends two requests with one key in a batch.
+    """
+    keys = {r.idempotency_key for r in requests if r.idempotency_key is not None}
+    if not keys:
+        return list(range(len(requests)))
+    names = {key: f"k{n}" for n, key in enumerate(keys)}
+    rows = await conn.fetch_all(
+        f"SELECT {RESERVATION} FROM reservations WHERE idempotency_key IN "
+        f"({', '.join(':' + name for name in names.values())})",
+        {name: key for key, name in names.items()},
+    )
+    existing = {str(row["idempotency_key"]): Reservation.from_row(row) for row in rows}
+    stale = [r.id for r in existing.values() if r.created_at <= now - IDEMPOTENCY_WINDOW_MS]
+    if stale:
+        # Older than a day: the key is free again (the sweeper frees them too, in bulk).
+        await _forget_keys(conn, stale)
+    fresh = []
+    for index, request in enumerate(requests):
+        earlier = existing.get(request.idempotency_key or "")
+        if earlier is None or earlier.id in stale:
+            fresh.append(index)
+        elif (earlier.product_id, earlier.quantity) != (request.product_id, request.quantity):
+            outcomes[index] = Outcome(error=IdempotencyKeyReused())
+        else:
+            outcomes[index] = Outcome(Held(earlier, replayed=True))
+    return fresh
+
+
+async def _take_stock(
+    conn: Executor, product_id: int, quantities: Sequence[int], *, now: int
+) -> tuple[Product | None, list[bool] | DomainError]:
+    """Take stock for as many of `quantities`, in order, as the product has.
+
+    Returns the product after the change and which quantities were granted, or the
+    error that refuses them all.
+    """
+    row = await conn.fetch_one(
+        "UPDATE products SET available_stock = available_stock - :total, "
+        "version = version + 1, updated_at = :now "
+        "WHERE id = :id AND available_stock >= :total "
+        "AND (sale_starts_at IS NULL OR sale_starts_at <= :now) "
+        f"RETURNING {PRODUCT}",
+        {"id": product_id, "total": sum(quantities), "now": now},
+    )
+    if row is not None:
+        return Product.from_row(row), [True] * len(quantities)
+    # Not all of them fit (or the sale has not started, or there is no such product).
+    # Read what is there, choose the requests that fit, and take exactly that much with the
+    # same conditional UPDATE. On SQLite nothing can change in between (the transaction holds
+    # the write lock); on PostgreSQL another transaction may, so the UPDATE stays
+    # conditional and the choice is retried against the new stock.
+    for _ in range(5):
+        product = await get_product(conn, product_id)
+        if product is None:
+            return None, []
+        if product.sale_starts_at is not None and product.sale_starts_at > now:
+            return product, SaleNotStarted(product.sale_starts_at)
+        fits = allocate(product.available_stock, quantities)
+        take = sum(q for q, ok in zip(quantities, fits, strict=True) if ok)
+        if take == 0:
+            return product, fits
+        row = await conn.fetch_one(
+            "UPDATE products SET available_stock = available_stock - :take, "
+            "version = version + 1, updated_at = :now "
+            f"WHERE id = :id AND available_stock >= :take RETURNING {PRODUCT}",
+            {"id": product_id, "take": take, "now": now},
+        )
+        if row is not None:
+            return Product.from_row(row), fits
+    return product, [False] * len(quantities)
+
+
+def allocate(available: int, quantities: Iterable[int]) -> list[bool]:
+    """First come, first served: each request that still fits is granted."""
+    fits = []
+    for quantity in quantities:
+        ok = quantity <= available
+        if ok:
+            available -= quantity
+        fits.append(ok)
+    return fits
+
+
+async def _insert_holds(
+    conn: Executor, holds: Sequence[tuple[str, HoldRequest]], now: int, expires: int
+) -> list[Reservation]:
+    rows_sql = []
+    values: dict[str, object] = {"now": now, "exp": expires}
+    for n, (reservation_id, request) in enumerate(holds):
+        rows_sql.append(f"(:i{n}, :p{n}, :q{n}, 'ACTIVE', :now, :exp, :k{n})")
+        values[f"i{n}"] = reservation_id
+        values[f"p{n}"] = request.product_id
+        values[f"q{n}"] = request.quantity
+        values[f"k{n}"] = request.idempotency_key
+    await conn.execute(
+        "INSERT INTO reservations "
+        "(id, product_id, quantity, status, created_at, expires_at, idempotency_key) "
+        f"VALUES {', '.join(rows_sql)}",
+        values,
+    )
+    return [
+        Reservation(
+            id=reservation_id,
+            product_id=request.product_id,
+            quantity=request.quantity,
+            status=Status.ACTIVE,
+            created_at=now,
+            expires_at=expires,
+            completed_at=None,
+            ended_at=None,
+        )
+        for reservation_id, request in holds
+    ]
+
+
+# -- complete, cancel, expire ------------------------------------------------------------
+
+
+async def complete(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Reservation]:
+    """ACTIVE and not yet due → COMPLETED. Completing a COMPLETED hold returns it."""
+    row = await conn.fetch_one(
+        "UPDATE reservations SET status = 'COMPLETED', completed_at = :now, ended_at = :now "
+        "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
+        f"RETURNING {RESERVATION}",
+        {"id": reservation_id, "now": now},
+    )
+    if row is not None:
+        reservation = Reservation.from_row(row)
+        product = await get_product(conn, reservation.product_id)
+        assert product is not None
+        return Outcome(reservation, events=[ReservationChanged(reservation, product)])
+    current = await get_reservation(conn, reservation_id)
+    if current is None:
+        return Outcome(error=ReservationNotFound())
+    if current.status is Status.COMPLETED:
+        return Outcome(current)
+    if current.status is Status.CANCELLED:
+        return Outcome(error=ReservationCancelled())
+    return await _refuse_as_expired(conn, current, now=now)
+
+
+async def cancel(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Reservation]:
+    """ACTIVE and not yet due → CANCELLED, units back. Cancelling twice returns it."""
+    row = await conn.fetch_one(
+        "UPDATE reservations SET status = 'CANCELLED', ended_at = :now "
+        "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
+        f"RETURNING {RESERVATION}",
+        {"id": reservation_id, "now": now},
+    )
+    if row is not None:
+        reservation = Reservation.from_row(row)
+        product = await _restore(conn, reservation.product_id, reservation.quantity, now=now)
+        return Outcome(
+            reservation,
+            events=[StockChanged(product), ReservationChanged(reservation, product)],
+        )
+    current = await get_reservation(conn, reservation_id)
+    if current is None:
+        return Outcome(error=ReservationNotFound())
+    if current.status is Status.CANCELLED:
+        return Outcome(current)
+    if current.status is Status.COMPLETED:
+        return Outcome(error=ReservationCompleted())
+    return await _refuse_as_expired(conn, current, now=now)
+
+
+async def _refuse_as_expired(
+    conn: Executor, current: Reservation, *, now: int
+) -> Outcome[Reservation]:
+    """The hold is EXPIRED, or ACTIVE but overdue: expire it now if no job has yet."""
+    events: list[Event] = []
+    if current.status is Status.ACTIVE:
+        events = (await expire(conn, current.id, now=now)).events
+    return Outcome(error=ReservationExpired(), events=events)
+
+
+async def expire(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Reservation]:
+    """ACTIVE and overdue → EXPIRED, units back. A second run changes nothing."""
+    rows = await conn.fetch_all(
+        "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
+        "WHERE id = :id AND status = 'ACTIVE' AND expires_at <= :now "
+        f"RETURNING {RESERVATION}",
+        {"id": reservation_id, "now": now},
+    )
+    outcome = await _restore_expired(conn, rows, now=now)
+    return Outcome(outcome.value[0] if outcome.value else None, events=outcome.events)
+
+
+async def expire_overdue(
+    conn: Executor, *, now: int, limit: int = SWEEP_BATCH
+) -> Outcome[list[Reservation]]:
+    """Expire up to `limit` overdue ACTIVE holds, oldest first, and restore their units.
+
+    Safe to run concurrently with itself and with complete/cancel: each row changes only if
+    it is still ACTIVE when the UPDATE reaches it.
+    """
+    rows = await conn.fetch_all(
+        "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
+        "WHERE id IN (SELECT id FROM reservations "
+        "WHERE status = 'ACTIVE' AND expires_at <= :now ORDER BY expires_at LIMIT :limit) "
+        "AND status = 'ACTIVE' AND expires_at <= :now "
+        f"RETURNING {RESERVATION}",
+        {"now": now, "limit": limit},
+    )
+    return await _restore_expired(conn, rows, now=now)
+
+
+async def _restore_expired(
+    conn: Executor, rows: Sequence[Row], *, now: int
+) -> Outcome[list[Reservation]]:
+    expired = [Reservation.from_row(row) for row in rows]
+    units: dict[int, int] = defaultdict(int)
+    for reservation in expired:
+        units[reservation.product_id] += reservation.quantity
+    events: list[Event] = []
+    products = {}
+    for product_id in sorted(units):  # a fixed order, so two sweepers cannot deadlock
+        product = await _restore(conn, product_id, units[product_id], now=now)
+        products[product_id] = product
+        events.append(StockChanged(product))
+    events.extend(ReservationChanged(r, products[r.product_id]) for r in expired)
+    return Outcome(expired, events=events)
+
+
+async def _restore(conn: Executor, product_id: int, quantity: int, *, now: int) -> Product:
+    row = await conn.fetch_one(
+        "UPDATE products SET available_stock = available_stock + :q, "
+        "version = version + 1, updated_at = :now "
+        f"WHERE id = :id RETURNING {PRODUCT}",
+        {"id": product_id, "q": quantity, "now": now},
+    )
+    assert row is not None, "a hold's product cannot disappear"
+    return Product.from_row(row)
+
+
+async def forget_old_idempotency_keys(conn: Executor, *, now: int, limit: int = SWEEP_BATCH) -> int:
+    """Free the keys of holds older than a day, so that a client may use them again."""
+    rows = await conn.fetch_all(
+        "SELECT id FROM reservations WHERE idempotency_key IS NOT NULL "
+        "AND created_at <= :cutoff ORDER BY created_at LIMIT :limit",
+        {"cutoff": now - IDEMPOTENCY_WINDOW_MS, "limit": limit},
+    )
+    await _forget_keys(conn, [str(row["id"]) for row in rows])
+    return len(rows)
+
+
+async def _forget_keys(conn: Executor, reservation_ids: Sequence[str]) -> None:
+    if not reservation_ids:
+        return
+    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    await conn.execute(
+        "UPDATE reservations SET idempotency_key = NULL "
+        f"WHERE id IN ({', '.join(':' + name for name in names)})",
+        names,
+    )
+
+
+# -- operator actions --------------------------------------------------------------------
+
+
+async def create_product(
+    conn: Executor,
+    *,
+    name: str,
+    price_cents: int,
+    stock: int,
+    sale_starts_at: int | None,
+    now: int,
+) -> Outcome[Product]:
+    # The id is chosen inside the INSERT, since SQLite and PostgreSQL spell auto-increment
+    # differently. Two concurrent creations on PostgreSQL can pick the same id; the primary
+    # key refuses one, and the caller retries it.
+    row = await conn.fetch_one(
+        "INSERT INTO products (id, name, price_cents, total_stock, available_stock, version, "
+        "sale_starts_at, created_at, updated_at) "
+        "SELECT COALESCE(MAX(id), 0) + 1, CAST(:name AS TEXT), CAST(:price AS BIGINT), "
+        "CAST(:stock AS BIGINT), CAST(:stock AS BIGINT), 1, CAST(:starts AS BIGINT), "
+        f"CAST(:now AS BIGINT), CAST(:now AS BIGINT) FROM products RETURNING {PRODUCT}",
+        {
+            "name": name,
+            "price": price_cents,
+            "stock": stock,
+            "starts": sale_starts_at,
+            "now": now,
+        },
+    )
+    assert row is not None
+    product = Product.from_row(row)
+    return Outcome(product, events=[ProductChanged(product), StockChanged(product)])
+
+
+async def restock(conn: Executor, product_id: int, quantity: int, *, now: int) -> Outcome[Product]:
+    row = await conn.fetch_one(
+        "UPDATE products SET total_stock = total_stock + :q, "
+        "available_stock = available_stock + :q, version = version + 1, updated_at = :now "
+        f"WHERE id = :id RETURNING {PRODUCT}",
+        {"id": product_id, "q": quantity, "now": now},
+    )
+    if row is None:
+        return Outcome(error=ProductNotFound(product_id))
+    product = Product.from_row(row)
+    return Outcome(product, events=[ProductChanged(product), StockChanged(product)])
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+async def get_product(conn: Executor, product_id: int) -> Product | None:
+    row = await conn.fetch_one(f"SELECT {PRODUCT} FROM products WHERE id = :id", {"id": product_id})
+    return None if row is None else Product.from_row(row)
+
+
+async def list_products(conn: Executor) -> list[Product]:
+    rows = await conn.fetch_all(f"SELECT {PRODUCT} FROM products ORDER BY id")
+    return [Product.from_row(row) for row in rows]
+
+
+async def get_reservation(conn: Executor, reservation_id: str) -> Reservation | None:
+    row = await conn.fetch_one(
+        f"SELECT {RESERVATION} FROM reservations WHERE id = :id", {"id": reservation_id}
+    )
+    return None if row is None else Reservation.from_row(row)
+
+
+async def get_reservations(conn: Executor, reservation_ids: Sequence[str]) -> list[Reservation]:
+    if not reservation_ids:
+        return []
+    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    rows = await conn.fetch_all(
+        f"SELECT {RESERVATION} FROM reservations "
+        f"WHERE id IN ({', '.join(':' + name for name in names)})",
+        names,
+    )
+    return [Reservation.from_row(row) for row in rows]
+
+
+async def get_reservation_by_key(conn: Executor, key: str) -> Reservation | None:
+    row = await conn.fetch_one(
+        f"SELECT {RESERVATION} FROM reservations WHERE idempotency_key = :key", {"key": key}
+    )
+    return None if row is None else Reservation.from_row(row)
+
+
+async def list_reservations(
+    conn: Executor, *, product_id: int | None, status: Status | None, limit: int
+) -> list[Reservation]:
+    where = []
+    values: dict[str, object] = {"limit": limit}
+    if product_id is not None:
+        where.append("product_id = :product_id")
+        values["product_id"] = product_id
+    if status is not None:
+        where.append("status = :status")
+        values["status"] = status.value
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    rows = await conn.fetch_all(
+        f"SELECT {RESERVATION} FROM reservations {clause}ORDER BY created_at DESC, id LIMIT :limit",
+        values,
+    )
+    return [Reservation.from_row(row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    product_id: int
+    total: int
+    available: int
+    held: int
+    sold: int
+    expired: int
+    cancelled: int
+
+
+_UNITS = (
+    "(SELECT COALESCE(SUM(quantity), 0) FROM reservations r "
+    "WHERE r.product_id = p.id AND r.status = '{}')"
+)
+
+
+async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
+    """Units per state, read in one statement so that they come from one snapshot."""
+    where = "WHERE p.id = :id " if product_id is not None else ""
+    rows = await conn.fetch_all(
+        "SELECT p.id AS id, p.total_stock AS total, p.available_stock AS available, "
+        f"{_UNITS.format('ACTIVE')} AS held, {_UNITS.format('COMPLETED')} AS sold, "
+        f"{_UNITS.format('EXPIRED')} AS expired, {_UNITS.format('CANCELLED')} AS cancelled "
+        f"FROM products p {where}ORDER BY p.id",
+        {"id": product_id} if product_id is not None else {},
+    )
+    return [
+        Stats(
+            product_id=int(row["id"]),
+            total=int(row["total"]),
+            available=int(row["available"]),
+            held=int(row["held"]),
+            sold=int(row["sold"]),
+            expired=int(row["expired"]),
+            cancelled=int(row["cancelled"]),
+        )
+        for row in rows
+    ]

@@ -1,0 +1,129 @@
+"""The domain's nouns: products, holds, and the events their changes cause."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from server.domain.errors import DomainError
+from server.domain.executor import Row
+
+T = TypeVar("T")
+
+
+class Status(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    COMPLETED = "COMPLETED"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    id: int
+    name: str
+    price_cents: int
+    total_stock: int
+    available_stock: int
+    version: int
+    sale_starts_at: int | None
+    created_at: int
+    updated_at: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Product:
+        starts = row["sale_starts_at"]
+        return cls(
+            id=int(row["id"]),
+            name=str(row["name"]),
+            price_cents=int(row["price_cents"]),
+            total_stock=int(row["total_stock"]),
+            available_stock=int(row["available_stock"]),
+            version=int(row["version"]),
+            sale_starts_at=None if starts is None else int(starts),
+            created_at=int(row["created_at"]),
+            updated_at=int(row["updated_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    product_id: int
+    quantity: int
+    status: Status
+    created_at: int
+    expires_at: int
+    completed_at: int | None
+    ended_at: int | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Reservation:
+        completed, ended = row["completed_at"], row["ended_at"]
+        return cls(
+            id=str(row["id"]),
+            product_id=int(row["product_id"]),
+            quantity=int(row["quantity"]),
+            status=Status(row["status"]),
+            created_at=int(row["created_at"]),
+            expires_at=int(row["expires_at"]),
+            completed_at=None if completed is None else int(completed),
+            ended_at=None if ended is None else int(ended),
+        )
+
+    def effective_status(self, now: int) -> Status:
+        """What the hold is, as of `now`: overdue is expired, whether or not a job has run."""
+        if self.status is Status.ACTIVE and self.expires_at <= now:
+            return Status.EXPIRED
+        return self.status
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    product_id: int
+    quantity: int
+    idempotency_key: str | None = None
+
+
+# Events: what changed, in a form the caller publishes after commit.
+
+
+@dataclass(frozen=True, slots=True)
+class StockChanged:
+    product: Product
+
+
+@dataclass(frozen=True, slots=True)
+class ProductChanged:
+    """A product was created, or a field other than its available stock changed."""
+
+    product: Product
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationChanged:
+    """A hold left ACTIVE: completed, cancelled or expired."""
+
+    reservation: Reservation
+    product: Product
+
+
+Event = StockChanged | ProductChanged | ReservationChanged
+
+
+@dataclass(slots=True)
+class Outcome(Generic[T]):
+    """What an operation did: its answer (or the domain error to raise after commit) and
+    the events to publish after commit. An operation can both fail and change something:
+    completing an overdue hold expires it and answers "expired"."""
+
+    value: T | None = None
+    error: DomainError | None = None
+    events: list[Event] = field(default_factory=list)
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value

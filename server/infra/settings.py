@@ -1,0 +1,158 @@
+"""Configuration, read from the environment once (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/flashsale.db"
+# The name Redis' own sentinel.conf example monitors its primary under.
+DEFAULT_SENTINEL_SERVICE = "mymaster"
+DEFAULT_SENTINEL_PORT = 26379
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    # Empty means "none configured": the launcher starts an embedded server and sets it.
+    redis_url: str = ""
+    # Redis Sentinel instead of one server: the Sentinels' (host, port) pairs, and the name
+    # they monitor the primary under. Set, they replace redis_url (server/redis_client.py).
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_service: str = DEFAULT_SENTINEL_SERVICE
+    hold_seconds: float = 120.0
+    max_quantity: int = 10
+    sweep_seconds: int = 2
+    cors_origins: tuple[str, ...] = ()
+    admin_token: str = ""
+    web_concurrency: int = 1
+    ws_max_clients: int = 10_000
+    log_level: str = "INFO"
+    # How long a writer waits for SQLite's write lock before answering 503.
+    db_busy_timeout_ms: int = 5_000
+    # Expiry jobs are scheduled per time bucket of this many milliseconds
+    # (see server/service/expiry.py).
+    expiry_bucket_ms: int = 100
+    log_format: str = "text"
+    access_log: bool = True
+    # Requests in flight in one web process beyond which the next get 503 at once. A
+    # refusal costs ~60 µs of CPU, a hold ~100 µs: 10,000 is about a second of work, which
+    # a storm of 5,000 clicks on one process stays well inside.
+    max_in_flight: int = 10_000
+    # Reservations one client may make: (count, per seconds); None is no limit.
+    reserve_rate_limit: tuple[int, int] | None = None
+    worker_metrics_port: int = 9108
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def has_redis(self) -> bool:
+        """Whether a Redis is configured, as one server or through Sentinel."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        sentinels = _addresses(env, "REDIS_SENTINELS", DEFAULT_SENTINEL_PORT)
+        if sentinels and env.get("REDIS_URL", "").strip():
+            raise SettingsError(
+                "REDIS_URL and REDIS_SENTINELS are both set: set one (with Sentinel, the "
+                "primary's address comes from the Sentinels)"
+            )
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            redis_url=env.get("REDIS_URL", ""),
+            redis_sentinels=sentinels,
+            redis_sentinel_service=env.get("REDIS_SENTINEL_SERVICE", "").strip()
+            or DEFAULT_SENTINEL_SERVICE,
+            hold_seconds=_number(env, "HOLD_SECONDS", 120.0, minimum=0.05),
+            max_quantity=int(_number(env, "MAX_QUANTITY", 10, minimum=1, integer=True)),
+            sweep_seconds=int(_number(env, "SWEEP_SECONDS", 2, minimum=1, integer=True)),
+            cors_origins=tuple(
+                o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()
+            ),
+            admin_token=env.get("ADMIN_TOKEN", ""),
+            web_concurrency=int(_number(env, "WEB_CONCURRENCY", 1, minimum=1, integer=True)),
+            ws_max_clients=int(_number(env, "WS_MAX_CLIENTS", 10_000, minimum=1, integer=True)),
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            db_busy_timeout_ms=int(
+                _number(env, "DB_BUSY_TIMEOUT_MS", 5_000, minimum=1, integer=True)
+            ),
+            expiry_bucket_ms=int(_number(env, "EXPIRY_BUCKET_MS", 100, minimum=10, integer=True)),
+            log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
+            access_log=_choice(env, "ACCESS_LOG", ("on", "off")) == "on",
+            max_in_flight=int(_number(env, "MAX_IN_FLIGHT", 10_000, minimum=1, integer=True)),
+            reserve_rate_limit=_rate(env, "RESERVE_RATE_LIMIT"),
+            worker_metrics_port=int(
+                _number(env, "WORKER_METRICS_PORT", 9108, minimum=0, integer=True)
+            ),
+        )
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False
+) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or allowed[0]
+    if raw not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
+def _rate(env: Mapping[str, str], name: str) -> tuple[int, int] | None:
+    """`COUNT/SECONDS`, e.g. `10/60`; empty for none."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    count, _, seconds = raw.partition("/")
+    try:
+        limit = (int(count), int(seconds or "60"))
+    except ValueError:
+        raise SettingsError(f"{name} must look like 10/60 (reservations per seconds)") from None
+    if limit[0] < 1 or limit[1] < 1:
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return limit
+
+
+def _addresses(env: Mapping[str, str], name: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port,…` (the port may be left out; IPv6 hosts in brackets)."""
+    found = []
+    for item in env.get(name, "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, port = item, str(default_port)
+        if item.startswith("["):  # [::1]:26379
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = rest.removeprefix(":")
+        elif item.count(":") == 1:
+            host, _, port = item.partition(":")
+        try:
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not host or not 0 < number < 65536:
+            raise SettingsError(f"{name} must look like host:port,host:port, got {item!r}")
+        found.append((host, number))
+    return tuple(found)

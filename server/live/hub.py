@@ -1,0 +1,382 @@
+"""Live updates over `/ws` (DESIGN.md §6): this process's sockets, and the fan-out to them.
+
+Frames arrive from the process's one Redis subscription (server/live/subscriber.py), already in
+their final form. The hub keeps, per product, the newest frame not yet sent, and flushes at
+most every `FLUSH_SECONDS` (at once if it has not flushed for that long): a product that
+changes a thousand times a second reaches each page about twenty times a second, always
+ending on its latest value. Reservation frames go only to the sockets watching that hold.
+
+Fan-out is one synchronous pass over the sockets. Each frame is encoded once and written to
+every socket as it is, through the `flashsale.prepared_frames` extension of our uvicorn
+protocol (server/live/wsprotocol.py): a few µs a socket, against ~15 µs through `send_text`.
+Where that is not available, or a socket's buffer is full, the frame goes through the
+ordinary `send`; a send that would wait is finished by a task of that socket's own, with a
+deadline, while its later frames are coalesced to the newest per product, so that a slow or
+dead client never holds up the others, and one that stays stuck is closed.
+
+While changes keep coming, flushes are spaced so that fan-out takes at most `FANOUT_SHARE`
+of the process, but never more than `MAX_FLUSH_GAP` apart: a flush to 10,000 sockets costs
+~125 ms here (mostly the kernel's send per socket), so at that size pages see sustained
+changes about every 0.5 s and fan-out takes ~20%; up to a few thousand sockets, 10%. The
+share is a budget that builds up while things are quiet (up to `FANOUT_BURST` seconds of
+fan-out), so the few changes of a sale's first second (units going, then none left) go out
+50 ms apart rather than a throttled half-second apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic_core import from_json, to_json
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from server.domain.clock import iso, now_ms
+from server.domain.inventory import is_reservation_id
+from server.domain.model import ReservationChanged
+from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
+from server.live.publisher import reservation_frame
+from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
+from server.service.catalog import Catalog
+from server.service.shop import Shop
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.05  # at most twenty flushes a second
+FANOUT_SHARE = 0.1  # while changes keep coming, of the event loop's time...
+MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this
+FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quiet spell
+SEND_TIMEOUT_SECONDS = 5.0
+MAX_WATCHED = 50
+MAX_BAD_MESSAGES = 10
+
+# WebSocket close codes
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
+Key = tuple[str, int | str]  # ("stock", product id) or ("reservation", id): what coalesces
+
+
+class Client:
+    """One socket: sends what it is offered, now if it can, else soon, in order."""
+
+    def __init__(self, websocket: WebSocket, hub: Hub) -> None:
+        self.websocket = websocket
+        extension = websocket.scope.get("extensions", {}).get(EXTENSION)
+        self._prepared: PreparedFrames | None = extension
+        self.watching: set[str] = set()
+        self.bad_messages = 0
+        self._hub = hub
+        self._backlog: dict[Key, str] = {}
+        self._sending: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def offer(self, key: Key, text: str, prepared: bytes | None = None) -> None:
+        """Send a frame: `text`, and the same already encoded, if the caller has it."""
+        if self.closed:
+            return
+        if self._sending is not None:
+            # Still finishing an earlier send: keep only the newest frame per key.
+            self._backlog.pop(key, None)
+            self._backlog[key] = text
+            return
+        if prepared is not None and self._prepared is not None and self._prepared.write(prepared):
+            return
+        self._start(self.websocket.send_text(text))
+
+    def _start(self, send: Coroutine[Any, Any, None]) -> None:
+        """Run `send` up to its first wait; if it has to wait, finish it in a task."""
+        try:
+            waiting_on = send.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # the socket is gone, or going
+            send.close()
+            self._hub.leave(self, f"send failed: {exc!r}")
+            return
+        self._sending = asyncio.create_task(self._finish(send, waiting_on))
+
+    async def _finish(self, send: Coroutine[Any, Any, None], waiting_on: object) -> None:
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                await _resume(send, waiting_on)
+                while self._backlog and not self.closed:
+                    key = next(iter(self._backlog))
+                    await self.websocket.send_text(self._backlog.pop(key))
+        except TimeoutError:
+            self._hub.leave(self, f"stuck: could not send for {SEND_TIMEOUT_SECONDS:g} s")
+        except Exception as exc:
+            self._hub.leave(self, f"send failed: {exc!r}")
+        finally:
+            self._sending = None
+
+
+async def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: object) -> None:
+    """Carry on a coroutine that was started by hand and stopped at `waiting_on`.
+
+    What a coroutine yields when it waits is the future it waits on (or None, to be
+    rescheduled); once that is done, sending into the coroutine resumes it, exactly as
+    asyncio's own Task does. (Python 3.12's eager tasks do the same for every task.)"""
+    try:
+        while True:
+            if waiting_on is None:
+                await asyncio.sleep(0)
+            else:
+                await _wait(waiting_on)
+            waiting_on = coroutine.send(None)
+    except StopIteration:
+        return
+    finally:
+        coroutine.close()
+
+
+def _wait(future: object) -> Awaitable[object]:
+    assert isinstance(future, asyncio.Future), f"unexpected awaitable {future!r}"
+    # Shielded: if our deadline cancels us, the socket's own future must not be cancelled
+    # under uvicorn's feet.
+    return asyncio.shield(future)
+
+
+class Hub:
+    """Every socket of this process, and what to send them."""
+
+    def __init__(self, catalog: Catalog, *, max_clients: int) -> None:
+        self._catalog = catalog
+        self._max_clients = max_clients
+        self.clients: set[Client] = set()
+        self._watchers: dict[str, set[Client]] = {}
+        self._stock: dict[int, tuple[int, str]] = {}  # product → (version, frame) to send
+        self._sent_version: dict[int, int] = {}
+        self._products: dict[int, str] = {}
+        self._reservations: list[tuple[str, str]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
+        self._flush_cost = 0.0
+        self._budget = FANOUT_BURST  # seconds of fan-out that may be spent now
+        self._budget_at = 0.0  # loop time when the budget was last topped up
+        self.dropped = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.clients) >= self._max_clients
+
+    # -- sockets ---------------------------------------------------------------------
+
+    def join(self, websocket: WebSocket) -> Client:
+        client = Client(websocket, self)
+        body, _ = self._catalog.listing()
+        snapshot = (
+            '{"type":"snapshot","serverTime":"' + iso(now_ms()) + '","products":'
+            + body.decode() + "}"
+        )  # fmt: skip
+        client.offer(("snapshot", 0), snapshot)
+        self.clients.add(client)
+        WEBSOCKETS.inc()
+        return client
+
+    def leave(self, client: Client, reason: str | None = None) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        self.clients.discard(client)
+        WEBSOCKETS.dec()
+        for reservation_id in client.watching:
+            watchers = self._watchers.get(reservation_id)
+            if watchers is not None:
+                watchers.discard(client)
+                if not watchers:
+                    del self._watchers[reservation_id]
+        if reason is not None:
+            self.dropped += 1
+            WEBSOCKETS_DROPPED.inc()
+            logger.info("live updates: dropping a client (%s)", reason)
+            asyncio.get_running_loop().create_task(_abandon(client.websocket))
+
+    def watch(self, client: Client, reservation_ids: list[str]) -> None:
+        for reservation_id in client.watching - set(reservation_ids):
+            watchers = self._watchers.get(reservation_id)
+            if watchers is not None:
+                watchers.discard(client)
+                if not watchers:
+                    del self._watchers[reservation_id]
+        client.watching = set(reservation_ids)
+        for reservation_id in client.watching:
+            self._watchers.setdefault(reservation_id, set()).add(client)
+
+    def tell(self, client: Client, reservation_id: str, frame: dict[str, Any]) -> None:
+        """Send one client the current state of a hold it watches."""
+        client.offer(("reservation", reservation_id), to_json(frame).decode())
+
+    # -- frames ----------------------------------------------------------------------
+
+    def publish(self, frame: dict[str, Any], raw: bytes) -> None:
+        """A frame from the subscription (or a resync): queue it for the next flush."""
+        kind = frame.get("type")
+        if kind == "stock":
+            product_id, version = int(frame["productId"]), int(frame["version"])
+            queued = self._stock.get(product_id)
+            if version <= self._sent_version.get(product_id, -1):
+                return
+            if queued is None or queued[0] < version:
+                self._stock[product_id] = (version, raw.decode())
+        elif kind == "product":
+            self._products[int(frame["product"]["id"])] = raw.decode()
+        elif kind == "reservation":
+            reservation_id = str(frame["reservation"]["id"])
+            if reservation_id in self._watchers:
+                self._reservations.append((reservation_id, raw.decode()))
+        else:
+            return
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # The budget grows by FANOUT_SHARE of the time that passes, up to FANOUT_BURST; a
+        # flush spends what it took. Expecting the next to cost what the last did, wait
+        # until the budget covers it: on average fan-out keeps to its share however long
+        # a flush takes, yet a quiet hub can answer a short burst of changes at once.
+        self._budget = min(FANOUT_BURST, self._budget + (now - self._budget_at) * FANOUT_SHARE)
+        self._budget_at = now
+        wait_for_budget = max(0.0, self._flush_cost - self._budget) / FANOUT_SHARE
+        soonest = self._last_flush + FLUSH_SECONDS
+        at = min(max(soonest, now + wait_for_budget), self._last_flush + MAX_FLUSH_GAP)
+        self._flush_handle = loop.call_later(max(0.0, at - now), self.flush)
+
+    def flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._flush_handle = None
+        products, self._products = self._products, {}
+        stock, self._stock = self._stock, {}
+        reservations, self._reservations = self._reservations, []
+        frames: list[tuple[Key, str]] = [(("product", pid), text) for pid, text in products.items()]
+        for product_id, (version, text) in stock.items():
+            self._sent_version[product_id] = version
+            frames.append((("stock", product_id), text))
+        if frames:
+            prepared = [(key, text, prepare_text(text)) for key, text in frames]
+            for client in list(self.clients):
+                for key, text, encoded in prepared:
+                    client.offer(key, text, encoded)
+        for reservation_id, text in reservations:
+            for client in list(self._watchers.get(reservation_id, ())):
+                client.offer(("reservation", reservation_id), text)
+        self._last_flush = loop.time()
+        self._flush_cost = self._last_flush - started
+        # Debt beyond the budget is not carried: past MAX_FLUSH_GAP it is spent anyway.
+        self._budget = max(0.0, self._budget - self._flush_cost)
+        if self.clients:
+            FANOUT_DURATION.observe(self._flush_cost)
+
+    async def close_all(self, code: int = 1001) -> None:
+        """Going away (shutdown): tell every client, so that pages reconnect elsewhere."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for client in list(self.clients):
+            self.leave(client)
+            try:
+                async with asyncio.timeout(1.0):
+                    await client.websocket.close(code)
+            except (TimeoutError, RuntimeError, OSError):
+                pass
+
+
+async def _abandon(websocket: WebSocket) -> None:
+    """Close a socket we gave up on, without waiting on it for long."""
+    if websocket.application_state is WebSocketState.DISCONNECTED:
+        return
+    try:
+        async with asyncio.timeout(1.0):
+            await websocket.close(TRY_AGAIN_LATER)
+    except (TimeoutError, RuntimeError, OSError):
+        pass
+
+
+def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """The page's own origin, or one of CORS_ORIGINS. No Origin (not a browser): allowed."""
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    host = websocket.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.lower()
+
+
+async def live_updates(websocket: WebSocket) -> None:
+    """`WS /ws`: a snapshot, then stock frames; `watch` adds reservation frames."""
+    app = websocket.app
+    hub: Hub = app.state.hub
+    if not origin_allowed(websocket, app.state.settings.cors_origins):
+        await websocket.close(POLICY_VIOLATION)  # before accept: the handshake gets 403
+        return
+    await websocket.accept()
+    if hub.full:
+        await websocket.close(TRY_AGAIN_LATER, "too many connections here; try again")
+        return
+    client = hub.join(websocket)
+    try:
+        while not client.closed:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            await _handle(websocket, hub, client, message.get("text"))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        hub.leave(client)
+
+
+async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | None) -> None:
+    problem = None
+    try:
+        message = from_json(text) if text is not None else None
+    except ValueError:
+        message, problem = None, ("invalid_json", "Messages must be JSON text.")
+    if problem is None:
+        if not isinstance(message, dict) or message.get("type") != "watch":
+            problem = ("unknown_message", 'The only message understood is {"type": "watch", …}.')
+        else:
+            ids = message.get("reservations")
+            if (
+                not isinstance(ids, list)
+                or len(ids) > MAX_WATCHED
+                or not all(isinstance(i, str) and is_reservation_id(i) for i in ids)
+                or set(message) - {"type", "reservations"}
+            ):
+                problem = (
+                    "invalid_watch",
+                    f'"reservations" must be a list of at most {MAX_WATCHED} reservation ids.',
+                )
+            else:
+                hub.watch(client, ids)
+                await _tell_current(websocket, hub, client, ids)
+                return
+    client.bad_messages += 1
+    code, text_out = problem
+    client.offer(
+        ("error", client.bad_messages),
+        to_json({"type": "error", "code": code, "message": text_out}).decode(),
+    )
+    if client.bad_messages >= MAX_BAD_MESSAGES:
+        hub.leave(client)
+        await websocket.close(POLICY_VIOLATION, "too many malformed messages")
+
+
+async def _tell_current(websocket: WebSocket, hub: Hub, client: Client, ids: list[str]) -> None:
+    """After a watch, each watched hold's current state: it may have changed while the page
+    was away."""
+    shop: Shop = websocket.app.state.shop
+    now = now_ms()
+    for reservation in await shop.reservations_by_id(ids):
+        product = await shop.product(reservation.product_id)
+        assert product is not None, "a hold's product cannot vanish"
+        frame = reservation_frame(ReservationChanged(reservation, product), now=now)
+        hub.tell(client, reservation.id, frame)

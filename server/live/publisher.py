@@ -1,0 +1,134 @@
+"""Live-update frames (DESIGN.md §6), and publishing them to Redis after commit.
+
+A frame is the exact JSON text a browser receives over `/ws`; it is rendered once, here, by
+whichever process made the change, and every web process forwards it as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic_core import to_json
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server.domain.clock import now_ms, parse_iso
+from server.domain.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
+from server.infra.background import Drainer
+from server.infra.keys import EVENTS_CHANNEL
+from server.infra.metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES
+from server.wire.schemas import product_view, reservation_view
+
+logger = logging.getLogger(__name__)
+
+# Reservation frames kept while Redis is unreachable; beyond this the oldest are dropped
+# (their pages learn the outcome from the hold's own expiresAt or by asking again).
+MAX_PENDING_RESERVATION_FRAMES = 50_000
+
+
+def stock_frame(product: Product) -> dict[str, Any]:
+    return {
+        "type": "stock",
+        "productId": product.id,
+        "availableStock": product.available_stock,
+        "version": product.version,
+    }
+
+
+def product_frame(product: Product) -> dict[str, Any]:
+    return {"type": "product", "product": product_view(product)}
+
+
+def product_from_frame(out: dict[str, Any]) -> Product:
+    """The product a `product` frame describes (times it does not carry are left at 0)."""
+    starts = out["saleStartsAt"]
+    return Product(
+        id=int(out["id"]),
+        name=str(out["name"]),
+        price_cents=round(float(out["price"]) * 100),
+        total_stock=int(out["totalStock"]),
+        available_stock=int(out["availableStock"]),
+        version=int(out["version"]),
+        sale_starts_at=None if starts is None else parse_iso(starts),
+        created_at=0,
+        updated_at=0,
+    )
+
+
+def reservation_frame(event: ReservationChanged, *, now: int) -> dict[str, Any]:
+    view = reservation_view(event.reservation, product_view(event.product), now=now)
+    return {"type": "reservation", "reservation": view}
+
+
+class Publisher(Drainer):
+    """Publishes events on `EVENTS_CHANNEL`, one frame per message, pipelined.
+
+    Stock frames are coalesced per product to the highest version not yet sent: a page
+    needs the latest stock, not every step. While Redis is unreachable the latest state is
+    kept and sent once it is back.
+    """
+
+    name = "event-publisher"
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__()
+        self._redis = redis
+        self._products: dict[int, Product] = {}
+        self._stock: dict[int, Product] = {}
+        self._reservations: dict[str, ReservationChanged] = {}
+        self.failures = 0
+        self.dropped = 0
+
+    def publish(self, events: Iterable[Event]) -> None:
+        for event in events:
+            if isinstance(event, StockChanged):
+                _keep_newest(self._stock, event.product)
+            elif isinstance(event, ProductChanged):
+                _keep_newest(self._products, event.product)
+            else:
+                self._reservations[event.reservation.id] = event
+        overflow = len(self._reservations) - MAX_PENDING_RESERVATION_FRAMES
+        if overflow > 0:
+            for key in list(self._reservations)[:overflow]:
+                del self._reservations[key]
+            self.dropped += overflow
+        self.wake()
+
+    def has_work(self) -> bool:
+        return bool(self._products or self._stock or self._reservations)
+
+    async def drain(self) -> float | None:
+        products, stock, reservations = self._products, self._stock, self._reservations
+        self._products, self._stock, self._reservations = {}, {}, {}
+        now = now_ms()
+        frames = [
+            *(product_frame(p) for p in products.values()),
+            *(stock_frame(p) for p in stock.values()),
+            *(reservation_frame(r, now=now) for r in reservations.values()),
+        ]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for frame in frames:
+                    pipe.publish(EVENTS_CHANNEL, to_json(frame))
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.failures += 1
+            PUBLISH_FAILURES.inc()
+            logger.warning("could not publish %d events (%s); will retry", len(frames), exc)
+            # Keep them, behind anything newer that arrived meanwhile.
+            for product in products.values():
+                _keep_newest(self._products, product)
+            for product in stock.values():
+                _keep_newest(self._stock, product)
+            self._reservations = {**reservations, **self._reservations}
+            return 0.5
+        EVENTS_PUBLISHED.inc(len(frames))
+        return None
+
+
+def _keep_newest(pending: dict[int, Product], product: Product) -> None:
+    current = pending.get(product.id)
+    if current is None or current.version <= product.version:
+        pending[product.id] = product

@@ -1,0 +1,151 @@
+"""The one Redis subscription of a web process.
+
+It feeds every frame published by any process (web or worker) to this process's catalog and
+to whoever else listens (the WebSocket hub). Messages published while it is disconnected are
+lost, so after every (re)subscribe it reloads the products from the database and passes on,
+as stock frames, whatever changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from pydantic_core import from_json, to_json
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server.domain.errors import DomainError
+from server.infra.keys import EVENTS_CHANNEL
+from server.infra.metrics import PUBSUB_RECONNECTS
+from server.live.publisher import product_frame, product_from_frame, stock_frame
+from server.service.catalog import Catalog
+from server.storage.database import Store
+
+logger = logging.getLogger(__name__)
+
+Frame = dict[str, Any]
+FrameListener = Callable[[Frame, bytes], None]
+
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 2.0
+# How often the catalog is reloaded anyway, in case a frame was missed while connected.
+RELOAD_SECONDS = 5.0
+
+
+class Subscriber:
+    def __init__(self, redis: Redis, store: Store, catalog: Catalog) -> None:
+        self._redis = redis
+        self._store = store
+        self._catalog = catalog
+        self._listeners: list[FrameListener] = []
+        self._task: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def listen(self, listener: FrameListener) -> None:
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="redis-subscriber")
+        self._reloader = asyncio.create_task(self._reload_forever(), name="catalog-reloader")
+
+    async def stop(self) -> None:
+        # Cancelling is not enough on its own: redis-py can swallow a cancellation that
+        # lands while a read waits inside its timeout (redis/redis-py#2551). The loop also
+        # checks this flag after every bounded wait.
+        self._stopping = True
+        for task in (self._task, self._reloader):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._task, self._reloader) if t), return_exceptions=True
+        )
+
+    async def _run(self) -> None:
+        backoff = MIN_BACKOFF
+        while not self.stopping:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(EVENTS_CHANNEL)
+                    self.connected.set()
+                    backoff = MIN_BACKOFF
+                    await self._resync()
+                    while not self.stopping:
+                        # Not listen(): a bounded wait lets redis-py send its health-check
+                        # PING on an idle subscription, and keeps socket timeouts away.
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and message["type"] == "message":
+                            self._dispatch(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, DomainError) as exc:
+                was_connected = self.connected.is_set()
+                self.connected.clear()
+                if was_connected:
+                    self.reconnects += 1
+                    PUBSUB_RECONNECTS.inc()
+                    logger.warning("live updates: lost Redis (%s); reconnecting", exc)
+            except Exception:
+                self.connected.clear()
+                logger.exception("live updates: subscriber failed; restarting it")
+            if not self.stopping:
+                # Back off with jitter, so that all processes don't hammer a recovering Redis.
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            frame = from_json(raw)
+            if frame["type"] == "stock":
+                self._catalog.apply_stock(
+                    int(frame["productId"]), int(frame["availableStock"]), int(frame["version"])
+                )
+            elif frame["type"] == "product":
+                self._catalog.apply(product_from_frame(frame["product"]))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("live updates: ignoring a malformed message %r", raw[:200])
+            return
+        self._emit(frame, raw)
+
+    def _emit(self, frame: Frame, raw: bytes) -> None:
+        for listener in self._listeners:
+            try:
+                listener(frame, raw)
+            except Exception:
+                logger.exception("live updates: a listener failed")
+
+    async def _resync(self) -> None:
+        """Catch up with what was published while we were not subscribed.
+
+        Every product's stock is passed on, not only what the catalog had not seen: this
+        process's own commits reach its catalog at once but its sockets only through Redis,
+        so a change committed while Redis was away is in the catalog and on no page. The
+        listeners drop what they have already sent, by version."""
+        for product in await self._catalog.reload(self._store):
+            frame = product_frame(product)
+            self._emit(frame, to_json(frame))
+        for product in self._catalog.all():
+            frame = stock_frame(product)
+            self._emit(frame, to_json(frame))
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_SECONDS)
+            try:
+                await self._resync()
+            except DomainError as exc:
+                logger.warning("catalog reload failed: %s", exc)
+            except Exception:
+                logger.exception("catalog reload failed")

@@ -1,0 +1,338 @@
+"""The service layer: each use case is a transaction around an inventory operation, then its
+side effects after commit. The HTTP endpoints and the worker's jobs call this, nothing lower.
+
+"now" is read after the transaction has begun (on SQLite, after the write lock is held), so
+time spent waiting for the lock can never let a hold be completed after its expiresAt.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.errors import (
+    IdempotencyKeyReused,
+    InsufficientStock,
+    ProductNotFound,
+    SaleNotStarted,
+)
+from server.domain.executor import Executor
+from server.domain.inventory import Held, Stats
+from server.domain.model import (
+    Event,
+    HoldRequest,
+    Outcome,
+    Product,
+    Reservation,
+    ReservationChanged,
+    Status,
+)
+from server.infra.metrics import HOLDS_EXPIRED
+from server.service.batching import GroupCommit
+from server.service.catalog import Catalog
+from server.service.expiry import ExpiryScheduler
+from server.storage.database import Store
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_BATCH = 256
+BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
+EventSink = Callable[[Sequence[Event]], None]
+_UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A pass of the expirer: the holds it expired, and when."""
+
+    reservations: list[Reservation]
+    at: int
+
+
+class Shop:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hold_ms: int,
+        publish: EventSink,
+        scheduler: ExpiryScheduler | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self._hold_ms = hold_ms
+        self._publish = publish
+        self._scheduler = scheduler
+        # Units asked for by reservations waiting for the database, by product; and the
+        # Idempotency-Keys among them (a retry of one of those must join it, not be refused).
+        self._promised: Counter[int] = Counter()
+        self._keys_waiting: Counter[str] = Counter()
+        self._promises: set[int] = set()  # id() of the requests counted in them
+        self._holds: GroupCommit[HoldRequest, Held] = GroupCommit(
+            self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
+        )
+
+    async def start(self) -> None:
+        self._holds.start()
+
+    async def stop(self) -> None:
+        await self._holds.stop()
+
+    @property
+    def reserve_backlog(self) -> int:
+        return self._holds.backlog
+
+    # -- shoppers ------------------------------------------------------------------------
+
+    async def reserve(self, request: HoldRequest) -> Held:
+        product = self.catalog.get(request.product_id) if self.catalog else None
+        if product is None:
+            product = await self.product(request.product_id)
+        if product is None:
+            raise ProductNotFound(request.product_id)
+        now = now_ms()
+        if product.sale_starts_at is not None and product.sale_starts_at > now:
+            raise SaleNotStarted(product.sale_starts_at)
+        key = request.idempotency_key
+        # Units not yet promised to the requests of this process already waiting for the
+        # database: in a storm the first hundred requests promise the last hundred units,
+        # and the thousands behind them are answered now, not after a queue of batches.
+        left = product.available_stock - self._promised.get(product.id, 0)
+        if left < request.quantity and not (key is not None and key in self._keys_waiting):
+            # Too late, as far as this process knows (its view is milliseconds old): answer
+            # without a write lock. A retried request with a key may have been served.
+            replay = await self._replay(request)
+            if replay is not None:
+                return replay
+            raise InsufficientStock(max(left, 0), request.quantity)
+        self._promise(request)
+        try:
+            return await self._holds.submit(request)
+        finally:
+            self._release(request)
+
+    def _promise(self, request: HoldRequest) -> None:
+        self._promises.add(id(request))
+        self._promised[request.product_id] += request.quantity
+        if request.idempotency_key is not None:
+            self._keys_waiting[request.idempotency_key] += 1
+
+    def _release(self, request: HoldRequest) -> None:
+        """Once, when the request's batch has committed (the catalog then has the stock it
+        took) or failed."""
+        if id(request) not in self._promises:
+            return
+        self._promises.discard(id(request))
+        self._promised[request.product_id] -= request.quantity
+        if not self._promised[request.product_id]:
+            del self._promised[request.product_id]
+        key = request.idempotency_key
+        if key is not None:
+            self._keys_waiting[key] -= 1
+            if not self._keys_waiting[key]:
+                del self._keys_waiting[key]
+
+    async def _replay(self, request: HoldRequest) -> Held | None:
+        if request.idempotency_key is None:
+            return None
+        async with self.store.reader() as conn:
+            earlier = await inventory.get_reservation_by_key(conn, request.idempotency_key)
+        if earlier is None or earlier.created_at <= now_ms() - inventory.IDEMPOTENCY_WINDOW_MS:
+            return None
+        if (earlier.product_id, earlier.quantity) != (request.product_id, request.quantity):
+            raise IdempotencyKeyReused()
+        return Held(earlier, replayed=True)
+
+    async def _reserve_batch(self, requests: Sequence[HoldRequest]) -> list[Held | BaseException]:
+        # Requests sharing an Idempotency-Key are one request: the first goes to the
+        # database, the others get its answer.
+        first_of: dict[str, int] = {}
+        unique: list[HoldRequest] = []
+        position: list[int] = []
+        for request in requests:
+            key = request.idempotency_key
+            if key is not None and key in first_of:
+                position.append(-1 - first_of[key])
+                continue
+            if key is not None:
+                first_of[key] = len(unique)
+            position.append(len(unique))
+            unique.append(request)
+
+        for attempt in range(3):
+            try:
+                outcomes, events = await self.store.write(
+                    lambda conn: inventory.reserve(
+                        conn, unique, now=now_ms(), hold_ms=self._hold_ms
+                    )
+                )
+                break
+            except _UNIQUE_VIOLATIONS:
+                # Another process made a hold with one of these keys after we looked
+                # (PostgreSQL only). Try again: this time we will find it.
+                if attempt == 2:
+                    raise
+        for request in requests:
+            self._release(request)
+        self._after_commit(events)
+        if self._scheduler is not None:
+            self._scheduler.schedule(
+                o.value.reservation.expires_at
+                for o in outcomes
+                if o.value is not None and not o.value.replayed
+            )
+
+        results: list[Held | BaseException] = []
+        for request, pos in zip(requests, position, strict=True):
+            if pos >= 0:
+                outcome = outcomes[pos]
+                results.append(outcome.value if outcome.value is not None else _error(outcome))
+                continue
+            first, first_outcome = unique[-1 - pos], outcomes[-1 - pos]
+            if (first.product_id, first.quantity) != (request.product_id, request.quantity):
+                results.append(IdempotencyKeyReused())
+            elif first_outcome.value is not None:
+                results.append(Held(first_outcome.value.reservation, replayed=True))
+            else:
+                results.append(_error(first_outcome))
+        return results
+
+    async def reservation(self, reservation_id: str) -> Reservation | None:
+        if not inventory.is_reservation_id(reservation_id):
+            return None
+        async with self.store.reader() as conn:
+            return await inventory.get_reservation(conn, reservation_id)
+
+    async def reservations_by_id(self, reservation_ids: Sequence[str]) -> list[Reservation]:
+        wanted = [i for i in reservation_ids if inventory.is_reservation_id(i)]
+        async with self.store.reader() as conn:
+            return await inventory.get_reservations(conn, wanted)
+
+    async def complete(self, reservation_id: str) -> Reservation:
+        return await self._write(
+            lambda conn, now: inventory.complete(conn, reservation_id, now=now), late=True
+        )
+
+    async def cancel(self, reservation_id: str) -> Reservation:
+        return await self._write(
+            lambda conn, now: inventory.cancel(conn, reservation_id, now=now), late=True
+        )
+
+    # -- products ------------------------------------------------------------------------
+
+    async def product(self, product_id: int) -> Product | None:
+        """The freshest view this process has; the database when it has none."""
+        if self.catalog is not None and (product := self.catalog.get(product_id)):
+            return product
+        async with self.store.reader() as conn:
+            product = await inventory.get_product(conn, product_id)
+        if product is not None and self.catalog is not None:
+            self.catalog.apply(product)
+        return product
+
+    async def products(self) -> list[Product]:
+        async with self.store.reader() as conn:
+            return await inventory.list_products(conn)
+
+    # -- operators -----------------------------------------------------------------------
+
+    async def create_product(
+        self, *, name: str, price_cents: int, stock: int, sale_starts_at: int | None
+    ) -> Product:
+        for attempt in range(5):
+            try:
+                return await self._write(
+                    lambda conn, now: inventory.create_product(
+                        conn,
+                        name=name,
+                        price_cents=price_cents,
+                        stock=stock,
+                        sale_starts_at=sale_starts_at,
+                        now=now,
+                    )
+                )
+            except _UNIQUE_VIOLATIONS:
+                # Two processes chose the same next id (PostgreSQL only): choose again.
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def restock(self, product_id: int, quantity: int) -> Product:
+        return await self._write(
+            lambda conn, now: inventory.restock(conn, product_id, quantity, now=now)
+        )
+
+    async def stats(self, product_id: int | None = None) -> list[Stats]:
+        async with self.store.reader() as conn:
+            return await inventory.stats(conn, product_id)
+
+    async def reservations(
+        self, *, product_id: int | None, status: Status | None, limit: int
+    ) -> list[Reservation]:
+        async with self.store.reader() as conn:
+            return await inventory.list_reservations(
+                conn, product_id=product_id, status=status, limit=limit
+            )
+
+    # -- the worker ----------------------------------------------------------------------
+
+    async def expire_overdue(self, *, batch: int = inventory.SWEEP_BATCH) -> Expired:
+        """Expire every hold due by now, `batch` holds per transaction."""
+        expired: list[Reservation] = []
+        started = now_ms()
+        while True:
+            done = await self._write(
+                lambda conn, now: inventory.expire_overdue(conn, now=now, limit=batch)
+            )
+            expired.extend(done)
+            if len(done) < batch:
+                return Expired(expired, started)
+
+    async def forget_old_idempotency_keys(self, *, batch: int = inventory.SWEEP_BATCH) -> int:
+        total = 0
+        while True:
+            freed = await self.store.write(
+                lambda conn: inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=batch)
+            )
+            total += freed
+            if freed < batch:
+                return total
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _write(
+        self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]], *, late: bool = False
+    ) -> T:
+        outcome = await self.store.write(lambda conn: operation(conn, now_ms()))
+        self._after_commit(outcome.events)
+        if late:  # a complete or cancel that came after expiresAt expires the hold itself
+            expired = sum(
+                isinstance(e, ReservationChanged) and e.reservation.status is Status.EXPIRED
+                for e in outcome.events
+            )
+            if expired:
+                BY_REFUSAL.inc(expired)
+        return outcome.result()
+
+    def _after_commit(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        if self.catalog is not None:
+            for event in events:
+                self.catalog.apply(event.product)
+        self._publish(events)
+
+
+def _error(outcome: Outcome[Held]) -> BaseException:
+    assert outcome.error is not None
+    return outcome.error

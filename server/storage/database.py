@@ -1,0 +1,386 @@
+"""How a process reaches the database: one SQL dialect, SQLite or PostgreSQL.
+
+The domain code sees an `Executor` (`fetch_all`, `fetch_one`, `execute` of portable SQL with
+`:name` placeholders) inside `Store.write(work)`, one write transaction, or
+`Store.reader()`. How each backend is driven was decided by measurement (bench/README.md):
+
+On PostgreSQL, `databases`' asyncpg pool keeps the connections and replaces broken ones;
+each unit of work borrows one and runs its SQL on the asyncpg connection underneath
+(`raw_connection`), `:name` turned into `$n`: SQLAlchemy's compile of every statement was
+most of the cost of a batch of reservations.
+
+SQLite is driven differently, for three measured reasons:
+
+- `databases` opens a fresh aiosqlite connection (and thread) for every acquire. So the
+  readers are `databases` connections held for the life of the process, and they run their
+  SQL through the aiosqlite connection `databases` hands out (`raw_connection`): one thread
+  hop per statement and no SQLAlchemy compile (sqlite3 binds `:name` itself), 5× less
+  event-loop time than `databases`' query methods.
+- A transaction of several statements, each a hop to another thread and back, holds SQLite's
+  write lock across several turns of a busy event loop: under load a web process held it half
+  the time, 10 ms at a stretch, and a second writer (another web process, the worker) slept
+  in SQLite's busy handler, sometimes for seconds. So each process has one writer, a plain
+  sqlite3 connection on a thread of its own, and runs each whole transaction there in one
+  call, from BEGIN IMMEDIATE to COMMIT: the lock is held only while the statements run.
+- The domain operations are coroutines; against an executor whose methods never suspend
+  they run to completion in that one call (`_run_to_completion`). An operation that tried to
+  wait on anything else inside a transaction, such as the network, fails loudly instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import random
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import asyncpg
+from databases import Database, DatabaseURL
+from databases.core import Connection
+
+from server.domain.errors import DatabaseBusy, DatabaseUnavailable
+from server.domain.executor import Executor, Row, Values
+from server.infra.metrics import DATABASE_BUSY
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SQLITE_READERS = 2
+BUSY_RETRY = DATABASE_BUSY.labels("retry")
+# PostgreSQL: times a transaction chosen as a deadlock victim is run again before a 503.
+DEADLOCK_RETRIES = 2
+SWITCH_INTERVAL = 0.0002
+
+
+class SQLiteExecutor:
+    """Each statement in one hop to the connection's thread, bound by sqlite3 itself."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._raw: aiosqlite.Connection = connection.raw_connection
+        self._raw.row_factory = sqlite3.Row
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        rows = await self._raw.execute_fetchall(sql, values or {})
+        return list(rows)
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        rows = await self.fetch_all(sql, values)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        await self._raw.execute_fetchall(sql, values or {})
+
+
+class ImmediateSQLiteExecutor:
+    """Runs each statement at once, on the thread that calls it: only ever inside
+    `SQLiteWriter.run`, on the writer's own thread."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._conn = connection
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        return self._conn.execute(sql, values or {}).fetchall()
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        rows = self._conn.execute(sql, values or {}).fetchall()
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        self._conn.execute(sql, values or {}).fetchall()
+
+
+_MUST_NOT_WAIT = (
+    "a write transaction waited on something other than the database; do that after commit"
+)
+
+
+def _run_to_completion(work: Awaitable[T]) -> T:
+    """Run a coroutine that never suspends, synchronously, and return its result."""
+    steps = work.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    except RuntimeError as exc:
+        if "event loop" in str(exc):  # asyncio, reached from the writer's thread
+            raise RuntimeError(_MUST_NOT_WAIT) from exc
+        raise
+    steps.close()
+    raise RuntimeError(_MUST_NOT_WAIT)
+
+
+class SQLiteWriter:
+    """The process's one SQLite writer: a connection on a thread of its own."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._call(self._open)
+        # Between its statements the writer needs the GIL back from a busy event loop,
+        # which CPython forces only every switch interval (5 ms by default), with the write
+        # lock held all the while. 0.2 ms: ~15% more reservations/s in one web process
+        # (bench/README.md). The interval is process-wide; nothing here minds.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+
+    def _open(self) -> None:
+        # busy_timeout 0: BEGIN IMMEDIATE, the only statement here that waits for another
+        # writer, retries itself (see `_begin`).
+        conn = sqlite3.connect(self._path, factory=sqlite_connection_class(0), isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        # WAL persists in the file; setting it here makes any fresh file right.
+        conn.execute("PRAGMA journal_mode = WAL")
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
+        self._thread.shutdown(wait=True)
+
+    async def run(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        return await self._call(self._transaction, work)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """Take the write lock, waiting up to the busy timeout for another process.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10, … then 100 ms between tries, which
+        is neither fair nor quick: a writer that lost a few rounds to two busy web processes
+        waited seconds. Retrying at short random intervals is both, and costs little: the
+        lock is only ever held while one transaction's statements run. (WAL readers never
+        block the writer, so nothing after BEGIN IMMEDIATE waits.)"""
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            BUSY_RETRY.inc()
+            time.sleep(random.uniform(0.0002, 0.001))
+
+    def _transaction(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        conn = self._conn
+        assert conn is not None, "the writer is not open"
+        self._begin(conn)
+        try:
+            result = _run_to_completion(work(ImmediateSQLiteExecutor(conn)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite rolls back by itself on some errors
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+
+_PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=1024)
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`:name` placeholders → asyncpg's `$1`, `$2`…, and the names in their order.
+
+    Our SQL has no `::` casts and no colons inside literals (it uses CAST)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _PLACEHOLDER.sub(number, sql), tuple(names)
+
+
+class PostgresExecutor:
+    """Runs SQL on the asyncpg connection a `databases` connection hands out, skipping
+    SQLAlchemy's compile of every statement (most of a batch's cost: ~30 µs per bound
+    value); asyncpg prepares each distinct statement once per connection."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._raw: asyncpg.Connection = connection.raw_connection
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        text, names = positional(sql)
+        given = values or {}
+        rows: list[Row] = await self._raw.fetch(text, *(given[name] for name in names))
+        return rows
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        rows = await self.fetch_all(sql, values)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        await self.fetch_all(sql, values)
+
+
+def sqlite_connection_class(busy_timeout_ms: int) -> type[sqlite3.Connection]:
+    """A `sqlite3.Connection` that sets its PRAGMAs itself, since they are per connection."""
+
+    class FlashSaleSQLite(sqlite3.Connection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            # WAL + NORMAL: a crash of the process loses nothing; a power cut may lose the
+            # last transactions, each whole (a hold and its stock change go together).
+            self.execute("PRAGMA synchronous = NORMAL")
+            self.execute("PRAGMA foreign_keys = ON")
+
+    return FlashSaleSQLite
+
+
+def sqlite_path(url: str) -> Path:
+    return Path(DatabaseURL(url).database)
+
+
+class Store:
+    """The database of one process. Connect in the lifespan, close in reverse order."""
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5_000, pool_size: int = 10) -> None:
+        self.url = url
+        self._busy_timeout_ms = busy_timeout_ms
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = sqlite_path(url)
+            if str(path) in ("", ":memory:"):
+                raise ValueError("SQLite needs a file: every connection to :memory: is empty")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = Database(url, factory=sqlite_connection_class(busy_timeout_ms))
+        else:
+            self._db = Database(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                server_settings={
+                    # Plays the part of SQLite's busy timeout: a row held by someone else's
+                    # long transaction makes us answer 503 instead of hanging.
+                    "lock_timeout": f"{int(busy_timeout_ms)}ms",
+                    # asyncpg prepares every statement; after five runs PostgreSQL may
+                    # cache a generic plan made when the tables looked different (the
+                    # sweeper's, from an empty table, turned a 15 ms expiry batch into
+                    # 250 ms). Our statements plan in a fraction of a millisecond.
+                    "plan_cache_mode": "force_custom_plan",
+                },
+            )
+        self._write_lock = asyncio.Lock()
+        self._held: list[Connection] = []
+        self._writer: SQLiteWriter | None = None
+        self._readers: list[SQLiteExecutor] = []
+        self._next_reader = itertools.cycle(range(SQLITE_READERS))
+
+    async def connect(self) -> None:
+        try:
+            await self._db.connect()
+            if self.is_sqlite:
+                self._writer = SQLiteWriter(sqlite_path(self.url), self._busy_timeout_ms)
+                await self._writer.open()
+                self._readers = [SQLiteExecutor(await self._hold()) for _ in range(SQLITE_READERS)]
+        except (OSError, asyncpg.PostgresError, sqlite3.Error) as exc:
+            await self.close()
+            raise DatabaseUnavailable(f"cannot open the database: {exc}") from exc
+
+    async def close(self) -> None:
+        for conn in reversed(self._held):
+            await conn.__aexit__()
+        if self._writer is not None:
+            await self._writer.close()
+        self._held, self._writer, self._readers = [], None, []
+        await self._db.disconnect()
+
+    async def _hold(self) -> Connection:
+        # A Connection of our own, not the per-task one `Database.connection()` hands out,
+        # so that it outlives the task that opened it.
+        conn = Connection(self._db, self._db._backend)
+        await conn.__aenter__()
+        self._held.append(conn)
+        return conn
+
+    async def write(self, work: Callable[[Executor], Awaitable[T]]) -> T:
+        """Run `work` in one write transaction, committed if it returns, rolled back if it
+        raises. One at a time per process.
+
+        `work` must only wait on the executor it is given: no network, no sleep. On SQLite
+        the transaction begins IMMEDIATE, taking the write lock first, so that nothing
+        inside can fail on a lock upgrade; a lock not obtained within the busy timeout
+        raises `DatabaseBusy`, with nothing changed.
+        """
+        async with _translated_errors():
+            if self._writer is not None:
+                return await self._writer.run(work)
+            async with self._write_lock:
+                for attempt in range(DEADLOCK_RETRIES + 1):
+                    try:
+                        async with (
+                            Connection(self._db, self._db._backend) as conn,
+                            conn.transaction(),
+                        ):
+                            return await work(PostgresExecutor(conn))
+                    except asyncpg.exceptions.DeadlockDetectedError:
+                        # Rolled back whole, so it may simply run again; transactions take
+                        # products in id order, but rows of `reservations` have no order.
+                        if attempt == DEADLOCK_RETRIES:
+                            raise
+                        logger.info("deadlock, retrying the transaction")
+            raise AssertionError("unreachable")
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[Executor]:
+        """A connection for reads outside any write transaction."""
+        async with _translated_errors():
+            if self._readers:
+                yield self._readers[next(self._next_reader)]
+                return
+            async with Connection(self._db, self._db._backend) as conn:
+                yield PostgresExecutor(conn)
+
+    async def ping(self) -> None:
+        async with self.reader() as conn:
+            await conn.fetch_one("SELECT 1 AS ok")
+
+
+@asynccontextmanager
+async def _translated_errors() -> AsyncIterator[None]:
+    """Driver errors that mean "not now" become domain errors the API answers with 503."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise DatabaseBusy("the database is busy") from exc
+        raise
+    except (
+        asyncpg.exceptions.LockNotAvailableError,
+        asyncpg.exceptions.DeadlockDetectedError,
+        asyncpg.exceptions.SerializationError,
+        asyncpg.exceptions.QueryCanceledError,
+    ) as exc:
+        raise DatabaseBusy("the database is busy") from exc
+    except (
+        OSError,
+        asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.TooManyConnectionsError,
+        asyncpg.exceptions.InterfaceError,
+    ) as exc:
+        raise DatabaseUnavailable(str(exc)) from exc

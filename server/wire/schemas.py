@@ -1,0 +1,249 @@
+"""The shapes of the HTTP API and the live frames: request bodies, responses, errors.
+
+Requests are validated strictly: integers are JSON integers (not 1.5, "2" or true) and
+unknown fields are refused.
+
+The response models are the schema (the OpenAPI document is generated from them). The hot
+paths render plain dicts (`product_view`, `reservation_view`) instead of building model
+instances, which cost 3× as much per response; tests validate every view against its model,
+so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from server.domain.clock import iso
+from server.domain.model import Product, Reservation, Status
+
+MAX_INT32 = 2**31 - 1
+MAX_STOCK = 1_000_000_000
+DEFAULT_MAX_QUANTITY = 10
+
+# Times go out as text in one format, `2026-11-24T22:30:00.123Z` (server.domain.clock.iso).
+_TIME: dict[str, Any] = {"format": "date-time"}
+
+ProductId = Annotated[int, Field(ge=1, le=MAX_INT32, description="A product's id.")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, alias_generator=to_camel, populate_by_name=False
+    )
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, serialize_by_alias=True, validate_by_name=True
+    )
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+class ReserveBody(_Request):
+    product_id: ProductId
+    quantity: Annotated[
+        int,
+        Field(ge=1, le=MAX_INT32, description="Units to hold, from 1 to MAX_QUANTITY."),
+    ]
+
+    @field_validator("quantity")
+    @classmethod
+    def _at_most_max_quantity(cls, value: int, info: ValidationInfo) -> int:
+        limit = (info.context or {}).get("max_quantity", DEFAULT_MAX_QUANTITY)
+        if value > limit:
+            raise ValueError(f"at most {limit} units can be held at once")
+        return value
+
+
+class CreateProductBody(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    price: Annotated[
+        Decimal,
+        Field(
+            ge=0,
+            le=10_000_000,
+            decimal_places=2,
+            allow_inf_nan=False,
+            description="In the shop's currency, at most 2 decimals.",
+        ),
+    ]
+    stock: Annotated[int, Field(ge=0, le=MAX_STOCK)]
+    sale_starts_at: AwareDatetime | None = Field(
+        default=None, description="ISO-8601 time with an offset; before it, holds are refused."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the name cannot be blank")
+        return value.strip()
+
+    @field_validator("sale_starts_at")
+    @classmethod
+    def _a_utc_year(cls, value: datetime | None) -> datetime | None:
+        # 9999-12-31T23:59:59-05:00 is year 10000 in UTC: no ISO-8601 time could show it.
+        try:
+            return None if value is None else value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("the time must fall within the years 1 to 9999 in UTC") from None
+
+
+class RestockBody(_Request):
+    quantity: Annotated[int, Field(ge=1, le=MAX_STOCK)]
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+class ProductOut(_Response):
+    id: int
+    name: str
+    price: float = Field(description="Exact to the cent: stored as integer cents.")
+    available_stock: int
+    total_stock: int
+    version: int = Field(description="Goes up by at least 1 on every stock change.")
+    sale_starts_at: str | None = Field(
+        description="ISO-8601 UTC, or null: on sale now.", json_schema_extra=_TIME
+    )
+
+
+class ReservationOut(_Response):
+    id: str = Field(description="Opaque and unguessable: whoever knows it can act on the hold.")
+    product_id: int
+    quantity: int
+    status: Status = Field(
+        description="ACTIVE until completed, cancelled or expired. A hold whose expiresAt has "
+        "passed is shown as EXPIRED even before the worker has restored its units."
+    )
+    created_at: str = Field(json_schema_extra=_TIME)
+    expires_at: str = Field(json_schema_extra=_TIME)
+    completed_at: str | None = Field(json_schema_extra=_TIME)
+    product: ProductOut
+    server_time: str = Field(
+        description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
+
+
+class FieldError(_Response):
+    field: str = Field(description="Where in the body, dotted; empty for the body as a whole.")
+    message: str
+
+
+class ErrorOut(_Response):
+    status_code: int
+    error: str = Field(description="The HTTP reason phrase.")
+    code: str = Field(description="Stable, for programs: insufficient_stock, invalid_request…")
+    message: str = Field(description="One human sentence.")
+    details: list[FieldError] | None = None
+
+
+class StatsOut(_Response):
+    product_id: int
+    total: int
+    available: int
+    held: int
+    sold: int
+    expired: int
+    cancelled: int
+
+
+class HealthOut(_Response):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ConfigOut(_Response):
+    max_quantity: int = Field(description="The most units one reservation may hold.")
+    hold_seconds: float = Field(description="How long a hold lasts before it expires.")
+    server_time: str = Field(
+        description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
+
+
+# -- live frames over /ws (DESIGN.md §6) -------------------------------------------------
+
+
+class SnapshotFrame(_Response):
+    type: Literal["snapshot"]
+    server_time: str = Field(json_schema_extra=_TIME)
+    products: list[ProductOut]
+
+
+class StockFrame(_Response):
+    type: Literal["stock"]
+    product_id: int
+    available_stock: int
+    version: int
+
+
+class ProductFrame(_Response):
+    type: Literal["product"]
+    product: ProductOut
+
+
+class ReservationFrame(_Response):
+    type: Literal["reservation"]
+    reservation: ReservationOut
+
+
+class ErrorFrame(_Response):
+    type: Literal["error"]
+    code: Literal["invalid_json", "unknown_message", "invalid_watch"]
+    message: str
+
+
+class WatchMessage(_Request):
+    """Follow these holds; replaces the previous list."""
+
+    type: Literal["watch"]
+    reservations: Annotated[list[str], Field(max_length=50)]
+
+
+# -- views: what the responses and frames carry, as plain data -------------------------
+
+
+def product_view(product: Product) -> dict[str, Any]:
+    """A `ProductOut`."""
+    starts = product.sale_starts_at
+    return {
+        "id": product.id,
+        "name": product.name,
+        "price": product.price_cents / 100,
+        "availableStock": product.available_stock,
+        "totalStock": product.total_stock,
+        "version": product.version,
+        "saleStartsAt": None if starts is None else iso(starts),
+    }
+
+
+def reservation_view(
+    reservation: Reservation, product: dict[str, Any], *, now: int
+) -> dict[str, Any]:
+    """A `ReservationOut`; `product` is the product's view."""
+    completed = reservation.completed_at
+    return {
+        "id": reservation.id,
+        "productId": reservation.product_id,
+        "quantity": reservation.quantity,
+        "status": reservation.effective_status(now),
+        "createdAt": iso(reservation.created_at),
+        "expiresAt": iso(reservation.expires_at),
+        "completedAt": None if completed is None else iso(completed),
+        "product": product,
+        "serverTime": iso(now),
+    }
