@@ -1,5 +1,5 @@
 """A Redis primary, a replica and three Sentinels: the highly available Redis the service
-uses through `REDIS_SENTINELS` (server/redis_client.py).
+uses through `REDIS_SENTINELS` (server/infra/redis_client.py).
 
 Used twice: by the tests on loopback (`tests/test_sentinel.py`), and by the cluster's data
 host inside its network namespace (`cluster/hosts.py`), where `prefix` is the `ip netns
