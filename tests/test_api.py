@@ -12,7 +12,7 @@ import pytest
 
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.domain.clock import now_ms
-from server.infra.settings import Settings
+from server.infra.settings import Settings, SettingsError
 from server.storage.database import Store
 from server.wire.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
 from tests.support import assert_invariant, hold, make_product, serve, stats
@@ -145,6 +145,43 @@ async def test_insufficient_stock_says_how_many_are_left(api: Api) -> None:
     sold_out = await make_product(api.store, 0)
     body = assert_error(await api.reserve(sold_out.id, 1), 409, "insufficient_stock")
     assert "Sold out" in body["message"]
+
+
+async def test_a_refusal_carries_the_stock_it_was_decided_on(api: Api) -> None:
+    """The 409 says what the stock is now, with its version, so that a page can show it
+    without waiting for a frame or a poll (the database's own refusals: test_inventory)."""
+    product = await make_product(api.store, 3)
+    body = assert_error(await api.reserve(product.id, 5), 409, "insufficient_stock")
+    assert body["stock"] == {"productId": product.id, "availableStock": 3, "version": 1}
+    held = await api.reserve(product.id, 3)
+    assert held.status_code == 201
+    body = assert_error(await api.reserve(product.id, 1), 409, "insufficient_stock")
+    assert body["stock"] == {
+        "productId": product.id,
+        "availableStock": 0,
+        "version": held.json()["product"]["version"],
+    }
+
+
+async def test_config_tells_the_pages_the_limits_and_the_currency(
+    database_url: str, redis_url: str
+) -> None:
+    async for client in serve(app_settings(database_url, redis_url, currency="JPY")):
+        body = (await client.get("/api/config")).json()
+        assert body["currency"] == "JPY"
+        assert body["maxQuantity"] == 10
+        assert ISO_MS.match(body["serverTime"])
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", "EUR"), ("usd", "USD"), (" gbp ", "GBP")])
+def test_currency_defaults_to_eur_and_is_an_iso_code(raw: str, expected: str) -> None:
+    assert Settings.from_env({"CURRENCY": raw}).currency == expected
+
+
+@pytest.mark.parametrize("raw", ["EURO", "€", "E1R", "US"])
+def test_a_currency_that_is_not_an_iso_code_stops_the_start(raw: str) -> None:
+    with pytest.raises(SettingsError, match="CURRENCY must be an ISO 4217 currency code"):
+        Settings.from_env({"CURRENCY": raw})
 
 
 async def test_a_reservation_for_a_missing_product_is_404(api: Api) -> None:

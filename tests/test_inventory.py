@@ -19,6 +19,7 @@ from server.domain.errors import (
     ReservationExpired,
     ReservationNotFound,
     SaleNotStarted,
+    StockNow,
 )
 from server.domain.model import (
     HoldRequest,
@@ -107,6 +108,9 @@ async def test_a_batch_is_served_first_come_first_served(store: Store) -> None:
     granted = [o.error is None for o in outcomes]
     assert granted == [True, False, True, True, False]
     assert isinstance(outcomes[1].error, InsufficientStock)
+    after = next(e.product for e in events if e.product.id == product.id)
+    # The refusal carries the stock the batch left, for the shopper's page to show.
+    assert outcomes[1].error.stock == StockNow(product.id, 0, after.version)
     assert {e.product.id: e.product.available_stock for e in events} == {product.id: 0, other.id: 0}
     assert (await assert_invariant(store, product.id)).held == 5
 

@@ -81,8 +81,9 @@ def error_response(
     *,
     details: list[FieldError] | None = None,
     headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Response:
-    """An `ErrorOut`."""
+    """An `ErrorOut`; `extra` are the error's own fields (`DomainError.body`)."""
     view: dict[str, Any] = {
         "statusCode": status,
         "error": _PHRASES[status],
@@ -91,6 +92,8 @@ def error_response(
     }
     if details:
         view["details"] = [d.model_dump() for d in details]
+    if extra:
+        view.update(extra)
     return json_response(view, status, headers)
 
 
@@ -105,7 +108,7 @@ async def domain_error(request: Request, exc: Exception) -> Response:
         logger.warning("%s %s answered %d: %s", request.method, request.url.path, status, exc)
         if isinstance(exc, errors.DatabaseBusy):
             DATABASE_BUSY_GAVE_UP.inc()
-    return error_response(status, exc.code, exc.message, headers=headers)
+    return error_response(status, exc.code, exc.message, headers=headers, extra=exc.body())
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -81,8 +81,9 @@ response carries the server's time in its `Date` header and an `X-Request-ID` (y
 you sent a sane one).
 
 **Errors** all have one shape, `ErrorOut`: `{{"statusCode", "error", "code", "message",
-"details"?}}`. `code` is stable, for programs; `message` is one human sentence; `details`
-lists the fields at fault of a 400 `invalid_request`. Any request may be answered 413
+"details"?, "stock"?}}`. `code` is stable, for programs; `message` is one human sentence;
+`details` lists the fields at fault of a 400 `invalid_request`; `stock` is the product's
+stock when a 409 `insufficient_stock` was decided. Any request may be answered 413
 `{PAYLOAD_TOO_LARGE}` (a body over {MAX_BODY_BYTES // 1024} KiB) and, except health,
 readiness and metrics, 503 `{OVERLOADED}` with `Retry-After` when the process has too many
 requests in flight. A 500 is a bug.
@@ -383,7 +384,8 @@ def build(max_quantity: int) -> Schema:
             "400": invalid,
             "404": no_product,
             "409": _error(
-                "Not enough units left, or the sale has not started",
+                "Not enough units left (`stock` in the body: the product's stock now), or "
+                "the sale has not started",
                 errors.InsufficientStock.code,
                 errors.SaleNotStarted.code,
             ),

@@ -121,11 +121,12 @@ async def cancel_reservation(request: Request) -> Response:
 
 
 async def config(request: Request) -> Response:
-    """What a page needs to know to behave: the limits, and the server's time."""
+    """What a page needs to know to behave: the limits, the currency, the server's time."""
     settings = request.app.state.settings
     return json_response(
         {
             "maxQuantity": settings.max_quantity,
+            "currency": settings.currency,
             "holdSeconds": settings.hold_seconds,
             "serverTime": iso(now_ms()),
         }

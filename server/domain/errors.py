@@ -5,6 +5,9 @@ Every error has a stable `code` for programs and a `message` that is one human s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from server.domain.clock import iso
 
 
@@ -14,6 +17,21 @@ class DomainError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def body(self) -> dict[str, Any]:
+        """Fields the error's JSON body carries besides `statusCode`, `error`, `code` and
+        `message` (see `server.schemas.ErrorOut`); none by default."""
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class StockNow:
+    """A product's stock as it stood when a request was refused: `available_stock` units
+    at `version` (the product's version, as in a `stock` frame)."""
+
+    product_id: int
+    available_stock: int
+    version: int
 
 
 class ProductNotFound(DomainError):
@@ -32,9 +50,14 @@ class ReservationNotFound(DomainError):
 
 
 class InsufficientStock(DomainError):
+    """Fewer units left than requested. `available` is what the message says is left for
+    this request; `stock`, when known, is the product's stock at that moment, which the
+    409 body carries so that a page shows it at once (a polling page would otherwise show
+    the old figure for seconds)."""
+
     code = "insufficient_stock"
 
-    def __init__(self, available: int, requested: int) -> None:
+    def __init__(self, available: int, requested: int, stock: StockNow | None = None) -> None:
         if available <= 0:
             message = "Sold out: no units are left."
         elif available == 1:
@@ -44,6 +67,18 @@ class InsufficientStock(DomainError):
         super().__init__(message)
         self.available = available
         self.requested = requested
+        self.stock = stock
+
+    def body(self) -> dict[str, Any]:
+        if self.stock is None:
+            return {}
+        return {
+            "stock": {
+                "productId": self.stock.product_id,
+                "availableStock": self.stock.available_stock,
+                "version": self.stock.version,
+            }
+        }
 
 
 class SaleNotStarted(DomainError):

@@ -119,7 +119,9 @@ async def reserve(
                 granted.append(i)
             else:
                 outcomes[i] = Outcome(
-                    error=InsufficientStock(product.available_stock, requests[i].quantity)
+                    error=InsufficientStock(
+                        product.available_stock, requests[i].quantity, product.stock_now()
+                    )
                 )
 
     if granted:

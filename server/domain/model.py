@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from server.domain.errors import DomainError
+from server.domain.errors import DomainError, StockNow
 from server.domain.executor import Row
 
 T = TypeVar("T")
@@ -45,6 +45,10 @@ class Product:
             created_at=int(row["created_at"]),
             updated_at=int(row["updated_at"]),
         )
+
+    def stock_now(self) -> StockNow:
+        """Its stock, for a refusal to carry (`InsufficientStock.stock`)."""
+        return StockNow(self.id, self.available_stock, self.version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ class Settings:
     # Reservations one client may make: (count, per seconds); None is no limit.
     reserve_rate_limit: tuple[int, int] | None = None
     worker_metrics_port: int = 9108
+    # The ISO 4217 code of the currency prices are in; the pages format prices with it.
+    currency: str = "EUR"
 
     @property
     def is_sqlite(self) -> bool:
@@ -93,6 +96,7 @@ class Settings:
             worker_metrics_port=int(
                 _number(env, "WORKER_METRICS_PORT", 9108, minimum=0, integer=True)
             ),
+            currency=_currency(env, "CURRENCY"),
         )
 
 
@@ -156,3 +160,14 @@ def _addresses(env: Mapping[str, str], name: str, default_port: int) -> tuple[tu
             raise SettingsError(f"{name} must look like host:port,host:port, got {item!r}")
         found.append((host, number))
     return tuple(found)
+
+
+def _currency(env: Mapping[str, str], name: str) -> str:
+    """An ISO 4217 currency code, three letters (`EUR`, `usd`); EUR when unset."""
+    raw = env.get(name, "").strip().upper() or "EUR"
+    if not re.fullmatch("[A-Z]{3}", raw):
+        raise SettingsError(
+            f"{name} must be an ISO 4217 currency code of three letters, such as EUR or USD; "
+            f"got {raw!r}"
+        )
+    return raw

@@ -114,7 +114,7 @@ class Shop:
             replay = await self._replay(request)
             if replay is not None:
                 return replay
-            raise InsufficientStock(max(left, 0), request.quantity)
+            raise InsufficientStock(max(left, 0), request.quantity, product.stock_now())
         self._promise(request)
         try:
             return await self._holds.submit(request)

@@ -113,7 +113,10 @@ class RestockBody(_Request):
 class ProductOut(_Response):
     id: int
     name: str
-    price: float = Field(description="Exact to the cent: stored as integer cents.")
+    price: float = Field(
+        description="In the shop's currency (`currency` in /api/config), exact to the cent: "
+        "stored as integer cents."
+    )
     available_stock: int
     total_stock: int
     version: int = Field(description="Goes up by at least 1 on every stock change.")
@@ -144,12 +147,25 @@ class FieldError(_Response):
     message: str
 
 
+class StockOut(_Response):
+    """A product's stock at one moment, as a `stock` frame gives it."""
+
+    product_id: int
+    available_stock: int
+    version: int = Field(description="The product's version: keep the highest one seen.")
+
+
 class ErrorOut(_Response):
     status_code: int
     error: str = Field(description="The HTTP reason phrase.")
     code: str = Field(description="Stable, for programs: insufficient_stock, invalid_request…")
     message: str = Field(description="One human sentence.")
     details: list[FieldError] | None = None
+    stock: StockOut | None = Field(
+        default=None,
+        description="With 409 `insufficient_stock`: the product's stock when the request was "
+        "refused, to show at once (apply it as a `stock` frame, by `version`).",
+    )
 
 
 class StatsOut(_Response):
@@ -169,6 +185,10 @@ class HealthOut(_Response):
 
 class ConfigOut(_Response):
     max_quantity: int = Field(description="The most units one reservation may hold.")
+    currency: str = Field(
+        description="The ISO 4217 code of the currency prices are in (CURRENCY), e.g. EUR.",
+        pattern="^[A-Z]{3}$",
+    )
     hold_seconds: float = Field(description="How long a hold lasts before it expires.")
     server_time: str = Field(
         description="The server's clock when this was rendered.", json_schema_extra=_TIME
