@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright
 from redis.asyncio import Redis
 
 from server.devtools.embedded_redis import EmbeddedRedis
@@ -226,3 +228,33 @@ async def shop(store: Store, published: Published) -> AsyncIterator[Shop]:
     await shop.start()
     yield shop
     await shop.stop()
+
+
+# -- the browser ---------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def chromium() -> AsyncIterator[Browser]:
+    """One Chromium for the session (starting one costs seconds). Browser tests run on the
+    session's event loop: `pytest.mark.asyncio(loop_scope="session")`."""
+    from tests import browser
+
+    problem = browser.missing()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(problem + " (CI must run the browser tests)")
+        pytest.skip(problem)
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=browser.CHROMIUM, args=browser.CHROMIUM_ARGS
+        )
+        yield launched
+        await launched.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def browser(chromium: Browser) -> AsyncIterator[Browser]:
+    """The session's Chromium; every context a test opens in it is closed after the test."""
+    yield chromium
+    for context in chromium.contexts:
+        await context.close()
