@@ -3,7 +3,9 @@
 import { ApiError, clock, parseTime, request, sentenceFor } from "./api.js";
 import { Chart } from "./chart.js";
 import { LiveFeed } from "./live.js";
-import { formatDuration, formatPrice } from "./shop-view.js";
+import { formatDuration } from "./format.js";
+
+const formatPrice = (price) => Number(price).toFixed(2);
 
 const TOKEN_KEY = "flashsale.adminToken";
 const REFRESH_MS = 2000;

@@ -4,6 +4,7 @@ export class ApiError extends Error {
   constructor(status, body, retryAfter) {
     super(body?.message || `The server answered ${status}.`);
     this.status = status;
+    this.body = body || {};
     this.code = body?.code || "error";
     this.retryAfter = retryAfter;
   }

@@ -1,11 +1,21 @@
 // Live updates: the /ws socket, and polling while it cannot be used.
 //
 // States: "connecting" (first attempt), "live" (socket open), "reconnecting" (socket lost,
-// trying again), "polling" (no socket for now: GET /api/products every 3 s with
-// If-None-Match, the watched holds too, while the socket is retried with backoff and
-// jitter). The page stays correct in every state.
+// trying again), "polling" (no socket for now, but the shop answers: GET /api/products
+// every 3 s with If-None-Match, the watched holds too, while the socket is retried with
+// backoff and jitter), "offline" (neither the socket nor the last poll reached the shop:
+// what the page shows is the last it heard, at `lastHeard`). The page stays correct in
+// every state but "offline", where it says that its stock may be out of date.
 
 import { ApiError, api, clock, parseTime } from "./api.js";
+
+export const CONNECTION_LABELS = {
+  connecting: "Connecting…",
+  live: "Live",
+  reconnecting: "Reconnecting…",
+  polling: "Updating every few seconds",
+  offline: "Can't reach the shop",
+};
 
 const POLL_MS = 3000;
 const FIRST_RETRY_MS = 500;
@@ -25,6 +35,8 @@ export class LiveFeed {
     this.retryTimer = null;
     this.etag = null;
     this.liveSince = null;
+    this.polled = null; // the last poll's outcome: "polling" (answered) or "offline"
+    this.lastHeard = null; // Date.now() when the page last knew its stock was current
   }
 
   start() {
@@ -77,6 +89,8 @@ export class LiveFeed {
         clock.learn(parseTime(frame.serverTime), now, now, true);
         this.handlers.products(frame.products);
         this.liveSince = Date.now();
+        this.lastHeard = this.liveSince;
+        this.polled = null;
         this.stopPolling();
         this.setState("live");
         break;
@@ -96,12 +110,13 @@ export class LiveFeed {
   }
 
   lost() {
+    if (this.state === "live") this.lastHeard = Date.now(); // current until this moment
     this.socket = null;
     // Start the backoff over only after a socket that lasted: one that is accepted and
     // closed again and again must not be retried at full speed.
     if (this.liveSince && Date.now() - this.liveSince > STABLE_MS) this.retries = 0;
     this.liveSince = null;
-    this.setState(this.pollTimer ? "polling" : "reconnecting");
+    this.setState(this.polled || "reconnecting");
     this.startPolling();
     // Back off, with jitter, so that a restarted server is not hit by every page at once.
     const base = Math.min(MAX_RETRY_MS, FIRST_RETRY_MS * 2 ** this.retries);
@@ -120,7 +135,6 @@ export class LiveFeed {
   }
 
   async poll() {
-    this.setState("polling");
     let wait = POLL_MS;
     try {
       const { status, data, etag } = await api.products(this.etag);
@@ -128,17 +142,34 @@ export class LiveFeed {
         this.etag = etag;
         this.handlers.products(data);
       }
-      for (const id of this.watching) {
-        const { data: reservation } = await api.reservation(id);
-        this.handlers.reservation(reservation);
-      }
+      this.answered();
     } catch (error) {
-      // Not reachable right now, or a hold that no longer exists: try again next tick, or
-      // when a busy server (429, 503) says to.
+      // Not reachable (no answer, or a proxy's 502/504 for a shop that is down), or busy
+      // (429, 503): try again next tick, or when the server says to.
       const asked = error instanceof ApiError ? Number(error.retryAfter) * 1000 : 0;
       if (asked > wait) wait = asked;
+      if (!(error instanceof ApiError) || [502, 504].includes(error.status)) this.unreachable();
+    }
+    for (const id of this.state === "polling" ? this.watching : []) {
+      try {
+        const { data: reservation } = await api.reservation(id);
+        this.handlers.reservation(reservation);
+      } catch {
+        // A hold that no longer exists, or a blink: the next poll asks again.
+      }
     }
     if (this.pollTimer) this.pollTimer = setTimeout(() => this.poll(), wait);
+  }
+
+  answered() {
+    this.lastHeard = Date.now();
+    this.polled = "polling";
+    if (this.state !== "live") this.setState("polling");
+  }
+
+  unreachable() {
+    this.polled = "offline";
+    if (this.state !== "live") this.setState("offline");
   }
 
   setState(state) {

@@ -2,14 +2,10 @@
 // Every value from the server reaches the page through textContent or an attribute, never
 // as HTML.
 
-const $ = (selector, root = document) => root.querySelector(selector);
+import { CONNECTION_LABELS } from "./live.js";
+import { Money, formatClock, formatCount, formatDuration, formatIn, formatMoment } from "./format.js";
 
-const CONNECTION_LABELS = {
-  connecting: "Connecting…",
-  live: "Live",
-  reconnecting: "Reconnecting…",
-  polling: "Updating every few seconds",
-};
+const $ = (selector, root = document) => root.querySelector(selector);
 
 const OUTCOMES = {
   COMPLETED: "Purchased. Thank you!",
@@ -17,38 +13,44 @@ const OUTCOMES = {
   EXPIRED: "This hold expired: its units went back on sale.",
 };
 
-export function formatPrice(price) {
-  return Number(price).toFixed(2);
-}
+const BUSY_LABELS = { complete: "Processing…", cancel: "Cancelling…" };
+const IDLE_LABELS = { complete: "Complete purchase", cancel: "Cancel" };
 
-export function formatDuration(ms) {
-  const total = Math.max(0, Math.ceil(ms / 1000));
-  const hours = Math.floor(total / 3600);
-  const minutes = Math.floor((total % 3600) / 60);
-  const seconds = total % 60;
-  const mmss = `${String(minutes).padStart(2, "0")}:${String(seconds).padStart(2, "0")}`;
-  return hours ? `${hours}:${mmss}` : mmss;
+// Keeps `variable` on the root at `element`'s height: the stylesheet's scroll padding uses
+// it, so that what the keyboard focuses is never hidden under a sticky bar.
+export function keepClear(element, variable) {
+  const root = document.documentElement;
+  new ResizeObserver(() => {
+    root.style.setProperty(variable, `${element.offsetHeight}px`);
+  }).observe(element);
 }
 
 export class ShopView {
   constructor() {
-    this.products = $("#products");
+    this.onSale = $("#products");
+    this.soon = $("#soon");
+    this.soonSection = $("#soon-section");
     this.holds = $("#holds");
     this.holdsSection = $("#holds-section");
+    this.holdsToggle = $("#holds-toggle");
     this.connection = $("#connection");
     this.notice = $("#notice");
     this.announcer = $("#announcer");
     this.productTemplate = $("#product-template");
     this.holdTemplate = $("#hold-template");
     this.handlers = {};
-    this.maxQuantity = 10;
+    this.money = new Money();
+    this.stale = false;
+    this.loaded = false;
 
-    this.products.addEventListener("submit", (event) => {
-      event.preventDefault();
-      const card = event.target.closest(".product");
-      const quantity = Number(event.target.elements.quantity.value);
-      this.handlers.reserve?.(Number(card.dataset.id), quantity);
-    });
+    for (const list of [this.onSale, this.soon]) {
+      list.addEventListener("submit", (event) => {
+        event.preventDefault();
+        const card = event.target.closest(".product");
+        const quantity = Number(event.target.elements.quantity.value);
+        this.handlers.reserve?.(Number(card.dataset.id), quantity);
+      });
+    }
     this.holds.addEventListener("click", (event) => {
       const button = event.target.closest("button");
       if (!button) return;
@@ -57,6 +59,11 @@ export class ShopView {
         if (button.classList.contains(action)) this.handlers[action]?.(id);
       }
     });
+    this.holdsToggle.addEventListener("click", () => {
+      this.expandHolds(this.holdsToggle.getAttribute("aria-expanded") !== "true");
+    });
+    keepClear($(".masthead"), "--head-height");
+    keepClear(this.holdsSection, "--foot-height");
   }
 
   bind(event, handler) {
@@ -66,36 +73,37 @@ export class ShopView {
   render(command, data) {
     switch (command) {
       case "config":
-        this.maxQuantity = data.maxQuantity;
+        this.money = new Money(data.currency);
         break;
       case "products":
+        this.loaded = true;
         $("#loading").hidden = true;
-        for (const product of data) this.renderProduct(product);
+        this.showEmpty();
         break;
       case "product":
-        this.renderProduct(data.product, data.changed);
+        this.renderProduct(data);
         break;
       case "hold":
         this.renderHold(data);
         break;
+      case "focusHold":
+        this.focusHold(data);
+        break;
       case "removeHold":
-        this.holds.querySelector(`[data-id="${CSS.escape(data)}"]`)?.remove();
+        this.holdItem(data)?.remove();
         this.holdsSection.hidden = !this.holds.children.length;
         break;
       case "tick":
-        this.tick(data.now, data.paused);
+        this.tick(data);
         break;
       case "connection":
-        this.connection.dataset.state = data;
-        $(".label", this.connection).textContent = CONNECTION_LABELS[data] || data;
+        this.renderConnection(data);
         break;
       case "productBusy":
-        this.setBusy(this.productCard(data.id), data.busy, "Reserving…", "Reserve");
+        this.setProductBusy(this.productCard(data.id), data.busy);
         break;
       case "holdBusy":
-        for (const button of this.holdItem(data.id)?.querySelectorAll(".actions button") || []) {
-          button.disabled = data.busy;
-        }
+        this.setHoldBusy(this.holdItem(data.id), data.action);
         break;
       case "productError":
         this.showError(this.productCard(data.id), data.message);
@@ -116,39 +124,59 @@ export class ShopView {
   }
 
   productCard(id) {
-    return this.products.querySelector(`[data-id="${CSS.escape(String(id))}"]`);
+    return document.querySelector(`.product[data-id="${CSS.escape(String(id))}"]`);
   }
 
   holdItem(id) {
     return this.holds.querySelector(`[data-id="${CSS.escape(id)}"]`);
   }
 
-  renderProduct(product, changed = false) {
+  // -- products -------------------------------------------------------------------------
+
+  // `max`: the most units this shopper can ask for now (0: none); `mine`: the units of it
+  // this shopper holds; `now`: the server's time, to tell on sale from coming soon.
+  renderProduct({ product, changed = false, max, mine, now }) {
     let card = this.productCard(product.id);
     if (!card) {
       card = this.productTemplate.content.firstElementChild.cloneNode(true);
       card.dataset.id = product.id;
-      const select = $("select", card);
-      for (let q = 1; q <= this.maxQuantity; q += 1) select.append(new Option(String(q), String(q)));
       const nameId = `product-${product.id}-name`;
       $(".name", card).id = nameId;
       card.setAttribute("aria-labelledby", nameId);
       $(".meter", card).setAttribute("aria-labelledby", nameId);
-      this.insertInOrder(card, product.id);
+      $(".stale-note", card).hidden = !this.stale;
     }
     $(".name", card).textContent = product.name;
-    $(".price", card).textContent = formatPrice(product.price);
+    $(".price", card).textContent = this.money.text(product.price);
+
     const left = product.availableStock;
-    const total = product.totalStock.toLocaleString();
-    $(".count", card).textContent = left > 0 ? `${left.toLocaleString()} of ${total} left` : "Sold out";
+    const held = product.heldStock ?? 0; // units that may come back (when the server says)
+    const total = formatCount(product.totalStock);
+    let count = `${formatCount(left)} of ${total} left`;
+    if (left <= 0) count = held > 0 ? `All reserved — ${formatCount(held)} may come back` : "Sold out";
+    $(".count", card).textContent = count;
     const meter = $(".meter", card);
     meter.setAttribute("aria-valuemax", String(product.totalStock));
     meter.setAttribute("aria-valuenow", String(left));
-    meter.setAttribute("aria-valuetext", `${left.toLocaleString()} of ${total} left`);
+    meter.setAttribute("aria-valuetext", left > 0 ? count : `${count}: 0 of ${total} left`);
     const share = product.totalStock ? left / product.totalStock : 0;
     $(".fill", card).style.width = `${Math.round(share * 100)}%`;
     card.classList.toggle("sold-out", left <= 0);
-    card.dataset.startsAt = product.saleStartsAt || "";
+    card.classList.toggle("all-reserved", left <= 0 && held > 0);
+
+    this.setQuantities($("select", card), max);
+    const yours = $(".yours", card);
+    yours.hidden = !mine;
+    yours.textContent = mine ? `You hold ${formatCount(mine)} of these (see Your holds).` : "";
+
+    const startsAt = product.saleStartsAt ? Date.parse(product.saleStartsAt) : null;
+    card.dataset.startsAt = startsAt ?? "";
+    const time = $(".starts-at", card);
+    if (startsAt !== null) {
+      time.dateTime = product.saleStartsAt;
+      time.textContent = `Starts ${formatMoment(startsAt)}`;
+    }
+    this.place(card, now);
     if (changed) {
       card.classList.remove("changed");
       void card.offsetWidth; // restart the animation
@@ -156,62 +184,151 @@ export class ShopView {
     }
   }
 
-  insertInOrder(card, id) {
-    const after = [...this.products.children].find((other) => Number(other.dataset.id) > id);
-    this.products.insertBefore(card, after || null);
+  // Only what can be asked for: 1 … max. A sold-out card keeps one, disabled.
+  setQuantities(select, max) {
+    const wanted = Math.max(1, max);
+    if (select.options.length !== wanted) {
+      const chosen = Math.min(Number(select.value) || 1, wanted);
+      const options = [];
+      for (let q = 1; q <= wanted; q += 1) options.push(new Option(String(q), String(q)));
+      select.replaceChildren(...options);
+      select.value = String(chosen);
+    }
+    select.closest(".product").dataset.max = String(max);
   }
+
+  // On sale now, or coming soon (by start time): the card goes where it belongs, keeping
+  // the keyboard focus if it had it.
+  place(card, now) {
+    const startsAt = card.dataset.startsAt ? Number(card.dataset.startsAt) : null;
+    const upcoming = startsAt !== null && startsAt > now;
+    const list = upcoming ? this.soon : this.onSale;
+    card.classList.toggle("not-started", upcoming);
+    $(".starts", card).hidden = !upcoming;
+    if (card.parentElement === list) return;
+    const focused = card.contains(document.activeElement) ? document.activeElement : null;
+    const key = (c) => (upcoming ? [Number(c.dataset.startsAt), Number(c.dataset.id)] : [0, Number(c.dataset.id)]);
+    const [a, b] = key(card);
+    const after = [...list.children].find((other) => {
+      const [x, y] = key(other);
+      return x > a || (x === a && y > b);
+    });
+    list.insertBefore(card, after || null);
+    focused?.focus();
+    this.soonSection.hidden = !this.soon.children.length;
+    this.showEmpty();
+  }
+
+  showEmpty() {
+    $("#none-on-sale").hidden = !this.loaded || this.onSale.children.length > 0;
+  }
+
+  // -- holds ----------------------------------------------------------------------------
 
   renderHold({ reservation, name, tentative }) {
     let item = this.holdItem(reservation.id);
     if (!item) {
       item = this.holdTemplate.content.firstElementChild.cloneNode(true);
       item.dataset.id = reservation.id;
+      const whatId = `hold-${reservation.id}-what`;
+      $(".what", item).id = whatId;
+      item.setAttribute("aria-labelledby", whatId);
+      for (const button of item.querySelectorAll("button")) button.setAttribute("aria-describedby", whatId);
       this.holds.prepend(item);
     }
     this.holdsSection.hidden = false;
     item.dataset.status = reservation.status;
     item.dataset.expiresAt = reservation.expiresAt;
     $(".what", item).textContent = `${reservation.quantity} × ${name}`;
+    const price = reservation.product?.price;
+    $(".cost", item).textContent =
+      price === undefined
+        ? ""
+        : `${this.money.text(price)} each · Total ${this.money.total(price, reservation.quantity)}`;
     const active = reservation.status === "ACTIVE" && !tentative;
+    item.dataset.active = String(active);
     $(".left", item).hidden = !active;
     $(".outcome", item).textContent = active
       ? ""
       : tentative
         ? OUTCOMES.EXPIRED
         : OUTCOMES[reservation.status] || reservation.status;
+    const reference = $(".reference", item);
+    reference.hidden = !reservation.orderReference;
+    reference.textContent = reservation.orderReference ? `Order reference: ${reservation.orderReference}` : "";
     $(".complete", item).hidden = !active;
     $(".cancel", item).hidden = !active;
     $(".dismiss", item).hidden = active;
     if (!active) $(".error", item).hidden = true;
   }
 
-  tick(now, paused) {
+  focusHold(id) {
+    const item = this.holdItem(id);
+    if (!item) return;
+    this.expandHolds(true);
+    item.scrollIntoView({ block: "nearest" });
+    item.focus({ preventScroll: true });
+  }
+
+  expandHolds(open) {
+    this.holdsToggle.setAttribute("aria-expanded", String(open));
+    this.holdsToggle.textContent = open ? "Hide" : "Show";
+    this.holds.hidden = !open;
+  }
+
+  setHoldBusy(item, action) {
+    if (!item) return;
+    item.setAttribute("aria-busy", String(Boolean(action)));
+    for (const name of ["complete", "cancel"]) {
+      const button = $(`.${name}`, item);
+      button.disabled = Boolean(action);
+      button.textContent = action === name ? BUSY_LABELS[name] : IDLE_LABELS[name];
+    }
+  }
+
+  // -- time -----------------------------------------------------------------------------
+
+  tick({ now, paused, summary }) {
     for (const item of this.holds.children) {
-      if (item.dataset.status !== "ACTIVE") continue;
+      if (item.dataset.active !== "true") continue;
       const left = Date.parse(item.dataset.expiresAt) - now;
       $(".countdown", item).textContent = formatDuration(left);
       item.classList.toggle("ending", left < 30_000);
     }
-    for (const card of this.products.children) {
-      const startsAt = card.dataset.startsAt ? Date.parse(card.dataset.startsAt) : null;
-      const waiting = startsAt !== null && startsAt > now;
-      const starts = $(".starts", card);
-      starts.hidden = !waiting;
-      if (waiting) starts.textContent = `Starts in ${formatDuration(startsAt - now)}`;
-      card.classList.toggle("not-started", waiting);
-      const button = $("button", card);
+    $("#holds-summary").textContent = summary;
+    for (const card of [...this.onSale.children, ...this.soon.children]) {
+      this.place(card, now);
+      const upcoming = card.classList.contains("not-started");
+      if (upcoming) $(".starts-in", card).textContent = `(${formatIn(Number(card.dataset.startsAt) - now)})`;
+      const max = Number(card.dataset.max);
+      $("select", card).disabled = upcoming || max <= 0;
       if (!card.classList.contains("busy")) {
-        button.disabled = waiting || paused || card.classList.contains("sold-out");
+        $("button", card).disabled = upcoming || paused || max <= 0;
       }
     }
   }
 
-  setBusy(element, busy, busyLabel, idleLabel) {
-    if (!element) return;
-    element.classList.toggle("busy", busy);
-    const button = $("button", element);
+  // -- the connection -------------------------------------------------------------------
+
+  renderConnection({ state, lastHeard }) {
+    this.connection.dataset.state = state;
+    this.stale = state === "offline";
+    $(".label", this.connection).textContent = CONNECTION_LABELS[state] || state;
+    let detail = "";
+    if (this.stale) detail = lastHeard ? `Stock as of ${formatClock(lastHeard)}` : "Retrying…";
+    $(".detail", this.connection).textContent = detail;
+    document.body.classList.toggle("stale", this.stale);
+    for (const note of document.querySelectorAll(".product .stale-note")) note.hidden = !this.stale;
+  }
+
+  // -- busy and errors ------------------------------------------------------------------
+
+  setProductBusy(card, busy) {
+    if (!card) return;
+    card.classList.toggle("busy", busy);
+    const button = $("button", card);
     button.disabled = busy;
-    button.textContent = busy ? busyLabel : idleLabel;
+    button.textContent = busy ? "Reserving…" : "Reserve";
   }
 
   showError(element, message) {

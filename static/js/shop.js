@@ -1,11 +1,16 @@
 // The shop page: products with live stock, reserving, and the shopper's holds.
 
 import { ApiError, api, clock, parseTime, sentenceFor } from "./api.js";
+import { formatDuration } from "./format.js";
 import { LiveFeed } from "./live.js";
-import { ShopView, formatDuration } from "./shop-view.js";
+import { ShopView } from "./shop-view.js";
 
 const HOLDS_KEY = "flashsale.holds"; // ids of this browser's holds, kept across reloads
 const TICK_MS = 250;
+const TITLE = document.title;
+// Reminders of the time left on a hold, in ms: each announced once, and only if it is
+// still ahead when the page first sees the hold (a 45-second hold never hears "60 seconds").
+const REMINDERS = [60_000, 30_000, 10_000];
 
 function randomKey() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -15,28 +20,34 @@ function randomKey() {
 class Shop {
   constructor(view) {
     this.view = view;
+    this.config = { maxQuantity: 10, currency: "EUR" };
     this.products = new Map(); // id → Product, the newest version seen
     this.holds = new Map(); // id → Reservation
     this.tentative = new Set(); // holds whose time is up, before the server has said so
     this.unresolved = new Set(); // stored ids we could not look up this time
-    this.announced = new Map(); // hold id → the last reminder announced
+    this.reminded = new Map(); // hold id → the lowest reminder said (or passed unsaid)
+    this.settledSaid = new Set(); // holds whose ending has been announced
     this.pausedUntil = 0; // Date.now() until which the server asked us not to reserve
     this.live = new LiveFeed({
-      products: (list) => list.forEach((p) => this.applyProduct(p)),
+      products: (list) => {
+        list.forEach((p) => this.applyProduct(p));
+        this.view.render("products", list);
+      },
       stock: (frame) => this.applyStock(frame),
       product: (product) => this.applyProduct(product),
       reservation: (reservation) => this.applyReservation(reservation),
-      state: (state) => this.view.render("connection", state),
+      state: (state) => this.view.render("connection", { state, lastHeard: this.live.lastHeard }),
     });
     view.bind("reserve", (productId, quantity) => this.reserve(productId, quantity));
-    view.bind("complete", (id) => this.act(id, api.complete));
-    view.bind("cancel", (id) => this.act(id, api.cancel));
+    view.bind("complete", (id) => this.act(id, "complete", api.complete));
+    view.bind("cancel", (id) => this.act(id, "cancel", api.cancel));
     view.bind("dismiss", (id) => this.dismiss(id));
   }
 
   async start() {
     try {
       const { data: config } = await api.config();
+      this.config = config;
       this.view.render("config", config);
       const { data: products } = await api.products();
       products.forEach((p) => this.applyProduct(p));
@@ -58,13 +69,15 @@ class Shop {
     if (known && known.version > product.version) return;
     const changed = Boolean(known) && known.availableStock !== product.availableStock;
     this.products.set(product.id, product);
-    this.view.render("product", { product, changed });
+    this.renderProduct(product, changed);
   }
 
-  applyStock({ productId, availableStock, version }) {
+  applyStock({ productId, availableStock, heldStock, version }) {
     const known = this.products.get(productId);
     if (!known || known.version >= version) return;
-    this.applyProduct({ ...known, availableStock, version });
+    const update = { availableStock, version };
+    if (heldStock !== undefined) update.heldStock = heldStock;
+    this.applyProduct({ ...known, ...update });
   }
 
   applyReservation(reservation) {
@@ -75,10 +88,40 @@ class Shop {
     if (settled) this.tentative.delete(reservation.id);
     this.holds.set(reservation.id, reservation);
     this.renderHold(reservation);
+    this.renderProductOf(reservation.productId);
     if (settled && known.status === "ACTIVE") {
-      this.announce(reservation);
+      this.announceEnd(reservation);
       this.live.watch(this.activeHoldIds());
     }
+  }
+
+  renderProduct(product, changed = false) {
+    this.view.render("product", {
+      product,
+      changed,
+      max: this.quantityLimit(product),
+      mine: this.unitsHeld(product.id),
+      now: clock.now(),
+    });
+  }
+
+  renderProductOf(productId) {
+    const product = this.products.get(productId);
+    if (product) this.renderProduct(product);
+  }
+
+  // The most units the shopper may ask for now: what is left, up to MAX_QUANTITY. (Per-
+  // shopper limits, when the server gives them, also cap it here.)
+  quantityLimit(product) {
+    return Math.max(0, Math.min(this.config.maxQuantity, product.availableStock));
+  }
+
+  unitsHeld(productId) {
+    let units = 0;
+    for (const r of this.holds.values()) {
+      if (r.productId === productId && r.status === "ACTIVE" && !this.tentative.has(r.id)) units += r.quantity;
+    }
+    return units;
   }
 
   // -- what the shopper does ----------------------------------------------------------------
@@ -100,14 +143,19 @@ class Shop {
       this.saveHolds();
       this.applyProduct(reservation.product);
       this.renderHold(reservation);
+      this.renderProductOf(reservation.productId);
       this.live.watch(this.activeHoldIds());
-      const left = formatDuration(parseTime(reservation.expiresAt) - clock.now());
+      const left = parseTime(reservation.expiresAt) - clock.now();
+      this.passReminders(reservation.id, left);
+      this.view.render("focusHold", reservation.id);
       this.view.render(
         "announce",
-        `Held ${reservation.quantity} of ${reservation.product.name} for ${left}.`,
+        `Held ${reservation.quantity} of ${reservation.product.name} for ${formatDuration(left)}.`,
       );
     } catch (error) {
       this.view.render("productError", { id: productId, message: sentenceFor(error) });
+      // A refusal says what the stock is now: show it at once, not at the next update.
+      if (error instanceof ApiError && error.body.stock) this.applyStock(error.body.stock);
       if (error instanceof ApiError && (error.status === 429 || error.status === 503)) {
         // Asked to wait: no reserve button works until then (a busy shop is not helped
         // by every page clicking again at once).
@@ -120,9 +168,9 @@ class Shop {
     }
   }
 
-  async act(id, action) {
+  async act(id, name, action) {
     this.view.render("holdError", { id, message: null });
-    this.view.render("holdBusy", { id, busy: true });
+    this.view.render("holdBusy", { id, action: name });
     try {
       const { data } = await action(id);
       this.applyReservation(data);
@@ -130,15 +178,17 @@ class Shop {
       this.view.render("holdError", { id, message: sentenceFor(error) });
       if (error instanceof ApiError && error.status === 409) await this.refreshHold(id);
     } finally {
-      this.view.render("holdBusy", { id, busy: false });
+      this.view.render("holdBusy", { id, action: null });
     }
   }
 
   dismiss(id) {
+    const reservation = this.holds.get(id);
     this.holds.delete(id);
     this.tentative.delete(id);
     this.saveHolds();
     this.view.render("removeHold", id);
+    if (reservation) this.renderProductOf(reservation.productId);
   }
 
   // -- holds across reloads ---------------------------------------------------------------
@@ -154,6 +204,8 @@ class Shop {
       try {
         const { data } = await api.reservation(id);
         this.holds.set(id, data);
+        if (data.status !== "ACTIVE") this.settledSaid.add(id); // it ended before this visit
+        this.passReminders(id, parseTime(data.expiresAt) - clock.now());
         this.applyProduct(data.product);
         this.renderHold(data);
       } catch (error) {
@@ -162,6 +214,7 @@ class Shop {
       }
     }
     this.saveHolds();
+    for (const reservation of this.holds.values()) this.renderProductOf(reservation.productId);
   }
 
   saveHolds() {
@@ -186,6 +239,8 @@ class Shop {
 
   tick() {
     const now = clock.now();
+    let soonest = null;
+    let active = 0;
     for (const reservation of this.holds.values()) {
       if (reservation.status !== "ACTIVE" || this.tentative.has(reservation.id)) continue;
       const left = parseTime(reservation.expiresAt) - now;
@@ -193,29 +248,47 @@ class Shop {
         // Its time is up: say so now, and let the server confirm.
         this.tentative.add(reservation.id);
         this.renderHold(reservation);
-        this.view.render("announce", `Your hold of ${this.nameOf(reservation)} expired.`);
+        this.renderProductOf(reservation.productId);
+        this.announceEnd({ ...reservation, status: "EXPIRED" });
         this.refreshHold(reservation.id);
       } else {
+        active += 1;
+        soonest = soonest === null ? left : Math.min(soonest, left);
         this.remind(reservation, left);
       }
     }
-    this.view.render("tick", { now, paused: Date.now() < this.pausedUntil });
+    let summary = "";
+    if (active === 1) summary = `1 hold · ${formatDuration(soonest)} left`;
+    else if (active > 1) summary = `${active} holds · next ends in ${formatDuration(soonest)}`;
+    const title = soonest === null ? TITLE : `${formatDuration(soonest)} left to buy · ${TITLE}`;
+    if (document.title !== title) document.title = title;
+    this.view.render("tick", { now, paused: Date.now() < this.pausedUntil, summary });
+  }
+
+  // Reminders already behind `left` count as said: only those still ahead will be.
+  passReminders(id, left) {
+    const passed = REMINDERS.filter((mark) => left <= mark);
+    if (passed.length && !this.reminded.has(id)) this.reminded.set(id, Math.min(...passed));
   }
 
   remind(reservation, left) {
-    for (const mark of [60_000, 30_000, 10_000]) {
-      if (left <= mark && (this.announced.get(reservation.id) ?? Infinity) > mark) {
-        this.announced.set(reservation.id, mark);
-        this.view.render(
-          "announce",
-          `${Math.round(mark / 1000)} seconds left to buy ${this.nameOf(reservation)}.`,
-        );
-        return;
-      }
-    }
+    const said = this.reminded.get(reservation.id) ?? Infinity;
+    // The lowest mark crossed: a page that slept past two marks says only the latest.
+    const due = REMINDERS.filter((mark) => left <= mark && mark < said);
+    if (!due.length) return;
+    const mark = Math.min(...due);
+    this.reminded.set(reservation.id, mark);
+    this.view.render(
+      "announce",
+      `${Math.round(mark / 1000)} seconds left to buy ${this.nameOf(reservation)}.`,
+    );
   }
 
-  announce(reservation) {
+  // How a hold ended, said once: the page's own "time is up" and the server's word that
+  // follows it are one event to the shopper.
+  announceEnd(reservation) {
+    if (this.settledSaid.has(reservation.id)) return;
+    this.settledSaid.add(reservation.id);
     const name = this.nameOf(reservation);
     const sentences = {
       COMPLETED: `You bought ${reservation.quantity} of ${name}.`,
