@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, Route, ViewportSize, WebSocketRoute, expect
 
+from server.devtools.processes import Service
 from tests.browser import (
     PHONE,
     SIZES,
@@ -28,7 +29,6 @@ from tests.browser import (
     screenshot,
     serve,
 )
-from tests.service import Service
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
