@@ -17,10 +17,29 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.http import RequestError, json_response, parse_body, parse_params, path_id, shop_of
+from server.api.spec import (
+    DATABASE,
+    INVALID,
+    INVALID_REQUEST,
+    NO_OPERATOR_API,
+    NOT_JSON,
+    PRODUCT,
+    PRODUCT_ID,
+    PRODUCT_OR_NO_OPERATOR_API,
+    UNAUTHORIZED_ANSWER,
+    array,
+    error,
+    json,
+    json_body,
+    operation,
+    query_parameters,
+    ref,
+)
 from server.domain.clock import now_ms
 from server.domain.errors import ProductNotFound
 from server.domain.inventory import Stats
 from server.domain.model import Status
+from server.wire import schemas
 from server.wire.schemas import (
     MAX_INT32,
     CreateProductBody,
@@ -54,6 +73,29 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
     return guarded
 
 
+class ReservationQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    productId: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None
+    status: Status | None = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+@operation(
+    "createProduct",
+    "Operator",
+    "Create a product",
+    {
+        "201": json(ref(schemas.ProductOut), "The new product"),
+        "400": INVALID,
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "415": NOT_JSON,
+        "503": DATABASE,
+    },
+    body=json_body(schemas.CreateProductBody),
+    operator=True,
+)
 @operator_only
 async def create_product(request: Request) -> Response:
     body = await parse_body(request, CreateProductBody)
@@ -68,6 +110,22 @@ async def create_product(request: Request) -> Response:
     return json_response(product_view(product), 201)
 
 
+@operation(
+    "restockProduct",
+    "Operator",
+    "Add units to a product's stock",
+    {
+        "200": PRODUCT,
+        "400": INVALID,
+        "401": UNAUTHORIZED_ANSWER,
+        "404": PRODUCT_OR_NO_OPERATOR_API,
+        "415": NOT_JSON,
+        "503": DATABASE,
+    },
+    parameters=[PRODUCT_ID],
+    body=json_body(schemas.RestockBody),
+    operator=True,
+)
 @operator_only
 async def restock(request: Request) -> Response:
     product_id = path_id(request, "product_id")
@@ -78,6 +136,19 @@ async def restock(request: Request) -> Response:
     return json_response(product_view(product))
 
 
+@operation(
+    "getProductStats",
+    "Operator",
+    "One product's units per state",
+    {
+        "200": json(ref(schemas.StatsOut), "Units per state"),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": PRODUCT_OR_NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    parameters=[PRODUCT_ID],
+    operator=True,
+)
 @operator_only
 async def product_stats(request: Request) -> Response:
     product_id = path_id(request, "product_id")
@@ -87,20 +158,38 @@ async def product_stats(request: Request) -> Response:
     return json_response(_stats_out(found[0]))
 
 
+@operation(
+    "listStats",
+    "Operator",
+    "Every product's units per state",
+    {
+        "200": json(array(schemas.StatsOut), "Units per state, by product"),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    operator=True,
+)
 @operator_only
 async def all_stats(request: Request) -> Response:
     """Units per state for every product (the console's live table)."""
     return json_response([_stats_out(s).model_dump() for s in await shop_of(request).stats()])
 
 
-class ReservationQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=False)
-
-    productId: Annotated[int | None, Field(ge=1, le=MAX_INT32)] = None
-    status: Status | None = None
-    limit: Annotated[int, Field(ge=1, le=1000)] = 100
-
-
+@operation(
+    "listReservations",
+    "Operator",
+    "Reservations, newest first",
+    {
+        "200": json(array(schemas.ReservationOut), "The reservations, newest first"),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    parameters=query_parameters(ReservationQuery),
+    operator=True,
+)
 @operator_only
 async def list_reservations(request: Request) -> Response:
     query = parse_params(request.query_params, ReservationQuery)

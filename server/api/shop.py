@@ -8,6 +8,30 @@ from starlette.routing import Route
 
 from server.api.http import RequestError, json_response, parse_body, path_id, shop_of
 from server.api.ratelimit import RateLimiter
+from server.api.spec import (
+    CACHE_CONTROL,
+    DATABASE,
+    ETAG,
+    INVALID,
+    NO_PRODUCT,
+    NO_RESERVATION,
+    NOT_JSON,
+    PRODUCT,
+    PRODUCT_ID,
+    RATE_LIMITED,
+    RESERVATION,
+    RESERVATION_ID,
+    RETRY_AFTER,
+    array,
+    component_parameter,
+    error,
+    header,
+    json,
+    json_body,
+    operation,
+    ref,
+)
+from server.domain import errors
 from server.domain.clock import iso, now_ms
 from server.domain.errors import (
     DatabaseBusy,
@@ -22,11 +46,11 @@ from server.domain.errors import (
 from server.domain.inventory import Held, is_reservation_id
 from server.domain.model import HoldRequest, Reservation
 from server.infra.metrics import DEFERRED, RESERVATIONS
+from server.service import idempotency
 from server.service.catalog import Catalog
 from server.service.shop import Shop
+from server.wire import schemas
 from server.wire.schemas import ReserveBody, reservation_view
-
-MAX_IDEMPOTENCY_KEY = 255
 
 
 def _catalog(request: Request) -> Catalog:
@@ -35,6 +59,25 @@ def _catalog(request: Request) -> Catalog:
     return catalog
 
 
+@operation(
+    "listProducts",
+    "Shop",
+    "Every product, by id",
+    {
+        "200": json(
+            array(schemas.ProductOut),
+            "The products, by id",
+            {"ETag": ETAG, "Cache-Control": CACHE_CONTROL},
+        ),
+        "304": {
+            "description": "Not modified: the ETag sent in If-None-Match is current",
+            "headers": {"ETag": ETAG, "Cache-Control": CACHE_CONTROL},
+        },
+    },
+    parameters=[component_parameter("IfNoneMatch")],
+    description="Costs no query: the listing is kept current in the process. Poll it "
+    "with If-None-Match when the WebSocket cannot be used.",
+)
 async def list_products(request: Request) -> Response:
     body, etag = _catalog(request).listing()
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
@@ -43,6 +86,13 @@ async def list_products(request: Request) -> Response:
     return json_response(body, headers=headers)
 
 
+@operation(
+    "getProduct",
+    "Shop",
+    "One product",
+    {"200": PRODUCT, "404": NO_PRODUCT, "503": DATABASE},
+    parameters=[PRODUCT_ID],
+)
 async def get_product(request: Request) -> Response:
     product_id = path_id(request, "product_id")
     product = None if product_id is None else await shop_of(request).product(product_id)
@@ -51,6 +101,48 @@ async def get_product(request: Request) -> Response:
     return json_response(_catalog(request).view(product))
 
 
+@operation(
+    "createReservation",
+    "Reservations",
+    "Hold units of a product",
+    {
+        "201": json(
+            ref(schemas.ReservationOut),
+            "The hold, ACTIVE until `expiresAt`",
+            {
+                "Idempotent-Replayed": header(
+                    "`true` when this is the answer to an earlier request with the "
+                    "same Idempotency-Key.",
+                    {"type": "string", "enum": ["true"]},
+                    required=False,
+                )
+            },
+        ),
+        "400": INVALID,
+        "404": NO_PRODUCT,
+        "409": error(
+            "Not enough units left (`stock` in the body: the product's stock now), or "
+            "the sale has not started",
+            errors.InsufficientStock.code,
+            errors.SaleNotStarted.code,
+        ),
+        "415": NOT_JSON,
+        "422": error(
+            "The Idempotency-Key was used for a different request",
+            errors.IdempotencyKeyReused.code,
+        ),
+        "429": error(
+            "Too many reservations from this client (RESERVE_RATE_LIMIT)",
+            RATE_LIMITED,
+            headers={"Retry-After": RETRY_AFTER},
+        ),
+        "503": DATABASE,
+    },
+    parameters=[component_parameter("IdempotencyKey")],
+    body=json_body(schemas.ReserveBody),
+    description="`quantity` is from 1 to MAX_QUANTITY (here {max_quantity}). Integers "
+    'must be JSON integers (not 1.0, 1.5, "2" or true); unknown fields are refused.',
+)
 async def create_reservation(request: Request) -> Response:
     try:
         response = await _create_reservation(request)
@@ -100,6 +192,13 @@ _RESERVATION_OUTCOMES = {
 }
 
 
+@operation(
+    "getReservation",
+    "Reservations",
+    "A hold's current state",
+    {"200": RESERVATION, "404": NO_RESERVATION, "503": DATABASE},
+    parameters=[RESERVATION_ID],
+)
 async def get_reservation(request: Request) -> Response:
     shop = shop_of(request)
     reservation = await shop.reservation(request.path_params["reservation_id"])
@@ -108,18 +207,56 @@ async def get_reservation(request: Request) -> Response:
     return await render_reservation(shop, reservation)
 
 
+@operation(
+    "completeReservation",
+    "Reservations",
+    "Buy the held units (idempotent)",
+    {
+        "200": json(ref(schemas.ReservationOut), "The reservation, COMPLETED (again: unchanged)"),
+        "404": NO_RESERVATION,
+        "409": error(
+            "The hold expired or was cancelled",
+            errors.ReservationExpired.code,
+            errors.ReservationCancelled.code,
+        ),
+        "503": DATABASE,
+    },
+    parameters=[RESERVATION_ID],
+)
 async def complete_reservation(request: Request) -> Response:
     shop = shop_of(request)
     reservation = await shop.complete(_known_id(request))
     return await render_reservation(shop, reservation)
 
 
+@operation(
+    "cancelReservation",
+    "Reservations",
+    "Give the held units back (idempotent)",
+    {
+        "200": json(ref(schemas.ReservationOut), "The reservation, CANCELLED (again: unchanged)"),
+        "404": NO_RESERVATION,
+        "409": error(
+            "The hold was already bought, or expired",
+            errors.ReservationCompleted.code,
+            errors.ReservationExpired.code,
+        ),
+        "503": DATABASE,
+    },
+    parameters=[RESERVATION_ID],
+)
 async def cancel_reservation(request: Request) -> Response:
     shop = shop_of(request)
     reservation = await shop.cancel(_known_id(request))
     return await render_reservation(shop, reservation)
 
 
+@operation(
+    "getConfig",
+    "Shop",
+    "The limits a page needs, and the server's time",
+    {"200": json(ref(schemas.ConfigOut), "The limits")},
+)
 async def config(request: Request) -> Response:
     """What a page needs to know to behave: the limits, the currency, the server's time."""
     settings = request.app.state.settings
@@ -160,11 +297,12 @@ def idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+    if not idempotency.is_valid_key(key):
         raise RequestError(
             400,
             "invalid_request",
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
+            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII "
+            "characters.",
         )
     return key
 

@@ -13,13 +13,34 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.http import json_response, shop_of
+from server.api.spec import RETRY_AFTER, json, operation, ref
 from server.infra.metrics import render as render_metrics
+from server.wire import schemas
 
 
+@operation(
+    "health",
+    "Service",
+    "The process is up",
+    {"200": json(ref(schemas.HealthOut), "Up")},
+)
 async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
+@operation(
+    "readiness",
+    "Service",
+    "The database and Redis both answer, each within a second",
+    {
+        "200": json(ref(schemas.HealthOut), "Ready"),
+        "503": json(
+            ref(schemas.HealthOut),
+            "Not ready: `checks` says which one failed",
+            {"Retry-After": RETRY_AFTER},
+        ),
+    },
+)
 async def readyz(request: Request) -> Response:
     """Ready when the database and Redis both answer, each within a second."""
     checks = {}
@@ -40,6 +61,17 @@ async def readyz(request: Request) -> Response:
     )
 
 
+@operation(
+    "metrics",
+    "Service",
+    "Prometheus metrics, added up over the web processes",
+    {
+        "200": {
+            "description": "Prometheus' text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     body, media_type = render_metrics()
     return Response(body, media_type=media_type)
