@@ -343,8 +343,10 @@ async def test_the_console_refuses_a_wrong_token_and_works_with_the_right_one(
     row = page.locator("#stock-rows tr", has_text="Console cape")
     await expect(row.locator(".available")).to_have_text("8")
 
-    await row.get_by_label("Units to add to Console cape").fill("4")
-    await row.get_by_role("button", name="Add").click()
+    # A new product is the one chosen: its details and actions are shown.
+    await expect(page.locator("#detail-name")).to_have_text("Console cape")
+    await page.get_by_label("Units to add to Console cape").fill("4")
+    await page.get_by_role("button", name="Restock").click()
     await expect(row.locator(".total")).to_have_text("12")
     await expect(row.locator(".available")).to_have_text("12")
 
@@ -353,8 +355,8 @@ async def test_the_console_refuses_a_wrong_token_and_works_with_the_right_one(
     await expect(row.locator(".held")).to_have_text("3", timeout=5000)
     await expect(row.locator(".available")).to_have_text("9")
     await expect(page.locator("#hold-rows tr", has_text="Console cape")).to_have_count(1)
-    await row.click()
-    await expect(page.locator("#chart-product")).to_have_text("Console cape")
+    await row.get_by_role("button", name="Console cape").click()
+    await expect(page.locator("#detail-name")).to_have_text("Console cape")
     await expect(page.locator("#chart polyline")).to_have_count(2, timeout=5000)
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=ARTIFACTS / "admin.png", full_page=True)

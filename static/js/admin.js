@@ -1,19 +1,36 @@
-// The operator console: create and restock products, and watch stock and holds live.
+// The operator console: every product's stock at a glance, the chosen product's details and
+// actions, the active holds, and new products; live.
 
-import { ApiError, clock, parseTime, request, sentenceFor } from "./api.js";
+import { ApiError, api, clock, parseTime, request, sentenceFor } from "./api.js";
 import { Chart } from "./chart.js";
+import { renderConnection } from "./connection.js";
+import { Money, formatCount, formatDuration, formatMoment, localZone } from "./format.js";
 import { LiveFeed } from "./live.js";
-import { formatDuration } from "./format.js";
-
-const formatPrice = (price) => Number(price).toFixed(2);
 
 const TOKEN_KEY = "flashsale.adminToken";
 const REFRESH_MS = 2000;
 const $ = (selector, root = document) => root.querySelector(selector);
 
+// A sale's start in the operator's zone and in UTC: "Tue, 1 Dec, 18:00 CET (17:00 UTC)".
+function bothZones(ms) {
+  const utc = new Intl.DateTimeFormat(undefined, {
+    hour: "2-digit",
+    minute: "2-digit",
+    timeZone: "UTC",
+    timeZoneName: "short",
+  }).format(new Date(ms));
+  const local = formatMoment(ms);
+  // The same day in UTC, or say which.
+  const sameDay = new Date(ms).toLocaleDateString(undefined, { timeZone: "UTC" }) ===
+    new Date(ms).toLocaleDateString();
+  const utcText = sameDay ? utc : formatMoment(ms, { timeZone: "UTC" });
+  return { local, utc: utcText, text: `${local} (${utcText})` };
+}
+
 class Console {
   constructor() {
     this.token = sessionStorage.getItem(TOKEN_KEY) || "";
+    this.money = new Money();
     this.products = new Map(); // id → Product
     this.stats = new Map(); // id → Stats
     this.holds = [];
@@ -37,12 +54,7 @@ class Console {
         this.scheduleRefresh();
       },
       reservation: () => this.scheduleRefresh(),
-      state: (state) => {
-        const connection = $("#connection");
-        connection.dataset.state = state;
-        $(".label", connection).textContent =
-          { connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…", polling: "Updating every few seconds" }[state];
-      },
+      state: (state) => renderConnection($("#connection"), state, this.live.lastHeard),
     });
 
     $("#signin-form").addEventListener("submit", (event) => {
@@ -54,22 +66,19 @@ class Console {
       event.preventDefault();
       this.create(event.target);
     });
-    $("#stock-rows").addEventListener("submit", (event) => {
+    $("#restock-form").addEventListener("submit", (event) => {
       event.preventDefault();
       this.restock(event.target);
     });
     $("#stock-rows").addEventListener("click", (event) => {
-      if (event.target.closest("form")) return;
-      const row = event.target.closest("tr");
-      if (row) this.select(Number(row.dataset.id));
+      const button = event.target.closest("button.choose");
+      if (!button) return;
+      this.select(Number(button.closest("tr").dataset.id));
+      $("#detail-title").focus(); // the details are below the table: take the reader there
     });
-    $("#stock-rows").addEventListener("keydown", (event) => {
-      const row = event.target.closest("tr");
-      if (row && event.target === row && (event.key === "Enter" || event.key === " ")) {
-        event.preventDefault();
-        this.select(Number(row.dataset.id));
-      }
-    });
+    const startField = $("#create-form").elements.saleStartsAt;
+    startField.addEventListener("input", () => this.previewStart(startField.value));
+    $("#create-form .zone").textContent = `(optional; your time, ${localZone()})`;
   }
 
   start() {
@@ -95,6 +104,13 @@ class Console {
     sessionStorage.setItem(TOKEN_KEY, token);
     $("#signin").hidden = true;
     $("#console").hidden = false;
+    try {
+      const { data: config } = await api.config();
+      this.money = new Money(config.currency);
+      $("#price-unit").textContent = `(${config.currency})`;
+    } catch {
+      // The next refresh shows the prices with the default currency's format.
+    }
     await this.refresh();
     this.live.start();
     this.timers.push(setInterval(() => this.refresh(), REFRESH_MS));
@@ -119,6 +135,18 @@ class Console {
 
   // -- actions --------------------------------------------------------------------------
 
+  // The start field is the operator's own wall-clock time (datetime-local has no zone):
+  // say which, and what it is in UTC, before it is sent.
+  previewStart(value) {
+    const preview = $("#starts-preview");
+    if (!value) {
+      preview.textContent = "";
+      return;
+    }
+    const ms = new Date(value).getTime();
+    preview.textContent = Number.isFinite(ms) ? `Starts ${bothZones(ms).text}.` : "";
+  }
+
   async create(form) {
     const fields = form.elements;
     const body = {
@@ -134,6 +162,8 @@ class Console {
       message.className = "message ok";
       message.textContent = `Created ${data.name} (id ${data.id}) with ${data.totalStock} units.`;
       form.reset();
+      this.previewStart("");
+      this.selected = data.id;
       await this.refresh();
     } catch (error) {
       message.className = "message bad";
@@ -142,9 +172,9 @@ class Console {
   }
 
   async restock(form) {
-    const id = Number(form.closest("tr").dataset.id);
+    const id = this.selected;
     const quantity = Number(form.elements.quantity.value);
-    const message = $("#restock-message");
+    const message = $("#detail-message");
     try {
       const { data } = await this.admin("POST", `/api/admin/products/${id}/restock`, { quantity });
       this.products.set(data.id, data);
@@ -166,6 +196,7 @@ class Console {
   }
 
   select(id) {
+    if (this.selected !== id) $("#detail-message").textContent = "";
     this.selected = id;
     this.render();
   }
@@ -214,6 +245,30 @@ class Console {
 
   // -- the page ---------------------------------------------------------------------------
 
+  // A product's sale, in words: when it starts (both zones), or whether units are left.
+  saleOf(product, stats) {
+    const starts = product?.saleStartsAt ? parseTime(product.saleStartsAt) : null;
+    if (starts !== null && starts > clock.now()) return { state: "scheduled", starts };
+    if (stats && stats.available === 0) return { state: stats.held > 0 ? "all-held" : "sold-out", starts };
+    return { state: "on-sale", starts };
+  }
+
+  saleCell(cell, sale) {
+    const words = { "on-sale": "On sale", "sold-out": "Sold out", "all-held": "All held" };
+    if (sale.state !== "scheduled") {
+      cell.textContent = words[sale.state];
+      return;
+    }
+    const { local, utc } = bothZones(sale.starts);
+    const when = document.createElement("time");
+    when.dateTime = new Date(sale.starts).toISOString();
+    when.textContent = `Starts ${local}`;
+    const inUtc = document.createElement("span");
+    inUtc.className = "utc";
+    inUtc.textContent = utc;
+    cell.replaceChildren(when, inUtc);
+  }
+
   render() {
     const rows = $("#stock-rows");
     const template = $("#stock-row");
@@ -228,18 +283,40 @@ class Console {
         rows.append(row);
       }
       const product = this.products.get(id);
-      const name = product ? `${product.name} (${formatPrice(product.price)})` : `Product ${id}`;
-      $(".name", row).textContent = name;
-      $("input", row).setAttribute("aria-label", `Units to add to ${product?.name || `product ${id}`}`);
+      const name = product?.name || `Product ${id}`;
+      const choose = $(".choose", row);
+      choose.textContent = name;
+      choose.setAttribute("aria-pressed", String(id === this.selected));
+      this.saleCell($(".sale", row), this.saleOf(product, stats));
       for (const key of ["total", "available", "held", "sold", "expired", "cancelled"]) {
-        $(`.${key}`, row).textContent = stats[key].toLocaleString();
+        $(`.${key}`, row).textContent = formatCount(stats[key]);
       }
       row.classList.toggle("selected", id === this.selected);
-      row.setAttribute("aria-selected", String(id === this.selected));
     }
     for (const row of [...rows.children]) if (!seen.has(row.dataset.id)) row.remove();
-    $("#chart-product").textContent = this.products.get(this.selected)?.name || "";
+    $("#stock-empty").hidden = this.stats.size > 0;
+    this.renderDetail();
     this.renderHolds();
+  }
+
+  renderDetail() {
+    const stats = this.stats.get(this.selected);
+    const product = this.products.get(this.selected);
+    $("#detail").hidden = !stats;
+    if (!stats) return;
+    $("#detail-name").textContent = product?.name || `Product ${this.selected}`;
+    $("#detail-price").textContent = product ? this.money.text(product.price) : "";
+    const sale = this.saleOf(product, stats);
+    let saleText = { "on-sale": "On sale", "sold-out": "Sold out", "all-held": "All held" }[sale.state];
+    if (sale.state === "scheduled") saleText = `Starts ${bothZones(sale.starts).text}`;
+    else if (sale.starts !== null) saleText += `, since ${bothZones(sale.starts).text}`;
+    $("#detail-sale").textContent = saleText;
+    $("#detail-now").textContent =
+      `${formatCount(stats.available)} available + ${formatCount(stats.held)} held + ` +
+      `${formatCount(stats.sold)} sold = ${formatCount(stats.total)}`;
+    $("#detail-so-far").textContent =
+      `${formatCount(stats.expired)} expired, ${formatCount(stats.cancelled)} cancelled`;
+    $("#restock-form input").setAttribute("aria-label", `Units to add to ${product?.name || ""}`);
     this.chart.draw(clock.now(), this.history.get(this.selected) || []);
   }
 
@@ -247,16 +324,20 @@ class Console {
     const body = $("#hold-rows");
     const rows = this.holds.map((hold) => {
       const row = document.createElement("tr");
+      row.setAttribute("role", "row");
       row.dataset.expiresAt = hold.expiresAt;
       const cells = [
-        hold.id.slice(0, 8) + "…",
-        this.products.get(hold.productId)?.name || `Product ${hold.productId}`,
-        String(hold.quantity),
-        "",
+        ["Hold", `${hold.id.slice(0, 8)}…`],
+        ["Product", this.products.get(hold.productId)?.name || `Product ${hold.productId}`],
+        ["Units", formatCount(hold.quantity)],
+        ["Time left", ""],
       ];
-      cells.forEach((text, index) => {
+      cells.forEach(([label, text], index) => {
         const cell = document.createElement("td");
+        cell.setAttribute("role", "cell");
+        cell.dataset.label = label;
         cell.textContent = text;
+        if (index === 0) cell.title = hold.id;
         if (index >= 2) cell.className = "num";
         if (index === 3) cell.classList.add("left");
         row.append(cell);

@@ -39,13 +39,19 @@ function prose(text) {
   return box;
 }
 
+// A table that, on a narrow screen, the stylesheet lays out as one block per row, each cell
+// under its column's name (`data-label`). The roles keep it a table to assistive
+// technology whatever its CSS display.
 function table(headings, rows) {
-  const head = el("tr", {}, ...headings.map((h) => el("th", { scope: "col", text: h })));
-  const body = el("tbody");
+  const head = el("tr", { role: "row" },
+    ...headings.map((h) => el("th", { scope: "col", role: "columnheader", text: h })));
+  const body = el("tbody", { role: "rowgroup" });
   for (const cells of rows) {
-    body.append(el("tr", {}, ...cells.map((c) => el("td", {}, c))));
+    body.append(el("tr", { role: "row" },
+      ...cells.map((c, i) => el("td", { role: "cell", "data-label": headings[i] }, c))));
   }
-  return el("div", { class: "table-wrap" }, el("table", {}, el("thead", {}, head), body));
+  return el("div", { class: "table-wrap" },
+    el("table", { role: "table" }, el("thead", { role: "rowgroup" }, head), body));
 }
 
 function anchor(kind, name) {
@@ -217,11 +223,11 @@ function renderWebsocket(socket) {
   const box = document.getElementById("websocket-body");
   box.append(
     el("p", {}, el("code", { text: `WS ${socket.path}` }), " ", inline(socket.summary || "")),
-    el("h4", { text: "Server to client" }),
+    el("h3", { text: "Server to client" }),
     el("ul", {}, ...(socket.serverMessages || []).map((m) => el("li", {}, describe(m)))),
-    el("h4", { text: "Client to server" }),
+    el("h3", { text: "Client to server" }),
     el("ul", {}, ...(socket.clientMessages || []).map((m) => el("li", {}, describe(m)))),
-    el("h4", { text: "Close codes" }),
+    el("h3", { text: "Close codes" }),
     table(["Code", "Meaning"], Object.entries(socket.closeCodes || {}).map(([code, text]) => [
       code, inline(text),
     ])),

@@ -2,8 +2,8 @@
 // Every value from the server reaches the page through textContent or an attribute, never
 // as HTML.
 
-import { CONNECTION_LABELS } from "./live.js";
-import { Money, formatClock, formatCount, formatDuration, formatIn, formatMoment } from "./format.js";
+import { renderConnection } from "./connection.js";
+import { Money, formatCount, formatDuration, formatIn, formatMoment } from "./format.js";
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -311,12 +311,8 @@ export class ShopView {
   // -- the connection -------------------------------------------------------------------
 
   renderConnection({ state, lastHeard }) {
-    this.connection.dataset.state = state;
+    renderConnection(this.connection, state, lastHeard);
     this.stale = state === "offline";
-    $(".label", this.connection).textContent = CONNECTION_LABELS[state] || state;
-    let detail = "";
-    if (this.stale) detail = lastHeard ? `Stock as of ${formatClock(lastHeard)}` : "Retrying…";
-    $(".detail", this.connection).textContent = detail;
     document.body.classList.toggle("stale", this.stale);
     for (const note of document.querySelectorAll(".product .stale-note")) note.hidden = !this.stale;
   }

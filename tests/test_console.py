@@ -1,0 +1,206 @@
+"""The operator console and the API reference as an operator meets them during a sale, at
+a laptop's and a phone's size, every state checked with axe-core: the state now apart from
+the running totals, a table usable on a phone, and sale starts that say their time zone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, ViewportSize, expect
+
+from server.devtools.processes import Service
+from tests.browser import (
+    PHONE,
+    SIZES,
+    assert_accessible,
+    new_page,
+    new_product,
+    open_console,
+    reserve,
+    screenshot,
+    serve,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+
+EACH_SIZE = pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    yield from serve(tmp_path_factory.mktemp("console"))
+
+
+def size_name(size: ViewportSize) -> str:
+    return "phone" if size == PHONE else "desktop"
+
+
+def row(page: Page, product: dict[str, Any]) -> Any:
+    return page.locator(f'#stock-rows tr[data-id="{product["id"]}"]')
+
+
+async def figures(page: Page, product: dict[str, Any]) -> dict[str, int]:
+    found = {}
+    for key in ("available", "held", "sold", "total", "expired", "cancelled"):
+        text = await row(page, product).locator(f".{key}").inner_text()
+        found[key] = int(text.replace(",", ""))
+    return found
+
+
+async def act(site: Service, reservation: dict[str, Any], action: str) -> None:
+    async with site.client() as client:
+        response = await client.post(f"/api/reservations/{reservation['id']}/{action}")
+    assert response.status_code == 200, response.text
+
+
+# -- 12. the state now, apart from running totals ----------------------------------------------
+
+
+@EACH_SIZE
+async def test_the_state_now_adds_up_and_running_totals_stand_apart(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    product = await new_product(site, f"Tally tent ({size_name(size)})", 10)
+    await reserve(site, product["id"], 3)  # held
+    await act(site, await reserve(site, product["id"], 2), "complete")  # sold
+    await act(site, await reserve(site, product["id"], 1), "cancel")  # back on sale
+    page = await open_console(browser, site, size)
+    await expect(row(page, product).locator(".held")).to_have_text("3")
+    assert await figures(page, product) == {
+        "available": 5,
+        "held": 3,
+        "sold": 2,
+        "total": 10,
+        "expired": 0,
+        "cancelled": 1,
+    }
+    # The two groups are headed apart; on a phone each figure says which it is.
+    groups = page.locator("#stock-table thead th[scope=colgroup]")
+    await expect(groups).to_have_text(["Now", "Returned so far"])
+    if size == PHONE:
+        label = (
+            await row(page, product)
+            .locator(".cancelled")
+            .evaluate("(cell) => getComputedStyle(cell, '::before').content")
+        )
+        assert label == '"Cancelled so far"'
+
+    await row(page, product).get_by_role("button", name=product["name"]).click()
+    await expect(page.locator("#detail-now")).to_have_text("5 available + 3 held + 2 sold = 10")
+    await expect(page.locator("#detail-so-far")).to_have_text("0 expired, 1 cancelled")
+    await assert_accessible(page)
+    await screenshot(page, f"admin-{size_name(size)}", docs=True)
+
+
+# -- 13. usable at 390 px, no axe violations ---------------------------------------------------
+
+
+async def no_sideways_scroll(page: Page, width: int) -> None:
+    assert await page.evaluate("document.documentElement.scrollWidth") <= width
+    overflowing = await page.locator(".table-wrap").evaluate_all(
+        "(wraps) => wraps.filter((w) => w.scrollWidth > w.clientWidth).length"
+    )
+    assert overflowing == 0
+
+
+@EACH_SIZE
+async def test_the_stock_table_and_holds_fit_and_work_at_this_size(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    names = [f"Roomy rucksack {n} ({size_name(size)})" for n in range(3)]
+    products = [await new_product(site, name, 1000 + n) for n, name in enumerate(names)]
+    await reserve(site, products[1]["id"], 2)
+    page = await open_console(browser, site, size)
+    await expect(page.locator("#hold-rows tr", has_text=names[1])).to_have_count(1)
+    await no_sideways_scroll(page, size["width"])
+    await assert_accessible(page)
+
+    # Choose a product: its details come into view, and it can be restocked there.
+    chosen = products[2]
+    await row(page, chosen).get_by_role("button", name=chosen["name"]).click()
+    await expect(page.locator("#detail-title")).to_be_focused()
+    await expect(page.locator("#detail-name")).to_have_text(chosen["name"])
+    await expect(row(page, chosen).get_by_role("button", name=chosen["name"])).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await page.get_by_label(f"Units to add to {chosen['name']}").fill("5")
+    await page.get_by_role("button", name="Restock").click()
+    await expect(row(page, chosen).locator(".total")).to_have_text("1,007")
+    await expect(page.locator("#detail-message")).to_have_text(
+        f"Added 5 units of {chosen['name']}: 1007 available now."
+    )
+    await no_sideways_scroll(page, size["width"])
+    await assert_accessible(page)
+
+
+@EACH_SIZE
+async def test_signing_in_passes_axe_with_and_without_a_mistake(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    page = await new_page(browser, size)
+    await page.goto(site.base_url + "/admin")
+    await expect(page.get_by_label("Operator token")).to_be_focused()
+    await assert_accessible(page)
+    await page.get_by_label("Operator token").fill("not-it")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#signin-message")).to_have_text(
+        "That token is not the operator token."
+    )
+    await assert_accessible(page)
+
+
+@EACH_SIZE
+async def test_the_api_reference_fits_and_passes_axe(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    page = await new_page(browser, size)
+    await page.goto(site.base_url + "/api/docs")
+    await expect(page.locator("#status")).to_be_hidden()
+    await expect(page.locator(".operation").first).to_be_visible()
+    await no_sideways_scroll(page, size["width"])
+    await assert_accessible(page)
+
+
+# -- 14. the sale start says its zone ----------------------------------------------------------
+
+
+@EACH_SIZE
+async def test_a_sale_start_is_entered_in_the_operators_zone_and_shown_in_it_and_utc(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    page = await open_console(browser, site, size, locale="en-US", timezone_id="America/New_York")
+    start = page.get_by_label(re.compile(r"Sale starts \(optional; your time, America/New_York\)"))
+    name = f"Scheduled scooter ({size_name(size)})"
+    await page.get_by_label("Name").fill(name)
+    await page.get_by_label("Price").fill("250")
+    await page.get_by_label("Stock", exact=True).and_(page.get_by_role("spinbutton")).fill("7")
+    await start.fill("2030-06-01T09:30")
+    # Half past nine in New York in June is half past one in the afternoon in UTC.
+    await expect(page.locator("#starts-preview")).to_have_text(
+        re.compile(r"^Starts Sat, Jun 1, 2030, 09:30\sAM EDT \(01:30\sPM UTC\)\.$")
+    )
+    await assert_accessible(page)
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.locator("#create-message")).to_contain_text(f"Created {name}")
+
+    async with site.client() as client:
+        listed = {p["name"]: p for p in (await client.get("/api/products")).json()}
+    assert listed[name]["saleStartsAt"] == "2030-06-01T13:30:00.000Z"
+
+    created = row(page, listed[name])
+    await expect(created.locator(".sale time")).to_have_text(
+        re.compile(r"^Starts Sat, Jun 1, 2030, 09:30\sAM EDT$")
+    )
+    await expect(created.locator(".sale time")).to_have_attribute(
+        "datetime", "2030-06-01T13:30:00.000Z"
+    )
+    await expect(created.locator(".sale .utc")).to_have_text(re.compile(r"^01:30\sPM UTC$"))
+    await expect(page.locator("#detail-name")).to_have_text(name)
+    await expect(page.locator("#detail-sale")).to_have_text(
+        re.compile(r"^Starts Sat, Jun 1, 2030, 09:30\sAM EDT \(01:30\sPM UTC\)$")
+    )
+    await assert_accessible(page)
