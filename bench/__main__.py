@@ -25,6 +25,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import httpx
 
 from bench import charts, fanout, history, paths, stack, steady, storm, wave, wrk
 from bench.report import evaluate, markdown
+from server.devtools import history as past
 from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -268,7 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     if history_runs:
         for config in args.configs:
             report["configs"] += run_history(
-                config, args.database_url, size, settings, out / "work", progress, args.settings
+                config,
+                args.database_url,
+                size,
+                settings,
+                out / "work",
+                progress,
+                args.settings,
+                # What is measured so far, in case a later run fails.
+                lambda runs: (out / "partial.json").write_text(
+                    json.dumps({**report, "configs": report["configs"] + runs}, indent=1)
+                ),
             )
     report["duration_s"] = round(time.monotonic() - started)
     report["goals"] = evaluate(report)
@@ -422,11 +434,12 @@ def run_history(
     work: Path,
     progress: Progress,
     overrides: dict[str, str],
+    save: Callable[[list[dict[str, Any]]], object],
 ) -> list[dict[str, Any]]:
     """The history scenario on one configuration: the empty database first, then each
     history size on a database of its own; every figure also as a share of the empty one's.
-    """
-    runs = []
+    `save` is given the runs so far after each one."""
+    runs: list[dict[str, Any]] = []
     for holds in [0, *size.history_holds]:
         tag = "empty" if holds == 0 else f"h{holds}"
         runs.append(
@@ -441,6 +454,7 @@ def run_history(
                 overrides,
             )
         )
+        save(runs)
     empty = runs[0]
     for run in runs:
         run["history"]["vs_empty"] = history_ratios(run, empty)
@@ -477,9 +491,7 @@ def _history_run(
     ):
         progress.step(f"{config.label} · history: {state}, loading and bare endpoint")
         if holds:
-            loaded = history.load(
-                db_url, history.History(holds=holds, products=size.history_products)
-            )
+            loaded = past.load(db_url, past.History(holds=holds, products=size.history_products))
             result["history"]["loaded"] = loaded.summary()
             print(
                 f"  loaded {holds:,} holds over {len(loaded.products):,} products in "
@@ -492,7 +504,7 @@ def _history_run(
         started = time.monotonic()
 
         def note_backlog(at: str) -> None:
-            keys = history.key_backlog(db_url)
+            keys = past.key_backlog(db_url)
             backlog.append({"at": at, "s": round(time.monotonic() - started, 1), "keys": keys})
             print(f"  idempotency keys older than a day: {keys:,} ({at})", flush=True)
 

@@ -632,10 +632,7 @@ def _history_section(configs: list[dict[str, Any]]) -> list[str]:
             rows.append(
                 [
                     f"`{name}` p50 / p90 (ms)",
-                    *(
-                        f"{c['operator'][name]['p50']:g} / {c['operator'][name]['p90']:g}"
-                        for c in runs
-                    ),
+                    *(_latency_cell(c["operator"][name]) for c in runs),
                 ]
             )
         rows.append(
@@ -647,3 +644,10 @@ def _history_section(configs: list[dict[str, Any]]) -> list[str]:
         )
         lines += _table(header, rows)
     return lines
+
+
+def _latency_cell(latency: dict[str, float]) -> str:
+    cell = f"{latency['p50']:g} / {latency['p90']:g}"
+    if latency.get("timed_out"):
+        cell += " (a request timed out)"
+    return cell

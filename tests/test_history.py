@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bench import history
+from server.devtools import history
 from server.domain import inventory
 from server.domain.clock import now_ms
 from server.storage.database import Store
