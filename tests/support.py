@@ -80,6 +80,28 @@ async def assert_invariant(store: Store, product_id: int) -> Stats:
     return s
 
 
+async def recount(store: Store, product_id: int) -> Stats:
+    """The product's units by state counted from its holds, one by one: what the operator's
+    stats were before the per-product counters, and what the counters must always equal."""
+    async with store.reader() as conn:
+        row = await conn.fetch_one(
+            "SELECT p.total_stock AS total, p.available_stock AS available, "
+            "COALESCE(SUM(CASE WHEN r.status = 'ACTIVE' THEN r.quantity END), 0) AS held, "
+            "COALESCE(SUM(CASE WHEN r.status = 'COMPLETED' THEN r.quantity END), 0) AS sold, "
+            "COALESCE(SUM(CASE WHEN r.status = 'EXPIRED' THEN r.quantity END), 0) AS expired, "
+            "COALESCE(SUM(CASE WHEN r.status = 'CANCELLED' THEN r.quantity END), 0) "
+            "AS cancelled "
+            "FROM products p LEFT JOIN reservations r ON r.product_id = p.id "
+            "WHERE p.id = :id GROUP BY p.id, p.total_stock, p.available_stock",
+            {"id": product_id},
+        )
+    assert row is not None, f"no product {product_id}"
+    return Stats(
+        product_id=product_id,
+        **{k: int(row[k]) for k in ("total", "available", "held", "sold", "expired", "cancelled")},
+    )
+
+
 async def reservation(store: Store, reservation_id: str) -> Reservation:
     async with store.reader() as conn:
         found = await inventory.get_reservation(conn, reservation_id)

@@ -25,8 +25,8 @@ async def test_a_write_commits_what_it_did(store: Store) -> None:
 
     async def take_two(conn: Executor) -> int:
         row = await conn.fetch_one(
-            "UPDATE products SET available_stock = available_stock - 2 WHERE id = :id "
-            "RETURNING available_stock",
+            "UPDATE products SET available_stock = available_stock - 2, "
+            "held_units = held_units + 2 WHERE id = :id RETURNING available_stock",
             {"id": product.id},
         )
         assert row is not None
@@ -41,7 +41,8 @@ async def test_a_write_that_raises_changes_nothing(store: Store) -> None:
 
     async def take_then_fail(conn: Executor) -> None:
         await conn.execute(
-            "UPDATE products SET available_stock = 0 WHERE id = :id", {"id": product.id}
+            "UPDATE products SET available_stock = 0, held_units = total_stock WHERE id = :id",
+            {"id": product.id},
         )
         raise Boom
 
@@ -64,7 +65,8 @@ async def test_a_sqlite_write_may_not_wait_on_anything_but_the_database(
 
     async def take_then_sleep(conn: Executor) -> None:
         await conn.execute(
-            "UPDATE products SET available_stock = 0 WHERE id = :id", {"id": product.id}
+            "UPDATE products SET available_stock = 0, held_units = total_stock WHERE id = :id",
+            {"id": product.id},
         )
         await asyncio.sleep(0.01)  # a network call would do the same
 
@@ -86,7 +88,8 @@ async def test_a_held_write_lock_gives_database_busy_within_the_timeout(
 
         async def take_one(conn: Executor) -> None:
             await conn.execute(
-                "UPDATE products SET available_stock = available_stock - 1 WHERE id = :id",
+                "UPDATE products SET available_stock = available_stock - 1, "
+                "held_units = held_units + 1 WHERE id = :id",
                 {"id": product.id},
             )
 

@@ -4,13 +4,21 @@ databases, that the service reads as it would read its own."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
 from server.devtools import history
 from server.domain import inventory
 from server.domain.clock import now_ms
+from server.domain.executor import Executor, Row, Values
+from server.domain.model import HoldRequest, Outcome, Reservation, Status
 from server.storage.database import Store
+from tests.conftest import PostgresDatabases
+from tests.support import make_product
 
 SMALL = history.History(holds=3_000, products=30)
 
@@ -60,3 +68,140 @@ async def test_history_refuses_a_database_that_has_products(
     async with store.reader() as conn:
         (row,) = await conn.fetch_all("SELECT COUNT(*) AS n FROM reservations")
     assert row["n"] == 10
+
+
+# -- plans that do not depend on the statistics (PostgreSQL) -------------------------------
+
+
+@pytest.fixture
+async def postgres_url(postgres: PostgresDatabases) -> AsyncIterator[str]:
+    name = await postgres.create()
+    yield postgres.url(name)
+    postgres.drop(name)
+
+
+ByIdOperation = Callable[..., Awaitable[Outcome[Reservation]]]
+
+
+class Explaining:
+    """An Executor that asks PostgreSQL for the plan of each statement, on the same
+    connection and in the same transaction, just before running it."""
+
+    def __init__(self, conn: Executor, plans: list[tuple[str, dict[str, Any]]]) -> None:
+        self._conn, self._plans = conn, plans
+
+    async def _explain(self, sql: str, values: Values | None) -> None:
+        row = await self._conn.fetch_one("EXPLAIN (FORMAT JSON) " + sql, values)
+        assert row is not None
+        self._plans.append((sql, json.loads(row["QUERY PLAN"])[0]["Plan"]))
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        await self._explain(sql, values)
+        return await self._conn.fetch_all(sql, values)
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        await self._explain(sql, values)
+        return await self._conn.fetch_one(sql, values)
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        await self._explain(sql, values)
+        await self._conn.execute(sql, values)
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _reservation_scans(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(node type, index) of every node that finds rows of the reservations table (a bitmap
+    heap scan reads the rows its bitmap index scan found: the latter is the one that
+    counts)."""
+    return [
+        (node["Node Type"], node.get("Index Name"))
+        for node in _nodes(plan)
+        if (
+            node.get("Relation Name") == "reservations"
+            and node["Node Type"] not in ("ModifyTable", "Bitmap Heap Scan")
+        )
+        or (node["Node Type"] == "Bitmap Index Scan" and "reservations" in node["Index Name"])
+    ]
+
+
+@pytest.mark.postgres
+async def test_expiry_and_holds_by_id_are_planned_right_on_stale_statistics(
+    postgres_url: str,
+) -> None:
+    """A month of ended holds, analyzed while none was ACTIVE (as autovacuum leaves a shop
+    between sales); then a sale opens thousands of holds and no ANALYZE runs. The statistics
+    say there are no open holds. Before migration 0002 the expiry batch was then planned as a
+    nested loop that scanned every open hold once per due hold (14 s per batch of 500), and
+    completing a hold scanned the open holds instead of using the primary key.
+
+    100,000 holds, the smaller history of the issue: below about 50,000 rows PostgreSQL may
+    rightly prefer reading the whole (small) table to 500 key lookups."""
+    await asyncio.to_thread(history.load, postgres_url, history.History(holds=100_000))
+    store = Store(postgres_url)
+    await store.connect()
+    try:
+        await store.write(
+            lambda conn: conn.execute("ALTER TABLE reservations SET (autovacuum_enabled = false)")
+        )
+        product = await make_product(store, 10_000)
+        now = now_ms()
+        for start in (now - 130_000, now):  # 3,000 overdue, then 3,000 open for two minutes
+            await store.write(
+                functools.partial(
+                    inventory.reserve,
+                    requests=[HoldRequest(product.id, 1)] * 3_000,
+                    now=start,
+                    hold_ms=120_000,
+                )
+            )
+        async with store.reader() as conn:
+            estimate = await conn.fetch_one(
+                "EXPLAIN (FORMAT JSON) SELECT id FROM reservations WHERE ended_at IS NULL"
+            )
+            open_holds = await inventory.list_reservations(
+                conn, product_id=product.id, status=Status.ACTIVE, limit=1
+            )
+        assert estimate is not None
+        # The premise: the planner believes almost nothing is open (6,000 are).
+        assert json.loads(estimate["QUERY PLAN"])[0]["Plan"]["Plan Rows"] < 100
+
+        plans: list[tuple[str, dict[str, Any]]] = []
+        expired = await store.write(
+            lambda conn: inventory.expire_overdue(Explaining(conn, plans), now=now_ms())
+        )
+        assert len(expired.result()) == inventory.SWEEP_BATCH
+        hold_id = open_holds[0].id
+
+        async def explained(operation: ByIdOperation, conn: Executor) -> Outcome[Reservation]:
+            return await operation(Explaining(conn, plans), hold_id, now=now_ms())
+
+        for operation in (inventory.complete, inventory.cancel, inventory.expire):
+            await store.write(functools.partial(explained, operation))
+        async with store.reader() as conn:
+            listed = await inventory.list_reservations(
+                Explaining(conn, plans), product_id=None, status=Status.ACTIVE, limit=200
+            )
+        assert len(listed) == 200
+
+        for sql, plan in plans:
+            scans = _reservation_scans(plan)
+            if "FROM products" in sql or sql.startswith("UPDATE products"):
+                continue
+            assert scans, (sql, plan)
+            print(sql[:50], scans)
+            for node_type, index in scans:
+                assert node_type != "Seq Scan", (sql, plan)
+                if "ended_at IS NULL" in sql:  # open holds by time: their index, in order
+                    assert index == "reservations_open_by_expiry", (sql, plan)
+                    assert node_type in ("Index Scan", "Index Only Scan"), (sql, plan)
+                    assert "Sort" not in {n["Node Type"] for n in _nodes(plan)}, (sql, plan)
+                else:  # by id: the primary key, whatever the statistics say
+                    assert index == "reservations_pkey", (sql, plan)
+            assert not any(n["Node Type"] == "Nested Loop" for n in _nodes(plan)), (sql, plan)
+    finally:
+        await store.close()

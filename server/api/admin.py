@@ -181,7 +181,10 @@ async def all_stats(request: Request) -> Response:
     "Operator",
     "Reservations, newest first",
     {
-        "200": json(array(schemas.ReservationOut), "The reservations, newest first"),
+        "200": json(
+            array(schemas.ReservationOut),
+            "The reservations, newest first (ACTIVE ones: the most time left first)",
+        ),
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
         "401": UNAUTHORIZED_ANSWER,
         "404": NO_OPERATOR_API,

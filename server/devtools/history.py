@@ -6,7 +6,8 @@ tables, for the benchmark (`bin/bench history`) and for tests (a few thousand ho
 those sales, COMPLETED, EXPIRED or CANCELLED, half of them with an Idempotency-Key that no
 sweep has cleared yet. The stock books balance, as the service would have left them: no hold
 is ACTIVE, so every product's `total_stock == available_stock + sold units`, expired and
-cancelled units having gone back on sale. The data is a function of `History` alone (a
+cancelled units having gone back on sale, and its counters (`held_units`, `sold_units`,
+`expired_units`, `cancelled_units`) say so. The data is a function of `History` alone (a
 seeded generator), so two runs load the same month.
 
 The rows go straight into the tables the migrations made, as fast as each database takes
@@ -65,6 +66,10 @@ PRODUCT_COLUMNS = (
     "sale_starts_at",
     "created_at",
     "updated_at",
+    "held_units",
+    "sold_units",
+    "expired_units",
+    "cancelled_units",
 )
 
 
@@ -173,6 +178,10 @@ class _Month:
                 sale_starts,
                 sale_starts - DAY_MS,
                 sale_starts + self.slot,
+                0,  # nothing is held: every hold has ended
+                books.sold,
+                books.expired,
+                books.cancelled,
             )
 
     def reservation_rows(self) -> Iterator[tuple[Any, ...]]:

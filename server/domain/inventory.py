@@ -7,6 +7,18 @@ by the database (`available_stock >= :q`, `status = 'ACTIVE'`), so concurrency a
 connections, processes and machines cannot oversell or restore a unit twice; Python decides
 at most *what to try*, never what the stock is. Row counts come from RETURNING.
 
+Every stock movement also moves the product's counters (`held_units`, `sold_units`,
+`expired_units`, `cancelled_units`) in the same UPDATE as `available_stock`, and the
+database refuses any row where `available_stock + held_units + sold_units != total_stock`
+(migration 0002): promise 1 is a constraint, and the operator's stats read one row per
+product however many holds there have been.
+
+Plans that do not depend on the statistics (migration 0002 says why): statements that find
+open holds by time say `ended_at IS NULL`, the predicate of the one index of open holds;
+statements by id say `status = 'ACTIVE'`, which leaves them the primary key only. Keep it
+so: a statement by id that said `ended_at IS NULL` could be planned as a scan of every open
+hold whenever PostgreSQL's statistics say there are none.
+
 The SQL is one dialect for SQLite and PostgreSQL: `:name` placeholders, RETURNING, CAST.
 """
 
@@ -185,7 +197,7 @@ async def _take_stock(
     """
     row = await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock - :total, "
-        "version = version + 1, updated_at = :now "
+        "held_units = held_units + :total, version = version + 1, updated_at = :now "
         "WHERE id = :id AND available_stock >= :total "
         "AND (sale_starts_at IS NULL OR sale_starts_at <= :now) "
         f"RETURNING {PRODUCT}",
@@ -210,7 +222,7 @@ async def _take_stock(
             return product, fits
         row = await conn.fetch_one(
             "UPDATE products SET available_stock = available_stock - :take, "
-            "version = version + 1, updated_at = :now "
+            "held_units = held_units + :take, version = version + 1, updated_at = :now "
             f"WHERE id = :id AND available_stock >= :take RETURNING {PRODUCT}",
             {"id": product_id, "take": take, "now": now},
         )
@@ -275,8 +287,13 @@ async def complete(conn: Executor, reservation_id: str, *, now: int) -> Outcome[
     )
     if row is not None:
         reservation = Reservation.from_row(row)
-        product = await get_product(conn, reservation.product_id)
-        assert product is not None
+        sold = await conn.fetch_one(
+            "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q "
+            f"WHERE id = :id RETURNING {PRODUCT}",
+            {"id": reservation.product_id, "q": reservation.quantity},
+        )
+        assert sold is not None, "a hold's product cannot disappear"
+        product = Product.from_row(sold)
         return Outcome(reservation, events=[ReservationChanged(reservation, product)])
     current = await get_reservation(conn, reservation_id)
     if current is None:
@@ -298,7 +315,9 @@ async def cancel(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Re
     )
     if row is not None:
         reservation = Reservation.from_row(row)
-        product = await _restore(conn, reservation.product_id, reservation.quantity, now=now)
+        product = await _restore(
+            conn, reservation.product_id, reservation.quantity, now=now, ended=Status.CANCELLED
+        )
         return Outcome(
             reservation,
             events=[StockChanged(product), ReservationChanged(reservation, product)],
@@ -340,16 +359,27 @@ async def expire_overdue(
 ) -> Outcome[list[Reservation]]:
     """Expire up to `limit` overdue ACTIVE holds, oldest first, and restore their units.
 
-    Safe to run concurrently with itself and with complete/cancel: each row changes only if
-    it is still ACTIVE when the UPDATE reaches it.
+    Two statements whose plans cannot go wrong: the ids of the overdue holds, from the index
+    of open holds (in its order, so the LIMIT stops the scan), then a primary-key UPDATE of
+    exactly those ids. (One statement with the ids in a subquery was planned by PostgreSQL,
+    on statistics that saw no open hold, as a nested loop running the subquery once per
+    open hold: 14 s for a batch of 500.) Safe to run concurrently with itself and with
+    complete/cancel: each row changes only if it is still ACTIVE when the UPDATE reaches it.
     """
+    due = await conn.fetch_all(
+        "SELECT id FROM reservations WHERE ended_at IS NULL AND expires_at <= :now "
+        "ORDER BY expires_at, id LIMIT :limit",
+        {"now": now, "limit": limit},
+    )
+    if not due:
+        return Outcome([], events=[])
+    names = {f"r{n}": str(row["id"]) for n, row in enumerate(due)}
     rows = await conn.fetch_all(
         "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
-        "WHERE id IN (SELECT id FROM reservations "
-        "WHERE status = 'ACTIVE' AND expires_at <= :now ORDER BY expires_at LIMIT :limit) "
+        f"WHERE id IN ({', '.join(':' + name for name in names)}) "
         "AND status = 'ACTIVE' AND expires_at <= :now "
         f"RETURNING {RESERVATION}",
-        {"now": now, "limit": limit},
+        {"now": now, **names},
     )
     return await _restore_expired(conn, rows, now=now)
 
@@ -364,16 +394,24 @@ async def _restore_expired(
     events: list[Event] = []
     products = {}
     for product_id in sorted(units):  # a fixed order, so two sweepers cannot deadlock
-        product = await _restore(conn, product_id, units[product_id], now=now)
+        product = await _restore(conn, product_id, units[product_id], now=now, ended=Status.EXPIRED)
         products[product_id] = product
         events.append(StockChanged(product))
     events.extend(ReservationChanged(r, products[r.product_id]) for r in expired)
     return Outcome(expired, events=events)
 
 
-async def _restore(conn: Executor, product_id: int, quantity: int, *, now: int) -> Product:
+_ENDED_UNITS = {Status.EXPIRED: "expired_units", Status.CANCELLED: "cancelled_units"}
+
+
+async def _restore(
+    conn: Executor, product_id: int, quantity: int, *, now: int, ended: Status
+) -> Product:
+    """Units of holds that ended unsold (`ended`: EXPIRED or CANCELLED) back on sale."""
+    counter = _ENDED_UNITS[ended]
     row = await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock + :q, "
+        f"held_units = held_units - :q, {counter} = {counter} + :q, "
         "version = version + 1, updated_at = :now "
         f"WHERE id = :id RETURNING {PRODUCT}",
         {"id": product_id, "q": quantity, "now": now},
@@ -493,17 +531,31 @@ async def get_reservation_by_key(conn: Executor, key: str) -> Reservation | None
 async def list_reservations(
     conn: Executor, *, product_id: int | None, status: Status | None, limit: int
 ) -> list[Reservation]:
-    where = []
+    """Up to `limit` holds, newest first; ACTIVE ones with the most time left first (the
+    same order while HOLD_SECONDS stays the same).
+
+    ACTIVE holds come from the index of open holds, backwards: as many rows as asked for
+    (of one product: at most every open hold), whatever the history or the statistics.
+    (Ordered by creation time instead, on SQLite a scan of every hold ever made, and on
+    PostgreSQL with stale statistics a sort of every open hold.) Other holds of one product
+    come from its own index, newest first; of every product, from the index by time.
+    """
     values: dict[str, object] = {"limit": limit}
+    where = []
     if product_id is not None:
         where.append("product_id = :product_id")
         values["product_id"] = product_id
-    if status is not None:
-        where.append("status = :status")
-        values["status"] = status.value
+    if status is Status.ACTIVE:
+        where.append("ended_at IS NULL")
+        order = "expires_at DESC, id DESC"
+    else:
+        order = "created_at DESC, id"
+        if status is not None:
+            where.append("status = :status")
+            values["status"] = status.value
     clause = f"WHERE {' AND '.join(where)} " if where else ""
     rows = await conn.fetch_all(
-        f"SELECT {RESERVATION} FROM reservations {clause}ORDER BY created_at DESC, id LIMIT :limit",
+        f"SELECT {RESERVATION} FROM reservations {clause}ORDER BY {order} LIMIT :limit",
         values,
     )
     return [Reservation.from_row(row) for row in rows]
@@ -511,6 +563,10 @@ async def list_reservations(
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """A product's units by state (units of stock): `available + held + sold == total`
+    always (a CHECK on the row); `expired` and `cancelled` count units that went back on
+    sale, so they are not part of that sum."""
+
     product_id: int
     total: int
     available: int
@@ -520,31 +576,25 @@ class Stats:
     cancelled: int
 
 
-_UNITS = (
-    "(SELECT COALESCE(SUM(quantity), 0) FROM reservations r "
-    "WHERE r.product_id = p.id AND r.status = '{}')"
-)
-
-
 async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
-    """Units per state, read in one statement so that they come from one snapshot."""
-    where = "WHERE p.id = :id " if product_id is not None else ""
+    """Units per state of one product or of every product, by id: the counters on the
+    products' rows, kept by every stock change in its own transaction (one row read per
+    product, however many holds there have been)."""
+    where = "WHERE id = :id " if product_id is not None else ""
     rows = await conn.fetch_all(
-        "SELECT p.id AS id, p.total_stock AS total, p.available_stock AS available, "
-        f"{_UNITS.format('ACTIVE')} AS held, {_UNITS.format('COMPLETED')} AS sold, "
-        f"{_UNITS.format('EXPIRED')} AS expired, {_UNITS.format('CANCELLED')} AS cancelled "
-        f"FROM products p {where}ORDER BY p.id",
+        "SELECT id, total_stock, available_stock, held_units, sold_units, expired_units, "
+        f"cancelled_units FROM products {where}ORDER BY id",
         {"id": product_id} if product_id is not None else {},
     )
     return [
         Stats(
             product_id=int(row["id"]),
-            total=int(row["total"]),
-            available=int(row["available"]),
-            held=int(row["held"]),
-            sold=int(row["sold"]),
-            expired=int(row["expired"]),
-            cancelled=int(row["cancelled"]),
+            total=int(row["total_stock"]),
+            available=int(row["available_stock"]),
+            held=int(row["held_units"]),
+            sold=int(row["sold_units"]),
+            expired=int(row["expired_units"]),
+            cancelled=int(row["cancelled_units"]),
         )
         for row in rows
     ]

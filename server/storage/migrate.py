@@ -77,10 +77,13 @@ async def pending(store: Store) -> list[Migration]:
     return [m for m in available() if m.version not in done]
 
 
-async def migrate(store: Store) -> list[Migration]:
-    """Apply every pending migration; returns those applied by this call."""
+async def migrate(store: Store, *, up_to: int | None = None) -> list[Migration]:
+    """Apply every pending migration (up to version `up_to`, when given: a database as an
+    earlier release left it); returns those applied by this call."""
     applied = []
     for migration in available():
+        if up_to is not None and migration.version > up_to:
+            break
 
         async def apply(conn: Executor, migration: Migration = migration) -> bool:
             await _lock(conn, not store.is_sqlite)
