@@ -16,9 +16,10 @@ from server.domain import inventory
 from server.domain.clock import now_ms
 from server.domain.executor import Executor, Row, Values
 from server.domain.model import HoldRequest, Outcome, Reservation, Status
+from server.service.shop import Shop
 from server.storage.database import Store
 from tests.conftest import PostgresDatabases
-from tests.support import make_product
+from tests.support import hold, make_product
 
 SMALL = history.History(holds=3_000, products=30)
 
@@ -205,3 +206,26 @@ async def test_expiry_and_holds_by_id_are_planned_right_on_stale_statistics(
             assert not any(n["Node Type"] == "Nested Loop" for n in _nodes(plan)), (sql, plan)
     finally:
         await store.close()
+
+
+# -- the idempotency-key sweep: bounded work per run ---------------------------------------
+
+
+async def test_a_backlog_of_old_keys_is_cleared_a_bounded_amount_per_sweep(
+    shop: Shop, database_url: str
+) -> None:
+    loaded = await asyncio.to_thread(history.load, database_url, SMALL)
+    backlog = loaded.keys_older_than_a_day
+    assert backlog > 1_000
+    recent = await hold(shop.store, (await make_product(shop.store, 1)).id, key="made-today")
+    freed: list[int] = []
+    while not freed or freed[-1]:
+        freed.append(await shop.forget_old_idempotency_keys(batch=100, most=400))
+    # At most 400 a sweep, until none is left; the key made today is kept.
+    assert freed[:-2] == [400] * (len(freed) - 2)
+    assert sum(freed) == backlog
+    assert await asyncio.to_thread(history.key_backlog, database_url) == 0
+    async with shop.store.reader() as conn:
+        kept = await inventory.get_reservation_by_key(conn, "made-today")
+    assert kept is not None
+    assert kept.id == recent.id

@@ -7,6 +7,7 @@ time spent waiting for the lock can never let a hold be completed after its expi
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections import Counter
@@ -45,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256
+# The idempotency-key sweep's bound: 1,000 keys a sweep, every SWEEP_SECONDS (2 s), is 43
+# million a day, far more than any shop makes, in transactions short enough not to keep
+# reservations or expiry waiting on SQLite's writer.
+KEYS_PER_SWEEP = 1_000
+KEY_BATCH = 250
 BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
 EventSink = Callable[[Sequence[Event]], None]
 _UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
@@ -298,15 +304,33 @@ class Shop:
             if len(done) < batch:
                 return Expired(expired, started)
 
-    async def forget_old_idempotency_keys(self, *, batch: int = inventory.SWEEP_BATCH) -> int:
+    async def forget_old_idempotency_keys(
+        self, *, batch: int = KEY_BATCH, most: int = KEYS_PER_SWEEP
+    ) -> int:
+        """Free at most `most` Idempotency-Keys older than a day, `batch` per transaction;
+        returns how many were freed.
+
+        Bounded, because a backlog (a month of keys when the sweep first runs, or after the
+        worker was down a day) cleared in one go kept SQLite's one writer busy for minutes:
+        with 474,000 keys waiting, an expiry wave ran 48 s late (`bin/bench history`,
+        bench/README.md). Nothing waits on this: a key older than a day is free whether or not it
+        has been cleared (`inventory.reserve` and `_replay` look at the hold's age), so the
+        sweep only keeps the key index small, `KEYS_PER_SWEEP` every `SWEEP_SECONDS`.
+        """
         total = 0
-        while True:
+        while total < most:
+            limit = min(batch, most - total)
             freed = await self.store.write(
-                lambda conn: inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=batch)
+                functools.partial(self._forget_keys, limit=limit)  # `now` inside the lock
             )
             total += freed
-            if freed < batch:
-                return total
+            if freed < limit:
+                break
+        return total
+
+    @staticmethod
+    async def _forget_keys(conn: Executor, *, limit: int) -> int:
+        return await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=limit)
 
     # -- plumbing ------------------------------------------------------------------------
 
