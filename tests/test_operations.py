@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server import web
 from server.devtools.processes import Service, running
 from tests.support import eventually
 
@@ -206,3 +209,63 @@ async def test_the_reservation_limit_holds_across_processes(
             )
 
         await eventually(counted, within=10, what="the refusals in /metrics")
+
+
+def _a_pid_that_has_exited() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def test_web_removes_its_metrics_directory_and_those_of_killed_runs(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The Procfile's `web` used to make a metrics directory per start and never remove it.
+    Now it removes its own on the way out, and at start those whose web is gone."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    host = web._host()
+    gone = _a_pid_that_has_exited()
+    old = time.time() - 2 * web.UNOWNED_GRACE_SECONDS
+    killed = temp / f"flashsale-metrics-{host}-{gone}-k1ll3d00"
+    killed.mkdir()
+    (killed / f"counter_{gone}.db").write_bytes(b"\0" * 16)
+    from_the_old_procfile = temp / "flashsale-metrics.Ab12Cd"
+    from_the_old_procfile.mkdir()
+    (from_the_old_procfile / f"histogram_{gone}.db").write_bytes(b"\0" * 16)
+    still_used = temp / "flashsale-metrics.Ef34Gh"  # a live writer: an old web still running
+    still_used.mkdir()
+    (still_used / f"counter_{os.getpid()}.db").write_bytes(b"\0" * 16)
+    elsewhere = temp / f"flashsale-metrics-another.host-{gone}-zz99zz99"
+    elsewhere.mkdir()
+    for directory in (from_the_old_procfile, still_used):
+        os.utime(directory, (old, old))
+
+    with running(
+        database_url, redis_url, tmp_path / "logs", web_concurrency=2, TMPDIR=str(temp)
+    ) as service:
+        (ours,) = temp.glob(f"flashsale-metrics-{host}-{service.web.pid}-*")
+        async with service.client() as client:
+            assert (await client.get("/api/products")).status_code == 200
+        # The workers write their values there, and /metrics reads them back.
+
+        async def written() -> bool:
+            return any(ours.glob("*.db"))
+
+        await eventually(written, what="metric files in its directory")
+        page = await scrape(service.base_url + "/metrics")
+        assert (
+            value(
+                page,
+                "flashsale_http_request_duration_seconds_count",
+                route="/api/products",
+                method="GET",
+                status="2xx",
+            )
+            >= 1
+        )
+        assert not killed.exists()
+        assert not from_the_old_procfile.exists()
+        assert still_used.exists()
+        assert elsewhere.exists()
+    assert not ours.exists()
