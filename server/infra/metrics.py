@@ -3,7 +3,8 @@
 Web processes run in prometheus-client's multiprocess mode: `python -m server.web` gives them
 one directory (PROMETHEUS_MULTIPROC_DIR, made fresh at each start and removed at exit, see
 server/web.py), each process writes its values there, and `/metrics` adds them up, so the
-numbers are right however many uvicorn workers answer. The worker serves its own on `WORKER_METRICS_PORT`.
+numbers are right however many uvicorn workers answer. The worker serves its own on
+`WORKER_METRICS_PORT`.
 """
 
 from __future__ import annotations
