@@ -101,7 +101,47 @@ async def reserve(
     Answers in the order of `requests`. Holds for one product take one conditional UPDATE
     for all of them when the stock covers them all (the common case); otherwise the
     requests that fit, in order, are granted and the rest answered `insufficient_stock`.
+
+    Requests that share an Idempotency-Key are answered as if they had come one after
+    another (issue 10, item 9): the first makes the hold or is refused; each later one is
+    compared with the hold its key has *made* (earlier or in this batch): the same product
+    and quantity is a replay of it, another is `idempotency_key_reused`; and if no hold was
+    made, it is a request of its own. So the n-th request with a key goes in round n, each
+    round seeing what the rounds before it wrote.
     """
+    outcomes: list[Outcome[Held] | None] = [None] * len(requests)
+    events: list[Event] = []
+    for indexes in _rounds(requests):
+        answers, changes = await _reserve_round(
+            conn, [requests[i] for i in indexes], now=now, hold_ms=hold_ms
+        )
+        for i, outcome in zip(indexes, answers, strict=True):
+            outcomes[i] = outcome
+        events.extend(changes)
+    assert all(o is not None for o in outcomes)
+    return [o for o in outcomes if o is not None], events
+
+
+def _rounds(requests: Sequence[HoldRequest]) -> list[list[int]]:
+    """Indexes of `requests` in rounds where no Idempotency-Key appears twice."""
+    seen: dict[str, int] = {}
+    rounds: list[list[int]] = []
+    for index, request in enumerate(requests):
+        key = request.idempotency_key
+        n = 0
+        if key is not None:
+            n = seen.get(key, 0)
+            seen[key] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(index)
+    return rounds
+
+
+async def _reserve_round(
+    conn: Executor, requests: Sequence[HoldRequest], *, now: int, hold_ms: int
+) -> tuple[list[Outcome[Held]], list[Event]]:
+    """`reserve` for requests whose Idempotency-Keys are all different."""
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     fresh = await _replay_idempotent(conn, requests, outcomes, now=now)
 
@@ -157,10 +197,7 @@ async def _replay_idempotent(
 ) -> list[int]:
     """Answer requests whose Idempotency-Key made a hold already; return the others.
 
-    A key seen twice in one batch is left to the first request; the later ones are
-    answered from the earlier ones' result by the caller (see `writer.py`), which never
-    sends two requests with one key in a batch.
-    """
+    No two of `requests` share a key (`reserve` puts them in rounds)."""
     keys = {r.idempotency_key for r in requests if r.idempotency_key is not None}
     if not keys:
         return list(range(len(requests)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -40,6 +39,7 @@ from server.infra.metrics import HOLDS_EXPIRED
 from server.service.batching import GroupCommit
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
+from server.service.promises import Promise, Promises
 from server.storage.database import Store
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,23 @@ class Expired:
     at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A reservation request on its way to the database, and the units promised to it."""
+
+    request: HoldRequest
+    promise: Promise
+
+
 class Shop:
+    """The use cases of a web process (and of the worker, which only expires holds).
+
+    `reserve` is group-committed (server/service/batching.py) and refuses at once what the
+    units already promised to waiting requests leave no room for (server/service/promises.py).
+    Every other operation is one transaction through `Store.write`; the events it caused
+    go to the catalog and to `publish` after commit.
+    """
+
     def __init__(
         self,
         store: Store,
@@ -79,12 +95,8 @@ class Shop:
         self._hold_ms = hold_ms
         self._publish = publish
         self._scheduler = scheduler
-        # Units asked for by reservations waiting for the database, by product; and the
-        # Idempotency-Keys among them (a retry of one of those must join it, not be refused).
-        self._promised: Counter[int] = Counter()
-        self._keys_waiting: Counter[str] = Counter()
-        self._promises: set[int] = set()  # id() of the requests counted in them
-        self._holds: GroupCommit[HoldRequest, Held] = GroupCommit(
+        self.promises = Promises()
+        self._holds: GroupCommit[Waiting, Held] = GroupCommit(
             self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
         )
 
@@ -101,6 +113,12 @@ class Shop:
     # -- shoppers ------------------------------------------------------------------------
 
     async def reserve(self, request: HoldRequest) -> Held:
+        """Hold `request.quantity` units for the shop's hold time (`hold_ms`), or replay the
+        hold its Idempotency-Key made.
+
+        Raises ProductNotFound, SaleNotStarted, InsufficientStock (with the units left),
+        IdempotencyKeyReused (the key made a hold with another body), DatabaseBusy or
+        DatabaseUnavailable."""
         product = self.catalog.get(request.product_id) if self.catalog else None
         if product is None:
             product = await self.product(request.product_id)
@@ -109,46 +127,29 @@ class Shop:
         now = now_ms()
         if product.sale_starts_at is not None and product.sale_starts_at > now:
             raise SaleNotStarted(product.sale_starts_at)
-        key = request.idempotency_key
-        # Units not yet promised to the requests of this process already waiting for the
-        # database: in a storm the first hundred requests promise the last hundred units,
-        # and the thousands behind them are answered now, not after a queue of batches.
-        left = product.available_stock - self._promised.get(product.id, 0)
-        if left < request.quantity and not (key is not None and key in self._keys_waiting):
-            # Too late, as far as this process knows (its view is milliseconds old): answer
-            # without a write lock. A retried request with a key may have been served.
-            replay = await self._replay(request)
-            if replay is not None:
-                return replay
-            raise InsufficientStock(max(left, 0), request.quantity, product.stock_now())
-        self._promise(request)
+        # A copy of a request that is waiting joins it (it can only be that hold); any other
+        # is refused now if the units its process knows of are all spoken for: in a storm the
+        # first hundred requests promise the last hundred units, and the thousands behind
+        # them are answered at once, not after a queue of batches.
+        if not self.promises.waiting(request.idempotency_key):
+            left = self.promises.left(product)
+            if left < request.quantity:
+                # A retried request with a key may have been served already.
+                replay = await self.replay(request)
+                if replay is not None:
+                    return replay
+                raise InsufficientStock(max(left, 0), request.quantity, product.stock_now())
+        promise = self.promises.make(request)
         try:
-            return await self._holds.submit(request)
-        finally:
-            self._release(request)
+            return await self._holds.submit(Waiting(request, promise))
+        except Exception:
+            self.promises.settle(promise)  # its batch did, unless it never reached one
+            raise
 
-    def _promise(self, request: HoldRequest) -> None:
-        self._promises.add(id(request))
-        self._promised[request.product_id] += request.quantity
-        if request.idempotency_key is not None:
-            self._keys_waiting[request.idempotency_key] += 1
+    async def replay(self, request: HoldRequest) -> Held | None:
+        """The hold `request`'s Idempotency-Key made within the idempotency window, if any.
 
-    def _release(self, request: HoldRequest) -> None:
-        """Once, when the request's batch has committed (the catalog then has the stock it
-        took) or failed."""
-        if id(request) not in self._promises:
-            return
-        self._promises.discard(id(request))
-        self._promised[request.product_id] -= request.quantity
-        if not self._promised[request.product_id]:
-            del self._promised[request.product_id]
-        key = request.idempotency_key
-        if key is not None:
-            self._keys_waiting[key] -= 1
-            if not self._keys_waiting[key]:
-                del self._keys_waiting[key]
-
-    async def _replay(self, request: HoldRequest) -> Held | None:
+        Raises IdempotencyKeyReused if that hold is for another product or quantity."""
         if request.idempotency_key is None:
             return None
         async with self.store.reader() as conn:
@@ -159,59 +160,38 @@ class Shop:
             raise IdempotencyKeyReused()
         return Held(earlier, replayed=True)
 
-    async def _reserve_batch(self, requests: Sequence[HoldRequest]) -> list[Held | BaseException]:
-        # Requests sharing an Idempotency-Key are one request: the first goes to the
-        # database, the others get its answer.
-        first_of: dict[str, int] = {}
-        unique: list[HoldRequest] = []
-        position: list[int] = []
-        for request in requests:
-            key = request.idempotency_key
-            if key is not None and key in first_of:
-                position.append(-1 - first_of[key])
-                continue
-            if key is not None:
-                first_of[key] = len(unique)
-            position.append(len(unique))
-            unique.append(request)
-
-        for attempt in range(3):
-            try:
-                outcomes, events = await self.store.write(
-                    lambda conn: inventory.reserve(
-                        conn, unique, now=now_ms(), hold_ms=self._hold_ms
+    async def _reserve_batch(self, batch: Sequence[Waiting]) -> list[Held | BaseException]:
+        requests = [waiting.request for waiting in batch]
+        promises = [waiting.promise for waiting in batch]
+        for promise in promises:
+            self.promises.send(promise)
+        try:
+            for attempt in range(3):
+                try:
+                    outcomes, events = await self.store.write(
+                        lambda conn: inventory.reserve(
+                            conn, requests, now=now_ms(), hold_ms=self._hold_ms
+                        )
                     )
-                )
-                break
-            except _UNIQUE_VIOLATIONS:
-                # Another process made a hold with one of these keys after we looked
-                # (PostgreSQL only). Try again: this time we will find it.
-                if attempt == 2:
-                    raise
-        for request in requests:
-            self._release(request)
-        self._after_commit(events)
+                    break
+                except _UNIQUE_VIOLATIONS:
+                    # Another process made a hold with one of these keys after we looked
+                    # (PostgreSQL only). Try again: this time we will find it.
+                    if attempt == 2:
+                        raise
+            # The catalog takes what the batch did, and its promises are released, with no
+            # wait in between (server/service/promises.py).
+            self._after_commit(events)
+        finally:
+            for promise in promises:
+                self.promises.settle(promise)
         if self._scheduler is not None:
             self._scheduler.schedule(
                 o.value.reservation.expires_at
                 for o in outcomes
                 if o.value is not None and not o.value.replayed
             )
-
-        results: list[Held | BaseException] = []
-        for request, pos in zip(requests, position, strict=True):
-            if pos >= 0:
-                outcome = outcomes[pos]
-                results.append(outcome.value if outcome.value is not None else _error(outcome))
-                continue
-            first, first_outcome = unique[-1 - pos], outcomes[-1 - pos]
-            if (first.product_id, first.quantity) != (request.product_id, request.quantity):
-                results.append(IdempotencyKeyReused())
-            elif first_outcome.value is not None:
-                results.append(Held(first_outcome.value.reservation, replayed=True))
-            else:
-                results.append(_error(first_outcome))
-        return results
+        return [o.value if o.value is not None else _error(o) for o in outcomes]
 
     async def reservation(self, reservation_id: str) -> Reservation | None:
         if not inventory.is_reservation_id(reservation_id):
@@ -351,8 +331,9 @@ class Shop:
     def _after_commit(self, events: Sequence[Event]) -> None:
         if not events:
             return
-        if self.catalog is not None:
-            for event in events:
+        for event in events:
+            self.promises.observe(event.product)
+            if self.catalog is not None:
                 self.catalog.apply(event.product)
         self._publish(events)
 

@@ -1,0 +1,170 @@
+"""Units promised to this process's reservations that are waiting for the database: what the
+fast refusal subtracts from the stock it knows.
+
+In a storm the first hundred requests promise the last hundred units, and the thousands behind
+them are answered "sold out" at once, without a write lock and without waiting behind a queue
+of batches (README, "refuses only what it knows cannot succeed"). Such an answer must never
+refuse what the database would grant at that moment. It subtracts promises from a *figure*, a
+product as this process last saw it (from its catalog or a read), so the two must agree:
+
+- A product's `version` goes up with every change of its row, under the row's lock (SQLite's
+  write lock), so versions commit in order.
+- A promise not yet sent to the database is in no figure: it *counts* (it will take its
+  units, if they are there, before any request that comes after it).
+- A promise sent to the database is tagged with the newest version of its product seen when
+  its batch was sent. Its commit, if it takes anything, makes a version above that tag, so it
+  counts against figures up to its tag. A newer figure may or may not include it (the batch
+  committed but its caller has not resumed yet; the catalog was reloaded, or another
+  process's change arrived, in between): for that figure it is *uncertain*.
+- A copy of a request already waiting (the same Idempotency-Key) is a replay if the first
+  makes the hold, but a request of its own if the first is refused: it is uncertain.
+- The database grants, in order, each request that still fits (first come, first served), so
+  a request for more than is left takes nothing and a smaller one behind it may be granted.
+
+So a request queued now can be granted at most `left(figure)` units:
+
+- when every waiting request, counted or uncertain, fits in the figure (nearly always: a
+  promise is only made when it fits), the figure minus the promises counted;
+- when they do not fit and none is uncertain, what allocating the figure to them in order
+  leaves;
+- otherwise the figure minus each counted promise that fits even if every request ahead of
+  it takes all it asks for (those take their units whatever happens to the uncertain ones).
+
+The database decides every reservation; this only decides which requests are certain to fail.
+tests/test_promises.py checks every fast refusal against the database over many interleavings.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from server.domain.model import HoldRequest, Product
+
+
+@dataclass(eq=False, slots=True)
+class Promise:
+    """`quantity` units of `product_id` promised to one waiting request.
+
+    `copy`: the request repeats one already waiting (its Idempotency-Key). `sent_after`:
+    None until the request's batch is sent to the database; then the newest version of the
+    product seen at that moment."""
+
+    product_id: int
+    quantity: int
+    key: str | None
+    copy: bool = False
+    sent_after: int | None = None
+    settled: bool = False
+
+
+class Promises:
+    """The promises of one process's waiting reservations, by product (one event loop's)."""
+
+    def __init__(self) -> None:
+        self._unsent: Counter[int] = Counter()  # product → units not yet sent (not copies)
+        self._sent: dict[int, Counter[int]] = {}  # product → {version sent after → units}
+        self._copies: Counter[int] = Counter()  # product → units asked for by copies
+        # product → its waiting promises, in the order they reach the database
+        self._queue: dict[int, dict[Promise, None]] = {}
+        self._seen: dict[int, int] = {}  # product → newest version seen
+        self._keys: set[str] = set()  # Idempotency-Keys of waiting promises (not copies)
+
+    def observe(self, product: Product) -> None:
+        """A figure of `product` this process has seen (read, committed or received)."""
+        if product.version > self._seen.get(product.id, -1):
+            self._seen[product.id] = product.version
+
+    def left(self, product: Product) -> int:
+        """At most how many units of `product` a request queued now could be granted, as
+        of this figure (may be negative). A request for more is certain to be refused."""
+        self.observe(product)
+        version, figure = product.version, product.available_stock
+        counted = self._unsent.get(product.id, 0)
+        uncertain = self._copies.get(product.id, 0)
+        for after, units in self._sent.get(product.id, {}).items():
+            if after >= version:
+                counted += units
+            else:
+                uncertain += units
+        if counted + uncertain <= figure:
+            return figure - counted
+        # More is asked for than the figure has: some waiting requests will be refused.
+        queue = self._queue.get(product.id, {})
+        available = figure
+        if not uncertain:
+            for promise in queue:
+                if promise.quantity <= available:
+                    available -= promise.quantity
+            return available
+        ahead = 0
+        for promise in queue:
+            counts = not promise.copy and (
+                promise.sent_after is None or promise.sent_after >= version
+            )
+            if counts and ahead + promise.quantity <= figure:
+                available -= promise.quantity
+            ahead += promise.quantity
+        return available
+
+    def waiting(self, key: str | None) -> bool:
+        """Whether a request with this Idempotency-Key is promised and waiting."""
+        return key is not None and key in self._keys
+
+    def make(self, request: HoldRequest) -> Promise:
+        """Promise `request`'s units, at the back of the queue (as a copy if a request with
+        its Idempotency-Key is waiting)."""
+        key = request.idempotency_key
+        promise = Promise(request.product_id, request.quantity, key, copy=self.waiting(key))
+        if promise.copy:
+            self._copies[request.product_id] += request.quantity
+        else:
+            if key is not None:
+                self._keys.add(key)
+            self._unsent[request.product_id] += request.quantity
+        self._queue.setdefault(request.product_id, {})[promise] = None
+        return promise
+
+    def send(self, promise: Promise) -> None:
+        """The batch carrying `promise` goes to the database now."""
+        if promise.settled or promise.sent_after is not None:
+            return
+        promise.sent_after = self._seen.get(promise.product_id, 0)
+        if not promise.copy:
+            _take(self._unsent, promise.product_id, promise.quantity)
+            sent = self._sent.setdefault(promise.product_id, Counter())
+            sent[promise.sent_after] += promise.quantity
+
+    def settle(self, promise: Promise) -> None:
+        """Its batch has committed (and the catalog has what it did) or failed. Once; more
+        calls do nothing."""
+        if promise.settled:
+            return
+        promise.settled = True
+        product_id = promise.product_id
+        if promise.copy:
+            _take(self._copies, product_id, promise.quantity)
+        elif promise.sent_after is None:
+            _take(self._unsent, product_id, promise.quantity)
+        else:
+            sent = self._sent[product_id]
+            _take(sent, promise.sent_after, promise.quantity)
+            if not sent:
+                del self._sent[product_id]
+        if promise.key is not None and not promise.copy:
+            self._keys.discard(promise.key)
+        queue = self._queue[product_id]
+        del queue[promise]
+        if not queue:
+            del self._queue[product_id]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing is promised."""
+        return not (self._unsent or self._sent or self._copies or self._queue or self._keys)
+
+
+def _take(counter: Counter[int], key: int, units: int) -> None:
+    counter[key] -= units
+    if not counter[key]:
+        del counter[key]

@@ -1,0 +1,261 @@
+"""The fast refusal never refuses what the database would grant (README: the catalog "refuses
+a reservation it knows cannot succeed"), and a retry identical to the hold made is always a
+replay, whatever the interleaving of batches, catalog reloads, retries and other processes.
+
+Each example from issue 15 (item 1) and issue 10 (item 9) is a test here, and a property-based
+test tries many interleavings, checking every fast refusal against the database at the
+moment it is made (tests/interleaving.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from server.domain.errors import IdempotencyKeyReused, InsufficientStock
+from server.domain.inventory import Held
+from server.storage.database import Store
+from tests.interleaving import GatedStore, Interleaving, gated_shop
+from tests.support import assert_invariant, make_product, stats
+
+
+@dataclass
+class Harness:
+    store: GatedStore
+    elsewhere: Store
+
+    @asynccontextmanager
+    async def drive(self, stock: int, *, with_catalog: bool) -> AsyncIterator[Interleaving]:
+        """A new product with `stock` units and a new shop; on leaving the block, every batch
+        is let through until every request has its answer."""
+        product = await make_product(self.elsewhere, stock)
+        shop = gated_shop(self.store, with_catalog=with_catalog)
+        if shop.catalog is not None:
+            await shop.catalog.reload(self.elsewhere)
+        await shop.start()
+        run = Interleaving(shop, self.store, self.elsewhere, product.id)
+        try:
+            yield run
+            await run.finish()
+            assert shop.promises.empty, "a promise outlived its request"
+        finally:
+            self.store.open_every_gate()  # so that the shop can stop
+            await shop.stop()
+
+
+@pytest.fixture
+async def harness(database_url: str, store: Store) -> AsyncIterator[Harness]:
+    gated = GatedStore(database_url)
+    await gated.connect()
+    yield Harness(gated, store)
+    await gated.close()
+
+
+WITH_AND_WITHOUT_CATALOG = pytest.mark.parametrize(
+    "with_catalog", [True, False], ids=["web-catalog", "no-catalog"]
+)
+
+
+# -- issue 15, item 1: the examples -----------------------------------------------------
+
+
+@WITH_AND_WITHOUT_CATALOG
+async def test_a_committed_batch_whose_callers_have_not_resumed_is_not_counted_twice(
+    harness: Harness, with_catalog: bool
+) -> None:
+    """A batch has committed and the stock read reflects it, but its callers have not
+    resumed yet (tests/test_worker.py's false "Sold out", made deterministic): the units it
+    took must not be subtracted a second time."""
+    async with harness.drive(50, with_catalog=with_catalog) as run:
+        first = await run.reserve(30)
+        assert first.index is not None
+        assert await run.commit()
+        await run.reload()  # the catalog now has the stock the batch left (20)
+        rest = await run.reserve(20)
+        assert rest.index is not None, rest.task.exception()
+        assert await run.resume()
+    held = await rest.task
+    assert held.reservation.quantity == 20
+    s = await assert_invariant(harness.elsewhere, run.product_id)
+    assert (s.available, s.held) == (0, 50)
+
+
+@pytest.mark.parametrize(("stock", "quantity", "retries"), [(10, 2, 5), (50, 2, 25)])
+@WITH_AND_WITHOUT_CATALOG
+async def test_copies_of_one_waiting_request_promise_its_units_once(
+    harness: Harness, with_catalog: bool, stock: int, quantity: int, retries: int
+) -> None:
+    """A client retrying while its first request still waits: the copies can only ever be
+    one hold, so every other shopper can still have every other unit."""
+    async with harness.drive(stock, with_catalog=with_catalog) as run:
+        first = await run.reserve(quantity, "click-1")
+        copies = [await run.reserve(quantity, "click-1") for _ in range(retries)]
+        others = [await run.reserve(1, f"other-{n}") for n in range(stock - quantity)]
+        refused = [c.request for c in others if c.index is None]
+        assert not refused, f"{len(refused)} refused at once"
+    made = await first.task
+    replays = [await c.task for c in copies]
+    assert {r.reservation.id for r in replays} == {made.reservation.id}
+    assert all(r.replayed for r in replays)
+    assert not any([(await c.task).replayed for c in others])
+    s = await assert_invariant(harness.elsewhere, run.product_id)
+    assert (s.available, s.held) == (0, stock)
+    assert run.fast_refusals == 0
+
+
+@WITH_AND_WITHOUT_CATALOG
+async def test_a_catalog_reload_between_commit_and_resume_refuses_nothing_grantable(
+    harness: Harness, with_catalog: bool
+) -> None:
+    """Many small batches, each committed and the catalog reloaded before its callers
+    resume; every request for the units left is still sent to the database."""
+    async with harness.drive(12, with_catalog=with_catalog) as run:
+        calls = []
+        for _ in range(6):
+            calls.append(await run.reserve(2))
+            await run.commit()
+            await run.reload()
+        assert all(c.index is not None for c in calls), [c.task for c in calls]
+    assert all(isinstance(held, Held) for held in [await c.task for c in calls])
+    assert (await stats(harness.elsewhere, run.product_id)).available == 0
+
+
+# -- issue 10, item 9: a retry identical to the hold made is a replay ---------------------
+
+
+@WITH_AND_WITHOUT_CATALOG
+async def test_a_genuine_retry_racing_a_different_body_is_still_a_replay(
+    harness: Harness, with_catalog: bool
+) -> None:
+    async with harness.drive(10, with_catalog=with_catalog) as run:
+        original = await run.reserve(1, "k")
+        await run.commit()
+        await run.resume()
+        blocker = await run.reserve(1)  # holds the writer, so that the next two queue together
+        other_body = await run.reserve(3, "k")  # the same key, a different body...
+        genuine = await run.reserve(1, "k")  # ...and a genuine retry, in the same batch
+        assert blocker.index is not None
+        assert genuine.index is not None
+    made = await original.task
+    with pytest.raises(IdempotencyKeyReused):
+        await other_body.task
+    replay = await genuine.task
+    assert replay.replayed
+    assert replay.reservation.id == made.reservation.id
+
+
+@WITH_AND_WITHOUT_CATALOG
+async def test_in_one_batch_requests_sharing_a_key_are_answered_as_if_one_after_another(
+    harness: Harness, with_catalog: bool
+) -> None:
+    """The first with a key that the stock refuses makes no hold, so the next one with that
+    key is a new request (as it would be had it come a moment later), and the one after that
+    is compared with the hold that was made."""
+    async with harness.drive(3, with_catalog=with_catalog) as run:
+        taken = await run.reserve(1)  # holds the writer: the next four go in one batch
+        too_many = await run.reserve(2, "k")
+        assert too_many.index is not None
+        await run.take_elsewhere(1)  # so that, by the time they go, only 1 is left
+        fits = await run.reserve(1, "k")
+        again = await run.reserve(1, "k")
+        different = await run.reserve(2, "k")
+    await taken.task
+    with pytest.raises(InsufficientStock):
+        await too_many.task
+    made = await fits.task
+    assert not made.replayed
+    replay = await again.task
+    assert replay.replayed
+    assert replay.reservation.id == made.reservation.id
+    with pytest.raises(IdempotencyKeyReused):
+        await different.task
+    s = await assert_invariant(harness.elsewhere, run.product_id)
+    assert (s.available, s.held) == (0, 3)
+
+
+# -- every interleaving ----------------------------------------------------------------
+
+Step = tuple[str, int, int]
+
+steps = st.one_of(
+    st.tuples(st.just("reserve"), st.integers(1, 3), st.integers(0, 1)),
+    st.tuples(st.just("retry"), st.integers(0, 30), st.integers(0, 3)),
+    st.tuples(st.just("commit"), st.just(0), st.just(0)),
+    st.tuples(st.just("resume"), st.just(0), st.just(0)),
+    st.tuples(st.just("reload"), st.just(0), st.just(0)),
+    st.tuples(st.just("take"), st.integers(1, 2), st.just(0)),
+    st.tuples(st.just("give"), st.just(0), st.just(0)),
+)
+
+
+async def play(run: Interleaving, script: list[Step]) -> None:
+    note(f"product {run.product_id}, steps {script}")
+    keyed: list[tuple[str, int]] = []
+    for action, a, b in script:
+        if action == "reserve":
+            # Keys of their own: every example shares the database.
+            key = f"p{run.product_id}-key-{len(keyed)}" if b else None
+            if key is not None:
+                keyed.append((key, a))
+            await run.reserve(a, key)
+        elif action == "retry" and keyed:
+            key, quantity = keyed[a % len(keyed)]
+            # Mostly the same body (a genuine retry); sometimes another one.
+            await run.reserve(quantity if b else quantity % 3 + 1, key)
+        elif action == "commit":
+            await run.commit()
+        elif action == "resume":
+            await run.resume()
+        elif action == "reload":
+            await run.reload()
+        elif action == "take":
+            await run.take_elsewhere(a)
+        elif action == "give":
+            await run.give_back_elsewhere()
+
+
+async def check_answers(run: Interleaving) -> None:
+    """Every answer agrees with the holds in the database."""
+    for call in run.calls:
+        key = call.request.idempotency_key
+        error = call.task.exception()
+        body = (call.request.product_id, call.request.quantity)
+        hold = await run._hold_of(key)
+        if isinstance(error, IdempotencyKeyReused):
+            assert hold is not None, call
+            assert (hold.product_id, hold.quantity) != body, call
+            continue
+        if call.hold_before is not None:
+            before = call.hold_before
+            if (before.product_id, before.quantity) == body:
+                # A retry identical to the hold made is always a replay.
+                assert error is None, (call, error)
+                assert call.task.result().reservation.id == before.id
+                assert call.task.result().replayed
+        if error is None and key is not None:
+            assert hold is not None
+            assert call.task.result().reservation.id == hold.id
+        if error is not None:
+            assert isinstance(error, InsufficientStock), error
+
+
+@pytest.mark.parametrize("with_catalog", [True, False], ids=["web-catalog", "no-catalog"])
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(stock=st.integers(1, 6), script=st.lists(steps, max_size=30))
+async def test_every_fast_refusal_holds_against_the_database(
+    harness: Harness, with_catalog: bool, stock: int, script: list[Step]
+) -> None:
+    async with harness.drive(stock, with_catalog=with_catalog) as run:
+        await play(run, script)
+    await check_answers(run)
+    await assert_invariant(harness.elsewhere, run.product_id)
