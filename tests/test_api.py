@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -362,6 +363,36 @@ async def test_a_retry_with_its_key_gets_its_hold_even_when_sold_out(api: Api) -
     assert retried.status_code == 201
     assert retried.json()["id"] == first.json()["id"]
     assert_error(await api.reserve(product.id, 1, "someone-else"), 409, "insufficient_stock")
+
+
+async def test_a_replay_is_answered_before_the_rate_limit_and_is_not_counted(
+    database_url: str, redis_url: str, store: Store
+) -> None:
+    """A shopper whose 201 was lost retries: the retry returns the hold it made, however
+    many times it is sent, and the limit counts only the holds made (issue 15, item 4)."""
+    day = 86_400  # one window for the whole test: a fixed window starts at midnight UTC
+    window = int(time.time() // day)
+    settings = app_settings(database_url, redis_url, reserve_rate_limit=(2, day))
+    async for client in serve(settings):
+        api = Api(client, store)
+        product = await make_product(store, 10)
+        first = await api.reserve(product.id, 1, "mine")
+        assert first.status_code == 201, first.text
+        for _ in range(5):
+            again = await api.reserve(product.id, 1, "mine")
+            assert again.status_code == 201, again.text
+            assert again.json()["id"] == first.json()["id"]
+            assert again.headers["idempotent-replayed"] == "true"
+        second = await api.reserve(product.id, 1, "another")  # the second of two allowed
+        assert second.status_code == 201, second.text
+        assert_error(await api.reserve(product.id, 1, "third"), 429, "rate_limited")
+        # Past the limit, a retry still gets its hold; a different body is still refused.
+        late = await api.reserve(product.id, 1, "mine")
+        assert late.status_code == 201, late.text
+        assert late.json()["id"] == first.json()["id"]
+        assert_error(await api.reserve(product.id, 2, "mine"), 422, "idempotency_key_reused")
+    assert int(time.time() // day) == window, "the run crossed midnight UTC: inconclusive"
+    assert (await stats(store, product.id)).held == 2
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "naïve"])

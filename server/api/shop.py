@@ -158,25 +158,39 @@ async def create_reservation(request: Request) -> Response:
 
 async def _create_reservation(request: Request) -> Response:
     shop = shop_of(request)
-    limiter: RateLimiter | None = request.app.state.rate_limiter
-    if limiter is not None:
-        client = request.client.host if request.client else "unknown"
-        wait = await limiter.retry_after(client)
-        if wait is not None:
-            raise RequestError(
-                429,
-                "rate_limited",
-                f"Too many reservations from you; try again in {wait} seconds.",
-                headers={"Retry-After": str(wait)},
-            )
     body = await parse_body(
         request, ReserveBody, {"max_quantity": request.app.state.settings.max_quantity}
     )
-    held = await shop.reserve(HoldRequest(body.product_id, body.quantity, idempotency_key(request)))
-    headers = {"Idempotent-Replayed": "true"} if held.replayed else None
+    hold = HoldRequest(body.product_id, body.quantity, idempotency_key(request))
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        # A retry is answered before the limit, and is not counted (issue 15, item 4): a
+        # shopper whose 201 was lost must be able to learn their own hold while it lasts.
+        # A copy of a request still waiting here can only become that hold: not counted either.
+        replay = await shop.replay(hold)
+        if replay is not None:
+            return await render_reservation(shop, replay, 201, _REPLAYED_HEADERS)
+        if not shop.promises.waiting(hold.idempotency_key):
+            await _within_rate_limit(request, limiter)
+    held = await shop.reserve(hold)
+    headers = _REPLAYED_HEADERS if held.replayed else None
     return await render_reservation(shop, held, 201, headers)
 
 
+async def _within_rate_limit(request: Request, limiter: RateLimiter) -> None:
+    """Counts this reservation against its client's limit; 429 if it is over."""
+    client = request.client.host if request.client else "unknown"
+    wait = await limiter.retry_after(client)
+    if wait is not None:
+        raise RequestError(
+            429,
+            "rate_limited",
+            f"Too many reservations from you; try again in {wait} seconds.",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+_REPLAYED_HEADERS = {"Idempotent-Replayed": "true"}
 _HELD = RESERVATIONS.labels("held")
 _REPLAYED = RESERVATIONS.labels("replayed")
 _RATE_LIMITED = RESERVATIONS.labels("rate_limited")
