@@ -109,14 +109,16 @@ async def in_viewport(locator: Locator) -> bool:
     )
 
 
-async def screenshot(page: Page, name: str, *, docs: bool = False) -> None:
-    """Into tests/artifacts/; with `docs`, also into docs/screenshots/ (the README's) when
-    UPDATE_SCREENSHOTS=1 (`UPDATE_SCREENSHOTS=1 bin/test -m browser`), so that a test run
-    never changes a file under version control by itself."""
+async def screenshot(page: Page, name: str, *, docs: bool = False, full: bool = False) -> None:
+    """The window (`full`: the whole page) into tests/artifacts/; with `docs`, also into
+    docs/screenshots/ (the README's) when UPDATE_SCREENSHOTS=1, so that a test run never
+    changes a file under version control by itself."""
     ARTIFACTS.mkdir(exist_ok=True)
-    await page.screenshot(path=ARTIFACTS / f"{name}.png")
+    if full:  # from the top, or the sticky header is drawn where the window was scrolled to
+        await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=full)
     if docs and os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        await page.screenshot(path=SCREENSHOTS / f"{name}.png")
+        await page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=full)
 
 
 # -- the service ---------------------------------------------------------------------------

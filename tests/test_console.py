@@ -93,7 +93,7 @@ async def test_the_state_now_adds_up_and_running_totals_stand_apart(
     await expect(page.locator("#detail-now")).to_have_text("5 available + 3 held + 2 sold = 10")
     await expect(page.locator("#detail-so-far")).to_have_text("0 expired, 1 cancelled")
     await assert_accessible(page)
-    await screenshot(page, f"admin-{size_name(size)}", docs=True)
+    await screenshot(page, f"admin-{size_name(size)}")
 
 
 # -- 13. usable at 390 px, no axe violations ---------------------------------------------------

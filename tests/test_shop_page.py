@@ -76,7 +76,7 @@ async def test_the_new_hold_stays_in_view_focused_with_its_countdown_and_buy_but
     # The card in view says whose the units are, not just "Sold out".
     await expect(shop_card.locator(".yours")).to_have_text("You hold 2 of these (see Your holds).")
     await assert_accessible(page)
-    await screenshot(page, f"shop-hold-{size_name(size)}", docs=True)
+    await screenshot(page, f"shop-hold-{size_name(size)}")
 
     # Scrolled anywhere, the hold stays in view.
     for where in ("0", "document.body.scrollHeight / 2", "document.body.scrollHeight"):
@@ -200,7 +200,7 @@ async def test_when_the_shop_cannot_be_reached_the_page_says_so_and_marks_the_st
             "5 of 5 left (may be out of date)"
         )
         await assert_accessible(page)
-        await screenshot(page, f"shop-offline-{size_name(size)}", docs=size == PHONE)
+        await screenshot(page, f"shop-offline-{size_name(size)}")
     finally:
         await asyncio.to_thread(site.web.start)
         await asyncio.to_thread(site.wait_ready)

@@ -20,6 +20,8 @@ function bothZones(ms) {
     timeZoneName: "short",
   }).format(new Date(ms));
   const local = formatMoment(ms);
+  // The operator's zone is UTC at that moment: once is enough.
+  if (new Date(ms).getTimezoneOffset() === 0) return { local, utc: "", text: local };
   // The same day in UTC, or say which.
   const sameDay = new Date(ms).toLocaleDateString(undefined, { timeZone: "UTC" }) ===
     new Date(ms).toLocaleDateString();
