@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench import charts, fanout, history, paths, stack, steady, storm, wave, wrk
+from bench import charts, fanout, history, paths, protocol, stack, steady, storm, wave, wrk
 from bench.report import evaluate, markdown
 from server.devtools import history as past
 from server.infra.settings import Settings
@@ -216,6 +216,9 @@ class Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["protocol"]:  # the HTTP protocols' cost, on its own (bench/protocol.py)
+        return protocol.main(given[1:])
     args = parse(argv)
     size = sizes(args)
     if not wrk.available():  # every configuration measures the bare endpoint with it

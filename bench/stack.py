@@ -22,6 +22,7 @@ from server.storage import migrate
 from server.storage.database import Store
 
 BARE_APP = "bench.bare:app"
+BOUNDED_PROTOCOL = "server.api.protocol:BoundedHttpToolsProtocol"
 
 
 @contextmanager
@@ -92,8 +93,9 @@ class Bare:
 
 
 @contextmanager
-def bare(work_dir: Path, *, web_concurrency: int) -> Iterator[Bare]:
-    """The baseline: a bare Starlette JSON endpoint under the very same uvicorn command."""
+def bare(work_dir: Path, *, web_concurrency: int, http: str = "httptools") -> Iterator[Bare]:
+    """The baseline: a bare Starlette JSON endpoint under the very same uvicorn command, but
+    with uvicorn's own `--http httptools` (or the `http` protocol given)."""
     command = procfile()["web"]
     assert "--factory server.api.app:create_app" in command
     port = free_port()
@@ -101,13 +103,18 @@ def bare(work_dir: Path, *, web_concurrency: int) -> Iterator[Bare]:
         "web",
         {
             "PATH": _path(),
+            "WEB_METRICS_PORT": "0",
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "WEB_CONCURRENCY": str(web_concurrency),
         },
         work_dir / "bare.log",
     )
-    process.command = command.replace("--factory server.api.app:create_app", BARE_APP)
+    # uvicorn's own httptools protocol: the service's share of it includes what our bounded
+    # protocol (server/api/protocol.py) costs.
+    process.command = command.replace("--factory server.api.app:create_app", BARE_APP).replace(
+        "--http server.api.protocol:BoundedHttpToolsProtocol", "--http httptools"
+    )
     process.start()
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20

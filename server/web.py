@@ -15,12 +15,17 @@ removed when the command exits, and it removes those that earlier runs left behi
 were killed (the Procfile used to make one per start with `mktemp` and never remove it: 132
 were found on one machine). A directory given in the environment is used as it is and left
 alone.
+
+And it serves the web processes' metrics on `WEB_METRICS_PORT` (server/infra/metrics.py:
+`serve`), from a thread of this process: with several workers that is the supervisor,
+which does nothing else; with one, a thread beside the event loop, never the loop itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 import shutil
@@ -32,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from uvicorn.supervisors import Multiprocess
+
+from server.infra.settings import Settings
+
+logger = logging.getLogger("flashsale.web")
 
 
 class ReleasingMultiprocess(Multiprocess):
@@ -113,12 +122,29 @@ def metrics_directory() -> Iterator[str]:
         shutil.rmtree(made, ignore_errors=True)
 
 
+def serve_metrics(settings: Settings) -> None:
+    """Start the metrics server, unless `WEB_METRICS_PORT` is 0. A port already taken is
+    reported and the service runs on without it (as the worker does). Call it once the
+    metrics directory is set: prometheus-client picks its mode when first imported."""
+    if not settings.web_metrics_port:
+        return
+    from server.infra import metrics
+
+    host = os.environ.get("HOST", "0.0.0.0")
+    try:
+        metrics.serve(host, settings.web_metrics_port)
+    except OSError as exc:
+        logging.basicConfig()
+        logger.error("no metrics on port %d: %s", settings.web_metrics_port, exc)
+
+
 def main() -> None:
     # uvicorn's run() builds its supervisor itself; this is the one way in. (The module,
     # not `uvicorn.main`, which the package rebinds to the command.)
     cli: Any = importlib.import_module("uvicorn.main")
     cli.Multiprocess = ReleasingMultiprocess
     with metrics_directory():
+        serve_metrics(Settings.from_env())
         cli.main()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.api.ratelimit import FailureThrottle
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.domain.clock import now_ms
 from server.infra.settings import Settings, SettingsError
@@ -500,7 +501,16 @@ async def test_bad_reservation_queries_are_400(api: Api, query: str) -> None:
     assert_error(await api.admin("GET", f"/api/admin/reservations?{query}"), 400, "invalid_request")
 
 
-async def test_operator_calls_need_the_token(api: Api) -> None:
+async def test_operator_calls_need_the_token(
+    database_url: str, redis_url: str, store: Store
+) -> None:
+    # Twelve wrong tries: more than the sign-in throttle allows by default (tested below).
+    settings = app_settings(database_url, redis_url, admin_sign_in_limit=(100, 60))
+    async for client in serve(settings):
+        await _need_the_token(Api(client, store))
+
+
+async def _need_the_token(api: Api) -> None:
     product = await make_product(api.store, 5)
     calls: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/api/admin/products", {"json": {"name": "x", "price": 1, "stock": 1}}),
@@ -513,6 +523,40 @@ async def test_operator_calls_need_the_token(api: Api) -> None:
             response = await api.client.request(method, path, headers=headers, **kwargs)
             assert_error(response, 401, "unauthorized")
     await _nothing_changed(api, product.id)
+
+
+async def test_wrong_tokens_are_throttled_per_client(
+    database_url: str, redis_url: str, store: Store
+) -> None:
+    settings = app_settings(database_url, redis_url, admin_sign_in_limit=(3, 60))
+    async for client in serve(settings):
+        for _ in range(3):
+            wrong = await client.get("/api/admin/stats", headers={"Authorization": "Bearer no"})
+            assert_error(wrong, 401, "unauthorized")
+        # Out of tries: refused whatever the token, so the answer says nothing about it.
+        for token in ("Bearer no", TOKEN):
+            refused = await client.get("/api/admin/stats", headers={"Authorization": token})
+            assert_error(refused, 429, "too_many_failed_sign_ins")
+            assert 1 <= int(refused.headers["retry-after"]) <= 20
+        # Shoppers from the same address are not affected.
+        assert (await client.get("/api/products")).status_code == 200
+
+
+def test_the_sign_in_throttle_gives_tries_back_over_time_and_forgets_old_clients() -> None:
+    now = [0.0]
+    throttle = FailureThrottle(2, 60, max_clients=3, clock=lambda: now[0])
+    throttle.failed("a")
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 30  # one try back every 30 s
+    now[0] = 30.0
+    assert throttle.retry_after("a") is None
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 30
+    for client in ("b", "c", "d"):  # a fourth client pushes out the oldest
+        throttle.failed(client)
+        throttle.failed(client)
+    assert throttle.retry_after("a") is None  # forgotten: memory stays bounded
+    assert throttle.retry_after("d") == 30
 
 
 async def test_without_a_configured_token_there_is_no_operator_api(

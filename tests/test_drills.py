@@ -125,8 +125,8 @@ BUSY_RETRIES = ("flashsale_database_busy_total", 'result="retry"')
 
 
 async def web_busy_retries(service: Service) -> float:
-    async with service.client() as client:
-        response = await client.get("/metrics")
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(service.metrics_url)
     return metric(response.text, *BUSY_RETRIES)
 
 

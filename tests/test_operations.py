@@ -87,7 +87,7 @@ async def test_metrics_add_up_over_the_web_processes(
         assert refused.status_code == 409
 
         async def counted() -> bool:
-            page = await scrape(service.base_url + "/metrics")
+            page = await scrape(service.metrics_url)
             return (
                 value(page, "flashsale_reservations_total", outcome="held") == held
                 and value(page, "flashsale_reservations_total", outcome="insufficient_stock") == 1
@@ -159,8 +159,9 @@ async def test_request_ids_are_returned_and_logged_as_json_lines(
         by_id = {line["request_id"]: line for line in found}
         assert by_id["lb-7f3a.2"]["logger"] == "flashsale.access"
         assert str(by_id["lb-7f3a.2"]["message"]).startswith("GET /api/products 200 ")
+        # A reservation id is logged as a prefix only: it is what lets someone act on a hold.
         assert str(by_id[missing.headers["x-request-id"]]["message"]).startswith(
-            "GET /api/reservations/nonesuch 404 "
+            "GET /api/reservations/nonesu... 404 "
         )
         # Every line the web process wrote is JSON, uvicorn's own included.
         text = service.web.log.read_text().strip()
@@ -203,7 +204,7 @@ async def test_the_reservation_limit_holds_across_processes(
             assert product["availableStock"] == 95
 
         async def counted() -> bool:
-            page = await scrape(service.base_url + "/metrics")
+            page = await scrape(service.metrics_url)
             return (
                 value(page, "flashsale_reservations_total", outcome="rate_limited") == statuses[429]
             )

@@ -16,8 +16,8 @@ from starlette.routing import WebSocketRoute
 from server.api import admin, openapi, pages, system
 from server.api import shop as storefront
 from server.api.http import EXCEPTION_HANDLERS
-from server.api.middleware import BodyLimit, Observed
-from server.api.ratelimit import RateLimiter
+from server.api.middleware import Observed
+from server.api.ratelimit import FailureThrottle, RateLimiter
 from server.infra.logs import configure_logging
 from server.infra.metrics import DEFERRED
 from server.infra.redis_client import redis_client_for
@@ -89,7 +89,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await shop.start()
             stack.push_async_callback(shop.stop)
 
-            hub = Hub(catalog, max_clients=settings.ws_max_clients)
+            hub = Hub(
+                catalog,
+                max_clients=settings.ws_max_clients,
+                max_per_client=settings.ws_max_per_client,
+            )
             subscriber = Subscriber(redis, store, catalog)
             subscriber.listen(hub.publish)
             subscriber.start()
@@ -113,7 +117,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     middleware = [
         Middleware(Observed, max_in_flight=settings.max_in_flight, access_log=settings.access_log),
-        Middleware(BodyLimit),
     ]
     if settings.cors_origins:
         # Only other origins need CORS; the page's own origin never does. Without origins
@@ -142,4 +145,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.sign_in_throttle = FailureThrottle(*settings.admin_sign_in_limit)
     return app

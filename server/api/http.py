@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from server.domain import errors
+from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
 from server.wire.schemas import MAX_INT32, FieldError
@@ -25,6 +26,10 @@ M = TypeVar("M", bound=BaseModel)
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 DATABASE_BUSY_GAVE_UP = DATABASE_BUSY.labels("gave_up")
 MAX_BODY_BYTES = 16 * 1024
+# Path parameters that let whoever knows them act (a reservation id is a bearer token for
+# its hold): logs show only their first characters, enough to tell lines apart.
+SECRET_PARAMS = frozenset({"reservation_id"})
+SECRET_PREFIX_CHARS = 6
 
 
 class RequestError(errors.DomainError):
@@ -58,6 +63,33 @@ _STATUS: dict[type[errors.DomainError], tuple[int, Mapping[str, str]]] = {
     errors.DatabaseBusy: (503, {"Retry-After": "1"}),
     errors.DatabaseUnavailable: (503, {"Retry-After": "5"}),
 }
+
+
+def loggable_path(scope: Mapping[str, Any]) -> str:
+    """The request's path as a log line may show it: the route's template with its
+    parameters filled in, secret ones (`SECRET_PARAMS`) cut to a prefix; for a path no
+    route matched, the path as sent (still percent-encoded). Escaped and cut short either
+    way (`server.infra.logs.loggable`)."""
+    route = scope.get("route")
+    params = scope.get("path_params")
+    template = getattr(route, "path", None)
+    if template is not None and params and "{" in template:
+        path = template
+        for name, value in params.items():
+            text = str(value)
+            if name in SECRET_PARAMS and len(text) > SECRET_PREFIX_CHARS:
+                text = text[:SECRET_PREFIX_CHARS] + "..."
+            path = path.replace("{" + name + "}", text)
+        return loggable(path)
+    raw = scope.get("raw_path")
+    return loggable(raw.decode("latin-1") if raw else scope.get("path", ""))
+
+
+def error_body(status: int, code: str, message: str) -> bytes:
+    """An `ErrorOut`'s JSON, for answers written below Starlette (server/api/protocol.py)."""
+    return to_json(
+        {"statusCode": status, "error": _PHRASES[status], "code": code, "message": message}
+    )
 
 
 def json_response(
@@ -105,7 +137,7 @@ async def domain_error(request: Request, exc: Exception) -> Response:
         )
     status, headers = _STATUS.get(type(exc), (500, {}))
     if status >= 500:
-        logger.warning("%s %s answered %d: %s", request.method, request.url.path, status, exc)
+        logger.warning("%s answered %d: %s", _where(request), status, exc)
         if isinstance(exc, errors.DatabaseBusy):
             DATABASE_BUSY_GAVE_UP.inc()
     return error_response(status, exc.code, exc.message, headers=headers, extra=exc.body())
@@ -127,19 +159,27 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client went away mid-request (Starlette's `ClientDisconnect`): nothing to answer
+    and nothing wrong on our side, so no traceback and no 5xx. The access line records it
+    as 499, nginx's "client closed request". (Bodies are read before the application runs,
+    by server/api/middleware.py, so this is the rare case of a later read.)"""
+    return Response(status_code=499)
+
+
+def _where(request: Request) -> str:
+    return f"{loggable(request.method, 20)} {loggable_path(request.scope)}"
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
-    logger.error(
-        "%s %s failed",
-        request.method,
-        request.url.path,
-        exc_info=(type(exc), exc, exc.__traceback__),
-    )
+    logger.error("%s failed", _where(request), exc_info=(type(exc), exc, exc.__traceback__))
     return error_response(
         500, "internal_error", "Something went wrong on our side; it has been logged."
     )
 
 
 EXCEPTION_HANDLERS = {
+    ClientDisconnect: client_gone,
     errors.DomainError: domain_error,
     HTTPException: http_error,
     Exception: internal_error,

@@ -83,8 +83,8 @@ you sent a sane one).
 "details"?, "stock"?}}`. `code` is stable, for programs; `message` is one human sentence;
 `details` lists the fields at fault of a 400 `invalid_request`; `stock` is the product's
 stock when a 409 `insufficient_stock` was decided. Any request may be answered 413
-`{PAYLOAD_TOO_LARGE}` (a body over {MAX_BODY_BYTES // 1024} KiB) and, except health,
-readiness and metrics, 503 `{OVERLOADED}` with `Retry-After` when the process has too many
+`{PAYLOAD_TOO_LARGE}` (a body over {MAX_BODY_BYTES // 1024} KiB) and, except health
+and readiness, 503 `{OVERLOADED}` with `Retry-After` when the process has too many
 requests in flight. A 500 is a bug.
 
 **Operator API** (`/api/admin/…`): only with `Authorization: Bearer <ADMIN_TOKEN>`. Without
@@ -248,7 +248,7 @@ def build(routes: Sequence[BaseRoute], max_quantity: int) -> Schema:
             {"name": "Shop", "description": "Products, for shoppers."},
             {"name": "Reservations", "description": "Holds: make one, buy it or cancel it."},
             {"name": "Operator", "description": "Needs `Authorization: Bearer <ADMIN_TOKEN>`."},
-            {"name": "Service", "description": "Health, readiness, metrics, this document."},
+            {"name": "Service", "description": "Health, readiness, this document."},
             {"name": "Pages", "description": "HTML pages and their files."},
         ],
         "paths": paths.paths,

@@ -45,6 +45,7 @@ from server.domain.errors import (
 )
 from server.domain.inventory import Held, is_reservation_id
 from server.domain.model import HoldRequest, Reservation
+from server.infra.clients import client_key
 from server.infra.metrics import DEFERRED, RESERVATIONS
 from server.service import idempotency
 from server.service.catalog import Catalog
@@ -179,8 +180,7 @@ async def _create_reservation(request: Request) -> Response:
 
 async def _within_rate_limit(request: Request, limiter: RateLimiter) -> None:
     """Counts this reservation against its client's limit; 429 if it is over."""
-    client = request.client.host if request.client else "unknown"
-    wait = await limiter.retry_after(client)
+    wait = await limiter.retry_after(client_key(request.scope))
     if wait is not None:
         raise RequestError(
             429,

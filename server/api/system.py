@@ -1,7 +1,8 @@
-"""The service's own endpoints: liveness, readiness and Prometheus metrics.
+"""The service's own endpoints: liveness and readiness.
 
-These three are never refused for overload (`server.api.middleware.NEVER_REFUSED`): a
-probe or a scrape must get an answer from a process that is busy serving shoppers.
+These two are never refused for overload (`server.api.middleware.NEVER_REFUSED`): a probe
+must get an answer from a process that is busy serving shoppers. Prometheus metrics are not
+here: they have a port of their own, `WEB_METRICS_PORT` (server/infra/metrics.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from starlette.routing import Route
 
 from server.api.http import json_response, shop_of
 from server.api.spec import RETRY_AFTER, json, operation, ref
-from server.infra.metrics import render as render_metrics
 from server.wire import schemas
 
 
@@ -61,24 +61,7 @@ async def readyz(request: Request) -> Response:
     )
 
 
-@operation(
-    "metrics",
-    "Service",
-    "Prometheus metrics, added up over the web processes",
-    {
-        "200": {
-            "description": "Prometheus' text exposition format",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-        }
-    },
-)
-async def metrics(request: Request) -> Response:
-    body, media_type = render_metrics()
-    return Response(body, media_type=media_type)
-
-
 routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
-    Route("/metrics", metrics, methods=["GET"]),
 ]

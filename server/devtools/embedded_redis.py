@@ -7,6 +7,7 @@ one), or else `valkey-server` / `redis-server` on the PATH. It listens on loopba
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -100,6 +101,17 @@ class EmbeddedRedis:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+
+    def freeze(self) -> None:
+        """Stop it in its tracks (SIGSTOP): connections stay open and nothing answers, as
+        with a hung server or a network that drops packets."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen server go on (SIGCONT)."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop it abruptly (SIGKILL), as a crash would."""

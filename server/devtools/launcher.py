@@ -59,11 +59,15 @@ def serve(settings: Settings) -> int:
     try:
         asyncio.run(prepare_database(settings, seed=True))
         base = f"http://127.0.0.1:{env['PORT']}"
+        metrics = (
+            f"http://127.0.0.1:{settings.web_metrics_port}/metrics (web), "
+            f"http://127.0.0.1:{settings.worker_metrics_port}/metrics (worker)"
+        )
         print(
             f"\n  Shop:             {base}/\n"
             f"  Operator console: {base}/admin   (token: {env['ADMIN_TOKEN']})\n"
             f"  API:              {base}/api/products\n"
-            f"  Metrics:          {base}/metrics\n\n"
+            f"  Metrics:          {metrics}\n\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -9,6 +9,7 @@ would set.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -38,11 +39,15 @@ def procfile() -> dict[str, str]:
 class Process:
     """One Procfile entry, running under bash like a process manager would run it."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log: Path) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str], log: Path, *, max_open_files: int | None = None
+    ) -> None:
         self.name = name
         self.command = procfile()[name]
         self.env = dict(env)
         self.log = log
+        # A lower descriptor limit (RLIMIT_NOFILE), as a process manager may set one.
+        self.max_open_files = max_open_files
         self._popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -54,7 +59,13 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: signals reach uvicorn's workers too
+                preexec_fn=self._limit if self.max_open_files else None,
             )
+
+    def _limit(self) -> None:
+        assert self.max_open_files is not None
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, hard))
 
     @property
     def pid(self) -> int:
@@ -135,6 +146,7 @@ class Service:
             "WEB_CONCURRENCY": str(web_concurrency),
             "LOG_LEVEL": "WARNING",
             "WORKER_METRICS_PORT": str(free_port()),
+            "WEB_METRICS_PORT": str(free_port()),
             **settings,
         }
         self.web = Process("web", env, log_dir / "web.log")
@@ -171,6 +183,11 @@ class Service:
             for p in (self.web, self.worker)
             if p.log.exists()
         )
+
+    @property
+    def metrics_url(self) -> str:
+        """The web processes' metrics (their own port, `WEB_METRICS_PORT`)."""
+        return f"http://127.0.0.1:{self.web.env['WEB_METRICS_PORT']}/metrics"
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]

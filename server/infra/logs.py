@@ -2,6 +2,12 @@
 
 `LOG_FORMAT=json` writes one JSON object per line (time, level, logger, message, and the
 request id where there is one), for log collectors; otherwise plain text lines.
+
+Values from clients reach the log: paths, methods, exceptions' messages. In either format a
+line's message never carries a control character, a line break or a non-ASCII character as
+it is: each is written as an escape (`\x1b`, `\n`, `\u2028`), so a request cannot forge a
+log line or send escape sequences to an operator's terminal. Code that logs a client's value
+also passes it through `loggable`, which cuts it short.
 """
 
 from __future__ import annotations
@@ -11,6 +17,35 @@ import logging
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MAX_VALUE_CHARS = 200
+
+
+def escaped(text: str) -> str:
+    """`text` with every character that is not printable ASCII written as an escape, and
+    backslashes doubled (so an escape in the output always means one was made here)."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isascii() and char.isprintable():
+            out.append(char)
+        elif (code := ord(char)) < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def loggable(value: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """A client's value, fit for a log line: escaped (`escaped`), and cut to `limit`
+    characters with `...` after."""
+    if len(value) > limit:
+        return escaped(value[:limit]) + "..."
+    return escaped(value)
 
 
 class JsonLines(logging.Formatter):
@@ -19,7 +54,7 @@ class JsonLines(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escaped(record.getMessage()),
         }
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
@@ -30,6 +65,10 @@ class JsonLines(logging.Formatter):
 
 
 class WithRequestId(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escaped(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         request_id = getattr(record, "request_id", None)
@@ -43,13 +82,19 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(JsonLines() if log_format == "json" else WithRequestId(TEXT_FORMAT))
         root.addHandler(handler)
     root.setLevel(level)
-    if log_format == "json":
-        # uvicorn gives its loggers text handlers of their own: send their lines through
-        # ours, so that every line of the process is JSON.
-        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-            uvicorn_logger = logging.getLogger(name)
-            uvicorn_logger.handlers.clear()
-            uvicorn_logger.propagate = True
+    # uvicorn gives its loggers handlers of their own: send their lines through ours, so
+    # that every line of the process has one format (JSON lines for LOG_FORMAT=json) and
+    # is escaped (its WebSocket lines carry the client's path). Its access lines stay off:
+    # the service writes its own (server/api/middleware.py), which never show a whole
+    # reservation id; uvicorn writes them whenever its logger has a handler, its
+    # ancestors' included, so that one must not propagate.
+    for name in ("uvicorn", "uvicorn.error"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
     if logging.getLevelName(level) > logging.DEBUG:
         # arq logs every job's start and end at INFO: a line per second from the sweeper
         # alone. Its warnings and errors still show.

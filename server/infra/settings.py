@@ -50,6 +50,17 @@ class Settings:
     worker_metrics_port: int = 9108
     # The ISO 4217 code of the currency prices are in; the pages format prices with it.
     currency: str = "EUR"
+    # Where the web processes' metrics are served: a port of their own, away from shoppers.
+    web_metrics_port: int = 9107
+    # What one client may hold or send (server/api/protocol.py, docs in README "Limits").
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    max_connections_per_client: int = 100
+    ws_max_per_client: int = 20
+    # Failed operator sign-ins one client may make: (count, per seconds).
+    admin_sign_in_limit: tuple[int, int] = (10, 60)
 
     @property
     def is_sqlite(self) -> bool:
@@ -97,6 +108,18 @@ class Settings:
                 _number(env, "WORKER_METRICS_PORT", 9108, minimum=0, integer=True)
             ),
             currency=_currency(env, "CURRENCY"),
+            web_metrics_port=int(_number(env, "WEB_METRICS_PORT", 9107, minimum=0, integer=True)),
+            max_header_bytes=int(
+                _number(env, "HTTP_MAX_HEADER_BYTES", 16 * 1024, minimum=1024, integer=True)
+            ),
+            max_headers=int(_number(env, "HTTP_MAX_HEADERS", 100, minimum=10, integer=True)),
+            header_timeout_seconds=_number(env, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            body_timeout_seconds=_number(env, "HTTP_BODY_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            max_connections_per_client=int(
+                _number(env, "MAX_CONNECTIONS_PER_CLIENT", 100, minimum=1, integer=True)
+            ),
+            ws_max_per_client=int(_number(env, "WS_MAX_PER_CLIENT", 20, minimum=1, integer=True)),
+            admin_sign_in_limit=_rate(env, "ADMIN_SIGN_IN_LIMIT") or (10, 60),
         )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +38,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.domain.clock import iso, now_ms
 from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
+from server.infra.clients import client_key
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
 from server.live.publisher import reservation_frame
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
@@ -63,10 +65,11 @@ Key = tuple[str, int | str]  # ("stock", product id) or ("reservation", id): wha
 class Client:
     """One socket: sends what it is offered, now if it can, else soon, in order."""
 
-    def __init__(self, websocket: WebSocket, hub: Hub) -> None:
+    def __init__(self, websocket: WebSocket, hub: Hub, key: str) -> None:
         self.websocket = websocket
+        self.key = key  # who it is, for the per-client cap (server/infra/clients.py)
         extension = websocket.scope.get("extensions", {}).get(EXTENSION)
-        self._prepared: PreparedFrames | None = extension
+        self.prepared: PreparedFrames | None = extension
         self.watching: set[str] = set()
         self.bad_messages = 0
         self._hub = hub
@@ -83,7 +86,7 @@ class Client:
             self._backlog.pop(key, None)
             self._backlog[key] = text
             return
-        if prepared is not None and self._prepared is not None and self._prepared.write(prepared):
+        if prepared is not None and self.prepared is not None and self.prepared.write(prepared):
             return
         self._start(self.websocket.send_text(text))
 
@@ -141,11 +144,19 @@ def _wait(future: object) -> Awaitable[object]:
 
 
 class Hub:
-    """Every socket of this process, and what to send them."""
+    """Every socket of this process, and what to send them.
 
-    def __init__(self, catalog: Catalog, *, max_clients: int) -> None:
+    At most `max_clients` sockets in all, and `max_per_client` per client
+    (`server.infra.clients.client_key`: per address today, per shopper once shoppers are
+    known), so that one client cannot take every slot: 300 sockets from one address once
+    filled `WS_MAX_CLIENTS=300` and every page got 1013 for as long as they were held.
+    """
+
+    def __init__(self, catalog: Catalog, *, max_clients: int, max_per_client: int = 20) -> None:
         self._catalog = catalog
         self._max_clients = max_clients
+        self._max_per_client = max_per_client
+        self._per_client: Counter[str] = Counter()
         self.clients: set[Client] = set()
         self._watchers: dict[str, set[Client]] = {}
         self._stock: dict[int, tuple[int, str]] = {}  # product → (version, frame) to send
@@ -163,10 +174,15 @@ class Hub:
     def full(self) -> bool:
         return len(self.clients) >= self._max_clients
 
+    def full_for(self, key: str) -> bool:
+        """Whether the client `key` already has its `max_per_client` sockets here."""
+        return self._per_client[key] >= self._max_per_client
+
     # -- sockets ---------------------------------------------------------------------
 
-    def join(self, websocket: WebSocket) -> Client:
-        client = Client(websocket, self)
+    def join(self, websocket: WebSocket, key: str = "") -> Client:
+        client = Client(websocket, self, key or client_key(websocket.scope))
+        self._per_client[client.key] += 1
         body, _ = self._catalog.listing()
         snapshot = (
             '{"type":"snapshot","serverTime":"' + iso(now_ms()) + '","products":'
@@ -182,6 +198,9 @@ class Hub:
             return
         client.closed = True
         self.clients.discard(client)
+        self._per_client[client.key] -= 1
+        if self._per_client[client.key] <= 0:
+            del self._per_client[client.key]
         WEBSOCKETS.dec()
         for reservation_id in client.watching:
             watchers = self._watchers.get(reservation_id)
@@ -193,7 +212,10 @@ class Hub:
             self.dropped += 1
             WEBSOCKETS_DROPPED.inc()
             logger.info("live updates: dropping a client (%s)", reason)
-            asyncio.get_running_loop().create_task(_abandon(client.websocket))
+            if client.prepared is not None:
+                client.prepared.abort()  # the socket is gone now, RST; see wsprotocol
+            else:
+                asyncio.get_running_loop().create_task(_abandon(client.websocket))
 
     def watch(self, client: Client, reservation_ids: list[str]) -> None:
         for reservation_id in client.watching - set(reservation_ids):
@@ -321,7 +343,11 @@ async def live_updates(websocket: WebSocket) -> None:
     if hub.full:
         await websocket.close(TRY_AGAIN_LATER, "too many connections here; try again")
         return
-    client = hub.join(websocket)
+    key = client_key(websocket.scope)
+    if hub.full_for(key):
+        await websocket.close(TRY_AGAIN_LATER, "too many connections from your address")
+        return
+    client = hub.join(websocket, key)
     try:
         while not client.closed:
             message = await websocket.receive()

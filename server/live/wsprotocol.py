@@ -9,18 +9,37 @@ written to the socket as it is (a server's frames are not masked, and permessage
 off in the Procfile). It writes only while the socket is open and its buffer is not full,
 and otherwise says no, so the application falls back to the ordinary `send`, which waits.
 
+It also bounds what a client that stops reading can hold (a socket once stayed established
+with almost 4 MB queued in the kernel after the hub had dropped it):
+
+- each socket's kernel send buffer is `SEND_BUFFER_BYTES` (the kernel would otherwise grow
+  it to megabytes for a client that never reads), so such a client is noticed after a few
+  hundred kilobytes at most, and costs no more;
+- the hub drops a socket that could not take a frame for 5 s with `abort()`: an RST, and
+  the socket and its buffers are gone at once (a close would wait for the client to read
+  what is queued, which it never does);
+- every other close (the closing handshake's timeout, a ping that got no answer, the end
+  of the application) is given `CLOSE_GRACE_S` to send what is queued, then aborted.
+
 Run it with `uvicorn --ws server.live.wsprotocol:FanOutProtocol`; without it, everything works
-through `send` alone.
+through `send` alone, and a client that stops reading is closed by the ping timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
+from server.infra.sockets import abort
+
 EXTENSION = "flashsale.prepared_frames"
+SEND_BUFFER_BYTES = 64 * 1024  # the kernel doubles it for its own bookkeeping
+CLOSE_GRACE_S = 5.0
 
 
 def prepare_text(text: str) -> bytes:
@@ -47,8 +66,51 @@ class PreparedFrames:
         protocol.transport.write(frame)
         return True
 
+    def abort(self) -> None:
+        """Drop the connection now: RST, nothing more sent, the socket freed at once."""
+        self._protocol.abort()
+
+
+class _GracefulTransport:
+    """The connection's transport, whose `close()` is sure to end within `CLOSE_GRACE_S`:
+    asyncio's close waits until the client has read everything queued, which a client
+    that stopped reading never does."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: FanOutProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        # The calls made for every frame, bound once (no __getattr__ on the hot path).
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+
+    def close(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.close()
+            self._protocol.loop.call_later(CLOSE_GRACE_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._protocol.disconnected:
+            abort(self._transport)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
 
 class FanOutProtocol(WebSocketsSansIOProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        super().connection_made(transport)
+        self.transport = _GracefulTransport(self.transport, self)  # type: ignore[assignment]
+
+    def abort(self) -> None:
+        """Drop the connection now (see `abort`); the application hears a disconnect."""
+        if not self.disconnected:
+            self.stop_keepalive()
+            abort(self.transport)
+
     def shutdown(self) -> None:
         """The server is stopping: close with 1001 (going away), so that pages reconnect
         elsewhere, rather than uvicorn's 1012."""
