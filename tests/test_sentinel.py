@@ -201,7 +201,7 @@ async def test_a_failover_loses_no_promise_and_every_use_of_redis_follows_it(
                 # The rate limit counts on the new primary: the fourth from one client is 429.
                 limited = [await reserve(service, pid, "198.51.100.9") for _ in range(4)]
                 assert [r.status_code for r in limited] == [201, 201, 201, 429]
-                keys = await primary.keys(f"{RATE_LIMIT_PREFIX}198.51.100.9:*")
+                keys = await primary.keys(f"{RATE_LIMIT_PREFIX}addr:198.51.100.9:*")
                 assert len(keys) == 1
 
                 # Holds keep expiring: every hold, made before, during and after the

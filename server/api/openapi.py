@@ -85,11 +85,16 @@ you sent a sane one).
 stock when a 409 `insufficient_stock` was decided. Any request may be answered 413
 `{PAYLOAD_TOO_LARGE}` (a body over {MAX_BODY_BYTES // 1024} KiB) and, except health
 and readiness, 503 `{OVERLOADED}` with `Retry-After` when the process has too many
-requests in flight. A 500 is a bug.
+requests in flight. A 500 is a bug. Below the application the HTTP server answers, in the
+same shape, 400 `malformed` (not valid HTTP/1.1), 408 `header_timeout`/`body_timeout` (a
+request head or body not sent within 10 s), 414 `url_too_long` and 431
+`header_too_large`/`too_many_headers` (a head over 16 KiB or 100 headers), then closes the
+connection (README, "Limits").
 
 **Operator API** (`/api/admin/…`): only with `Authorization: Bearer <ADMIN_TOKEN>`. Without
 a token configured it does not exist (404 `{NOT_FOUND}`); a missing or wrong token is 401
-`{UNAUTHORIZED}`.
+`{UNAUTHORIZED}`; after 10 wrong tokens in a minute from one client, every operator request
+from it is 429 `too_many_failed_sign_ins` with `Retry-After`.
 
 **Live updates** over `WS /ws` (a WebSocket, which OpenAPI cannot model; see `x-websocket`).
 JSON text frames. On connect the server sends a `snapshot` of every product, then a

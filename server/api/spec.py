@@ -213,6 +213,11 @@ NOT_JSON = error("The body is not sent as application/json", UNSUPPORTED_MEDIA_T
 NO_PRODUCT = error("There is no such product", errors.ProductNotFound.code)
 NO_RESERVATION = error("There is no such reservation", errors.ReservationNotFound.code)
 UNAUTHORIZED_ANSWER = error("The operator token is missing or wrong", UNAUTHORIZED)
+SIGN_IN_THROTTLED_ANSWER = error(
+    "Too many wrong operator tokens from this client lately (ADMIN_SIGN_IN_LIMIT)",
+    "too_many_failed_sign_ins",
+    headers={"Retry-After": RETRY_AFTER},
+)
 NO_OPERATOR_API = error("No operator token is configured: there is no operator API", NOT_FOUND)
 PRODUCT_OR_NO_OPERATOR_API = error(
     "There is no such product, or no operator API", errors.ProductNotFound.code, NOT_FOUND
