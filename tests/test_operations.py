@@ -254,17 +254,20 @@ async def test_web_removes_its_metrics_directory_and_those_of_killed_runs(
             return any(ours.glob("*.db"))
 
         await eventually(written, what="metric files in its directory")
-        page = await scrape(service.base_url + "/metrics")
-        assert (
-            value(
+
+        async def counted() -> bool:
+            # Requests are written out within a second (metrics.Deferred).
+            page = await scrape(service.metrics_url)
+            count = value(
                 page,
                 "flashsale_http_request_duration_seconds_count",
                 route="/api/products",
                 method="GET",
                 status="2xx",
             )
-            >= 1
-        )
+            return count >= 1
+
+        await eventually(counted, what="the request in the metrics")
         assert not killed.exists()
         assert not from_the_old_procfile.exists()
         assert still_used.exists()
