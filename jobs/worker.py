@@ -26,12 +26,14 @@ from arq.worker import Worker
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from jobs import books
 from server.domain.errors import DatabaseBusy, DatabaseUnavailable
 from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
 from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
 from server.infra.redis_client import arq_redis_settings, redis_client_for
 from server.infra.settings import Settings
 from server.live.publisher import Publisher
+from server.service.ledger import Ledger
 from server.service.shop import Expired, Shop
 from server.storage import migrate
 from server.storage.database import Store
@@ -107,7 +109,25 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
             shop = Shop(
                 store, hold_ms=round(settings.hold_seconds * 1000), publish=publisher.publish
             )
-            yield {"settings": settings, "store": store, "publisher": publisher, "shop": shop}
+            ledger = Ledger(store)
+            timers = [
+                books.Every(
+                    "reconcile", settings.reconcile_seconds, lambda: books.reconcile(ledger)
+                ),
+            ]
+            for timer in timers:
+                timer.start()
+            try:
+                yield {
+                    "settings": settings,
+                    "store": store,
+                    "publisher": publisher,
+                    "shop": shop,
+                    "ledger": ledger,
+                }
+            finally:
+                for timer in reversed(timers):
+                    await timer.stop()
         finally:
             await publisher.stop()
             await redis.aclose()

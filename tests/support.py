@@ -20,6 +20,7 @@ from server.domain.clock import now_ms
 from server.domain.inventory import Stats
 from server.domain.model import HoldRequest, Product, Reservation
 from server.infra.settings import Settings
+from server.service.ledger import Ledger
 from server.storage.database import Store, sqlite_path
 
 T = TypeVar("T")
@@ -164,3 +165,9 @@ async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         ) as client,
     ):
         yield client
+
+
+async def assert_reconciled(store: Store) -> None:
+    """Every product's stock ledger adds up to its units and its open holds (issue 12)."""
+    result = await Ledger(store).reconcile()
+    assert result.ok, {p.product_id: p.problems for p in result.unreconciled}

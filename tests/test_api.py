@@ -125,8 +125,9 @@ async def test_a_reservation_is_created_with_the_documented_shape(api: Api) -> N
     ReservationOut.model_validate(body)
     assert set(body) == {
         "id", "productId", "quantity", "status", "createdAt", "expiresAt", "completedAt",
-        "product", "serverTime",
+        "orderReference", "product", "serverTime",
     }  # fmt: skip
+    assert body["orderReference"] is None
     assert len(body["id"]) == 22
     assert (body["productId"], body["quantity"], body["status"]) == (product.id, 2, "ACTIVE")
     assert body["completedAt"] is None

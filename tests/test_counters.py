@@ -192,8 +192,9 @@ async def _first_release_rows(store: Store, *, sold_off_the_books: int = 0) -> N
 
 async def test_migration_0002_counts_the_holds_already_there(release_one: Store) -> None:
     await _first_release_rows(release_one)
-    applied = await migrate.migrate(release_one)
+    applied = await migrate.migrate(release_one, up_to=2)
     assert [m.version for m in applied] == [2]
+    await migrate.migrate(release_one)
     async with release_one.reader() as conn:
         one, two = await inventory.stats(conn)
     assert (one.total, one.available, one.held, one.sold, one.expired, one.cancelled) == (
@@ -223,7 +224,7 @@ async def test_migration_0002_refuses_books_that_do_not_balance(release_one: Sto
     refused = (*CHECK_VIOLATIONS, sqlite3.OperationalError)
     with pytest.raises(refused, match=r"(?i)check constraint"):
         await migrate.migrate(release_one)
-    assert [m.version for m in await migrate.pending(release_one)] == [2]
+    assert next(m.version for m in await migrate.pending(release_one)) == 2
     async with release_one.reader() as conn:
         row = await conn.fetch_one("SELECT total_stock, available_stock FROM products WHERE id = 1")
     assert row is not None

@@ -191,7 +191,9 @@ async def test_expiry_and_holds_by_id_are_planned_right_on_stale_statistics(
 
         for sql, plan in plans:
             scans = _reservation_scans(plan)
-            if "FROM products" in sql or sql.startswith("UPDATE products"):
+            if "FROM products" in sql or sql.startswith(
+                ("UPDATE products", "INSERT INTO stock_ledger", "INSERT INTO outbox")
+            ):
                 continue
             assert scans, (sql, plan)
             print(sql[:50], scans)

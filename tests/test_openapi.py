@@ -265,4 +265,6 @@ def test_the_service_answers_as_its_document_says(service: Service) -> None:
             _fuzz(service, operation, GenerationMode.POSITIVE, **fixed)
         tested.add((operation.path, operation.method.upper()))
     assert tested == _operations(raw)
-    assert time.monotonic() - started < 80
+    # The suite's budget (it must stay well inside CI's limit): a few seconds per operation,
+    # so that every new endpoint brings its own share.
+    assert time.monotonic() - started < 5 * len(tested)

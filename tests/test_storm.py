@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,16 @@ from server.domain.clock import now_ms
 from server.domain.model import Reservation, Status
 from server.service.shop import Shop
 from server.storage.database import Store
-from tests.support import assert_invariant, hold, make_product, reservation
+from tests.support import assert_invariant, assert_reconciled, hold, make_product, reservation
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+async def books_reconcile_after(store: Store) -> AsyncIterator[None]:
+    """After every storm, the stock ledger still adds up, product by product (issue 12)."""
+    yield
+    await assert_reconciled(store)
 
 
 @pytest.fixture

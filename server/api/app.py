@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from server.api import admin, openapi, pages, system
+from server.api import admin, books, openapi, pages, system
 from server.api import shop as storefront
 from server.api.http import EXCEPTION_HANDLERS
 from server.api.middleware import Observed
@@ -27,6 +27,7 @@ from server.live.publisher import Publisher
 from server.live.subscriber import Subscriber
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
+from server.service.ledger import Ledger
 from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.settings = settings
             app.state.redis = redis
             app.state.shop = shop
+            app.state.ledger = Ledger(store)
             app.state.publisher = publisher
             app.state.scheduler = scheduler
             app.state.subscriber = subscriber
@@ -135,6 +137,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             *storefront.routes,
             *admin.routes,
+            *books.routes,
             *system.routes,
             *openapi.routes,
             WebSocketRoute("/ws", live_updates),

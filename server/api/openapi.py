@@ -55,6 +55,9 @@ _REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     schemas.CreateProductBody,
     schemas.RestockBody,
     schemas.WatchMessage,
+    schemas.CompleteBody,
+    schemas.CreateWebhookBody,
+    schemas.CreateShopKeyBody,
 )
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.ProductOut,
@@ -68,6 +71,13 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.ProductFrame,
     schemas.ReservationFrame,
     schemas.ErrorFrame,
+    schemas.LedgerPageOut,
+    schemas.ReconcileOut,
+    schemas.WebhookOut,
+    schemas.WebhookSecretOut,
+    schemas.DeliveryOut,
+    schemas.ShopKeyOut,
+    schemas.ShopKeySecretOut,
 )
 
 DESCRIPTION = f"""\

@@ -13,6 +13,11 @@ database refuses any row where `available_stock + held_units + sold_units != tot
 (migration 0002): promise 1 is a constraint, and the operator's stats read one row per
 product however many holds there have been.
 
+Every stock movement also writes the shop's books in the same transaction: a ledger row per
+movement and the outbox events it causes (`server.domain.books.Books`: after each product
+UPDATE, `books.moved(product, movements)`; before returning, `books.write(conn)` once).
+A new stock-moving operation does the same; the reconciliation finds one that does not.
+
 Plans that do not depend on the statistics (migration 0002 says why): statements that find
 open holds by time say `ended_at IS NULL`, the predicate of the one index of open holds;
 statements by id say `status = 'ACTIVE'`, which leaves them the primary key only. Keep it
@@ -30,6 +35,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from server.domain import ledger
+from server.domain.books import Books
 from server.domain.errors import (
     DomainError,
     IdempotencyKeyReused,
@@ -42,6 +49,7 @@ from server.domain.errors import (
     SaleNotStarted,
 )
 from server.domain.executor import Executor, Row
+from server.domain.ledger import Kind, Movement
 from server.domain.model import (
     Event,
     HoldRequest,
@@ -59,11 +67,11 @@ SWEEP_BATCH = 500
 
 PRODUCT = (
     "id, name, price_cents, total_stock, available_stock, version, sale_starts_at, "
-    "created_at, updated_at"
+    "created_at, updated_at, held_units, sold_units"
 )
 RESERVATION = (
     "id, product_id, quantity, status, created_at, expires_at, completed_at, ended_at, "
-    "idempotency_key"
+    "idempotency_key, order_reference"
 )
 
 
@@ -111,13 +119,15 @@ async def reserve(
     """
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     events: list[Event] = []
+    books = Books(now=now)
     for indexes in _rounds(requests):
         answers, changes = await _reserve_round(
-            conn, [requests[i] for i in indexes], now=now, hold_ms=hold_ms
+            conn, [requests[i] for i in indexes], books, now=now, hold_ms=hold_ms
         )
         for i, outcome in zip(indexes, answers, strict=True):
             outcomes[i] = outcome
         events.extend(changes)
+    await books.write(conn)
     assert all(o is not None for o in outcomes)
     return [o for o in outcomes if o is not None], events
 
@@ -139,7 +149,7 @@ def _rounds(requests: Sequence[HoldRequest]) -> list[list[int]]:
 
 
 async def _reserve_round(
-    conn: Executor, requests: Sequence[HoldRequest], *, now: int, hold_ms: int
+    conn: Executor, requests: Sequence[HoldRequest], books: Books, *, now: int, hold_ms: int
 ) -> tuple[list[Outcome[Held]], list[Event]]:
     """`reserve` for requests whose Idempotency-Keys are all different."""
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
@@ -151,6 +161,7 @@ async def _reserve_round(
 
     events: list[Event] = []
     granted: list[int] = []
+    taken: list[Product] = []  # each product as its UPDATE left it
     # Products in id order, as every transaction that changes several takes them: two such
     # transactions in opposite orders would deadlock (PostgreSQL's row locks).
     for product_id, indexes in sorted(by_product.items()):
@@ -166,6 +177,7 @@ async def _reserve_round(
             continue
         if any(fits):
             events.append(StockChanged(product))
+            taken.append(product)
         for i, ok in zip(indexes, fits, strict=True):
             if ok:
                 granted.append(i)
@@ -181,8 +193,15 @@ async def _reserve_round(
         ids = new_reservation_ids(len(granted))
         holds = [(rid, requests[i]) for i, rid in zip(granted, ids, strict=True)]
         rows = await _insert_holds(conn, holds, now, expires)
+        made: dict[int, list[Movement]] = defaultdict(list)
         for i, reservation in zip(granted, rows, strict=True):
             outcomes[i] = Outcome(Held(reservation))
+            actor = ledger.shopper(requests[i].shopper_id)
+            made[reservation.product_id].append(
+                Movement(Kind.HELD, reservation.quantity, actor, reservation)
+            )
+        for product in taken:  # each product's holds in the order they were granted
+            books.moved(product, made[product.id])
 
     assert all(o is not None for o in outcomes)
     return [o for o in outcomes if o is not None], events
@@ -314,23 +333,38 @@ async def _insert_holds(
 # -- complete, cancel, expire ------------------------------------------------------------
 
 
-async def complete(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Reservation]:
-    """ACTIVE and not yet due → COMPLETED. Completing a COMPLETED hold returns it."""
+async def complete(
+    conn: Executor,
+    reservation_id: str,
+    *,
+    now: int,
+    actor: str = ledger.SHOPPER,
+    order_reference: str | None = None,
+) -> Outcome[Reservation]:
+    """ACTIVE and not yet due → COMPLETED. Completing a COMPLETED hold returns it unchanged
+    (its first `order_reference` kept). `actor`: who completes (`shop` for the shop's
+    backend); `order_reference`: the shop's name for the order, stored on the hold and sent
+    in `reservation.completed`."""
     row = await conn.fetch_one(
-        "UPDATE reservations SET status = 'COMPLETED', completed_at = :now, ended_at = :now "
+        "UPDATE reservations SET status = 'COMPLETED', completed_at = :now, ended_at = :now, "
+        "order_reference = :ref "
         "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
         f"RETURNING {RESERVATION}",
-        {"id": reservation_id, "now": now},
+        {"id": reservation_id, "now": now, "ref": order_reference},
     )
     if row is not None:
         reservation = Reservation.from_row(row)
         sold = await conn.fetch_one(
-            "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q "
+            "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q, "
+            "version = version + 1, updated_at = :now "
             f"WHERE id = :id RETURNING {PRODUCT}",
-            {"id": reservation.product_id, "q": reservation.quantity},
+            {"id": reservation.product_id, "q": reservation.quantity, "now": now},
         )
         assert sold is not None, "a hold's product cannot disappear"
         product = Product.from_row(sold)
+        books = Books(now=now)
+        books.moved(product, [Movement(Kind.COMPLETED, reservation.quantity, actor, reservation)])
+        await books.write(conn)
         return Outcome(reservation, events=[ReservationChanged(reservation, product)])
     current = await get_reservation(conn, reservation_id)
     if current is None:
@@ -339,10 +373,12 @@ async def complete(conn: Executor, reservation_id: str, *, now: int) -> Outcome[
         return Outcome(current)
     if current.status is Status.CANCELLED:
         return Outcome(error=ReservationCancelled())
-    return await _refuse_as_expired(conn, current, now=now)
+    return await _refuse_as_expired(conn, current, now=now, actor=actor)
 
 
-async def cancel(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Reservation]:
+async def cancel(
+    conn: Executor, reservation_id: str, *, now: int, actor: str = ledger.SHOPPER
+) -> Outcome[Reservation]:
     """ACTIVE and not yet due → CANCELLED, units back. Cancelling twice returns it."""
     row = await conn.fetch_one(
         "UPDATE reservations SET status = 'CANCELLED', ended_at = :now "
@@ -352,9 +388,11 @@ async def cancel(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Re
     )
     if row is not None:
         reservation = Reservation.from_row(row)
+        books = Books(now=now)
         product = await _restore(
-            conn, reservation.product_id, reservation.quantity, now=now, ended=Status.CANCELLED
+            conn, books, [reservation], now=now, ended=Status.CANCELLED, actor=actor
         )
+        await books.write(conn)
         return Outcome(
             reservation,
             events=[StockChanged(product), ReservationChanged(reservation, product)],
@@ -366,33 +404,36 @@ async def cancel(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Re
         return Outcome(current)
     if current.status is Status.COMPLETED:
         return Outcome(error=ReservationCompleted())
-    return await _refuse_as_expired(conn, current, now=now)
+    return await _refuse_as_expired(conn, current, now=now, actor=actor)
 
 
 async def _refuse_as_expired(
-    conn: Executor, current: Reservation, *, now: int
+    conn: Executor, current: Reservation, *, now: int, actor: str
 ) -> Outcome[Reservation]:
     """The hold is EXPIRED, or ACTIVE but overdue: expire it now if no job has yet."""
     events: list[Event] = []
     if current.status is Status.ACTIVE:
-        events = (await expire(conn, current.id, now=now)).events
+        events = (await expire(conn, current.id, now=now, actor=actor)).events
     return Outcome(error=ReservationExpired(), events=events)
 
 
-async def expire(conn: Executor, reservation_id: str, *, now: int) -> Outcome[Reservation]:
-    """ACTIVE and overdue → EXPIRED, units back. A second run changes nothing."""
+async def expire(
+    conn: Executor, reservation_id: str, *, now: int, actor: str = ledger.WORKER
+) -> Outcome[Reservation]:
+    """ACTIVE and overdue → EXPIRED, units back. A second run changes nothing. `actor`:
+    whose transaction expired it (the worker, or a request that came too late)."""
     rows = await conn.fetch_all(
         "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
         "WHERE id = :id AND status = 'ACTIVE' AND expires_at <= :now "
         f"RETURNING {RESERVATION}",
         {"id": reservation_id, "now": now},
     )
-    outcome = await _restore_expired(conn, rows, now=now)
+    outcome = await _restore_expired(conn, rows, now=now, actor=actor)
     return Outcome(outcome.value[0] if outcome.value else None, events=outcome.events)
 
 
 async def expire_overdue(
-    conn: Executor, *, now: int, limit: int = SWEEP_BATCH
+    conn: Executor, *, now: int, limit: int = SWEEP_BATCH, actor: str = ledger.WORKER
 ) -> Outcome[list[Reservation]]:
     """Expire up to `limit` overdue ACTIVE holds, oldest first, and restore their units.
 
@@ -418,43 +459,60 @@ async def expire_overdue(
         f"RETURNING {RESERVATION}",
         {"now": now, **names},
     )
-    return await _restore_expired(conn, rows, now=now)
+    return await _restore_expired(conn, rows, now=now, actor=actor)
 
 
 async def _restore_expired(
-    conn: Executor, rows: Sequence[Row], *, now: int
+    conn: Executor, rows: Sequence[Row], *, now: int, actor: str
 ) -> Outcome[list[Reservation]]:
     expired = [Reservation.from_row(row) for row in rows]
-    units: dict[int, int] = defaultdict(int)
+    by_product: dict[int, list[Reservation]] = defaultdict(list)
     for reservation in expired:
-        units[reservation.product_id] += reservation.quantity
+        by_product[reservation.product_id].append(reservation)
     events: list[Event] = []
     products = {}
-    for product_id in sorted(units):  # a fixed order, so two sweepers cannot deadlock
-        product = await _restore(conn, product_id, units[product_id], now=now, ended=Status.EXPIRED)
+    books = Books(now=now)
+    for product_id in sorted(by_product):  # a fixed order, so two sweepers cannot deadlock
+        product = await _restore(
+            conn, books, by_product[product_id], now=now, ended=Status.EXPIRED, actor=actor
+        )
         products[product_id] = product
         events.append(StockChanged(product))
+    await books.write(conn)
     events.extend(ReservationChanged(r, products[r.product_id]) for r in expired)
     return Outcome(expired, events=events)
 
 
-_ENDED_UNITS = {Status.EXPIRED: "expired_units", Status.CANCELLED: "cancelled_units"}
+_ENDED = {
+    Status.EXPIRED: ("expired_units", Kind.EXPIRED),
+    Status.CANCELLED: ("cancelled_units", Kind.CANCELLED),
+}
 
 
 async def _restore(
-    conn: Executor, product_id: int, quantity: int, *, now: int, ended: Status
+    conn: Executor,
+    books: Books,
+    holds: Sequence[Reservation],
+    *,
+    now: int,
+    ended: Status,
+    actor: str,
 ) -> Product:
-    """Units of holds that ended unsold (`ended`: EXPIRED or CANCELLED) back on sale."""
-    counter = _ENDED_UNITS[ended]
+    """Units of `holds` (all of one product) that ended unsold (`ended`: EXPIRED or
+    CANCELLED) back on sale, in one UPDATE, and in the books."""
+    counter, kind = _ENDED[ended]
+    quantity = sum(r.quantity for r in holds)
     row = await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock + :q, "
         f"held_units = held_units - :q, {counter} = {counter} + :q, "
         "version = version + 1, updated_at = :now "
         f"WHERE id = :id RETURNING {PRODUCT}",
-        {"id": product_id, "q": quantity, "now": now},
+        {"id": holds[0].product_id, "q": quantity, "now": now},
     )
     assert row is not None, "a hold's product cannot disappear"
-    return Product.from_row(row)
+    product = Product.from_row(row)
+    books.moved(product, [Movement(kind, r.quantity, actor, r) for r in holds])
+    return product
 
 
 async def forget_old_idempotency_keys(conn: Executor, *, now: int, limit: int = SWEEP_BATCH) -> int:
@@ -490,6 +548,7 @@ async def create_product(
     stock: int,
     sale_starts_at: int | None,
     now: int,
+    actor: str = ledger.OPERATOR,
 ) -> Outcome[Product]:
     # The id is chosen inside the INSERT, since SQLite and PostgreSQL spell auto-increment
     # differently. Two concurrent creations on PostgreSQL can pick the same id; the primary
@@ -510,10 +569,15 @@ async def create_product(
     )
     assert row is not None
     product = Product.from_row(row)
+    books = Books(now=now)
+    books.moved(product, [Movement(Kind.CREATED, stock, actor)])
+    await books.write(conn)
     return Outcome(product, events=[ProductChanged(product), StockChanged(product)])
 
 
-async def restock(conn: Executor, product_id: int, quantity: int, *, now: int) -> Outcome[Product]:
+async def restock(
+    conn: Executor, product_id: int, quantity: int, *, now: int, actor: str = ledger.OPERATOR
+) -> Outcome[Product]:
     row = await conn.fetch_one(
         "UPDATE products SET total_stock = total_stock + :q, "
         "available_stock = available_stock + :q, version = version + 1, updated_at = :now "
@@ -523,6 +587,9 @@ async def restock(conn: Executor, product_id: int, quantity: int, *, now: int) -
     if row is None:
         return Outcome(error=ProductNotFound(product_id))
     product = Product.from_row(row)
+    books = Books(now=now)
+    books.moved(product, [Movement(Kind.RESTOCKED, quantity, actor)])
+    await books.write(conn)
     return Outcome(product, events=[ProductChanged(product), StockChanged(product)])
 
 

@@ -30,6 +30,10 @@ class Product:
     sale_starts_at: int | None
     created_at: int
     updated_at: int
+    # Units held and sold (the counters of migration 0002); 0 where a view does not carry
+    # them (a product rebuilt from a live-update frame).
+    held_units: int = 0
+    sold_units: int = 0
 
     @classmethod
     def from_row(cls, row: Row) -> Product:
@@ -44,6 +48,8 @@ class Product:
             sale_starts_at=None if starts is None else int(starts),
             created_at=int(row["created_at"]),
             updated_at=int(row["updated_at"]),
+            held_units=int(row["held_units"]),
+            sold_units=int(row["sold_units"]),
         )
 
     def stock_now(self) -> StockNow:
@@ -61,10 +67,13 @@ class Reservation:
     expires_at: int
     completed_at: int | None
     ended_at: int | None
+    # What the shop's backend called the order when it completed the hold (issue 12).
+    order_reference: str | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Reservation:
         completed, ended = row["completed_at"], row["ended_at"]
+        reference = row["order_reference"]
         return cls(
             id=str(row["id"]),
             product_id=int(row["product_id"]),
@@ -74,6 +83,7 @@ class Reservation:
             expires_at=int(row["expires_at"]),
             completed_at=None if completed is None else int(completed),
             ended_at=None if ended is None else int(ended),
+            order_reference=None if reference is None else str(reference),
         )
 
     def effective_status(self, now: int) -> Status:
@@ -88,6 +98,8 @@ class HoldRequest:
     product_id: int
     quantity: int
     idempotency_key: str | None = None
+    # Who asks, when known: the ledger records the hold as `shopper:<id>`.
+    shopper_id: str | None = None
 
 
 # Events: what changed, in a form the caller publishes after commit.

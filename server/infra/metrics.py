@@ -128,6 +128,42 @@ EXPIRY_LATENESS = Histogram(
     buckets=LATENESS_BUCKETS,
 )
 
+LEDGER_UNRECONCILED = Gauge(
+    "flashsale_ledger_unreconciled_products",
+    "Products whose stock ledger did not add up at the worker's last reconciliation "
+    "(0 is the only good value).",
+    multiprocess_mode="max",
+)
+LEDGER_RECONCILIATIONS = Counter(
+    "flashsale_ledger_reconciliations_total",
+    "The worker's reconciliations of the ledger, by result: ok, unreconciled, failed.",
+    ["result"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "flashsale_webhook_attempts_total",
+    "Webhook delivery attempts, by result: delivered, failed (non-2xx or no answer).",
+    ["result"],
+)
+WEBHOOK_LATENESS = Histogram(
+    "flashsale_webhook_delivery_lateness_seconds",
+    "From an event's commit to its first successful delivery to an endpoint.",
+    buckets=LATENESS_BUCKETS,
+)
+WEBHOOK_PENDING = Gauge(
+    "flashsale_webhook_pending_deliveries",
+    "Deliveries waiting to go or to be retried, at the worker's last look.",
+    multiprocess_mode="max",
+)
+WEBHOOK_ENDPOINTS_DISABLED = Counter(
+    "flashsale_webhook_endpoints_disabled_total",
+    "Endpoints the worker disabled because they kept failing for WEBHOOK_RETRY_HOURS.",
+)
+RETENTION_REMOVED = Counter(
+    "flashsale_retention_removed_rows_total",
+    "Rows removed for being older than RETENTION_DAYS, by table.",
+    ["table"],
+)
+
 
 class Deferred:
     """Increments and observations kept in process memory, written out within a second.

@@ -61,6 +61,26 @@ class Settings:
     ws_max_per_client: int = 20
     # Failed operator sign-ins one client may make: (count, per seconds).
     admin_sign_in_limit: tuple[int, int] = (10, 60)
+    # The shop's books (issue 12). How often the worker reconciles the ledger (seconds).
+    reconcile_seconds: float = 300.0
+    # Webhooks: retried with exponential backoff and jitter (the first retry after about
+    # webhook_backoff_seconds, doubling up to an hour) for webhook_retry_hours; an endpoint
+    # failing that long is disabled. One attempt may take webhook_timeout_seconds.
+    webhook_retry_hours: float = 24.0
+    webhook_backoff_seconds: float = 5.0
+    webhook_timeout_seconds: float = 10.0
+    # Requests in flight at once from one worker, and how often it looks for new events.
+    webhook_concurrency: int = 16
+    webhook_poll_ms: int = 200
+    # Keys the shop's backend completes holds with (`Authorization: Bearer <key>`), besides
+    # those made in the console; and who may complete a hold: the shopper (and the shop),
+    # or only the shop's backend.
+    shop_api_keys: tuple[str, ...] = ()
+    complete_by: str = "shopper"
+    # Ended holds, ledger rows and delivered events older than this are removed by the
+    # worker (in bounded batches, every retention_seconds).
+    retention_days: float = 90.0
+    retention_seconds: float = 60.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -120,6 +140,19 @@ class Settings:
             ),
             ws_max_per_client=int(_number(env, "WS_MAX_PER_CLIENT", 20, minimum=1, integer=True)),
             admin_sign_in_limit=_rate(env, "ADMIN_SIGN_IN_LIMIT") or (10, 60),
+            reconcile_seconds=_number(env, "RECONCILE_SECONDS", 300.0, minimum=1),
+            webhook_retry_hours=_number(env, "WEBHOOK_RETRY_HOURS", 24.0, minimum=0.001),
+            webhook_backoff_seconds=_number(env, "WEBHOOK_BACKOFF_SECONDS", 5.0, minimum=0.01),
+            webhook_timeout_seconds=_number(env, "WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            webhook_concurrency=int(
+                _number(env, "WEBHOOK_CONCURRENCY", 16, minimum=1, integer=True)
+            ),
+            webhook_poll_ms=int(_number(env, "WEBHOOK_POLL_MS", 200, minimum=10, integer=True)),
+            shop_api_keys=_keys(env, "SHOP_API_KEYS"),
+            complete_by=_choice(env, "COMPLETE_BY", ("shopper", "shop")),
+            # At least two days: a hold must outlive its Idempotency-Key's day.
+            retention_days=_number(env, "RETENTION_DAYS", 90.0, minimum=2),
+            retention_seconds=_number(env, "RETENTION_SECONDS", 60.0, minimum=1),
         )
 
 
@@ -183,6 +216,18 @@ def _addresses(env: Mapping[str, str], name: str, default_port: int) -> tuple[tu
             raise SettingsError(f"{name} must look like host:port,host:port, got {item!r}")
         found.append((host, number))
     return tuple(found)
+
+
+def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma list of API keys, each at least 16 printable characters without spaces."""
+    keys = tuple(k.strip() for k in env.get(name, "").split(",") if k.strip())
+    for key in keys:
+        if len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key:
+            raise SettingsError(
+                f"{name} must be a comma list of keys of at least 16 printable characters "
+                "without spaces"
+            )
+    return keys
 
 
 def _currency(env: Mapping[str, str], name: str) -> str:

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from server.domain import inventory
+from server.domain import inventory, ledger
 from server.domain.clock import now_ms
 from server.domain.errors import (
     IdempotencyKeyReused,
@@ -204,14 +204,30 @@ class Shop:
         async with self.store.reader() as conn:
             return await inventory.get_reservations(conn, wanted)
 
-    async def complete(self, reservation_id: str) -> Reservation:
+    async def complete(
+        self,
+        reservation_id: str,
+        *,
+        actor: str = ledger.SHOPPER,
+        order_reference: str | None = None,
+    ) -> Reservation:
+        """Buy a hold (idempotent), as `actor` (the ledger's: `shop` for the shop's backend),
+        with the shop's `order_reference` if it gave one. Raises `ReservationNotFound`,
+        `ReservationExpired` (an overdue hold is expired on the spot),
+        `ReservationCancelled`."""
         return await self._write(
-            lambda conn, now: inventory.complete(conn, reservation_id, now=now), late=True
+            lambda conn, now: inventory.complete(
+                conn, reservation_id, now=now, actor=actor, order_reference=order_reference
+            ),
+            late=True,
         )
 
-    async def cancel(self, reservation_id: str) -> Reservation:
+    async def cancel(self, reservation_id: str, *, actor: str = ledger.SHOPPER) -> Reservation:
+        """Give a hold's units back (idempotent), as `actor`. Raises `ReservationNotFound`,
+        `ReservationExpired`, `ReservationCompleted`."""
         return await self._write(
-            lambda conn, now: inventory.cancel(conn, reservation_id, now=now), late=True
+            lambda conn, now: inventory.cancel(conn, reservation_id, now=now, actor=actor),
+            late=True,
         )
 
     # -- products ------------------------------------------------------------------------

@@ -355,6 +355,28 @@ class Store:
             async with Connection(self._db, self._db._backend) as conn:
                 yield PostgresExecutor(conn)
 
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Executor]:
+        """A connection whose reads all see the database as of one instant, taking no write
+        lock: for checks that compare several tables (the ledger's reconciliation).
+
+        SQLite: a read transaction on a connection of its own (in WAL a reader's snapshot
+        holds from its first read to its end; the shared readers are left alone, so that
+        nobody else reads the past). PostgreSQL: a REPEATABLE READ, READ ONLY transaction.
+        """
+        async with _translated_errors(), Connection(self._db, self._db._backend) as conn:
+            if self.is_sqlite:
+                executor = SQLiteExecutor(conn)
+                await executor.execute("BEGIN")
+                try:
+                    yield executor
+                finally:
+                    await executor.execute("ROLLBACK")
+                return
+            raw: asyncpg.Connection = conn.raw_connection
+            async with raw.transaction(isolation="repeatable_read", readonly=True):
+                yield PostgresExecutor(conn)
+
     async def ping(self) -> None:
         async with self.reader() as conn:
             await conn.fetch_one("SELECT 1 AS ok")

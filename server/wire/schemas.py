@@ -136,6 +136,10 @@ class ReservationOut(_Response):
     created_at: str = Field(json_schema_extra=_TIME)
     expires_at: str = Field(json_schema_extra=_TIME)
     completed_at: str | None = Field(json_schema_extra=_TIME)
+    order_reference: str | None = Field(
+        default=None,
+        description="What the shop's backend called the order when it completed the hold.",
+    )
     product: ProductOut
     server_time: str = Field(
         description="The server's clock when this was rendered.", json_schema_extra=_TIME
@@ -192,6 +196,157 @@ class ConfigOut(_Response):
     hold_seconds: float = Field(description="How long a hold lasts before it expires.")
     server_time: str = Field(
         description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
+
+
+# -- the shop's books (issue 12): ledger, reconciliation, webhooks, shop keys ---------------
+
+ORDER_REFERENCE_PATTERN = "^[\\x20-\\x7e]{1,200}$"
+
+
+class CompleteBody(_Request):
+    """Optional body of a completion by the shop's backend."""
+
+    order_reference: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=200,
+            pattern=ORDER_REFERENCE_PATTERN,
+            description="The shop's own name for the order (printable ASCII): stored on the "
+            "hold and sent in `reservation.completed`.",
+        ),
+    ]
+
+
+class LedgerEntryOut(_Response):
+    version: int = Field(description="The product's version after the change.")
+    seq: int = Field(description="The movement's place among those of the same change.")
+    movement: Literal["created", "restocked", "held", "completed", "cancelled", "expired"]
+    reservation_id: str | None
+    units: int = Field(description="Units that moved.")
+    available: int = Field(description="The product's available units right after.")
+    held: int
+    sold: int
+    total: int
+    actor: str = Field(description="`shopper`, `shopper:<id>`, `operator`, `shop` or `worker`.")
+    at: str = Field(json_schema_extra=_TIME)
+
+
+class LedgerPageOut(_Response):
+    product_id: int
+    entries: list[LedgerEntryOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page."
+    )
+
+
+class FiguresOut(_Response):
+    available: int
+    held: int
+    sold: int
+    total: int
+
+
+class ReconciledOut(_Response):
+    product_id: int
+    ok: bool
+    version: int = Field(description="The product's version the check reached.")
+    product: FiguresOut = Field(description="The product row's units.")
+    ledger: FiguresOut = Field(description="The units the ledger adds up to.")
+    open_holds: int = Field(description="Units of the product's open (ACTIVE) holds.")
+    rows_checked: int = Field(description="Ledger rows walked since the last proved balance.")
+    problems: list[str] = Field(description="What does not add up, one sentence each.")
+
+
+class ReconcileOut(_Response):
+    ok: bool = Field(description="True when every product reconciles.")
+    checked_at: str = Field(json_schema_extra=_TIME)
+    unreconciled: list[int] = Field(description="The ids of the products that do not.")
+    products: list[ReconciledOut]
+
+
+EventType = Literal[
+    "reservation.created",
+    "reservation.completed",
+    "reservation.cancelled",
+    "reservation.expired",
+    "product.sold_out",
+    "product.back_in_stock",
+    "product.restocked",
+]
+
+
+class CreateWebhookBody(_Request):
+    url: Annotated[
+        str,
+        Field(
+            min_length=8,
+            max_length=2000,
+            pattern="^https?://[^\\s]+$",
+            description="Where to POST the events: an http or https URL.",
+        ),
+    ]
+    events: Annotated[
+        list[EventType],
+        Field(max_length=7, description="The event types to send; empty or absent: all."),
+    ] = []
+    description: Annotated[str, Field(max_length=200)] = ""
+
+
+class WebhookOut(_Response):
+    id: int
+    url: str
+    description: str
+    events: list[str] = Field(description="The event types it gets; empty: all.")
+    enabled: bool
+    disabled_reason: str | None = Field(
+        description="Why it is off: the operator, or failing for WEBHOOK_RETRY_HOURS."
+    )
+    created_at: str = Field(json_schema_extra=_TIME)
+    pending: int = Field(description="Deliveries waiting to go (or to be retried).")
+    failing_since: str | None = Field(
+        description="The first failure since the last success, if it is failing now.",
+        json_schema_extra=_TIME,
+    )
+
+
+class WebhookSecretOut(WebhookOut):
+    secret: str = Field(
+        description="The signing secret (`whsec_…`), shown this once: keep it in the shop's "
+        "configuration to verify our signatures."
+    )
+
+
+class DeliveryOut(_Response):
+    event_id: str = Field(description="The webhook-id.")
+    type: str
+    product_id: int
+    created_at: str = Field(json_schema_extra=_TIME)
+    status: Literal["pending", "delivered", "redelivering"]
+    attempts: int
+    last_attempt_at: str | None = Field(json_schema_extra=_TIME)
+    last_status: int | None = Field(description="The receiver's HTTP status, if it answered.")
+    last_error: str | None
+    delivered_at: str | None = Field(json_schema_extra=_TIME)
+
+
+class CreateShopKeyBody(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class ShopKeyOut(_Response):
+    id: int
+    name: str
+    prefix: str = Field(description="The key's first characters, to tell keys apart.")
+    created_at: str = Field(json_schema_extra=_TIME)
+    revoked_at: str | None = Field(json_schema_extra=_TIME)
+
+
+class ShopKeySecretOut(ShopKeyOut):
+    key: str = Field(
+        description="The key, shown this once: the shop's backend sends it as "
+        "`Authorization: Bearer <key>`."
     )
 
 
@@ -264,6 +419,7 @@ def reservation_view(
         "createdAt": iso(reservation.created_at),
         "expiresAt": iso(reservation.expires_at),
         "completedAt": None if completed is None else iso(completed),
+        "orderReference": reservation.order_reference,
         "product": product,
         "serverTime": iso(now),
     }

@@ -1,0 +1,178 @@
+"""The operator's view of the books: a product's stock ledger, and the reconciliation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.api.admin import operator_only
+from server.api.http import json_response, parse_params, path_id
+from server.api.spec import (
+    DATABASE,
+    INVALID_REQUEST,
+    NO_OPERATOR_API,
+    PRODUCT_ID,
+    PRODUCT_OR_NO_OPERATOR_API,
+    UNAUTHORIZED_ANSWER,
+    error,
+    json,
+    operation,
+    query_parameters,
+    ref,
+)
+from server.domain.clock import iso
+from server.domain.errors import ProductNotFound
+from server.domain.ledger import Entry, Figures, Reconciled
+from server.service.ledger import Ledger
+from server.wire import schemas
+
+CURSOR_PATTERN = r"^\d{1,18}\.\d{1,9}$"
+
+
+def ledger_of(request: Request) -> Ledger:
+    found: Ledger = request.app.state.ledger
+    return found
+
+
+class LedgerQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    limit: Annotated[int, Field(ge=1, le=1000, description="Entries per page.")] = 100
+    cursor: Annotated[
+        str | None,
+        Field(
+            pattern=CURSOR_PATTERN,
+            description="`nextCursor` of the previous page: the entries older than it.",
+        ),
+    ] = None
+    since: Annotated[
+        AwareDatetime | None, Field(description="Only movements at or after this time.")
+    ] = None
+    until: Annotated[
+        AwareDatetime | None, Field(description="Only movements before this time.")
+    ] = None
+
+
+def _ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+@operation(
+    "getProductLedger",
+    "Operator",
+    "A product's stock movements, newest first",
+    {
+        "200": json(ref(schemas.LedgerPageOut), "A page of the product's ledger"),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": PRODUCT_OR_NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    parameters=[PRODUCT_ID, *query_parameters(LedgerQuery)],
+    operator=True,
+    description="One entry per movement (created, restocked, held, completed, cancelled, "
+    "expired), with the product's units right after it and who moved it. Page with "
+    "`cursor`; `since`/`until` limit the entries to a time range (a chart of the stock over "
+    "a sale reads its range newest first, page by page).",
+)
+@operator_only
+async def product_ledger(request: Request) -> Response:
+    product_id = path_id(request, "product_id")
+    query = parse_params(request.query_params, LedgerQuery)
+    before = None
+    if query.cursor is not None:
+        version, _, seq = query.cursor.partition(".")
+        before = (int(version), int(seq))
+    found = None
+    if product_id is not None:
+        found = await ledger_of(request).entries(
+            product_id,
+            limit=query.limit,
+            before=before,
+            since=_ms(query.since),
+            until=_ms(query.until),
+        )
+    if found is None:
+        raise ProductNotFound(product_id or 0)
+    last = found[-1] if len(found) == query.limit else None
+    return json_response(
+        {
+            "productId": product_id,
+            "entries": [_entry_view(e) for e in found],
+            "nextCursor": None if last is None else f"{last.version}.{last.seq}",
+        }
+    )
+
+
+@operation(
+    "reconcile",
+    "Operator",
+    "Prove that every product's ledger adds up",
+    {
+        "200": json(
+            ref(schemas.ReconcileOut),
+            "Per product: whether its ledger adds up to its units and its open holds",
+        ),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    operator=True,
+    description="Reads one consistent snapshot and changes nothing. For each product: each "
+    "ledger row since the last proved balance is the row before plus its movement, the last "
+    "one equals the product's units, and the open holds hold exactly the held units. "
+    "`unreconciled` names every product where something does not add up; `problems` says "
+    "what.",
+)
+@operator_only
+async def reconcile(request: Request) -> Response:
+    result = await ledger_of(request).reconcile()
+    return json_response(
+        {
+            "ok": result.ok,
+            "checkedAt": iso(result.at),
+            "unreconciled": [p.product_id for p in result.unreconciled],
+            "products": [_reconciled_view(p) for p in result.products],
+        }
+    )
+
+
+def _figures(f: Figures) -> dict[str, int]:
+    return {"available": f.available, "held": f.held, "sold": f.sold, "total": f.total}
+
+
+def _entry_view(e: Entry) -> dict[str, object]:
+    return {
+        "version": e.version,
+        "seq": e.seq,
+        "movement": e.kind,
+        "reservationId": e.reservation_id,
+        "units": e.units,
+        **_figures(e.figures),
+        "actor": e.actor,
+        "at": iso(e.at),
+    }
+
+
+def _reconciled_view(p: Reconciled) -> dict[str, object]:
+    return {
+        "productId": p.product_id,
+        "ok": p.ok,
+        "version": p.version,
+        "product": _figures(p.product),
+        "ledger": _figures(p.ledger),
+        "openHolds": p.open_holds,
+        "rowsChecked": p.rows_checked,
+        "problems": p.problems,
+    }
+
+
+routes = [
+    Route("/api/admin/products/{product_id}/ledger", product_ledger, methods=["GET"]),
+    Route("/api/admin/reconcile", reconcile, methods=["GET"]),
+]

@@ -1,0 +1,92 @@
+"""The books of one transaction: its ledger rows and outbox events, written before commit.
+
+Every operation that moves stock does three things, always in the same transaction:
+
+1. one UPDATE of the product row that moves `available_stock` and the counters together,
+   raises `version` by one, and returns the row (`RETURNING`);
+2. `books.moved(product, [Movement(...), ...])` with that row and what moved, in order
+   (the holds of a batch, the expired holds of a product, a restock);
+3. `await books.write(conn)` once, before the operation returns: one multi-row INSERT into
+   the ledger and one into the outbox, however many products and holds the transaction
+   moved.
+
+That is the whole of it: the ledger's units after each movement are worked out from the
+row the UPDATE returned, so no extra read is needed, and the events (`reservation.*`,
+`product.sold_out`, `product.back_in_stock`, `product.restocked`) follow from the movements.
+The reconciliation (`server.domain.ledger.reconcile`) finds any operation that forgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from server.domain import ledger, outbox
+from server.domain.executor import Executor
+from server.domain.ledger import DELTAS, Entry, Figures, Movement
+from server.domain.model import Product
+from server.domain.outbox import OutboxEvent
+
+
+class Books:
+    """Collects a transaction's ledger rows and outbox events. `now`: the transaction's
+    time (ms), the `at` of every row and the `timestamp` of every event."""
+
+    def __init__(self, *, now: int) -> None:
+        self.now = now
+        self.entries: list[Entry] = []
+        self._events: list[tuple[int, int, int, str, str]] = []
+
+    def moved(self, product: Product, movements: Sequence[Movement]) -> None:
+        """Record `movements`, in order, of one change of `product`, whose row is given as
+        the change's UPDATE returned it (its version and units after every movement)."""
+        if not movements:
+            return
+        after = Figures.of(product)
+        # Walk back from the units after the change to those before the first movement.
+        before = after
+        for movement in movements:
+            before = before.plus(DELTAS[movement.kind], -movement.units)
+        figures = before
+        seq = 0
+        for movement in movements:
+            figures = figures.plus(DELTAS[movement.kind], movement.units)
+            reservation = movement.reservation
+            self.entries.append(
+                Entry(
+                    product_id=product.id,
+                    version=product.version,
+                    seq=seq,
+                    kind=movement.kind.value,
+                    reservation_id=None if reservation is None else reservation.id,
+                    units=movement.units,
+                    figures=figures,
+                    actor=movement.actor,
+                    at=self.now,
+                )
+            )
+            event = outbox.movement_event(movement, product.id, product.version, figures, self.now)
+            if event is not None:
+                self._events.append((product.id, product.version, seq, *event))
+            seq += 1
+        event = outbox.availability_event(
+            before, after, product.id, product.version, movements[-1].actor, self.now
+        )
+        if event is not None:
+            self._events.append((product.id, product.version, seq, *event))
+
+    async def write(self, conn: Executor) -> None:
+        """Write what was recorded (inside the transaction of the change), then forget it."""
+        if self.entries:
+            await ledger.insert(conn, self.entries)
+        if self._events:
+            ids = outbox.new_event_ids(len(self._events))
+            await outbox.insert(
+                conn,
+                [
+                    OutboxEvent(event_id, product_id, version, seq, kind, payload, self.now)
+                    for event_id, (product_id, version, seq, kind, payload) in zip(
+                        ids, self._events, strict=True
+                    )
+                ],
+            )
+        self.entries, self._events = [], []

@@ -1,0 +1,373 @@
+"""The stock ledger: one row per movement of a product's stock, and the proof that it adds up.
+
+A row says which product moved, at which version (the product's `version` after the
+change: every stock change raises it by one in its own UPDATE) and in which place among the
+movements of that change (`seq`: a batch of holds is one change, one row per hold); what
+moved (`Kind`), how many units, the hold it concerns, who did it (`actor`), when (ms), and
+the product's units right after it: available, held, sold and total.
+
+Rows are written by `server.domain.books.Books`, in the same transaction as the change;
+every stock-moving operation goes through it (see that module). This module has the
+movements, the reads, and the reconciliation.
+
+Reconciliation proves, per product, that (1) the ledger adds up: walking its rows from the
+last proved balance (`ledger_balances`), each row's units are the previous row's plus its
+movement, and the last row's are the product row's units now, at its version; (2) it agrees
+with the holds: the units of the open holds are the product's held units. A product where
+either fails is named, with what disagrees. The worker then records each proved product's
+balance, so the next reconciliation reads only the rows written since.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.domain.executor import Executor, Row
+from server.domain.model import Product, Reservation
+
+# Who moves stock: a shopper (`shopper:<id>` when the shopper is known), the operator, the
+# shop's backend (with a shop API key), or the worker (expiry).
+OPERATOR = "operator"
+SHOP = "shop"
+WORKER = "worker"
+SHOPPER = "shopper"
+
+
+def shopper(shopper_id: str | None) -> str:
+    """The actor for a shopper's request: `shopper:<id>`, or `shopper` when unknown."""
+    return f"{SHOPPER}:{shopper_id}" if shopper_id else SHOPPER
+
+
+class Kind(enum.StrEnum):
+    """What moved. A later stock-moving operation adds its kind here, with its `DELTAS`."""
+
+    CREATED = "created"
+    RESTOCKED = "restocked"
+    HELD = "held"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """A product's units of stock: `available + held + sold == total`."""
+
+    available: int = 0
+    held: int = 0
+    sold: int = 0
+    total: int = 0
+
+    def plus(self, other: Figures, times: int = 1) -> Figures:
+        return Figures(
+            self.available + other.available * times,
+            self.held + other.held * times,
+            self.sold + other.sold * times,
+            self.total + other.total * times,
+        )
+
+    @classmethod
+    def of(cls, product: Product) -> Figures:
+        return cls(
+            product.available_stock, product.held_units, product.sold_units, product.total_stock
+        )
+
+    @classmethod
+    def from_row(cls, row: Row) -> Figures:
+        return cls(int(row["available"]), int(row["held"]), int(row["sold"]), int(row["total"]))
+
+
+# How one unit of each kind moves the figures.
+DELTAS: dict[Kind, Figures] = {
+    Kind.CREATED: Figures(available=1, total=1),
+    Kind.RESTOCKED: Figures(available=1, total=1),
+    Kind.HELD: Figures(available=-1, held=1),
+    Kind.COMPLETED: Figures(held=-1, sold=1),
+    Kind.CANCELLED: Figures(available=1, held=-1),
+    Kind.EXPIRED: Figures(available=1, held=-1),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Movement:
+    """One movement of `units` units of stock, by `actor`, for `reservation` (if a hold's)."""
+
+    kind: Kind
+    units: int
+    actor: str
+    reservation: Reservation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A ledger row. `figures`: the product's units right after the movement."""
+
+    product_id: int
+    version: int
+    seq: int
+    kind: str
+    reservation_id: str | None
+    units: int
+    figures: Figures
+    actor: str
+    at: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Entry:
+        reservation = row["reservation_id"]
+        return cls(
+            product_id=int(row["product_id"]),
+            version=int(row["version"]),
+            seq=int(row["seq"]),
+            kind=str(row["movement"]),
+            reservation_id=None if reservation is None else str(reservation),
+            units=int(row["units"]),
+            figures=Figures.from_row(row),
+            actor=str(row["actor"]),
+            at=int(row["at"]),
+        )
+
+
+COLUMNS = (
+    "product_id, version, seq, movement, reservation_id, units, available, held, sold, total, "
+    "actor, at"
+)
+# Rows per INSERT: well inside both databases' limits on bound values (12 per row).
+INSERT_CHUNK = 1000
+
+
+async def insert(conn: Executor, entries: Sequence[Entry]) -> None:
+    """Write `entries` with one multi-row INSERT (per `INSERT_CHUNK` rows)."""
+    for start in range(0, len(entries), INSERT_CHUNK):
+        chunk = entries[start : start + INSERT_CHUNK]
+        rows = []
+        values: dict[str, object] = {}
+        for n, e in enumerate(chunk):
+            rows.append(
+                f"(:p{n}, :v{n}, :s{n}, :m{n}, :r{n}, :u{n}, :a{n}, :h{n}, :o{n}, :t{n}, "
+                f":c{n}, :w{n})"
+            )
+            values.update(
+                {
+                    f"p{n}": e.product_id,
+                    f"v{n}": e.version,
+                    f"s{n}": e.seq,
+                    f"m{n}": e.kind,
+                    f"r{n}": e.reservation_id,
+                    f"u{n}": e.units,
+                    f"a{n}": e.figures.available,
+                    f"h{n}": e.figures.held,
+                    f"o{n}": e.figures.sold,
+                    f"t{n}": e.figures.total,
+                    f"c{n}": e.actor,
+                    f"w{n}": e.at,
+                }
+            )
+        await conn.execute(f"INSERT INTO stock_ledger ({COLUMNS}) VALUES {', '.join(rows)}", values)
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+async def entries(
+    conn: Executor,
+    product_id: int,
+    *,
+    limit: int,
+    before: tuple[int, int] | None = None,
+    since: int | None = None,
+    until: int | None = None,
+) -> list[Entry]:
+    """Up to `limit` of a product's movements, newest first: those before the position
+    `before` (version, seq: the cursor of the previous page), at or after `since` and
+    before `until` (ms), when given. Reads from the primary key, or from the index by time
+    when a range is asked for."""
+    where = ["product_id = :p"]
+    values: dict[str, object] = {"p": product_id, "limit": limit}
+    if before is not None:
+        where.append("(version < :bv OR (version = :bv AND seq < :bs))")
+        values.update(bv=before[0], bs=before[1])
+    if since is not None:
+        where.append("at >= :since")
+        values["since"] = since
+    if until is not None:
+        where.append("at < :until")
+        values["until"] = until
+    rows = await conn.fetch_all(
+        f"SELECT {COLUMNS} FROM stock_ledger WHERE {' AND '.join(where)} "
+        "ORDER BY version DESC, seq DESC LIMIT :limit",
+        values,
+    )
+    return [Entry.from_row(row) for row in rows]
+
+
+# -- reconciliation ----------------------------------------------------------------------
+
+# Rows read per query while walking a product's ledger.
+RECONCILE_PAGE = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A product's units as of `version`, every ledger row up to it accounted for."""
+
+    product_id: int
+    version: int
+    figures: Figures
+
+
+@dataclass
+class Reconciled:
+    """One product's reconciliation: `ok` when the ledger adds up to the product's units
+    and its open holds; otherwise `problems` says, one sentence each, what does not."""
+
+    product_id: int
+    version: int
+    product: Figures
+    ledger: Figures
+    open_holds: int
+    rows_checked: int
+    since_version: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def reconcile(conn: Executor, product_ids: Sequence[int] | None = None) -> list[Reconciled]:
+    """Reconcile every product (or those of `product_ids`), by id.
+
+    `conn` must read one consistent snapshot (`Store.snapshot()`): the product rows, the
+    ledger and the holds as of one instant. Reads the ledger rows written since each
+    product's last proved balance, and the open holds (through the index of open holds).
+    """
+    products = await conn.fetch_all(
+        "SELECT id, version, available_stock, held_units, sold_units, total_stock "
+        "FROM products ORDER BY id"
+    )
+    wanted = None if product_ids is None else set(product_ids)
+    balances = {
+        b.product_id: b
+        for b in (
+            Balance(int(r["product_id"]), int(r["version"]), Figures.from_row(r))
+            for r in await conn.fetch_all(
+                "SELECT product_id, version, available, held, sold, total FROM ledger_balances"
+            )
+        )
+    }
+    held = {
+        int(r["product_id"]): int(r["units"])
+        for r in await conn.fetch_all(
+            "SELECT product_id, SUM(quantity) AS units FROM reservations "
+            "WHERE ended_at IS NULL GROUP BY product_id"
+        )
+    }
+    results = []
+    for row in products:
+        product_id = int(row["id"])
+        if wanted is not None and product_id not in wanted:
+            continue
+        now = Figures(
+            int(row["available_stock"]),
+            int(row["held_units"]),
+            int(row["sold_units"]),
+            int(row["total_stock"]),
+        )
+        start = balances.get(product_id, Balance(product_id, 0, Figures()))
+        results.append(
+            await _walk(conn, product_id, int(row["version"]), now, start, held.get(product_id, 0))
+        )
+    return results
+
+
+async def _walk(
+    conn: Executor, product_id: int, version: int, now: Figures, start: Balance, open_holds: int
+) -> Reconciled:
+    figures = start.figures
+    last_version = start.version
+    position = (start.version, 2**31 - 1)
+    checked = 0
+    problems: list[str] = []
+    while True:
+        rows = await conn.fetch_all(
+            f"SELECT {COLUMNS} FROM stock_ledger WHERE product_id = :p "
+            "AND (version > :v OR (version = :v AND seq > :s)) "
+            "ORDER BY version, seq LIMIT :limit",
+            {"p": product_id, "v": position[0], "s": position[1], "limit": RECONCILE_PAGE},
+        )
+        for row in rows:
+            entry = Entry.from_row(row)
+            checked += 1
+            try:
+                delta = DELTAS[Kind(entry.kind)]
+            except ValueError:
+                problems.append(
+                    f"Row {entry.version}.{entry.seq} has an unknown movement {entry.kind!r}."
+                )
+                figures = entry.figures
+                continue
+            expected = figures.plus(delta, entry.units)
+            if entry.figures != expected and len(problems) < 10:
+                problems.append(
+                    f"Row {entry.version}.{entry.seq} ({entry.kind} {entry.units}) says "
+                    f"{_says(entry.figures)}; the rows before it add up to {_says(expected)}."
+                )
+            figures = entry.figures
+            last_version = entry.version
+        if len(rows) < RECONCILE_PAGE:
+            break
+        position = (int(rows[-1]["version"]), int(rows[-1]["seq"]))
+    if figures != now:
+        problems.append(f"The ledger adds up to {_says(figures)}; the product has {_says(now)}.")
+    if last_version > version:
+        problems.append(
+            f"The ledger has rows at version {last_version}, past the product's {version}."
+        )
+    if open_holds != now.held:
+        problems.append(
+            f"Its open holds hold {open_holds} units; the product says {now.held} are held."
+        )
+    return Reconciled(
+        product_id=product_id,
+        version=version,
+        product=now,
+        ledger=figures,
+        open_holds=open_holds,
+        rows_checked=checked,
+        since_version=start.version,
+        problems=problems,
+    )
+
+
+def _says(f: Figures) -> str:
+    return f"available {f.available}, held {f.held}, sold {f.sold}, total {f.total}"
+
+
+async def record_balances(conn: Executor, proved: Sequence[Reconciled], *, now: int) -> None:
+    """Keep the balance of each proved product (inside a write transaction), so that the
+    next reconciliation starts from it. A balance only moves forward: two workers that
+    reconciled at different moments keep the later one. Products that did not change since
+    their balance are left as they are."""
+    for result in proved:
+        if not result.ok or result.version == result.since_version:
+            continue
+        await conn.execute(
+            "INSERT INTO ledger_balances (product_id, version, available, held, sold, total, "
+            "checked_at) VALUES (:p, :v, :a, :h, :s, :t, :now) "
+            "ON CONFLICT (product_id) DO UPDATE SET version = excluded.version, "
+            "available = excluded.available, held = excluded.held, sold = excluded.sold, "
+            "total = excluded.total, checked_at = excluded.checked_at "
+            "WHERE excluded.version >= ledger_balances.version",
+            {
+                "p": result.product_id,
+                "v": result.version,
+                "a": result.product.available,
+                "h": result.product.held,
+                "s": result.product.sold,
+                "t": result.product.total,
+                "now": now,
+            },
+        )
