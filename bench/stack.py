@@ -90,6 +90,7 @@ def service(
 @dataclass
 class Bare:
     base_url: str
+    pid: int = 0  # the uvicorn command's process (its workers are its children)
 
 
 @contextmanager
@@ -127,7 +128,7 @@ def bare(work_dir: Path, *, web_concurrency: int, http: str = "httptools") -> It
                 raise RuntimeError("the bare app did not start") from None
             time.sleep(0.05)
     try:
-        yield Bare(base_url)
+        yield Bare(base_url, process.pid)
     finally:
         process.stop()
 

@@ -7,9 +7,10 @@ Why our own code: uvicorn with httptools bounds none of these (a 64 MiB header v
 buffered and answered 200; connections that sent nothing, half a head, or a body shorter
 than its Content-Length stayed open for minutes; `--timeout-keep-alive` only applies
 between requests). uvicorn's h11 protocol bounds the head's size
-(`--h11-max-incomplete-event-size`) but not the time, and serves a third of httptools'
-rate: `bin/bench protocol` measures the three (bench/README.md, "Hostile clients"). So this
-subclass adds, for a few hundred nanoseconds a request:
+(`--h11-max-incomplete-event-size`) but not the time, and costs 2.6–3× the CPU a request:
+`bin/bench protocol` measures the three (bench/README.md, "Hostile clients"); this subclass
+costs about 7% more than plain httptools (a few Python calls a request; no clock reading
+and no timer for a request that arrives in one read). What it adds:
 
 - **Head size**: a request line over `MAX_URL_BYTES` is answered 414; a head (request line
   and headers) over `HTTP_MAX_HEADER_BYTES` or with more than `HTTP_MAX_HEADERS` headers,
@@ -17,9 +18,10 @@ subclass adds, for a few hundred nanoseconds a request:
   httptools keeps a header's value in memory until it ends, so the bytes of a head still
   arriving are counted as they come, and it is refused as soon as they pass the bound.
 - **Time**: a connection must finish a request's head within `HTTP_HEADER_TIMEOUT_SECONDS`
-  of opening (or of the request's first byte, on a kept-alive connection) and its body
-  within `HTTP_BODY_TIMEOUT_SECONDS` of the head; otherwise 408 and the connection is
-  closed (one that sent nothing is closed without a word). Like HAProxy's
+  of opening (or of the first read of a request that left its head unfinished, on a
+  kept-alive connection) and its body within `HTTP_BODY_TIMEOUT_SECONDS` of the head;
+  otherwise 408 and the connection is closed (one that sent nothing is closed without a
+  word). Like HAProxy's
   `timeout http-request` and nginx's `client_header_timeout`/`client_body_timeout`. A
   WebSocket handshake is a request head like any other.
 - **Connections per address**: at most `MAX_CONNECTIONS_PER_CLIENT` open per web process
@@ -106,7 +108,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._began = False  # whether a request has begun on this connection
         self._head_bytes = 0  # bytes received of the head being read (an upper bound)
         self._header_count = 0
-        self._head_size = 0  # exact size of the headers parsed so far
+        self._chunk = 0  # the size of the read being parsed
         self._due: float | None = None  # when the current phase must be over (loop time)
         self._timer: asyncio.TimerHandle | None = None
         self._key: str | None = None  # the address whose connection count this holds
@@ -150,6 +152,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._phase == _DONE:
             return
         self._unset_keepalive_if_required()
+        self._chunk = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -168,10 +171,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._refusal or _Refusal(400, "malformed", "The request is not valid HTTP/1.1.")
             )
             return
-        if self._phase == _HEAD:
+        # Deadlines are set only for what is still arriving after a read: a request that
+        # came whole in one read (nearly all) costs no clock reading and no timer.
+        phase = self._phase
+        if phase == _HEAD:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 self._refuse(self._head_too_large())
+            elif self._due is None:
+                self._expect(self._head_timeout)
+        elif phase == _BODY and self._due is None:
+            self._expect(self._body_timeout)
 
     # -- parser callbacks ----------------------------------------------------------------
 
@@ -179,35 +189,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._began = True
         self._phase = _HEAD
+        self._due = None
         self._head_bytes = 0
         self._header_count = 0
-        self._head_size = 0
-        self._expect(self._head_timeout)
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > MAX_URL_BYTES:
-            self._refusal = _Refusal(
-                414, "url_too_long", f"The URL is longer than {MAX_URL_BYTES // 1024} KiB."
-            )
-            raise self._refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
         self._header_count += 1
-        self._head_size += len(name) + len(value) + 4
         if self._header_count > self._max_headers:
             self._refusal = _Refusal(
                 431, "too_many_headers", f"The request has more than {self._max_headers} headers."
             )
             raise self._refusal
-        if len(self.url) + self._head_size > self._max_head:
-            self._refusal = self._head_too_large()
-            raise self._refusal
 
     def on_headers_complete(self) -> None:
+        # A head that arrived over several reads was counted as it came (data_received);
+        # one that ended in this read may still be too large: measure it exactly.
+        if len(self.url) > MAX_URL_BYTES:
+            self._refusal = _Refusal(
+                414, "url_too_long", f"The URL is longer than {MAX_URL_BYTES // 1024} KiB."
+            )
+            raise self._refusal
+        if self._head_bytes + self._chunk > self._max_head:
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > self._max_head:
+                self._refusal = self._head_too_large()
+                raise self._refusal
         self._phase = _BODY
-        self._expect(self._body_timeout)
+        self._due = None
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
