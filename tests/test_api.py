@@ -108,6 +108,90 @@ async def test_products_are_listed_by_id_with_an_etag_and_304(api: Api) -> None:
     assert changed.json()[0]["availableStock"] == 4
 
 
+async def test_a_page_asks_for_the_products_it_shows(api: Api) -> None:
+    """With 10,000 products the whole list is 1.35 MB: a page that shows a few names them."""
+    ids = [
+        (
+            await api.admin(
+                "POST", "/api/admin/products", json={"name": f"P{n}", "price": 1, "stock": 5}
+            )
+        ).json()["id"]
+        for n in range(5)
+    ]
+    shown = await api.client.get(f"/api/products?ids={ids[3]},{ids[1]},{ids[3]},999999")
+    assert shown.status_code == 200
+    assert [p["id"] for p in shown.json()] == [ids[1], ids[3]]  # by id; unknown ids left out
+    assert shown.json() == [p for p in (await api.client.get("/api/products")).json()
+                            if p["id"] in (ids[1], ids[3])]  # fmt: skip
+    etag = shown.headers["etag"]
+    again = await api.client.get(f"/api/products?ids={ids[1]},{ids[3]}")
+    assert again.headers["etag"] == etag  # the same products at the same versions
+    # A change elsewhere leaves this page's listing as it was; a change to one of its
+    # products does not.
+    await api.reserve(ids[0], 1)
+    page = f"/api/products?ids={ids[1]},{ids[3]}"
+    assert (await api.client.get(page, headers={"If-None-Match": etag})).status_code == 304
+    await api.reserve(ids[3], 2)
+    changed = await api.client.get(page, headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.json()[1]["availableStock"] == 3
+
+
+async def test_products_come_a_page_at_a_time_with_a_link_to_the_next(api: Api) -> None:
+    ids = [
+        (
+            await api.admin(
+                "POST", "/api/admin/products", json={"name": f"P{n}", "price": 1, "stock": 1}
+            )
+        ).json()["id"]
+        for n in range(5)
+    ]
+    pages: list[list[int]] = []
+    url: str | None = "/api/products?limit=2"
+    while url is not None:
+        response = await api.client.get(url)
+        assert response.status_code == 200
+        body = response.json()
+        pages.append([p["id"] for p in body])
+        link = response.headers.get("link")
+        if link is None:
+            url = None
+        else:
+            match = re.fullmatch(r'<([^>]+)>; rel="next"', link)
+            assert match, link
+            url = match[1]
+            assert len(body) == 2
+    # The newest first, each page by id.
+    assert pages == [ids[3:5], ids[1:3], ids[0:1]]
+    before_third = await api.client.get(f"/api/products?before={ids[2]}")
+    assert [p["id"] for p in before_third.json()] == ids[:2]
+    assert "link" not in before_third.headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "ids=",
+        "ids=abc",
+        "ids=1,,2",
+        "ids=0",
+        "ids=-3",
+        "ids=99999999999",
+        "ids=" + ",".join(str(n) for n in range(1, 102)),
+        "limit=0",
+        "limit=1001",
+        "before=0",
+        "before=-1",
+        "ids=1&limit=2",
+        "ids=1&before=9",
+        "colour=red",
+    ],
+)
+async def test_a_bad_product_query_is_400_and_says_why(api: Api, query: str) -> None:
+    body = assert_error(await api.client.get(f"/api/products?{query}"), 400, "invalid_request")
+    assert body["details"], body
+
+
 @pytest.mark.parametrize("path_id", ["999999", "0", "abc", "-1", "99999999999", "1.0"])
 async def test_an_unknown_product_is_404(api: Api, path_id: str) -> None:
     assert_error(await api.client.get(f"/api/products/{path_id}"), 404, "product_not_found")

@@ -427,3 +427,43 @@ async def test_the_shop_fits_and_passes_axe_while_loading_and_once_loaded(
     await expect(page.locator("#loading")).to_be_hidden()
     assert await page.evaluate("document.documentElement.scrollWidth") <= size["width"]
     await assert_accessible(page)
+
+
+# -- many products -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    yield from serve(tmp_path_factory.mktemp("big-shop"))
+
+
+@EACH_SIZE
+async def test_a_shop_of_many_products_shows_the_newest_page_and_follows_only_it(
+    browser: Browser, big_shop: Service, size: ViewportSize
+) -> None:
+    """After a month of sales a shop has thousands of products (1.35 MB at 10,000): the
+    page shows the newest hundred, follows those alone, and has the older ones a link away;
+    a sale's page (`/?ids=…`) shows the products its address names."""
+    products = [await new_product(big_shop, f"Item {n}", 5) for n in range(105)]
+    page = await new_page(browser, size)
+    await page.goto(big_shop.base_url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(card(page, products[-1])).to_be_visible()
+    await expect(page.locator(".product")).to_have_count(100)
+    await expect(card(page, products[4])).to_have_count(0)
+    await reserve(big_shop, products[-1]["id"], 2)
+    await expect(card(page, products[-1]).locator(".count")).to_have_text("3 of 5 left")
+    await assert_accessible(page)
+
+    await page.get_by_role("link", name="Older products").click()
+    await expect(card(page, products[4])).to_be_visible()
+    await expect(card(page, products[-1])).to_have_count(0)
+
+    sale = [products[3], products[50]]
+    await page.goto(big_shop.base_url + f"/?ids={sale[0]['id']},{sale[1]['id']}")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(page.locator(".product")).to_have_count(2)
+    await expect(page.get_by_role("link", name="Older products")).to_be_hidden()
+    await reserve(big_shop, sale[0]["id"], 1)
+    await expect(card(page, sale[0]).locator(".count")).to_have_text("4 of 5 left")
+    await page.context.close()

@@ -109,7 +109,9 @@ from it is 429 `too_many_failed_sign_ins` with `Retry-After`.
 **Live updates** over `WS /ws` (a WebSocket, which OpenAPI cannot model; see `x-websocket`).
 JSON text frames. On connect the server sends a `snapshot` of every product, then a
 `stock` frame whenever a product's stock changes and a `product` frame when one is created
-or restocked. A client that sends `{{"type": "watch", "reservations": [id, …]}}` (at most
+or restocked. `/ws?ids=3,8,9` (at most {schemas.MAX_PRODUCT_IDS} ids): only those products, in the
+snapshot and after (ids that are not such a list: an `invalid_ids` error frame and close
+1008). A client that sends `{{"type": "watch", "reservations": [id, …]}}` (at most
 50 ids; it replaces the previous list) gets a `reservation` frame with each hold's state at
 once and whenever its status changes. Keep the highest `version` per product and drop
 older frames. A message not understood is answered with an `error` frame; close codes are
@@ -289,7 +291,7 @@ def _websocket() -> Schema:
         "clientMessages": [ref(schemas.WatchMessage)],
         "closeCodes": {
             "1001": "The server is going away: reconnect.",
-            "1008": "A foreign Origin, or ten messages not understood.",
+            "1008": "A foreign Origin, ten messages not understood, or invalid `ids`.",
             "1009": "A message over 4 KiB.",
             "1013": "Too many sockets on this process: try again later.",
         },

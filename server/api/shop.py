@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.api.http import RequestError, json_response, parse_body, path_id, shop_of
+from server.api.http import (
+    RequestError,
+    json_response,
+    parse_body,
+    parse_params,
+    path_id,
+    shop_of,
+)
 from server.api.ratelimit import RateLimiter
 from server.api.spec import (
     CACHE_CONTROL,
     DATABASE,
     ETAG,
     INVALID,
+    INVALID_REQUEST,
     NO_PRODUCT,
     NO_RESERVATION,
     NOT_JSON,
@@ -29,6 +40,7 @@ from server.api.spec import (
     json,
     json_body,
     operation,
+    query_parameters,
     ref,
 )
 from server.domain import errors
@@ -60,31 +72,108 @@ def _catalog(request: Request) -> Catalog:
     return catalog
 
 
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+class ProductsQuery(BaseModel):
+    """Which products: every one (no parameter), those a page shows (`ids`), or a page of
+    them, newest first (`limit`, `before`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: Annotated[
+        str | None,
+        Field(
+            description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
+            "left out.",
+            examples=["3,8,9"],
+        ),
+    ] = None
+    limit: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=MAX_PAGE,
+            description=f"A page: the newest products, at most this many (default "
+            f"{DEFAULT_PAGE} when `before` is given), listed by id; a `Link` header with "
+            '`rel="next"` gives the address of the page of older ones when there are any.',
+        ),
+    ] = None
+    before: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=schemas.MAX_INT32,
+            description="The page holds products with ids below this one (the `Link` "
+            "header's next page says which).",
+        ),
+    ] = None
+
+    @field_validator("ids")
+    @classmethod
+    def _ids(cls, value: str | None) -> str | None:
+        if value is not None:
+            schemas.parse_product_ids(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ProductsQuery:
+        if self.ids is not None and (self.limit is not None or self.before is not None):
+            raise ValueError("ask for `ids` or for a page (`limit`, `before`), not both")
+        return self
+
+
 @operation(
     "listProducts",
     "Shop",
-    "Every product, by id",
+    "Products, by id: every one, those a page shows, or a page of them (newest first)",
     {
         "200": json(
             array(schemas.ProductOut),
             "The products, by id",
-            {"ETag": ETAG, "Cache-Control": CACHE_CONTROL},
+            {
+                "ETag": ETAG,
+                "Cache-Control": CACHE_CONTROL,
+                "Link": header(
+                    "The page of older products, when there is one: "
+                    '`</api/products?before=58&limit=50>; rel="next"`',
+                    required=False,
+                ),
+            },
         ),
         "304": {
             "description": "Not modified: the ETag sent in If-None-Match is current",
             "headers": {"ETag": ETAG, "Cache-Control": CACHE_CONTROL},
         },
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
     },
-    parameters=[component_parameter("IfNoneMatch")],
+    parameters=[*query_parameters(ProductsQuery), component_parameter("IfNoneMatch")],
     description="Costs no query: the listing is kept current in the process. Poll it "
-    "with If-None-Match when the WebSocket cannot be used.",
+    "with If-None-Match when the WebSocket cannot be used. A page that shows a few products "
+    "should ask for those (`ids`), or for a page of them, rather than for all: with 10,000 "
+    "products the whole list is 1.35 MB.",
 )
 async def list_products(request: Request) -> Response:
-    body, etag = _catalog(request).listing()
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if _etag_matches(request.headers.get("if-none-match"), etag):
+    catalog = _catalog(request)
+    headers = {"Cache-Control": "no-cache"}
+    if not request.query_params:
+        listing = catalog.listing()
+    else:
+        query = parse_params(request.query_params, ProductsQuery)
+        if query.ids is not None:
+            listing = catalog.selection(schemas.parse_product_ids(query.ids))
+        else:
+            limit = query.limit or DEFAULT_PAGE
+            listing = catalog.page(before=query.before, limit=limit)
+            if listing.next_before is not None:
+                headers["Link"] = (
+                    f'</api/products?before={listing.next_before}&limit={limit}>; rel="next"'
+                )
+    headers["ETag"] = listing.etag
+    if _etag_matches(request.headers.get("if-none-match"), listing.etag):
         return Response(status_code=304, headers=headers)
-    return json_response(body, headers=headers)
+    return json_response(listing.body, headers=headers)
 
 
 @operation(

@@ -29,6 +29,29 @@ from server.domain.clock import iso
 from server.domain.model import Product, Reservation, Status
 
 MAX_INT32 = 2**31 - 1
+# Products a page may name in `GET /api/products?ids=` and `/ws?ids=`: more than any page
+# shows, few enough that the answer stays small.
+MAX_PRODUCT_IDS = 100
+PRODUCT_IDS_RULE = f"at most {MAX_PRODUCT_IDS} product ids, comma-separated (e.g. 3,8,9)"
+
+
+def parse_product_ids(text: str) -> frozenset[int]:
+    """`"3,8,9"` → `{3, 8, 9}`. Raises `ValueError` (saying `PRODUCT_IDS_RULE`) for anything
+    else: an empty list, more than `MAX_PRODUCT_IDS`, or an id that is not 1 to 2³¹−1."""
+    parts = text.split(",")
+    if not text or len(parts) > MAX_PRODUCT_IDS:
+        raise ValueError(PRODUCT_IDS_RULE)
+    ids = set()
+    for part in parts:
+        if not (part.isascii() and part.isdigit() and len(part) <= 10):
+            raise ValueError(PRODUCT_IDS_RULE)
+        value = int(part)
+        if not 1 <= value <= MAX_INT32:
+            raise ValueError(PRODUCT_IDS_RULE)
+        ids.add(value)
+    return frozenset(ids)
+
+
 MAX_STOCK = 1_000_000_000
 DEFAULT_MAX_QUANTITY = 10
 
@@ -378,7 +401,7 @@ class ReservationFrame(_Response):
 
 class ErrorFrame(_Response):
     type: Literal["error"]
-    code: Literal["invalid_json", "unknown_message", "invalid_watch"]
+    code: Literal["invalid_json", "unknown_message", "invalid_watch", "invalid_ids"]
     message: str
 
 

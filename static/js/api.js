@@ -75,7 +75,9 @@ export async function request(method, path, { body, headers = {}, etag } = {}) {
 
 export const api = {
   config: () => request("GET", "/api/config"),
-  products: (etag) => request("GET", "/api/products", { etag }),
+  // query: "" (every product), "ids=3,8,9", or "limit=100&after=58" (a page, by id)
+  products: (etag, query = "") =>
+    request("GET", query ? `/api/products?${query}` : "/api/products", { etag }),
   reservation: (id) => request("GET", `/api/reservations/${encodeURIComponent(id)}`),
   reserve: (productId, quantity, key) =>
     request("POST", "/api/reservations", {

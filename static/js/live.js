@@ -27,6 +27,7 @@ export class LiveFeed {
   // state(name)
   constructor(handlers) {
     this.handlers = handlers;
+    this.productIds = null; // the products this page shows, or null: every product
     this.state = null;
     this.socket = null;
     this.watching = [];
@@ -39,7 +40,10 @@ export class LiveFeed {
     this.lastHeard = null; // Date.now() when the page last knew its stock was current
   }
 
-  start() {
+  // ids: the products the page shows (the socket's snapshot and frames, and the polled
+  // list, are then those alone), or null for every product.
+  start(ids = null) {
+    this.productIds = ids && ids.length ? ids.join(",") : null;
     this.setState("connecting");
     this.connect();
   }
@@ -61,7 +65,8 @@ export class LiveFeed {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     let socket;
     try {
-      socket = new WebSocket(`${scheme}://${location.host}/ws`);
+      const only = this.productIds ? `?ids=${this.productIds}` : "";
+      socket = new WebSocket(`${scheme}://${location.host}/ws${only}`);
     } catch {
       this.lost();
       return;
@@ -137,7 +142,8 @@ export class LiveFeed {
   async poll() {
     let wait = POLL_MS;
     try {
-      const { status, data, etag } = await api.products(this.etag);
+      const query = this.productIds ? `ids=${this.productIds}` : "";
+      const { status, data, etag } = await api.products(this.etag, query);
       if (status === 200) {
         this.etag = etag;
         this.handlers.products(data);

@@ -80,6 +80,12 @@ export class ShopView {
         $("#loading").hidden = true;
         this.showEmpty();
         break;
+      case "morePages": {
+        const more = $("#more-products");
+        more.hidden = !data;
+        if (data) more.querySelector("a").href = data;
+        break;
+      }
       case "product":
         this.renderProduct(data);
         break;

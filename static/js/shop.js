@@ -11,6 +11,25 @@ const TITLE = document.title;
 // Reminders of the time left on a hold, in ms: each announced once, and only if it is
 // still ahead when the page first sees the hold (a 45-second hold never hears "60 seconds").
 const REMINDERS = [60_000, 30_000, 10_000];
+// Products on one page. A shop can have thousands (all of them are 1.35 MB at 10,000): a
+// page shows those its address names (`/?ids=3,8,9`, a sale's page), or a page of them,
+// the newest first (`/?before=58` for older ones), and follows only those.
+const PAGE_SIZE = 100;
+
+function productsQuery() {
+  const params = new URLSearchParams(location.search);
+  const ids = params.get("ids");
+  if (ids) return { query: `ids=${encodeURIComponent(ids)}`, named: true };
+  const before = params.get("before");
+  const page = `limit=${PAGE_SIZE}${before ? `&before=${encodeURIComponent(before)}` : ""}`;
+  return { query: page, named: false, paged: Boolean(before) };
+}
+
+function nextPage(headers) {
+  const link = headers?.get("Link");
+  const match = link && /<[^>]*[?&]before=(\d+)[^>]*>;\s*rel="next"/.exec(link);
+  return match ? `?before=${match[1]}` : null;
+}
 
 function randomKey() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -28,13 +47,15 @@ class Shop {
     this.reminded = new Map(); // hold id → the lowest reminder said (or passed unsaid)
     this.settledSaid = new Set(); // holds whose ending has been announced
     this.pausedUntil = 0; // Date.now() until which the server asked us not to reserve
+    this.shown = null; // Set of the product ids this page shows, or null: every product
     this.live = new LiveFeed({
       products: (list) => {
-        list.forEach((p) => this.applyProduct(p));
-        this.view.render("products", list);
+        const mine = list.filter((p) => this.shows(p.id));
+        mine.forEach((p) => this.applyProduct(p));
+        this.view.render("products", mine);
       },
-      stock: (frame) => this.applyStock(frame),
-      product: (product) => this.applyProduct(product),
+      stock: (frame) => this.shows(frame.productId) && this.applyStock(frame),
+      product: (product) => this.shows(product.id) && this.applyProduct(product),
       reservation: (reservation) => this.applyReservation(reservation),
       state: (state) => this.view.render("connection", { state, lastHeard: this.live.lastHeard }),
     });
@@ -49,20 +70,30 @@ class Shop {
       const { data: config } = await api.config();
       this.config = config;
       this.view.render("config", config);
-      const { data: products } = await api.products();
+      const { query, named, paged } = productsQuery();
+      const { data: products, headers } = await api.products(null, query);
       products.forEach((p) => this.applyProduct(p));
       this.view.render("products", products);
+      const next = nextPage(headers);
+      this.view.render("morePages", next);
+      // A shop whose products all fit on one page follows every product, so that new
+      // ones appear; otherwise the page follows what it shows.
+      if (named || paged || next) this.shown = new Set(products.map((p) => p.id));
     } catch (error) {
       this.view.render("notice", sentenceFor(error));
     }
     await this.restoreHolds();
-    this.live.start();
+    this.live.start(this.shown ? [...this.shown] : null);
     this.live.watch(this.activeHoldIds());
     setInterval(() => this.tick(), TICK_MS);
     this.tick();
   }
 
   // -- what the server says --------------------------------------------------------------
+
+  shows(productId) {
+    return this.shown === null || this.shown.has(productId);
+  }
 
   applyProduct(product) {
     const known = this.products.get(product.id);
