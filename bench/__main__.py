@@ -540,9 +540,15 @@ def _history_run(
             )
             note_backlog("after the paths")
             progress.step(f"{config.label} · history: {state}, pages and operator console")
+            # A page's socket (the newest 100 products, as the shop page follows once a
+            # shop has more), and one that takes every product.
+            listed = httpx.get(service.base_url + "/api/products?limit=100").json()
+            page_ids = sorted(p["id"] for p in listed)[-100:]
+            ws = service.base_url + "/ws"
             result["sockets"] = history.socket_connect_rate(
-                service.base_url + "/ws", seconds=size.socket_seconds
+                f"{ws}?ids={','.join(map(str, page_ids))}", seconds=size.socket_seconds
             )
+            result["sockets_all"] = history.socket_connect_rate(ws, seconds=size.socket_seconds)
             # The product with the most holds: the one (d) made its holds for, created last.
             product_id = max(p["id"] for p in httpx.get(service.base_url + "/api/products").json())
             result["operator"] = history.operator_latency(

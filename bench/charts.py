@@ -137,6 +137,7 @@ _SHORT = {
     "(b) reserve, sold out": "(b) reserve,\nsold out",
     "(c) GET /api/products → 200": "(c) list\n→ 200",
     "(c) GET /api/products → 304": "(c) list\n→ 304",
+    "(c) a page: GET /api/products?limit=100 → 200": "(c) a page\n→ 200",
     "(d) complete a hold": "(d) complete\na hold",
     "bare endpoint (after)": "bare\n(after)",
 }

@@ -95,8 +95,8 @@ class _SnapshotReader(asyncio.Protocol):
     """Opens /ws, reads the first frame (the snapshot) to its end, and hangs up. Counts
     bytes only: parsing a 1.35 MB snapshot would cost this side as much as the server."""
 
-    def __init__(self, host: str, done: asyncio.Future[int]) -> None:
-        self._host, self._done = host, done
+    def __init__(self, host: str, target: str, done: asyncio.Future[int]) -> None:
+        self._host, self._target, self._done = host, target, done
         self._buffer = b""  # until the handshake's answer and the frame's header are in
         self._upgraded = False
         self._need: int | None = None  # bytes of the first frame, header included
@@ -108,7 +108,7 @@ class _SnapshotReader(asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         self._transport.write(
             (
-                f"GET /ws HTTP/1.1\r\nHost: {self._host}\r\nUpgrade: websocket\r\n"
+                f"GET {self._target} HTTP/1.1\r\nHost: {self._host}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 "Sec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
@@ -155,6 +155,7 @@ class _SnapshotReader(asyncio.Protocol):
 async def _connect_rate(url: str, seconds: float, concurrency: int) -> dict[str, float]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
     loop = asyncio.get_running_loop()
     sizes: list[int] = []
     timings: list[float] = []
@@ -164,7 +165,7 @@ async def _connect_rate(url: str, seconds: float, concurrency: int) -> dict[str,
         done: asyncio.Future[int] = loop.create_future()
         started = time.perf_counter()
         transport, _ = await loop.create_connection(
-            lambda: _SnapshotReader(f"{host}:{port}", done), host, port
+            lambda: _SnapshotReader(f"{host}:{port}", target, done), host, port
         )
         try:
             sizes.append(await asyncio.wait_for(done, 30))
@@ -188,8 +189,9 @@ async def _connect_rate(url: str, seconds: float, concurrency: int) -> dict[str,
 
 
 def socket_connect_rate(url: str, *, seconds: float, concurrency: int = 16) -> dict[str, float]:
-    """Pages opening `/ws` (each reads its snapshot to the end, then leaves): connects per
-    second, `concurrency` at a time, for `seconds`."""
+    """Pages opening the socket at `url` (`ws://…/ws`, or `…/ws?ids=…`; each reads its
+    snapshot to the end, then leaves): connects per second, `concurrency` at a time, for
+    `seconds`."""
     result = asyncio.run(_connect_rate(url, seconds, concurrency))
     print(
         f"  /ws connect + snapshot ({result['snapshot_bytes']:,} bytes)   "

@@ -1,7 +1,8 @@
 """Scenario: the request paths under load, each as a share of the bare endpoint's rate.
 
 (a) reservations with ample stock, (b) reservations of a sold-out product, (c) the product
-list with and without If-None-Match, (d) completing holds, each request a different ACTIVE
+list with and without If-None-Match, and a page of it (the newest 100, as the shop page asks
+once a shop has more), (d) completing holds, each request a different ACTIVE
 hold (made beforehand, straight into the database), and the bare endpoint before and
 after, all at the same concurrency, in the same run.
 """
@@ -138,6 +139,12 @@ def run(
             "(c) GET /api/products → 304",
             service.base_url,
             load("/api/products", headers={"If-None-Match": etag}),
+            pid,
+        ),
+        _measure(
+            "(c) a page: GET /api/products?limit=100 → 200",
+            service.base_url,
+            load("/api/products?limit=100"),
             pid,
         ),
     ]

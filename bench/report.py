@@ -115,11 +115,18 @@ def _history(config: dict[str, Any]) -> dict[str, Any] | None:
     return h if h and h["holds"] and "vs_empty" in h else None
 
 
+WHOLE_LIST = "(c) GET /api/products"  # every product: 1.35 MB at 10,000, so not a page's path
+
+
 def _history_paths(config: dict[str, Any]) -> tuple[str, bool] | None:
     h = _history(config)
     if h is None:
         return None
-    ratios: dict[str, float] = h["vs_empty"]["paths"]
+    ratios: dict[str, float] = {
+        name: ratio
+        for name, ratio in h["vs_empty"]["paths"].items()
+        if not name.startswith(WHOLE_LIST)
+    }
     worst = min(ratios, key=lambda name: ratios[name])
     return (
         f"worst {worst}: {ratios[worst]:.2f}×",
@@ -161,12 +168,14 @@ GOALS = [
     # A month of sales (`bin/bench history`): the wave's goal above applies with history too.
     Goal(
         "history",
-        f"every path ≥ {HISTORY_SHARE:g}× of the empty database's (shares of the bare endpoint)",
+        f"every path ≥ {HISTORY_SHARE:g}× of the empty database's (shares of the bare "
+        "endpoint; the whole product list aside, which a page no longer asks for)",
         _history_paths,
     ),
     Goal(
         "history",
-        f"pages opening /ws ≥ {HISTORY_SHARE:g}× of the empty database's rate",
+        f"pages opening /ws?ids= (the newest 100) ≥ {HISTORY_SHARE:g}× of the empty "
+        "database's rate",
         _history_sockets,
     ),
     Goal("history", f"operator console requests: p90 ≤ {OPERATOR_MS:g} ms", _operator),
@@ -616,7 +625,19 @@ def _history_section(configs: list[dict[str, Any]]) -> list[str]:
                 cell += f", **{ratio:.2f}×**"
             return cell
 
-        rows.append(["pages opening `/ws` (connect + snapshot)", *(sockets(c) for c in runs)])
+        rows.append(
+            ["pages opening `/ws?ids=` (the newest 100), connect + snapshot"]
+            + [sockets(c) for c in runs]
+        )
+        if all("sockets_all" in c for c in runs):
+            rows.append(
+                ["pages opening `/ws` (every product), connect + snapshot"]
+                + [
+                    f"{c['sockets_all']['per_second']:,.0f}/s, "
+                    f"{c['sockets_all']['snapshot_bytes']:,} B snapshot"
+                    for c in runs
+                ]
+            )
 
         def wave(c: dict[str, Any]) -> str:
             r = c["wave"]["restore_lateness_ms"]
