@@ -33,6 +33,7 @@ from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
 from server.infra.redis_client import arq_redis_settings, redis_client_for
 from server.infra.settings import Settings
 from server.live.publisher import Publisher
+from server.service.delivery import Deliverer
 from server.service.ledger import Ledger
 from server.service.shop import Expired, Shop
 from server.storage import migrate
@@ -117,6 +118,15 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
             ]
             for timer in timers:
                 timer.start()
+            deliverer = Deliverer(
+                store,
+                timeout_s=settings.webhook_timeout_seconds,
+                backoff_s=settings.webhook_backoff_seconds,
+                retry_hours=settings.webhook_retry_hours,
+                concurrency=settings.webhook_concurrency,
+                poll_ms=settings.webhook_poll_ms,
+            )
+            deliverer.start()
             try:
                 yield {
                     "settings": settings,
@@ -124,8 +134,10 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                     "publisher": publisher,
                     "shop": shop,
                     "ledger": ledger,
+                    "deliverer": deliverer,
                 }
             finally:
+                await deliverer.stop()
                 for timer in reversed(timers):
                     await timer.stop()
         finally:

@@ -64,12 +64,14 @@ class Books:
                     at=self.now,
                 )
             )
-            event = outbox.movement_event(movement, product.id, product.version, figures, self.now)
+            event = outbox.movement_event(
+                movement, product.id, product.version, seq, figures, self.now
+            )
             if event is not None:
                 self._events.append((product.id, product.version, seq, *event))
             seq += 1
         event = outbox.availability_event(
-            before, after, product.id, product.version, movements[-1].actor, self.now
+            before, after, product.id, product.version, seq, movements[-1].actor, self.now
         )
         if event is not None:
             self._events.append((product.id, product.version, seq, *event))

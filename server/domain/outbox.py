@@ -73,7 +73,9 @@ def new_event_ids(count: int) -> list[str]:
     ]
 
 
-def stock_data(product_id: int, version: int, figures: Figures) -> dict[str, Any]:
+def stock_data(product_id: int, version: int, seq: int, figures: Figures) -> dict[str, Any]:
+    """The product's units right after the event; (`version`, `sequence`) orders a
+    product's events."""
     return {
         "productId": product_id,
         "availableStock": figures.available,
@@ -81,6 +83,7 @@ def stock_data(product_id: int, version: int, figures: Figures) -> dict[str, Any
         "soldUnits": figures.sold,
         "totalStock": figures.total,
         "version": version,
+        "sequence": seq,
     }
 
 
@@ -108,10 +111,10 @@ def body(event_type: str, at: int, data: dict[str, Any]) -> str:
 
 
 def movement_event(
-    movement: Movement, product_id: int, version: int, figures: Figures, at: int
+    movement: Movement, product_id: int, version: int, seq: int, figures: Figures, at: int
 ) -> tuple[str, str] | None:
     """The event (type, body) a movement causes by itself, if any."""
-    stock = stock_data(product_id, version, figures)
+    stock = stock_data(product_id, version, seq, figures)
     if movement.reservation is not None and movement.kind in RESERVATION_EVENTS:
         kind = RESERVATION_EVENTS[movement.kind]
         data: dict[str, Any] = {
@@ -127,7 +130,7 @@ def movement_event(
 
 
 def availability_event(
-    before: Figures, after: Figures, product_id: int, version: int, actor: str, at: int
+    before: Figures, after: Figures, product_id: int, version: int, seq: int, actor: str, at: int
 ) -> tuple[str, str] | None:
     """`product.sold_out` when a change took the last units, `product.back_in_stock` when
     one brought units back to a sold-out product (not at its creation)."""
@@ -137,7 +140,7 @@ def availability_event(
         kind = PRODUCT_BACK_IN_STOCK
     else:
         return None
-    data = {"stock": stock_data(product_id, version, after), "actor": actor}
+    data = {"stock": stock_data(product_id, version, seq, after), "actor": actor}
     return kind, body(kind, at, data)
 
 

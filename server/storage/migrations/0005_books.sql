@@ -61,7 +61,10 @@ CREATE TABLE outbox (
     dispatched_at BIGINT
 );
 CREATE UNIQUE INDEX outbox_order ON outbox (product_id, version, seq);
-CREATE INDEX outbox_undispatched ON outbox (created_at, id) WHERE dispatched_at IS NULL;
+-- The worker hands events to the endpoints product by product, in order: a product's events
+-- commit in version order (its row lock orders their transactions), so any statement sees
+-- a prefix of each product's events, never a later one without the earlier.
+CREATE INDEX outbox_undispatched ON outbox (product_id, version, seq) WHERE dispatched_at IS NULL;
 CREATE INDEX outbox_by_created ON outbox (created_at);
 
 -- Where events go: the shop's receivers, registered by the operator. `events`: the event

@@ -1,0 +1,285 @@
+"""The operator's webhook endpoints: register, list, enable/disable, rotate the secret,
+recent deliveries, redeliver one. Only with the operator token (`operator_only`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.api.admin import operator_only
+from server.api.http import RequestError, json_response, parse_body, parse_params, path_id
+from server.api.spec import (
+    DATABASE,
+    INVALID,
+    INVALID_REQUEST,
+    NO_OPERATOR_API,
+    NOT_FOUND,
+    NOT_JSON,
+    UNAUTHORIZED_ANSWER,
+    array,
+    error,
+    json,
+    json_body,
+    operation,
+    path_parameter,
+    query_parameters,
+    ref,
+)
+from server.domain.clock import iso
+from server.domain.webhooks import Delivery, Endpoint
+from server.service.webhooks import Webhooks
+from server.wire import schemas
+from server.wire.schemas import MAX_INT32, CreateWebhookBody
+
+ENDPOINT_ID = path_parameter(
+    "endpoint_id",
+    "A webhook endpoint's id. Anything else is answered 404.",
+    {"type": "integer", "minimum": 1, "maximum": MAX_INT32},
+)
+EVENT_ID = path_parameter(
+    "event_id",
+    "An event's id (its webhook-id).",
+    {"type": "string", "pattern": "^msg_[a-z2-7]{26}$"},
+)
+NO_ENDPOINT = error("There is no such endpoint, or no operator API", NOT_FOUND)
+ENDPOINT = json(ref(schemas.WebhookOut), "The endpoint")
+
+
+def webhooks_of(request: Request) -> Webhooks:
+    found: Webhooks = request.app.state.webhooks
+    return found
+
+
+def _endpoint_id(request: Request) -> int:
+    endpoint_id = path_id(request, "endpoint_id")
+    if endpoint_id is None:
+        raise _no_endpoint()
+    return endpoint_id
+
+
+def _no_endpoint() -> RequestError:
+    return RequestError(404, NOT_FOUND, "There is no such webhook endpoint.")
+
+
+def _view(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "description": endpoint.description,
+        "events": list(endpoint.events),
+        "enabled": endpoint.enabled,
+        "disabledReason": endpoint.disabled_reason,
+        "createdAt": iso(endpoint.created_at),
+        "pending": endpoint.pending,
+        "failingSince": None if endpoint.failing_since is None else iso(endpoint.failing_since),
+    }
+    if secret:
+        view["secret"] = endpoint.secret
+    return view
+
+
+def _delivery_view(d: Delivery) -> dict[str, Any]:
+    def time(ms: int | None) -> str | None:
+        return None if ms is None else iso(ms)
+
+    return {
+        "eventId": d.event_id,
+        "type": d.type,
+        "productId": d.product_id,
+        "createdAt": iso(d.created_at),
+        "status": d.status,
+        "attempts": d.attempts,
+        "lastAttemptAt": time(d.last_attempt_at),
+        "lastStatus": d.last_status,
+        "lastError": d.last_error,
+        "deliveredAt": time(d.delivered_at),
+    }
+
+
+@operation(
+    "createWebhookEndpoint",
+    "Webhooks",
+    "Register a webhook endpoint",
+    {
+        "201": json(
+            ref(schemas.WebhookSecretOut),
+            "The endpoint, with its signing secret: shown this once",
+        ),
+        "400": INVALID,
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "415": NOT_JSON,
+        "503": DATABASE,
+    },
+    body=json_body(schemas.CreateWebhookBody),
+    operator=True,
+    description="The endpoint gets every event committed from now on (or the `events` "
+    "listed), signed with the secret returned here (Standard Webhooks).",
+)
+@operator_only
+async def create_endpoint(request: Request) -> Response:
+    body = await parse_body(request, CreateWebhookBody)
+    endpoint = await webhooks_of(request).create(
+        url=body.url, events=sorted(set(body.events)), description=body.description
+    )
+    return json_response(_view(endpoint, secret=True), 201)
+
+
+@operation(
+    "listWebhookEndpoints",
+    "Webhooks",
+    "Every webhook endpoint",
+    {
+        "200": json(array(schemas.WebhookOut), "The endpoints, by id (no secrets)"),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    operator=True,
+)
+@operator_only
+async def list_endpoints(request: Request) -> Response:
+    return json_response([_view(e) for e in await webhooks_of(request).all()])
+
+
+@operation(
+    "getWebhookEndpoint",
+    "Webhooks",
+    "One webhook endpoint",
+    {"200": ENDPOINT, "401": UNAUTHORIZED_ANSWER, "404": NO_ENDPOINT, "503": DATABASE},
+    parameters=[ENDPOINT_ID],
+    operator=True,
+)
+@operator_only
+async def get_endpoint(request: Request) -> Response:
+    endpoint = await webhooks_of(request).get(_endpoint_id(request))
+    if endpoint is None:
+        raise _no_endpoint()
+    return json_response(_view(endpoint))
+
+
+def _switch(enabled: bool) -> Any:
+    async def switch(request: Request) -> Response:
+        endpoint = await webhooks_of(request).set_enabled(_endpoint_id(request), enabled)
+        if endpoint is None:
+            raise _no_endpoint()
+        return json_response(_view(endpoint))
+
+    return switch
+
+
+enable_endpoint = operation(
+    "enableWebhookEndpoint",
+    "Webhooks",
+    "Enable an endpoint (its waiting deliveries go at once)",
+    {"200": ENDPOINT, "401": UNAUTHORIZED_ANSWER, "404": NO_ENDPOINT, "503": DATABASE},
+    parameters=[ENDPOINT_ID],
+    operator=True,
+)(operator_only(_switch(True)))
+disable_endpoint = operation(
+    "disableWebhookEndpoint",
+    "Webhooks",
+    "Disable an endpoint (it gets no new events until enabled)",
+    {"200": ENDPOINT, "401": UNAUTHORIZED_ANSWER, "404": NO_ENDPOINT, "503": DATABASE},
+    parameters=[ENDPOINT_ID],
+    operator=True,
+)(operator_only(_switch(False)))
+
+
+@operation(
+    "rotateWebhookSecret",
+    "Webhooks",
+    "Give an endpoint a new signing secret",
+    {
+        "200": json(
+            ref(schemas.WebhookSecretOut),
+            "The endpoint with its new secret, shown this once; for a day the old secret "
+            "signs too (two signatures in webhook-signature)",
+        ),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_ENDPOINT,
+        "503": DATABASE,
+    },
+    parameters=[ENDPOINT_ID],
+    operator=True,
+)
+@operator_only
+async def rotate_secret(request: Request) -> Response:
+    endpoint = await webhooks_of(request).rotate(_endpoint_id(request))
+    if endpoint is None:
+        raise _no_endpoint()
+    return json_response(_view(endpoint, secret=True))
+
+
+class DeliveryQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    limit: Annotated[int, Field(ge=1, le=500, description="How many, newest first.")] = 50
+
+
+@operation(
+    "listWebhookDeliveries",
+    "Webhooks",
+    "An endpoint's recent deliveries, newest first",
+    {
+        "200": json(array(schemas.DeliveryOut), "Its deliveries, with their status"),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": NO_ENDPOINT,
+        "503": DATABASE,
+    },
+    parameters=[ENDPOINT_ID, *query_parameters(DeliveryQuery)],
+    operator=True,
+)
+@operator_only
+async def list_deliveries(request: Request) -> Response:
+    query = parse_params(request.query_params, DeliveryQuery)
+    found = await webhooks_of(request).deliveries(_endpoint_id(request), limit=query.limit)
+    if found is None:
+        raise _no_endpoint()
+    return json_response([_delivery_view(d) for d in found])
+
+
+@operation(
+    "redeliverWebhook",
+    "Webhooks",
+    "Send one event to an endpoint again",
+    {
+        "202": {"description": "The worker sends it within a moment (same webhook-id)"},
+        "401": UNAUTHORIZED_ANSWER,
+        "404": error("There is no such delivery, or no operator API", NOT_FOUND),
+        "503": DATABASE,
+    },
+    parameters=[ENDPOINT_ID, EVENT_ID],
+    operator=True,
+    description="A delivered event is sent once more on its own; one still waiting has its "
+    "retry brought forward to now.",
+)
+@operator_only
+async def redeliver(request: Request) -> Response:
+    event_id: str = request.path_params["event_id"]
+    if not (event_id.startswith("msg_") and len(event_id) == 30 and event_id.isascii()):
+        raise RequestError(404, NOT_FOUND, "There is no such delivery.")
+    if not await webhooks_of(request).redeliver(_endpoint_id(request), event_id):
+        raise RequestError(404, NOT_FOUND, "There is no such delivery.")
+    return Response(status_code=202)
+
+
+routes = [
+    Route("/api/admin/webhooks", create_endpoint, methods=["POST"]),
+    Route("/api/admin/webhooks", list_endpoints, methods=["GET"]),
+    Route("/api/admin/webhooks/{endpoint_id}", get_endpoint, methods=["GET"]),
+    Route("/api/admin/webhooks/{endpoint_id}/enable", enable_endpoint, methods=["POST"]),
+    Route("/api/admin/webhooks/{endpoint_id}/disable", disable_endpoint, methods=["POST"]),
+    Route("/api/admin/webhooks/{endpoint_id}/rotate-secret", rotate_secret, methods=["POST"]),
+    Route("/api/admin/webhooks/{endpoint_id}/deliveries", list_deliveries, methods=["GET"]),
+    Route(
+        "/api/admin/webhooks/{endpoint_id}/deliveries/{event_id}/redeliver",
+        redeliver,
+        methods=["POST"],
+    ),
+]

@@ -1,0 +1,588 @@
+"""Webhook endpoints and the deliveries of the outbox to them: the SQL.
+
+The worker's cycle (`server.service.delivery.Deliverer`), each step its own short
+transaction, the network calls between them and never inside one:
+
+1. `dispatch`: hand new outbox events to the endpoints that want them, product by product
+   in order: a delivery row per (event, endpoint), and the (endpoint, product) queue's
+   `pending` count raised. An event is dispatched once (`dispatched_at`, set by a
+   conditional UPDATE: two workers cannot both take it).
+2. `lease`: take queues that have deliveries due, for `lease_ms`: while the lease holds, no
+   other worker sends from that queue, so a product's events go to an endpoint one at a
+   time, in order (a conditional UPDATE again: the same on SQLite and PostgreSQL, where
+   `FOR UPDATE SKIP LOCKED` would have to hold a transaction open across the HTTP calls).
+   With each queue, its next deliveries in (version, seq) order.
+3. (the worker sends them, in order, stopping at the first failure)
+4. `settle`: mark what was delivered, count the failure, set the queue's next attempt
+   (exponential backoff with jitter), give the lease back; disable an endpoint whose queue
+   has been failing for longer than the retry window.
+
+A lease outlives the longest run it covers (the sender stops a run before its lease runs
+out), so a queue is only taken over from a worker that died; the events it was sending are
+then sent again, with the same webhook-id: at least once, in order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from server.domain.executor import Executor, Row
+
+ENDPOINT = (
+    "id, url, description, events, secret, previous_secret, previous_secret_until, enabled, "
+    "disabled_reason, created_at, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A receiver. `events`: the types it wants (empty: all). `pending`/`failing_since`:
+    its deliveries waiting, and since when (ms) one of its queues has been failing."""
+
+    id: int
+    url: str
+    description: str
+    events: tuple[str, ...]
+    secret: str
+    previous_secret: str | None
+    previous_secret_until: int | None
+    enabled: bool
+    disabled_reason: str | None
+    created_at: int
+    updated_at: int
+    pending: int = 0
+    failing_since: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Endpoint:
+        events = str(row["events"])
+        until = row["previous_secret_until"]
+        previous = row["previous_secret"]
+        reason = row["disabled_reason"]
+        return cls(
+            id=int(row["id"]),
+            url=str(row["url"]),
+            description=str(row["description"]),
+            events=tuple(e for e in events.split(",") if e),
+            secret=str(row["secret"]),
+            previous_secret=None if previous is None else str(previous),
+            previous_secret_until=None if until is None else int(until),
+            enabled=bool(row["enabled"]),
+            disabled_reason=None if reason is None else str(reason),
+            created_at=int(row["created_at"]),
+            updated_at=int(row["updated_at"]),
+        )
+
+    def wants(self, event_type: str) -> bool:
+        return not self.events or event_type in self.events
+
+    def secrets(self, now: int) -> list[str]:
+        """The secrets to sign with at `now`: the current one, and the previous one during
+        the grace period after a rotation."""
+        found = [self.secret]
+        until = self.previous_secret_until
+        if self.previous_secret and until is not None and until > now:
+            found.append(self.previous_secret)
+        return found
+
+
+# -- endpoints (the operator) -------------------------------------------------------------
+
+
+async def create_endpoint(
+    conn: Executor, *, url: str, events: Sequence[str], description: str, secret: str, now: int
+) -> Endpoint:
+    # The id is chosen inside the INSERT, as for products (both databases, one statement).
+    row = await conn.fetch_one(
+        "INSERT INTO webhook_endpoints (id, url, description, events, secret, enabled, "
+        "created_at, updated_at) SELECT COALESCE(MAX(id), 0) + 1, CAST(:url AS TEXT), "
+        "CAST(:description AS TEXT), CAST(:events AS TEXT), CAST(:secret AS TEXT), 1, "
+        f"CAST(:now AS BIGINT), CAST(:now AS BIGINT) FROM webhook_endpoints RETURNING {ENDPOINT}",
+        {
+            "url": url,
+            "description": description,
+            "events": ",".join(events),
+            "secret": secret,
+            "now": now,
+        },
+    )
+    assert row is not None
+    return Endpoint.from_row(row)
+
+
+async def endpoints(conn: Executor, endpoint_id: int | None = None) -> list[Endpoint]:
+    """Every endpoint (or one), by id, with its pending deliveries and failing time."""
+    where = "WHERE e.id = :id " if endpoint_id is not None else ""
+    rows = await conn.fetch_all(
+        f"SELECT {', '.join('e.' + c.strip() for c in ENDPOINT.split(','))}, "
+        "COALESCE(SUM(q.pending), 0) AS pending, MIN(q.failing_since) AS failing_since "
+        "FROM webhook_endpoints e LEFT JOIN webhook_queues q ON q.endpoint_id = e.id "
+        f"{where}GROUP BY {', '.join('e.' + c.strip() for c in ENDPOINT.split(','))} "
+        "ORDER BY e.id",
+        {"id": endpoint_id} if endpoint_id is not None else {},
+    )
+    found = []
+    for row in rows:
+        failing = row["failing_since"]
+        found.append(
+            replace(
+                Endpoint.from_row(row),
+                pending=int(row["pending"]),
+                failing_since=None if failing is None else int(failing),
+            )
+        )
+    return found
+
+
+async def set_enabled(
+    conn: Executor, endpoint_id: int, *, enabled: bool, reason: str | None, now: int
+) -> bool:
+    """Turn an endpoint on (its failing queues are tried again at once) or off; False if
+    there is no such endpoint."""
+    row = await conn.fetch_one(
+        "UPDATE webhook_endpoints SET enabled = :on, disabled_reason = :reason, "
+        "updated_at = :now WHERE id = :id RETURNING id",
+        {"id": endpoint_id, "on": 1 if enabled else 0, "reason": reason, "now": now},
+    )
+    if row is not None and enabled:
+        await conn.execute(
+            "UPDATE webhook_queues SET next_attempt_at = 0, failures = 0, failing_since = NULL "
+            "WHERE endpoint_id = :id",
+            {"id": endpoint_id},
+        )
+    return row is not None
+
+
+async def rotate_secret(
+    conn: Executor, endpoint_id: int, *, secret: str, grace_until: int, now: int
+) -> bool:
+    """A new signing secret; the old one signs too until `grace_until` (ms)."""
+    row = await conn.fetch_one(
+        "UPDATE webhook_endpoints SET previous_secret = secret, secret = :secret, "
+        "previous_secret_until = :until, updated_at = :now WHERE id = :id RETURNING id",
+        {"id": endpoint_id, "secret": secret, "until": grace_until, "now": now},
+    )
+    return row is not None
+
+
+# -- deliveries (the operator's view) -----------------------------------------------------
+
+DELIVERY = (
+    "event_id, endpoint_id, product_id, version, seq, type, created_at, attempts, "
+    "last_attempt_at, last_status, last_error, delivered_at, redeliver_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An event's delivery to one endpoint. Times in ms."""
+
+    event_id: str
+    endpoint_id: int
+    product_id: int
+    version: int
+    seq: int
+    type: str
+    created_at: int
+    attempts: int
+    last_attempt_at: int | None
+    last_status: int | None
+    last_error: str | None
+    delivered_at: int | None
+    redeliver_at: int | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Delivery:
+        def maybe(name: str) -> int | None:
+            value = row[name]
+            return None if value is None else int(value)
+
+        error = row["last_error"]
+        return cls(
+            event_id=str(row["event_id"]),
+            endpoint_id=int(row["endpoint_id"]),
+            product_id=int(row["product_id"]),
+            version=int(row["version"]),
+            seq=int(row["seq"]),
+            type=str(row["type"]),
+            created_at=int(row["created_at"]),
+            attempts=int(row["attempts"]),
+            last_attempt_at=maybe("last_attempt_at"),
+            last_status=maybe("last_status"),
+            last_error=None if error is None else str(error),
+            delivered_at=maybe("delivered_at"),
+            redeliver_at=maybe("redeliver_at"),
+        )
+
+    @property
+    def status(self) -> str:
+        if self.redeliver_at is not None:
+            return "redelivering"
+        return "pending" if self.delivered_at is None else "delivered"
+
+
+async def recent_deliveries(conn: Executor, endpoint_id: int, *, limit: int) -> list[Delivery]:
+    """An endpoint's `limit` most recent deliveries, newest first."""
+    rows = await conn.fetch_all(
+        f"SELECT {DELIVERY} FROM webhook_deliveries WHERE endpoint_id = :e "
+        "ORDER BY created_at DESC, event_id DESC LIMIT :limit",
+        {"e": endpoint_id, "limit": limit},
+    )
+    return [Delivery.from_row(row) for row in rows]
+
+
+async def redeliver(conn: Executor, endpoint_id: int, event_id: str, *, now: int) -> bool:
+    """Send an event to an endpoint again, soon. A delivered one is sent once more on its
+    own (the receiver tells it by its webhook-id); an undelivered one's queue is tried now,
+    without waiting for its backoff. False if there is no such delivery."""
+    row = await conn.fetch_one(
+        "SELECT product_id, delivered_at FROM webhook_deliveries "
+        "WHERE event_id = :id AND endpoint_id = :e",
+        {"id": event_id, "e": endpoint_id},
+    )
+    if row is None:
+        return False
+    if row["delivered_at"] is not None:
+        await conn.execute(
+            "UPDATE webhook_deliveries SET redeliver_at = :now "
+            "WHERE event_id = :id AND endpoint_id = :e",
+            {"id": event_id, "e": endpoint_id, "now": now},
+        )
+    else:
+        await conn.execute(
+            "UPDATE webhook_queues SET next_attempt_at = 0 "
+            "WHERE endpoint_id = :e AND product_id = :p",
+            {"e": endpoint_id, "p": int(row["product_id"])},
+        )
+    return True
+
+
+# -- the worker: dispatch -----------------------------------------------------------------
+
+
+async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
+    """Hand up to `limit` undispatched events, in order per product, to the enabled
+    endpoints that want them; returns how many events were taken (0: none was waiting).
+
+    An endpoint gets the events committed after it was registered."""
+    waiting = await conn.fetch_all(
+        "SELECT id FROM outbox WHERE dispatched_at IS NULL "
+        "ORDER BY product_id, version, seq LIMIT :limit",
+        {"limit": limit},
+    )
+    if not waiting:
+        return 0
+    names = {f"i{n}": str(row["id"]) for n, row in enumerate(waiting)}
+    taken = await conn.fetch_all(
+        "UPDATE outbox SET dispatched_at = :now "
+        f"WHERE id IN ({', '.join(':' + name for name in names)}) AND dispatched_at IS NULL "
+        "RETURNING id, product_id, version, seq, type, created_at",
+        {"now": now, **names},
+    )
+    rows = sorted(taken, key=lambda r: (int(r["product_id"]), int(r["version"]), int(r["seq"])))
+    active = await endpoints_enabled(conn)
+    deliveries: list[tuple[Row, int]] = []
+    per_queue: dict[tuple[int, int], int] = defaultdict(int)
+    for row in rows:
+        for endpoint in active:
+            if endpoint.wants(str(row["type"])) and int(row["created_at"]) >= endpoint.created_at:
+                deliveries.append((row, endpoint.id))
+                per_queue[(endpoint.id, int(row["product_id"]))] += 1
+    for start in range(0, len(deliveries), 500):
+        chunk = deliveries[start : start + 500]
+        values: dict[str, object] = {}
+        sql = []
+        for n, (row, endpoint_id) in enumerate(chunk):
+            sql.append(f"(:i{n}, :e{n}, :p{n}, :v{n}, :s{n}, :t{n}, :c{n})")
+            values.update(
+                {
+                    f"i{n}": row["id"],
+                    f"e{n}": endpoint_id,
+                    f"p{n}": row["product_id"],
+                    f"v{n}": row["version"],
+                    f"s{n}": row["seq"],
+                    f"t{n}": row["type"],
+                    f"c{n}": row["created_at"],
+                }
+            )
+        await conn.execute(
+            "INSERT INTO webhook_deliveries (event_id, endpoint_id, product_id, version, seq, "
+            f"type, created_at) VALUES {', '.join(sql)}",
+            values,
+        )
+    # Queues in a fixed order, so that two dispatchers cannot deadlock on PostgreSQL.
+    for (endpoint_id, product_id), count in sorted(per_queue.items()):
+        await conn.execute(
+            "INSERT INTO webhook_queues (endpoint_id, product_id, pending) VALUES (:e, :p, :n) "
+            "ON CONFLICT (endpoint_id, product_id) DO UPDATE "
+            "SET pending = webhook_queues.pending + excluded.pending",
+            {"e": endpoint_id, "p": product_id, "n": count},
+        )
+    return len(waiting)
+
+
+async def endpoints_enabled(conn: Executor) -> list[Endpoint]:
+    rows = await conn.fetch_all(
+        f"SELECT {ENDPOINT} FROM webhook_endpoints WHERE enabled = 1 ORDER BY id"
+    )
+    return [Endpoint.from_row(row) for row in rows]
+
+
+# -- the worker: lease, settle ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A delivery to make: the event's id and body, as stored."""
+
+    event_id: str
+    type: str
+    payload: str
+    created_at: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A leased queue and its next deliveries, in order. `failures`: consecutive failed
+    attempts so far; `failing_since`: since when (ms)."""
+
+    endpoint_id: int
+    product_id: int
+    failures: int
+    failing_since: int | None
+    deliveries: list[Outgoing]
+
+
+async def lease(
+    conn: Executor, *, owner: str, now: int, lease_ms: int, queues: int, per_queue: int
+) -> list[Run]:
+    """Lease up to `queues` due queues of enabled endpoints (those waiting longest first)
+    until `now + lease_ms`, each with up to `per_queue` of its next deliveries."""
+    due = await conn.fetch_all(
+        "SELECT q.endpoint_id, q.product_id FROM webhook_queues q "
+        "JOIN webhook_endpoints e ON e.id = q.endpoint_id "
+        "WHERE q.pending > 0 AND q.next_attempt_at <= :now AND q.lease_until <= :now "
+        "AND e.enabled = 1 ORDER BY q.next_attempt_at LIMIT :limit",
+        {"now": now, "limit": queues},
+    )
+    runs = []
+    for queue in sorted(due, key=lambda r: (int(r["endpoint_id"]), int(r["product_id"]))):
+        leased = await conn.fetch_one(
+            "UPDATE webhook_queues SET lease_until = :until, lease_owner = :owner "
+            "WHERE endpoint_id = :e AND product_id = :p AND lease_until <= :now "
+            "AND pending > 0 RETURNING failures, failing_since",
+            {
+                "e": queue["endpoint_id"],
+                "p": queue["product_id"],
+                "now": now,
+                "until": now + lease_ms,
+                "owner": owner,
+            },
+        )
+        if leased is None:  # another worker took it meanwhile
+            continue
+        rows = await conn.fetch_all(
+            "SELECT d.event_id, d.type, d.created_at, d.attempts, o.payload "
+            "FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
+            "WHERE d.endpoint_id = :e AND d.product_id = :p AND d.delivered_at IS NULL "
+            "ORDER BY d.version, d.seq LIMIT :limit",
+            {"e": queue["endpoint_id"], "p": queue["product_id"], "limit": per_queue},
+        )
+        since = leased["failing_since"]
+        runs.append(
+            Run(
+                endpoint_id=int(queue["endpoint_id"]),
+                product_id=int(queue["product_id"]),
+                failures=int(leased["failures"]),
+                failing_since=None if since is None else int(since),
+                deliveries=[
+                    Outgoing(
+                        event_id=str(r["event_id"]),
+                        type=str(r["type"]),
+                        payload=str(r["payload"]),
+                        created_at=int(r["created_at"]),
+                        attempts=int(r["attempts"]),
+                    )
+                    for r in rows
+                ],
+            )
+        )
+    return runs
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What became of one delivery attempt: the receiver's status (None: no answer), or
+    the error, and when it was made (ms)."""
+
+    event_id: str
+    at: int
+    status: int | None
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What `settle` did: deliveries newly marked delivered (event id → created_at, for the
+    lateness), and whether it disabled the endpoint."""
+
+    delivered: dict[str, int]
+    disabled: bool
+
+
+async def settle(
+    conn: Executor,
+    run: Run,
+    attempts: Sequence[Attempt],
+    *,
+    owner: str,
+    now: int,
+    retry_after_ms: int,
+    give_up_after_ms: int,
+) -> Settled:
+    """Record a run's attempts (in order: delivered ones, then at most one failure) and give
+    its queue's lease back. After a failure the queue waits `retry_after_ms`; when it has
+    been failing for `give_up_after_ms`, its endpoint is disabled (its deliveries stay
+    pending, to go once the operator enables it again)."""
+    if not attempts:
+        # Nothing was sent (the queue's count said there was more than there is): count
+        # again, and give the lease back.
+        await conn.execute(
+            "UPDATE webhook_queues SET lease_until = 0, lease_owner = NULL, pending = "
+            "(SELECT COUNT(*) FROM webhook_deliveries d WHERE d.endpoint_id = :e "
+            "AND d.product_id = :p AND d.delivered_at IS NULL) "
+            "WHERE endpoint_id = :e AND product_id = :p AND lease_owner = :owner",
+            {"e": run.endpoint_id, "p": run.product_id, "owner": owner},
+        )
+        return Settled({}, False)
+    delivered = [a for a in attempts if a.delivered]
+    failed = [a for a in attempts if not a.delivered]
+    done: dict[str, int] = {}
+    if delivered:
+        names = {f"i{n}": a.event_id for n, a in enumerate(delivered)}
+        rows = await conn.fetch_all(
+            "UPDATE webhook_deliveries SET delivered_at = :now, attempts = attempts + 1, "
+            "last_attempt_at = :now, last_status = :status, last_error = NULL "
+            f"WHERE endpoint_id = :e AND event_id IN ({', '.join(':' + n for n in names)}) "
+            "AND delivered_at IS NULL RETURNING event_id, created_at",
+            {"e": run.endpoint_id, "now": now, "status": delivered[-1].status, **names},
+        )
+        done = {str(r["event_id"]): int(r["created_at"]) for r in rows}
+        if done:
+            await conn.execute(
+                "UPDATE webhook_queues SET pending = pending - :n "
+                "WHERE endpoint_id = :e AND product_id = :p",
+                {"e": run.endpoint_id, "p": run.product_id, "n": len(done)},
+            )
+    for attempt in failed:
+        await conn.execute(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = :at, "
+            "last_status = :status, last_error = :error WHERE endpoint_id = :e AND event_id = :id",
+            {
+                "e": run.endpoint_id,
+                "id": attempt.event_id,
+                "at": attempt.at,
+                "status": attempt.status,
+                "error": (attempt.error or "")[:500] or None,
+            },
+        )
+    if failed:
+        failures = run.failures + 1
+        since = run.failing_since if run.failing_since is not None else failed[0].at
+        next_attempt = now + retry_after_ms
+    else:
+        failures, since, next_attempt = 0, None, 0
+    await conn.execute(
+        "UPDATE webhook_queues SET lease_until = 0, lease_owner = NULL, failures = :f, "
+        "failing_since = :since, next_attempt_at = :next "
+        "WHERE endpoint_id = :e AND product_id = :p AND lease_owner = :owner",
+        {
+            "e": run.endpoint_id,
+            "p": run.product_id,
+            "f": failures,
+            "since": since,
+            "next": next_attempt,
+            "owner": owner,
+        },
+    )
+    disabled = False
+    if since is not None and now - since >= give_up_after_ms:
+        hours = give_up_after_ms / 3_600_000
+        row = await conn.fetch_one(
+            "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = :reason, "
+            "updated_at = :now WHERE id = :e AND enabled = 1 RETURNING id",
+            {
+                "e": run.endpoint_id,
+                "now": now,
+                "reason": f"failing for {hours:g} hours (WEBHOOK_RETRY_HOURS); its deliveries "
+                "are kept and go out once it is enabled again",
+            },
+        )
+        disabled = row is not None
+    return Settled(done, disabled)
+
+
+# -- the worker: redeliveries the operator asked for ---------------------------------------
+
+
+async def take_redeliveries(
+    conn: Executor, *, now: int, lease_ms: int, limit: int
+) -> list[tuple[int, Outgoing]]:
+    """Delivered events the operator asked to send again: (endpoint id, delivery), each
+    leased until `now + lease_ms` (a worker that dies leaves it to the next)."""
+    rows = await conn.fetch_all(
+        "SELECT d.event_id, d.endpoint_id, d.type, d.created_at, d.attempts, o.payload "
+        "FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
+        "WHERE d.redeliver_at IS NOT NULL AND d.redeliver_at <= :now "
+        "ORDER BY d.redeliver_at LIMIT :limit",
+        {"now": now, "limit": limit},
+    )
+    taken = []
+    for row in rows:
+        claimed = await conn.fetch_one(
+            "UPDATE webhook_deliveries SET redeliver_at = :until "
+            "WHERE event_id = :id AND endpoint_id = :e AND redeliver_at <= :now RETURNING event_id",
+            {"id": row["event_id"], "e": row["endpoint_id"], "now": now, "until": now + lease_ms},
+        )
+        if claimed is not None:
+            taken.append(
+                (
+                    int(row["endpoint_id"]),
+                    Outgoing(
+                        event_id=str(row["event_id"]),
+                        type=str(row["type"]),
+                        payload=str(row["payload"]),
+                        created_at=int(row["created_at"]),
+                        attempts=int(row["attempts"]),
+                    ),
+                )
+            )
+    return taken
+
+
+async def settle_redelivery(conn: Executor, endpoint_id: int, attempt: Attempt) -> None:
+    """A redelivery is one attempt: done whatever the answer, recorded either way."""
+    await conn.execute(
+        "UPDATE webhook_deliveries SET redeliver_at = NULL, attempts = attempts + 1, "
+        "last_attempt_at = :at, last_status = :status, last_error = :error "
+        "WHERE event_id = :id AND endpoint_id = :e",
+        {
+            "id": attempt.event_id,
+            "e": endpoint_id,
+            "at": attempt.at,
+            "status": attempt.status,
+            "error": None if attempt.delivered else (attempt.error or "")[:500] or None,
+        },
+    )
+
+
+async def pending_total(conn: Executor) -> int:
+    row = await conn.fetch_one("SELECT COALESCE(SUM(pending), 0) AS n FROM webhook_queues")
+    return 0 if row is None else int(row["n"])

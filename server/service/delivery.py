@@ -1,0 +1,312 @@
+"""Delivering the outbox as webhooks, signed to the Standard Webhooks specification.
+
+The worker runs one `Deliverer` beside its expiry jobs. Its loop, on a timer of its own
+(`WEBHOOK_POLL_MS`), needs only the database: Redis can be flushed or down and nothing is
+lost, since every event is a row written with the change that caused it.
+
+- New events are handed to the endpoints (`webhooks.dispatch`), product by product in order.
+- Up to `WEBHOOK_CONCURRENCY` (endpoint, product) queues are leased at once; each leased
+  queue's next deliveries are sent one after another, in (version, seq) order, and the run
+  stops at the first failure, so a product's events reach an endpoint in order. Queues of
+  different products go in parallel. A lease lasts `3 × WEBHOOK_TIMEOUT_SECONDS + 5 s` and a
+  run stops sending well before it runs out, so only a worker that died loses a queue to
+  another (which then sends its events again, with the same webhook-ids).
+- A failure (no answer within the timeout, or a status that is not 2xx) holds the queue
+  back for an exponential backoff with full jitter: about `WEBHOOK_BACKOFF_SECONDS`, then
+  twice that each time, at most an hour, each delay drawn between half and all of it.
+  A queue failing for `WEBHOOK_RETRY_HOURS` disables its endpoint (logged at ERROR, counted
+  in `flashsale_webhook_endpoints_disabled_total`, shown in the console); its deliveries
+  are kept and go once the operator enables it again.
+
+Each database step is its own short transaction; every HTTP call is made outside any.
+Signing uses the `standardwebhooks` package (`Webhook(secret).sign`): headers `webhook-id`
+(the event's id, the same on every attempt), `webhook-timestamp` (the attempt's, in
+seconds) and `webhook-signature` (`v1,<base64>`; two of them, space-separated, while a
+rotated-out secret is still in its grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from datetime import UTC, datetime
+
+import httpx
+from standardwebhooks import Webhook
+
+from server.domain import webhooks
+from server.domain.clock import now_ms
+from server.domain.errors import DatabaseBusy, DatabaseUnavailable
+from server.domain.webhooks import Attempt, Endpoint, Outgoing, Run
+from server.infra.metrics import (
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_ENDPOINTS_DISABLED,
+    WEBHOOK_LATENESS,
+    WEBHOOK_PENDING,
+)
+from server.storage.database import Store
+
+logger = logging.getLogger(__name__)
+
+DISPATCH_BATCH = 500
+PER_QUEUE = 50  # deliveries sent in one run of one queue
+MAX_BACKOFF_MS = 3_600_000
+ERROR_BODY_BYTES = 300
+USER_AGENT = "flashsale-webhooks/1"
+DELIVERED = WEBHOOK_DELIVERIES.labels("delivered")
+FAILED = WEBHOOK_DELIVERIES.labels("failed")
+
+
+def backoff_ms(failures: int, base_ms: float) -> int:
+    """The wait after the `failures`-th failure in a row (1, 2, …): exponential, capped at
+    an hour, with full jitter between half and all of it."""
+    ceiling = min(base_ms * 2 ** max(failures - 1, 0), MAX_BACKOFF_MS)
+    return int(ceiling * random.uniform(0.5, 1.0))
+
+
+class Deliverer:
+    """Delivers the outbox of `store` until stopped.
+
+    `timeout_s`: one attempt's limit (seconds); `backoff_s`: the first retry's delay;
+    `retry_hours`: how long a failing queue is retried before its endpoint is disabled;
+    `concurrency`: queues sent from at once; `poll_ms`: how often to look for new events.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        timeout_s: float = 10.0,
+        backoff_s: float = 5.0,
+        retry_hours: float = 24.0,
+        concurrency: int = 16,
+        poll_ms: int = 200,
+    ) -> None:
+        self.store = store
+        self.timeout_s = timeout_s
+        self.lease_ms = round(timeout_s * 3000) + 5000
+        self.backoff_ms = backoff_s * 1000
+        self.give_up_ms = round(retry_hours * 3_600_000)
+        self.concurrency = concurrency
+        self.poll_s = poll_ms / 1000
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._client = httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=64),
+            headers={"user-agent": USER_AGENT},
+        )
+        self._signers: dict[str, Webhook] = {}
+        self._endpoints: dict[int, Endpoint] = {}
+        self._runs: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._pending_checked = 0.0
+        self.attempts = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="webhook-deliverer")
+
+    async def stop(self) -> None:
+        """Stop: finish the database step in hand, let runs in flight settle what they sent
+        (they send nothing more), then close. Runs still going after one more timeout are
+        cancelled: their leases run out, and the events are sent again by whichever worker
+        takes the queue next. (A task cancelled inside a database call can leave the
+        connection unreleased, so nothing is cancelled while there is a choice.)"""
+        self._stopping.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.timeout_s + 5)
+            except TimeoutError:
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._runs:
+            _, late = await asyncio.wait(self._runs, timeout=self.timeout_s + 5)
+            for run in late:
+                run.cancel()
+            await asyncio.gather(*self._runs, return_exceptions=True)
+            self._runs.clear()
+        await self._client.aclose()
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.step()
+            except (DatabaseBusy, DatabaseUnavailable) as exc:
+                logger.warning("webhook delivery postponed: %s", exc)
+                await self._pause(1.0)
+            except Exception:
+                logger.exception("webhook delivery failed; trying again")
+                await self._pause(1.0)
+            if self._runs:
+                done, _ = await asyncio.wait(
+                    self._runs, timeout=self.poll_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                self._runs -= done
+            else:
+                await self._pause(self.poll_s)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def step(self) -> int:
+        """One turn: dispatch new events, then lease as many queues as there is room for and
+        start sending from them (tasks of their own). Returns the runs started."""
+        while (
+            await self.store.write(
+                lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=DISPATCH_BATCH)
+            )
+            == DISPATCH_BATCH
+        ):
+            pass
+        room = self.concurrency - len(self._runs)
+        if room <= 0:
+            return 0
+        async with self.store.reader() as conn:
+            self._endpoints = {e.id: e for e in await webhooks.endpoints_enabled(conn)}
+            if time.monotonic() - self._pending_checked > 5:
+                self._pending_checked = time.monotonic()
+                WEBHOOK_PENDING.set(await webhooks.pending_total(conn))
+        runs = await self.store.write(
+            lambda conn: webhooks.lease(
+                conn,
+                owner=self.owner,
+                now=now_ms(),
+                lease_ms=self.lease_ms,
+                queues=room,
+                per_queue=PER_QUEUE,
+            )
+        )
+        for run in runs:
+            self._spawn(self._send_run(run, time.monotonic()))
+        if len(runs) < room:
+            redeliveries = await self.store.write(
+                lambda conn: webhooks.take_redeliveries(
+                    conn, now=now_ms(), lease_ms=self.lease_ms, limit=room - len(runs)
+                )
+            )
+            for endpoint_id, outgoing in redeliveries:
+                self._spawn(self._redeliver(endpoint_id, outgoing))
+        return len(runs)
+
+    def _spawn(self, work: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)  # type: ignore[arg-type]
+        self._runs.add(task)
+
+    async def drain(self, within: float = 30.0) -> None:
+        """Deliver everything that can be delivered now (for tests and the benchmark: the
+        loop does this by itself)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            started = await self.step()
+            if self._runs:
+                await asyncio.wait(self._runs)
+                self._runs = {t for t in self._runs if not t.done()}
+            elif not started:
+                return
+
+    async def _send_run(self, run: Run, leased_at: float) -> None:
+        endpoint = self._endpoints.get(run.endpoint_id)
+        if endpoint is None:
+            return  # disabled meanwhile: the lease runs out, nothing was sent
+        # Stop sending while there is still time to settle before the lease runs out.
+        stop_at = leased_at + self.lease_ms / 1000 - self.timeout_s - 2
+        attempts: list[Attempt] = []
+        for outgoing in run.deliveries:
+            if time.monotonic() > stop_at or self._stopping.is_set():
+                break
+            attempt = await self._post(endpoint, outgoing)
+            attempts.append(attempt)
+            if not attempt.delivered:
+                break
+        failures = run.failures + (0 if not attempts or attempts[-1].delivered else 1)
+        try:
+            settled = await self.store.write(
+                lambda conn: webhooks.settle(
+                    conn,
+                    run,
+                    attempts,
+                    owner=self.owner,
+                    now=now_ms(),
+                    retry_after_ms=backoff_ms(failures, self.backoff_ms),
+                    give_up_after_ms=self.give_up_ms,
+                )
+            )
+        except (DatabaseBusy, DatabaseUnavailable) as exc:
+            # The lease runs out and the run is sent again: at least once.
+            logger.warning("could not record %d webhook attempts: %s", len(attempts), exc)
+            return
+        now = now_ms()
+        for created_at in settled.delivered.values():
+            WEBHOOK_LATENESS.observe(max(now - created_at, 0) / 1000)
+        if settled.disabled:
+            WEBHOOK_ENDPOINTS_DISABLED.inc()
+            logger.error(
+                "webhook endpoint %d (%s) disabled: it has failed for %g hours "
+                "(WEBHOOK_RETRY_HOURS); enable it in the console once it answers again",
+                endpoint.id,
+                endpoint.url,
+                self.give_up_ms / 3_600_000,
+            )
+
+    async def _redeliver(self, endpoint_id: int, outgoing: Outgoing) -> None:
+        async with self.store.reader() as conn:
+            found = await webhooks.endpoints(conn, endpoint_id)
+        if not found:
+            return
+        attempt = await self._post(found[0], outgoing)
+        await self.store.write(lambda conn: webhooks.settle_redelivery(conn, endpoint_id, attempt))
+
+    async def _post(self, endpoint: Endpoint, outgoing: Outgoing) -> Attempt:
+        """One signed POST of an event; never raises for what the receiver does."""
+        at = now_ms()
+        seconds = at // 1000
+        moment = datetime.fromtimestamp(seconds, UTC)
+        signature = " ".join(
+            self._signer(secret).sign(outgoing.event_id, moment, outgoing.payload)
+            for secret in endpoint.secrets(at)
+        )
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": outgoing.event_id,
+            "webhook-timestamp": str(seconds),
+            "webhook-signature": signature,
+        }
+        self.attempts += 1
+        try:
+            async with self._client.stream(
+                "POST", endpoint.url, content=outgoing.payload.encode(), headers=headers
+            ) as response:
+                status = response.status_code
+                error = None
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}: {await _start_of(response)}"
+        except (httpx.HTTPError, OSError) as exc:
+            status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+        (DELIVERED if status is not None and 200 <= status < 300 else FAILED).inc()
+        return Attempt(outgoing.event_id, at, status, error)
+
+    def _signer(self, secret: str) -> Webhook:
+        signer = self._signers.get(secret)
+        if signer is None:
+            signer = self._signers[secret] = Webhook(secret)
+        return signer
+
+
+async def _start_of(response: httpx.Response) -> str:
+    """The first few hundred bytes of a refusal's body, as text (for the console)."""
+    taken = b""
+    async for chunk in response.aiter_bytes():
+        taken += chunk
+        if len(taken) >= ERROR_BODY_BYTES:
+            break
+    return taken[:ERROR_BODY_BYTES].decode("utf-8", "replace").strip()

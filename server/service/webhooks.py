@@ -1,0 +1,103 @@
+"""Webhook endpoints, as the operator manages them: register (the signing secret shown
+once), enable and disable, rotate the secret, look at recent deliveries, redeliver one.
+
+Delivery itself is the worker's (`server.service.delivery.Deliverer`).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import sqlite3
+from collections.abc import Sequence
+
+import asyncpg
+
+from server.domain import webhooks
+from server.domain.clock import now_ms
+from server.domain.executor import Executor
+from server.domain.webhooks import Delivery, Endpoint
+from server.storage.database import Store
+
+# After a rotation the previous secret signs too, for this long: time for the shop to
+# deploy the new one (receivers accept any of the signatures in the header).
+SECRET_GRACE_MS = 24 * 3_600_000
+DISABLED_BY_OPERATOR = "disabled by the operator"
+_UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
+
+
+def new_secret() -> str:
+    """`whsec_` and 32 random bytes in base64, as the Standard Webhooks libraries take it."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+class Webhooks:
+    """The endpoints of `store`. Methods that name an endpoint return None (or False) when
+    there is no such endpoint."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def create(self, *, url: str, events: Sequence[str], description: str) -> Endpoint:
+        """Register an endpoint; the returned one carries its secret (shown once)."""
+        secret = new_secret()
+        for attempt in range(5):
+            try:
+                return await self.store.write(
+                    lambda conn: webhooks.create_endpoint(
+                        conn,
+                        url=url,
+                        events=events,
+                        description=description,
+                        secret=secret,
+                        now=now_ms(),
+                    )
+                )
+            except _UNIQUE_VIOLATIONS:  # two at once chose the same id (PostgreSQL only)
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def all(self) -> list[Endpoint]:
+        async with self.store.reader() as conn:
+            return await webhooks.endpoints(conn)
+
+    async def get(self, endpoint_id: int) -> Endpoint | None:
+        async with self.store.reader() as conn:
+            found = await webhooks.endpoints(conn, endpoint_id)
+        return found[0] if found else None
+
+    async def set_enabled(self, endpoint_id: int, enabled: bool) -> Endpoint | None:
+        """Enable (failing queues are tried again at once) or disable an endpoint."""
+        reason = None if enabled else DISABLED_BY_OPERATOR
+        changed = await self.store.write(
+            lambda conn: webhooks.set_enabled(
+                conn, endpoint_id, enabled=enabled, reason=reason, now=now_ms()
+            )
+        )
+        return await self.get(endpoint_id) if changed else None
+
+    async def rotate(self, endpoint_id: int) -> Endpoint | None:
+        """A new secret (returned, shown once); the old one signs too for a day."""
+        secret = new_secret()
+
+        async def rotate(conn: Executor) -> bool:
+            now = now_ms()
+            return await webhooks.rotate_secret(
+                conn, endpoint_id, secret=secret, grace_until=now + SECRET_GRACE_MS, now=now
+            )
+
+        if not await self.store.write(rotate):
+            return None
+        return await self.get(endpoint_id)
+
+    async def deliveries(self, endpoint_id: int, *, limit: int) -> list[Delivery] | None:
+        async with self.store.reader() as conn:
+            if not await webhooks.endpoints(conn, endpoint_id):
+                return None
+            return await webhooks.recent_deliveries(conn, endpoint_id, limit=limit)
+
+    async def redeliver(self, endpoint_id: int, event_id: str) -> bool:
+        return await self.store.write(
+            lambda conn: webhooks.redeliver(conn, endpoint_id, event_id, now=now_ms())
+        )

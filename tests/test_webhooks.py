@@ -1,0 +1,488 @@
+"""Webhooks from the transactional outbox: signed (Standard Webhooks), at least once, in order
+per product, retried with backoff, and nothing lost when the receiver, the worker, Redis or a
+web process fails. Every test has a real HTTP receiver that verifies each signature with the
+`standardwebhooks` library."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from server.devtools.embedded_redis import EmbeddedRedis
+from server.devtools.processes import ADMIN_TOKEN, Service, running
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.executor import Executor
+from server.domain.model import HoldRequest, Outcome, Reservation
+from server.infra.settings import Settings
+from server.service.delivery import Deliverer, backoff_ms
+from server.service.webhooks import Webhooks
+from server.storage.database import Store
+from tests.receiver import Receiver
+from tests.support import assert_reconciled, eventually, hold, make_product, serve
+
+OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+async def register(store: Store, receiver: Receiver, events: list[str] | None = None) -> int:
+    endpoint = await Webhooks(store).create(url=receiver.url, events=events or [], description="")
+    receiver.secret = endpoint.secret
+    return endpoint.id
+
+
+def deliverer(store: Store, **overrides: float) -> Deliverer:
+    options: dict[str, float] = {
+        "timeout_s": 2.0,
+        "backoff_s": 0.05,
+        "retry_hours": 24.0,
+        "poll_ms": 20,
+        **overrides,
+    }
+    return Deliverer(
+        store,
+        timeout_s=options["timeout_s"],
+        backoff_s=options["backoff_s"],
+        retry_hours=options["retry_hours"],
+        poll_ms=int(options["poll_ms"]),
+    )
+
+
+async def outbox_ids(store: Store) -> set[str]:
+    async with store.reader() as conn:
+        rows = await conn.fetch_all("SELECT id FROM outbox")
+    return {str(r["id"]) for r in rows}
+
+
+async def sale(store: Store, products: int = 2, holds: int = 50) -> dict[str, int]:
+    """`holds` holds over `products` products, then completes, cancels and expiries; the
+    number of reservation events of each kind it caused."""
+    rng = random.Random(12)
+    made = [await make_product(store, holds) for _ in range(products)]
+    counts = {"created": 0, "completed": 0, "cancelled": 0, "expired": 0}
+    now = now_ms()
+    for n in range(holds):
+        product = made[n % products]
+        overdue = rng.random() < 0.3
+        reservation = await hold(
+            store, product.id, rng.randint(1, 2), now=now, hold_ms=1 if overdue else 60_000
+        )
+        counts["created"] += 1
+        if overdue:
+            counts["expired"] += 1
+        elif rng.random() < 0.5:
+            await store.write(functools.partial(_complete, reservation_id=reservation.id))
+            counts["completed"] += 1
+        elif rng.random() < 0.5:
+            await store.write(functools.partial(_cancel, reservation_id=reservation.id))
+            counts["cancelled"] += 1
+    # The worker's expiry, a second on (only the short holds are due).
+    await store.write(lambda conn: inventory.expire_overdue(conn, now=now_ms() + 1_000))
+    return counts
+
+
+async def _complete(conn: Executor, reservation_id: str) -> Outcome[Reservation]:
+    return await inventory.complete(conn, reservation_id, now=now_ms())
+
+
+async def _cancel(conn: Executor, reservation_id: str) -> Outcome[Reservation]:
+    return await inventory.cancel(conn, reservation_id, now=now_ms())
+
+
+async def test_every_event_arrives_once_signed_and_in_order(
+    store: Store, receiver: Receiver
+) -> None:
+    await register(store, receiver)
+    counts = await sale(store)
+    expected = await outbox_ids(store)
+    sender = deliverer(store)
+    try:
+        await sender.drain()
+    finally:
+        await sender.stop()
+    assert receiver.ids() == expected
+    assert not receiver.duplicates()
+    assert receiver.refused_signatures == 0
+    assert receiver.in_order_per_product()
+    types = receiver.types()
+    for kind, count in counts.items():
+        assert types[f"reservation.{kind}"] == count, types
+
+
+async def test_a_failing_then_vanished_receiver_gets_everything_with_the_same_ids(
+    store: Store, receiver: Receiver
+) -> None:
+    await register(store, receiver)
+    receiver.fail_next = 3
+    sender = deliverer(store, backoff_s=0.05)
+    sender.start()
+    try:
+        product = await make_product(store, 20)
+        for _ in range(5):
+            await hold(store, product.id, 1)
+        await eventually(lambda: _at_least(receiver, "attempts", 4), what="three refusals")
+        await receiver.stop()  # down for a while: connections refused
+        for _ in range(5):
+            await hold(store, product.id, 1)
+        await asyncio.sleep(0.3)  # the receiver stays down while the worker retries
+        await receiver.start()
+        expected = await outbox_ids(store)
+        await receiver.wait_for(len(expected), within=30)
+    finally:
+        await sender.stop()
+    assert receiver.ids() == expected  # nothing under a new id, nothing missing
+    assert receiver.in_order_per_product()
+    assert receiver.types()["reservation.created"] == 10
+
+
+async def _at_least(receiver: Receiver, attribute: str, count: int) -> bool:
+    value: int = getattr(receiver, attribute)
+    return value >= count
+
+
+async def test_a_wrong_secret_fails_verification(store: Store, receiver: Receiver) -> None:
+    await register(store, receiver)
+    receiver.secret = "whsec_" + "QUJD" * 8  # not the endpoint's
+    product = await make_product(store, 3)
+    await hold(store, product.id, 1)
+    sender = deliverer(store)
+    try:
+        await sender.step()
+        await eventually(lambda: _at_least(receiver, "refused_signatures", 1), what="a refusal")
+    finally:
+        await sender.stop()
+    assert receiver.received == []
+    # The library's own check, on a body signed with another secret.
+    signed = Webhook("whsec_" + "QUJD" * 8).sign("msg_x", datetime.now(UTC), '{"a":1}')
+    headers = {
+        "webhook-id": "msg_x",
+        "webhook-timestamp": str(int(datetime.now(UTC).timestamp())),
+        "webhook-signature": signed,
+    }
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + "WFla" * 8).verify('{"a":1}', headers)
+
+
+async def test_an_endpoint_failing_for_the_retry_window_is_disabled_and_keeps_its_events(
+    store: Store, receiver: Receiver
+) -> None:
+    endpoint_id = await register(store, receiver)
+    receiver.fail_next = 10**6
+    product = await make_product(store, 5)
+    await hold(store, product.id, 1)
+    sender = deliverer(store, retry_hours=0.5 / 3600, backoff_s=0.05)  # half a second
+    sender.start()
+    webhooks = Webhooks(store)
+    try:
+        disabled = await eventually(
+            lambda: _disabled(webhooks, endpoint_id), within=20, what="the endpoint disabled"
+        )
+        assert "WEBHOOK_RETRY_HOURS" in (disabled or "")
+        found = await webhooks.get(endpoint_id)
+        assert found is not None
+        assert found.pending == 1
+        # The operator enables it once the receiver answers: the kept event goes.
+        receiver.fail_next = 0
+        await webhooks.set_enabled(endpoint_id, True)
+        await receiver.wait_for(1, within=20)
+    finally:
+        await sender.stop()
+    assert receiver.types() == {"reservation.created": 1}
+
+
+async def _disabled(webhooks: Webhooks, endpoint_id: int) -> str | None:
+    endpoint = await webhooks.get(endpoint_id)
+    assert endpoint is not None
+    return None if endpoint.enabled else endpoint.disabled_reason
+
+
+async def test_an_endpoint_gets_only_the_events_it_asked_for(
+    store: Store, receiver: Receiver
+) -> None:
+    await register(store, receiver, events=["reservation.completed", "product.sold_out"])
+    product = await make_product(store, 2)
+    first = await hold(store, product.id, 1)
+    await hold(store, product.id, 1)
+    await store.write(lambda conn: inventory.complete(conn, first.id, now=now_ms()))
+    sender = deliverer(store)
+    try:
+        await sender.drain()
+    finally:
+        await sender.stop()
+    assert receiver.types() == {"reservation.completed": 1, "product.sold_out": 1}
+
+
+async def test_a_rotated_secret_signs_beside_the_old_one(store: Store, receiver: Receiver) -> None:
+    endpoint_id = await register(store, receiver)
+    old = receiver.secret
+    rotated = await Webhooks(store).rotate(endpoint_id)
+    assert rotated is not None
+    assert rotated.secret != old
+    product = await make_product(store, 2)
+    await hold(store, product.id, 1)
+    sender = deliverer(store)
+    try:
+        await sender.drain()  # the receiver still has the old secret: it verifies
+        receiver.secret = rotated.secret
+        await hold(store, product.id, 1)
+        await sender.drain()  # and the new one verifies too
+    finally:
+        await sender.stop()
+    assert receiver.refused_signatures == 0
+    assert len(receiver.ids()) == 3  # two holds and sold out
+
+
+async def test_two_workers_send_each_event_once_in_order(store: Store, receiver: Receiver) -> None:
+    await register(store, receiver)
+    products = [await make_product(store, 100) for _ in range(3)]
+    requests = [HoldRequest(p.id, 1) for p in products for _ in range(30)]
+    await store.write(lambda conn: inventory.reserve(conn, requests, now=now_ms(), hold_ms=60_000))
+    expected = await outbox_ids(store)
+    one, two = deliverer(store), deliverer(store)
+    one.start()
+    two.start()
+    try:
+        await receiver.wait_for(len(expected))
+    finally:
+        await one.stop()
+        await two.stop()
+    assert receiver.ids() == expected
+    assert not receiver.duplicates()
+    assert receiver.in_order_per_product()
+    assert one.attempts > 0 or two.attempts > 0
+
+
+def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
+    for failures, ceiling in ((1, 5_000), (2, 10_000), (3, 20_000), (20, 3_600_000)):
+        for _ in range(20):
+            wait = backoff_ms(failures, 5_000)
+            assert ceiling / 2 <= wait <= ceiling
+
+
+# -- the operator API --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(database_url: str, redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(database_url=database_url, redis_url=redis_url, admin_token=ADMIN_TOKEN)
+    async for client in serve(settings):
+        yield client
+
+
+async def test_endpoints_through_the_operator_api(
+    client: httpx.AsyncClient, database_url: str, receiver: Receiver
+) -> None:
+    made = await client.post(
+        "/api/admin/webhooks",
+        json={"url": receiver.url, "events": [], "description": "orders"},
+        headers=OPERATOR,
+    )
+    assert made.status_code == 201, made.text
+    endpoint = made.json()
+    assert endpoint["secret"].startswith("whsec_")
+    assert endpoint["enabled"] is True
+    receiver.secret = endpoint["secret"]
+    listed = await client.get("/api/admin/webhooks", headers=OPERATOR)
+    assert [e["id"] for e in listed.json()] == [endpoint["id"]]
+    assert "secret" not in listed.json()[0]  # shown once
+
+    product = await client.post(
+        "/api/admin/products", json={"name": "Hooked", "price": 1, "stock": 3}, headers=OPERATOR
+    )
+    held = await client.post(
+        "/api/reservations", json={"productId": product.json()["id"], "quantity": 1}
+    )
+    assert held.status_code == 201
+    store = Store(database_url)
+    await store.connect()
+    sender = deliverer(store)
+    try:
+        await sender.drain()
+        deliveries = await client.get(
+            f"/api/admin/webhooks/{endpoint['id']}/deliveries", headers=OPERATOR
+        )
+        (delivery,) = deliveries.json()
+        assert delivery["status"] == "delivered"
+        assert delivery["type"] == "reservation.created"
+        assert delivery["attempts"] == 1
+        assert delivery["lastStatus"] == 204
+
+        again = await client.post(
+            f"/api/admin/webhooks/{endpoint['id']}/deliveries/{delivery['eventId']}/redeliver",
+            headers=OPERATOR,
+        )
+        assert again.status_code == 202
+        await sender.drain()
+        assert [r.id for r in receiver.received] == [delivery["eventId"]] * 2  # the same id
+
+        off = await client.post(f"/api/admin/webhooks/{endpoint['id']}/disable", headers=OPERATOR)
+        assert off.json()["enabled"] is False
+        assert off.json()["disabledReason"] == "disabled by the operator"
+        on = await client.post(f"/api/admin/webhooks/{endpoint['id']}/enable", headers=OPERATOR)
+        assert on.json()["enabled"] is True
+        rotated = await client.post(
+            f"/api/admin/webhooks/{endpoint['id']}/rotate-secret", headers=OPERATOR
+        )
+        assert rotated.json()["secret"] != endpoint["secret"]
+    finally:
+        await sender.stop()
+        await store.close()
+
+
+async def test_the_operator_api_refuses_bad_endpoints(client: httpx.AsyncClient) -> None:
+    for body in (
+        {"url": "ftp://example.test/hooks"},
+        {"url": "http://127.0.0.1:9/h", "events": ["order.paid"]},
+        {"url": "http://127.0.0.1:9/h", "extra": 1},
+    ):
+        response = await client.post("/api/admin/webhooks", json=body, headers=OPERATOR)
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "invalid_request"
+    missing = await client.get("/api/admin/webhooks/77", headers=OPERATOR)
+    assert missing.status_code == 404
+    assert (await client.get("/api/admin/webhooks")).status_code == 401
+    nothing = await client.post(
+        "/api/admin/webhooks/77/deliveries/msg_aaaaaaaaaaaaaaaaaaaaaaaaaa/redeliver",
+        headers=OPERATOR,
+    )
+    assert nothing.status_code == 404
+
+
+# -- the real service: web processes, a worker, Redis ------------------------------------
+
+
+async def _register_over_http(service: Service, receiver: Receiver) -> None:
+    async with service.client() as client:
+        made = await client.post(
+            "/api/admin/webhooks", json={"url": receiver.url}, headers=service.admin_headers()
+        )
+    assert made.status_code == 201, made.text
+    receiver.secret = made.json()["secret"]
+
+
+async def _reserve(client: httpx.AsyncClient, product_id: int) -> str:
+    response = await client.post("/api/reservations", json={"productId": product_id, "quantity": 1})
+    assert response.status_code == 201, response.text
+    reservation_id: str = response.json()["id"]
+    return reservation_id
+
+
+@pytest.mark.slow
+async def test_a_sale_of_fifty_holds_sends_one_event_per_change_in_order(
+    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver, store: Store
+) -> None:
+    with running(
+        database_url,
+        redis_url,
+        tmp_path / "logs",
+        web_concurrency=2,
+        HOLD_SECONDS="5",
+        WEBHOOK_POLL_MS="50",
+        WEBHOOK_TIMEOUT_SECONDS="2",
+    ) as service:
+        await _register_over_http(service, receiver)
+        product = await service.new_product(40)
+        other = await service.new_product(40)
+        async with service.client() as client:
+            ids = await asyncio.gather(
+                *(_reserve(client, (product, other)[n % 2]["id"]) for n in range(50))
+            )
+            ends = await asyncio.gather(
+                *(
+                    client.post(f"/api/reservations/{reservation_id}/{action}")
+                    for n, reservation_id in enumerate(ids)
+                    if (action := ("complete", "cancel", "", "")[n % 4])
+                )
+            )
+            assert [r.status_code for r in ends] == [200] * 26, [r.text for r in ends]
+        # The rest expire (the worker), and every change goes out.
+        await eventually(lambda: _all_ended(store), within=30, what="the holds to expire")
+        expected = await outbox_ids(store)
+        await receiver.wait_for(len(expected), within=60)
+    assert receiver.ids() == expected
+    assert not receiver.duplicates()
+    assert receiver.in_order_per_product()
+    types = receiver.types()
+    assert types["reservation.created"] == 50
+    assert types["reservation.completed"] == 13
+    assert types["reservation.cancelled"] == 13
+    assert types["reservation.expired"] == 24
+    await assert_reconciled(store)
+
+
+async def _all_ended(store: Store) -> bool:
+    async with store.reader() as conn:
+        row = await conn.fetch_one("SELECT COUNT(*) AS n FROM reservations WHERE ended_at IS NULL")
+    return row is not None and int(row["n"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_worker_killed_mid_delivery_and_redis_flushed_lose_nothing(
+    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver, store: Store
+) -> None:
+    receiver.delay = 0.05
+    with running(
+        database_url,
+        redis_url,
+        tmp_path / "logs",
+        web_concurrency=1,
+        WEBHOOK_POLL_MS="50",
+        WEBHOOK_TIMEOUT_SECONDS="1",
+        WEBHOOK_CONCURRENCY="2",
+    ) as service:
+        await _register_over_http(service, receiver)
+        product = await service.new_product(100)
+        async with service.client() as client:
+            for _ in range(40):
+                await _reserve(client, product["id"])
+        expected = await outbox_ids(store)
+        await receiver.wait_for(5, within=30)
+        service.worker.kill()  # mid-delivery: SIGKILL, leases held
+        assert len(receiver.ids()) < len(expected)
+        flushed = Redis.from_url(redis_url)
+        await flushed.flushall()
+        await flushed.aclose()
+        service.worker.start()
+        await receiver.wait_for(len(expected), within=60)
+    assert receiver.ids() == expected
+    assert receiver.in_order_per_product()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_web_process_killed_between_commit_and_publish_still_sends_the_webhook(
+    database_url: str, own_redis: EmbeddedRedis, tmp_path: Path, receiver: Receiver
+) -> None:
+    with running(
+        database_url, own_redis.url, tmp_path / "logs", web_concurrency=1, WEBHOOK_POLL_MS="50"
+    ) as service:
+        await _register_over_http(service, receiver)
+        product = await service.new_product(5)
+        await receiver.wait_for(0)
+        # Redis goes away, so that nothing committed from now on can be published; the web
+        # process commits a hold and dies before it could ever publish it.
+        own_redis.stop()
+        async with service.client() as client:
+            reservation_id = await _reserve(client, product["id"])
+        service.web.kill()
+        await receiver.wait_for(1, within=30)
+    (created,) = receiver.received
+    assert created.type == "reservation.created"
+    assert created.body["data"]["reservation"]["id"] == reservation_id
