@@ -16,9 +16,9 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from server.domain.errors import DatabaseBusy, DatabaseUnavailable
 from server.infra.metrics import LEDGER_RECONCILIATIONS, LEDGER_UNRECONCILED
 from server.service.ledger import Ledger
+from server.storage.errors import Busy, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Every:
         while True:
             try:
                 await self._work()
-            except (DatabaseBusy, DatabaseUnavailable) as exc:
+            except (Busy, Unavailable) as exc:
                 logger.warning("%s postponed: %s", self.name, exc)
             except Exception:
                 logger.exception("%s failed", self.name)

@@ -27,7 +27,6 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from jobs import books
-from server.domain.errors import DatabaseBusy, DatabaseUnavailable
 from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
 from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
 from server.infra.redis_client import arq_redis_settings, redis_client_for
@@ -38,6 +37,7 @@ from server.service.ledger import Ledger
 from server.service.shop import Expired, Shop
 from server.storage import migrate
 from server.storage.database import Store
+from server.storage.errors import Busy, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ async def _expire(ctx: Ctx, counter: Counter) -> Expired:
     shop: Shop = ctx["shop"]
     try:
         expired = await shop.expire_overdue()
-    except (DatabaseBusy, DatabaseUnavailable) as exc:
+    except (Busy, Unavailable) as exc:
         logger.warning("expiry postponed: %s", exc)
         raise Retry(defer=1) from exc
     counter.inc(len(expired.reservations))

@@ -1,5 +1,5 @@
 """The database layer: write transactions commit or roll back whole, refuse to wait on
-anything but the database, and give up with DatabaseBusy when someone else holds the lock."""
+anything but the database, and give up with Busy when someone else holds the lock."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from server.domain.errors import DatabaseBusy
 from server.domain.executor import Executor
 from server.storage import migrate
 from server.storage.database import Store
+from server.storage.errors import Busy
 from tests.support import make_product, stats, write_lock_held_elsewhere
 
 
@@ -95,7 +95,7 @@ async def test_a_held_write_lock_gives_database_busy_within_the_timeout(
 
         async with write_lock_held_elsewhere(database_url, product.id):
             started = time.monotonic()
-            with pytest.raises(DatabaseBusy):
+            with pytest.raises(Busy):
                 await store.write(take_one)
             waited = time.monotonic() - started
         assert 0.25 < waited < 5, waited

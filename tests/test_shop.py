@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from server.domain.errors import DatabaseBusy, InsufficientStock
+from server.domain.errors import InsufficientStock
 from server.domain.model import HoldRequest
 from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.storage.database import Store
+from server.storage.errors import Busy
 from tests.support import assert_invariant, make_product, write_lock_held_elsewhere
 
 
@@ -89,7 +90,7 @@ async def test_units_promised_to_a_batch_that_failed_are_offered_again(
         product = await make_product(store, 1)
         await catalog.reload(store)
         async with write_lock_held_elsewhere(database_url, product.id):
-            with pytest.raises(DatabaseBusy):
+            with pytest.raises(Busy):
                 await shop.reserve(HoldRequest(product.id, 1))
         held = await shop.reserve(HoldRequest(product.id, 1))
         assert held.reservation.quantity == 1

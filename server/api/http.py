@@ -14,10 +14,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from server.api.spec import DATABASE_BUSY as DATABASE_BUSY_CODE
+from server.api.spec import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE_CODE
 from server.domain import errors
 from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
+from server.storage.errors import Busy, StorageError, Unavailable
 from server.wire.schemas import MAX_INT32, FieldError
 
 logger = logging.getLogger(__name__)
@@ -32,8 +35,10 @@ SECRET_PARAMS = frozenset({"reservation_id"})
 SECRET_PREFIX_CHARS = 6
 
 
-class RequestError(errors.DomainError):
-    """The request itself is wrong; nothing was looked at or changed."""
+class RequestError(Exception):
+    """The request itself is wrong (malformed, too large, not allowed, too many): answered
+    with `status` and `code`; nothing was looked at or changed. Not a domain error: the
+    stock was never asked."""
 
     def __init__(
         self,
@@ -44,6 +49,7 @@ class RequestError(errors.DomainError):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.message = message
         self.status = status
         self.code = code
         self.details = details
@@ -60,8 +66,11 @@ _STATUS: dict[type[errors.DomainError], tuple[int, Mapping[str, str]]] = {
     errors.ReservationCancelled: (409, {}),
     errors.ReservationCompleted: (409, {}),
     errors.IdempotencyKeyReused: (422, {}),
-    errors.DatabaseBusy: (503, {"Retry-After": "1"}),
-    errors.DatabaseUnavailable: (503, {"Retry-After": "5"}),
+}
+# status, code and headers, per storage error that is not a bug: nothing was changed
+_STORAGE: dict[type[StorageError], tuple[int, str, Mapping[str, str]]] = {
+    Busy: (503, DATABASE_BUSY_CODE, {"Retry-After": "1"}),
+    Unavailable: (503, DATABASE_UNAVAILABLE_CODE, {"Retry-After": "5"}),
 }
 
 
@@ -130,17 +139,33 @@ def error_response(
 
 
 async def domain_error(request: Request, exc: Exception) -> Response:
+    """What the stock or the rules refused: 404, 409 or 422 (`_STATUS`)."""
     assert isinstance(exc, errors.DomainError)
-    if isinstance(exc, RequestError):
-        return error_response(
-            exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers
-        )
     status, headers = _STATUS.get(type(exc), (500, {}))
     if status >= 500:
         logger.warning("%s answered %d: %s", _where(request), status, exc)
-        if isinstance(exc, errors.DatabaseBusy):
-            DATABASE_BUSY_GAVE_UP.inc()
     return error_response(status, exc.code, exc.message, headers=headers, extra=exc.body())
+
+
+async def request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return error_response(
+        exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers
+    )
+
+
+async def storage_error(request: Request, exc: Exception) -> Response:
+    """The database was busy or unreachable: 503 with Retry-After. Any other storage error
+    (a UNIQUE constraint the service did not expect) is a bug: 500."""
+    assert isinstance(exc, StorageError)
+    known = _STORAGE.get(type(exc))
+    if known is None:
+        return await internal_error(request, exc)
+    status, code, headers = known
+    logger.warning("%s answered %d: %s", _where(request), status, exc)
+    if isinstance(exc, Busy):
+        DATABASE_BUSY_GAVE_UP.inc()
+    return error_response(status, code, str(exc), headers=headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -181,6 +206,8 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     ClientDisconnect: client_gone,
     errors.DomainError: domain_error,
+    RequestError: request_error,
+    StorageError: storage_error,
     HTTPException: http_error,
     Exception: internal_error,
 }

@@ -46,8 +46,6 @@ from server.api.spec import (
 from server.domain import errors
 from server.domain.clock import iso, now_ms
 from server.domain.errors import (
-    DatabaseBusy,
-    DatabaseUnavailable,
     DomainError,
     IdempotencyKeyReused,
     InsufficientStock,
@@ -62,6 +60,7 @@ from server.infra.metrics import DEFERRED, RESERVATIONS
 from server.service import idempotency
 from server.service.catalog import Catalog
 from server.service.shop import Shop
+from server.storage.errors import Busy, StorageError, Unavailable
 from server.wire import schemas
 from server.wire.schemas import ReserveBody, reservation_view
 
@@ -236,7 +235,7 @@ async def get_product(request: Request) -> Response:
 async def create_reservation(request: Request) -> Response:
     try:
         response = await _create_reservation(request)
-    except DomainError as exc:
+    except (DomainError, RequestError, StorageError) as exc:
         if isinstance(exc, RequestError) and exc.status == 429:
             DEFERRED.inc(_RATE_LIMITED)
         else:
@@ -290,8 +289,8 @@ _RESERVATION_OUTCOMES = {
     ProductNotFound: RESERVATIONS.labels("not_found"),
     IdempotencyKeyReused: RESERVATIONS.labels("invalid"),
     RequestError: RESERVATIONS.labels("invalid"),
-    DatabaseBusy: RESERVATIONS.labels("busy"),
-    DatabaseUnavailable: RESERVATIONS.labels("busy"),
+    Busy: RESERVATIONS.labels("busy"),
+    Unavailable: RESERVATIONS.labels("busy"),
 }
 
 

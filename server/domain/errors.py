@@ -1,6 +1,10 @@
-"""What can go wrong, as the domain sees it. The HTTP layer maps each class to a status.
+"""What can go wrong, as the domain sees it: what the shopper or operator asked for is
+refused by the rules or by the stock. The HTTP layer maps each class to a status
+(server/api/http.py).
 
 Every error has a stable `code` for programs and a `message` that is one human sentence.
+Malformed requests (`server.api.http.RequestError`) and infrastructure that fails
+(`server.storage.errors`) are not domain errors.
 """
 
 from __future__ import annotations
@@ -117,13 +121,3 @@ class IdempotencyKeyReused(DomainError):
         super().__init__(
             "This Idempotency-Key was already used for a different request; use a new key."
         )
-
-
-class DatabaseBusy(DomainError):
-    """The write lock was not obtained in time; the transaction changed nothing."""
-
-    code = "database_busy"
-
-
-class DatabaseUnavailable(DomainError):
-    code = "database_unavailable"

@@ -18,12 +18,12 @@ from pydantic_core import from_json, to_json
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.domain.errors import DomainError
 from server.infra.keys import EVENTS_CHANNEL
 from server.infra.metrics import PUBSUB_RECONNECTS
 from server.live.publisher import product_frame, product_from_frame, stock_frame
 from server.service.catalog import Catalog
 from server.storage.database import Store
+from server.storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Subscriber:
                             self._dispatch(message["data"])
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, DomainError) as exc:
+            except (RedisError, OSError, StorageError) as exc:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
                 if was_connected:
@@ -145,7 +145,7 @@ class Subscriber:
             await asyncio.sleep(RELOAD_SECONDS)
             try:
                 await self._resync()
-            except DomainError as exc:
+            except StorageError as exc:
                 logger.warning("catalog reload failed: %s", exc)
             except Exception:
                 logger.exception("catalog reload failed")

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from server.domain.errors import DomainError
+from server.storage.errors import Busy, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -112,5 +113,5 @@ class GroupCommit(Generic[Req, Res]):
 
 
 def _worth_splitting(exc: Exception) -> bool:
-    # A domain error (the database is busy, unavailable) would fail each one alike.
-    return not isinstance(exc, DomainError)
+    # A domain error, or a database that is busy or unavailable, would fail each one alike.
+    return not isinstance(exc, (DomainError, Busy, Unavailable))

@@ -42,7 +42,6 @@ from standardwebhooks import Webhook
 
 from server.domain import webhooks
 from server.domain.clock import now_ms
-from server.domain.errors import DatabaseBusy, DatabaseUnavailable
 from server.domain.webhooks import Attempt, Endpoint, Outgoing, Run
 from server.infra.metrics import (
     WEBHOOK_DELIVERIES,
@@ -51,6 +50,7 @@ from server.infra.metrics import (
     WEBHOOK_PENDING,
 )
 from server.storage.database import Store
+from server.storage.errors import Busy, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Deliverer:
         while not self._stopping.is_set():
             try:
                 await self.step()
-            except (DatabaseBusy, DatabaseUnavailable) as exc:
+            except (Busy, Unavailable) as exc:
                 logger.warning("webhook delivery postponed: %s", exc)
                 await self._pause(1.0)
             except Exception:
@@ -241,7 +241,7 @@ class Deliverer:
                     give_up_after_ms=self.give_up_ms,
                 )
             )
-        except (DatabaseBusy, DatabaseUnavailable) as exc:
+        except (Busy, Unavailable) as exc:
             # The lease runs out and the run is sent again: at least once.
             logger.warning("could not record %d webhook attempts: %s", len(attempts), exc)
             return

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-
-import asyncpg
 
 from server.domain import inventory, ledger
 from server.domain.clock import now_ms
@@ -41,6 +38,7 @@ from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
 from server.service.promises import Promise, Promises
 from server.storage.database import Store
+from server.storage.errors import UniqueViolation
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ KEYS_PER_SWEEP = 1_000
 KEY_BATCH = 250
 BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
 EventSink = Callable[[Sequence[Event]], None]
-_UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
 
 
 @dataclass(frozen=True)
@@ -117,8 +114,8 @@ class Shop:
         hold its Idempotency-Key made.
 
         Raises ProductNotFound, SaleNotStarted, InsufficientStock (with the units left),
-        IdempotencyKeyReused (the key made a hold with another body), DatabaseBusy or
-        DatabaseUnavailable."""
+        IdempotencyKeyReused (the key made a hold with another body); storage's Busy or
+        Unavailable."""
         product = self.catalog.get(request.product_id) if self.catalog else None
         if product is None:
             product = await self.product(request.product_id)
@@ -174,7 +171,7 @@ class Shop:
                         )
                     )
                     break
-                except _UNIQUE_VIOLATIONS:
+                except UniqueViolation:
                     # Another process made a hold with one of these keys after we looked
                     # (PostgreSQL only). Try again: this time we will find it.
                     if attempt == 2:
@@ -263,7 +260,7 @@ class Shop:
                         now=now,
                     )
                 )
-            except _UNIQUE_VIOLATIONS:
+            except UniqueViolation:
                 # Two processes chose the same next id (PostgreSQL only): choose again.
                 if attempt == 4:
                     raise

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import base64
 import secrets
-import sqlite3
 from collections.abc import Sequence
-
-import asyncpg
 
 from server.domain import webhooks
 from server.domain.clock import now_ms
 from server.domain.executor import Executor
 from server.domain.webhooks import Delivery, Endpoint
 from server.storage.database import Store
+from server.storage.errors import UniqueViolation
 
 # After a rotation the previous secret signs too, for this long: time for the shop to
 # deploy the new one (receivers accept any of the signatures in the header).
 SECRET_GRACE_MS = 24 * 3_600_000
 DISABLED_BY_OPERATOR = "disabled by the operator"
-_UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
 
 
 def new_secret() -> str:
@@ -53,7 +50,7 @@ class Webhooks:
                         now=now_ms(),
                     )
                 )
-            except _UNIQUE_VIOLATIONS:  # two at once chose the same id (PostgreSQL only)
+            except UniqueViolation:  # two at once chose the same id (PostgreSQL only)
                 if attempt == 4:
                     raise
         raise AssertionError("unreachable")

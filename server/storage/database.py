@@ -25,6 +25,11 @@ SQLite is driven differently, for three measured reasons:
 - The domain operations are coroutines; against an executor whose methods never suspend
   they run to completion in that one call (`_run_to_completion`). An operation that tried to
   wait on anything else inside a transaction, such as the network, fails loudly instead.
+
+Only `databases`' public API is used: `Database.connection()`, which hands out one
+connection per asyncio task (a reader held for the life of the process takes its own from a
+short task), and `Connection.raw_connection`. Driver exceptions never leave this package:
+`Store` raises `Busy`, `Unavailable` or `UniqueViolation` (server/storage/errors.py).
 """
 
 from __future__ import annotations
@@ -49,9 +54,9 @@ import asyncpg
 from databases import Database, DatabaseURL
 from databases.core import Connection
 
-from server.domain.errors import DatabaseBusy, DatabaseUnavailable
 from server.domain.executor import Executor, Row, Values
 from server.infra.metrics import DATABASE_BUSY
+from server.storage.errors import Busy, Unavailable, UniqueViolation
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +304,7 @@ class Store:
                 self._readers = [SQLiteExecutor(await self._hold()) for _ in range(SQLITE_READERS)]
         except (OSError, asyncpg.PostgresError, sqlite3.Error) as exc:
             await self.close()
-            raise DatabaseUnavailable(f"cannot open the database: {exc}") from exc
+            raise Unavailable(f"cannot open the database: {exc}") from exc
 
     async def close(self) -> None:
         for conn in reversed(self._held):
@@ -310,10 +315,18 @@ class Store:
         await self._db.disconnect()
 
     async def _hold(self) -> Connection:
-        # A Connection of our own, not the per-task one `Database.connection()` hands out,
-        # so that it outlives the task that opened it.
-        conn = Connection(self._db, self._db._backend)
-        await conn.__aenter__()
+        """A connection of our own for the life of the process.
+
+        `Database.connection()` hands out one connection per asyncio task (and returns the
+        same one to every call from that task), so each held connection is taken from a
+        short task of its own; it outlives that task until `close`."""
+
+        async def acquire() -> Connection:
+            conn = self._db.connection()
+            await conn.__aenter__()
+            return conn
+
+        conn = await asyncio.create_task(acquire())
         self._held.append(conn)
         return conn
 
@@ -324,7 +337,8 @@ class Store:
         `work` must only wait on the executor it is given: no network, no sleep. On SQLite
         the transaction begins IMMEDIATE, taking the write lock first, so that nothing
         inside can fail on a lock upgrade; a lock not obtained within the busy timeout
-        raises `DatabaseBusy`, with nothing changed.
+        raises `Busy`, with nothing changed; an unreachable database `Unavailable`, a row
+        refused by a UNIQUE or PRIMARY KEY constraint `UniqueViolation`.
         """
         async with _translated_errors():
             if self._writer is not None:
@@ -332,10 +346,7 @@ class Store:
             async with self._write_lock:
                 for attempt in range(DEADLOCK_RETRIES + 1):
                     try:
-                        async with (
-                            Connection(self._db, self._db._backend) as conn,
-                            conn.transaction(),
-                        ):
+                        async with self._db.connection() as conn, conn.transaction():
                             return await work(PostgresExecutor(conn))
                     except asyncpg.exceptions.DeadlockDetectedError:
                         # Rolled back whole, so it may simply run again; transactions take
@@ -352,7 +363,7 @@ class Store:
             if self._readers:
                 yield self._readers[next(self._next_reader)]
                 return
-            async with Connection(self._db, self._db._backend) as conn:
+            async with self._db.connection() as conn:
                 yield PostgresExecutor(conn)
 
     @asynccontextmanager
@@ -384,20 +395,27 @@ class Store:
 
 @asynccontextmanager
 async def _translated_errors() -> AsyncIterator[None]:
-    """Driver errors that mean "not now" become domain errors the API answers with 503."""
+    """Driver errors become storage's own (`server.storage.errors`): busy, unavailable, or a
+    UNIQUE constraint. Anything else is a bug and goes up as it is."""
     try:
         yield
+    except sqlite3.IntegrityError as exc:
+        if exc.sqlite_errorcode in _SQLITE_UNIQUE:
+            raise UniqueViolation(str(exc)) from exc
+        raise
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
-            raise DatabaseBusy("the database is busy") from exc
+            raise Busy("the database is busy") from exc
         raise
+    except asyncpg.exceptions.UniqueViolationError as exc:
+        raise UniqueViolation(str(exc)) from exc
     except (
         asyncpg.exceptions.LockNotAvailableError,
         asyncpg.exceptions.DeadlockDetectedError,
         asyncpg.exceptions.SerializationError,
         asyncpg.exceptions.QueryCanceledError,
     ) as exc:
-        raise DatabaseBusy("the database is busy") from exc
+        raise Busy("the database is busy") from exc
     except (
         OSError,
         asyncpg.exceptions.ConnectionDoesNotExistError,
@@ -405,4 +423,7 @@ async def _translated_errors() -> AsyncIterator[None]:
         asyncpg.exceptions.TooManyConnectionsError,
         asyncpg.exceptions.InterfaceError,
     ) as exc:
-        raise DatabaseUnavailable(str(exc)) from exc
+        raise Unavailable(str(exc)) from exc
+
+
+_SQLITE_UNIQUE = (sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY)
