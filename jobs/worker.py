@@ -1,7 +1,7 @@
 """The arq worker: expires holds on time, and sweeps up any that a lost job missed.
 
 Life cycle, top to bottom (`run`): open what the jobs use (the database, a publisher, the
-shop) for the life of the process; run arq until asked to stop, and start it again if it
+expirer) for the life of the process; run arq until asked to stop, and start it again if it
 dies: arq's poll loop does not survive Redis going away, and a worker that quietly stopped
 would leak every hold until someone noticed. On SIGTERM it takes no new job, lets the ones in
 hand finish, and closes in reverse order.
@@ -33,8 +33,9 @@ from server.infra.redis_client import arq_redis_settings, redis_client_for
 from server.infra.settings import Settings
 from server.live.publisher import Publisher
 from server.service.delivery import Deliverer
+from server.service.expiry import Expired, Expirer
+from server.service.idempotency import Idempotency
 from server.service.ledger import Ledger
-from server.service.shop import Expired, Shop
 from server.storage import migrate
 from server.storage.database import Store
 from server.storage.errors import Busy, Unavailable
@@ -73,15 +74,15 @@ async def sweep(ctx: Ctx) -> int:
         logger.info(
             "sweeper expired %d overdue holds that no job had expired", len(expired.reservations)
         )
-    shop: Shop = ctx["shop"]
-    await shop.forget_old_idempotency_keys()
+    idempotency: Idempotency = ctx["idempotency"]
+    await idempotency.forget_expired()
     return len(expired.reservations)
 
 
 async def _expire(ctx: Ctx, counter: Counter) -> Expired:
-    shop: Shop = ctx["shop"]
+    expirer: Expirer = ctx["expirer"]
     try:
-        expired = await shop.expire_overdue()
+        expired = await expirer.expire_overdue()
     except (Busy, Unavailable) as exc:
         logger.warning("expiry postponed: %s", exc)
         raise Retry(defer=1) from exc
@@ -107,9 +108,6 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
         publisher = Publisher(redis)
         publisher.start()
         try:
-            shop = Shop(
-                store, hold_ms=round(settings.hold_seconds * 1000), publish=publisher.publish
-            )
             ledger = Ledger(store)
             timers = [
                 books.Every(
@@ -132,7 +130,8 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                     "settings": settings,
                     "store": store,
                     "publisher": publisher,
-                    "shop": shop,
+                    "expirer": Expirer(store, publish=publisher.publish),
+                    "idempotency": Idempotency(store),
                     "ledger": ledger,
                     "deliverer": deliverer,
                 }

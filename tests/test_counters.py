@@ -19,6 +19,7 @@ from server.domain.clock import now_ms
 from server.domain.errors import DomainError
 from server.domain.executor import Executor
 from server.domain.model import HoldRequest, Reservation, Status
+from server.service.expiry import Expirer
 from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
@@ -38,6 +39,7 @@ async def test_stats_equal_a_full_recount_after_storms_cancels_and_expiries(
     for store in stores:
         await store.connect()
     shops = [Shop(store, hold_ms=120_000, publish=Published()) for store in stores]
+    expirers = [Expirer(store, publish=Published()) for store in stores]
     for shop in shops:
         await shop.start()
     rng = random.Random(18)
@@ -79,12 +81,12 @@ async def test_stats_equal_a_full_recount_after_storms_cancels_and_expiries(
         await asyncio.gather(
             *(settle(n, r) for n, r in enumerate(unique)),
             *(late(r) for r in overdue[:4]),
-            shops[0].expire_overdue(batch=3),
-            shops[1].expire_overdue(batch=5),
+            expirers[0].expire_overdue(batch=3),
+            expirers[1].expire_overdue(batch=5),
             *(reserve(n) for n in range(600, 700)),
             shops[0].restock(ids[2], 5),
         )
-        await shops[0].expire_overdue()
+        await expirers[0].expire_overdue()
 
         for product_id in ids:
             counted = await recount(stores[0], product_id)

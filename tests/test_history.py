@@ -16,6 +16,7 @@ from server.domain import inventory
 from server.domain.clock import now_ms
 from server.domain.executor import Executor, Row, Values
 from server.domain.model import HoldRequest, Outcome, Reservation, Status
+from server.service.idempotency import Idempotency
 from server.service.shop import Shop
 from server.storage.database import Store
 from tests.conftest import PostgresDatabases
@@ -222,7 +223,7 @@ async def test_a_backlog_of_old_keys_is_cleared_a_bounded_amount_per_sweep(
     recent = await hold(shop.store, (await make_product(shop.store, 1)).id, key="made-today")
     freed: list[int] = []
     while not freed or freed[-1]:
-        freed.append(await shop.forget_old_idempotency_keys(batch=100, most=400))
+        freed.append(await Idempotency(shop.store).forget_expired(batch=100, most=400))
     # At most 400 a sweep, until none is left; the key made today is kept.
     assert freed[:-2] == [400] * (len(freed) - 2)
     assert sum(freed) == backlog

@@ -20,7 +20,7 @@ import pytest
 from server.devtools.processes import Service, running
 from server.domain.clock import now_ms
 from server.domain.model import Reservation, Status
-from server.service.shop import Shop
+from server.service.expiry import Expirer
 from server.storage.database import Store
 from tests.support import assert_invariant, assert_reconciled, hold, make_product, reservation
 
@@ -134,7 +134,7 @@ async def test_complete_racing_expiry_ends_one_way_or_the_other(
     that instant give or take 15 ms, and the expirer fires at it."""
     lanes, rounds = 10, 30
     product = await make_product(store, lanes * rounds)
-    expirer = Shop(store, hold_ms=1_000, publish=lambda events: None)
+    expirer = Expirer(store, publish=lambda events: None)
     rng = random.Random(11)
 
     async def at(ms: int) -> None:

@@ -107,6 +107,11 @@ PUBLISH_FAILURES = Counter(
 EVENTS_PUBLISHED = Counter(
     "flashsale_events_published_total", "Live-update frames published to Redis."
 )
+FRAMES_DROPPED = Counter(
+    "flashsale_event_frames_dropped_total",
+    "Reservation frames dropped, oldest first, because Redis stayed unreachable while more "
+    "than 50,000 waited to be published (their pages learn the outcome otherwise).",
+)
 DATABASE_BUSY = Counter(
     "flashsale_database_busy_total",
     "Waits for another writer's lock: `retry` for each short wait before a write could "

@@ -18,7 +18,7 @@ from server.domain.clock import now_ms, parse_iso
 from server.domain.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
 from server.infra.background import Drainer
 from server.infra.keys import EVENTS_CHANNEL
-from server.infra.metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES
+from server.infra.metrics import EVENTS_PUBLISHED, FRAMES_DROPPED, PUBLISH_FAILURES
 from server.wire.schemas import product_view, reservation_view
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,6 @@ class Publisher(Drainer):
         self._products: dict[int, Product] = {}
         self._stock: dict[int, Product] = {}
         self._reservations: dict[str, ReservationChanged] = {}
-        self.failures = 0
-        self.dropped = 0
 
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -93,7 +91,7 @@ class Publisher(Drainer):
         if overflow > 0:
             for key in list(self._reservations)[:overflow]:
                 del self._reservations[key]
-            self.dropped += overflow
+            FRAMES_DROPPED.inc(overflow)
         self.wake()
 
     def has_work(self) -> bool:
@@ -114,7 +112,6 @@ class Publisher(Drainer):
                     pipe.publish(EVENTS_CHANNEL, to_json(frame))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            self.failures += 1
             PUBLISH_FAILURES.inc()
             logger.warning("could not publish %d events (%s); will retry", len(frames), exc)
             # Keep them, behind anything newer that arrived meanwhile.

@@ -45,7 +45,6 @@ class Subscriber:
         self._task: asyncio.Task[None] | None = None
         self._reloader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        self.reconnects = 0
         self._stopping = False
 
     @property
@@ -94,7 +93,6 @@ class Subscriber:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
                 if was_connected:
-                    self.reconnects += 1
                     PUBSUB_RECONNECTS.inc()
                     logger.warning("live updates: lost Redis (%s); reconnecting", exc)
             except Exception:

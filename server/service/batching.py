@@ -37,11 +37,12 @@ class GroupCommit(Generic[Req, Res]):
         self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0
+        # Requests taken into batches so far (tests/interleaving.py follows the batches).
         self.requests = 0
 
     @property
     def backlog(self) -> int:
+        """Requests submitted and not yet in a batch."""
         return len(self._pending)
 
     def start(self) -> None:
@@ -79,7 +80,6 @@ class GroupCommit(Generic[Req, Res]):
     async def _run_once(self) -> None:
         batch = self._pending[: self._max_batch]
         del self._pending[: self._max_batch]
-        self.batches += 1
         self.requests += len(batch)
         await self._settle(batch)
 

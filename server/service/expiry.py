@@ -1,4 +1,13 @@
-"""Scheduling the deferred jobs that expire holds on time.
+"""Expiry, the service's side: the web process schedules jobs (`ExpiryScheduler`), the worker
+expires what is due (`Expirer`).
+
+Where the rest of expiry is kept: a hold past its `expiresAt` *reads* EXPIRED at once
+(`server.domain.model.Reservation.effective_status`); the transitions that expire it and
+restore its units, each gated on `status = 'ACTIVE'` so that it happens once
+(`server.domain.inventory.expire`, `expire_overdue`, and `complete`/`cancel` refusing an
+overdue hold); the jobs and the sweeper that call `Expirer` (`jobs/worker.py`).
+
+Scheduling the deferred jobs that expire holds on time.
 
 One arq job per hold is the slow way through a wave (PITFALLS.md: 10,000 holds due in one
 second finished ~50 s late at arq's defaults). Instead, time is cut into buckets of
@@ -15,15 +24,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from server.domain import inventory
 from server.domain.clock import now_ms
+from server.domain.model import Reservation
 from server.infra.background import Drainer
 from server.infra.keys import EXPIRE_DUE_JOB, QUEUE_NAME, expire_due_job_id
 from server.infra.metrics import ENQUEUE_FAILURES
+from server.service.transactions import EventSink, Transactions
+from server.storage.database import Store
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +97,37 @@ class ExpiryScheduler(Drainer):
         horizon = now_ms() - _REMEMBER_MS
         self._sent = {due for due in self._sent if due > horizon}
         return None
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A pass of the expirer: the holds it expired, and when it started (ms)."""
+
+    reservations: list[Reservation]
+    at: int
+
+
+class Expirer:
+    """The worker's side of expiry: expire every hold due by now, and restore its units.
+
+    Each batch of `batch` holds is its own transaction (`inventory.expire_overdue`), gated
+    on `status = 'ACTIVE'`, so a job that runs twice, a job and the sweeper at once, or two
+    workers restore each hold's units exactly once. The events go to `publish` after each
+    commit. Raises `Busy`/`Unavailable` when the database is (the job retries).
+    """
+
+    def __init__(self, store: Store, *, publish: EventSink) -> None:
+        self._transactions = Transactions(store, publish)
+
+    async def expire_overdue(self, *, batch: int = inventory.SWEEP_BATCH) -> Expired:
+        """Expire every hold due by now, `batch` holds per transaction."""
+        expired: list[Reservation] = []
+        started = now_ms()
+        while True:
+            outcome = await self._transactions.run(
+                lambda conn, now: inventory.expire_overdue(conn, now=now, limit=batch)
+            )
+            done = outcome.result()
+            expired.extend(done)
+            if len(done) < batch:
+                return Expired(expired, started)

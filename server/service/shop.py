@@ -1,13 +1,15 @@
-"""The service layer: each use case is a transaction around an inventory operation, then its
-side effects after commit. The HTTP endpoints and the worker's jobs call this, nothing lower.
+"""The web shop: the use cases of a web process, for shoppers and operators.
 
-"now" is read after the transaction has begun (on SQLite, after the write lock is held), so
-time spent waiting for the lock can never let a hold be completed after its expiresAt.
+Each write is a transaction around a domain operation (`server.domain.inventory`), then its
+side effects after commit (`Transactions`: the promises and the catalog see the new state,
+then it is published; expiry jobs through the `ExpiryScheduler`). Reservations are
+group-committed (`GroupCommit`), and refused at once, without a write lock, when the units
+left are already promised (`Promises`). Idempotency-Keys: `Idempotency`. The worker's side
+of the same operations is `server.service.expiry.Expirer`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,6 @@ from typing import TypeVar
 from server.domain import inventory, ledger
 from server.domain.clock import now_ms
 from server.domain.errors import (
-    IdempotencyKeyReused,
     InsufficientStock,
     ProductNotFound,
     SaleNotStarted,
@@ -24,7 +25,6 @@ from server.domain.errors import (
 from server.domain.executor import Executor
 from server.domain.inventory import Held, Stats
 from server.domain.model import (
-    Event,
     HoldRequest,
     Outcome,
     Product,
@@ -36,7 +36,9 @@ from server.infra.metrics import HOLDS_EXPIRED
 from server.service.batching import GroupCommit
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
+from server.service.idempotency import Idempotency
 from server.service.promises import Promise, Promises
+from server.service.transactions import EventSink, Transactions
 from server.storage.database import Store
 from server.storage.errors import UniqueViolation
 
@@ -44,21 +46,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256
-# The idempotency-key sweep's bound: 1,000 keys a sweep, every SWEEP_SECONDS (2 s), is 43
-# million a day, far more than any shop makes, in transactions short enough not to keep
-# reservations or expiry waiting on SQLite's writer.
-KEYS_PER_SWEEP = 1_000
-KEY_BATCH = 250
 BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
-EventSink = Callable[[Sequence[Event]], None]
-
-
-@dataclass(frozen=True)
-class Expired:
-    """A pass of the expirer: the holds it expired, and when."""
-
-    reservations: list[Reservation]
-    at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +58,14 @@ class Waiting:
 
 
 class Shop:
-    """The use cases of a web process (and of the worker, which only expires holds).
+    """The web process's shop, over `store`.
 
     `reserve` is group-committed (server/service/batching.py) and refuses at once what the
     units already promised to waiting requests leave no room for (server/service/promises.py).
-    Every other operation is one transaction through `Store.write`; the events it caused
-    go to the catalog and to `publish` after commit.
+    Every other operation is one transaction (`Transactions`); the events it caused go to the
+    promises, the catalog and `publish` after commit. `hold_ms`: how long a hold lasts (ms).
+    `scheduler`: enqueues the expiry jobs of new holds (None: the sweeper expires them).
+    `catalog`: this process's view of the products (None: reads go to the database).
     """
 
     def __init__(
@@ -90,9 +80,13 @@ class Shop:
         self.store = store
         self.catalog = catalog
         self._hold_ms = hold_ms
-        self._publish = publish
         self._scheduler = scheduler
         self.promises = Promises()
+        self._idempotency = Idempotency(store)
+        watchers: list[Callable[[Product], object]] = [self.promises.observe]
+        if catalog is not None:
+            watchers.append(catalog.apply)
+        self._transactions = Transactions(store, publish, watchers)
         self._holds: GroupCommit[Waiting, Held] = GroupCommit(
             self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
         )
@@ -147,15 +141,7 @@ class Shop:
         """The hold `request`'s Idempotency-Key made within the idempotency window, if any.
 
         Raises IdempotencyKeyReused if that hold is for another product or quantity."""
-        if request.idempotency_key is None:
-            return None
-        async with self.store.reader() as conn:
-            earlier = await inventory.get_reservation_by_key(conn, request.idempotency_key)
-        if earlier is None or earlier.created_at <= now_ms() - inventory.IDEMPOTENCY_WINDOW_MS:
-            return None
-        if (earlier.product_id, earlier.quantity) != (request.product_id, request.quantity):
-            raise IdempotencyKeyReused()
-        return Held(earlier, replayed=True)
+        return await self._idempotency.replay(request)
 
     async def _reserve_batch(self, batch: Sequence[Waiting]) -> list[Held | BaseException]:
         requests = [waiting.request for waiting in batch]
@@ -178,7 +164,7 @@ class Shop:
                         raise
             # The catalog takes what the batch did, and its promises are released, with no
             # wait in between (server/service/promises.py).
-            self._after_commit(events)
+            self._transactions.committed(events)
         finally:
             for promise in promises:
                 self.promises.settle(promise)
@@ -283,55 +269,12 @@ class Shop:
                 conn, product_id=product_id, status=status, limit=limit
             )
 
-    # -- the worker ----------------------------------------------------------------------
-
-    async def expire_overdue(self, *, batch: int = inventory.SWEEP_BATCH) -> Expired:
-        """Expire every hold due by now, `batch` holds per transaction."""
-        expired: list[Reservation] = []
-        started = now_ms()
-        while True:
-            done = await self._write(
-                lambda conn, now: inventory.expire_overdue(conn, now=now, limit=batch)
-            )
-            expired.extend(done)
-            if len(done) < batch:
-                return Expired(expired, started)
-
-    async def forget_old_idempotency_keys(
-        self, *, batch: int = KEY_BATCH, most: int = KEYS_PER_SWEEP
-    ) -> int:
-        """Free at most `most` Idempotency-Keys older than a day, `batch` per transaction;
-        returns how many were freed.
-
-        Bounded, because a backlog (a month of keys when the sweep first runs, or after the
-        worker was down a day) cleared in one go kept SQLite's one writer busy for minutes:
-        with 474,000 keys waiting, an expiry wave ran 48 s late (`bin/bench history`,
-        bench/README.md). Nothing waits on this: a key older than a day is free whether or not it
-        has been cleared (`inventory.reserve` and `_replay` look at the hold's age), so the
-        sweep only keeps the key index small, `KEYS_PER_SWEEP` every `SWEEP_SECONDS`.
-        """
-        total = 0
-        while total < most:
-            limit = min(batch, most - total)
-            freed = await self.store.write(
-                functools.partial(self._forget_keys, limit=limit)  # `now` inside the lock
-            )
-            total += freed
-            if freed < limit:
-                break
-        return total
-
-    @staticmethod
-    async def _forget_keys(conn: Executor, *, limit: int) -> int:
-        return await inventory.forget_old_idempotency_keys(conn, now=now_ms(), limit=limit)
-
     # -- plumbing ------------------------------------------------------------------------
 
     async def _write(
         self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]], *, late: bool = False
     ) -> T:
-        outcome = await self.store.write(lambda conn: operation(conn, now_ms()))
-        self._after_commit(outcome.events)
+        outcome = await self._transactions.run(operation)
         if late:  # a complete or cancel that came after expiresAt expires the hold itself
             expired = sum(
                 isinstance(e, ReservationChanged) and e.reservation.status is Status.EXPIRED
@@ -340,15 +283,6 @@ class Shop:
             if expired:
                 BY_REFUSAL.inc(expired)
         return outcome.result()
-
-    def _after_commit(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
-        for event in events:
-            self.promises.observe(event.product)
-            if self.catalog is not None:
-                self.catalog.apply(event.product)
-        self._publish(events)
 
 
 def _error(outcome: Outcome[Held]) -> BaseException:
