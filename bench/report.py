@@ -2,7 +2,7 @@
 
 Every throughput is shown with its share of the bare endpoint measured in the same
 configuration of the same run, so that figures compare across machines. The goals are those
-of the flash-sale benchmark issue (README's performance section, DESIGN.md §1); they are data
+of the flash-sale benchmark issue (README's performance section, docs/design.md §1); they are data
 here, so that a shop can hold the service to its own.
 """
 

@@ -74,7 +74,7 @@ async def stats(store: Store, product_id: int) -> Stats:
 
 
 async def assert_invariant(store: Store, product_id: int) -> Stats:
-    """available + held + sold == total, available >= 0 (DESIGN.md §1, promise 1)."""
+    """available + held + sold == total, available >= 0 (docs/design.md §1, promise 1)."""
     s = await stats(store, product_id)
     assert s.available >= 0, s
     assert s.available + s.held + s.sold == s.total, s

@@ -1,4 +1,4 @@
-"""The REST API (DESIGN.md §5), in process, over a real database and a real Redis."""
+"""The REST API (docs/design.md §5), in process, over a real database and a real Redis."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 (at most `MAX_BODY_BYTES`), the in-flight limit, its latency in the histogram, and one log
 line.
 
-Overload is answered, not queued (promise 4): past `MAX_IN_FLIGHT` requests in flight in a
-process, the next ones get 503 with Retry-After at once, while the admitted ones keep their
+Overload is answered, not queued (README promise 4): past `MAX_IN_FLIGHT` requests in flight
+in a process, the next ones get 503 with Retry-After at once, while the admitted ones keep their
 latency. Health and readiness are never refused.
 
 In flight means *work*: a request counts from the moment its body has arrived whole, not

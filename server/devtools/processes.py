@@ -1,7 +1,7 @@
 """The service as real processes, started with the Procfile's own commands.
 
 Concurrency claims need real processes: in-process tests share one event loop and one
-connection and can hide races (PITFALLS.md). These run `web` (uvicorn, WEB_CONCURRENCY
+connection and can hide races (docs/design.md §9.8). These run `web` (uvicorn, WEB_CONCURRENCY
 processes) and `worker` exactly as the Procfile says, with the environment a deployment
 would set.
 """

@@ -1,4 +1,4 @@
-"""The inventory operations: the only code that writes stock or holds (DESIGN.md §4).
+"""The inventory operations: the only code that writes stock or holds (docs/design.md §4).
 
 Each write operation runs inside one short transaction that the caller opens
 (`Store.write()`), makes no network call, and returns an `Outcome` whose events the

@@ -1,6 +1,6 @@
 """A background task that drains work handed to it by synchronous callers.
 
-Requests must not wait on Redis after their commit (PITFALLS.md: awaiting an enqueue and a
+Requests must not wait on Redis after their commit (docs/design.md §9.3: awaiting an enqueue and a
 PUBLISH per request cost two thirds of the throughput), so they hand their side effects to
 one of these and return; the task sends whatever has accumulated, in one go.
 """

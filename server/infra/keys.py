@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Pub/sub channel carrying live-update frames (DESIGN.md §6), one JSON frame per message.
+# Pub/sub channel carrying live-update frames (docs/design.md §6), one JSON frame per message.
 EVENTS_CHANNEL = "flashsale:events"
 
 # arq: the queue the worker consumes, and the job that expires the holds due by a time.

@@ -1,4 +1,4 @@
-"""Configuration, read from the environment once (DESIGN.md §7)."""
+"""Configuration, read from the environment once (docs/design.md §7)."""
 
 from __future__ import annotations
 

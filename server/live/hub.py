@@ -1,4 +1,4 @@
-"""Live updates over `/ws` (DESIGN.md §6): this process's sockets, and the fan-out to them.
+"""Live updates over `/ws` (docs/design.md §6): this process's sockets, and the fan-out to them.
 
 Frames arrive from the process's one Redis subscription (server/live/subscriber.py), already in
 their final form. The hub keeps, per product, the newest frame not yet sent, and flushes at
@@ -40,10 +40,10 @@ from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
 from server.infra.clients import client_key
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
-from server.live.publisher import reservation_frame
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
 from server.service.shop import Shop
+from server.wire.frames import reservation_frame
 from server.wire.schemas import parse_product_ids
 
 logger = logging.getLogger(__name__)

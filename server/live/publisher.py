@@ -1,65 +1,31 @@
-"""Live-update frames (DESIGN.md §6), and publishing them to Redis after commit.
+"""Publishing live-update frames (docs/design.md §6) to Redis, after commit.
 
-A frame is the exact JSON text a browser receives over `/ws`; it is rendered once, here, by
-whichever process made the change, and every web process forwards it as it is.
+A frame is the exact JSON text a browser receives over `/ws` (server/wire/frames.py); it is
+rendered once, here, by whichever process made the change (a web process or the worker),
+and every web process forwards it as it is.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 from pydantic_core import to_json
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.domain.clock import now_ms, parse_iso
+from server.domain.clock import now_ms
 from server.domain.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
 from server.infra.background import Drainer
 from server.infra.keys import EVENTS_CHANNEL
 from server.infra.metrics import EVENTS_PUBLISHED, FRAMES_DROPPED, PUBLISH_FAILURES
-from server.wire.schemas import product_view, reservation_view
+from server.wire.frames import product_frame, reservation_frame, stock_frame
 
 logger = logging.getLogger(__name__)
 
 # Reservation frames kept while Redis is unreachable; beyond this the oldest are dropped
 # (their pages learn the outcome from the hold's own expiresAt or by asking again).
 MAX_PENDING_RESERVATION_FRAMES = 50_000
-
-
-def stock_frame(product: Product) -> dict[str, Any]:
-    return {
-        "type": "stock",
-        "productId": product.id,
-        "availableStock": product.available_stock,
-        "version": product.version,
-    }
-
-
-def product_frame(product: Product) -> dict[str, Any]:
-    return {"type": "product", "product": product_view(product)}
-
-
-def product_from_frame(out: dict[str, Any]) -> Product:
-    """The product a `product` frame describes (times it does not carry are left at 0)."""
-    starts = out["saleStartsAt"]
-    return Product(
-        id=int(out["id"]),
-        name=str(out["name"]),
-        price_cents=round(float(out["price"]) * 100),
-        total_stock=int(out["totalStock"]),
-        available_stock=int(out["availableStock"]),
-        version=int(out["version"]),
-        sale_starts_at=None if starts is None else parse_iso(starts),
-        created_at=0,
-        updated_at=0,
-    )
-
-
-def reservation_frame(event: ReservationChanged, *, now: int) -> dict[str, Any]:
-    view = reservation_view(event.reservation, product_view(event.product), now=now)
-    return {"type": "reservation", "reservation": view}
 
 
 class Publisher(Drainer):

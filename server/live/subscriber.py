@@ -20,10 +20,10 @@ from redis.exceptions import RedisError
 
 from server.infra.keys import EVENTS_CHANNEL
 from server.infra.metrics import PUBSUB_RECONNECTS
-from server.live.publisher import product_frame, product_from_frame, stock_frame
 from server.service.catalog import Catalog
 from server.storage.database import Store
 from server.storage.errors import StorageError
+from server.wire.frames import product_frame, product_from_frame, stock_frame
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Group commit: many concurrent callers, one transaction per batch.
 
-Under a storm, thousands of requests want a transaction each. Through `databases` a write
-transaction costs about a millisecond whether it holds one reservation or a hundred
-(PITFALLS.md; bench/ has the figures), so one task runs the requests that accumulated while
-the previous batch was in flight, all together. A lone request still goes at once: nothing
+Under a storm, thousands of requests want a transaction each. A write transaction costs
+about the same whether it holds one reservation or a hundred (docs/design.md §9.2;
+bench/README.md has the figures), so one task runs the requests that accumulated while the
+previous batch was in flight, all together. A lone request still goes at once: nothing
 waits for a batch to fill.
 """
 

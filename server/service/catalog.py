@@ -8,7 +8,7 @@ arrive in.
 It is a view, never the truth: reservations are decided by the database's conditional
 UPDATE. The catalog only lets requests that are certain to fail, fail early: a product sold
 out a few milliseconds ago is answered `insufficient_stock` without a write lock
-(DESIGN.md §1, promise 4), and the product list costs no query.
+(docs/design.md §1, promise 4), and the product list costs no query.
 
 Every listing (all products, the ones a page names, a page by id) is put together from each
 product's JSON, rendered once per version: with 10,000 products the whole list is 1.35 MB,

@@ -9,7 +9,7 @@ overdue hold); the jobs and the sweeper that call `Expirer` (`jobs/worker.py`).
 
 Scheduling the deferred jobs that expire holds on time.
 
-One arq job per hold is the slow way through a wave (PITFALLS.md: 10,000 holds due in one
+One arq job per hold is the slow way through a wave (docs/design.md §9.4: 10,000 holds due in one
 second finished ~50 s late at arq's defaults). Instead, time is cut into buckets of
 `EXPIRY_BUCKET_MS`; each bucket gets one job, deferred to the bucket's end, that expires
 *every* hold due by then. Its job id names the bucket, so every process and every hold of

@@ -373,7 +373,7 @@ class ShopKeySecretOut(ShopKeyOut):
     )
 
 
-# -- live frames over /ws (DESIGN.md §6) -------------------------------------------------
+# -- live frames over /ws (docs/design.md §6) -------------------------------------------------
 
 
 class SnapshotFrame(_Response):
