@@ -23,7 +23,7 @@ class Settings:
     # Empty means "none configured": the launcher starts an embedded server and sets it.
     redis_url: str = ""
     # Redis Sentinel instead of one server: the Sentinels' (host, port) pairs, and the name
-    # they monitor the primary under. Set, they replace redis_url (server/redis_client.py).
+    # they monitor the primary under. Set, they replace redis_url (server/infra/redis_client.py).
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_service: str = DEFAULT_SENTINEL_SERVICE
     hold_seconds: float = 120.0

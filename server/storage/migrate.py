@@ -1,4 +1,4 @@
-"""Versioned schema migrations: `server/migrations/NNNN_name.sql`, applied in order, once.
+"""Versioned schema migrations: `server/storage/migrations/NNNN_name.sql`, applied in order, once.
 
 Each file runs in one transaction together with its row in `schema_migrations`, so a
 migration is applied whole or not at all. Concurrent runners (several releases at once) take
