@@ -102,14 +102,17 @@ def described(endpoint: object) -> Operation | None:
 
 
 def ref(model: type[BaseModel]) -> Schema:
+    """A reference to `model`'s schema in the document's components."""
     return {"$ref": REF.format(model=model.__name__)}
 
 
 def array(model: type[BaseModel]) -> Schema:
+    """A JSON array of `model`."""
     return {"type": "array", "items": ref(model)}
 
 
 def header(description: str, schema: Schema | None = None, *, required: bool = True) -> Schema:
+    """A response header (a string unless `schema` says otherwise)."""
     return {
         "description": description,
         "required": required,
@@ -177,6 +180,7 @@ def query_parameters(model: type[BaseModel]) -> list[Schema]:
 
 
 def path_parameter(name: str, description: str, schema: Schema) -> Schema:
+    """A parameter taken from the path template (`{name}`)."""
     return {
         "name": name,
         "in": "path",
