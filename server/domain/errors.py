@@ -24,7 +24,7 @@ class DomainError(Exception):
 
     def body(self) -> dict[str, Any]:
         """Fields the error's JSON body carries besides `statusCode`, `error`, `code` and
-        `message` (see `server.schemas.ErrorOut`); none by default."""
+        `message` (see `server.wire.schemas.ErrorOut`); none by default."""
         return {}
 
 
