@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from server.api import admin, books, openapi, pages, system, webhooks
+from server.api import admin, books, openapi, pages, shopkeys, system, webhooks
 from server.api import shop as storefront
 from server.api.http import EXCEPTION_HANDLERS
 from server.api.middleware import Observed
@@ -29,6 +29,7 @@ from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
 from server.service.ledger import Ledger
 from server.service.shop import Shop
+from server.service.shopkeys import ShopKeys
 from server.service.webhooks import Webhooks
 from server.storage import migrate
 from server.storage.database import Store
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.shop = shop
             app.state.ledger = Ledger(store)
             app.state.webhooks = Webhooks(store)
+            app.state.shop_keys = ShopKeys(store, settings.shop_api_keys)
             app.state.publisher = publisher
             app.state.scheduler = scheduler
             app.state.subscriber = subscriber
@@ -141,6 +143,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *admin.routes,
             *books.routes,
             *webhooks.routes,
+            *shopkeys.routes,
             *system.routes,
             *openapi.routes,
             WebSocketRoute("/ws", live_updates),

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from server.api.completion import COMPLETE_BY_SHOP, completion
 from server.api.http import (
     RequestError,
     json_response,
@@ -23,6 +24,7 @@ from server.api.spec import (
     DATABASE,
     ETAG,
     INVALID,
+    INVALID_JSON,
     INVALID_REQUEST,
     NO_PRODUCT,
     NO_RESERVATION,
@@ -33,6 +35,7 @@ from server.api.spec import (
     RESERVATION,
     RESERVATION_ID,
     RETRY_AFTER,
+    UNAUTHORIZED,
     array,
     component_parameter,
     error,
@@ -315,6 +318,13 @@ async def get_reservation(request: Request) -> Response:
     "Buy the held units (idempotent)",
     {
         "200": json(ref(schemas.ReservationOut), "The reservation, COMPLETED (again: unchanged)"),
+        "400": error(
+            "The body is not a completion, or has an orderReference without a shop key",
+            INVALID_REQUEST,
+            INVALID_JSON,
+        ),
+        "401": error("The shop API key is not valid, or was revoked", UNAUTHORIZED),
+        "403": error("Only the shop's backend completes holds here", COMPLETE_BY_SHOP),
         "404": NO_RESERVATION,
         "409": error(
             "The hold expired or was cancelled",
@@ -324,10 +334,22 @@ async def get_reservation(request: Request) -> Response:
         "503": DATABASE,
     },
     parameters=[RESERVATION_ID],
+    body={
+        "required": False,
+        "content": {"application/json": {"schema": ref(schemas.CompleteBody)}},
+    },
+    description="The shop's backend completes with `Authorization: Bearer <shop API key>` "
+    "(SHOP_API_KEYS, or a key made in the console) once it has taken the payment, and may "
+    "send its `orderReference`. Without a key it is the shopper's own call, refused with 403 "
+    "`complete_by_shop` when COMPLETE_BY=shop.",
 )
 async def complete_reservation(request: Request) -> Response:
     shop = shop_of(request)
-    reservation = await shop.complete(_known_id(request))
+    reservation_id = _known_id(request)
+    who = await completion(request)
+    reservation = await shop.complete(
+        reservation_id, actor=who.actor, order_reference=who.order_reference
+    )
     return await render_reservation(shop, reservation)
 
 
