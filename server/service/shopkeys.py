@@ -13,18 +13,15 @@ import base64
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from collections.abc import Sequence
-
-import asyncpg
 
 from server.domain import shopkeys
 from server.domain.clock import now_ms
 from server.domain.shopkeys import ShopKey
 from server.storage.database import Store
+from server.storage.errors import UniqueViolation
 
 PREFIX = "fsk_"
-_UNIQUE_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.UniqueViolationError)
 
 
 def new_key() -> str:
@@ -68,7 +65,7 @@ class ShopKeys:
                     )
                 )
                 return made, key
-            except _UNIQUE_VIOLATIONS:  # two at once chose the same id (PostgreSQL only)
+            except UniqueViolation:  # two at once chose the same id (PostgreSQL only)
                 if attempt == 4:
                     raise
         raise AssertionError("unreachable")
