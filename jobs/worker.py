@@ -36,6 +36,7 @@ from server.service.delivery import Deliverer
 from server.service.expiry import Expired, Expirer
 from server.service.idempotency import Idempotency
 from server.service.ledger import Ledger
+from server.service.retention import Retention
 from server.storage import migrate
 from server.storage.database import Store
 from server.storage.errors import Busy, Unavailable
@@ -112,6 +113,12 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
             timers = [
                 books.Every(
                     "reconcile", settings.reconcile_seconds, lambda: books.reconcile(ledger)
+                ),
+                books.Every(
+                    "retention",
+                    settings.retention_seconds,
+                    Retention(store, days=settings.retention_days).run,
+                    first=settings.retention_seconds,
                 ),
             ]
             for timer in timers:

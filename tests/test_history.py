@@ -20,7 +20,7 @@ from server.service.idempotency import Idempotency
 from server.service.shop import Shop
 from server.storage.database import Store
 from tests.conftest import PostgresDatabases
-from tests.support import hold, make_product
+from tests.support import assert_reconciled, hold, make_product
 
 SMALL = history.History(holds=3_000, products=30)
 
@@ -52,6 +52,8 @@ async def test_loaded_history_balances_and_is_all_ended(store: Store, database_u
     assert loaded.keys_older_than_a_day == await asyncio.to_thread(
         history.key_backlog, database_url
     )
+    # The stock ledger starts from each product's balance as loaded, and adds up.
+    await assert_reconciled(store)
 
 
 def test_the_same_history_twice_is_the_same_month() -> None:

@@ -244,6 +244,16 @@ def _insert(table: str, columns: tuple[str, ...]) -> str:
     return f"INSERT INTO {table} ({names}) VALUES ({marks})"
 
 
+# The stock ledger's proved balance of each product as loaded (migration 0005 does the same
+# for products that predate the ledger): the month's movements themselves are not loaded,
+# so the reconciliation starts from here, as it would after the worker's last check.
+PROVED_BALANCES = (
+    "INSERT INTO ledger_balances (product_id, version, available, held, sold, total, "
+    "checked_at) SELECT id, version, available_stock, held_units, sold_units, total_stock, "
+    "updated_at FROM products"
+)
+
+
 def _load_sqlite(database_url: str, month: _Month) -> None:
     conn = sqlite3.connect(sqlite_path(database_url), isolation_level=None)
     try:
@@ -255,6 +265,7 @@ def _load_sqlite(database_url: str, month: _Month) -> None:
         if conn.execute("SELECT EXISTS (SELECT 1 FROM products)").fetchone()[0]:
             raise ValueError("the database already has products; history needs an empty one")
         conn.executemany(_insert("products", PRODUCT_COLUMNS), month.product_rows())
+        conn.execute(PROVED_BALANCES)
         rows = month.reservation_rows()
         sql = _insert("reservations", RESERVATION_COLUMNS)
         while True:
@@ -278,6 +289,7 @@ async def _load_postgres(database_url: str, month: _Month) -> None:
             await conn.copy_records_to_table(
                 "products", records=month.product_rows(), columns=PRODUCT_COLUMNS
             )
+            await conn.execute(PROVED_BALANCES)
             await conn.copy_records_to_table(
                 "reservations", records=month.reservation_rows(), columns=RESERVATION_COLUMNS
             )

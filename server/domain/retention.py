@@ -1,0 +1,121 @@
+"""Retention: what is older than RETENTION_DAYS leaves the tables, a bounded batch at a time.
+
+- Holds that ended (COMPLETED, EXPIRED, CANCELLED) and were made before the cutoff. Open
+  holds are never removed, and the cutoff is at least two days back, so every
+  Idempotency-Key still in its day keeps its hold.
+- Ledger rows before the cutoff that the reconciliation has proved (at or below the
+  product's balance in `ledger_balances`): the balance carries their sum, so the ledger
+  still adds up without them. Rows not yet proved wait for the next reconciliation.
+- Delivered webhook deliveries made before the cutoff, then outbox events made before it
+  that have no delivery left (delivered everywhere, or wanted by no endpoint). An event
+  still waiting for an endpoint is kept, however old.
+
+Each function removes at most `limit` rows in one statement per table, choosing them
+through an index in its order, so a batch costs the same with a month of history or a year.
+"""
+
+from __future__ import annotations
+
+from server.domain.executor import Executor
+
+DAY_MS = 86_400_000
+
+
+def _ids(names: dict[str, object]) -> str:
+    return ", ".join(":" + name for name in names)
+
+
+async def remove_holds(conn: Executor, *, cutoff: int, limit: int) -> int:
+    """Remove up to `limit` ended holds made before `cutoff` (ms), oldest first."""
+    rows = await conn.fetch_all(
+        "SELECT id FROM reservations WHERE created_at < :cutoff AND ended_at IS NOT NULL "
+        "ORDER BY created_at LIMIT :limit",
+        {"cutoff": cutoff, "limit": limit},
+    )
+    if not rows:
+        return 0
+    names: dict[str, object] = {f"r{n}": str(row["id"]) for n, row in enumerate(rows)}
+    await conn.execute(f"DELETE FROM reservations WHERE id IN ({_ids(names)})", names)
+    return len(rows)
+
+
+async def remove_ledger_rows(
+    conn: Executor, product_id: int, *, cutoff: int, limit: int
+) -> int:
+    """Remove up to about `limit` of a product's proved ledger rows from before `cutoff`,
+    oldest first (whole versions: the rows of one change go together)."""
+    balance = await conn.fetch_one(
+        "SELECT version FROM ledger_balances WHERE product_id = :p", {"p": product_id}
+    )
+    if balance is None:
+        return 0
+    rows = await conn.fetch_all(
+        "SELECT version FROM stock_ledger WHERE product_id = :p AND at < :cutoff "
+        "AND version <= :proved ORDER BY version LIMIT :limit",
+        {"p": product_id, "cutoff": cutoff, "proved": int(balance["version"]), "limit": limit},
+    )
+    if not rows:
+        return 0
+    removed = await conn.fetch_all(
+        "DELETE FROM stock_ledger WHERE product_id = :p AND version >= :low "
+        "AND version <= :high AND at < :cutoff RETURNING seq",
+        {
+            "p": product_id,
+            "low": int(rows[0]["version"]),
+            "high": int(rows[-1]["version"]),
+            "cutoff": cutoff,
+        },
+    )
+    return len(removed)
+
+
+async def ledgers_to_trim(
+    conn: Executor, after: int, *, cutoff: int, limit: int
+) -> tuple[list[int], int | None]:
+    """Of the next `limit` products with a proved balance after id `after`, those with
+    proved ledger rows from before `cutoff`; and the last id looked at (None: no more)."""
+    rows = await conn.fetch_all(
+        "SELECT b.product_id, EXISTS (SELECT 1 FROM stock_ledger l "
+        "WHERE l.product_id = b.product_id AND l.at < :cutoff AND l.version <= b.version) "
+        "AS old FROM ledger_balances b WHERE b.product_id > :after "
+        "ORDER BY b.product_id LIMIT :limit",
+        {"after": after, "cutoff": cutoff, "limit": limit},
+    )
+    last = int(rows[-1]["product_id"]) if len(rows) == limit else None
+    return [int(row["product_id"]) for row in rows if row["old"]], last
+
+
+async def remove_deliveries(conn: Executor, *, cutoff: int, limit: int) -> int:
+    """Remove the delivered deliveries of up to `limit` events made before `cutoff`, oldest
+    first (an event's deliveries to every endpoint that has it)."""
+    rows = await conn.fetch_all(
+        "SELECT DISTINCT event_id, created_at FROM webhook_deliveries "
+        "WHERE created_at < :cutoff AND delivered_at IS NOT NULL "
+        "ORDER BY created_at LIMIT :limit",
+        {"cutoff": cutoff, "limit": limit},
+    )
+    if not rows:
+        return 0
+    names: dict[str, object] = {f"i{n}": str(row["event_id"]) for n, row in enumerate(rows)}
+    removed = await conn.fetch_all(
+        f"DELETE FROM webhook_deliveries WHERE event_id IN ({_ids(names)}) "
+        "AND delivered_at IS NOT NULL AND created_at < :cutoff RETURNING endpoint_id",
+        {"cutoff": cutoff, **names},
+    )
+    return len(removed)
+
+
+async def remove_events(conn: Executor, *, cutoff: int, limit: int) -> int:
+    """Remove up to `limit` dispatched events made before `cutoff` that no delivery waits
+    for any more, oldest first."""
+    rows = await conn.fetch_all(
+        "SELECT o.id FROM outbox o WHERE o.created_at < :cutoff AND o.dispatched_at IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = o.id) "
+        "ORDER BY o.created_at LIMIT :limit",
+        {"cutoff": cutoff, "limit": limit},
+    )
+    if not rows:
+        return 0
+    names: dict[str, object] = {f"i{n}": str(row["id"]) for n, row in enumerate(rows)}
+    await conn.execute(f"DELETE FROM outbox WHERE id IN ({_ids(names)})", names)
+    return len(rows)

@@ -1,0 +1,97 @@
+"""Retention (RETENTION_DAYS): the worker removes ended holds, proved ledger rows and
+delivered events older than that, in bounded batches (`server.domain.retention`), each
+batch its own short transaction, so that the tables stop growing and no run holds the
+write lock for long. Counted in `flashsale_retention_removed_rows_total{table}`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
+from server.domain import retention
+from server.domain.clock import now_ms
+from server.domain.executor import Executor
+from server.infra.metrics import RETENTION_REMOVED
+from server.storage.database import Store
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+# Batches per table per run: a run removes at most this many thousand rows of each, and a
+# backlog (the first run after the feature arrives on a year of data) clears over a few runs.
+MOST_BATCHES = 20
+PRODUCTS_PER_RUN = 200
+
+
+class Retention:
+    """Removes what is older than `days` from the tables of `store`."""
+
+    def __init__(self, store: Store, *, days: float) -> None:
+        self.store = store
+        self.days = days
+        self._next_product = 0  # where the walk over products' ledgers goes on
+
+    def cutoff(self) -> int:
+        return now_ms() - round(self.days * retention.DAY_MS)
+
+    async def run(self, *, batch: int = BATCH, most: int = MOST_BATCHES) -> dict[str, int]:
+        """One run: up to `most` batches of `batch` rows from each table; the rows removed,
+        by table."""
+        cutoff = self.cutoff()
+        removed = {
+            "reservations": await self._batches(
+                lambda conn: retention.remove_holds(conn, cutoff=cutoff, limit=batch), batch, most
+            ),
+            "stock_ledger": await self._ledger(cutoff, batch, most),
+            "webhook_deliveries": await self._batches(
+                lambda conn: retention.remove_deliveries(conn, cutoff=cutoff, limit=batch),
+                batch,
+                most,
+            ),
+            "outbox": await self._batches(
+                lambda conn: retention.remove_events(conn, cutoff=cutoff, limit=batch), batch, most
+            ),
+        }
+        for table, count in removed.items():
+            if count:
+                RETENTION_REMOVED.labels(table).inc(count)
+        if any(removed.values()):
+            logger.info("retention removed %s", removed)
+        return removed
+
+    async def _batches(
+        self, work: Callable[[Executor], Awaitable[int]], batch: int, most: int
+    ) -> int:
+        total = 0
+        for _ in range(most):
+            done = await self.store.write(work)
+            total += done
+            if done < batch:
+                break
+        return total
+
+    async def _ledger(self, cutoff: int, batch: int, most: int) -> int:
+        """The ledger, `PRODUCTS_PER_RUN` products a run (the walk goes on from there next
+        run, and starts over after the last product), at most `most` batches in all."""
+        async with self.store.reader() as conn:
+            products, last = await retention.ledgers_to_trim(
+                conn, self._next_product, cutoff=cutoff, limit=PRODUCTS_PER_RUN
+            )
+        self._next_product = last or 0
+        total = 0
+        budget = most
+        for product_id in products:
+            trim = functools.partial(
+                retention.remove_ledger_rows, product_id=product_id, cutoff=cutoff, limit=batch
+            )
+            while budget > 0:
+                budget -= 1
+                done = await self.store.write(trim)
+                total += done
+                if done < batch:
+                    break
+            if budget <= 0:
+                self._next_product = product_id - 1
+                break
+        return total

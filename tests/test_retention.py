@@ -1,0 +1,93 @@
+"""Retention: ended holds, proved ledger rows and delivered events older than RETENTION_DAYS
+leave the tables in bounded batches; open holds, fresh keys, unproved rows and events still
+waiting for an endpoint stay; and the books still add up afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.retention import DAY_MS
+from server.service.delivery import Deliverer
+from server.service.ledger import Ledger
+from server.service.retention import Retention
+from server.service.webhooks import Webhooks
+from server.storage.database import Store
+from tests.receiver import Receiver
+from tests.support import assert_reconciled, hold, make_product
+
+
+async def count(store: Store, table: str, where: str = "1 = 1") -> int:
+    async with store.reader() as conn:
+        row = await conn.fetch_one(f"SELECT COUNT(*) AS n FROM {table} WHERE {where}")
+    assert row is not None
+    return int(row["n"])
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+async def test_old_rows_go_in_bounded_batches_and_the_books_still_add_up(
+    store: Store, receiver: Receiver
+) -> None:
+    endpoint = await Webhooks(store).create(url=receiver.url, events=[], description="")
+    receiver.secret = endpoint.secret
+    product = await make_product(store, 100)
+    old = now_ms() - 100 * DAY_MS
+    # A hundred days ago: 30 holds that ended (completed), and one still open (its worker
+    # must have been down since: it is overdue, never removed while open).
+    for _ in range(30):
+        done = await hold(store, product.id, 1, now=old)
+        await store.write(
+            lambda conn, r=done.id: inventory.complete(conn, r, now=old + 1_000)  # type: ignore[misc]
+        )
+    still_open = await hold(store, product.id, 1, now=old)
+    recent = await hold(store, product.id, 1, key="today")
+    # The webhooks of all that, delivered (their deliveries are old too: made "then").
+    sender = Deliverer(store, poll_ms=20, backoff_s=0.05)
+    await sender.drain()
+    await sender.stop()
+    await Ledger(store).check()  # proves the rows, so that retention may take them
+
+    retention = Retention(store, days=90)
+    first = await retention.run(batch=10, most=2)
+    assert first["reservations"] == 20  # two batches of ten: bounded
+    assert first["stock_ledger"] > 0
+    rest = await retention.run(batch=10, most=100)
+    assert first["reservations"] + rest["reservations"] == 30
+    assert await count(store, "reservations") == 2
+    async with store.reader() as conn:
+        kept = {r.id for r in await inventory.get_reservations(conn, [still_open.id, recent.id])}
+    assert kept == {still_open.id, recent.id}
+    # Old ledger rows went, the product's creation and today's hold stay (not old, or not
+    # proved), and the books still add up from the proved balance.
+    assert await count(store, "stock_ledger", f"at < {now_ms() - 90 * DAY_MS}") == 0
+    assert await count(store, "stock_ledger") >= 1
+    await assert_reconciled(store)
+    # Delivered events and their deliveries went; none of today's.
+    assert await count(store, "outbox", f"created_at < {now_ms() - 90 * DAY_MS}") == 0
+    assert await count(store, "webhook_deliveries", f"created_at < {now_ms() - 90 * DAY_MS}") == 0
+    assert await count(store, "outbox") > 0
+
+
+async def test_what_is_not_done_with_stays(store: Store, receiver: Receiver) -> None:
+    endpoint = await Webhooks(store).create(url=receiver.url, events=[], description="")
+    receiver.secret = endpoint.secret
+    product = await make_product(store, 10)
+    old = now_ms() - 100 * DAY_MS
+    made = await hold(store, product.id, 1, now=old)
+    await store.write(lambda conn: inventory.cancel(conn, made.id, now=old + 1))
+    # Not delivered (no worker ran), not reconciled: the events and the rows wait.
+    removed = await Retention(store, days=90).run()
+    assert removed["stock_ledger"] == 0
+    assert removed["outbox"] == 0
+    assert removed["reservations"] == 1  # the ended hold itself may go
+    assert await count(store, "stock_ledger", f"product_id = {product.id}") == 3
