@@ -7,13 +7,14 @@ import asyncio
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from server.domain.executor import Executor
 from server.storage import migrate
 from server.storage.database import Store
-from server.storage.errors import Busy
-from tests.support import make_product, stats, write_lock_held_elsewhere
+from server.storage.errors import Busy, Unavailable
+from tests.support import eventually, make_product, stats, write_lock_held_elsewhere
 
 
 class Boom(Exception):
@@ -109,3 +110,82 @@ async def test_a_held_write_lock_gives_database_busy_within_the_timeout(
 def test_sqlite_in_memory_is_refused() -> None:
     with pytest.raises(ValueError, match="file"):
         Store("sqlite:///:memory:")
+
+
+@pytest.mark.postgres
+async def test_sessions_killed_by_the_server_give_503s_and_never_a_broken_connection(
+    database_url: str,
+) -> None:
+    """PostgreSQL ending sessions under load (a restart, a failover, an operator's
+    pg_terminate_backend) must come out as DatabaseUnavailable, and the pool must hand
+    out working connections afterwards. asyncpg can leave such a connection in the middle
+    of an operation and return it to its pool, where every later use raises
+    InternalClientError (MagicStack/asyncpg#1069; seen as 500s in the cluster drill that
+    restarts PostgreSQL)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    store = Store(database_url, pool_size=4)
+    await store.connect()
+    admin = await asyncpg.connect(database_url)
+    unexpected: list[BaseException] = []
+    done = 0
+    stopping = asyncio.Event()
+
+    async def write_and_read() -> None:
+        nonlocal done
+        while not stopping.is_set():
+            try:
+                await store.write(lambda conn: conn.fetch_one("SELECT pg_sleep(0.002) AS x"))
+                await store.ping()
+                done += 1
+            except (Unavailable, Busy):
+                await asyncio.sleep(0.005)
+            except Exception as exc:
+                unexpected.append(exc)
+                await asyncio.sleep(0.005)
+
+    async def kill_sessions() -> None:
+        for _ in range(100):
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            await asyncio.sleep(0.01)
+
+    try:
+        workers = [asyncio.create_task(write_and_read()) for _ in range(6)]
+        await kill_sessions()
+        # Once the server stops ending sessions, everything works again.
+        before = done
+
+        async def recovered() -> bool:
+            return done >= before + 50
+
+        await eventually(recovered, within=30, what="working connections from the pool again")
+    finally:
+        stopping.set()
+        await asyncio.gather(*workers)
+        await admin.close()
+        await store.close()
+    assert not unexpected, {repr(e) for e in unexpected}
+
+
+@pytest.mark.postgres
+async def test_a_transaction_whose_client_went_silent_is_ended(database_url: str) -> None:
+    """A web process cut off by the network mid-transaction must not hold its row locks
+    until the network heals: PostgreSQL ends a session idle in a transaction after half
+    the busy timeout, within what the others wait for a lock (the cluster drill
+    `partition` has the behaviour; this pins the settings)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    store = Store(database_url, busy_timeout_ms=4_000)
+    await store.connect()
+    try:
+        async with store.reader() as conn:
+            idle = await conn.fetch_one("SHOW idle_in_transaction_session_timeout")
+            lock = await conn.fetch_one("SHOW lock_timeout")
+    finally:
+        await store.close()
+    assert idle is not None
+    assert lock is not None
+    assert (idle["idle_in_transaction_session_timeout"], lock["lock_timeout"]) == ("2s", "4s")

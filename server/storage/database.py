@@ -35,6 +35,7 @@ short task), and `Connection.raw_connection`. Driver exceptions never leave this
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -66,6 +67,33 @@ SQLITE_READERS = 2
 BUSY_RETRY = DATABASE_BUSY.labels("retry")
 # PostgreSQL: times a transaction chosen as a deadlock victim is run again before a 503.
 DEADLOCK_RETRIES = 2
+# PostgreSQL across a network that may drop packets (a partition sends no reset): without
+# bounds a request waits for as long as TCP retransmits, many minutes, holding the process's
+# writer, and after the network heals it waits out TCP's backoff too (measured through the
+# cluster drill: 36 s answered by a partition of 22 s, 13 s to recover). So connecting gives
+# up after PG_CONNECT_TIMEOUT_S and a statement after the busy timeout plus
+# PG_STATEMENT_MARGIN_S (a lock wait is cut earlier by PostgreSQL's own lock_timeout, the
+# margin is for the network); either raises `Unavailable`, and the connection is dropped
+# rather than reused.
+PG_CONNECT_TIMEOUT_S = 5.0
+PG_STATEMENT_MARGIN_S = 5.0
+# Failures after which an asyncpg connection may be left in the middle of an operation. It
+# must then be terminated, not handed back: asyncpg can return such a connection to its
+# pool, where every later use raises InternalClientError or waits forever
+# (MagicStack/asyncpg#1069). Found by the cluster drill that restarts PostgreSQL mid-sale
+# (500s); sessions ended by pg_terminate_backend under load wedged a process for good
+# (tests/test_database.py). A query the server refused (a lock not granted, a constraint)
+# leaves the connection fine: those are not here.
+BROKEN_CONNECTION = (
+    asyncio.CancelledError,
+    OSError,  # TimeoutError (a statement past its bound) included
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
 SWITCH_INTERVAL = 0.0002
 
 
@@ -208,13 +236,12 @@ def positional(sql: str) -> tuple[str, tuple[str, ...]]:
     """`:name` placeholders → asyncpg's `$1`, `$2`…, and the names in their order.
 
     Our SQL has no `::` casts and no colons inside literals (it uses CAST)."""
-    names: list[str] = []
+    # A dict, not a list: a batch of 3,000 holds has 12,000 placeholders, and a list's
+    # lookups made this quadratic (seconds of CPU inside the transaction).
+    names: dict[str, int] = {}
 
     def number(match: re.Match[str]) -> str:
-        name = match[1]
-        if name not in names:
-            names.append(name)
-        return f"${names.index(name) + 1}"
+        return f"${names.setdefault(match[1], len(names) + 1)}"
 
     return _PLACEHOLDER.sub(number, sql), tuple(names)
 
@@ -274,14 +301,25 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = Database(url, factory=sqlite_connection_class(busy_timeout_ms))
         else:
+            idle_in_transaction_ms = max(1_000, busy_timeout_ms // 2)
             self._db = Database(
                 url,
                 min_size=1,
                 max_size=pool_size,
+                timeout=PG_CONNECT_TIMEOUT_S,
+                command_timeout=busy_timeout_ms / 1000 + PG_STATEMENT_MARGIN_S,
                 server_settings={
                     # Plays the part of SQLite's busy timeout: a row held by someone else's
                     # long transaction makes us answer 503 instead of hanging.
                     "lock_timeout": f"{int(busy_timeout_ms)}ms",
+                    # A transaction waits on nothing but the database, so one idle for half
+                    # as long as others wait for its locks has lost its client: a web
+                    # process cut off by the network mid-transaction, whose COMMIT never
+                    # arrives. PostgreSQL then ends it and frees its row locks while the
+                    # others still wait. Without it, every other host's holds of that
+                    # product answered 503 and its expiries waited until the network
+                    # healed (the cluster drill `partition`).
+                    "idle_in_transaction_session_timeout": f"{idle_in_transaction_ms}ms",
                     # asyncpg prepares every statement; after five runs PostgreSQL may
                     # cache a generic plan made when the tables looked different (the
                     # sweeper's, from an empty table, turned a 15 ms expiry batch into
@@ -346,7 +384,7 @@ class Store:
             async with self._write_lock:
                 for attempt in range(DEADLOCK_RETRIES + 1):
                     try:
-                        async with self._db.connection() as conn, conn.transaction():
+                        async with self._pooled() as conn, conn.transaction():
                             return await work(PostgresExecutor(conn))
                     except asyncpg.exceptions.DeadlockDetectedError:
                         # Rolled back whole, so it may simply run again; transactions take
@@ -363,7 +401,7 @@ class Store:
             if self._readers:
                 yield self._readers[next(self._next_reader)]
                 return
-            async with self._db.connection() as conn:
+            async with self._pooled() as conn:
                 yield PostgresExecutor(conn)
 
     @asynccontextmanager
@@ -375,18 +413,38 @@ class Store:
         holds from its first read to its end; the shared readers are left alone, so that
         nobody else reads the past). PostgreSQL: a REPEATABLE READ, READ ONLY transaction.
         """
-        async with _translated_errors(), Connection(self._db, self._db._backend) as conn:
+        async with _translated_errors():
             if self.is_sqlite:
-                executor = SQLiteExecutor(conn)
-                await executor.execute("BEGIN")
-                try:
-                    yield executor
-                finally:
-                    await executor.execute("ROLLBACK")
+                async with Connection(self._db, self._db._backend) as conn:
+                    executor = SQLiteExecutor(conn)
+                    await executor.execute("BEGIN")
+                    try:
+                        yield executor
+                    finally:
+                        await executor.execute("ROLLBACK")
                 return
-            raw: asyncpg.Connection = conn.raw_connection
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
-                yield PostgresExecutor(conn)
+            async with self._pooled() as conn:
+                raw: asyncpg.Connection = conn.raw_connection
+                async with raw.transaction(isolation="repeatable_read", readonly=True):
+                    yield PostgresExecutor(conn)
+
+    @asynccontextmanager
+    async def _pooled(self) -> AsyncIterator[Connection]:
+        """A connection from the PostgreSQL pool (this task's), waited for no longer than a
+        statement may take; terminated rather than handed back after a `BROKEN_CONNECTION`
+        failure."""
+        conn = self._db.connection()
+        async with asyncio.timeout(self._busy_timeout_ms / 1000 + PG_STATEMENT_MARGIN_S):
+            await conn.__aenter__()
+        try:
+            yield conn
+        except BROKEN_CONNECTION:
+            # Already detached from the pool if asyncpg saw it close: nothing to end then.
+            with contextlib.suppress(asyncpg.exceptions.InterfaceError):
+                conn.raw_connection.terminate()
+            raise
+        finally:
+            await conn.__aexit__(None, None, None)
 
     async def ping(self) -> None:
         async with self.reader() as conn:
@@ -418,12 +476,17 @@ async def _translated_errors() -> AsyncIterator[None]:
         raise Busy("the database is busy") from exc
     except (
         OSError,
-        asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.exceptions.PostgresConnectionError,
+        asyncpg.exceptions.AdminShutdownError,
+        asyncpg.exceptions.CrashShutdownError,
         asyncpg.exceptions.CannotConnectNowError,
         asyncpg.exceptions.TooManyConnectionsError,
         asyncpg.exceptions.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
     ) as exc:
-        raise Unavailable(str(exc)) from exc
+        # The driver's text names hosts and ports: it goes to the log, not to the caller.
+        logger.warning("database unavailable: %r", exc)
+        raise Unavailable("The database cannot be reached right now. Try again shortly.") from exc
 
 
 _SQLITE_UNIQUE = (sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY)
