@@ -31,18 +31,28 @@ async def healthz(request: Request) -> Response:
 @operation(
     "readiness",
     "Service",
-    "The database and Redis both answer, each within a second",
+    "The database answers within a second (and Redis, or the status is `degraded`)",
     {
-        "200": json(ref(schemas.HealthOut), "Ready"),
+        "200": json(
+            ref(schemas.HealthOut),
+            "Ready; `degraded` when Redis does not answer (the sale goes on without it)",
+        ),
         "503": json(
             ref(schemas.HealthOut),
-            "Not ready: `checks` says which one failed",
+            "Not ready: the database does not answer",
             {"Retry-After": RETRY_AFTER},
         ),
     },
 )
 async def readyz(request: Request) -> Response:
-    """Ready when the database and Redis both answer, each within a second."""
+    """Ready (200) when the database answers within a second; `degraded` (still 200) when
+    only Redis does not; 503 when the database does not.
+
+    Redis is not needed to sell: holds are made and ended in the database, expiry jobs
+    lost meanwhile are covered by the sweeper, and pages catch up on reconnect. A Redis
+    outage or failover hits every process at once, so taking them all out of the load
+    balancer for it would only turn a sale that goes on into 503s and make every page
+    reconnect (seen in the cluster drills, cluster/drills.py)."""
     checks = {}
     for name, probe in (
         ("database", shop_of(request).store.ping()),
@@ -53,12 +63,12 @@ async def readyz(request: Request) -> Response:
             checks[name] = "ok"
         except Exception as exc:  # any failure at all means "not ready"
             checks[name] = f"unavailable: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
-    if ready:
-        return json_response({"status": "ok", "checks": checks})
-    return json_response(
-        {"status": "unavailable", "checks": checks}, 503, headers={"Retry-After": "5"}
-    )
+    if checks["database"] != "ok":
+        return json_response(
+            {"status": "unavailable", "checks": checks}, 503, headers={"Retry-After": "5"}
+        )
+    status = "ok" if checks["redis"] == "ok" else "degraded"
+    return json_response({"status": status, "checks": checks})
 
 
 routes = [

@@ -206,7 +206,7 @@ class StatsOut(_Response):
 
 
 class HealthOut(_Response):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
 
 
