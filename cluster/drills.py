@@ -44,9 +44,9 @@ from cluster import books, network
 from cluster.hosts import Cluster
 from cluster.network import Host, Topology
 from cluster.traffic import DECIDED, Attempt, Outcome, Pages, Shop, SteadySale
-from server.clock import parse_iso
-from server.constants import EVENTS_CHANNEL, HEALTH_CHECK_KEY
-from server.redis_client import redis_client
+from server.domain.clock import parse_iso
+from server.infra.keys import EVENTS_CHANNEL, HEALTH_CHECK_KEY
+from server.infra.redis_client import redis_client
 
 HOLD_SECONDS = 10
 SETTINGS = {

@@ -43,8 +43,8 @@ import httpx
 from cluster import network
 from cluster.network import Host, Topology, sh
 from cluster.redis_ha import RedisGroup
+from server.devtools.processes import ROOT, procfile
 
-ROOT = Path(__file__).resolve().parent.parent
 WEB_PORT = 8000
 EDGE_PORT = 80
 STATS_PORT = 8404
@@ -160,16 +160,6 @@ def postgres_bin() -> Path:
     if not found:
         raise RuntimeError("PostgreSQL's server binaries are missing: apt-get install postgresql")
     return found[-1].parent
-
-
-def procfile() -> dict[str, str]:
-    """The Procfile's entries: name → shell command."""
-    commands = {}
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        name, sep, command = line.partition(":")
-        if sep and name.strip() and not name.startswith("#"):
-            commands[name.strip()] = command.strip()
-    return commands
 
 
 def wait_until(check: Callable[[], object], what: str, within: float = 60.0) -> None:
