@@ -57,7 +57,11 @@ SETTINGS = {
 PAGES = 40
 STORM_SHOPPERS = 1_000
 STORM_UNITS = 50
-LATE_MS = 5_000  # an expired hold's units back later than this is a failed check
+# An expired hold's units back later than this fail the check: a drill may cost an expiry
+# a lock held by a host cut off mid-transaction (until PostgreSQL ends its session, after
+# half the busy timeout, 2.5 s), a restart of PostgreSQL, and a sweep (1 s). Outside a
+# fault, p99 is well under a second.
+LATE_MS = 6_000
 DRILLS = ["storm", "app-host-killed", "redis-failover", "partition", "postgres-restart"]
 
 
@@ -475,6 +479,12 @@ class Drills:
             f"{host.name} back in service once the rule was gone, and sent requests",
             [],
             f"{back_after:.1f} s after",
+        )
+        busy = [a for a in attempts if a.code == "database_busy"]
+        self.report.add(
+            drill,
+            f"the other host sold on: no 503 database_busy from {host.name}'s stranded locks",
+            [summary(busy)] if busy else [],
         )
         undecided = [o for o in sale.outcomes if not o.decided]
         failed = [a for a in attempts if a.status == 0 or a.status >= 500]

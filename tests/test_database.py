@@ -174,7 +174,7 @@ async def test_sessions_killed_by_the_server_give_503s_and_never_a_broken_connec
 async def test_a_transaction_whose_client_went_silent_is_ended(database_url: str) -> None:
     """A web process cut off by the network mid-transaction must not hold its row locks
     until the network heals: PostgreSQL ends a session idle in a transaction after half
-    the busy timeout, within what the others wait for a lock (the cluster drill
+    the busy timeout, while the others still wait for its locks (the cluster drill
     `partition` has the behaviour; this pins the settings)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL only")
