@@ -117,7 +117,7 @@ async def test_sessions_killed_by_the_server_give_503s_and_never_a_broken_connec
     database_url: str,
 ) -> None:
     """PostgreSQL ending sessions under load (a restart, a failover, an operator's
-    pg_terminate_backend) must come out as DatabaseUnavailable, and the pool must hand
+    pg_terminate_backend) must come out as Unavailable, and the pool must hand
     out working connections afterwards. asyncpg can leave such a connection in the middle
     of an operation and return it to its pool, where every later use raises
     InternalClientError (MagicStack/asyncpg#1069; seen as 500s in the cluster drill that
