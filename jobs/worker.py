@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from jobs import books
 from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
 from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
-from server.infra.redis_client import arq_redis_settings, redis_client_for
+from server.infra.redis_client import READ_TIMEOUT_S, arq_redis_settings, redis_client_for
 from server.infra.settings import Settings
 from server.live.publisher import Publisher
 from server.service.delivery import Deliverer
@@ -227,15 +227,35 @@ async def _run_once(settings: Settings, ctx: Ctx, stopping: asyncio.Event) -> Ba
                     len(unfinished),
                     JOB_GRACE_SECONDS,
                 )
+                for task in unfinished:
+                    task.cancel()
         crash = None
         if main.done() and not main.cancelled():
             crash = main.exception()
-        main.cancel()
-        await asyncio.gather(main, return_exceptions=True)
+        await _stop(worker, main)
         await _close(worker)
     if crash is None and not stopping.is_set():
         crash = RuntimeError("arq's worker returned")
     return crash
+
+
+async def _stop(worker: Worker, main: asyncio.Task[None]) -> None:
+    """End arq's loop: between two polls if it can, else by cancelling it.
+
+    In burst mode with no job left to start, arq's loop returns by itself at its next poll,
+    without a cancellation landing in the middle of a Redis call: redis-py can swallow one
+    that lands while a read waits inside its socket timeout (redis/redis-py#2551), and the
+    worker's client has one (server/infra/redis_client.py); a single cancel then sometimes
+    left the loop polling and the worker never stopped. A loop stuck in a call to a Redis
+    that is gone is cancelled, again until it ends."""
+    worker.burst = True
+    worker.max_burst_jobs = 0
+    await asyncio.wait({main}, timeout=READ_TIMEOUT_S + 1)
+    while not main.done():
+        main.cancel()
+        await asyncio.wait({main}, timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        main.result()
 
 
 async def _close(worker: Worker) -> None:
