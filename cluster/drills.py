@@ -16,8 +16,11 @@ every hold has ended (holds last `HOLD_SECONDS`, 10 s here):
   is found again, never doubled);
 - every expired hold restored exactly once: with nothing held, each product's available
   stock is its total less what was sold;
-- `available + held + sold == total` for every product, counted from the holds;
-- the ledger reconciles (`GET /api/admin/reconcile`), when the service has a ledger;
+- `available + held + sold == total` for every product, counted from the holds (and the
+  products' own held and sold counters agree with the holds);
+- the stock ledger has each hold's movements exactly once (held, then how it ended: an
+  expired hold has one `expired` row), and the service's own reconciliation
+  (`GET /api/admin/reconcile`) finds every product's ledger adding up;
 - every open page (40 sockets through the edge, reconnecting as the shop's page does)
   shows each product's stock as the database has it.
 
@@ -170,6 +173,13 @@ class Drills:
             "available + held + sold == total, every product",
             await books.unbalanced(self.database_url),
         )
+        ledger = await books.ledger_problems(self.database_url, product_ids)
+        if ledger is not None:
+            self.report.add(
+                drill,
+                "the ledger has each hold's movements once: held, then how it ended",
+                ledger,
+            )
         present, problem = await books.reconciliation(
             self.cluster.edge_url, self.cluster.admin_token
         )
