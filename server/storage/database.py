@@ -430,10 +430,14 @@ class Store:
 
     @asynccontextmanager
     async def _pooled(self) -> AsyncIterator[Connection]:
-        """A connection from the PostgreSQL pool (this task's), waited for no longer than a
-        statement may take; terminated rather than handed back after a `BROKEN_CONNECTION`
-        failure."""
-        conn = self._db.connection()
+        """A connection from the PostgreSQL pool, waited for no longer than a statement may
+        take; terminated rather than handed back after a `BROKEN_CONNECTION` failure.
+
+        A `Connection` of its own, not the one `Database.connection()` shares within a task:
+        after a terminate that shared one kept the dead connection for every later use by
+        the task (a long-lived task, such as a batch runner, failed for good;
+        tests/test_database.py)."""
+        conn = Connection(self._db, self._db._backend)
         async with asyncio.timeout(self._busy_timeout_ms / 1000 + PG_STATEMENT_MARGIN_S):
             await conn.__aenter__()
         try:
