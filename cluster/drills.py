@@ -336,7 +336,8 @@ class Drills:
         await self.pages.until_showing({pid: 300, probe_id: 1_000_000}, within=10)
         sale = SteadySale(self.shop, pid, shoppers=10)
         probes: list[tuple[float, int, str]] = []  # (committed, version, hold id)
-        prober = asyncio.create_task(self._probe(probe_id, probes))
+        probing = asyncio.Event()
+        prober = asyncio.create_task(self._probe(probe_id, probes, probing))
         events: list[tuple[float, tuple[str, int]]] = []
         listener = asyncio.create_task(_listen(redis.sentinels, events))
         try:
@@ -357,7 +358,10 @@ class Drills:
             await asyncio.sleep(2)  # the sale goes on after the failover
         finally:
             await sale.stop()
-            prober.cancel()
+            # Not cancelled: a probe cut off mid-request may have made a hold it never
+            # heard of, which the books would rightly count as lost.
+            probing.set()
+            await asyncio.wait({prober}, timeout=60)
             listener.cancel()
             await asyncio.gather(prober, listener, return_exceptions=True)
         new = redis.primary()
@@ -413,9 +417,11 @@ class Drills:
         told = list(sale.held) + [hold for _, _, hold in probes]
         await self.books(drill, [pid, probe_id], told)
 
-    async def _probe(self, product_id: int, probes: list[tuple[float, int, str]]) -> None:
+    async def _probe(
+        self, product_id: int, probes: list[tuple[float, int, str]], stop: asyncio.Event
+    ) -> None:
         """A change every 200 ms, to time how soon pages see changes again."""
-        while True:
+        while not stop.is_set():
             outcome = await self.shop.reserve(product_id, patience=30)
             if outcome.hold is not None:
                 probes.append(
