@@ -93,6 +93,7 @@ async def test_products_are_listed_by_id_with_an_etag_and_304(api: Api) -> None:
         "name": "First",
         "price": 19.99,
         "availableStock": 5,
+        "heldStock": 0,
         "totalStock": 5,
         "version": first["version"],
         "saleStartsAt": None,
@@ -239,13 +240,19 @@ async def test_a_refusal_carries_the_stock_it_was_decided_on(api: Api) -> None:
     without waiting for a frame or a poll (the database's own refusals: test_inventory)."""
     product = await make_product(api.store, 3)
     body = assert_error(await api.reserve(product.id, 5), 409, "insufficient_stock")
-    assert body["stock"] == {"productId": product.id, "availableStock": 3, "version": 1}
+    assert body["stock"] == {
+        "productId": product.id,
+        "availableStock": 3,
+        "heldStock": 0,
+        "version": 1,
+    }
     held = await api.reserve(product.id, 3)
     assert held.status_code == 201
     body = assert_error(await api.reserve(product.id, 1), 409, "insufficient_stock")
     assert body["stock"] == {
         "productId": product.id,
         "availableStock": 0,
+        "heldStock": 3,
         "version": held.json()["product"]["version"],
     }
 

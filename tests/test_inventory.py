@@ -110,7 +110,7 @@ async def test_a_batch_is_served_first_come_first_served(store: Store) -> None:
     assert isinstance(outcomes[1].error, InsufficientStock)
     after = next(e.product for e in events if e.product.id == product.id)
     # The refusal carries the stock the batch left, for the shopper's page to show.
-    assert outcomes[1].error.stock == StockNow(product.id, 0, after.version)
+    assert outcomes[1].error.stock == StockNow(product.id, 0, 5, after.version)
     assert {e.product.id: e.product.available_stock for e in events} == {product.id: 0, other.id: 0}
     assert (await assert_invariant(store, product.id)).held == 5
 
@@ -164,7 +164,12 @@ async def test_complete_is_idempotent_and_keeps_the_units_sold(store: Store) -> 
     held = await hold(store, product.id, 2)
     done = await store.write(lambda conn: inventory.complete(conn, held.id, now=now_ms()))
     assert done.result().status is Status.COMPLETED
-    assert isinstance(done.events[0], ReservationChanged)
+    stock, changed = done.events
+    assert isinstance(changed, ReservationChanged)
+    # Held units became sold: a stock change every page hears of (nothing may come back).
+    assert isinstance(stock, StockChanged)
+    assert (stock.product.held_units, stock.product.available_stock) == (0, 3)
+    assert stock.product.version == product.version + 2  # held, then sold
     again = await store.write(lambda conn: inventory.complete(conn, held.id, now=now_ms()))
     assert again.result().completed_at == done.result().completed_at
     assert again.events == []

@@ -174,6 +174,8 @@ async def test_a_change_through_one_process_reaches_clients_of_both(
             seen_on_a = await on_a.stock(product["id"], 7)
         assert seen_on_b["version"] > product["version"]
         assert seen_on_b["version"] == seen_on_a["version"] == held["product"]["version"]
+        # Held units travel with the stock: a page can tell "all reserved" from "sold out".
+        assert seen_on_b["heldStock"] == seen_on_a["heldStock"] == 3
 
 
 async def test_an_expiry_by_the_worker_reaches_clients_of_both(
@@ -185,8 +187,9 @@ async def test_an_expiry_by_the_worker_reaches_clients_of_both(
             await on_a.frames.wait_for(lambda f: f["type"] == "snapshot")
             await on_b.frames.wait_for(lambda f: f["type"] == "snapshot")
             await reserve(b, product["id"], 4)
-            await on_a.stock(product["id"], 6)
-            await on_a.stock(product["id"], 10)  # the worker expired it
+            assert (await on_a.stock(product["id"], 6))["heldStock"] == 4
+            expired = await on_a.stock(product["id"], 10)  # the worker expired it
+            assert expired["heldStock"] == 0
             await on_b.stock(product["id"], 10)
 
 
@@ -370,9 +373,9 @@ async def test_polling_gets_304_while_nothing_changes(
             ).status_code == 304
             await reserve(a, product["id"])
             changed = await _eventually_changed(client, etag)
-            assert any(
-                p["id"] == product["id"] and p["availableStock"] == 4 for p in changed.json()
-            )
+            # b's own list learned of a's hold through the stock frame, held units too.
+            (seen,) = (p for p in changed.json() if p["id"] == product["id"])
+            assert (seen["availableStock"], seen["heldStock"]) == (4, 1)
 
 
 async def _eventually_changed(client: httpx.AsyncClient, etag: str) -> httpx.Response:

@@ -118,6 +118,41 @@ async def test_the_hold_bar_can_be_folded_away_and_still_shows_the_time_left(
     await expect(summary).to_have_text(re.compile(f"^3 holds · next ends in {COUNTDOWN}$"))
 
 
+# -- 2. all reserved is not sold out ---------------------------------------------------------
+
+
+async def act(site: Service, reservation: dict[str, Any], action: str) -> None:
+    async with site.client() as client:
+        response = await client.post(f"/api/reservations/{reservation['id']}/{action}")
+    assert response.status_code == 200, response.text
+
+
+@EACH_SIZE
+async def test_units_only_held_are_all_reserved_and_may_come_back_until_none_is_held(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    product = await new_product(site, f"Held-back hat ({size_name(size)})", 2)
+    page = await open_shop(browser, site, size)
+    count = card(page, product).locator(".count")
+    first = await reserve(site, product["id"], 1)  # other shoppers
+    second = await reserve(site, product["id"], 1)
+    await expect(count).to_have_text("All reserved — 2 may come back")
+    await expect(card(page, product)).to_have_class(re.compile(r"\ball-reserved\b"))
+    await expect(card(page, product).get_by_role("button", name="Reserve")).to_be_disabled()
+    await expect(card(page, product).locator("select")).to_be_disabled()
+    await expect(card(page, product).locator(".waitlist")).to_be_hidden()  # none for it
+    await assert_accessible(page)
+
+    await act(site, first, "complete")
+    await expect(count).to_have_text("All reserved — 1 may come back")
+    await act(site, second, "cancel")  # it came back
+    await expect(count).to_have_text("1 of 2 left")
+    await expect(card(page, product).get_by_role("button", name="Reserve")).to_be_enabled()
+    await act(site, await reserve(site, product["id"], 1), "complete")
+    await expect(count).to_have_text("Sold out")  # nothing held: nothing may come back
+    await expect(card(page, product)).not_to_have_class(re.compile(r"\ball-reserved\b"))
+
+
 # -- 3. coming soon --------------------------------------------------------------------------
 
 

@@ -31,10 +31,12 @@ class DomainError(Exception):
 @dataclass(frozen=True, slots=True)
 class StockNow:
     """A product's stock as it stood when a request was refused: `available_stock` units
-    at `version` (the product's version, as in a `stock` frame)."""
+    on sale and `held_units` in holds (which may come back), at `version` (the product's
+    version, as in a `stock` frame)."""
 
     product_id: int
     available_stock: int
+    held_units: int
     version: int
 
 
@@ -80,6 +82,7 @@ class InsufficientStock(DomainError):
             "stock": {
                 "productId": self.stock.product_id,
                 "availableStock": self.stock.available_stock,
+                "heldStock": self.stock.held_units,
                 "version": self.stock.version,
             }
         }

@@ -354,6 +354,8 @@ async def complete(
     )
     if row is not None:
         reservation = Reservation.from_row(row)
+        # Held units become sold ones: a change of the product's stock like any other (a new
+        # version, a stock event), so that every page learns that they will not come back.
         sold = await conn.fetch_one(
             "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q, "
             "version = version + 1, updated_at = :now "
@@ -365,7 +367,9 @@ async def complete(
         books = Books(now=now)
         books.moved(product, [Movement(Kind.COMPLETED, reservation.quantity, actor, reservation)])
         await books.write(conn)
-        return Outcome(reservation, events=[ReservationChanged(reservation, product)])
+        return Outcome(
+            reservation, events=[StockChanged(product), ReservationChanged(reservation, product)]
+        )
     current = await get_reservation(conn, reservation_id)
     if current is None:
         return Outcome(error=ReservationNotFound())

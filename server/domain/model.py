@@ -54,7 +54,7 @@ class Product:
 
     def stock_now(self) -> StockNow:
         """Its stock, for a refusal to carry (`InsufficientStock.stock`)."""
-        return StockNow(self.id, self.available_stock, self.version)
+        return StockNow(self.id, self.available_stock, self.held_units, self.version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,8 +107,12 @@ class Subscriber:
         try:
             frame = from_json(raw)
             if frame["type"] == "stock":
+                held = frame.get("heldStock")  # absent from a process of an older release
                 self._catalog.apply_stock(
-                    int(frame["productId"]), int(frame["availableStock"]), int(frame["version"])
+                    int(frame["productId"]),
+                    int(frame["availableStock"]),
+                    int(frame["version"]),
+                    held=None if held is None else int(held),
                 )
             elif frame["type"] == "product":
                 self._catalog.apply(product_from_frame(frame["product"]))

@@ -83,12 +83,18 @@ class Catalog:
         self._listing = None
         return True
 
-    def apply_stock(self, product_id: int, available: int, version: int) -> bool:
-        """A stock frame from another process: newer stock for a product we know."""
+    def apply_stock(
+        self, product_id: int, available: int, version: int, *, held: int | None = None
+    ) -> bool:
+        """A stock frame from another process: newer stock (`available` units on sale,
+        `held` in holds, None: unchanged) for a product we know."""
         current = self._products.get(product_id)
         if current is None or current.version >= version:
             return False
-        return self.apply(replace(current, available_stock=available, version=version))
+        held_units = current.held_units if held is None else held
+        return self.apply(
+            replace(current, available_stock=available, held_units=held_units, version=version)
+        )
 
     async def reload(self, store: Store) -> list[Product]:
         """Read every product; returns those that were newer than what we had."""

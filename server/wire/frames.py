@@ -15,11 +15,12 @@ from server.wire.schemas import product_view, reservation_view
 
 
 def stock_frame(product: Product) -> dict[str, Any]:
-    """A `StockFrame`: the product's available stock and version."""
+    """A `StockFrame`: the product's available and held stock, and its version."""
     return {
         "type": "stock",
         "productId": product.id,
         "availableStock": product.available_stock,
+        "heldStock": product.held_units,
         "version": product.version,
     }
 
@@ -42,6 +43,7 @@ def product_from_frame(out: dict[str, Any]) -> Product:
         sale_starts_at=None if starts is None else parse_iso(starts),
         created_at=0,
         updated_at=0,
+        held_units=int(out.get("heldStock", 0)),
     )
 
 

@@ -141,6 +141,10 @@ class ProductOut(_Response):
         "stored as integer cents."
     )
     available_stock: int
+    held_stock: int = Field(
+        description="Units in active holds: not on sale now, but back on sale if their holds "
+        "end unbought (a product with none available and some held is not sold out yet)."
+    )
     total_stock: int
     version: int = Field(description="Goes up by at least 1 on every stock change.")
     sale_starts_at: str | None = Field(
@@ -179,6 +183,10 @@ class StockOut(_Response):
 
     product_id: int
     available_stock: int
+    held_stock: int = Field(
+        description="Units in active holds: not on sale now, but back on sale if their holds "
+        "end unbought (a product with none available and some held is not sold out yet)."
+    )
     version: int = Field(description="The product's version: keep the highest one seen.")
 
 
@@ -386,6 +394,10 @@ class StockFrame(_Response):
     type: Literal["stock"]
     product_id: int
     available_stock: int
+    held_stock: int = Field(
+        description="Units in active holds: not on sale now, but back on sale if their holds "
+        "end unbought (a product with none available and some held is not sold out yet)."
+    )
     version: int
 
 
@@ -423,6 +435,7 @@ def product_view(product: Product) -> dict[str, Any]:
         "name": product.name,
         "price": product.price_cents / 100,
         "availableStock": product.available_stock,
+        "heldStock": product.held_units,
         "totalStock": product.total_stock,
         "version": product.version,
         "saleStartsAt": None if starts is None else iso(starts),
