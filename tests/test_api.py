@@ -249,6 +249,7 @@ async def test_a_refusal_carries_the_stock_it_was_decided_on(api: Api) -> None:
     held = await api.reserve(product.id, 3)
     assert held.status_code == 201
     body = assert_error(await api.reserve(product.id, 1), 409, "insufficient_stock")
+    assert body["message"] == "All reserved: 3 units are held and may come back."
     assert body["stock"] == {
         "productId": product.id,
         "availableStock": 0,

@@ -191,7 +191,9 @@ async def test_refusals_are_sentences(browser: Browser, site: Service) -> None:
     few = await new_product(site, "Scarce scone", 3)
     sold = await new_product(site, "Gone gloves", 1)
     later = await new_product(site, "Later loafers", 5, saleStartsAt="2099-01-01T00:00:00Z")
-    await reserve(site, sold["id"], 1)
+    async with site.client() as client:
+        bought = await reserve(site, sold["id"], 1)
+        await client.post(f"/api/reservations/{bought['id']}/complete")
     page = await open_shop(browser, site)
     # The list offers only what is left; a page that has not heard of the last holds yet
     # still asks for more (test_a_refusal_shows_the_current_stock_at_once).
@@ -275,7 +277,13 @@ async def test_a_page_that_has_not_heard_yet_shows_the_servers_sentence(
     await expect(card(page, product).locator(".count")).to_have_text("1 of 1 left")
     await reserve(site, product["id"], 1)
     await card(page, product).get_by_role("button", name="Reserve").click()
-    await expect(card(page, product).locator(".error")).to_have_text("Sold out: no units are left.")
+    await expect(card(page, product).locator(".error")).to_have_text(
+        "All reserved: 1 unit is held and may come back."
+    )
+    # ...and the stock the refusal carried is shown at once, polls or not.
+    await expect(card(page, product).locator(".count")).to_have_text(
+        "All reserved — 1 may come back"
+    )
 
 
 async def test_holds_survive_a_reload(browser: Browser, site: Service) -> None:

@@ -64,7 +64,12 @@ class InsufficientStock(DomainError):
     code = "insufficient_stock"
 
     def __init__(self, available: int, requested: int, stock: StockNow | None = None) -> None:
-        if available <= 0:
+        held = 0 if stock is None else stock.held_units
+        if available <= 0 and held > 0:
+            # Not sold out yet: units come back when holds end unbought.
+            units = "1 unit is" if held == 1 else f"{held} units are"
+            message = f"All reserved: {units} held and may come back."
+        elif available <= 0:
             message = "Sold out: no units are left."
         elif available == 1:
             message = f"Only 1 left, {requested} requested."
