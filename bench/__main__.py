@@ -32,13 +32,25 @@ from typing import Any
 
 import httpx
 
-from bench import charts, fanout, history, paths, protocol, stack, steady, storm, wave, wrk
+from bench import (
+    charts,
+    fanout,
+    history,
+    paths,
+    protocol,
+    stack,
+    steady,
+    storm,
+    wave,
+    webhooks,
+    wrk,
+)
 from bench.report import evaluate, markdown
 from server.devtools import history as past
 from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SCENARIOS = ["storm", "paths", "wave", "steady", "fanout"]
+DEFAULT_SCENARIOS = ["storm", "paths", "wave", "webhooks", "steady", "fanout"]
 SCENARIOS = [*DEFAULT_SCENARIOS, "history"]
 CONFIGS = ["sqlite-w1", "sqlite-w2", "postgresql-w1", "postgresql-w2"]
 
@@ -361,6 +373,23 @@ def run_config(
                 progress.step(f"{config.label} · expiry wave")
                 result["wave"] = wave.run_sync(
                     db_url, redis.url, holds=size.holds, bucket_ms=settings.expiry_bucket_ms
+                )
+            if "webhooks" in scenarios:
+                progress.step(f"{config.label} · webhooks")
+
+                def wave_again() -> Any:
+                    # The expiry wave again, its 10,000 holds' events going out meanwhile:
+                    # delivery must not delay expiry.
+                    return wave.run_sync(
+                        db_url, redis.url, holds=size.holds, bucket_ms=settings.expiry_bucket_ms
+                    )
+
+                result["webhooks"] = webhooks.run(
+                    service,
+                    work,
+                    db_url,
+                    bare_rps=before.rps,
+                    then=wave_again if "wave" in scenarios else None,
                 )
         runs = []
         for count in fanout_sizes:
