@@ -498,7 +498,9 @@ async def settle(
         since = run.failing_since if run.failing_since is not None else failed[0].at
         next_attempt = now + retry_after_ms
     else:
-        failures, since, next_attempt = 0, None, 0
+        # Behind the queues that have waited longer (`lease` takes the oldest first), so
+        # that a product with a long backlog does not keep the others waiting.
+        failures, since, next_attempt = 0, None, now
     await conn.execute(
         "UPDATE webhook_queues SET lease_until = 0, lease_owner = NULL, failures = :f, "
         "failing_since = :since, next_attempt_at = :next "
