@@ -235,8 +235,10 @@ class Integrations {
       tr.append(cell(String(d.attempts), "num"));
       const actions = document.createElement("td");
       actions.setAttribute("role", "cell");
+      // A delivered event is sent once more; a waiting one is tried now, not after its backoff.
+      const again = d.status === "pending" ? "Retry now" : "Redeliver";
       actions.append(
-        button("Redeliver", () => this.redeliver(endpointId, d), `Redeliver ${d.type} ${d.eventId}`),
+        button(again, () => this.redeliver(endpointId, d), `${again} ${d.type} ${d.eventId}`),
       );
       tr.append(actions);
       rows.append(tr);
