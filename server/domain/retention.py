@@ -39,9 +39,7 @@ async def remove_holds(conn: Executor, *, cutoff: int, limit: int) -> int:
     return len(rows)
 
 
-async def remove_ledger_rows(
-    conn: Executor, product_id: int, *, cutoff: int, limit: int
-) -> int:
+async def remove_ledger_rows(conn: Executor, product_id: int, *, cutoff: int, limit: int) -> int:
     """Remove up to about `limit` of a product's proved ledger rows from before `cutoff`,
     oldest first (whole versions: the rows of one change go together)."""
     balance = await conn.fetch_one(
