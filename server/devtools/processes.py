@@ -149,29 +149,43 @@ class Service:
             "WEB_METRICS_PORT": str(free_port()),
             **settings,
         }
+        self.web_concurrency = web_concurrency
+        self._web_log_start = 0  # where this start's lines begin in web.log
         self.web = Process("web", env, log_dir / "web.log")
         self.worker = Process("worker", env, log_dir / "worker.log")
 
     def start(self, *, worker: bool = True) -> None:
+        self._web_log_start = self.web.log.stat().st_size if self.web.log.exists() else 0
         self.web.start()
         if worker:
             self.worker.start()
         self.wait_ready()
 
     def wait_ready(self, within: float = 30.0) -> None:
-        """Until /readyz answers 200 (the processes take a moment to start)."""
+        """Until /readyz answers 200 and every web process has started (the processes take a
+        moment to start). One process answering is not enough: the others share its listening
+        socket from the start, so a connection the kernel hands to one still in its startup
+        waits for it, and a test that stops the service then would meet that, not what it
+        tests."""
         deadline = time.monotonic() + within
         while True:
             if not self.web.running:
                 raise RuntimeError(f"web exited at start:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return
+                ready = httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
+                ready = False
+            if ready and self._web_processes_started() >= self.web_concurrency:
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"web not ready within {within} s:\n{self.logs()}")
             time.sleep(0.05)
+
+    def _web_processes_started(self) -> int:
+        """How many web processes have finished their startup, by uvicorn's log line."""
+        with self.web.log.open("rb") as log:
+            log.seek(self._web_log_start)
+            return log.read().count(b"Application startup complete")
 
     def stop(self) -> None:
         self.worker.stop()
