@@ -116,13 +116,19 @@ async def reserve(
     and quantity is a replay of it, another is `idempotency_key_reused`; and if no hold was
     made, it is a request of its own. So the n-th request with a key goes in round n, each
     round seeing what the rounds before it wrote.
+
+    A product that has too little stock for its requests first has its overdue holds
+    expired, in this transaction (`_take_stock`, "lazy expiry"): a hold past its expiresAt
+    never keeps a unit from a shopper, whether or not Redis, the expiry jobs or the worker
+    are there to expire it. The expired holds' events are among the events returned.
     """
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     events: list[Event] = []
     books = Books(now=now)
+    swept: set[int] = set()
     for indexes in _rounds(requests):
         answers, changes = await _reserve_round(
-            conn, [requests[i] for i in indexes], books, now=now, hold_ms=hold_ms
+            conn, [requests[i] for i in indexes], books, swept, now=now, hold_ms=hold_ms
         )
         for i, outcome in zip(indexes, answers, strict=True):
             outcomes[i] = outcome
@@ -149,9 +155,16 @@ def _rounds(requests: Sequence[HoldRequest]) -> list[list[int]]:
 
 
 async def _reserve_round(
-    conn: Executor, requests: Sequence[HoldRequest], books: Books, *, now: int, hold_ms: int
+    conn: Executor,
+    requests: Sequence[HoldRequest],
+    books: Books,
+    swept: set[int],
+    *,
+    now: int,
+    hold_ms: int,
 ) -> tuple[list[Outcome[Held]], list[Event]]:
-    """`reserve` for requests whose Idempotency-Keys are all different."""
+    """`reserve` for requests whose Idempotency-Keys are all different. `swept`: the
+    products whose overdue holds this transaction has expired already."""
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     fresh = await _replay_idempotent(conn, requests, outcomes, now=now)
 
@@ -166,7 +179,9 @@ async def _reserve_round(
     # transactions in opposite orders would deadlock (PostgreSQL's row locks).
     for product_id, indexes in sorted(by_product.items()):
         quantities = [requests[i].quantity for i in indexes]
-        product, fits = await _take_stock(conn, product_id, quantities, now=now)
+        product, fits = await _take_stock(
+            conn, product_id, quantities, books, events, swept, now=now
+        )
         if product is None:
             for i in indexes:
                 outcomes[i] = Outcome(error=ProductNotFound(product_id))
@@ -244,12 +259,21 @@ async def _replay_idempotent(
 
 
 async def _take_stock(
-    conn: Executor, product_id: int, quantities: Sequence[int], *, now: int
+    conn: Executor,
+    product_id: int,
+    quantities: Sequence[int],
+    books: Books,
+    events: list[Event],
+    swept: set[int],
+    *,
+    now: int,
 ) -> tuple[Product | None, list[bool] | DomainError]:
     """Take stock for as many of `quantities`, in order, as the product has.
 
     Returns the product after the change and which quantities were granted, or the
-    error that refuses them all.
+    error that refuses them all. When they do not all fit and some of the product's units
+    are held, its overdue holds are expired first (once per transaction: `swept`), into
+    `books` and `events`, as the sweeper would expire them.
     """
     row = await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock - :total, "
@@ -272,6 +296,16 @@ async def _take_stock(
             return None, []
         if product.sale_starts_at is not None and product.sale_starts_at > now:
             return product, SaleNotStarted(product.sale_starts_at)
+        if (
+            product_id not in swept
+            and product.held_units > 0
+            and product.available_stock < sum(quantities)
+        ):
+            swept.add(product_id)
+            restored = await _expire_overdue_of(conn, product_id, books, now=now)
+            if restored is not None:
+                product, expired_events = restored
+                events.extend(expired_events)
         fits = allocate(product.available_stock, quantities)
         take = sum(q for q, ok in zip(quantities, fits, strict=True) if ok)
         if take == 0:
@@ -285,6 +319,37 @@ async def _take_stock(
         if row is not None:
             return Product.from_row(row), fits
     return product, [False] * len(quantities)
+
+
+async def _expire_overdue_of(
+    conn: Executor, product_id: int, books: Books, *, now: int, limit: int = SWEEP_BATCH
+) -> tuple[Product, list[Event]] | None:
+    """Lazy expiry: expire up to `limit` of one product's overdue holds (oldest first) in
+    the caller's transaction, with the ledger rows and outbox events the sweeper would
+    write (into `books`; actor `worker`: the hold ran out of time, no shopper ended it).
+    Returns the product after its units came back and the events, or None if none was due.
+
+    The same gate as every expiry (`status = 'ACTIVE' AND expires_at <= now` on each row,
+    in the UPDATE), so that this, the expiry jobs and the sweeper, in any number of
+    processes and at once, restore each hold's units exactly once. Locks are taken as
+    every expiry takes them, the holds' rows before their product's (docs/design.md §4)."""
+    due = await conn.fetch_all(
+        "SELECT id FROM reservations WHERE product_id = :p AND ended_at IS NULL "
+        "AND expires_at <= :now ORDER BY expires_at, id LIMIT :limit",
+        {"p": product_id, "now": now, "limit": limit},
+    )
+    if not due:
+        return None
+    rows = await _expire_ids(conn, [str(row["id"]) for row in due], now=now)
+    if not rows:
+        return None  # another transaction expired them first
+    expired = [Reservation.from_row(row) for row in rows]
+    product = await _restore(
+        conn, books, expired, now=now, ended=Status.EXPIRED, actor=ledger.WORKER
+    )
+    events: list[Event] = [StockChanged(product)]
+    events.extend(ReservationChanged(r, product) for r in expired)
+    return product, events
 
 
 def allocate(available: int, quantities: Iterable[int]) -> list[bool]:
@@ -441,29 +506,57 @@ async def expire_overdue(
 ) -> Outcome[list[Reservation]]:
     """Expire up to `limit` overdue ACTIVE holds, oldest first, and restore their units.
 
-    Two statements whose plans cannot go wrong: the ids of the overdue holds, from the index
-    of open holds (in its order, so the LIMIT stops the scan), then a primary-key UPDATE of
-    exactly those ids. (One statement with the ids in a subquery was planned by PostgreSQL,
-    on statistics that saw no open hold, as a nested loop running the subquery once per
-    open hold: 14 s for a batch of 500.) Safe to run concurrently with itself and with
-    complete/cancel: each row changes only if it is still ACTIVE when the UPDATE reaches it.
+    The ids of the overdue holds come from the index of open holds (in its order, so the
+    LIMIT stops the scan); then, product by product in id order, a primary-key UPDATE of
+    exactly those ids and the UPDATE of their product. (One statement with the ids in a
+    subquery was planned by PostgreSQL, on statistics that saw no open hold, as a nested
+    loop running the subquery once per open hold: 14 s for a batch of 500.) Product by
+    product, because a reservation that expires a product's overdue holds lazily
+    (`reserve`) may hold the row of a product with a lower id: locks are taken in one
+    order by every transaction (a product's holds, then the product; products by id), so
+    none waits in a cycle. Safe to run concurrently with itself, with the lazy expiry and
+    with complete/cancel: each row changes only if it is still ACTIVE when the UPDATE
+    reaches it.
     """
     due = await conn.fetch_all(
-        "SELECT id FROM reservations WHERE ended_at IS NULL AND expires_at <= :now "
-        "ORDER BY expires_at, id LIMIT :limit",
+        "SELECT id, product_id FROM reservations WHERE ended_at IS NULL "
+        "AND expires_at <= :now ORDER BY expires_at, id LIMIT :limit",
         {"now": now, "limit": limit},
     )
     if not due:
         return Outcome([], events=[])
-    names = {f"r{n}": str(row["id"]) for n, row in enumerate(due)}
-    rows = await conn.fetch_all(
-        "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
-        f"WHERE id IN ({', '.join(':' + name for name in names)}) "
-        "AND status = 'ACTIVE' AND expires_at <= :now "
-        f"RETURNING {RESERVATION}",
-        {"now": now, **names},
+    by_product: dict[int, list[str]] = defaultdict(list)
+    for row in due:
+        by_product[int(row["product_id"])].append(str(row["id"]))
+    expired: list[Reservation] = []
+    events: list[Event] = []
+    books = Books(now=now)
+    for product_id in sorted(by_product):
+        rows = await _expire_ids(conn, by_product[product_id], now=now)
+        if not rows:
+            continue  # another transaction expired them first
+        holds = [Reservation.from_row(row) for row in rows]
+        product = await _restore(conn, books, holds, now=now, ended=Status.EXPIRED, actor=actor)
+        events.append(StockChanged(product))
+        events.extend(ReservationChanged(r, product) for r in holds)
+        expired.extend(holds)
+    await books.write(conn)
+    return Outcome(expired, events=events)
+
+
+async def _expire_ids(conn: Executor, reservation_ids: Sequence[str], *, now: int) -> list[Row]:
+    """ACTIVE and overdue → EXPIRED for those of `reservation_ids` that still are; their
+    rows as they now are."""
+    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    return list(
+        await conn.fetch_all(
+            "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
+            f"WHERE id IN ({', '.join(':' + name for name in names)}) "
+            "AND status = 'ACTIVE' AND expires_at <= :now "
+            f"RETURNING {RESERVATION}",
+            {"now": now, **names},
+        )
     )
-    return await _restore_expired(conn, rows, now=now, actor=actor)
 
 
 async def _restore_expired(
@@ -603,6 +696,18 @@ async def restock(
 async def get_product(conn: Executor, product_id: int) -> Product | None:
     row = await conn.fetch_one(f"SELECT {PRODUCT} FROM products WHERE id = :id", {"id": product_id})
     return None if row is None else Product.from_row(row)
+
+
+async def earliest_open_expiry(conn: Executor, product_id: int) -> int | None:
+    """The earliest `expires_at` (ms) among the product's open holds, None if it has none.
+
+    One probe of the index of a product's open holds (migration 0003)."""
+    row = await conn.fetch_one(
+        "SELECT MIN(expires_at) AS due FROM reservations "
+        "WHERE product_id = :p AND ended_at IS NULL",
+        {"p": product_id},
+    )
+    return None if row is None or row["due"] is None else int(row["due"])
 
 
 async def list_products(conn: Executor) -> list[Product]:

@@ -37,6 +37,7 @@ from server.service.batching import GroupCommit
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
 from server.service.idempotency import Idempotency
+from server.service.overdue import OverdueHolds
 from server.service.promises import Promise, Promises
 from server.service.transactions import EventSink, Transactions
 from server.storage.database import Store
@@ -83,6 +84,7 @@ class Shop:
         self._scheduler = scheduler
         self.promises = Promises()
         self._idempotency = Idempotency(store)
+        self._overdue = OverdueHolds(store)
         watchers: list[Callable[[Product], object]] = [self.promises.observe]
         if catalog is not None:
             watchers.append(catalog.apply)
@@ -124,6 +126,16 @@ class Shop:
         # them are answered at once, not after a queue of batches.
         if not self.promises.waiting(request.idempotency_key):
             left = self.promises.left(product)
+            if left < request.quantity and self._overdue.may_have(product, now):
+                # Some of the units counted as held may be in holds past their expiresAt,
+                # which the database gives back to this request (lazy expiry): ask it.
+                look = await self._overdue.look(product.id)
+                if look.product is not None:
+                    self._transactions.observe(look.product)
+                    product = look.product
+                    left = self.promises.left(product)
+                if look.overdue(now_ms()):
+                    left = request.quantity
             if left < request.quantity:
                 # A retried request with a key may have been served already.
                 replay = await self.replay(request)

@@ -49,6 +49,12 @@ class Transactions:
         self.committed(outcome.events)
         return outcome
 
+    def observe(self, product: Product) -> None:
+        """A product as read from the database: the watchers take it (an older figure than
+        theirs changes nothing)."""
+        for watch in self._watchers:
+            watch(product)
+
     def committed(self, events: Sequence[Event]) -> None:
         """After a commit: the watchers take the new state at once (with no wait in between,
         server/service/promises.py), then it is published."""
