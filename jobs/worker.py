@@ -1,10 +1,17 @@
 """The arq worker: expires holds on time, and sweeps up any that a lost job missed.
 
 Life cycle, top to bottom (`run`): open what the jobs use (the database, a publisher, the
-expirer) for the life of the process; run arq until asked to stop, and start it again if it
-dies: arq's poll loop does not survive Redis going away, and a worker that quietly stopped
-would leak every hold until someone noticed. On SIGTERM it takes no new job, lets the ones in
-hand finish, and closes in reverse order.
+expirer) and start the worker's own timers (the sweeper, the books) for the life of the
+process; run arq until asked to stop, and start it again if it dies: arq's poll loop does not
+survive Redis going away, and a worker that quietly stopped would leak every hold until
+someone noticed. On SIGTERM it takes no new job, lets the ones in hand finish, and closes in
+reverse order.
+
+The expiry jobs come through arq, so they need Redis; the sweeper does not. It runs on a
+timer of the worker's own (`jobs.books.Every`, every SWEEP_SECONDS), not as an arq cron job,
+and needs only the database: with Redis down, at the worker's start or at any time after,
+overdue holds are still expired within SWEEP_SECONDS (issue 15). Their live-update frames
+wait in the publisher until Redis is back (server/live/publisher.py).
 
 Both jobs expire *every* overdue hold, in bounded batches, each in its own transaction gated
 on `status = 'ACTIVE'`: a job that runs twice, a job and the sweeper at once, or two workers
@@ -21,13 +28,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from arq import Retry, cron, func
+from arq import Retry, func
 from arq.worker import Worker
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from jobs import books
-from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME, SWEEP_JOB
+from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME
 from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
 from server.infra.redis_client import READ_TIMEOUT_S, arq_redis_settings, redis_client_for
 from server.infra.settings import Settings
@@ -69,8 +76,13 @@ async def expire_due(ctx: Ctx, due_ms: int) -> int:
 
 
 async def sweep(ctx: Ctx) -> int:
-    """The safety net: expire whatever is overdue, whether or not its job ran."""
-    expired = await _expire(ctx, BY_SWEEPER)
+    """The safety net: expire whatever is overdue, whether or not its job ran, and free
+    the Idempotency-Keys older than a day. Runs on the worker's own timer (`resources`),
+    with no Redis involved. Raises `Busy`/`Unavailable` (the timer tries again next
+    round)."""
+    expirer: Expirer = ctx["expirer"]
+    expired = await expirer.expire_overdue()
+    _count(expired, BY_SWEEPER)
     if expired.reservations:
         logger.info(
             "sweeper expired %d overdue holds that no job had expired", len(expired.reservations)
@@ -87,11 +99,15 @@ async def _expire(ctx: Ctx, counter: Counter) -> Expired:
     except (Busy, Unavailable) as exc:
         logger.warning("expiry postponed: %s", exc)
         raise Retry(defer=1) from exc
+    _count(expired, counter)
+    return expired
+
+
+def _count(expired: Expired, counter: Counter) -> None:
     counter.inc(len(expired.reservations))
     for reservation in expired.reservations:
         assert reservation.ended_at is not None
         EXPIRY_LATENESS.observe((reservation.ended_at - reservation.expires_at) / 1000)
-    return expired
 
 
 # -- running them --------------------------------------------------------------------------
@@ -132,17 +148,21 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                 poll_ms=settings.webhook_poll_ms,
             )
             deliverer.start()
+            ctx: Ctx = {
+                "settings": settings,
+                "store": store,
+                "publisher": publisher,
+                "expirer": Expirer(store, publish=publisher.publish),
+                "idempotency": Idempotency(store),
+                "ledger": ledger,
+                "deliverer": deliverer,
+            }
+            sweeper = books.Every("sweeper", settings.sweep_seconds, lambda: sweep(ctx))
+            sweeper.start()
             try:
-                yield {
-                    "settings": settings,
-                    "store": store,
-                    "publisher": publisher,
-                    "expirer": Expirer(store, publish=publisher.publish),
-                    "idempotency": Idempotency(store),
-                    "ledger": ledger,
-                    "deliverer": deliverer,
-                }
+                yield ctx
             finally:
+                await sweeper.stop()
                 await deliverer.stop()
                 for timer in reversed(timers):
                     await timer.stop()
@@ -164,17 +184,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         raise RuntimeError("REDIS_URL is not set; `bin/serve` starts a Redis for you")
     return {
         "functions": [func(expire_due, name=EXPIRE_DUE_JOB, keep_result=60, max_tries=10)],
-        "cron_jobs": [
-            cron(
-                sweep,
-                name=SWEEP_JOB,
-                second=set(range(0, 60, settings.sweep_seconds)),
-                microsecond=0,
-                run_at_startup=True,
-                timeout=60,
-                max_tries=1,
-            )
-        ],
         "redis_settings": arq_redis_settings(settings),
         "redis_pool": redis_client_for(settings),
         "queue_name": QUEUE_NAME,

@@ -11,10 +11,10 @@ from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
 from jobs import worker as jobs
-from server.devtools.embedded_redis import EmbeddedRedis
+from server.devtools.embedded_redis import EmbeddedRedis, free_port
 from server.domain import inventory
 from server.domain.clock import now_ms
-from server.domain.model import HoldRequest, Status
+from server.domain.model import HoldRequest, Reservation, Status
 from server.infra.keys import QUEUE_NAME, expire_due_job_id
 from server.infra.redis_client import redis_client
 from server.infra.settings import Settings
@@ -226,3 +226,53 @@ async def test_the_worker_outlives_a_redis_outage(
             await frames.wait_for(reservation_status(held.id, "EXPIRED"), within=30)
         s = await assert_invariant(shop.store, product.id)
         assert (s.available, s.expired) == (10, 3)
+
+
+async def _expired(store: Store, reservation_id: str) -> bool:
+    return (await reservation(store, reservation_id)).status is Status.EXPIRED
+
+
+async def test_the_sweeper_expires_holds_while_redis_is_down(
+    database_url: str, own_redis: EmbeddedRedis
+) -> None:
+    """The sweeper is the worker's own timer, not an arq cron job: Redis dying while the
+    worker runs does not stop it (issue 15). A hold made and due during the outage, with no
+    job anywhere, is expired with Redis still down."""
+    settings = settings_for(database_url, own_redis.url)
+    store = Store(database_url)
+    await store.connect()
+    try:
+        async with running_worker(settings):
+            product = await make_product(store, 10)
+            async with listening(own_redis.url) as frames:  # the worker is up and expiring
+                first = (await shop_hold(store, product.id)).id
+                await frames.wait_for(reservation_status(first, "EXPIRED"))
+            own_redis.kill()
+            held = await hold(store, product.id, 3, now=now_ms() - 5_000, hold_ms=1_000)
+            await eventually(lambda: _expired(store, held.id), what="the sweeper, Redis down")
+            s = await assert_invariant(store, product.id)
+            assert (s.available, s.held, s.expired) == (10, 0, 4)
+    finally:
+        await store.close()
+
+
+async def test_a_worker_started_while_redis_is_down_sweeps(database_url: str) -> None:
+    """Redis down at the worker's start: arq cannot start (it is tried again and again),
+    and the sweeper runs meanwhile."""
+    settings = settings_for(database_url, f"redis://127.0.0.1:{free_port()}/0")
+    store = Store(database_url)
+    await store.connect()
+    try:
+        product = await make_product(store, 5)
+        held = await hold(store, product.id, 2, now=now_ms() - 5_000, hold_ms=1_000)
+        async with running_worker(settings):
+            await eventually(lambda: _expired(store, held.id), what="the sweeper, no Redis")
+        s = await assert_invariant(store, product.id)
+        assert (s.available, s.held, s.expired) == (5, 0, 2)
+    finally:
+        await store.close()
+
+
+async def shop_hold(store: Store, product_id: int) -> Reservation:
+    """A hold that falls due at once (HOLD_MS), whose expiry the worker's sweeper sees."""
+    return await hold(store, product_id, 1, hold_ms=HOLD_MS)

@@ -8,7 +8,6 @@ EVENTS_CHANNEL = "flashsale:events"
 # arq: the queue the worker consumes, and the job that expires the holds due by a time.
 QUEUE_NAME = "flashsale:queue"
 EXPIRE_DUE_JOB = "expire_due"
-SWEEP_JOB = "sweep"
 HEALTH_CHECK_KEY = "flashsale:worker:health"
 
 
