@@ -10,7 +10,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -45,13 +47,18 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """One server process. `start()` returns once it answers; `stop()` shuts it down."""
+    """One server process. `start()` returns once it answers; `stop()` shuts it down;
+    `keep_running()` starts it again whenever it exits, until `stop()`."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, persist: bool = True) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.persist = persist
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # between `stop` and the keeper's restarts
+        self._stopping = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self.restarts = 0
 
     @property
     def url(self) -> str:
@@ -86,11 +93,55 @@ class EmbeddedRedis:
                     f"see {self.data_dir / 'server.log'}"
                 )
             if time.monotonic() > deadline:
-                self.stop()
+                self._stop(timeout)
                 raise NoRedisServer(f"the Redis server did not answer within {timeout} s")
             time.sleep(0.02)
 
+    def keep_running(self, report: Callable[[str], None] = print) -> None:
+        """Start the server again, on the same port and data, whenever it exits (a crash,
+        the OOM killer, a stray kill), until `stop()`: the processes using it reconnect by
+        themselves, and without it a one-machine service would run without Redis until a
+        human restarted everything (issue 15). Waits 0.1 s after a failed start, doubling up
+        to 5 s. `report` gets one line per exit and restart."""
+        self._stopping.clear()
+        self._keeper = threading.Thread(
+            target=self._keep, args=(report,), name="embedded-redis-keeper", daemon=True
+        )
+        self._keeper.start()
+
+    def _keep(self, report: Callable[[str], None]) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            process = self._process
+            if process is not None:
+                code = process.wait()
+                if self._stopping.is_set():
+                    return
+                report(f"redis: the embedded server exited (code {code}); starting it again")
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self.start()
+                except NoRedisServer as exc:
+                    report(f"redis: could not start it again ({exc}); retrying in {delay:.1f} s")
+                    self._process = None
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+            delay = 0.1
+            self.restarts += 1
+            report(f"redis: started again at {self.url}")
+
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._stop(timeout)
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(timeout)
+            self._keeper = None
+
+    def _stop(self, timeout: float) -> None:
         if self._process is None:
             return
         if self._process.poll() is None:

@@ -1,9 +1,9 @@
 """`python -m server serve`: the whole service on one machine, for development and demos.
 
 Starts a Redis-compatible server when REDIS_URL is unset (append-only file under ./var/,
-bound to loopback), applies migrations, seeds demo products into an empty database, then
-runs the Procfile's `web` and `worker` under honcho, and stops everything it started on
-Ctrl-C.
+bound to loopback; started again on the same port whenever it exits), applies migrations,
+seeds demo products into an empty database, then runs the Procfile's `web` and `worker`
+under honcho, and stops everything it started on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def serve(settings: Settings) -> int:
     if not settings.has_redis:
         redis = EmbeddedRedis(VAR / "redis", persist=True)
         redis.start()
+        redis.keep_running(lambda line: print(line, flush=True))
         env["REDIS_URL"] = redis.url
         print(f"redis: started an embedded server at {redis.url} (data in {redis.data_dir}/)")
     if not settings.admin_token:
