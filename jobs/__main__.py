@@ -10,9 +10,9 @@ import signal
 import sys
 
 from arq.worker import async_check_health
-from prometheus_client import start_http_server
 
 from jobs import worker
+from server.infra import metrics
 from server.infra.keys import HEALTH_CHECK_KEY, QUEUE_NAME
 from server.infra.logs import configure_logging
 from server.infra.redis_client import arq_redis_settings
@@ -24,7 +24,10 @@ logger = logging.getLogger(__name__)
 async def serve(settings: Settings) -> None:
     if settings.worker_metrics_port:
         try:
-            start_http_server(settings.worker_metrics_port, addr=os.environ.get("HOST", "0.0.0.0"))
+            # The web processes' bounded server (a few connections at a time, each timed out),
+            # not prometheus-client's, which gives every connection a thread of its own and
+            # waits on it forever: a few hundred silent ones were a few hundred threads.
+            metrics.serve(os.environ.get("HOST", "0.0.0.0"), settings.worker_metrics_port)
         except OSError as exc:
             # Metrics are worth less than expiring holds: run without them.
             logger.error("no metrics on port %d: %s", settings.worker_metrics_port, exc)

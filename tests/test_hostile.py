@@ -35,7 +35,7 @@ from server.devtools.processes import Service, running
 from server.domain import inventory
 from server.domain.clock import now_ms
 from server.domain.executor import Executor
-from server.infra.metrics import KNOWN_METHODS
+from server.infra.metrics import KNOWN_METHODS, MAX_SCRAPERS
 from server.storage.database import Store
 from tests.support import eventually
 
@@ -234,6 +234,38 @@ async def test_metrics_have_their_own_port_and_bounded_labels(
             stop.set()
             await asyncio.gather(*pollers)
         shopper.check()
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no thread count for {pid}")
+
+
+async def test_silent_connections_to_the_worker_metrics_port_cost_no_thread_each(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with running(database_url, redis_url, tmp_path / "logs", web_concurrency=1) as service:
+        url = f"http://127.0.0.1:{service.worker.env['WORKER_METRICS_PORT']}/metrics"
+        assert "flashsale_" in await scrape(url)
+        before = threads(service.worker.pid)
+        port = int(service.worker.env["WORKER_METRICS_PORT"])
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+        try:
+            # A server with a thread per connection has started most of them within this
+            # window (it did 200 in well under a second); the bounded one stops at its cap.
+            deadline = time.monotonic() + 3
+            most = before
+            while time.monotonic() < deadline:
+                most = max(most, threads(service.worker.pid))
+                await asyncio.sleep(0.05)  # sampling the thread count, not waiting for it
+            assert most <= before + MAX_SCRAPERS, f"{most - before} threads for 200 silent connections"
+        finally:
+            for _, writer in silent:
+                close(writer)
+        # Cut off, they are gone, and a scrape is answered again.
+        assert "flashsale_" in await scrape(url)
 
 
 async def read_first_status(reader: asyncio.StreamReader) -> tuple[int, bytes]:

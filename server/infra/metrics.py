@@ -24,7 +24,8 @@ import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import socket
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import (
@@ -252,6 +253,9 @@ def render() -> tuple[bytes, str]:
 RENDER_MAX_AGE_S = 1.0
 # How long one connection to the metrics port may take to send its request.
 SCRAPE_TIMEOUT_S = 5.0
+# Connections served at once; one more is closed as soon as it is accepted. A scrape takes
+# milliseconds, so this many only ever fill up with connections that send nothing.
+MAX_SCRAPERS = 8
 
 
 class _Exposition:
@@ -288,16 +292,56 @@ class _ScrapeHandler(BaseHTTPRequestHandler):
         pass  # no line per scrape
 
 
-def serve(host: str, port: int) -> HTTPServer:
+class _ScrapeServer(ThreadingHTTPServer):
+    """A thread per connection, at most `MAX_SCRAPERS` of them, each connection timed out
+    after `SCRAPE_TIMEOUT_S`; beyond that, a new connection is closed at once. (One
+    connection at a time, as before, let each silent connection hold every scrape up for
+    the whole timeout; prometheus-client's own server gives every connection a thread and
+    waits on it forever.)"""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _ScrapeHandler)
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        if isinstance(request, socket.socket):
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.close_request(request)
+
+
+def serve(host: str, port: int) -> ThreadingHTTPServer:
     """Serve `/metrics` on `host:port` from a daemon thread; returns the server.
 
-    One connection at a time (a scrape takes milliseconds), each given `SCRAPE_TIMEOUT_S`
-    to send its request, the page rendered at most once a second: whatever reaches this
-    port, it costs the process at most one thread and a bounded share of a core. Raises
-    OSError if the port cannot be bound. The port is for Prometheus, not the public: a
-    proxy in front must not route to it (README, "Limits").
+    At most `MAX_SCRAPERS` connections at a time, each given `SCRAPE_TIMEOUT_S` to send its
+    request (more are closed as they arrive), the page rendered at most once a second:
+    whatever reaches this port, it costs the process a bounded number of threads and a
+    bounded share of a core. Raises OSError if the port cannot be bound. The port is for
+    Prometheus, not the public: a proxy in front must not route to it (README, "Limits").
+    Used by the web processes (server/web.py) and the worker (jobs/__main__.py).
     """
-    server = HTTPServer((host, port), _ScrapeHandler)
+    server = _ScrapeServer((host, port))
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     return server
