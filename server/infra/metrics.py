@@ -18,13 +18,14 @@ without end: 735 requests with invented methods and unknown paths once grew the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
-import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -324,10 +325,8 @@ class _ScrapeServer(ThreadingHTTPServer):
 
     def shutdown_request(self, request: Any) -> None:
         if isinstance(request, socket.socket):
-            try:
+            with contextlib.suppress(OSError):
                 request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.close_request(request)
 
 
