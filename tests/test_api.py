@@ -97,6 +97,8 @@ async def test_products_are_listed_by_id_with_an_etag_and_304(api: Api) -> None:
         "totalStock": 5,
         "version": first["version"],
         "saleStartsAt": None,
+        "saleEndsAt": None,
+        "paused": False,
     }
     etag = listed.headers["etag"]
     unchanged = await api.client.get("/api/products", headers={"If-None-Match": etag})
@@ -210,7 +212,7 @@ async def test_a_reservation_is_created_with_the_documented_shape(api: Api) -> N
     ReservationOut.model_validate(body)
     assert set(body) == {
         "id", "productId", "quantity", "status", "createdAt", "expiresAt", "completedAt",
-        "orderReference", "product", "serverTime",
+        "orderReference", "cancelledBy", "cancelReason", "product", "serverTime",
     }  # fmt: skip
     assert body["orderReference"] is None
     assert len(body["id"]) == 22

@@ -197,7 +197,7 @@ async def test_complete_and_cancel_answer_for_holds_in_other_states(store: Store
     completed = await hold(store, product.id, 1)
     await store.write(lambda conn: inventory.cancel(conn, cancelled.id, now=now_ms()))
     await store.write(lambda conn: inventory.complete(conn, completed.id, now=now_ms()))
-    refusals = [
+    refusals: list[tuple[Callable[..., Awaitable[Outcome[Reservation]]], str, type[Exception]]] = [
         (inventory.complete, cancelled.id, ReservationCancelled),
         (inventory.cancel, completed.id, ReservationCompleted),
         (inventory.complete, "x" * 22, ReservationNotFound),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +32,7 @@ from server.api.spec import (
     PRODUCT,
     PRODUCT_ID,
     PRODUCT_OR_NO_OPERATOR_API,
+    RESERVATION_ID,
     SIGN_IN_THROTTLED_ANSWER,
     UNAUTHORIZED_ANSWER,
     array,
@@ -41,18 +43,22 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
+from server.domain import errors, ledger
 from server.domain.clock import now_ms
-from server.domain.errors import ProductNotFound
-from server.domain.inventory import Stats
-from server.domain.model import Status
+from server.domain.errors import ProductNotFound, ReservationNotFound
+from server.domain.inventory import UNSET, ProductChanges, Stats
+from server.domain.model import Product, Status
 from server.infra.clients import client_key
 from server.infra.metrics import DEFERRED, SIGN_IN_THROTTLED
 from server.wire import schemas
 from server.wire.schemas import (
     MAX_INT32,
     CreateProductBody,
+    OperatorCancelBody,
+    ReduceStockBody,
     RestockBody,
     StatsOut,
+    UpdateProductBody,
     product_view,
     reservation_view,
 )
@@ -234,6 +240,198 @@ async def list_reservations(request: Request) -> Response:
     return json_response(out)
 
 
+# -- the operator's sale controls (issue 13, item 11) -------------------------------------
+
+_CONTROL_ANSWERS = {
+    "200": PRODUCT,
+    "401": UNAUTHORIZED_ANSWER,
+    "429": SIGN_IN_THROTTLED_ANSWER,
+    "404": PRODUCT_OR_NO_OPERATOR_API,
+    "503": DATABASE,
+}
+
+
+def _ms(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp() * 1000)
+
+
+def _product_id(request: Request) -> int:
+    product_id = path_id(request, "product_id")
+    if product_id is None:
+        raise ProductNotFound(0)
+    return product_id
+
+
+async def _edit(request: Request, changes: ProductChanges) -> Product:
+    return await shop_of(request).update_product(_product_id(request), changes)
+
+
+@operation(
+    "updateProduct",
+    "Operator",
+    "Edit a product: name, price, schedule, paused",
+    {
+        **_CONTROL_ANSWERS,
+        "400": INVALID,
+        "409": error("The sale would end before it starts", errors.InvalidSchedule.code),
+        "415": NOT_JSON,
+    },
+    parameters=[PRODUCT_ID],
+    body=json_body(schemas.UpdateProductBody),
+    operator=True,
+    description="Only the fields sent change; send at least one. No stock moves, so no "
+    "ledger row; every page gets the product at once (a `product` frame). Rescheduling "
+    "(`saleStartsAt`) or ending (`saleEndsAt`) applies to new holds only: holds already "
+    "made can still be bought until they expire.",
+)
+@operator_only
+async def update_product(request: Request) -> Response:
+    product_id = _product_id(request)
+    body = await parse_body(request, UpdateProductBody)
+    sent = body.model_fields_set
+    if not sent:
+        raise RequestError(
+            400,
+            "invalid_request",
+            "Send at least one of name, price, saleStartsAt, saleEndsAt or paused.",
+        )
+    changes = ProductChanges(
+        name=body.name if "name" in sent and body.name is not None else UNSET,
+        price_cents=(
+            int(body.price * 100) if "price" in sent and body.price is not None else UNSET
+        ),
+        sale_starts_at=_ms(body.sale_starts_at) if "sale_starts_at" in sent else UNSET,
+        sale_ends_at=_ms(body.sale_ends_at) if "sale_ends_at" in sent else UNSET,
+        paused=body.paused if "paused" in sent and body.paused is not None else UNSET,
+    )
+    product = await shop_of(request).update_product(product_id, changes)
+    return json_response(product_view(product))
+
+
+@operation(
+    "pauseProduct",
+    "Operator",
+    "Pause reservations of a product",
+    _CONTROL_ANSWERS,
+    parameters=[PRODUCT_ID],
+    operator=True,
+    description="New holds are refused with 409 `sale_paused` until it is resumed; holds "
+    "already made can still be bought. Pausing a paused product changes nothing.",
+)
+@operator_only
+async def pause_product(request: Request) -> Response:
+    return json_response(product_view(await _edit(request, ProductChanges(paused=True))))
+
+
+@operation(
+    "resumeProduct",
+    "Operator",
+    "Resume reservations of a paused product",
+    _CONTROL_ANSWERS,
+    parameters=[PRODUCT_ID],
+    operator=True,
+)
+@operator_only
+async def resume_product(request: Request) -> Response:
+    return json_response(product_view(await _edit(request, ProductChanges(paused=False))))
+
+
+@operation(
+    "endSale",
+    "Operator",
+    "End a product's sale now",
+    {
+        **_CONTROL_ANSWERS,
+        "409": error("The sale has not started yet", errors.InvalidSchedule.code),
+    },
+    parameters=[PRODUCT_ID],
+    operator=True,
+    description="From now on new holds are refused with 409 `sale_ended`; holds already "
+    "made can still be bought until they expire, and units left stay in stock (reopen with "
+    "`PATCH` `saleEndsAt: null`). A sale that has not started cannot end before it starts: "
+    "reschedule it instead.",
+)
+@operator_only
+async def end_sale(request: Request) -> Response:
+    product = await _edit(request, ProductChanges(sale_ends_at=now_ms()))
+    return json_response(product_view(product))
+
+
+@operation(
+    "reduceStock",
+    "Operator",
+    "Take units away from a product's stock",
+    {
+        **_CONTROL_ANSWERS,
+        "400": INVALID,
+        "409": error(
+            "Fewer units are neither held nor sold (`stock` in the body: the stock now)",
+            errors.StockCommitted.code,
+        ),
+        "415": NOT_JSON,
+    },
+    parameters=[PRODUCT_ID],
+    body=json_body(schemas.ReduceStockBody),
+    operator=True,
+    description="Out of the available units and the total, never below the units held "
+    "and sold: one conditional update, so a hold made at the same moment is never undercut. "
+    "Written to the ledger (`reduced`) and sent as `product.stock_reduced`.",
+)
+@operator_only
+async def reduce_stock(request: Request) -> Response:
+    product_id = _product_id(request)
+    body = await parse_body(request, ReduceStockBody)
+    product = await shop_of(request).reduce_stock(product_id, body.quantity)
+    return json_response(product_view(product))
+
+
+@operation(
+    "cancelReservationAsOperator",
+    "Operator",
+    "Cancel a shopper's hold",
+    {
+        "200": json(ref(schemas.ReservationOut), "The reservation, CANCELLED (again: unchanged)"),
+        "400": INVALID,
+        "401": UNAUTHORIZED_ANSWER,
+        "429": SIGN_IN_THROTTLED_ANSWER,
+        "404": error(
+            "There is no such reservation, or no operator API",
+            errors.ReservationNotFound.code,
+            "not_found",
+        ),
+        "409": error(
+            "The hold was already bought, or expired",
+            errors.ReservationCompleted.code,
+            errors.ReservationExpired.code,
+        ),
+        "415": NOT_JSON,
+        "503": DATABASE,
+    },
+    parameters=[RESERVATION_ID],
+    body={
+        "required": False,
+        "content": {"application/json": {"schema": ref(schemas.OperatorCancelBody)}},
+    },
+    operator=True,
+    description="Its units go back on sale. The shopper's page is told at once (a "
+    "`reservation` frame: CANCELLED, `cancelledBy: operator`, the `reason` as "
+    "`cancelReason`), the ledger records it as the operator's, and the shop gets "
+    "`reservation.cancelled`.",
+)
+@operator_only
+async def cancel_reservation(request: Request) -> Response:
+    reason = None
+    if await request.body():
+        reason = (await parse_body(request, OperatorCancelBody)).reason.strip() or None
+    reservation_id: str = request.path_params["reservation_id"]
+    shop = shop_of(request)
+    reservation = await shop.cancel(reservation_id, actor=ledger.OPERATOR, reason=reason)
+    product = await shop.product(reservation.product_id)
+    if product is None:
+        raise ReservationNotFound()
+    return json_response(reservation_view(reservation, product_view(product), now=now_ms()))
+
+
 def _stats_out(stats: Stats) -> StatsOut:
     return StatsOut(
         product_id=stats.product_id,
@@ -248,8 +446,14 @@ def _stats_out(stats: Stats) -> StatsOut:
 
 routes = [
     Route("/api/admin/products", create_product, methods=["POST"]),
+    Route("/api/admin/products/{product_id}", update_product, methods=["PATCH"]),
     Route("/api/admin/products/{product_id}/restock", restock, methods=["POST"]),
+    Route("/api/admin/products/{product_id}/reduce", reduce_stock, methods=["POST"]),
+    Route("/api/admin/products/{product_id}/pause", pause_product, methods=["POST"]),
+    Route("/api/admin/products/{product_id}/resume", resume_product, methods=["POST"]),
+    Route("/api/admin/products/{product_id}/end", end_sale, methods=["POST"]),
     Route("/api/admin/products/{product_id}/stats", product_stats, methods=["GET"]),
     Route("/api/admin/stats", all_stats, methods=["GET"]),
     Route("/api/admin/reservations", list_reservations, methods=["GET"]),
+    Route("/api/admin/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
 ]

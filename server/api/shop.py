@@ -54,7 +54,9 @@ from server.domain.errors import (
     InsufficientStock,
     ProductNotFound,
     ReservationNotFound,
+    SaleEnded,
     SaleNotStarted,
+    SalePaused,
 )
 from server.domain.inventory import Held, is_reservation_id
 from server.domain.model import HoldRequest, Reservation
@@ -214,9 +216,11 @@ async def get_product(request: Request) -> Response:
         "404": NO_PRODUCT,
         "409": error(
             "Not enough units left (`stock` in the body: the product's stock now), or "
-            "the sale has not started",
+            "the sale has not started, is paused by the operator, or has ended",
             errors.InsufficientStock.code,
             errors.SaleNotStarted.code,
+            errors.SalePaused.code,
+            errors.SaleEnded.code,
         ),
         "415": NOT_JSON,
         "422": error(
@@ -289,6 +293,8 @@ _OTHER_OUTCOME = RESERVATIONS.labels("other")
 _RESERVATION_OUTCOMES = {
     InsufficientStock: RESERVATIONS.labels("insufficient_stock"),
     SaleNotStarted: RESERVATIONS.labels("sale_not_started"),
+    SalePaused: RESERVATIONS.labels("sale_paused"),
+    SaleEnded: RESERVATIONS.labels("sale_ended"),
     ProductNotFound: RESERVATIONS.labels("not_found"),
     IdempotencyKeyReused: RESERVATIONS.labels("invalid"),
     RequestError: RESERVATIONS.labels("invalid"),

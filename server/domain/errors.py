@@ -101,6 +101,63 @@ class SaleNotStarted(DomainError):
         self.starts_at_ms = starts_at_ms
 
 
+class SalePaused(DomainError):
+    """The operator paused reservations of this product (holds already made can still be
+    bought)."""
+
+    code = "sale_paused"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"Reservations for {name} are paused by the shop for now; try again in a little while."
+        )
+
+
+class SaleEnded(DomainError):
+    code = "sale_ended"
+
+    def __init__(self, name: str, ended_at_ms: int) -> None:
+        super().__init__(f"The sale of {name} ended at {iso(ended_at_ms)}.")
+        self.ended_at_ms = ended_at_ms
+
+
+class StockCommitted(DomainError):
+    """An operator asked to take away more units than are neither held nor sold: a
+    product's stock never goes below its held and sold units (issue 13, item 11).
+    `stock`: the product's stock as it stood, carried by the 409 body."""
+
+    code = "stock_committed"
+
+    def __init__(self, requested: int, stock: StockNow, sold: int) -> None:
+        available = stock.available_stock
+        units = "1 unit" if available == 1 else f"{available} units"
+        super().__init__(
+            f"Only {units} can be taken away, {requested} asked: the stock cannot go below the "
+            f"{stock.held_units} held and {sold} sold."
+        )
+        self.requested = requested
+        self.stock = stock
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "stock": {
+                "productId": self.stock.product_id,
+                "availableStock": self.stock.available_stock,
+                "heldStock": self.stock.held_units,
+                "version": self.stock.version,
+            }
+        }
+
+
+class InvalidSchedule(DomainError):
+    code = "invalid_schedule"
+
+    def __init__(self, starts_at_ms: int, ends_at_ms: int) -> None:
+        super().__init__(
+            f"The sale would end ({iso(ends_at_ms)}) before it starts ({iso(starts_at_ms)})."
+        )
+
+
 class ReservationExpired(DomainError):
     code = "reservation_expired"
 

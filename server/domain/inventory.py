@@ -30,6 +30,7 @@ The SQL is one dialect for SQLite and PostgreSQL: `:name` placeholders, RETURNIN
 from __future__ import annotations
 
 import base64
+import enum
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -41,12 +42,16 @@ from server.domain.errors import (
     DomainError,
     IdempotencyKeyReused,
     InsufficientStock,
+    InvalidSchedule,
     ProductNotFound,
     ReservationCancelled,
     ReservationCompleted,
     ReservationExpired,
     ReservationNotFound,
+    SaleEnded,
     SaleNotStarted,
+    SalePaused,
+    StockCommitted,
 )
 from server.domain.executor import Executor, Row
 from server.domain.ledger import Kind, Movement
@@ -67,11 +72,11 @@ SWEEP_BATCH = 500
 
 PRODUCT = (
     "id, name, price_cents, total_stock, available_stock, version, sale_starts_at, "
-    "created_at, updated_at, held_units, sold_units"
+    "created_at, updated_at, held_units, sold_units, paused_at, sale_ends_at"
 )
 RESERVATION = (
     "id, product_id, quantity, status, created_at, expires_at, completed_at, ended_at, "
-    "idempotency_key, order_reference"
+    "idempotency_key, order_reference, cancelled_by, cancel_reason"
 )
 
 
@@ -280,12 +285,13 @@ async def _take_stock(
         "held_units = held_units + :total, version = version + 1, updated_at = :now "
         "WHERE id = :id AND available_stock >= :total "
         "AND (sale_starts_at IS NULL OR sale_starts_at <= :now) "
+        "AND paused_at IS NULL AND (sale_ends_at IS NULL OR sale_ends_at > :now) "
         f"RETURNING {PRODUCT}",
         {"id": product_id, "total": sum(quantities), "now": now},
     )
     if row is not None:
         return Product.from_row(row), [True] * len(quantities)
-    # Not all of them fit (or the sale has not started, or there is no such product).
+    # Not all of them fit (or the sale is not open, or there is no such product).
     # Read what is there, choose the requests that fit, and take exactly that much with the
     # same conditional UPDATE. On SQLite nothing can change in between (the transaction holds
     # the write lock); on PostgreSQL another transaction may, so the UPDATE stays
@@ -294,8 +300,9 @@ async def _take_stock(
         product = await get_product(conn, product_id)
         if product is None:
             return None, []
-        if product.sale_starts_at is not None and product.sale_starts_at > now:
-            return product, SaleNotStarted(product.sale_starts_at)
+        closed = sale_closed(product, now)
+        if closed is not None:
+            return product, closed
         if (
             product_id not in swept
             and product.held_units > 0
@@ -313,7 +320,9 @@ async def _take_stock(
         row = await conn.fetch_one(
             "UPDATE products SET available_stock = available_stock - :take, "
             "held_units = held_units + :take, version = version + 1, updated_at = :now "
-            f"WHERE id = :id AND available_stock >= :take RETURNING {PRODUCT}",
+            "WHERE id = :id AND available_stock >= :take AND paused_at IS NULL "
+            "AND (sale_ends_at IS NULL OR sale_ends_at > :now) "
+            f"RETURNING {PRODUCT}",
             {"id": product_id, "take": take, "now": now},
         )
         if row is not None:
@@ -350,6 +359,21 @@ async def _expire_overdue_of(
     events: list[Event] = [StockChanged(product)]
     events.extend(ReservationChanged(r, product) for r in expired)
     return product, events
+
+
+def sale_closed(product: Product, now: int) -> DomainError | None:
+    """Why no hold of `product` can be made at `now` (ms), or None when its sale is open:
+    `SaleEnded`, `SaleNotStarted` or `SalePaused` (`Product.sale_state`)."""
+    state = product.sale_state(now)
+    if state == "ended":
+        assert product.sale_ends_at is not None
+        return SaleEnded(product.name, product.sale_ends_at)
+    if state == "scheduled":
+        assert product.sale_starts_at is not None
+        return SaleNotStarted(product.sale_starts_at)
+    if state == "paused":
+        return SalePaused(product.name)
+    return None
 
 
 def allocate(available: int, quantities: Iterable[int]) -> list[bool]:
@@ -446,14 +470,25 @@ async def complete(
 
 
 async def cancel(
-    conn: Executor, reservation_id: str, *, now: int, actor: str = ledger.SHOPPER
+    conn: Executor,
+    reservation_id: str,
+    *,
+    now: int,
+    actor: str = ledger.SHOPPER,
+    reason: str | None = None,
 ) -> Outcome[Reservation]:
-    """ACTIVE and not yet due → CANCELLED, units back. Cancelling twice returns it."""
+    """ACTIVE and not yet due → CANCELLED, units back. Cancelling twice returns it.
+
+    `actor`: the shopper (`shopper…`) or the operator (`operator`), kept on the hold as
+    `cancelled_by` (`shopper` or `operator`) so that the shopper's page can say who did;
+    `reason`: the operator's words for the shopper, kept as `cancel_reason`."""
+    by = ledger.OPERATOR if actor == ledger.OPERATOR else ledger.SHOPPER
     row = await conn.fetch_one(
-        "UPDATE reservations SET status = 'CANCELLED', ended_at = :now "
+        "UPDATE reservations SET status = 'CANCELLED', ended_at = :now, cancelled_by = :by, "
+        "cancel_reason = :reason "
         "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
         f"RETURNING {RESERVATION}",
-        {"id": reservation_id, "now": now},
+        {"id": reservation_id, "now": now, "by": by, "reason": reason},
     )
     if row is not None:
         reservation = Reservation.from_row(row)
@@ -688,6 +723,103 @@ async def restock(
     books.moved(product, [Movement(Kind.RESTOCKED, quantity, actor)])
     await books.write(conn)
     return Outcome(product, events=[ProductChanged(product), StockChanged(product)])
+
+
+async def reduce_stock(
+    conn: Executor, product_id: int, quantity: int, *, now: int, actor: str = ledger.OPERATOR
+) -> Outcome[Product]:
+    """Take `quantity` units away from the product's stock: out of its available units and
+    its total, never out of held or sold ones (issue 13, item 11). One conditional UPDATE
+    (`available_stock >= :q`), so a hold made at the same moment cannot be undercut.
+
+    Raises nothing; the outcome's error is `ProductNotFound`, or `StockCommitted` (with the
+    stock as it stands) when fewer than `quantity` units are neither held nor sold."""
+    row = await conn.fetch_one(
+        "UPDATE products SET total_stock = total_stock - :q, "
+        "available_stock = available_stock - :q, version = version + 1, updated_at = :now "
+        f"WHERE id = :id AND available_stock >= :q RETURNING {PRODUCT}",
+        {"id": product_id, "q": quantity, "now": now},
+    )
+    if row is None:
+        current = await get_product(conn, product_id)
+        if current is None:
+            return Outcome(error=ProductNotFound(product_id))
+        return Outcome(error=StockCommitted(quantity, current.stock_now(), current.sold_units))
+    product = Product.from_row(row)
+    books = Books(now=now)
+    books.moved(product, [Movement(Kind.REDUCED, quantity, actor)])
+    await books.write(conn)
+    return Outcome(product, events=[ProductChanged(product), StockChanged(product)])
+
+
+class Unset(enum.Enum):
+    """A field of `ProductChanges` the operator did not send."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True, slots=True)
+class ProductChanges:
+    """An operator's edit of a product; a field left `UNSET` stays as it is. Times are ms
+    (None: no start, or no end); `paused` pauses or resumes reservations."""
+
+    name: str | Unset = UNSET
+    price_cents: int | Unset = UNSET
+    sale_starts_at: int | Unset | None = UNSET
+    sale_ends_at: int | Unset | None = UNSET
+    paused: bool | Unset = UNSET
+
+
+async def update_product(
+    conn: Executor, product_id: int, changes: ProductChanges, *, now: int
+) -> Outcome[Product]:
+    """Edit a product's name, price, schedule, or pause it (issue 13, item 11). No stock
+    moves, so no ledger row; the version goes up all the same, so that every page and every
+    process's catalog (which keep the highest version) take the new product.
+
+    Outcome errors: `ProductNotFound`; `InvalidSchedule` when the sale would end before it
+    starts. Pausing a paused product keeps when it was first paused."""
+    for _ in range(5):
+        current = await get_product(conn, product_id)
+        if current is None:
+            return Outcome(error=ProductNotFound(product_id))
+        starts = (
+            current.sale_starts_at if changes.sale_starts_at is UNSET else changes.sale_starts_at
+        )
+        ends = current.sale_ends_at if changes.sale_ends_at is UNSET else changes.sale_ends_at
+        if isinstance(starts, int) and isinstance(ends, int) and ends <= starts:
+            return Outcome(error=InvalidSchedule(starts, ends))
+        sets = ["version = version + 1", "updated_at = :now"]
+        values: dict[str, object] = {"id": product_id, "now": now, "version": current.version}
+        if changes.name is not UNSET:
+            sets.append("name = :name")
+            values["name"] = changes.name
+        if changes.price_cents is not UNSET:
+            sets.append("price_cents = :price")
+            values["price"] = changes.price_cents
+        if changes.sale_starts_at is not UNSET:
+            sets.append("sale_starts_at = :starts")
+            values["starts"] = starts
+        if changes.sale_ends_at is not UNSET:
+            sets.append("sale_ends_at = :ends")
+            values["ends"] = ends
+        if changes.paused is True:
+            sets.append("paused_at = COALESCE(paused_at, :now)")
+        elif changes.paused is False:
+            sets.append("paused_at = NULL")
+        # Guarded by the version read above: the schedule was checked against that row.
+        row = await conn.fetch_one(
+            f"UPDATE products SET {', '.join(sets)} WHERE id = :id AND version = :version "
+            f"RETURNING {PRODUCT}",
+            values,
+        )
+        if row is not None:
+            product = Product.from_row(row)
+            return Outcome(product, events=[ProductChanged(product)])
+    raise RuntimeError(f"product {product_id} kept changing while it was being edited")
 
 
 # -- reads -------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ class Kind(enum.StrEnum):
 
     CREATED = "created"
     RESTOCKED = "restocked"
+    # The operator took units away (never more than are available: held and sold units stay).
+    REDUCED = "reduced"
     HELD = "held"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
@@ -83,6 +85,7 @@ class Figures:
 DELTAS: dict[Kind, Figures] = {
     Kind.CREATED: Figures(available=1, total=1),
     Kind.RESTOCKED: Figures(available=1, total=1),
+    Kind.REDUCED: Figures(available=-1, total=-1),
     Kind.HELD: Figures(available=-1, held=1),
     Kind.COMPLETED: Figures(held=-1, sold=1),
     Kind.CANCELLED: Figures(available=1, held=-1),

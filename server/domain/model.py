@@ -34,6 +34,10 @@ class Product:
     # them (a product rebuilt from a live-update frame).
     held_units: int = 0
     sold_units: int = 0
+    # The operator's sale controls (migration 0007): when reservations were paused (None:
+    # they are not), and when the sale ends (None: it does not).
+    paused_at: int | None = None
+    sale_ends_at: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Product:
@@ -50,7 +54,20 @@ class Product:
             updated_at=int(row["updated_at"]),
             held_units=int(row["held_units"]),
             sold_units=int(row["sold_units"]),
+            paused_at=_optional_int(row["paused_at"]),
+            sale_ends_at=_optional_int(row["sale_ends_at"]),
         )
+
+    def sale_state(self, now: int) -> str:
+        """Whether new holds may be made at `now` (ms): `scheduled` (before the start),
+        `paused` (by the operator), `ended`, or `open`."""
+        if self.sale_ends_at is not None and self.sale_ends_at <= now:
+            return "ended"
+        if self.sale_starts_at is not None and self.sale_starts_at > now:
+            return "scheduled"
+        if self.paused_at is not None:
+            return "paused"
+        return "open"
 
     def stock_now(self) -> StockNow:
         """Its stock, for a refusal to carry (`InsufficientStock.stock`)."""
@@ -69,6 +86,9 @@ class Reservation:
     ended_at: int | None
     # What the shop's backend called the order when it completed the hold (issue 12).
     order_reference: str | None = None
+    # Who cancelled it (`shopper` or `operator`) and the operator's reason (migration 0007).
+    cancelled_by: str | None = None
+    cancel_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Reservation:
@@ -84,6 +104,8 @@ class Reservation:
             completed_at=None if completed is None else int(completed),
             ended_at=None if ended is None else int(ended),
             order_reference=None if reference is None else str(reference),
+            cancelled_by=_optional_str(row["cancelled_by"]),
+            cancel_reason=_optional_str(row["cancel_reason"]),
         )
 
     def effective_status(self, now: int) -> Status:
@@ -91,6 +113,14 @@ class Reservation:
         if self.status is Status.ACTIVE and self.expires_at <= now:
             return Status.EXPIRED
         return self.status
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ RESERVATION_EXPIRED = "reservation.expired"
 PRODUCT_SOLD_OUT = "product.sold_out"
 PRODUCT_BACK_IN_STOCK = "product.back_in_stock"
 PRODUCT_RESTOCKED = "product.restocked"
+PRODUCT_STOCK_REDUCED = "product.stock_reduced"
 
 EVENT_TYPES = (
     RESERVATION_CREATED,
@@ -40,6 +41,7 @@ EVENT_TYPES = (
     PRODUCT_SOLD_OUT,
     PRODUCT_BACK_IN_STOCK,
     PRODUCT_RESTOCKED,
+    PRODUCT_STOCK_REDUCED,
 )
 
 # The event a movement of a hold causes.
@@ -98,6 +100,8 @@ def reservation_data(reservation: Reservation) -> dict[str, Any]:
         "expiresAt": iso(reservation.expires_at),
         "completedAt": None if completed is None else iso(completed),
         "orderReference": reservation.order_reference,
+        "cancelledBy": reservation.cancelled_by,
+        "cancelReason": reservation.cancel_reason,
     }
 
 
@@ -123,9 +127,10 @@ def movement_event(
             "actor": movement.actor,
         }
         return kind, body(kind, at, data)
-    if movement.kind is Kind.RESTOCKED:
+    if movement.kind in (Kind.RESTOCKED, Kind.REDUCED):
+        kind = PRODUCT_RESTOCKED if movement.kind is Kind.RESTOCKED else PRODUCT_STOCK_REDUCED
         data = {"units": movement.units, "stock": stock, "actor": movement.actor}
-        return PRODUCT_RESTOCKED, body(PRODUCT_RESTOCKED, at, data)
+        return kind, body(kind, at, data)
     return None
 
 

@@ -59,7 +59,8 @@ REQUEST_DURATION = Histogram(
 RESERVATIONS = Counter(
     "flashsale_reservations_total",
     "Reservation requests by outcome: held, replayed (a repeated Idempotency-Key), "
-    "insufficient_stock, sale_not_started, not_found, invalid, rate_limited, busy.",
+    "insufficient_stock, sale_not_started, sale_paused, sale_ended, not_found, invalid, "
+    "rate_limited, busy.",
     ["outcome"],
 )
 OVERLOADED = Counter(

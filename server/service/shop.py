@@ -20,10 +20,10 @@ from server.domain.clock import now_ms
 from server.domain.errors import (
     InsufficientStock,
     ProductNotFound,
-    SaleNotStarted,
+    ReservationNotFound,
 )
 from server.domain.executor import Executor
-from server.domain.inventory import Held, Stats
+from server.domain.inventory import Held, ProductChanges, Stats
 from server.domain.model import (
     HoldRequest,
     Outcome,
@@ -109,17 +109,18 @@ class Shop:
         """Hold `request.quantity` units for the shop's hold time (`hold_ms`), or replay the
         hold its Idempotency-Key made.
 
-        Raises ProductNotFound, SaleNotStarted, InsufficientStock (with the units left),
-        IdempotencyKeyReused (the key made a hold with another body); storage's Busy or
-        Unavailable."""
+        Raises ProductNotFound, SaleNotStarted, SalePaused, SaleEnded, InsufficientStock
+        (with the units left), IdempotencyKeyReused (the key made a hold with another
+        body); storage's Busy or Unavailable."""
         product = self.catalog.get(request.product_id) if self.catalog else None
         if product is None:
             product = await self.product(request.product_id)
         if product is None:
             raise ProductNotFound(request.product_id)
         now = now_ms()
-        if product.sale_starts_at is not None and product.sale_starts_at > now:
-            raise SaleNotStarted(product.sale_starts_at)
+        closed = inventory.sale_closed(product, now)
+        if closed is not None:
+            raise closed
         # A copy of a request that is waiting joins it (it can only be that hold); any other
         # is refused now if the units its process knows of are all spoken for: in a storm the
         # first hundred requests promise the last hundred units, and the thousands behind
@@ -217,11 +218,18 @@ class Shop:
             late=True,
         )
 
-    async def cancel(self, reservation_id: str, *, actor: str = ledger.SHOPPER) -> Reservation:
-        """Give a hold's units back (idempotent), as `actor`. Raises `ReservationNotFound`,
+    async def cancel(
+        self, reservation_id: str, *, actor: str = ledger.SHOPPER, reason: str | None = None
+    ) -> Reservation:
+        """Give a hold's units back (idempotent), as `actor` (`operator` when the shop
+        cancels it, with its `reason` for the shopper). Raises `ReservationNotFound`,
         `ReservationExpired`, `ReservationCompleted`."""
+        if not inventory.is_reservation_id(reservation_id):
+            raise ReservationNotFound()
         return await self._write(
-            lambda conn, now: inventory.cancel(conn, reservation_id, now=now, actor=actor),
+            lambda conn, now: inventory.cancel(
+                conn, reservation_id, now=now, actor=actor, reason=reason
+            ),
             late=True,
         )
 
@@ -267,6 +275,20 @@ class Shop:
     async def restock(self, product_id: int, quantity: int) -> Product:
         return await self._write(
             lambda conn, now: inventory.restock(conn, product_id, quantity, now=now)
+        )
+
+    async def reduce_stock(self, product_id: int, quantity: int) -> Product:
+        """Take `quantity` available units away, as the operator. Raises `ProductNotFound`,
+        `StockCommitted` (fewer units are neither held nor sold)."""
+        return await self._write(
+            lambda conn, now: inventory.reduce_stock(conn, product_id, quantity, now=now)
+        )
+
+    async def update_product(self, product_id: int, changes: ProductChanges) -> Product:
+        """Edit a product (name, price, schedule, paused), as the operator. Raises
+        `ProductNotFound`, `InvalidSchedule`."""
+        return await self._write(
+            lambda conn, now: inventory.update_product(conn, product_id, changes, now=now)
         )
 
     async def stats(self, product_id: int | None = None) -> list[Stats]:

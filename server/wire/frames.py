@@ -44,6 +44,9 @@ def product_from_frame(out: dict[str, Any]) -> Product:
         created_at=0,
         updated_at=0,
         held_units=int(out.get("heldStock", 0)),
+        # The frame says whether it is paused, not since when: any time will do for a view.
+        paused_at=0 if out.get("paused") else None,
+        sale_ends_at=None if out.get("saleEndsAt") is None else parse_iso(out["saleEndsAt"]),
     )
 
 

@@ -130,6 +130,81 @@ class RestockBody(_Request):
     quantity: Annotated[int, Field(ge=1, le=MAX_STOCK)]
 
 
+class ReduceStockBody(_Request):
+    quantity: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_STOCK,
+            description="Units to take away: at most the available ones (never held or sold).",
+        ),
+    ]
+
+
+class UpdateProductBody(_Request):
+    """An operator's edit: only the fields sent change; at least one must be sent."""
+
+    name: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    price: Annotated[
+        Decimal | None,
+        Field(
+            ge=0,
+            le=10_000_000,
+            decimal_places=2,
+            allow_inf_nan=False,
+            description="In the shop's currency, at most 2 decimals.",
+        ),
+    ] = None
+    sale_starts_at: AwareDatetime | None = Field(
+        default=None,
+        description="Reschedule: ISO-8601 time with an offset; null: on sale at once.",
+    )
+    sale_ends_at: AwareDatetime | None = Field(
+        default=None,
+        description="When the sale ends: ISO-8601 time with an offset; null: it does not end.",
+    )
+    paused: bool | None = Field(
+        default=None, description="true pauses reservations, false resumes them."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is None:
+            raise ValueError("the name cannot be null")
+        if not value.strip():
+            raise ValueError("the name cannot be blank")
+        return value.strip()
+
+    @field_validator("price", "paused")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("cannot be null")
+        return value
+
+    @field_validator("sale_starts_at", "sale_ends_at")
+    @classmethod
+    def _a_utc_year(cls, value: datetime | None) -> datetime | None:
+        try:
+            return None if value is None else value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("the time must fall within the years 1 to 9999 in UTC") from None
+
+
+CANCEL_REASON_MAX = 200
+
+
+class OperatorCancelBody(_Request):
+    reason: Annotated[
+        str,
+        Field(
+            max_length=CANCEL_REASON_MAX,
+            description='Shown to the shopper whose hold it was, e.g. "Payment declined".',
+        ),
+    ] = ""
+
+
 # -- responses ---------------------------------------------------------------------------
 
 
@@ -150,6 +225,17 @@ class ProductOut(_Response):
     sale_starts_at: str | None = Field(
         description="ISO-8601 UTC, or null: on sale now.", json_schema_extra=_TIME
     )
+    sale_ends_at: str | None = Field(
+        default=None,
+        description="ISO-8601 UTC: from then on no new holds (409 `sale_ended`); null: the "
+        "sale does not end.",
+        json_schema_extra=_TIME,
+    )
+    paused: bool = Field(
+        default=False,
+        description="The operator paused reservations: new holds are refused (409 "
+        "`sale_paused`) until resumed; holds already made can still be bought.",
+    )
 
 
 class ReservationOut(_Response):
@@ -166,6 +252,12 @@ class ReservationOut(_Response):
     order_reference: str | None = Field(
         default=None,
         description="What the shop's backend called the order when it completed the hold.",
+    )
+    cancelled_by: Literal["shopper", "operator"] | None = Field(
+        default=None, description="Who cancelled the hold, if it was cancelled."
+    )
+    cancel_reason: str | None = Field(
+        default=None, description="The operator's reason, when the shop cancelled the hold."
     )
     product: ProductOut
     server_time: str = Field(
@@ -253,7 +345,9 @@ class CompleteBody(_Request):
 class LedgerEntryOut(_Response):
     version: int = Field(description="The product's version after the change.")
     seq: int = Field(description="The movement's place among those of the same change.")
-    movement: Literal["created", "restocked", "held", "completed", "cancelled", "expired"]
+    movement: Literal[
+        "created", "restocked", "reduced", "held", "completed", "cancelled", "expired"
+    ]
     reservation_id: str | None
     units: int = Field(description="Units that moved.")
     available: int = Field(description="The product's available units right after.")
@@ -305,6 +399,7 @@ EventType = Literal[
     "product.sold_out",
     "product.back_in_stock",
     "product.restocked",
+    "product.stock_reduced",
 ]
 
 
@@ -320,7 +415,7 @@ class CreateWebhookBody(_Request):
     ]
     events: Annotated[
         list[EventType],
-        Field(max_length=7, description="The event types to send; empty or absent: all."),
+        Field(max_length=8, description="The event types to send; empty or absent: all."),
     ] = []
     description: Annotated[str, Field(max_length=200)] = ""
 
@@ -439,6 +534,8 @@ def product_view(product: Product) -> dict[str, Any]:
         "totalStock": product.total_stock,
         "version": product.version,
         "saleStartsAt": None if starts is None else iso(starts),
+        "saleEndsAt": None if product.sale_ends_at is None else iso(product.sale_ends_at),
+        "paused": product.paused_at is not None,
     }
 
 
@@ -456,6 +553,8 @@ def reservation_view(
         "expiresAt": iso(reservation.expires_at),
         "completedAt": None if completed is None else iso(completed),
         "orderReference": reservation.order_reference,
+        "cancelledBy": reservation.cancelled_by,
+        "cancelReason": reservation.cancel_reason,
         "product": product,
         "serverTime": iso(now),
     }
