@@ -150,13 +150,23 @@ async def test_a_page_that_names_its_products_gets_only_those(
             assert about_other == []
 
 
-@pytest.mark.parametrize("ids", ["abc", "", "0", ",".join(map(str, range(1, 102)))])
+@pytest.mark.parametrize(
+    ("ids", "named"),
+    [
+        ("abc", '"abc" was sent'),
+        ("", '"" was sent'),
+        ("0", '"0" was sent'),
+        (",".join(map(str, range(1, 102))), '"1,2,3,'),
+        ("1%002", '"1\\x002" was sent'),
+    ],
+)
 async def test_a_socket_with_bad_ids_is_told_why_and_closed(
-    database_url: str, redis_url: str, tmp_path: Path, ids: str
+    database_url: str, redis_url: str, tmp_path: Path, ids: str, named: str
 ) -> None:
     with two_services(database_url, redis_url, tmp_path) as (a, _):
         async with socket_to(a, f"/ws?ids={ids}") as ws:
-            await ws.frames.wait_for(_error("invalid_ids"))
+            (error,) = await ws.frames.wait_for(_error("invalid_ids"))
+            assert named in error["message"], error
             await ws.connection.wait_closed()
             assert ws.connection.close_code == 1008
             assert all(f["type"] != "snapshot" for f in ws.frames.frames)
@@ -305,12 +315,15 @@ async def test_messages_that_are_not_understood_get_error_frames(
                 ({"type": "watch", "reservations": "abc"}, "invalid_watch"),
                 ({"type": "watch", "reservations": ["short"]}, "invalid_watch"),
                 ({"type": "watch", "reservations": ["A" * 22] * 51}, "invalid_watch"),
+                # Text no database could keep (issue 15): a NUL, a lone surrogate.
+                ({"type": "watch", "reservations": ["\x00" * 22]}, "invalid_watch"),
+                ('{"type": "watch", "reservations": ["\\ud800' + "A" * 21 + '"]}', "invalid_json"),
             ]:
                 await ws.send(bad)
                 await ws.frames.wait_for(_error(code))
             # Still connected and served:
             await ws.send({"type": "watch", "reservations": []})
-            for _ in range(4):
+            for _ in range(2):
                 await ws.send("again not json")
             await ws.connection.wait_closed()
             assert ws.connection.close_code == 1008  # too many malformed messages

@@ -21,7 +21,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.api.http import RequestError, json_response, parse_body, parse_params, path_id, shop_of
+from server.api.http import (
+    RequestError,
+    json_response,
+    parse_body,
+    parse_params,
+    path_id,
+    path_sent,
+    shop_of,
+)
 from server.api.ratelimit import FailureThrottle
 from server.api.spec import (
     DATABASE,
@@ -159,7 +167,7 @@ async def restock(request: Request) -> Response:
     product_id = path_id(request, "product_id")
     body = await parse_body(request, RestockBody)
     if product_id is None:
-        raise ProductNotFound(0)
+        raise ProductNotFound(path_sent(request, "product_id"))
     product = await shop_of(request).restock(product_id, body.quantity)
     return json_response(product_view(product))
 
@@ -183,7 +191,7 @@ async def product_stats(request: Request) -> Response:
     product_id = path_id(request, "product_id")
     found = [] if product_id is None else await shop_of(request).stats(product_id)
     if not found:
-        raise ProductNotFound(product_id or 0)
+        raise ProductNotFound(path_sent(request, "product_id"))
     return json_response(_stats_out(found[0]))
 
 

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.admin import operator_only
-from server.api.http import json_response, parse_params, path_id
+from server.api.http import json_response, parse_params, path_id, path_sent
 from server.api.spec import (
     DATABASE,
     INVALID_REQUEST,
@@ -44,8 +44,9 @@ class LedgerQuery(BaseModel):
 
     limit: Annotated[int, Field(ge=1, le=1000, description="Entries per page.")] = 100
     cursor: Annotated[
-        str | None,
+        schemas.StoredText | None,
         Field(
+            max_length=28,
             pattern=CURSOR_PATTERN,
             description="`nextCursor` of the previous page: the entries older than it.",
         ),
@@ -98,7 +99,7 @@ async def product_ledger(request: Request) -> Response:
             until=_ms(query.until),
         )
     if found is None:
-        raise ProductNotFound(product_id or 0)
+        raise ProductNotFound(path_sent(request, "product_id"))
     last = found[-1] if len(found) == query.limit else None
     return json_response(
         {

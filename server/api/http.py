@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from server.api.spec import DATABASE_BUSY as DATABASE_BUSY_CODE
 from server.api.spec import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE_CODE
-from server.domain import errors
+from server.domain import errors, text
 from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
@@ -82,7 +82,7 @@ def loggable_path(scope: Mapping[str, Any]) -> str:
     """The request's path as a log line may show it: the route's template with its
     parameters filled in, secret ones (`SECRET_PARAMS`) cut to a prefix; for a path no
     route matched, the path as sent (still percent-encoded). Escaped and cut short either
-    way (`server.infra.logs.loggable`)."""
+    way (`server.infra.logs.loggable`, `server.domain.text.SHOWN_CHARS`)."""
     route = scope.get("route")
     params = scope.get("path_params")
     template = getattr(route, "path", None)
@@ -236,22 +236,31 @@ async def parse_body(request: Request, model: type[M], context: dict[str, Any] |
 
 
 def parse_params(data: Mapping[str, Any], model: type[M]) -> M:
-    """Query parameters as `model` (lax: they arrive as text)."""
+    """Query parameters as `model` (lax: they arrive as text). A refusal names each
+    parameter and the value sent for it."""
     try:
         return model.model_validate(dict(data), strict=False)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise _invalid(exc, echo=True) from None
 
 
-def _invalid(exc: ValidationError) -> RequestError:
+def _invalid(exc: ValidationError, *, echo: bool = False) -> RequestError:
+    """400 with a `FieldError` per problem; `echo`: each message also quotes the value that
+    was sent (query parameters: one short text each)."""
     details = []
     for problem in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in problem["loc"])
+        field = shown(".".join(str(part) for part in problem["loc"]))
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "json_invalid":
-            return RequestError(400, "invalid_json", "The request body is not valid JSON.")
+            # Where and why: "invalid unicode code point at line 1 column 11" for a lone
+            # surrogate (`"\ud800"`), which no database could store (server.domain.text).
+            why = str(problem.get("ctx", {}).get("error", "")).strip()
+            where = f": {shown(why)}" if why else ""
+            return RequestError(400, "invalid_json", f"The request body is not valid JSON{where}.")
         if problem["type"] == "extra_forbidden":
             message = "is not a field of this request"
+        elif echo and isinstance(problem["input"], str):
+            message = f'{message}; "{shown(problem["input"])}" was sent'
         if problem["type"] == "model_type":
             return RequestError(400, "invalid_request", "The request body must be a JSON object.")
         details.append(FieldError(field=field, message=message))
@@ -270,9 +279,39 @@ def shop_of(request: Request) -> Shop:
 
 
 def path_id(request: Request, name: str) -> int | None:
-    """A positive 32-bit id from the path, or None (answered 404 by the caller)."""
+    """A positive 32-bit id from the path, or None (answered 404 by the caller, naming what
+    was sent: `path_sent`)."""
     text = request.path_params[name]
     if not (text.isascii() and text.isdigit()) or len(text) > 10:
         return None
     value = int(text)
     return value if 1 <= value <= MAX_INT32 else None
+
+
+def path_sent(request: Request, name: str) -> int | str:
+    """The path parameter `name` as the caller sent it, for a message that names it: an id
+    written the usual way as its number, anything else as text fit to show (`shown`)."""
+    text: str = request.path_params[name]
+    if text.isascii() and text.isdigit() and len(text) <= 20 and str(int(text)) == text:
+        return int(text)
+    return shown(text)
+
+
+def shown(value: str) -> str:
+    """A client's value, fit to quote back in a message: escaped and cut to `SHOWN_CHARS`
+    (`server.infra.logs.loggable`, `server.domain.text.SHOWN_CHARS`)."""
+    return loggable(value, text.SHOWN_CHARS)
+
+
+def header_text(name: str, value: str, max_chars: int) -> str:
+    """A header's value that will be stored or logged, checked by the one rule for text
+    (`server.domain.text.problem`); else 400 `invalid_request` naming the header."""
+    found = text.problem(value, max_chars)
+    if found is not None:
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"{name}: {found}.",
+            [FieldError(field=name, message=found)],
+        )
+    return value

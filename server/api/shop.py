@@ -12,11 +12,14 @@ from starlette.routing import Route
 from server.api.completion import COMPLETE_BY_SHOP, completion
 from server.api.http import (
     RequestError,
+    header_text,
     json_response,
     parse_body,
     parse_params,
     path_id,
+    path_sent,
     shop_of,
+    shown,
 )
 from server.api.ratelimit import RateLimiter
 from server.api.spec import (
@@ -67,7 +70,9 @@ from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.storage.errors import Busy, StorageError, Unavailable
 from server.wire import schemas
-from server.wire.schemas import ReserveBody, reservation_view
+from server.wire.schemas import FieldError, ReserveBody, reservation_view
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 def _catalog(request: Request) -> Catalog:
@@ -87,8 +92,9 @@ class ProductsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ids: Annotated[
-        str | None,
+        schemas.StoredText | None,
         Field(
+            max_length=schemas.MAX_PRODUCT_IDS * 11,
             description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
             "left out.",
             examples=["3,8,9"],
@@ -191,7 +197,7 @@ async def get_product(request: Request) -> Response:
     product_id = path_id(request, "product_id")
     product = None if product_id is None else await shop_of(request).product(product_id)
     if product is None:
-        raise ProductNotFound(product_id or 0)
+        raise ProductNotFound(path_sent(request, "product_id"))
     return json_response(_catalog(request).view(product))
 
 
@@ -312,9 +318,9 @@ _RESERVATION_OUTCOMES = {
 )
 async def get_reservation(request: Request) -> Response:
     shop = shop_of(request)
-    reservation = await shop.reservation(request.path_params["reservation_id"])
+    reservation = await shop.reservation(_known_id(request))
     if reservation is None:
-        raise ReservationNotFound()
+        raise ReservationNotFound(request.path_params["reservation_id"])
     return await render_reservation(shop, reservation)
 
 
@@ -419,20 +425,24 @@ async def render_reservation(
 def _known_id(request: Request) -> str:
     reservation_id: str = request.path_params["reservation_id"]
     if not is_reservation_id(reservation_id):
-        raise ReservationNotFound()
+        raise ReservationNotFound(shown(reservation_id))
     return reservation_id
 
 
 def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, or None; 400 naming the header if it is not 1 to
+    `MAX_KEY_LENGTH` printable ASCII characters."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
+    header_text(IDEMPOTENCY_KEY, key, idempotency.MAX_KEY_LENGTH)
     if not idempotency.is_valid_key(key):
+        rule = f"must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters"
         raise RequestError(
             400,
             "invalid_request",
-            f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII "
-            "characters.",
+            f'{IDEMPOTENCY_KEY}: {rule}; "{shown(key)}" was sent.',
+            [FieldError(field=IDEMPOTENCY_KEY, message=rule)],
         )
     return key
 

@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from server.api.admin import operator_only
 from server.api.completion import shop_keys_of
-from server.api.http import RequestError, json_response, parse_body, path_id
+from server.api.http import RequestError, json_response, parse_body, path_id, path_sent
 from server.api.spec import (
     DATABASE,
     INVALID,
@@ -26,6 +26,7 @@ from server.api.spec import (
     path_parameter,
     ref,
 )
+from server.domain import errors
 from server.domain.clock import iso
 from server.domain.shopkeys import ShopKey
 from server.wire import schemas
@@ -107,7 +108,8 @@ async def revoke_key(request: Request) -> Response:
     key_id = path_id(request, "key_id")
     revoked = None if key_id is None else await shop_keys_of(request).revoke(key_id)
     if revoked is None:
-        raise RequestError(404, NOT_FOUND, "There is no such shop key.")
+        sent = errors.named(path_sent(request, "key_id"))
+        raise RequestError(404, NOT_FOUND, f"There is no shop key {sent}.")
     return json_response(_view(revoked))
 
 

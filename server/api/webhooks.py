@@ -11,7 +11,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.admin import operator_only
-from server.api.http import RequestError, json_response, parse_body, parse_params, path_id
+from server.api.http import (
+    RequestError,
+    json_response,
+    parse_body,
+    parse_params,
+    path_id,
+    path_sent,
+    shown,
+)
 from server.api.spec import (
     DATABASE,
     INVALID,
@@ -29,6 +37,7 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
+from server.domain import errors
 from server.domain.clock import iso
 from server.domain.webhooks import Delivery, Endpoint
 from server.service.webhooks import Webhooks
@@ -57,12 +66,23 @@ def webhooks_of(request: Request) -> Webhooks:
 def _endpoint_id(request: Request) -> int:
     endpoint_id = path_id(request, "endpoint_id")
     if endpoint_id is None:
-        raise _no_endpoint()
+        raise _no_endpoint(request)
     return endpoint_id
 
 
-def _no_endpoint() -> RequestError:
-    return RequestError(404, NOT_FOUND, "There is no such webhook endpoint.")
+def _no_endpoint(request: Request) -> RequestError:
+    """404 naming the endpoint id the caller sent."""
+    sent = errors.named(path_sent(request, "endpoint_id"))
+    return RequestError(404, NOT_FOUND, f"There is no webhook endpoint {sent}.")
+
+
+def _no_delivery(request: Request) -> RequestError:
+    """404 naming the event and the endpoint the caller sent."""
+    event = errors.named(shown(request.path_params["event_id"]))
+    endpoint = errors.named(path_sent(request, "endpoint_id"))
+    return RequestError(
+        404, NOT_FOUND, f"There is no delivery of event {event} to webhook endpoint {endpoint}."
+    )
 
 
 def _view(endpoint: Endpoint, *, secret: bool = False) -> dict[str, Any]:
@@ -158,7 +178,7 @@ async def list_endpoints(request: Request) -> Response:
 async def get_endpoint(request: Request) -> Response:
     endpoint = await webhooks_of(request).get(_endpoint_id(request))
     if endpoint is None:
-        raise _no_endpoint()
+        raise _no_endpoint(request)
     return json_response(_view(endpoint))
 
 
@@ -166,7 +186,7 @@ def _switch(enabled: bool) -> Any:
     async def switch(request: Request) -> Response:
         endpoint = await webhooks_of(request).set_enabled(_endpoint_id(request), enabled)
         if endpoint is None:
-            raise _no_endpoint()
+            raise _no_endpoint(request)
         return json_response(_view(endpoint))
 
     return switch
@@ -211,7 +231,7 @@ disable_endpoint = operation(
 async def rotate_secret(request: Request) -> Response:
     endpoint = await webhooks_of(request).rotate(_endpoint_id(request))
     if endpoint is None:
-        raise _no_endpoint()
+        raise _no_endpoint(request)
     return json_response(_view(endpoint, secret=True))
 
 
@@ -240,7 +260,7 @@ async def list_deliveries(request: Request) -> Response:
     query = parse_params(request.query_params, DeliveryQuery)
     found = await webhooks_of(request).deliveries(_endpoint_id(request), limit=query.limit)
     if found is None:
-        raise _no_endpoint()
+        raise _no_endpoint(request)
     return json_response([_delivery_view(d) for d in found])
 
 
@@ -263,9 +283,9 @@ async def list_deliveries(request: Request) -> Response:
 async def redeliver(request: Request) -> Response:
     event_id: str = request.path_params["event_id"]
     if not (event_id.startswith("msg_") and len(event_id) == 30 and event_id.isascii()):
-        raise RequestError(404, NOT_FOUND, "There is no such delivery.")
+        raise _no_delivery(request)
     if not await webhooks_of(request).redeliver(_endpoint_id(request), event_id):
-        raise RequestError(404, NOT_FOUND, "There is no such delivery.")
+        raise _no_delivery(request)
     return Response(status_code=202)
 
 

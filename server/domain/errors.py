@@ -40,19 +40,32 @@ class StockNow:
     version: int
 
 
+def named(value: int | str) -> str:
+    """An id as a message names it: a number as it is, anything else in quotes (the API
+    layer passes what the caller sent, already cut short and escaped: `GET /api/products/abc`
+    is answered "There is no product "abc".")."""
+    return str(value) if isinstance(value, int) else f'"{value}"'
+
+
 class ProductNotFound(DomainError):
+    """No product has this id. `product_id`: the id, or the text the caller sent where an id
+    was expected (`GET /api/products/abc`), which the message names as sent."""
+
     code = "product_not_found"
 
-    def __init__(self, product_id: int) -> None:
-        super().__init__(f"There is no product {product_id}.")
+    def __init__(self, product_id: int | str) -> None:
+        super().__init__(f"There is no product {named(product_id)}.")
         self.product_id = product_id
 
 
 class ReservationNotFound(DomainError):
+    """No reservation has this id (or the text sent is not a reservation id at all)."""
+
     code = "reservation_not_found"
 
-    def __init__(self) -> None:
-        super().__init__("There is no such reservation.")
+    def __init__(self, reservation_id: str) -> None:
+        super().__init__(f"There is no reservation {named(reservation_id)}.")
+        self.reservation_id = reservation_id
 
 
 class InsufficientStock(DomainError):

@@ -461,7 +461,7 @@ async def complete(
         )
     current = await get_reservation(conn, reservation_id)
     if current is None:
-        return Outcome(error=ReservationNotFound())
+        return Outcome(error=ReservationNotFound(reservation_id))
     if current.status is Status.COMPLETED:
         return Outcome(current)
     if current.status is Status.CANCELLED:
@@ -503,7 +503,7 @@ async def cancel(
         )
     current = await get_reservation(conn, reservation_id)
     if current is None:
-        return Outcome(error=ReservationNotFound())
+        return Outcome(error=ReservationNotFound(reservation_id))
     if current.status is Status.CANCELLED:
         return Outcome(current)
     if current.status is Status.COMPLETED:

@@ -38,7 +38,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.domain.clock import iso, now_ms
 from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
+from server.domain.text import SHOWN_CHARS
 from server.infra.clients import client_key
+from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
@@ -364,7 +366,12 @@ async def live_updates(websocket: WebSocket) -> None:
         try:
             products = parse_product_ids(ids)
         except ValueError as exc:
-            frame = {"type": "error", "code": "invalid_ids", "message": f"ids: {exc}."}
+            sent = loggable(ids, SHOWN_CHARS)
+            frame = {
+                "type": "error",
+                "code": "invalid_ids",
+                "message": f'ids: {exc}; "{sent}" was sent.',
+            }
             await websocket.send_text(to_json(frame).decode())
             await websocket.close(POLICY_VIOLATION, "invalid ids")
             return

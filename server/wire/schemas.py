@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -25,6 +26,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from server.domain import text
 from server.domain.clock import iso
 from server.domain.model import Product, Reservation, Status
 
@@ -52,7 +54,23 @@ def parse_product_ids(text: str) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _storable(value: str) -> str:
+    """The rule for stored text (`server.domain.text`): no U+0000, no lone surrogate. The
+    field's own `max_length` bounds it, checked first."""
+    found = text.problem(value, len(value))
+    if found is not None:
+        raise ValueError(found)
+    return value
+
+
+# Every string of a request that is stored or logged: a name, a URL, a query parameter. Use
+# it with a `max_length` (`Annotated[StoredText, Field(max_length=…)]`); a test checks that
+# every string field of every request is one.
+StoredText = Annotated[str, AfterValidator(_storable)]
+
+
 MAX_STOCK = 1_000_000_000
+RESERVATION_ID_CHARS = 22  # server.domain.inventory.new_reservation_ids
 DEFAULT_MAX_QUANTITY = 10
 
 # Times go out as text in one format, `2026-11-24T22:30:00.123Z` (server.domain.clock.iso).
@@ -93,7 +111,7 @@ class ReserveBody(_Request):
 
 
 class CreateProductBody(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[StoredText, Field(min_length=1, max_length=200)]
     price: Annotated[
         Decimal,
         Field(
@@ -331,7 +349,7 @@ class CompleteBody(_Request):
     """Optional body of a completion by the shop's backend."""
 
     order_reference: Annotated[
-        str,
+        StoredText,
         Field(
             min_length=1,
             max_length=200,
@@ -405,7 +423,7 @@ EventType = Literal[
 
 class CreateWebhookBody(_Request):
     url: Annotated[
-        str,
+        StoredText,
         Field(
             min_length=8,
             max_length=2000,
@@ -417,7 +435,7 @@ class CreateWebhookBody(_Request):
         list[EventType],
         Field(max_length=8, description="The event types to send; empty or absent: all."),
     ] = []
-    description: Annotated[str, Field(max_length=200)] = ""
+    description: Annotated[StoredText, Field(max_length=200)] = ""
 
 
 class WebhookOut(_Response):
@@ -458,7 +476,7 @@ class DeliveryOut(_Response):
 
 
 class CreateShopKeyBody(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=100)]
+    name: Annotated[StoredText, Field(min_length=1, max_length=100)]
 
 
 class ShopKeyOut(_Response):
@@ -516,7 +534,9 @@ class WatchMessage(_Request):
     """Follow these holds; replaces the previous list."""
 
     type: Literal["watch"]
-    reservations: Annotated[list[str], Field(max_length=50)]
+    reservations: Annotated[
+        list[Annotated[StoredText, Field(max_length=RESERVATION_ID_CHARS)]], Field(max_length=50)
+    ]
 
 
 # -- views: what the responses and frames carry, as plain data -------------------------

@@ -1,0 +1,276 @@
+"""What clients send (issue 15, items 3 and 5), in process, on SQLite and PostgreSQL.
+
+Text no database could store (a U+0000, a lone surrogate, too many characters) is refused
+with 400 naming the field, and changes nothing: it once answered 500, and on PostgreSQL the
+connection that carried it was reset. An id or a parameter that cannot be read is answered
+with a message that names what was sent: `GET /api/products/abc` once said "There is no
+product 0.".
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from annotated_types import MaxLen
+from pydantic import AfterValidator, BaseModel
+
+from server.api.books import LedgerQuery
+from server.api.shop import ProductsQuery
+from server.api.webhooks import DeliveryQuery
+from server.domain import text
+from server.domain.text import problem
+from server.storage.database import Store
+from server.wire import schemas
+from tests.support import make_product, serve, stats
+from tests.test_api import TOKEN, Api, app_settings, assert_error
+
+
+@pytest.fixture
+async def api(database_url: str, redis_url: str, store: Store) -> AsyncIterator[Api]:
+    async for client in serve(app_settings(database_url, redis_url)):
+        yield Api(client, store)
+
+
+# -- the rule -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("\x00", "U+0000"),
+        ("\x00starts", "U+0000"),
+        ("in\x00side", "U+0000"),
+        ("ends\x00", "U+0000"),
+        ("a\ud800b", "lone surrogate"),
+        ("\udfff", "lone surrogate"),
+        ("x" * 11, "at most 10 characters (it has 11)"),
+    ],
+)
+def test_the_text_rule_names_what_no_database_can_store(value: str, why: str) -> None:
+    found = problem(value, 10)
+    assert found is not None
+    assert why in found
+
+
+@pytest.mark.parametrize("value", ["", "plain", "naïve café", "😀 emoji", "x" * 10, "tab\tok"])
+def test_the_text_rule_takes_what_both_databases_store(value: str) -> None:
+    assert problem(value, 10) is None
+    assert text.is_storable(value, 10)
+
+
+def _request_models() -> list[type[BaseModel]]:
+    found: list[type[BaseModel]] = []
+    frontier: list[type[BaseModel]] = [schemas._Request]
+    while frontier:
+        for sub in frontier.pop().__subclasses__():
+            found.append(sub)
+            frontier.append(sub)
+    return [*found, ProductsQuery, LedgerQuery, DeliveryQuery]
+
+
+def _string_annotations(annotation: Any) -> list[Any]:
+    """Each `str` in `annotation`, with its Annotated metadata (a list's items too)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        inner, *metadata = typing.get_args(annotation)
+        return [(a, [*metadata, *m]) for a, m in _string_annotations(inner)]
+    if origin in (typing.Union, types.UnionType, list):
+        return [found for arg in typing.get_args(annotation) for found in _string_annotations(arg)]
+    return [(annotation, [])] if annotation is str else []
+
+
+def test_every_string_a_request_takes_is_checked_by_the_rule() -> None:
+    checked = 0
+    for model in _request_models():
+        for name, field in model.model_fields.items():
+            for _, inner in _string_annotations(field.annotation):
+                metadata = [*field.metadata, *inner]
+                validators = [m.func for m in metadata if isinstance(m, AfterValidator)]
+                assert schemas._storable in validators, f"{model.__name__}.{name}"
+                assert any(isinstance(m, MaxLen) for m in metadata), f"{model.__name__}.{name}"
+                checked += 1
+    assert checked >= 7  # names, URL, description, order reference, ids, cursor, watch
+
+
+# -- bodies ---------------------------------------------------------------------------------
+
+PRODUCT = {"price": 1, "stock": 5}
+WEBHOOK = {"url": "http://127.0.0.1:9/hook"}
+UNSTORABLE_BODIES = [
+    ("/api/admin/products", {**PRODUCT, "name": "\x00Shoes"}, "name"),
+    ("/api/admin/products", {**PRODUCT, "name": "Sh\x00oes"}, "name"),
+    ("/api/admin/products", {**PRODUCT, "name": "Shoes\x00"}, "name"),
+    ("/api/admin/products", {**PRODUCT, "name": "x" * 201}, "name"),
+    ("/api/admin/webhooks", {"url": "http://127.0.0.1:9/\x00hook"}, "url"),
+    ("/api/admin/webhooks", {"url": "http://127.0.0.1:9/" + "x" * 2000}, "url"),
+    ("/api/admin/webhooks", {**WEBHOOK, "description": "night\x00shift"}, "description"),
+    ("/api/admin/webhooks", {**WEBHOOK, "description": "x" * 201}, "description"),
+    ("/api/admin/shop-keys", {"name": "\x00"}, "name"),
+    ("/api/admin/shop-keys", {"name": "till\x00 1"}, "name"),
+    ("/api/admin/shop-keys", {"name": "x" * 101}, "name"),
+]
+
+
+async def _counts(api: Api) -> tuple[int, int, int]:
+    products = await api.admin("GET", "/api/admin/stats")
+    hooks = await api.admin("GET", "/api/admin/webhooks")
+    keys = await api.admin("GET", "/api/admin/shop-keys")
+    return len(products.json()), len(hooks.json()), len(keys.json())
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"), UNSTORABLE_BODIES, ids=[f"{p} {f}" for p, _, f in UNSTORABLE_BODIES]
+)
+async def test_text_no_database_can_store_is_400_naming_the_field(
+    api: Api, path: str, body: dict[str, Any], field: str
+) -> None:
+    before = await _counts(api)
+    error = assert_error(await api.admin("POST", path, json=body), 400, "invalid_request")
+    assert [d["field"] for d in error["details"]] == [field], error
+    assert error["message"].startswith(f"{field}: "), error
+    assert await _counts(api) == before
+    # The same client goes on being served (no connection was reset, nothing is stuck).
+    assert (await api.admin("GET", "/api/admin/stats")).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/admin/products", "/api/admin/shop-keys"])
+async def test_a_lone_surrogate_in_a_body_is_invalid_json_that_says_where(
+    api: Api, path: str
+) -> None:
+    before = await _counts(api)
+    raw = b'{"name": "a\\ud800b", "price": 1, "stock": 5}'
+    if path.endswith("shop-keys"):
+        raw = b'{"name": "a\\udc00b"}'
+    response = await api.client.post(
+        path,
+        content=raw,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+    )
+    error = assert_error(response, 400, "invalid_json")
+    assert "line 1 column" in error["message"], error
+    assert await _counts(api) == before
+
+
+async def test_names_with_any_storable_character_are_kept_as_sent(api: Api) -> None:
+    name = "Ünïcödé 😀 \t shoes"
+    created = await api.admin("POST", "/api/admin/products", json={**PRODUCT, "name": name})
+    assert created.status_code == 201, created.text
+    assert (await api.client.get(f"/api/products/{created.json()['id']}")).json()["name"] == name
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        (b"a\x00b", "U+0000"),
+        (b"x" * 256, "at most 255 characters"),
+        (b"na\xefve", "printable ASCII"),
+        (b"tab\there", "printable ASCII"),
+    ],
+)
+async def test_an_idempotency_key_that_cannot_be_stored_is_400_naming_it(
+    api: Api, key: bytes, why: str
+) -> None:
+    product = await make_product(api.store, 5)
+    response = await api.client.post(
+        "/api/reservations",
+        json={"productId": product.id, "quantity": 1},
+        headers=[(b"Idempotency-Key", key)],
+    )
+    error = assert_error(response, 400, "invalid_request")
+    assert error["details"][0]["field"] == "Idempotency-Key", error
+    assert why in error["message"], error
+    s = await stats(api.store, product.id)
+    assert (s.available, s.held) == (5, 0)
+
+
+# -- query parameters ---------------------------------------------------------------------
+
+
+BAD_QUERIES = [
+    ("/api/products?ids=1%002", "ids", '"1\\x002" was sent'),
+    ("/api/products?ids=abc", "ids", '"abc" was sent'),
+    ("/api/products?limit=lots", "limit", '"lots" was sent'),
+    ("/api/products?before=%00", "before", '"\\x00" was sent'),
+    ("/api/admin/reservations?productId=abc", "productId", '"abc" was sent'),
+    ("/api/admin/reservations?status=%00GONE", "status", '"\\x00GONE" was sent'),
+    ("/api/admin/reservations?limit=5000", "limit", '"5000" was sent'),
+    ("/api/admin/products/1/ledger?cursor=%00", "cursor", '"\\x00" was sent'),
+    ("/api/admin/products/1/ledger?cursor=12.x", "cursor", '"12.x" was sent'),
+    ("/api/admin/products/1/ledger?since=yesterday", "since", '"yesterday" was sent'),
+    ("/api/admin/webhooks/1/deliveries?limit=-1", "limit", '"-1" was sent'),
+    ("/api/products?" + "x" * 300 + "=1", "x" * 64 + "...", "is not a field"),
+]
+
+
+@pytest.mark.parametrize(("path", "field", "named"), BAD_QUERIES)
+async def test_a_bad_query_parameter_is_400_naming_it_and_what_was_sent(
+    api: Api, path: str, field: str, named: str
+) -> None:
+    await make_product(api.store, 5)
+    error = assert_error(await api.admin("GET", path), 400, "invalid_request")
+    assert error["details"][0]["field"] == field, error
+    assert named in error["message"], error
+
+
+# -- ids in the path ------------------------------------------------------------------------
+
+
+NOT_FOUND = [
+    ("GET", "/api/products/abc", "product_not_found", 'There is no product "abc".'),
+    ("GET", "/api/products/0", "product_not_found", "There is no product 0."),
+    ("GET", "/api/products/999999", "product_not_found", "There is no product 999999."),
+    ("GET", "/api/products/007", "product_not_found", 'There is no product "007".'),
+    ("GET", "/api/products/1.0", "product_not_found", 'There is no product "1.0".'),
+    ("GET", "/api/products/-1", "product_not_found", 'There is no product "-1".'),
+    ("GET", "/api/products/%00", "product_not_found", 'There is no product "\\x00".'),
+    ("GET", "/api/products/99999999999", "product_not_found",
+     "There is no product 99999999999."),
+    ("GET", "/api/products/" + "a" * 300, "product_not_found",
+     'There is no product "' + "a" * 64 + '...".'),
+    ("GET", "/api/reservations/short", "reservation_not_found",
+     'There is no reservation "short".'),
+    ("GET", "/api/reservations/AAAAAAAAAAAAAAAAAAAAAA", "reservation_not_found",
+     'There is no reservation "AAAAAAAAAAAAAAAAAAAAAA".'),
+    ("POST", "/api/reservations/%00x/complete", "reservation_not_found",
+     'There is no reservation "\\x00x".'),
+    ("POST", "/api/reservations/AAAAAAAAAAAAAAAAAAAAAA/cancel", "reservation_not_found",
+     'There is no reservation "AAAAAAAAAAAAAAAAAAAAAA".'),
+    ("POST", "/api/admin/products/abc/restock", "product_not_found",
+     'There is no product "abc".'),
+    ("GET", "/api/admin/products/abc/stats", "product_not_found", 'There is no product "abc".'),
+    ("GET", "/api/admin/products/424242/stats", "product_not_found",
+     "There is no product 424242."),
+    ("GET", "/api/admin/products/abc/ledger", "product_not_found", 'There is no product "abc".'),
+    ("GET", "/api/admin/webhooks/abc", "not_found", 'There is no webhook endpoint "abc".'),
+    ("GET", "/api/admin/webhooks/77", "not_found", "There is no webhook endpoint 77."),
+    ("POST", "/api/admin/webhooks/x1/enable", "not_found", 'There is no webhook endpoint "x1".'),
+    ("POST", "/api/admin/webhooks/9/rotate-secret", "not_found",
+     "There is no webhook endpoint 9."),
+    ("GET", "/api/admin/webhooks/abc/deliveries", "not_found",
+     'There is no webhook endpoint "abc".'),
+    ("POST", "/api/admin/webhooks/3/deliveries/msg_nope/redeliver", "not_found",
+     'There is no delivery of event "msg_nope" to webhook endpoint 3.'),
+    ("POST", "/api/admin/shop-keys/abc/revoke", "not_found", 'There is no shop key "abc".'),
+    ("POST", "/api/admin/shop-keys/12/revoke", "not_found", "There is no shop key 12."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "code", "message"), NOT_FOUND)
+async def test_an_id_that_names_nothing_is_404_naming_what_was_sent(
+    api: Api, method: str, path: str, code: str, message: str
+) -> None:
+    if "/products/" in path and "restock" in path:
+        response = await api.admin(method, path, json={"quantity": 1})
+    else:
+        response = await api.admin(method, path)
+    error = assert_error(response, 404, code)
+    assert error["message"] == message
+
+
+async def test_a_product_id_in_a_body_that_names_nothing_is_named_too(api: Api) -> None:
+    error = assert_error(await api.reserve(123456, 1), 404, "product_not_found")
+    assert error["message"] == "There is no product 123456."
