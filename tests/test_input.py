@@ -112,6 +112,10 @@ UNSTORABLE_BODIES = [
     ("/api/admin/shop-keys", {"name": "\x00"}, "name"),
     ("/api/admin/shop-keys", {"name": "till\x00 1"}, "name"),
     ("/api/admin/shop-keys", {"name": "x" * 101}, "name"),
+    ("PATCH /api/admin/products/1", {"name": "Sh\x00oes"}, "name"),
+    ("PATCH /api/admin/products/1", {"name": "x" * 201}, "name"),
+    ("/api/admin/reservations/R/cancel", {"reason": "no\x00pay"}, "reason"),
+    ("/api/admin/reservations/R/cancel", {"reason": "x" * 201}, "reason"),
 ]
 
 
@@ -122,17 +126,27 @@ async def _counts(api: Api) -> tuple[int, int, int]:
     return len(products.json()), len(hooks.json()), len(keys.json())
 
 
+async def _names(api: Api) -> list[str]:
+    return [p["name"] for p in (await api.client.get("/api/products")).json()]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "field"), UNSTORABLE_BODIES, ids=[f"{p} {f}" for p, _, f in UNSTORABLE_BODIES]
 )
 async def test_text_no_database_can_store_is_400_naming_the_field(
     api: Api, path: str, body: dict[str, Any], field: str
 ) -> None:
-    before = await _counts(api)
-    error = assert_error(await api.admin("POST", path, json=body), 400, "invalid_request")
+    product = await make_product(api.store, 5)
+    held = await api.reserve(product.id, 1)
+    method, _, path = path.rpartition(" ")
+    path = path.replace("/products/1", f"/products/{product.id}")
+    path = path.replace("/R/", f"/{held.json()['id']}/")
+    before = await _counts(api), await stats(api.store, product.id), await _names(api)
+    response = await api.admin(method or "POST", path, json=body)
+    error = assert_error(response, 400, "invalid_request")
     assert [d["field"] for d in error["details"]] == [field], error
     assert error["message"].startswith(f"{field}: "), error
-    assert await _counts(api) == before
+    assert (await _counts(api), await stats(api.store, product.id), await _names(api)) == before
     # The same client goes on being served (no connection was reset, nothing is stuck).
     assert (await api.admin("GET", "/api/admin/stats")).status_code == 200
 
@@ -256,6 +270,14 @@ NOT_FOUND = [
      'There is no delivery of event "msg_nope" to webhook endpoint 3.'),
     ("POST", "/api/admin/shop-keys/abc/revoke", "not_found", 'There is no shop key "abc".'),
     ("POST", "/api/admin/shop-keys/12/revoke", "not_found", "There is no shop key 12."),
+    ("PATCH", "/api/admin/products/abc", "product_not_found", 'There is no product "abc".'),
+    ("PATCH", "/api/admin/products/31337", "product_not_found", "There is no product 31337."),
+    ("POST", "/api/admin/products/x/pause", "product_not_found", 'There is no product "x".'),
+    ("POST", "/api/admin/products/0/end", "product_not_found", "There is no product 0."),
+    ("POST", "/api/admin/reservations/short/cancel", "reservation_not_found",
+     'There is no reservation "short".'),
+    ("POST", "/api/admin/reservations/AAAAAAAAAAAAAAAAAAAAAA/cancel", "reservation_not_found",
+     'There is no reservation "AAAAAAAAAAAAAAAAAAAAAA".'),
 ]  # fmt: skip
 
 
@@ -263,7 +285,9 @@ NOT_FOUND = [
 async def test_an_id_that_names_nothing_is_404_naming_what_was_sent(
     api: Api, method: str, path: str, code: str, message: str
 ) -> None:
-    if "/products/" in path and "restock" in path:
+    if method == "PATCH":
+        response = await api.admin(method, path, json={"name": "New name"})
+    elif "/products/" in path and "restock" in path:
         response = await api.admin(method, path, json={"quantity": 1})
     else:
         response = await api.admin(method, path)

@@ -29,6 +29,7 @@ from server.api.http import (
     path_id,
     path_sent,
     shop_of,
+    shown,
 )
 from server.api.ratelimit import FailureThrottle
 from server.api.spec import (
@@ -54,7 +55,7 @@ from server.api.spec import (
 from server.domain import errors, ledger
 from server.domain.clock import now_ms
 from server.domain.errors import ProductNotFound, ReservationNotFound
-from server.domain.inventory import UNSET, ProductChanges, Stats
+from server.domain.inventory import UNSET, ProductChanges, Stats, is_reservation_id
 from server.domain.model import Product, Status
 from server.infra.clients import client_key
 from server.infra.metrics import DEFERRED, SIGN_IN_THROTTLED
@@ -266,7 +267,7 @@ def _ms(value: datetime | None) -> int | None:
 def _product_id(request: Request) -> int:
     product_id = path_id(request, "product_id")
     if product_id is None:
-        raise ProductNotFound(0)
+        raise ProductNotFound(path_sent(request, "product_id"))
     return product_id
 
 
@@ -432,11 +433,13 @@ async def cancel_reservation(request: Request) -> Response:
     if await request.body():
         reason = (await parse_body(request, OperatorCancelBody)).reason.strip() or None
     reservation_id: str = request.path_params["reservation_id"]
+    if not is_reservation_id(reservation_id):
+        raise ReservationNotFound(shown(reservation_id))
     shop = shop_of(request)
     reservation = await shop.cancel(reservation_id, actor=ledger.OPERATOR, reason=reason)
     product = await shop.product(reservation.product_id)
     if product is None:
-        raise ReservationNotFound()
+        raise ReservationNotFound(reservation_id)
     return json_response(reservation_view(reservation, product_view(product), now=now_ms()))
 
 

@@ -225,7 +225,7 @@ class Shop:
         cancels it, with its `reason` for the shopper). Raises `ReservationNotFound`,
         `ReservationExpired`, `ReservationCompleted`."""
         if not inventory.is_reservation_id(reservation_id):
-            raise ReservationNotFound()
+            raise ReservationNotFound(reservation_id)
         return await self._write(
             lambda conn, now: inventory.cancel(
                 conn, reservation_id, now=now, actor=actor, reason=reason

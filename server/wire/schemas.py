@@ -162,7 +162,7 @@ class ReduceStockBody(_Request):
 class UpdateProductBody(_Request):
     """An operator's edit: only the fields sent change; at least one must be sent."""
 
-    name: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    name: Annotated[StoredText | None, Field(min_length=1, max_length=200)] = None
     price: Annotated[
         Decimal | None,
         Field(
@@ -215,7 +215,7 @@ CANCEL_REASON_MAX = 200
 
 class OperatorCancelBody(_Request):
     reason: Annotated[
-        str,
+        StoredText,
         Field(
             max_length=CANCEL_REASON_MAX,
             description='Shown to the shopper whose hold it was, e.g. "Payment declined".',
