@@ -672,3 +672,115 @@ def _latency_cell(latency: dict[str, float]) -> str:
     if latency.get("timed_out"):
         cell += " (a request timed out)"
     return cell
+
+
+# -- bin/cluster bench ------------------------------------------------------------------
+
+
+def cluster_summary(result: dict[str, Any]) -> list[str]:
+    """The tables the README shows: the storm and the steady shop through the edge as
+    shares of the bare endpoint behind the same edge, the hop, the Redis failover."""
+    configs = result["configs"]
+    lines = _table(
+        ["through the edge", *(c["label"] for c in configs)],
+        [
+            [
+                "bare endpoint behind the edge (mean of before and after)",
+                *(f"{c['bare']['rps']:,.0f}/s" for c in configs),
+            ],
+            ["storm: requests/s", *(_rps(c["storm"]["rps"], c["bare"]["rps"]) for c in configs)],
+            [
+                "storm: held, 5xx, p50 / p99 (ms)",
+                *(
+                    f"{c['storm']['held']} of {c['storm']['units']}, {c['storm']['errors_5xx']}, "
+                    f"{_ms(c['storm']['latency_ms'].get('p50'))} / "
+                    f"{_ms(c['storm']['latency_ms'].get('p99'))}"
+                    for c in configs
+                ),
+            ],
+            [
+                "steady shop: requests/s",
+                *(_rps(c["steady"]["rps"], c["bare"]["rps"]) for c in configs),
+            ],
+            [
+                "steady shop: 5xx, invariant, held after expiry",
+                *(
+                    f"{c['steady']['errors_5xx']}, "
+                    + ("holds" if not c["steady"]["invariant_broken_settled"] else "**broken**")
+                    + f", {c['steady']['held_after_expiry']}"
+                    for c in configs
+                ),
+            ],
+        ],
+    )
+    hop = result.get("hop")
+    if hop:
+        rows = []
+        for connections in (1, 64):
+            for name, text in (("direct", "directly"), ("edge", "through the edge")):
+                run = hop[f"{name}_c{connections}"]
+                rows.append(
+                    [
+                        f"{text}, {connections} connection{'s' if connections > 1 else ''}",
+                        f"{run['rps']:,.0f}/s",
+                        f"{run['p50_us'] / 1000:.2f}",
+                        f"{run['p99_us'] / 1000:.2f}",
+                    ]
+                )
+        lines += _table(["bare endpoint on app1", "requests/s", "p50 (ms)", "p99 (ms)"], rows)
+    failover = result.get("failover")
+    if failover:
+        rows = []
+        for name, text in (
+            ("promoted", "the Sentinels promote the replica"),
+            ("first_event", "the first live event comes through the new primary"),
+            ("live_again", "every page gets changes within a second again"),
+        ):
+            found = failover.get(name)
+            rows.append(
+                [text]
+                + (
+                    [f"{found['median']:.1f}", f"{found['min']:.1f} – {found['max']:.1f}"]
+                    if found
+                    else ["–", "–"]
+                )
+            )
+        lines += _table(
+            [
+                f"Redis primary SIGKILLed ({len(failover['runs'])} times): s until",
+                "median",
+                "range",
+            ],
+            rows,
+        )
+    return lines
+
+
+def cluster_markdown(result: dict[str, Any]) -> str:
+    """`report.md` of `bin/cluster bench`."""
+    lines = [
+        f"# The service through the edge, {result['started']}",
+        "",
+        f"`{result['command']}` — {result['machine']['cpus']} CPUs, Python "
+        f"{result['machine']['python']}, {result['duration_s'] / 60:.1f} min"
+        + (" — **quick mode: the figures are a smoke test**" if result["quick"] else ""),
+        "",
+        "HAProxy in front of one app host, then two (each the Procfile's `web` with two "
+        "processes and a `worker`), PostgreSQL and Redis with Sentinel on a data host; every "
+        "host a network namespace on one bridge, on the same cores. Throughput is also shown "
+        "as a share of the bare Starlette endpoint behind the same edge (two processes on "
+        "each serving host, wrk, 64 connections), measured before and after in the same "
+        "configuration.",
+        "",
+        *cluster_summary(result),
+    ]
+    configs = result["configs"]
+    if result.get("failover", {}).get("checks_failed"):
+        lines += [
+            "Failed drill checks during the failovers: "
+            + "; ".join(result["failover"]["checks_failed"]),
+            "",
+        ]
+    lines += _storm(configs, {})
+    lines += _steady(configs, {})
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 import httpx
@@ -23,6 +24,16 @@ from server.storage.database import Store
 
 BARE_APP = "bench.bare:app"
 BOUNDED_PROTOCOL = "server.api.protocol:BoundedHttpToolsProtocol"
+
+
+class Target(Protocol):
+    """What a scenario drives: the service at `base_url` (`http://host:port`, a web process
+    or a load balancer in front of several), and the operator's credentials."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    def admin_headers(self) -> dict[str, str]: ...
 
 
 @contextmanager
@@ -104,8 +115,6 @@ class Bare:
 def bare(work_dir: Path, *, web_concurrency: int, http: str = "httptools") -> Iterator[Bare]:
     """The baseline: a bare Starlette JSON endpoint under the very same uvicorn command, but
     with uvicorn's own `--http httptools` (or the `http` protocol given)."""
-    command = procfile()["web"]
-    assert "--factory server.api.app:create_app" in command
     port = free_port()
     process = Process(
         "web",
@@ -118,11 +127,7 @@ def bare(work_dir: Path, *, web_concurrency: int, http: str = "httptools") -> It
         },
         work_dir / "bare.log",
     )
-    # uvicorn's own httptools protocol: the service's share of it includes what our bounded
-    # protocol (server/api/protocol.py) costs.
-    process.command = command.replace("--factory server.api.app:create_app", BARE_APP).replace(
-        "--http server.api.protocol:BoundedHttpToolsProtocol", "--http httptools"
-    )
+    process.command = bare_command()
     process.start()
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
@@ -138,6 +143,18 @@ def bare(work_dir: Path, *, web_concurrency: int, http: str = "httptools") -> It
         yield Bare(base_url, process.pid)
     finally:
         process.stop()
+
+
+def bare_command() -> str:
+    """The Procfile's `web` command serving the bare endpoint (bench/bare.py) instead of the
+    service, with uvicorn's own httptools protocol: the service's share of it includes what
+    our bounded protocol (server/api/protocol.py) costs. It reads HOST, PORT and
+    WEB_CONCURRENCY as the service does."""
+    command = procfile()["web"]
+    assert "--factory server.api.app:create_app" in command
+    return command.replace("--factory server.api.app:create_app", BARE_APP).replace(
+        f"--http {BOUNDED_PROTOCOL}", "--http httptools"
+    )
 
 
 def _path() -> str:

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from bench.stack import cpu_seconds
+from bench.stack import Target, cpu_seconds
 from bench.steadyload import KINDS
 from bench.wave import percentiles
 from server.devtools.processes import Service
@@ -31,7 +33,7 @@ MIX = {"browse": 0.80, "reserve": 0.15, "complete": 0.03, "cancel": 0.02}
 PRODUCTS = [1_000_000] * 9 + [200]
 
 
-def _stats(service: Service) -> list[dict[str, Any]]:
+def _stats(service: Target) -> list[dict[str, Any]]:
     response = httpx.get(
         f"{service.base_url}/api/admin/stats", headers=service.admin_headers(), timeout=30
     )
@@ -50,15 +52,27 @@ def _invariant(stats: list[dict[str, Any]], products: list[int]) -> list[dict[st
     ]
 
 
+def service_cpu(service: Service) -> Callable[[], tuple[float, float]]:
+    """CPU seconds so far of the service's web processes and of its worker."""
+    return lambda: (cpu_seconds(service.web.pid), cpu_seconds(service.worker.pid))
+
+
 def run(
-    service: Service,
+    service: Target,
     *,
     seconds: float,
     hold_seconds: float,
     connections: int = 64,
     processes: int = 2,
     sweep_seconds: float = 2,
+    cpu: Callable[[], tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
+    """`cpu` reads the CPU seconds of the web processes and of the workers so far (by
+    default those of a `Service` this process started; a cluster's are on its hosts)."""
+    if cpu is None:
+        assert isinstance(service, Service), "`cpu` is needed for a service started elsewhere"
+        cpu = service_cpu(service)
+    address = urlsplit(service.base_url)
     products = []
     for i, stock in enumerate(PRODUCTS):
         response = httpx.post(
@@ -73,7 +87,7 @@ def run(
         connections // processes + (1 if i < connections % processes else 0)
         for i in range(processes)
     ]
-    web_cpu, worker_cpu = cpu_seconds(service.web.pid), cpu_seconds(service.worker.pid)
+    web_cpu, worker_cpu = cpu()
     started = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -83,8 +97,8 @@ def run(
                 "bench.steadyload",
                 json.dumps(
                     {
-                        "host": "127.0.0.1",
-                        "port": service.port,
+                        "host": address.hostname or "127.0.0.1",
+                        "port": address.port or 80,
                         "connections": n,
                         "seconds": seconds,
                         "mix": MIX,
@@ -107,8 +121,8 @@ def run(
             raise RuntimeError(f"a steady-load process failed ({proc.returncode})")
         answers.append(json.loads(out))
     wall = time.monotonic() - started
-    web_cpu = cpu_seconds(service.web.pid) - web_cpu
-    worker_cpu = cpu_seconds(service.worker.pid) - worker_cpu
+    web_now, worker_now = cpu()
+    web_cpu, worker_cpu = web_now - web_cpu, worker_now - worker_cpu
     after_run = _stats(service)
 
     # Every hold made is due by now + hold_seconds; the sweeper catches any job lost.
@@ -167,7 +181,7 @@ def run(
         },
         "series": {"per_second": per_second},
     }
-    cpu = result["cpu"]
+    used = result["cpu"]
     print(
         f"  {result['rps']:.0f} req/s "
         + ", ".join(
@@ -175,8 +189,8 @@ def run(
         )
         + f"; 5xx {result['errors_5xx']}; invariant "
         + ("holds" if not result["invariant_broken_settled"] else "BROKEN")
-        + f"; held after expiry {held_after}; CPU: web {cpu['web_share_of_core']:.0%}, "
-        f"load generator {cpu['generator_share_of_core']:.0%} of a core per process",
+        + f"; held after expiry {held_after}; CPU: web {used['web_share_of_core']:.0%}, "
+        f"load generator {used['generator_share_of_core']:.0%} of a core per process",
         flush=True,
     )
     return result

@@ -16,13 +16,14 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from bench.fanout import Clients
 from bench.rawhttp import now_ms
+from bench.stack import Target
 from bench.wave import percentiles
-from server.devtools.processes import Service
 from server.domain.clock import iso, parse_iso
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ POLL_SECONDS = 0.025
 class StatsPoller(threading.Thread):
     """The operator's stats for one product, every POLL_SECONDS, until stopped."""
 
-    def __init__(self, service: Service, product_id: int) -> None:
+    def __init__(self, service: Target, product_id: int) -> None:
         super().__init__(daemon=True)
         self.url = f"{service.base_url}/api/admin/products/{product_id}/stats"
         self.headers = service.admin_headers()
@@ -57,9 +58,10 @@ class StatsPoller(threading.Thread):
 
 
 def _shoppers(
-    service: Service, count: int, processes: int, start_ms: float, body: str
+    service: Target, count: int, processes: int, start_ms: float, body: str
 ) -> list[subprocess.Popen[str]]:
-    host, port = "127.0.0.1", str(service.port)
+    address = urlsplit(service.base_url)
+    host, port = address.hostname or "127.0.0.1", str(address.port or 80)
     per = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
     procs = [
         subprocess.Popen(
@@ -80,7 +82,7 @@ def _shoppers(
 
 
 def run(
-    service: Service,
+    service: Target,
     *,
     shoppers: int = 5_000,
     sockets: int = 5_000,

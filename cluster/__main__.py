@@ -1,4 +1,4 @@
-"""`python -m cluster up | down | status | drill` (run through `bin/cluster`, as root).
+"""`python -m cluster up | down | status | drill | bench` (run through `bin/cluster`, as root).
 
 - `up`: build the cluster (cluster/hosts.py) with demo products and leave it running;
   prints the shop's, the operator's and the edge's stats URLs.
@@ -7,6 +7,9 @@
 - `drill`: on a cluster of its own (another prefix and subnet, so that it never touches
   one started with `up`), run the drills (cluster/drills.py), print what each checked,
   and remove it all, whatever happened. Exit status 0 when every check passed.
+- `bench`: on a cluster of its own again (`fsb`, 10.214.16.0/24), the storm and the steady
+  shop through the edge with one app host and with two, as shares of a bare endpoint behind
+  the same edge; the edge's hop; a Redis failover (cluster/bench.py; `bench --help`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bin/cluster", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("command", choices=["up", "down", "status", "drill"])
+    parser.add_argument("command", choices=["up", "down", "status", "drill", "bench"])
     parser.add_argument("--only", help="drill: run only these drills (comma-separated names)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `bench` has options of its own (cluster/bench.py).
+    rest = argv[1:] if argv[:1] == ["bench"] else []
+    args = parser.parse_args(argv[:1] if rest else argv)
     if os.geteuid() != 0:
         print(
             "bin/cluster needs root: it makes network namespaces, a bridge and firewall rules, "
@@ -45,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         topology = Topology(prefix="fsd", subnet="10.214.15")
         with locked(topology):
             return drills.main(topology, only=args.only)
+
+    if args.command == "bench":
+        from cluster import bench
+
+        if "-h" in rest or "--help" in rest:
+            return bench.main(rest)
+        with locked(bench.TOPOLOGY):
+            return bench.run(rest)
 
     topology = Topology()
     with locked(topology):

@@ -123,6 +123,11 @@ class Drills:
         self.shop = Shop(cluster.edge_url, cluster.admin_token, connections=STORM_SHOPPERS)
         self.pages = Pages(cluster.edge_url.replace("http://", "ws://") + "/ws", PAGES)
         self.database_url = cluster.database_url
+        # What each redis-failover measured, in seconds from the primary's death (None: not
+        # within the drill's deadline): `promoted` (the Sentinels name the replica),
+        # `first_event` (a live event comes through the new primary), `live_again` (every
+        # page gets changes within a second again). cluster/bench.py reports them.
+        self.failovers: list[dict[str, float | None]] = []
 
     async def run(self, names: list[str]) -> None:
         drills: dict[str, Callable[[], Awaitable[None]]] = {
@@ -366,6 +371,9 @@ class Drills:
             await asyncio.gather(prober, listener, return_exceptions=True)
         new = redis.primary()
         assert new is not None
+        self.failovers.append(
+            {"promoted": promoted, "first_event": first_event, "live_again": live_again}
+        )
         self.report.add(
             drill,
             "the Sentinels promoted the replica",
@@ -602,11 +610,13 @@ async def _listen(
         try:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(EVENTS_CHANNEL)
-                assert pubsub.connection is not None
-                server = (str(pubsub.connection.host), int(pubsub.connection.port))
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-                    if message is not None:
+                    # Read at each message: when its server dies, redis-py connects the same
+                    # connection to the primary the Sentinels name now, and subscribes again.
+                    connection = pubsub.connection
+                    if message is not None and connection is not None:
+                        server = (str(connection.host), int(connection.port))
                         events.append((time.monotonic(), server))
         except (OSError, Exception):
             await asyncio.sleep(0.05)

@@ -185,8 +185,12 @@ class Cluster:
         settings: Mapping[str, str] | None = None,
         admin_token: str | None = None,
         say: Callable[[str], None] = print,
+        edge_extra: str = "",
     ) -> None:
         self.topology = topology
+        # More of HAProxy's configuration, after the edge's own (cluster/bench.py adds the
+        # bare endpoint's frontend and backend).
+        self.edge_extra = edge_extra
         self.settings = dict(settings or {})
         self.say = say
         self.run_dir = topology.run_dir
@@ -357,7 +361,7 @@ class Cluster:
         """The Procfile's `web` and `worker` on `host`."""
         commands = procfile()
         for name in ("web", "worker"):
-            self._spawn(host, name, ["bash", "-c", commands[name]], env=self.app_env())
+            self.spawn(host, name, ["bash", "-c", commands[name]], env=self.app_env())
 
     def kill_app(self, host: Host) -> list[int]:
         """SIGKILL to every process on the host, as a power cut would."""
@@ -393,31 +397,43 @@ class Cluster:
             ),
         )
         path = run / "haproxy.cfg"
-        path.write_text(config)
+        path.write_text(config + self.edge_extra)
         haproxy = shutil.which("haproxy")
         if haproxy is None:
             raise RuntimeError("HAProxy is missing: apt-get install haproxy")
         sh(haproxy, "-c", "-q", "-f", str(path))
-        self._spawn(self.topology.edge, "haproxy", [haproxy, "-db", "-f", str(path)])
+        self.spawn(self.topology.edge, "haproxy", [haproxy, "-db", "-f", str(path)])
 
-    def edge_status(self) -> dict[str, str]:
-        """Each app server's state at the edge: `UP`, `DOWN`, `UP 1/2` (rising), …"""
+    def edge_status(self, backend: str = "app") -> dict[str, str]:
+        """Each app server's state at the edge, in `backend`: `UP`, `DOWN`, `UP 1/2`
+        (rising), `MAINT`, …"""
         reply = self._haproxy("show stat")
         status = {}
         for line in reply.splitlines():
             fields = line.split(",")
-            if len(fields) > 17 and fields[0] == "app" and fields[1] not in ("FRONTEND", "BACKEND"):
+            if (
+                len(fields) > 17
+                and fields[0] == backend
+                and fields[1] not in ("FRONTEND", "BACKEND")
+            ):
                 status[fields[1]] = fields[17]
         return status
 
-    def wait_in_service(self, hosts: list[Host], within: float = 90.0) -> None:
-        """Until the edge has each of `hosts` UP."""
+    def wait_in_service(
+        self, hosts: list[Host], within: float = 90.0, *, backend: str = "app"
+    ) -> None:
+        """Until the edge has each of `hosts` UP in `backend`."""
 
         def in_service() -> bool:
-            status = self.edge_status()
+            status = self.edge_status(backend)
             return all(status.get(h.name) == "UP" for h in hosts)
 
         wait_until(in_service, f"the edge to take {', '.join(h.name for h in hosts)}", within)
+
+    def edge_command(self, command: str) -> str:
+        """One command to HAProxy's runtime API (its stats socket), e.g. `set server app/app2
+        state maint`; its answer ("" if it cannot be reached)."""
+        return self._haproxy(command)
 
     def _haproxy(self, command: str) -> str:
         path = self.run_dir / "edge" / "haproxy.sock"
@@ -435,9 +451,11 @@ class Cluster:
 
     # -- processes ----------------------------------------------------------------------
 
-    def _spawn(
+    def spawn(
         self, host: Host, name: str, command: list[str], env: Mapping[str, str] | None = None
     ) -> None:
+        """Start `command` on `host`, its output to `<logs>/<host>-<name>.log`; it outlives
+        this process (`down()` finds it through the host's namespace)."""
         log = (self.logs / f"{host.name}-{name}.log").open("ab")
         with log:
             self._processes.append(
