@@ -40,6 +40,7 @@ import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -159,11 +160,13 @@ class Drills:
         stored = await books.until_all_ended(
             self.database_url, product_ids, within=HOLD_SECONDS + 30
         )
+        learnt, wrong = await self.replay_unheard(stored, set(told))
         self.report.add(
             drill,
             "no hold lost: the 201s are exactly the holds stored",
-            books.lost(told, stored),
-            f"{len(told)} holds",
+            books.lost([*told, *learnt], stored) + wrong,
+            f"{len(told)} holds"
+            + (f"; {len(learnt)} more learnt by replaying their key" if learnt else ""),
         )
         late = books.lateness_ms(stored)
         too_late = [f"{ms} ms late" for ms in late if ms > LATE_MS]
@@ -199,6 +202,54 @@ class Drills:
             wrong,
             ", ".join(f"{n} on {h or 'none'}" for h, n in sorted(hosts.items())),
         )
+
+    async def replay_unheard(
+        self, stored: dict[str, dict[str, Any]], told: set[str]
+    ) -> tuple[list[str], list[str]]:
+        """The holds stored that no shopper was answered 201 for, resolved as a shopper
+        resolves them: by sending its request again with the same Idempotency-Key, which
+        the service promises to answer with the hold the key made (README, Idempotency).
+
+        Such a hold is one whose answer was lost in the fault (the client timed out, the
+        host died) while the request had reached the database; a shopper whose retries
+        ran out of patience learns of it on the next retry. Returns the holds so learnt,
+        and what is wrong: a key answered other than with its hold, or a hold whose
+        shopper had been answered something that decides (201 for another hold, or a 4xx)
+        before this replay, which is a broken idempotency promise, not a lost answer."""
+        learnt: list[str] = []
+        wrong: list[str] = []
+        for hold_id, row in stored.items():
+            if hold_id in told:
+                continue
+            key = row["idempotency_key"]
+            outcome = self.shop.reservations.get(key) if key else None
+            if outcome is None:
+                continue  # made by no shopper of ours: books.lost reports it
+            before = (
+                f"{summary(outcome.attempts)} before" if outcome.attempts else "still in flight"
+            )
+            attempts, body = await self.shop.until_decided(
+                "POST",
+                "/api/reservations",
+                json={"productId": row["product_id"], "quantity": row["quantity"]},
+                headers={"Idempotency-Key": key},
+                patience=30,
+            )
+            got = body.get("id") if isinstance(body, dict) else None
+            if attempts[-1].status != 201 or got != hold_id:
+                wrong.append(
+                    f"hold {hold_id}: its key replayed answered {attempts[-1].status} "
+                    f"{attempts[-1].code} ({got}), not the hold ({before})"
+                )
+            elif outcome.attempts and outcome.decided:
+                wrong.append(
+                    f"hold {hold_id}: its shopper was answered {outcome.final.status} "
+                    f"{outcome.final.code} ({before}), yet its key had made this hold"
+                )
+            else:
+                learnt.append(hold_id)
+                print(f"  hold {hold_id} learnt by replaying its key ({before})", flush=True)
+        return learnt, wrong
 
     async def stock_of(self, product_ids: list[int]) -> dict[int, int]:
         rows = await books._rows(

@@ -133,6 +133,9 @@ class Shop:
         self.pool = Pool(address.hostname or "", address.port or 80, connections)
         self.admin = {"Authorization": f"Bearer {admin_token}"}
         self.attempts: list[Attempt] = []  # every attempt by every shopper, in order
+        # Every reservation by its Idempotency-Key, from its first attempt on (its `attempts`
+        # are filled in once it is over): what the drills' books look a hold's key up in.
+        self.reservations: dict[str, Outcome] = {}
 
     async def aclose(self) -> None:
         self.pool.close()
@@ -208,6 +211,7 @@ class Shop:
         self, product_id: int, *, quantity: int = 1, key: str | None = None, patience: float = 60
     ) -> Outcome:
         outcome = Outcome(key or secrets.token_urlsafe(12))
+        self.reservations.setdefault(outcome.key, outcome)
         outcome.attempts, body = await self.until_decided(
             "POST",
             "/api/reservations",
