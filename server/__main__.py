@@ -3,7 +3,7 @@
 - `migrate`: apply pending schema migrations (the Procfile's `release`).
 - `seed`: add the demo products to an empty database.
 - `serve`: run everything for development: Redis (unless REDIS_URL is set), migrations,
-  demo products, then the Procfile's web and worker; Ctrl-C stops all of it.
+  demo products, then the Procfile's web and worker; Ctrl-C, SIGTERM or SIGHUP stops all of it.
 """
 
 from __future__ import annotations

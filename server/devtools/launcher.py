@@ -3,19 +3,37 @@
 Starts a Redis-compatible server when REDIS_URL is unset (append-only file under ./var/,
 bound to loopback; started again on the same port whenever it exits), applies migrations,
 seeds demo products into an empty database, then runs the Procfile's `web` and `worker`
-under honcho, and stops everything it started on Ctrl-C.
+under honcho.
+
+Whatever stops it, it stops everything it started, and says so (issue 15): SIGINT (Ctrl-C,
+even when started in the background, where a shell has it ignored), SIGTERM (a process
+manager, a container runtime) and SIGHUP (a closed terminal) each stop honcho with SIGTERM
+(honcho stops the web processes and the worker, gracefully, and kills what is left after
+5 s), then Redis; then it checks that the port and the metrics ports are free, and prints
+one line per step. Once only this process died of the signal: SIGTERM or SIGHUP left honcho,
+the web processes, the worker and Redis running with the port taken.
+
+Honcho runs in a session of its own, so that a terminal's signals reach this process alone,
+which decides; and on Linux this process is the "child subreaper" of everything below it,
+so a process orphaned on the way (a web worker whose master died) comes back to it and is
+stopped too, not left to run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import FrameType
 
 from server.devtools import demo
 from server.devtools.embedded_redis import EmbeddedRedis
@@ -25,6 +43,33 @@ from server.storage.database import Store
 
 VAR = Path("var")  # relative to where it is run, like the default DATABASE_URL
 PROCFILE = Path(__file__).resolve().parents[2] / "Procfile"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Honcho gives its processes 5 s after SIGTERM, then kills them; this is its own bound.
+HONCHO_GRACE_S = 20.0
+LEFTOVER_GRACE_S = 5.0
+PORT_FREE_WITHIN_S = 10.0
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+class Stop(BaseException):
+    """A stop signal arrived (`signum`). A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise Stop(signum)
+
+
+def _stopping(signum: int, frame: FrameType | None) -> None:
+    print(f"serve: {signal.Signals(signum).name} received; already stopping", flush=True)
+
+
+def _say(line: str) -> None:
+    print(f"serve: {line}", flush=True)
 
 
 async def prepare_database(settings: Settings, *, seed: bool) -> None:
@@ -41,23 +86,31 @@ async def prepare_database(settings: Settings, *, seed: bool) -> None:
 
 
 def serve(settings: Settings) -> int:
+    """Run everything until a stop signal (`STOP_SIGNALS`) or until honcho exits (one of its
+    processes died: honcho stops the others); then stop all of it. Returns 0 after a stop
+    that was asked for, else honcho's exit code."""
+    for signum in STOP_SIGNALS:
+        # Also undoes the SIG_IGN a shell gives SIGINT in a background job.
+        signal.signal(signum, _stop)
+    _become_subreaper()
     env = dict(os.environ)
     env.setdefault("PORT", "8000")
     env.setdefault("HOST", "127.0.0.1")
     env.setdefault("WEB_CONCURRENCY", str(settings.web_concurrency))
     redis: EmbeddedRedis | None = None
-    if not settings.has_redis:
-        redis = EmbeddedRedis(VAR / "redis", persist=True)
-        redis.start()
-        redis.keep_running(lambda line: print(line, flush=True))
-        env["REDIS_URL"] = redis.url
-        print(f"redis: started an embedded server at {redis.url} (data in {redis.data_dir}/)")
-    if not settings.admin_token:
-        env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
+    honcho: subprocess.Popen[bytes] | None = None
     # The web processes' metric values, fresh for this run and removed after it.
     metrics_dir = tempfile.TemporaryDirectory(prefix="flashsale-metrics-")
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
     try:
+        if not settings.has_redis:
+            redis = EmbeddedRedis(VAR / "redis", persist=True)
+            redis.start()
+            redis.keep_running(lambda line: print(line, flush=True))
+            env["REDIS_URL"] = redis.url
+            print(f"redis: started an embedded server at {redis.url} (data in {redis.data_dir}/)")
+        if not settings.admin_token:
+            env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
         asyncio.run(prepare_database(settings, seed=True))
         base = f"http://127.0.0.1:{env['PORT']}"
         metrics = (
@@ -73,19 +126,122 @@ def serve(settings: Settings) -> int:
             flush=True,
         )
         # The processes run where this does, so relative paths (./var/) mean the same.
-        honcho = [
+        command = [
             sys.executable, "-m", "honcho", "start", "--procfile", str(PROCFILE), "web", "worker"
         ]  # fmt: skip
-        with subprocess.Popen(honcho, env=env) as process:
-            try:
-                return process.wait()
-            except KeyboardInterrupt:
-                # A terminal's Ctrl-C reached honcho too; a SIGINT sent to us alone did not.
-                # Either way honcho stops its processes gracefully (it ignores a second one).
-                process.send_signal(signal.SIGINT)
-                return process.wait()
+        honcho = subprocess.Popen(command, env=env, start_new_session=True)
+        code = honcho.wait()
+        _say(f"honcho exited (code {code}); stopping what is left")
+        return code
+    except Stop as stop:
+        _say(f"{stop} received; stopping the web processes, the worker and Redis")
+        return 0
     finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _stopping)
+        if honcho is not None:
+            _stop_honcho(honcho)
+        _stop_leftovers(exclude=None if redis is None else redis.pid)
         metrics_dir.cleanup()
         if redis is not None:
             redis.stop()
-            print("redis: stopped")
+            print("redis: stopped", flush=True)
+        ports = [int(env["PORT"]), settings.web_metrics_port, settings.worker_metrics_port]
+        _say_when_free(env["HOST"], [p for p in ports if p])
+
+
+def _become_subreaper() -> None:
+    """On Linux, adopt every orphan below this process (prctl PR_SET_CHILD_SUBREAPER)."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_honcho(honcho: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to honcho, which stops its processes; its whole group killed after
+    `HONCHO_GRACE_S` if it has not exited by then."""
+    if honcho.poll() is None:
+        _say("stopping honcho (web, worker)")
+        honcho.send_signal(signal.SIGTERM)
+        try:
+            honcho.wait(HONCHO_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _say(f"honcho did not exit within {HONCHO_GRACE_S:.0f} s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(honcho.pid, signal.SIGKILL)
+            honcho.wait()
+    _say("honcho stopped")
+
+
+def _children() -> set[int]:
+    """This process's children, its own and adopted orphans (Linux; empty elsewhere)."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/self/task/{task}/children").read_text()
+                found.update(int(pid) for pid in text.split())
+    return found
+
+
+def _stop_leftovers(*, exclude: int | None) -> None:
+    """Stop every process still below this one but `exclude` (Redis, stopped last):
+    orphans of the web processes or the worker, adopted as their subreaper. SIGTERM to each
+    (and its group), SIGKILL after `LEFTOVER_GRACE_S`."""
+    left = _children() - {exclude}
+    if not left:
+        return
+    _say(f"stopping {len(left)} process(es) left behind: {sorted(left)}")
+    for pid in left:
+        _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while left and time.monotonic() < deadline:
+        left = {pid for pid in left if not _reaped(pid)}
+        if left:
+            time.sleep(0.05)  # polling exits of processes that are not waitable otherwise
+    for pid in left:
+        _signal_group(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _signal_group(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def _say_when_free(host: str, ports: list[int]) -> None:
+    """Wait (at most `PORT_FREE_WITHIN_S`) until nothing listens on `ports`; say so."""
+    deadline = time.monotonic() + PORT_FREE_WITHIN_S
+    taken = list(ports)
+    while taken and time.monotonic() < deadline:
+        taken = [port for port in taken if _listening(host, port)]
+        if taken:
+            time.sleep(0.05)  # polling the ports: there is no event to wait on
+    if taken:
+        _say(f"stopped, but something still listens on port(s) {taken}")
+    else:
+        _say(f"stopped everything; port {ports[0]} is free")
+
+
+def _listening(host: str, port: int) -> bool:
+    address = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    if address == "::":
+        address = "::1"
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
