@@ -17,9 +17,11 @@ from tests.browser import (
     PHONE,
     SIZES,
     assert_accessible,
+    card,
     new_page,
     new_product,
     open_console,
+    open_shop,
     reserve,
     screenshot,
     serve,
@@ -175,9 +177,10 @@ async def test_a_sale_start_is_entered_in_the_operators_zone_and_shown_in_it_and
     page = await open_console(browser, site, size, locale="en-US", timezone_id="America/New_York")
     start = page.get_by_label(re.compile(r"Sale starts \(optional; your time, America/New_York\)"))
     name = f"Scheduled scooter ({size_name(size)})"
-    await page.get_by_label("Name").fill(name)
-    await page.get_by_label("Price").fill("250")
-    await page.get_by_label("Stock", exact=True).and_(page.get_by_role("spinbutton")).fill("7")
+    create = page.locator("#create-form")
+    await create.get_by_label("Name").fill(name)
+    await create.get_by_label("Price").fill("250")
+    await create.get_by_label("Stock", exact=True).and_(page.get_by_role("spinbutton")).fill("7")
     await start.fill("2030-06-01T09:30")
     # Half past nine in New York in June is half past one in the afternoon in UTC.
     await expect(page.locator("#starts-preview")).to_have_text(
@@ -204,3 +207,162 @@ async def test_a_sale_start_is_entered_in_the_operators_zone_and_shown_in_it_and
         re.compile(r"^Starts Sat, Jun 1, 2030, 09:30\sAM EDT \(01:30\sPM UTC\)$")
     )
     await assert_accessible(page)
+
+
+# -- 11. the operator runs the sale ------------------------------------------------------------
+
+
+async def choose(page: Page, product: dict[str, Any]) -> None:
+    await row(page, product).get_by_role("button", name=product["name"]).click()
+    await expect(page.locator("#detail-name")).to_have_text(product["name"])
+
+
+async def reserve_status(site: Service, product: dict[str, Any]) -> tuple[int, str]:
+    async with site.client() as client:
+        response = await client.post(
+            "/api/reservations", json={"productId": product["id"], "quantity": 1}
+        )
+    return response.status_code, response.json().get("code", "")
+
+
+@EACH_SIZE
+async def test_the_operator_pauses_resumes_reduces_edits_and_ends_a_sale(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    name = f"Controlled canoe ({size_name(size)})"
+    product = await new_product(site, name, 20)
+    await reserve(site, product["id"], 3)
+    page = await open_console(browser, site, size)
+    shop = await open_shop(browser, site, size)
+    shop_card = card(shop, product)
+    await choose(page, product)
+    message = page.locator("#detail-message")
+
+    # Pause: new holds are refused, and the shop page says why its button does nothing.
+    await page.get_by_role("button", name="Pause reservations").click()
+    await expect(message).to_have_text(f"Paused reservations of {name}.")
+    await expect(page.locator("#detail-sale")).to_have_text("Paused")
+    await expect(row(page, product).locator(".sale")).to_have_text("Paused")
+    await expect(page.get_by_role("button", name="Resume reservations")).to_be_focused()
+    assert await reserve_status(site, product) == (409, "sale_paused")
+    await expect(shop_card.locator(".closed")).to_have_text(
+        "Reservations are paused by the shop for now."
+    )
+    await expect(shop_card.get_by_role("button", name="Reserve")).to_be_disabled()
+    await assert_accessible(page)
+    await assert_accessible(shop)
+    await screenshot(page, f"admin-paused-{size_name(size)}", docs=True)
+
+    await page.get_by_role("button", name="Resume reservations").click()
+    await expect(message).to_have_text(f"Resumed reservations of {name}.")
+    await expect(shop_card.locator(".closed")).to_be_hidden()
+    await expect(shop_card.get_by_role("button", name="Reserve")).to_be_enabled()
+    assert (await reserve_status(site, product))[0] == 201
+
+    # Reduce: never below held + sold (4 held now, so 16 at most), then a fitting amount.
+    take = page.get_by_label(f"Units to take away from {name}")
+    await expect(page.locator("#reduce-hint")).to_have_text(
+        "At most 16 can be taken away: held and sold units stay."
+    )
+    await take.fill("17")
+    await page.get_by_role("button", name="Reduce stock").click()
+    await expect(message).to_have_text(
+        "Only 16 units can be taken away, 17 asked: the stock cannot go below the 4 held and "
+        "0 sold."
+    )
+    await expect(message).to_have_class(re.compile(r"\bbad\b"))
+    await assert_accessible(page)
+    await take.fill("6")
+    await page.get_by_role("button", name="Reduce stock").click()
+    await expect(message).to_have_text(f"Took 6 units of {name} away: 10 available, 14 in all now.")
+    await expect(row(page, product).locator(".total")).to_have_text("14")
+    await expect(shop_card.locator(".count")).to_have_text("10 of 14 left")
+
+    # Edit the name and the price: the table and the shop page follow at once.
+    await page.get_by_text("Edit name, price or start").click()
+    edit = page.locator("#edit-form")
+    await expect(edit.get_by_label("New name")).to_have_value(name)
+    renamed = f"Renamed canoe ({size_name(size)})"
+    await edit.get_by_label("New name").fill(renamed)
+    await edit.get_by_label("New price").fill("99.50")
+    await assert_accessible(page)
+    await edit.get_by_role("button", name="Save changes").click()
+    await expect(message).to_have_text(f"Saved {renamed}: €99.50, on sale now.")
+    await expect(row(page, product).get_by_role("button", name=renamed)).to_be_visible()
+    await expect(shop_card.locator(".name")).to_have_text(renamed)
+    await expect(shop_card.locator(".price")).to_have_text("€99.50")
+
+    # End the sale: no new holds, the shop says so; it can be reopened.
+    await page.get_by_role("button", name="End the sale now").click()
+    await expect(message).to_have_text(f"Ended the sale of {renamed}.")
+    await expect(page.locator("#detail-sale")).to_have_text(re.compile(r"^Ended "))
+    await expect(page.get_by_role("button", name="Reopen the sale")).to_be_focused()
+    assert await reserve_status(site, product) == (409, "sale_ended")
+    await expect(shop_card.locator(".closed")).to_have_text("This sale has ended.")
+    await expect(shop_card.get_by_role("button", name="Reserve")).to_be_disabled()
+    await assert_accessible(page)
+    await assert_accessible(shop)
+    await page.get_by_role("button", name="Reopen the sale").click()
+    await expect(message).to_have_text(f"Reopened the sale of {renamed}.")
+    await expect(shop_card.get_by_role("button", name="Reserve")).to_be_enabled()
+
+    # Every movement is in the books, and they add up.
+    async with site.client() as client:
+        books = (await client.get("/api/admin/reconcile", headers=site.admin_headers())).json()
+        ledger = (
+            await client.get(
+                f"/api/admin/products/{product['id']}/ledger", headers=site.admin_headers()
+            )
+        ).json()
+    assert books["ok"], books
+    assert ("reduced", 6, "operator") in [
+        (e["movement"], e["units"], e["actor"]) for e in ledger["entries"]
+    ]
+
+
+@EACH_SIZE
+async def test_the_operator_cancels_a_hold_and_the_shoppers_page_says_so(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    name = f"Contested kettle ({size_name(size)})"
+    product = await new_product(site, name, 5)
+    shop = await open_shop(browser, site, size)
+    await card(shop, product).get_by_role("button", name="Reserve").click()
+    hold = shop.locator(".hold", has_text=name)
+    await expect(hold).to_be_focused()
+    reservation_id = await hold.get_attribute("data-id")
+    assert reservation_id
+
+    page = await open_console(browser, site, size)
+    hold_row = page.locator(f'#hold-rows tr[data-id="{reservation_id}"]')
+    await hold_row.get_by_role("button", name=f"Cancel hold {reservation_id[:8]}").click()
+    form = page.locator("#cancel-hold-form")
+    await expect(form.get_by_label("Reason shown to the shopper (optional)")).to_be_focused()
+    await expect(page.locator("#cancel-hold-title")).to_have_text(
+        f"Cancel hold {reservation_id[:8]}…: 1 × {name}"
+    )
+    await assert_accessible(page)
+    await form.get_by_label("Reason shown to the shopper (optional)").fill(
+        "Reserved twice by mistake"
+    )
+    await form.get_by_role("button", name="Cancel the hold").click()
+    await expect(page.locator("#holds-message")).to_have_text(
+        f"Cancelled hold {reservation_id[:8]}… (1 × {name}): the units are back on sale and "
+        "the shopper has been told."
+    )
+    await expect(hold_row).to_have_count(0)
+    await expect(form).to_be_hidden()
+    await expect(row(page, product).locator(".cancelled")).to_have_text("1")
+
+    # The shopper's page is told at once, with the shop's reason, and says it once.
+    await expect(hold.locator(".outcome")).to_have_text(
+        "Cancelled by the shop: Reserved twice by mistake. The units are back on sale."
+    )
+    await expect(hold.get_by_role("button", name="Complete purchase")).to_be_hidden()
+    await expect(shop.locator("#announcer")).to_have_text(
+        f"The shop cancelled your hold of {name}: Reserved twice by mistake."
+    )
+    await expect(card(shop, product).locator(".count")).to_have_text("5 of 5 left")
+    await assert_accessible(shop)
+    await assert_accessible(page)
+    await screenshot(shop, f"shop-cancelled-by-shop-{size_name(size)}", docs=True)

@@ -343,8 +343,8 @@ async def test_the_console_refuses_a_wrong_token_and_works_with_the_right_one(
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.locator("#console")).to_be_visible()
 
-    await page.get_by_label("Name").fill("Console cape")
-    await page.get_by_label("Price").fill("19.99")
+    await page.get_by_label("Name", exact=True).fill("Console cape")
+    await page.locator("#create-form").get_by_label("Price").fill("19.99")
     await page.get_by_label("Stock", exact=True).and_(page.get_by_role("spinbutton")).fill("8")
     await page.get_by_role("button", name="Create").click()
     await expect(page.locator("#create-message")).to_contain_text("Created Console cape")

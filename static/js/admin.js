@@ -29,6 +29,21 @@ function bothZones(ms) {
   return { local, utc: utcText, text: `${local} (${utcText})` };
 }
 
+const SALE_WORDS = {
+  "on-sale": "On sale",
+  "sold-out": "Sold out",
+  "all-held": "All held",
+  paused: "Paused",
+  ended: "Ended",
+};
+
+// A time as a datetime-local field holds it: the operator's wall clock, to the minute.
+function localInput(ms) {
+  const d = new Date(ms);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
 class Console {
   constructor() {
     this.token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -38,6 +53,7 @@ class Console {
     this.holds = [];
     this.history = new Map(); // product id → [{at, values: {available, held}}], last minutes
     this.selected = null;
+    this.editing = null; // the product the edit form was filled from
     this.refreshing = false;
     this.refreshSoon = null;
     this.timers = [];
@@ -72,6 +88,34 @@ class Console {
       event.preventDefault();
       this.restock(event.target);
     });
+    $("#reduce-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.reduce(event.target);
+    });
+    $("#edit-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.edit(event.target);
+    });
+    const editStart = $("#edit-form").elements.saleStartsAt;
+    editStart.addEventListener("input", () =>
+      this.previewStart(editStart.value, $("#edit-starts-preview")),
+    );
+    $("#edit").addEventListener("toggle", () => {
+      if ($("#edit").open) this.fillEdit();
+    });
+    $("#pause").addEventListener("click", () => this.control("pause", "Paused reservations of"));
+    $("#resume").addEventListener("click", () => this.control("resume", "Resumed reservations of"));
+    $("#end-sale").addEventListener("click", () => this.control("end", "Ended the sale of"));
+    $("#reopen").addEventListener("click", () => this.reopen());
+    $("#hold-rows").addEventListener("click", (event) => {
+      const button = event.target.closest("button.cancel-hold");
+      if (button) this.askCancel(button.closest("tr").dataset.id);
+    });
+    $("#cancel-hold-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.cancelHold(event.target);
+    });
+    $("#keep-hold").addEventListener("click", () => this.closeCancel());
     $("#stock-rows").addEventListener("click", (event) => {
       const button = event.target.closest("button.choose");
       if (!button) return;
@@ -81,6 +125,7 @@ class Console {
     const startField = $("#create-form").elements.saleStartsAt;
     startField.addEventListener("input", () => this.previewStart(startField.value));
     $("#create-form .zone").textContent = `(optional; your time, ${localZone()})`;
+    $("#edit-form .zone").textContent = `(empty: on sale now; your time, ${localZone()})`;
   }
 
   start() {
@@ -110,6 +155,7 @@ class Console {
       const { data: config } = await api.config();
       this.money = new Money(config.currency);
       $("#price-unit").textContent = `(${config.currency})`;
+      $("#edit-form .price-unit").textContent = `(${config.currency})`;
     } catch {
       // The next refresh shows the prices with the default currency's format.
     }
@@ -139,8 +185,7 @@ class Console {
 
   // The start field is the operator's own wall-clock time (datetime-local has no zone):
   // say which, and what it is in UTC, before it is sent.
-  previewStart(value) {
-    const preview = $("#starts-preview");
+  previewStart(value, preview = $("#starts-preview")) {
     if (!value) {
       preview.textContent = "";
       return;
@@ -183,6 +228,135 @@ class Console {
       message.className = "message ok";
       message.textContent = `Added ${quantity} units of ${data.name}: ${data.availableStock} available now.`;
       form.reset();
+      await this.refresh();
+    } catch (error) {
+      message.className = "message bad";
+      message.textContent = this.explain(error);
+    }
+  }
+
+  // -- the sale controls (the chosen product) -------------------------------------------
+
+  // Says what happened in the product's details, or why not.
+  say(text, ok = true) {
+    const message = $("#detail-message");
+    message.className = `message ${ok ? "ok" : "bad"}`;
+    message.textContent = text;
+  }
+
+  async productAction(method, path, body) {
+    const { data } = await this.admin(method, path, body);
+    this.products.set(data.id, data);
+    await this.refresh();
+    return data;
+  }
+
+  async control(action, done) {
+    const id = this.selected;
+    try {
+      const data = await this.productAction("POST", `/api/admin/products/${id}/${action}`);
+      this.say(`${done} ${data.name}.`);
+      // The button pressed may be hidden now (Pause becomes Resume): keep the reader there.
+      const next = { pause: "#resume", resume: "#pause", end: "#reopen" }[action];
+      if (next && !$(next).hidden) $(next).focus();
+    } catch (error) {
+      this.say(this.explain(error), false);
+    }
+  }
+
+  async reopen() {
+    const id = this.selected;
+    try {
+      const data = await this.productAction("PATCH", `/api/admin/products/${id}`, { saleEndsAt: null });
+      this.say(`Reopened the sale of ${data.name}.`);
+      if (!$("#end-sale").hidden) $("#end-sale").focus();
+    } catch (error) {
+      this.say(this.explain(error), false);
+    }
+  }
+
+  async reduce(form) {
+    const id = this.selected;
+    const quantity = Number(form.elements.quantity.value);
+    try {
+      const data = await this.productAction("POST", `/api/admin/products/${id}/reduce`, { quantity });
+      this.say(
+        `Took ${formatCount(quantity)} units of ${data.name} away: ` +
+          `${formatCount(data.availableStock)} available, ${formatCount(data.totalStock)} in all now.`,
+      );
+      form.reset();
+    } catch (error) {
+      this.say(this.explain(error), false);
+    }
+  }
+
+  // The edit form starts from the product as it is now.
+  fillEdit() {
+    const product = this.products.get(this.selected);
+    if (!product) return;
+    const fields = $("#edit-form").elements;
+    fields.name.value = product.name;
+    fields.price.value = product.price.toFixed(2);
+    fields.saleStartsAt.value = product.saleStartsAt ? localInput(parseTime(product.saleStartsAt)) : "";
+    this.previewStart(fields.saleStartsAt.value, $("#edit-starts-preview"));
+    this.editing = this.selected;
+  }
+
+  async edit(form) {
+    const id = this.selected;
+    const fields = form.elements;
+    const body = { name: fields.name.value, price: Number(fields.price.value) };
+    body.saleStartsAt = fields.saleStartsAt.value
+      ? new Date(fields.saleStartsAt.value).toISOString()
+      : null;
+    try {
+      const data = await this.productAction("PATCH", `/api/admin/products/${id}`, body);
+      const starts = data.saleStartsAt ? `starts ${bothZones(parseTime(data.saleStartsAt)).text}` : "on sale now";
+      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}.`);
+      $("#edit").open = false;
+      $("#edit summary").focus();
+    } catch (error) {
+      this.say(this.explain(error), false);
+    }
+  }
+
+  // -- cancelling a shopper's hold -------------------------------------------------------
+
+  askCancel(id) {
+    const hold = this.holds.find((h) => h.id === id);
+    if (!hold) return;
+    const form = $("#cancel-hold-form");
+    form.dataset.id = id;
+    form.hidden = false;
+    const name = this.products.get(hold.productId)?.name || `Product ${hold.productId}`;
+    $("#cancel-hold-title").textContent = `Cancel hold ${id.slice(0, 8)}…: ${formatCount(hold.quantity)} × ${name}`;
+    form.elements.reason.value = "";
+    form.elements.reason.focus();
+  }
+
+  closeCancel() {
+    const form = $("#cancel-hold-form");
+    form.hidden = true;
+    delete form.dataset.id;
+    $("#holds-title").focus?.();
+  }
+
+  async cancelHold(form) {
+    const id = form.dataset.id;
+    const reason = form.elements.reason.value.trim();
+    const message = $("#holds-message");
+    try {
+      const { data } = await this.admin(
+        "POST",
+        `/api/admin/reservations/${id}/cancel`,
+        reason ? { reason } : undefined,
+      );
+      message.className = "message ok";
+      message.textContent =
+        `Cancelled hold ${id.slice(0, 8)}… (${formatCount(data.quantity)} × ${data.product.name}): ` +
+        "the units are back on sale and the shopper has been told.";
+      form.hidden = true;
+      delete form.dataset.id;
       await this.refresh();
     } catch (error) {
       message.className = "message bad";
@@ -250,13 +424,16 @@ class Console {
   // A product's sale, in words: when it starts (both zones), or whether units are left.
   saleOf(product, stats) {
     const starts = product?.saleStartsAt ? parseTime(product.saleStartsAt) : null;
+    const ends = product?.saleEndsAt ? parseTime(product.saleEndsAt) : null;
+    if (ends !== null && ends <= clock.now()) return { state: "ended", starts, ends };
     if (starts !== null && starts > clock.now()) return { state: "scheduled", starts };
+    if (product?.paused) return { state: "paused", starts };
     if (stats && stats.available === 0) return { state: stats.held > 0 ? "all-held" : "sold-out", starts };
     return { state: "on-sale", starts };
   }
 
   saleCell(cell, sale) {
-    const words = { "on-sale": "On sale", "sold-out": "Sold out", "all-held": "All held" };
+    const words = SALE_WORDS;
     if (sale.state !== "scheduled") {
       cell.textContent = words[sale.state];
       return;
@@ -309,10 +486,22 @@ class Console {
     $("#detail-name").textContent = product?.name || `Product ${this.selected}`;
     $("#detail-price").textContent = product ? this.money.text(product.price) : "";
     const sale = this.saleOf(product, stats);
-    let saleText = { "on-sale": "On sale", "sold-out": "Sold out", "all-held": "All held" }[sale.state];
+    let saleText = SALE_WORDS[sale.state];
     if (sale.state === "scheduled") saleText = `Starts ${bothZones(sale.starts).text}`;
+    else if (sale.state === "ended") saleText = `Ended ${bothZones(sale.ends).text}`;
     else if (sale.starts !== null) saleText += `, since ${bothZones(sale.starts).text}`;
     $("#detail-sale").textContent = saleText;
+    $("#detail-sale").className = `sale-state ${sale.state}`;
+    const paused = Boolean(product?.paused);
+    const ended = sale.state === "ended";
+    $("#pause").hidden = paused || ended;
+    $("#resume").hidden = !paused || ended;
+    $("#end-sale").hidden = ended || sale.state === "scheduled";
+    $("#reopen").hidden = !ended;
+    $("#reduce-hint").textContent =
+      `At most ${formatCount(stats.available)} can be taken away: held and sold units stay.`;
+    $("#reduce-form input").setAttribute("aria-label", `Units to take away from ${product?.name || ""}`);
+    if (this.editing !== this.selected && $("#edit").open) this.fillEdit();
     $("#detail-now").textContent =
       `${formatCount(stats.available)} available + ${formatCount(stats.held)} held + ` +
       `${formatCount(stats.sold)} sold = ${formatCount(stats.total)}`;
@@ -324,15 +513,20 @@ class Console {
 
   renderHolds() {
     const body = $("#hold-rows");
+    const focused = body.contains(document.activeElement)
+      ? document.activeElement.closest("tr")?.dataset.id
+      : null;
     const rows = this.holds.map((hold) => {
       const row = document.createElement("tr");
       row.setAttribute("role", "row");
       row.dataset.expiresAt = hold.expiresAt;
+      row.dataset.id = hold.id;
       const cells = [
         ["Hold", `${hold.id.slice(0, 8)}…`],
         ["Product", this.products.get(hold.productId)?.name || `Product ${hold.productId}`],
         ["Units", formatCount(hold.quantity)],
         ["Time left", ""],
+        ["", ""],
       ];
       cells.forEach(([label, text], index) => {
         const cell = document.createElement("td");
@@ -342,12 +536,31 @@ class Console {
         if (index === 0) cell.title = hold.id;
         if (index >= 2) cell.className = "num";
         if (index === 3) cell.classList.add("left");
+        if (index === 4) {
+          cell.className = "act";
+          delete cell.dataset.label;
+          const button = document.createElement("button");
+          button.type = "button";
+          button.className = "cancel-hold secondary small danger";
+          button.textContent = "Cancel…";
+          button.setAttribute("aria-label", `Cancel hold ${hold.id.slice(0, 8)}`);
+          cell.append(button);
+        }
         row.append(cell);
       });
       return row;
     });
     body.replaceChildren(...rows);
+    if (focused) body.querySelector(`tr[data-id="${focused}"] button`)?.focus();
     $("#holds-empty").hidden = rows.length > 0;
+    // A hold that ended while the operator was about to cancel it: say so, and close.
+    const asked = $("#cancel-hold-form").dataset.id;
+    if (asked && !this.holds.some((h) => h.id === asked)) {
+      $("#cancel-hold-form").hidden = true;
+      delete $("#cancel-hold-form").dataset.id;
+      $("#holds-message").className = "message";
+      $("#holds-message").textContent = `Hold ${asked.slice(0, 8)}… has ended already.`;
+    }
     this.tick();
   }
 

@@ -13,6 +13,15 @@ const OUTCOMES = {
   EXPIRED: "This hold expired: its units went back on sale.",
 };
 
+// How a hold ended, in the hold bar. A hold the shop cancelled says so, with its reason.
+export function outcomeOf(reservation) {
+  if (reservation.status === "CANCELLED" && reservation.cancelledBy === "operator") {
+    const reason = reservation.cancelReason ? `: ${reservation.cancelReason}` : "";
+    return `Cancelled by the shop${reason}. The units are back on sale.`;
+  }
+  return OUTCOMES[reservation.status] || reservation.status;
+}
+
 const BUSY_LABELS = { complete: "Processing…", cancel: "Cancelling…" };
 const IDLE_LABELS = { complete: "Complete purchase", cancel: "Cancel" };
 
@@ -177,6 +186,11 @@ export class ShopView {
 
     const startsAt = product.saleStartsAt ? Date.parse(product.saleStartsAt) : null;
     card.dataset.startsAt = startsAt ?? "";
+    // The operator's controls: reservations paused, or the sale ended (at a time the tick
+    // compares with the corrected clock).
+    card.dataset.paused = String(Boolean(product.paused));
+    card.dataset.endsAt = product.saleEndsAt ? Date.parse(product.saleEndsAt) : "";
+    this.renderClosed(card, now);
     const time = $(".starts-at", card);
     if (startsAt !== null) {
       time.dateTime = product.saleStartsAt;
@@ -188,6 +202,23 @@ export class ShopView {
       void card.offsetWidth; // restart the animation
       card.classList.add("changed");
     }
+  }
+
+  // Why this card takes no reservations now, if the operator closed it: said on the card.
+  renderClosed(card, now) {
+    const endsAt = card.dataset.endsAt ? Number(card.dataset.endsAt) : null;
+    const ended = endsAt !== null && endsAt <= now;
+    const paused = card.dataset.paused === "true";
+    const state = ended ? "ended" : paused ? "paused" : "";
+    if (card.dataset.closed === state) return;
+    card.dataset.closed = state;
+    const note = $(".closed", card);
+    note.hidden = !state;
+    note.textContent = {
+      ended: "This sale has ended.",
+      paused: "Reservations are paused by the shop for now.",
+      "": "",
+    }[state];
   }
 
   // Only what can be asked for: 1 … max. A sold-out card keeps one, disabled.
@@ -258,7 +289,7 @@ export class ShopView {
       ? ""
       : tentative
         ? OUTCOMES.EXPIRED
-        : OUTCOMES[reservation.status] || reservation.status;
+        : outcomeOf(reservation);
     const reference = $(".reference", item);
     reference.hidden = !reservation.orderReference;
     reference.textContent = reservation.orderReference ? `Order reference: ${reservation.orderReference}` : "";
@@ -306,10 +337,12 @@ export class ShopView {
       this.place(card, now);
       const upcoming = card.classList.contains("not-started");
       if (upcoming) $(".starts-in", card).textContent = `(${formatIn(Number(card.dataset.startsAt) - now)})`;
+      this.renderClosed(card, now);
+      const closed = Boolean(card.dataset.closed);
       const max = Number(card.dataset.max);
-      $("select", card).disabled = upcoming || max <= 0;
+      $("select", card).disabled = upcoming || closed || max <= 0;
       if (!card.classList.contains("busy")) {
-        $("button", card).disabled = upcoming || paused || max <= 0;
+        $("button", card).disabled = upcoming || closed || paused || max <= 0;
       }
     }
   }

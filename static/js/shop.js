@@ -323,7 +323,10 @@ class Shop {
     const name = this.nameOf(reservation);
     const sentences = {
       COMPLETED: `You bought ${reservation.quantity} of ${name}.`,
-      CANCELLED: `Your hold of ${name} was cancelled.`,
+      CANCELLED:
+        reservation.cancelledBy === "operator"
+          ? `The shop cancelled your hold of ${name}${reservation.cancelReason ? `: ${reservation.cancelReason}` : ""}.`
+          : `Your hold of ${name} was cancelled.`,
       EXPIRED: `Your hold of ${name} expired; the units went back on sale.`,
     };
     this.view.render("announce", sentences[reservation.status] || "");
