@@ -24,7 +24,7 @@ from server.domain.model import (
     StockChanged,
 )
 from server.service.catalog import Catalog
-from server.service.shop import Shop
+from server.service.shop import BY_RESERVATION, Shop
 from server.storage.database import Store
 from tests.support import (
     assert_invariant,
@@ -225,6 +225,7 @@ async def test_the_fast_refusal_does_not_say_sold_out_while_held_units_are_overd
     product = await make_product(store, 2)
     late = await overdue_hold(store, product.id, 2)
     shop = await shop_over(store)
+    counted = BY_RESERVATION._value.get()
     try:
         known = shop.catalog.get(product.id) if shop.catalog else None
         assert known is not None
@@ -232,6 +233,7 @@ async def test_the_fast_refusal_does_not_say_sold_out_while_held_units_are_overd
         held = await shop.reserve(HoldRequest(product.id, 2))
         assert held.reservation.quantity == 2
         assert (await reservation(store, late.id)).status is Status.EXPIRED
+        assert BY_RESERVATION._value.get() == counted + 1  # flashsale_holds_expired_total
     finally:
         await shop.stop()
 

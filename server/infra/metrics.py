@@ -127,7 +127,8 @@ DATABASE_BUSY = Counter(
 HOLDS_EXPIRED = Counter(
     "flashsale_holds_expired_total",
     "Holds expired, by what expired them: `job` (on time), `sweeper` (the safety net), "
-    "`refusal` (a complete or cancel that came too late).",
+    "`refusal` (a complete or cancel that came too late), `reservation` (a reservation short "
+    "of stock took back the units of overdue holds).",
     ["by"],
 )
 EXPIRY_LATENESS = Histogram(

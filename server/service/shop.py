@@ -25,6 +25,7 @@ from server.domain.errors import (
 from server.domain.executor import Executor
 from server.domain.inventory import Held, ProductChanges, Stats
 from server.domain.model import (
+    Event,
     HoldRequest,
     Outcome,
     Product,
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BATCH = 256
 BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
+BY_RESERVATION = HOLDS_EXPIRED.labels("reservation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +180,9 @@ class Shop:
             # The catalog takes what the batch did, and its promises are released, with no
             # wait in between (server/service/promises.py).
             self._transactions.committed(events)
+            lazily = _expired(events)
+            if lazily:  # overdue holds whose units this batch took back (lazy expiry)
+                BY_RESERVATION.inc(lazily)
         finally:
             for promise in promises:
                 self.promises.settle(promise)
@@ -310,13 +315,17 @@ class Shop:
     ) -> T:
         outcome = await self._transactions.run(operation)
         if late:  # a complete or cancel that came after expiresAt expires the hold itself
-            expired = sum(
-                isinstance(e, ReservationChanged) and e.reservation.status is Status.EXPIRED
-                for e in outcome.events
-            )
+            expired = _expired(outcome.events)
             if expired:
                 BY_REFUSAL.inc(expired)
         return outcome.result()
+
+
+def _expired(events: Sequence[Event]) -> int:
+    """How many of `events` say a hold expired."""
+    return sum(
+        isinstance(e, ReservationChanged) and e.reservation.status is Status.EXPIRED for e in events
+    )
 
 
 def _error(outcome: Outcome[Held]) -> BaseException:
