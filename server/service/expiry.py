@@ -16,8 +16,9 @@ second finished ~50 s late at arq's defaults). Instead, time is cut into buckets
 that bucket enqueues the same job and arq keeps one; each process also remembers which
 buckets it has enqueued, so a wave costs one Redis round trip per bucket, not per hold.
 
-A lost or failed enqueue loses nothing: the holds stay in the database and the cron sweeper
-expires them within `SWEEP_SECONDS`.
+A lost or failed enqueue loses nothing: the holds stay in the database, the worker's sweeper
+(a timer of its own, which needs no Redis) expires them within `SWEEP_SECONDS`, and a
+reservation that needs their units expires them first (`inventory.reserve`, lazy expiry).
 """
 
 from __future__ import annotations
