@@ -1,7 +1,7 @@
 """The arq worker: expires holds on time, and sweeps up any that a lost job missed.
 
 Life cycle, top to bottom (`run`): open what the jobs use (the database, a publisher, the
-expirer) and start the worker's own timers (the sweeper, the books) for the life of the
+expirer) and start the worker's own timers (the books, then the sweeper) for the life of the
 process; run arq until asked to stop, and start it again if it dies: arq's poll loop does not
 survive Redis going away, and a worker that quietly stopped would leak every hold until
 someone noticed. On SIGTERM it takes no new job, lets the ones in hand finish, and closes in
@@ -157,12 +157,9 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                 "ledger": ledger,
                 "deliverer": deliverer,
             }
-            sweeper = books.Every("sweeper", settings.sweep_seconds, lambda: sweep(ctx))
-            sweeper.start()
             try:
                 yield ctx
             finally:
-                await sweeper.stop()
                 await deliverer.stop()
                 for timer in reversed(timers):
                     await timer.stop()
@@ -199,20 +196,30 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
 
 async def run(settings: Settings, stopping: asyncio.Event) -> None:
-    """Run the worker until `stopping` is set; start arq again whenever it dies."""
+    """Run the worker until `stopping` is set: the sweeper on its own timer, which needs
+    no Redis, for the whole time, and arq beside it, started again whenever it dies."""
     async with resources(settings) as ctx:
-        delay = 0.5
-        while not stopping.is_set():
-            started = time.monotonic()
-            crash = await _run_once(settings, ctx, stopping)
-            if crash is None:
-                return
-            if time.monotonic() - started > 60:
-                delay = 0.5
-            logger.warning("worker stopped (%r); starting it again in %.1f s", crash, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
-            delay = min(delay * 2, MAX_RESTART_DELAY)
+        sweeper = books.Every("sweeper", settings.sweep_seconds, lambda: sweep(ctx))
+        sweeper.start()
+        try:
+            await _run_arq(settings, ctx, stopping)
+        finally:
+            await sweeper.stop()
+
+
+async def _run_arq(settings: Settings, ctx: Ctx, stopping: asyncio.Event) -> None:
+    delay = 0.5
+    while not stopping.is_set():
+        started = time.monotonic()
+        crash = await _run_once(settings, ctx, stopping)
+        if crash is None:
+            return
+        if time.monotonic() - started > 60:
+            delay = 0.5
+        logger.warning("worker stopped (%r); starting it again in %.1f s", crash, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+        delay = min(delay * 2, MAX_RESTART_DELAY)
 
 
 async def _run_once(settings: Settings, ctx: Ctx, stopping: asyncio.Event) -> BaseException | None:
