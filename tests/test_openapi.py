@@ -118,7 +118,15 @@ def test_every_route_the_app_serves_is_documented(spec: dict[str, Any]) -> None:
     app = create_app(Settings(admin_token="x", redis_url="redis://unused"))
     served: set[tuple[str, str]] = set()
     sockets = []
+    endpoints = {
+        (r.path, m): r.endpoint for r in app.routes if isinstance(r, Route) for m in r.methods or ()
+    }
     for route in app.routes:
+        if isinstance(route, Route) and not route.include_in_schema:
+            # The shopper API at the root: the same endpoint as under /api, documented once.
+            for m in route.methods or ():
+                assert endpoints[("/api" + route.path, m)] is route.endpoint, route.path
+            continue
         if isinstance(route, Route):
             methods = route.methods or {"GET"}
             # HEAD comes with every GET, by Starlette; it is not an operation of its own.

@@ -135,6 +135,9 @@ class ReservationQuery(BaseModel):
 @operator_only
 async def create_product(request: Request) -> Response:
     body = await parse_body(request, CreateProductBody)
+    limit = body.max_per_shopper
+    if "max_per_shopper" not in body.model_fields_set:
+        limit = request.app.state.settings.max_per_shopper
     product = await shop_of(request).create_product(
         name=body.name,
         price_cents=int(body.price * 100),
@@ -142,6 +145,7 @@ async def create_product(request: Request) -> Response:
         sale_starts_at=(
             None if body.sale_starts_at is None else int(body.sale_starts_at.timestamp() * 1000)
         ),
+        max_per_shopper=limit,
     )
     return json_response(product_view(product), 201)
 
@@ -278,7 +282,7 @@ async def _edit(request: Request, changes: ProductChanges) -> Product:
 @operation(
     "updateProduct",
     "Operator",
-    "Edit a product: name, price, schedule, paused",
+    "Edit a product: name, price, schedule, paused, limit per shopper",
     {
         **_CONTROL_ANSWERS,
         "400": INVALID,
@@ -302,7 +306,7 @@ async def update_product(request: Request) -> Response:
         raise RequestError(
             400,
             "invalid_request",
-            "Send at least one of name, price, saleStartsAt, saleEndsAt or paused.",
+            "Send at least one of name, price, saleStartsAt, saleEndsAt, paused or maxPerShopper.",
         )
     changes = ProductChanges(
         name=body.name if "name" in sent and body.name is not None else UNSET,
@@ -312,6 +316,7 @@ async def update_product(request: Request) -> Response:
         sale_starts_at=_ms(body.sale_starts_at) if "sale_starts_at" in sent else UNSET,
         sale_ends_at=_ms(body.sale_ends_at) if "sale_ends_at" in sent else UNSET,
         paused=body.paused if "paused" in sent and body.paused is not None else UNSET,
+        max_per_shopper=body.max_per_shopper if "max_per_shopper" in sent else UNSET,
     )
     product = await shop_of(request).update_product(product_id, changes)
     return json_response(product_view(product))

@@ -16,6 +16,7 @@ from starlette.routing import WebSocketRoute
 from server.api import admin, books, openapi, pages, shopkeys, system, webhooks
 from server.api import shop as storefront
 from server.api.http import EXCEPTION_HANDLERS
+from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
 from server.api.ratelimit import FailureThrottle, RateLimiter
 from server.infra.logs import configure_logging
@@ -121,8 +122,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             tune_garbage_collector()
             yield
 
+    identities = Identities(settings)
     middleware = [
         Middleware(Observed, max_in_flight=settings.max_in_flight, access_log=settings.access_log),
+        Middleware(ShopperCookie, identities=identities),
     ]
     if settings.cors_origins:
         # Only other origins need CORS; the page's own origin never does. Without origins
@@ -132,7 +135,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["Content-Type", "Idempotency-Key", "Authorization", "If-None-Match"],
+                allow_headers=[
+                    "Content-Type",
+                    "Idempotency-Key",
+                    "Authorization",
+                    "If-None-Match",
+                    "Shopper-Token",
+                ],
                 expose_headers=["ETag", "Date", "Retry-After", "Idempotent-Replayed"],
                 max_age=600,
             )
@@ -154,5 +163,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.identities = identities
     app.state.sign_in_throttle = FailureThrottle(*settings.admin_sign_in_limit)
     return app

@@ -66,6 +66,7 @@ _STATUS: dict[type[errors.DomainError], tuple[int, Mapping[str, str]]] = {
     errors.SaleEnded: (409, {}),
     errors.StockCommitted: (409, {}),
     errors.InvalidSchedule: (409, {}),
+    errors.ShopperLimitReached: (409, {}),
     errors.ReservationExpired: (409, {}),
     errors.ReservationCancelled: (409, {}),
     errors.ReservationCompleted: (409, {}),

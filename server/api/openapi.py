@@ -69,6 +69,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.StatsOut,
     schemas.HealthOut,
     schemas.ConfigOut,
+    schemas.MeOut,
     schemas.SnapshotFrame,
     schemas.StockFrame,
     schemas.ProductFrame,
@@ -234,6 +235,8 @@ def _merge_503(response: Schema | None) -> Schema:
 def _operations(route: BaseRoute) -> list[tuple[str, str, object]]:
     """(method, path, the endpoint that describes it) for each operation a route serves."""
     if isinstance(route, Route):
+        if not route.include_in_schema:
+            return []  # the shopper API at the root: the description says so, once
         # HEAD comes with every GET, by Starlette; it is not an operation of its own.
         methods = sorted(m for m in (route.methods or {"GET"}) if m != "HEAD")
         return [(method.lower(), route.path, route.endpoint) for method in methods]

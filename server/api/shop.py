@@ -1,4 +1,11 @@
-"""The shoppers' REST API: thin endpoints, parse → call the shop → render."""
+"""The shoppers' REST API: thin endpoints, parse → call the shop → render.
+
+One route table (`shopper_routes`), served twice: under `/api` and at the root (`/products`,
+`/reservations`, …), for clients written for the system this one replaces, which call the
+API without a prefix (issue 16). Every hold a shopper makes is theirs
+(server/api/identity.py): reading, completing or cancelling it needs its id and, when it
+has a shopper, the same shopper; another gets 404, as for an unknown id.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from server.api.http import (
     shop_of,
     shown,
 )
+from server.api.identity import MINTED, Shopper, shopper_of
 from server.api.ratelimit import RateLimiter
 from server.api.spec import (
     CACHE_CONTROL,
@@ -38,6 +46,7 @@ from server.api.spec import (
     RESERVATION,
     RESERVATION_ID,
     RETRY_AFTER,
+    SHOPPER_UNAUTHORIZED,
     UNAUTHORIZED,
     array,
     component_parameter,
@@ -49,7 +58,7 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
-from server.domain import errors
+from server.domain import errors, ledger
 from server.domain.clock import iso, now_ms
 from server.domain.errors import (
     DomainError,
@@ -60,9 +69,10 @@ from server.domain.errors import (
     SaleEnded,
     SaleNotStarted,
     SalePaused,
+    ShopperLimitReached,
 )
-from server.domain.inventory import Held, is_reservation_id
-from server.domain.model import HoldRequest, Reservation
+from server.domain.inventory import ANYONE, Caller, Held, is_reservation_id
+from server.domain.model import HoldRequest, Reservation, Status
 from server.infra.clients import client_key
 from server.infra.metrics import DEFERRED, RESERVATIONS
 from server.service import idempotency
@@ -83,6 +93,8 @@ def _catalog(request: Request) -> Catalog:
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+DEFAULT_MINE = 50
+MAX_MINE = 200
 
 
 class ProductsQuery(BaseModel):
@@ -220,13 +232,17 @@ async def get_product(request: Request) -> Response:
         ),
         "400": INVALID,
         "404": NO_PRODUCT,
+        "401": SHOPPER_UNAUTHORIZED,
         "409": error(
-            "Not enough units left (`stock` in the body: the product's stock now), or "
-            "the sale has not started, is paused by the operator, or has ended",
+            "Not enough units left (`stock` in the body: the product's stock now), the "
+            "sale has not started, is paused by the operator, or has ended, or the shopper "
+            "has as many units as the product's `maxPerShopper` allows (`limit` and `held` "
+            "in the body)",
             errors.InsufficientStock.code,
             errors.SaleNotStarted.code,
             errors.SalePaused.code,
             errors.SaleEnded.code,
+            errors.ShopperLimitReached.code,
         ),
         "415": NOT_JSON,
         "422": error(
@@ -260,10 +276,16 @@ async def create_reservation(request: Request) -> Response:
 
 async def _create_reservation(request: Request) -> Response:
     shop = shop_of(request)
+    shopper = shopper_of(request)
     body = await parse_body(
         request, ReserveBody, {"max_quantity": request.app.state.settings.max_quantity}
     )
-    hold = HoldRequest(body.product_id, body.quantity, idempotency_key(request))
+    key = idempotency_key(request)
+    if key is not None:
+        key = idempotency.scoped_key(shopper.id if shopper else client_key(request.scope), key)
+    hold = HoldRequest(
+        body.product_id, body.quantity, key, shopper_id=shopper.id if shopper else None
+    )
     limiter: RateLimiter | None = request.app.state.rate_limiter
     if limiter is not None:
         # A retry is answered before the limit, and is not counted (issue 15, item 4): a
@@ -273,15 +295,23 @@ async def _create_reservation(request: Request) -> Response:
         if replay is not None:
             return await render_reservation(shop, replay, 201, _REPLAYED_HEADERS)
         if not shop.promises.waiting(hold.idempotency_key):
-            await _within_rate_limit(request, limiter)
+            await _within_rate_limit(request, limiter, shopper)
     held = await shop.reserve(hold)
     headers = _REPLAYED_HEADERS if held.replayed else None
     return await render_reservation(shop, held, 201, headers)
 
 
-async def _within_rate_limit(request: Request, limiter: RateLimiter) -> None:
-    """Counts this reservation against its client's limit; 429 if it is over."""
-    wait = await limiter.retry_after(client_key(request.scope))
+async def _within_rate_limit(
+    request: Request, limiter: RateLimiter, shopper: Shopper | None
+) -> None:
+    """Counts this reservation against its client's limit; 429 if it is over.
+
+    The client is the shopper when the shop signed them in (many shoppers may share an
+    address: an office, a mobile carrier's NAT), and the address otherwise: an anonymous
+    shopper's cookie costs nothing to replace, so counting per cookie would let one
+    address make any number of reservations."""
+    client = shopper.id if shopper is not None and shopper.signed_in else None
+    wait = await limiter.retry_after(client or client_key(request.scope))
     if wait is not None:
         raise RequestError(
             429,
@@ -303,6 +333,7 @@ _RESERVATION_OUTCOMES = {
     SaleEnded: RESERVATIONS.labels("sale_ended"),
     ProductNotFound: RESERVATIONS.labels("not_found"),
     IdempotencyKeyReused: RESERVATIONS.labels("invalid"),
+    ShopperLimitReached: RESERVATIONS.labels("shopper_limit"),
     RequestError: RESERVATIONS.labels("invalid"),
     Busy: RESERVATIONS.labels("busy"),
     Unavailable: RESERVATIONS.labels("busy"),
@@ -313,12 +344,12 @@ _RESERVATION_OUTCOMES = {
     "getReservation",
     "Reservations",
     "A hold's current state",
-    {"200": RESERVATION, "404": NO_RESERVATION, "503": DATABASE},
+    {"200": RESERVATION, "401": SHOPPER_UNAUTHORIZED, "404": NO_RESERVATION, "503": DATABASE},
     parameters=[RESERVATION_ID],
 )
 async def get_reservation(request: Request) -> Response:
     shop = shop_of(request)
-    reservation = await shop.reservation(_known_id(request))
+    reservation = await shop.reservation(_known_id(request), _caller(request))
     if reservation is None:
         raise ReservationNotFound(request.path_params["reservation_id"])
     return await render_reservation(shop, reservation)
@@ -335,7 +366,11 @@ async def get_reservation(request: Request) -> Response:
             INVALID_REQUEST,
             INVALID_JSON,
         ),
-        "401": error("The shop API key is not valid, or was revoked", UNAUTHORIZED),
+        "401": error(
+            "The shop API key is not valid, or was revoked; or the shopper's token or "
+            "cookie is not valid (or REQUIRE_SHOPPER_TOKEN and there is none)",
+            UNAUTHORIZED,
+        ),
         "403": error("Only the shop's backend completes holds here", COMPLETE_BY_SHOP),
         "404": NO_RESERVATION,
         "409": error(
@@ -359,8 +394,9 @@ async def complete_reservation(request: Request) -> Response:
     shop = shop_of(request)
     reservation_id = _known_id(request)
     who = await completion(request)
+    caller: Caller = ANYONE if who.actor == ledger.SHOP else _caller(request)
     reservation = await shop.complete(
-        reservation_id, actor=who.actor, order_reference=who.order_reference
+        reservation_id, actor=who.actor, order_reference=who.order_reference, caller=caller
     )
     return await render_reservation(shop, reservation)
 
@@ -371,6 +407,7 @@ async def complete_reservation(request: Request) -> Response:
     "Give the held units back (idempotent)",
     {
         "200": json(ref(schemas.ReservationOut), "The reservation, CANCELLED (again: unchanged)"),
+        "401": SHOPPER_UNAUTHORIZED,
         "404": NO_RESERVATION,
         "409": error(
             "The hold was already bought, or expired",
@@ -383,7 +420,8 @@ async def complete_reservation(request: Request) -> Response:
 )
 async def cancel_reservation(request: Request) -> Response:
     shop = shop_of(request)
-    reservation = await shop.cancel(_known_id(request))
+    reservation_id = _known_id(request)
+    reservation = await shop.cancel(reservation_id, caller=_caller(request))
     return await render_reservation(shop, reservation)
 
 
@@ -422,6 +460,12 @@ async def render_reservation(
     return json_response(view, status, headers)
 
 
+def _caller(request: Request) -> str | None:
+    """The shopper acting on a hold (None: the request names none)."""
+    shopper = shopper_of(request)
+    return None if shopper is None else shopper.id
+
+
 def _known_id(request: Request) -> str:
     reservation_id: str = request.path_params["reservation_id"]
     if not is_reservation_id(reservation_id):
@@ -454,12 +498,129 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
+class MyReservationsQuery(BaseModel):
+    """Which of the caller's holds: newest first, at most `limit`, only `status` if given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Annotated[
+        Status | None,
+        Field(description="Only holds in this state (ACTIVE: the ones to restore on a page)."),
+    ] = None
+    limit: Annotated[int, Field(ge=1, le=MAX_MINE, description="At most this many.")] = DEFAULT_MINE
+
+
+@operation(
+    "listMyReservations",
+    "Reservations",
+    "The caller's own holds, newest first",
+    {
+        "200": json(
+            array(schemas.ReservationOut),
+            "The holds the caller's shopper made, newest first (none for a caller that "
+            "names no shopper)",
+        ),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": SHOPPER_UNAUTHORIZED,
+        "503": DATABASE,
+    },
+    parameters=query_parameters(MyReservationsQuery),
+    description="The same list at `GET /api/reservations` (and `GET /reservations`), for "
+    'clients that load "my reservations" there. A page restores its holds from it: the '
+    "shopper is the cookie this service set, or the shop's token.",
+)
+async def my_reservations(request: Request) -> Response:
+    shopper = shopper_of(request)
+    query = parse_params(request.query_params, MyReservationsQuery)
+    if shopper is None:
+        return json_response([])
+    shop = shop_of(request)
+    holds = await shop.shopper_reservations(shopper.id, status=query.status, limit=query.limit)
+    now = now_ms()
+    catalog = _catalog(request)
+    out = []
+    for reservation in holds:
+        product = await shop.product(reservation.product_id)
+        assert product is not None, "a hold's product cannot vanish"
+        out.append(reservation_view(reservation, catalog.view(product), now=now))
+    return json_response(out)
+
+
+@operation(
+    "listReservationsOfCaller",
+    "Reservations",
+    "The caller's own holds, newest first (as `GET /api/me/reservations`)",
+    {
+        "200": json(array(schemas.ReservationOut), "The caller's holds, newest first"),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": SHOPPER_UNAUTHORIZED,
+        "503": DATABASE,
+    },
+    parameters=query_parameters(MyReservationsQuery),
+    description='For clients written for the system this one replaces, which load "my '
+    "reservations\" from `GET /reservations`. Never another shopper's holds.",
+)
+async def reservations_of_caller(request: Request) -> Response:
+    return await my_reservations(request)
+
+
+@operation(
+    "getMe",
+    "Shop",
+    "Who the caller is to the shop, and their units of each product",
+    {"200": json(ref(schemas.MeOut), "The caller"), "401": SHOPPER_UNAUTHORIZED, "503": DATABASE},
+    description="A caller without a shopper is given an anonymous one: the `shopper` cookie "
+    "comes with the answer, and `token`, the same value, to send as a `Shopper-Token` header "
+    "by a client that keeps no cookies. "
+    "`units`: per product, the units in the shopper's ACTIVE and COMPLETED holds, "
+    'which count against the product\'s `maxPerShopper`. A page shows "you have 1" and '
+    "offers at most `maxPerShopper` minus that.",
+)
+async def me(request: Request) -> Response:
+    shopper = shopper_of(request)
+    token = None
+    if shopper is None and (minted := request.scope.get(MINTED)) is not None:
+        # A new anonymous shopper: the cookie comes with this answer, and the token too,
+        # for a client that keeps no cookies (only now: a page's scripts never see it).
+        shopper, token = Shopper(minted[0], signed_in=False), minted[1]
+    if shopper is None:
+        return json_response({"shopper": None, "signedIn": False, "token": None, "units": {}})
+    units = await shop_of(request).shopper_units(shopper.id)
+    return json_response(
+        {
+            "shopper": shopper.id,
+            "signedIn": shopper.signed_in,
+            "token": token,
+            "units": {str(product_id): n for product_id, n in sorted(units.items())},
+        }
+    )
+
+
+# The shopper API, as paths below a prefix: served under `/api` and at the root.
+shopper_routes = [
+    ("/products", list_products, ["GET"]),
+    ("/products/{product_id}", get_product, ["GET"]),
+    ("/reservations", create_reservation, ["POST"]),
+    ("/reservations", reservations_of_caller, ["GET"]),
+    ("/reservations/{reservation_id}", get_reservation, ["GET"]),
+    ("/reservations/{reservation_id}/complete", complete_reservation, ["POST"]),
+    ("/reservations/{reservation_id}/cancel", cancel_reservation, ["POST"]),
+    ("/me", me, ["GET"]),
+    ("/me/reservations", my_reservations, ["GET"]),
+    ("/config", config, ["GET"]),
+]
+ROOT_PREFIX = ""
+API_PREFIX = "/api"
+
+# Under /api, in the OpenAPI document; at the root, the same endpoints, which the document
+# mentions once (its description) rather than listing every operation twice.
 routes = [
-    Route("/api/products", list_products, methods=["GET"]),
-    Route("/api/products/{product_id}", get_product, methods=["GET"]),
-    Route("/api/reservations", create_reservation, methods=["POST"]),
-    Route("/api/reservations/{reservation_id}", get_reservation, methods=["GET"]),
-    Route("/api/reservations/{reservation_id}/complete", complete_reservation, methods=["POST"]),
-    Route("/api/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
-    Route("/api/config", config, methods=["GET"]),
+    *(
+        Route(API_PREFIX + path, endpoint, methods=methods)
+        for path, endpoint, methods in shopper_routes
+    ),
+    *(
+        Route(ROOT_PREFIX + path, endpoint, methods=methods, include_in_schema=False)
+        for path, endpoint, methods in shopper_routes
+    ),
 ]

@@ -215,7 +215,16 @@ INVALID = error(
 )
 NOT_JSON = error("The body is not sent as application/json", UNSUPPORTED_MEDIA_TYPE)
 NO_PRODUCT = error("There is no such product", errors.ProductNotFound.code)
-NO_RESERVATION = error("There is no such reservation", errors.ReservationNotFound.code)
+NO_RESERVATION = error(
+    "There is no such reservation (or it is another shopper's)", errors.ReservationNotFound.code
+)
+SHOPPER_UNAUTHORIZED = error(
+    "The shopper's token (Authorization: Bearer <JWT>), Shopper-Token or cookie is there "
+    "but not valid: expired, signed with another key or algorithm, without `sub`; or "
+    "REQUIRE_SHOPPER_TOKEN is on and the request has no token",
+    UNAUTHORIZED,
+    headers={"WWW-Authenticate": header("`Bearer`.")},
+)
 UNAUTHORIZED_ANSWER = error("The operator token is missing or wrong", UNAUTHORIZED)
 SIGN_IN_THROTTLED_ANSWER = error(
     "Too many wrong operator tokens from this client lately (ADMIN_SIGN_IN_LIMIT)",

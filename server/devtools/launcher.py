@@ -85,6 +85,22 @@ async def prepare_database(settings: Settings, *, seed: bool) -> None:
         await store.close()
 
 
+def session_secret(path: Path) -> str:
+    """The key that signs anonymous shoppers' cookies: made up on the first run and kept in
+    `path` (readable by its owner only), so that shoppers keep their holds across
+    restarts and every web process signs alike."""
+    if path.exists():
+        kept = path.read_text().strip()
+        if len(kept) >= 32:
+            return kept
+    path.parent.mkdir(parents=True, exist_ok=True)
+    made = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(made + "\n")
+    return made
+
+
 def serve(settings: Settings) -> int:
     """Run everything until a stop signal (`STOP_SIGNALS`) or until honcho exits (one of its
     processes died: honcho stops the others); then stop all of it. Returns 0 after a stop
@@ -111,6 +127,8 @@ def serve(settings: Settings) -> int:
             print(f"redis: started an embedded server at {redis.url} (data in {redis.data_dir}/)")
         if not settings.admin_token:
             env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
+        if not settings.session_secret:
+            env["SESSION_SECRET"] = session_secret(VAR / "session-secret")
         asyncio.run(prepare_database(settings, seed=True))
         base = f"http://127.0.0.1:{env['PORT']}"
         metrics = (

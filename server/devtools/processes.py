@@ -25,6 +25,8 @@ from server.devtools.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "operator-secret"
+# One key for every web process of a run, as bin/serve gives them (var/session-secret).
+SESSION_SECRET = "test-session-secret-for-every-web-process"
 
 
 def procfile() -> dict[str, str]:
@@ -141,6 +143,7 @@ class Service:
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "ADMIN_TOKEN": ADMIN_TOKEN,
+            "SESSION_SECRET": SESSION_SECRET,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "WEB_CONCURRENCY": str(web_concurrency),

@@ -106,6 +106,21 @@ class InsufficientStock(DomainError):
         }
 
 
+class ShopperLimitReached(DomainError):
+    """The shopper would have more units of the product in ACTIVE and COMPLETED holds than
+    its `maxPerShopper` (`limit`); `held` is how many they have now (issue 16)."""
+
+    code = "shopper_limit_reached"
+
+    def __init__(self, limit: int, held: int) -> None:
+        super().__init__(f"You can hold at most {limit} of these; you have {held}.")
+        self.limit = limit
+        self.held = held
+
+    def body(self) -> dict[str, Any]:
+        return {"limit": self.limit, "held": self.held}
+
+
 class SaleNotStarted(DomainError):
     code = "sale_not_started"
 

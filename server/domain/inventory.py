@@ -51,6 +51,7 @@ from server.domain.errors import (
     SaleEnded,
     SaleNotStarted,
     SalePaused,
+    ShopperLimitReached,
     StockCommitted,
 )
 from server.domain.executor import Executor, Row
@@ -72,12 +73,14 @@ SWEEP_BATCH = 500
 
 PRODUCT = (
     "id, name, price_cents, total_stock, available_stock, version, sale_starts_at, "
-    "created_at, updated_at, held_units, sold_units, paused_at, sale_ends_at"
+    "created_at, updated_at, held_units, sold_units, paused_at, sale_ends_at, max_per_shopper"
 )
 RESERVATION = (
     "id, product_id, quantity, status, created_at, expires_at, completed_at, ended_at, "
-    "idempotency_key, order_reference, cancelled_by, cancel_reason"
+    "idempotency_key, order_reference, cancelled_by, cancel_reason, shopper_id"
 )
+# What "no limit per shopper" is compared as, in SQL: more units than any product has.
+NO_LIMIT = 2**62
 
 
 def new_reservation_ids(count: int) -> list[str]:
@@ -126,6 +129,12 @@ async def reserve(
     expired, in this transaction (`_take_stock`, "lazy expiry"): a hold past its expiresAt
     never keeps a unit from a shopper, whether or not Redis, the expiry jobs or the worker
     are there to expire it. The expired holds' events are among the events returned.
+
+    A request with a shopper first adds its units to the shopper's allowance of the product
+    (`_take_allowances`: a conditional upsert against the product's `max_per_shopper`,
+    decided by the database); those that would pass the limit are answered
+    `shopper_limit_reached`, each on its own, and take no stock. Units counted for a
+    request that then gets no stock are taken off again in the same transaction.
     """
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     events: list[Event] = []
@@ -182,31 +191,46 @@ async def _reserve_round(
     taken: list[Product] = []  # each product as its UPDATE left it
     # Products in id order, as every transaction that changes several takes them: two such
     # transactions in opposite orders would deadlock (PostgreSQL's row locks).
-    for product_id, indexes in sorted(by_product.items()):
+    # Within a product, the shoppers' allowance rows before the product's row, as every
+    # transaction that gives units back takes them (`_restore`).
+    for product_id, all_indexes in sorted(by_product.items()):
+        refused = await _take_allowances(
+            conn, product_id, [requests[i] for i in all_indexes], books, events, now=now
+        )
+        indexes = []
+        for i, refusal in zip(all_indexes, refused, strict=True):
+            if refusal is None:
+                indexes.append(i)
+            else:
+                outcomes[i] = Outcome(error=refusal)
+        if not indexes:
+            continue
         quantities = [requests[i].quantity for i in indexes]
         product, fits = await _take_stock(
             conn, product_id, quantities, books, events, swept, now=now
         )
-        if product is None:
+        if product is None or isinstance(fits, DomainError):
+            error = ProductNotFound(product_id) if product is None else fits
+            assert isinstance(error, DomainError)
             for i in indexes:
-                outcomes[i] = Outcome(error=ProductNotFound(product_id))
-            continue
-        if isinstance(fits, DomainError):
-            for i in indexes:
-                outcomes[i] = Outcome(error=fits)
+                outcomes[i] = Outcome(error=error)
+            await _give_back_allowances(conn, product_id, [requests[i] for i in indexes])
             continue
         if any(fits):
             events.append(StockChanged(product))
             taken.append(product)
+        unsold = []
         for i, ok in zip(indexes, fits, strict=True):
             if ok:
                 granted.append(i)
             else:
+                unsold.append(requests[i])
                 outcomes[i] = Outcome(
                     error=InsufficientStock(
                         product.available_stock, requests[i].quantity, product.stock_now()
                     )
                 )
+        await _give_back_allowances(conn, product_id, unsold)
 
     if granted:
         expires = now + hold_ms
@@ -376,6 +400,156 @@ def sale_closed(product: Product, now: int) -> DomainError | None:
     return None
 
 
+async def _take_allowances(
+    conn: Executor,
+    product_id: int,
+    requests: Sequence[HoldRequest],
+    books: Books,
+    events: list[Event],
+    *,
+    now: int,
+) -> list[DomainError | None]:
+    """Count each request's units against its shopper's allowance of the product, in order;
+    per request, None (counted, or it has no shopper) or the error that refuses it
+    (`ShopperLimitReached`, or `ProductNotFound`).
+
+    The database decides (README, Shoppers): one upsert adds each shopper's units in the
+    batch to their row only where `units + :q <= max_per_shopper` (no limit: `NO_LIMIT`),
+    read in the same statement; a row not yet there is made with the units if they fit.
+    Concurrent transactions on other processes wait for the row's lock and see its new
+    units. A shopper whose requests in this batch do not all fit has them tried one by
+    one, first come first served; before the first of them is refused, that shopper's
+    overdue holds of the product are expired in this transaction (into `books` and
+    `events`), so that a hold past its time never counts against its shopper.
+    """
+    totals: dict[str, int] = defaultdict(int)
+    for request in requests:
+        if request.shopper_id is not None:
+            totals[request.shopper_id] += request.quantity
+    outcome: list[DomainError | None] = [None] * len(requests)
+    if not totals:
+        return outcome
+    counted = await _add_units(conn, product_id, sorted(totals.items()))
+    refusals: dict[str, DomainError] = {}
+    swept: set[str] = set()
+    for index, request in enumerate(requests):
+        shopper = request.shopper_id
+        if shopper is None or shopper in counted:
+            continue
+        if totals[shopper] == request.quantity and shopper not in refusals:
+            fits = False  # its only request here: the upsert above just said no
+        else:
+            fits = bool(await _add_units(conn, product_id, [(shopper, request.quantity)]))
+        if not fits and shopper not in swept:
+            swept.add(shopper)
+            if await _expire_overdue_of_shopper(conn, product_id, shopper, books, events, now=now):
+                fits = bool(await _add_units(conn, product_id, [(shopper, request.quantity)]))
+        if fits:
+            refusals.pop(shopper, None)  # what it has changed
+            continue
+        if shopper not in refusals:
+            refusals[shopper] = await _limit_refusal(conn, product_id, shopper)
+        outcome[index] = refusals[shopper]
+    return outcome
+
+
+async def _expire_overdue_of_shopper(
+    conn: Executor,
+    product_id: int,
+    shopper_id: str,
+    books: Books,
+    events: list[Event],
+    *,
+    now: int,
+) -> bool:
+    """Expire a shopper's overdue holds of a product (at most `SWEEP_BATCH`), as the sweeper
+    would; whether any was. Their units go back on sale and off the shopper's allowance."""
+    due = await conn.fetch_all(
+        "SELECT id FROM reservations WHERE shopper_id = :s AND product_id = :p "
+        "AND ended_at IS NULL AND expires_at <= :now ORDER BY created_at LIMIT :limit",
+        {"s": shopper_id, "p": product_id, "now": now, "limit": SWEEP_BATCH},
+    )
+    if not due:
+        return False
+    rows = await _expire_ids(conn, [str(row["id"]) for row in due], now=now)
+    if not rows:
+        return False
+    expired = [Reservation.from_row(row) for row in rows]
+    product = await _restore(
+        conn, books, expired, now=now, ended=Status.EXPIRED, actor=ledger.WORKER
+    )
+    events.append(StockChanged(product))
+    events.extend(ReservationChanged(r, product) for r in expired)
+    return True
+
+
+async def _add_units(conn: Executor, product_id: int, units: Sequence[tuple[str, int]]) -> set[str]:
+    """Add `units` (shopper id, units; by shopper id, each shopper once) to the shoppers'
+    allowance rows of the product where the product's limit allows; the shoppers counted."""
+    values: dict[str, object] = {"p": product_id, "none": NO_LIMIT}
+    rows_sql = []
+    for n, (shopper, quantity) in enumerate(units):
+        rows_sql.append(f"(CAST(:s{n} AS TEXT), CAST(:q{n} AS BIGINT))")
+        values[f"s{n}"] = shopper
+        values[f"q{n}"] = quantity
+    limit = (
+        "(SELECT COALESCE(CAST(max_per_shopper AS BIGINT), CAST(:none AS BIGINT)) "
+        "FROM products WHERE id = :p)"
+    )
+    rows = await conn.fetch_all(
+        "INSERT INTO shopper_allowances (shopper_id, product_id, units) "
+        "SELECT v.column1, CAST(:p AS INTEGER), v.column2 "
+        f"FROM (VALUES {', '.join(rows_sql)}) AS v WHERE v.column2 <= {limit} "
+        "ON CONFLICT (shopper_id, product_id) DO UPDATE "
+        "SET units = shopper_allowances.units + excluded.units "
+        f"WHERE shopper_allowances.units + excluded.units <= {limit} "
+        "RETURNING shopper_id",
+        values,
+    )
+    return {str(row["shopper_id"]) for row in rows}
+
+
+async def _limit_refusal(conn: Executor, product_id: int, shopper_id: str) -> DomainError:
+    """Why a shopper's units did not fit: the limit and what they have (for the message)."""
+    row = await conn.fetch_one(
+        "SELECT p.max_per_shopper, a.units FROM products p LEFT JOIN shopper_allowances a "
+        "ON a.shopper_id = :s AND a.product_id = p.id WHERE p.id = :p",
+        {"p": product_id, "s": shopper_id},
+    )
+    if row is None:
+        return ProductNotFound(product_id)
+    limit, units = row["max_per_shopper"], row["units"]
+    return ShopperLimitReached(
+        NO_LIMIT if limit is None else int(limit), 0 if units is None else int(units)
+    )
+
+
+async def _give_back_allowances(
+    conn: Executor, product_id: int, holds: Iterable[HoldRequest | Reservation]
+) -> None:
+    """Take the units of `holds` (of one product) that have a shopper off their shoppers'
+    allowance rows: a hold that ended unsold (cancelled, expired), or a request counted
+    that got no stock. One statement for all of them."""
+    units: dict[str, int] = defaultdict(int)
+    for hold in holds:
+        if hold.shopper_id is not None:
+            units[hold.shopper_id] += hold.quantity
+    if not units:
+        return
+    values: dict[str, object] = {"p": product_id}
+    cases, names = [], []
+    for n, (shopper, quantity) in enumerate(sorted(units.items())):
+        cases.append(f"WHEN :s{n} THEN CAST(:q{n} AS BIGINT)")
+        names.append(f":s{n}")
+        values[f"s{n}"] = shopper
+        values[f"q{n}"] = quantity
+    await conn.execute(
+        f"UPDATE shopper_allowances SET units = units - CASE shopper_id {' '.join(cases)} "
+        f"ELSE 0 END WHERE product_id = :p AND shopper_id IN ({', '.join(names)})",
+        values,
+    )
+
+
 def allocate(available: int, quantities: Iterable[int]) -> list[bool]:
     """First come, first served: each request that still fits is granted."""
     fits = []
@@ -393,14 +567,15 @@ async def _insert_holds(
     rows_sql = []
     values: dict[str, object] = {"now": now, "exp": expires}
     for n, (reservation_id, request) in enumerate(holds):
-        rows_sql.append(f"(:i{n}, :p{n}, :q{n}, 'ACTIVE', :now, :exp, :k{n})")
+        rows_sql.append(f"(:i{n}, :p{n}, :q{n}, 'ACTIVE', :now, :exp, :k{n}, :s{n})")
         values[f"i{n}"] = reservation_id
         values[f"p{n}"] = request.product_id
         values[f"q{n}"] = request.quantity
         values[f"k{n}"] = request.idempotency_key
+        values[f"s{n}"] = request.shopper_id
     await conn.execute(
-        "INSERT INTO reservations "
-        "(id, product_id, quantity, status, created_at, expires_at, idempotency_key) "
+        "INSERT INTO reservations (id, product_id, quantity, status, created_at, expires_at, "
+        "idempotency_key, shopper_id) "
         f"VALUES {', '.join(rows_sql)}",
         values,
     )
@@ -414,12 +589,42 @@ async def _insert_holds(
             expires_at=expires,
             completed_at=None,
             ended_at=None,
+            shopper_id=request.shopper_id,
         )
         for reservation_id, request in holds
     ]
 
 
 # -- complete, cancel, expire ------------------------------------------------------------
+
+
+class _Anyone:
+    """The caller of an operation on a hold that may act on any hold (the shop's backend,
+    the worker): `ANYONE`."""
+
+
+ANYONE = _Anyone()
+# Who asks to act on a hold: a shopper's id, None (a caller that named no shopper: only
+# holds without a shopper), or ANYONE.
+Caller = str | None | _Anyone
+
+
+def may_see(caller: Caller, reservation: Reservation) -> bool:
+    """Whether `caller` may see and act on `reservation` (`Reservation.visible_to`)."""
+    return isinstance(caller, _Anyone) or reservation.visible_to(caller)
+
+
+def _owned_by(caller: Caller) -> str:
+    """The condition that leaves a hold alone unless `caller` may act on it."""
+    if isinstance(caller, _Anyone):
+        return ""
+    if caller is None:
+        return "AND shopper_id IS NULL "
+    return "AND (shopper_id IS NULL OR shopper_id = :caller) "
+
+
+def _owner(caller: Caller) -> dict[str, object]:
+    return {"caller": caller} if isinstance(caller, str) else {}
 
 
 async def complete(
@@ -429,17 +634,19 @@ async def complete(
     now: int,
     actor: str = ledger.SHOPPER,
     order_reference: str | None = None,
+    caller: Caller = ANYONE,
 ) -> Outcome[Reservation]:
     """ACTIVE and not yet due → COMPLETED. Completing a COMPLETED hold returns it unchanged
     (its first `order_reference` kept). `actor`: who completes (`shop` for the shop's
     backend); `order_reference`: the shop's name for the order, stored on the hold and sent
-    in `reservation.completed`."""
+    in `reservation.completed`. `caller`: the shopper asking (a hold of another shopper is
+    `ReservationNotFound`), or `ANYONE` (the shop's backend)."""
     row = await conn.fetch_one(
         "UPDATE reservations SET status = 'COMPLETED', completed_at = :now, ended_at = :now, "
         "order_reference = :ref "
         "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
-        f"RETURNING {RESERVATION}",
-        {"id": reservation_id, "now": now, "ref": order_reference},
+        f"{_owned_by(caller)}RETURNING {RESERVATION}",
+        {"id": reservation_id, "now": now, "ref": order_reference, **_owner(caller)},
     )
     if row is not None:
         reservation = Reservation.from_row(row)
@@ -460,7 +667,7 @@ async def complete(
             reservation, events=[StockChanged(product), ReservationChanged(reservation, product)]
         )
     current = await get_reservation(conn, reservation_id)
-    if current is None:
+    if current is None or not may_see(caller, current):
         return Outcome(error=ReservationNotFound(reservation_id))
     if current.status is Status.COMPLETED:
         return Outcome(current)
@@ -476,19 +683,22 @@ async def cancel(
     now: int,
     actor: str = ledger.SHOPPER,
     reason: str | None = None,
+    caller: Caller = ANYONE,
 ) -> Outcome[Reservation]:
-    """ACTIVE and not yet due → CANCELLED, units back. Cancelling twice returns it.
+    """ACTIVE and not yet due → CANCELLED, units back (and the shopper's allowance).
+    Cancelling twice returns it.
 
     `actor`: the shopper (`shopper…`) or the operator (`operator`), kept on the hold as
     `cancelled_by` (`shopper` or `operator`) so that the shopper's page can say who did;
-    `reason`: the operator's words for the shopper, kept as `cancel_reason`."""
+    `reason`: the operator's words for the shopper, kept as `cancel_reason`. `caller`: as
+    for `complete` (the operator: ANYONE)."""
     by = ledger.OPERATOR if actor == ledger.OPERATOR else ledger.SHOPPER
     row = await conn.fetch_one(
         "UPDATE reservations SET status = 'CANCELLED', ended_at = :now, cancelled_by = :by, "
         "cancel_reason = :reason "
         "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
-        f"RETURNING {RESERVATION}",
-        {"id": reservation_id, "now": now, "by": by, "reason": reason},
+        f"{_owned_by(caller)}RETURNING {RESERVATION}",
+        {"id": reservation_id, "now": now, "by": by, "reason": reason, **_owner(caller)},
     )
     if row is not None:
         reservation = Reservation.from_row(row)
@@ -502,7 +712,7 @@ async def cancel(
             events=[StockChanged(product), ReservationChanged(reservation, product)],
         )
     current = await get_reservation(conn, reservation_id)
-    if current is None:
+    if current is None or not may_see(caller, current):
         return Outcome(error=ReservationNotFound(reservation_id))
     if current.status is Status.CANCELLED:
         return Outcome(current)
@@ -631,8 +841,12 @@ async def _restore(
     actor: str,
 ) -> Product:
     """Units of `holds` (all of one product) that ended unsold (`ended`: EXPIRED or
-    CANCELLED) back on sale, in one UPDATE, and in the books."""
+    CANCELLED) back on sale, in one UPDATE, and in the books; and off their shoppers'
+    allowances (issue 16), before the product's row, the order `reserve` takes them in.
+    Every way a hold ends unsold comes here: cancel, the expiry job, the sweeper, and a
+    request that finds its hold overdue."""
     counter, kind = _ENDED[ended]
+    await _give_back_allowances(conn, holds[0].product_id, holds)
     quantity = sum(r.quantity for r in holds)
     row = await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock + :q, "
@@ -680,6 +894,7 @@ async def create_product(
     stock: int,
     sale_starts_at: int | None,
     now: int,
+    max_per_shopper: int | None = None,
     actor: str = ledger.OPERATOR,
 ) -> Outcome[Product]:
     # The id is chosen inside the INSERT, since SQLite and PostgreSQL spell auto-increment
@@ -687,11 +902,13 @@ async def create_product(
     # key refuses one, and the caller retries it.
     row = await conn.fetch_one(
         "INSERT INTO products (id, name, price_cents, total_stock, available_stock, version, "
-        "sale_starts_at, created_at, updated_at) "
+        "sale_starts_at, created_at, updated_at, max_per_shopper) "
         "SELECT COALESCE(MAX(id), 0) + 1, CAST(:name AS TEXT), CAST(:price AS BIGINT), "
         "CAST(:stock AS BIGINT), CAST(:stock AS BIGINT), 1, CAST(:starts AS BIGINT), "
-        f"CAST(:now AS BIGINT), CAST(:now AS BIGINT) FROM products RETURNING {PRODUCT}",
+        "CAST(:now AS BIGINT), CAST(:now AS BIGINT), CAST(:limit AS INTEGER) FROM products "
+        f"RETURNING {PRODUCT}",
         {
+            "limit": max_per_shopper,
             "name": name,
             "price": price_cents,
             "stock": stock,
@@ -771,6 +988,9 @@ class ProductChanges:
     sale_starts_at: int | Unset | None = UNSET
     sale_ends_at: int | Unset | None = UNSET
     paused: bool | Unset = UNSET
+    # Units one shopper may have in ACTIVE and COMPLETED holds (None: no limit; issue 16).
+    # Lowered below what a shopper has, it takes nothing from them: it stops new holds.
+    max_per_shopper: int | Unset | None = UNSET
 
 
 async def update_product(
@@ -810,6 +1030,9 @@ async def update_product(
             sets.append("paused_at = COALESCE(paused_at, :now)")
         elif changes.paused is False:
             sets.append("paused_at = NULL")
+        if changes.max_per_shopper is not UNSET:
+            sets.append("max_per_shopper = :limit")
+            values["limit"] = changes.max_per_shopper
         # Guarded by the version read above: the schedule was checked against that row.
         row = await conn.fetch_one(
             f"UPDATE products SET {', '.join(sets)} WHERE id = :id AND version = :version "
@@ -864,6 +1087,35 @@ async def get_reservations(conn: Executor, reservation_ids: Sequence[str]) -> li
         names,
     )
     return [Reservation.from_row(row) for row in rows]
+
+
+async def list_shopper_reservations(
+    conn: Executor, shopper_id: str, *, status: Status | None, limit: int
+) -> list[Reservation]:
+    """Up to `limit` of a shopper's holds, newest first (their index, however many holds
+    other shoppers have); only those in `status` when given (an overdue ACTIVE hold is
+    listed as ACTIVE here: the view shows it EXPIRED)."""
+    values: dict[str, object] = {"s": shopper_id, "limit": limit}
+    where = ""
+    if status is not None:
+        where = "AND status = :status "
+        values["status"] = status.value
+    rows = await conn.fetch_all(
+        f"SELECT {RESERVATION} FROM reservations WHERE shopper_id = :s {where}"
+        "ORDER BY created_at DESC, id LIMIT :limit",
+        values,
+    )
+    return [Reservation.from_row(row) for row in rows]
+
+
+async def shopper_units(conn: Executor, shopper_id: str) -> dict[int, int]:
+    """A shopper's units per product, in ACTIVE and COMPLETED holds (their allowance rows;
+    products with none left out)."""
+    rows = await conn.fetch_all(
+        "SELECT product_id, units FROM shopper_allowances WHERE shopper_id = :s AND units > 0",
+        {"s": shopper_id},
+    )
+    return {int(row["product_id"]): int(row["units"]) for row in rows}
 
 
 async def get_reservation_by_key(conn: Executor, key: str) -> Reservation | None:

@@ -38,10 +38,14 @@ class Product:
     # they are not), and when the sale ends (None: it does not).
     paused_at: int | None = None
     sale_ends_at: int | None = None
+    # Units of this product one shopper may have in ACTIVE and COMPLETED holds together
+    # (migration 0004); None: no limit.
+    max_per_shopper: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Product:
         starts = row["sale_starts_at"]
+        limit = row["max_per_shopper"]
         return cls(
             id=int(row["id"]),
             name=str(row["name"]),
@@ -56,6 +60,7 @@ class Product:
             sold_units=int(row["sold_units"]),
             paused_at=_optional_int(row["paused_at"]),
             sale_ends_at=_optional_int(row["sale_ends_at"]),
+            max_per_shopper=None if limit is None else int(limit),
         )
 
     def sale_state(self, now: int) -> str:
@@ -89,11 +94,15 @@ class Reservation:
     # Who cancelled it (`shopper` or `operator`) and the operator's reason (migration 0007).
     cancelled_by: str | None = None
     cancel_reason: str | None = None
+    # Whose hold it is (migration 0004): `anon:<id>` or `shop:<sub>`; None for a caller
+    # that named no shopper, whose hold anyone who knows its id may act on.
+    shopper_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Reservation:
         completed, ended = row["completed_at"], row["ended_at"]
         reference = row["order_reference"]
+        shopper = row["shopper_id"]
         return cls(
             id=str(row["id"]),
             product_id=int(row["product_id"]),
@@ -106,7 +115,14 @@ class Reservation:
             order_reference=None if reference is None else str(reference),
             cancelled_by=_optional_str(row["cancelled_by"]),
             cancel_reason=_optional_str(row["cancel_reason"]),
+            shopper_id=None if shopper is None else str(shopper),
         )
+
+    def visible_to(self, shopper_id: str | None) -> bool:
+        """Whether a caller who is `shopper_id` (None: named no shopper) may see and act on
+        this hold: a hold with a shopper is its shopper's only (issue 16); one without is
+        anyone's who knows its id."""
+        return self.shopper_id is None or self.shopper_id == shopper_id
 
     def effective_status(self, now: int) -> Status:
         """What the hold is, as of `now`: overdue is expired, whether or not a job has run."""
@@ -128,7 +144,9 @@ class HoldRequest:
     product_id: int
     quantity: int
     idempotency_key: str | None = None
-    # Who asks, when known: the ledger records the hold as `shopper:<id>`.
+    # Who asks, when known: the hold is theirs, counts against the product's limit per
+    # shopper, and the ledger records it as `shopper:<id>`. The Idempotency-Key comes
+    # already scoped to the caller (server/service/idempotency.py: `scoped_key`).
     shopper_id: str | None = None
 
 

@@ -81,6 +81,17 @@ class Settings:
     # worker (in bounded batches, every retention_seconds).
     retention_days: float = 90.0
     retention_seconds: float = 60.0
+    # Shoppers (issue 16). The key that signs anonymous shoppers' cookies (bin/serve makes
+    # one up and keeps it in var/; empty: a random one per process, which cookies do not
+    # survive and other processes do not share). The shop's key for shoppers' JWTs: an
+    # HS256 secret, or an RS256/ES256 public key (PEM, or a path to a PEM file). Whether
+    # only shoppers the shop signed in may reserve. The default maxPerShopper of new
+    # products (None: no limit).
+    session_secret: str = ""
+    shopper_jwt_secret: str = ""
+    shopper_jwt_public_key: str = ""
+    require_shopper_token: bool = False
+    max_per_shopper: int | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -99,6 +110,22 @@ class Settings:
             raise SettingsError(
                 "REDIS_URL and REDIS_SENTINELS are both set: set one (with Sentinel, the "
                 "primary's address comes from the Sentinels)"
+            )
+        if (
+            env.get("SHOPPER_JWT_SECRET", "").strip()
+            and env.get("SHOPPER_JWT_PUBLIC_KEY", "").strip()
+        ):
+            raise SettingsError(
+                "SHOPPER_JWT_SECRET and SHOPPER_JWT_PUBLIC_KEY are both set: set the one the "
+                "shop signs its shoppers' tokens with (HS256: the secret; RS256/ES256: the key)"
+            )
+        if _choice(env, "REQUIRE_SHOPPER_TOKEN", ("false", "true")) == "true" and not (
+            env.get("SHOPPER_JWT_SECRET", "").strip()
+            or env.get("SHOPPER_JWT_PUBLIC_KEY", "").strip()
+        ):
+            raise SettingsError(
+                "REQUIRE_SHOPPER_TOKEN=true needs SHOPPER_JWT_SECRET or SHOPPER_JWT_PUBLIC_KEY: "
+                "without them no shopper could ever be signed in"
             )
         return cls(
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
@@ -153,6 +180,14 @@ class Settings:
             # At least two days: a hold must outlive its Idempotency-Key's day.
             retention_days=_number(env, "RETENTION_DAYS", 90.0, minimum=2),
             retention_seconds=_number(env, "RETENTION_SECONDS", 60.0, minimum=1),
+            session_secret=_secret(env, "SESSION_SECRET"),
+            shopper_jwt_secret=_secret(env, "SHOPPER_JWT_SECRET"),
+            shopper_jwt_public_key=_public_key(env, "SHOPPER_JWT_PUBLIC_KEY"),
+            require_shopper_token=_choice(env, "REQUIRE_SHOPPER_TOKEN", ("false", "true"))
+            == "true",
+            max_per_shopper=(
+                int(_number(env, "MAX_PER_SHOPPER", 0, minimum=1, integer=True)) or None
+            ),
         )
 
 
@@ -228,6 +263,30 @@ def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
                 "without spaces"
             )
     return keys
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """A signing secret: empty, or at least 32 characters (256 bits, if random, as HS256
+    and HMAC-SHA256 want)."""
+    raw = env.get(name, "").strip()
+    if raw and len(raw) < 32:
+        raise SettingsError(f"{name} must be at least 32 characters long (a random string)")
+    return raw
+
+
+def _public_key(env: Mapping[str, str], name: str) -> str:
+    """A PEM public key, given as the PEM itself or as the path of a file holding it."""
+    raw = env.get(name, "").strip()
+    if not raw or raw.startswith("-----BEGIN"):
+        return raw.replace("\\n", "\n")  # one line in an env file: \n for newlines
+    try:
+        with open(raw, encoding="ascii") as file:
+            text = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{name}: cannot read the key file {raw!r} ({exc})") from None
+    if not text.startswith("-----BEGIN"):
+        raise SettingsError(f"{name}: {raw!r} does not hold a PEM public key")
+    return text
 
 
 def _currency(env: Mapping[str, str], name: str) -> str:

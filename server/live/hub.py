@@ -82,6 +82,9 @@ class Client:
         extension = websocket.scope.get("extensions", {}).get(EXTENSION)
         self.prepared: PreparedFrames | None = extension
         self.watching: set[str] = set()
+        # The shopper of the socket (its cookie, Shopper-Token or token), whose holds it may
+        # watch; None: only holds without a shopper.
+        self.shopper: str | None = None
         self.bad_messages = 0
         self._hub = hub
         self._backlog: dict[Key, str] = {}
@@ -383,6 +386,8 @@ async def live_updates(websocket: WebSocket) -> None:
         await websocket.close(TRY_AGAIN_LATER, "too many connections from your address")
         return
     client = hub.join(websocket, key, products)
+    # The app's `server.api.identity.Identities` (the layer above this one keeps it).
+    client.shopper = app.state.identities.shopper_id_or_none(websocket)
     try:
         while not client.closed:
             message = await websocket.receive()
@@ -417,8 +422,7 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
                     f'"reservations" must be a list of at most {MAX_WATCHED} reservation ids.',
                 )
             else:
-                hub.watch(client, ids)
-                await _tell_current(websocket, hub, client, ids)
+                await _watch(websocket, hub, client, ids)
                 return
     client.bad_messages += 1
     code, text_out = problem
@@ -431,12 +435,15 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
         await websocket.close(POLICY_VIOLATION, "too many malformed messages")
 
 
-async def _tell_current(websocket: WebSocket, hub: Hub, client: Client, ids: list[str]) -> None:
-    """After a watch, each watched hold's current state: it may have changed while the page
-    was away."""
+async def _watch(websocket: WebSocket, hub: Hub, client: Client, ids: list[str]) -> None:
+    """Watch those of `ids` that are holds the socket's shopper may see (another
+    shopper's hold is as unknown here as over HTTP), and send each one's current state:
+    it may have changed while the page was away."""
     shop: Shop = websocket.app.state.shop
+    visible = await shop.reservations_by_id(ids, client.shopper)
+    hub.watch(client, [r.id for r in visible])
     now = now_ms()
-    for reservation in await shop.reservations_by_id(ids):
+    for reservation in visible:
         product = await shop.product(reservation.product_id)
         assert product is not None, "a hold's product cannot vanish"
         frame = reservation_frame(ReservationChanged(reservation, product), now=now)

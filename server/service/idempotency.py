@@ -1,12 +1,20 @@
 """Idempotency-Keys: their rules, and everything a process does with them.
 
-A retried `POST /api/reservations` with the same key within `WINDOW_MS` (a day) returns the
-hold the first request made (201, `Idempotent-Replayed: true`) and never holds twice, even
-when the product has sold out since; the same key with a different body is
-`IdempotencyKeyReused` (422). A request that made no hold left nothing to replay.
+A retried `POST /api/reservations` with the same key, from the same caller, within
+`WINDOW_MS` (a day) returns the hold the first request made (201,
+`Idempotent-Replayed: true`) and never holds twice, even when the product has sold out
+since; the same key with a different body is `IdempotencyKeyReused` (422). A request that
+made no hold left nothing to replay.
+
+Keys are the caller's own (issue 16, as Stripe scopes keys to the account): the key a
+request carries is stored and looked up as `scoped_key(caller, key)`, where the caller is
+the shopper (`anon:<id>`, `shop:<sub>`) or, for a caller that named no shopper, its
+address. The same key from another shopper is another request: it can never be answered
+with the first shopper's hold.
 
 Where each part is kept:
-- the key's form (`is_valid_key`): here; the HTTP layer refuses others with 400;
+- the key's form (`is_valid_key`) and its scope (`scoped_key`): here; the HTTP layer
+  refuses malformed keys with 400 and scopes the others;
 - inside the reserve transaction, a key that already made a hold is answered from it
   (`server.domain.inventory.reserve`): the database decides, so two processes cannot
   both hold for one key (the UNIQUE index on `reservations.idempotency_key`);
@@ -44,6 +52,12 @@ KEY_BATCH = 250
 def is_valid_key(key: str) -> bool:
     """1 to `MAX_KEY_LENGTH` printable ASCII characters."""
     return 1 <= len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()
+
+
+def scoped_key(caller: str, key: str) -> str:
+    """The key as stored: the caller (a shopper id, or `addr:…`), a tab, the key. A key is
+    printable ASCII, so no key holds a tab, and no two callers share a scoped key."""
+    return f"{caller}\t{key}"
 
 
 def same_request(a: HoldRequest, b: HoldRequest) -> bool:

@@ -23,7 +23,7 @@ from server.domain.errors import (
     ReservationNotFound,
 )
 from server.domain.executor import Executor
-from server.domain.inventory import Held, ProductChanges, Stats
+from server.domain.inventory import Caller, Held, ProductChanges, Stats
 from server.domain.model import (
     Event,
     HoldRequest,
@@ -194,16 +194,40 @@ class Shop:
             )
         return [o.value if o.value is not None else _error(o) for o in outcomes]
 
-    async def reservation(self, reservation_id: str) -> Reservation | None:
+    async def reservation(
+        self, reservation_id: str, caller: Caller = inventory.ANYONE
+    ) -> Reservation | None:
+        """The hold, if it exists and `caller` may see it (a shopper's id; None for a
+        caller that named none; ANYONE)."""
         if not inventory.is_reservation_id(reservation_id):
             return None
         async with self.store.reader() as conn:
-            return await inventory.get_reservation(conn, reservation_id)
+            found = await inventory.get_reservation(conn, reservation_id)
+        return found if found is not None and inventory.may_see(caller, found) else None
 
-    async def reservations_by_id(self, reservation_ids: Sequence[str]) -> list[Reservation]:
+    async def reservations_by_id(
+        self, reservation_ids: Sequence[str], caller: Caller = inventory.ANYONE
+    ) -> list[Reservation]:
+        """Those of the holds that exist and `caller` may see."""
         wanted = [i for i in reservation_ids if inventory.is_reservation_id(i)]
         async with self.store.reader() as conn:
-            return await inventory.get_reservations(conn, wanted)
+            found = await inventory.get_reservations(conn, wanted)
+        return [r for r in found if inventory.may_see(caller, r)]
+
+    async def shopper_reservations(
+        self, shopper_id: str, *, status: Status | None, limit: int
+    ) -> list[Reservation]:
+        """A shopper's own holds, newest first, at most `limit`."""
+        async with self.store.reader() as conn:
+            return await inventory.list_shopper_reservations(
+                conn, shopper_id, status=status, limit=limit
+            )
+
+    async def shopper_units(self, shopper_id: str) -> dict[int, int]:
+        """A shopper's units per product in ACTIVE and COMPLETED holds (what counts
+        against `maxPerShopper`)."""
+        async with self.store.reader() as conn:
+            return await inventory.shopper_units(conn, shopper_id)
 
     async def complete(
         self,
@@ -211,29 +235,42 @@ class Shop:
         *,
         actor: str = ledger.SHOPPER,
         order_reference: str | None = None,
+        caller: Caller = inventory.ANYONE,
     ) -> Reservation:
         """Buy a hold (idempotent), as `actor` (the ledger's: `shop` for the shop's backend),
-        with the shop's `order_reference` if it gave one. Raises `ReservationNotFound`,
-        `ReservationExpired` (an overdue hold is expired on the spot),
-        `ReservationCancelled`."""
+        with the shop's `order_reference` if it gave one; `caller`: the shopper asking (a
+        hold of another shopper is not found), ANYONE for the shop's backend. Raises
+        `ReservationNotFound`, `ReservationExpired` (an overdue hold is expired on the
+        spot), `ReservationCancelled`."""
         return await self._write(
             lambda conn, now: inventory.complete(
-                conn, reservation_id, now=now, actor=actor, order_reference=order_reference
+                conn,
+                reservation_id,
+                now=now,
+                actor=actor,
+                order_reference=order_reference,
+                caller=caller,
             ),
             late=True,
         )
 
     async def cancel(
-        self, reservation_id: str, *, actor: str = ledger.SHOPPER, reason: str | None = None
+        self,
+        reservation_id: str,
+        *,
+        actor: str = ledger.SHOPPER,
+        reason: str | None = None,
+        caller: Caller = inventory.ANYONE,
     ) -> Reservation:
         """Give a hold's units back (idempotent), as `actor` (`operator` when the shop
-        cancels it, with its `reason` for the shopper). Raises `ReservationNotFound`,
-        `ReservationExpired`, `ReservationCompleted`."""
+        cancels it, with its `reason` for the shopper), and the shopper's allowance;
+        `caller` as for `complete`. Raises `ReservationNotFound`, `ReservationExpired`,
+        `ReservationCompleted`."""
         if not inventory.is_reservation_id(reservation_id):
             raise ReservationNotFound(reservation_id)
         return await self._write(
             lambda conn, now: inventory.cancel(
-                conn, reservation_id, now=now, actor=actor, reason=reason
+                conn, reservation_id, now=now, actor=actor, reason=reason, caller=caller
             ),
             late=True,
         )
@@ -257,7 +294,13 @@ class Shop:
     # -- operators -----------------------------------------------------------------------
 
     async def create_product(
-        self, *, name: str, price_cents: int, stock: int, sale_starts_at: int | None
+        self,
+        *,
+        name: str,
+        price_cents: int,
+        stock: int,
+        sale_starts_at: int | None,
+        max_per_shopper: int | None = None,
     ) -> Product:
         for attempt in range(5):
             try:
@@ -268,6 +311,7 @@ class Shop:
                         price_cents=price_cents,
                         stock=stock,
                         sale_starts_at=sale_starts_at,
+                        max_per_shopper=max_per_shopper,
                         now=now,
                     )
                 )

@@ -47,6 +47,7 @@ def product_from_frame(out: dict[str, Any]) -> Product:
         # The frame says whether it is paused, not since when: any time will do for a view.
         paused_at=0 if out.get("paused") else None,
         sale_ends_at=None if out.get("saleEndsAt") is None else parse_iso(out["saleEndsAt"]),
+        max_per_shopper=None if (limit := out.get("maxPerShopper")) is None else int(limit),
     )
 
 

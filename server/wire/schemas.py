@@ -110,6 +110,17 @@ class ReserveBody(_Request):
         return value
 
 
+MaxPerShopper = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        le=MAX_STOCK,
+        description="Units one shopper may have in active and completed holds together; "
+        "null: no limit.",
+    ),
+]
+
+
 class CreateProductBody(_Request):
     name: Annotated[StoredText, Field(min_length=1, max_length=200)]
     price: Annotated[
@@ -125,6 +136,11 @@ class CreateProductBody(_Request):
     stock: Annotated[int, Field(ge=0, le=MAX_STOCK)]
     sale_starts_at: AwareDatetime | None = Field(
         default=None, description="ISO-8601 time with an offset; before it, holds are refused."
+    )
+    max_per_shopper: MaxPerShopper = Field(
+        default=None,
+        description="Units one shopper may have in active and completed holds together. "
+        "Left out: MAX_PER_SHOPPER (none when unset); null: no limit.",
     )
 
     @field_validator("name")
@@ -183,6 +199,11 @@ class UpdateProductBody(_Request):
     )
     paused: bool | None = Field(
         default=None, description="true pauses reservations, false resumes them."
+    )
+    max_per_shopper: MaxPerShopper = Field(
+        default=None,
+        description="Units one shopper may have in active and completed holds together; "
+        "null: no limit. Lowered below what a shopper has, it takes nothing from them.",
     )
 
     @field_validator("name")
@@ -254,6 +275,11 @@ class ProductOut(_Response):
         description="The operator paused reservations: new holds are refused (409 "
         "`sale_paused`) until resumed; holds already made can still be bought.",
     )
+    max_per_shopper: int | None = Field(
+        default=None,
+        description="Units of this product one shopper may have in active and completed "
+        "holds together, or null: no limit (MAX_PER_SHOPPER is the default for new products).",
+    )
 
 
 class ReservationOut(_Response):
@@ -280,6 +306,21 @@ class ReservationOut(_Response):
     product: ProductOut
     server_time: str = Field(
         description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
+
+
+class MeOut(_Response):
+    shopper: str | None = Field(
+        description="`anon:<id>` (the cookie this service set), `shop:<sub>` (signed in by "
+        "the shop), or null: the request names no shopper."
+    )
+    signed_in: bool
+    token: str | None = Field(
+        description="Only when this answer made the shopper: their token (the cookie's "
+        "value), to send as `Shopper-Token` from a client that keeps no cookies."
+    )
+    units: dict[str, int] = Field(
+        description="Per product id, the shopper's units in ACTIVE and COMPLETED holds."
     )
 
 
@@ -310,6 +351,15 @@ class ErrorOut(_Response):
         default=None,
         description="With 409 `insufficient_stock`: the product's stock when the request was "
         "refused, to show at once (apply it as a `stock` frame, by `version`).",
+    )
+    limit: int | None = Field(
+        default=None,
+        description="With 409 `shopper_limit_reached`: the product's `maxPerShopper`.",
+    )
+    held: int | None = Field(
+        default=None,
+        description="With 409 `shopper_limit_reached`: the units of the product the shopper "
+        "has now, in ACTIVE and COMPLETED holds.",
     )
 
 
@@ -556,6 +606,7 @@ def product_view(product: Product) -> dict[str, Any]:
         "saleStartsAt": None if starts is None else iso(starts),
         "saleEndsAt": None if product.sale_ends_at is None else iso(product.sale_ends_at),
         "paused": product.paused_at is not None,
+        "maxPerShopper": product.max_per_shopper,
     }
 
 
