@@ -36,20 +36,34 @@ def redis_binary() -> str:
     return shutil.which("redis-server") or server_binary()
 
 
-def _answers(address: Address, command: bytes = b"PING\r\n", timeout: float = 0.3) -> bytes:
-    """One inline command's reply, or b"" when the server does not answer."""
+def _answers(
+    address: Address, command: bytes = b"PING\r\n", timeout: float = 0.3, password: str = ""
+) -> bytes:
+    """One inline command's reply (after `AUTH password` when one is given), or b"" when
+    the server does not answer."""
     try:
         with socket.create_connection(address, timeout=timeout) as s:
-            s.sendall(command)
-            return s.recv(4096)
+            if not password:
+                s.sendall(command)
+                return s.recv(4096)
+            s.sendall(f"AUTH {password}\r\n".encode() + command)
+            reply = b""
+            while not reply.startswith(b"+OK\r\n") or len(reply) == len(b"+OK\r\n"):
+                chunk = s.recv(4096)
+                if not chunk or (reply + chunk).startswith(b"-"):
+                    return (reply + chunk).removeprefix(b"+OK\r\n")
+                reply += chunk
+            return reply.removeprefix(b"+OK\r\n")
     except OSError:
         return b""
 
 
-def primary_of(sentinels: Sequence[Address], service: str) -> Address | None:
+def primary_of(sentinels: Sequence[Address], service: str, password: str = "") -> Address | None:
     """The primary the first answering Sentinel names, or None if none answers."""
     for address in sentinels:
-        reply = _answers(address, f"SENTINEL get-master-addr-by-name {service}\r\n".encode())
+        reply = _answers(
+            address, f"SENTINEL get-master-addr-by-name {service}\r\n".encode(), password=password
+        )
         # *2\r\n$9\r\n127.0.0.1\r\n$4\r\n6379\r\n
         parts = reply.split(b"\r\n")
         if reply.startswith(b"*2") and len(parts) >= 5:
@@ -57,9 +71,9 @@ def primary_of(sentinels: Sequence[Address], service: str) -> Address | None:
     return None
 
 
-def role_of(address: Address) -> str:
+def role_of(address: Address, password: str = "") -> str:
     """`master`, `slave`, or "" when the server does not answer."""
-    reply = _answers(address, b"ROLE\r\n")
+    reply = _answers(address, b"ROLE\r\n", password=password)
     parts = reply.split(b"\r\n")
     return parts[2].decode() if reply.startswith(b"*") and len(parts) > 2 else ""
 
@@ -73,6 +87,7 @@ class RedisServer:
     config: Path
     sentinel: bool = False
     prefix: Sequence[str] = ()
+    password: str = field(default="", repr=False)  # its `requirepass`
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -91,7 +106,7 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def answers(self) -> bool:
-        return _answers(self.address).startswith(b"+PONG")
+        return _answers(self.address, password=self.password).startswith(b"+PONG")
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -131,7 +146,11 @@ class RedisGroup:
         down_after_ms: int = 1_000,
         prefix: Sequence[str] = (),
         persist: bool = True,
+        password: str = "",
+        sentinel_password: str = "",
     ) -> None:
+        """`password`: the data servers' `requirepass` (and `masterauth`, the Sentinels'
+        `auth-pass`); `sentinel_password`: the Sentinels' own `requirepass`. Empty: none."""
         if len(ports) != 5:
             raise ValueError("ports: the primary's, the replica's and three Sentinels'")
         self.work_dir = work_dir
@@ -140,10 +159,14 @@ class RedisGroup:
         self.down_after_ms = down_after_ms
         self.persist = persist
         self.prefix = tuple(prefix)
+        self.password = password
+        self.sentinel_password = sentinel_password
         primary, replica, *sentinels = ports
         self.servers = [
-            RedisServer("redis-a", (host, primary), work_dir / "redis-a.conf", prefix=prefix),
-            RedisServer("redis-b", (host, replica), work_dir / "redis-b.conf", prefix=prefix),
+            RedisServer(
+                name, (host, port), work_dir / f"{name}.conf", prefix=prefix, password=password
+            )
+            for name, port in (("redis-a", primary), ("redis-b", replica))
         ]
         self.sentinel_servers = [
             RedisServer(
@@ -152,6 +175,7 @@ class RedisGroup:
                 work_dir / f"sentinel-{i + 1}.conf",
                 sentinel=True,
                 prefix=prefix,
+                password=sentinel_password,
             )
             for i, port in enumerate(sentinels)
         ]
@@ -166,7 +190,7 @@ class RedisGroup:
         return ",".join(f"{h}:{p}" for h, p in self.sentinels)
 
     def primary(self) -> Address | None:
-        return primary_of(self.sentinels, self.service)
+        return primary_of(self.sentinels, self.service, self.sentinel_password)
 
     def server_at(self, address: Address) -> RedisServer:
         return next(s for s in self.servers if s.address == address)
@@ -185,15 +209,23 @@ class RedisGroup:
 
     def _settled(self) -> bool:
         first, second = self.servers
-        if role_of(second.address) != "slave" or not all(
+        if role_of(second.address, self.password) != "slave" or not all(
             s.answers() for s in self.sentinel_servers
         ):
             return False
         for sentinel in self.sentinel_servers:
-            reply = _answers(sentinel.address, f"SENTINEL replicas {self.service}\r\n".encode())
+            reply = _answers(
+                sentinel.address,
+                f"SENTINEL replicas {self.service}\r\n".encode(),
+                password=self.sentinel_password,
+            )
             if f"{second.address[1]}".encode() not in reply:
                 return False
-            others = _answers(sentinel.address, f"SENTINEL sentinels {self.service}\r\n".encode())
+            others = _answers(
+                sentinel.address,
+                f"SENTINEL sentinels {self.service}\r\n".encode(),
+                password=self.sentinel_password,
+            )
             if not others.startswith(b"*2"):  # it knows the two other Sentinels
                 return False
         return self.primary() == first.address
@@ -206,7 +238,9 @@ class RedisGroup:
             raise RuntimeError(f"no other primary to follow (Sentinels say {primary})")
         self._write_server(server, replica_of=primary)
         server.start()
-        self.wait_until(lambda: role_of(server.address) == "slave", f"{server.name} to follow")
+        self.wait_until(
+            lambda: role_of(server.address, self.password) == "slave", f"{server.name} to follow"
+        )
 
     def stop(self) -> None:
         for server in [*self.sentinel_servers, *self.servers]:
@@ -241,6 +275,9 @@ class RedisGroup:
             # Answer at once after a failover rather than wait for a full resync.
             "replica-serve-stale-data yes",
         ]
+        if self.password:
+            # Either server may be the replica after a failover: both authenticate to it.
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
         if replica_of is not None:
             lines.append(f"replicaof {replica_of[0]} {replica_of[1]}")
         server.config.write_text("\n".join(lines) + "\n")
@@ -274,4 +311,12 @@ class RedisGroup:
             f"sentinel known-replica {name} {replica[0]} {replica[1]}",
             *known,
         ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {name} {self.password}")
+        if self.sentinel_password:
+            # Its own password, and the one it gives the other Sentinels (the same).
+            lines += [
+                f"requirepass {self.sentinel_password}",
+                f"sentinel sentinel-pass {self.sentinel_password}",
+            ]
         sentinel.config.write_text("\n".join(lines) + "\n")

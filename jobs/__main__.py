@@ -9,13 +9,11 @@ import os
 import signal
 import sys
 
-from arq.worker import async_check_health
-
 from jobs import worker
 from server.infra import metrics
-from server.infra.keys import HEALTH_CHECK_KEY, QUEUE_NAME
+from server.infra.keys import HEALTH_CHECK_KEY
 from server.infra.logs import configure_logging
-from server.infra.redis_client import arq_redis_settings
+from server.infra.redis_client import redis_client_for
 from server.infra.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +36,23 @@ async def serve(settings: Settings) -> None:
     await worker.run(settings, stopping)
 
 
+async def check_health(settings: Settings) -> int:
+    """0 while a worker is alive, 1 otherwise: arq's health check (a worker refreshes its
+    health key every 30 s, and it expires soon after), through the service's own Redis
+    client, so that it reaches Redis however the service does (Sentinel with passwords
+    included, which arq's own pool cannot give the Sentinels)."""
+    redis = redis_client_for(settings)
+    try:
+        found = await redis.get(HEALTH_CHECK_KEY)
+    finally:
+        await redis.aclose()
+    if not found:
+        logger.warning("health check failed: no worker has written %s lately", HEALTH_CHECK_KEY)
+        return 1
+    logger.info("health check successful: %s", found.decode(errors="replace"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__)
     parser.add_argument("--check", action="store_true", help="health check, for probes")
@@ -45,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
     if args.check:
-        return asyncio.run(
-            async_check_health(arq_redis_settings(settings), HEALTH_CHECK_KEY, QUEUE_NAME)
-        )
+        return asyncio.run(check_health(settings))
     asyncio.run(serve(settings))
     return 0
 

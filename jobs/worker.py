@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from jobs import books
 from server.infra.keys import EXPIRE_DUE_JOB, HEALTH_CHECK_KEY, QUEUE_NAME
 from server.infra.metrics import EXPIRY_LATENESS, HOLDS_EXPIRED
-from server.infra.redis_client import READ_TIMEOUT_S, arq_redis_settings, redis_client_for
+from server.infra.redis_client import READ_TIMEOUT_S, redis_client_for
 from server.infra.settings import Settings
 from server.live.publisher import Publisher
 from server.service.delivery import Deliverer
@@ -176,12 +176,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     arq is handed our client (`redis_pool`) rather than building its own from
     `redis_settings`: arq's pool, with or without Sentinel, sets no read timeout, so on a
     network partition its poll loop would wait on a dead connection for as long as TCP
-    does (many minutes) instead of failing and being started again by `run`."""
+    does (many minutes) instead of failing and being started again by `run`; nor can it
+    give Sentinels a password of their own."""
     if not settings.has_redis:
         raise RuntimeError("REDIS_URL is not set; `bin/serve` starts a Redis for you")
     return {
         "functions": [func(expire_due, name=EXPIRE_DUE_JOB, keep_result=60, max_tries=10)],
-        "redis_settings": arq_redis_settings(settings),
         "redis_pool": redis_client_for(settings),
         "queue_name": QUEUE_NAME,
         # A deferred job starts within one poll of its time; the expiry jobs' lateness

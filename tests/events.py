@@ -57,11 +57,12 @@ def reservation_status(reservation_id: str, status: str) -> Callable[[Frame], bo
 
 
 @asynccontextmanager
-async def listening(redis_url: str) -> AsyncIterator[FrameLog]:
-    """Subscribe to the events channel; frames are collected until the block ends."""
+async def listening(redis_url: str, channel: str = EVENTS_CHANNEL) -> AsyncIterator[FrameLog]:
+    """Subscribe to the events channel (database 0's unless told); frames are collected
+    until the block ends."""
     client = Redis.from_url(redis_url)
     pubsub = client.pubsub()
-    await pubsub.subscribe(EVENTS_CHANNEL)
+    await pubsub.subscribe(channel)
     log = FrameLog()
 
     async def pump() -> None:

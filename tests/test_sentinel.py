@@ -22,14 +22,14 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from cluster.redis_ha import RedisGroup
+from cluster.redis_ha import RedisGroup, _answers
 from server.devtools.embedded_redis import free_port
 from server.devtools.processes import ROOT, Service
-from server.infra.keys import EVENTS_CHANNEL, HEALTH_CHECK_KEY, RATE_LIMIT_PREFIX
-from server.infra.redis_client import redis_client
-from server.infra.settings import Settings, SettingsError
+from server.infra.keys import EVENTS_CHANNEL, HEALTH_CHECK_KEY, RATE_LIMIT_PREFIX, events_channel
+from server.infra.redis_client import database_of, redis_client
+from server.infra.settings import SENTINEL_ONLY, Settings, SettingsError
 from server.storage.database import Store
-from tests.events import listening
+from tests.events import listening, reservation_status
 from tests.support import assert_invariant, eventually
 from tests.test_drills import metric
 from tests.test_live import socket_to
@@ -60,6 +60,58 @@ def test_a_bad_sentinel_address_is_named(value: str) -> None:
 def test_one_redis_or_sentinels_not_both() -> None:
     with pytest.raises(SettingsError, match="REDIS_URL and REDIS_SENTINELS are both set"):
         Settings.from_env({"REDIS_URL": "redis://x", "REDIS_SENTINELS": "a:26379"})
+
+
+def test_a_database_and_credentials_behind_sentinel_are_read() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_SENTINELS": "10.0.0.5:26379",
+            "REDIS_DB": "3",
+            "REDIS_USERNAME": "shop",
+            "REDIS_PASSWORD": " data secret",
+            "REDIS_SENTINEL_USERNAME": "watcher",
+            "REDIS_SENTINEL_PASSWORD": "sentinel secret",
+        }
+    )
+    assert (settings.redis_db, settings.redis_username, settings.redis_password) == (
+        3,
+        "shop",
+        " data secret",  # as given: a space may be part of a password
+    )
+    assert (settings.redis_sentinel_username, settings.redis_sentinel_password) == (
+        "watcher",
+        "sentinel secret",
+    )
+    assert "secret" not in repr(settings)  # settings may be logged; passwords are not
+    assert Settings.from_env({"REDIS_SENTINELS": "a:1"}).redis_db == 0
+
+
+@pytest.mark.parametrize("name", SENTINEL_ONLY)
+def test_sentinel_credentials_beside_one_redis_are_refused(name: str) -> None:
+    """One server's database and credentials are in its URL; two places would leave the
+    reader to guess which one wins."""
+    for env in ({"REDIS_URL": "redis://:pw@127.0.0.1:6379/2"}, {}):
+        with pytest.raises(SettingsError, match=f"{name} apply with REDIS_SENTINELS only"):
+            Settings.from_env({**env, name: "1"})
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_a_bad_redis_db_is_named(value: str) -> None:
+    with pytest.raises(SettingsError, match="REDIS_DB must"):
+        Settings.from_env({"REDIS_SENTINELS": "a:26379", "REDIS_DB": value})
+
+
+async def test_services_in_different_databases_have_events_channels_of_their_own() -> None:
+    """Pub/sub ignores Redis databases: two shops sharing one Redis in databases 0 and 5
+    would each receive the other's frames on one channel name."""
+    clients = [redis_client("redis://127.0.0.1:1/0"), redis_client("redis://:pw@127.0.0.1:1/5")]
+    try:
+        assert [database_of(c) for c in clients] == [0, 5]
+        assert events_channel(0) == EVENTS_CHANNEL
+        assert events_channel(5) != EVENTS_CHANNEL
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 # -- a failover ----------------------------------------------------------------------------
@@ -229,6 +281,99 @@ async def test_a_failover_loses_no_promise_and_every_use_of_redis_follows_it(
                 await primary.aclose()
     finally:
         service.stop()
+    assert "Traceback" not in service.logs(), service.logs()
+
+
+DATA_PASSWORD = "data-secret-1"
+SENTINEL_PASSWORD = "sentinel-secret-2"
+
+
+@pytest.mark.slow
+async def test_sentinel_with_passwords_and_a_database_other_than_0(
+    database_url: str, tmp_path: Path, store: Store
+) -> None:
+    """Sentinels with a password of their own, Redis servers with another, and database 3:
+    every use of Redis (live updates, the job queue and the worker, its health check, the
+    rate limit, the readiness probe) works through them, in database 3 only."""
+    group = RedisGroup(
+        tmp_path / "redis-ha",
+        "127.0.0.1",
+        [free_port() for _ in range(5)],
+        persist=False,
+        password=DATA_PASSWORD,
+        sentinel_password=SENTINEL_PASSWORD,
+    )
+    service = Service(
+        database_url,
+        "",
+        tmp_path / "logs",
+        web_concurrency=1,
+        REDIS_SENTINELS=group.sentinels_env,
+        REDIS_SENTINEL_PASSWORD=SENTINEL_PASSWORD,
+        REDIS_PASSWORD=DATA_PASSWORD,
+        REDIS_DB="3",
+        HOLD_SECONDS="1",
+        SWEEP_SECONDS="30",  # expiries here are the jobs'
+        RESERVE_RATE_LIMIT="2/3600",
+    )
+    try:
+        group.start()
+        primary = group.primary()
+        assert primary is not None
+        # Without the passwords neither the Sentinels nor the servers answer: the service
+        # below can only be working through them.
+        ask = b"SENTINEL get-master-addr-by-name mymaster\r\n"
+        assert _answers(group.sentinels[0], ask).startswith(b"-NOAUTH")
+        assert _answers(primary).startswith(b"-NOAUTH")
+        service.start()
+        host, port = primary
+        url = f"redis://:{DATA_PASSWORD}@{host}:{port}"
+        db3, db0 = Redis.from_url(f"{url}/3"), Redis.from_url(f"{url}/0")
+        try:
+            async with service.client() as client:
+                ready = (await client.get("/readyz")).json()
+            assert ready["status"] == "ok", ready
+            product = await service.new_product(5)
+            pid = product["id"]
+            async with (
+                socket_to(service) as page,
+                listening(f"{url}/3", events_channel(3)) as ours,
+                listening(f"{url}/0") as plain,
+            ):
+                made = await reserve(service, pid, "198.51.100.7")
+                assert made.status_code == 201, made.text
+                hold = made.json()["id"]
+                await page.stock(pid, 4)
+                # The frame went out on database 3's channel, not on the plain one.
+                await ours.wait_for(lambda f: f.get("productId") == pid)
+                # The hold expires through a job from database 3's queue.
+                await ours.wait_for(reservation_status(hold, "EXPIRED"), within=20)
+                await page.stock(pid, 5)
+                assert not [f for f in plain.frames if f.get("productId") == pid]
+
+            async def worker_alive() -> bool:
+                return bool(await db3.exists(HEALTH_CHECK_KEY))
+
+            await eventually(worker_alive, within=30, what="the worker's health key")
+            check = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "jobs", "--check"],
+                cwd=ROOT,
+                env={**os.environ, **service.worker.env},
+                capture_output=True,
+                timeout=30,
+            )
+            assert check.returncode == 0, check.stderr.decode()
+            limited = [await reserve(service, pid, "198.51.100.8") for _ in range(3)]
+            assert [r.status_code for r in limited] == [201, 201, 429]
+            assert await db3.keys(f"{RATE_LIMIT_PREFIX}addr:198.51.100.8:*")
+            assert await db0.dbsize() == 0  # nothing of the service's in database 0
+        finally:
+            await db3.aclose()
+            await db0.aclose()
+    finally:
+        service.stop()
+        group.stop()
     assert "Traceback" not in service.logs(), service.logs()
 
 

@@ -1,15 +1,18 @@
-"""The Redis client every process uses: one server (`REDIS_URL`), or the primary that Redis
-Sentinel names (`REDIS_SENTINELS`, `REDIS_SENTINEL_SERVICE`).
+"""The Redis client every process uses: one server (`REDIS_URL`, with its database and
+credentials), or the primary that Redis Sentinel names (`REDIS_SENTINELS`,
+`REDIS_SENTINEL_SERVICE`; `REDIS_DB`, `REDIS_USERNAME`/`REDIS_PASSWORD` for the servers,
+`REDIS_SENTINEL_USERNAME`/`REDIS_SENTINEL_PASSWORD` for the Sentinels).
 
 Everything a process does with Redis goes through the one client made here: publishing and
-receiving live events, enqueueing expiry jobs, the rate limit, the readiness probe, and the
-worker's arq poll loop. With Sentinel the client is redis-py's `Sentinel.master_for`: every
-new connection asks the Sentinels where the primary is, and a connection to a primary that
-was demoted is dropped (Sentinel closes its clients when it reconfigures a server, and
-redis-py drops a connection that answers READONLY). So after a failover each user of the
-client only has to reconnect, which each already does after any Redis outage: the
-subscriber re-subscribes and resynchronises its pages from the database, the publisher and
-the expiry scheduler retry, the worker starts arq again, the rate limit fails open.
+receiving live events, enqueueing expiry jobs, the rate limit, the readiness probe, the
+worker's arq poll loop (arq is handed this client) and its health check. With Sentinel the
+client is redis-py's `Sentinel.master_for`: every new connection asks the Sentinels where
+the primary is, and a connection to a primary that was demoted is dropped (Sentinel closes
+its clients when it reconfigures a server, and redis-py drops a connection that answers
+READONLY). So after a failover each user of the client only has to reconnect, which each
+already does after any Redis outage: the subscriber re-subscribes and resynchronises its
+pages from the database, the publisher and the expiry scheduler retry, the worker starts arq
+again, the rate limit fails open.
 
 Every connection has a 1 s connect timeout and a 5 s read timeout, the Sentinels' included:
 a host cut off from Redis by the network (packets dropped, no reset) must fail its calls and
@@ -21,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-from arq.connections import ArqRedis, RedisSettings
-from redis.asyncio import ConnectionPool
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel
 
 from server.infra.settings import DEFAULT_SENTINEL_SERVICE, Settings
@@ -60,16 +63,33 @@ def redis_client(
     *,
     sentinels: Sequence[tuple[str, int]] = (),
     service: str = DEFAULT_SENTINEL_SERVICE,
+    db: int = 0,
+    username: str = "",
+    password: str = "",
+    sentinel_username: str = "",
+    sentinel_password: str = "",
 ) -> ArqRedis:
     """One client for everything a process does with Redis; it connects on first use.
 
-    `url` is one server (`redis://host:port/db`); `sentinels` instead are (host, port) pairs
-    of Redis Sentinels that monitor the primary under the name `service`. Raises
-    RuntimeError when neither is given.
+    `url` is one server (`redis://user:password@host:port/db`, all but the host optional);
+    `sentinels` instead are (host, port) pairs of Redis Sentinels that monitor the primary
+    under the name `service`, with the primary's database `db` and credentials
+    (`username`, `password`) and the Sentinels' own (`sentinel_username`,
+    `sentinel_password`); empty credentials are not sent. Raises RuntimeError when neither
+    `url` nor `sentinels` is given.
     """
     if sentinels:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(sentinels), sentinel_kwargs=dict(_SENTINEL_OPTIONS), **_CONNECTION_OPTIONS
+            list(sentinels),
+            sentinel_kwargs={
+                **_SENTINEL_OPTIONS,
+                "username": sentinel_username or None,
+                "password": sentinel_password or None,
+            },
+            db=db,
+            username=username or None,
+            password=password or None,
+            **_CONNECTION_OPTIONS,
         )
         client = cast(SentinelRedis, sentinel.master_for(service, redis_class=SentinelRedis))
         client.sentinel_manager = sentinel
@@ -85,24 +105,20 @@ def redis_client(
     return cast(ArqRedis, ArqRedis.from_pool(pool))
 
 
+def database_of(redis: Redis) -> int:
+    """The database number a client works in (from its URL, or REDIS_DB with Sentinel)."""
+    return int(redis.connection_pool.connection_kwargs.get("db") or 0)
+
+
 def redis_client_for(settings: Settings) -> ArqRedis:
     """`redis_client` for the Redis that `settings` configure."""
     return redis_client(
         settings.redis_url,
         sentinels=settings.redis_sentinels,
         service=settings.redis_sentinel_service,
+        db=settings.redis_db,
+        username=settings.redis_username,
+        password=settings.redis_password,
+        sentinel_username=settings.redis_sentinel_username,
+        sentinel_password=settings.redis_sentinel_password,
     )
-
-
-def arq_redis_settings(settings: Settings) -> RedisSettings:
-    """arq's own description of the same Redis (its sentinel support when Sentinels are
-    configured), for arq's helpers such as the worker health check."""
-    if settings.redis_sentinels:
-        return RedisSettings(
-            host=list(settings.redis_sentinels),
-            sentinel=True,
-            sentinel_master=settings.redis_sentinel_service,
-        )
-    if not settings.redis_url:
-        raise RuntimeError("REDIS_URL or REDIS_SENTINELS must be set")
-    return RedisSettings.from_dsn(settings.redis_url)

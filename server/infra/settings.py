@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/flashsale.db"
 # The name Redis' own sentinel.conf example monitors its primary under.
@@ -26,6 +26,14 @@ class Settings:
     # they monitor the primary under. Set, they replace redis_url (server/infra/redis_client.py).
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_service: str = DEFAULT_SENTINEL_SERVICE
+    # With Sentinel, what REDIS_URL says otherwise: the database number, and the credentials
+    # of the Redis servers (their `requirepass`, or an ACL user's) and of the Sentinels
+    # themselves (their own `requirepass`, or an ACL user's), when they ask for them.
+    redis_db: int = 0
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_sentinel_username: str = ""
+    redis_sentinel_password: str = field(default="", repr=False)
     hold_seconds: float = 120.0
     max_quantity: int = 10
     sweep_seconds: int = 2
@@ -133,6 +141,12 @@ class Settings:
             redis_sentinels=sentinels,
             redis_sentinel_service=env.get("REDIS_SENTINEL_SERVICE", "").strip()
             or DEFAULT_SENTINEL_SERVICE,
+            redis_db=_sentinel_redis(env, sentinels),
+            # Credentials are taken as given: a space may be part of a password.
+            redis_username=env.get("REDIS_USERNAME", ""),
+            redis_password=env.get("REDIS_PASSWORD", ""),
+            redis_sentinel_username=env.get("REDIS_SENTINEL_USERNAME", ""),
+            redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", ""),
             hold_seconds=_number(env, "HOLD_SECONDS", 120.0, minimum=0.05),
             max_quantity=int(_number(env, "MAX_QUANTITY", 10, minimum=1, integer=True)),
             sweep_seconds=int(_number(env, "SWEEP_SECONDS", 2, minimum=1, integer=True)),
@@ -251,6 +265,29 @@ def _addresses(env: Mapping[str, str], name: str, default_port: int) -> tuple[tu
             raise SettingsError(f"{name} must look like host:port,host:port, got {item!r}")
         found.append((host, number))
     return tuple(found)
+
+
+SENTINEL_ONLY = (
+    "REDIS_DB",
+    "REDIS_USERNAME",
+    "REDIS_PASSWORD",
+    "REDIS_SENTINEL_USERNAME",
+    "REDIS_SENTINEL_PASSWORD",
+)
+
+
+def _sentinel_redis(env: Mapping[str, str], sentinels: tuple[tuple[str, int], ...]) -> int:
+    """REDIS_DB, after checking that the settings for Redis behind Sentinel come with
+    REDIS_SENTINELS. One server's database and credentials go in its URL
+    (`redis://user:password@host:6379/2`), so these are refused beside REDIS_URL rather
+    than left for the reader to guess which one wins."""
+    given = [name for name in SENTINEL_ONLY if env.get(name, "")]
+    if given and not sentinels:
+        raise SettingsError(
+            f"{', '.join(given)} apply with REDIS_SENTINELS only; one Redis takes its "
+            "database and credentials in REDIS_URL: redis://user:password@host:6379/2"
+        )
+    return int(_number(env, "REDIS_DB", 0, minimum=0, integer=True))
 
 
 def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:

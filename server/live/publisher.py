@@ -17,8 +17,9 @@ from redis.exceptions import RedisError
 from server.domain.clock import now_ms
 from server.domain.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
 from server.infra.background import Drainer
-from server.infra.keys import EVENTS_CHANNEL
+from server.infra.keys import events_channel
 from server.infra.metrics import EVENTS_PUBLISHED, FRAMES_DROPPED, PUBLISH_FAILURES
+from server.infra.redis_client import database_of
 from server.wire.frames import product_frame, reservation_frame, stock_frame
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ MAX_PENDING_RESERVATION_FRAMES = 50_000
 
 
 class Publisher(Drainer):
-    """Publishes events on `EVENTS_CHANNEL`, one frame per message, pipelined.
+    """Publishes events on the events channel (`events_channel`, for the client's
+    database), one frame per message, pipelined.
 
     Stock frames are coalesced per product to the highest version not yet sent: a page
     needs the latest stock, not every step. While Redis is unreachable the latest state is
@@ -41,6 +43,7 @@ class Publisher(Drainer):
     def __init__(self, redis: Redis) -> None:
         super().__init__()
         self._redis = redis
+        self._channel = events_channel(database_of(redis))
         self._products: dict[int, Product] = {}
         self._stock: dict[int, Product] = {}
         self._reservations: dict[str, ReservationChanged] = {}
@@ -75,7 +78,7 @@ class Publisher(Drainer):
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for frame in frames:
-                    pipe.publish(EVENTS_CHANNEL, to_json(frame))
+                    pipe.publish(self._channel, to_json(frame))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             PUBLISH_FAILURES.inc()

@@ -18,8 +18,9 @@ from pydantic_core import from_json, to_json
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.infra.keys import EVENTS_CHANNEL
+from server.infra.keys import events_channel
 from server.infra.metrics import PUBSUB_RECONNECTS
+from server.infra.redis_client import database_of
 from server.service.catalog import Catalog
 from server.storage.database import Store
 from server.storage.errors import StorageError
@@ -39,6 +40,7 @@ RELOAD_SECONDS = 5.0
 class Subscriber:
     def __init__(self, redis: Redis, store: Store, catalog: Catalog) -> None:
         self._redis = redis
+        self._channel = events_channel(database_of(redis))
         self._store = store
         self._catalog = catalog
         self._listeners: list[FrameListener] = []
@@ -75,7 +77,7 @@ class Subscriber:
         while not self.stopping:
             try:
                 async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(EVENTS_CHANNEL)
+                    await pubsub.subscribe(self._channel)
                     self.connected.set()
                     backoff = MIN_BACKOFF
                     await self._resync()
