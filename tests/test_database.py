@@ -189,3 +189,29 @@ async def test_a_transaction_whose_client_went_silent_is_ended(database_url: str
     assert idle is not None
     assert lock is not None
     assert (idle["idle_in_transaction_session_timeout"], lock["lock_timeout"]) == ("2s", "4s")
+
+
+@pytest.mark.postgres
+async def test_a_snapshot_may_pause_longer_than_a_write_transaction(database_url: str) -> None:
+    """The ledger's reconciliation reads the whole history in one snapshot, a page after
+    another; on a busy process it may pause between two statements for longer than the
+    half busy timeout after which PostgreSQL ends a session idle in a transaction (meant
+    for writers that went silent holding row locks; a snapshot holds none). It must not be
+    ended then, while a write transaction still is."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    store = Store(database_url, busy_timeout_ms=2_000)  # idle in a transaction: 1 s
+    await store.connect()
+    try:
+        async with store.snapshot() as conn:
+            await conn.fetch_one("SELECT 1 AS one")
+            await asyncio.sleep(1.5)  # the pause under test: the reader is busy elsewhere
+            row = await conn.fetch_one("SELECT 2 AS two")
+        assert row is not None
+        assert row["two"] == 2
+        async with store.reader() as conn:
+            setting = await conn.fetch_one("SHOW idle_in_transaction_session_timeout")
+        assert setting is not None
+        assert setting["idle_in_transaction_session_timeout"] == "1s"  # SET LOCAL ended
+    finally:
+        await store.close()

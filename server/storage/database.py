@@ -77,6 +77,13 @@ DEADLOCK_RETRIES = 2
 # rather than reused.
 PG_CONNECT_TIMEOUT_S = 5.0
 PG_STATEMENT_MARGIN_S = 5.0
+# PostgreSQL ends a session idle in a transaction after half the busy timeout (see `Store`),
+# so that a write transaction whose client went silent frees its row locks. A read-only
+# snapshot (the ledger's reconciliation, one page of rows after another over the whole
+# history) holds no lock, and may pause between statements for longer than that on a busy
+# process: it gets this long instead, still bounded, since an open snapshot holds back
+# VACUUM.
+PG_SNAPSHOT_IDLE_TIMEOUT_S = 60
 # Failures after which an asyncpg connection may be left in the middle of an operation. It
 # must then be terminated, not handed back: asyncpg can return such a connection to its
 # pool, where every later use raises InternalClientError or waits forever
@@ -407,7 +414,9 @@ class Store:
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Executor]:
         """A connection whose reads all see the database as of one instant, taking no write
-        lock: for checks that compare several tables (the ledger's reconciliation).
+        lock: for checks that compare several tables (the ledger's reconciliation). Each
+        statement is bounded as any other; the pauses between them by
+        PG_SNAPSHOT_IDLE_TIMEOUT_S on PostgreSQL, not by the busy timeout.
 
         SQLite: a read transaction on a connection of its own (in WAL a reader's snapshot
         holds from its first read to its end; the shared readers are left alone, so that
@@ -426,6 +435,10 @@ class Store:
             async with self._pooled() as conn:
                 raw: asyncpg.Connection = conn.raw_connection
                 async with raw.transaction(isolation="repeatable_read", readonly=True):
+                    await raw.execute(
+                        "SET LOCAL idle_in_transaction_session_timeout = "
+                        f"'{PG_SNAPSHOT_IDLE_TIMEOUT_S}s'"
+                    )
                     yield PostgresExecutor(conn)
 
     @asynccontextmanager
