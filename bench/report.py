@@ -763,6 +763,12 @@ def cluster_markdown(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}` — {result['machine']['cpus']} CPUs, Python "
         f"{result['machine']['python']}, {result['duration_s'] / 60:.1f} min"
+        + (
+            f", load average {result['machine']['load_at_start']} at the start and "
+            f"{result['machine']['load_at_end']} at the end"
+            if "load_at_start" in result["machine"]
+            else ""
+        )
         + (" — **quick mode: the figures are a smoke test**" if result["quick"] else ""),
         "",
         "HAProxy in front of one app host, then two (each the Procfile's `web` with two "

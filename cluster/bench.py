@@ -45,7 +45,7 @@ from bench import steady, storm, wrk
 from bench.stack import ONE_ADDRESS_FOR_ALL, bare_command, cpu_seconds
 from cluster import drills, network
 from cluster.hosts import Cluster, wait_until
-from cluster.network import Topology
+from cluster.network import Host, Topology
 
 TOPOLOGY = Topology(prefix="fsb", subnet="10.214.16")
 BARE_PORT = 8001
@@ -92,6 +92,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shoppers", type=int, default=5_000, help="storm shoppers (5,000)")
     parser.add_argument("--sockets", type=int, default=2_000, help="storm sockets (2,000)")
     parser.add_argument("--units", type=int, default=100, help="storm units (100)")
+    parser.add_argument(
+        "--storm-lead",
+        type=float,
+        help="seconds from making the storm's product to its sale's start, for opening the "
+        "sockets and the shoppers' connections (2 + 1 per 1,000 of them)",
+    )
     parser.add_argument("--seconds", type=float, default=10, help="each wrk run (10 s)")
     parser.add_argument("--steady-seconds", type=float, default=60, help="steady shop (60 s)")
     parser.add_argument("--failovers", type=int, default=3, help="Redis failovers (3)")
@@ -120,7 +126,12 @@ def main(argv: list[str]) -> int:
     result: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "bin/cluster bench " + " ".join(argv),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            # The cores are shared: what else ran shows here (1-minute load average).
+            "load_at_start": round(os.getloadavg()[0], 1),
+        },
         "quick": args.quick,
         "connections": 64,
         "configs": [],
@@ -148,6 +159,7 @@ def main(argv: list[str]) -> int:
         print("== cluster down", flush=True)
         cluster.down()
     result["duration_s"] = round(time.monotonic() - started)
+    result["machine"]["load_at_end"] = round(os.getloadavg()[0], 1)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if failed:
         print(f"the benchmark failed; what it measured is in {out / 'results.json'}")
@@ -175,8 +187,8 @@ class Bench:
         self.cluster.settings.update({"HOLD_SECONDS": str(hold_seconds), **settings})
         serving = TOPOLOGY.app_hosts[:count]
         for host in TOPOLOGY.app_hosts:
-            for backend in ("app", "bare"):
-                self.cluster.edge_command(f"set server {backend}/{host.name} state maint")
+            for server in self._servers(host):
+                self.cluster.edge_command(f"set server {server} state maint")
             network.stop_all(host)
         for host in serving:
             self.cluster.start_app(host)
@@ -188,12 +200,20 @@ class Bench:
                 f"the bare endpoint on {host.name}",
                 30,
             )
-            for backend in ("app", "bare"):
-                self.cluster.edge_command(f"set server {backend}/{host.name} state ready")
+            for server in self._servers(host):
+                self.cluster.edge_command(f"set server {server} state ready")
         for backend in ("app", "bare"):
             self.cluster.wait_in_service(serving, backend=backend)
         names = ", ".join(h.name for h in serving)
         print(f"  serving: {names} (HOLD_SECONDS={hold_seconds})", flush=True)
+
+    @staticmethod
+    def _servers(host: Host) -> list[str]:
+        """The host's entries at the edge: in the service's backends (`live` follows `app`
+        by tracking, but not its panic entries, which have no checks: a stopped host's
+        would take requests in panic mode and refuse them), and the bare endpoint's."""
+        name = host.name
+        return [f"app/{name}", f"app/{name}-panic", f"live/{name}-panic", f"bare/{name}"]
 
     def _bare_env(self) -> dict[str, str]:
         env = self.cluster.app_env()
@@ -263,6 +283,8 @@ class Bench:
             shoppers=self.args.shoppers,
             sockets=self.args.sockets,
             units=self.args.units,
+            lead_seconds=self.args.storm_lead
+            or 2 + (self.args.shoppers + self.args.sockets) / 1_000,
         )
         hold = 3 if self.args.quick else 10
         self.serve(count, hold_seconds=hold)
