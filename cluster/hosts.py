@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,6 +53,7 @@ POSTGRES_PORT = 5432
 REDIS_PORTS = (6379, 6380, 26379, 26380, 26381)  # primary, replica, three Sentinels
 DATABASE = "flashsale"
 ADMIN_TOKEN_FILE = "admin-token"
+SESSION_SECRET_FILE = "session-secret"
 
 # The edge. Every request is balanced on its own (HTTP keep-alive to the client does not pin
 # it to a server); WebSocket connections are balanced when they open and then tunnelled.
@@ -199,6 +201,12 @@ class Cluster:
         if admin_token is None and token_file.exists():
             admin_token = token_file.read_text().strip()
         self.admin_token = admin_token or os.urandom(12).hex()
+        # One key for every web process of every app host: a shopper's cookie signed by one
+        # must be good on the others, wherever the edge sends the next request.
+        secret_file = self.run_dir / SESSION_SECRET_FILE
+        self.session_secret = (
+            secret_file.read_text().strip() if secret_file.exists() else secrets.token_urlsafe(32)
+        )
         self.redis = RedisGroup(
             self.run_dir / "redis",
             topology.data.address,
@@ -239,6 +247,9 @@ class Cluster:
         self.logs.mkdir(parents=True)
         self.run_dir.chmod(0o755)
         (self.run_dir / ADMIN_TOKEN_FILE).write_text(self.admin_token + "\n")
+        secret_file = self.run_dir / SESSION_SECRET_FILE
+        secret_file.write_text(self.session_secret + "\n")
+        secret_file.chmod(0o600)
         try:
             self.say(f"network: bridge {self.topology.bridge}, {self.topology.subnet}.0/24")
             network.create(self.topology)
@@ -333,6 +344,7 @@ class Cluster:
                 "PORT": str(WEB_PORT),
                 "WEB_CONCURRENCY": "2",
                 "ADMIN_TOKEN": self.admin_token,
+                "SESSION_SECRET": self.session_secret,
                 # The edge's X-Forwarded-For names the shopper (rate limit, logs).
                 "FORWARDED_ALLOW_IPS": self.topology.edge.address,
                 "WORKER_METRICS_PORT": "9108",
