@@ -68,21 +68,23 @@ def test_a_database_and_credentials_behind_sentinel_are_read() -> None:
             "REDIS_SENTINELS": "10.0.0.5:26379",
             "REDIS_DB": "3",
             "REDIS_USERNAME": "shop",
-            "REDIS_PASSWORD": " data secret",
+            "REDIS_PASSWORD": " data pw 1",
             "REDIS_SENTINEL_USERNAME": "watcher",
-            "REDIS_SENTINEL_PASSWORD": "sentinel secret",
+            "REDIS_SENTINEL_PASSWORD": "sentinel pw 2",
         }
     )
     assert (settings.redis_db, settings.redis_username, settings.redis_password) == (
         3,
         "shop",
-        " data secret",  # as given: a space may be part of a password
+        " data pw 1",  # as given: a space may be part of a password
     )
     assert (settings.redis_sentinel_username, settings.redis_sentinel_password) == (
         "watcher",
-        "sentinel secret",
+        "sentinel pw 2",
     )
-    assert "secret" not in repr(settings)  # settings may be logged; passwords are not
+    shown = repr(settings)  # settings may be logged; passwords are not
+    assert "data pw 1" not in shown
+    assert "sentinel pw 2" not in shown
     assert Settings.from_env({"REDIS_SENTINELS": "a:1"}).redis_db == 0
 
 
