@@ -321,6 +321,9 @@ async def test_messages_that_are_not_understood_get_error_frames(
             ]:
                 await ws.send(bad)
                 await ws.frames.wait_for(_error(code))
+            # Each refusal names what was sent (issue 15, item 5), escaped.
+            for named in ['"short" is not one', '"\\x00\\x00', "51 were sent"]:
+                await ws.frames.wait_for(_error_saying(named))
             # Still connected and served:
             await ws.send({"type": "watch", "reservations": []})
             for _ in range(2):
@@ -331,6 +334,10 @@ async def test_messages_that_are_not_understood_get_error_frames(
 
 def _error(code: str) -> Callable[[Frame], bool]:
     return lambda frame: frame["type"] == "error" and frame["code"] == code
+
+
+def _error_saying(text: str) -> Callable[[Frame], bool]:
+    return lambda frame: frame["type"] == "error" and text in frame["message"]
 
 
 async def test_an_oversized_message_closes_the_socket(

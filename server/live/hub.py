@@ -417,10 +417,7 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
                 or not all(isinstance(i, str) and is_reservation_id(i) for i in ids)
                 or set(message) - {"type", "reservations"}
             ):
-                problem = (
-                    "invalid_watch",
-                    f'"reservations" must be a list of at most {MAX_WATCHED} reservation ids.',
-                )
+                problem = ("invalid_watch", _watch_problem(message, ids))
             else:
                 await _watch(websocket, hub, client, ids)
                 return
@@ -433,6 +430,20 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
     if client.bad_messages >= MAX_BAD_MESSAGES:
         hub.leave(client)
         await websocket.close(POLICY_VIOLATION, "too many malformed messages")
+
+
+def _watch_problem(message: dict[str, Any], ids: object) -> str:
+    """Why a `watch` message was refused, naming what was sent (cut short and escaped)."""
+    rule = f'"reservations" must be a list of at most {MAX_WATCHED} reservation ids'
+    if extra := sorted(str(k) for k in set(message) - {"type", "reservations"}):
+        return f'"{loggable(extra[0], SHOWN_CHARS)}" is not a field of a watch message.'
+    if not isinstance(ids, list):
+        return f"{rule}; {type(ids).__name__ if ids is not None else 'nothing'} was sent."
+    if len(ids) > MAX_WATCHED:
+        return f"{rule}; {len(ids)} were sent."
+    bad = next(i for i in ids if not (isinstance(i, str) and is_reservation_id(i)))
+    sent = loggable(bad, SHOWN_CHARS) if isinstance(bad, str) else repr(bad)[:SHOWN_CHARS]
+    return f'{rule}; "{sent}" is not one.'
 
 
 async def _watch(websocket: WebSocket, hub: Hub, client: Client, ids: list[str]) -> None:
