@@ -362,6 +362,44 @@ async def test_a_hold_shows_its_price_and_total_and_completing_shows_progress(
     await expect(hold.locator(".reference")).to_be_hidden()  # no order reference yet
 
 
+@EACH_SIZE
+async def test_a_purchase_the_shop_completes_shows_its_order_reference(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    """The shop's backend completes the hold once it has the payment, with its own order
+    reference: the shopper's page shows it and says it, from the live update alone."""
+    name = f"Referenced rug ({size_name(size)})"
+    product = await new_product(site, name, 5, price=40)
+    page = await open_shop(browser, site, size, locale="en-GB")
+    await card(page, product).locator("select").select_option("2")
+    await card(page, product).get_by_role("button", name="Reserve").click()
+    hold = page.locator(".hold", has_text=name)
+    await expect(hold).to_be_focused()
+    await expect(hold.locator(".cost")).to_have_text("€40.00 each · Total €80.00")
+    reservation_id = await hold.get_attribute("data-id")
+
+    async with site.client() as client:
+        made = await client.post(
+            "/api/admin/shop-keys", json={"name": "checkout"}, headers=site.admin_headers()
+        )
+        assert made.status_code == 201, made.text
+        done = await client.post(
+            f"/api/reservations/{reservation_id}/complete",
+            json={"orderReference": "ORD-2041"},
+            headers={"Authorization": f"Bearer {made.json()['key']}"},
+        )
+        assert done.status_code == 200, done.text
+
+    await expect(hold.locator(".outcome")).to_have_text("Purchased. Thank you!")
+    await expect(hold.locator(".reference")).to_have_text("Order reference: ORD-2041")
+    await expect(page.locator("#announcer")).to_have_text(
+        f"You bought 2 of {name}. Order reference: ORD-2041."
+    )
+    await expect(hold.get_by_role("button", name="Complete purchase")).to_be_hidden()
+    await assert_accessible(page)
+    await screenshot(page, f"shop-bought-{size_name(size)}", docs=True)
+
+
 # -- 8. announcements ------------------------------------------------------------------------
 
 RECORD_ANNOUNCEMENTS = """

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.admin import operator_only
-from server.api.http import json_response, parse_params, path_id, path_sent
+from server.api.http import RequestError, json_response, parse_params, path_id, path_sent
 from server.api.spec import (
     DATABASE,
     INVALID_REQUEST,
@@ -25,7 +25,7 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
-from server.domain.clock import iso
+from server.domain.clock import iso, now_ms
 from server.domain.errors import ProductNotFound
 from server.domain.ledger import Entry, Figures, Reconciled
 from server.service.ledger import Ledger
@@ -110,6 +110,86 @@ async def product_ledger(request: Request) -> Response:
     )
 
 
+class HistoryQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    since: Annotated[
+        AwareDatetime | None,
+        Field(description="From this time; default: the start of the sale (at most 92 days)."),
+    ] = None
+    until: Annotated[AwareDatetime | None, Field(description="Until this time; default: now.")] = (
+        None
+    )
+
+
+@operation(
+    "getProductHistory",
+    "Operator",
+    "A product's stock over time, and its sale's figures",
+    {
+        "200": json(ref(schemas.HistoryOut), "The product's units per step, oldest first"),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": UNAUTHORIZED_ANSWER,
+        "404": PRODUCT_OR_NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    parameters=[PRODUCT_ID, *query_parameters(HistoryQuery)],
+    operator=True,
+    description="Read from the stock ledger, so it covers the whole sale whenever the "
+    "console is opened (as long as RETENTION_DAYS keeps the rows). The step is the finest "
+    "of 1 s, 2 s, 5 s … 1 day that draws the range in at most 600 points: per second over a "
+    "sale's first ten minutes, coarser over longer ranges. The cost is the movements in the "
+    "range, read through the ledger's index by time, not the history before it. `figures`: "
+    "sell-through, time to sell out, holds converted to purchases, revenue.",
+)
+@operator_only
+async def product_history(request: Request) -> Response:
+    product_id = path_id(request, "product_id")
+    query = parse_params(request.query_params, HistoryQuery)
+    until = _ms(query.until) or now_ms()
+    found = None
+    if product_id is not None:
+        try:
+            found = await ledger_of(request).history(
+                product_id, since=_ms(query.since), until=until
+            )
+        except ValueError as exc:
+            raise RequestError(400, INVALID_REQUEST, f"{exc}.") from None
+    if found is None:
+        raise ProductNotFound(path_sent(request, "product_id"))
+    s = found.stats
+    ended = s.sold + s.expired + s.cancelled
+    sold_out = found.sold_out_at
+    return json_response(
+        {
+            "productId": product_id,
+            "since": iso(found.since),
+            "until": iso(found.until),
+            "stepSeconds": found.step / 1000,
+            "points": [
+                {
+                    "at": iso(p.at),
+                    **_figures(p.figures),
+                    "heldIn": p.held,
+                    "soldIn": p.sold,
+                    "returnedIn": p.returned,
+                }
+                for p in found.points
+            ],
+            "figures": {
+                "startedAt": iso(found.started),
+                "sellThrough": s.sold / s.total if s.total else 0.0,
+                "soldOutAt": None if sold_out is None else iso(sold_out),
+                "timeToSellOutSeconds": (
+                    None if sold_out is None else max(sold_out - found.started, 0) / 1000
+                ),
+                "holdsConverted": s.sold / ended if ended else None,
+                "revenue": s.revenue_cents / 100,
+            },
+        }
+    )
+
+
 @operation(
     "reconcile",
     "Operator",
@@ -175,5 +255,6 @@ def _reconciled_view(p: Reconciled) -> dict[str, object]:
 
 routes = [
     Route("/api/admin/products/{product_id}/ledger", product_ledger, methods=["GET"]),
+    Route("/api/admin/products/{product_id}/history", product_history, methods=["GET"]),
     Route("/api/admin/reconcile", reconcile, methods=["GET"]),
 ]

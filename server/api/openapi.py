@@ -76,6 +76,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.ReservationFrame,
     schemas.ErrorFrame,
     schemas.LedgerPageOut,
+    schemas.HistoryOut,
     schemas.ReconcileOut,
     schemas.WebhookOut,
     schemas.WebhookSecretOut,

@@ -654,6 +654,7 @@ async def complete(
         # version, a stock event), so that every page learns that they will not come back.
         sold = await conn.fetch_one(
             "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q, "
+            "revenue_cents = revenue_cents + :q * price_cents, "
             "version = version + 1, updated_at = :now "
             f"WHERE id = :id RETURNING {PRODUCT}",
             {"id": reservation.product_id, "q": reservation.quantity, "now": now},
@@ -1171,6 +1172,8 @@ class Stats:
     sold: int
     expired: int
     cancelled: int
+    # What the sold units brought in, in cents, each at the price it sold at (migration 0008).
+    revenue_cents: int = 0
 
 
 async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
@@ -1180,7 +1183,7 @@ async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
     where = "WHERE id = :id " if product_id is not None else ""
     rows = await conn.fetch_all(
         "SELECT id, total_stock, available_stock, held_units, sold_units, expired_units, "
-        f"cancelled_units FROM products {where}ORDER BY id",
+        f"cancelled_units, revenue_cents FROM products {where}ORDER BY id",
         {"id": product_id} if product_id is not None else {},
     )
     return [
@@ -1192,6 +1195,7 @@ async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
             sold=int(row["sold_units"]),
             expired=int(row["expired_units"]),
             cancelled=int(row["cancelled_units"]),
+            revenue_cents=int(row["revenue_cents"]),
         )
         for row in rows
     ]

@@ -434,6 +434,50 @@ class LedgerPageOut(_Response):
     )
 
 
+class HistoryPointOut(_Response):
+    at: str = Field(description="The start of the step.", json_schema_extra=_TIME)
+    available: int = Field(description="Units available at the end of the step.")
+    held: int
+    sold: int
+    total: int
+    held_in: int = Field(description="Units put into new holds during the step.")
+    sold_in: int = Field(description="Units sold during the step.")
+    returned_in: int = Field(description="Units back on sale from expired or cancelled holds.")
+
+
+class SaleFiguresOut(_Response):
+    started_at: str = Field(
+        description="When the sale started (or starts): saleStartsAt, or the product's creation.",
+        json_schema_extra=_TIME,
+    )
+    sell_through: float = Field(description="Units sold of the total stock, 0 to 1.")
+    sold_out_at: str | None = Field(
+        description="When the last unit sold, if every unit is sold.", json_schema_extra=_TIME
+    )
+    time_to_sell_out_seconds: float | None = Field(
+        description="From the start of the sale to the last unit sold, if every unit is sold."
+    )
+    holds_converted: float | None = Field(
+        description="Units bought of the units in holds that ended (bought, expired or "
+        "cancelled), 0 to 1; null before any hold ended."
+    )
+    revenue: float = Field(
+        description="What the sold units brought in, each at the price it sold at, in the "
+        "shop's currency."
+    )
+
+
+class HistoryOut(_Response):
+    product_id: int
+    since: str = Field(json_schema_extra=_TIME)
+    until: str = Field(json_schema_extra=_TIME)
+    step_seconds: float = Field(description="The length of each point's step.")
+    points: list[HistoryPointOut] = Field(
+        description="One per step, oldest first: the units at the end of it, and what moved."
+    )
+    figures: SaleFiguresOut
+
+
 class FiguresOut(_Response):
     available: int
     held: int

@@ -322,7 +322,9 @@ class Shop {
     this.settledSaid.add(reservation.id);
     const name = this.nameOf(reservation);
     const sentences = {
-      COMPLETED: `You bought ${reservation.quantity} of ${name}.`,
+      COMPLETED: reservation.orderReference
+        ? `You bought ${reservation.quantity} of ${name}. Order reference: ${reservation.orderReference}.`
+        : `You bought ${reservation.quantity} of ${name}.`,
       CANCELLED:
         reservation.cancelledBy === "operator"
           ? `The shop cancelled your hold of ${name}${reservation.cancelReason ? `: ${reservation.cancelReason}` : ""}.`
