@@ -9,11 +9,13 @@ product 0.".
 
 from __future__ import annotations
 
+import time
 import types
 import typing
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 from annotated_types import MaxLen
 from pydantic import AfterValidator, BaseModel
@@ -298,3 +300,36 @@ async def test_an_id_that_names_nothing_is_404_naming_what_was_sent(
 async def test_a_product_id_in_a_body_that_names_nothing_is_named_too(api: Api) -> None:
     error = assert_error(await api.reserve(123456, 1), 404, "product_not_found")
     assert error["message"] == "There is no product 123456."
+
+
+# -- who is asking ----------------------------------------------------------------------------
+
+JWT_SECRET = "the-shop-signs-its-customers-with-this-secret!!"
+
+
+@pytest.mark.parametrize("sub", ["al\x00ice", "\x00", "al\ud800ice"])
+async def test_a_shop_token_whose_subject_cannot_be_stored_is_401_naming_it(
+    database_url: str, redis_url: str, store: Store, sub: str
+) -> None:
+    """The shopper's id (`shop:<sub>`) is stored with their holds: a `sub` with U+0000 or a
+    lone surrogate (JSON allows both as escapes) is refused like any bad token."""
+    settings = app_settings(database_url, redis_url, shopper_jwt_secret=JWT_SECRET)
+    signed = jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, JWT_SECRET)
+    async for client in serve(settings):
+        api = Api(client, store)
+        product = await make_product(store, 5)
+        response = await client.post(
+            "/api/reservations",
+            json={"productId": product.id, "quantity": 1},
+            headers={"Authorization": f"Bearer {signed}"},
+        )
+        error = assert_error(response, 401, "unauthorized")
+        assert "`sub`" in error["message"], error
+        fine = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, JWT_SECRET)
+        held = await client.post(
+            "/api/reservations",
+            json={"productId": product.id, "quantity": 1},
+            headers={"Authorization": f"Bearer {fine}"},
+        )
+        assert held.status_code == 201, held.text
+        assert (await stats(api.store, product.id)).held == 1

@@ -43,6 +43,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.http import RequestError
+from server.domain import text
 from server.infra.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,10 @@ class Identities:
             raise _unauthorized(
                 f"The token's `sub` must be a string of 1 to {MAX_SUB_LENGTH} characters."
             )
+        # The shopper's id is stored with their holds: the one rule for stored text (a JSON
+        # `sub` may carry "\u0000" or a lone surrogate, which neither database can keep).
+        if (found := text.problem(sub, MAX_SUB_LENGTH)) is not None:
+            raise _unauthorized(f"The token's `sub` {found}.")
         return SIGNED_IN + sub
 
     def cookie_shopper(self, scope: Scope) -> str:
