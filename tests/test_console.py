@@ -366,3 +366,43 @@ async def test_the_operator_cancels_a_hold_and_the_shoppers_page_says_so(
     await assert_accessible(shop)
     await assert_accessible(page)
     await screenshot(shop, f"shop-cancelled-by-shop-{size_name(size)}", docs=True)
+
+
+# -- 10. the sale so far, from the server's history ----------------------------------------
+
+
+@EACH_SIZE
+async def test_a_console_opened_mid_sale_draws_the_sale_so_far_with_its_figures(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    name = f"Charted chair ({size_name(size)})"
+    product = await new_product(site, name, 8)  # €12.50 each
+    for action in ("complete", "complete", "cancel"):
+        await act(site, await reserve(site, product["id"], 2), action)
+    await reserve(site, product["id"], 1)  # still held
+    # Opened after all that: the history is the server's, not the page's.
+    page = await open_console(browser, site, size, locale="en-GB")
+    await choose(page, product)
+    await expect(page.locator("#figure-sell-through")).to_have_text("50%")  # 4 of 8 sold
+    await expect(page.locator("#figure-converted")).to_have_text("66.7%")  # 4 of 6 ended
+    await expect(page.locator("#figure-revenue")).to_have_text("€50.00")
+    await expect(page.locator("#figure-sell-out")).to_have_text("Not sold out")
+    await expect(page.locator("#chart-summary")).to_have_text(
+        "Now 3 available, 1 held, 4 sold of 8."
+    )
+    await expect(page.locator("#chart-range")).to_have_text(
+        re.compile(r"^From .+ to now, a point every 1 s\. Hover over the chart for the values\.$")
+    )
+    chart = page.locator("#chart")
+    await expect(chart.locator("polyline")).to_have_count(3)
+    await expect(chart.locator("text", has_text="Units")).to_have_count(1)
+    assert await chart.locator("text").count() >= 6  # the units' and the times' ticks
+    # Hovering at the right edge reads the values now.
+    box = await chart.bounding_box()
+    assert box is not None
+    await chart.hover(position={"x": box["width"] - 14, "y": box["height"] / 2})
+    await expect(page.locator("#chart-readout")).to_have_text(
+        re.compile(r"^\d\d:\d\d:\d\d: available 3, held 1, sold 4$")
+    )
+    await assert_accessible(page)
+    await screenshot(page, f"admin-history-{size_name(size)}", docs=True)

@@ -51,19 +51,21 @@ class Console {
     this.products = new Map(); // id → Product
     this.stats = new Map(); // id → Stats
     this.holds = [];
-    this.history = new Map(); // product id → [{at, values: {available, held}}], last minutes
     this.selected = null;
     this.editing = null; // the product the edit form was filled from
     this.refreshing = false;
     this.refreshSoon = null;
     this.timers = [];
     this.chart = new Chart($("#chart"), {
-      windowMs: 5 * 60_000,
       series: [
-        { key: "available", className: "available" },
-        { key: "held", className: "held" },
+        { key: "available", className: "available", label: "available" },
+        { key: "held", className: "held", label: "held" },
+        { key: "sold", className: "sold", label: "sold" },
       ],
+      readout: $("#chart-readout"),
+      format: formatCount,
     });
+    this.saleHistory = null; // the chosen product's history, as the server last gave it
     this.live = new LiveFeed({
       products: (list) => list.forEach((p) => this.products.set(p.id, p)),
       stock: () => this.scheduleRefresh(),
@@ -375,6 +377,7 @@ class Console {
     if (this.selected !== id) $("#detail-message").textContent = "";
     this.selected = id;
     this.render();
+    this.loadHistory().then(() => this.render(), () => {});
   }
 
   // -- what the server says -------------------------------------------------------------
@@ -400,7 +403,7 @@ class Console {
       this.stats = new Map(stats.map((s) => [s.productId, s]));
       this.holds = holds;
       if (this.selected === null && stats.length) this.selected = stats[0].productId;
-      this.record(clock.now());
+      await this.loadHistory();
       this.render();
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) this.explain(error);
@@ -409,14 +412,50 @@ class Console {
     }
   }
 
-  record(now) {
-    const horizon = now - this.chart.windowMs;
-    for (const stats of this.stats.values()) {
-      const samples = this.history.get(stats.productId) || [];
-      samples.push({ at: now, values: { available: stats.available, held: stats.held } });
-      while (samples.length && samples[0].at < horizon) samples.shift();
-      this.history.set(stats.productId, samples);
+  // The chosen product's history and figures, from the server: the whole sale, whenever
+  // the console was opened.
+  async loadHistory() {
+    const id = this.selected;
+    if (id === null || !this.stats.has(id)) return;
+    try {
+      const { data } = await this.admin("GET", `/api/admin/products/${id}/history`);
+      if (this.selected === id) this.saleHistory = data;
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) throw error;
+      // Drawn again at the next refresh.
     }
+  }
+
+  renderHistory() {
+    const data = this.saleHistory;
+    if (!data || data.productId !== this.selected) {
+      this.chart.draw({ from: clock.now() - 60_000, to: clock.now(), samples: [] });
+      for (const id of ["sell-through", "sell-out", "converted", "revenue"]) $(`#figure-${id}`).textContent = "…";
+      return;
+    }
+    const from = parseTime(data.since);
+    const to = parseTime(data.until);
+    const samples = data.points.map((p) => ({
+      at: parseTime(p.at),
+      values: { available: p.available, held: p.held, sold: p.sold },
+    }));
+    this.chart.draw({ from, to, samples });
+    const step = data.stepSeconds;
+    const per = step < 60 ? `${step} s` : step < 3600 ? `${step / 60} min` : `${step / 3600} h`;
+    $("#chart-range").textContent =
+      `From ${formatMoment(from)} to now, a point every ${per}. Hover over the chart for the values.`;
+    const last = data.points[data.points.length - 1];
+    $("#chart-summary").textContent = last
+      ? `Now ${formatCount(last.available)} available, ${formatCount(last.held)} held, ` +
+        `${formatCount(last.sold)} sold of ${formatCount(last.total)}.`
+      : "No movements yet.";
+    const f = data.figures;
+    const percent = (share) => new Intl.NumberFormat(undefined, { style: "percent", maximumFractionDigits: 1 }).format(share);
+    $("#figure-sell-through").textContent = percent(f.sellThrough);
+    $("#figure-sell-out").textContent =
+      f.timeToSellOutSeconds === null ? "Not sold out" : formatDuration(f.timeToSellOutSeconds * 1000);
+    $("#figure-converted").textContent = f.holdsConverted === null ? "No hold has ended yet" : percent(f.holdsConverted);
+    $("#figure-revenue").textContent = this.money.text(f.revenue);
   }
 
   // -- the page ---------------------------------------------------------------------------
@@ -508,7 +547,7 @@ class Console {
     $("#detail-so-far").textContent =
       `${formatCount(stats.expired)} expired, ${formatCount(stats.cancelled)} cancelled`;
     $("#restock-form input").setAttribute("aria-label", `Units to add to ${product?.name || ""}`);
-    this.chart.draw(clock.now(), this.history.get(this.selected) || []);
+    this.renderHistory();
   }
 
   renderHolds() {
