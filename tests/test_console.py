@@ -279,7 +279,7 @@ async def test_the_operator_pauses_resumes_reduces_edits_and_ends_a_sale(
     await expect(shop_card.locator(".count")).to_have_text("10 of 14 left")
 
     # Edit the name and the price: the table and the shop page follow at once.
-    await page.get_by_text("Edit name, price or start").click()
+    await page.get_by_text("Edit name, price, start or limit per customer").click()
     edit = page.locator("#edit-form")
     await expect(edit.get_by_label("New name")).to_have_value(name)
     renamed = f"Renamed canoe ({size_name(size)})"
@@ -287,7 +287,9 @@ async def test_the_operator_pauses_resumes_reduces_edits_and_ends_a_sale(
     await edit.get_by_label("New price").fill("99.50")
     await assert_accessible(page)
     await edit.get_by_role("button", name="Save changes").click()
-    await expect(message).to_have_text(f"Saved {renamed}: €99.50, on sale now.")
+    await expect(message).to_have_text(
+        f"Saved {renamed}: €99.50, on sale now, no limit per customer."
+    )
     await expect(row(page, product).get_by_role("button", name=renamed)).to_be_visible()
     await expect(shop_card.locator(".name")).to_have_text(renamed)
     await expect(shop_card.locator(".price")).to_have_text("€99.50")

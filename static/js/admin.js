@@ -204,6 +204,7 @@ class Console {
       stock: Number(fields.stock.value),
     };
     if (fields.saleStartsAt.value) body.saleStartsAt = new Date(fields.saleStartsAt.value).toISOString();
+    if (fields.maxPerShopper.value) body.maxPerShopper = Number(fields.maxPerShopper.value);
     const message = $("#create-message");
     try {
       const { data } = await this.admin("POST", "/api/admin/products", body);
@@ -300,6 +301,7 @@ class Console {
     fields.name.value = product.name;
     fields.price.value = product.price.toFixed(2);
     fields.saleStartsAt.value = product.saleStartsAt ? localInput(parseTime(product.saleStartsAt)) : "";
+    fields.maxPerShopper.value = product.maxPerShopper ?? "";
     this.previewStart(fields.saleStartsAt.value, $("#edit-starts-preview"));
     this.editing = this.selected;
   }
@@ -311,10 +313,12 @@ class Console {
     body.saleStartsAt = fields.saleStartsAt.value
       ? new Date(fields.saleStartsAt.value).toISOString()
       : null;
+    body.maxPerShopper = fields.maxPerShopper.value ? Number(fields.maxPerShopper.value) : null;
     try {
       const data = await this.productAction("PATCH", `/api/admin/products/${id}`, body);
       const starts = data.saleStartsAt ? `starts ${bothZones(parseTime(data.saleStartsAt)).text}` : "on sale now";
-      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}.`);
+      const limit = data.maxPerShopper ? `at most ${formatCount(data.maxPerShopper)} per customer` : "no limit per customer";
+      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}, ${limit}.`);
       $("#edit").open = false;
       $("#edit summary").focus();
     } catch (error) {
@@ -524,6 +528,9 @@ class Console {
     if (!stats) return;
     $("#detail-name").textContent = product?.name || `Product ${this.selected}`;
     $("#detail-price").textContent = product ? this.money.text(product.price) : "";
+    $("#detail-limit").textContent = product?.maxPerShopper
+      ? `${formatCount(product.maxPerShopper)} (active and bought holds together)`
+      : "None";
     const sale = this.saleOf(product, stats);
     let saleText = SALE_WORDS[sale.state];
     if (sale.state === "scheduled") saleText = `Starts ${bothZones(sale.starts).text}`;

@@ -79,6 +79,11 @@ export const api = {
   products: (etag, query = "") =>
     request("GET", query ? `/api/products?${query}` : "/api/products", { etag }),
   reservation: (id) => request("GET", `/api/reservations/${encodeURIComponent(id)}`),
+  // Who this browser is to the shop (the cookie is set on the first visit) and its units
+  // of each product, which count against a product's limit per customer.
+  me: () => request("GET", "/api/me"),
+  // This shopper's holds still running, newest first: what a page restores.
+  myActiveHolds: () => request("GET", "/api/me/reservations?status=ACTIVE"),
   reserve: (productId, quantity, key) =>
     request("POST", "/api/reservations", {
       body: { productId, quantity },

@@ -149,8 +149,10 @@ export class ShopView {
   // -- products -------------------------------------------------------------------------
 
   // `max`: the most units this shopper can ask for now (0: none); `mine`: the units of it
-  // this shopper holds; `now`: the server's time, to tell on sale from coming soon.
-  renderProduct({ product, changed = false, max, mine, now }) {
+  // this shopper holds; `has`: the units of it this shopper has held or bought, which count
+  // against `product.maxPerShopper`; `now`: the server's time, to tell on sale from coming
+  // soon.
+  renderProduct({ product, changed = false, max, mine, has = 0, now }) {
     let card = this.productCard(product.id);
     if (!card) {
       card = this.productTemplate.content.firstElementChild.cloneNode(true);
@@ -180,6 +182,13 @@ export class ShopView {
     card.classList.toggle("all-reserved", left <= 0 && held > 0);
 
     this.setQuantities($("select", card), max);
+    const limit = $(".limit", card);
+    const cap = product.maxPerShopper;
+    limit.hidden = !cap;
+    if (cap) {
+      const yoursNow = has >= cap ? `you have ${formatCount(has)}, the most you can` : `you have ${formatCount(has)}`;
+      limit.textContent = `Limit ${formatCount(cap)} per customer · ${yoursNow}`;
+    }
     const yours = $(".yours", card);
     yours.hidden = !mine;
     yours.textContent = mine ? `You hold ${formatCount(mine)} of these (see Your holds).` : "";

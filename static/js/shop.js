@@ -47,6 +47,9 @@ class Shop {
     this.reminded = new Map(); // hold id → the lowest reminder said (or passed unsaid)
     this.settledSaid = new Set(); // holds whose ending has been announced
     this.pausedUntil = 0; // Date.now() until which the server asked us not to reserve
+    // Per product id, this shopper's units in active and completed holds, as the server
+    // counts them against a product's limit per customer (GET /api/me).
+    this.owned = new Map();
     this.shown = null; // Set of the product ids this page shows, or null: every product
     this.live = new LiveFeed({
       products: (list) => {
@@ -66,6 +69,7 @@ class Shop {
   }
 
   async start() {
+    await this.refreshOwned();
     try {
       const { data: config } = await api.config();
       this.config = config;
@@ -123,6 +127,7 @@ class Shop {
     if (settled && known.status === "ACTIVE") {
       this.announceEnd(reservation);
       this.live.watch(this.activeHoldIds());
+      this.refreshOwned(); // a cancelled or expired hold gave its units back
     }
   }
 
@@ -132,6 +137,7 @@ class Shop {
       changed,
       max: this.quantityLimit(product),
       mine: this.unitsHeld(product.id),
+      has: this.owned.get(product.id) ?? 0,
       now: clock.now(),
     });
   }
@@ -141,10 +147,23 @@ class Shop {
     if (product) this.renderProduct(product);
   }
 
-  // The most units the shopper may ask for now: what is left, up to MAX_QUANTITY. (Per-
-  // shopper limits, when the server gives them, also cap it here.)
+  // The most units the shopper may ask for now: what is left, up to MAX_QUANTITY, and up
+  // to what the product's limit per customer leaves them.
   quantityLimit(product) {
-    return Math.max(0, Math.min(this.config.maxQuantity, product.availableStock));
+    let most = Math.min(this.config.maxQuantity, product.availableStock);
+    if (product.maxPerShopper) most = Math.min(most, product.maxPerShopper - (this.owned.get(product.id) ?? 0));
+    return Math.max(0, most);
+  }
+
+  // What the server counts against the limits: asked again after every change of a hold.
+  async refreshOwned() {
+    try {
+      const { data } = await api.me();
+      this.owned = new Map(Object.entries(data.units || {}).map(([id, n]) => [Number(id), n]));
+    } catch {
+      return; // the figures stay as they were; the server still enforces the limit
+    }
+    for (const product of this.products.values()) this.renderProduct(product);
   }
 
   unitsHeld(productId) {
@@ -183,8 +202,11 @@ class Shop {
         "announce",
         `Held ${reservation.quantity} of ${reservation.product.name} for ${formatDuration(left)}.`,
       );
+      this.refreshOwned();
     } catch (error) {
       this.view.render("productError", { id: productId, message: sentenceFor(error) });
+      // Refused by the limit per customer: the page learns what the server counts.
+      if (error instanceof ApiError && error.code === "shopper_limit_reached") this.refreshOwned();
       // A refusal says what the stock is now: show it at once, not at the next update.
       if (error instanceof ApiError && error.body.stock) this.applyStock(error.body.stock);
       if (error instanceof ApiError && (error.status === 429 || error.status === 503)) {
@@ -231,7 +253,21 @@ class Shop {
     } catch {
       ids = [];
     }
+    // The shopper's running holds, as the server knows them (another tab's, or this
+    // browser's after its storage was cleared), then those this browser remembers.
+    try {
+      const { data: running } = await api.myActiveHolds();
+      for (const hold of running) {
+        this.holds.set(hold.id, hold);
+        this.passReminders(hold.id, parseTime(hold.expiresAt) - clock.now());
+        this.applyProduct(hold.product);
+        this.renderHold(hold);
+      }
+    } catch {
+      // Only what this browser remembers, then.
+    }
     for (const id of ids) {
+      if (this.holds.has(id)) continue;
       try {
         const { data } = await api.reservation(id);
         this.holds.set(id, data);
