@@ -58,6 +58,7 @@ class Receiver:
         self.refused_signatures = 0
         self.fail_next = 0
         self.delay = 0.0  # seconds each request takes (a slow receiver)
+        self.failure_body = b"not now"  # what a refusal (`fail_next`) says
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -73,7 +74,7 @@ class Receiver:
             await asyncio.sleep(self.delay)
         if self.fail_next > 0:
             self.fail_next -= 1
-            return Response("not now", status_code=500)
+            return Response(self.failure_body, status_code=500)
         if self.secret is None:
             return Response("no secret yet", status_code=503)
         try:

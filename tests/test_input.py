@@ -25,9 +25,12 @@ from server.api.shop import ProductsQuery
 from server.api.webhooks import DeliveryQuery
 from server.domain import text
 from server.domain.text import problem
+from server.service.delivery import Deliverer
+from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from server.wire import schemas
-from tests.support import make_product, serve, stats
+from tests.receiver import Receiver
+from tests.support import eventually, hold, make_product, serve, stats
 from tests.test_api import TOKEN, Api, app_settings, assert_error
 
 
@@ -333,3 +336,41 @@ async def test_a_shop_token_whose_subject_cannot_be_stored_is_401_naming_it(
         )
         assert held.status_code == 201, held.text
         assert (await stats(api.store, product.id)).held == 1
+
+
+# -- what a webhook receiver answers ------------------------------------------------------------
+
+
+def test_text_we_cannot_refuse_is_made_storable() -> None:
+    assert text.storable("HTTP 500: bad\x00news", 100) == "HTTP 500: bad\ufffdnews"
+    assert text.storable("lone \ud800 half", 100) == "lone \ufffd half"
+    assert text.storable("x" * 600, 500) == "x" * 500
+    assert text.storable("fine é 😀", 100) == "fine é 😀"
+
+
+async def test_a_receivers_refusal_with_a_nul_in_it_is_recorded(store: Store) -> None:
+    """What the receiver answered is kept for the console (`lastError`). A NUL in it made
+    PostgreSQL refuse the transaction that records the attempt, so the failure was never
+    recorded and the queue's lease just ran out, again and again."""
+    receiver = Receiver()
+    receiver.fail_next = 1_000
+    receiver.failure_body = b"try \x00 later \xff"
+    await receiver.start()
+    sender = None
+    try:
+        endpoint = await Webhooks(store).create(url=receiver.url, events=[], description="")
+        receiver.secret = endpoint.secret
+        sender = Deliverer(store, timeout_s=2.0, backoff_s=0.05, retry_hours=24.0, poll_ms=20)
+        sender.start()
+        await hold(store, (await make_product(store, 5)).id, 1)
+
+        async def recorded() -> list[str]:
+            found = await Webhooks(store).deliveries(endpoint.id, limit=50) or []
+            return [d.last_error for d in found if d.last_error and d.attempts > 0]
+
+        errors = await eventually(recorded, what="a refusal recorded")
+        assert errors[0] == "HTTP 500: try \ufffd later \ufffd", errors
+    finally:
+        if sender is not None:
+            await sender.stop()
+        await receiver.stop()

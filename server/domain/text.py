@@ -21,6 +21,7 @@ messages all ask it, and answer 400 naming the field.
 from __future__ import annotations
 
 NUL = "\x00"
+REPLACEMENT = "\ufffd"
 # The most characters of a client's value an error message quotes back to it.
 SHOWN_CHARS = 64
 
@@ -44,3 +45,13 @@ def problem(value: str, max_chars: int) -> str | None:
 def is_storable(value: str, max_chars: int) -> bool:
     """`problem(value, max_chars) is None`."""
     return problem(value, max_chars) is None
+
+
+def storable(value: str, max_chars: int) -> str:
+    """`value` made storable, for text we keep but cannot refuse (what a webhook receiver
+    answered): each U+0000 and lone surrogate becomes U+FFFD, and it is cut to
+    `max_chars`. Text a client sends is refused instead (`problem`), never altered."""
+    value = value[:max_chars]
+    if is_storable(value, max_chars):
+        return value
+    return "".join(REPLACEMENT if c == NUL or "\ud800" <= c <= "\udfff" else c for c in value)

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 import httpx
 from standardwebhooks import Webhook
 
-from server.domain import webhooks
+from server.domain import text, webhooks
 from server.domain.clock import now_ms
 from server.domain.webhooks import Attempt, Endpoint, Outgoing, Run
 from server.infra.metrics import (
@@ -58,6 +58,7 @@ DISPATCH_BATCH = 500
 PER_QUEUE = 50  # deliveries sent in one run of one queue
 MAX_BACKOFF_MS = 3_600_000
 ERROR_BODY_BYTES = 300
+MAX_ERROR_CHARS = 500  # as much of an attempt's error as is kept (server.domain.webhooks.settle)
 USER_AGENT = "flashsale-webhooks/1"
 DELIVERED = WEBHOOK_DELIVERIES.labels("delivered")
 FAILED = WEBHOOK_DELIVERIES.labels("failed")
@@ -293,6 +294,9 @@ class Deliverer:
         except (httpx.HTTPError, OSError) as exc:
             status, error = None, f"{type(exc).__name__}: {exc}"[:300]
         (DELIVERED if status is not None and 200 <= status < 300 else FAILED).inc()
+        # What the receiver said is stored: a NUL in its body once made PostgreSQL refuse
+        # the whole settling transaction, so the attempt was never recorded (issue 15).
+        error = None if error is None else text.storable(error, MAX_ERROR_CHARS)
         return Attempt(outgoing.event_id, at, status, error)
 
     def _signer(self, secret: str) -> Webhook:
