@@ -174,7 +174,12 @@ async def test_the_reservation_limit_holds_across_processes(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     with running(
-        database_url, redis_url, tmp_path / "logs", web_concurrency=2, RESERVE_RATE_LIMIT="5/60"
+        database_url,
+        redis_url,
+        tmp_path / "logs",
+        web_concurrency=2,
+        RESERVE_RATE_LIMIT="5/60",
+        RESERVE_RATE_LIMIT_WAIT_MS="5000",
     ) as service:
         product_id = (await service.new_product(100))["id"]
         # The limit counts per minute-long window: start well inside one.

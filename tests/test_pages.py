@@ -209,7 +209,12 @@ async def test_refusals_are_sentences(browser: Browser, site: Service) -> None:
 @pytest.fixture(scope="module")
 def limited_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A service that lets each client make one reservation per 5 seconds."""
-    yield from serve(tmp_path_factory.mktemp("limited"), worker=False, RESERVE_RATE_LIMIT="1/5")
+    yield from serve(
+        tmp_path_factory.mktemp("limited"),
+        worker=False,
+        RESERVE_RATE_LIMIT="1/5",
+        RESERVE_RATE_LIMIT_WAIT_MS="5000",
+    )
 
 
 async def test_too_many_reservations_is_a_sentence_and_the_page_waits(

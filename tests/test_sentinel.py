@@ -180,6 +180,7 @@ async def test_a_failover_loses_no_promise_and_every_use_of_redis_follows_it(
         # The sweeper runs at the worker's start and then rarely: expiries here are the jobs'.
         SWEEP_SECONDS="30",
         RESERVE_RATE_LIMIT="3/3600",
+        RESERVE_RATE_LIMIT_WAIT_MS="5000",  # the 429 below must not depend on the load
     )
     try:
         service.start()

@@ -115,7 +115,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.subscriber = subscriber
             app.state.hub = hub
             app.state.rate_limiter = (
-                RateLimiter(redis, count=limit[0], per_seconds=limit[1])
+                RateLimiter(
+                    redis,
+                    count=limit[0],
+                    per_seconds=limit[1],
+                    timeout_s=settings.reserve_rate_limit_wait_ms / 1000,
+                )
                 if (limit := settings.reserve_rate_limit)
                 else None
             )

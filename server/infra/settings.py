@@ -55,6 +55,9 @@ class Settings:
     max_in_flight: int = 10_000
     # Reservations one client may make: (count, per seconds); None is no limit.
     reserve_rate_limit: tuple[int, int] | None = None
+    # How long a reservation waits for Redis to count it before going on uncounted: a
+    # healthy Redis nearby answers in well under a millisecond.
+    reserve_rate_limit_wait_ms: int = 50
     worker_metrics_port: int = 9108
     # The ISO 4217 code of the currency prices are in; the pages format prices with it.
     currency: str = "EUR"
@@ -165,6 +168,9 @@ class Settings:
             access_log=_choice(env, "ACCESS_LOG", ("on", "off")) == "on",
             max_in_flight=int(_number(env, "MAX_IN_FLIGHT", 10_000, minimum=1, integer=True)),
             reserve_rate_limit=_rate(env, "RESERVE_RATE_LIMIT"),
+            reserve_rate_limit_wait_ms=int(
+                _number(env, "RESERVE_RATE_LIMIT_WAIT_MS", 50, minimum=1, integer=True)
+            ),
             worker_metrics_port=int(
                 _number(env, "WORKER_METRICS_PORT", 9108, minimum=0, integer=True)
             ),
