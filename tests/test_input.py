@@ -315,6 +315,13 @@ async def test_an_id_that_names_nothing_is_404_naming_what_was_sent(
     assert error["message"] == message
 
 
+async def test_a_path_that_names_nothing_is_404_naming_it_cut_short(api: Api) -> None:
+    error = assert_error(await api.client.get("/api/nothing%00here"), 404, "not_found")
+    assert error["message"] == "There is nothing at /api/nothing\\x00here."
+    error = assert_error(await api.client.get("/" + "x" * 500), 404, "not_found")
+    assert error["message"] == "There is nothing at /" + "x" * 63 + "...."
+
+
 async def test_a_product_id_in_a_body_that_names_nothing_is_named_too(api: Api) -> None:
     error = assert_error(await api.reserve(123456, 1), 404, "product_not_found")
     assert error["message"] == "There is no product 123456."

@@ -176,9 +176,10 @@ async def storage_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
+    path = shown(request.url.path)
     messages = {
-        404: f"There is nothing at {request.url.path}.",
-        405: f"{request.method} is not allowed on {request.url.path}.",
+        404: f"There is nothing at {path}.",
+        405: f"{shown(request.method)} is not allowed on {path}.",
     }
     status = exc.status_code
     return error_response(
