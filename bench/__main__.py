@@ -51,7 +51,7 @@ from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SCENARIOS = ["storm", "paths", "wave", "webhooks", "steady", "fanout"]
-SCENARIOS = [*DEFAULT_SCENARIOS, "history"]
+SCENARIOS = [*DEFAULT_SCENARIOS, "shoppers", "history"]
 CONFIGS = ["sqlite-w1", "sqlite-w2", "postgresql-w1", "postgresql-w2"]
 
 
@@ -247,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     fanout_sizes = size.sockets if "fanout" in args.scenarios else []
     history_runs = (1 + len(size.history_holds)) if "history" in args.scenarios else 0
     progress = Progress(
-        (len(args.configs) * (1 + len(per_config)) if per_config or fanout_sizes else 0)
-        + len(fanout_sizes)
-        + len(args.configs) * history_runs * HISTORY_STEPS
+        # `shoppers` is two storms: one step each.
+        (len(args.configs) * (1 + len(per_config) + ("shoppers" in per_config)))
+        if per_config or fanout_sizes
+        else 0 + len(fanout_sizes) + len(args.configs) * history_runs * HISTORY_STEPS
     )
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -358,6 +359,20 @@ def run_config(
                     units=size.storm_units,
                     lead_seconds=size.storm_lead,
                 )
+            if "shoppers" in scenarios:
+                # The storm again, each shopper a distinct one: with the cookie the shop
+                # page sets, then signed in by the shop (issue 16), beside the anonymous
+                # storm above (run `storm shoppers` to have both).
+                for kind in ("cookie", "jwt"):
+                    progress.step(f"{config.label} · storm, shoppers identified by {kind}")
+                    result[f"storm_{kind}"] = storm.run(
+                        service,
+                        shoppers=size.storm_shoppers,
+                        sockets=size.storm_sockets,
+                        units=size.storm_units,
+                        lead_seconds=size.storm_lead,
+                        shopper_kind=kind,
+                    )
             if "paths" in scenarios:
                 progress.step(f"{config.label} · paths")
                 result["paths"] = paths.run(
@@ -448,8 +463,9 @@ def run_config(
     }
     if "steady" in result:
         result["steady"]["share_of_bare"] = round(result["steady"]["rps"] / bare_rps, 3)
-    if "storm" in result:
-        result["storm"]["share_of_bare"] = round(result["storm"]["rps"] / bare_rps, 3)
+    for name in ("storm", "storm_cookie", "storm_jwt"):
+        if name in result:
+            result[name]["share_of_bare"] = round(result[name]["rps"] / bare_rps, 3)
     if fanned:
         fanned["bare_rps"] = round(bare_rps)
     return {"config": result, **({"fanout": fanned} if fanned else {})}

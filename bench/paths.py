@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from bench import wrk
+from bench import identities, wrk
 from bench.stack import Bare, cpu_seconds
 from server.devtools.processes import Service
 from server.domain import inventory
@@ -112,12 +112,15 @@ def run(
     def load(path: str, **kwargs: Any) -> wrk.Load:
         return wrk.Load(path, connections=connections, seconds=seconds, **kwargs)
 
-    def reserve(product_id: int) -> wrk.Load:
+    def reserve(product_id: int, kind: str = "none") -> wrk.Load:
+        # One shopper for the whole run (wrk sends the same headers every time): the most
+        # any one shopper's allowance row is written, the worst case of its cost.
+        (who,) = identities.headers(kind, 1)
         return load(
             "/api/reservations",
             method="POST",
             body=json.dumps({"productId": product_id, "quantity": 1}),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **who},
         )
 
     pid = service.web.pid
@@ -129,6 +132,18 @@ def run(
     rows = [
         before,
         _measure("(a) reserve, ample stock", service.base_url, reserve(ample), pid),
+        _measure(
+            "(a) reserve, ample stock, a shopper's cookie",
+            service.base_url,
+            reserve(ample, "cookie"),
+            pid,
+        ),
+        _measure(
+            "(a) reserve, ample stock, a shop's JWT",
+            service.base_url,
+            reserve(ample, "jwt"),
+            pid,
+        ),
         _measure("(b) reserve, sold out", service.base_url, reserve(sold_out), pid),
         _measure("(c) GET /api/products → 200", service.base_url, load("/api/products"), pid),
     ]

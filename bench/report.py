@@ -312,6 +312,8 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     )
     if any("storm" in c for c in configs):
         lines += _storm(configs, charts)
+    if any("storm_cookie" in c for c in configs):
+        lines += _identified(configs)
     if any("paths" in c for c in configs):
         lines += _paths(configs, charts)
     if any("wave" in c for c in configs):
@@ -373,6 +375,41 @@ def _storm(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
         chart = charts.get(f"storm-{c['name']}")
         if chart:
             lines += [f"![storm, {c['label']}]({chart})", ""]
+    return lines
+
+
+_KINDS = {
+    "storm": "anonymous (no cookie, no token)",
+    "storm_cookie": "each a shopper's cookie",
+    "storm_jwt": "each signed in by the shop (JWT)",
+}
+
+
+def _identified(configs: list[dict[str, Any]]) -> list[str]:
+    """The storm with its shoppers identified (issue 16) beside the anonymous one."""
+    runs = [c for c in configs if "storm_cookie" in c]
+    lines = [
+        "## Storm with shoppers identified",
+        "",
+        "The same storm, each shopper a distinct one: anonymous, with the cookie the shop page "
+        "sets, or signed in by the shop with a JWT. Each hold then also counts against its "
+        "shopper's allowance (the limit per customer), in the reservation's transaction.",
+        "",
+    ]
+    rows = []
+    for name, words in _KINDS.items():
+        cells = [words]
+        for c in runs:
+            s = c.get(name)
+            cells.append(
+                "–"
+                if s is None
+                else f"{s['held']} held, {s['errors_5xx']} 5xx, p50/p99 "
+                f"{_ms(s['latency_ms'].get('p50'))}/{_ms(s['latency_ms'].get('p99'))} ms, "
+                + _rps(s["rps"], c["bare"]["rps"])
+            )
+        rows.append(cells)
+    lines += _table(["shoppers", *(c["label"] for c in runs)], rows)
     return lines
 
 

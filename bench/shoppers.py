@@ -1,11 +1,12 @@
 """A process of storm shoppers: each holds one keep-alive connection and sends one
 reservation at the sale's start.
 
-`python -m bench.shoppers HOST PORT COUNT START_MS BODY` opens COUNT connections (a shopper's
+`python -m bench.shoppers HOST PORT COUNT START_MS BODY [KIND]` opens COUNT connections (a shopper's
 page is already open: its connection is made before the sale, as a browser's would be), prints
 `ready N`, waits for the epoch millisecond START_MS, writes every request in one pass, and
 prints one JSON line when every answer is in: `{"results": [[sent ms, answered ms, status,
-code], ...], "cpu_seconds": s}`.
+code], ...], "cpu_seconds": s}`. KIND: who the shoppers are (`bench/identities.py`: `none`,
+the default, `cookie` or `jwt`), each a distinct shopper.
 
 They fire at the start exactly, not before: the service and the shoppers read the same
 clock, so a request sent at the start is processed after it, and every 409 `sale_not_started`
@@ -22,12 +23,15 @@ import sys
 
 import uvloop
 
+from bench import identities
 from bench.rawhttp import Connection, now_ms, request_bytes
 
 _CODE = re.compile(rb'"code":"([a-z_]+)"')
 
 
-async def main(host: str, port: int, count: int, start_ms: float, body: bytes) -> None:
+async def main(
+    host: str, port: int, count: int, start_ms: float, body: bytes, kind: str = "none"
+) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     connections: list[Connection] = []
@@ -35,8 +39,12 @@ async def main(host: str, port: int, count: int, start_ms: float, body: bytes) -
         connections += await asyncio.gather(
             *(Connection.open(host, port) for _ in range(start, min(start + 200, count)))
         )
+    authority = f"{host}:{port}"
+    requests = [
+        request_bytes("POST", "/api/reservations", authority, body, headers)
+        for headers in identities.headers(kind, count)
+    ]
     print(f"ready {count}", flush=True)
-    request = request_bytes("POST", "/api/reservations", f"{host}:{port}", body)
 
     # asyncio's timers are about a millisecond coarse: sleep to just before, then spin.
     delay = (start_ms - now_ms()) / 1000 - 0.005
@@ -45,7 +53,7 @@ async def main(host: str, port: int, count: int, start_ms: float, body: bytes) -
     while now_ms() < start_ms:
         pass
     sent, futures = [], []
-    for connection in connections:
+    for connection, request in zip(connections, requests, strict=True):
         sent.append(now_ms())
         futures.append(connection.send(request))
     await asyncio.wait(futures, timeout=120)
@@ -68,4 +76,5 @@ async def main(host: str, port: int, count: int, start_ms: float, body: bytes) -
 
 if __name__ == "__main__":
     host, port, count, start_ms, body = sys.argv[1:6]
-    uvloop.run(main(host, int(port), int(count), float(start_ms), body.encode()))
+    kind = sys.argv[6] if len(sys.argv) > 6 else "none"
+    uvloop.run(main(host, int(port), int(count), float(start_ms), body.encode(), kind))

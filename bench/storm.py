@@ -58,14 +58,24 @@ class StatsPoller(threading.Thread):
 
 
 def _shoppers(
-    service: Target, count: int, processes: int, start_ms: float, body: str
+    service: Target, count: int, processes: int, start_ms: float, body: str, kind: str = "none"
 ) -> list[subprocess.Popen[str]]:
     address = urlsplit(service.base_url)
     host, port = address.hostname or "127.0.0.1", str(address.port or 80)
     per = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.shoppers", host, port, str(n), str(start_ms), body],
+            [
+                sys.executable,
+                "-m",
+                "bench.shoppers",
+                host,
+                port,
+                str(n),
+                str(start_ms),
+                body,
+                kind,
+            ],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -88,7 +98,9 @@ def run(
     sockets: int = 5_000,
     units: int = 100,
     lead_seconds: float | None = None,
+    shopper_kind: str = "none",
 ) -> dict[str, Any]:
+    """The storm; `shopper_kind`: who the shoppers are (`bench/identities.py`)."""
     # Time to open the sockets and the shoppers' connections before the start (10,000 took
     # about 2 s on a busy 2-core machine).
     lead = lead_seconds or 2.0 + (sockets + shoppers) / 2_000
@@ -112,7 +124,9 @@ def run(
     poller = StatsPoller(service, product["id"])
     procs: list[subprocess.Popen[str]] = []
     try:
-        procs = _shoppers(service, shoppers, max(1, min(4, shoppers // 1_000)), start, body)
+        procs = _shoppers(
+            service, shoppers, max(1, min(4, shoppers // 1_000)), start, body, shopper_kind
+        )
         ready_before = (start - now_ms()) / 1000
         if ready_before < 0.2:
             raise RuntimeError(
@@ -158,6 +172,7 @@ def run(
     last_sent = max(sent for sent, _, _, _ in rows)
     last_answer = max((done for _, done, _, _ in answered), default=start)
     result: dict[str, Any] = {
+        "shopper_kind": shopper_kind,
         "shoppers": shoppers,
         "sockets": sockets,
         "units": units,
