@@ -24,12 +24,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from server.api.identity import COOKIE
+from server.api.http import RequestError
+from server.api.identity import COOKIE, Identities
 from server.devtools.processes import running
 from server.domain import inventory
 from server.domain.clock import now_ms
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest
+from server.infra.settings import Settings
 from server.storage.database import Store
 from tests.support import assert_invariant, assert_reconciled, make_product, serve, stats
 from tests.test_api import TOKEN, app_settings, assert_error
@@ -659,3 +661,18 @@ async def test_watch_over_the_socket_shows_only_the_shoppers_own_holds(
                 # The spy's socket got the product's stock frames, never the hold.
                 await spy.stock(product["id"], 10)
                 assert not [f for f in spy.frames.frames if f["type"] == "reservation"]
+
+
+def test_a_remembered_token_is_refused_once_it_expires() -> None:
+    """Verified tokens are remembered (a shopper's next request is not verified again),
+    but only until their `exp`."""
+    identities = Identities(Settings(session_secret="s" * 32, shopper_jwt_secret=JWT_SECRET))
+    fresh = token("dora")
+    assert identities._signed_in(fresh) == "shop:dora"
+    assert fresh in identities._tokens
+    stale = token("dora", exp=time.time() - 3600)
+    identities._tokens[stale] = ("shop:dora", time.time() - 3600)  # as if verified back then
+    with pytest.raises(RequestError) as refused:
+        identities._signed_in(stale)
+    assert refused.value.status == 401
+    assert "expired" in refused.value.message

@@ -31,9 +31,10 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -54,6 +55,9 @@ HEADER = "shopper-token"
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
 MAX_SUB_LENGTH = 200
 MAX_TOKEN_LENGTH = 8192
+# Verified tokens (and cookies) a process remembers: ~3 MB at most.
+REMEMBERED = 10_000
+T = TypeVar("T")
 # Seconds of clock difference between the shop and us that `exp` tolerates.
 LEEWAY_S = 30
 ANONYMOUS = "anon:"
@@ -88,6 +92,13 @@ class Identities:
             secret, salt="flashsale.shopper", sep=".", digest_method=hashlib.sha256
         )
         self.require_token = settings.require_shopper_token
+        # PyJWT's options once, not merged again on every call (half of a decode's ~50 µs).
+        self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"]})
+        # Tokens verified lately, so that a shopper's next requests are not verified again
+        # (bench/README.md: a JWT cost a reservation ~15%): a token's exact text, once its
+        # signature matched, names its shopper until its `exp`. At most `REMEMBERED` each.
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._cookies: dict[str, str] = {}
         self._operator = settings.admin_token.encode()
         self._key: Any = None
         self._algorithms: list[str] = []
@@ -117,11 +128,16 @@ class Identities:
         """The shopper id an anonymous token names, or None if this shop did not sign it."""
         if len(token) > 200:
             return None
+        known = self._cookies.get(token)
+        if known is not None:
+            return known
         try:
             raw = self._signer.unsign(token).decode()
         except (BadSignature, UnicodeDecodeError, ValueError):
             return None
-        return ANONYMOUS + raw
+        shopper = ANONYMOUS + raw
+        _remember(self._cookies, token, shopper)
+        return shopper
 
     def shopper(self, connection: HTTPConnection, *, shop_key: bool = False) -> Shopper | None:
         """The request's shopper, or None if it names none (and none is required).
@@ -181,13 +197,12 @@ class Identities:
             )
         if len(token) > MAX_TOKEN_LENGTH:
             raise _unauthorized(f"The token is longer than {MAX_TOKEN_LENGTH} characters.")
+        known = self._tokens.get(token)
+        if known is not None and known[1] + LEEWAY_S > time.time():
+            return known[0]  # this very token was verified before, and has not expired
         try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                options={"require": ["exp", "sub"]},
-                leeway=LEEWAY_S,
+            claims = self._jwt.decode(
+                token, self._key, algorithms=self._algorithms, leeway=LEEWAY_S
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("Your sign-in token has expired; sign in again.") from None
@@ -211,7 +226,9 @@ class Identities:
         # `sub` may carry "\u0000" or a lone surrogate, which neither database can keep).
         if (found := text.problem(sub, MAX_SUB_LENGTH)) is not None:
             raise _unauthorized(f"The token's `sub` {found}.")
-        return SIGNED_IN + sub
+        shopper = SIGNED_IN + sub
+        _remember(self._tokens, token, (shopper, float(claims["exp"])))
+        return shopper
 
     def cookie_shopper(self, scope: Scope) -> str:
         """The anonymous shopper the request's cookie names: their id, '' for no cookie,
@@ -232,6 +249,13 @@ class Identities:
         if morsel is None:
             return ""
         return self.anonymous(morsel.value) or _BAD
+
+
+def _remember(cache: dict[str, T], key: str, value: T) -> None:
+    """Keep `value` under `key`, forgetting the oldest entry beyond `REMEMBERED`."""
+    cache[key] = value
+    if len(cache) > REMEMBERED:
+        del cache[next(iter(cache))]
 
 
 def _reason(exc: Exception) -> str:
