@@ -14,6 +14,11 @@ product's open holds, read once, is therefore a time before which none of its ho
 be overdue, however many holds are made meanwhile (ended holds only move it later). Until
 then nothing is read; after it, one read (shared by every request that asks at once) gives
 the product's current row and the new earliest expiry.
+
+If HOLD_SECONDS is shortened while processes with the old value still run, a hold made with
+the shorter time may fall due before that time: the fast refusal may then answer "Sold out"
+for at most the difference, while the units stay on their way back (the next reservation
+that reaches the database, the sweeper and the jobs expire the hold regardless).
 """
 
 from __future__ import annotations
