@@ -99,6 +99,7 @@ class Identities:
         # signature matched, names its shopper until its `exp`. At most `REMEMBERED` each.
         self._tokens: dict[str, tuple[str, float]] = {}
         self._cookies: dict[str, str] = {}
+        self._cookie_headers: dict[str, str] = {}  # a whole Cookie header → its shopper
         self._operator = settings.admin_token.encode()
         self._key: Any = None
         self._algorithms: list[str] = []
@@ -240,6 +241,9 @@ class Identities:
                 break
         if header is None or COOKIE not in header:
             return ""
+        known = self._cookie_headers.get(header)
+        if known is not None:
+            return known  # the same Cookie header as a request before (the usual case)
         jar: SimpleCookie = SimpleCookie()
         try:
             jar.load(header)
@@ -248,7 +252,11 @@ class Identities:
         morsel = jar.get(COOKIE)
         if morsel is None:
             return ""
-        return self.anonymous(morsel.value) or _BAD
+        shopper = self.anonymous(morsel.value)
+        if shopper is None:
+            return _BAD
+        _remember(self._cookie_headers, header, shopper)
+        return shopper
 
 
 def _remember(cache: dict[str, T], key: str, value: T) -> None:
