@@ -99,8 +99,14 @@ def run(
     units: int = 100,
     lead_seconds: float | None = None,
     shopper_kind: str = "none",
+    shoppers_ahead: float | None = None,
 ) -> dict[str, Any]:
-    """The storm; `shopper_kind`: who the shoppers are (`bench/identities.py`)."""
+    """The storm; `shopper_kind`: who the shoppers are (`bench/identities.py`).
+
+    `shoppers_ahead`: open the shoppers' connections only this many seconds before the
+    start (by default as soon as the sockets are open): a load balancer closes a
+    connection that has sent no request for a while (HAProxy's `timeout http-request`),
+    which a browser would open again but the shoppers do not."""
     # Time to open the sockets and the shoppers' connections before the start (10,000 took
     # about 2 s on a busy 2-core machine).
     lead = lead_seconds or 2.0 + (sockets + shoppers) / 2_000
@@ -124,6 +130,8 @@ def run(
     poller = StatsPoller(service, product["id"])
     procs: list[subprocess.Popen[str]] = []
     try:
+        if shoppers_ahead is not None:
+            time.sleep(max(0.0, (start - now_ms()) / 1000 - shoppers_ahead))
         procs = _shoppers(
             service, shoppers, max(1, min(4, shoppers // 1_000)), start, body, shopper_kind
         )

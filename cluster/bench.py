@@ -90,13 +90,15 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--shoppers", type=int, default=5_000, help="storm shoppers (5,000)")
-    parser.add_argument("--sockets", type=int, default=2_000, help="storm sockets (2,000)")
+    parser.add_argument("--sockets", type=int, default=1_000, help="storm sockets (1,000)")
     parser.add_argument("--units", type=int, default=100, help="storm units (100)")
     parser.add_argument(
         "--storm-lead",
         type=float,
         help="seconds from making the storm's product to its sale's start, for opening the "
-        "sockets and the shoppers' connections (3 + 2 per 1,000 of them)",
+        "sockets and the shoppers' connections (3 + 1.5 s per 1,000 of them); the "
+        "shoppers' are opened 2 + 1 s per 1,000 before the start, since the edge closes a "
+        "connection that has sent no request for 10 s",
     )
     parser.add_argument("--seconds", type=float, default=10, help="each wrk run (10 s)")
     parser.add_argument("--steady-seconds", type=float, default=60, help="steady shop (60 s)")
@@ -299,7 +301,9 @@ class Bench:
             sockets=self.args.sockets,
             units=self.args.units,
             lead_seconds=self.args.storm_lead
-            or 3 + 2 * (self.args.shoppers + self.args.sockets) / 1_000,
+            or 3 + 1.5 * (self.args.shoppers + self.args.sockets) / 1_000,
+            # Well inside the edge's 10 s for a connection's first request.
+            shoppers_ahead=2 + self.args.shoppers / 1_000,
         )
         hold = 3 if self.args.quick else 10
         self.serve(count, hold_seconds=hold)
