@@ -138,8 +138,8 @@ class HistoryQuery(BaseModel):
     description="Read from the stock ledger, so it covers the whole sale whenever the "
     "console is opened (as long as RETENTION_DAYS keeps the rows). The step is the finest "
     "of 1 s, 2 s, 5 s … 1 day that draws the range in at most 600 points: per second over a "
-    "sale's first ten minutes, coarser over longer ranges. The cost is the movements in the "
-    "range, read through the ledger's index by time, not the history before it. `figures`: "
+    "sale's first ten minutes, coarser over longer ranges. The cost is the number of points "
+    "(one index seek each), not the movements in the range nor the history before it. `figures`: "
     "sell-through, time to sell out, holds converted to purchases, revenue.",
 )
 @operator_only
@@ -170,9 +170,7 @@ async def product_history(request: Request) -> Response:
                 {
                     "at": iso(p.at),
                     **_figures(p.figures),
-                    "heldIn": p.held,
                     "soldIn": p.sold,
-                    "returnedIn": p.returned,
                 }
                 for p in found.points
             ],

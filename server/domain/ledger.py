@@ -417,81 +417,61 @@ def history_step(since: int, until: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    """A product's units at the end of the step starting at `at` (ms), and what moved in
-    that step (units): `held` into new holds, `sold` by completions, `returned` from holds
-    that expired or were cancelled."""
+    """A product's units at the end of the step starting at `at` (ms) (for the last step,
+    at the end of the range), and the units sold during that step."""
 
     at: int
     figures: Figures
-    held: int = 0
     sold: int = 0
-    returned: int = 0
+
+
+_UNITS_AT = (
+    "(SELECT {column} FROM stock_ledger WHERE product_id = :p AND at < e "
+    "ORDER BY at DESC, version DESC, seq DESC LIMIT 1)"
+)
 
 
 async def history(
     conn: Executor, product_id: int, *, since: int, until: int, step: int
 ) -> list[Point]:
-    """The product's units per `step` ms over [since, until), from its ledger: one point per
-    step (a step with no movement carries the units of the one before), from the first step
-    of the range (or, for a product made within it, from the step it was made in).
+    """The product's units per `step` ms over [since, until), from its ledger: for each
+    step, the units after the last movement before its end (a step with no movement carries
+    the units of the one before), and the units sold in it. Steps before the product's first
+    movement (before it was made, or rows that retention removed) are left out.
 
-    Two statements, each through the index by time, whatever the history: the row just
-    before `since` (or, when retention has removed those, the first in the range), and each
-    step's units moved, by kind, over the range only. The units after each step are those
-    before it plus what moved (`DELTAS`), so no row is read twice. The cost is the rows in
-    the range, not the month before it. Steps are aligned to multiples of `step` since the
-    epoch, so that two requests agree."""
-    kinds = list(Kind)
-    sums = await conn.fetch_all(
-        "SELECT CAST(at / CAST(:step AS BIGINT) AS BIGINT) AS b, "
+    One statement whatever the history or the traffic: for each step's end, the ledger's
+    last row before it, found through the index by time (`stock_ledger_by_time`) with one
+    seek. Its cost is the number of steps (at most `MAX_POINTS`), not the rows in the range:
+    a storm's thousands of movements a second cost what a quiet hour does. Steps are aligned
+    to multiples of `step` since the epoch, so that two requests agree."""
+    first = since // step
+    last = (until - 1) // step
+    # The end of each step (the range's end for the last), and, first, the range's start:
+    # the units sold in the first step are counted from there.
+    ends = [since] + [min((b + 1) * step, until) for b in range(first, last + 1)]
+    names = {f"e{n}": end for n, end in enumerate(ends)}
+    rows = await conn.fetch_all(
+        "WITH ends (e) AS (VALUES "
+        + ", ".join(f"(CAST(:{name} AS BIGINT))" for name in names)
+        + ") SELECT e, "
         + ", ".join(
-            f"SUM(CASE WHEN movement = '{kind.value}' THEN units ELSE 0 END) AS k{n}"
-            for n, kind in enumerate(kinds)
+            _UNITS_AT.format(column=column) + f" AS {column}"
+            for column in ("available", "held", "sold", "total")
         )
-        + " FROM stock_ledger WHERE product_id = :p AND at >= :since AND at < :until "
-        "GROUP BY b ORDER BY b",
-        {"p": product_id, "since": since, "until": until, "step": step},
+        + " FROM ends ORDER BY e",
+        {"p": product_id, **names},
     )
-    before = await conn.fetch_one(
-        "SELECT movement, units, available, held, sold, total FROM stock_ledger "
-        "WHERE product_id = :p AND at < :since ORDER BY at DESC, version DESC, seq DESC LIMIT 1",
-        {"p": product_id, "since": since},
-    )
-    if before is not None:
-        figures = Figures.from_row(before)
-        first = since // step
-    elif sums:
-        # Nothing before the range (a product made within it, or rows retention removed):
-        # start from the units before the range's first movement.
-        row = await conn.fetch_one(
-            "SELECT movement, units, available, held, sold, total FROM stock_ledger "
-            "WHERE product_id = :p AND at >= :since ORDER BY at, version, seq LIMIT 1",
-            {"p": product_id, "since": since},
-        )
-        assert row is not None
-        figures = Figures.from_row(row).plus(DELTAS[Kind(row["movement"])], -int(row["units"]))
-        first = int(sums[0]["b"])
-    else:
-        return []
-    by_step = {int(row["b"]): row for row in sums}
+    found = {int(row["e"]): row for row in rows}
     points = []
-    for b in range(first, (until - 1) // step + 1):
-        row = by_step.get(b)
-        if row is None:
-            points.append(Point(b * step, figures))
-            continue
-        moved = {kind: int(row[f"k{n}"] or 0) for n, kind in enumerate(kinds)}
-        for kind, units in moved.items():
-            figures = figures.plus(DELTAS[kind], units)
-        points.append(
-            Point(
-                b * step,
-                figures,
-                held=moved[Kind.HELD],
-                sold=moved[Kind.COMPLETED],
-                returned=moved[Kind.EXPIRED] + moved[Kind.CANCELLED],
-            )
-        )
+    start = found.get(since)
+    sold_before = 0 if start is None or start["sold"] is None else int(start["sold"])
+    for b, end in zip(range(first, last + 1), ends[1:], strict=True):
+        row = found.get(end)
+        if row is None or row["available"] is None:
+            continue  # before the product's first movement
+        figures = Figures.from_row(row)
+        points.append(Point(b * step, figures, sold=figures.sold - sold_before))
+        sold_before = figures.sold
     return points
 
 

@@ -440,9 +440,7 @@ class HistoryPointOut(_Response):
     held: int
     sold: int
     total: int
-    held_in: int = Field(description="Units put into new holds during the step.")
     sold_in: int = Field(description="Units sold during the step.")
-    returned_in: int = Field(description="Units back on sale from expired or cancelled holds.")
 
 
 class SaleFiguresOut(_Response):
