@@ -251,7 +251,7 @@ async def test_the_operator_pauses_resumes_reduces_edits_and_ends_a_sale(
     await expect(shop_card.get_by_role("button", name="Reserve")).to_be_disabled()
     await assert_accessible(page)
     await assert_accessible(shop)
-    await screenshot(page, f"admin-paused-{size_name(size)}", docs=True)
+    await screenshot(page, f"admin-paused-{size_name(size)}", docs=size == PHONE)
 
     await page.get_by_role("button", name="Resume reservations").click()
     await expect(message).to_have_text(f"Resumed reservations of {name}.")
@@ -367,7 +367,7 @@ async def test_the_operator_cancels_a_hold_and_the_shoppers_page_says_so(
     await expect(card(shop, product).locator(".count")).to_have_text("5 of 5 left")
     await assert_accessible(shop)
     await assert_accessible(page)
-    await screenshot(shop, f"shop-cancelled-by-shop-{size_name(size)}", docs=True)
+    await screenshot(shop, f"shop-cancelled-by-shop-{size_name(size)}", docs=size == PHONE)
 
 
 # -- 10. the sale so far, from the server's history ----------------------------------------
@@ -407,4 +407,4 @@ async def test_a_console_opened_mid_sale_draws_the_sale_so_far_with_its_figures(
         re.compile(r"^\d\d:\d\d:\d\d: available 3, held 1, sold 4$")
     )
     await assert_accessible(page)
-    await screenshot(page, f"admin-history-{size_name(size)}", docs=True)
+    await screenshot(page, f"admin-history-{size_name(size)}", docs=size != PHONE)

@@ -89,7 +89,7 @@ async def test_the_main_states_for_the_readme(browser: Browser, showcase: Servic
     await expect(row.locator(".held")).to_have_text("49")
     await reserve(showcase, shoes["id"], 1)
     await expect(row.locator(".held")).to_have_text("50")
-    await expect(console.locator("#chart polyline")).to_have_count(2)
+    await expect(console.locator("#chart polyline")).to_have_count(3)
     await expect(console.locator("#detail-now")).to_have_text(
         re.compile(r"^0 available \+ 50 held \+ 0 sold = 50$")
     )

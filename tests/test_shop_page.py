@@ -397,7 +397,7 @@ async def test_a_purchase_the_shop_completes_shows_its_order_reference(
     )
     await expect(hold.get_by_role("button", name="Complete purchase")).to_be_hidden()
     await assert_accessible(page)
-    await screenshot(page, f"shop-bought-{size_name(size)}", docs=True)
+    await screenshot(page, f"shop-bought-{size_name(size)}", docs=size == PHONE)
 
 
 # -- 8. announcements ------------------------------------------------------------------------
