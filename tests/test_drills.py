@@ -665,7 +665,8 @@ async def test_on_sigterm_the_worker_finishes_the_job_in_hand(
         product = await make_product(store, holds)
         (due,) = await write_wave(
             store, redis_url, product.id, groups=1, per_group=holds,
-            first_due=now_ms() + 300, spacing_ms=0,
+            # Time to write them and take the lock before they fall due, on a busy machine too.
+            first_due=now_ms() + 3_000, spacing_ms=0,
         )  # fmt: skip
         baseline = await worker_busy_retries(service)
         in_progress = f"arq:in-progress:{expire_due_job_id(due_time(due, 100))}"
