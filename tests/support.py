@@ -83,7 +83,8 @@ async def assert_invariant(store: Store, product_id: int) -> Stats:
 
 async def recount(store: Store, product_id: int) -> Stats:
     """The product's units by state counted from its holds, one by one: what the operator's
-    stats were before the per-product counters, and what the counters must always equal."""
+    stats were before the per-product counters, and what the counters must always equal.
+    Revenue is counted at the product's current price: right while no test changes it."""
     async with store.reader() as conn:
         row = await conn.fetch_one(
             "SELECT p.total_stock AS total, p.available_stock AS available, "
@@ -91,15 +92,20 @@ async def recount(store: Store, product_id: int) -> Stats:
             "COALESCE(SUM(CASE WHEN r.status = 'COMPLETED' THEN r.quantity END), 0) AS sold, "
             "COALESCE(SUM(CASE WHEN r.status = 'EXPIRED' THEN r.quantity END), 0) AS expired, "
             "COALESCE(SUM(CASE WHEN r.status = 'CANCELLED' THEN r.quantity END), 0) "
-            "AS cancelled "
+            "AS cancelled, "
+            "COALESCE(SUM(CASE WHEN r.status = 'COMPLETED' THEN r.quantity END), 0) "
+            "* p.price_cents AS revenue_cents "
             "FROM products p LEFT JOIN reservations r ON r.product_id = p.id "
-            "WHERE p.id = :id GROUP BY p.id, p.total_stock, p.available_stock",
+            "WHERE p.id = :id GROUP BY p.id, p.total_stock, p.available_stock, p.price_cents",
             {"id": product_id},
         )
     assert row is not None, f"no product {product_id}"
     return Stats(
         product_id=product_id,
-        **{k: int(row[k]) for k in ("total", "available", "held", "sold", "expired", "cancelled")},
+        **{
+            k: int(row[k])
+            for k in ("total", "available", "held", "sold", "expired", "cancelled", "revenue_cents")
+        },
     )
 
 
