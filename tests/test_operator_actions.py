@@ -114,6 +114,20 @@ async def test_an_edit_changes_only_what_is_sent_and_moves_no_stock(
     shown = (await client.get(f"/api/products/{product['id']}")).json()
     assert (shown["name"], shown["price"]) == ("Storm lantern", 14.99)
     assert await movements(store, product["id"]) == [("created", 10, "operator")]
+    # The shop's systems hear of it: product.updated, at the product's new version.
+    event = (await events(store, product["id"]))[-1]
+    assert event["type"] == "product.updated"
+    assert event["data"]["changed"] == ["name", "price"]
+    assert event["data"]["actor"] == "operator"
+    assert event["data"]["product"] == {
+        "productId": product["id"],
+        "name": "Storm lantern",
+        "price": 14.99,
+        "saleStartsAt": None,
+        "saleEndsAt": None,
+        "paused": False,
+        "version": edited["version"],
+    }
     await assert_reconciled(store)
 
 
@@ -193,6 +207,12 @@ async def test_a_paused_sale_refuses_new_holds_and_still_sells_those_made(
         await client.post(f"/api/admin/products/{product['id']}/resume", headers=OPERATOR)
     )
     assert resumed["paused"] is False
+    updates = [e for e in await events(store, product["id"]) if e["type"] == "product.updated"]
+    assert [(e["data"]["changed"], e["data"]["product"]["paused"]) for e in updates] == [
+        (["paused"], True),
+        (["paused"], True),
+        (["paused"], False),
+    ]
     await held(client, product["id"])
     # Pausing and resuming move no stock: the ledger has the holds and the sale only.
     assert [m[0] for m in await movements(store, product["id"])] == [

@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from server.domain import ledger
+from server.domain import ledger, outbox
 from server.domain.books import Books
 from server.domain.errors import (
     DomainError,
@@ -989,20 +989,38 @@ class ProductChanges:
     sale_starts_at: int | Unset | None = UNSET
     sale_ends_at: int | Unset | None = UNSET
     paused: bool | Unset = UNSET
+
+    def sent(self) -> list[str]:
+        """The fields changed, as the API names them."""
+        names = {
+            "name": self.name,
+            "price": self.price_cents,
+            "saleStartsAt": self.sale_starts_at,
+            "saleEndsAt": self.sale_ends_at,
+            "paused": self.paused,
+        }
+        return [name for name, value in names.items() if value is not UNSET]
+
     # Units one shopper may have in ACTIVE and COMPLETED holds (None: no limit; issue 16).
     # Lowered below what a shopper has, it takes nothing from them: it stops new holds.
     max_per_shopper: int | Unset | None = UNSET
 
 
 async def update_product(
-    conn: Executor, product_id: int, changes: ProductChanges, *, now: int
+    conn: Executor,
+    product_id: int,
+    changes: ProductChanges,
+    *,
+    now: int,
+    actor: str = ledger.OPERATOR,
 ) -> Outcome[Product]:
     """Edit a product's name, price, schedule, or pause it (issue 13, item 11). No stock
     moves, so no ledger row; the version goes up all the same, so that every page and every
     process's catalog (which keep the highest version) take the new product.
 
     Outcome errors: `ProductNotFound`; `InvalidSchedule` when the sale would end before it
-    starts. Pausing a paused product keeps when it was first paused."""
+    starts. Pausing a paused product keeps when it was first paused. The shop hears of it
+    as `product.updated` (in the outbox, in the same transaction)."""
     for _ in range(5):
         current = await get_product(conn, product_id)
         if current is None:
@@ -1042,6 +1060,7 @@ async def update_product(
         )
         if row is not None:
             product = Product.from_row(row)
+            await outbox.insert(conn, [outbox.product_updated(product, changes.sent(), actor, now)])
             return Outcome(product, events=[ProductChanged(product)])
     raise RuntimeError(f"product {product_id} kept changing while it was being edited")
 

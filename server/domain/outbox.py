@@ -22,7 +22,7 @@ from typing import Any
 from server.domain.clock import iso
 from server.domain.executor import Executor
 from server.domain.ledger import Figures, Kind, Movement
-from server.domain.model import Reservation
+from server.domain.model import Product, Reservation
 
 RESERVATION_CREATED = "reservation.created"
 RESERVATION_COMPLETED = "reservation.completed"
@@ -32,6 +32,7 @@ PRODUCT_SOLD_OUT = "product.sold_out"
 PRODUCT_BACK_IN_STOCK = "product.back_in_stock"
 PRODUCT_RESTOCKED = "product.restocked"
 PRODUCT_STOCK_REDUCED = "product.stock_reduced"
+PRODUCT_UPDATED = "product.updated"
 
 EVENT_TYPES = (
     RESERVATION_CREATED,
@@ -42,6 +43,7 @@ EVENT_TYPES = (
     PRODUCT_BACK_IN_STOCK,
     PRODUCT_RESTOCKED,
     PRODUCT_STOCK_REDUCED,
+    PRODUCT_UPDATED,
 )
 
 # The event a movement of a hold causes.
@@ -147,6 +149,36 @@ def availability_event(
         return None
     data = {"stock": stock_data(product_id, version, seq, after), "actor": actor}
     return kind, body(kind, at, data)
+
+
+def product_updated(product: Product, changed: Sequence[str], actor: str, at: int) -> OutboxEvent:
+    """`product.updated`: the operator changed the product beyond its stock (name, price,
+    schedule, paused), at the product's new version (seq 0: no movement shares it).
+    `changed`: the fields that were sent, as the API names them."""
+    starts, ends = product.sale_starts_at, product.sale_ends_at
+    data = {
+        "product": {
+            "productId": product.id,
+            "name": product.name,
+            "price": product.price_cents / 100,
+            "saleStartsAt": None if starts is None else iso(starts),
+            "saleEndsAt": None if ends is None else iso(ends),
+            "paused": product.paused_at is not None,
+            "version": product.version,
+        },
+        "changed": list(changed),
+        "actor": actor,
+    }
+    (event_id,) = new_event_ids(1)
+    return OutboxEvent(
+        event_id,
+        product.id,
+        product.version,
+        0,
+        PRODUCT_UPDATED,
+        body(PRODUCT_UPDATED, at, data),
+        at,
+    )
 
 
 COLUMNS = "id, product_id, version, seq, type, payload, created_at"

@@ -510,6 +510,7 @@ EventType = Literal[
     "product.back_in_stock",
     "product.restocked",
     "product.stock_reduced",
+    "product.updated",
 ]
 
 
@@ -525,7 +526,7 @@ class CreateWebhookBody(_Request):
     ]
     events: Annotated[
         list[EventType],
-        Field(max_length=8, description="The event types to send; empty or absent: all."),
+        Field(max_length=9, description="The event types to send; empty or absent: all."),
     ] = []
     description: Annotated[StoredText, Field(max_length=200)] = ""
 
