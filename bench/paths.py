@@ -144,6 +144,10 @@ def run(
             reserve(ample, "jwt"),
             pid,
         ),
+        # Anonymous once more: how far the machine's load drifted over the three.
+        _measure(
+            "(a) reserve, ample stock, anonymous again", service.base_url, reserve(ample), pid
+        ),
         _measure("(b) reserve, sold out", service.base_url, reserve(sold_out), pid),
         _measure("(c) GET /api/products → 200", service.base_url, load("/api/products"), pid),
     ]
