@@ -393,7 +393,10 @@ async def test_a_console_opened_mid_sale_draws_the_sale_so_far_with_its_figures(
         "Now 3 available, 1 held, 4 sold of 8."
     )
     await expect(page.locator("#chart-range")).to_have_text(
-        re.compile(r"^From .+ to now, a point every 1 s\. Hover over the chart for the values\.$")
+        re.compile(
+            r"^From .+ to now, a point every 1 s\. Hover over the chart, or focus it and use the "
+            r"arrow keys, for the values\.$"
+        )
     )
     chart = page.locator("#chart")
     await expect(chart.locator("polyline")).to_have_count(3)
@@ -406,5 +409,20 @@ async def test_a_console_opened_mid_sale_draws_the_sale_so_far_with_its_figures(
     await expect(page.locator("#chart-readout")).to_have_text(
         re.compile(r"^\d\d:\d\d:\d\d: available 3, held 1, sold 4$")
     )
+    # The keyboard reads them too: the last point on focus, the first with Home.
+    await chart.focus()
+    await expect(page.locator("#chart-readout")).to_have_text(
+        re.compile(r"^\d\d:\d\d:\d\d: available 3, held 1, sold 4$")
+    )
+    await page.keyboard.press("Home")
+    await expect(page.locator("#chart-readout")).to_have_text(
+        re.compile(r"^\d\d:\d\d:\d\d: available \d, held \d, sold \d$")
+    )
+    await page.keyboard.press("End")
+    await expect(page.locator("#chart-readout")).to_have_text(
+        re.compile(r"^\d\d:\d\d:\d\d: available 3, held 1, sold 4$")
+    )
     await assert_accessible(page)
+    await page.evaluate("document.activeElement.blur()")
+    await chart.hover(position={"x": box["width"] - 14, "y": box["height"] / 2})
     await screenshot(page, f"admin-history-{size_name(size)}", docs=size != PHONE)

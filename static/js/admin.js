@@ -250,6 +250,7 @@ class Console {
   async productAction(method, path, body) {
     const { data } = await this.admin(method, path, body);
     this.products.set(data.id, data);
+    this.render(); // at once: a refresh already under way would not show it
     await this.refresh();
     return data;
   }
@@ -447,7 +448,7 @@ class Console {
     const step = data.stepSeconds;
     const per = step < 60 ? `${step} s` : step < 3600 ? `${step / 60} min` : `${step / 3600} h`;
     $("#chart-range").textContent =
-      `From ${formatMoment(from)} to now, a point every ${per}. Hover over the chart for the values.`;
+      `From ${formatMoment(from)} to now, a point every ${per}. Hover over the chart, or focus it and use the arrow keys, for the values.`;
     const last = data.points[data.points.length - 1];
     $("#chart-summary").textContent = last
       ? `Now ${formatCount(last.available)} available, ${formatCount(last.held)} held, ` +

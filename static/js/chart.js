@@ -46,8 +46,28 @@ export class Chart {
     this.format = format;
     this.samples = []; // {at, values: {key: number}}, oldest first
     this.view = null;
+    this.index = null; // the point the keyboard reads, if any
     svg.addEventListener("pointermove", (event) => this.hover(event));
     svg.addEventListener("pointerleave", () => this.hover(null));
+    // The keyboard reads the same values: ← and → step through the points, Home and End.
+    svg.addEventListener("focus", () => this.step(this.samples.length - 1));
+    svg.addEventListener("blur", () => this.hover(null));
+    svg.addEventListener("keydown", (event) => {
+      const moves = { ArrowLeft: -1, ArrowRight: 1, Home: -Infinity, End: Infinity };
+      if (!(event.key in moves)) return;
+      event.preventDefault();
+      const last = this.samples.length - 1;
+      const move = moves[event.key];
+      const at = Number.isFinite(move) ? (this.index ?? last) + move : move < 0 ? 0 : last;
+      this.step(Math.max(0, Math.min(last, at)));
+    });
+  }
+
+  // Shows the values of the `index`-th point, its guide at the point's time.
+  step(index) {
+    if (!this.view || !this.samples.length) return;
+    this.index = index;
+    this.show(this.samples[index], this.view.x(Math.max(this.samples[index].at, this.view.from)));
   }
 
   // Draws `samples` over [from, to] (ms). Each value holds until the next sample.
@@ -94,6 +114,9 @@ export class Chart {
     }
     this.guide = this.line(0, pad.top, 0, y(0), "guide");
     this.guide.style.display = "none";
+    if (document.activeElement === this.svg && this.index !== null) {
+      this.step(Math.min(this.index, samples.length - 1));
+    }
   }
 
   // The sample in effect at the pointer: its time and values, said beside the chart.
@@ -114,14 +137,18 @@ export class Chart {
       else break;
     }
     if (!found) return this.hover(null);
+    this.show(found, px);
+    return undefined;
+  }
+
+  show(sample, px) {
     this.guide.setAttribute("x1", px);
     this.guide.setAttribute("x2", px);
     this.guide.style.display = "";
     const when = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" })
-      .format(new Date(found.at));
-    const values = this.series.map(({ key, label }) => `${label} ${this.format(found.values[key] ?? 0)}`);
+      .format(new Date(sample.at));
+    const values = this.series.map(({ key, label }) => `${label} ${this.format(sample.values[key] ?? 0)}`);
     this.readout.textContent = `${when}: ${values.join(", ")}`;
-    return undefined;
   }
 
   line(x1, y1, x2, y2, className) {
