@@ -751,38 +751,44 @@ def cluster_summary(result: dict[str, Any]) -> list[str]:
     """The tables the README shows: the storm and the steady shop through the edge as
     shares of the bare endpoint behind the same edge, the hop, the Redis failover."""
     configs = result["configs"]
-    lines = _table(
-        ["through the edge", *(c["label"] for c in configs)],
-        [
+    lines: list[str] = []
+    if configs:
+        lines += _table(
+            ["through the edge", *(c["label"] for c in configs)],
             [
-                "bare endpoint behind the edge (mean of before and after)",
-                *(f"{c['bare']['rps']:,.0f}/s" for c in configs),
+                [
+                    "bare endpoint behind the edge (mean of before and after)",
+                    *(f"{c['bare']['rps']:,.0f}/s" for c in configs),
+                ],
+                [
+                    "storm: requests/s",
+                    *(_rps(c["storm"]["rps"], c["bare"]["rps"]) for c in configs),
+                ],
+                [
+                    "storm: held, 5xx, p50 / p99 (ms)",
+                    *(
+                        f"{c['storm']['held']} of {c['storm']['units']}, "
+                        f"{c['storm']['errors_5xx']}, "
+                        f"{_ms(c['storm']['latency_ms'].get('p50'))} / "
+                        f"{_ms(c['storm']['latency_ms'].get('p99'))}"
+                        for c in configs
+                    ),
+                ],
+                [
+                    "steady shop: requests/s",
+                    *(_rps(c["steady"]["rps"], c["bare"]["rps"]) for c in configs),
+                ],
+                [
+                    "steady shop: 5xx, invariant, held after expiry",
+                    *(
+                        f"{c['steady']['errors_5xx']}, "
+                        + ("holds" if not c["steady"]["invariant_broken_settled"] else "**broken**")
+                        + f", {c['steady']['held_after_expiry']}"
+                        for c in configs
+                    ),
+                ],
             ],
-            ["storm: requests/s", *(_rps(c["storm"]["rps"], c["bare"]["rps"]) for c in configs)],
-            [
-                "storm: held, 5xx, p50 / p99 (ms)",
-                *(
-                    f"{c['storm']['held']} of {c['storm']['units']}, {c['storm']['errors_5xx']}, "
-                    f"{_ms(c['storm']['latency_ms'].get('p50'))} / "
-                    f"{_ms(c['storm']['latency_ms'].get('p99'))}"
-                    for c in configs
-                ),
-            ],
-            [
-                "steady shop: requests/s",
-                *(_rps(c["steady"]["rps"], c["bare"]["rps"]) for c in configs),
-            ],
-            [
-                "steady shop: 5xx, invariant, held after expiry",
-                *(
-                    f"{c['steady']['errors_5xx']}, "
-                    + ("holds" if not c["steady"]["invariant_broken_settled"] else "**broken**")
-                    + f", {c['steady']['held_after_expiry']}"
-                    for c in configs
-                ),
-            ],
-        ],
-    )
+        )
     hop = result.get("hop")
     if hop:
         rows = []
@@ -857,6 +863,7 @@ def cluster_markdown(result: dict[str, Any]) -> str:
             + "; ".join(result["failover"]["checks_failed"]),
             "",
         ]
-    lines += _storm(configs, {})
-    lines += _steady(configs, {})
+    if configs:
+        lines += _storm(configs, {})
+        lines += _steady(configs, {})
     return "\n".join(lines)

@@ -100,6 +100,16 @@ def main(argv: list[str]) -> int:
         "shoppers' are opened 2 + 1 s per 1,000 before the start, since the edge closes a "
         "connection that has sent no request for 10 s",
     )
+    parser.add_argument(
+        "--shoppers-ahead",
+        type=float,
+        help="seconds before the start to open the shoppers' connections (2 + 1 per 1,000); "
+        "under 10, when the edge closes a connection that has sent no request",
+    )
+    parser.add_argument(
+        "--hosts", default="1,2", help="the configurations: app hosts behind the edge (1,2)"
+    )
+    parser.add_argument("--no-hop", action="store_true", help="leave the hop out")
     parser.add_argument("--seconds", type=float, default=10, help="each wrk run (10 s)")
     parser.add_argument("--steady-seconds", type=float, default=60, help="steady shop (60 s)")
     parser.add_argument("--failovers", type=int, default=3, help="Redis failovers (3)")
@@ -144,11 +154,11 @@ def main(argv: list[str]) -> int:
     try:
         cluster.up()
         bench = Bench(cluster, args)
-        bench.serve(2, hold_seconds=3600)
-        print("== the hop: the bare endpoint on app1, directly and through the edge", flush=True)
-        bench.serve(1, hold_seconds=3600)
-        result["hop"] = bench.hop()
-        for count in (1, 2):
+        if not args.no_hop:
+            print("== the hop: the bare endpoint on app1, directly and through the edge")
+            bench.serve(1, hold_seconds=3600)
+            result["hop"] = bench.hop()
+        for count in (int(n) for n in args.hosts.split(",")):
             result["configs"].append(bench.configuration(count))
         print(f"== Redis failover ×{args.failovers} (the drill redis-failover)", flush=True)
         bench.serve(2, hold_seconds=drills.HOLD_SECONDS, **drills.SETTINGS)
@@ -303,7 +313,7 @@ class Bench:
             lead_seconds=self.args.storm_lead
             or 3 + 1.5 * (self.args.shoppers + self.args.sockets) / 1_000,
             # Well inside the edge's 10 s for a connection's first request.
-            shoppers_ahead=2 + self.args.shoppers / 1_000,
+            shoppers_ahead=self.args.shoppers_ahead or 2 + self.args.shoppers / 1_000,
         )
         hold = 3 if self.args.quick else 10
         self.serve(count, hold_seconds=hold)
