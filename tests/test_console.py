@@ -426,3 +426,53 @@ async def test_a_console_opened_mid_sale_draws_the_sale_so_far_with_its_figures(
     await page.evaluate("document.activeElement.blur()")
     await chart.hover(position={"x": box["width"] - 14, "y": box["height"] / 2})
     await screenshot(page, f"admin-history-{size_name(size)}", docs=size != PHONE)
+
+
+@EACH_SIZE
+async def test_rescheduling_from_the_console_moves_the_shop_card_to_coming_soon_and_back(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    name = f"Rescheduled radio ({size_name(size)})"
+    product = await new_product(site, name, 5)
+    page = await open_console(browser, site, size, locale="en-US", timezone_id="America/New_York")
+    shop = await open_shop(browser, site, size, locale="en-US", timezone_id="America/New_York")
+    await expect(shop.locator("#products").locator(card(shop, product))).to_have_count(1)
+    await choose(page, product)
+    await page.get_by_text("Edit name, price, start or limit per customer").click()
+    edit = page.locator("#edit-form")
+    start = edit.get_by_label(
+        re.compile(r"^New sale start \(empty: on sale now; your time, America/New_York\)")
+    )
+    await expect(start).to_have_value("")
+    await start.fill("2031-07-04T10:00")
+    await expect(page.locator("#edit-starts-preview")).to_have_text(
+        re.compile(r"^Starts Fri, Jul 4, 2031, 10:00\sAM EDT \(02:00\sPM UTC\)\.$")
+    )
+    await assert_accessible(page)
+    await edit.get_by_role("button", name="Save changes").click()
+    await expect(page.locator("#detail-message")).to_have_text(
+        re.compile(
+            rf"^Saved {re.escape(name)}: €12\.50, starts Fri, Jul 4, 2031, 10:00\sAM EDT "
+            r"\(02:00\sPM UTC\), no limit per customer\.$"
+        )
+    )
+    await expect(page.locator("#detail-sale")).to_have_text(
+        re.compile(r"^Starts Fri, Jul 4, 2031, 10:00\sAM EDT \(02:00\sPM UTC\)$")
+    )
+    # The shopper's page moves it to Coming soon at once, in their own zone.
+    await expect(shop.locator("#soon").locator(card(shop, product))).to_have_count(1)
+    await expect(card(shop, product).locator(".starts-at")).to_have_text(
+        re.compile(r"^Starts Fri, Jul 4, 2031, 10:00\sAM EDT$")
+    )
+    await assert_accessible(shop)
+
+    # Emptied: on sale now again.
+    await page.get_by_text("Edit name, price, start or limit per customer").click()
+    await expect(start).to_have_value("2031-07-04T10:00")
+    await start.fill("")
+    await edit.get_by_role("button", name="Save changes").click()
+    await expect(page.locator("#detail-message")).to_have_text(
+        f"Saved {name}: €12.50, on sale now, no limit per customer."
+    )
+    await expect(shop.locator("#products").locator(card(shop, product))).to_have_count(1)
+    await expect(card(shop, product).get_by_role("button", name="Reserve")).to_be_enabled()
