@@ -354,6 +354,7 @@ async def test_the_operator_cancels_a_hold_and_the_shoppers_page_says_so(
     )
     await expect(hold_row).to_have_count(0)
     await expect(form).to_be_hidden()
+    await expect(page.locator("#holds-title")).to_be_focused()
     await expect(row(page, product).locator(".cancelled")).to_have_text("1")
 
     # The shopper's page is told at once, with the shop's reason, and says it once.

@@ -345,7 +345,7 @@ class Console {
     const form = $("#cancel-hold-form");
     form.hidden = true;
     delete form.dataset.id;
-    $("#holds-title").focus?.();
+    $("#holds-title").focus();
   }
 
   async cancelHold(form) {
@@ -364,6 +364,7 @@ class Console {
         "the units are back on sale and the shopper has been told.";
       form.hidden = true;
       delete form.dataset.id;
+      $("#holds-title").focus(); // the form is gone: the reader stays with the holds
       await this.refresh();
     } catch (error) {
       message.className = "message bad";
