@@ -11,13 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from server.api.ratelimit import FailureThrottle
+from server.api.ratelimit import FailureThrottle, RateLimiter
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.domain.clock import now_ms
+from server.infra.keys import RATE_LIMIT_PREFIX
+from server.infra.redis_client import redis_client
 from server.infra.settings import Settings, SettingsError
 from server.storage.database import Store
 from server.wire.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
-from tests.support import assert_invariant, hold, make_product, serve, stats
+from tests.support import assert_invariant, eventually, hold, make_product, serve, stats
 
 TOKEN = "operator-secret"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -639,6 +641,35 @@ async def test_wrong_tokens_are_throttled_per_client(
             assert 1 <= int(refused.headers["retry-after"]) <= 20
         # Shoppers from the same address are not affected.
         assert (await client.get("/api/products")).status_code == 200
+
+
+async def test_a_burst_the_process_cannot_hear_redis_for_in_time_is_still_limited(
+    redis_url: str,
+) -> None:
+    """A busy event loop once took longer than the wait to hear Redis' answers: every
+    reservation went on uncounted and three such waits opened the breaker, so a burst of
+    200 from one client passed a 20/60 limit 88 to 142 times. Here no answer is ever heard
+    in time (a wait of a microsecond), and still no more than the limit go through."""
+    redis = redis_client(redis_url)
+    limiter = RateLimiter(redis, count=20, per_seconds=3600, timeout_s=1e-6)
+    try:
+        answers = await asyncio.gather(*(limiter.retry_after("burst") for _ in range(200)))
+        assert sum(wait is None for wait in answers) == 20
+        assert all(wait is None or wait >= 1 for wait in answers)
+
+        # Every one it let through is counted in Redis all the same, so another process
+        # (with a wait long enough to hear Redis) refuses the client too.
+        key = f"{RATE_LIMIT_PREFIX}burst:{int(time.time() // 3600)}"
+
+        async def counted() -> bool:
+            return bool(await redis.get(key) == b"20")
+
+        await eventually(counted, what="the 20 counts to reach Redis")
+        other = RateLimiter(redis, count=20, per_seconds=3600)
+        assert await other.retry_after("burst") is not None
+        assert await other.retry_after("someone else") is None
+    finally:
+        await redis.aclose()
 
 
 def test_the_sign_in_throttle_gives_tries_back_over_time_and_forgets_old_clients() -> None:

@@ -614,7 +614,7 @@ async def test_a_frozen_redis_does_not_hold_up_reservations(
             own_redis.thaw()
         shopper.check()
         log = service.web.log.read_text()
-        assert log.count("rate limit not applied") == 1, log[-2000:]
+        assert log.count("rate limit counted only per process") == 1, log[-2000:]
 
 
 # -- 10, 11. what reaches the log ----------------------------------------------------------

@@ -5,13 +5,17 @@ process's memory).
 The reservation limit is a fixed window per client: `INCR` a counter named after the client
 and the window, set to expire with it. The client is `server.infra.clients.client_key`: the
 address uvicorn reports (behind a load balancer, the forwarded one once `FORWARDED_ALLOW_IPS`
-names the balancer), later the shopper. The limit sits on the reservation's path, so it must
-never make a reservation wait on Redis: each check gives up after `CHECK_TIMEOUT_S`, and after
-`BREAKER_FAILURES` failures in a row the limiter stops asking Redis for
+names the balancer), or the signed-in shopper. The limit sits on the reservation's path, so it
+must never make a reservation wait on Redis: each check waits at most `CHECK_TIMEOUT_S` for
+it. Each process also counts every client itself, and refuses a client past the limit in
+its own count without asking Redis: a burst of one client's requests that a busy process
+cannot hear Redis' answers for in time was once let through whole (four times the limit).
+A count that Redis has not acknowledged in `REDIS_FROZEN_S`, or that fails, is Redis'
+failure; after `BREAKER_FAILURES` of them in a row the limiter stops asking Redis for
 `BREAKER_RECOVERY_S` (a circuit breaker, the `circuitbreaker` package), then tries again.
-While Redis cannot answer, the limit is not applied: a shop would rather sell than refuse
-everyone. A frozen Redis (a stopped process, a partitioned network) once made every
-reservation wait the client's 5 s read timeout.
+While Redis cannot answer, only each process's own count applies: a shop would rather sell
+than refuse everyone. A frozen Redis (a stopped process, a partitioned network) once made
+every reservation wait the client's 5 s read timeout.
 """
 
 from __future__ import annotations
@@ -30,15 +34,34 @@ from server.infra.keys import RATE_LIMIT_PREFIX
 
 logger = logging.getLogger(__name__)
 
-# A healthy Redis on the same network answers INCR+EXPIRE in well under a millisecond; one
-# that has not answered in 50 ms is not going to answer in time for a shopper.
+# A healthy Redis on the same network answers INCR+EXPIRE in well under a millisecond; a
+# reservation waits at most this long for it (RESERVE_RATE_LIMIT_WAIT_MS), then goes on.
 CHECK_TIMEOUT_S = 0.05
+# A count Redis has not acknowledged in this long is a failure of Redis (frozen, cut off),
+# not of a web process whose own event loop is busy: only these open the breaker.
+REDIS_FROZEN_S = 1.0
 BREAKER_FAILURES = 3
 BREAKER_RECOVERY_S = 10
+# Clients whose reservations this process counts itself in the current window.
+MAX_LOCAL_CLIENTS = 100_000
+# Counts in Redis under way at once: past this many (Redis slow or frozen, under a storm),
+# a reservation is counted only here rather than open yet another connection to it.
+MAX_COUNTING = 256
 
 
 class RateLimiter:
-    """`count` reservations per client per `per_seconds`-long window, across processes."""
+    """`count` reservations per client per `per_seconds`-long window, across processes.
+
+    Each reservation is counted twice: in this process's memory, and in Redis, shared by
+    every process. The process's own count is a lower bound of the shared one, so a client
+    past the limit in it is refused without asking Redis; that is what holds a burst back,
+    when a busy event loop takes longer than `timeout_s` to hear Redis' answer. The count in
+    Redis goes on in the background when the reservation stops waiting for it, so a
+    reservation let through is still counted for the client's next ones. Only counts that
+    Redis has not acknowledged within `REDIS_FROZEN_S`, or that fail, count as Redis'
+    failures: after `breaker_failures` of them in a row the limiter stops asking Redis for
+    `breaker_recovery_s` and applies only the process's own counts.
+    """
 
     def __init__(
         self,
@@ -47,6 +70,7 @@ class RateLimiter:
         count: int,
         per_seconds: int,
         timeout_s: float = CHECK_TIMEOUT_S,
+        frozen_s: float = REDIS_FROZEN_S,
         breaker_failures: int = BREAKER_FAILURES,
         breaker_recovery_s: float = BREAKER_RECOVERY_S,
     ) -> None:
@@ -54,6 +78,7 @@ class RateLimiter:
         self._count = count
         self._per = per_seconds
         self._timeout_s = timeout_s
+        self._frozen_s = frozen_s
         self._recovery_s = breaker_recovery_s
         self._off = False  # the breaker opened and Redis has not answered since
         self._breaker = CircuitBreaker(
@@ -63,35 +88,63 @@ class RateLimiter:
             name="reservation rate limit",
         )
         self._counted = self._breaker(self._count_in_redis)
+        self._window = -1
+        self._local: dict[str, int] = {}  # client → reservations this process saw this window
+        self._counting: set[asyncio.Task[int]] = set()
 
     async def retry_after(self, client: str) -> int | None:
         """None if `client` may reserve now; otherwise the seconds until it may. Waits at
-        most `timeout_s` for Redis; None (not limited) if Redis cannot answer."""
+        most `timeout_s` for Redis; past that, or if Redis cannot answer, only this
+        process's own count of the client decides."""
         now = time.time()
         window = int(now // self._per)
+        wait = max(1, int((window + 1) * self._per - now + 0.999))
+        if self._seen_here(client, window) > self._count:
+            return wait
+        if len(self._counting) >= MAX_COUNTING:
+            return None
+        counting = asyncio.ensure_future(self._counted(f"{RATE_LIMIT_PREFIX}{client}:{window}"))
+        self._counting.add(counting)
+        counting.add_done_callback(self._counted_in_redis)
         try:
-            used = await self._counted(f"{RATE_LIMIT_PREFIX}{client}:{window}")
-        except CircuitBreakerError:
-            return None  # open: not asking Redis for a while
-        except (RedisError, OSError, TimeoutError) as exc:
+            used = await asyncio.wait_for(asyncio.shield(counting), self._timeout_s)
+        except (CircuitBreakerError, RedisError, OSError, TimeoutError):
+            return None  # not waiting longer for Redis; the count goes on without us
+        return None if used <= self._count else wait
+
+    def _seen_here(self, client: str, window: int) -> int:
+        if window != self._window or len(self._local) >= MAX_LOCAL_CLIENTS:
+            self._window = window
+            self._local.clear()
+        seen = self._local.get(client, 0) + 1
+        self._local[client] = seen
+        return seen
+
+    def _counted_in_redis(self, counting: asyncio.Task[int]) -> None:
+        """A count in Redis has ended: one line per outage, not one per reservation."""
+        self._counting.discard(counting)
+        if counting.cancelled():
+            return
+        exc = counting.exception()
+        if isinstance(exc, CircuitBreakerError):
+            return  # open: Redis was not asked
+        if exc is not None:
             if self._breaker.opened and not self._off:
-                self._off = True  # one line per outage, not one per reservation
+                self._off = True
                 logger.warning(
-                    "rate limit not applied for %g s: Redis failed %d times in a row (%s)",
+                    "rate limit counted only per process for %g s: Redis failed %d times in "
+                    "a row (%s)",
                     self._recovery_s,
                     self._breaker.failure_count,
                     type(exc).__name__,
                 )
-            return None
+            return
         if self._off:
             self._off = False
-            logger.warning("rate limit applied again: Redis answers")
-        if used <= self._count:
-            return None
-        return max(1, int((window + 1) * self._per - now + 0.999))
+            logger.warning("rate limit counted in Redis again: Redis answers")
 
     async def _count_in_redis(self, key: str) -> int:
-        async with asyncio.timeout(self._timeout_s):
+        async with asyncio.timeout(self._frozen_s):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.incr(key)
                 pipe.expire(key, self._per * 2)
