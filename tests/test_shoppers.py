@@ -676,3 +676,101 @@ def test_a_remembered_token_is_refused_once_it_expires() -> None:
         identities._signed_in(stale)
     assert refused.value.status == 401
     assert "expired" in refused.value.message
+
+
+# -- what the attack review found (identity) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "others",
+    ['prefs={"a":1,"b":[2]}', 'x="unterminated', "a=b c", "theme=dark"],
+    ids=["json-value", "open-quote", "space", "plain"],
+)
+async def test_other_cookies_on_the_domain_never_hide_the_shoppers_own(
+    shop: Shop, others: str
+) -> None:
+    """http.cookies gave up on the whole header at one cookie it could not read, so the
+    customer became a new shopper on every page and could not buy their own hold."""
+    alice = await shop.shopper()
+    me = (await alice.get("/api/me")).json()
+    mine = f"{COOKIE}={alice.cookies[COOKIE]}"
+    product = await shop.product(5)
+    held = (await reserve(alice, product["id"])).json()
+    mixed = {"Cookie": f"{others}; {mine}"}
+    bare = shop.app  # no jar: only the header we give
+    bare.cookies.clear()
+    again = await bare.get("/api/me", headers=mixed)
+    assert again.json().get("shopper") == me["shopper"], again.text
+    assert "set-cookie" not in again.headers
+    done = await bare.post(f"/api/reservations/{held['id']}/complete", headers=mixed)
+    assert done.status_code == 200, done.text
+    # Split over two Cookie headers (HTTP/2 may), in either order.
+    for first, second in ((others, mine), (mine, others)):
+        raw = await bare.get(
+            "/api/me", headers=httpx.Headers([("cookie", first), ("cookie", second)])
+        )
+        assert raw.json()["shopper"] == me["shopper"]
+
+
+async def test_a_malformed_shopper_cookie_is_401_not_anonymous(shop: Shop) -> None:
+    product = await shop.product(5)
+    shop.app.cookies.clear()
+    for value in ['"', "", "a.b.c", '"quoted.value"']:
+        answer = await reserve(shop.app, product["id"], Cookie=f"{COOKIE}={value}")
+        assert_error(answer, 401, "unauthorized")
+    assert (await stats(shop.store, product["id"])).held == 0
+
+
+def test_a_cookie_header_full_of_backslashes_costs_no_time() -> None:
+    """Before Python 3.11.10, http.cookies took 0.68 s of CPU for a 15 KB Cookie header of
+    backslashes (CVE-2024-7592), on the event loop of every process it reached. Reading only
+    our own cookie, pair by pair, is linear: here a thousandth of that is a generous bound
+    (CPU time, not wall time, so a busy machine does not move it)."""
+    identities = Identities(Settings(session_secret="s" * 32))
+    header = f'{COOKIE}="' + "\\\\" * 7500 + '"'
+    scope = {"headers": [(b"cookie", header.encode())]}
+    started = time.process_time()
+    for _ in range(10):
+        assert identities.cookie_shopper(scope) == "bad"  # not signed here: a 401
+    assert time.process_time() - started < 0.1
+
+
+@pytest.mark.parametrize("exp", [10**400, "1900000000", True], ids=["huge", "string", "bool"])
+async def test_an_odd_exp_is_401_or_served_never_a_500(shop: Shop, exp: Any) -> None:
+    # PyJWT will not encode such an `exp`: the claims signed by hand.
+    raw = _hs256_signed_with(JWT_SECRET.encode(), {"sub": "odd", "exp": exp})
+    answer = await shop.app.get("/api/me", headers=bearer(raw))
+    assert answer.status_code in (200, 401), answer.text
+    if isinstance(exp, int) and not isinstance(exp, bool):
+        assert answer.json()["shopper"] == "shop:odd"
+    else:
+        assert "exp" in answer.json()["message"]
+
+
+def test_audience_and_issuer_are_checked_when_the_shop_names_them() -> None:
+    exp = int(time.time() + 600)
+    plain = Identities(Settings(session_secret="s" * 32, shopper_jwt_secret=JWT_SECRET))
+    # Unnamed: a token with an `aud` (identity providers put one in every token) is taken.
+    with_aud = jwt.encode({"sub": "ann", "exp": exp, "aud": "anything"}, JWT_SECRET)
+    assert plain._signed_in(with_aud) == "shop:ann"
+
+    strict = Identities(
+        Settings(
+            session_secret="s" * 32,
+            shopper_jwt_secret=JWT_SECRET,
+            shopper_jwt_audience="flash-sale",
+            shopper_jwt_issuer="https://shop.example",
+        )
+    )
+    good = {"sub": "ann", "exp": exp, "aud": "flash-sale", "iss": "https://shop.example"}
+    assert strict._signed_in(jwt.encode(good, JWT_SECRET)) == "shop:ann"
+    for claims, says in (
+        ({**good, "aud": "password-reset"}, "aud"),
+        ({k: v for k, v in good.items() if k != "aud"}, "aud"),
+        ({**good, "iss": "https://evil.example"}, "issued"),
+        ({k: v for k, v in good.items() if k != "iss"}, "iss"),
+    ):
+        with pytest.raises(RequestError) as refused:
+            strict._signed_in(jwt.encode(claims, JWT_SECRET))
+        assert refused.value.status == 401
+        assert says in refused.value.message, refused.value.message

@@ -102,6 +102,10 @@ class Settings:
     shopper_jwt_secret: str = ""
     shopper_jwt_public_key: str = ""
     require_shopper_token: bool = False
+    # The `aud` and `iss` the shop's tokens must carry, when set; when unset, tokens with
+    # an `aud` are taken too (identity providers put one in every token).
+    shopper_jwt_audience: str = ""
+    shopper_jwt_issuer: str = ""
     max_per_shopper: int | None = None
 
     @property
@@ -203,6 +207,8 @@ class Settings:
             session_secret=_secret(env, "SESSION_SECRET"),
             shopper_jwt_secret=_secret(env, "SHOPPER_JWT_SECRET"),
             shopper_jwt_public_key=_public_key(env, "SHOPPER_JWT_PUBLIC_KEY"),
+            shopper_jwt_audience=env.get("SHOPPER_JWT_AUDIENCE", "").strip(),
+            shopper_jwt_issuer=env.get("SHOPPER_JWT_ISSUER", "").strip(),
             require_shopper_token=_choice(env, "REQUIRE_SHOPPER_TOKEN", ("false", "true"))
             == "true",
             max_per_shopper=(
