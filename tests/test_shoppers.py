@@ -486,6 +486,9 @@ async def test_expiry_gives_the_allowance_back_by_every_path(store: Store) -> No
     )
     assert late.error is not None
     assert late.error.code == "reservation_expired"
+    async with store.reader() as conn:
+        rows = await conn.fetch_all("SELECT shopper_id FROM shopper_allowances")
+    assert rows == []  # nobody has any: no row is kept
     for shopper in ("anon:a", "anon:b", "anon:c"):
         assert await units(shopper) == {}, shopper
         outcomes, _ = await store.write(

@@ -529,7 +529,8 @@ async def _give_back_allowances(
 ) -> None:
     """Take the units of `holds` (of one product) that have a shopper off their shoppers'
     allowance rows: a hold that ended unsold (cancelled, expired), or a request counted
-    that got no stock. One statement for all of them."""
+    that got no stock. One statement for all of them, and one to remove the rows left at
+    0."""
     units: dict[str, int] = defaultdict(int)
     for hold in holds:
         if hold.shopper_id is not None:
@@ -547,6 +548,13 @@ async def _give_back_allowances(
         f"UPDATE shopper_allowances SET units = units - CASE shopper_id {' '.join(cases)} "
         f"ELSE 0 END WHERE product_id = :p AND shopper_id IN ({', '.join(names)})",
         values,
+    )
+    # A shopper left with none of the product needs no row: the table holds only shoppers
+    # with units in ACTIVE or COMPLETED holds, however many anonymous visitors came and went.
+    await conn.execute(
+        f"DELETE FROM shopper_allowances WHERE product_id = :p AND shopper_id IN "
+        f"({', '.join(names)}) AND units = 0",
+        {k: v for k, v in values.items() if not k.startswith("q")},
     )
 
 
