@@ -118,9 +118,12 @@ class Interleaving:
 
     # -- steps -----------------------------------------------------------------------
 
-    async def reserve(self, quantity: int, key: str | None = None) -> Call:
-        """A request arrives: it is answered at once, or sent towards the database."""
-        request = HoldRequest(self.product_id, quantity, key)
+    async def reserve(
+        self, quantity: int, key: str | None = None, shopper: str | None = None
+    ) -> Call:
+        """A request arrives (from `shopper`, if known): it is answered at once, or sent
+        towards the database."""
+        request = HoldRequest(self.product_id, quantity, key, shopper)
         hold_before = await self._hold_of(key)
         before = submitted(self.shop)
         task = asyncio.create_task(self.shop.reserve(request))
@@ -173,12 +176,12 @@ class Interleaving:
         if catalog is not None:
             await catalog.reload(self.store)
 
-    async def take_elsewhere(self, quantity: int) -> None:
-        """Another process holds units of the product (if it has them)."""
+    async def take_elsewhere(self, quantity: int, shopper: str | None = None) -> None:
+        """Another process holds units of the product (if it has them; for `shopper`, if
+        within their limit)."""
+        request = HoldRequest(self.product_id, quantity, shopper_id=shopper)
         outcomes, events = await self.elsewhere.write(
-            lambda conn: inventory.reserve(
-                conn, [HoldRequest(self.product_id, quantity)], now=now_ms(), hold_ms=600_000
-            )
+            lambda conn: inventory.reserve(conn, [request], now=now_ms(), hold_ms=600_000)
         )
         if outcomes[0].value is not None:
             self.taken_elsewhere.append(outcomes[0].value.reservation.id)
@@ -218,11 +221,32 @@ class Interleaving:
 
     async def would_grant(self, request: HoldRequest) -> bool:
         """Would the database grant `request` if it were queued now, behind the requests
-        already waiting for it (first come, first served, one hold per key)?"""
+        already waiting for it (first come, first served, one hold per key; a request whose
+        shopper it would take past the product's limit takes nothing)?"""
         async with self.store.reader() as conn:
             product = await inventory.get_product(conn, self.product_id)
         assert product is not None
-        ahead: list[int] = []
+        limit, available = product.max_per_shopper, product.available_stock
+        allowances: dict[str, int] = {}
+
+        async def takes(asked: HoldRequest) -> bool:
+            nonlocal available
+            shopper = asked.shopper_id
+            if shopper is not None and shopper not in allowances:
+                allowances[shopper] = await self._allowance(shopper)
+            if (
+                limit is not None
+                and shopper is not None
+                and allowances[shopper] + asked.quantity > limit
+            ):
+                return False
+            if asked.quantity > available:
+                return False
+            available -= asked.quantity
+            if shopper is not None:
+                allowances[shopper] += asked.quantity
+            return True
+
         keys: set[str] = set()
         for call in self._uncommitted():
             key = call.request.idempotency_key
@@ -230,8 +254,17 @@ class Interleaving:
                 if key in keys or await self._hold_of(key) is not None:
                     continue  # a replay: it takes nothing
                 keys.add(key)
-            ahead.append(call.request.quantity)
-        return inventory.allocate(product.available_stock, [*ahead, request.quantity])[-1]
+            await takes(call.request)
+        return await takes(request)
+
+    async def _allowance(self, shopper: str) -> int:
+        """The shopper's units of the product, as the database counts them for the limit."""
+        async with self.store.reader() as conn:
+            row = await conn.fetch_one(
+                "SELECT units FROM shopper_allowances WHERE shopper_id = :s AND product_id = :p",
+                {"s": shopper, "p": self.product_id},
+            )
+        return 0 if row is None else int(row["units"])
 
     def _uncommitted(self) -> list[Call]:
         committed: set[int] = set()

@@ -4,21 +4,25 @@ replay, whatever the interleaving of batches, catalog reloads, retries and other
 
 Each example from issue 15 (item 1) and issue 10 (item 9) is a test here, and a property-based
 test tries many interleavings, checking every fast refusal against the database at the
-moment it is made (tests/interleaving.py).
+moment it is made (tests/interleaving.py), with and without a limit per shopper (issue 16:
+a request whose shopper is at the limit takes nothing).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
-from server.domain.errors import IdempotencyKeyReused, InsufficientStock
-from server.domain.inventory import Held
+from server.domain import inventory
+from server.domain.clock import now_ms
+from server.domain.errors import IdempotencyKeyReused, InsufficientStock, ShopperLimitReached
+from server.domain.inventory import Held, ProductChanges
 from server.storage.database import Store
 from tests.interleaving import GatedStore, Interleaving, gated_shop
 from tests.support import assert_invariant, make_product, stats
@@ -30,10 +34,19 @@ class Harness:
     elsewhere: Store
 
     @asynccontextmanager
-    async def drive(self, stock: int, *, with_catalog: bool) -> AsyncIterator[Interleaving]:
-        """A new product with `stock` units and a new shop; on leaving the block, every batch
-        is let through until every request has its answer."""
+    async def drive(
+        self, stock: int, *, with_catalog: bool, limit: int | None = None
+    ) -> AsyncIterator[Interleaving]:
+        """A new product with `stock` units (and `limit` units per shopper) and a new shop;
+        on leaving the block, every batch is let through until every request has its
+        answer."""
         product = await make_product(self.elsewhere, stock)
+        if limit is not None:
+            await self.elsewhere.write(
+                lambda conn: inventory.update_product(
+                    conn, product.id, ProductChanges(max_per_shopper=limit), now=now_ms()
+                )
+            )
         shop = gated_shop(self.store, with_catalog=with_catalog)
         if shop.catalog is not None:
             await shop.catalog.reload(self.elsewhere)
@@ -178,35 +191,94 @@ async def test_in_one_batch_requests_sharing_a_key_are_answered_as_if_one_after_
     assert (s.available, s.held) == (0, 3)
 
 
+# -- issue 16: a shopper at their limit -------------------------------------------------
+
+
+async def test_a_shopper_flooding_at_their_limit_never_makes_others_sold_out(
+    harness: Harness,
+) -> None:
+    """Attack finding A2: one shopper already at `maxPerShopper` keeps a flood of requests
+    waiting (for more than the limit, and for what it would allow); every other shopper
+    must still reach the database and be granted, and none is told "Sold out" while units
+    are there. The flood's requests are refused by the limit, not as sold out."""
+    limit, stock = 2, 100
+    async with harness.drive(stock, with_catalog=True, limit=limit) as run:
+        first = await run.reserve(limit, shopper="anon:scalper")
+        assert await run.commit()
+        assert await run.resume()
+        await first.task
+        blocker = await run.reserve(1, shopper="anon:early")  # holds the writer
+        flood = [await run.reserve(q, shopper="anon:scalper") for q in [10] * 60 + [limit] * 60]
+        honest = [await run.reserve(1, shopper=f"anon:honest-{n}") for n in range(40)]
+        refused = [c.request for c in [*flood, *honest] if c.index is None]
+        assert not refused, f"{len(refused)} refused at once: {refused[:3]}"
+        assert blocker.index is not None
+    for call in flood:
+        with pytest.raises(ShopperLimitReached):
+            await call.task
+    granted = [await c.task for c in honest]
+    assert all(not h.replayed for h in granted)
+    s = await assert_invariant(harness.elsewhere, run.product_id)
+    assert (s.available, s.held) == (stock - limit - 1 - 40, limit + 1 + 40)
+
+
+async def test_one_shoppers_requests_promise_no_more_than_their_limit(harness: Harness) -> None:
+    """Requests with no shopper are certain to take their units; a shopper's are not (they
+    may be at their limit), and one shopper's take at most the limit between them: so the
+    fast refusal still answers at once what is certainly sold out."""
+    async with harness.drive(6, with_catalog=True, limit=2) as run:
+        before = [await run.reserve(1) for _ in range(2)]
+        flood = [await run.reserve(2, shopper="anon:a") for _ in range(10)]
+        after = [await run.reserve(1) for _ in range(2)]  # 2 + 2 (at most "a's") + 2 <= 6
+        assert all(c.index is not None for c in [*before, *flood, *after])
+        too_many = await run.reserve(3)  # at most 6 - 4 are left, whatever "a" has
+        assert too_many.index is None
+        assert isinstance(too_many.task.exception(), InsufficientStock)
+        fits = await run.reserve(2, shopper="anon:b")  # "a" may be at the limit already
+        assert fits.index is not None
+    for call in [*before, *after]:
+        assert isinstance(await call.task, Held)
+    outcomes = await asyncio.gather(*(c.task for c in [*flood, fits]), return_exceptions=True)
+    assert isinstance(outcomes[0], Held)  # "a" had nothing: the first of theirs is granted
+    assert all(isinstance(o, ShopperLimitReached) for o in outcomes[1:-1])
+    assert isinstance(outcomes[-1], InsufficientStock)
+
+
 # -- every interleaving ----------------------------------------------------------------
 
 Step = tuple[str, int, int]
 
+# A request's `b`: bit 0, whether it has a key; bits 1-2, its shopper (0: none).
 steps = st.one_of(
-    st.tuples(st.just("reserve"), st.integers(1, 3), st.integers(0, 1)),
+    st.tuples(st.just("reserve"), st.integers(1, 3), st.integers(0, 7)),
     st.tuples(st.just("retry"), st.integers(0, 30), st.integers(0, 3)),
     st.tuples(st.just("commit"), st.just(0), st.just(0)),
     st.tuples(st.just("resume"), st.just(0), st.just(0)),
     st.tuples(st.just("reload"), st.just(0), st.just(0)),
-    st.tuples(st.just("take"), st.integers(1, 2), st.just(0)),
+    st.tuples(st.just("take"), st.integers(1, 2), st.integers(0, 3)),
     st.tuples(st.just("give"), st.just(0), st.just(0)),
 )
 
 
+def shopper(n: int) -> str | None:
+    return f"anon:s{n}" if n else None
+
+
 async def play(run: Interleaving, script: list[Step]) -> None:
     note(f"product {run.product_id}, steps {script}")
-    keyed: list[tuple[str, int]] = []
+    keyed: list[tuple[str, int, str | None]] = []
     for action, a, b in script:
         if action == "reserve":
             # Keys of their own: every example shares the database.
-            key = f"p{run.product_id}-key-{len(keyed)}" if b else None
+            key = f"p{run.product_id}-key-{len(keyed)}" if b & 1 else None
+            who = shopper(b >> 1)
             if key is not None:
-                keyed.append((key, a))
-            await run.reserve(a, key)
+                keyed.append((key, a, who))
+            await run.reserve(a, key, who)
         elif action == "retry" and keyed:
-            key, quantity = keyed[a % len(keyed)]
+            key, quantity, who = keyed[a % len(keyed)]
             # Mostly the same body (a genuine retry); sometimes another one.
-            await run.reserve(quantity if b else quantity % 3 + 1, key)
+            await run.reserve(quantity if b else quantity % 3 + 1, key, who)
         elif action == "commit":
             await run.commit()
         elif action == "resume":
@@ -214,7 +286,7 @@ async def play(run: Interleaving, script: list[Step]) -> None:
         elif action == "reload":
             await run.reload()
         elif action == "take":
-            await run.take_elsewhere(a)
+            await run.take_elsewhere(a, shopper(b))
         elif action == "give":
             await run.give_back_elsewhere()
 
@@ -241,7 +313,7 @@ async def check_answers(run: Interleaving) -> None:
             assert hold is not None
             assert call.task.result().reservation.id == hold.id
         if error is not None:
-            assert isinstance(error, InsufficientStock), error
+            assert isinstance(error, InsufficientStock | ShopperLimitReached), error
 
 
 @pytest.mark.parametrize("with_catalog", [True, False], ids=["web-catalog", "no-catalog"])
@@ -251,11 +323,25 @@ async def check_answers(run: Interleaving) -> None:
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(stock=st.integers(1, 6), script=st.lists(steps, max_size=30))
+# A2's shape, which random scripts rarely hit: "s1" is at the limit, asks again (that
+# request takes nothing), and "s2" asks for what is left.
+@example(
+    stock=3,
+    limit=2,
+    script=[
+        *[("reserve", 2, 2), ("commit", 0, 0), ("resume", 0, 0)],
+        *[("reserve", 1, 2), ("reserve", 1, 4)],
+    ],
+)
+@given(
+    stock=st.integers(1, 6),
+    limit=st.one_of(st.none(), st.integers(1, 3)),
+    script=st.lists(steps, max_size=30),
+)
 async def test_every_fast_refusal_holds_against_the_database(
-    harness: Harness, with_catalog: bool, stock: int, script: list[Step]
+    harness: Harness, with_catalog: bool, stock: int, limit: int | None, script: list[Step]
 ) -> None:
-    async with harness.drive(stock, with_catalog=with_catalog) as run:
+    async with harness.drive(stock, with_catalog=with_catalog, limit=limit) as run:
         await play(run, script)
     await check_answers(run)
     await assert_invariant(harness.elsewhere, run.product_id)

@@ -20,6 +20,11 @@ product as this process last saw it (from its catalog or a read), so the two mus
   makes the hold, but a request of its own if the first is refused: it is uncertain.
 - The database grants, in order, each request that still fits (first come, first served), so
   a request for more than is left takes nothing and a smaller one behind it may be granted.
+- A request with a shopper, of a product with a limit per shopper (`max_per_shopper`), takes
+  nothing if its shopper is at the limit, which this process cannot know (their holds, here
+  or in another process): it is uncertain. But one shopper's waiting requests take at most
+  the limit between them, and one for more than the limit takes nothing (README, Shoppers;
+  else a shopper at their limit who floods requests would keep every unit "promised").
 
 So a request queued now can be granted at most `left(figure)` units:
 
@@ -28,7 +33,8 @@ So a request queued now can be granted at most `left(figure)` units:
 - when they do not fit and none is uncertain, what allocating the figure to them in order
   leaves;
 - otherwise the figure minus each counted promise that fits even if every request ahead of
-  it takes all it asks for (those take their units whatever happens to the uncertain ones).
+  it takes all it asks for, each shopper's at most the limit (those take their units
+  whatever happens to the uncertain ones).
 
 The database decides every reservation; this only decides which requests are certain to fail.
 tests/test_promises.py checks every fast refusal against the database over many interleavings.
@@ -48,11 +54,12 @@ class Promise:
 
     `copy`: the request repeats one already waiting (its Idempotency-Key). `sent_after`:
     None until the request's batch is sent to the database; then the newest version of the
-    product seen at that moment."""
+    product seen at that moment. `shopper`: who asks, if known."""
 
     product_id: int
     quantity: int
     key: str | None
+    shopper: str | None = None
     copy: bool = False
     sent_after: int | None = None
     settled: bool = False
@@ -69,6 +76,8 @@ class Promises:
         self._queue: dict[int, dict[Promise, None]] = {}
         self._seen: dict[int, int] = {}  # product → newest version seen
         self._keys: set[str] = set()  # Idempotency-Keys of waiting promises (not copies)
+        # product → units of the waiting promises (not copies) that have a shopper
+        self._shoppers: Counter[int] = Counter()
 
     def observe(self, product: Product) -> None:
         """A figure of `product` this process has seen (read, committed or received)."""
@@ -80,6 +89,7 @@ class Promises:
         of this figure (may be negative). A request for more is certain to be refused."""
         self.observe(product)
         version, figure = product.version, product.available_stock
+        limit = product.max_per_shopper
         counted = self._unsent.get(product.id, 0)
         uncertain = self._copies.get(product.id, 0)
         for after, units in self._sent.get(product.id, {}).items():
@@ -87,6 +97,15 @@ class Promises:
                 counted += units
             else:
                 uncertain += units
+        shoppers = self._shoppers.get(product.id, 0)
+        if limit is not None and shoppers:
+            # The shoppers' promises are all uncertain: if no other one is waiting, nothing
+            # is certain to be taken (a storm of shoppers); else the slower count below.
+            if shoppers == self._unsent.get(product.id, 0) + sum(
+                self._sent.get(product.id, {}).values()
+            ):
+                return figure
+            return self._left_in_order(product, limit)
         if counted + uncertain <= figure:
             return figure - counted
         # More is asked for than the figure has: some waiting requests will be refused.
@@ -97,14 +116,31 @@ class Promises:
                 if promise.quantity <= available:
                     available -= promise.quantity
             return available
+        return self._left_in_order(product, limit)
+
+    def _left_in_order(self, product: Product, limit: int | None) -> int:
+        """`left` when some waiting requests are uncertain: the figure minus each counted
+        promise that fits even if every request ahead of it takes all it may."""
+        version, figure = product.version, product.available_stock
+        available = figure
         ahead = 0
-        for promise in queue:
+        shoppers: Counter[str] = Counter()  # units each shopper's requests so far may take
+        for promise in self._queue.get(product.id, {}):
+            quantity, shopper = promise.quantity, promise.shopper
+            if limit is not None and shopper is not None:
+                # Uncertain (at their limit, it takes nothing). More than the limit: never
+                # granted. Together, the shopper's take at most the limit.
+                if quantity <= limit:
+                    may = min(quantity, limit - shoppers[shopper])
+                    shoppers[shopper] += may
+                    ahead += may
+                continue
             counts = not promise.copy and (
                 promise.sent_after is None or promise.sent_after >= version
             )
-            if counts and ahead + promise.quantity <= figure:
-                available -= promise.quantity
-            ahead += promise.quantity
+            if counts and ahead + quantity <= figure:
+                available -= quantity
+            ahead += quantity
         return available
 
     def waiting(self, key: str | None) -> bool:
@@ -115,13 +151,21 @@ class Promises:
         """Promise `request`'s units, at the back of the queue (as a copy if a request with
         its Idempotency-Key is waiting)."""
         key = request.idempotency_key
-        promise = Promise(request.product_id, request.quantity, key, copy=self.waiting(key))
+        promise = Promise(
+            request.product_id,
+            request.quantity,
+            key,
+            request.shopper_id,
+            copy=self.waiting(key),
+        )
         if promise.copy:
             self._copies[request.product_id] += request.quantity
         else:
             if key is not None:
                 self._keys.add(key)
             self._unsent[request.product_id] += request.quantity
+            if promise.shopper is not None:
+                self._shoppers[request.product_id] += request.quantity
         self._queue.setdefault(request.product_id, {})[promise] = None
         return promise
 
@@ -151,8 +195,11 @@ class Promises:
             _take(sent, promise.sent_after, promise.quantity)
             if not sent:
                 del self._sent[product_id]
-        if promise.key is not None and not promise.copy:
-            self._keys.discard(promise.key)
+        if not promise.copy:
+            if promise.key is not None:
+                self._keys.discard(promise.key)
+            if promise.shopper is not None:
+                _take(self._shoppers, product_id, promise.quantity)
         queue = self._queue[product_id]
         del queue[promise]
         if not queue:
@@ -161,7 +208,14 @@ class Promises:
     @property
     def empty(self) -> bool:
         """Nothing is promised."""
-        return not (self._unsent or self._sent or self._copies or self._queue or self._keys)
+        return not (
+            self._unsent
+            or self._sent
+            or self._copies
+            or self._queue
+            or self._keys
+            or self._shoppers
+        )
 
 
 def _take(counter: Counter[int], key: int, units: int) -> None:
