@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from server.domain import inventory
 from server.domain.clock import now_ms
-from server.domain.errors import InsufficientStock
+from server.domain.errors import InsufficientStock, ShopperLimitReached
 from server.domain.inventory import Held
 from server.domain.model import Event, HoldRequest, Reservation, StockChanged
 from server.service.catalog import Catalog
@@ -135,8 +135,8 @@ class Interleaving:
         self.calls.append(call)
         if index is not None:
             self.by_index[index] = call
-        elif isinstance(task.exception(), InsufficientStock):
-            self.fast_refusals += 1
+        elif isinstance(task.exception(), InsufficientStock | ShopperLimitReached):
+            self.fast_refusals += isinstance(task.exception(), InsufficientStock)
             # The refusal must hold against the database *now*.
             assert not await self.would_grant(request), (
                 f"refused {request} at once, but the database would grant it: "

@@ -210,12 +210,16 @@ async def test_a_shopper_flooding_at_their_limit_never_makes_others_sold_out(
         blocker = await run.reserve(1, shopper="anon:early")  # holds the writer
         flood = [await run.reserve(q, shopper="anon:scalper") for q in [10] * 60 + [limit] * 60]
         honest = [await run.reserve(1, shopper=f"anon:honest-{n}") for n in range(40)]
-        refused = [c.request for c in [*flood, *honest] if c.index is None]
+        refused = [c.request for c in [*flood[60:], *honest] if c.index is None]
         assert not refused, f"{len(refused)} refused at once: {refused[:3]}"
         assert blocker.index is not None
+        # More than the limit: refused at once, as the database would, in no batch.
+        assert all(c.index is None for c in flood[:60])
+        assert run.fast_refusals == 0
     for call in flood:
-        with pytest.raises(ShopperLimitReached):
+        with pytest.raises(ShopperLimitReached) as refused_by_limit:
             await call.task
+        assert refused_by_limit.value.body() == {"limit": limit, "held": limit}
     granted = [await c.task for c in honest]
     assert all(not h.replayed for h in granted)
     s = await assert_invariant(harness.elsewhere, run.product_id)

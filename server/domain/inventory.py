@@ -448,7 +448,7 @@ async def _take_allowances(
             refusals.pop(shopper, None)  # what it has changed
             continue
         if shopper not in refusals:
-            refusals[shopper] = await _limit_refusal(conn, product_id, shopper)
+            refusals[shopper] = await limit_refusal(conn, product_id, shopper)
         outcome[index] = refusals[shopper]
     return outcome
 
@@ -509,7 +509,7 @@ async def _add_units(conn: Executor, product_id: int, units: Sequence[tuple[str,
     return {str(row["shopper_id"]) for row in rows}
 
 
-async def _limit_refusal(conn: Executor, product_id: int, shopper_id: str) -> DomainError:
+async def limit_refusal(conn: Executor, product_id: int, shopper_id: str) -> DomainError:
     """Why a shopper's units did not fit: the limit and what they have (for the message)."""
     row = await conn.fetch_one(
         "SELECT p.max_per_shopper, a.units FROM products p LEFT JOIN shopper_allowances a "

@@ -123,6 +123,20 @@ class Shop:
         closed = inventory.sale_closed(product, now)
         if closed is not None:
             raise closed
+        limit = product.max_per_shopper
+        if (
+            limit is not None
+            and request.quantity > limit
+            and request.shopper_id is not None
+            and not self.promises.waiting(request.idempotency_key)
+        ):
+            # The database refuses it whatever the shopper has: say so now, without a place
+            # in a batch (a shopper flooding requests for more than the limit, A2).
+            replay = await self.replay(request)
+            if replay is not None:
+                return replay
+            async with self.store.reader() as conn:
+                raise await inventory.limit_refusal(conn, product.id, request.shopper_id)
         # A copy of a request that is waiting joins it (it can only be that hold); any other
         # is refused now if the units its process knows of are all spoken for: in a storm the
         # first hundred requests promise the last hundred units, and the thousands behind
