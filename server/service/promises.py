@@ -124,10 +124,20 @@ class Promises:
         version, figure = product.version, product.available_stock
         available = figure
         ahead = 0
+        queue = self._queue.get(product.id, {})
+        if limit is None:
+            for promise in queue:
+                counts = not promise.copy and (
+                    promise.sent_after is None or promise.sent_after >= version
+                )
+                if counts and ahead + promise.quantity <= figure:
+                    available -= promise.quantity
+                ahead += promise.quantity
+            return available
         shoppers: Counter[str] = Counter()  # units each shopper's requests so far may take
-        for promise in self._queue.get(product.id, {}):
+        for promise in queue:
             quantity, shopper = promise.quantity, promise.shopper
-            if limit is not None and shopper is not None:
+            if shopper is not None:
                 # Uncertain (at their limit, it takes nothing). More than the limit: never
                 # granted. Together, the shopper's take at most the limit.
                 if quantity <= limit:
