@@ -12,7 +12,7 @@ import pytest
 
 from server.domain.executor import Executor
 from server.storage import migrate
-from server.storage.database import Store
+from server.storage.database import Store, sqlite_bound
 from server.storage.errors import Busy, Unavailable
 from tests.support import eventually, make_product, stats, write_lock_held_elsewhere
 
@@ -215,3 +215,21 @@ async def test_a_snapshot_may_pause_longer_than_a_write_transaction(database_url
         assert setting["idle_in_transaction_session_timeout"] == "1s"  # SET LOCAL ended
     finally:
         await store.close()
+
+
+def test_sqlite_statements_are_bound_by_number_names_repeated_and_all() -> None:
+    """sqlite3 binds `:name` placeholders by asking SQLite each one's name, which SQLite finds
+    by walking a list: quadratic, 44 ms for a 500-row INSERT of 6,000 values. They are
+    numbered instead, each name once, in the order they first appear."""
+    text, values = sqlite_bound(
+        "UPDATE t SET a = :a, b = :b WHERE a = :a AND c = :c_1", {"c_1": 3, "b": 2, "a": 1}
+    )
+    assert text == "UPDATE t SET a = ?1, b = ?2 WHERE a = ?1 AND c = ?3"
+    assert values == [1, 2, 3]
+    assert sqlite_bound("SELECT 1", None) == ("SELECT 1", ())
+    many = ", ".join(f"(:p{n}, :q{n})" for n in range(3_000))
+    bound, ordered = sqlite_bound(f"INSERT INTO t (p, q) VALUES {many}", {
+        **{f"p{n}": n for n in range(3_000)}, **{f"q{n}": -n for n in range(3_000)}
+    })  # fmt: skip
+    assert bound.endswith("(?5999, ?6000)")
+    assert ordered[-2:] == [2_999, -2_999]

