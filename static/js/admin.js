@@ -405,7 +405,13 @@ class Console {
         this.admin("GET", "/api/admin/reservations?status=ACTIVE&limit=200"),
         request("GET", "/api/products"),
       ]);
-      products.forEach((p) => this.products.set(p.id, p));
+      // A refresh under way when the operator acted may bring a product as it was before:
+      // never go back to an older version of one (its buttons would flip back and the
+      // focus on them be lost).
+      products.forEach((p) => {
+        const known = this.products.get(p.id);
+        if (!known || p.version >= known.version) this.products.set(p.id, p);
+      });
       this.stats = new Map(stats.map((s) => [s.productId, s]));
       this.holds = holds;
       if (this.selected === null && stats.length) this.selected = stats[0].productId;
