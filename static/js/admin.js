@@ -320,6 +320,10 @@ class Console {
       const starts = data.saleStartsAt ? `starts ${bothZones(parseTime(data.saleStartsAt)).text}` : "on sale now";
       const limit = data.maxPerShopper ? `at most ${formatCount(data.maxPerShopper)} per customer` : "no limit per customer";
       this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}, ${limit}.`);
+      // Emptied, so that it is filled from the product again when it opens, and never shows
+      // (or saves) what was typed before meanwhile.
+      $("#edit-form").reset();
+      this.editing = null;
       $("#edit").open = false;
       $("#edit summary").focus();
     } catch (error) {
