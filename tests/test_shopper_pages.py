@@ -127,6 +127,7 @@ async def test_the_console_shows_and_edits_the_limit(browser: Browser, site: Ser
     assert await options(shop, product) == ["1", "2", "3"]
     # Emptied: no limit.
     await page.get_by_text("Edit name, price, start or limit per customer").click()
+    await expect(field).to_have_value("3")  # filled from the product as it opens
     await field.fill("")
     await edit.get_by_role("button", name="Save changes").click()
     await expect(page.locator("#detail-limit")).to_have_text("None")
