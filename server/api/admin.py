@@ -22,12 +22,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.http import (
+    PRODUCT_PATH_ID,
     RequestError,
     json_response,
     parse_body,
     parse_params,
-    path_id,
-    path_sent,
     shop_of,
     shown,
 )
@@ -54,7 +53,7 @@ from server.api.spec import (
 )
 from server.domain import errors, ledger
 from server.domain.clock import now_ms
-from server.domain.errors import ProductNotFound, ReservationNotFound
+from server.domain.errors import ReservationNotFound
 from server.domain.inventory import UNSET, ProductChanges, Stats, is_reservation_id
 from server.domain.model import Product, Status
 from server.infra.clients import client_key
@@ -169,11 +168,8 @@ async def create_product(request: Request) -> Response:
 )
 @operator_only
 async def restock(request: Request) -> Response:
-    product_id = path_id(request, "product_id")
     body = await parse_body(request, RestockBody)
-    if product_id is None:
-        raise ProductNotFound(path_sent(request, "product_id"))
-    product = await shop_of(request).restock(product_id, body.quantity)
+    product = await shop_of(request).restock(PRODUCT_PATH_ID.id(request), body.quantity)
     return json_response(product_view(product))
 
 
@@ -193,10 +189,9 @@ async def restock(request: Request) -> Response:
 )
 @operator_only
 async def product_stats(request: Request) -> Response:
-    product_id = path_id(request, "product_id")
-    found = [] if product_id is None else await shop_of(request).stats(product_id)
+    found = await shop_of(request).stats(PRODUCT_PATH_ID.id(request))
     if not found:
-        raise ProductNotFound(path_sent(request, "product_id"))
+        raise PRODUCT_PATH_ID.not_found(request)
     return json_response(_stats_out(found[0]))
 
 
@@ -268,15 +263,8 @@ def _ms(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp() * 1000)
 
 
-def _product_id(request: Request) -> int:
-    product_id = path_id(request, "product_id")
-    if product_id is None:
-        raise ProductNotFound(path_sent(request, "product_id"))
-    return product_id
-
-
 async def _edit(request: Request, changes: ProductChanges) -> Product:
-    return await shop_of(request).update_product(_product_id(request), changes)
+    return await shop_of(request).update_product(PRODUCT_PATH_ID.id(request), changes)
 
 
 @operation(
@@ -299,7 +287,7 @@ async def _edit(request: Request, changes: ProductChanges) -> Product:
 )
 @operator_only
 async def update_product(request: Request) -> Response:
-    product_id = _product_id(request)
+    product_id = PRODUCT_PATH_ID.id(request)
     body = await parse_body(request, UpdateProductBody)
     sent = body.model_fields_set
     if not sent:
@@ -393,7 +381,7 @@ async def end_sale(request: Request) -> Response:
 )
 @operator_only
 async def reduce_stock(request: Request) -> Response:
-    product_id = _product_id(request)
+    product_id = PRODUCT_PATH_ID.id(request)
     body = await parse_body(request, ReduceStockBody)
     product = await shop_of(request).reduce_stock(product_id, body.quantity)
     return json_response(product_view(product))

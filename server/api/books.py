@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.admin import operator_only
-from server.api.http import RequestError, json_response, parse_params, path_id, path_sent
+from server.api.http import PRODUCT_PATH_ID, RequestError, json_response, parse_params
 from server.api.spec import (
     DATABASE,
     INVALID_REQUEST,
@@ -26,7 +26,6 @@ from server.api.spec import (
     ref,
 )
 from server.domain.clock import iso, now_ms
-from server.domain.errors import ProductNotFound
 from server.domain.ledger import Entry, Figures, Reconciled
 from server.service.ledger import Ledger
 from server.wire import schemas
@@ -83,23 +82,21 @@ def _ms(moment: datetime | None) -> int | None:
 )
 @operator_only
 async def product_ledger(request: Request) -> Response:
-    product_id = path_id(request, "product_id")
     query = parse_params(request.query_params, LedgerQuery)
+    product_id = PRODUCT_PATH_ID.id(request)
     before = None
     if query.cursor is not None:
         version, _, seq = query.cursor.partition(".")
         before = (int(version), int(seq))
-    found = None
-    if product_id is not None:
-        found = await ledger_of(request).entries(
-            product_id,
-            limit=query.limit,
-            before=before,
-            since=_ms(query.since),
-            until=_ms(query.until),
-        )
+    found = await ledger_of(request).entries(
+        product_id,
+        limit=query.limit,
+        before=before,
+        since=_ms(query.since),
+        until=_ms(query.until),
+    )
     if found is None:
-        raise ProductNotFound(path_sent(request, "product_id"))
+        raise PRODUCT_PATH_ID.not_found(request)
     last = found[-1] if len(found) == query.limit else None
     return json_response(
         {
@@ -144,19 +141,15 @@ class HistoryQuery(BaseModel):
 )
 @operator_only
 async def product_history(request: Request) -> Response:
-    product_id = path_id(request, "product_id")
     query = parse_params(request.query_params, HistoryQuery)
+    product_id = PRODUCT_PATH_ID.id(request)
     until = _ms(query.until) or now_ms()
-    found = None
-    if product_id is not None:
-        try:
-            found = await ledger_of(request).history(
-                product_id, since=_ms(query.since), until=until
-            )
-        except ValueError as exc:
-            raise RequestError(400, INVALID_REQUEST, f"{exc}.") from None
+    try:
+        found = await ledger_of(request).history(product_id, since=_ms(query.since), until=until)
+    except ValueError as exc:
+        raise RequestError(400, INVALID_REQUEST, f"{exc}.") from None
     if found is None:
-        raise ProductNotFound(path_sent(request, "product_id"))
+        raise PRODUCT_PATH_ID.not_found(request)
     s = found.stats
     ended = s.sold + s.expired + s.cancelled
     sold_out = found.sold_out_at

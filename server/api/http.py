@@ -4,7 +4,8 @@ errors into responses (`{"statusCode", "error", "code", "message", "details"?}`)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from server.wire.schemas import MAX_INT32, FieldError
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 DATABASE_BUSY_GAVE_UP = DATABASE_BUSY.labels("gave_up")
 MAX_BODY_BYTES = 16 * 1024
@@ -288,6 +290,44 @@ def path_id(request: Request, name: str) -> int | None:
         return None
     value = int(text)
     return value if 1 <= value <= MAX_INT32 else None
+
+
+@dataclass(frozen=True)
+class PathId:
+    """A resource addressed by a positive 32-bit id in the path (`/products/{product_id}`):
+    the id, and the 404 naming what was sent when there is no such id or no such resource.
+
+    `missing` builds that 404 from the parameter as sent (`path_sent`): a domain error
+    (`ProductNotFound`) or a `RequestError`. Reading the id looks at nothing else, so an
+    endpoint may check its body or query first and still answer 404 for the id after.
+    """
+
+    name: str
+    missing: Callable[[int | str], Exception]
+
+    def not_found(self, request: Request) -> Exception:
+        """The 404 for this request's id, to raise."""
+        return self.missing(path_sent(request, self.name))
+
+    def id(self, request: Request) -> int:
+        """The id from the path; anything but a positive 32-bit integer raises the 404."""
+        found = path_id(request, self.name)
+        if found is None:
+            raise self.not_found(request)
+        return found
+
+    def found(self, request: Request, value: T | None) -> T:
+        """`value`, what was loaded for the id; `None` (no such resource) raises the 404."""
+        if value is None:
+            raise self.not_found(request)
+        return value
+
+    async def load(self, request: Request, fetch: Callable[[int], Awaitable[T | None]]) -> T:
+        """`fetch(id)`, or the 404 for an id that is malformed or finds nothing."""
+        return self.found(request, await fetch(self.id(request)))
+
+
+PRODUCT_PATH_ID = PathId("product_id", errors.ProductNotFound)
 
 
 def path_sent(request: Request, name: str) -> int | str:

@@ -18,13 +18,12 @@ from starlette.routing import Route
 
 from server.api.completion import COMPLETE_BY_SHOP, completion
 from server.api.http import (
+    PRODUCT_PATH_ID,
     RequestError,
     header_text,
     json_response,
     parse_body,
     parse_params,
-    path_id,
-    path_sent,
     shop_of,
     shown,
 )
@@ -206,10 +205,7 @@ async def list_products(request: Request) -> Response:
     parameters=[PRODUCT_ID],
 )
 async def get_product(request: Request) -> Response:
-    product_id = path_id(request, "product_id")
-    product = None if product_id is None else await shop_of(request).product(product_id)
-    if product is None:
-        raise ProductNotFound(path_sent(request, "product_id"))
+    product = await PRODUCT_PATH_ID.load(request, shop_of(request).product)
     return json_response(_catalog(request).view(product))
 
 

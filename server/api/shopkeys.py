@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from server.api.admin import operator_only
 from server.api.completion import shop_keys_of
-from server.api.http import RequestError, json_response, parse_body, path_id, path_sent
+from server.api.http import PathId, RequestError, json_response, parse_body
 from server.api.spec import (
     DATABASE,
     INVALID,
@@ -36,6 +36,11 @@ KEY_ID = path_parameter(
     "key_id",
     "A shop key's id. Anything else is answered 404.",
     {"type": "integer", "minimum": 1, "maximum": MAX_INT32},
+)
+
+KEY_PATH_ID = PathId(
+    "key_id",
+    lambda sent: RequestError(404, NOT_FOUND, f"There is no shop key {errors.named(sent)}."),
 )
 
 
@@ -105,11 +110,7 @@ async def list_keys(request: Request) -> Response:
 )
 @operator_only
 async def revoke_key(request: Request) -> Response:
-    key_id = path_id(request, "key_id")
-    revoked = None if key_id is None else await shop_keys_of(request).revoke(key_id)
-    if revoked is None:
-        sent = errors.named(path_sent(request, "key_id"))
-        raise RequestError(404, NOT_FOUND, f"There is no shop key {sent}.")
+    revoked = await KEY_PATH_ID.load(request, shop_keys_of(request).revoke)
     return json_response(_view(revoked))
 
 

@@ -12,11 +12,11 @@ from starlette.routing import Route
 
 from server.api.admin import operator_only
 from server.api.http import (
+    PathId,
     RequestError,
     json_response,
     parse_body,
     parse_params,
-    path_id,
     path_sent,
     shown,
 )
@@ -63,17 +63,12 @@ def webhooks_of(request: Request) -> Webhooks:
     return found
 
 
-def _endpoint_id(request: Request) -> int:
-    endpoint_id = path_id(request, "endpoint_id")
-    if endpoint_id is None:
-        raise _no_endpoint(request)
-    return endpoint_id
-
-
-def _no_endpoint(request: Request) -> RequestError:
-    """404 naming the endpoint id the caller sent."""
-    sent = errors.named(path_sent(request, "endpoint_id"))
-    return RequestError(404, NOT_FOUND, f"There is no webhook endpoint {sent}.")
+ENDPOINT_PATH_ID = PathId(
+    "endpoint_id",
+    lambda sent: RequestError(
+        404, NOT_FOUND, f"There is no webhook endpoint {errors.named(sent)}."
+    ),
+)
 
 
 def _no_delivery(request: Request) -> RequestError:
@@ -176,18 +171,14 @@ async def list_endpoints(request: Request) -> Response:
 )
 @operator_only
 async def get_endpoint(request: Request) -> Response:
-    endpoint = await webhooks_of(request).get(_endpoint_id(request))
-    if endpoint is None:
-        raise _no_endpoint(request)
+    endpoint = await ENDPOINT_PATH_ID.load(request, webhooks_of(request).get)
     return json_response(_view(endpoint))
 
 
 def _switch(enabled: bool) -> Any:
     async def switch(request: Request) -> Response:
-        endpoint = await webhooks_of(request).set_enabled(_endpoint_id(request), enabled)
-        if endpoint is None:
-            raise _no_endpoint(request)
-        return json_response(_view(endpoint))
+        endpoint = await webhooks_of(request).set_enabled(ENDPOINT_PATH_ID.id(request), enabled)
+        return json_response(_view(ENDPOINT_PATH_ID.found(request, endpoint)))
 
     return switch
 
@@ -229,9 +220,7 @@ disable_endpoint = operation(
 )
 @operator_only
 async def rotate_secret(request: Request) -> Response:
-    endpoint = await webhooks_of(request).rotate(_endpoint_id(request))
-    if endpoint is None:
-        raise _no_endpoint(request)
+    endpoint = await ENDPOINT_PATH_ID.load(request, webhooks_of(request).rotate)
     return json_response(_view(endpoint, secret=True))
 
 
@@ -258,10 +247,8 @@ class DeliveryQuery(BaseModel):
 @operator_only
 async def list_deliveries(request: Request) -> Response:
     query = parse_params(request.query_params, DeliveryQuery)
-    found = await webhooks_of(request).deliveries(_endpoint_id(request), limit=query.limit)
-    if found is None:
-        raise _no_endpoint(request)
-    return json_response([_delivery_view(d) for d in found])
+    found = await webhooks_of(request).deliveries(ENDPOINT_PATH_ID.id(request), limit=query.limit)
+    return json_response([_delivery_view(d) for d in ENDPOINT_PATH_ID.found(request, found)])
 
 
 @operation(
@@ -284,7 +271,7 @@ async def redeliver(request: Request) -> Response:
     event_id: str = request.path_params["event_id"]
     if not (event_id.startswith("msg_") and len(event_id) == 30 and event_id.isascii()):
         raise _no_delivery(request)
-    if not await webhooks_of(request).redeliver(_endpoint_id(request), event_id):
+    if not await webhooks_of(request).redeliver(ENDPOINT_PATH_ID.id(request), event_id):
         raise _no_delivery(request)
     return Response(status_code=202)
 
