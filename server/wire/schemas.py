@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+from annotated_types import MaxLen, MinLen
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -67,6 +68,31 @@ def _storable(value: str) -> str:
 # it with a `max_length` (`Annotated[StoredText, Field(max_length=…)]`); a test checks that
 # every string field of every request is one.
 StoredText = Annotated[str, AfterValidator(_storable)]
+
+
+def _not_blank(value: str) -> str:
+    """A name with something in it, stripped."""
+    if not value.strip():
+        raise ValueError("the name cannot be blank")
+    return value.strip()
+
+
+def _in_utc_years(value: datetime) -> datetime:
+    """The time in UTC. 9999-12-31T23:59:59-05:00 is year 10000 in UTC: no ISO-8601 time
+    could show it."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time must fall within the years 1 to 9999 in UTC") from None
+
+
+# A product's name as the operator sends it: stored text, not blank, stripped.
+ProductName = Annotated[StoredText, MinLen(1), MaxLen(200), AfterValidator(_not_blank)]
+# A price in the shop's currency (the field says so in its description).
+Price = Annotated[Decimal, Field(ge=0, le=10_000_000, decimal_places=2, allow_inf_nan=False)]
+PRICE_DESCRIPTION = "In the shop's currency, at most 2 decimals."
+# A time the operator sets (a sale's start or end): with an offset, in UTC once read.
+SaleTime = Annotated[AwareDatetime, AfterValidator(_in_utc_years)]
 
 
 MAX_STOCK = 1_000_000_000
@@ -122,19 +148,10 @@ MaxPerShopper = Annotated[
 
 
 class CreateProductBody(_Request):
-    name: Annotated[StoredText, Field(min_length=1, max_length=200)]
-    price: Annotated[
-        Decimal,
-        Field(
-            ge=0,
-            le=10_000_000,
-            decimal_places=2,
-            allow_inf_nan=False,
-            description="In the shop's currency, at most 2 decimals.",
-        ),
-    ]
+    name: ProductName
+    price: Price = Field(description=PRICE_DESCRIPTION)
     stock: Annotated[int, Field(ge=0, le=MAX_STOCK)]
-    sale_starts_at: AwareDatetime | None = Field(
+    sale_starts_at: SaleTime | None = Field(
         default=None, description="ISO-8601 time with an offset; before it, holds are refused."
     )
     max_per_shopper: MaxPerShopper = Field(
@@ -142,22 +159,6 @@ class CreateProductBody(_Request):
         description="Units one shopper may have in active and completed holds together. "
         "Left out: MAX_PER_SHOPPER (none when unset); null: no limit.",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the name cannot be blank")
-        return value.strip()
-
-    @field_validator("sale_starts_at")
-    @classmethod
-    def _a_utc_year(cls, value: datetime | None) -> datetime | None:
-        # 9999-12-31T23:59:59-05:00 is year 10000 in UTC: no ISO-8601 time could show it.
-        try:
-            return None if value is None else value.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("the time must fall within the years 1 to 9999 in UTC") from None
 
 
 class RestockBody(_Request):
@@ -178,22 +179,13 @@ class ReduceStockBody(_Request):
 class UpdateProductBody(_Request):
     """An operator's edit: only the fields sent change; at least one must be sent."""
 
-    name: Annotated[StoredText | None, Field(min_length=1, max_length=200)] = None
-    price: Annotated[
-        Decimal | None,
-        Field(
-            ge=0,
-            le=10_000_000,
-            decimal_places=2,
-            allow_inf_nan=False,
-            description="In the shop's currency, at most 2 decimals.",
-        ),
-    ] = None
-    sale_starts_at: AwareDatetime | None = Field(
+    name: ProductName | None = None
+    price: Price | None = Field(default=None, description=PRICE_DESCRIPTION)
+    sale_starts_at: SaleTime | None = Field(
         default=None,
         description="Reschedule: ISO-8601 time with an offset; null: on sale at once.",
     )
-    sale_ends_at: AwareDatetime | None = Field(
+    sale_ends_at: SaleTime | None = Field(
         default=None,
         description="When the sale ends: ISO-8601 time with an offset; null: it does not end.",
     )
@@ -208,12 +200,10 @@ class UpdateProductBody(_Request):
 
     @field_validator("name")
     @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
+    def _name_not_null(cls, value: str | None) -> str | None:
         if value is None:
             raise ValueError("the name cannot be null")
-        if not value.strip():
-            raise ValueError("the name cannot be blank")
-        return value.strip()
+        return value
 
     @field_validator("price", "paused")
     @classmethod
@@ -221,14 +211,6 @@ class UpdateProductBody(_Request):
         if value is None:
             raise ValueError("cannot be null")
         return value
-
-    @field_validator("sale_starts_at", "sale_ends_at")
-    @classmethod
-    def _a_utc_year(cls, value: datetime | None) -> datetime | None:
-        try:
-            return None if value is None else value.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("the time must fall within the years 1 to 9999 in UTC") from None
 
 
 CANCEL_REASON_MAX = 200
