@@ -168,3 +168,45 @@ def test_any_stop_signal_stops_everything_and_frees_the_port(
         assert f"serve: {signum.name} received" in log, log
         assert "redis: stopped" in log, log
         assert f"serve: stopped everything; port {port} is free" in log, log
+
+
+RESTARTED_WITHIN_S = 30  # the supervisor's first wait is 1 s; the rest is a loaded machine
+
+
+def _worker(launcher: int) -> int | None:
+    """The worker's pid (`python -m jobs`, below the launcher), None while there is none."""
+    for pid in _alive(_descendants(launcher)):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if args[1:3] == [b"-m", b"jobs"]:
+            return pid
+    return None
+
+
+def test_a_killed_worker_is_started_again_and_the_shop_stays_up(tmp_path: Path) -> None:
+    with _serving(tmp_path) as (launcher, port):
+        log = tmp_path / "serve.log"
+        deadline = time.monotonic() + STARTED_WITHIN_S
+        while (worker := _worker(launcher.pid)) is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)  # polling /proc: no event to wait on
+        os.kill(worker, signal.SIGKILL)
+
+        deadline = time.monotonic() + RESTARTED_WITHIN_S
+        while (again := _worker(launcher.pid)) in (None, worker):
+            assert launcher.poll() is None, f"the launcher stopped:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)  # polling /proc: no event to wait on
+        assert again is not None
+        assert launcher.poll() is None
+        assert httpx.get(f"http://127.0.0.1:{port}/api/products").status_code == 200
+        assert "supervisor: worker exited (killed by SIGKILL)" in log.read_text()
+
+        descendants = _descendants(launcher.pid)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(STOPPED_WITHIN_S)
+        assert launcher.returncode == 0
+        assert not _alive(descendants), f"left running: {_alive(descendants)}"
+        assert "serve: stopped everything" in log.read_text()

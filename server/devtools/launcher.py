@@ -3,7 +3,10 @@
 Starts a Redis-compatible server when REDIS_URL is unset (append-only file under ./var/,
 bound to loopback; started again on the same port whenever it exits), applies migrations,
 seeds demo products into an empty database, then runs the Procfile's `web` and `worker`
-under honcho.
+under honcho, the worker kept running by server/devtools/supervisor.py: honcho stops
+everything when one of its processes exits, and a crashed worker must not take the shop
+down with it (attack finding A10); it is started again, with a growing wait, and the log
+says so.
 
 Whatever stops it, it stops everything it started, and says so (issue 15): SIGINT (Ctrl-C,
 even when started in the background, where a shell has it ignored), SIGTERM (a process
@@ -26,6 +29,7 @@ import contextlib
 import ctypes
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -101,10 +105,30 @@ def session_secret(path: Path) -> str:
     return made
 
 
+def serve_procfile(directory: Path) -> Path:
+    """The Procfile as `bin/serve` runs it, written in `directory`: the same lines, but
+    the worker's runs under server/devtools/supervisor.py, which starts it again whenever
+    it exits (the web processes stay honcho's: if they die, everything stops)."""
+    lines = []
+    for line in PROCFILE.read_text().splitlines():
+        name, colon, command = line.partition(":")
+        if name.strip() == "worker" and colon:
+            command = command.strip()
+            line = (
+                f"worker: exec {shlex.quote(sys.executable)} -m server.devtools.supervisor "
+                f"worker {shlex.quote(command)}"
+            )
+        lines.append(line)
+    path = directory / "Procfile"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def serve(settings: Settings) -> int:
-    """Run everything until a stop signal (`STOP_SIGNALS`) or until honcho exits (one of its
-    processes died: honcho stops the others); then stop all of it. Returns 0 after a stop
-    that was asked for, else honcho's exit code."""
+    """Run everything until a stop signal (`STOP_SIGNALS`) or until honcho exits (a web
+    process died: honcho stops the others; a worker that dies is started again instead);
+    then stop all of it. Returns 0 after a stop that was asked for, else honcho's exit
+    code."""
     for signum in STOP_SIGNALS:
         # Also undoes the SIG_IGN a shell gives SIGINT in a background job.
         signal.signal(signum, _stop)
@@ -118,6 +142,7 @@ def serve(settings: Settings) -> int:
     # The web processes' metric values, fresh for this run and removed after it.
     metrics_dir = tempfile.TemporaryDirectory(prefix="flashsale-metrics-")
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
+    procfile_dir = tempfile.TemporaryDirectory(prefix="flashsale-serve-")
     try:
         if not settings.has_redis:
             redis = EmbeddedRedis(VAR / "redis", persist=True)
@@ -144,8 +169,9 @@ def serve(settings: Settings) -> int:
             flush=True,
         )
         # The processes run where this does, so relative paths (./var/) mean the same.
+        procfile = serve_procfile(Path(procfile_dir.name))
         command = [
-            sys.executable, "-m", "honcho", "start", "--procfile", str(PROCFILE), "web", "worker"
+            sys.executable, "-m", "honcho", "start", "--procfile", str(procfile), "web", "worker"
         ]  # fmt: skip
         honcho = subprocess.Popen(command, env=env, start_new_session=True)
         code = honcho.wait()
@@ -161,6 +187,7 @@ def serve(settings: Settings) -> int:
             _stop_honcho(honcho)
         _stop_leftovers(exclude=None if redis is None else redis.pid)
         metrics_dir.cleanup()
+        procfile_dir.cleanup()
         if redis is not None:
             redis.stop()
             print("redis: stopped", flush=True)
