@@ -587,6 +587,23 @@ async def test_bad_product_bodies_are_400(api: Api, body: dict[str, Any], field:
     assert field in {d["field"] for d in error["details"]}
 
 
+async def test_the_last_moment_of_year_9999_stays_in_year_9999(api: Api) -> None:
+    # Through float seconds, 23:59:59.999999 rounded up to year 10000: stored, then shown
+    # as no ISO-8601 time. Times are kept in whole milliseconds, cut, never rounded up.
+    last = "9999-12-31T23:59:59.999999Z"
+    body = {"name": "x", "price": 1, "stock": 1, "saleStartsAt": last}
+    created = await api.admin("POST", "/api/admin/products", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["saleStartsAt"] == "9999-12-31T23:59:59.999Z"
+    path = f"/api/admin/products/{created.json()['id']}"
+    edited = await api.admin("PATCH", path, json={"saleStartsAt": None, "saleEndsAt": last})
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["saleEndsAt"] == "9999-12-31T23:59:59.999Z"
+    page = await api.admin("GET", f"{path}/ledger?until=9999-12-31T23:59:59.999999%2B00:00")
+    assert page.status_code == 200, page.text
+    assert len(page.json()["entries"]) == 1
+
+
 @pytest.mark.parametrize("quantity", [0, -5, 1.5, "3", None, 10**10])
 async def test_bad_restocks_are_400_and_change_nothing(api: Api, quantity: Any) -> None:
     product = await make_product(api.store, 5)

@@ -51,7 +51,7 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
-from server.domain import errors, ledger
+from server.domain import clock, errors, ledger
 from server.domain.clock import now_ms
 from server.domain.errors import ReservationNotFound
 from server.domain.inventory import UNSET, ProductChanges, Stats, is_reservation_id
@@ -141,9 +141,7 @@ async def create_product(request: Request) -> Response:
         name=body.name,
         price_cents=int(body.price * 100),
         stock=body.stock,
-        sale_starts_at=(
-            None if body.sale_starts_at is None else int(body.sale_starts_at.timestamp() * 1000)
-        ),
+        sale_starts_at=_ms(body.sale_starts_at),
         max_per_shopper=limit,
     )
     return json_response(product_view(product), 201)
@@ -260,7 +258,7 @@ _CONTROL_ANSWERS = {
 
 
 def _ms(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp() * 1000)
+    return None if value is None else clock.ms(value)
 
 
 async def _edit(request: Request, changes: ProductChanges) -> Product:

@@ -25,6 +25,7 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
+from server.domain import clock
 from server.domain.clock import iso, now_ms
 from server.domain.ledger import Entry, Figures, Reconciled
 from server.service.ledger import Ledger
@@ -59,7 +60,7 @@ class LedgerQuery(BaseModel):
 
 
 def _ms(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.timestamp() * 1000)
+    return None if moment is None else clock.ms(moment)
 
 
 @operation(

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import functools
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def ms(moment: datetime) -> int:
+    """Milliseconds since the epoch for an aware `moment`, cut to the millisecond (never
+    rounded up). Exact: through float seconds, 9999-12-31T23:59:59.999999Z became year
+    10000, which no ISO-8601 time can show."""
+    return (moment - EPOCH) // _MS
 
 
 def iso(ms: int) -> str:
@@ -39,4 +49,4 @@ def parse_iso(text: str) -> int:
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         raise ValueError("the time must state its offset, for example 2026-12-01T09:00:00Z")
-    return int(parsed.astimezone(UTC).timestamp() * 1000)
+    return ms(parsed)
