@@ -189,6 +189,33 @@ async def test_a_lone_surrogate_in_a_body_is_invalid_json_that_says_where(
     assert await _counts(api) == before
 
 
+@pytest.mark.parametrize(
+    ("path", "raw", "key"),
+    [
+        ("/api/admin/products", b'{"name": "a", "price": 1, "stock": 5, "name": "b"}', "name"),
+        ("/api/admin/shop-keys", b'{"name": "till", "name": "till 2"}', "name"),
+        ("/api/reservations", b'{"productId": 0, "quantity": 1, "quantity": 9}', "quantity"),
+        # Escapes name the same key: "quantity" twice.
+        ("/api/reservations", b'{"productId": 0, "quantity": 1, "quan\\u0074ity": 9}', "quantity"),
+    ],
+)
+async def test_a_key_named_twice_is_invalid_json_naming_it(
+    api: Api, path: str, raw: bytes, key: str
+) -> None:
+    # pydantic's parser keeps the last value; whoever reads the first one sees another request.
+    product = await make_product(api.store, 5)
+    raw = raw.replace(b'"productId": 0', f'"productId": {product.id}'.encode())
+    before = await _counts(api)
+    headers = {"Content-Type": "application/json"}
+    if path.startswith("/api/admin/"):
+        headers["Authorization"] = f"Bearer {TOKEN}"
+    response = await api.client.post(path, content=raw, headers=headers)
+    error = assert_error(response, 400, "invalid_json")
+    assert f'"{key}" more than once' in error["message"], error
+    assert await _counts(api) == before
+    assert (await stats(api.store, product.id)).held == 0
+
+
 async def test_names_with_any_storable_character_are_kept_as_sent(api: Api) -> None:
     name = "Ünïcödé 😀 \t shoes"
     created = await api.admin("POST", "/api/admin/products", json={**PRODUCT, "name": name})

@@ -318,6 +318,7 @@ async def test_messages_that_are_not_understood_get_error_frames(
                 # Text no database could keep (issue 15): a NUL, a lone surrogate.
                 ({"type": "watch", "reservations": ["\x00" * 22]}, "invalid_watch"),
                 ('{"type": "watch", "reservations": ["\\ud800' + "A" * 21 + '"]}', "invalid_json"),
+                ('{"type": "watch", "reservations": [], "reservations": ["x"]}', "invalid_json"),
             ]:
                 await ws.send(bad)
                 await ws.frames.wait_for(_error(code))
@@ -326,8 +327,7 @@ async def test_messages_that_are_not_understood_get_error_frames(
                 await ws.frames.wait_for(_error_saying(named))
             # Still connected and served:
             await ws.send({"type": "watch", "reservations": []})
-            for _ in range(2):
-                await ws.send("again not json")
+            await ws.send("again not json")  # the tenth malformed message
             await ws.connection.wait_closed()
             assert ws.connection.close_code == 1008  # too many malformed messages
 

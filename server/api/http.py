@@ -22,6 +22,7 @@ from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
 from server.storage.errors import Busy, StorageError, Unavailable
+from server.wire.json_text import repeated_key
 from server.wire.schemas import MAX_INT32, FieldError
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,8 @@ EXCEPTION_HANDLERS = {
 
 
 async def parse_body(request: Request, model: type[M], context: dict[str, Any] | None = None) -> M:
-    """The request body as `model`, or a 4xx `RequestError` saying exactly what is wrong."""
+    """The request body as `model`, or a 4xx `RequestError` saying exactly what is wrong;
+    an object that names a key twice is 400 `invalid_json` naming it (`repeated_key`)."""
     body = await request.body()
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if not body:
@@ -232,6 +234,14 @@ async def parse_body(request: Request, model: type[M], context: dict[str, Any] |
             415,
             "unsupported_media_type",
             "Send the body as JSON, with Content-Type: application/json.",
+        )
+    repeated = repeated_key(body)
+    if repeated is not None:
+        raise RequestError(
+            400,
+            "invalid_json",
+            f'The request body is not valid JSON here: it names the key "{shown(repeated)}" '
+            "more than once; send each key once.",
         )
     try:
         return model.model_validate_json(body, context=context)

@@ -46,6 +46,7 @@ from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.wire.frames import reservation_frame
+from server.wire.json_text import repeated_key
 from server.wire.schemas import parse_product_ids
 
 logger = logging.getLogger(__name__)
@@ -406,6 +407,9 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
         message = from_json(text) if text is not None else None
     except ValueError:
         message, problem = None, ("invalid_json", "Messages must be JSON text.")
+    if problem is None and text is not None and (repeated := repeated_key(text)) is not None:
+        shown = loggable(repeated, SHOWN_CHARS)
+        problem = ("invalid_json", f'Messages must name each key once: "{shown}" is named twice.')
     if problem is None:
         if not isinstance(message, dict) or message.get("type") != "watch":
             problem = ("unknown_message", 'The only message understood is {"type": "watch", …}.')
