@@ -14,6 +14,15 @@ from server.devtools.supervisor import FIRST_DELAY_S, MAX_DELAY_S, STABLE_AFTER_
 WITHIN_S = 30
 
 
+def _supervised(command: str) -> subprocess.Popen[str]:
+    """`python -m server.devtools.supervisor demo COMMAND`, its stdout to read."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.devtools.supervisor", "demo", command],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_the_wait_doubles_while_it_keeps_dying_and_starts_afresh_after_a_long_run() -> None:
     delay = FIRST_DELAY_S / 2
     waits = []
@@ -33,11 +42,7 @@ def test_exits_are_described() -> None:
 def test_a_process_that_exits_is_started_again_and_a_stop_ends_both(tmp_path: Path) -> None:
     started = tmp_path / "started"
     command = f"echo started >> {started}; exit 3"
-    with subprocess.Popen(
-        [sys.executable, "-m", "server.devtools.supervisor", "demo", command],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with _supervised(command) as process:
         assert process.stdout is not None
         lines = [process.stdout.readline(), process.stdout.readline()]
         assert lines[0].startswith("supervisor: demo exited (code 3) after ")
@@ -54,11 +59,7 @@ def test_a_stop_is_passed_on_to_the_running_process() -> None:
     command = (
         "exec sh -c 'trap \"echo stopped; exit 0\" TERM; echo up; while :; do sleep 0.1; done'"
     )
-    with subprocess.Popen(
-        [sys.executable, "-m", "server.devtools.supervisor", "demo", command],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with _supervised(command) as process:
         assert process.stdout is not None
         assert process.stdout.readline() == "up\n"
         process.send_signal(signal.SIGTERM)  # the supervisor alone, not its process group
