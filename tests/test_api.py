@@ -619,6 +619,55 @@ async def test_bad_reservation_queries_are_400(api: Api, query: str) -> None:
     assert_error(await api.admin("GET", f"/api/admin/reservations?{query}"), 400, "invalid_request")
 
 
+async def test_stats_come_a_page_at_a_time_or_for_the_products_asked_with_totals(
+    api: Api,
+) -> None:
+    products = [await make_product(api.store, 10 + n) for n in range(5)]
+    ids = [p.id for p in products]
+    await api.reserve(ids[1], 2)
+    # Without parameters: the first page, every product of a shop this size, by id.
+    every = await api.admin("GET", "/api/admin/stats")
+    assert [s["productId"] for s in every.json()] == sorted(ids)
+    assert "link" not in every.headers
+    pages: list[list[int]] = []
+    url: str | None = "/api/admin/stats?limit=2"
+    while url is not None:
+        response = await api.admin("GET", url)
+        assert response.status_code == 200, response.text
+        pages.append([s["productId"] for s in response.json()])
+        link = response.headers.get("link")
+        match = None if link is None else re.fullmatch(r'<([^>]+)>; rel="next"', link)
+        assert link is None or match, link
+        url = None if match is None else match[1]
+    assert pages == [ids[0:2], ids[2:4], ids[4:5]]
+    after = await api.admin("GET", f"/api/admin/stats?after={ids[2]}")
+    assert [s["productId"] for s in after.json()] == ids[3:]
+    asked = await api.admin("GET", f"/api/admin/stats?ids={ids[3]},{ids[1]},999999")
+    assert [(s["productId"], s["held"], s["available"]) for s in asked.json()] == [
+        (ids[1], 2, 9),
+        (ids[3], 0, 13),
+    ]
+    totals = await api.admin("GET", "/api/admin/stats/totals")
+    assert totals.status_code == 200
+    assert totals.json() == {
+        "products": 5,
+        "total": sum(10 + n for n in range(5)),
+        "available": sum(10 + n for n in range(5)) - 2,
+        "held": 2,
+        "sold": 0,
+        "expired": 0,
+        "cancelled": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["ids=", "ids=abc", "ids=0", "limit=0", "limit=1001", "after=-1", "ids=1&limit=2", "x=1"],
+)
+async def test_bad_stats_queries_are_400(api: Api, query: str) -> None:
+    assert_error(await api.admin("GET", f"/api/admin/stats?{query}"), 400, "invalid_request")
+
+
 async def test_operator_calls_need_the_token(
     database_url: str, redis_url: str, store: Store
 ) -> None:

@@ -477,3 +477,39 @@ async def test_rescheduling_from_the_console_moves_the_shop_card_to_coming_soon_
     )
     await expect(shop.locator("#products").locator(card(shop, product))).to_have_count(1)
     await expect(card(shop, product).get_by_role("button", name="Reserve")).to_be_enabled()
+
+
+# -- issue 18: a shop of many products, a page at a time --------------------------------------
+
+
+async def test_the_stock_table_shows_a_page_of_products_at_a_time_with_every_ones_sums(
+    browser: Browser, site: Service
+) -> None:
+    """The console asks for the figures of the products it shows (50, newest first), and
+    for the sums over every product; older ones are a page away."""
+    fillers = [await new_product(site, f"Paged parasol {n}", 10) for n in range(51)]
+    await reserve(site, fillers[0]["id"], 2)  # the 51st newest: on the second page
+    async with site.client() as client:
+        totals = (await client.get("/api/admin/stats/totals", headers=site.admin_headers())).json()
+    count = f"{totals['products']:,}"
+    page = await open_console(browser, site, SIZES["desktop"])
+    rows = page.locator("#stock-rows tr")
+    await expect(rows).to_have_count(50)
+    await expect(rows.first).to_have_attribute("data-id", str(fillers[-1]["id"]))
+    await expect(page.locator("#stock-range")).to_have_text(
+        f"Products 1–50 of {count}, newest first"
+    )
+    await expect(page.locator("#stock-totals")).to_contain_text(f"All {count} products: ")
+    await expect(page.get_by_role("button", name="Newer products")).to_be_hidden()
+    await assert_accessible(page)
+
+    await page.get_by_role("button", name="Older products").click()
+    await expect(rows.first).to_have_attribute("data-id", str(fillers[0]["id"]))
+    await expect(row(page, fillers[0]).locator(".held")).to_have_text("2")
+    await expect(row(page, fillers[-1])).to_have_count(0)
+    await expect(page.locator("#stock-range")).to_contain_text("Products 51–")
+    await assert_accessible(page)
+
+    await page.get_by_role("button", name="Newer products").click()
+    await expect(rows.first).to_have_attribute("data-id", str(fillers[-1]["id"]))
+    await expect(page.get_by_role("button", name="Newer products")).to_be_hidden()

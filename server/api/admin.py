@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -45,6 +45,7 @@ from server.api.spec import (
     UNAUTHORIZED_ANSWER,
     array,
     error,
+    header,
     json,
     json_body,
     operation,
@@ -66,6 +67,7 @@ from server.wire.schemas import (
     ReduceStockBody,
     RestockBody,
     StatsOut,
+    StatsTotalsOut,
     UpdateProductBody,
     product_view,
     reservation_view,
@@ -105,6 +107,59 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
     guarded.__name__ = endpoint.__name__
     guarded.__doc__ = endpoint.__doc__
     return guarded
+
+
+DEFAULT_STATS_PAGE = 1000
+MAX_STATS_PAGE = 1000
+
+
+class StatsQuery(BaseModel):
+    """Which products' figures: a page of them by id (`after`, `limit`; the first page of
+    `DEFAULT_STATS_PAGE` when nothing is asked), or those a page shows (`ids`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: Annotated[
+        schemas.StoredText | None,
+        Field(
+            max_length=schemas.MAX_PRODUCT_IDS * 11,
+            description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
+            "left out.",
+            examples=["3,8,9"],
+        ),
+    ] = None
+    limit: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=MAX_STATS_PAGE,
+            description=f"At most this many products, by id (default {DEFAULT_STATS_PAGE}); "
+            'a `Link` header with `rel="next"` gives the address of the next page when there '
+            "are more.",
+        ),
+    ] = None
+    after: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=MAX_INT32,
+            description="The page holds products with ids above this one (the `Link` "
+            "header's next page says which).",
+        ),
+    ] = None
+
+    @field_validator("ids")
+    @classmethod
+    def _ids(cls, value: str | None) -> str | None:
+        if value is not None:
+            schemas.parse_product_ids(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StatsQuery:
+        if self.ids is not None and (self.limit is not None or self.after is not None):
+            raise ValueError("ask for `ids` or for a page (`limit`, `after`), not both")
+        return self
 
 
 class ReservationQuery(BaseModel):
@@ -196,20 +251,82 @@ async def product_stats(request: Request) -> Response:
 @operation(
     "listStats",
     "Operator",
-    "Every product's units per state",
+    "Products' units per state, a page at a time (by id), or those a page shows",
     {
-        "200": json(array(schemas.StatsOut), "Units per state, by product"),
+        "200": json(
+            array(schemas.StatsOut),
+            "Units per state, by product id",
+            {
+                "Link": header(
+                    "The next page, when there are more products: "
+                    '`</api/admin/stats?after=1000&limit=1000>; rel="next"`',
+                    required=False,
+                )
+            },
+        ),
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "401": UNAUTHORIZED_ANSWER,
+        "429": SIGN_IN_THROTTLED_ANSWER,
+        "404": NO_OPERATOR_API,
+        "503": DATABASE,
+    },
+    parameters=query_parameters(StatsQuery),
+    operator=True,
+    description=f"The counters on the products' rows: one row read per product answered, "
+    "whatever the history. Without parameters, the first "
+    f"{DEFAULT_STATS_PAGE:,} products by id (every product, for a shop with no more than "
+    "that); the `Link` header leads to the next page. A console that shows some products "
+    "asks for those (`ids`); the sums over every product are `GET /api/admin/stats/totals`.",
+)
+@operator_only
+async def all_stats(request: Request) -> Response:
+    """Units per state for a page of products, or for those asked for (the console's live
+    table)."""
+    query = parse_params(request.query_params, StatsQuery)
+    shop = shop_of(request)
+    headers: dict[str, str] = {}
+    if query.ids is not None:
+        found = await shop.stats(ids=schemas.parse_product_ids(query.ids))
+    else:
+        limit = query.limit or DEFAULT_STATS_PAGE
+        found = await shop.stats(after=query.after or 0, limit=limit + 1)
+        if len(found) > limit:
+            found = found[:limit]
+            headers["Link"] = (
+                f'</api/admin/stats?after={found[-1].product_id}&limit={limit}>; rel="next"'
+            )
+    return json_response([_stats_out(s).model_dump() for s in found], headers=headers)
+
+
+@operation(
+    "getStatsTotals",
+    "Operator",
+    "Every product's units per state, added up",
+    {
+        "200": json(ref(schemas.StatsTotalsOut), "The sums, and how many products"),
         "401": UNAUTHORIZED_ANSWER,
         "429": SIGN_IN_THROTTLED_ANSWER,
         "404": NO_OPERATOR_API,
         "503": DATABASE,
     },
     operator=True,
+    description="A sum over the products' counters (one pass over the products, none over "
+    "the holds).",
 )
 @operator_only
-async def all_stats(request: Request) -> Response:
-    """Units per state for every product (the console's live table)."""
-    return json_response([_stats_out(s).model_dump() for s in await shop_of(request).stats()])
+async def stats_totals(request: Request) -> Response:
+    totals = await shop_of(request).stats_totals()
+    return json_response(
+        StatsTotalsOut(
+            products=totals.products,
+            total=totals.total,
+            available=totals.available,
+            held=totals.held,
+            sold=totals.sold,
+            expired=totals.expired,
+            cancelled=totals.cancelled,
+        ).model_dump()
+    )
 
 
 @operation(
@@ -456,6 +573,7 @@ routes = [
     Route("/api/admin/products/{product_id}/end", end_sale, methods=["POST"]),
     Route("/api/admin/products/{product_id}/stats", product_stats, methods=["GET"]),
     Route("/api/admin/stats", all_stats, methods=["GET"]),
+    Route("/api/admin/stats/totals", stats_totals, methods=["GET"]),
     Route("/api/admin/reservations", list_reservations, methods=["GET"]),
     Route("/api/admin/reservations/{reservation_id}/cancel", cancel_reservation, methods=["POST"]),
 ]

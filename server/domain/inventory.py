@@ -33,7 +33,7 @@ import base64
 import enum
 import secrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from server.domain import ledger, outbox
@@ -1203,15 +1203,42 @@ class Stats:
     revenue_cents: int = 0
 
 
-async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
-    """Units per state of one product or of every product, by id: the counters on the
-    products' rows, kept by every stock change in its own transaction (one row read per
-    product, however many holds there have been)."""
-    where = "WHERE id = :id " if product_id is not None else ""
+async def stats(
+    conn: Executor,
+    product_id: int | None = None,
+    *,
+    ids: Collection[int] | None = None,
+    after: int = 0,
+    limit: int | None = None,
+) -> list[Stats]:
+    """Units per state by id, ascending: of one product (`product_id`), of some (`ids`), or
+    of those with ids above `after`, at most `limit` of them (every one when None). The
+    counters on the products' rows, kept by every stock change in its own transaction: one
+    row read per product answered, from the primary key, however many holds there have been
+    and however many products there are."""
+    where: list[str] = []
+    values: dict[str, object] = {}
+    if product_id is not None:
+        where.append("id = :id")
+        values["id"] = product_id
+    if ids is not None:
+        if not ids:
+            return []
+        # Numbers only (ints), so written into the statement: one plan per list length is
+        # no better, and the list is at most MAX_PRODUCT_IDS long.
+        where.append(f"id IN ({', '.join(str(int(i)) for i in sorted(ids))})")
+    if after:
+        where.append("id > :after")
+        values["after"] = after
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    page = ""
+    if limit is not None:
+        page = " LIMIT :limit"
+        values["limit"] = limit
     rows = await conn.fetch_all(
         "SELECT id, total_stock, available_stock, held_units, sold_units, expired_units, "
-        f"cancelled_units, revenue_cents FROM products {where}ORDER BY id",
-        {"id": product_id} if product_id is not None else {},
+        f"cancelled_units, revenue_cents FROM products {clause}ORDER BY id{page}",
+        values,
     )
     return [
         Stats(
@@ -1226,3 +1253,38 @@ async def stats(conn: Executor, product_id: int | None = None) -> list[Stats]:
         )
         for row in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class StatsTotals:
+    """Every product's counters added up (units of stock; `products`: how many)."""
+
+    products: int
+    total: int
+    available: int
+    held: int
+    sold: int
+    expired: int
+    cancelled: int
+
+
+async def stats_totals(conn: Executor) -> StatsTotals:
+    """The counters of every product added up: one pass over the products' rows (not the
+    holds), so its cost grows with the number of products only."""
+    row = await conn.fetch_one(
+        "SELECT COUNT(*) AS products, COALESCE(SUM(total_stock), 0) AS total, "
+        "COALESCE(SUM(available_stock), 0) AS available, COALESCE(SUM(held_units), 0) AS held, "
+        "COALESCE(SUM(sold_units), 0) AS sold, COALESCE(SUM(expired_units), 0) AS expired, "
+        "COALESCE(SUM(cancelled_units), 0) AS cancelled FROM products",
+        {},
+    )
+    assert row is not None
+    return StatsTotals(
+        products=int(row["products"]),
+        total=int(row["total"]),
+        available=int(row["available"]),
+        held=int(row["held"]),
+        sold=int(row["sold"]),
+        expired=int(row["expired"]),
+        cancelled=int(row["cancelled"]),
+    )

@@ -11,7 +11,7 @@ of the same operations is `server.service.expiry.Expirer`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -23,7 +23,7 @@ from server.domain.errors import (
     ReservationNotFound,
 )
 from server.domain.executor import Executor
-from server.domain.inventory import Caller, Held, ProductChanges, Stats
+from server.domain.inventory import Caller, Held, ProductChanges, Stats, StatsTotals
 from server.domain.model import (
     Event,
     HoldRequest,
@@ -354,9 +354,22 @@ class Shop:
             lambda conn, now: inventory.update_product(conn, product_id, changes, now=now)
         )
 
-    async def stats(self, product_id: int | None = None) -> list[Stats]:
+    async def stats(
+        self,
+        product_id: int | None = None,
+        *,
+        ids: Collection[int] | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[Stats]:
+        """Units per state by id (`inventory.stats`)."""
         async with self.store.reader() as conn:
-            return await inventory.stats(conn, product_id)
+            return await inventory.stats(conn, product_id, ids=ids, after=after, limit=limit)
+
+    async def stats_totals(self) -> StatsTotals:
+        """Every product's counters added up (`inventory.stats_totals`)."""
+        async with self.store.reader() as conn:
+            return await inventory.stats_totals(conn)
 
     async def reservations(
         self, *, product_id: int | None, status: Status | None, limit: int

@@ -355,6 +355,18 @@ class StatsOut(_Response):
     cancelled: int
 
 
+class StatsTotalsOut(_Response):
+    """Every product's units per state, added up."""
+
+    products: int = Field(description="How many products there are.")
+    total: int
+    available: int
+    held: int
+    sold: int
+    expired: int
+    cancelled: int
+
+
 class HealthOut(_Response):
     status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)

@@ -9,6 +9,9 @@ import { LiveFeed } from "./live.js";
 
 const TOKEN_KEY = "flashsale.adminToken";
 const REFRESH_MS = 2000;
+// Rows of the stock table at a time: the console asks for these products' figures alone, so
+// that a shop of 10,000 products costs it no more than one of 50.
+const PAGE_SIZE = 50;
 const $ = (selector, root = document) => root.querySelector(selector);
 
 // A sale's start in the operator's zone and in UTC: "Tue, 1 Dec, 18:00 CET (17:00 UTC)".
@@ -49,11 +52,16 @@ class Console {
     this.token = sessionStorage.getItem(TOKEN_KEY) || "";
     this.money = new Money();
     this.products = new Map(); // id → Product
-    this.stats = new Map(); // id → Stats
+    this.stats = new Map(); // id → Stats: the page's products, and the chosen one
+    this.shown = []; // the ids of the products in the table, newest first
+    this.pages = [null]; // each page seen's `before` (null: the newest products)
+    this.olderBefore = null; // the next page's `before`, when there are older products
+    this.totals = null; // every product's figures, added up
     this.holds = [];
     this.selected = null;
     this.editing = null; // the product the edit form was filled from
     this.refreshing = false;
+    this.refreshAgain = false; // a refresh asked for while one was under way
     this.refreshSoon = null;
     this.timers = [];
     this.chart = new Chart($("#chart"), {
@@ -118,6 +126,8 @@ class Console {
       this.cancelHold(event.target);
     });
     $("#keep-hold").addEventListener("click", () => this.closeCancel());
+    $("#stock-newer").addEventListener("click", () => this.turnPage(-1));
+    $("#stock-older").addEventListener("click", () => this.turnPage(1));
     $("#stock-rows").addEventListener("click", (event) => {
       const button = event.target.closest("button.choose");
       if (!button) return;
@@ -144,7 +154,7 @@ class Console {
   async signIn(token) {
     this.token = token;
     try {
-      await this.admin("GET", "/api/admin/stats");
+      await this.admin("GET", "/api/admin/stats/totals");
     } catch (error) {
       const wrong = error instanceof ApiError && (error.status === 401 || error.status === 404);
       this.showSignIn(wrong ? "That token is not the operator token." : sentenceFor(error));
@@ -400,15 +410,49 @@ class Console {
     }, 300);
   }
 
-  async refresh() {
-    if (this.refreshing || !this.token) return;
+  // The next page of products (1: older), or the one before it (-1: newer).
+  async turnPage(step) {
+    if (step > 0 && this.olderBefore === null) return;
+    if (step > 0) this.pages.push(this.olderBefore);
+    else if (this.pages.length > 1) this.pages.pop();
+    else return;
+    const button = step > 0 ? "#stock-older" : "#stock-newer";
+    await this.refresh(true);
+    // The button pressed may be hidden now (the first or the last page): keep the reader on
+    // the table.
+    if ($(button).hidden) $("#stock-title").focus();
+  }
+
+  // One page of products (the products list, kept in the process: no query), then the
+  // figures of those alone and of the chosen one, the active holds and the sums.
+  async refresh(force = false) {
+    if (!this.token) return;
+    if (this.refreshing) {
+      if (force) this.refreshAgain = true; // the page was turned meanwhile: once more after
+      return;
+    }
     this.refreshing = true;
     try {
-      const [{ data: stats }, { data: holds }, { data: products }] = await Promise.all([
-        this.admin("GET", "/api/admin/stats"),
+      const before = this.pages[this.pages.length - 1];
+      const listing = await request(
+        "GET",
+        `/api/products?limit=${PAGE_SIZE}${before === null ? "" : `&before=${before}`}`,
+      );
+      const products = listing.data;
+      const next = /[?&]before=(\d+)/.exec(listing.headers?.get("Link") || "");
+      const wanted = products.map((p) => p.id);
+      if (this.selected !== null && !wanted.includes(this.selected)) wanted.push(this.selected);
+      const [{ data: stats }, { data: holds }, { data: totals }] = await Promise.all([
+        wanted.length
+          ? this.admin("GET", `/api/admin/stats?ids=${wanted.join(",")}`)
+          : Promise.resolve({ data: [] }),
         this.admin("GET", "/api/admin/reservations?status=ACTIVE&limit=200"),
-        request("GET", "/api/products"),
+        this.admin("GET", "/api/admin/stats/totals"),
       ]);
+      if (before !== this.pages[this.pages.length - 1]) return; // turned meanwhile: again
+      this.shown = products.map((p) => p.id).sort((a, b) => b - a); // the page is by id
+      this.olderBefore = next ? Number(next[1]) : null;
+      this.totals = totals;
       // A refresh under way when the operator acted may bring a product as it was before:
       // never go back to an older version of one (its buttons would flip back and the
       // focus on them be lost).
@@ -418,13 +462,21 @@ class Console {
       });
       this.stats = new Map(stats.map((s) => [s.productId, s]));
       this.holds = holds;
-      if (this.selected === null && stats.length) this.selected = stats[0].productId;
+      if (this.selected === null && this.shown.length) this.selected = this.shown[0];
+      if (this.selected !== null && !this.products.has(this.selected)) {
+        const { data: chosen } = await request("GET", `/api/products/${this.selected}`);
+        this.products.set(chosen.id, chosen);
+      }
       await this.loadHistory();
       this.render();
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) this.explain(error);
     } finally {
       this.refreshing = false;
+      if (this.refreshAgain) {
+        this.refreshAgain = false;
+        this.refresh();
+      }
     }
   }
 
@@ -507,8 +559,9 @@ class Console {
     const rows = $("#stock-rows");
     const template = $("#stock-row");
     const seen = new Set();
-    for (const stats of this.stats.values()) {
-      const id = stats.productId;
+    for (const id of this.shown) {
+      const stats = this.stats.get(id);
+      if (!stats) continue;
       seen.add(String(id));
       let row = rows.querySelector(`tr[data-id="${id}"]`);
       if (!row) {
@@ -528,9 +581,35 @@ class Console {
       row.classList.toggle("selected", id === this.selected);
     }
     for (const row of [...rows.children]) if (!seen.has(row.dataset.id)) row.remove();
-    $("#stock-empty").hidden = this.stats.size > 0;
+    // Newest first, as the page lists them; rows already in that order are left where they
+    // are (moving one would take the focus off its button).
+    const order = this.shown.filter((id) => seen.has(String(id))).map(String);
+    if ([...rows.children].some((row, index) => row.dataset.id !== order[index])) {
+      for (const id of order) rows.append(rows.querySelector(`tr[data-id="${id}"]`));
+    }
+    $("#stock-empty").hidden = seen.size > 0;
+    this.renderPages();
     this.renderDetail();
     this.renderHolds();
+  }
+
+  // Which products the table shows, of how many; every product's figures added up.
+  renderPages() {
+    const t = this.totals;
+    $("#stock-totals").textContent = t && t.products
+      ? `All ${formatCount(t.products)} products: ${formatCount(t.available)} available + ` +
+        `${formatCount(t.held)} held + ${formatCount(t.sold)} sold = ${formatCount(t.total)}; ` +
+        `${formatCount(t.expired)} expired, ${formatCount(t.cancelled)} cancelled so far.`
+      : "";
+    const first = (this.pages.length - 1) * PAGE_SIZE;
+    const several = this.pages.length > 1 || this.olderBefore !== null;
+    $("#stock-pages").hidden = !several;
+    $("#stock-newer").hidden = this.pages.length <= 1;
+    $("#stock-older").hidden = this.olderBefore === null;
+    $("#stock-range").textContent = this.shown.length
+      ? `Products ${formatCount(first + 1)}–${formatCount(first + this.shown.length)}` +
+        (t ? ` of ${formatCount(t.products)}` : "") + ", newest first"
+      : "";
   }
 
   renderDetail() {
@@ -581,7 +660,10 @@ class Console {
       row.dataset.id = hold.id;
       const cells = [
         ["Hold", `${hold.id.slice(0, 8)}…`],
-        ["Product", this.products.get(hold.productId)?.name || `Product ${hold.productId}`],
+        [
+          "Product",
+          this.products.get(hold.productId)?.name || hold.product?.name || `Product ${hold.productId}`,
+        ],
         ["Units", formatCount(hold.quantity)],
         ["Time left", ""],
         ["", ""],
