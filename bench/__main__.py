@@ -582,6 +582,7 @@ def _history_run(
                 connections=size.connections,
                 bare_before=before,
                 database_url=db_url,
+                identities=False,  # their own scenario (shoppers): history does not change them
             )
             note_backlog("after the paths")
             progress.step(f"{config.label} · history: {state}, pages and operator console")
@@ -597,7 +598,7 @@ def _history_run(
             # The product with the most holds: the one (d) made its holds for, created last.
             product_id = max(p["id"] for p in httpx.get(service.base_url + "/api/products").json())
             result["operator"] = history.operator_latency(
-                service.base_url, service.admin_headers(), product_id
+                service.base_url, service.admin_headers(), product_id, page_ids[-50:]
             )
             note_backlog("at the end")
     result["history"]["key_backlog"] = backlog

@@ -33,10 +33,17 @@ def percentiles_ms(samples: list[float]) -> dict[str, float]:
     }
 
 
-def operator_requests(product_id: int) -> dict[str, str]:
-    """The operator console's polling (every 2 s), and a product's own figures."""
+def operator_requests(product_id: int, page_ids: list[int]) -> dict[str, str]:
+    """The operator console's polling (every 2 s: a page of products, the figures of the
+    ones it shows, the sums over every product, the ACTIVE holds, the chosen product's
+    history), the first page of the stats as a client written for every product's asks for
+    it, and one product's own figures, holds and ledger."""
+    ids = ",".join(map(str, page_ids))
     return {
-        "GET /api/admin/stats": "/api/admin/stats",
+        "GET /api/admin/stats (the first 1,000)": "/api/admin/stats",
+        "GET /api/admin/stats?ids= (the console's 50)": f"/api/admin/stats?ids={ids}",
+        "GET /api/admin/stats/totals": "/api/admin/stats/totals",
+        "GET /api/products?limit=50 (the console's page)": "/api/products?limit=50",
         "GET /api/admin/reservations?status=ACTIVE&limit=200": (
             "/api/admin/reservations?status=ACTIVE&limit=200"
         ),
@@ -44,6 +51,8 @@ def operator_requests(product_id: int) -> dict[str, str]:
         "GET /api/admin/reservations?productId={id}": (
             f"/api/admin/reservations?productId={product_id}&limit=100"
         ),
+        "GET /api/admin/products/{id}/history": f"/api/admin/products/{product_id}/history",
+        "GET /api/admin/products/{id}/ledger": f"/api/admin/products/{product_id}/ledger",
     }
 
 
@@ -51,6 +60,7 @@ def operator_latency(
     base_url: str,
     headers: dict[str, str],
     product_id: int,
+    page_ids: list[int],
     *,
     samples: int = 30,
     budget_s: float = 20.0,
@@ -63,7 +73,7 @@ def operator_latency(
     (`timed_out`)."""
     results: dict[str, dict[str, float]] = {}
     with httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s) as client:
-        for name, path in operator_requests(product_id).items():
+        for name, path in operator_requests(product_id, page_ids).items():
             timings: list[float] = []
             timed_out = 0
             deadline = time.monotonic() + budget_s

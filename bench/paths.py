@@ -98,10 +98,13 @@ def run(
     connections: int,
     bare_before: wrk.Result | None = None,
     database_url: str | None = None,
+    identities: bool = True,
 ) -> list[dict[str, Any]]:
     """The rows; `bare_before`, when given, is the bare endpoint measured just before (at the
     same load), taken as the first row instead of measuring it again. (d) is measured when
-    `database_url` (the service's database) is given."""
+    `database_url` (the service's database) is given. `identities`: (a) also with a
+    shopper's cookie and a shop's JWT, and anonymous again (what knowing the shopper costs,
+    which no history changes: the history scenario leaves them out)."""
     ample = _product(service, 1_000_000_000)
     sold_out = _product(service, 0)
     to_complete: list[str] = []
@@ -132,22 +135,27 @@ def run(
     rows = [
         before,
         _measure("(a) reserve, ample stock", service.base_url, reserve(ample), pid),
-        _measure(
-            "(a) reserve, ample stock, a shopper's cookie",
-            service.base_url,
-            reserve(ample, "cookie"),
-            pid,
-        ),
-        _measure(
-            "(a) reserve, ample stock, a shop's JWT",
-            service.base_url,
-            reserve(ample, "jwt"),
-            pid,
-        ),
-        # Anonymous once more: how far the machine's load drifted over the three.
-        _measure(
-            "(a) reserve, ample stock, anonymous again", service.base_url, reserve(ample), pid
-        ),
+    ]
+    if identities:
+        rows += [
+            _measure(
+                "(a) reserve, ample stock, a shopper's cookie",
+                service.base_url,
+                reserve(ample, "cookie"),
+                pid,
+            ),
+            _measure(
+                "(a) reserve, ample stock, a shop's JWT",
+                service.base_url,
+                reserve(ample, "jwt"),
+                pid,
+            ),
+            # Anonymous once more: how far the machine's load drifted over the three.
+            _measure(
+                "(a) reserve, ample stock, anonymous again", service.base_url, reserve(ample), pid
+            ),
+        ]
+    rows += [
         _measure("(b) reserve, sold out", service.base_url, reserve(sold_out), pid),
         _measure("(c) GET /api/products → 200", service.base_url, load("/api/products"), pid),
     ]

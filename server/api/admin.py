@@ -126,6 +126,9 @@ class StatsQuery(BaseModel):
             description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
             "left out.",
             examples=["3,8,9"],
+            # In the document only (the URL then stays short): the check is `_ids`, whose
+            # refusal says the rule.
+            json_schema_extra={"pattern": "^[0-9]{1,10}(,[0-9]{1,10}){0,99}$"},
         ),
     ] = None
     limit: Annotated[

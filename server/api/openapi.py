@@ -67,6 +67,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.ReservationOut,
     schemas.ErrorOut,
     schemas.StatsOut,
+    schemas.StatsTotalsOut,
     schemas.HealthOut,
     schemas.ConfigOut,
     schemas.MeOut,
