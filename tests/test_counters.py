@@ -95,6 +95,14 @@ async def test_stats_equal_a_full_recount_after_storms_cancels_and_expiries(
         totals = [await recount(stores[0], i) for i in ids]
         every = {s.product_id: s for s in await shops[0].stats()}
         assert [every[i] for i in ids] == totals
+        # The console's questions: the products it shows, a page by id, the sums.
+        assert await shops[1].stats(ids=set(ids)) == sorted(totals, key=lambda t: t.product_id)
+        first, *rest = sorted(ids)
+        assert [s.product_id for s in await shops[1].stats(after=first, limit=1)] == rest[:1]
+        summed = await shops[1].stats_totals()
+        for key in ("total", "available", "held", "sold", "expired", "cancelled"):
+            assert getattr(summed, key) == sum(getattr(t, key) for t in totals), key
+        assert summed.products == len(ids)
         # Every kind of movement happened, so each counter was exercised.
         assert all(sum(getattr(t, k) for t in totals) > 0 for k in ("held", "sold", "expired"))
         assert sum(t.cancelled for t in totals) > 0
