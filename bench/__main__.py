@@ -582,7 +582,7 @@ def _history_run(
                 connections=size.connections,
                 bare_before=before,
                 database_url=db_url,
-                identities=False,  # their own scenario (shoppers): history does not change them
+                with_identities=False,  # bin/bench shoppers: history does not change them
             )
             note_backlog("after the paths")
             progress.step(f"{config.label} · history: {state}, pages and operator console")

@@ -98,11 +98,11 @@ def run(
     connections: int,
     bare_before: wrk.Result | None = None,
     database_url: str | None = None,
-    identities: bool = True,
+    with_identities: bool = True,
 ) -> list[dict[str, Any]]:
     """The rows; `bare_before`, when given, is the bare endpoint measured just before (at the
     same load), taken as the first row instead of measuring it again. (d) is measured when
-    `database_url` (the service's database) is given. `identities`: (a) also with a
+    `database_url` (the service's database) is given. `with_identities`: (a) also with a
     shopper's cookie and a shop's JWT, and anonymous again (what knowing the shopper costs,
     which no history changes: the history scenario leaves them out)."""
     ample = _product(service, 1_000_000_000)
@@ -136,7 +136,7 @@ def run(
         before,
         _measure("(a) reserve, ample stock", service.base_url, reserve(ample), pid),
     ]
-    if identities:
+    if with_identities:
         rows += [
             _measure(
                 "(a) reserve, ample stock, a shopper's cookie",
