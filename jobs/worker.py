@@ -44,6 +44,8 @@ from server.service.expiry import Expired, Expirer
 from server.service.idempotency import Idempotency
 from server.service.ledger import Ledger
 from server.service.retention import Retention
+from server.service.transactions import Transactions
+from server.service.waitingroom import Admitter
 from server.storage import migrate
 from server.storage.database import Store
 from server.storage.errors import Busy, Unavailable
@@ -148,6 +150,17 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                 poll_ms=settings.webhook_poll_ms,
             )
             deliverer.start()
+            # The waiting room's admitter (issue 17): it admits whenever it holds the lease,
+            # as any web process's may; on its own timer, so a Redis outage stops it not.
+            admitter = Admitter(
+                store,
+                transactions=Transactions(store, publisher.publish),
+                publish=publisher.publish,
+                pass_ms=round(settings.pass_seconds * 1000),
+                tick_ms=settings.queue_tick_ms,
+                lease_ms=settings.queue_lease_ms,
+            )
+            admitter.start()
             ctx: Ctx = {
                 "settings": settings,
                 "store": store,
@@ -156,10 +169,12 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                 "idempotency": Idempotency(store),
                 "ledger": ledger,
                 "deliverer": deliverer,
+                "admitter": admitter,
             }
             try:
                 yield ctx
             finally:
+                await admitter.stop()
                 await deliverer.stop()
                 for timer in reversed(timers):
                     await timer.stop()

@@ -105,6 +105,8 @@ async def test_products_are_listed_by_id_with_an_etag_and_304(api: Api) -> None:
         "saleEndsAt": None,
         "paused": False,
         "maxPerShopper": None,
+        "queue": "off",
+        "admitFactor": 1.0,
     }
     etag = listed.headers["etag"]
     unchanged = await api.client.get("/api/products", headers={"If-None-Match": etag})

@@ -201,6 +201,8 @@ async def create_product(request: Request) -> Response:
         stock=body.stock,
         sale_starts_at=_ms(body.sale_starts_at),
         max_per_shopper=limit,
+        queue=body.queue,
+        admit_factor=body.admit_factor,
     )
     return json_response(product_view(product), 201)
 
@@ -412,7 +414,8 @@ async def update_product(request: Request) -> Response:
         raise RequestError(
             400,
             "invalid_request",
-            "Send at least one of name, price, saleStartsAt, saleEndsAt, paused or maxPerShopper.",
+            "Send at least one of name, price, saleStartsAt, saleEndsAt, paused, "
+            "maxPerShopper, queue or admitFactor.",
         )
     changes = ProductChanges(
         name=body.name if "name" in sent and body.name is not None else UNSET,
@@ -423,6 +426,10 @@ async def update_product(request: Request) -> Response:
         sale_ends_at=_ms(body.sale_ends_at) if "sale_ends_at" in sent else UNSET,
         paused=body.paused if "paused" in sent and body.paused is not None else UNSET,
         max_per_shopper=body.max_per_shopper if "max_per_shopper" in sent else UNSET,
+        queue=body.queue if "queue" in sent and body.queue is not None else UNSET,
+        admit_factor=(
+            body.admit_factor if "admit_factor" in sent and body.admit_factor is not None else UNSET
+        ),
     )
     product = await shop_of(request).update_product(product_id, changes)
     return json_response(product_view(product))

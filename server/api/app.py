@@ -7,13 +7,14 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from server.api import admin, books, openapi, pages, shopkeys, system, webhooks
+from server.api import admin, books, openapi, pages, queue, shopkeys, system, webhooks
 from server.api import shop as storefront
 from server.api.http import EXCEPTION_HANDLERS
 from server.api.identity import Identities, ShopperCookie
@@ -31,6 +32,7 @@ from server.service.expiry import ExpiryScheduler
 from server.service.ledger import Ledger
 from server.service.shop import Shop
 from server.service.shopkeys import ShopKeys
+from server.service.waitingroom import Admitter, WaitingRoom
 from server.service.webhooks import Webhooks
 from server.storage import migrate
 from server.storage.database import Store
@@ -51,6 +53,21 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+
+
+def _nudge_rooms(
+    catalog: Catalog, admitter: Admitter, room: WaitingRoom, frame: dict[str, Any], raw: bytes
+) -> None:
+    """A stock change of a product with a waiting room, or news of a room (a join, a
+    leave), from any process: the admitter steps at once, if it is the one admitting; news
+    of an admission step (it has counts) makes positions here be read afresh."""
+    kind = frame.get("type")
+    if kind in ("stock", "room"):
+        product = catalog.get(int(frame["productId"]))
+        if product is not None and product.queue != "off":
+            admitter.nudge(product.id)
+        if kind == "room" and frame.get("waiting") is not None:
+            room.moved(int(frame["productId"]))
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -93,13 +110,36 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await shop.start()
             stack.push_async_callback(shop.stop)
 
+            # The waiting room (issue 17): this process's admitter (it admits while it
+            # holds the lease), and the shoppers' side, whose reservations it gates.
+            admitter = Admitter(
+                store,
+                transactions=shop.transactions,
+                publish=publisher.publish,
+                pass_ms=round(settings.pass_seconds * 1000),
+                tick_ms=settings.queue_tick_ms,
+                lease_ms=settings.queue_lease_ms,
+            )
+            room = WaitingRoom(
+                store,
+                publish=publisher.publish,
+                opens_ms=round(settings.queue_opens_seconds * 1000),
+                catalog=catalog,
+                nudge=admitter.nudge,
+            )
+            shop.room = room
+            admitter.start()
+            stack.push_async_callback(admitter.stop)
+
             hub = Hub(
                 catalog,
+                room=room,
                 max_clients=settings.ws_max_clients,
                 max_per_client=settings.ws_max_per_client,
             )
             subscriber = Subscriber(redis, store, catalog)
             subscriber.listen(hub.publish)
+            subscriber.listen(functools.partial(_nudge_rooms, catalog, admitter, room))
             subscriber.start()
             stack.push_async_callback(subscriber.stop)
             stack.push_async_callback(hub.close_all)
@@ -114,6 +154,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.scheduler = scheduler
             app.state.subscriber = subscriber
             app.state.hub = hub
+            app.state.room = room
+            app.state.admitter = admitter
             app.state.rate_limiter = (
                 RateLimiter(
                     redis,
@@ -139,7 +181,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST"],
+                allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=[
                     "Content-Type",
                     "Idempotency-Key",
@@ -155,6 +197,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             *storefront.routes,
             *admin.routes,
+            *queue.routes,
             *books.routes,
             *webhooks.routes,
             *shopkeys.routes,

@@ -74,6 +74,10 @@ _STATUS: dict[type[errors.DomainError], tuple[int, Mapping[str, str]]] = {
     errors.ReservationCancelled: (409, {}),
     errors.ReservationCompleted: (409, {}),
     errors.IdempotencyKeyReused: (422, {}),
+    errors.QueueOff: (409, {}),
+    errors.QueueNotOpen: (409, {}),
+    errors.NoTicket: (404, {}),
+    errors.NotAdmitted: (403, {}),
 }
 # status, code and headers, per storage error that is not a bug: nothing was changed
 _STORAGE: dict[type[StorageError], tuple[int, str, Mapping[str, str]]] = {

@@ -75,7 +75,11 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.StockFrame,
     schemas.ProductFrame,
     schemas.ReservationFrame,
+    schemas.TicketFrame,
+    schemas.QueueFrame,
     schemas.ErrorFrame,
+    schemas.TicketOut,
+    schemas.RoomOut,
     schemas.LedgerPageOut,
     schemas.HistoryOut,
     schemas.ReconcileOut,
@@ -272,6 +276,10 @@ def build(routes: Sequence[BaseRoute], max_quantity: int) -> Schema:
         "tags": [
             {"name": "Shop", "description": "Products, for shoppers."},
             {"name": "Reservations", "description": "Holds: make one, buy it or cancel it."},
+            {
+                "name": "Waiting room",
+                "description": "A product's line: join it, read your ticket, leave it.",
+            },
             {"name": "Operator", "description": "Needs `Authorization: Bearer <ADMIN_TOKEN>`."},
             {"name": "Service", "description": "Health, readiness, this document."},
             {"name": "Pages", "description": "HTML pages and their files."},
@@ -293,6 +301,8 @@ def _websocket() -> Schema:
                 schemas.StockFrame,
                 schemas.ProductFrame,
                 schemas.ReservationFrame,
+                schemas.TicketFrame,
+                schemas.QueueFrame,
                 schemas.ErrorFrame,
             )
         ],

@@ -28,6 +28,7 @@ from server.api.http import (
     shown,
 )
 from server.api.identity import MINTED, Shopper, shopper_of
+from server.api.queue import queue_routes
 from server.api.ratelimit import RateLimiter
 from server.api.spec import (
     CACHE_CONTROL,
@@ -604,6 +605,7 @@ shopper_routes = [
     ("/me", me, ["GET"]),
     ("/me/reservations", my_reservations, ["GET"]),
     ("/config", config, ["GET"]),
+    *queue_routes,
 ]
 ROOT_PREFIX = ""
 API_PREFIX = "/api"

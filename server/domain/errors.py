@@ -214,3 +214,63 @@ class IdempotencyKeyReused(DomainError):
         super().__init__(
             "This Idempotency-Key was already used for a different request; use a new key."
         )
+
+
+# -- the waiting room (issue 17) ------------------------------------------------------------
+
+
+class QueueOff(DomainError):
+    """The product has no waiting room (`queue` is `off`): reserve directly."""
+
+    code = "queue_off"
+
+    def __init__(self, product_id: int) -> None:
+        super().__init__(f"Product {product_id} has no waiting room; reserve it directly.")
+        self.product_id = product_id
+
+
+class QueueNotOpen(DomainError):
+    """The room opens `QUEUE_OPENS_SECONDS` before the sale starts; not yet."""
+
+    code = "queue_not_open"
+
+    def __init__(self, opens_at_ms: int) -> None:
+        super().__init__(f"The waiting room is not open yet; it opens at {iso(opens_at_ms)}.")
+        self.opens_at_ms = opens_at_ms
+
+    def body(self) -> dict[str, Any]:
+        return {"opensAt": iso(self.opens_at_ms)}
+
+
+class NoTicket(DomainError):
+    """The caller has no ticket for this product's waiting room (or names no shopper)."""
+
+    code = "no_ticket"
+
+    def __init__(self, product_id: int) -> None:
+        super().__init__(f"You have no place in the waiting room of product {product_id}.")
+        self.product_id = product_id
+
+
+class NotAdmitted(DomainError):
+    """A reservation of a product whose waiting room is active, by a shopper without a
+    valid pass. `position`: the shopper's place in line (1 = next), None when they have no
+    ticket, or it has ended, or the random draw has not been made yet."""
+
+    code = "not_admitted"
+
+    def __init__(self, position: int | None, state: str | None = None) -> None:
+        if position is not None:
+            text = f"It is not your turn yet: you are number {position} in the waiting room."
+        elif state == "waiting":
+            text = "It is not your turn yet: your place in the waiting room is drawn at the start."
+        elif state is None:
+            text = "This product has a waiting room: join it, and reserve when it is your turn."
+        else:
+            text = f"You cannot reserve this product now: your ticket is {state.replace('_', ' ')}."
+        super().__init__(text)
+        self.position = position
+        self.state = state
+
+    def body(self) -> dict[str, Any]:
+        return {"position": self.position}

@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from server.domain import ledger, outbox
+from server.domain import ledger, outbox, waitingroom
 from server.domain.books import Books
 from server.domain.errors import (
     DomainError,
@@ -73,7 +73,8 @@ SWEEP_BATCH = 500
 
 PRODUCT = (
     "id, name, price_cents, total_stock, available_stock, version, sale_starts_at, "
-    "created_at, updated_at, held_units, sold_units, paused_at, sale_ends_at, max_per_shopper"
+    "created_at, updated_at, held_units, sold_units, paused_at, sale_ends_at, max_per_shopper, "
+    "queue, admit_factor"
 )
 RESERVATION = (
     "id, product_id, quantity, status, created_at, expires_at, completed_at, ended_at, "
@@ -193,7 +194,26 @@ async def _reserve_round(
     # transactions in opposite orders would deadlock (PostgreSQL's row locks).
     # Within a product, the shoppers' allowance rows before the product's row, as every
     # transaction that gives units back takes them (`_restore`).
+    passed: dict[int, list[int]] = {}  # per product with a room: requests that used a pass
     for product_id, all_indexes in sorted(by_product.items()):
+        # The waiting room's gate first (issue 17): the shoppers' tickets before the
+        # allowances and the product, the order every transaction takes them in.
+        passes = await waitingroom.take_passes(
+            conn, product_id, [requests[i].shopper_id for i in all_indexes], now=now
+        )
+        if passes is not None:
+            kept = []
+            for i, ok in zip(all_indexes, passes, strict=True):
+                if ok:
+                    kept.append(i)
+                else:
+                    outcomes[i] = Outcome(
+                        error=await waitingroom.refusal(conn, product_id, requests[i].shopper_id)
+                    )
+            passed[product_id] = kept
+            all_indexes = kept
+            if not all_indexes:
+                continue
         refused = await _take_allowances(
             conn, product_id, [requests[i] for i in all_indexes], books, events, now=now
         )
@@ -231,6 +251,14 @@ async def _reserve_round(
                     )
                 )
         await _give_back_allowances(conn, product_id, unsold)
+
+    if passed:
+        # A pass used by a request that then got nothing (no stock, over the limit) is
+        # the shopper's again until it runs out.
+        got = set(granted)
+        for product_id, indexes in passed.items():
+            unused = [requests[i].shopper_id for i in indexes if i not in got]
+            await waitingroom.give_back_passes(conn, product_id, [s for s in unused if s])
 
     if granted:
         expires = now + hold_ms
@@ -904,6 +932,8 @@ async def create_product(
     sale_starts_at: int | None,
     now: int,
     max_per_shopper: int | None = None,
+    queue: str = "off",
+    admit_factor: float = 1.0,
     actor: str = ledger.OPERATOR,
 ) -> Outcome[Product]:
     # The id is chosen inside the INSERT, since SQLite and PostgreSQL spell auto-increment
@@ -911,12 +941,15 @@ async def create_product(
     # key refuses one, and the caller retries it.
     row = await conn.fetch_one(
         "INSERT INTO products (id, name, price_cents, total_stock, available_stock, version, "
-        "sale_starts_at, created_at, updated_at, max_per_shopper) "
+        "sale_starts_at, created_at, updated_at, max_per_shopper, queue, admit_factor) "
         "SELECT COALESCE(MAX(id), 0) + 1, CAST(:name AS TEXT), CAST(:price AS BIGINT), "
         "CAST(:stock AS BIGINT), CAST(:stock AS BIGINT), 1, CAST(:starts AS BIGINT), "
-        "CAST(:now AS BIGINT), CAST(:now AS BIGINT), CAST(:limit AS INTEGER) FROM products "
+        "CAST(:now AS BIGINT), CAST(:now AS BIGINT), CAST(:limit AS INTEGER), "
+        "CAST(:queue AS TEXT), CAST(:factor AS DOUBLE PRECISION) FROM products "
         f"RETURNING {PRODUCT}",
         {
+            "queue": queue,
+            "factor": admit_factor,
             "limit": max_per_shopper,
             "name": name,
             "price": price_cents,
@@ -1006,12 +1039,17 @@ class ProductChanges:
             "saleStartsAt": self.sale_starts_at,
             "saleEndsAt": self.sale_ends_at,
             "paused": self.paused,
+            "queue": self.queue,
+            "admitFactor": self.admit_factor,
         }
         return [name for name, value in names.items() if value is not UNSET]
 
     # Units one shopper may have in ACTIVE and COMPLETED holds (None: no limit; issue 16).
     # Lowered below what a shopper has, it takes nothing from them: it stops new holds.
     max_per_shopper: int | Unset | None = UNSET
+    # The waiting room (issue 17): `off`, `fifo` or `random`, and passes per unit.
+    queue: str | Unset = UNSET
+    admit_factor: float | Unset = UNSET
 
 
 async def update_product(
@@ -1060,6 +1098,12 @@ async def update_product(
         if changes.max_per_shopper is not UNSET:
             sets.append("max_per_shopper = :limit")
             values["limit"] = changes.max_per_shopper
+        if changes.queue is not UNSET:
+            sets.append("queue = :queue")
+            values["queue"] = changes.queue
+        if changes.admit_factor is not UNSET:
+            sets.append("admit_factor = :factor")
+            values["factor"] = changes.admit_factor
         # Guarded by the version read above: the schedule was checked against that row.
         row = await conn.fetch_one(
             f"UPDATE products SET {', '.join(sets)} WHERE id = :id AND version = :version "
@@ -1288,3 +1332,16 @@ async def stats_totals(conn: Executor) -> StatsTotals:
         expired=int(row["expired"]),
         cancelled=int(row["cancelled"]),
     )
+
+
+async def expire_overdue_of_product(
+    conn: Executor, product_id: int, *, now: int
+) -> tuple[Product, list[Event]] | None:
+    """Expire one product's overdue holds now (up to `SWEEP_BATCH`), as the sweeper would,
+    with their books: the waiting room's admission does this first, so that a hold past its
+    time hands its units to the next in line whether or not the worker has run. Returns the
+    product after its units came back and the events, or None if none was due."""
+    books = Books(now=now)
+    restored = await _expire_overdue_of(conn, product_id, books, now=now)
+    await books.write(conn)
+    return restored

@@ -41,6 +41,10 @@ class Product:
     # Units of this product one shopper may have in ACTIVE and COMPLETED holds together
     # (migration 0004); None: no limit.
     max_per_shopper: int | None = None
+    # The waiting room (migration 0006): `off`, `fifo` or `random`, and how many shoppers
+    # it admits per unit available.
+    queue: str = "off"
+    admit_factor: float = 1.0
 
     @classmethod
     def from_row(cls, row: Row) -> Product:
@@ -61,6 +65,8 @@ class Product:
             paused_at=_optional_int(row["paused_at"]),
             sale_ends_at=_optional_int(row["sale_ends_at"]),
             max_per_shopper=None if limit is None else int(limit),
+            queue=str(row["queue"]),
+            admit_factor=float(row["admit_factor"]),
         )
 
     def sale_state(self, now: int) -> str:

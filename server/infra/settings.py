@@ -107,6 +107,14 @@ class Settings:
     shopper_jwt_audience: str = ""
     shopper_jwt_issuer: str = ""
     max_per_shopper: int | None = None
+    # The waiting room (issue 17): how long before a sale's start its room opens, how long
+    # an admitted shopper's pass lasts, how often the admitter looks at the rooms even when
+    # nothing woke it (ms), and how long its lease lasts without renewal (ms): the longest
+    # the rooms wait when the admitting process dies.
+    queue_opens_seconds: float = 1800.0
+    pass_seconds: float = 60.0
+    queue_tick_ms: int = 200
+    queue_lease_ms: int = 2000
 
     @property
     def is_sqlite(self) -> bool:
@@ -214,6 +222,10 @@ class Settings:
             max_per_shopper=(
                 int(_number(env, "MAX_PER_SHOPPER", 0, minimum=1, integer=True)) or None
             ),
+            queue_opens_seconds=_number(env, "QUEUE_OPENS_SECONDS", 1800.0, minimum=0),
+            pass_seconds=_number(env, "PASS_SECONDS", 60.0, minimum=1),
+            queue_tick_ms=int(_number(env, "QUEUE_TICK_MS", 200, minimum=10, integer=True)),
+            queue_lease_ms=int(_number(env, "QUEUE_LEASE_MS", 2000, minimum=100, integer=True)),
         )
 
 

@@ -39,15 +39,17 @@ from server.domain.clock import iso, now_ms
 from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
 from server.domain.text import SHOWN_CHARS
+from server.domain.waitingroom import OPEN, Ticket
 from server.infra.clients import client_key
 from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
 from server.service.shop import Shop
-from server.wire.frames import reservation_frame
+from server.service.waitingroom import LINE_SECONDS, WaitingRoom
+from server.wire.frames import queue_frame, reservation_frame, ticket_frame
 from server.wire.json_text import repeated_key
-from server.wire.schemas import parse_product_ids
+from server.wire.schemas import parse_product_ids, ticket_view
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,10 @@ class Client:
         # watch; None: only holds without a shopper.
         self.shopper: str | None = None
         self.bad_messages = 0
+        # The shopper's waiting-room tickets, by product, and what the page was last told
+        # of each (`_told`: the view without its clock, to send only what changed).
+        self.tickets: dict[int, Ticket] = {}
+        self.told: dict[int, tuple[object, ...]] = {}
         self._hub = hub
         self._backlog: dict[Key, str] = {}
         self._sending: asyncio.Task[None] | None = None
@@ -167,8 +173,24 @@ class Hub:
     filled `WS_MAX_CLIENTS=300` and every page got 1013 for as long as they were held.
     """
 
-    def __init__(self, catalog: Catalog, *, max_clients: int, max_per_client: int = 20) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        max_clients: int,
+        max_per_client: int = 20,
+        room: WaitingRoom | None = None,
+    ) -> None:
         self._catalog = catalog
+        self._room = room
+        # Sockets by shopper (those that have one), for their tickets' frames.
+        self._shoppers: dict[str, set[Client]] = {}
+        # Per room: shoppers whose tickets changed, to read again (None: every one here).
+        self._rooms: dict[int, set[str] | None] = {}
+        self._queues: dict[int, str] = {}  # product → `queue` frame to send
+        self._queue_counts: dict[int, tuple[int, int]] = {}
+        self._tickets_due = asyncio.Event()
+        self._ticketer: asyncio.Task[None] | None = None
         self._max_clients = max_clients
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
@@ -221,6 +243,12 @@ class Hub:
         if self._per_client[client.key] <= 0:
             del self._per_client[client.key]
         WEBSOCKETS.dec()
+        if client.shopper is not None:
+            same = self._shoppers.get(client.shopper)
+            if same is not None:
+                same.discard(client)
+                if not same:
+                    del self._shoppers[client.shopper]
         for reservation_id in client.watching:
             watchers = self._watchers.get(reservation_id)
             if watchers is not None:
@@ -251,6 +279,122 @@ class Hub:
         """Send one client the current state of a hold it watches."""
         client.offer(("reservation", reservation_id), to_json(frame).decode())
 
+    # -- the waiting room's tickets (issue 17) ------------------------------------------
+
+    async def identify(self, client: Client, shopper: str | None) -> None:
+        """The socket's shopper: it is told of their tickets now, and as they change."""
+        client.shopper = shopper
+        if shopper is None or self._room is None or client.closed:
+            return
+        self._shoppers.setdefault(shopper, set()).add(client)
+        for ticket in await self._room.tickets_of_shopper(shopper):
+            client.tickets[ticket.product_id] = ticket
+        await self._tell_tickets([client], set(client.tickets), force=True)
+        if any(ticket.state in OPEN for ticket in client.tickets.values()):
+            self._start_ticketer()  # its position, as the line moves
+
+    def _room_news(self, frame: dict[str, Any]) -> None:
+        product_id = int(frame["productId"])
+        waiting, admitted = frame.get("waiting"), frame.get("admitted")
+        if waiting is not None and admitted is not None:
+            counts = (int(waiting), int(admitted))
+            if self._queue_counts.get(product_id) != counts:
+                self._queue_counts[product_id] = counts
+                self._queues[product_id] = to_json(
+                    queue_frame(product_id, counts[0], counts[1])
+                ).decode()
+                self._schedule_flush()
+        if self._room is None:
+            return
+        if frame.get("everyone"):
+            self._rooms[product_id] = None
+        else:
+            here = {s for s in frame.get("shoppers", ()) if s in self._shoppers}
+            if here:
+                pending = self._rooms.setdefault(product_id, set())
+                if pending is not None:
+                    pending.update(here)
+        if product_id in self._rooms:
+            self._start_ticketer()
+            self._tickets_due.set()
+
+    def _start_ticketer(self) -> None:
+        if self._ticketer is None or self._ticketer.done():
+            self._ticketer = asyncio.get_running_loop().create_task(
+                self._tell_tickets_forever(), name="ticket-frames"
+            )
+
+    async def _tell_tickets_forever(self) -> None:
+        """Tickets that changed state are read again and told at once; positions, which
+        change whenever the head of a line moves, at most every `LINE_SECONDS`."""
+        last_positions = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(LINE_SECONDS):
+                    await self._tickets_due.wait()
+            except TimeoutError:
+                pass
+            self._tickets_due.clear()
+            try:
+                rooms, self._rooms = self._rooms, {}
+                for product_id, shoppers in rooms.items():
+                    await self._reload_tickets(product_id, shoppers)
+                if loop.time() - last_positions >= LINE_SECONDS:
+                    last_positions = loop.time()
+                    await self._tell_positions()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("live updates: telling tickets failed")
+
+    async def _reload_tickets(self, product_id: int, shoppers: set[str] | None) -> None:
+        assert self._room is not None
+        names = sorted(self._shoppers) if shoppers is None else sorted(shoppers)
+        names = [n for n in names if n in self._shoppers]
+        if not names:
+            return
+        tickets = await self._room.tickets_of(product_id, names)
+        clients = []
+        for ticket in tickets:
+            for client in self._shoppers.get(ticket.shopper_id, ()):
+                client.tickets[product_id] = ticket
+                clients.append(client)
+        await self._room.line(product_id, fresh=True)
+        await self._tell_tickets(clients, {product_id})
+
+    async def _tell_positions(self) -> None:
+        """Every socket with a ticket waiting or admitted: its view, if it changed."""
+        by_product: dict[int, list[Client]] = {}
+        for clients in self._shoppers.values():
+            for client in clients:
+                for product_id, ticket in client.tickets.items():
+                    if ticket.state in OPEN:
+                        by_product.setdefault(product_id, []).append(client)
+        for product_id, open_ones in by_product.items():
+            await self._tell_tickets(open_ones, {product_id})
+
+    async def _tell_tickets(
+        self, clients: list[Client], products: set[int], *, force: bool = False
+    ) -> None:
+        assert self._room is not None
+        now = now_ms()
+        for product_id in products:
+            product = self._catalog.get(product_id)
+            if product is None:
+                continue
+            line = await self._room.line(product_id)
+            for client in clients:
+                ticket = client.tickets.get(product_id)
+                if ticket is None or client.closed:
+                    continue
+                view = ticket_view(ticket, product, line, now=now)
+                told = tuple(v for k, v in view.items() if k != "serverTime")
+                if not force and client.told.get(product_id) == told:
+                    continue
+                client.told[product_id] = told
+                client.offer(("ticket", product_id), to_json(ticket_frame(view)).decode())
+
     # -- frames ----------------------------------------------------------------------
 
     def publish(self, frame: dict[str, Any], raw: bytes) -> None:
@@ -269,6 +413,9 @@ class Hub:
             reservation_id = str(frame["reservation"]["id"])
             if reservation_id in self._watchers:
                 self._reservations.append((reservation_id, raw.decode()))
+        elif kind == "room":
+            self._room_news(frame)
+            return
         else:
             return
         self._schedule_flush()
@@ -297,6 +444,8 @@ class Hub:
         stock, self._stock = self._stock, {}
         reservations, self._reservations = self._reservations, []
         frames: list[tuple[Key, str]] = [(("product", pid), text) for pid, text in products.items()]
+        queues, self._queues = self._queues, {}
+        frames.extend((("queue", pid), text) for pid, text in queues.items())
         for product_id, (version, text) in stock.items():
             self._sent_version[product_id] = version
             frames.append((("stock", product_id), text))
@@ -319,6 +468,9 @@ class Hub:
 
     async def close_all(self, code: int = 1001) -> None:
         """Going away (shutdown): tell every client, so that pages reconnect elsewhere."""
+        if self._ticketer is not None:
+            self._ticketer.cancel()
+            await asyncio.gather(self._ticketer, return_exceptions=True)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -388,7 +540,7 @@ async def live_updates(websocket: WebSocket) -> None:
         return
     client = hub.join(websocket, key, products)
     # The app's `server.api.identity.Identities` (the layer above this one keeps it).
-    client.shopper = app.state.identities.shopper_id_or_none(websocket)
+    await hub.identify(client, app.state.identities.shopper_id_or_none(websocket))
     try:
         while not client.closed:
             message = await websocket.receive()

@@ -16,11 +16,12 @@ from redis.exceptions import RedisError
 
 from server.domain.clock import now_ms
 from server.domain.model import Event, Product, ProductChanged, ReservationChanged, StockChanged
+from server.domain.waitingroom import RoomChanged
 from server.infra.background import Drainer
 from server.infra.keys import events_channel
 from server.infra.metrics import EVENTS_PUBLISHED, FRAMES_DROPPED, PUBLISH_FAILURES
 from server.infra.redis_client import database_of
-from server.wire.frames import product_frame, reservation_frame, stock_frame
+from server.wire.frames import product_frame, reservation_frame, room_message, stock_frame
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,15 @@ class Publisher(Drainer):
         self._products: dict[int, Product] = {}
         self._stock: dict[int, Product] = {}
         self._reservations: dict[str, ReservationChanged] = {}
+        # News of waiting rooms, merged per product until sent.
+        self._rooms: dict[int, RoomChanged] = {}
 
-    def publish(self, events: Iterable[Event]) -> None:
+    def publish(self, events: Iterable[Event | RoomChanged]) -> None:
         for event in events:
-            if isinstance(event, StockChanged):
+            if isinstance(event, RoomChanged):
+                earlier = self._rooms.get(event.product_id)
+                self._rooms[event.product_id] = event if earlier is None else earlier.merged(event)
+            elif isinstance(event, StockChanged):
                 _keep_newest(self._stock, event.product)
             elif isinstance(event, ProductChanged):
                 _keep_newest(self._products, event.product)
@@ -64,16 +70,18 @@ class Publisher(Drainer):
         self.wake()
 
     def has_work(self) -> bool:
-        return bool(self._products or self._stock or self._reservations)
+        return bool(self._products or self._stock or self._reservations or self._rooms)
 
     async def drain(self) -> float | None:
         products, stock, reservations = self._products, self._stock, self._reservations
-        self._products, self._stock, self._reservations = {}, {}, {}
+        rooms = self._rooms
+        self._products, self._stock, self._reservations, self._rooms = {}, {}, {}, {}
         now = now_ms()
         frames = [
             *(product_frame(p) for p in products.values()),
             *(stock_frame(p) for p in stock.values()),
             *(reservation_frame(r, now=now) for r in reservations.values()),
+            *(room_message(news) for news in rooms.values()),
         ]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -89,6 +97,9 @@ class Publisher(Drainer):
             for product in stock.values():
                 _keep_newest(self._stock, product)
             self._reservations = {**reservations, **self._reservations}
+            for news in rooms.values():
+                later = self._rooms.get(news.product_id)
+                self._rooms[news.product_id] = news if later is None else news.merged(later)
             return 0.5
         EVENTS_PUBLISHED.inc(len(frames))
         return None

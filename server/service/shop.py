@@ -19,6 +19,7 @@ from server.domain import inventory, ledger
 from server.domain.clock import now_ms
 from server.domain.errors import (
     InsufficientStock,
+    NotAdmitted,
     ProductNotFound,
     ReservationNotFound,
 )
@@ -41,6 +42,7 @@ from server.service.idempotency import Idempotency
 from server.service.overdue import OverdueHolds
 from server.service.promises import Promise, Promises
 from server.service.transactions import EventSink, Transactions
+from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
 from server.storage.errors import UniqueViolation
 
@@ -82,6 +84,8 @@ class Shop:
     ) -> None:
         self.store = store
         self.catalog = catalog
+        # The waiting room's early refusal (issue 17), set by the app once it has one.
+        self.room: WaitingRoom | None = None
         self._hold_ms = hold_ms
         self._scheduler = scheduler
         self.promises = Promises()
@@ -123,6 +127,15 @@ class Shop:
         closed = inventory.sale_closed(product, now)
         if closed is not None:
             raise closed
+        if self.room is not None and product.queue != "off":
+            try:
+                await self.room.check_pass(product, request.shopper_id)
+            except NotAdmitted:
+                # A retry of a request that used its pass is answered with its hold.
+                replay = await self.replay(request)
+                if replay is not None:
+                    return replay
+                raise
         limit = product.max_per_shopper
         if (
             limit is not None
@@ -194,6 +207,7 @@ class Shop:
             # The catalog takes what the batch did, and its promises are released, with no
             # wait in between (server/service/promises.py).
             self._transactions.committed(events)
+            self._tell_rooms(requests, outcomes)
             lazily = _expired(events)
             if lazily:  # overdue holds whose units this batch took back (lazy expiry)
                 BY_RESERVATION.inc(lazily)
@@ -207,6 +221,27 @@ class Shop:
                 if o.value is not None and not o.value.replayed
             )
         return [o.value if o.value is not None else _error(o) for o in outcomes]
+
+    def _tell_rooms(
+        self, requests: Sequence[HoldRequest], outcomes: Sequence[Outcome[Held]]
+    ) -> None:
+        """The tickets whose passes a batch used are `reserved` now: news for their rooms."""
+        if self.room is None or self.catalog is None:
+            return
+        used: dict[int, set[str]] = {}
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if outcome.value is None or outcome.value.replayed or request.shopper_id is None:
+                continue
+            product = self.catalog.get(request.product_id)
+            if product is not None and product.queue != "off":
+                used.setdefault(request.product_id, set()).add(request.shopper_id)
+        if used:
+            self.room.used(used)
+
+    @property
+    def transactions(self) -> Transactions:
+        """Where this process's writes run (the admitter's steps run here too)."""
+        return self._transactions
 
     async def reservation(
         self, reservation_id: str, caller: Caller = inventory.ANYONE
@@ -315,6 +350,8 @@ class Shop:
         stock: int,
         sale_starts_at: int | None,
         max_per_shopper: int | None = None,
+        queue: str = "off",
+        admit_factor: float = 1.0,
     ) -> Product:
         for attempt in range(5):
             try:
@@ -326,6 +363,8 @@ class Shop:
                         stock=stock,
                         sale_starts_at=sale_starts_at,
                         max_per_shopper=max_per_shopper,
+                        queue=queue,
+                        admit_factor=admit_factor,
                         now=now,
                     )
                 )

@@ -11,6 +11,7 @@ from typing import Any
 
 from server.domain.clock import parse_iso
 from server.domain.model import Product, ReservationChanged
+from server.domain.waitingroom import RoomChanged
 from server.wire.schemas import product_view, reservation_view
 
 
@@ -48,6 +49,8 @@ def product_from_frame(out: dict[str, Any]) -> Product:
         paused_at=0 if out.get("paused") else None,
         sale_ends_at=None if out.get("saleEndsAt") is None else parse_iso(out["saleEndsAt"]),
         max_per_shopper=None if (limit := out.get("maxPerShopper")) is None else int(limit),
+        queue=str(out.get("queue", "off")),
+        admit_factor=float(out.get("admitFactor", 1.0)),
     )
 
 
@@ -55,3 +58,31 @@ def reservation_frame(event: ReservationChanged, *, now: int) -> dict[str, Any]:
     """A `ReservationFrame`: a hold that left ACTIVE, as of `now` (ms)."""
     view = reservation_view(event.reservation, product_view(event.product), now=now)
     return {"type": "reservation", "reservation": view}
+
+
+def queue_frame(product_id: int, waiting: int, admitted: int) -> dict[str, Any]:
+    """A `QueueFrame`: how many wait in a product's room, and how many hold a pass."""
+    return {"type": "queue", "productId": product_id, "waiting": waiting, "admitted": admitted}
+
+
+def ticket_frame(view: dict[str, Any]) -> dict[str, Any]:
+    """A `TicketFrame`: the socket's shopper's ticket (`server.wire.schemas.ticket_view`)."""
+    return {"type": "ticket", "ticket": view}
+
+
+# The most shoppers a `room` message names; beyond, it says `everyone`.
+MAX_ROOM_SHOPPERS = 2_000
+
+
+def room_message(news: RoomChanged) -> dict[str, Any]:
+    """What the web processes tell each other of a room (`RoomChanged`): never sent to a
+    page as it is (it names shoppers); each hub turns it into `queue` and `ticket` frames."""
+    everyone = news.everyone or len(news.shoppers) > MAX_ROOM_SHOPPERS
+    return {
+        "type": "room",
+        "productId": news.product_id,
+        "waiting": news.waiting,
+        "admitted": news.admitted,
+        "shoppers": [] if everyone else sorted(news.shoppers),
+        "everyone": everyone,
+    }

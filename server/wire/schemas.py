@@ -11,6 +11,7 @@ so the two cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ from pydantic.alias_generators import to_camel
 from server.domain import text
 from server.domain.clock import iso
 from server.domain.model import Product, Reservation, Status
+from server.domain.waitingroom import Lineup, Ticket, TicketState, draws
 
 MAX_INT32 = 2**31 - 1
 # Products a page may name in `GET /api/products?ids=` and `/ws?ids=`: more than any page
@@ -146,6 +148,27 @@ MaxPerShopper = Annotated[
     ),
 ]
 
+QueueMode = Literal["off", "fifo", "random"]
+QUEUE_DESCRIPTION = (
+    "The waiting room: `off` (none: first come, first served), `fifo` (arrival order) or "
+    "`random` (those who join before the sale starts are put in a random order at the "
+    "start; later arrivals follow in arrival order). The room opens QUEUE_OPENS_SECONDS "
+    "before `saleStartsAt`; without a start time it is a waitlist for when nothing is "
+    "available."
+)
+MAX_ADMIT_FACTOR = 100.0
+AdmitFactor = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=MAX_ADMIT_FACTOR,
+        allow_inf_nan=False,
+        description="Shoppers admitted per unit available (per `maxPerShopper` units when "
+        "the product has a limit): 1.0 admits exactly as many as can buy; more admits "
+        "extra, for shoppers who are admitted and do not reserve.",
+    ),
+]
+
 
 class CreateProductBody(_Request):
     name: ProductName
@@ -159,6 +182,8 @@ class CreateProductBody(_Request):
         description="Units one shopper may have in active and completed holds together. "
         "Left out: MAX_PER_SHOPPER (none when unset); null: no limit.",
     )
+    queue: QueueMode = Field(default="off", description=QUEUE_DESCRIPTION)
+    admit_factor: AdmitFactor = 1.0
 
 
 class RestockBody(_Request):
@@ -197,6 +222,8 @@ class UpdateProductBody(_Request):
         description="Units one shopper may have in active and completed holds together; "
         "null: no limit. Lowered below what a shopper has, it takes nothing from them.",
     )
+    queue: QueueMode | None = Field(default=None, description=QUEUE_DESCRIPTION)
+    admit_factor: AdmitFactor | None = None
 
     @field_validator("name")
     @classmethod
@@ -205,7 +232,7 @@ class UpdateProductBody(_Request):
             raise ValueError("the name cannot be null")
         return value
 
-    @field_validator("price", "paused")
+    @field_validator("price", "paused", "queue", "admit_factor")
     @classmethod
     def _not_null(cls, value: object) -> object:
         if value is None:
@@ -261,6 +288,10 @@ class ProductOut(_Response):
         default=None,
         description="Units of this product one shopper may have in active and completed "
         "holds together, or null: no limit (MAX_PER_SHOPPER is the default for new products).",
+    )
+    queue: QueueMode = Field(default="off", description=QUEUE_DESCRIPTION)
+    admit_factor: float = Field(
+        default=1.0, description="Shoppers the waiting room admits per unit available."
     )
 
 
@@ -342,6 +373,16 @@ class ErrorOut(_Response):
         default=None,
         description="With 409 `shopper_limit_reached`: the units of the product the shopper "
         "has now, in ACTIVE and COMPLETED holds.",
+    )
+    position: int | None = Field(
+        default=None,
+        description="With 403 `not_admitted`: the shopper's place in the waiting room (1 = "
+        "next), or null (no ticket, or the random draw is still to come).",
+    )
+    opens_at: str | None = Field(
+        default=None,
+        description="With 409 `queue_not_open`: when the waiting room opens.",
+        json_schema_extra=_TIME,
     )
 
 
@@ -611,6 +652,67 @@ class ReservationFrame(_Response):
     reservation: ReservationOut
 
 
+class TicketOut(_Response):
+    """A shopper's ticket in a product's waiting room (issue 17)."""
+
+    product_id: int
+    state: Literal["waiting", "admitted", "reserved", "sold_out", "lapsed", "left"] = Field(
+        description="`waiting` in line; `admitted`: a pass to reserve until `passExpiresAt`; "
+        "`reserved`: the pass was used; `sold_out`: nothing left to sell; `lapsed`: the pass "
+        "ran out unused; `left`: the shopper left the line."
+    )
+    position: int | None = Field(
+        description="Place in line, 1 = next; null when not waiting, or before the random draw."
+    )
+    ahead: int | None = Field(description="How many wait ahead (position − 1), or null.")
+    waiting: int = Field(description="How many tickets wait in this room in all.")
+    estimated_wait_seconds: int | None = Field(
+        description="From the recent admission rate; null when there is none to go by."
+    )
+    pass_expires_at: str | None = Field(
+        description="While `admitted`: reserve before this.", json_schema_extra=_TIME
+    )
+    joined_at: str = Field(json_schema_extra=_TIME)
+    draw_at: str | None = Field(
+        description="`random` rooms: when the draw puts those who joined before it in order.",
+        json_schema_extra=_TIME,
+    )
+    held_units: int = Field(description="Units held by others now, which may come back.")
+    message: str = Field(description="One sentence for the page.")
+    server_time: str = Field(
+        description="The server's clock when this was rendered.", json_schema_extra=_TIME
+    )
+
+
+class TicketFrame(_Response):
+    type: Literal["ticket"]
+    ticket: TicketOut
+
+
+class QueueFrame(_Response):
+    type: Literal["queue"]
+    product_id: int
+    waiting: int = Field(description="Tickets waiting in the product's room.")
+    admitted: int = Field(description="Tickets holding a pass now.")
+
+
+class RoomOut(_Response):
+    """The console's figures for a product's waiting room."""
+
+    product_id: int
+    queue: QueueMode
+    admit_factor: float
+    waiting: int
+    admitted: int
+    reserved: int = Field(description="Passes used: tickets whose shopper reserved.")
+    lapsed: int = Field(description="Passes that ran out unused.")
+    sold_out: int
+    left: int
+    admitted_last_minute: int = Field(description="Admissions in the last 60 s.")
+    drawn_at: str | None = Field(json_schema_extra=_TIME)
+    opens_at: str | None = Field(json_schema_extra=_TIME)
+
+
 class ErrorFrame(_Response):
     type: Literal["error"]
     code: Literal["invalid_json", "unknown_message", "invalid_watch", "invalid_ids"]
@@ -644,6 +746,8 @@ def product_view(product: Product) -> dict[str, Any]:
         "saleEndsAt": None if product.sale_ends_at is None else iso(product.sale_ends_at),
         "paused": product.paused_at is not None,
         "maxPerShopper": product.max_per_shopper,
+        "queue": product.queue,
+        "admitFactor": product.admit_factor,
     }
 
 
@@ -666,3 +770,65 @@ def reservation_view(
         "product": product,
         "serverTime": iso(now),
     }
+
+
+def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> dict[str, Any]:
+    """A `TicketOut`: `ticket` with its place in `line` (the product's line, as last read)
+    and the product's held units."""
+    position = None
+    state = ticket.state
+    if state is TicketState.WAITING and (not draws(product) or line.drawn_at is not None):
+        position = line.ahead_of(ticket.place) + 1
+    wait = None
+    rate = line.admissions_per_second()
+    if position is not None and rate:
+        wait = math.ceil(position / rate)
+    draw_at = None
+    if draws(product):
+        assert product.sale_starts_at is not None
+        draw_at = iso(product.sale_starts_at)
+    return {
+        "productId": ticket.product_id,
+        "state": state.value,
+        "position": position,
+        "ahead": None if position is None else position - 1,
+        "waiting": line.waiting,
+        "estimatedWaitSeconds": wait,
+        "passExpiresAt": (
+            None
+            if ticket.pass_expires_at is None or state is not TicketState.ADMITTED
+            else iso(ticket.pass_expires_at)
+        ),
+        "joinedAt": iso(ticket.joined_at),
+        "drawAt": draw_at,
+        "heldUnits": product.held_units,
+        "message": _ticket_message(ticket, product, position, draw_at, now),
+        "serverTime": iso(now),
+    }
+
+
+def _ticket_message(
+    ticket: Ticket, product: Product, position: int | None, draw_at: str | None, now: int
+) -> str:
+    state = ticket.state
+    if state is TicketState.ADMITTED:
+        assert ticket.pass_expires_at is not None
+        return f"It is your turn: reserve before {iso(ticket.pass_expires_at)}."
+    if state is TicketState.RESERVED:
+        return "You used your turn: your reservation is made."
+    if state is TicketState.SOLD_OUT:
+        return "Sold out: every unit has been sold."
+    if state is TicketState.LAPSED:
+        return "Your turn passed without a reservation."
+    if state is TicketState.LEFT:
+        return "You left the waiting room."
+    if position is None:
+        return f"You are in the waiting room; places are drawn at random at {draw_at}."
+    text = f"You are number {position} in line."
+    starts = product.sale_starts_at
+    if starts is not None and starts > now:
+        text += f" The sale starts at {iso(starts)}."
+    elif product.available_stock <= 0 and product.held_units > 0:
+        units = "1 unit is" if product.held_units == 1 else f"{product.held_units} units are"
+        text += f" {units} held and may come back."
+    return text

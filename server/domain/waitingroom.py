@@ -1,0 +1,622 @@
+"""The waiting room (issue 17): tickets, the line, passes, the draw, admission, the lease.
+
+The database is the truth for all of it (migration 0006): a ticket is a row, its place in
+line a column, an admission an UPDATE of the row, a pass a time on it. Redis only carries
+the news (`RoomChanged`, after commit).
+
+- Joining is one insert (`join`): the place is the arrival time in ms times 2^20 plus 20
+  random bits, so arrival order needs no counter that every join would have to update.
+- In `random` mode, `draw` deals the places of those who joined before the sale's start out
+  again in the order of HMAC-SHA256(seed, shopper id) — a uniformly random permutation
+  for a secret seed (a seeded CSPRNG), stored with the room so it can be checked after.
+  Later arrivals keep their arrival places, which are all behind the drawn ones.
+- `admit` is one process's step for one product (the lease holder's: `take_lease` fences
+  each step): lapse the passes that ran out, make the draw when it is due, expire the
+  product's overdue holds, then admit from the head of the line as many as the units
+  available allow (`ceil(available × admit_factor / units per pass)`, less the passes
+  already out), or, when nothing is available and nothing held, close the room: every
+  open ticket ends `sold_out`.
+- `take_passes` is the gate, in the reservation's own transaction: a valid pass of the same
+  shopper is used (→ `reserved`) or the request is refused; `give_back_passes` returns the
+  passes of requests that then got no stock, in the same transaction.
+
+Locks (PostgreSQL): a reservation takes its shoppers' ticket rows before the product's row;
+the admission lapses passes (ticket rows) before it touches the product, and its later
+UPDATEs of tickets touch only `waiting` ones, which no reservation locks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import hashlib
+import hmac
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.domain import inventory
+from server.domain.errors import NotAdmitted
+from server.domain.executor import Executor, Row
+from server.domain.model import Event, Product
+
+MODES = ("off", "fifo", "random")
+PLACE_BITS = 20
+LEASE_NAME = "admitter"
+# Rows per statement when the draw writes its places back.
+DRAW_CHUNK = 400
+# Shoppers per `IN (…)` list.
+CHUNK = 500
+# The admissions an estimated wait is taken from: the last minute's.
+RATE_WINDOW_MS = 60_000
+
+
+class TicketState(enum.StrEnum):
+    WAITING = "waiting"
+    ADMITTED = "admitted"
+    RESERVED = "reserved"
+    SOLD_OUT = "sold_out"
+    LAPSED = "lapsed"
+    LEFT = "left"
+
+
+OPEN = (TicketState.WAITING, TicketState.ADMITTED)
+
+TICKET = "product_id, shopper_id, place, state, joined_at, admitted_at, pass_expires_at, ended_at"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A shopper's place in a product's waiting room. Times are ms."""
+
+    product_id: int
+    shopper_id: str
+    place: int
+    state: TicketState
+    joined_at: int
+    admitted_at: int | None = None
+    pass_expires_at: int | None = None
+    ended_at: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Ticket:
+        return cls(
+            product_id=int(row["product_id"]),
+            shopper_id=str(row["shopper_id"]),
+            place=int(row["place"]),
+            state=TicketState(row["state"]),
+            joined_at=int(row["joined_at"]),
+            admitted_at=_int(row["admitted_at"]),
+            pass_expires_at=_int(row["pass_expires_at"]),
+            ended_at=_int(row["ended_at"]),
+        )
+
+    def has_pass(self, now: int) -> bool:
+        return (
+            self.state is TicketState.ADMITTED
+            and self.pass_expires_at is not None
+            and self.pass_expires_at > now
+        )
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomChanged:
+    """News of a product's room, published after commit: how many wait and hold passes,
+    and whose tickets changed (`shoppers`; `everyone`: too many to name, or all of them)."""
+
+    product_id: int
+    # None: not counted (a join or a leave; the next admission step counts).
+    waiting: int | None
+    admitted: int | None
+    shoppers: frozenset[str] = frozenset()
+    everyone: bool = False
+
+    def merged(self, later: RoomChanged) -> RoomChanged:
+        """This news and `later` news of the same room, as one."""
+        return RoomChanged(
+            self.product_id,
+            self.waiting if later.waiting is None else later.waiting,
+            self.admitted if later.admitted is None else later.admitted,
+            self.shoppers | later.shoppers,
+            self.everyone or later.everyone,
+        )
+
+
+def opens_at(product: Product, opens_ms: int) -> int | None:
+    """When the product's room opens (ms): `opens_ms` before its sale starts; None when the
+    sale has no start time (the room is a waitlist, open whenever the product has one)."""
+    if product.sale_starts_at is None:
+        return None
+    return product.sale_starts_at - opens_ms
+
+
+def draws(product: Product) -> bool:
+    """Whether the product's line is ordered by a draw at its start."""
+    return product.queue == "random" and product.sale_starts_at is not None
+
+
+# -- shoppers: join, read, leave ------------------------------------------------------------
+
+
+async def join(
+    conn: Executor, product_id: int, shopper_id: str, *, now: int
+) -> tuple[Ticket, bool]:
+    """The shopper's ticket, made now if they have none (one insert), and whether it was
+    made now. A ticket that ended `left` or `sold_out` is opened again at the back of the
+    line; any other is returned as it is (one ticket per shopper per product)."""
+    place = (now << PLACE_BITS) | secrets.randbits(PLACE_BITS)
+    row = await conn.fetch_one(
+        "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at) "
+        "VALUES (:p, :s, :place, 'waiting', :now) "
+        "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = 'waiting', "
+        "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
+        "pass_expires_at = NULL, ended_at = NULL "
+        "WHERE queue_tickets.state IN ('left', 'sold_out') "
+        f"RETURNING {TICKET}",
+        {"p": product_id, "s": shopper_id, "place": place, "now": now},
+    )
+    if row is not None:
+        return Ticket.from_row(row), True
+    existing = await get_ticket(conn, product_id, shopper_id)
+    assert existing is not None, "the insert met a ticket"
+    return existing, False
+
+
+async def get_ticket(conn: Executor, product_id: int, shopper_id: str) -> Ticket | None:
+    row = await conn.fetch_one(
+        f"SELECT {TICKET} FROM queue_tickets WHERE product_id = :p AND shopper_id = :s",
+        {"p": product_id, "s": shopper_id},
+    )
+    return None if row is None else Ticket.from_row(row)
+
+
+async def tickets_of_shopper(conn: Executor, shopper_id: str, *, limit: int = 100) -> list[Ticket]:
+    """A shopper's tickets (one per product), at most `limit`, open ones first."""
+    rows = await conn.fetch_all(
+        f"SELECT {TICKET} FROM queue_tickets WHERE shopper_id = :s "
+        "ORDER BY CASE WHEN state IN ('waiting', 'admitted') THEN 0 ELSE 1 END, "
+        "joined_at DESC LIMIT :limit",
+        {"s": shopper_id, "limit": limit},
+    )
+    return [Ticket.from_row(row) for row in rows]
+
+
+async def tickets_of(conn: Executor, product_id: int, shopper_ids: Sequence[str]) -> list[Ticket]:
+    """The tickets of `shopper_ids` for one product (those who have one)."""
+    found: list[Ticket] = []
+    for start in range(0, len(shopper_ids), CHUNK):
+        chunk = shopper_ids[start : start + CHUNK]
+        names = {f"s{n}": s for n, s in enumerate(chunk)}
+        rows = await conn.fetch_all(
+            f"SELECT {TICKET} FROM queue_tickets WHERE product_id = :p "
+            f"AND shopper_id IN ({', '.join(':' + n for n in names)})",
+            {"p": product_id, **names},
+        )
+        found.extend(Ticket.from_row(row) for row in rows)
+    return found
+
+
+async def leave(conn: Executor, product_id: int, shopper_id: str, *, now: int) -> Ticket | None:
+    """Leave the line: a waiting or admitted ticket ends `left` (an unused pass goes to the
+    next in line). Returns the ticket as it is now; None when the shopper has none."""
+    row = await conn.fetch_one(
+        "UPDATE queue_tickets SET state = 'left', ended_at = :now "
+        "WHERE product_id = :p AND shopper_id = :s AND state IN ('waiting', 'admitted') "
+        f"RETURNING {TICKET}",
+        {"p": product_id, "s": shopper_id, "now": now},
+    )
+    if row is not None:
+        return Ticket.from_row(row)
+    return await get_ticket(conn, product_id, shopper_id)
+
+
+# -- the line -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lineup:
+    """A product's line as read at `at` (ms): the places of those waiting, in order; how
+    many hold a pass; the admissions of the last `RATE_WINDOW_MS` and when the first of
+    them was; when the draw was made (None: not yet, or the room has none)."""
+
+    product_id: int
+    at: int
+    places: tuple[int, ...]
+    admitted: int
+    recent_admissions: int = 0
+    first_recent_admission: int | None = None
+    drawn_at: int | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self.places)
+
+    def ahead_of(self, place: int) -> int:
+        """How many wait ahead of `place`."""
+        return bisect.bisect_left(self.places, place)
+
+    def admissions_per_second(self) -> float | None:
+        """The recent admission rate, None when nobody was admitted in the window."""
+        if not self.recent_admissions or self.first_recent_admission is None:
+            return None
+        span_ms = max(self.at - self.first_recent_admission, 5_000)
+        return self.recent_admissions * 1000 / span_ms
+
+
+async def lineup(conn: Executor, product_id: int, *, now: int) -> Lineup:
+    """The product's line now: one ordered scan of the index of those waiting, and counts."""
+    rows = await conn.fetch_all(
+        "SELECT place FROM queue_tickets WHERE product_id = :p AND state = 'waiting' "
+        "ORDER BY place",
+        {"p": product_id},
+    )
+    admitted = await _count(conn, product_id, TicketState.ADMITTED)
+    recent = await conn.fetch_one(
+        "SELECT COUNT(*) AS n, MIN(admitted_at) AS first FROM queue_tickets "
+        "WHERE product_id = :p AND admitted_at IS NOT NULL AND admitted_at >= :since",
+        {"p": product_id, "since": now - RATE_WINDOW_MS},
+    )
+    room = await conn.fetch_one(
+        "SELECT drawn_at FROM queue_rooms WHERE product_id = :p", {"p": product_id}
+    )
+    return Lineup(
+        product_id=product_id,
+        at=now,
+        places=tuple(int(row["place"]) for row in rows),
+        admitted=admitted,
+        recent_admissions=0 if recent is None else int(recent["n"]),
+        first_recent_admission=None if recent is None else _int(recent["first"]),
+        drawn_at=None if room is None else _int(room["drawn_at"]),
+    )
+
+
+async def _count(conn: Executor, product_id: int, state: TicketState) -> int:
+    row = await conn.fetch_one(
+        "SELECT COUNT(*) AS n FROM queue_tickets WHERE product_id = :p AND state = :state",
+        {"p": product_id, "state": state.value},
+    )
+    return 0 if row is None else int(row["n"])
+
+
+async def position(conn: Executor, ticket: Ticket) -> int | None:
+    """A waiting ticket's place in line (1 = next), counted now; None for any other."""
+    if ticket.state is not TicketState.WAITING:
+        return None
+    row = await conn.fetch_one(
+        "SELECT COUNT(*) AS n FROM queue_tickets WHERE product_id = :p AND state = 'waiting' "
+        "AND place < :place",
+        {"p": ticket.product_id, "place": ticket.place},
+    )
+    return 1 + (0 if row is None else int(row["n"]))
+
+
+async def drawn_at(conn: Executor, product_id: int) -> int | None:
+    row = await conn.fetch_one(
+        "SELECT drawn_at FROM queue_rooms WHERE product_id = :p", {"p": product_id}
+    )
+    return None if row is None else _int(row["drawn_at"])
+
+
+# -- the gate, in the reservation's transaction ---------------------------------------------
+
+
+async def gated(conn: Executor, product_id: int) -> bool:
+    """Whether reservations of the product need a pass now: it has a room, and either its
+    sale has a start time (the room is in front of the whole sale) or someone is in line
+    (a waitlist: units go to those waiting first)."""
+    row = await conn.fetch_one(
+        "SELECT queue, sale_starts_at FROM products WHERE id = :p", {"p": product_id}
+    )
+    if row is None or row["queue"] == "off":
+        return False
+    if row["sale_starts_at"] is not None:
+        return True
+    waiting = await conn.fetch_one(
+        "SELECT 1 AS one FROM queue_tickets WHERE product_id = :p "
+        "AND state IN ('waiting', 'admitted') LIMIT 1",
+        {"p": product_id},
+    )
+    return waiting is not None
+
+
+async def take_passes(
+    conn: Executor, product_id: int, shopper_ids: Sequence[str | None], *, now: int
+) -> list[bool] | None:
+    """The gate: None when the product needs no pass now (`gated`); otherwise, per request
+    (by its shopper), whether it had a valid pass, which it has now used (`reserved`). A
+    shopper's pass is good for one reservation: a second request of theirs in the same
+    batch has none."""
+    if not await gated(conn, product_id):
+        return None
+    wanted = sorted({s for s in shopper_ids if s is not None})
+    used: set[str] = set()
+    for start in range(0, len(wanted), CHUNK):
+        names = {f"s{n}": s for n, s in enumerate(wanted[start : start + CHUNK])}
+        rows = await conn.fetch_all(
+            "UPDATE queue_tickets SET state = 'reserved', ended_at = :now "
+            f"WHERE product_id = :p AND shopper_id IN ({', '.join(':' + n for n in names)}) "
+            "AND state = 'admitted' AND pass_expires_at > :now RETURNING shopper_id",
+            {"p": product_id, "now": now, **names},
+        )
+        used.update(str(row["shopper_id"]) for row in rows)
+    fits = []
+    for shopper in shopper_ids:
+        ok = shopper is not None and shopper in used
+        if ok:
+            used.discard(shopper)
+        fits.append(ok)
+    return fits
+
+
+async def give_back_passes(conn: Executor, product_id: int, shopper_ids: Sequence[str]) -> None:
+    """Passes used in this transaction by requests that then got nothing (no stock, over
+    the limit): admitted again, until the pass's own expiry."""
+    wanted = sorted(set(shopper_ids))
+    for start in range(0, len(wanted), CHUNK):
+        names = {f"s{n}": s for n, s in enumerate(wanted[start : start + CHUNK])}
+        await conn.execute(
+            "UPDATE queue_tickets SET state = 'admitted', ended_at = NULL "
+            f"WHERE product_id = :p AND shopper_id IN ({', '.join(':' + n for n in names)}) "
+            "AND state = 'reserved'",
+            {"p": product_id, **names},
+        )
+
+
+async def refusal(conn: Executor, product_id: int, shopper_id: str | None) -> NotAdmitted:
+    """Why a request without a valid pass is refused: its shopper's position, when waiting
+    in a line that is in order (drawn, or not to be drawn), else the ticket's state."""
+    ticket = None if shopper_id is None else await get_ticket(conn, product_id, shopper_id)
+    if ticket is None:
+        return NotAdmitted(None)
+    if ticket.state is TicketState.ADMITTED:
+        return NotAdmitted(None, TicketState.LAPSED.value)  # a pass that has run out
+    if ticket.state is not TicketState.WAITING:
+        return NotAdmitted(None, ticket.state.value)
+    product = await inventory.get_product(conn, product_id)
+    if product is not None and draws(product) and await drawn_at(conn, product_id) is None:
+        return NotAdmitted(None, TicketState.WAITING.value)
+    return NotAdmitted(await position(conn, ticket), TicketState.WAITING.value)
+
+
+# -- the lease: one admitter at a time ------------------------------------------------------
+
+
+async def take_lease(conn: Executor, holder: str, *, now: int, lease_ms: int) -> bool:
+    """Take or renew the admitter's lease for `holder` until `now + lease_ms`; False when
+    another process holds it. The first statement of every admission's transaction: on
+    PostgreSQL the row stays locked until commit, so no other process can take the lease
+    over while a step it fences is under way."""
+    values = {"name": LEASE_NAME, "holder": holder, "now": now, "until": now + lease_ms}
+    row = await conn.fetch_one(
+        "UPDATE queue_leases SET holder = :holder, expires_at = :until "
+        "WHERE name = :name AND (holder = :holder OR expires_at <= :now) RETURNING holder",
+        values,
+    )
+    if row is not None:
+        return True
+    row = await conn.fetch_one(
+        "INSERT INTO queue_leases (name, holder, expires_at) VALUES (:name, :holder, :until) "
+        "ON CONFLICT (name) DO NOTHING RETURNING holder",
+        {k: v for k, v in values.items() if k != "now"},
+    )
+    return row is not None
+
+
+async def lease_holder(conn: Executor, *, now: int) -> str | None:
+    """Who holds the admitter's lease now, if anyone."""
+    row = await conn.fetch_one(
+        "SELECT holder FROM queue_leases WHERE name = :name AND expires_at > :now",
+        {"name": LEASE_NAME, "now": now},
+    )
+    return None if row is None else str(row["holder"])
+
+
+# -- the draw -------------------------------------------------------------------------------
+
+
+def draw_order(seed: bytes, shopper_ids: Sequence[str]) -> list[str]:
+    """`shopper_ids` in a uniformly random order derived from `seed` (a key for
+    HMAC-SHA256): the same seed gives the same order, and without the seed no order can be
+    told from the ids."""
+    return sorted(shopper_ids, key=lambda s: hmac.new(seed, s.encode(), hashlib.sha256).digest())
+
+
+async def draw(conn: Executor, product: Product, *, seed: bytes, now: int) -> int:
+    """The random draw at the sale's start: the places of those waiting who joined before
+    it are dealt out again in `draw_order`; the room records the draw and its seed. Returns
+    how many were drawn. Done once per room (`queue_rooms.drawn_at`)."""
+    assert product.sale_starts_at is not None
+    rows = await conn.fetch_all(
+        "SELECT shopper_id, place FROM queue_tickets WHERE product_id = :p "
+        "AND state = 'waiting' AND joined_at < :starts ORDER BY place",
+        {"p": product.id, "starts": product.sale_starts_at},
+    )
+    places = [int(row["place"]) for row in rows]
+    order = draw_order(seed, [str(row["shopper_id"]) for row in rows])
+    dealt = list(zip(order, places, strict=True))
+    for start in range(0, len(dealt), DRAW_CHUNK):
+        chunk = dealt[start : start + DRAW_CHUNK]
+        values: dict[str, object] = {"p": product.id}
+        tuples = []
+        for n, (shopper, place) in enumerate(chunk):
+            tuples.append(f"(CAST(:s{n} AS TEXT), CAST(:n{n} AS BIGINT))")
+            values[f"s{n}"] = shopper
+            values[f"n{n}"] = place
+        await conn.execute(
+            "UPDATE queue_tickets SET place = v.column2 "
+            f"FROM (VALUES {', '.join(tuples)}) AS v "
+            "WHERE queue_tickets.product_id = :p AND queue_tickets.shopper_id = v.column1",
+            values,
+        )
+    await conn.execute(
+        "INSERT INTO queue_rooms (product_id, drawn_at, draw_seed) VALUES (:p, :now, :seed) "
+        "ON CONFLICT (product_id) DO UPDATE SET drawn_at = excluded.drawn_at, "
+        "draw_seed = excluded.draw_seed",
+        {"p": product.id, "now": now, "seed": seed.hex()},
+    )
+    return len(dealt)
+
+
+# -- admission ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Admission:
+    """What one admission step did to a product's room, and the room after it."""
+
+    product: Product | None = None
+    admitted: list[Ticket] = field(default_factory=list)
+    lapsed: list[Ticket] = field(default_factory=list)
+    closed: list[Ticket] = field(default_factory=list)
+    drawn: int = 0
+    waiting: int = 0
+    passes: int = 0
+    # Stock events of holds this step expired (published after commit like any).
+    events: list[Event] = field(default_factory=list)
+    # False: another process holds the lease; nothing was done.
+    leased: bool = True
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.admitted or self.lapsed or self.closed or self.drawn or self.events)
+
+    def news(self) -> RoomChanged | None:
+        if self.product is None:
+            return None
+        shoppers = frozenset(t.shopper_id for t in (*self.admitted, *self.lapsed, *self.closed))
+        return RoomChanged(
+            self.product.id,
+            self.waiting,
+            self.passes,
+            shoppers=shoppers,
+            everyone=bool(self.drawn or self.closed),
+        )
+
+
+def units_per_pass(product: Product) -> int:
+    """The units a pass lets its shopper take: the limit per shopper; one without one."""
+    return product.max_per_shopper or 1
+
+
+def passes_for(product: Product) -> int:
+    """How many passes may be out for the units available now: the units available times
+    `admit_factor`, divided by the units a pass may take, rounded up (a unit that fewer
+    than a pass's worth are left of still goes to someone)."""
+    if product.available_stock <= 0:
+        return 0
+    return math.ceil(product.available_stock * product.admit_factor / units_per_pass(product))
+
+
+async def admit(
+    conn: Executor,
+    product_id: int,
+    *,
+    now: int,
+    pass_ms: int,
+    holder: str,
+    lease_ms: int,
+    seed: bytes | None = None,
+) -> Admission:
+    """One admission step for one product, in the caller's write transaction, fenced by
+    the lease (`take_lease`: when another process holds it, nothing is done and
+    `leased` is False). `seed`: for the draw, if it is due (None: a new random one)."""
+    if not await take_lease(conn, holder, now=now, lease_ms=lease_ms):
+        return Admission(leased=False)
+    product = await inventory.get_product(conn, product_id)
+    if product is None or product.queue == "off":
+        return Admission(product=product)
+    step = Admission(product=product)
+    step.lapsed = await _tickets_where(
+        conn,
+        "UPDATE queue_tickets SET state = 'lapsed', ended_at = :now WHERE product_id = :p "
+        "AND state = 'admitted' AND pass_expires_at <= :now",
+        {"p": product_id, "now": now},
+    )
+    state = product.sale_state(now)
+    if draws(product) and state != "scheduled" and await drawn_at(conn, product_id) is None:
+        step.drawn = await draw(conn, product, seed=seed or secrets.token_bytes(32), now=now)
+    if state == "ended":
+        step.closed = await _close(conn, product_id, now=now)
+    elif state == "open":
+        if product.held_units > 0:
+            restored = await inventory.expire_overdue_of_product(conn, product_id, now=now)
+            if restored is not None:
+                product, step.events = restored
+                step.product = product
+        if product.available_stock <= 0 and product.held_units <= 0:
+            step.closed = await _close(conn, product_id, now=now)
+        else:
+            out = await _count(conn, product_id, TicketState.ADMITTED)
+            room = passes_for(product) - out
+            if room > 0:
+                step.admitted = await _tickets_where(
+                    conn,
+                    "UPDATE queue_tickets SET state = 'admitted', admitted_at = :now, "
+                    "pass_expires_at = :until WHERE product_id = :p AND state = 'waiting' "
+                    "AND shopper_id IN (SELECT shopper_id FROM queue_tickets "
+                    "WHERE product_id = :p AND state = 'waiting' "
+                    "ORDER BY place, shopper_id LIMIT :n)",
+                    {"p": product_id, "now": now, "until": now + pass_ms, "n": room},
+                )
+    step.waiting = await _count(conn, product_id, TicketState.WAITING)
+    step.passes = await _count(conn, product_id, TicketState.ADMITTED)
+    return step
+
+
+async def _close(conn: Executor, product_id: int, *, now: int) -> list[Ticket]:
+    """Nothing left to sell: every open ticket ends `sold_out`."""
+    return await _tickets_where(
+        conn,
+        "UPDATE queue_tickets SET state = 'sold_out', ended_at = :now "
+        "WHERE product_id = :p AND state IN ('waiting', 'admitted')",
+        {"p": product_id, "now": now},
+    )
+
+
+async def _tickets_where(conn: Executor, update: str, values: dict[str, object]) -> list[Ticket]:
+    rows = await conn.fetch_all(f"{update} RETURNING {TICKET}", values)
+    return [Ticket.from_row(row) for row in rows]
+
+
+async def queued_products(conn: Executor) -> list[int]:
+    """The products with a room, by id."""
+    rows = await conn.fetch_all("SELECT id FROM products WHERE queue <> 'off' ORDER BY id")
+    return [int(row["id"]) for row in rows]
+
+
+# -- the console's figures ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomStats:
+    """A room's tickets by state, its admissions in the last minute, and its draw."""
+
+    product_id: int
+    by_state: dict[str, int]
+    admitted_last_minute: int
+    drawn_at: int | None
+
+
+async def room_stats(conn: Executor, product_id: int, *, now: int) -> RoomStats:
+    rows = await conn.fetch_all(
+        "SELECT state, COUNT(*) AS n FROM queue_tickets WHERE product_id = :p GROUP BY state",
+        {"p": product_id},
+    )
+    by_state = {state.value: 0 for state in TicketState}
+    by_state.update({str(row["state"]): int(row["n"]) for row in rows})
+    recent = await conn.fetch_one(
+        "SELECT COUNT(*) AS n FROM queue_tickets WHERE product_id = :p "
+        "AND admitted_at IS NOT NULL AND admitted_at >= :since",
+        {"p": product_id, "since": now - RATE_WINDOW_MS},
+    )
+    return RoomStats(
+        product_id=product_id,
+        by_state=by_state,
+        admitted_last_minute=0 if recent is None else int(recent["n"]),
+        drawn_at=await drawn_at(conn, product_id),
+    )

@@ -1,0 +1,351 @@
+"""The waiting room's use cases (issue 17): shoppers join, read and leave their tickets
+(`WaitingRoom`), and one process at a time admits them (`Admitter`).
+
+Everything a ticket is lives in the database (server/domain/waitingroom.py); news of a
+room goes out after commit as `RoomChanged` (through the publisher, to every web process's
+hub), and is only news: a page that misses it reads its ticket again (`GET`, with ETag).
+
+Every web process and the worker run an `Admitter`. Only the holder of the lease in the
+database admits; the others look every tick whether it has lapsed (its holder died, or
+stalled) and take it over. The holder steps every room on every tick, and at once when
+nudged: a stock change of a product with a room (units back from an expiry, a cancel, a
+restock; the last unit sold), a join, a leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.domain import inventory, waitingroom
+from server.domain.clock import now_ms
+from server.domain.errors import NotAdmitted, NoTicket, ProductNotFound, QueueNotOpen, QueueOff
+from server.domain.executor import Executor
+from server.domain.model import Outcome, Product
+from server.domain.waitingroom import Admission, Lineup, RoomChanged, RoomStats, Ticket
+from server.service.catalog import Catalog
+from server.service.transactions import Transactions
+from server.storage.database import Store
+from server.storage.errors import StorageError
+from server.wire.schemas import ticket_view
+
+logger = logging.getLogger(__name__)
+
+# Where news of rooms goes: the publisher's `publish` (it takes these beside the stock
+# events). Called after commit; it must not wait.
+RoomSink = Callable[[Sequence[RoomChanged]], None]
+# How stale a process's copy of a line may be when it answers a position (s): positions
+# change as the head of the line is admitted; a page is told at most about once a second.
+LINE_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TicketAnswer:
+    """A ticket as the API answers it: its view, and whether this request made it."""
+
+    view: dict[str, Any]
+    created: bool = False
+
+
+class WaitingRoom:
+    """A web process's side of the rooms: a shopper's ticket, the gate's early refusal, and
+    the lines as last read (at most `LINE_SECONDS` old), shared by every request and socket
+    of the process. `opens_ms`: how long before a sale's start its room opens; `nudge`: the
+    process's admitter's, told of joins and leaves."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        publish: RoomSink,
+        opens_ms: int,
+        catalog: Catalog | None = None,
+        nudge: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self._publish = publish
+        self._opens_ms = opens_ms
+        self._catalog = catalog
+        self._nudge = nudge
+        self._lines: dict[int, Lineup] = {}
+        self._reading: dict[int, asyncio.Task[Lineup]] = {}
+
+    async def product(self, product_id: int) -> Product:
+        """The product, from the catalog when it has it. Raises ProductNotFound."""
+        product = self._catalog.get(product_id) if self._catalog is not None else None
+        if product is None:
+            async with self.store.reader() as conn:
+                product = await inventory.get_product(conn, product_id)
+        if product is None:
+            raise ProductNotFound(product_id)
+        return product
+
+    def opens_at(self, product: Product) -> int | None:
+        return waitingroom.opens_at(product, self._opens_ms)
+
+    async def join(self, product_id: int, shopper_id: str) -> TicketAnswer:
+        """The shopper's ticket, made now if they have none (one insert). Raises
+        ProductNotFound, QueueOff (the product has no room), QueueNotOpen (before
+        QUEUE_OPENS_SECONDS ahead of the sale's start)."""
+        product = await self.product(product_id)
+        if product.queue == "off":
+            raise QueueOff(product_id)
+        opens = self.opens_at(product)
+        if opens is not None and now_ms() < opens:
+            raise QueueNotOpen(opens)
+        ticket, created = await self.store.write(
+            lambda conn: waitingroom.join(conn, product_id, shopper_id, now=now_ms())
+        )
+        if created:
+            self._publish([RoomChanged(product_id, None, None, frozenset({shopper_id}))])
+            if self._nudge is not None:
+                self._nudge(product_id)
+        return TicketAnswer(await self.view(ticket, product), created)
+
+    async def ticket(self, product_id: int, shopper_id: str | None) -> dict[str, Any]:
+        """The shopper's ticket's view. Raises ProductNotFound, NoTicket."""
+        product = await self.product(product_id)
+        ticket = None
+        if shopper_id is not None:
+            async with self.store.reader() as conn:
+                ticket = await waitingroom.get_ticket(conn, product_id, shopper_id)
+        if ticket is None:
+            raise NoTicket(product_id)
+        return await self.view(ticket, product)
+
+    async def leave(self, product_id: int, shopper_id: str | None) -> None:
+        """Leave the line (an ended ticket stays as it is). Raises ProductNotFound,
+        NoTicket."""
+        await self.product(product_id)
+        if shopper_id is None:
+            raise NoTicket(product_id)
+        ticket = await self.store.write(
+            lambda conn: waitingroom.leave(conn, product_id, shopper_id, now=now_ms())
+        )
+        if ticket is None:
+            raise NoTicket(product_id)
+        self._publish([RoomChanged(product_id, None, None, frozenset({shopper_id}))])
+        if self._nudge is not None:
+            self._nudge(product_id)
+
+    def used(self, shoppers: dict[int, set[str]]) -> None:
+        """News: these shoppers (per product) used their passes in a reservation."""
+        self._publish(
+            [RoomChanged(pid, None, None, frozenset(names)) for pid, names in shoppers.items()]
+        )
+
+    async def check_pass(self, product: Product, shopper_id: str | None) -> None:
+        """The gate's early refusal, before a reservation queues for a batch: a product
+        whose room is in front of its sale (it has a start time) needs the shopper's valid
+        pass; raises NotAdmitted with their position otherwise. Only a read: the pass is
+        used in the reservation's own transaction (`waitingroom.take_passes`), which
+        decides. A waitlist (no start time) is left to that transaction."""
+        if product.queue == "off" or product.sale_starts_at is None:
+            return
+        if shopper_id is None:
+            raise NotAdmitted(None)
+        async with self.store.reader() as conn:
+            ticket = await waitingroom.get_ticket(conn, product.id, shopper_id)
+        now = now_ms()
+        if ticket is not None and ticket.has_pass(now):
+            return
+        if ticket is None:
+            raise NotAdmitted(None)
+        if ticket.state is waitingroom.TicketState.ADMITTED:
+            raise NotAdmitted(None, waitingroom.TicketState.LAPSED.value)
+        if ticket.state is not waitingroom.TicketState.WAITING:
+            raise NotAdmitted(None, ticket.state.value)
+        view = await self.view(ticket, product)
+        raise NotAdmitted(view["position"], ticket.state.value)
+
+    async def view(self, ticket: Ticket, product: Product | None = None) -> dict[str, Any]:
+        """`ticket`'s view (a `TicketOut`), placed in the process's copy of its line."""
+        if product is None:
+            product = await self.product(ticket.product_id)
+        return ticket_view(ticket, product, await self.line(ticket.product_id), now=now_ms())
+
+    async def line(self, product_id: int, *, fresh: bool = False) -> Lineup:
+        """The product's line as last read, read again when older than `LINE_SECONDS` (or
+        `fresh`); one read at a time per product, whoever asks."""
+        line = self._lines.get(product_id)
+        if not fresh and line is not None and now_ms() - line.at < LINE_SECONDS * 1000:
+            return line
+        task = self._reading.get(product_id)
+        if task is None:
+            task = asyncio.create_task(self._read_line(product_id))
+            self._reading[product_id] = task
+            task.add_done_callback(lambda _: self._reading.pop(product_id, None))
+        return await asyncio.shield(task)
+
+    async def _read_line(self, product_id: int) -> Lineup:
+        async with self.store.reader() as conn:
+            line = await waitingroom.lineup(conn, product_id, now=now_ms())
+        self._lines[product_id] = line
+        return line
+
+    def moved(self, product_id: int) -> None:
+        """News that the product's line moved: the next position is read afresh."""
+        self._lines.pop(product_id, None)
+
+    def cached_line(self, product_id: int) -> Lineup | None:
+        return self._lines.get(product_id)
+
+    async def tickets_of(self, product_id: int, shopper_ids: Sequence[str]) -> list[Ticket]:
+        async with self.store.reader() as conn:
+            return await waitingroom.tickets_of(conn, product_id, shopper_ids)
+
+    async def tickets_of_shopper(self, shopper_id: str) -> list[Ticket]:
+        async with self.store.reader() as conn:
+            return await waitingroom.tickets_of_shopper(conn, shopper_id)
+
+    async def stats(self, product_id: int) -> tuple[Product, RoomStats]:
+        """The console's figures of the product's room. Raises ProductNotFound."""
+        async with self.store.reader() as conn:
+            product = await inventory.get_product(conn, product_id)
+            if product is None:
+                raise ProductNotFound(product_id)
+            return product, await waitingroom.room_stats(conn, product_id, now=now_ms())
+
+
+def new_holder() -> str:
+    """A name for this process's admitter: host, pid and a random part (a pid can come
+    again after a restart)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Admitter:
+    """Admits shoppers from the rooms' lines, in whichever one process holds the lease.
+
+    `transactions`: where its steps run, so that holds it expires on the way reach the
+    process's catalog and the publisher as any change does; `publish`: where news of
+    rooms goes. `pass_ms`: how long a pass lasts; `tick_ms`: how often it looks even when
+    not nudged; `lease_ms`: how long its lease lasts unrenewed (how long the rooms wait
+    when it dies). `seed`: the random draws' seed (None: a new random one per draw; tests
+    fix it)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        transactions: Transactions,
+        publish: RoomSink,
+        pass_ms: int,
+        tick_ms: int,
+        lease_ms: int,
+        holder: str | None = None,
+        seed: bytes | None = None,
+    ) -> None:
+        self.store = store
+        self.holder = holder or new_holder()
+        self._transactions = transactions
+        self._publish = publish
+        self._pass_ms = pass_ms
+        self._tick_s = tick_ms / 1000
+        self._lease_ms = lease_ms
+        self._seed = seed
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._idle: dict[int, float] = {}  # product → when a step last found nothing to do
+        self.leading = False
+        self.steps = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="queue-admitter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def nudge(self, product_id: int | None = None) -> None:
+        """Something changed that may let the line move: step at once."""
+        if product_id is not None:
+            self._idle.pop(product_id, None)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._tick_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.step_all()
+            except asyncio.CancelledError:
+                raise
+            except StorageError as exc:
+                logger.warning("waiting room: an admission step failed (%s); next tick", exc)
+            except Exception:
+                logger.exception("waiting room: an admission step failed")
+
+    async def step_all(self) -> list[Admission]:
+        """One step of every room, if this process holds (or can take) the lease."""
+        now = now_ms()
+        async with self.store.reader() as conn:
+            holder = await waitingroom.lease_holder(conn, now=now)
+            products = await waitingroom.queued_products(conn)
+        if holder is not None and holder != self.holder:
+            self.leading = False
+            return []
+        steps: list[Admission] = []
+        clock = time.monotonic()
+        for product_id in products:
+            idle_since = self._idle.get(product_id)
+            if idle_since is not None and clock - idle_since < 1.0:
+                continue
+            step = await self.step(product_id)
+            if not step.leased:
+                self.leading = False
+                return steps
+            steps.append(step)
+            if step.waiting == 0 and step.passes == 0 and not step.changed:
+                self._idle.setdefault(product_id, clock)
+            else:
+                self._idle.pop(product_id, None)
+        if products:
+            self.leading = True
+        return steps
+
+    async def step(self, product_id: int) -> Admission:
+        """One admission step of one room, in its own transaction; its news published."""
+
+        async def operation(conn: Executor, now: int) -> Outcome[Admission]:
+            step = await waitingroom.admit(
+                conn,
+                product_id,
+                now=now,
+                pass_ms=self._pass_ms,
+                holder=self.holder,
+                lease_ms=self._lease_ms,
+                seed=self._seed,
+            )
+            return Outcome(step, events=list(step.events))
+
+        outcome = await self._transactions.run(operation)
+        step = outcome.result()
+        self.steps += 1
+        news = step.news()
+        if news is not None and step.leased:
+            self._publish([news])
+        if step.admitted or step.closed or step.drawn:
+            logger.info(
+                "waiting room of product %d: %d admitted, %d lapsed, %d sold out, %d drawn; "
+                "%d waiting",
+                product_id,
+                len(step.admitted),
+                len(step.lapsed),
+                len(step.closed),
+                step.drawn,
+                step.waiting,
+            )
+        return step

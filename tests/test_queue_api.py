@@ -1,0 +1,169 @@
+"""The waiting room over HTTP (issue 17): join, read (with ETag), leave; the refusals; the
+gate on reservations; the operator's settings and figures. The app runs in this process,
+with its admitter, on both databases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from server.storage.database import Store
+from server.wire.schemas import RoomOut, TicketOut
+from tests.support import assert_invariant, eventually, serve
+from tests.test_api import app_settings, assert_error
+from tests.test_shoppers import Shop, reserve
+
+
+@pytest.fixture
+async def shop(database_url: str, redis_url: str, store: Store) -> AsyncIterator[Shop]:
+    settings = app_settings(
+        database_url, redis_url, session_secret="q" * 32, pass_seconds=30.0, queue_tick_ms=50
+    )
+    async for client in serve(settings):
+        yield Shop(client, store)
+
+
+def starts_in(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def ticket_of(response: httpx.Response, status: int = 200) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    TicketOut.model_validate(body)
+    return body
+
+
+async def test_join_read_and_leave(shop: Shop) -> None:
+    product = await shop.product(5, queue="fifo", saleStartsAt=starts_in(600))
+    assert product["queue"] == "fifo"
+    assert product["admitFactor"] == 1.0
+    path = f"/api/products/{product['id']}/queue"
+    shopper = await shop.shopper()
+    joined = ticket_of(await shopper.post(path), 201)
+    assert joined["state"] == "waiting"
+    assert joined["position"] == 1
+    assert joined["ahead"] == 0
+    assert joined["passExpiresAt"] is None
+    assert "sale starts" in joined["message"]
+    again = ticket_of(await shopper.post(path), 200)
+    assert again["joinedAt"] == joined["joinedAt"]
+    # At the root too, like the rest of the shopper API.
+    assert ticket_of(await shopper.get(f"/products/{product['id']}/queue"))["state"] == "waiting"
+    read = await shopper.get(path)
+    ticket_of(read)
+    etag = read.headers["etag"]
+    assert (await shopper.get(path, headers={"If-None-Match": etag})).status_code == 304
+    second = await shop.shopper()
+    assert ticket_of(await second.post(path), 201)["position"] == 2
+    assert (await shopper.delete(path)).status_code == 204
+    left = ticket_of(await shopper.get(path, headers={"If-None-Match": etag}))
+    assert left["state"] == "left"
+    assert left["position"] is None
+    await eventually(
+        lambda: _position(second, path, 1), what="the second shopper moving up to number 1"
+    )
+
+
+async def _position(client: httpx.AsyncClient, path: str, wanted: int) -> bool:
+    return bool((await client.get(path)).json()["position"] == wanted)
+
+
+async def test_the_refusals_say_why(shop: Shop) -> None:
+    plain = await shop.product(5)
+    shopper = await shop.shopper()
+    assert_error(await shopper.post(f"/api/products/{plain['id']}/queue"), 409, "queue_off")
+    later = await shop.product(5, queue="random", saleStartsAt=starts_in(7200))
+    body = assert_error(
+        await shopper.post(f"/api/products/{later['id']}/queue"), 409, "queue_not_open"
+    )
+    opens = datetime.fromisoformat(body["opensAt"])
+    starts = datetime.fromisoformat(later["saleStartsAt"])
+    assert starts - opens == timedelta(seconds=1800)
+    assert body["opensAt"] in body["message"]
+    assert_error(await shopper.get(f"/api/products/{plain['id']}/queue"), 404, "no_ticket")
+    assert_error(await shopper.post("/api/products/999999/queue"), 404, "product_not_found")
+    assert_error(await shopper.post("/api/products/abc/queue"), 404, "product_not_found")
+    nobody = httpx.AsyncClient(transport=shop.app._transport, base_url="http://shop.test")
+    assert_error(await nobody.post(f"/api/products/{later['id']}/queue"), 401, "no_shopper")
+
+
+async def test_a_reservation_needs_a_pass_while_the_room_is_active(shop: Shop) -> None:
+    product = await shop.product(1, queue="fifo", saleStartsAt=starts_in(1.0))
+    path = f"/api/products/{product['id']}/queue"
+    first, second, stranger = [await shop.shopper() for _ in range(3)]
+    ticket_of(await first.post(path), 201)
+    ticket_of(await second.post(path), 201)
+    # The sale starts; the admitter admits as many as there are units: one.
+    admitted = await eventually(
+        lambda: _state(first, path, "admitted"), within=15, what="the first shopper admitted"
+    )
+    assert admitted["passExpiresAt"] is not None
+    assert "your turn" in admitted["message"]
+    refused = assert_error(await reserve(second, product["id"]), 403, "not_admitted")
+    assert refused["position"] in (1, 2)  # positions here may be a second old
+    refused = await eventually(
+        lambda: _refused_at(second, product["id"], 1), what="the refusal saying number 1"
+    )
+    assert "number 1" in refused["message"]
+    assert (
+        assert_error(await reserve(stranger, product["id"]), 403, "not_admitted")["position"]
+        is None
+    )
+    held = await reserve(first, product["id"])
+    assert held.status_code == 201, held.text
+    assert (await first.get(path)).json()["state"] == "reserved"
+    waiting = ticket_of(await second.get(path))
+    assert waiting["heldUnits"] == 1
+    assert "1 unit is held and may come back" in waiting["message"]
+    # The hold is cancelled: its unit goes to the next in line at once.
+    cancel = await first.post(f"/api/reservations/{held.json()['id']}/cancel")
+    assert cancel.status_code == 200
+    await eventually(lambda: _state(second, path, "admitted"), what="the next one admitted")
+    assert (await reserve(second, product["id"])).status_code == 201
+    await assert_invariant(shop.store, product["id"])
+
+
+async def _refused_at(
+    client: httpx.AsyncClient, product_id: int, position: int
+) -> dict[str, Any] | None:
+    body = assert_error(await reserve(client, product_id), 403, "not_admitted")
+    return body if body["position"] == position else None
+
+
+async def _state(client: httpx.AsyncClient, path: str, state: str) -> dict[str, Any] | None:
+    body: dict[str, Any] = (await client.get(path)).json()
+    return body if body.get("state") == state else None
+
+
+async def test_the_operator_sets_the_room_and_reads_its_figures(shop: Shop) -> None:
+    product = await shop.product(3, saleStartsAt=starts_in(600))
+    edited = await shop.admin(
+        "PATCH",
+        f"/api/admin/products/{product['id']}",
+        json={"queue": "random", "admitFactor": 1.5},
+    )
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["queue"] == "random"
+    assert edited.json()["admitFactor"] == 1.5
+    for bad in ({"queue": "lottery"}, {"admitFactor": 0}, {"admitFactor": None}, {"queue": None}):
+        response = await shop.admin("PATCH", f"/api/admin/products/{product['id']}", json=bad)
+        assert_error(response, 400, "invalid_request")
+    shopper = await shop.shopper()
+    joined = ticket_of(await shopper.post(f"/api/products/{product['id']}/queue"), 201)
+    assert joined["position"] is None  # a random room: drawn at the start
+    assert joined["drawAt"] == edited.json()["saleStartsAt"]
+    figures = await shop.admin("GET", f"/api/admin/products/{product['id']}/queue")
+    assert figures.status_code == 200, figures.text
+    body = figures.json()
+    RoomOut.model_validate(body)
+    assert body["waiting"] == 1
+    assert body["queue"] == "random"
+    assert body["drawnAt"] is None
+    no_token = await shop.app.get(f"/api/admin/products/{product['id']}/queue")
+    assert_error(no_token, 401, "unauthorized")

@@ -1,0 +1,367 @@
+"""The waiting room's core (issue 17), against a real database on both backends: tickets,
+the random draw, the gate in the reservation's transaction, passes that lapse, holds that
+expire, the room closing when sold out, and the lease that lets one process admit.
+
+Times are passed in (ms), as the service passes "now": a sale's minutes take no time here.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from server.domain import inventory, waitingroom
+from server.domain.errors import InsufficientStock, NotAdmitted
+from server.domain.executor import Executor
+from server.domain.inventory import ProductChanges
+from server.domain.model import HoldRequest, Product, ReservationChanged
+from server.domain.waitingroom import Admission, Ticket, TicketState
+from server.storage.database import Store
+from tests.support import assert_invariant, assert_reconciled
+
+START = 1_900_000_000_000  # the sale's start, ms
+PASS_MS = 60_000
+HOLD_MS = 120_000
+SEED = b"a fixed seed, so that the statistics below are the same every run"
+
+
+async def room(
+    store: Store,
+    stock: int,
+    *,
+    queue: str = "fifo",
+    starts: int | None = START,
+    limit: int | None = None,
+    factor: float = 1.0,
+) -> Product:
+    outcome = await store.write(
+        lambda conn: inventory.create_product(
+            conn,
+            name=f"Drop {secrets.token_hex(3)}",
+            price_cents=5000,
+            stock=stock,
+            sale_starts_at=starts,
+            max_per_shopper=limit,
+            queue=queue,
+            admit_factor=factor,
+            now=START - 3_600_000,
+        )
+    )
+    return outcome.result()
+
+
+async def join_many(store: Store, product_id: int, shoppers: list[str], *, at: int) -> None:
+    """`shoppers` join one after another, a millisecond apart from `at`, in one transaction."""
+
+    async def joins(conn: Executor) -> None:
+        for n, shopper in enumerate(shoppers):
+            await waitingroom.join(conn, product_id, shopper, now=at + n)
+
+    await store.write(joins)
+
+
+async def step(store: Store, product_id: int, *, now: int, holder: str = "a") -> Admission:
+    return await store.write(
+        lambda conn: waitingroom.admit(
+            conn, product_id, now=now, pass_ms=PASS_MS, holder=holder, lease_ms=2_000, seed=SEED
+        )
+    )
+
+
+async def reserve(
+    store: Store, product_id: int, shopper: str | None, *, now: int, quantity: int = 1
+) -> inventory.Held:
+    outcomes, _ = await store.write(
+        lambda conn: inventory.reserve(
+            conn,
+            [HoldRequest(product_id, quantity, shopper_id=shopper)],
+            now=now,
+            hold_ms=HOLD_MS,
+        )
+    )
+    return outcomes[0].result()
+
+
+async def ticket(store: Store, product_id: int, shopper: str) -> Ticket:
+    async with store.reader() as conn:
+        found = await waitingroom.get_ticket(conn, product_id, shopper)
+    assert found is not None
+    return found
+
+
+async def line_order(store: Store, product_id: int, *, everyone: bool = False) -> list[str]:
+    """Shoppers waiting (`everyone`: every ticket), head first: the order admission takes
+    them in."""
+    where = "" if everyone else "AND state = 'waiting' "
+    async with store.reader() as conn:
+        rows = await conn.fetch_all(
+            f"SELECT shopper_id FROM queue_tickets WHERE product_id = :p {where}"
+            "ORDER BY place, shopper_id",
+            {"p": product_id},
+        )
+    return [str(row["shopper_id"]) for row in rows]
+
+
+def shoppers(n: int) -> list[str]:
+    return [f"anon:s{i:05d}" for i in range(n)]
+
+
+# -- joining ----------------------------------------------------------------------------------
+
+
+async def test_one_ticket_per_shopper_per_product(store: Store) -> None:
+    product = await room(store, 5)
+    first, made = await store.write(
+        lambda conn: waitingroom.join(conn, product.id, "anon:x", now=START - 1000)
+    )
+    again, made_again = await store.write(
+        lambda conn: waitingroom.join(conn, product.id, "anon:x", now=START - 500)
+    )
+    assert made
+    assert not made_again
+    assert again == first
+    async with store.reader() as conn:
+        row = await conn.fetch_one("SELECT COUNT(*) AS n FROM queue_tickets")
+    assert row is not None
+    assert int(row["n"]) == 1
+
+
+async def test_fifo_admits_in_arrival_order_as_many_as_there_are_units(store: Store) -> None:
+    product = await room(store, 3)
+    people = shoppers(10)
+    await join_many(store, product.id, people, at=START - 10_000)
+    before = await step(store, product.id, now=START - 1)
+    assert before.admitted == []
+    assert before.waiting == 10
+    at_start = await step(store, product.id, now=START)
+    assert sorted(t.shopper_id for t in at_start.admitted) == people[:3]
+    assert at_start.waiting == 7
+    assert at_start.passes == 3
+    again = await step(store, product.id, now=START + 10)
+    assert again.admitted == []  # the passes out cover every unit
+
+
+# -- the random draw --------------------------------------------------------------------------
+
+
+def looks_random(joined: list[str], admitted: list[str]) -> tuple[bool, float]:
+    """Whether `admitted` (an order of the same shoppers) is independent of `joined`:
+    Spearman's rank correlation near 0 (|rho| < 0.1: about 4.5 standard errors for 2,000)
+    and the first tenth admitted holding someone of every tenth of the joiners."""
+    n = len(joined)
+    join_rank = {s: i for i, s in enumerate(joined)}
+    d2 = sum((join_rank[s] - i) ** 2 for i, s in enumerate(admitted))
+    rho = 1 - 6 * d2 / (n * (n * n - 1))
+    deciles = {join_rank[s] * 10 // n for s in admitted[: n // 10]}
+    return abs(rho) < 0.1 and deciles == set(range(10)), rho
+
+
+async def test_a_random_room_admits_in_an_order_independent_of_joining(store: Store) -> None:
+    people = shoppers(2000)
+    drawn = await room(store, 1, queue="random")
+    await join_many(store, drawn.id, people, at=START - 60_000)
+    fifo = await room(store, 2000, queue="fifo")
+    await join_many(store, fifo.id, people, at=START - 60_000)
+    assert await line_order(store, drawn.id) == people  # arrival order until the draw
+
+    first = await step(store, drawn.id, now=START - 1)
+    assert first.drawn == 0  # no draw before the start
+    assert waitingroom.draw_order(SEED, people) != people
+    # The draw, at the start: the line is dealt out again; admission follows it.
+    at_start = await step(store, drawn.id, now=START)
+    assert at_start.drawn == 2000
+    assert len(at_start.admitted) == 1
+    order = await line_order(store, drawn.id, everyone=True)
+    assert sorted(order) == people
+    admitted = await ticket(store, drawn.id, order[0])
+    assert admitted.state is TicketState.ADMITTED  # the head of the drawn line
+    ok, rho = looks_random(people, order)
+    assert ok, f"rank correlation {rho:.3f}, or a tenth of the joiners left out of the first"
+    # The same statistic tells FIFO apart: it is not random at all.
+    fifo_ok, fifo_rho = looks_random(people, await line_order(store, fifo.id))
+    assert not fifo_ok
+    assert fifo_rho > 0.99
+
+
+async def test_the_draw_is_made_once_at_the_start_and_later_arrivals_follow(
+    store: Store,
+) -> None:
+    product = await room(store, 1, queue="random")
+    early = shoppers(50)
+    await join_many(store, product.id, early, at=START - 5_000)
+    async with store.reader() as conn:
+        (t,) = await waitingroom.tickets_of(conn, product.id, [early[0]])
+        assert await waitingroom.position(conn, t) is not None
+    at_start = await step(store, product.id, now=START)
+    assert at_start.drawn == 50
+    assert len(at_start.admitted) == 1
+    await join_many(store, product.id, ["anon:late-1", "anon:late-2"], at=START + 100)
+    later = await step(store, product.id, now=START + 200)
+    assert later.drawn == 0  # once
+    order = await line_order(store, product.id)
+    assert order[-2:] == ["anon:late-1", "anon:late-2"]
+    async with store.reader() as conn:
+        row = await conn.fetch_one(
+            "SELECT draw_seed FROM queue_rooms WHERE product_id = :p", {"p": product.id}
+        )
+    assert row is not None
+    assert row["draw_seed"] == SEED.hex()
+
+
+# -- the gate ---------------------------------------------------------------------------------
+
+
+async def test_a_reservation_needs_a_pass_of_the_same_shopper_and_uses_it(store: Store) -> None:
+    product = await room(store, 2)
+    await join_many(store, product.id, ["anon:a", "anon:b", "anon:c"], at=START - 1000)
+    await step(store, product.id, now=START)  # a and b admitted
+    with pytest.raises(NotAdmitted) as refused:
+        await reserve(store, product.id, "anon:c", now=START + 1)
+    assert refused.value.position == 1
+    with pytest.raises(NotAdmitted):
+        await reserve(store, product.id, None, now=START + 1)  # no shopper, no pass
+    with pytest.raises(NotAdmitted):
+        await reserve(store, product.id, "anon:stranger", now=START + 1)
+    held = await reserve(store, product.id, "anon:a", now=START + 2)
+    assert held.reservation.shopper_id == "anon:a"
+    assert (await ticket(store, product.id, "anon:a")).state is TicketState.RESERVED
+    with pytest.raises(NotAdmitted) as twice:  # a pass is good for one reservation
+        await reserve(store, product.id, "anon:a", now=START + 3)
+    assert twice.value.state == "reserved"
+    await assert_invariant(store, product.id)
+    await assert_reconciled(store)
+
+
+async def test_two_requests_of_one_shopper_in_a_batch_use_one_pass(store: Store) -> None:
+    product = await room(store, 5)
+    await join_many(store, product.id, ["anon:a"], at=START - 1000)
+    await step(store, product.id, now=START)
+    outcomes, _ = await store.write(
+        lambda conn: inventory.reserve(
+            conn,
+            [HoldRequest(product.id, 1, shopper_id="anon:a")] * 2,
+            now=START + 1,
+            hold_ms=HOLD_MS,
+        )
+    )
+    assert outcomes[0].value is not None
+    assert isinstance(outcomes[1].error, NotAdmitted)
+    assert (await assert_invariant(store, product.id)).held == 1
+
+
+async def test_a_pass_used_for_a_refused_reservation_is_given_back(store: Store) -> None:
+    product = await room(store, 1, factor=2.0)
+    await join_many(store, product.id, ["anon:a", "anon:b"], at=START - 1000)
+    assert len((await step(store, product.id, now=START)).admitted) == 2
+    await reserve(store, product.id, "anon:a", now=START + 1)
+    with pytest.raises(InsufficientStock):
+        await reserve(store, product.id, "anon:b", now=START + 2)
+    assert (await ticket(store, product.id, "anon:b")).state is TicketState.ADMITTED
+
+
+async def test_a_product_without_a_room_needs_no_pass(store: Store) -> None:
+    product = await room(store, 2, queue="off", starts=None)
+    assert (await reserve(store, product.id, "anon:a", now=START)).reservation.quantity == 1
+
+
+async def test_a_waitlist_gates_only_while_someone_is_in_line(store: Store) -> None:
+    product = await room(store, 1, starts=None)
+    held = await reserve(store, product.id, "anon:first", now=START)  # nobody waits: direct
+    await join_many(store, product.id, ["anon:w"], at=START + 10)
+    with pytest.raises(NotAdmitted):  # someone is in line: the unit coming back is theirs
+        await reserve(store, product.id, "anon:other", now=START + 20)
+    await store.write(lambda conn: inventory.cancel(conn, held.reservation.id, now=START + 30))
+    admitted = await step(store, product.id, now=START + 31)
+    assert [t.shopper_id for t in admitted.admitted] == ["anon:w"]
+    await reserve(store, product.id, "anon:w", now=START + 40)
+
+
+# -- units that come back, passes that lapse, the end -------------------------------------------
+
+
+async def test_a_lapsed_pass_goes_to_the_next_in_line(store: Store) -> None:
+    product = await room(store, 1)
+    await join_many(store, product.id, ["anon:a", "anon:b"], at=START - 1000)
+    assert [t.shopper_id for t in (await step(store, product.id, now=START)).admitted] == ["anon:a"]
+    later = await step(store, product.id, now=START + PASS_MS)
+    assert [t.shopper_id for t in later.lapsed] == ["anon:a"]
+    assert [t.shopper_id for t in later.admitted] == ["anon:b"]
+    with pytest.raises(NotAdmitted) as lapsed:
+        await reserve(store, product.id, "anon:a", now=START + PASS_MS + 1)
+    assert lapsed.value.state == "lapsed"
+
+
+async def test_an_expired_hold_admits_the_next_and_held_units_keep_the_line_waiting(
+    store: Store,
+) -> None:
+    product = await room(store, 1)
+    await join_many(store, product.id, ["anon:a", "anon:b", "anon:c"], at=START - 1000)
+    await step(store, product.id, now=START)
+    await reserve(store, product.id, "anon:a", now=START + 1)
+    waiting = await step(store, product.id, now=START + 2)
+    assert waiting.admitted == []
+    assert waiting.closed == []
+    assert (await ticket(store, product.id, "anon:b")).state is TicketState.WAITING
+    # The hold runs out: the admission itself expires it, and the unit goes to b.
+    after = await step(store, product.id, now=START + 1 + HOLD_MS)
+    assert [t.shopper_id for t in after.admitted] == ["anon:b"]
+    assert any(isinstance(e, ReservationChanged) for e in after.events)  # published as any
+    await assert_invariant(store, product.id)
+    await assert_reconciled(store)
+
+
+async def test_the_room_closes_when_the_last_unit_is_sold(store: Store) -> None:
+    product = await room(store, 1)
+    people = shoppers(20)
+    await join_many(store, product.id, people, at=START - 1000)
+    await step(store, product.id, now=START)
+    held = await reserve(store, product.id, people[0], now=START + 1)
+    await store.write(lambda conn: inventory.complete(conn, held.reservation.id, now=START + 2))
+    end = await step(store, product.id, now=START + 3)
+    assert sorted(t.shopper_id for t in end.closed) == people[1:]
+    assert end.waiting == 0
+    assert end.passes == 0
+    assert end.news() is not None
+    assert end.news().everyone
+    # A restock later: sold-out shoppers may join again, at the back.
+    again, made = await store.write(
+        lambda conn: waitingroom.join(conn, product.id, people[5], now=START + 10)
+    )
+    assert made
+    assert again.state is TicketState.WAITING
+
+
+async def test_a_limit_per_shopper_counts_its_units_per_pass(store: Store) -> None:
+    product = await room(store, 5, limit=2)
+    await join_many(store, product.id, shoppers(10), at=START - 1000)
+    assert len((await step(store, product.id, now=START)).admitted) == 3  # ceil(5 / 2)
+
+
+async def test_the_operator_turns_a_room_on_and_off(store: Store) -> None:
+    product = await room(store, 1, queue="off")
+    changed = await store.write(
+        lambda conn: inventory.update_product(
+            conn, product.id, ProductChanges(queue="random", admit_factor=1.5), now=START
+        )
+    )
+    on = changed.result()
+    assert (on.queue, on.admit_factor) == ("random", 1.5)
+    assert on.version > product.version
+
+
+# -- one admitter at a time -------------------------------------------------------------------
+
+
+async def test_one_process_holds_the_lease_until_it_lapses(store: Store) -> None:
+    product = await room(store, 1)
+    await join_many(store, product.id, ["anon:a", "anon:b"], at=START - 1000)
+    assert (await step(store, product.id, now=START, holder="first")).leased
+    fenced = await step(store, product.id, now=START + 100, holder="second")
+    assert not fenced.leased
+    assert fenced.admitted == []
+    # The first dies: its lease runs out, and the second takes over.
+    taken = await step(store, product.id, now=START + 2_001 + PASS_MS, holder="second")
+    assert taken.leased
+    assert [t.shopper_id for t in taken.admitted] == ["anon:b"]
+    assert not (await step(store, product.id, now=START + 2_100 + PASS_MS, holder="first")).leased
