@@ -131,14 +131,16 @@ async def test_a_reservation_needs_a_pass_while_the_room_is_active(shop: Shop) -
 
 async def _refused_at(
     client: httpx.AsyncClient, product_id: int, position: int
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
+    """The refusal, if it names `position`; {} (not yet) otherwise."""
     body = assert_error(await reserve(client, product_id), 403, "not_admitted")
-    return body if body["position"] == position else None
+    return body if body["position"] == position else {}
 
 
-async def _state(client: httpx.AsyncClient, path: str, state: str) -> dict[str, Any] | None:
+async def _state(client: httpx.AsyncClient, path: str, state: str) -> dict[str, Any]:
+    """The ticket, if it is in `state`; {} (not yet) otherwise."""
     body: dict[str, Any] = (await client.get(path)).json()
-    return body if body.get("state") == state else None
+    return body if body.get("state") == state else {}
 
 
 async def test_the_operator_sets_the_room_and_reads_its_figures(shop: Shop) -> None:
