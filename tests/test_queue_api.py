@@ -129,9 +129,7 @@ async def test_a_reservation_needs_a_pass_while_the_room_is_active(shop: Shop) -
     await assert_invariant(shop.store, product["id"])
 
 
-async def _refused_at(
-    client: httpx.AsyncClient, product_id: int, position: int
-) -> dict[str, Any]:
+async def _refused_at(client: httpx.AsyncClient, product_id: int, position: int) -> dict[str, Any]:
     """The refusal, if it names `position`; {} (not yet) otherwise."""
     body = assert_error(await reserve(client, product_id), 403, "not_admitted")
     return body if body["position"] == position else {}
