@@ -299,9 +299,12 @@ class Admitter:
             return []
         steps: list[Admission] = []
         clock = time.monotonic()
+        # A room with nobody in it is looked at less often, but often enough to keep the
+        # lease (renewed by every step) from lapsing between two looks.
+        idle_gap = min(1.0, self._lease_ms / 2000)
         for product_id in products:
             idle_since = self._idle.get(product_id)
-            if idle_since is not None and clock - idle_since < 1.0:
+            if idle_since is not None and clock - idle_since < idle_gap:
                 continue
             step = await self.step(product_id)
             if not step.leased:
@@ -309,7 +312,7 @@ class Admitter:
                 return steps
             steps.append(step)
             if step.waiting == 0 and step.passes == 0 and not step.changed:
-                self._idle.setdefault(product_id, clock)
+                self._idle[product_id] = clock
             else:
                 self._idle.pop(product_id, None)
         if products:
