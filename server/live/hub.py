@@ -360,7 +360,9 @@ class Hub:
             for client in self._shoppers.get(ticket.shopper_id, ()):
                 client.tickets[product_id] = ticket
                 clients.append(client)
-        await self._room.line(product_id, fresh=True)
+        # Who was admitted or left moves everyone behind them: read the line again, but
+        # not more than five times a second however fast admissions come.
+        await self._room.line(product_id, max_age=0.2)
         await self._tell_tickets(clients, {product_id})
 
     async def _tell_positions(self) -> None:

@@ -171,11 +171,11 @@ class WaitingRoom:
             product = await self.product(ticket.product_id)
         return ticket_view(ticket, product, await self.line(ticket.product_id), now=now_ms())
 
-    async def line(self, product_id: int, *, fresh: bool = False) -> Lineup:
-        """The product's line as last read, read again when older than `LINE_SECONDS` (or
-        `fresh`); one read at a time per product, whoever asks."""
+    async def line(self, product_id: int, *, max_age: float = LINE_SECONDS) -> Lineup:
+        """The product's line as last read, read again when older than `max_age` seconds;
+        one read at a time per product, whoever asks."""
         line = self._lines.get(product_id)
-        if not fresh and line is not None and now_ms() - line.at < LINE_SECONDS * 1000:
+        if line is not None and now_ms() - line.at < max_age * 1000:
             return line
         task = self._reading.get(product_id)
         if task is None:
@@ -253,6 +253,7 @@ class Admitter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle: dict[int, float] = {}  # product → when a step last found nothing to do
+        self._counts: dict[int, tuple[int | None, int | None]] = {}  # as last published
         self.leading = False
         self.steps = 0
 
@@ -339,7 +340,11 @@ class Admitter:
         self.steps += 1
         news = step.news()
         if news is not None and step.leased:
-            self._publish([news])
+            counts = (news.waiting, news.admitted)
+            # Only news: a step that changed nothing and counted the same is not sent.
+            if step.changed or self._counts.get(product_id) != counts:
+                self._counts[product_id] = counts
+                self._publish([news])
         if step.admitted or step.closed or step.drawn:
             logger.info(
                 "waiting room of product %d: %d admitted, %d lapsed, %d sold out, %d drawn; "
