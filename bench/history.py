@@ -36,11 +36,11 @@ def percentiles_ms(samples: list[float]) -> dict[str, float]:
 def operator_requests(product_id: int, page_ids: list[int]) -> dict[str, str]:
     """The operator console's polling (every 2 s: a page of products, the figures of the
     ones it shows, the sums over every product, the ACTIVE holds, the chosen product's
-    history), the first page of the stats as a client written for every product's asks for
-    it, and one product's own figures, holds and ledger."""
+    history), the first page of the stats (what a client that asks for every product's
+    gets), and one product's own figures, holds and ledger."""
     ids = ",".join(map(str, page_ids))
     return {
-        "GET /api/admin/stats (the first 1,000)": "/api/admin/stats",
+        "GET /api/admin/stats (the first page, 100)": "/api/admin/stats",
         "GET /api/admin/stats?ids= (the console's 50)": f"/api/admin/stats?ids={ids}",
         "GET /api/admin/stats/totals": "/api/admin/stats/totals",
         "GET /api/products?limit=50 (the console's page)": "/api/products?limit=50",

@@ -627,7 +627,7 @@ async def test_stats_come_a_page_at_a_time_or_for_the_products_asked_with_totals
     products = [await make_product(api.store, 10 + n) for n in range(5)]
     ids = [p.id for p in products]
     await api.reserve(ids[1], 2)
-    # Without parameters: the first page, every product of a shop this size, by id.
+    # Without parameters: the first page (100), every product of a shop this size, by id.
     every = await api.admin("GET", "/api/admin/stats")
     assert [s["productId"] for s in every.json()] == sorted(ids)
     assert "link" not in every.headers
@@ -660,6 +660,13 @@ async def test_stats_come_a_page_at_a_time_or_for_the_products_asked_with_totals
         "expired": 0,
         "cancelled": 0,
     }
+
+
+async def test_stats_without_parameters_are_the_first_100_products(api: Api) -> None:
+    ids = [(await make_product(api.store, 1)).id for _ in range(101)]
+    first = await api.admin("GET", "/api/admin/stats")
+    assert [s["productId"] for s in first.json()] == ids[:100]
+    assert first.headers["link"] == f'</api/admin/stats?after={ids[99]}&limit=100>; rel="next"'
 
 
 @pytest.mark.parametrize(
