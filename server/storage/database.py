@@ -426,6 +426,28 @@ class Store:
                 yield PostgresExecutor(conn)
 
     @asynccontextmanager
+    async def index_order_reader(self) -> AsyncIterator[Executor]:
+        """A connection for reads whose ORDER BY … LIMIT an index gives, read in that order
+        whatever the planner's statistics say.
+
+        PostgreSQL, on a table never analyzed or analyzed while no hold was open, believes a
+        handful of rows match and plans a bitmap scan and a sort of every one of them: the
+        console's ACTIVE listing sorted 50,000 open holds for 200 (23 ms in the database, 65
+        ms a request; ~190 ms with 100,000). Here sorts are off for a READ ONLY transaction
+        (`SET LOCAL enable_sort = off`), which leaves the index read in order, so the cost
+        is the rows asked for. SQLite: `reader()` (its planner has no such statistics).
+        """
+        if self.is_sqlite:
+            async with self.reader() as conn:
+                yield conn
+            return
+        async with _translated_errors(), self._pooled() as pooled:
+            raw: asyncpg.Connection = pooled.raw_connection
+            async with raw.transaction(readonly=True):
+                await raw.execute("SET LOCAL enable_sort = off")
+                yield PostgresExecutor(pooled)
+
+    @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Executor]:
         """A connection whose reads all see the database as of one instant, taking no write
         lock: for checks that compare several tables (the ledger's reconciliation). Each
