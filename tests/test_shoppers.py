@@ -32,6 +32,7 @@ from server.domain.clock import now_ms
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest
 from server.infra.settings import Settings
+from server.storage import migrate
 from server.storage.database import Store
 from tests.support import assert_invariant, assert_reconciled, make_product, serve, stats
 from tests.test_api import TOKEN, app_settings, assert_error
@@ -576,6 +577,107 @@ async def test_a_request_counted_that_gets_no_stock_gives_its_allowance_back(
     ]
     async with store.reader() as conn:
         assert await inventory.shopper_units(conn, "anon:a") == {product.id: 1}
+
+
+async def test_allowance_rows_only_while_a_product_has_a_limit(store: Store) -> None:
+    """A product without a limit keeps no allowance rows (a shopper's reservation of it
+    costs no statement more than an anonymous one); setting a limit fills them from its
+    ACTIVE and COMPLETED holds, not from ended ones; removing it deletes them. What the
+    shop page reads (`shopper_units`) is the same before and after."""
+    product = await make_product(store, 20)
+    past = now_ms() - 10_000
+
+    async def hold(shopper: str, quantity: int, *, at: int, hold_ms: int = 60_000) -> str:
+        outcomes, _ = await store.write(
+            lambda conn: inventory.reserve(
+                conn,
+                [HoldRequest(product.id, quantity, shopper_id=shopper)],
+                now=at,
+                hold_ms=hold_ms,
+            )
+        )
+        return outcomes[0].result().reservation.id
+
+    async def rows() -> dict[str, int]:
+        async with store.reader() as conn:
+            found = await conn.fetch_all(
+                "SELECT shopper_id, units FROM shopper_allowances WHERE product_id = :p",
+                {"p": product.id},
+            )
+        return {str(r["shopper_id"]): int(r["units"]) for r in found}
+
+    async def units(shopper: str) -> dict[int, int]:
+        async with store.reader() as conn:
+            return await inventory.shopper_units(conn, shopper)
+
+    bought = await hold("anon:a", 2, at=now_ms())
+    await store.write(lambda conn: inventory.complete(conn, bought, now=now_ms()))
+    await hold("anon:a", 1, at=now_ms())
+    cancelled = await hold("anon:b", 3, at=now_ms())
+    await store.write(lambda conn: inventory.cancel(conn, cancelled, now=now_ms()))
+    expired = await hold("anon:b", 1, at=past, hold_ms=1_000)
+    await store.write(lambda conn: inventory.expire(conn, expired, now=now_ms()))
+    await hold("anon:c", 1, at=now_ms())
+    assert await rows() == {}
+    assert await units("anon:a") == {product.id: 3}
+    assert await units("anon:b") == {}
+
+    await limit_per_shopper(store, product.id, 3)
+    assert await rows() == {"anon:a": 3, "anon:c": 1}
+    assert await units("anon:a") == {product.id: 3}
+    outcomes, _ = await store.write(
+        lambda conn: inventory.reserve(
+            conn,
+            [
+                HoldRequest(product.id, 1, shopper_id="anon:a"),  # has 3: refused
+                HoldRequest(product.id, 3, shopper_id="anon:b"),  # ended holds do not count
+            ],
+            now=now_ms(),
+            hold_ms=60_000,
+        )
+    )
+    assert [o.error.code if o.error else "held" for o in outcomes] == [
+        "shopper_limit_reached",
+        "held",
+    ]
+    await limit_per_shopper(store, product.id, 4)  # another limit: the rows stay
+    assert await rows() == {"anon:a": 3, "anon:b": 3, "anon:c": 1}
+    outcome = await store.write(
+        lambda conn: inventory.update_product(
+            conn, product.id, ProductChanges(max_per_shopper=None), now=now_ms()
+        )
+    )
+    outcome.result()
+    assert await rows() == {}
+    assert await units("anon:b") == {product.id: 3}
+    await assert_invariant(store, product.id)
+    await assert_reconciled(store)
+
+
+async def test_migration_0009_keeps_the_rows_of_limited_products_only(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/before.db")
+    await store.connect()
+    try:
+        await migrate.migrate(store, up_to=8)
+        await store.write(
+            lambda conn: conn.execute(
+                "INSERT INTO products (id, name, price_cents, total_stock, available_stock, "
+                "version, created_at, updated_at, held_units, max_per_shopper) VALUES "
+                "(1, 'Free', 100, 9, 8, 2, 1, 1, 1, NULL), (2, 'Capped', 100, 9, 8, 2, 1, 1, 1, 2)"
+            )
+        )
+        await store.write(
+            lambda conn: conn.execute(
+                "INSERT INTO shopper_allowances (shopper_id, product_id, units) "
+                "VALUES ('anon:a', 1, 1), ('anon:a', 2, 1)"
+            )
+        )
+        await migrate.migrate(store)
+        async with store.reader() as conn:
+            rows = await conn.fetch_all("SELECT shopper_id, product_id FROM shopper_allowances")
+        assert [(r["shopper_id"], r["product_id"]) for r in rows] == [("anon:a", 2)]
+    finally:
+        await store.close()
 
 
 async def limit_per_shopper(store: Store, product_id: int, limit: int) -> None:

@@ -131,11 +131,16 @@ async def reserve(
     never keeps a unit from a shopper, whether or not Redis, the expiry jobs or the worker
     are there to expire it. The expired holds' events are among the events returned.
 
-    A request with a shopper first adds its units to the shopper's allowance of the product
-    (`_take_allowances`: a conditional upsert against the product's `max_per_shopper`,
-    decided by the database); those that would pass the limit are answered
-    `shopper_limit_reached`, each on its own, and take no stock. Units counted for a
-    request that then gets no stock are taken off again in the same transaction.
+    A request with a shopper, of a product with a limit per shopper (`max_per_shopper`),
+    first adds its units to the shopper's allowance of the product (`_take_allowances`: a
+    conditional upsert against the limit, decided by the database); those that would pass
+    the limit are answered `shopper_limit_reached`, each on its own, and take no stock.
+    Units counted for a request that then gets no stock are taken off again in the same
+    transaction. Whether the product has a limit is read from its row under its row lock
+    (`_take_all`, `_lock_product`), which `update_product` holds while it fills or deletes
+    the allowance rows of a limit set or removed: no reservation races that. A product
+    without a limit has no allowance rows, and its requests cost no statement more than
+    anonymous ones.
     """
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     events: list[Event] = []
@@ -192,12 +197,13 @@ async def _reserve_round(
     taken: list[Product] = []  # each product as its UPDATE left it
     # Products in id order, as every transaction that changes several takes them: two such
     # transactions in opposite orders would deadlock (PostgreSQL's row locks).
-    # Within a product, the shoppers' allowance rows before the product's row, as every
-    # transaction that gives units back takes them (`_restore`).
+    # Within a product: its shoppers' waiting-room tickets, then the product's row, then
+    # their allowance rows, as every transaction that gives units back (`_restore`), sets a
+    # limit (`update_product`) or admits from the line takes them.
     passed: dict[int, list[int]] = {}  # per product with a room: requests that used a pass
     for product_id, all_indexes in sorted(by_product.items()):
         # The waiting room's gate first (issue 17): the shoppers' tickets before the
-        # allowances and the product, the order every transaction takes them in.
+        # product and the allowances, the order every transaction takes them in.
         passes = await waitingroom.take_passes(
             conn, product_id, [requests[i].shopper_id for i in all_indexes], now=now
         )
@@ -214,27 +220,48 @@ async def _reserve_round(
             all_indexes = kept
             if not all_indexes:
                 continue
-        refused = await _take_allowances(
-            conn, product_id, [requests[i] for i in all_indexes], books, events, now=now
+        identified = any(requests[i].shopper_id is not None for i in all_indexes)
+        indexes = all_indexes
+        limited = False
+        # The common case in one statement: every request fits and, when a shopper asks,
+        # the product has no limit (its row says so under its lock).
+        row = await _take_all(
+            conn,
+            product_id,
+            sum(requests[i].quantity for i in indexes),
+            now=now,
+            unlimited=identified,
         )
-        indexes = []
-        for i, refusal in zip(all_indexes, refused, strict=True):
-            if refusal is None:
-                indexes.append(i)
-            else:
-                outcomes[i] = Outcome(error=refusal)
-        if not indexes:
-            continue
-        quantities = [requests[i].quantity for i in indexes]
-        product, fits = await _take_stock(
-            conn, product_id, quantities, books, events, swept, now=now
-        )
+        if row is not None:
+            product: Product | None = Product.from_row(row)
+            fits: list[bool] | DomainError = [True] * len(indexes)
+        else:
+            if identified:
+                locked = await _lock_product(conn, product_id)
+                limited = locked is not None and locked.max_per_shopper is not None
+            if limited:
+                refused = await _take_allowances(
+                    conn, product_id, [requests[i] for i in indexes], books, events, now=now
+                )
+                indexes = []
+                for i, refusal in zip(all_indexes, refused, strict=True):
+                    if refusal is None:
+                        indexes.append(i)
+                    else:
+                        outcomes[i] = Outcome(error=refusal)
+                if not indexes:
+                    continue
+            quantities = [requests[i].quantity for i in indexes]
+            product, fits = await _take_stock(
+                conn, product_id, quantities, books, events, swept, now=now
+            )
         if product is None or isinstance(fits, DomainError):
             error = ProductNotFound(product_id) if product is None else fits
             assert isinstance(error, DomainError)
             for i in indexes:
                 outcomes[i] = Outcome(error=error)
-            await _give_back_allowances(conn, product_id, [requests[i] for i in indexes])
+            if limited:
+                await _give_back_allowances(conn, product_id, [requests[i] for i in indexes])
             continue
         if any(fits):
             events.append(StockChanged(product))
@@ -250,7 +277,8 @@ async def _reserve_round(
                         product.available_stock, requests[i].quantity, product.stock_now()
                     )
                 )
-        await _give_back_allowances(conn, product_id, unsold)
+        if limited:
+            await _give_back_allowances(conn, product_id, unsold)
 
     if passed:
         # A pass used by a request that then got nothing (no stock, over the limit) is
@@ -315,6 +343,35 @@ async def _replay_idempotent(
     return fresh
 
 
+async def _take_all(
+    conn: Executor, product_id: int, total: int, *, now: int, unlimited: bool
+) -> Row | None:
+    """Take `total` units of the product for holds if it has them and its sale is open, and
+    (`unlimited`) only if it has no limit per shopper; the product's row after the change,
+    or None if nothing was taken. One conditional UPDATE, which takes the row's lock."""
+    return await conn.fetch_one(
+        "UPDATE products SET available_stock = available_stock - :total, "
+        "held_units = held_units + :total, version = version + 1, updated_at = :now "
+        "WHERE id = :id AND available_stock >= :total "
+        "AND (sale_starts_at IS NULL OR sale_starts_at <= :now) "
+        "AND paused_at IS NULL AND (sale_ends_at IS NULL OR sale_ends_at > :now) "
+        f"{'AND max_per_shopper IS NULL ' if unlimited else ''}"
+        f"RETURNING {PRODUCT}",
+        {"id": product_id, "total": total, "now": now},
+    )
+
+
+async def _lock_product(conn: Executor, product_id: int) -> Product | None:
+    """The product's row, locked for the rest of the transaction (PostgreSQL's row lock;
+    on SQLite the transaction holds the database's write lock already), before any of its
+    allowance rows: its limit as no other transaction can change it meanwhile."""
+    row = await conn.fetch_one(
+        f"UPDATE products SET max_per_shopper = max_per_shopper WHERE id = :id RETURNING {PRODUCT}",
+        {"id": product_id},
+    )
+    return None if row is None else Product.from_row(row)
+
+
 async def _take_stock(
     conn: Executor,
     product_id: int,
@@ -332,15 +389,7 @@ async def _take_stock(
     are held, its overdue holds are expired first (once per transaction: `swept`), into
     `books` and `events`, as the sweeper would expire them.
     """
-    row = await conn.fetch_one(
-        "UPDATE products SET available_stock = available_stock - :total, "
-        "held_units = held_units + :total, version = version + 1, updated_at = :now "
-        "WHERE id = :id AND available_stock >= :total "
-        "AND (sale_starts_at IS NULL OR sale_starts_at <= :now) "
-        "AND paused_at IS NULL AND (sale_ends_at IS NULL OR sale_ends_at > :now) "
-        f"RETURNING {PRODUCT}",
-        {"id": product_id, "total": sum(quantities), "now": now},
-    )
+    row = await _take_all(conn, product_id, sum(quantities), now=now, unlimited=False)
     if row is not None:
         return Product.from_row(row), [True] * len(quantities)
     # Not all of them fit (or the sale is not open, or there is no such product).
@@ -439,7 +488,8 @@ async def _take_allowances(
 ) -> list[DomainError | None]:
     """Count each request's units against its shopper's allowance of the product, in order;
     per request, None (counted, or it has no shopper) or the error that refuses it
-    (`ShopperLimitReached`, or `ProductNotFound`).
+    (`ShopperLimitReached`, or `ProductNotFound`). Only for a product with a limit, whose
+    row this transaction has locked (`_lock_product`).
 
     The database decides (README, Shoppers): one upsert adds each shopper's units in the
     batch to their row only where `units + :q <= max_per_shopper` (no limit: `NO_LIMIT`),
@@ -878,12 +928,12 @@ async def _restore(
     actor: str,
 ) -> Product:
     """Units of `holds` (all of one product) that ended unsold (`ended`: EXPIRED or
-    CANCELLED) back on sale, in one UPDATE, and in the books; and off their shoppers'
-    allowances (issue 16), before the product's row, the order `reserve` takes them in.
-    Every way a hold ends unsold comes here: cancel, the expiry job, the sweeper, and a
-    request that finds its hold overdue."""
+    CANCELLED) back on sale, in one UPDATE, and in the books; and, if the product has a
+    limit per shopper, off their shoppers' allowances (issue 16), after the product's row,
+    the order `reserve` and `update_product` take them in. Every way a hold ends unsold
+    comes here: cancel, the expiry job, the sweeper, and a request that finds its hold
+    overdue."""
     counter, kind = _ENDED[ended]
-    await _give_back_allowances(conn, holds[0].product_id, holds)
     quantity = sum(r.quantity for r in holds)
     row = await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock + :q, "
@@ -894,6 +944,8 @@ async def _restore(
     )
     assert row is not None, "a hold's product cannot disappear"
     product = Product.from_row(row)
+    if product.max_per_shopper is not None:
+        await _give_back_allowances(conn, product.id, holds)
     books.moved(product, [Movement(kind, r.quantity, actor, r) for r in holds])
     return product
 
@@ -1112,9 +1164,31 @@ async def update_product(
         )
         if row is not None:
             product = Product.from_row(row)
+            if (current.max_per_shopper is None) != (product.max_per_shopper is None):
+                await _count_allowances(conn, product)
             await outbox.insert(conn, [outbox.product_updated(product, changes.sent(), actor, now)])
             return Outcome(product, events=[ProductChanged(product)])
     raise RuntimeError(f"product {product_id} kept changing while it was being edited")
+
+
+async def _count_allowances(conn: Executor, product: Product) -> None:
+    """A limit set on a product that had none: its shoppers' allowance rows, filled from
+    their units in its ACTIVE and COMPLETED holds; a limit removed: its rows deleted.
+
+    Runs in the transaction that changed the limit, after its UPDATE of the product's row,
+    whose lock every reservation, cancel and expiry of the product takes before its
+    allowance rows (PostgreSQL; SQLite has one writer at a time): one that came first has
+    committed, and its holds are counted here; one that comes later reads the new limit."""
+    await conn.execute("DELETE FROM shopper_allowances WHERE product_id = :p", {"p": product.id})
+    if product.max_per_shopper is None:
+        return
+    await conn.execute(
+        "INSERT INTO shopper_allowances (shopper_id, product_id, units) "
+        "SELECT shopper_id, product_id, SUM(quantity) FROM reservations "
+        "WHERE product_id = :p AND shopper_id IS NOT NULL "
+        "AND status IN ('ACTIVE', 'COMPLETED') GROUP BY shopper_id, product_id",
+        {"p": product.id},
+    )
 
 
 # -- reads -------------------------------------------------------------------------------
@@ -1181,13 +1255,22 @@ async def list_shopper_reservations(
 
 
 async def shopper_units(conn: Executor, shopper_id: str) -> dict[int, int]:
-    """A shopper's units per product, in ACTIVE and COMPLETED holds (their allowance rows;
-    products with none left out)."""
+    """A shopper's units per product, in ACTIVE and COMPLETED holds; products with none
+    left out. Of a product with a limit, its allowance row (what the limit is checked
+    against); of the others, counted from the shopper's holds (their index: as many rows
+    as this shopper has holds, whatever other shoppers have)."""
     rows = await conn.fetch_all(
-        "SELECT product_id, units FROM shopper_allowances WHERE shopper_id = :s AND units > 0",
+        "SELECT product_id, SUM(quantity) AS units FROM reservations "
+        "WHERE shopper_id = :s AND status IN ('ACTIVE', 'COMPLETED') GROUP BY product_id",
         {"s": shopper_id},
     )
-    return {int(row["product_id"]): int(row["units"]) for row in rows}
+    units = {int(row["product_id"]): int(row["units"]) for row in rows}
+    for row in await conn.fetch_all(
+        "SELECT product_id, units FROM shopper_allowances WHERE shopper_id = :s",
+        {"s": shopper_id},
+    ):
+        units[int(row["product_id"])] = int(row["units"])
+    return {product_id: n for product_id, n in units.items() if n > 0}
 
 
 async def get_reservation_by_key(conn: Executor, key: str) -> Reservation | None:
