@@ -4,18 +4,19 @@ deadline (never a fixed sleep)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 
 from server.api.app import create_app
-from server.domain import inventory
+from server.domain import inventory, outbox
 from server.domain.clock import now_ms
 from server.domain.inventory import Stats
 from server.domain.model import HoldRequest, Product, Reservation
@@ -177,3 +178,38 @@ async def assert_reconciled(store: Store) -> None:
     """Every product's stock ledger adds up to its units and its open holds (issue 12)."""
     result = await Ledger(store).reconcile()
     assert result.ok, {p.product_id: p.problems for p in result.unreconciled}
+
+
+async def outbox_bodies(
+    store: Store, *, product_id: int | None = None, event_type: str | None = None
+) -> list[dict[str, Any]]:
+    """The outbox's events (of one product, or of one type), in order per product, each as
+    the body its webhook sends (`outbox.render`), parsed."""
+    where: list[str] = []
+    values: dict[str, object] = {}
+    if product_id is not None:
+        where.append("product_id = :p")
+        values["p"] = product_id
+    if event_type is not None:
+        where.append("type = :t")
+        values["t"] = event_type
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    async with store.reader() as conn:
+        rows = await conn.fetch_all(
+            "SELECT type, payload, product_id, version, seq, created_at FROM outbox "
+            f"{clause}ORDER BY product_id, version, seq",
+            values,
+        )
+    return [
+        json.loads(
+            outbox.render(
+                str(r["type"]),
+                str(r["payload"]),
+                int(r["product_id"]),
+                int(r["version"]),
+                int(r["seq"]),
+                int(r["created_at"]),
+            )
+        )
+        for r in rows
+    ]

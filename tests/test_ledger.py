@@ -16,12 +16,13 @@ from server.domain import inventory, ledger
 from server.domain.clock import iso, now_ms
 from server.domain.ledger import Entry, Figures
 from server.domain.model import HoldRequest
+from server.domain.outbox import render
 from server.infra.metrics import LEDGER_UNRECONCILED
 from server.infra.settings import Settings
 from server.service.ledger import Ledger
 from server.storage import migrate
 from server.storage.database import Store
-from tests.support import assert_reconciled, hold, make_product, serve
+from tests.support import assert_reconciled, hold, make_product, outbox_bodies, serve
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -34,13 +35,7 @@ async def rows(store: Store, product_id: int) -> list[Entry]:
 
 
 async def outbox(store: Store, product_id: int) -> list[dict[str, Any]]:
-    async with store.reader() as conn:
-        found = await conn.fetch_all(
-            "SELECT type, payload, version, seq FROM outbox WHERE product_id = :p "
-            "ORDER BY version, seq",
-            {"p": product_id},
-        )
-    return [json.loads(row["payload"]) for row in found]
+    return await outbox_bodies(store, product_id=product_id)
 
 
 def walk(entries: list[Entry]) -> list[tuple[str, int, Figures, str]]:
@@ -138,6 +133,92 @@ async def test_the_outbox_gets_the_events_of_the_same_transaction(store: Store) 
     assert completed["stock"]["soldUnits"] == 1
     assert events[2]["data"]["stock"]["availableStock"] == 0
     assert events[6]["data"]["units"] == 5
+
+
+async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: Store) -> None:
+    """The outbox keeps what a body needs, not the body (rendered at delivery): each body is
+    the very text the transaction used to write, key for key and byte for byte: the
+    Standard Webhooks envelope, times as ISO 8601 with milliseconds, no escaped non-ASCII."""
+    product = await make_product(store, 2)
+    first = await hold(store, product.id, 1)
+    second = await hold(store, product.id, 1)
+    await store.write(
+        lambda conn: inventory.cancel(
+            conn, first.id, now=now_ms(), actor="operator", reason="Réservé — «test»"
+        )
+    )
+    await store.write(
+        lambda conn: inventory.complete(conn, second.id, now=now_ms(), order_reference="A-17")
+    )
+    await store.write(lambda conn: inventory.reduce_stock(conn, product.id, 1, now=now_ms()))
+    async with store.reader() as conn:
+        stored = await conn.fetch_all(
+            "SELECT type, payload, product_id, version, seq, created_at FROM outbox "
+            "WHERE product_id = :p ORDER BY version, seq",
+            {"p": product.id},
+        )
+        holds = {r.id: r for r in await inventory.get_reservations(conn, [first.id, second.id])}
+    figures = {(int(e.version), int(e.seq)): e for e in await rows(store, product.id)}
+    texts = []
+    for row in stored:
+        version, seq = int(row["version"]), int(row["seq"])
+        kind, at = str(row["type"]), int(row["created_at"])
+        text = render(kind, str(row["payload"]), product.id, version, seq, at)
+        assert not str(row["payload"]).startswith("{")  # the compact form was stored
+        entry = figures.get((version, seq)) or figures[(version, seq - 1)]
+        stock = {
+            "productId": product.id,
+            "availableStock": entry.figures.available,
+            "heldUnits": entry.figures.held,
+            "soldUnits": entry.figures.sold,
+            "totalStock": entry.figures.total,
+            "version": version,
+            "sequence": seq,
+        }
+        data: dict[str, Any]
+        if kind.startswith("reservation."):
+            assert entry.reservation_id is not None
+            r = holds[entry.reservation_id]
+            status = kind.split(".")[1].upper()
+            done = status == "COMPLETED"
+            data = {
+                "reservation": {
+                    "id": r.id,
+                    "productId": product.id,
+                    "quantity": 1,
+                    "status": "ACTIVE" if status == "CREATED" else status,
+                    "createdAt": iso(r.created_at),
+                    "expiresAt": iso(r.expires_at),
+                    "completedAt": iso(r.completed_at) if done and r.completed_at else None,
+                    "orderReference": r.order_reference if done else None,
+                    "cancelledBy": r.cancelled_by if status == "CANCELLED" else None,
+                    "cancelReason": r.cancel_reason if status == "CANCELLED" else None,
+                },
+                "stock": stock,
+                "actor": entry.actor,
+            }
+        elif kind == "product.stock_reduced":
+            data = {"units": 1, "stock": stock, "actor": "operator"}
+        else:
+            data = {"stock": stock, "actor": entry.actor}
+        expected = json.dumps(
+            {"type": kind, "timestamp": iso(at), "data": data},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        assert text == expected
+        texts.append(text)
+    assert [json.loads(t)["type"] for t in texts] == [
+        "reservation.created",
+        "reservation.created",
+        "product.sold_out",
+        "reservation.cancelled",
+        "product.back_in_stock",
+        "reservation.completed",
+        "product.stock_reduced",
+        "product.sold_out",
+    ]
+    assert "Réservé — «test»" in texts[3]
 
 
 async def test_reconciliation_names_a_product_whose_books_do_not_add_up(store: Store) -> None:

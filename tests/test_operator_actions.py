@@ -6,7 +6,6 @@ outbox its event, and the books still reconcile."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +19,7 @@ from server.domain.clock import now_ms
 from server.infra.settings import Settings
 from server.storage.database import Store
 from server.wire.schemas import ErrorOut, ProductOut, ReservationOut
-from tests.support import assert_reconciled, serve, stats
+from tests.support import assert_reconciled, outbox_bodies, serve, stats
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -82,12 +81,7 @@ async def movements(store: Store, product_id: int) -> list[tuple[str, int, str]]
 
 
 async def events(store: Store, product_id: int) -> list[dict[str, Any]]:
-    async with store.reader() as conn:
-        rows = await conn.fetch_all(
-            "SELECT payload FROM outbox WHERE product_id = :p ORDER BY version, seq",
-            {"p": product_id},
-        )
-    return [json.loads(row["payload"]) for row in rows]
+    return await outbox_bodies(store, product_id=product_id)
 
 
 def at(delta: timedelta) -> str:

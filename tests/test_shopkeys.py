@@ -3,7 +3,6 @@ the order reference it sends, and COMPLETE_BY=shop keeping shoppers from complet
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -13,7 +12,7 @@ import pytest
 from server.devtools.processes import ADMIN_TOKEN
 from server.infra.settings import Settings
 from server.storage.database import Store
-from tests.support import serve
+from tests.support import outbox_bodies, serve
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SHOP_KEY = "shop-backend-key-0123456789"
@@ -71,13 +70,10 @@ async def test_the_shop_completes_with_its_order_reference(client: Client, store
             "SELECT actor FROM stock_ledger WHERE reservation_id = :r AND movement = 'completed'",
             {"r": reservation_id},
         )
-        event = await conn.fetch_one(
-            "SELECT payload FROM outbox WHERE type = 'reservation.completed'"
-        )
+    (event,) = await outbox_bodies(store, event_type="reservation.completed")
     assert row is not None
     assert row["actor"] == "shop"
-    assert event is not None
-    data = json.loads(event["payload"])["data"]
+    data = event["data"]
     assert data["reservation"]["orderReference"] == "ORD-1001"
     assert data["actor"] == "shop"
 

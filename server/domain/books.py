@@ -64,15 +64,11 @@ class Books:
                     at=self.now,
                 )
             )
-            event = outbox.movement_event(
-                movement, product.id, product.version, seq, figures, self.now
-            )
+            event = outbox.movement_event(movement, figures)
             if event is not None:
                 self._events.append((product.id, product.version, seq, *event))
             seq += 1
-        event = outbox.availability_event(
-            before, after, product.id, product.version, seq, movements[-1].actor, self.now
-        )
+        event = outbox.availability_event(before, after, movements[-1].actor)
         if event is not None:
             self._events.append((product.id, product.version, seq, *event))
 

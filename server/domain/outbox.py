@@ -3,16 +3,24 @@ transaction as the change that caused them (by `server.domain.books.Books`), so 
 commit can happen without its events and no event without its commit. The worker delivers
 them as webhooks (`server.service.webhooks`).
 
-An event's body is rendered here, once, when it is written: every attempt and every
-endpoint gets the same bytes, and its `id` (the `webhook-id`) stays the same across
-retries. The shape follows the Standard Webhooks recommendation:
+What the transaction writes is the least the body needs (`stored`): a JSON array of the
+hold's and the stock's figures, in the order `_LAYOUTS` gives for the event's type, with no
+keys, no nesting and no formatted times; the row's own columns (type, product, version,
+sequence, time) say the rest. The body is rendered from it at delivery (`render`, in the
+worker, outside any transaction): the same bytes every time, so every attempt and every
+endpoint gets the same body, and its `id` (the `webhook-id`) stays the same across retries.
+A row whose payload is a JSON object is its body already (`product.updated`, which no
+reservation writes, and every row written before migration 0010's release). The shape follows
+the Standard Webhooks recommendation:
 `{"type": "reservation.completed", "timestamp": "…Z", "data": {…}}`; README.md
 ("Integrating with the shop's systems") documents every type.
+
+Rendering the body in the reservation's transaction cost the single SQLite writer more than
+the rest of the books together (README, Performance: what the books cost).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 from collections.abc import Sequence
@@ -22,7 +30,7 @@ from typing import Any
 from server.domain.clock import iso
 from server.domain.executor import Executor
 from server.domain.ledger import Figures, Kind, Movement
-from server.domain.model import Product, Reservation
+from server.domain.model import Product
 
 RESERVATION_CREATED = "reservation.created"
 RESERVATION_COMPLETED = "reservation.completed"
@@ -68,13 +76,18 @@ class OutboxEvent:
     created_at: int
 
 
+# Each byte of randomness → one of the 32 characters of base32's lowercase alphabet (256 is a
+# multiple of 32, so each character is equally likely).
+_BASE32 = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[b % 32] for b in range(256))
+ID_CHARS = 26
+
+
 def new_event_ids(count: int) -> list[str]:
-    """`msg_` and 128 random bits each (one read of the OS's randomness for all)."""
-    entropy = secrets.token_bytes(16 * count)
-    return [
-        "msg_" + base64.b32encode(entropy[i : i + 16]).decode().rstrip("=").lower()
-        for i in range(0, 16 * count, 16)
-    ]
+    """`msg_` and 26 random base32 characters each (130 bits; the shape the API's
+    `^msg_[a-z2-7]{26}$` names), from one read of the OS's randomness for all, mapped in C:
+    `base64.b32encode` per id, in Python, was a tenth of an expiry batch's books."""
+    text = secrets.token_bytes(ID_CHARS * count).translate(_BASE32).decode()
+    return ["msg_" + text[i : i + ID_CHARS] for i in range(0, ID_CHARS * count, ID_CHARS)]
 
 
 def stock_data(product_id: int, version: int, seq: int, figures: Figures) -> dict[str, Any]:
@@ -91,22 +104,6 @@ def stock_data(product_id: int, version: int, seq: int, figures: Figures) -> dic
     }
 
 
-def reservation_data(reservation: Reservation) -> dict[str, Any]:
-    completed = reservation.completed_at
-    return {
-        "id": reservation.id,
-        "productId": reservation.product_id,
-        "quantity": reservation.quantity,
-        "status": reservation.status.value,
-        "createdAt": iso(reservation.created_at),
-        "expiresAt": iso(reservation.expires_at),
-        "completedAt": None if completed is None else iso(completed),
-        "orderReference": reservation.order_reference,
-        "cancelledBy": reservation.cancelled_by,
-        "cancelReason": reservation.cancel_reason,
-    }
-
-
 def body(event_type: str, at: int, data: dict[str, Any]) -> str:
     """The event's JSON text, exactly as it is sent and signed."""
     return json.dumps(
@@ -116,39 +113,93 @@ def body(event_type: str, at: int, data: dict[str, Any]) -> str:
     )
 
 
-def movement_event(
-    movement: Movement, product_id: int, version: int, seq: int, figures: Figures, at: int
-) -> tuple[str, str] | None:
-    """The event (type, body) a movement causes by itself, if any."""
-    stock = stock_data(product_id, version, seq, figures)
-    if movement.reservation is not None and movement.kind in RESERVATION_EVENTS:
-        kind = RESERVATION_EVENTS[movement.kind]
-        data: dict[str, Any] = {
-            "reservation": reservation_data(movement.reservation),
-            "stock": stock,
-            "actor": movement.actor,
-        }
-        return kind, body(kind, at, data)
+_STORED = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | None:
+    """The event a movement causes by itself, if any: (type, stored form)."""
+    f = figures
+    reservation = movement.reservation
+    if reservation is not None and movement.kind in RESERVATION_EVENTS:
+        return RESERVATION_EVENTS[movement.kind], _STORED(
+            [
+                reservation.id,
+                reservation.quantity,
+                reservation.status.value,
+                reservation.created_at,
+                reservation.expires_at,
+                reservation.completed_at,
+                reservation.order_reference,
+                reservation.cancelled_by,
+                reservation.cancel_reason,
+                f.available,
+                f.held,
+                f.sold,
+                f.total,
+                movement.actor,
+            ]
+        )
     if movement.kind in (Kind.RESTOCKED, Kind.REDUCED):
         kind = PRODUCT_RESTOCKED if movement.kind is Kind.RESTOCKED else PRODUCT_STOCK_REDUCED
-        data = {"units": movement.units, "stock": stock, "actor": movement.actor}
-        return kind, body(kind, at, data)
+        return kind, _STORED([movement.units, f.available, f.held, f.sold, f.total, movement.actor])
     return None
 
 
-def availability_event(
-    before: Figures, after: Figures, product_id: int, version: int, seq: int, actor: str, at: int
-) -> tuple[str, str] | None:
+def availability_event(before: Figures, after: Figures, actor: str) -> tuple[str, str] | None:
     """`product.sold_out` when a change took the last units, `product.back_in_stock` when
-    one brought units back to a sold-out product (not at its creation)."""
+    one brought units back to a sold-out product (not at its creation): (type, stored
+    form)."""
     if before.available > 0 and after.available == 0:
         kind = PRODUCT_SOLD_OUT
     elif before.available == 0 and after.available > 0 and before.total > 0:
         kind = PRODUCT_BACK_IN_STOCK
     else:
         return None
-    data = {"stock": stock_data(product_id, version, seq, after), "actor": actor}
-    return kind, body(kind, at, data)
+    return kind, _STORED([after.available, after.held, after.sold, after.total, actor])
+
+
+def render(
+    event_type: str, stored: str, product_id: int, version: int, seq: int, created_at: int
+) -> str:
+    """The body of an outbox row, exactly as it is sent and signed: from its stored form
+    and its columns (type, product, version, sequence, `created_at`: the event's time, ms).
+    A stored JSON object is the body already. Raises ValueError for a stored form that is
+    neither (no code writes one)."""
+    if stored.startswith("{"):
+        return stored
+    fields = json.loads(stored)
+    if event_type in _RESERVATION_TYPES:
+        (rid, quantity, status, created, expires, completed, ref, by, reason, *rest) = fields
+        *figures, actor = rest
+        data: dict[str, Any] = {
+            "reservation": {
+                "id": rid,
+                "productId": product_id,
+                "quantity": quantity,
+                "status": status,
+                "createdAt": iso(created),
+                "expiresAt": iso(expires),
+                "completedAt": None if completed is None else iso(completed),
+                "orderReference": ref,
+                "cancelledBy": by,
+                "cancelReason": reason,
+            },
+            "stock": stock_data(product_id, version, seq, Figures(*figures)),
+            "actor": actor,
+        }
+    elif event_type in (PRODUCT_RESTOCKED, PRODUCT_STOCK_REDUCED):
+        units, *figures, actor = fields
+        stock = stock_data(product_id, version, seq, Figures(*figures))
+        data = {"units": units, "stock": stock, "actor": actor}
+    elif event_type in (PRODUCT_SOLD_OUT, PRODUCT_BACK_IN_STOCK):
+        *figures, actor = fields
+        data = {"stock": stock_data(product_id, version, seq, Figures(*figures)), "actor": actor}
+    else:
+        raise ValueError(f"an outbox row of type {event_type!r} holds no body")
+    return body(event_type, created_at, data)
+
+
+_RESERVATION_TYPES = frozenset(RESERVATION_EVENTS.values())
 
 
 def product_updated(product: Product, changed: Sequence[str], actor: str, at: int) -> OutboxEvent:

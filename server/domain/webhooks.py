@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from server.domain import outbox
 from server.domain.executor import Executor, Row
 
 ENDPOINT = (
@@ -335,13 +336,41 @@ async def endpoints_enabled(conn: Executor) -> list[Endpoint]:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A delivery to make: the event's id and body, as stored."""
+    """A delivery to make: the event's id, and its outbox row as stored (`stored`, the
+    product, version and sequence: `outbox.render` makes the body of them)."""
 
     event_id: str
     type: str
-    payload: str
+    stored: str
+    product_id: int
+    version: int
+    seq: int
     created_at: int
     attempts: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Outgoing:
+        return cls(
+            event_id=str(row["event_id"]),
+            type=str(row["type"]),
+            stored=str(row["payload"]),
+            product_id=int(row["product_id"]),
+            version=int(row["version"]),
+            seq=int(row["seq"]),
+            created_at=int(row["created_at"]),
+            attempts=int(row["attempts"]),
+        )
+
+    def body(self) -> str:
+        """The body to send and sign, rendered now (outside any transaction): the same
+        text at every attempt."""
+        return outbox.render(
+            self.type, self.stored, self.product_id, self.version, self.seq, self.created_at
+        )
+
+
+# What a delivery's outbox row is read as.
+OUTGOING = "d.event_id, d.type, d.product_id, d.version, d.seq, d.created_at, d.attempts, o.payload"
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,8 +414,7 @@ async def lease(
         if leased is None:  # another worker took it meanwhile
             continue
         rows = await conn.fetch_all(
-            "SELECT d.event_id, d.type, d.created_at, d.attempts, o.payload "
-            "FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
+            f"SELECT {OUTGOING} FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
             "WHERE d.endpoint_id = :e AND d.product_id = :p AND d.delivered_at IS NULL "
             "ORDER BY d.version, d.seq LIMIT :limit",
             {"e": queue["endpoint_id"], "p": queue["product_id"], "limit": per_queue},
@@ -398,16 +426,7 @@ async def lease(
                 product_id=int(queue["product_id"]),
                 failures=int(leased["failures"]),
                 failing_since=None if since is None else int(since),
-                deliveries=[
-                    Outgoing(
-                        event_id=str(r["event_id"]),
-                        type=str(r["type"]),
-                        payload=str(r["payload"]),
-                        created_at=int(r["created_at"]),
-                        attempts=int(r["attempts"]),
-                    )
-                    for r in rows
-                ],
+                deliveries=[Outgoing.from_row(r) for r in rows],
             )
         )
     return runs
@@ -540,8 +559,8 @@ async def take_redeliveries(
     """Delivered events the operator asked to send again: (endpoint id, delivery), each
     leased until `now + lease_ms` (a worker that dies leaves it to the next)."""
     rows = await conn.fetch_all(
-        "SELECT d.event_id, d.endpoint_id, d.type, d.created_at, d.attempts, o.payload "
-        "FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
+        f"SELECT d.endpoint_id, {OUTGOING} FROM webhook_deliveries d "
+        "JOIN outbox o ON o.id = d.event_id "
         "WHERE d.redeliver_at IS NOT NULL AND d.redeliver_at <= :now "
         "ORDER BY d.redeliver_at LIMIT :limit",
         {"now": now, "limit": limit},
@@ -554,18 +573,7 @@ async def take_redeliveries(
             {"id": row["event_id"], "e": row["endpoint_id"], "now": now, "until": now + lease_ms},
         )
         if claimed is not None:
-            taken.append(
-                (
-                    int(row["endpoint_id"]),
-                    Outgoing(
-                        event_id=str(row["event_id"]),
-                        type=str(row["type"]),
-                        payload=str(row["payload"]),
-                        created_at=int(row["created_at"]),
-                        attempts=int(row["attempts"]),
-                    ),
-                )
-            )
+            taken.append((int(row["endpoint_id"]), Outgoing.from_row(row)))
     return taken
 
 

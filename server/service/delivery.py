@@ -272,8 +272,9 @@ class Deliverer:
         at = now_ms()
         seconds = at // 1000
         moment = datetime.fromtimestamp(seconds, UTC)
+        payload = outgoing.body()
         signature = " ".join(
-            self._signer(secret).sign(outgoing.event_id, moment, outgoing.payload)
+            self._signer(secret).sign(outgoing.event_id, moment, payload)
             for secret in endpoint.secrets(at)
         )
         headers = {
@@ -285,7 +286,7 @@ class Deliverer:
         self.attempts += 1
         try:
             async with self._client.stream(
-                "POST", endpoint.url, content=outgoing.payload.encode(), headers=headers
+                "POST", endpoint.url, content=payload.encode(), headers=headers
             ) as response:
                 status = response.status_code
                 error = None
