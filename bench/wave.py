@@ -23,7 +23,7 @@ from server.infra.redis_client import redis_client
 from server.service.expiry import ExpiryScheduler
 from server.storage.database import Store
 
-LEAD_MS = 10_000  # time to write the holds and schedule their jobs before the first is due
+LEAD_MS = 30_000  # time to write the holds and schedule their jobs before the first is due
 GROUPS = 100  # distinct expiry times within the second
 
 

@@ -7,6 +7,7 @@ inside one transaction (`Store.write`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -31,3 +32,16 @@ class Executor(Protocol):
     async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None: ...
 
     async def execute(self, sql: str, values: Values | None = None) -> None: ...
+
+
+@functools.lru_cache(maxsize=256)
+def values_rows(width: int, count: int) -> tuple[str, tuple[str, ...]]:
+    """`count` rows of `width` placeholders for a multi-row INSERT (`(:v0, :v1), (:v2, :v3)`)
+    and their names in order: bind them with `dict(zip(names, flat_values))`. Made once per
+    shape, so a batch of holds does not format a name per value."""
+    names = tuple(f"v{n}" for n in range(width * count))
+    rows = ", ".join(
+        "(" + ", ".join(":" + name for name in names[r * width : (r + 1) * width]) + ")"
+        for r in range(count)
+    )
+    return rows, names

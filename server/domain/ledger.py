@@ -24,7 +24,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.domain.executor import Executor, Row
+from server.domain.executor import Executor, Row, values_rows
 from server.domain.model import Product, Reservation
 
 # Who moves stock: a shopper (`shopper:<id>` when the shopper is known), the operator, the
@@ -145,30 +145,29 @@ async def insert(conn: Executor, entries: Sequence[Entry]) -> None:
     """Write `entries` with one multi-row INSERT (per `INSERT_CHUNK` rows)."""
     for start in range(0, len(entries), INSERT_CHUNK):
         chunk = entries[start : start + INSERT_CHUNK]
-        rows = []
-        values: dict[str, object] = {}
-        for n, e in enumerate(chunk):
-            rows.append(
-                f"(:p{n}, :v{n}, :s{n}, :m{n}, :r{n}, :u{n}, :a{n}, :h{n}, :o{n}, :t{n}, "
-                f":c{n}, :w{n})"
+        rows, names = values_rows(12, len(chunk))
+        flat = [
+            value
+            for e in chunk
+            for value in (
+                e.product_id,
+                e.version,
+                e.seq,
+                e.kind,
+                e.reservation_id,
+                e.units,
+                e.figures.available,
+                e.figures.held,
+                e.figures.sold,
+                e.figures.total,
+                e.actor,
+                e.at,
             )
-            values.update(
-                {
-                    f"p{n}": e.product_id,
-                    f"v{n}": e.version,
-                    f"s{n}": e.seq,
-                    f"m{n}": e.kind,
-                    f"r{n}": e.reservation_id,
-                    f"u{n}": e.units,
-                    f"a{n}": e.figures.available,
-                    f"h{n}": e.figures.held,
-                    f"o{n}": e.figures.sold,
-                    f"t{n}": e.figures.total,
-                    f"c{n}": e.actor,
-                    f"w{n}": e.at,
-                }
-            )
-        await conn.execute(f"INSERT INTO stock_ledger ({COLUMNS}) VALUES {', '.join(rows)}", values)
+        ]
+        await conn.execute(
+            f"INSERT INTO stock_ledger ({COLUMNS}) VALUES {rows}",
+            dict(zip(names, flat, strict=True)),
+        )
 
 
 # -- reads -------------------------------------------------------------------------------

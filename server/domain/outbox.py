@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.domain.clock import iso
-from server.domain.executor import Executor
+from server.domain.executor import Executor, values_rows
 from server.domain.ledger import Figures, Kind, Movement
 from server.domain.model import Product
 
@@ -240,19 +240,12 @@ async def insert(conn: Executor, events: Sequence[OutboxEvent]) -> None:
     """Write `events` with one multi-row INSERT (per `INSERT_CHUNK` rows)."""
     for start in range(0, len(events), INSERT_CHUNK):
         chunk = events[start : start + INSERT_CHUNK]
-        rows = []
-        values: dict[str, object] = {}
-        for n, e in enumerate(chunk):
-            rows.append(f"(:i{n}, :p{n}, :v{n}, :s{n}, :k{n}, :b{n}, :c{n})")
-            values.update(
-                {
-                    f"i{n}": e.id,
-                    f"p{n}": e.product_id,
-                    f"v{n}": e.version,
-                    f"s{n}": e.seq,
-                    f"k{n}": e.type,
-                    f"b{n}": e.payload,
-                    f"c{n}": e.created_at,
-                }
-            )
-        await conn.execute(f"INSERT INTO outbox ({COLUMNS}) VALUES {', '.join(rows)}", values)
+        rows, names = values_rows(7, len(chunk))
+        flat = [
+            value
+            for e in chunk
+            for value in (e.id, e.product_id, e.version, e.seq, e.type, e.payload, e.created_at)
+        ]
+        await conn.execute(
+            f"INSERT INTO outbox ({COLUMNS}) VALUES {rows}", dict(zip(names, flat, strict=True))
+        )
