@@ -20,6 +20,7 @@ from server.api.http import EXCEPTION_HANDLERS
 from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
 from server.api.ratelimit import FailureThrottle, RateLimiter
+from server.domain.clock import now_ms
 from server.infra.logs import configure_logging
 from server.infra.metrics import DEFERRED
 from server.infra.redis_client import redis_client_for
@@ -58,16 +59,21 @@ def tune_garbage_collector() -> None:
 def _nudge_rooms(
     catalog: Catalog, admitter: Admitter, room: WaitingRoom, frame: dict[str, Any], raw: bytes
 ) -> None:
-    """A stock change of a product with a waiting room, or news of a room (a join, a
-    leave), from any process: the admitter steps at once, if it is the one admitting; news
-    of an admission step (it has counts) makes positions here be read afresh."""
+    """A stock change of a product with a waiting room, or a join or leave while its sale is
+    on, from any process: the admitter steps at once, if it is the one admitting. News of
+    an admission step (it has counts) makes positions here be read again soon."""
     kind = frame.get("type")
-    if kind in ("stock", "room"):
-        product = catalog.get(int(frame["productId"]))
-        if product is not None and product.queue != "off":
-            admitter.nudge(product.id)
-        if kind == "room" and frame.get("waiting") is not None:
-            room.moved(int(frame["productId"]))
+    if kind not in ("stock", "room"):
+        return
+    product = catalog.get(int(frame["productId"]))
+    if product is None or product.queue == "off":
+        return
+    if kind == "stock":
+        admitter.nudge(product.id)
+    elif frame.get("waiting") is not None:
+        room.moved(product.id)  # an admission step's news (its own, too: no nudge)
+    elif product.sale_state(now_ms()) == "open":
+        admitter.nudge(product.id)  # a join or a leave while the sale is on
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

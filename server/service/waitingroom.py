@@ -44,6 +44,11 @@ RoomSink = Callable[[Sequence[RoomChanged]], None]
 # How stale a process's copy of a line may be when it answers a position (s): positions
 # change as the head of the line is admitted; a page is told at most about once a second.
 LINE_SECONDS = 1.0
+# ...and once news says it moved (someone admitted, lapsed, sold out).
+MOVED_SECONDS = 0.2
+# The least time between two admission rounds when nudges keep coming (a storm of stock
+# changes): each round is a transaction per room; more of them admits no sooner.
+MIN_ROUND_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,7 @@ class WaitingRoom:
         self._catalog = catalog
         self._nudge = nudge
         self._lines: dict[int, Lineup] = {}
+        self._moved: dict[int, int] = {}  # product → when news last said its line moved
         self._reading: dict[int, asyncio.Task[Lineup]] = {}
 
     async def product(self, product_id: int) -> Product:
@@ -105,8 +111,8 @@ class WaitingRoom:
         )
         if created:
             self._publish([RoomChanged(product_id, None, None, frozenset({shopper_id}))])
-            if self._nudge is not None:
-                self._nudge(product_id)
+            if self._nudge is not None and product.sale_state(now_ms()) == "open":
+                self._nudge(product_id)  # before the start nobody is admitted: no hurry
         return TicketAnswer(await self.view(ticket, product), created)
 
     async def ticket(self, product_id: int, shopper_id: str | None) -> dict[str, Any]:
@@ -175,8 +181,11 @@ class WaitingRoom:
         """The product's line as last read, read again when older than `max_age` seconds;
         one read at a time per product, whoever asks."""
         line = self._lines.get(product_id)
-        if line is not None and now_ms() - line.at < max_age * 1000:
-            return line
+        if line is not None:
+            if self._moved.get(product_id, 0) >= line.at:
+                max_age = min(max_age, MOVED_SECONDS)
+            if now_ms() - line.at < max_age * 1000:
+                return line
         task = self._reading.get(product_id)
         if task is None:
             task = asyncio.create_task(self._read_line(product_id))
@@ -191,8 +200,10 @@ class WaitingRoom:
         return line
 
     def moved(self, product_id: int) -> None:
-        """News that the product's line moved: the next position is read afresh."""
-        self._lines.pop(product_id, None)
+        """News that the product's line moved (an admission step): positions are read
+        again sooner (`MOVED_SECONDS`), not at once: a line that moves with every join of a
+        storm would otherwise be read whole for every join."""
+        self._moved[product_id] = now_ms()
 
     def cached_line(self, product_id: int) -> Lineup | None:
         return self._lines.get(product_id)
@@ -280,6 +291,7 @@ class Admitter:
             except TimeoutError:
                 pass
             self._wake.clear()
+            started = time.monotonic()
             try:
                 await self.step_all()
             except asyncio.CancelledError:
@@ -288,6 +300,9 @@ class Admitter:
                 logger.warning("waiting room: an admission step failed (%s); next tick", exc)
             except Exception:
                 logger.exception("waiting room: an admission step failed")
+            rest = MIN_ROUND_SECONDS - (time.monotonic() - started)
+            if rest > 0 and self._wake.is_set():
+                await asyncio.sleep(rest)
 
     async def step_all(self) -> list[Admission]:
         """One step of every room, if this process holds (or can take) the lease."""
