@@ -287,6 +287,8 @@ class Hub:
         if shopper is None or self._room is None or client.closed:
             return
         self._shoppers.setdefault(shopper, set()).add(client)
+        if not self._room.any_rooms():
+            return  # a storm of sockets on a shop without rooms costs no query each
         for ticket in await self._room.tickets_of_shopper(shopper):
             client.tickets[ticket.product_id] = ticket
         await self._tell_tickets([client], set(client.tickets), force=True)

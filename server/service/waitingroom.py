@@ -81,6 +81,8 @@ class WaitingRoom:
         self._nudge = nudge
         self._lines: dict[int, Lineup] = {}
         self._moved: dict[int, int] = {}  # product → when news last said its line moved
+        self._any_rooms = True
+        self._rooms_checked_at = -1e9
         self._reading: dict[int, asyncio.Task[Lineup]] = {}
 
     async def product(self, product_id: int) -> Product:
@@ -92,6 +94,17 @@ class WaitingRoom:
         if product is None:
             raise ProductNotFound(product_id)
         return product
+
+    def any_rooms(self) -> bool:
+        """Whether any product this process knows of has a room (a socket's connect asks
+        for its shopper's tickets only then). Without a catalog: assume so."""
+        if self._catalog is None:
+            return True
+        now = time.monotonic()
+        if now - self._rooms_checked_at > 1.0:
+            self._rooms_checked_at = now
+            self._any_rooms = any(p.queue != "off" for p in self._catalog.all())
+        return self._any_rooms
 
     def opens_at(self, product: Product) -> int | None:
         return waitingroom.opens_at(product, self._opens_ms)
