@@ -255,12 +255,21 @@ class NoTicket(DomainError):
 class NotAdmitted(DomainError):
     """A reservation of a product whose waiting room is active, by a shopper without a
     valid pass. `position`: the shopper's place in line (1 = next), None when they have no
-    ticket, or it has ended, or the random draw has not been made yet."""
+    ticket, or it has ended, or the random draw has not been made yet. `units`: the request
+    asked for more than a pass allows (`maxPerShopper`, or 1 without one); the pass, if
+    any, is kept."""
 
     code = "not_admitted"
 
-    def __init__(self, position: int | None, state: str | None = None) -> None:
-        if position is not None:
+    def __init__(
+        self, position: int | None, state: str | None = None, *, units: int | None = None
+    ) -> None:
+        if units is not None:
+            text = (
+                f"Your turn in the waiting room is for at most {units} "
+                f"unit{'' if units == 1 else 's'}: ask for fewer."
+            )
+        elif position is not None:
             text = f"It is not your turn yet: you are number {position} in the waiting room."
         elif state == "waiting":
             text = "It is not your turn yet: your place in the waiting room is drawn at the start."
@@ -270,6 +279,7 @@ class NotAdmitted(DomainError):
             text = f"You cannot reserve this product now: your ticket is {state.replace('_', ' ')}."
         super().__init__(text)
         self.position = position
+        self.units = units
         self.state = state
 
     def body(self) -> dict[str, Any]:

@@ -205,17 +205,18 @@ async def _reserve_round(
         # The waiting room's gate first (issue 17): the shoppers' tickets before the
         # product and the allowances, the order every transaction takes them in.
         passes = await waitingroom.take_passes(
-            conn, product_id, [requests[i].shopper_id for i in all_indexes], now=now
+            conn,
+            product_id,
+            [(requests[i].shopper_id, requests[i].quantity) for i in all_indexes],
+            now=now,
         )
         if passes is not None:
             kept = []
-            for i, ok in zip(all_indexes, passes, strict=True):
-                if ok:
+            for i, refused_by_room in zip(all_indexes, passes, strict=True):
+                if refused_by_room is None:
                     kept.append(i)
                 else:
-                    outcomes[i] = Outcome(
-                        error=await waitingroom.refusal(conn, product_id, requests[i].shopper_id)
-                    )
+                    outcomes[i] = Outcome(error=refused_by_room)
             passed[product_id] = kept
             all_indexes = kept
             if not all_indexes:

@@ -305,35 +305,45 @@ async def drawn_at(conn: Executor, product_id: int) -> int | None:
 # -- the gate, in the reservation's transaction ---------------------------------------------
 
 
-async def gated(conn: Executor, product_id: int) -> bool:
-    """Whether reservations of the product need a pass now: it has a room, and either its
-    sale has a start time (the room is in front of the whole sale) or someone is in line
-    (a waitlist: units go to those waiting first)."""
+async def gated(conn: Executor, product_id: int) -> int | None:
+    """Whether reservations of the product need a pass now: None when not; else the units
+    a pass lets its shopper take (`units_per_pass`). It needs one when it has a room, and
+    either its sale has a start time (the room is in front of the whole sale) or someone is
+    in line (a waitlist: units go to those waiting first)."""
     row = await conn.fetch_one(
-        "SELECT queue, sale_starts_at FROM products WHERE id = :p", {"p": product_id}
+        "SELECT queue, sale_starts_at, max_per_shopper FROM products WHERE id = :p",
+        {"p": product_id},
     )
     if row is None or row["queue"] == "off":
-        return False
+        return None
+    per_pass = int(row["max_per_shopper"] or 1)
     if row["sale_starts_at"] is not None:
-        return True
+        return per_pass
     waiting = await conn.fetch_one(
         "SELECT 1 AS one FROM queue_tickets WHERE product_id = :p "
         "AND state IN ('waiting', 'admitted') LIMIT 1",
         {"p": product_id},
     )
-    return waiting is not None
+    return None if waiting is None else per_pass
 
 
 async def take_passes(
-    conn: Executor, product_id: int, shopper_ids: Sequence[str | None], *, now: int
-) -> list[bool] | None:
+    conn: Executor,
+    product_id: int,
+    wanted_by: Sequence[tuple[str | None, int]],
+    *,
+    now: int,
+) -> list[NotAdmitted | None] | None:
     """The gate: None when the product needs no pass now (`gated`); otherwise, per request
-    (by its shopper), whether it had a valid pass, which it has now used (`reserved`). A
-    shopper's pass is good for one reservation: a second request of theirs in the same
-    batch has none."""
-    if not await gated(conn, product_id):
+    (its shopper and the units it asks for), None when it had a valid pass, which it has
+    now used (`reserved`), or why it is refused. A shopper's pass is good for one
+    reservation of at most `units_per_pass` units: a second request of theirs in the same
+    batch has none, and a request for more is refused with the pass left unused (the
+    others admitted with it were admitted for those units)."""
+    per_pass = await gated(conn, product_id)
+    if per_pass is None:
         return None
-    wanted = sorted({s for s in shopper_ids if s is not None})
+    wanted = sorted({s for s, units in wanted_by if s is not None and units <= per_pass})
     used: set[str] = set()
     for start in range(0, len(wanted), CHUNK):
         names = {f"s{n}": s for n, s in enumerate(wanted[start : start + CHUNK])}
@@ -344,13 +354,16 @@ async def take_passes(
             {"p": product_id, "now": now, **names},
         )
         used.update(str(row["shopper_id"]) for row in rows)
-    fits = []
-    for shopper in shopper_ids:
-        ok = shopper is not None and shopper in used
-        if ok:
+    answers: list[NotAdmitted | None] = []
+    for shopper, units in wanted_by:
+        if shopper is not None and shopper in used and units <= per_pass:
             used.discard(shopper)
-        fits.append(ok)
-    return fits
+            answers.append(None)
+        elif units > per_pass:
+            answers.append(NotAdmitted(None, TicketState.ADMITTED.value, units=per_pass))
+        else:
+            answers.append(await refusal(conn, product_id, shopper))
+    return answers
 
 
 async def give_back_passes(conn: Executor, product_id: int, shopper_ids: Sequence[str]) -> None:
