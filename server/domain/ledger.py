@@ -439,10 +439,11 @@ async def history(
     movement (before it was made, or rows that retention removed) are left out.
 
     One statement whatever the history or the traffic: for each step's end, the ledger's
-    last row before it, found through the index by time (`stock_ledger_by_moment`, migration 0011) with one
-    seek. Its cost is the number of steps (at most `MAX_POINTS`), not the rows in the range:
-    a storm's thousands of movements a second cost what a quiet hour does. Steps are aligned
-    to multiples of `step` since the epoch, so that two requests agree."""
+    last row before it, found through the index by time (`stock_ledger_by_moment`, which
+    holds the whole ORDER BY: migration 0011) with one seek. Its cost is the number of
+    steps (at most `MAX_POINTS`), not the rows in the range: a storm's thousands of
+    movements a second, many of them in one instant, cost what a quiet hour does. Steps are
+    aligned to multiples of `step` since the epoch, so that two requests agree."""
     first = since // step
     last = (until - 1) // step
     # The end of each step (the range's end for the last), and, first, the range's start:
