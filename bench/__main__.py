@@ -41,6 +41,7 @@ from bench import (
     stack,
     steady,
     storm,
+    waitingroom,
     wave,
     webhooks,
     wrk,
@@ -51,7 +52,7 @@ from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SCENARIOS = ["storm", "paths", "wave", "webhooks", "steady", "fanout"]
-SCENARIOS = [*DEFAULT_SCENARIOS, "shoppers", "history"]
+SCENARIOS = [*DEFAULT_SCENARIOS, "shoppers", "queue", "history"]
 CONFIGS = ["sqlite-w1", "sqlite-w2", "postgresql-w1", "postgresql-w2"]
 
 
@@ -91,6 +92,9 @@ class Sizes:
     history_holds: list[int]  # past holds to load, after the empty run
     history_products: int  # 0: one per 100 holds
     socket_seconds: float  # pages opening /ws, in the history scenario
+    queue_early: int  # shoppers joining the waiting room in the minute before the start
+    queue_late: int  # and in its first second
+    queue_minute: float  # that minute, in seconds
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -142,6 +146,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=VALUE",
         help="a setting for the service under test, e.g. --set MAX_IN_FLIGHT=20000 (repeatable)",
+    )
+    parser.add_argument(
+        "--queue-early",
+        type=int,
+        help="queue: shoppers joining in the minute before the start (default 5,000)",
+    )
+    parser.add_argument(
+        "--queue-late", type=int, help="queue: shoppers joining in its first second (10,000)"
+    )
+    parser.add_argument(
+        "--queue-minute",
+        type=float,
+        help="queue: the minute before the start, in seconds (default 60; quick 10)",
     )
     parser.add_argument("--steady-seconds", type=float, help="default 60")
     parser.add_argument(
@@ -210,6 +227,9 @@ def sizes(args: argparse.Namespace) -> Sizes:
         history_holds=pick(args.history_holds, [100_000, 1_000_000], [2_000, 20_000]),
         history_products=args.history_products,
         socket_seconds=5.0 if not quick else 2.0,
+        queue_early=pick(args.queue_early, 5_000, 500),
+        queue_late=pick(args.queue_late, 10_000, 1_000),
+        queue_minute=pick(args.queue_minute, 60.0, 10.0),
     )
 
 
@@ -237,9 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk is needed (apt-get install wrk)", file=sys.stderr)
         return 2
 
-    # Every socket is a file descriptor, here and in the processes started from here.
+    # Every socket is a file descriptor, here and in the processes started from here (the
+    # waiting room's 15,000 pages are 30,000 of them in one web process: more than a usual
+    # hard limit, which root may raise).
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65_536), max(hard, 65_536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     out = RESULTS / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     settings = Settings()
@@ -428,6 +453,33 @@ def run_config(
                 )
         if runs:
             fanned = {"label": config.label, "config": config.name, "runs": runs}
+        if "queue" in scenarios:
+            progress.step(
+                f"{config.label} · waiting room ({size.queue_early:,} join in the "
+                f"{size.queue_minute:g} s before the start, {size.queue_late:,} in its first "
+                "second)"
+            )
+            # A service of its own: every page is a socket (more than WS_MAX_CLIENTS'
+            # default) and all come from one address.
+            with stack.service(
+                db_url,
+                redis.url,
+                work / "queue",
+                web_concurrency=config.web_concurrency,
+                **{
+                    "HOLD_SECONDS": "3600",
+                    "LOG_LEVEL": log_level,
+                    **waitingroom.SETTINGS,
+                    **overrides,
+                },
+            ) as service:
+                result["queue"] = waitingroom.run(
+                    service,
+                    early=size.queue_early,
+                    late=size.queue_late,
+                    units=size.storm_units,
+                    minute_seconds=size.queue_minute,
+                )
         if "steady" in scenarios:
             progress.step(
                 f"{config.label} · steady shop ({size.steady_seconds:g} s, "

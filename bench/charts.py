@@ -8,6 +8,9 @@
 - `paths-throughput.png`: requests/s per path beside the bare endpoint, one bar per
   configuration (W=1 → W=2 → PostgreSQL), and the same as shares of the bare endpoint.
 - `steady.png`: the steady shop's throughput per second and latency per kind.
+- `queue-<configuration>.png`: the waiting room: each join's latency over the whole run,
+  then the sale's first seconds: shoppers admitted, units held and sold, tickets told
+  `sold_out`, and each reservation's latency.
 """
 
 from __future__ import annotations
@@ -43,7 +46,84 @@ def draw_all(report: dict[str, Any], out: Path) -> dict[str, str]:
     if any("steady" in c for c in report["configs"]):
         steady(report["configs"], out / "steady.png")
         charts["steady"] = "steady.png"
+    for config in report["configs"]:
+        if "queue" in config:
+            name = f"queue-{config['name']}.png"
+            queue(config["queue"], config["label"], out / name)
+            charts[f"queue-{config['name']}"] = name
     return charts
+
+
+def queue(result: dict[str, Any], label: str, path: Path) -> None:
+    series = result["series"]
+    fig, (joins, sale, latency) = plt.subplots(3, 1, figsize=(10, 10))
+    fig.suptitle(
+        f"Waiting room, {label}: {result['early']:,} join in the {result['minute_seconds']:g} s "
+        f"before the start, {result['late']:,} in its first second; {result['units']} units"
+    )
+    points = series["joins"]
+    for klass, color in STATUS_COLORS.items():
+        chosen = [p for p in points if p[2] // 100 == klass]
+        if chosen:
+            joins.scatter(
+                [p[0] / 1000 for p in chosen],
+                [p[1] for p in chosen],
+                s=3,
+                color=color,
+                alpha=0.5,
+                label=f"{klass}xx ({len(chosen):,})" if klass else f"no answer ({len(chosen):,})",
+            )
+    joins.axhline(50, color="grey", linestyle=":", label="goal: p99 ≤ 50 ms")
+    joins.axvline(0, color="black", linewidth=0.8)
+    joins.set_xlabel("s from the sale's start")
+    joins.set_ylabel("join latency (ms)")
+    joins.set_title("joining the line, each join at the time it was answered")
+    joins.legend(loc="upper left", markerscale=3)
+    joins.grid(alpha=0.3)
+
+    def cumulative(ax: Any, times: list[float], name: str, **style: Any) -> None:
+        if times:
+            ordered = sorted(times)
+            ax.step(
+                [0.0, *ordered], list(range(len(ordered) + 1)), where="post", label=name, **style
+            )
+
+    end = max([*series["sold_out"], *series["sold"], *series["held"], 2_000.0]) + 200
+    cumulative(sale, series["admitted"], f"admitted ({len(series['admitted'])})")
+    cumulative(sale, series["held"], f"units held ({len(series['held'])})")
+    cumulative(sale, series["sold"], f"units sold ({len(series['sold'])})")
+    told = sale.twinx()
+    cumulative(
+        told,
+        series["sold_out"],
+        f"tickets told sold_out ({len(series['sold_out']):,}, right axis)",
+        color="#d62728",
+        linestyle="--",
+    )
+    told.set_ylabel("tickets told sold_out")
+    sale.axvline(2000, color="grey", linestyle=":", label="goal: all held by 2 s")
+    sale.set_xlim(-100, end)
+    sale.set_xlabel("ms from the sale's start")
+    sale.set_ylabel("shoppers / units")
+    sale.set_title("the sale: admitted, held, sold; tickets told sold_out")
+    handles, labels = sale.get_legend_handles_labels()
+    more, more_labels = told.get_legend_handles_labels()
+    sale.legend(handles + more, labels + more_labels, loc="center right", fontsize=8)
+    sale.grid(alpha=0.3)
+
+    reservations = series["reservations"]
+    if reservations:
+        latency.scatter(
+            [r[0] for r in reservations], [r[1] for r in reservations], s=6, color=COLORS[0]
+        )
+    latency.set_xlim(-100, end)
+    latency.set_xlabel("ms from the sale's start")
+    latency.set_ylabel("reservation latency (ms)")
+    latency.set_title("admitted shoppers' reservations, at the time each was answered")
+    latency.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def storm(result: dict[str, Any], label: str, path: Path) -> None:

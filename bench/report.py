@@ -106,6 +106,58 @@ def _steady_5xx(config: dict[str, Any]) -> tuple[str, bool] | None:
     )
 
 
+QUEUE_JOIN_P99_MS = 50.0  # issue 17's goals for the waiting room
+QUEUE_ALL_HELD_MS = 2_000.0
+QUEUE_TOLD_MS = 1_000.0
+
+
+def _queue_join(config: dict[str, Any]) -> tuple[str, bool] | None:
+    q = config.get("queue")
+    if q is None:
+        return None
+    p99 = q["join_ms"].get("p99")
+    failed = sum(n for status, n in q["join_statuses"].items() if status not in ("200", "201"))
+    return (
+        f"p99 {p99} ms ({q['join_first_second_ms'].get('p99')} in the first second), "
+        f"{failed} not joined",
+        p99 is not None and p99 <= QUEUE_JOIN_P99_MS and not failed,
+    )
+
+
+def _queue_sold(config: dict[str, Any]) -> tuple[str, bool] | None:
+    q = config.get("queue")
+    if q is None:
+        return None
+    sold = q["stats_after"]["sold"]
+    return (
+        f"{q['sold']} bought, {sold} sold by the stats, {q['admitted']} admitted",
+        q["sold"] == sold == q["units"],
+    )
+
+
+def _queue_held(config: dict[str, Any]) -> tuple[str, bool] | None:
+    q = config.get("queue")
+    if q is None:
+        return None
+    at = q["all_held_ms"]
+    return (
+        f"{q['held']} held, the last {at} ms after the start",
+        at is not None and at <= QUEUE_ALL_HELD_MS,
+    )
+
+
+def _queue_told(config: dict[str, Any]) -> tuple[str, bool] | None:
+    q = config.get("queue")
+    if q is None:
+        return None
+    told = q["sold_out_after_last_sale_ms"].get("max")
+    final = "every ticket final" if q["every_ticket_final"] else "**not every ticket final**"
+    return (
+        f"the last {told} ms after the last sale; {final}",
+        told is not None and told <= QUEUE_TOLD_MS and q["every_ticket_final"],
+    )
+
+
 HISTORY_SHARE = 0.9  # of the empty database's figure, with a month of history
 OPERATOR_MS = 50.0  # the operator console's requests, p90
 
@@ -198,6 +250,25 @@ GOALS = [
         "steady", "available + held + sold == total; nothing held after expiry", _steady_invariant
     ),
     Goal("steady", "no 5xx, every request answered", _steady_5xx),
+    # The waiting room (issue 17): `bin/bench queue`.
+    Goal(
+        "queue",
+        f"joining the line: p99 ≤ {QUEUE_JOIN_P99_MS:g} ms, every join answered",
+        _queue_join,
+    ),
+    Goal("queue", "exactly the stock sold through the room, never more", _queue_sold),
+    Goal(
+        "queue",
+        f"all units held within {QUEUE_ALL_HELD_MS / 1000:g} s of the start (every admitted "
+        "shopper reserving at once)",
+        _queue_held,
+    ),
+    Goal(
+        "queue",
+        f"every remaining ticket told `sold_out` within {QUEUE_TOLD_MS / 1000:g} s of the last "
+        "unit's sale",
+        _queue_told,
+    ),
     # A month of sales (`bin/bench history`): the wave's goal above applies with history too.
     Goal(
         "history",
@@ -353,6 +424,8 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
         lines += _wave_section(configs, charts)
     if any("steady" in c for c in configs):
         lines += _steady(configs, charts)
+    if any("queue" in c for c in configs):
+        lines += _queue(configs, charts)
     if report.get("fanout"):
         lines += _fanout(report["fanout"])
     if any("history" in c for c in configs):
@@ -579,6 +652,76 @@ def _steady(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
     lines += _table(["", *(c["label"] for c in runs)], rows)
     if "steady" in charts:
         lines += [f"![steady shop]({charts['steady']})", ""]
+    return lines
+
+
+def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
+    runs = [c for c in configs if "queue" in c]
+    q0 = runs[0]["queue"]
+    lines = [
+        "## The waiting room",
+        "",
+        f"{q0['units']} units with a queue (`{q0['mode']}`); {q0['early']:,} shoppers join "
+        f"the line at random moments of the {q0['minute_seconds']:g} s before the start, "
+        f"{q0['late']:,} more in its first second. Each is a page already open (a socket with "
+        "its own shopper cookie, and a keep-alive connection; separate processes); an "
+        "admitted shopper reserves one unit the moment its socket says so, and buys it at once. "
+        "Times in ms from the start.",
+        "",
+    ]
+
+    def row(name: str, value: Callable[[dict[str, Any]], str]) -> list[str]:
+        return [name, *(value(c["queue"]) for c in runs)]
+
+    def pct(d: dict[str, float]) -> str:
+        return " / ".join(_ms(d.get(k)) for k in ("p50", "p99", "max"))
+
+    lines += _table(
+        ["", *(c["label"] for c in runs)],
+        [
+            row("join: p50 / p99 / max (ms)", lambda q: pct(q["join_ms"])),
+            row("join before the start: p50 / p99 / max", lambda q: pct(q["join_before_start_ms"])),
+            row(
+                "join in the first second: p50 / p99 / max",
+                lambda q: pct(q["join_first_second_ms"]),
+            ),
+            row(
+                "join statuses",
+                lambda q: ", ".join(f"{k}: {v}" for k, v in sorted(q["join_statuses"].items())),
+            ),
+            row(
+                "admitted (of them joined before the start)",
+                lambda q: f"{q['admitted']} ({q['admitted_early']})",
+            ),
+            row("first admitted", lambda q: _ms(q["first_admitted_ms"])),
+            row("all units held", lambda q: f"{_ms(q['all_held_ms'])} ({q['held']} held)"),
+            row("all units sold", lambda q: f"{_ms(q['all_sold_ms'])} ({q['sold']} sold)"),
+            row(
+                "`sold_out` reaches a socket, after the last sale: p50 / p99 / max",
+                lambda q: pct(q["sold_out_after_last_sale_ms"]),
+            ),
+            row("every ticket final", lambda q: _ms(q["all_final_ms"])),
+            row(
+                "final states",
+                lambda q: ", ".join(f"{k}: {v}" for k, v in sorted(q["final_states"].items())),
+            ),
+            row(
+                "admitted shopper's wait, mean: from the start / from joining",
+                lambda q: f"{_ms(q['wait_from_start_ms'])} / {_ms(q['wait_from_join_ms'])}",
+            ),
+            row("reservations with the room on: p50 / p99 / max", lambda q: pct(q["reserve_ms"])),
+            row(
+                "reservation statuses",
+                lambda q: ", ".join(f"{k}: {v}" for k, v in sorted(q["reserve_statuses"].items())),
+            ),
+            row("ticket frames received", lambda q: f"{q['ticket_frames']:,}"),
+            row("shoppers' CPU (s)", lambda q: str(q["shopper_cpu_seconds"])),
+        ],
+    )
+    for c in runs:
+        chart = charts.get(f"queue-{c['name']}")
+        if chart:
+            lines += [f"![waiting room, {c['label']}]({chart})", ""]
     return lines
 
 

@@ -1,0 +1,225 @@
+"""A process of shoppers in a waiting room (issue 17), for the `queue` scenario.
+
+`python -m bench.queuers HOST PORT PRODUCT_ID START_MS` reads from stdin one JSON line:
+`{"offsets": [ms, ...], "cookies": ["shopper=...", ...]}`: for each shopper, when it joins
+the line (ms from the sale's start; negative: before it) and its identity (the `shopper`
+cookie the shop page sets). Each shopper is a page already open: a `/ws` socket with its
+cookie (the server pushes its `ticket` frames there) and a keep-alive connection for its
+requests. It prints `ready N` once every socket has its snapshot, then, for each shopper:
+
+1. at its time, `POST /api/products/{id}/queue` (join);
+2. when its socket says `admitted`, at once `POST /api/reservations` (one unit), and on
+   the 201 `POST /api/reservations/{id}/complete` (it buys: the room closes once nothing
+   is available and nothing is held);
+3. it is done when its ticket's state is final: `sold_out`, or `reserved` once bought, or
+   `lapsed` / `left` (it does not join again).
+
+When every shopper is done, or at START_MS + the deadline (`QUEUERS_DEADLINE_S`, 60 s), it
+prints one JSON line `{"shoppers": [Row, ...], "cpu_seconds": s}`, where Row is
+`[offset, join_sent, join_answered, join_status, admitted_at, reserve_sent,
+reserve_answered, reserve_status, complete_answered, complete_status, final_state,
+final_at, position_at_admission, frames]` (epoch ms, 0 where it did not happen).
+
+The clients are lean (raw asyncio protocols on uvloop), as the storm's are: the measuring
+must not take the CPU the server needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import resource
+import sys
+from typing import cast
+
+import uvloop
+
+from bench.rawhttp import Connection, now_ms, request_bytes
+from bench.wsclients import Client, _returning
+
+FINAL = {"sold_out", "lapsed", "left"}
+_STATE = re.compile(rb'"state":"([a-z_]+)"')
+_POSITION = re.compile(rb'"position":(\d+|null)')
+_ID = re.compile(rb'"id":"([^"]+)"')
+_CODE = re.compile(rb'"code":"([a-z_]+)"')
+
+
+class Shopper(Client):
+    """One shopper's page: its socket (ticket frames) and its connection (requests)."""
+
+    def __init__(self, product_id: int, host: str, path: str, cookie: str) -> None:
+        super().__init__(product_id, host, path)
+        self.cookie = cookie
+        self.http: Connection | None = None
+        self.row: list[object] = [0] * 14
+        self.frames = 0  # ticket frames received
+        self.state = ""
+        self.joined = asyncio.get_running_loop().create_future()
+        self.done = asyncio.get_running_loop().create_future()
+        self.busy = False  # reserving or completing: one request at a time on its connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(
+            (
+                f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nCookie: {self.cookie}\r\n\r\n"
+            ).encode()
+        )
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x9 and self.transport is not None:  # ping: answer, masked (key 0)
+            self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+            return
+        if opcode != 0x1:
+            return
+        if not self.ready.done() and payload.startswith(b'{"type":"snapshot"'):
+            self.ready.set_result(None)
+            return
+        if b'"type":"ticket"' not in payload[:40]:
+            return  # stock and queue frames: every page gets them; the shopper needs none
+        found = _STATE.search(payload)
+        if not found:
+            return
+        at = now_ms()
+        self.frames += 1
+        state = found.group(1).decode()
+        if state == self.state:
+            return
+        self.state = state
+        if state == "admitted" and not self.row[4]:
+            self.row[4] = at
+            position = _POSITION.search(payload)
+            self.row[12] = (
+                int(position.group(1)) if position and position.group(1) != b"null" else 0
+            )
+            asyncio.get_running_loop().create_task(self.buy())
+        elif state in FINAL:
+            self.finish(state, at)
+
+    def finish(self, state: str, at: float) -> None:
+        if not self.done.done():
+            self.row[10], self.row[11] = state, at
+            self.done.set_result(None)
+
+    def result(self) -> list[object]:
+        self.row[13] = self.frames
+        if not self.done.done():
+            self.row[10] = self.state or "no ticket frame"
+        return self.row
+
+    async def join(self, request: bytes) -> None:
+        assert self.http is not None
+        self.row[1] = now_ms()
+        response = await self.http.request(request)
+        self.row[2], self.row[3] = self.http.answered_at, response.status
+        self.joined.set_result(None)
+        if response.status not in (200, 201):
+            found = _CODE.search(response.body)
+            self.finish(f"join {response.status} {found.group(1).decode() if found else ''}", 0)
+            return
+        # The answer may already be final (a late joiner after the room closed).
+        state = _STATE.search(response.body)
+        if state and state.group(1).decode() in FINAL and not self.done.done():
+            self.finish(state.group(1).decode(), self.http.answered_at)
+
+    async def buy(self) -> None:
+        await self.joined  # its connection carries one request at a time
+        assert self.http is not None
+        authority = self.host
+        body = json.dumps({"productId": int(self.product), "quantity": 1}).encode()
+        self.row[5] = now_ms()
+        headers = {"Cookie": self.cookie, "Idempotency-Key": os.urandom(12).hex()}
+        response = await self.http.request(
+            request_bytes("POST", "/api/reservations", authority, body, headers)
+        )
+        self.row[6], self.row[7] = self.http.answered_at, response.status
+        if response.status != 201:
+            found = _CODE.search(response.body)
+            self.finish(f"reserve {response.status} {found.group(1).decode() if found else ''}", 0)
+            return
+        hold = _ID.search(response.body)
+        assert hold is not None
+        done = await self.http.request(
+            request_bytes(
+                "POST",
+                f"/api/reservations/{hold.group(1).decode()}/complete",
+                authority,
+                b"",
+                {"Cookie": self.cookie},
+            )
+        )
+        self.row[8], self.row[9] = self.http.answered_at, done.status
+        self.finish("reserved", self.http.answered_at)
+
+
+async def main(host: str, port: int, product_id: int, start_ms: float) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    plan = json.loads(sys.stdin.readline())
+    offsets: list[float] = plan["offsets"]
+    cookies: list[str] = plan["cookies"]
+    loop = asyncio.get_running_loop()
+    authority = f"{host}:{port}"
+    shoppers: list[Shopper] = []
+    for start in range(0, len(offsets), 100):  # in batches: the listen backlog is finite
+        batch = [
+            Shopper(product_id, authority, "/ws", cookie) for cookie in cookies[start : start + 100]
+        ]
+        await asyncio.gather(*(loop.create_connection(_returning(s), host, port) for s in batch))
+        await asyncio.gather(*(s.ready for s in batch))
+        connections = await asyncio.gather(*(Connection.open(host, port) for _ in batch))
+        for shopper, connection in zip(batch, connections, strict=True):
+            shopper.http = connection
+        shoppers += batch
+    print(f"ready {len(shoppers)}", flush=True)
+
+    joins = [
+        request_bytes(
+            "POST", f"/api/products/{product_id}/queue", authority, b"", {"Cookie": cookie}
+        )
+        for cookie in cookies
+    ]
+    order = sorted(range(len(shoppers)), key=lambda i: offsets[i])
+    for shopper, offset in zip(shoppers, offsets, strict=True):
+        shopper.row[0] = offset
+    tasks = []
+    for i in order:
+        due = start_ms + offsets[i]
+        delay = (due - now_ms()) / 1000
+        if delay > 0.002:
+            await asyncio.sleep(delay - 0.001)
+        tasks.append(loop.create_task(shoppers[i].join(joins[i])))
+    deadline = start_ms + float(os.environ.get("QUEUERS_DEADLINE_S", "60")) * 1000
+    await asyncio.wait(
+        [asyncio.ensure_future(s.done) for s in shoppers],
+        timeout=max(0.0, (deadline - now_ms()) / 1000),
+    )
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "shoppers": [s.result() for s in shoppers],
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            }
+        ),
+        flush=True,
+    )
+    for shopper in shoppers:
+        if shopper.transport is not None:
+            shopper.transport.close()
+        if shopper.http is not None:
+            shopper.http.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.sleep(0.05)  # let the closes go out
+
+
+if __name__ == "__main__":
+    host, port, product_id, start_ms = sys.argv[1:5]
+    uvloop.run(main(host, int(port), int(product_id), float(start_ms)))

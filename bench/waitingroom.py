@@ -1,0 +1,287 @@
+"""Scenario `queue`: the waiting room (issue 17). A product of 100 units with a queue (`random`:
+a fair draw at the start) goes on sale a minute ahead; 5,000 shoppers join the line during
+that minute, 10,000 more in the sale's first second. Every shopper is a page already open
+(a `/ws` socket with its own `shopper` cookie, and a keep-alive connection), in separate
+processes (`bench/queuers.py`); an admitted shopper reserves one unit the moment its socket
+says so, and buys it at once.
+
+Reported: the joins' latency (p50/p99/max; those before the start and those in the first
+second apart), the time from the start until the 100 units are held and until they are
+sold, until every ticket has its final state and how long after the last sale the last
+`sold_out` reached its socket, how long the average admitted shopper waited (from the
+start, and from joining), and the reservations' latency with the room on. The operator's
+stats are polled for the stock over time, as in the storm.
+
+The minute before the start may be compressed (`--queue-minute`; the room opens
+`QUEUE_OPENS_SECONDS` before the start, half an hour by default, so the whole minute is
+inside it whatever its length).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from bench import identities
+from bench.rawhttp import now_ms
+from bench.stack import Target
+from bench.storm import StatsPoller, _percentiles
+from server.domain.clock import iso, parse_iso
+
+ROOT = Path(__file__).resolve().parent.parent
+# The service's settings for this scenario (a `--set` still wins): every page is a socket,
+# 15,000 of them, more than a process takes by default.
+SETTINGS = {"WS_MAX_CLIENTS": "40000"}
+
+# The row each shopper process reports (bench/queuers.py).
+(
+    OFFSET,
+    JOIN_SENT,
+    JOIN_ANSWERED,
+    JOIN_STATUS,
+    ADMITTED,
+    RESERVE_SENT,
+    RESERVE_ANSWERED,
+    RESERVE_STATUS,
+    COMPLETE_ANSWERED,
+    COMPLETE_STATUS,
+    FINAL_STATE,
+    FINAL_AT,
+    POSITION,
+    FRAMES,
+) = range(14)
+
+
+def _spawn(
+    service: Target,
+    product_id: int,
+    start_ms: float,
+    offsets: list[float],
+    cookies: list[str],
+    processes: int,
+) -> list[subprocess.Popen[str]]:
+    address = urlsplit(service.base_url)
+    host, port = address.hostname or "127.0.0.1", str(address.port or 80)
+    procs = []
+    for n in range(processes):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.queuers", host, port, str(product_id), str(start_ms)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(
+            json.dumps({"offsets": offsets[n::processes], "cookies": cookies[n::processes]}) + "\n"
+        )
+        proc.stdin.flush()
+        procs.append(proc)
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"a shopper process failed: {line!r}")
+    return procs
+
+
+def run(
+    service: Target,
+    *,
+    early: int = 5_000,
+    late: int = 10_000,
+    units: int = 100,
+    minute_seconds: float = 60.0,
+    mode: str = "random",
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The waiting room's sale. `early` shoppers join at random moments of the
+    `minute_seconds` before the start, `late` ones in its first second."""
+    total = early + late
+    chooser = random.Random(seed)
+    offsets = [chooser.uniform(-minute_seconds * 1000, 0) for _ in range(early)]
+    offsets += [chooser.uniform(0, 1000) for _ in range(late)]
+    chooser.shuffle(offsets)
+    cookies = [h["Cookie"] for h in identities.headers("cookie", total)]
+    processes = max(1, min(4, total // 2_000))
+    # Time to open every page (a socket and a connection each: ~2,000 a second on a busy
+    # 2-core machine) before the first shopper joins.
+    lead = 5.0 + total / 1_000
+    response = httpx.post(
+        f"{service.base_url}/api/admin/products",
+        json={
+            "name": "Waiting room",
+            "price": 1,
+            "stock": units,
+            "saleStartsAt": iso(int(now_ms() + (lead + minute_seconds) * 1000)),
+            "queue": mode,
+        },
+        headers=service.admin_headers(),
+    )
+    response.raise_for_status()
+    product = response.json()
+    start = float(parse_iso(product["saleStartsAt"]))
+    poller = StatsPoller(service, product["id"])
+    procs: list[subprocess.Popen[str]] = []
+    answers: list[dict[str, Any]] = []
+    try:
+        procs = _spawn(service, product["id"], start, offsets, cookies, processes)
+        ready_before = (start - minute_seconds * 1000 - now_ms()) / 1000
+        if ready_before < 0:
+            raise RuntimeError(
+                f"opening {total} pages took {lead - ready_before:.1f} s, longer than the "
+                f"{lead:.0f} s lead before the first join"
+            )
+        print(
+            f"  {total:,} pages open {ready_before:.1f} s before the first join; the sale "
+            f"starts in {(start - now_ms()) / 1000:.1f} s",
+            flush=True,
+        )
+        time.sleep(max(0.0, (start - now_ms()) / 1000 - 0.5))
+        poller.start()
+        for proc in procs:
+            assert proc.stdout is not None
+            answers.append(json.loads(proc.stdout.readline()))
+            proc.wait(30)
+        time.sleep(0.2)
+    finally:
+        if poller.is_alive():
+            poller.stop()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    stats = httpx.get(poller.url, headers=poller.headers).json()
+    rows = [row for answer in answers for row in answer["shoppers"]]
+    return summarize(
+        rows,
+        start=start,
+        units=units,
+        early=early,
+        late=late,
+        minute_seconds=minute_seconds,
+        mode=mode,
+        stats=stats,
+        samples=poller.samples,
+        shopper_cpu=sum(a["cpu_seconds"] for a in answers),
+    )
+
+
+def summarize(
+    rows: list[list[Any]],
+    *,
+    start: float,
+    units: int,
+    early: int,
+    late: int,
+    minute_seconds: float,
+    mode: str,
+    stats: dict[str, Any],
+    samples: list[tuple[float, int, int, int]],
+    shopper_cpu: float,
+) -> dict[str, Any]:
+    """The figures of one run from every shopper's row (times in ms from the start)."""
+
+    def since(t: float) -> float:
+        return round(t - start, 1)
+
+    joined = [r for r in rows if r[JOIN_ANSWERED]]
+    join_latency = [r[JOIN_ANSWERED] - r[JOIN_SENT] for r in joined]
+    join_before = [r[JOIN_ANSWERED] - r[JOIN_SENT] for r in joined if r[OFFSET] < 0]
+    join_after = [r[JOIN_ANSWERED] - r[JOIN_SENT] for r in joined if r[OFFSET] >= 0]
+    join_statuses = Counter(str(r[JOIN_STATUS]) for r in rows)
+    admitted = [r for r in rows if r[ADMITTED]]
+    reserved = [r for r in rows if r[RESERVE_STATUS]]
+    held = sorted(r[RESERVE_ANSWERED] for r in reserved if r[RESERVE_STATUS] == 201)
+    sold = sorted(r[COMPLETE_ANSWERED] for r in reserved if r[COMPLETE_STATUS] == 200)
+    reserve_latency = [r[RESERVE_ANSWERED] - r[RESERVE_SENT] for r in reserved]
+    finals = Counter(str(r[FINAL_STATE]) for r in rows)
+    sold_out_at = sorted(r[FINAL_AT] for r in rows if r[FINAL_STATE] == "sold_out")
+    every_final = all(r[FINAL_STATE] in ("sold_out", "reserved") for r in rows)
+    last_sale = sold[-1] if sold else None
+    told_after_sale = (
+        [t - last_sale for t in sold_out_at] if last_sale is not None and sold_out_at else []
+    )
+    # An early joiner's wait starts at the start (nobody is admitted before it); a late
+    # one's when it joined.
+    waits_from_start = [r[ADMITTED] - max(start, r[JOIN_SENT]) for r in admitted]
+    waits_from_join = [r[ADMITTED] - r[JOIN_SENT] for r in admitted]
+    result: dict[str, Any] = {
+        "mode": mode,
+        "shoppers": len(rows),
+        "early": early,
+        "late": late,
+        "minute_seconds": minute_seconds,
+        "units": units,
+        "join_statuses": dict(join_statuses),
+        "join_ms": _rounded(_percentiles(join_latency)),
+        "join_before_start_ms": _rounded(_percentiles(join_before)),
+        "join_first_second_ms": _rounded(_percentiles(join_after)),
+        "admitted": len(admitted),
+        "admitted_early": sum(1 for r in admitted if r[OFFSET] < 0),
+        "reservations": len(reserved),
+        "reserve_statuses": dict(Counter(str(r[RESERVE_STATUS]) for r in reserved)),
+        "reserve_ms": _rounded(_percentiles(reserve_latency)),
+        "held": len(held),
+        "sold": len(sold),
+        "all_held_ms": since(held[units - 1]) if len(held) >= units else None,
+        "all_sold_ms": since(sold[units - 1]) if len(sold) >= units else None,
+        "first_admitted_ms": since(min(r[ADMITTED] for r in admitted)) if admitted else None,
+        "final_states": dict(finals),
+        "every_ticket_final": every_final,
+        "all_final_ms": (
+            since(max(max(sold_out_at, default=start), max(sold, default=start)))
+            if every_final
+            else None
+        ),
+        "sold_out_after_last_sale_ms": _rounded(_percentiles(told_after_sale)),
+        "wait_from_start_ms": _mean(waits_from_start),
+        "wait_from_join_ms": _mean(waits_from_join),
+        "ticket_frames": sum(r[FRAMES] for r in rows),
+        "stats_after": stats,
+        "shopper_cpu_seconds": round(shopper_cpu, 2),
+        "series": {
+            # [ms from the start, latency ms, status] per join, as it was answered
+            "joins": [
+                [since(r[JOIN_ANSWERED]), round(r[JOIN_ANSWERED] - r[JOIN_SENT], 2), r[JOIN_STATUS]]
+                for r in joined
+            ],
+            "admitted": sorted(since(r[ADMITTED]) for r in admitted),
+            "held": [since(t) for t in held],
+            "sold": [since(t) for t in sold],
+            "sold_out": [since(t) for t in sold_out_at],
+            "reservations": [
+                [since(r[RESERVE_ANSWERED]), round(r[RESERVE_ANSWERED] - r[RESERVE_SENT], 2)]
+                for r in reserved
+            ],
+            "stats": [[since(t), a, h, s] for t, a, h, s in samples],
+        },
+    }
+    j, r = result["join_ms"], result["reserve_ms"]
+    told = result["sold_out_after_last_sale_ms"]
+    print(
+        f"  joins p50 {j.get('p50')} p99 {j.get('p99')} max {j.get('max')} ms "
+        f"({dict(join_statuses)}); admitted {len(admitted)}, held {len(held)} by "
+        f"{result['all_held_ms']} ms, sold {len(sold)} by {result['all_sold_ms']} ms; "
+        f"reservations p99 {r.get('p99')} ms; final {dict(finals)}; sold_out told "
+        f"{told.get('max')} ms after the last sale; wait from the start "
+        f"{result['wait_from_start_ms']} ms",
+        flush=True,
+    )
+    return result
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 1) for k, v in values.items()}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None
