@@ -40,6 +40,23 @@ const SALE_WORDS = {
   ended: "Ended",
 };
 
+const QUEUE_WORDS = {
+  off: "Off",
+  fifo: "In order of arrival",
+  random: "Random draw at the start",
+};
+
+// A product's waiting room, in words: "Random draw at the start, 1 admitted per unit".
+function queueText(product) {
+  if (!product?.queue || product.queue === "off") return "Off";
+  const factor = product.admitFactor ?? 1;
+  return `${QUEUE_WORDS[product.queue] || product.queue}, ${formatNumber(factor)} admitted per unit`;
+}
+
+function formatNumber(n) {
+  return new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 }).format(n);
+}
+
 // A time as a datetime-local field holds it: the operator's wall clock, to the minute.
 function localInput(ms) {
   const d = new Date(ms);
@@ -215,12 +232,17 @@ class Console {
     };
     if (fields.saleStartsAt.value) body.saleStartsAt = new Date(fields.saleStartsAt.value).toISOString();
     if (fields.maxPerShopper.value) body.maxPerShopper = Number(fields.maxPerShopper.value);
+    if (fields.queue.value !== "off") {
+      body.queue = fields.queue.value;
+      body.admitFactor = Number(fields.admitFactor.value);
+    }
     const message = $("#create-message");
     try {
       const { data } = await this.admin("POST", "/api/admin/products", body);
       this.products.set(data.id, data);
       message.className = "message ok";
-      message.textContent = `Created ${data.name} (id ${data.id}) with ${data.totalStock} units.`;
+      const room = data.queue && data.queue !== "off" ? ` and a waiting room (${queueText(data)})` : "";
+      message.textContent = `Created ${data.name} (id ${data.id}) with ${data.totalStock} units${room}.`;
       form.reset();
       this.previewStart("");
       this.selected = data.id;
@@ -313,6 +335,8 @@ class Console {
     fields.price.value = product.price.toFixed(2);
     fields.saleStartsAt.value = product.saleStartsAt ? localInput(parseTime(product.saleStartsAt)) : "";
     fields.maxPerShopper.value = product.maxPerShopper ?? "";
+    fields.queue.value = product.queue || "off";
+    fields.admitFactor.value = String(product.admitFactor ?? 1);
     this.previewStart(fields.saleStartsAt.value, $("#edit-starts-preview"));
     this.editing = this.selected;
   }
@@ -325,11 +349,14 @@ class Console {
       ? new Date(fields.saleStartsAt.value).toISOString()
       : null;
     body.maxPerShopper = fields.maxPerShopper.value ? Number(fields.maxPerShopper.value) : null;
+    body.queue = fields.queue.value;
+    body.admitFactor = Number(fields.admitFactor.value);
     try {
       const data = await this.productAction("PATCH", `/api/admin/products/${id}`, body);
       const starts = data.saleStartsAt ? `starts ${bothZones(parseTime(data.saleStartsAt)).text}` : "on sale now";
       const limit = data.maxPerShopper ? `at most ${formatCount(data.maxPerShopper)} per customer` : "no limit per customer";
-      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}, ${limit}.`);
+      const room = data.queue && data.queue !== "off" ? `waiting room: ${queueText(data)}` : "no waiting room";
+      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}, ${limit}, ${room}.`);
       // Emptied, so that it is filled from the product again when it opens, and never shows
       // (or saves) what was typed before meanwhile.
       $("#edit-form").reset();
@@ -590,6 +617,7 @@ class Console {
     $("#stock-empty").hidden = seen.size > 0;
     this.renderPages();
     this.renderDetail();
+    this.renderQueues();
     this.renderHolds();
   }
 
@@ -612,6 +640,60 @@ class Console {
       : "";
   }
 
+  // -- the waiting rooms ------------------------------------------------------------------
+
+  // The room's figures as the stats give them (`stats.queue`), or null.
+  queueOf(stats) {
+    return stats?.queue ?? null;
+  }
+
+  queueFacts(product, stats) {
+    const text = queueText(product);
+    const q = this.queueOf(stats);
+    if (!product?.queue || product.queue === "off" || !q) return text;
+    return `${text} · ${formatCount(q.waiting)} waiting, ${formatCount(q.admitted)} admitted now`;
+  }
+
+  // Every product with a queue: its line, live (refreshed with the stats).
+  renderQueues() {
+    const body = $("#queue-rows");
+    const rows = [];
+    for (const stats of this.stats.values()) {
+      const product = this.products.get(stats.productId);
+      if (!product?.queue || product.queue === "off") continue;
+      const q = this.queueOf(stats) || {};
+      const row = document.createElement("tr");
+      row.setAttribute("role", "row");
+      row.dataset.id = stats.productId;
+      const name = document.createElement("th");
+      name.setAttribute("role", "rowheader");
+      name.scope = "row";
+      name.className = "name";
+      name.textContent = product.name;
+      row.append(name);
+      const rate = q.admittedPerMinute;
+      const cells = [
+        ["Room", QUEUE_WORDS[product.queue] || product.queue, "mode"],
+        ["Waiting", q.waiting, "waiting"],
+        ["Admitted", q.admitted, "admitted"],
+        ["Passes used", q.passesUsed, "used"],
+        ["Lapsed", q.passesLapsed, "lapsed"],
+        ["Admitted per minute", rate == null ? "–" : formatNumber(rate), "rate"],
+      ];
+      for (const [label, value, className] of cells) {
+        const cell = document.createElement("td");
+        cell.setAttribute("role", "cell");
+        cell.dataset.label = label;
+        cell.className = className === "mode" ? className : `num ${className}`;
+        cell.textContent = typeof value === "number" ? formatCount(value) : value ?? "–";
+        row.append(cell);
+      }
+      rows.push(row);
+    }
+    body.replaceChildren(...rows);
+    $("#queues").hidden = rows.length === 0;
+  }
+
   renderDetail() {
     const stats = this.stats.get(this.selected);
     const product = this.products.get(this.selected);
@@ -619,6 +701,7 @@ class Console {
     if (!stats) return;
     $("#detail-name").textContent = product?.name || `Product ${this.selected}`;
     $("#detail-price").textContent = product ? this.money.text(product.price) : "";
+    $("#detail-queue").textContent = this.queueFacts(product, stats);
     $("#detail-limit").textContent = product?.maxPerShopper
       ? `${formatCount(product.maxPerShopper)} (active and bought holds together)`
       : "None";

@@ -91,4 +91,11 @@ export const api = {
     }),
   complete: (id) => request("POST", `/api/reservations/${encodeURIComponent(id)}/complete`),
   cancel: (id) => request("POST", `/api/reservations/${encodeURIComponent(id)}/cancel`),
+  // The waiting room of a product with a queue (issue 17): join (201, or 200 with the same
+  // ticket again), read this shopper's ticket (with If-None-Match: 304 when unchanged; 404
+  // `no_ticket` when they have none), leave (204).
+  joinQueue: (productId) => request("POST", `/api/products/${encodeURIComponent(productId)}/queue`),
+  ticket: (productId, etag) =>
+    request("GET", `/api/products/${encodeURIComponent(productId)}/queue`, { etag }),
+  leaveQueue: (productId) => request("DELETE", `/api/products/${encodeURIComponent(productId)}/queue`),
 };

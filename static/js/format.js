@@ -35,6 +35,18 @@ export function formatDuration(ms) {
   return hours ? `${hours}:${mmss}` : mmss;
 }
 
+// A wait in words, rounded as a person would say it: "under a minute", "about 3 minutes",
+// "about 1 hour 20 minutes".
+export function formatWait(ms) {
+  const minutes = Math.round(ms / 60_000);
+  if (minutes < 1) return "under a minute";
+  if (minutes < 60) return `about ${minutes} ${minutes === 1 ? "minute" : "minutes"}`;
+  const hours = Math.floor(minutes / 60);
+  const rest = minutes % 60;
+  const h = `${hours} ${hours === 1 ? "hour" : "hours"}`;
+  return rest ? `about ${h} ${rest} ${rest === 1 ? "minute" : "minutes"}` : `about ${h}`;
+}
+
 // How far ahead a time is, in words fit for a start: "in 04:59", "in 5:12:09", "in 3 days".
 export function formatIn(ms) {
   if (ms >= 48 * 3600_000) {

@@ -2,7 +2,8 @@
 //
 // States: "connecting" (first attempt), "live" (socket open), "reconnecting" (socket lost,
 // trying again), "polling" (no socket for now, but the shop answers: GET /api/products
-// every 3 s with If-None-Match, the watched holds too, while the socket is retried with
+// every 3 s with If-None-Match, the watched holds and the shopper's tickets too (each with
+// its own If-None-Match), while the socket is retried with
 // backoff and jitter), "offline" (neither the socket nor the last poll reached the shop:
 // what the page shows is the last it heard, at `lastHeard`). The page stays correct in
 // every state but "offline", where it says that its stock may be out of date.
@@ -24,13 +25,15 @@ const STABLE_MS = 10000;
 
 export class LiveFeed {
   // handlers: products(list), stock(frame), product(product), reservation(reservation),
-  // state(name)
+  // state(name); and, for the waiting room, ticket(ticket), noTicket(productId) (polled: the
+  // shopper has none) and queue(frame) (how many wait and are admitted, per product)
   constructor(handlers) {
     this.handlers = handlers;
     this.productIds = null; // the products this page shows, or null: every product
     this.state = null;
     this.socket = null;
     this.watching = [];
+    this.tickets = new Map(); // product id → the ETag of the shopper's ticket last polled
     this.retries = 0;
     this.pollTimer = null;
     this.retryTimer = null;
@@ -52,6 +55,14 @@ export class LiveFeed {
   watch(ids) {
     this.watching = [...ids];
     this.sendWatch();
+  }
+
+  // The products whose ticket this page follows: over the socket the server pushes them
+  // (the socket's shopper decides); while polling, each is asked for with its ETag.
+  followTickets(productIds) {
+    const next = new Map();
+    for (const id of productIds) next.set(id, this.tickets.get(id) ?? null);
+    this.tickets = next;
   }
 
   sendWatch() {
@@ -109,6 +120,12 @@ export class LiveFeed {
       case "reservation":
         this.handlers.reservation(frame.reservation);
         break;
+      case "ticket":
+        this.handlers.ticket?.(frame.ticket);
+        break;
+      case "queue":
+        this.handlers.queue?.(frame);
+        break;
       default:
         break; // an error frame or a kind this page does not know: nothing to do
     }
@@ -162,6 +179,20 @@ export class LiveFeed {
         this.handlers.reservation(reservation);
       } catch {
         // A hold that no longer exists, or a blink: the next poll asks again.
+      }
+    }
+    for (const id of this.state === "polling" ? [...this.tickets.keys()] : []) {
+      try {
+        const { status, data, etag } = await api.ticket(id, this.tickets.get(id));
+        if (status === 200 && this.tickets.has(id)) {
+          this.tickets.set(id, etag);
+          this.handlers.ticket?.(data);
+        }
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 404 && this.tickets.has(id)) {
+          this.tickets.set(id, null);
+          this.handlers.noTicket?.(id);
+        }
       }
     }
     if (this.pollTimer) this.pollTimer = setTimeout(() => this.poll(), wait);

@@ -3,7 +3,7 @@
 // as HTML.
 
 import { renderConnection } from "./connection.js";
-import { Money, formatCount, formatDuration, formatIn, formatMoment } from "./format.js";
+import { Money, formatCount, formatDuration, formatIn, formatMoment, formatWait } from "./format.js";
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -58,6 +58,14 @@ export class ShopView {
         const card = event.target.closest(".product");
         const quantity = Number(event.target.elements.quantity.value);
         this.handlers.reserve?.(Number(card.dataset.id), quantity);
+      });
+      // The waiting room's buttons: join (again) and leave.
+      list.addEventListener("click", (event) => {
+        const button = event.target.closest(".lobby button");
+        if (!button) return;
+        const id = Number(button.closest(".product").dataset.id);
+        if (button.classList.contains("join")) this.handlers.join?.(id);
+        if (button.classList.contains("leave")) this.handlers.leave?.(id);
       });
     }
     this.holds.addEventListener("click", (event) => {
@@ -117,6 +125,22 @@ export class ShopView {
       case "productBusy":
         this.setProductBusy(this.productCard(data.id), data.busy);
         break;
+      case "lobbyBusy":
+        this.setLobbyBusy(this.productCard(data.id), data.action);
+        break;
+      case "focusLobby":
+        this.focusLobby(this.productCard(data));
+        break;
+      case "focusReserve": {
+        // The shopper's turn: their Reserve button, if the focus was in the waiting room
+        // (whose buttons are gone now) or nowhere. Never taken from what they are doing.
+        const card = this.productCard(data);
+        const active = document.activeElement;
+        if (card && (!active || active === document.body || card.querySelector(".lobby").contains(active))) {
+          card.querySelector(".reserve button").focus();
+        }
+        break;
+      }
       case "holdBusy":
         this.setHoldBusy(this.holdItem(data.id), data.action);
         break;
@@ -152,7 +176,10 @@ export class ShopView {
   // this shopper holds; `has`: the units of it this shopper has held or bought, which count
   // against `product.maxPerShopper`; `now`: the server's time, to tell on sale from coming
   // soon.
-  renderProduct({ product, changed = false, max, mine, has = 0, now }) {
+  // `ticket`: the shopper's ticket for it, if the product has a queue and they have one;
+  // `queue`: the latest `{waiting, admitted}` for it; `opensAt`: when its line opens (ms), if
+  // known.
+  renderProduct({ product, changed = false, max, mine, has = 0, now, ticket = null, queue = null, opensAt = null }) {
     let card = this.productCard(product.id);
     if (!card) {
       card = this.productTemplate.content.firstElementChild.cloneNode(true);
@@ -200,6 +227,7 @@ export class ShopView {
     card.dataset.paused = String(Boolean(product.paused));
     card.dataset.endsAt = product.saleEndsAt ? Date.parse(product.saleEndsAt) : "";
     this.renderClosed(card, now);
+    this.renderLobby(card, { product, ticket, queue, opensAt, now });
     const time = $(".starts-at", card);
     if (startsAt !== null) {
       time.dateTime = product.saleStartsAt;
@@ -211,6 +239,155 @@ export class ShopView {
       void card.offsetWidth; // restart the animation
       card.classList.add("changed");
     }
+  }
+
+  // -- the waiting room ------------------------------------------------------------------
+
+  // The lobby of a product with a queue: join, where the shopper stands and how long until
+  // their turn, their turn with its countdown, or how it ended. Reserving is offered only
+  // with a pass (their turn), except on a product without a start time whose line is empty
+  // while units are left (the line is then a waitlist for when none is).
+  renderLobby(card, { product, ticket, queue, opensAt, now }) {
+    const lobby = $(".lobby", card);
+    const queued = Boolean(product.queue) && product.queue !== "off";
+    card.classList.toggle("queued", queued);
+    lobby.hidden = !queued;
+    if (!queued) {
+      card.dataset.lobby = "";
+      $(".reserve", card).hidden = false;
+      return;
+    }
+    const state = ticket && ticket.state !== "left" ? ticket.state : "none";
+    const left = product.availableStock;
+    const held = product.heldStock ?? 0;
+    const waiting = queue?.waiting ?? ticket?.waiting ?? null;
+    const gone = left <= 0 && held <= 0; // nothing left and nothing may come back
+    const waitlistOpen = !product.saleStartsAt && left > 0 && !waiting;
+    card.dataset.lobby = state;
+    card.dataset.opensAt = opensAt ?? "";
+    card.dataset.passExpiresAt = state === "admitted" && ticket.passExpiresAt ? Date.parse(ticket.passExpiresAt) : "";
+    // Reserve: with a pass, or on an open waitlist without a ticket.
+    $(".reserve", card).hidden = !(state === "admitted" || (state === "none" && waitlistOpen));
+
+    const name = product.name;
+    let headline = "";
+    let place = "";
+    let wait = "";
+    let note = ticket?.message || "";
+    let canJoin = false;
+    switch (state) {
+      case "waiting":
+        headline = "You're in line.";
+        if (ticket.position != null) {
+          place = `Number ${formatCount(ticket.position)} in line · ${formatCount(ticket.ahead ?? ticket.position - 1)} ahead of you`;
+        } else if (ticket.drawAt) {
+          place = `Your place is drawn at random when the sale starts (${formatMoment(Date.parse(ticket.drawAt))}); everyone who joins before then has the same chance.`;
+        } else {
+          place = "Your place in line is being drawn.";
+        }
+        if (ticket.estimatedWaitSeconds != null) wait = `Estimated wait: ${formatWait(ticket.estimatedWaitSeconds * 1000)}`;
+        else if (product.saleStartsAt && Date.parse(product.saleStartsAt) > now) wait = "Turns start when the sale starts.";
+        else wait = "Estimated wait: not known yet (the line has not moved).";
+        break;
+      case "admitted":
+        headline = "Your turn: reserve within";
+        break;
+      case "reserved":
+        headline = "You had your turn and reserved (see Your holds).";
+        break;
+      case "sold_out":
+        headline = "Sold out: every unit has gone. Thank you for waiting.";
+        break;
+      case "lapsed":
+        headline = "Your turn passed; join again.";
+        canJoin = !gone;
+        break;
+      default: {
+        // No ticket: join, if the line is open.
+        const opens = opensAt !== null && opensAt > now;
+        if (gone) {
+          headline = "";
+        } else if (waitlistOpen) {
+          headline = "No line just now: reserve straight away.";
+        } else if (opens) {
+          headline = `The line opens ${formatMoment(opensAt)}.`;
+          card.dataset.opensIn = "true";
+        } else {
+          headline = product.saleStartsAt && Date.parse(product.saleStartsAt) > now
+            ? "Join the line now: turns start when the sale starts."
+            : "Join the line to reserve: turns go in order as units are free.";
+          if (product.queue === "random" && product.saleStartsAt && Date.parse(product.saleStartsAt) > now) {
+            headline = "Join the line now: at the start everyone in it is put in a random order.";
+          }
+        }
+        canJoin = !gone && !waitlistOpen;
+        note = left <= 0 && held > 0 ? `${formatCount(held)} held ${held === 1 ? "unit" : "units"} may come back.` : "";
+      }
+    }
+    $(".lobby-headline", lobby).textContent = headline;
+    $(".lobby-state", lobby).hidden = !headline;
+    $(".pass-left", lobby).hidden = state !== "admitted";
+    for (const [selector, text] of [[".lobby-place", place], [".lobby-wait", wait], [".lobby-note", note]]) {
+      $(selector, lobby).textContent = text;
+      $(selector, lobby).hidden = !text;
+    }
+    const count = $(".lobby-count", lobby);
+    const showCount = waiting !== null && ["none", "waiting", "lapsed"].includes(state) && !gone;
+    count.hidden = !showCount;
+    count.textContent = showCount ? `${formatCount(waiting)} ${waiting === 1 ? "person" : "people"} waiting` : "";
+    const join = $(".join", lobby);
+    join.hidden = !canJoin;
+    join.textContent = state === "lapsed" ? "Join again" : "Join the line";
+    join.setAttribute("aria-describedby", $(".name", card).id);
+    const leave = $(".leave", lobby);
+    leave.hidden = !["waiting", "admitted"].includes(state);
+    leave.setAttribute("aria-describedby", $(".name", card).id);
+    if (!card.dataset.lobbyBusy) join.disabled = Boolean(opensAt !== null && opensAt > now && state === "none");
+    lobby.dataset.name = name;
+  }
+
+  // The countdown of a pass, and whether the line has opened yet.
+  tickLobby(card, now) {
+    const expires = card.dataset.passExpiresAt ? Number(card.dataset.passExpiresAt) : null;
+    if (expires !== null) {
+      const left = expires - now;
+      $(".pass-countdown", card).textContent = formatDuration(left);
+      card.classList.toggle("pass-ending", left < 15_000);
+    } else {
+      card.classList.remove("pass-ending");
+    }
+    const opensAt = card.dataset.opensAt ? Number(card.dataset.opensAt) : null;
+    if (card.dataset.lobby === "none" && opensAt !== null && !card.dataset.lobbyBusy) {
+      const join = $(".lobby .join", card);
+      join.disabled = opensAt > now;
+      if (opensAt > now) {
+        $(".lobby-headline", card).textContent = `The line opens ${formatMoment(opensAt)} (${formatIn(opensAt - now)}).`;
+      } else if (card.dataset.opensIn) {
+        delete card.dataset.opensIn;
+        $(".lobby-headline", card).textContent = "Join the line now: turns start when the sale starts.";
+      }
+    }
+  }
+
+  setLobbyBusy(card, action) {
+    if (!card) return;
+    const lobby = $(".lobby", card);
+    lobby.setAttribute("aria-busy", String(Boolean(action)));
+    if (action) card.dataset.lobbyBusy = action;
+    else delete card.dataset.lobbyBusy;
+    const join = $(".join", lobby);
+    const leave = $(".leave", lobby);
+    join.disabled = Boolean(action);
+    leave.disabled = Boolean(action);
+    if (action === "join") join.textContent = "Joining…";
+    if (action === "leave") leave.textContent = "Leaving…";
+    if (!action) leave.textContent = "Leave the line";
+  }
+
+  focusLobby(card) {
+    if (!card) return;
+    const state = $(".lobby-state", card);
+    if (!state.hidden) state.focus();
   }
 
   // Why this card takes no reservations now, if the operator closed it: said on the card.
@@ -351,8 +528,9 @@ export class ShopView {
       const max = Number(card.dataset.max);
       $("select", card).disabled = upcoming || closed || max <= 0;
       if (!card.classList.contains("busy")) {
-        $("button", card).disabled = upcoming || closed || paused || max <= 0;
+        $(".reserve button", card).disabled = upcoming || closed || paused || max <= 0;
       }
+      if (card.classList.contains("queued")) this.tickLobby(card, now);
     }
   }
 
@@ -370,7 +548,7 @@ export class ShopView {
   setProductBusy(card, busy) {
     if (!card) return;
     card.classList.toggle("busy", busy);
-    const button = $("button", card);
+    const button = $(".reserve button", card);
     button.disabled = busy;
     button.textContent = busy ? "Reserving…" : "Reserve";
   }

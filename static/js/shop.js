@@ -51,6 +51,11 @@ class Shop {
     // counts them against a product's limit per customer (GET /api/me).
     this.owned = new Map();
     this.shown = null; // Set of the product ids this page shows, or null: every product
+    // The waiting room (issue 17), per product id with a queue: this shopper's ticket, and
+    // how many wait and are admitted (the socket's `queue` frames).
+    this.tickets = new Map();
+    this.queues = new Map();
+    this.passSaid = new Map(); // product id → the pass expiry whose end was announced
     this.live = new LiveFeed({
       products: (list) => {
         const mine = list.filter((p) => this.shows(p.id));
@@ -61,11 +66,19 @@ class Shop {
       product: (product) => this.shows(product.id) && this.applyProduct(product),
       reservation: (reservation) => this.applyReservation(reservation),
       state: (state) => this.view.render("connection", { state, lastHeard: this.live.lastHeard }),
+      ticket: (ticket) => this.applyTicket(ticket),
+      noTicket: (productId) => this.applyTicket({ productId, state: "left" }),
+      queue: ({ productId, waiting, admitted }) => {
+        this.queues.set(productId, { waiting, admitted });
+        this.renderProductOf(productId);
+      },
     });
     view.bind("reserve", (productId, quantity) => this.reserve(productId, quantity));
     view.bind("complete", (id) => this.act(id, "complete", api.complete));
     view.bind("cancel", (id) => this.act(id, "cancel", api.cancel));
     view.bind("dismiss", (id) => this.dismiss(id));
+    view.bind("join", (productId) => this.join(productId));
+    view.bind("leave", (productId) => this.leave(productId));
   }
 
   async start() {
@@ -87,6 +100,7 @@ class Shop {
       this.view.render("notice", sentenceFor(error));
     }
     await this.restoreHolds();
+    await this.restoreTickets();
     this.live.start(this.shown ? [...this.shown] : null);
     this.live.watch(this.activeHoldIds());
     setInterval(() => this.tick(), TICK_MS);
@@ -105,6 +119,7 @@ class Shop {
     const changed = Boolean(known) && known.availableStock !== product.availableStock;
     this.products.set(product.id, product);
     this.renderProduct(product, changed);
+    if (this.queued(product) !== this.queued(known)) this.live.followTickets(this.queuedIds());
   }
 
   applyStock({ productId, availableStock, heldStock, version }) {
@@ -139,7 +154,123 @@ class Shop {
       mine: this.unitsHeld(product.id),
       has: this.owned.get(product.id) ?? 0,
       now: clock.now(),
+      ticket: this.tickets.get(product.id) ?? null,
+      queue: this.queues.get(product.id) ?? null,
+      opensAt: this.opensAt(product),
     });
+  }
+
+  // -- the waiting room ---------------------------------------------------------------------
+
+  queued(product) {
+    return Boolean(product?.queue) && product.queue !== "off";
+  }
+
+  queuedIds() {
+    return [...this.products.values()].filter((p) => this.queued(p) && this.shows(p.id)).map((p) => p.id);
+  }
+
+  // When the product's line opens (ms on the server's clock), if the page can know: its start
+  // less the room's lead (`queueOpensSeconds` in /api/config), or what a refusal said.
+  opensAt(product) {
+    if (!this.queued(product) || !product.saleStartsAt) return null;
+    const told = this.opens?.get(product.id);
+    if (told !== undefined) return told;
+    const lead = this.config.queueOpensSeconds;
+    return Number.isFinite(lead) ? Date.parse(product.saleStartsAt) - lead * 1000 : null;
+  }
+
+  // The shopper's tickets for the queued products the page shows (a reload keeps one's place).
+  async restoreTickets() {
+    await Promise.all(
+      this.queuedIds().map(async (id) => {
+        try {
+          const { data } = await api.ticket(id);
+          this.applyTicket(data, { quiet: true });
+        } catch {
+          // None (404), or not reachable: the socket or the next poll will tell.
+        }
+      }),
+    );
+    this.live.followTickets(this.queuedIds());
+  }
+
+  // A ticket as the server gives it (over the socket, a poll, or an answer); what changed
+  // for the shopper is said once.
+  applyTicket(ticket, { quiet = false } = {}) {
+    if (!ticket || ticket.productId == null) return;
+    const id = ticket.productId;
+    const known = this.tickets.get(id);
+    this.tickets.set(id, ticket);
+    if (ticket.waiting != null) {
+      const counts = this.queues.get(id) || {};
+      this.queues.set(id, { ...counts, waiting: ticket.waiting });
+    }
+    this.renderProductOf(id);
+    if (quiet || known?.state === ticket.state) return;
+    const name = this.products.get(id)?.name || "this product";
+    const sentences = {
+      waiting:
+        ticket.position != null
+          ? `You're in line for ${name}: number ${ticket.position}, ${ticket.ahead ?? ticket.position - 1} ahead of you.`
+          : `You're in line for ${name}. Your place is drawn at random when the sale starts.`,
+      admitted: `Your turn for ${name}: reserve within ${formatDuration(parseTime(ticket.passExpiresAt) - clock.now())}.`,
+      sold_out: `${name} sold out while you waited.`,
+      lapsed: `Your turn for ${name} passed; join again to wait for another.`,
+      left: known && known.state !== "left" ? `You left the line for ${name}.` : "",
+    };
+    const sentence = sentences[ticket.state];
+    if (sentence) this.view.render("announce", sentence);
+    if (ticket.state === "admitted") this.view.render("focusReserve", id);
+  }
+
+  async join(productId) {
+    this.view.render("productError", { id: productId, message: null });
+    this.view.render("lobbyBusy", { id: productId, action: "join" });
+    let joined = false;
+    try {
+      const { data } = await api.joinQueue(productId);
+      this.view.render("lobbyBusy", { id: productId, action: null });
+      this.applyTicket(data);
+      joined = true;
+    } catch (error) {
+      this.view.render("lobbyBusy", { id: productId, action: null });
+      if (error instanceof ApiError && error.code === "queue_not_open" && error.body.opensAt) {
+        this.opens = this.opens || new Map();
+        this.opens.set(productId, parseTime(error.body.opensAt));
+      }
+      this.view.render("productError", { id: productId, message: sentenceFor(error) });
+      this.renderProductOf(productId);
+    }
+    if (joined) this.view.render("focusLobby", productId);
+  }
+
+  async leave(productId) {
+    this.view.render("productError", { id: productId, message: null });
+    this.view.render("lobbyBusy", { id: productId, action: "leave" });
+    try {
+      await api.leaveQueue(productId);
+      this.view.render("lobbyBusy", { id: productId, action: null });
+      this.applyTicket({ productId, state: "left" });
+      this.view.render("focusLobby", productId);
+    } catch (error) {
+      this.view.render("lobbyBusy", { id: productId, action: null });
+      this.view.render("productError", { id: productId, message: sentenceFor(error) });
+    }
+  }
+
+  // A pass whose time is up on the page's clock: the server decides; ask it once.
+  checkPasses(now) {
+    for (const [id, ticket] of this.tickets) {
+      if (ticket.state !== "admitted" || !ticket.passExpiresAt) continue;
+      const expires = parseTime(ticket.passExpiresAt);
+      if (expires > now || this.passSaid.get(id) === expires) continue;
+      this.passSaid.set(id, expires);
+      api.ticket(id).then(
+        ({ data }) => this.applyTicket(data),
+        () => {},
+      );
+    }
   }
 
   renderProductOf(productId) {
@@ -207,6 +338,13 @@ class Shop {
       this.view.render("productError", { id: productId, message: sentenceFor(error) });
       // Refused by the limit per customer: the page learns what the server counts.
       if (error instanceof ApiError && error.code === "shopper_limit_reached") this.refreshOwned();
+      // Not this shopper's turn (a queue, and no pass): the page asks where they stand.
+      if (error instanceof ApiError && error.code === "not_admitted") {
+        api.ticket(productId).then(
+          ({ data }) => this.applyTicket(data),
+          () => this.applyTicket({ productId, state: "left" }, { quiet: true }),
+        );
+      }
       // A refusal says what the stock is now: show it at once, not at the next update.
       if (error instanceof ApiError && error.body.stock) this.applyStock(error.body.stock);
       if (error instanceof ApiError && (error.status === 429 || error.status === 503)) {
@@ -324,10 +462,19 @@ class Shop {
         this.remind(reservation, left);
       }
     }
+    this.checkPasses(now);
     let summary = "";
     if (active === 1) summary = `1 hold · ${formatDuration(soonest)} left`;
     else if (active > 1) summary = `${active} holds · next ends in ${formatDuration(soonest)}`;
-    const title = soonest === null ? TITLE : `${formatDuration(soonest)} left to buy · ${TITLE}`;
+    let title = soonest === null ? TITLE : `${formatDuration(soonest)} left to buy · ${TITLE}`;
+    if (soonest === null) {
+      // The shopper's turn, in the tab's title too: they may be looking at another tab.
+      const passes = [...this.tickets.values()]
+        .filter((t) => t.state === "admitted" && t.passExpiresAt)
+        .map((t) => parseTime(t.passExpiresAt) - now)
+        .filter((left) => left > 0);
+      if (passes.length) title = `Your turn: ${formatDuration(Math.min(...passes))} to reserve · ${TITLE}`;
+    }
     if (document.title !== title) document.title = title;
     this.view.render("tick", { now, paused: Date.now() < this.pausedUntil, summary });
   }
