@@ -250,19 +250,20 @@ export class ShopView {
   renderLobby(card, { product, ticket, queue, opensAt, now }) {
     const lobby = $(".lobby", card);
     const queued = Boolean(product.queue) && product.queue !== "off";
-    card.classList.toggle("queued", queued);
-    lobby.hidden = !queued;
-    if (!queued) {
-      card.dataset.lobby = "";
-      $(".reserve", card).hidden = false;
-      return;
-    }
     const state = ticket && ticket.state !== "left" ? ticket.state : "none";
     const left = product.availableStock;
     const held = product.heldStock ?? 0;
     const waiting = queue?.waiting ?? ticket?.waiting ?? null;
     const gone = left <= 0 && held <= 0; // nothing left and nothing may come back
+    // A product without a start whose line is empty while units are left: no line to join.
     const waitlistOpen = !product.saleStartsAt && left > 0 && !waiting;
+    card.classList.toggle("queued", queued);
+    lobby.hidden = !queued || (state === "none" && (waitlistOpen || gone));
+    if (!queued) {
+      card.dataset.lobby = "";
+      $(".reserve", card).hidden = false;
+      return;
+    }
     card.dataset.lobby = state;
     card.dataset.opensAt = opensAt ?? "";
     card.dataset.passExpiresAt = state === "admitted" && ticket.passExpiresAt ? Date.parse(ticket.passExpiresAt) : "";
@@ -305,10 +306,8 @@ export class ShopView {
       default: {
         // No ticket: join, if the line is open.
         const opens = opensAt !== null && opensAt > now;
-        if (gone) {
+        if (gone || waitlistOpen) {
           headline = "";
-        } else if (waitlistOpen) {
-          headline = "No line just now: reserve straight away.";
         } else if (opens) {
           headline = `The line opens ${formatMoment(opensAt)}.`;
           card.dataset.opensIn = "true";

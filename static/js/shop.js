@@ -340,6 +340,9 @@ class Shop {
       if (error instanceof ApiError && error.code === "shopper_limit_reached") this.refreshOwned();
       // Not this shopper's turn (a queue, and no pass): the page asks where they stand.
       if (error instanceof ApiError && error.code === "not_admitted") {
+        // Someone is in line, then (a page that has not heard how many yet offered Reserve).
+        const counts = this.queues.get(productId) || {};
+        this.queues.set(productId, { ...counts, waiting: Math.max(1, counts.waiting ?? 0) });
         api.ticket(productId).then(
           ({ data }) => this.applyTicket(data),
           () => this.applyTicket({ productId, state: "left" }, { quiet: true }),
