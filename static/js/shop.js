@@ -283,6 +283,8 @@ class Shop {
   quantityLimit(product) {
     let most = Math.min(this.config.maxQuantity, product.availableStock);
     if (product.maxPerShopper) most = Math.min(most, product.maxPerShopper - (this.owned.get(product.id) ?? 0));
+    // A turn in a waiting room is for the limit per customer's worth, or for one unit.
+    if (this.tickets.get(product.id)?.state === "admitted") most = Math.min(most, product.maxPerShopper || 1);
     return Math.max(0, most);
   }
 
