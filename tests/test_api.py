@@ -275,6 +275,8 @@ async def test_config_tells_the_pages_the_limits_and_the_currency(
         body = (await client.get("/api/config")).json()
         assert body["currency"] == "JPY"
         assert body["maxQuantity"] == 10
+        assert body["queueOpensSeconds"] == 1800  # when a waiting room opens before a start
+        assert body["passSeconds"] == 60
         assert ISO_MS.match(body["serverTime"])
 
 

@@ -436,6 +436,8 @@ async def config(request: Request) -> Response:
             "maxQuantity": settings.max_quantity,
             "currency": settings.currency,
             "holdSeconds": settings.hold_seconds,
+            "queueOpensSeconds": settings.queue_opens_seconds,
+            "passSeconds": settings.pass_seconds,
             "serverTime": iso(now_ms()),
         }
     )
