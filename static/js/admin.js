@@ -75,6 +75,7 @@ class Console {
     this.olderBefore = null; // the next page's `before`, when there are older products
     this.totals = null; // every product's figures, added up
     this.holds = [];
+    this.rooms = new Map(); // product id → its waiting room's figures
     this.selected = null;
     this.editing = null; // the product the edit form was filled from
     this.refreshing = false;
@@ -494,7 +495,7 @@ class Console {
         const { data: chosen } = await request("GET", `/api/products/${this.selected}`);
         this.products.set(chosen.id, chosen);
       }
-      await this.loadHistory();
+      await Promise.all([this.loadHistory(), this.loadRooms()]);
       this.render();
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) this.explain(error);
@@ -642,9 +643,37 @@ class Console {
 
   // -- the waiting rooms ------------------------------------------------------------------
 
-  // The room's figures as the stats give them (`stats.queue`), or null.
+  // The room's figures (GET /api/admin/products/{id}/queue, read with each refresh), or null.
   queueOf(stats) {
-    return stats?.queue ?? null;
+    const room = stats ? this.rooms.get(stats.productId) : null;
+    if (!room) return null;
+    return {
+      waiting: room.waiting,
+      admitted: room.admitted,
+      passesUsed: room.reserved,
+      passesLapsed: room.lapsed,
+      admittedPerMinute: room.admittedLastMinute,
+    };
+  }
+
+  // Every product with a queue: its room's figures, for the panel.
+  async loadRooms() {
+    // The page's products (and the chosen one): as many requests as the table has rows at most.
+    const queued = [...this.stats.keys()]
+      .map((id) => this.products.get(id))
+      .filter((p) => p?.queue && p.queue !== "off");
+    const answers = await Promise.all(
+      queued.map((p) =>
+        this.admin("GET", `/api/admin/products/${p.id}/queue`).then(
+          ({ data }) => data,
+          (error) => {
+            if (error instanceof ApiError && error.status === 401) throw error;
+            return this.rooms.get(p.id) ?? null; // shown as it was, read again next time
+          },
+        ),
+      ),
+    );
+    this.rooms = new Map(answers.filter(Boolean).map((room) => [room.productId, room]));
   }
 
   queueFacts(product, stats) {

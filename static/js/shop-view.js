@@ -274,7 +274,9 @@ export class ShopView {
     let headline = "";
     let place = "";
     let wait = "";
-    let note = ticket?.message || "";
+    // Units only held may come back: said while the shopper waits and none is left.
+    const mayReturn = ticket?.heldUnits ?? held;
+    let note = "";
     let canJoin = false;
     switch (state) {
       case "waiting":
@@ -285,6 +287,9 @@ export class ShopView {
           place = `Your place is drawn at random when the sale starts (${formatMoment(Date.parse(ticket.drawAt))}); everyone who joins before then has the same chance.`;
         } else {
           place = "Your place in line is being drawn.";
+        }
+        if (left <= 0 && mayReturn > 0) {
+          note = `${formatCount(mayReturn)} ${mayReturn === 1 ? "unit is" : "units are"} held and may come back.`;
         }
         if (ticket.estimatedWaitSeconds != null) wait = `Estimated wait: ${formatWait(ticket.estimatedWaitSeconds * 1000)}`;
         else if (product.saleStartsAt && Date.parse(product.saleStartsAt) > now) wait = "Turns start when the sale starts.";
@@ -320,7 +325,9 @@ export class ShopView {
           }
         }
         canJoin = !gone && !waitlistOpen;
-        note = left <= 0 && held > 0 ? `${formatCount(held)} held ${held === 1 ? "unit" : "units"} may come back.` : "";
+        if (left <= 0 && held > 0) {
+          note = `${formatCount(held)} ${held === 1 ? "unit is" : "units are"} held and may come back.`;
+        }
       }
     }
     $(".lobby-headline", lobby).textContent = headline;
