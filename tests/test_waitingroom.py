@@ -290,6 +290,16 @@ async def test_a_lapsed_pass_goes_to_the_next_in_line(store: Store) -> None:
     with pytest.raises(NotAdmitted) as lapsed:
         await reserve(store, product.id, "anon:a", now=START + PASS_MS + 1)
     assert lapsed.value.state == "lapsed"
+    # "Your turn passed; join again": joining again puts them at the back of the line.
+    await join_many(store, product.id, ["anon:c"], at=START + PASS_MS + 2)
+    await join_many(store, product.id, ["anon:a"], at=START + PASS_MS + 3)
+    async with store.reader() as conn:
+        again = await waitingroom.get_ticket(conn, product.id, "anon:a")
+        behind = await waitingroom.get_ticket(conn, product.id, "anon:c")
+    assert again is not None
+    assert again.state == TicketState.WAITING
+    assert behind is not None
+    assert behind.place < again.place
 
 
 async def test_an_expired_hold_admits_the_next_and_held_units_keep_the_line_waiting(

@@ -147,8 +147,9 @@ async def join(
     conn: Executor, product_id: int, shopper_id: str, *, now: int
 ) -> tuple[Ticket, bool]:
     """The shopper's ticket, made now if they have none (one insert), and whether it was
-    made now. A ticket that ended `left` or `sold_out` is opened again at the back of the
-    line; any other is returned as it is (one ticket per shopper per product)."""
+    made now. A ticket that ended `left`, `sold_out` or `lapsed` (a turn not taken: the
+    page says "join again") is opened again at the back of the line; any other is returned
+    as it is (one ticket per shopper per product)."""
     place = (now << PLACE_BITS) | secrets.randbits(PLACE_BITS)
     row = await conn.fetch_one(
         "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at) "
@@ -156,7 +157,7 @@ async def join(
         "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = 'waiting', "
         "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
         "pass_expires_at = NULL, ended_at = NULL "
-        "WHERE queue_tickets.state IN ('left', 'sold_out') "
+        "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed') "
         f"RETURNING {TICKET}",
         {"p": product_id, "s": shopper_id, "place": place, "now": now},
     )
