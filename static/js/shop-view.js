@@ -132,13 +132,10 @@ export class ShopView {
         this.focusLobby(this.productCard(data));
         break;
       case "focusReserve": {
-        // The shopper's turn: their Reserve button, if the focus was in the waiting room
-        // (whose buttons are gone now) or nowhere. Never taken from what they are doing.
         const card = this.productCard(data);
-        const active = document.activeElement;
-        if (card && (!active || active === document.body || card.querySelector(".lobby").contains(active))) {
-          card.querySelector(".reserve button").focus();
-        }
+        if (!card) break;
+        card.dataset.wantsFocus = "true";
+        this.focusReserve(card);
         break;
       }
       case "holdBusy":
@@ -375,6 +372,22 @@ export class ShopView {
     }
   }
 
+  // The shopper's turn: their Reserve button, if the focus was in the waiting room (whose
+  // buttons are gone now) or nowhere; never taken from what they are doing. A button still
+  // off (the units' return not heard yet) takes it as soon as it is on.
+  focusReserve(card) {
+    if (!card.dataset.wantsFocus) return;
+    const button = $(".reserve button", card);
+    if (card.dataset.lobby !== "admitted") {
+      delete card.dataset.wantsFocus;
+      return;
+    }
+    if (button.disabled) return;
+    delete card.dataset.wantsFocus;
+    const active = document.activeElement;
+    if (!active || active === document.body || $(".lobby", card).contains(active)) button.focus();
+  }
+
   setLobbyBusy(card, action) {
     if (!card) return;
     const lobby = $(".lobby", card);
@@ -536,7 +549,10 @@ export class ShopView {
       if (!card.classList.contains("busy")) {
         $(".reserve button", card).disabled = upcoming || closed || paused || max <= 0;
       }
-      if (card.classList.contains("queued")) this.tickLobby(card, now);
+      if (card.classList.contains("queued")) {
+        this.tickLobby(card, now);
+        this.focusReserve(card);
+      }
     }
   }
 

@@ -1,0 +1,324 @@
+"""The waiting room on the pages (issue 17), in Chromium: the shop page's lobby from joining
+the line to the shopper's turn (its countdown) to their hold, the sold-out ending, a turn
+that passed; the console's waiting rooms and their settings. Other shoppers are API clients,
+each with their own cookie. Every state is checked with axe-core.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, ViewportSize, expect
+
+from server.devtools.processes import Service
+from tests.browser import (
+    DESKTOP,
+    PHONE,
+    SIZES,
+    assert_accessible,
+    card,
+    new_product,
+    open_console,
+    open_shop,
+    screenshot,
+    serve,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+
+EACH_SIZE = pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
+PASS_SECONDS = 20  # long enough to act in, short enough to watch one lapse
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    yield from serve(tmp_path_factory.mktemp("queue"), PASS_SECONDS=str(PASS_SECONDS))
+
+
+def size_name(size: ViewportSize) -> str:
+    return "phone" if size == PHONE else "desktop"
+
+
+@asynccontextmanager
+async def shopper(site: Service) -> AsyncIterator[httpx.AsyncClient]:
+    """Another shopper: an API client with a cookie of its own (given by GET /api/me)."""
+    async with site.client() as client:
+        response = await client.get("/api/me")
+        assert response.status_code == 200, response.text
+        yield client
+
+
+async def join(client: httpx.AsyncClient, product: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(f"/api/products/{product['id']}/queue")
+    assert response.status_code in (200, 201), response.text
+    ticket: dict[str, Any] = response.json()
+    return ticket
+
+
+async def reserve(client: httpx.AsyncClient, product: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(
+        "/api/reservations", json={"productId": product["id"], "quantity": 1}
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def wait_for_state(
+    client: httpx.AsyncClient, product: dict[str, Any], state: str, within: float = 15.0
+) -> dict[str, Any]:
+    """Polls the shopper's ticket (as a page without a socket would) until it is `state`."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        response = await client.get(f"/api/products/{product['id']}/queue")
+        ticket: dict[str, Any] = response.json()
+        if ticket.get("state") == state:
+            return ticket
+        assert asyncio.get_running_loop().time() < deadline, f"still {ticket}"
+        await asyncio.sleep(0.1)
+
+
+def soon(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+async def start_now(site: Service, product: dict[str, Any]) -> None:
+    """The operator moves the sale's start to now: the room starts admitting (a start set a
+    few seconds ahead would race with a slow machine)."""
+    async with site.client() as client:
+        response = await client.patch(
+            f"/api/admin/products/{product['id']}",
+            json={"saleStartsAt": soon(0)},
+            headers=site.admin_headers(),
+        )
+    assert response.status_code == 200, response.text
+
+
+async def lobby_text(page: Page, product: dict[str, Any]) -> str:
+    return await card(page, product).locator(".lobby").inner_text()
+
+
+# -- the shop page -------------------------------------------------------------------------
+
+
+@EACH_SIZE
+async def test_the_lobby_from_waiting_to_the_shoppers_turn_to_their_hold(
+    browser: Browser, site: Service, size: ViewportSize
+) -> None:
+    name = f"Drop sneaker ({size_name(size)})"
+    product = await new_product(site, name, 1, queue="fifo", saleStartsAt=soon(600))
+    page = await open_shop(browser, site, size, locale="en-GB")
+    shop_card = card(page, product)
+    lobby = shop_card.locator(".lobby")
+    await expect(lobby).to_be_visible()
+    # Before the start, the card offers the line, not a Reserve button.
+    await expect(shop_card.locator(".reserve")).to_be_hidden()
+    join_button = lobby.get_by_role("button", name="Join the line")
+    await expect(join_button).to_be_enabled()
+    await assert_accessible(page)
+
+    async with shopper(site) as first:
+        await join(first, product)  # another shopper is in line before this one
+        await join_button.click()
+        await expect(lobby.locator(".lobby-state")).to_be_focused()
+        await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
+        await expect(lobby.locator(".lobby-place")).to_have_text(
+            "Number 2 in line · 1 ahead of you"
+        )
+        await expect(page.locator("#announcer")).to_have_text(
+            f"You're in line for {name}: number 2, 1 ahead of you."
+        )
+        await expect(lobby.get_by_role("button", name="Leave the line")).to_be_visible()
+        await expect(lobby.locator(".lobby-count")).to_have_text("2 people waiting")
+        await assert_accessible(page)
+        await screenshot(page, f"shop-queue-waiting-{size_name(size)}", docs=True)
+
+        # The sale starts: the one unit goes to the first in line; this shopper waits, the
+        # unit only held ("may come back").
+        await start_now(site, product)
+        await wait_for_state(first, product, "admitted")
+        await expect(lobby.locator(".lobby-place")).to_have_text(
+            "Number 1 in line · 0 ahead of you", timeout=10_000
+        )
+        await expect(shop_card.locator(".reserve")).to_be_hidden()
+        hold = await reserve(first, product)
+        await expect(shop_card.locator(".count")).to_have_text("All reserved — 1 may come back")
+        await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
+        await assert_accessible(page)
+
+        # The first shopper lets it go: the unit comes back, and it is this shopper's turn.
+        response = await first.post(f"/api/reservations/{hold['id']}/cancel")
+        assert response.status_code == 200, response.text
+
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        "Your turn: reserve within", timeout=10_000
+    )
+    await expect(lobby.locator(".pass-countdown")).to_have_text(re.compile(r"^00:[012]\d$"))
+    await expect(page.locator("#announcer")).to_have_text(
+        re.compile(rf"^Your turn for {re.escape(name)}: reserve within 00:[012]\d\.$")
+    )
+    reserve_button = shop_card.get_by_role("button", name="Reserve")
+    await expect(reserve_button).to_be_focused()  # the focus was in the lobby
+    await expect(page).to_have_title(re.compile(r"^Your turn: 00:[012]\d to reserve · Flash sale$"))
+    await page.evaluate("document.activeElement.blur()")  # no focus ring in the picture
+    await assert_accessible(page)
+    await screenshot(page, f"shop-queue-turn-{size_name(size)}", docs=True)
+
+    # Reserving is as ever: the hold goes into the bar, and the turn was used.
+    await reserve_button.click()
+    held = page.locator(".hold", has_text=name)
+    await expect(held).to_be_focused()
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        "You had your turn and reserved (see Your holds)."
+    )
+    await expect(shop_card.locator(".reserve")).to_be_hidden()
+    await assert_accessible(page)
+
+
+async def test_the_line_ends_sold_out_and_says_so(browser: Browser, site: Service) -> None:
+    name = "Last-drop cap"
+    product = await new_product(site, name, 1, queue="fifo", saleStartsAt=soon(600))
+    page = await open_shop(browser, site, PHONE, locale="en-GB")
+    lobby = card(page, product).locator(".lobby")
+    async with shopper(site) as first:
+        await join(first, product)
+        await lobby.get_by_role("button", name="Join the line").click()
+        await expect(lobby.locator(".lobby-place")).to_have_text(
+            "Number 2 in line · 1 ahead of you"
+        )
+        await start_now(site, product)
+        await wait_for_state(first, product, "admitted")
+        hold = await reserve(first, product)
+        response = await first.post(f"/api/reservations/{hold['id']}/complete")
+        assert response.status_code == 200, response.text
+    # Nothing left and nothing held: the room closes, every ticket ends sold out.
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        "Sold out: every unit has gone. Thank you for waiting.", timeout=10_000
+    )
+    await expect(page.locator("#announcer")).to_have_text(f"{name} sold out while you waited.")
+    await expect(lobby.get_by_role("button")).to_have_count(0)
+    await expect(card(page, product).locator(".count")).to_have_text("Sold out")
+    await assert_accessible(page)
+    await screenshot(page, "shop-queue-sold-out-phone", docs=True)
+
+
+async def test_a_turn_not_taken_passes_and_the_shopper_may_join_again(
+    browser: Browser, site: Service
+) -> None:
+    name = "Patient kettle"
+    product = await new_product(site, name, 3, queue="fifo", saleStartsAt=soon(600))
+    page = await open_shop(browser, site, DESKTOP, locale="en-GB")
+    shop_card = card(page, product)
+    lobby = shop_card.locator(".lobby")
+    await lobby.get_by_role("button", name="Join the line").click()
+    await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
+    await start_now(site, product)
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        "Your turn: reserve within", timeout=10_000
+    )
+    # The shopper looks away: the pass runs out.
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        "Your turn passed; join again.", timeout=(PASS_SECONDS + 10) * 1000
+    )
+    await expect(page.locator("#announcer")).to_have_text(
+        f"Your turn for {name} passed; join again to wait for another."
+    )
+    await expect(shop_card.locator(".reserve")).to_be_hidden()
+    await assert_accessible(page)
+    await lobby.get_by_role("button", name="Join again").click()
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        re.compile(r"^(You're in line\.|Your turn: reserve within)$")
+    )
+
+
+async def test_a_reload_keeps_the_shoppers_place_and_they_can_leave(
+    browser: Browser, site: Service
+) -> None:
+    product = await new_product(site, "Reloaded lamp", 5, queue="random", saleStartsAt=soon(600))
+    page = await open_shop(browser, site, DESKTOP, locale="en-GB")
+    lobby = card(page, product).locator(".lobby")
+    await expect(lobby.locator(".lobby-headline")).to_have_text(
+        "Join the line now: at the start everyone in it is put in a random order."
+    )
+    await lobby.get_by_role("button", name="Join the line").click()
+    # Random: no place until the draw at the start.
+    await expect(lobby.locator(".lobby-place")).to_have_text(
+        re.compile(r"^Your place is drawn at random when the sale starts \(.+\); everyone")
+    )
+    await page.reload()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
+    await lobby.get_by_role("button", name="Leave the line").click()
+    await expect(lobby.get_by_role("button", name="Join the line")).to_be_visible()
+    await expect(page.locator("#announcer")).to_have_text("You left the line for Reloaded lamp.")
+    await assert_accessible(page)
+
+
+# -- the console ---------------------------------------------------------------------------
+
+
+async def test_the_console_shows_the_waiting_rooms_and_sets_them(
+    browser: Browser, site: Service
+) -> None:
+    page = await open_console(browser, site, DESKTOP, locale="en-GB")
+    create = page.locator("#create-form")
+    await create.get_by_label("Name").fill("Console drop")
+    await create.get_by_label("Price").fill("30")
+    await create.get_by_label("Stock", exact=True).fill("2")
+    await create.get_by_label("Waiting room").select_option("random")
+    await create.get_by_label("Admit per unit").fill("1.5")
+    await create.get_by_role("button", name="Create").click()
+    await expect(page.locator("#create-message")).to_have_text(
+        re.compile(r"^Created Console drop \(id \d+\) with 2 units and a waiting room")
+    )
+    await expect(page.locator("#detail-queue")).to_have_text(
+        re.compile(r"^Random draw at the start, 1\.5 admitted per unit")
+    )
+    product_id = int(await page.locator("#queue-rows tr").first.get_attribute("data-id") or 0)
+    row = page.locator(f'#queue-rows tr[data-id="{product_id}"]')
+    await expect(row.locator(".mode")).to_have_text("Random draw at the start")
+    # Shoppers join (it has no start time and units are left: the line opens when they
+    # join anyway as a waitlist), and the panel follows.
+    async with shopper(site) as one, shopper(site) as two:
+        product = {"id": product_id}
+        for client in (one, two):
+            response = await client.post(f"/api/products/{product_id}/queue")
+            assert response.status_code in (200, 201, 409), response.text
+        await reserve_or_skip(one, product)
+    await expect(row.locator(".waiting")).not_to_have_text("–")
+    await assert_accessible(page)
+    await screenshot(page, "admin-queues-desktop", docs=True)
+
+    # The settings, in the edit form.
+    await page.get_by_text("Edit name, price, start or limit per customer").click()
+    edit = page.locator("#edit-form")
+    await expect(edit.get_by_label("Waiting room")).to_have_value("random")
+    await expect(edit.get_by_label("Admit per unit")).to_have_value("1.5")
+    await edit.get_by_label("Waiting room").select_option("fifo")
+    await edit.get_by_label("Admit per unit").fill("2")
+    await edit.get_by_role("button", name="Save changes").click()
+    await expect(page.locator("#detail-queue")).to_have_text(
+        re.compile(r"^In order of arrival, 2 admitted per unit")
+    )
+    await expect(row.locator(".mode")).to_have_text("In order of arrival")
+    await assert_accessible(page)
+
+    phone = await open_console(browser, site, PHONE, locale="en-GB")
+    await expect(phone.locator(f'#queue-rows tr[data-id="{product_id}"]')).to_be_visible()
+    await assert_accessible(phone)
+
+
+async def reserve_or_skip(client: httpx.AsyncClient, product: dict[str, Any]) -> None:
+    """A reservation that the room may refuse (403 `not_admitted`): either way is fine."""
+    response = await client.post(
+        "/api/reservations", json={"productId": product["id"], "quantity": 1}
+    )
+    assert response.status_code in (201, 403, 409), response.text
