@@ -268,57 +268,72 @@ async def test_a_reload_keeps_the_shoppers_place_and_they_can_leave(
 async def test_the_console_shows_the_waiting_rooms_and_sets_them(
     browser: Browser, site: Service
 ) -> None:
+    # A drop starting in ten minutes, a dozen shoppers in its line already.
+    vinyl = await new_product(site, "Limited vinyl", 50, queue="random", saleStartsAt=soon(600))
+    for _ in range(12):
+        async with shopper(site) as client:
+            await join(client, vinyl)
     page = await open_console(browser, site, DESKTOP, locale="en-GB")
+    vinyl_row = page.locator(f'#queue-rows tr[data-id="{vinyl["id"]}"]')
+    await expect(vinyl_row.locator(".mode")).to_have_text("Random draw at the start")
+    await expect(vinyl_row.locator(".waiting")).to_have_text("12")
+    await expect(vinyl_row.locator(".admitted")).to_have_text("0")
+
     create = page.locator("#create-form")
     await create.get_by_label("Name").fill("Console drop")
     await create.get_by_label("Price").fill("30")
     await create.get_by_label("Stock", exact=True).fill("2")
-    await create.get_by_label("Waiting room").select_option("random")
+    await create.get_by_label("Waiting room").select_option("fifo")
     await create.get_by_label("Admit per unit").fill("1.5")
     await create.get_by_role("button", name="Create").click()
-    await expect(page.locator("#create-message")).to_have_text(
+    message = page.locator("#create-message")
+    await expect(message).to_have_text(
         re.compile(r"^Created Console drop \(id \d+\) with 2 units and a waiting room")
     )
+    found = re.search(r"\(id (\d+)\)", await message.inner_text())
+    assert found is not None
+    product = {"id": int(found.group(1))}
     await expect(page.locator("#detail-queue")).to_have_text(
-        re.compile(r"^Random draw at the start, 1\.5 admitted per unit")
+        re.compile(r"^In order of arrival, 1\.5 admitted per unit")
     )
-    product_id = int(await page.locator("#queue-rows tr").first.get_attribute("data-id") or 0)
-    row = page.locator(f'#queue-rows tr[data-id="{product_id}"]')
-    await expect(row.locator(".mode")).to_have_text("Random draw at the start")
-    # Shoppers join (it has no start time and units are left: the line opens when they
-    # join anyway as a waitlist), and the panel follows.
+    row = page.locator(f'#queue-rows tr[data-id="{product["id"]}"]')
+    await expect(row.locator(".mode")).to_have_text("In order of arrival")
+    # No start time: a waitlist. Two shoppers join; 2 units × 1.5 lets both in at once, and
+    # one of them reserves with their turn.
     async with shopper(site) as one, shopper(site) as two:
-        product = {"id": product_id}
         for client in (one, two):
-            response = await client.post(f"/api/products/{product_id}/queue")
-            assert response.status_code in (200, 201, 409), response.text
-        await reserve_or_skip(one, product)
-    await expect(row.locator(".waiting")).not_to_have_text("–")
+            await join(client, product)
+        await wait_for_state(one, product, "admitted")
+        await reserve(one, product)
+    await expect(row.locator(".used")).to_have_text("1")
+    await expect(row.locator(".admitted")).to_have_text("1")
+    await expect(row.locator(".waiting")).to_have_text("0")
+    await expect(row.locator(".rate")).to_have_text("2")
+    await expect(page.locator("#detail-queue")).to_have_text(
+        "In order of arrival, 1.5 admitted per unit · 0 waiting, 1 admitted now"
+    )
+    await page.evaluate("document.activeElement.blur()")
     await assert_accessible(page)
+    await page.locator("#queues").scroll_into_view_if_needed()
     await screenshot(page, "admin-queues-desktop", docs=True)
 
     # The settings, in the edit form.
     await page.get_by_text("Edit name, price, start or limit per customer").click()
     edit = page.locator("#edit-form")
-    await expect(edit.get_by_label("Waiting room")).to_have_value("random")
+    await expect(edit.get_by_label("Waiting room")).to_have_value("fifo")
     await expect(edit.get_by_label("Admit per unit")).to_have_value("1.5")
-    await edit.get_by_label("Waiting room").select_option("fifo")
+    await edit.get_by_label("Waiting room").select_option("random")
     await edit.get_by_label("Admit per unit").fill("2")
+    await assert_accessible(page)
     await edit.get_by_role("button", name="Save changes").click()
     await expect(page.locator("#detail-queue")).to_have_text(
-        re.compile(r"^In order of arrival, 2 admitted per unit")
+        re.compile(r"^Random draw at the start, 2 admitted per unit")
     )
-    await expect(row.locator(".mode")).to_have_text("In order of arrival")
-    await assert_accessible(page)
+    await expect(row.locator(".mode")).to_have_text("Random draw at the start")
+    await expect(page.locator("#detail-message")).to_have_text(
+        re.compile(r"waiting room: Random draw at the start, 2 admitted per unit\.$")
+    )
 
     phone = await open_console(browser, site, PHONE, locale="en-GB")
-    await expect(phone.locator(f'#queue-rows tr[data-id="{product_id}"]')).to_be_visible()
+    await expect(phone.locator(f'#queue-rows tr[data-id="{vinyl["id"]}"]')).to_be_visible()
     await assert_accessible(phone)
-
-
-async def reserve_or_skip(client: httpx.AsyncClient, product: dict[str, Any]) -> None:
-    """A reservation that the room may refuse (403 `not_admitted`): either way is fine."""
-    response = await client.post(
-        "/api/reservations", json={"productId": product["id"], "quantity": 1}
-    )
-    assert response.status_code in (201, 403, 409), response.text
