@@ -697,8 +697,13 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
             row("all units held", lambda q: f"{_ms(q['all_held_ms'])} ({q['held']} held)"),
             row("all units sold", lambda q: f"{_ms(q['all_sold_ms'])} ({q['sold']} sold)"),
             row(
-                "`sold_out` reaches a socket, after the last sale: p50 / p99 / max",
+                "`sold_out` reaches a socket, after the last sale (or the ticket's join, "
+                "if later): p50 / p99 / max",
                 lambda q: pct(q["sold_out_after_last_sale_ms"]),
+            ),
+            row(
+                "shoppers who joined after the last sale",
+                lambda q: f"{q.get('joined_after_last_sale', 0):,}",
             ),
             row("every ticket final", lambda q: _ms(q["all_final_ms"])),
             row(

@@ -207,8 +207,16 @@ def summarize(
     sold_out_at = sorted(r[FINAL_AT] for r in rows if r[FINAL_STATE] == "sold_out")
     every_final = all(r[FINAL_STATE] in ("sold_out", "reserved") for r in rows)
     last_sale = sold[-1] if sold else None
+    # How long each ticket waited to be told `sold_out` once there was nothing to wait for:
+    # from the last sale, or from its joining if it joined after it (the first second's
+    # shoppers may still be arriving when the last unit goes).
     told_after_sale = (
-        [t - last_sale for t in sold_out_at] if last_sale is not None and sold_out_at else []
+        [r[FINAL_AT] - max(last_sale, r[JOIN_SENT]) for r in rows if r[FINAL_STATE] == "sold_out"]
+        if last_sale is not None
+        else []
+    )
+    joined_after_sale = (
+        sum(1 for r in rows if r[JOIN_SENT] > last_sale) if last_sale is not None else 0
     )
     # An early joiner's wait starts at the start (nobody is admitted before it); a late
     # one's when it joined.
@@ -243,6 +251,7 @@ def summarize(
             else None
         ),
         "sold_out_after_last_sale_ms": _rounded(_percentiles(told_after_sale)),
+        "joined_after_last_sale": joined_after_sale,
         "wait_from_start_ms": _mean(waits_from_start),
         "wait_from_join_ms": _mean(waits_from_join),
         "ticket_frames": sum(r[FRAMES] for r in rows),
