@@ -113,9 +113,9 @@ def run(
     chooser.shuffle(offsets)
     cookies = [h["Cookie"] for h in identities.headers("cookie", total)]
     processes = max(1, min(4, total // 2_000))
-    # Time to open every page (a socket and a connection each: ~2,000 a second on a busy
-    # 2-core machine) before the first shopper joins.
-    lead = 5.0 + total / 1_000
+    # Time to open every page (a socket, with its snapshot, and a connection each: several
+    # hundred a second on a busy 2-core machine) before the first shopper joins.
+    lead = 5.0 + total / 600
     response = httpx.post(
         f"{service.base_url}/api/admin/products",
         json={
