@@ -5,7 +5,9 @@
 the line (ms from the sale's start; negative: before it) and its identity (the `shopper`
 cookie the shop page sets). Each shopper is a page already open: a `/ws` socket with its
 cookie (the server pushes its `ticket` frames there) and a keep-alive connection for its
-requests. It prints `ready N` once every socket has its snapshot, then, for each shopper:
+requests (opened when it first asks: the server closes a connection idle for five seconds,
+so a page loaded a minute ahead opens one again to join). It prints `ready N` once every
+socket has its snapshot, then, for each shopper:
 
 1. at its time, `POST /api/products/{id}/queue` (join);
 2. when its socket says `admitted`, at once `POST /api/reservations` (one unit), and on
@@ -18,7 +20,8 @@ When every shopper is done, or at START_MS + the deadline (`QUEUERS_DEADLINE_S`,
 prints one JSON line `{"shoppers": [Row, ...], "cpu_seconds": s}`, where Row is
 `[offset, join_sent, join_answered, join_status, admitted_at, reserve_sent,
 reserve_answered, reserve_status, complete_answered, complete_status, final_state,
-final_at, position_at_admission, frames]` (epoch ms, 0 where it did not happen).
+final_at, position_at_admission, frames, reconnects]` (epoch ms, 0 where it did not
+happen; `reconnects`: connections opened again because the server had closed an idle one).
 
 The clients are lean (raw asyncio protocols on uvloop), as the storm's are: the measuring
 must not take the CPU the server needs.
@@ -37,7 +40,7 @@ from typing import cast
 
 import uvloop
 
-from bench.rawhttp import Connection, now_ms, request_bytes
+from bench.rawhttp import Connection, Response, now_ms, request_bytes
 from bench.wsclients import Client, _returning
 
 FINAL = {"sold_out", "lapsed", "left"}
@@ -50,11 +53,13 @@ _CODE = re.compile(rb'"code":"([a-z_]+)"')
 class Shopper(Client):
     """One shopper's page: its socket (ticket frames) and its connection (requests)."""
 
-    def __init__(self, product_id: int, host: str, path: str, cookie: str) -> None:
-        super().__init__(product_id, host, path)
+    def __init__(self, product_id: int, address: tuple[str, int], path: str, cookie: str) -> None:
+        super().__init__(product_id, f"{address[0]}:{address[1]}", path)
+        self.address = address
+        self.reconnects = 0  # connections opened (the first, and again after an idle close)
         self.cookie = cookie
         self.http: Connection | None = None
-        self.row: list[object] = [0] * 14
+        self.row: list[object] = [0] * 15
         self.frames = 0  # ticket frames received
         self.state = ""
         self.joined = asyncio.get_running_loop().create_future()
@@ -109,14 +114,29 @@ class Shopper(Client):
 
     def result(self) -> list[object]:
         self.row[13] = self.frames
+        self.row[14] = self.reconnects
         if not self.done.done():
             self.row[10] = self.state or "no ticket frame"
         return self.row
 
+    async def send(self, request: bytes) -> Response:
+        """`request` on the shopper's connection, opened again first if the server closed it
+        (it closes one idle for a few seconds, as a browser's would be), and sent once more
+        if it was closed under it before any answer (every request here may be repeated: a
+        join is idempotent, a reservation carries an Idempotency-Key)."""
+        for attempt in (1, 2):
+            if self.http is None or self.http.closed:
+                self.http = await Connection.open(self.address[0], self.address[1])
+                self.reconnects += 1
+            response = await self.http.request(request)
+            if response.status or attempt == 2:
+                return response
+        raise AssertionError("unreachable")
+
     async def join(self, request: bytes) -> None:
-        assert self.http is not None
         self.row[1] = now_ms()
-        response = await self.http.request(request)
+        response = await self.send(request)
+        assert self.http is not None
         self.row[2], self.row[3] = self.http.answered_at, response.status
         self.joined.set_result(None)
         if response.status not in (200, 201):
@@ -135,7 +155,7 @@ class Shopper(Client):
         body = json.dumps({"productId": int(self.product), "quantity": 1}).encode()
         self.row[5] = now_ms()
         headers = {"Cookie": self.cookie, "Idempotency-Key": os.urandom(12).hex()}
-        response = await self.http.request(
+        response = await self.send(
             request_bytes("POST", "/api/reservations", authority, body, headers)
         )
         self.row[6], self.row[7] = self.http.answered_at, response.status
@@ -145,7 +165,7 @@ class Shopper(Client):
             return
         hold = _ID.search(response.body)
         assert hold is not None
-        done = await self.http.request(
+        done = await self.send(
             request_bytes(
                 "POST",
                 f"/api/reservations/{hold.group(1).decode()}/complete",
@@ -169,13 +189,11 @@ async def main(host: str, port: int, product_id: int, start_ms: float) -> None:
     shoppers: list[Shopper] = []
     for start in range(0, len(offsets), 100):  # in batches: the listen backlog is finite
         batch = [
-            Shopper(product_id, authority, "/ws", cookie) for cookie in cookies[start : start + 100]
+            Shopper(product_id, (host, port), "/ws", cookie)
+            for cookie in cookies[start : start + 100]
         ]
         await asyncio.gather(*(loop.create_connection(_returning(s), host, port) for s in batch))
         await asyncio.gather(*(s.ready for s in batch))
-        connections = await asyncio.gather(*(Connection.open(host, port) for _ in batch))
-        for shopper, connection in zip(batch, connections, strict=True):
-            shopper.http = connection
         shoppers += batch
     print(f"ready {len(shoppers)}", flush=True)
 

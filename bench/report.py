@@ -664,7 +664,8 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
         f"{q0['units']} units with a queue (`{q0['mode']}`); {q0['early']:,} shoppers join "
         f"the line at random moments of the {q0['minute_seconds']:g} s before the start, "
         f"{q0['late']:,} more in its first second. Each is a page already open (a socket with "
-        "its own shopper cookie, and a keep-alive connection; separate processes); an "
+        "its own shopper cookie, opened beforehand; a connection opened to join, as a page loaded "
+        "a minute ahead must, the server having closed its idle one; separate processes); an "
         "admitted shopper reserves one unit the moment its socket says so, and buys it at once. "
         "Times in ms from the start.",
         "",
@@ -720,6 +721,10 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
                 lambda q: ", ".join(f"{k}: {v}" for k, v in sorted(q["reserve_statuses"].items())),
             ),
             row("ticket frames received", lambda q: f"{q['ticket_frames']:,}"),
+            row(
+                "connections the shoppers opened (one to join, again if closed idle)",
+                lambda q: f"{q.get('reconnects', 0):,}",
+            ),
             row("shoppers' CPU (s)", lambda q: str(q["shopper_cpu_seconds"])),
         ],
     )

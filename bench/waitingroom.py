@@ -1,7 +1,7 @@
 """Scenario `queue`: the waiting room (issue 17). A product of 100 units with a queue (`random`:
 a fair draw at the start) goes on sale a minute ahead; 5,000 shoppers join the line during
 that minute, 10,000 more in the sale's first second. Every shopper is a page already open
-(a `/ws` socket with its own `shopper` cookie, and a keep-alive connection), in separate
+(a `/ws` socket with its own `shopper` cookie; it opens a connection to join), in separate
 processes (`bench/queuers.py`); an admitted shopper reserves one unit the moment its socket
 says so, and buys it at once.
 
@@ -58,7 +58,8 @@ SETTINGS = {"WS_MAX_CLIENTS": "40000"}
     FINAL_AT,
     POSITION,
     FRAMES,
-) = range(14)
+    RECONNECTS,
+) = range(15)
 
 
 def _spawn(
@@ -255,6 +256,10 @@ def summarize(
         "wait_from_start_ms": _mean(waits_from_start),
         "wait_from_join_ms": _mean(waits_from_join),
         "ticket_frames": sum(r[FRAMES] for r in rows),
+        # Connections the shoppers opened: each its first when it joins (a page loaded a
+        # minute ahead has lost its connection: uvicorn closes one idle for 5 s), and again
+        # if one was closed idle before a reservation; within the request's time.
+        "reconnects": sum(r[RECONNECTS] for r in rows),
         "stats_after": stats,
         "shopper_cpu_seconds": round(shopper_cpu, 2),
         "series": {
