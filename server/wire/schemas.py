@@ -422,11 +422,9 @@ class ConfigOut(_Response):
     hold_seconds: float = Field(description="How long a hold lasts before it expires.")
     queue_opens_seconds: float = Field(
         description="How long before a sale's start the waiting room of a product with a "
-        "queue opens (QUEUE_OPENS_SECONDS): a page can say when its line opens."
+        "queue opens: a page can say when its line opens."
     )
-    pass_seconds: float = Field(
-        description="How long an admitted shopper's turn lasts (PASS_SECONDS)."
-    )
+    pass_seconds: float = Field(description="How long an admitted shopper's turn lasts.")
     server_time: str = Field(
         description="The server's clock when this was rendered.", json_schema_extra=_TIME
     )
