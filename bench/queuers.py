@@ -1,13 +1,14 @@
 """A process of shoppers in a waiting room (issue 17), for the `queue` scenario.
 
-`python -m bench.queuers HOST PORT PRODUCT_ID START_MS` reads from stdin one JSON line:
+`python -m bench.queuers HOST PORT PRODUCT_ID` reads from stdin one JSON line:
 `{"offsets": [ms, ...], "cookies": ["shopper=...", ...]}`: for each shopper, when it joins
 the line (ms from the sale's start; negative: before it) and its identity (the `shopper`
 cookie the shop page sets). Each shopper is a page already open: a `/ws` socket with its
 cookie (the server pushes its `ticket` frames there) and a keep-alive connection for its
 requests (opened when it first asks: the server closes a connection idle for five seconds,
 so a page loaded a minute ahead opens one again to join). It prints `ready N` once every
-socket has its snapshot, then, for each shopper:
+socket has its snapshot, then reads a second line, `{"start_ms": epoch ms}` (the sale's
+start, set once every page is open), then, for each shopper:
 
 1. at its time, `POST /api/products/{id}/queue` (join);
 2. when its socket says `admitted`, at once `POST /api/reservations` (one unit), and on
@@ -16,7 +17,7 @@ socket has its snapshot, then, for each shopper:
 3. it is done when its ticket's state is final: `sold_out`, or `reserved` once bought, or
    `lapsed` / `left` (it does not join again).
 
-When every shopper is done, or at START_MS + the deadline (`QUEUERS_DEADLINE_S`, 60 s), it
+When every shopper is done, or at the start + the deadline (`QUEUERS_DEADLINE_S`, 60 s), it
 prints one JSON line `{"shoppers": [Row, ...], "cpu_seconds": s}`, where Row is
 `[offset, join_sent, join_answered, join_status, admitted_at, reserve_sent,
 reserve_answered, reserve_status, complete_answered, complete_status, final_state,
@@ -178,7 +179,7 @@ class Shopper(Client):
         self.finish("reserved", self.http.answered_at)
 
 
-async def main(host: str, port: int, product_id: int, start_ms: float) -> None:
+async def main(host: str, port: int, product_id: int) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     plan = json.loads(sys.stdin.readline())
@@ -196,6 +197,8 @@ async def main(host: str, port: int, product_id: int, start_ms: float) -> None:
         await asyncio.gather(*(s.ready for s in batch))
         shoppers += batch
     print(f"ready {len(shoppers)}", flush=True)
+    # The sale's start, set once every page is open.
+    start_ms = float(json.loads(await loop.run_in_executor(None, sys.stdin.readline))["start_ms"])
 
     joins = [
         request_bytes(
@@ -239,5 +242,5 @@ async def main(host: str, port: int, product_id: int, start_ms: float) -> None:
 
 
 if __name__ == "__main__":
-    host, port, product_id, start_ms = sys.argv[1:5]
-    uvloop.run(main(host, int(port), int(product_id), float(start_ms)))
+    host, port, product_id = sys.argv[1:4]
+    uvloop.run(main(host, int(port), int(product_id)))
