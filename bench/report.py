@@ -664,8 +664,9 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
         f"{q0['units']} units with a queue (`{q0['mode']}`); {q0['early']:,} shoppers join "
         f"the line at random moments of the {q0['minute_seconds']:g} s before the start, "
         f"{q0['late']:,} more in its first second. Each is a page already open (a socket with "
-        "its own shopper cookie, opened beforehand; a connection opened to join, as a page loaded "
-        "a minute ahead must, the server having closed its idle one; separate processes); an "
+        "its own shopper cookie, opened beforehand; a connection opened to join before the "
+        "start, as a page loaded a minute ahead must, or 3 s before the start for the first "
+        "second's shoppers; separate processes); an "
         "admitted shopper reserves one unit the moment its socket says so, and buys it at once. "
         "Times in ms from the start.",
         "",
