@@ -9,12 +9,15 @@ is the real one.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 from pydantic_core import to_json
 from starlette.websockets import WebSocketState
 
+from server.domain.model import Product
+from server.domain.waitingroom import Lineup, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import Hub
 from server.service.catalog import Catalog
@@ -114,3 +117,77 @@ async def test_older_versions_are_never_sent_after_newer_ones() -> None:
 async def _true(value: bool) -> bool:
     await asyncio.sleep(0)
     return value
+
+
+# -- the waiting room's ticket frames (issue 17) -----------------------------------------------
+
+
+class Room:
+    """Just enough of the waiting room for the hub: one line, its tickets, as the test sets
+    them."""
+
+    def __init__(self, product_id: int, places: list[int], tickets: list[Ticket]) -> None:
+        self.product_id = product_id
+        self.places = places
+        self.tickets = {t.shopper_id: t for t in tickets}
+        self.drawn_at: int | None = None
+
+    async def line(self, product_id: int, *, max_age: float = 1.0) -> Lineup:
+        return Lineup(
+            product_id=product_id,
+            at=1,
+            places=tuple(sorted(self.places)),
+            admitted=0,
+            drawn_at=self.drawn_at,
+        )
+
+    async def tickets_of_shopper(self, shopper_id: str) -> list[Ticket]:
+        found = self.tickets.get(shopper_id)
+        return [] if found is None else [found]
+
+    async def tickets_of(self, product_id: int, shopper_ids: list[str]) -> list[Ticket]:
+        return [self.tickets[s] for s in shopper_ids if s in self.tickets]
+
+
+def positions(socket: Socket) -> list[int | None]:
+    return [
+        json.loads(text)["ticket"]["position"] for text in socket.sent if '"type":"ticket"' in text
+    ]
+
+
+async def test_a_line_that_only_grows_at_the_back_tells_nobody_a_new_position() -> None:
+    """Joins go to the back: nobody's standing changes, and the line's total reaches pages
+    in `queue` frames. With 15,000 pages in a filling line, a view for each every second was
+    a web process's whole CPU (bench `queue`). Someone ahead leaving moves those behind."""
+    catalog = Catalog()
+    catalog.apply(
+        Product(
+            id=5,
+            name="Drop",
+            price_cents=100,
+            total_stock=1,
+            available_stock=0,
+            version=1,
+            sale_starts_at=None,
+            created_at=0,
+            updated_at=0,
+            queue="fifo",
+        )
+    )
+    mine = Ticket(5, "anon:me", 20, TicketState.WAITING, joined_at=2)
+    room = Room(5, [10, 20], [mine])
+    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
+    socket = Socket()
+    client = hub.join(socket)  # type: ignore[arg-type]
+    await hub.identify(client, "anon:me")
+    await hub._tell_positions()
+    await eventually(lambda: _true(positions(socket) == [2]), what="the ticket on connect")
+
+    room.places += [30, 40, 50]  # three more join, behind
+    await hub._tell_positions()
+    await asyncio.sleep(0.05)
+    assert positions(socket) == [2]
+
+    room.places.remove(10)  # the one ahead is admitted
+    await hub._tell_positions()
+    await eventually(lambda: _true(positions(socket) == [2, 1]), what="the new position")

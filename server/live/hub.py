@@ -52,6 +52,8 @@ from server.wire.json_text import repeated_key
 from server.wire.schemas import parse_product_ids, ticket_view
 
 logger = logging.getLogger(__name__)
+# What a ticket's view says that is not the shopper's own news (see `_tell_tickets`).
+AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldUnits", "message"})
 
 FLUSH_SECONDS = 0.05  # at most twenty flushes a second
 FANOUT_SHARE = 0.1  # while changes keep coming, of the event loop's time...
@@ -191,6 +193,10 @@ class Hub:
         self._queue_counts: dict[int, tuple[int, int]] = {}
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
+        # Per room, the line as its positions were last told: (when it was drawn, the places
+        # waiting). Positions move only when someone ahead leaves the line (admitted, left)
+        # or at the draw; joins go to the back, so a line that only grew moves nobody.
+        self._told_lines: dict[int, tuple[int | None, frozenset[int], int]] = {}
         self._max_clients = max_clients
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
@@ -368,7 +374,11 @@ class Hub:
         await self._tell_tickets(clients, {product_id})
 
     async def _tell_positions(self) -> None:
-        """Every socket with a ticket waiting or admitted: its view, if it changed."""
+        """Every socket with a ticket waiting or admitted in a line where someone moved: its
+        view, if its standing changed. A line that only grew at the back (joins) moves
+        nobody: nothing is computed for it (with 15,000 pages in a line filling up before a
+        sale, recomputing every view every second was the whole of a web process)."""
+        assert self._room is not None
         by_product: dict[int, list[Client]] = {}
         for clients in self._shoppers.values():
             for client in clients:
@@ -376,6 +386,19 @@ class Hub:
                     if ticket.state in OPEN:
                         by_product.setdefault(product_id, []).append(client)
         for product_id, open_ones in by_product.items():
+            line = await self._room.line(product_id)
+            places = frozenset(line.places)
+            last = self._told_lines.get(product_id)
+            self._told_lines[product_id] = (
+                line.drawn_at,
+                places,
+                max(line.places, default=-1),
+            )
+            if last is not None:
+                drawn_at, before, back = last
+                joined_behind = all(place > back for place in places - before)
+                if drawn_at == line.drawn_at and before <= places and joined_behind:
+                    continue
             await self._tell_tickets(open_ones, {product_id})
 
     async def _tell_tickets(
@@ -393,7 +416,10 @@ class Hub:
                 if ticket is None or client.closed:
                     continue
                 view = ticket_view(ticket, product, line, now=now)
-                told = tuple(v for k, v in view.items() if k != "serverTime")
+                # The shopper's own standing: their state, place, pass. The line's total
+                # and the held units change with every join and every hold, and every page
+                # hears of them from `queue` and `stock` frames: they alone are no news.
+                told = tuple(v for k, v in view.items() if k not in AMBIENT)
                 if not force and client.told.get(product_id) == told:
                     continue
                 client.told[product_id] = told
