@@ -272,7 +272,7 @@ export class ShopView {
     let place = "";
     let wait = "";
     // Units only held may come back: said while the shopper waits and none is left.
-    const mayReturn = ticket?.heldUnits ?? held;
+    const mayReturn = held; // the product's, kept current by the stock frames
     let note = "";
     let canJoin = false;
     switch (state) {
