@@ -191,3 +191,20 @@ async def test_a_line_that_only_grows_at_the_back_tells_nobody_a_new_position() 
     room.places.remove(10)  # the one ahead is admitted
     await hub._tell_positions()
     await eventually(lambda: _true(positions(socket) == [2, 1]), what="the new position")
+
+
+def queue_counts(socket: Socket) -> list[int]:
+    return [json.loads(text)["waiting"] for text in socket.sent if '"type":"queue"' in text]
+
+
+async def test_a_lines_counts_reach_every_page_at_most_once_a_second_ending_on_the_newest() -> None:
+    """Every join changes a line's count, and each change is a frame for every socket: the
+    pages hear the newest count at most once a second."""
+    hub = Hub(Catalog(), max_clients=10)
+    socket = Socket()
+    hub.join(socket)  # type: ignore[arg-type]
+    for waiting in range(1, 51):  # fifty joins in a quarter of a second
+        hub.publish({"type": "room", "productId": 5, "waiting": waiting, "admitted": 0}, b"")
+        await asyncio.sleep(0.005)
+    await eventually(lambda: _true(queue_counts(socket)[-1:] == [50]), what="the newest count")
+    assert len(queue_counts(socket)) <= 2  # the first at once, then the newest after 1 s

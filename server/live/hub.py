@@ -58,6 +58,9 @@ AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldUnits
 FLUSH_SECONDS = 0.05  # at most twenty flushes a second
 FANOUT_SHARE = 0.1  # while changes keep coming, of the event loop's time...
 MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this
+# A line's counts (`queue` frames) reach every page at most this often (s): they change with
+# every join, and each change is a frame for every socket (15,000 in the bench's sale).
+QUEUE_FRAME_SECONDS = 1.0
 FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quiet spell
 SEND_TIMEOUT_SECONDS = 5.0
 MAX_WATCHED = 50
@@ -189,7 +192,10 @@ class Hub:
         self._shoppers: dict[str, set[Client]] = {}
         # Per room: shoppers whose tickets changed, to read again (None: every one here).
         self._rooms: dict[int, set[str] | None] = {}
-        self._queues: dict[int, str] = {}  # product → `queue` frame to send
+        self._queues: dict[int, str] = {}  # product → `queue` frame, not yet due
+        self._due_queues: dict[int, str] = {}  # product → `queue` frame for the next flush
+        self._queue_sent_at: dict[int, float] = {}  # product → loop time it was last sent
+        self._queue_timer: asyncio.TimerHandle | None = None
         self._queue_counts: dict[int, tuple[int, int]] = {}
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
@@ -311,7 +317,7 @@ class Hub:
                 self._queues[product_id] = to_json(
                     queue_frame(product_id, counts[0], counts[1])
                 ).decode()
-                self._schedule_flush()
+                self._schedule_queues()
         if self._room is None:
             return
         if frame.get("everyone"):
@@ -325,6 +331,30 @@ class Hub:
         if product_id in self._rooms:
             self._start_ticketer()
             self._tickets_due.set()
+
+    def _schedule_queues(self) -> None:
+        """The pending `queue` frames go out with a flush once each product's last one is
+        QUEUE_FRAME_SECONDS old: the newest counts, at most once a second."""
+        if self._queue_timer is not None or not self._queues:
+            return
+        loop = asyncio.get_running_loop()
+        due = min(
+            self._queue_sent_at.get(product_id, -QUEUE_FRAME_SECONDS) + QUEUE_FRAME_SECONDS
+            for product_id in self._queues
+        )
+        self._queue_timer = loop.call_at(due, self._queues_due)
+
+    def _queues_due(self) -> None:
+        self._queue_timer = None
+        now = asyncio.get_running_loop().time()
+        for product_id in list(self._queues):
+            sent = self._queue_sent_at.get(product_id, -QUEUE_FRAME_SECONDS)
+            if now >= sent + QUEUE_FRAME_SECONDS:
+                self._due_queues[product_id] = self._queues.pop(product_id)
+                self._queue_sent_at[product_id] = now
+        if self._due_queues:
+            self._schedule_flush()
+        self._schedule_queues()
 
     def _start_ticketer(self) -> None:
         if self._ticketer is None or self._ticketer.done():
@@ -474,7 +504,7 @@ class Hub:
         stock, self._stock = self._stock, {}
         reservations, self._reservations = self._reservations, []
         frames: list[tuple[Key, str]] = [(("product", pid), text) for pid, text in products.items()]
-        queues, self._queues = self._queues, {}
+        queues, self._due_queues = self._due_queues, {}
         frames.extend((("queue", pid), text) for pid, text in queues.items())
         for product_id, (version, text) in stock.items():
             self._sent_version[product_id] = version
@@ -504,6 +534,9 @@ class Hub:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+            self._queue_timer = None
         for client in list(self.clients):
             self.leave(client)
             try:
