@@ -356,8 +356,8 @@ class Console {
       const data = await this.productAction("PATCH", `/api/admin/products/${id}`, body);
       const starts = data.saleStartsAt ? `starts ${bothZones(parseTime(data.saleStartsAt)).text}` : "on sale now";
       const limit = data.maxPerShopper ? `at most ${formatCount(data.maxPerShopper)} per customer` : "no limit per customer";
-      const room = data.queue && data.queue !== "off" ? `waiting room: ${queueText(data)}` : "no waiting room";
-      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}, ${limit}, ${room}.`);
+      const room = data.queue && data.queue !== "off" ? `, waiting room: ${queueText(data)}` : "";
+      this.say(`Saved ${data.name}: ${this.money.text(data.price)}, ${starts}, ${limit}${room}.`);
       // Emptied, so that it is filled from the product again when it opens, and never shows
       // (or saves) what was typed before meanwhile.
       $("#edit-form").reset();
