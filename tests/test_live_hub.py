@@ -132,6 +132,9 @@ class Room:
         self.tickets = {t.shopper_id: t for t in tickets}
         self.drawn_at: int | None = None
 
+    def any_rooms(self) -> bool:
+        return True
+
     async def line(self, product_id: int, *, max_age: float = 1.0) -> Lineup:
         return Lineup(
             product_id=product_id,
