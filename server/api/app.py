@@ -134,6 +134,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 nudge=admitter.nudge,
             )
             shop.room = room
+            await room.start()
+            stack.push_async_callback(room.stop)
             admitter.start()
             stack.push_async_callback(admitter.stop)
 

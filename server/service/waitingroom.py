@@ -30,6 +30,7 @@ from server.domain.errors import NotAdmitted, NoTicket, ProductNotFound, QueueNo
 from server.domain.executor import Executor
 from server.domain.model import Outcome, Product
 from server.domain.waitingroom import Admission, Lineup, RoomChanged, RoomStats, Ticket
+from server.service.batching import GroupCommit
 from server.service.catalog import Catalog
 from server.service.transactions import Transactions
 from server.storage.database import Store
@@ -49,6 +50,8 @@ MOVED_SECONDS = 0.2
 # The least time between two admission rounds when nudges keep coming (a storm of stock
 # changes): each round is a transaction per room; more of them admits no sooner.
 MIN_ROUND_SECONDS = 0.02
+# Joins per transaction at most, when they come faster than transactions commit.
+JOIN_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,9 @@ class WaitingRoom:
         self._catalog = catalog
         self._nudge = nudge
         self._lines: dict[int, Lineup] = {}
+        self._joins: GroupCommit[tuple[int, str], tuple[Ticket, bool]] = GroupCommit(
+            self._join_batch, max_batch=JOIN_BATCH, name="queue-joins"
+        )
         self._moved: dict[int, int] = {}  # product → when news last said its line moved
         self._any_rooms = True
         self._rooms_checked_at = -1e9
@@ -119,14 +125,38 @@ class WaitingRoom:
         opens = self.opens_at(product)
         if opens is not None and now_ms() < opens:
             raise QueueNotOpen(opens)
-        ticket, created = await self.store.write(
-            lambda conn: waitingroom.join(conn, product_id, shopper_id, now=now_ms())
-        )
-        if created:
-            self._publish([RoomChanged(product_id, None, None, frozenset({shopper_id}))])
-            if self._nudge is not None and product.sale_state(now_ms()) == "open":
-                self._nudge(product_id)  # before the start nobody is admitted: no hurry
+        ticket, created = await self._joins.submit((product_id, shopper_id))
+        if created and self._nudge is not None and product.sale_state(now_ms()) == "open":
+            self._nudge(product_id)  # before the start nobody is admitted: no hurry
         return TicketAnswer(await self.view(ticket, product), created)
+
+    async def start(self) -> None:
+        self._joins.start()
+
+    async def stop(self) -> None:
+        await self._joins.stop()
+
+    async def _join_batch(
+        self, joins: Sequence[tuple[int, str]]
+    ) -> list[tuple[Ticket, bool] | BaseException]:
+        """Joins that came together, in one transaction (a storm of joins at a sale's
+        start): still one insert each, in the order they came; news of the new tickets,
+        one per room, after commit."""
+
+        async def insert_all(conn: Executor) -> list[tuple[Ticket, bool]]:
+            now = now_ms()
+            return [await waitingroom.join(conn, p, s, now=now) for p, s in joins]
+
+        results = await self.store.write(insert_all)
+        made: dict[int, set[str]] = {}
+        for ticket, created in results:
+            if created:
+                made.setdefault(ticket.product_id, set()).add(ticket.shopper_id)
+        if made:
+            self._publish(
+                [RoomChanged(pid, None, None, frozenset(names)) for pid, names in made.items()]
+            )
+        return list(results)
 
     async def ticket(self, product_id: int, shopper_id: str | None) -> dict[str, Any]:
         """The shopper's ticket's view. Raises ProductNotFound, NoTicket."""
