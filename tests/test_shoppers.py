@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -678,6 +679,33 @@ async def test_migration_0009_keeps_the_rows_of_limited_products_only(tmp_path: 
         assert [(r["shopper_id"], r["product_id"]) for r in rows] == [("anon:a", 2)]
     finally:
         await store.close()
+
+
+async def test_me_counts_no_overdue_hold_as_held(shop: Shop) -> None:
+    """A hold past its expiry that no worker has expired yet is not the shopper's any more
+    (their next reservation expires it first): `units` leaves it out, as the limit does."""
+    alice = await shop.shopper()
+    shopper = (await alice.get("/api/me")).json()["shopper"]
+    limited = await shop.product(10, maxPerShopper=5)
+    unlimited = await shop.product(10, maxPerShopper=None)
+    past = now_ms() - 10_000
+    for product_id, quantity, at, hold_ms in [
+        (limited["id"], 2, past, 1_000),  # overdue
+        (limited["id"], 1, now_ms(), 60_000),  # held
+        (unlimited["id"], 3, past, 1_000),  # overdue
+        (unlimited["id"], 1, now_ms(), 60_000),  # held
+    ]:
+        request = HoldRequest(product_id, quantity, shopper_id=shopper)
+        outcomes, _ = await shop.store.write(
+            functools.partial(inventory.reserve, requests=[request], now=at, hold_ms=hold_ms)
+        )
+        assert outcomes[0].error is None
+    me = (await alice.get("/api/me")).json()
+    assert me["units"] == {str(limited["id"]): 1, str(unlimited["id"]): 1}
+    # And the limit agrees: 4 more fit (5 - 1), the overdue hold expired on the way.
+    assert (await reserve(alice, limited["id"], 4)).status_code == 201
+    units = (await alice.get("/api/me")).json()["units"]
+    assert units == {str(limited["id"]): 5, str(unlimited["id"]): 1}
 
 
 async def limit_per_shopper(store: Store, product_id: int, limit: int) -> None:

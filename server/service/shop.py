@@ -274,9 +274,9 @@ class Shop:
 
     async def shopper_units(self, shopper_id: str) -> dict[int, int]:
         """A shopper's units per product in ACTIVE and COMPLETED holds (what counts
-        against `maxPerShopper`)."""
+        against `maxPerShopper`); an overdue hold not yet expired counts for nothing."""
         async with self.store.reader() as conn:
-            return await inventory.shopper_units(conn, shopper_id)
+            return await inventory.shopper_units_held(conn, shopper_id, now=now_ms())
 
     async def complete(
         self,
