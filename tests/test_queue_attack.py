@@ -10,11 +10,15 @@ from typing import Any
 import httpx
 import pytest
 
+from server.domain import inventory
+from server.domain.inventory import ProductChanges
 from server.storage.database import Store
 from tests.support import assert_invariant, eventually, serve
 from tests.test_api import app_settings, assert_error
 from tests.test_queue_api import starts_in, ticket_of
-from tests.test_shoppers import Shop, reserve
+from tests.test_shoppers import Shop
+from tests.test_shoppers import reserve as reserve_over_http
+from tests.test_waitingroom import PASS_MS, START, join_many, reserve, room, shoppers, step
 
 
 @pytest.fixture
@@ -41,10 +45,49 @@ async def test_a_pass_takes_no_more_units_than_it_was_admitted_for(shop: Shop) -
         ticket_of(await shopper.post(path), 201)
     for shopper in shoppers:
         await eventually(partial(_admitted, shopper, path), within=15, what="admitted")
-    greedy = await reserve(shoppers[0], product["id"], quantity=3)
+    greedy = await reserve_over_http(shoppers[0], product["id"], quantity=3)
     assert_error(greedy, 403, "not_admitted")
     assert (await shoppers[0].get(path)).json()["state"] == "admitted"  # the pass is kept
     for shopper in shoppers:
-        held = await reserve(shopper, product["id"])
+        held = await reserve_over_http(shopper, product["id"])
         assert held.status_code == 201, held.text
     await assert_invariant(shop.store, product["id"])
+
+
+# -- the sale closed while passes are out ----------------------------------------------------
+
+
+async def _edit(store: Store, product_id: int, *, now: int, **changes: Any) -> None:
+    outcome = await store.write(
+        lambda conn: inventory.update_product(conn, product_id, ProductChanges(**changes), now=now)
+    )
+    outcome.result()
+
+
+@pytest.mark.parametrize("closing", ["pause", "start moved later"])
+async def test_a_pass_does_not_run_out_while_the_sale_is_closed(store: Store, closing: str) -> None:
+    """The operator pauses the sale (or moves its start later) for longer than a pass lasts
+    while shoppers hold passes: they cannot reserve meanwhile, so their turn must not pass
+    (a lapsed ticket cannot join again); they keep their turn after it reopens."""
+    product = await room(store, 2, queue="random")
+    first, later = shoppers(2), shoppers(4)[2:]
+    await join_many(store, product.id, first + later, at=START - 1000)
+    admitted = {t.shopper_id for t in (await step(store, product.id, now=START)).admitted}
+    assert len(admitted) == 2
+    reopens = START + 3 * PASS_MS
+    if closing == "pause":
+        await _edit(store, product.id, now=START + 1_000, paused=True)
+    else:
+        await _edit(store, product.id, now=START + 1_000, sale_starts_at=reopens)
+    # The admitter steps on meanwhile (every QUEUE_TICK_MS; here every half pass).
+    for now in range(START + 2_000, reopens, PASS_MS // 2):
+        assert (await step(store, product.id, now=now)).lapsed == []
+    if closing == "pause":
+        await _edit(store, product.id, now=reopens, paused=False)
+    after = await step(store, product.id, now=reopens + 1)
+    assert after.lapsed == []
+    assert after.admitted == []
+    for shopper in admitted:
+        held = await reserve(store, product.id, shopper, now=reopens + 1_000)
+        assert held.reservation.shopper_id == shopper
+    await assert_invariant(store, product.id)

@@ -11,7 +11,8 @@ the news (`RoomChanged`, after commit).
   for a secret seed (a seeded CSPRNG), stored with the room so it can be checked after.
   Later arrivals keep their arrival places, which are all behind the drawn ones.
 - `admit` is one process's step for one product (the lease holder's: `take_lease` fences
-  each step): lapse the passes that ran out, make the draw when it is due, expire the
+  each step): lapse the passes that ran out (and renew those out while the sale is paused
+  or its start was moved later: they cannot be used then), make the draw when it is due, expire the
   product's overdue holds, then admit from the head of the line as many as the units
   available allow (`ceil(available × admit_factor / units per pass)`, less the passes
   already out), or, when nothing is available and nothing held, close the room: every
@@ -486,6 +487,8 @@ class Admission:
     product: Product | None = None
     admitted: list[Ticket] = field(default_factory=list)
     lapsed: list[Ticket] = field(default_factory=list)
+    # Passes renewed because the sale is closed (paused, or not started again).
+    renewed: list[Ticket] = field(default_factory=list)
     closed: list[Ticket] = field(default_factory=list)
     drawn: int = 0
     waiting: int = 0
@@ -497,12 +500,16 @@ class Admission:
 
     @property
     def changed(self) -> bool:
-        return bool(self.admitted or self.lapsed or self.closed or self.drawn or self.events)
+        return bool(
+            self.admitted or self.lapsed or self.renewed or self.closed or self.drawn or self.events
+        )
 
     def news(self) -> RoomChanged | None:
         if self.product is None:
             return None
-        shoppers = frozenset(t.shopper_id for t in (*self.admitted, *self.lapsed, *self.closed))
+        shoppers = frozenset(
+            t.shopper_id for t in (*self.admitted, *self.lapsed, *self.renewed, *self.closed)
+        )
         return RoomChanged(
             self.product.id,
             self.waiting,
@@ -552,6 +559,18 @@ async def admit(
         {"p": product_id, "now": now},
     )
     state = product.sale_state(now)
+    if state in ("scheduled", "paused"):
+        # The sale is closed again (paused, or its start moved later) while passes are
+        # out: they cannot be used meanwhile, so their time does not run; each step renews
+        # them to a full pass (at most once a second each). They are news, for the pages'
+        # countdowns.
+        step.renewed = await _tickets_where(
+            conn,
+            "UPDATE queue_tickets SET pass_expires_at = :until WHERE product_id = :p "
+            "AND state = 'admitted' AND pass_expires_at > :now "
+            "AND pass_expires_at < :stale",
+            {"p": product_id, "now": now, "until": now + pass_ms, "stale": now + pass_ms - 1000},
+        )
     if draws(product) and state != "scheduled" and await drawn_at(conn, product_id) is None:
         step.drawn = await draw(conn, product, seed=seed or secrets.token_bytes(32), now=now)
     if state == "ended":
