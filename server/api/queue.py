@@ -102,8 +102,8 @@ def _shopper(request: Request) -> Shopper:
     },
     parameters=[PRODUCT_ID],
     description="One ticket per shopper per product: joining again answers 200 with the "
-    "same ticket (a ticket that ended `left` or `sold_out` is opened again at the back of "
-    "the line). In a `random` room, those who join before the sale starts are put in a "
+    "same ticket (a ticket that ended `left`, `sold_out` or `lapsed` is opened again at the "
+    "back of the line). In a `random` room, those who join before the sale starts are put in a "
     "random order at the start (`drawAt`; `position` is null until then). Joins count "
     "against RESERVE_RATE_LIMIT like reservations.",
 )
