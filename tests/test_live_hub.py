@@ -211,3 +211,24 @@ async def test_a_lines_counts_reach_every_page_at_most_once_a_second_ending_on_t
         await asyncio.sleep(0.005)
     await eventually(lambda: _true(queue_counts(socket)[-1:] == [50]), what="the newest count")
     assert len(queue_counts(socket)) <= 2  # the first at once, then the newest after 1 s
+
+
+async def test_a_flush_goes_out_in_slices_and_every_socket_gets_frames_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop runs other work between slices of a flush (a flush to 15,000 sockets
+    held every request for a few hundred ms); a flush due meanwhile waits for it, so that
+    no socket sees a newer stock before an older one."""
+    monkeypatch.setattr(live, "FLUSH_SLICE", 2)
+    hub = Hub(Catalog(), max_clients=10)
+    sockets = [Socket() for _ in range(5)]
+    for socket in sockets:
+        hub.join(socket)  # type: ignore[arg-type]
+    hub.publish(*stock(7, 9, 1))
+    hub.flush()
+    assert sorted(versions(s) for s in sockets) == [[], [], [], [1], [1]]  # one slice
+    hub.publish(*stock(7, 8, 2))
+    hub.flush()  # due while the first is under way: after it
+    await eventually(
+        lambda: _true(all(versions(s) == [1, 2] for s in sockets)), what="both, in order"
+    )

@@ -6,7 +6,8 @@ most every `FLUSH_SECONDS` (at once if it has not flushed for that long): a prod
 changes a thousand times a second reaches each page about twenty times a second, always
 ending on its latest value. Reservation frames go only to the sockets watching that hold.
 
-Fan-out is one synchronous pass over the sockets. Each frame is encoded once and written to
+Fan-out is a pass over the sockets, in slices of `FLUSH_SLICE` between which the event loop
+runs what else is ready (requests, new connections). Each frame is encoded once and written to
 every socket as it is, through the `flashsale.prepared_frames` extension of our uvicorn
 protocol (server/live/wsprotocol.py): a few µs a socket, against ~15 µs through `send_text`.
 Where that is not available, or a socket's buffer is full, the frame goes through the
@@ -58,6 +59,10 @@ AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldUnits
 FLUSH_SECONDS = 0.05  # at most twenty flushes a second
 FANOUT_SHARE = 0.1  # while changes keep coming, of the event loop's time...
 MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this
+# A flush goes out to this many sockets at a time, the event loop running whatever else is
+# ready between two slices: a flush to 15,000 sockets blocked it for a few hundred ms (the
+# waiting room's bench), and every request and connection arriving meanwhile waited.
+FLUSH_SLICE = 1_000
 # A line's counts (`queue` frames) reach every page at most this often (s): they change with
 # every join, and each change is a frame for every socket (15,000 in the bench's sale).
 QUEUE_FRAME_SECONDS = 1.0
@@ -213,6 +218,11 @@ class Hub:
         self._products: dict[int, str] = {}
         self._reservations: list[tuple[str, str]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        # A flush under way, slice by slice (its next slice's handle), and whether another
+        # was due meanwhile (it waits for this one, so that no socket gets frames out of
+        # order).
+        self._slice_handle: asyncio.Handle | None = None
+        self._flush_again = False
         self._last_flush = 0.0
         self._flush_cost = 0.0
         self._budget = FANOUT_BURST  # seconds of fan-out that may be spent now
@@ -500,6 +510,9 @@ class Hub:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._flush_handle = None
+        if self._slice_handle is not None:
+            self._flush_again = True  # after the one under way
+            return
         products, self._products = self._products, {}
         stock, self._stock = self._stock, {}
         reservations, self._reservations = self._reservations, []
@@ -509,22 +522,45 @@ class Hub:
         for product_id, (version, text) in stock.items():
             self._sent_version[product_id] = version
             frames.append((("stock", product_id), text))
-        if frames:
-            prepared = [(key, text, prepare_text(text)) for key, text in frames]
-            for client in list(self.clients):
-                wanted = client.products
-                for key, text, encoded in prepared:
-                    if wanted is None or key[1] in wanted:
-                        client.offer(key, text, encoded)
         for reservation_id, text in reservations:
             for client in list(self._watchers.get(reservation_id, ())):
                 client.offer(("reservation", reservation_id), text)
+        prepared = [(key, text, prepare_text(text)) for key, text in frames]
+        clients = list(self.clients) if prepared else []
+        self._flush_slice(prepared, clients, 0, loop.time() - started)
+
+    def _flush_slice(
+        self,
+        prepared: list[tuple[Key, str, bytes]],
+        clients: list[Client],
+        start: int,
+        cost: float,
+    ) -> None:
+        """The flush's frames to `clients[start:start + FLUSH_SLICE]`; the next slice once
+        the loop has run what else was ready. `cost`: the flush's time so far (s)."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        self._slice_handle = None
+        for client in clients[start : start + FLUSH_SLICE]:
+            wanted = client.products
+            for key, text, encoded in prepared:
+                if wanted is None or key[1] in wanted:
+                    client.offer(key, text, encoded)
+        cost += loop.time() - began
+        if start + FLUSH_SLICE < len(clients):
+            self._slice_handle = loop.call_soon(
+                self._flush_slice, prepared, clients, start + FLUSH_SLICE, cost
+            )
+            return
         self._last_flush = loop.time()
-        self._flush_cost = self._last_flush - started
+        self._flush_cost = cost
         # Debt beyond the budget is not carried: past MAX_FLUSH_GAP it is spent anyway.
         self._budget = max(0.0, self._budget - self._flush_cost)
         if self.clients:
             FANOUT_DURATION.observe(self._flush_cost)
+        if self._flush_again:
+            self._flush_again = False
+            self._schedule_flush()
 
     async def close_all(self, code: int = 1001) -> None:
         """Going away (shutdown): tell every client, so that pages reconnect elsewhere."""
@@ -537,6 +573,9 @@ class Hub:
         if self._queue_timer is not None:
             self._queue_timer.cancel()
             self._queue_timer = None
+        if self._slice_handle is not None:
+            self._slice_handle.cancel()
+            self._slice_handle = None
         for client in list(self.clients):
             self.leave(client)
             try:
