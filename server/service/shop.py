@@ -129,7 +129,7 @@ class Shop:
             raise closed
         if self.room is not None and product.queue != "off":
             try:
-                await self.room.check_pass(product, request.shopper_id)
+                await self.room.check_pass(product, request.shopper_id, request.quantity)
             except NotAdmitted:
                 # A retry of a request that used its pass is answered with its hold.
                 replay = await self.replay(request)

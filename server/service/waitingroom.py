@@ -190,20 +190,28 @@ class WaitingRoom:
             [RoomChanged(pid, None, None, frozenset(names)) for pid, names in shoppers.items()]
         )
 
-    async def check_pass(self, product: Product, shopper_id: str | None) -> None:
-        """The gate's early refusal, before a reservation queues for a batch: a product
-        whose room is in front of its sale (it has a start time) needs the shopper's valid
-        pass; raises NotAdmitted with their position otherwise. Only a read: the pass is
-        used in the reservation's own transaction (`waitingroom.take_passes`), which
-        decides. A waitlist (no start time) is left to that transaction."""
-        if product.queue == "off" or product.sale_starts_at is None:
+    async def check_pass(self, product: Product, shopper_id: str | None, quantity: int = 1) -> None:
+        """The gate's early refusal, before a reservation queues for a batch: while the
+        product's room is active (`waitingroom.gated`: it has a start time, or someone is in
+        its line), a reservation needs the shopper's valid pass, for at most the units a
+        pass allows; raises NotAdmitted with their position otherwise. Only reads, so that a
+        storm of requests without passes never reaches the write lock: the pass is used in
+        the reservation's own transaction (`waitingroom.take_passes`), which decides."""
+        if product.queue == "off":
             return
-        if shopper_id is None:
-            raise NotAdmitted(None)
         async with self.store.reader() as conn:
-            ticket = await waitingroom.get_ticket(conn, product.id, shopper_id)
-        now = now_ms()
-        if ticket is not None and ticket.has_pass(now):
+            ticket = None
+            if shopper_id is not None:
+                ticket = await waitingroom.get_ticket(conn, product.id, shopper_id)
+            now = now_ms()
+            passed = ticket is not None and ticket.has_pass(now)
+            waitlist = product.sale_starts_at is None
+            if not passed and waitlist and await waitingroom.gated(conn, product.id) is None:
+                return  # a waitlist with nobody in line: first come, first served
+        per_pass = waitingroom.units_per_pass(product)
+        if passed:
+            if quantity > per_pass:
+                raise NotAdmitted(None, waitingroom.TicketState.ADMITTED.value, units=per_pass)
             return
         if ticket is None:
             raise NotAdmitted(None)
