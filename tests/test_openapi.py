@@ -118,6 +118,22 @@ def test_the_document_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
     schemathesis.openapi.from_dict(spec).validate()
 
 
+def test_every_operator_operation_documents_the_token_and_its_throttle(
+    spec: dict[str, Any],
+) -> None:
+    """Each /api/admin operation can answer 401 (no or a wrong token) and 429 (too many wrong
+    tokens from this client: `operator_only`), so its document lists both."""
+    missing = [
+        (method.upper(), path, status)
+        for path, item in spec["paths"].items()
+        if path.startswith("/api/admin/")
+        for method, op in item.items()
+        for status in ("401", "429")
+        if status not in op["responses"]
+    ]
+    assert missing == []
+
+
 def test_every_route_the_app_serves_is_documented(spec: dict[str, Any]) -> None:
     app = create_app(Settings(admin_token="x", redis_url="redis://unused"))
     served: set[tuple[str, str]] = set()

@@ -37,12 +37,11 @@ from server.api.spec import (
     INVALID_REQUEST,
     NO_OPERATOR_API,
     NOT_JSON,
+    OPERATOR_AUTH,
     PRODUCT,
     PRODUCT_ID,
     PRODUCT_OR_NO_OPERATOR_API,
     RESERVATION_ID,
-    SIGN_IN_THROTTLED_ANSWER,
-    UNAUTHORIZED_ANSWER,
     array,
     error,
     header,
@@ -180,8 +179,7 @@ class ReservationQuery(BaseModel):
     {
         "201": json(ref(schemas.ProductOut), "The new product"),
         "400": INVALID,
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "415": NOT_JSON,
         "503": DATABASE,
@@ -214,8 +212,7 @@ async def create_product(request: Request) -> Response:
     {
         "200": PRODUCT,
         "400": INVALID,
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": PRODUCT_OR_NO_OPERATOR_API,
         "415": NOT_JSON,
         "503": DATABASE,
@@ -237,8 +234,7 @@ async def restock(request: Request) -> Response:
     "One product's units per state",
     {
         "200": json(ref(schemas.StatsOut), "Units per state"),
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": PRODUCT_OR_NO_OPERATOR_API,
         "503": DATABASE,
     },
@@ -270,8 +266,7 @@ async def product_stats(request: Request) -> Response:
             },
         ),
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "503": DATABASE,
     },
@@ -309,8 +304,7 @@ async def all_stats(request: Request) -> Response:
     "Every product's units per state, added up",
     {
         "200": json(ref(schemas.StatsTotalsOut), "The sums, and how many products"),
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "503": DATABASE,
     },
@@ -344,8 +338,7 @@ async def stats_totals(request: Request) -> Response:
             "The reservations, newest first (ACTIVE ones: the most time left first)",
         ),
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "503": DATABASE,
     },
@@ -372,8 +365,7 @@ async def list_reservations(request: Request) -> Response:
 
 _CONTROL_ANSWERS = {
     "200": PRODUCT,
-    "401": UNAUTHORIZED_ANSWER,
-    "429": SIGN_IN_THROTTLED_ANSWER,
+    **OPERATOR_AUTH,
     "404": PRODUCT_OR_NO_OPERATOR_API,
     "503": DATABASE,
 }
@@ -519,8 +511,7 @@ async def reduce_stock(request: Request) -> Response:
     {
         "200": json(ref(schemas.ReservationOut), "The reservation, CANCELLED (again: unchanged)"),
         "400": INVALID,
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": error(
             "There is no such reservation, or no operator API",
             errors.ReservationNotFound.code,

@@ -21,14 +21,13 @@ from server.api.identity import Shopper, shopper_of
 from server.api.ratelimit import RateLimiter
 from server.api.spec import (
     DATABASE,
+    OPERATOR_AUTH,
     PRODUCT_ID,
     PRODUCT_OR_NO_OPERATOR_API,
     RATE_LIMITED,
     RETRY_AFTER,
     SHOPPER_UNAUTHORIZED,
-    SIGN_IN_THROTTLED_ANSWER,
     UNAUTHORIZED,
-    UNAUTHORIZED_ANSWER,
     component_parameter,
     error,
     header,
@@ -199,8 +198,7 @@ queue_routes = [
     "A product's waiting room: tickets by state, admissions, the draw",
     {
         "200": json(ref(schemas.RoomOut), "The room's figures"),
-        "401": UNAUTHORIZED_ANSWER,
-        "429": SIGN_IN_THROTTLED_ANSWER,
+        **OPERATOR_AUTH,
         "404": PRODUCT_OR_NO_OPERATOR_API,
         "503": DATABASE,
     },

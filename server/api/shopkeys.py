@@ -17,7 +17,7 @@ from server.api.spec import (
     NO_OPERATOR_API,
     NOT_FOUND,
     NOT_JSON,
-    UNAUTHORIZED_ANSWER,
+    OPERATOR_AUTH,
     array,
     error,
     json,
@@ -61,7 +61,7 @@ def _view(key: ShopKey) -> dict[str, Any]:
     {
         "201": json(ref(schemas.ShopKeySecretOut), "The key, shown this once"),
         "400": INVALID,
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "415": NOT_JSON,
         "503": DATABASE,
@@ -84,7 +84,7 @@ async def create_key(request: Request) -> Response:
     "The shop API keys made in the console",
     {
         "200": json(array(schemas.ShopKeyOut), "The keys (never the keys themselves)"),
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "503": DATABASE,
     },
@@ -101,7 +101,7 @@ async def list_keys(request: Request) -> Response:
     "Revoke a shop API key (at once)",
     {
         "200": json(ref(schemas.ShopKeyOut), "The key, revoked"),
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": error("There is no such key, or no operator API", NOT_FOUND),
         "503": DATABASE,
     },

@@ -231,6 +231,12 @@ SIGN_IN_THROTTLED_ANSWER = error(
     "too_many_failed_sign_ins",
     headers={"Retry-After": RETRY_AFTER},
 )
+# Every operator endpoint's answers to who is asking: a missing or wrong token, and the
+# throttle after too many wrong ones (server/api/admin.py: `operator_only`).
+OPERATOR_AUTH: dict[str, Schema] = {
+    "401": UNAUTHORIZED_ANSWER,
+    "429": SIGN_IN_THROTTLED_ANSWER,
+}
 NO_OPERATOR_API = error("No operator token is configured: there is no operator API", NOT_FOUND)
 PRODUCT_OR_NO_OPERATOR_API = error(
     "There is no such product, or no operator API", errors.ProductNotFound.code, NOT_FOUND

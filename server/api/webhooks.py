@@ -27,7 +27,7 @@ from server.api.spec import (
     NO_OPERATOR_API,
     NOT_FOUND,
     NOT_JSON,
-    UNAUTHORIZED_ANSWER,
+    OPERATOR_AUTH,
     array,
     error,
     json,
@@ -125,7 +125,7 @@ def _delivery_view(d: Delivery) -> dict[str, Any]:
             "The endpoint, with its signing secret: shown this once",
         ),
         "400": INVALID,
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "415": NOT_JSON,
         "503": DATABASE,
@@ -150,7 +150,7 @@ async def create_endpoint(request: Request) -> Response:
     "Every webhook endpoint",
     {
         "200": json(array(schemas.WebhookOut), "The endpoints, by id (no secrets)"),
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
         "503": DATABASE,
     },
@@ -165,7 +165,7 @@ async def list_endpoints(request: Request) -> Response:
     "getWebhookEndpoint",
     "Webhooks",
     "One webhook endpoint",
-    {"200": ENDPOINT, "401": UNAUTHORIZED_ANSWER, "404": NO_ENDPOINT, "503": DATABASE},
+    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "503": DATABASE},
     parameters=[ENDPOINT_ID],
     operator=True,
 )
@@ -187,7 +187,7 @@ enable_endpoint = operation(
     "enableWebhookEndpoint",
     "Webhooks",
     "Enable an endpoint (its waiting deliveries go at once)",
-    {"200": ENDPOINT, "401": UNAUTHORIZED_ANSWER, "404": NO_ENDPOINT, "503": DATABASE},
+    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "503": DATABASE},
     parameters=[ENDPOINT_ID],
     operator=True,
 )(operator_only(_switch(True)))
@@ -195,7 +195,7 @@ disable_endpoint = operation(
     "disableWebhookEndpoint",
     "Webhooks",
     "Disable an endpoint (it gets no new events until enabled)",
-    {"200": ENDPOINT, "401": UNAUTHORIZED_ANSWER, "404": NO_ENDPOINT, "503": DATABASE},
+    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "503": DATABASE},
     parameters=[ENDPOINT_ID],
     operator=True,
 )(operator_only(_switch(False)))
@@ -211,7 +211,7 @@ disable_endpoint = operation(
             "The endpoint with its new secret, shown this once; for a day the old secret "
             "signs too (two signatures in webhook-signature)",
         ),
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_ENDPOINT,
         "503": DATABASE,
     },
@@ -237,7 +237,7 @@ class DeliveryQuery(BaseModel):
     {
         "200": json(array(schemas.DeliveryOut), "Its deliveries, with their status"),
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": NO_ENDPOINT,
         "503": DATABASE,
     },
@@ -257,7 +257,7 @@ async def list_deliveries(request: Request) -> Response:
     "Send one event to an endpoint again",
     {
         "202": {"description": "The worker sends it within a moment (same webhook-id)"},
-        "401": UNAUTHORIZED_ANSWER,
+        **OPERATOR_AUTH,
         "404": error("There is no such delivery, or no operator API", NOT_FOUND),
         "503": DATABASE,
     },
