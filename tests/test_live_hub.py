@@ -200,9 +200,12 @@ def queue_counts(socket: Socket) -> list[int]:
     return [json.loads(text)["waiting"] for text in socket.sent if '"type":"queue"' in text]
 
 
-async def test_a_lines_counts_reach_every_page_at_most_once_a_second_ending_on_the_newest() -> None:
+async def test_a_lines_counts_reach_every_page_at_most_so_often_ending_on_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Every join changes a line's count, and each change is a frame for every socket: the
-    pages hear the newest count at most once a second."""
+    pages hear the newest count at most every QUEUE_FRAME_SECONDS (here 1 s)."""
+    monkeypatch.setattr(live, "QUEUE_FRAME_SECONDS", 1.0)
     hub = Hub(Catalog(), max_clients=10)
     socket = Socket()
     hub.join(socket)  # type: ignore[arg-type]

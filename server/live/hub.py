@@ -64,8 +64,10 @@ MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this
 # waiting room's bench), and every request and connection arriving meanwhile waited.
 FLUSH_SLICE = 1_000
 # A line's counts (`queue` frames) reach every page at most this often (s): they change with
-# every join, and each change is a frame for every socket (15,000 in the bench's sale).
-QUEUE_FRAME_SECONDS = 1.0
+# every join, and each change is a frame for every socket. With 15,000 pages in a line once
+# a second was half of a web process (the bench's `queue`, py-spy): a count a page shows
+# may be three seconds old.
+QUEUE_FRAME_SECONDS = 3.0
 FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quiet spell
 SEND_TIMEOUT_SECONDS = 5.0
 MAX_WATCHED = 50
@@ -344,7 +346,7 @@ class Hub:
 
     def _schedule_queues(self) -> None:
         """The pending `queue` frames go out with a flush once each product's last one is
-        QUEUE_FRAME_SECONDS old: the newest counts, at most once a second."""
+        QUEUE_FRAME_SECONDS old: the newest counts, at most that often."""
         if self._queue_timer is not None or not self._queues:
             return
         loop = asyncio.get_running_loop()
