@@ -366,8 +366,10 @@ class Admitter:
             return []
         steps: list[Admission] = []
         clock = time.monotonic()
-        # A room with nobody in it is looked at less often, but often enough to keep the
-        # lease (renewed by every step) from lapsing between two looks.
+        # Only rooms with someone in them are listed (`queued_products`); one whose line
+        # has just emptied is looked at less often, but often enough to keep the lease
+        # (renewed by every step) from lapsing between two looks. With nobody in any room,
+        # the lease lapses, and the first process to find someone in a room takes it.
         idle_gap = min(1.0, self._lease_ms / 2000)
         for product_id in products:
             idle_since = self._idle.get(product_id)
