@@ -26,7 +26,16 @@ from tests.test_api import app_settings, assert_error
 from tests.test_queue_api import starts_in, ticket_of
 from tests.test_shoppers import Shop
 from tests.test_shoppers import reserve as reserve_over_http
-from tests.test_waitingroom import PASS_MS, START, join_many, reserve, room, shoppers, step
+from tests.test_waitingroom import (
+    PASS_MS,
+    START,
+    join_many,
+    line_order,
+    reserve,
+    room,
+    shoppers,
+    step,
+)
 
 
 @pytest.fixture
@@ -169,3 +178,26 @@ async def test_rooms_nobody_is_in_cost_the_admitter_no_write(
     steps = await admitter.step_all()
     assert [s.product.id for s in steps if s.product is not None] == [live.id]
     assert [t.shopper_id for t in steps[0].admitted] == ["anon:b"]
+
+
+async def test_those_who_join_before_a_start_moved_later_are_drawn_too(store: Store) -> None:
+    """A random room draws at its start; the operator then moves the start later. Those
+    who join before the new start joined before the start too: they are put in a random
+    order among themselves at it (behind those drawn first, who keep their order), not
+    served in arrival order."""
+    product = await room(store, 1, queue="random")
+    early, late = shoppers(50), [f"anon:late{n:03d}" for n in range(60)]
+    await join_many(store, product.id, early, at=START - 1_000)
+    first = await step(store, product.id, now=START)
+    assert first.drawn == len(early)
+    drawn_order = await line_order(store, product.id, everyone=True)
+    later = START + 10 * PASS_MS
+    await _edit(store, product.id, now=START + 500, sale_starts_at=later)
+    await join_many(store, product.id, late, at=START + 1_000)
+    again = await step(store, product.id, now=later)
+    assert again.drawn == len(late)
+    order = await line_order(store, product.id, everyone=True)
+    assert order[: len(drawn_order)] == drawn_order  # the first draw stands
+    assert sorted(order[len(drawn_order) :]) == late
+    assert order[len(drawn_order) :] != late  # not arrival order (1 in 60! by chance)
+    assert (await step(store, product.id, now=later + 1)).drawn == 0  # once

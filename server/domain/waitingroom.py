@@ -441,15 +441,18 @@ def draw_order(seed: bytes, shopper_ids: Sequence[str]) -> list[str]:
     return sorted(shopper_ids, key=lambda s: hmac.new(seed, s.encode(), hashlib.sha256).digest())
 
 
-async def draw(conn: Executor, product: Product, *, seed: bytes, now: int) -> int:
+async def draw(
+    conn: Executor, product: Product, *, seed: bytes, now: int, since: int | None = None
+) -> int:
     """The random draw at the sale's start: the places of those waiting who joined before
-    it are dealt out again in `draw_order`; the room records the draw and its seed. Returns
-    how many were drawn. Done once per room (`queue_rooms.drawn_at`)."""
+    it (and at or after `since`, ms, when given) are dealt out again in `draw_order`; the
+    room records the draw and its seed. Returns how many were drawn. Done once per start
+    (`queue_rooms.drawn_at`; `due_draw`)."""
     assert product.sale_starts_at is not None
     rows = await conn.fetch_all(
         "SELECT shopper_id, place FROM queue_tickets WHERE product_id = :p "
-        "AND state = 'waiting' AND joined_at < :starts ORDER BY place",
-        {"p": product.id, "starts": product.sale_starts_at},
+        "AND state = 'waiting' AND joined_at < :starts AND joined_at >= :since ORDER BY place",
+        {"p": product.id, "starts": product.sale_starts_at, "since": since or 0},
     )
     places = [int(row["place"]) for row in rows]
     order = draw_order(seed, [str(row["shopper_id"]) for row in rows])
@@ -571,8 +574,24 @@ async def admit(
             "AND pass_expires_at < :stale",
             {"p": product_id, "now": now, "until": now + pass_ms, "stale": now + pass_ms - 1000},
         )
-    if draws(product) and state != "scheduled" and await drawn_at(conn, product_id) is None:
-        step.drawn = await draw(conn, product, seed=seed or secrets.token_bytes(32), now=now)
+    if draws(product) and state != "scheduled":
+        record = await conn.fetch_one(
+            "SELECT drawn_at, draw_seed FROM queue_rooms WHERE product_id = :p", {"p": product_id}
+        )
+        last = None if record is None else _int(record["drawn_at"])
+        assert product.sale_starts_at is not None
+        if last is None:
+            step.drawn = await draw(conn, product, seed=seed or secrets.token_bytes(32), now=now)
+        elif last < product.sale_starts_at:
+            # The start was moved later after the draw: those who joined since then joined
+            # before the start too, and are drawn among themselves (behind the first
+            # drawn, whose order stands), with the room's seed, so both can be checked.
+            kept = None
+            if record is not None and record["draw_seed"]:
+                kept = bytes.fromhex(str(record["draw_seed"]))
+            step.drawn = await draw(
+                conn, product, seed=kept or seed or secrets.token_bytes(32), now=now, since=last
+            )
     if state == "ended":
         step.closed = await _close(conn, product_id, now=now)
     elif state == "open":
