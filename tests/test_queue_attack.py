@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from server.domain import inventory
+from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
 from server.domain.errors import NotAdmitted
 from server.domain.inventory import ProductChanges
-from server.domain.model import HoldRequest
+from server.domain.model import HoldRequest, Product
 from server.service.shop import Shop as ShopService
 from server.service.transactions import Transactions
 from server.service.waitingroom import Admitter, WaitingRoom
@@ -201,3 +201,23 @@ async def test_those_who_join_before_a_start_moved_later_are_drawn_too(store: St
     assert sorted(order[len(drawn_order) :]) == late
     assert order[len(drawn_order) :] != late  # not arrival order (1 in 60! by chance)
     assert (await step(store, product.id, now=later + 1)).drawn == 0  # once
+
+
+@pytest.mark.parametrize(("available", "factor", "passes"), [(100, 1.1, 110), (50, 2.2, 110)])
+def test_admit_factor_counts_in_decimal(available: int, factor: float, passes: int) -> None:
+    """100 units × admitFactor 1.1 is 110 passes, not 111: in binary floating point it is
+    110.00000000000001, which rounded up admitted one more than the operator asked."""
+    product = Product(
+        id=1,
+        name="Drop",
+        price_cents=100,
+        total_stock=available,
+        available_stock=available,
+        version=1,
+        sale_starts_at=None,
+        created_at=0,
+        updated_at=0,
+        admit_factor=factor,
+        queue="fifo",
+    )
+    assert waitingroom.passes_for(product) == passes

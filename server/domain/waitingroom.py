@@ -533,7 +533,10 @@ def passes_for(product: Product) -> int:
     than a pass's worth are left of still goes to someone)."""
     if product.available_stock <= 0:
         return 0
-    return math.ceil(product.available_stock * product.admit_factor / units_per_pass(product))
+    exact = product.available_stock * product.admit_factor / units_per_pass(product)
+    # Rounded to 9 places first: 100 × 1.1 is 110.00000000000001 in binary floating point,
+    # which rounded up would admit one more than the operator asked for.
+    return math.ceil(round(exact, 9))
 
 
 async def admit(
