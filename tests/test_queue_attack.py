@@ -221,3 +221,17 @@ def test_admit_factor_counts_in_decimal(available: int, factor: float, passes: i
         queue="fifo",
     )
     assert waitingroom.passes_for(product) == passes
+
+
+async def test_if_none_match_any_is_not_modified_for_a_ticket_that_exists(shop: Shop) -> None:
+    """`If-None-Match: *` asks "only if there is none": a ticket that exists is 304 (it was
+    a 200 with the whole ticket); with no ticket it is still the 404."""
+    product = await shop.product(5, queue="fifo", saleStartsAt=starts_in(600))
+    path = f"/api/products/{product['id']}/queue"
+    shopper = await shop.shopper()
+    assert_error(await shopper.get(path, headers={"If-None-Match": "*"}), 404, "no_ticket")
+    ticket_of(await shopper.post(path), 201)
+    assert (await shopper.get(path, headers={"If-None-Match": "*"})).status_code == 304
+    etag = (await shopper.get(path)).headers["etag"]
+    assert (await shopper.get(path, headers={"If-None-Match": f'"x", W/{etag}'})).status_code == 304
+    assert (await shopper.get(path, headers={"If-None-Match": '"x"'})).status_code == 200

@@ -154,7 +154,8 @@ async def get_queue_ticket(request: Request) -> Response:
     etag = '"' + hashlib.blake2b(to_json(stable), digest_size=12).hexdigest() + '"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     sent = request.headers.get("if-none-match")
-    if sent is not None and etag in {t.strip().removeprefix("W/") for t in sent.split(",")}:
+    # `*` matches any current ticket (RFC 9110 §13.1.2); tags compare weakly.
+    if sent is not None and ({"*", etag} & {t.strip().removeprefix("W/") for t in sent.split(",")}):
         return Response(status_code=304, headers=headers)
     return json_response(view, headers=headers)
 
