@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -16,10 +17,12 @@ from server.domain.clock import now_ms
 from server.domain.errors import NotAdmitted
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product
+from server.domain.waitingroom import TicketState
 from server.service.shop import Shop as ShopService
 from server.service.transactions import Transactions
 from server.service.waitingroom import Admitter, WaitingRoom
 from server.storage.database import Store
+from server.wire.schemas import ticket_view
 from tests.conftest import Published
 from tests.support import assert_invariant, eventually, serve
 from tests.test_api import app_settings, assert_error
@@ -235,3 +238,27 @@ async def test_if_none_match_any_is_not_modified_for_a_ticket_that_exists(shop: 
     etag = (await shopper.get(path)).headers["etag"]
     assert (await shopper.get(path, headers={"If-None-Match": f'"x", W/{etag}'})).status_code == 304
     assert (await shopper.get(path, headers={"If-None-Match": '"x"'})).status_code == 200
+
+
+def test_a_room_closed_by_the_end_of_its_sale_does_not_say_sold_out() -> None:
+    """The sale ends with units left while people wait: their tickets end `sold_out` (the
+    room is closed), but "every unit has been sold" would be untrue."""
+    ended = Product(
+        id=1,
+        name="Drop",
+        price_cents=100,
+        total_stock=10,
+        available_stock=7,
+        version=1,
+        sale_starts_at=START,
+        created_at=0,
+        updated_at=0,
+        sale_ends_at=START + 60_000,
+        queue="fifo",
+    )
+    ticket = waitingroom.Ticket(1, "anon:a", 1, TicketState.SOLD_OUT, START - 1, ended_at=START)
+    line = waitingroom.Lineup(1, START + 61_000, (), 0)
+    view = ticket_view(ticket, ended, line, now=START + 61_000)
+    assert view["message"] == "The sale has ended."
+    sold = replace(ended, sale_ends_at=None, available_stock=0)
+    assert ticket_view(ticket, sold, line, now=START + 61_000)["message"].startswith("Sold out")

@@ -822,6 +822,8 @@ def _ticket_message(
     if state is TicketState.RESERVED:
         return "You used your turn: your reservation is made."
     if state is TicketState.SOLD_OUT:
+        if product.sale_state(now) == "ended":
+            return "The sale has ended."  # the room closes with it, units left or not
         return "Sold out: every unit has been sold."
     if state is TicketState.LAPSED:
         return "Your turn passed without a reservation."
