@@ -43,6 +43,7 @@ from server.domain.errors import (
     IdempotencyKeyReused,
     InsufficientStock,
     InvalidSchedule,
+    NotAdmitted,
     ProductNotFound,
     ReservationCancelled,
     ReservationCompleted,
@@ -76,6 +77,8 @@ PRODUCT = (
     "created_at, updated_at, held_units, sold_units, paused_at, sale_ends_at, max_per_shopper, "
     "queue, admit_factor"
 )
+# The condition that a product has no waiting room (issue 17), in its own UPDATE's WHERE.
+NO_ROOM = "AND queue = 'off' "
 RESERVATION = (
     "id, product_id, quantity, status, created_at, expires_at, completed_at, ended_at, "
     "idempotency_key, order_reference, cancelled_by, cancel_reason, shopper_id"
@@ -141,6 +144,12 @@ async def reserve(
     the allowance rows of a limit set or removed: no reservation races that. A product
     without a limit has no allowance rows, and its requests cost no statement more than
     anonymous ones.
+
+    A product with a waiting room (issue 17) has its requests pass the room's gate first
+    (`waitingroom.take_passes`: a valid pass of the same shopper, used in this transaction).
+    Whether it has one is read from its row by the statements that take its stock
+    (`queue = 'off'` in their WHERE, or under its row lock), so a product without a room
+    costs no statement for the room.
     """
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     events: list[Event] = []
@@ -202,43 +211,70 @@ async def _reserve_round(
     # limit (`update_product`) or admits from the line takes them.
     passed: dict[int, list[int]] = {}  # per product with a room: requests that used a pass
     for product_id, all_indexes in sorted(by_product.items()):
-        # The waiting room's gate first (issue 17): the shoppers' tickets before the
-        # product and the allowances, the order every transaction takes them in.
-        passes = await waitingroom.take_passes(
-            conn,
-            product_id,
-            [(requests[i].shopper_id, requests[i].quantity) for i in all_indexes],
-            now=now,
-        )
-        if passes is not None:
-            kept = []
-            for i, refused_by_room in zip(all_indexes, passes, strict=True):
-                if refused_by_room is None:
-                    kept.append(i)
-                else:
-                    outcomes[i] = Outcome(error=refused_by_room)
-            passed[product_id] = kept
-            all_indexes = kept
-            if not all_indexes:
-                continue
         identified = any(requests[i].shopper_id is not None for i in all_indexes)
-        indexes = all_indexes
-        limited = False
-        # The common case in one statement: every request fits and, when a shopper asks,
-        # the product has no limit (its row says so under its lock).
+        # The common case in one statement: the product has no waiting room, every request
+        # fits and, when a shopper asks, the product has no limit (its row says so under its
+        # lock). A product without a room costs no statement for the room (issue 17).
         row = await _take_all(
             conn,
             product_id,
-            sum(requests[i].quantity for i in indexes),
+            sum(requests[i].quantity for i in all_indexes),
             now=now,
             unlimited=identified,
+            no_room=True,
         )
+        # Not taken: why? A shopper's request locks the row if the product has no room (as
+        # it did for the limit before rooms: no room can open while this transaction holds
+        # it, PATCH updates the row); an anonymous one reads it, and its stock UPDATEs then
+        # say `queue = 'off'` (no lock before the overdue holds', which expiry takes first).
+        # A product with a room (or none at all) goes through the room's gate first: the
+        # shoppers' tickets before the product's row, the order every transaction takes.
+        locked: Product | None = None  # locked here, no room, unchanged since
+        seen: Product | None = None  # read here (not locked): no room when read
+        if row is None:
+            if identified:
+                locked = await _lock_product(conn, product_id, no_room=True)
+                gate = locked is None
+            else:
+                seen = await get_product(conn, product_id)
+                gate = seen is None or seen.queue != "off"
+            if gate:
+                passes = await waitingroom.take_passes(
+                    conn,
+                    product_id,
+                    [(requests[i].shopper_id, requests[i].quantity) for i in all_indexes],
+                    now=now,
+                    product=seen,
+                )
+                seen = None
+                if passes is not None:
+                    kept = []
+                    for i, refused_by_room in zip(all_indexes, passes, strict=True):
+                        if refused_by_room is None:
+                            kept.append(i)
+                        else:
+                            outcomes[i] = Outcome(error=refused_by_room)
+                    passed[product_id] = kept
+                    all_indexes = kept
+                    if not all_indexes:
+                        continue
+                identified = any(requests[i].shopper_id is not None for i in all_indexes)
+                row = await _take_all(
+                    conn,
+                    product_id,
+                    sum(requests[i].quantity for i in all_indexes),
+                    now=now,
+                    unlimited=identified,
+                )
+        indexes = all_indexes
+        limited = False
         if row is not None:
             product: Product | None = Product.from_row(row)
             fits: list[bool] | DomainError = [True] * len(indexes)
         else:
             if identified:
-                locked = await _lock_product(conn, product_id)
+                if locked is None:
+                    locked = await _lock_product(conn, product_id)
                 limited = locked is not None and locked.max_per_shopper is not None
             if limited:
                 refused = await _take_allowances(
@@ -254,7 +290,16 @@ async def _reserve_round(
                     continue
             quantities = [requests[i].quantity for i in indexes]
             product, fits = await _take_stock(
-                conn, product_id, quantities, books, events, swept, now=now
+                conn,
+                product_id,
+                quantities,
+                books,
+                events,
+                swept,
+                now=now,
+                # Unchanged since it was locked, unless the allowances expired holds.
+                known=seen or (None if limited else locked),
+                no_room=seen is not None,
             )
         if product is None or isinstance(fits, DomainError):
             error = ProductNotFound(product_id) if product is None else fits
@@ -345,11 +390,19 @@ async def _replay_idempotent(
 
 
 async def _take_all(
-    conn: Executor, product_id: int, total: int, *, now: int, unlimited: bool
+    conn: Executor,
+    product_id: int,
+    total: int,
+    *,
+    now: int,
+    unlimited: bool,
+    no_room: bool = False,
 ) -> Row | None:
     """Take `total` units of the product for holds if it has them and its sale is open, and
-    (`unlimited`) only if it has no limit per shopper; the product's row after the change,
-    or None if nothing was taken. One conditional UPDATE, which takes the row's lock."""
+    (`unlimited`) only if it has no limit per shopper, and (`no_room`) only if it has no
+    waiting room (`queue = 'off'`); the product's row after the change, or None if nothing
+    was taken. One conditional UPDATE, which takes the row's lock when it takes the units
+    (and only then: a row its WHERE refuses is not locked, on PostgreSQL either)."""
     return await conn.fetch_one(
         "UPDATE products SET available_stock = available_stock - :total, "
         "held_units = held_units + :total, version = version + 1, updated_at = :now "
@@ -357,17 +410,22 @@ async def _take_all(
         "AND (sale_starts_at IS NULL OR sale_starts_at <= :now) "
         "AND paused_at IS NULL AND (sale_ends_at IS NULL OR sale_ends_at > :now) "
         f"{'AND max_per_shopper IS NULL ' if unlimited else ''}"
-        f"RETURNING {PRODUCT}",
+        f"{NO_ROOM if no_room else ''}RETURNING {PRODUCT}",
         {"id": product_id, "total": total, "now": now},
     )
 
 
-async def _lock_product(conn: Executor, product_id: int) -> Product | None:
+async def _lock_product(
+    conn: Executor, product_id: int, *, no_room: bool = False
+) -> Product | None:
     """The product's row, locked for the rest of the transaction (PostgreSQL's row lock;
     on SQLite the transaction holds the database's write lock already), before any of its
-    allowance rows: its limit as no other transaction can change it meanwhile."""
+    allowance rows: its limit (and its `queue`) as no other transaction can change them
+    meanwhile. None when there is no such product, or (`no_room`) when it has a waiting
+    room: then nothing is locked, and its shoppers' tickets may be taken first."""
     row = await conn.fetch_one(
-        f"UPDATE products SET max_per_shopper = max_per_shopper WHERE id = :id RETURNING {PRODUCT}",
+        "UPDATE products SET max_per_shopper = max_per_shopper WHERE id = :id "
+        f"{NO_ROOM if no_room else ''}RETURNING {PRODUCT}",
         {"id": product_id},
     )
     return None if row is None else Product.from_row(row)
@@ -382,26 +440,36 @@ async def _take_stock(
     swept: set[int],
     *,
     now: int,
+    known: Product | None = None,
+    no_room: bool = False,
 ) -> tuple[Product | None, list[bool] | DomainError]:
-    """Take stock for as many of `quantities`, in order, as the product has.
+    """Take stock for as many of `quantities`, in order, as the product has. `known`: the
+    product's row as this transaction read or locked it after an attempt to take them all
+    failed (no second attempt, no second read). `no_room`: take only while the product has
+    no waiting room (each UPDATE says so; a room opened meanwhile refuses them all with
+    `NotAdmitted`, as the room's gate would have).
 
     Returns the product after the change and which quantities were granted, or the
     error that refuses them all. When they do not all fit and some of the product's units
     are held, its overdue holds are expired first (once per transaction: `swept`), into
     `books` and `events`, as the sweeper would expire them.
     """
-    row = await _take_all(conn, product_id, sum(quantities), now=now, unlimited=False)
-    if row is not None:
-        return Product.from_row(row), [True] * len(quantities)
+    if known is None:
+        row = await _take_all(conn, product_id, sum(quantities), now=now, unlimited=False)
+        if row is not None:
+            return Product.from_row(row), [True] * len(quantities)
     # Not all of them fit (or the sale is not open, or there is no such product).
     # Read what is there, choose the requests that fit, and take exactly that much with the
     # same conditional UPDATE. On SQLite nothing can change in between (the transaction holds
     # the write lock); on PostgreSQL another transaction may, so the UPDATE stays
     # conditional and the choice is retried against the new stock.
     for _ in range(5):
-        product = await get_product(conn, product_id)
+        product = known if known is not None else await get_product(conn, product_id)
+        known = None
         if product is None:
             return None, []
+        if no_room and product.queue != "off":
+            return product, NotAdmitted(None)
         closed = sale_closed(product, now)
         if closed is not None:
             return product, closed
@@ -424,7 +492,7 @@ async def _take_stock(
             "held_units = held_units + :take, version = version + 1, updated_at = :now "
             "WHERE id = :id AND available_stock >= :take AND paused_at IS NULL "
             "AND (sale_ends_at IS NULL OR sale_ends_at > :now) "
-            f"RETURNING {PRODUCT}",
+            f"{NO_ROOM if no_room else ''}RETURNING {PRODUCT}",
             {"id": product_id, "take": take, "now": now},
         )
         if row is not None:

@@ -307,19 +307,26 @@ async def drawn_at(conn: Executor, product_id: int) -> int | None:
 # -- the gate, in the reservation's transaction ---------------------------------------------
 
 
-async def gated(conn: Executor, product_id: int) -> int | None:
+async def gated(conn: Executor, product_id: int, product: Product | None = None) -> int | None:
     """Whether reservations of the product need a pass now: None when not; else the units
     a pass lets its shopper take (`units_per_pass`). It needs one when it has a room, and
     either its sale has a start time (the room is in front of the whole sale) or someone is
-    in line (a waitlist: units go to those waiting first)."""
-    row = await conn.fetch_one(
-        "SELECT queue, sale_starts_at, max_per_shopper FROM products WHERE id = :p",
-        {"p": product_id},
-    )
-    if row is None or row["queue"] == "off":
+    in line (a waitlist: units go to those waiting first). `product`: its row as this
+    transaction has just read it (else it is read here)."""
+    if product is None or product.id != product_id:
+        row = await conn.fetch_one(
+            "SELECT queue, sale_starts_at, max_per_shopper FROM products WHERE id = :p",
+            {"p": product_id},
+        )
+        if row is None:
+            return None
+        queue, starts, limit = row["queue"], row["sale_starts_at"], row["max_per_shopper"]
+    else:
+        queue, starts, limit = product.queue, product.sale_starts_at, product.max_per_shopper
+    if queue == "off":
         return None
-    per_pass = int(row["max_per_shopper"] or 1)
-    if row["sale_starts_at"] is not None:
+    per_pass = int(limit or 1)
+    if starts is not None:
         return per_pass
     waiting = await conn.fetch_one(
         "SELECT 1 AS one FROM queue_tickets WHERE product_id = :p "
@@ -335,14 +342,16 @@ async def take_passes(
     wanted_by: Sequence[tuple[str | None, int]],
     *,
     now: int,
+    product: Product | None = None,
 ) -> list[NotAdmitted | None] | None:
-    """The gate: None when the product needs no pass now (`gated`); otherwise, per request
+    """The gate: None when the product needs no pass now (`gated`, from `product` when the
+    transaction has just read it); otherwise, per request
     (its shopper and the units it asks for), None when it had a valid pass, which it has
     now used (`reserved`), or why it is refused. A shopper's pass is good for one
     reservation of at most `units_per_pass` units: a second request of theirs in the same
     batch has none, and a request for more is refused with the pass left unused (the
     others admitted with it were admitted for those units)."""
-    per_pass = await gated(conn, product_id)
+    per_pass = await gated(conn, product_id, product)
     if per_pass is None:
         return None
     wanted = sorted({s for s, units in wanted_by if s is not None and units <= per_pass})
