@@ -8,12 +8,14 @@ Times are passed in (ms), as the service passes "now": a sale's minutes take no 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 import pytest
 
 from server.domain import inventory, waitingroom
+from server.domain.books import Books
 from server.domain.errors import InsufficientStock, NotAdmitted
-from server.domain.executor import Executor
+from server.domain.executor import Executor, Row, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Ticket, TicketState
@@ -263,6 +265,94 @@ async def test_a_pass_used_for_a_refused_reservation_is_given_back(store: Store)
 async def test_a_product_without_a_room_needs_no_pass(store: Store) -> None:
     product = await room(store, 2, queue="off", starts=None)
     assert (await reserve(store, product.id, "anon:a", now=START)).reservation.quantity == 1
+
+
+class Recording:
+    """An executor that remembers the statements it ran."""
+
+    def __init__(self, conn: Executor) -> None:
+        self.conn = conn
+        self.statements: list[str] = []
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        self.statements.append(sql)
+        return await self.conn.fetch_all(sql, values)
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        self.statements.append(sql)
+        return await self.conn.fetch_one(sql, values)
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        self.statements.append(sql)
+        await self.conn.execute(sql, values)
+
+
+async def statements_of(store: Store, requests: list[HoldRequest], *, now: int) -> list[str]:
+    """The statements one batch of reservations ran; each must have been answered."""
+
+    async def work(conn: Executor) -> list[str]:
+        recording = Recording(conn)
+        outcomes, _ = await inventory.reserve(recording, requests, now=now, hold_ms=HOLD_MS)
+        assert all(o.error is None or isinstance(o.error, InsufficientStock) for o in outcomes)
+        return recording.statements
+
+    return await store.write(work)
+
+
+async def test_a_product_without_a_room_costs_no_statement_for_the_room(store: Store) -> None:
+    product = await room(store, 3, queue="off", starts=None)
+    # With the stock: one statement of the product, anonymous or not (its stock UPDATE
+    # reads `queue`), and then the hold, ledger and outbox rows as ever.
+    for shopper in (None, "anon:a"):
+        ran = await statements_of(
+            store, [HoldRequest(product.id, 1, shopper_id=shopper)], now=START
+        )
+        # No read of the product (the gate's SELECT), only its stock UPDATE.
+        assert not any("FROM products" in sql for sql in ran)
+        assert sum("products" in sql and sql.startswith("UPDATE") for sql in ran) == 1
+        assert not any("queue_tickets" in sql for sql in ran)
+    # Without enough of it (the path that reads the row): still never a ticket.
+    for shopper in (None, "anon:b"):
+        ran = await statements_of(
+            store, [HoldRequest(product.id, 2, shopper_id=shopper)], now=START
+        )
+        assert not any("queue_tickets" in sql for sql in ran)
+    # A room turned on: the same requests go through the gate and are refused without a pass.
+    await store.write(
+        lambda conn: conn.execute(
+            "UPDATE products SET queue = 'fifo', sale_starts_at = :s WHERE id = :p",
+            {"s": START - 1, "p": product.id},
+        )
+    )
+    for shopper in (None, "anon:c"):
+        with pytest.raises(NotAdmitted):
+            await reserve(store, product.id, shopper, now=START)
+
+
+async def test_a_room_opened_after_the_row_was_read_refuses_the_stock(store: Store) -> None:
+    """The anonymous path reads the row, then takes stock `queue = 'off'` only: a room that
+    opened in between is the database's answer, not the read's."""
+    product = await room(store, 3, queue="off", starts=None)
+    async with store.reader() as conn:
+        seen = await inventory.get_product(conn, product.id)
+    assert seen is not None
+    await store.write(
+        lambda conn: conn.execute(
+            "UPDATE products SET queue = 'fifo' WHERE id = :p", {"p": product.id}
+        )
+    )
+
+    async def take(conn: Executor) -> object:
+        _, fits = await inventory._take_stock(
+            conn, product.id, [1], Books(now=START), [], set(), now=START, known=seen, no_room=True
+        )
+        return fits
+
+    assert isinstance(await store.write(take), NotAdmitted)
+    async with store.reader() as conn:
+        after = await inventory.get_product(conn, product.id)
+    assert after is not None
+    assert after.available_stock == 3
 
 
 async def test_a_waitlist_gates_only_while_someone_is_in_line(store: Store) -> None:
