@@ -1,6 +1,7 @@
-"""Retention: ended holds, proved ledger rows and delivered events older than RETENTION_DAYS
-leave the tables in bounded batches; open holds, fresh keys, unproved rows and events still
-waiting for an endpoint stay; and the books still add up afterwards."""
+"""Retention: ended holds, proved ledger rows, delivered events and ended waiting-room
+tickets older than RETENTION_DAYS leave the tables in bounded batches; open holds, fresh
+keys, unproved rows, events still waiting for an endpoint and open tickets stay; and the
+books still add up afterwards."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from server.domain import inventory
+from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
+from server.domain.executor import Executor
 from server.domain.retention import DAY_MS
 from server.service.delivery import Deliverer
 from server.service.ledger import Ledger
@@ -91,3 +93,61 @@ async def test_what_is_not_done_with_stays(store: Store, receiver: Receiver) -> 
     assert removed["outbox"] == 0
     assert removed["reservations"] == 1  # the ended hold itself may go
     assert await count(store, "stock_ledger", f"product_id = {product.id}") == 3
+
+
+async def test_ended_tickets_go_in_bounded_batches_and_open_ones_stay(store: Store) -> None:
+    product = await make_product(store, 10)
+    now = now_ms()
+    old = now - 100 * DAY_MS
+    # Long ago: 26 tickets that ended, one of each ending in turn, and 4 still open (a room
+    # whose sale never came: waiting and admitted tickets are never removed, however old).
+    # Two days ago: 3 that ended, within RETENTION_DAYS.
+    ended = ("reserved", "sold_out", "lapsed", "left")
+    tickets: list[tuple[str, str, int, int | None]] = [
+        (f"anon:old{n}", ended[n % 4], old, old + n) for n in range(26)
+    ]
+    tickets += [(f"anon:open{n}", ("waiting", "admitted")[n % 2], old, None) for n in range(4)]
+    tickets += [(f"anon:new{n}", ended[n % 4], now - 2 * DAY_MS, now - DAY_MS) for n in range(3)]
+
+    async def write(conn: Executor) -> None:
+        for n, (shopper, state, joined, ended_at) in enumerate(tickets):
+            await conn.execute(
+                "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at, "
+                "admitted_at, pass_expires_at, ended_at) "
+                "VALUES (:p, :s, :place, :state, :joined, :admitted, :until, :ended)",
+                {
+                    "p": product.id,
+                    "s": shopper,
+                    "place": n,
+                    "state": state,
+                    "joined": joined,
+                    "admitted": None if state in ("waiting", "left") else joined + 1,
+                    "until": None if state in ("waiting", "left") else joined + 60_000,
+                    "ended": ended_at,
+                },
+            )
+        # One of the old ones joins again (a `left` ticket reopens at the back): open now.
+        await waitingroom.join(conn, product.id, "anon:old3", now=now)
+
+    await store.write(write)
+    retention = Retention(store, days=90)
+    first = await retention.run(batch=10, most=2)
+    assert first["queue_tickets"] == 20  # two batches of ten: bounded
+    rest = await retention.run(batch=10, most=100)
+    assert rest["queue_tickets"] == 5
+    assert (await retention.run())["queue_tickets"] == 0
+    async with store.reader() as conn:
+        rows = await conn.fetch_all(
+            "SELECT shopper_id, state FROM queue_tickets WHERE product_id = :p", {"p": product.id}
+        )
+    kept = {str(row["shopper_id"]): str(row["state"]) for row in rows}
+    assert kept == {
+        "anon:old3": "waiting",
+        "anon:open0": "waiting",
+        "anon:open1": "admitted",
+        "anon:open2": "waiting",
+        "anon:open3": "admitted",
+        "anon:new0": "reserved",
+        "anon:new1": "sold_out",
+        "anon:new2": "lapsed",
+    }

@@ -9,6 +9,8 @@
 - Delivered webhook deliveries made before the cutoff, then outbox events made before it
   that have no delivery left (delivered everywhere, or wanted by no endpoint). An event
   still waiting for an endpoint is kept, however old.
+- Waiting-room tickets that ended (reserved, sold_out, lapsed, left) before the cutoff.
+  Open tickets (waiting, admitted) are never removed, however old.
 
 Each function removes at most `limit` rows in one statement per table, choosing them
 through an index in its order, so a batch costs the same with a month of history or a year.
@@ -117,3 +119,36 @@ async def remove_events(conn: Executor, *, cutoff: int, limit: int) -> int:
     names: dict[str, object] = {f"i{n}": str(row["id"]) for n, row in enumerate(rows)}
     await conn.execute(f"DELETE FROM outbox WHERE id IN ({_ids(names)})", names)
     return len(rows)
+
+
+ENDED_TICKETS = ("reserved", "sold_out", "lapsed", "left")
+
+
+async def remove_tickets(conn: Executor, *, cutoff: int, limit: int) -> int:
+    """Remove up to `limit` waiting-room tickets that ended before `cutoff` (ms), those that
+    ended first first, through the index of ended tickets (migration 0012). A ticket opened
+    again meanwhile (a shopper who joins again: `ended_at` back to NULL) is not removed."""
+    ended = ", ".join(f"'{state}'" for state in ENDED_TICKETS)
+    rows = await conn.fetch_all(
+        "SELECT product_id, shopper_id FROM queue_tickets "
+        "WHERE ended_at IS NOT NULL AND ended_at < :cutoff ORDER BY ended_at LIMIT :limit",
+        {"cutoff": cutoff, "limit": limit},
+    )
+    if not rows:
+        return 0
+    by_product: dict[int, list[str]] = {}
+    for row in rows:
+        by_product.setdefault(int(row["product_id"]), []).append(str(row["shopper_id"]))
+    names: dict[str, object] = {}
+    parts = []
+    for p, (product_id, shopper_ids) in enumerate(sorted(by_product.items())):
+        names[f"p{p}"] = product_id
+        these: dict[str, object] = {f"s{p}_{n}": s for n, s in enumerate(shopper_ids)}
+        names.update(these)
+        parts.append(f"(product_id = :p{p} AND shopper_id IN ({_ids(these)}))")
+    removed = await conn.fetch_all(
+        f"DELETE FROM queue_tickets WHERE ({' OR '.join(parts)}) "
+        f"AND state IN ({ended}) AND ended_at < :cutoff RETURNING product_id",
+        {"cutoff": cutoff, **names},
+    )
+    return len(removed)

@@ -1,7 +1,8 @@
-"""Retention (RETENTION_DAYS): the worker removes ended holds, proved ledger rows and
-delivered events older than that, in bounded batches (`server.domain.retention`), each
-batch its own short transaction, so that the tables stop growing and no run holds the
-write lock for long. Counted in `flashsale_retention_removed_rows_total{table}`."""
+"""Retention (RETENTION_DAYS): the worker removes ended holds, proved ledger rows,
+delivered events and ended waiting-room tickets older than that, in bounded batches
+(`server.domain.retention`), each batch its own short transaction, so that the tables
+stop growing and no run holds the write lock for long. Counted in
+`flashsale_retention_removed_rows_total{table}`."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ class Retention:
             ),
             "outbox": await self._batches(
                 lambda conn: retention.remove_events(conn, cutoff=cutoff, limit=batch), batch, most
+            ),
+            "queue_tickets": await self._batches(
+                lambda conn: retention.remove_tickets(conn, cutoff=cutoff, limit=batch),
+                batch,
+                most,
             ),
         }
         for table, count in removed.items():
