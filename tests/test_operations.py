@@ -278,3 +278,28 @@ async def test_web_removes_its_metrics_directory_and_those_of_killed_runs(
         assert still_used.exists()
         assert elsewhere.exists()
     assert not ours.exists()
+
+
+def listen_backlog(port: int) -> int:
+    """The accept queue's length of the socket listening on `port` (`ss`: a listening
+    socket's Send-Q is its backlog)."""
+    lines = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert lines, f"nothing listens on {port}"
+    return int(lines[2])
+
+
+@pytest.mark.parametrize("backlog", ["", "1234"])
+def test_the_web_listens_with_the_backlog_a_sale_s_first_second_needs(
+    database_url: str, redis_url: str, tmp_path: Path, backlog: str
+) -> None:
+    """uvicorn's own default, 2,048, reset half of 10,000 shoppers connecting in one second
+    (README, WEB_BACKLOG): the Procfile asks for 4,096 (the kernel caps it at somaxconn),
+    or WEB_BACKLOG."""
+    # Empty: unset, for the Procfile's ${WEB_BACKLOG:-4096}.
+    logs = tmp_path / "logs"
+    with running(database_url, redis_url, logs, web_concurrency=1, WEB_BACKLOG=backlog) as s:
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        expected = int(backlog) if backlog else min(4096, somaxconn)
+        assert listen_backlog(s.port) == min(expected, somaxconn)
