@@ -262,3 +262,21 @@ def test_a_room_closed_by_the_end_of_its_sale_does_not_say_sold_out() -> None:
     assert view["message"] == "The sale has ended."
     sold = replace(ended, sale_ends_at=None, available_stock=0)
     assert ticket_view(ticket, sold, line, now=START + 61_000)["message"].startswith("Sold out")
+
+
+async def test_an_admitted_shopper_alone_does_not_gate_a_waitlist_with_units_free(
+    store: Store,
+) -> None:
+    """A waitlist (no start time) is used "whenever nothing is available": one shopper who
+    joined and was admitted must not make every other buyer join while 99 units are free
+    and nobody waits. The units the admitted passes may take stay theirs."""
+    product = await room(store, 3, starts=None)
+    await join_many(store, product.id, ["anon:a", "anon:b"], at=START)
+    assert len((await step(store, product.id, now=START + 100)).admitted) == 2
+    held = await reserve(store, product.id, "anon:buyer", now=START + 200)  # the third unit
+    assert held.reservation.shopper_id == "anon:buyer"
+    with pytest.raises(NotAdmitted):  # the other two are the admitted shoppers'
+        await reserve(store, product.id, "anon:another", now=START + 300)
+    for shopper in ("anon:a", "anon:b"):
+        assert (await reserve(store, product.id, shopper, now=START + 400)).reservation
+    await assert_invariant(store, product.id)

@@ -249,12 +249,15 @@ async def _reserve_round(
                 seen = None
                 if passes is not None:
                     kept = []
-                    for i, refused_by_room in zip(all_indexes, passes, strict=True):
-                        if refused_by_room is None:
-                            kept.append(i)
+                    with_pass = []  # not those let through without one (`Gate.free`)
+                    for i, answer in zip(all_indexes, passes, strict=True):
+                        if isinstance(answer, NotAdmitted):
+                            outcomes[i] = Outcome(error=answer)
                         else:
-                            outcomes[i] = Outcome(error=refused_by_room)
-                    passed[product_id] = kept
+                            kept.append(i)
+                            if answer:
+                                with_pass.append(i)
+                    passed[product_id] = with_pass
                     all_indexes = kept
                     if not all_indexes:
                         continue

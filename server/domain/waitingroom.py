@@ -307,33 +307,52 @@ async def drawn_at(conn: Executor, product_id: int) -> int | None:
 # -- the gate, in the reservation's transaction ---------------------------------------------
 
 
-async def gated(conn: Executor, product_id: int, product: Product | None = None) -> int | None:
-    """Whether reservations of the product need a pass now: None when not; else the units
-    a pass lets its shopper take (`units_per_pass`). It needs one when it has a room, and
-    either its sale has a start time (the room is in front of the whole sale) or someone is
-    in line (a waitlist: units go to those waiting first). `product`: its row as this
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A product's room in front of its reservations: the units a pass lets its shopper take
+    (`units_per_pass`), and the units requests without a pass may still take (`free`: a
+    waitlist nobody waits in, with more units available than its admitted passes may
+    take; 0 otherwise)."""
+
+    per_pass: int
+    free: int = 0
+
+
+async def gated(conn: Executor, product_id: int, product: Product | None = None) -> Gate | None:
+    """Whether reservations of the product need a pass now: None when not. They do when it
+    has a room, and either its sale has a start time (the room is in front of the whole
+    sale) or it is a waitlist (no start time) with someone in it: while anyone waits, units
+    go to those waiting first; while only admitted shoppers are in it, the units beyond
+    what their passes may take are anyone's (`Gate.free`). `product`: its row as this
     transaction has just read it (else it is read here)."""
     if product is None or product.id != product_id:
         row = await conn.fetch_one(
-            "SELECT queue, sale_starts_at, max_per_shopper FROM products WHERE id = :p",
+            "SELECT queue, sale_starts_at, max_per_shopper, available_stock FROM products "
+            "WHERE id = :p",
             {"p": product_id},
         )
         if row is None:
             return None
         queue, starts, limit = row["queue"], row["sale_starts_at"], row["max_per_shopper"]
+        available = int(row["available_stock"])
     else:
         queue, starts, limit = product.queue, product.sale_starts_at, product.max_per_shopper
+        available = product.available_stock
     if queue == "off":
         return None
     per_pass = int(limit or 1)
     if starts is not None:
-        return per_pass
+        return Gate(per_pass)
     waiting = await conn.fetch_one(
-        "SELECT 1 AS one FROM queue_tickets WHERE product_id = :p "
-        "AND state IN ('waiting', 'admitted') LIMIT 1",
+        "SELECT 1 AS one FROM queue_tickets WHERE product_id = :p AND state = 'waiting' LIMIT 1",
         {"p": product_id},
     )
-    return None if waiting is None else per_pass
+    if waiting is not None:
+        return Gate(per_pass)
+    admitted = await _count(conn, product_id, TicketState.ADMITTED)
+    if admitted == 0:
+        return None
+    return Gate(per_pass, max(available - admitted * per_pass, 0))
 
 
 async def take_passes(
@@ -343,17 +362,19 @@ async def take_passes(
     *,
     now: int,
     product: Product | None = None,
-) -> list[NotAdmitted | None] | None:
+) -> list[NotAdmitted | bool] | None:
     """The gate: None when the product needs no pass now (`gated`, from `product` when the
-    transaction has just read it); otherwise, per request
-    (its shopper and the units it asks for), None when it had a valid pass, which it has
-    now used (`reserved`), or why it is refused. A shopper's pass is good for one
-    reservation of at most `units_per_pass` units: a second request of theirs in the same
-    batch has none, and a request for more is refused with the pass left unused (the
-    others admitted with it were admitted for those units)."""
-    per_pass = await gated(conn, product_id, product)
-    if per_pass is None:
+    transaction has just read it); otherwise, per request (its shopper and the units it
+    asks for), True when it had a valid pass, which it has now used (`reserved`), False
+    when it may go on without one (`Gate.free` units, first come first served), or why it
+    is refused. A shopper's pass is good for one reservation of at most `units_per_pass`
+    units: a second request of theirs in the same batch has none, and a request for more
+    is refused with the pass left unused (the others admitted with it were admitted for
+    those units)."""
+    gate = await gated(conn, product_id, product)
+    if gate is None:
         return None
+    per_pass = gate.per_pass
     wanted = sorted({s for s, units in wanted_by if s is not None and units <= per_pass})
     used: set[str] = set()
     for start in range(0, len(wanted), CHUNK):
@@ -365,13 +386,19 @@ async def take_passes(
             {"p": product_id, "now": now, **names},
         )
         used.update(str(row["shopper_id"]) for row in rows)
-    answers: list[NotAdmitted | None] = []
+    free = gate.free
+    answers: list[NotAdmitted | bool] = []
     for shopper, units in wanted_by:
         if shopper is not None and shopper in used and units <= per_pass:
             used.discard(shopper)
-            answers.append(None)
-        elif units > per_pass:
+            answers.append(True)
+            continue
+        ticket = None if shopper is None else await get_ticket(conn, product_id, shopper)
+        if ticket is not None and ticket.has_pass(now) and units > per_pass:
             answers.append(NotAdmitted(None, TicketState.ADMITTED.value, units=per_pass))
+        elif units <= free:
+            free -= units
+            answers.append(False)
         else:
             answers.append(await refusal(conn, product_id, shopper))
     return answers

@@ -206,8 +206,12 @@ class WaitingRoom:
             now = now_ms()
             passed = ticket is not None and ticket.has_pass(now)
             waitlist = product.sale_starts_at is None
-            if not passed and waitlist and await waitingroom.gated(conn, product.id) is None:
-                return  # a waitlist with nobody in line: first come, first served
+            if not passed and waitlist:
+                gate = await waitingroom.gated(conn, product.id)
+                if gate is None or gate.free >= quantity:
+                    # A waitlist nobody waits in (units beyond the admitted passes' are
+                    # anyone's): its transaction decides, first come, first served.
+                    return
         per_pass = waitingroom.units_per_pass(product)
         if passed:
             if quantity > per_pass:
