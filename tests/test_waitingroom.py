@@ -329,6 +329,29 @@ async def test_a_product_without_a_room_costs_no_statement_for_the_room(store: S
             await reserve(store, product.id, shopper, now=START)
 
 
+async def test_the_callers_belief_about_a_room_is_never_the_answer(store: Store) -> None:
+    """`rooms` (the catalog's copy) only chooses the way in: a product believed to have a
+    room that has none needs no pass; one believed to have none that has one refuses."""
+    without = await room(store, 5, queue="off", starts=None)
+    with_room = await room(store, 5, starts=START - 1)
+
+    async def reserve_as(product_id: int, shopper: str | None, rooms: set[int]) -> object:
+        outcomes, _ = await store.write(
+            lambda conn: inventory.reserve(
+                conn,
+                [HoldRequest(product_id, 1, shopper_id=shopper)],
+                now=START,
+                hold_ms=HOLD_MS,
+                rooms=rooms,
+            )
+        )
+        return outcomes[0].error
+
+    for shopper in (None, "anon:a"):
+        assert await reserve_as(without.id, shopper, {without.id}) is None
+        assert isinstance(await reserve_as(with_room.id, shopper, set()), NotAdmitted)
+
+
 async def test_a_room_opened_after_the_row_was_read_refuses_the_stock(store: Store) -> None:
     """The anonymous path reads the row, then takes stock `queue = 'off'` only: a room that
     opened in between is the database's answer, not the read's."""

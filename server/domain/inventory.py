@@ -114,7 +114,12 @@ class Held:
 
 
 async def reserve(
-    conn: Executor, requests: Sequence[HoldRequest], *, now: int, hold_ms: int
+    conn: Executor,
+    requests: Sequence[HoldRequest],
+    *,
+    now: int,
+    hold_ms: int,
+    rooms: Collection[int] = (),
 ) -> tuple[list[Outcome[Held]], list[Event]]:
     """Hold units for each request, first come first served, in one transaction.
 
@@ -149,7 +154,9 @@ async def reserve(
     (`waitingroom.take_passes`: a valid pass of the same shopper, used in this transaction).
     Whether it has one is read from its row by the statements that take its stock
     (`queue = 'off'` in their WHERE, or under its row lock), so a product without a room
-    costs no statement for the room.
+    costs no statement for the room. `rooms`: the ids of products the caller believes have
+    a room (its catalog's copy), which go to the gate at once, without first trying the
+    path of a product without one; the database decides either way.
     """
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     events: list[Event] = []
@@ -157,7 +164,13 @@ async def reserve(
     swept: set[int] = set()
     for indexes in _rounds(requests):
         answers, changes = await _reserve_round(
-            conn, [requests[i] for i in indexes], books, swept, now=now, hold_ms=hold_ms
+            conn,
+            [requests[i] for i in indexes],
+            books,
+            swept,
+            now=now,
+            hold_ms=hold_ms,
+            rooms=rooms,
         )
         for i, outcome in zip(indexes, answers, strict=True):
             outcomes[i] = outcome
@@ -191,6 +204,7 @@ async def _reserve_round(
     *,
     now: int,
     hold_ms: int,
+    rooms: Collection[int] = (),
 ) -> tuple[list[Outcome[Held]], list[Event]]:
     """`reserve` for requests whose Idempotency-Keys are all different. `swept`: the
     products whose overdue holds this transaction has expired already."""
@@ -215,14 +229,19 @@ async def _reserve_round(
         # The common case in one statement: the product has no waiting room, every request
         # fits and, when a shopper asks, the product has no limit (its row says so under its
         # lock). A product without a room costs no statement for the room (issue 17).
-        row = await _take_all(
-            conn,
-            product_id,
-            sum(requests[i].quantity for i in all_indexes),
-            now=now,
-            unlimited=identified,
-            no_room=True,
-        )
+        # A product the caller believes has a room goes to the gate at once (which reads
+        # whether it has one: a belief is never the answer).
+        gate = product_id in rooms
+        row = None
+        if not gate:
+            row = await _take_all(
+                conn,
+                product_id,
+                sum(requests[i].quantity for i in all_indexes),
+                now=now,
+                unlimited=identified,
+                no_room=True,
+            )
         # Not taken: why? A shopper's request locks the row if the product has no room (as
         # it did for the limit before rooms: no room can open while this transaction holds
         # it, PATCH updates the row); an anonymous one reads it, and its stock UPDATEs then
@@ -231,44 +250,44 @@ async def _reserve_round(
         # shoppers' tickets before the product's row, the order every transaction takes.
         locked: Product | None = None  # locked here, no room, unchanged since
         seen: Product | None = None  # read here (not locked): no room when read
-        if row is None:
+        if row is None and not gate:
             if identified:
                 locked = await _lock_product(conn, product_id, no_room=True)
                 gate = locked is None
             else:
                 seen = await get_product(conn, product_id)
                 gate = seen is None or seen.queue != "off"
-            if gate:
-                passes = await waitingroom.take_passes(
-                    conn,
-                    product_id,
-                    [(requests[i].shopper_id, requests[i].quantity) for i in all_indexes],
-                    now=now,
-                    product=seen,
-                )
-                seen = None
-                if passes is not None:
-                    kept = []
-                    with_pass = []  # not those let through without one (`Gate.free`)
-                    for i, answer in zip(all_indexes, passes, strict=True):
-                        if isinstance(answer, NotAdmitted):
-                            outcomes[i] = Outcome(error=answer)
-                        else:
-                            kept.append(i)
-                            if answer:
-                                with_pass.append(i)
-                    passed[product_id] = with_pass
-                    all_indexes = kept
-                    if not all_indexes:
-                        continue
-                identified = any(requests[i].shopper_id is not None for i in all_indexes)
-                row = await _take_all(
-                    conn,
-                    product_id,
-                    sum(requests[i].quantity for i in all_indexes),
-                    now=now,
-                    unlimited=identified,
-                )
+        if gate:
+            passes = await waitingroom.take_passes(
+                conn,
+                product_id,
+                [(requests[i].shopper_id, requests[i].quantity) for i in all_indexes],
+                now=now,
+                product=seen,
+            )
+            seen = None
+            if passes is not None:
+                kept = []
+                with_pass = []  # not those let through without one (`Gate.free`)
+                for i, answer in zip(all_indexes, passes, strict=True):
+                    if isinstance(answer, NotAdmitted):
+                        outcomes[i] = Outcome(error=answer)
+                    else:
+                        kept.append(i)
+                        if answer:
+                            with_pass.append(i)
+                passed[product_id] = with_pass
+                all_indexes = kept
+                if not all_indexes:
+                    continue
+            identified = any(requests[i].shopper_id is not None for i in all_indexes)
+            row = await _take_all(
+                conn,
+                product_id,
+                sum(requests[i].quantity for i in all_indexes),
+                now=now,
+                unlimited=identified,
+            )
         indexes = all_indexes
         limited = False
         if row is not None:

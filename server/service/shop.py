@@ -185,17 +185,24 @@ class Shop:
         Raises IdempotencyKeyReused if that hold is for another product or quantity."""
         return await self._idempotency.replay(request)
 
+    def _has_room(self, product_id: int) -> bool:
+        """Whether the catalog's copy of the product has a waiting room (a hint only)."""
+        product = self.catalog.get(product_id) if self.catalog else None
+        return product is not None and product.queue != "off"
+
     async def _reserve_batch(self, batch: Sequence[Waiting]) -> list[Held | BaseException]:
         requests = [waiting.request for waiting in batch]
         promises = [waiting.promise for waiting in batch]
         for promise in promises:
             self.promises.send(promise)
+        # Products with a waiting room as the catalog knows them: straight to the gate.
+        rooms = {r.product_id for r in requests if self._has_room(r.product_id)}
         try:
             for attempt in range(3):
                 try:
                     outcomes, events = await self.store.write(
                         lambda conn: inventory.reserve(
-                            conn, requests, now=now_ms(), hold_ms=self._hold_ms
+                            conn, requests, now=now_ms(), hold_ms=self._hold_ms, rooms=rooms
                         )
                     )
                     break
