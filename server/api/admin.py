@@ -15,14 +15,17 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.http import (
+    DEFAULT_PAGE,
     PRODUCT_PATH_ID,
+    IdsOrPage,
+    PageLimit,
     RequestError,
     json_response,
     parse_body,
@@ -108,34 +111,14 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
     return guarded
 
 
-DEFAULT_STATS_PAGE = 100  # as the other lists: products, reservations
-MAX_STATS_PAGE = 1000
-
-
-class StatsQuery(BaseModel):
+class StatsQuery(IdsOrPage):
     """Which products' figures: a page of them by id (`after`, `limit`; the first page of
-    `DEFAULT_STATS_PAGE` when nothing is asked), or those a page shows (`ids`)."""
+    `DEFAULT_PAGE` when nothing is asked), or those a page shows (`ids`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    ids: Annotated[
-        schemas.StoredText | None,
-        Field(
-            max_length=schemas.MAX_PRODUCT_IDS * 11,
-            description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
-            "left out.",
-            examples=["3,8,9"],
-            # In the document only (the URL then stays short): the check is `_ids`, whose
-            # refusal says the rule.
-            json_schema_extra={"pattern": "^[0-9]{1,10}(,[0-9]{1,10}){0,99}$"},
-        ),
-    ] = None
     limit: Annotated[
-        int | None,
+        PageLimit,
         Field(
-            ge=1,
-            le=MAX_STATS_PAGE,
-            description=f"At most this many products, by id (default {DEFAULT_STATS_PAGE}); "
+            description=f"At most this many products, by id (default {DEFAULT_PAGE}); "
             'a `Link` header with `rel="next"` gives the address of the next page when there '
             "are more.",
         ),
@@ -149,19 +132,6 @@ class StatsQuery(BaseModel):
             "header's next page says which).",
         ),
     ] = None
-
-    @field_validator("ids")
-    @classmethod
-    def _ids(cls, value: str | None) -> str | None:
-        if value is not None:
-            schemas.parse_product_ids(value)
-        return value
-
-    @model_validator(mode="after")
-    def _one_way(self) -> StatsQuery:
-        if self.ids is not None and (self.limit is not None or self.after is not None):
-            raise ValueError("ask for `ids` or for a page (`limit`, `after`), not both")
-        return self
 
 
 class ReservationQuery(BaseModel):
@@ -274,7 +244,7 @@ async def product_stats(request: Request) -> Response:
     operator=True,
     description=f"The counters on the products' rows: one row read per product answered, "
     "whatever the history. Without parameters, the first "
-    f"{DEFAULT_STATS_PAGE:,} products by id (every product, for a shop with no more than "
+    f"{DEFAULT_PAGE:,} products by id (every product, for a shop with no more than "
     "that); the `Link` header leads to the next page. A console that shows some products "
     "asks for those (`ids`); the sums over every product are `GET /api/admin/stats/totals`.",
 )
@@ -288,7 +258,7 @@ async def all_stats(request: Request) -> Response:
     if query.ids is not None:
         found = await shop.stats(ids=schemas.parse_product_ids(query.ids))
     else:
-        limit = query.limit or DEFAULT_STATS_PAGE
+        limit = query.limit or DEFAULT_PAGE
         found = await shop.stats(after=query.after or 0, limit=limit + 1)
         if len(found) > limit:
             found = found[:limit]

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -22,6 +22,7 @@ from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
 from server.storage.errors import Busy, StorageError, Unavailable
+from server.wire import schemas
 from server.wire.json_text import repeated_key
 from server.wire.schemas import MAX_INT32, FieldError
 
@@ -251,6 +252,51 @@ async def parse_body(request: Request, model: type[M], context: dict[str, Any] |
         return model.model_validate_json(body, context=context)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+DEFAULT_PAGE = 100  # a list's page when none is asked for: products, their figures
+MAX_PAGE = 1000
+
+# A page's size: 1 to MAX_PAGE items, or None (not given: the list's own default).
+PageLimit = Annotated[int | None, Field(ge=1, le=MAX_PAGE)]
+
+
+class IdsOrPage(BaseModel):
+    """The query of a list of products: those a page shows (`ids`), or a page of them
+    (`limit` and a cursor, an id, that the subclass adds, with what its page is in `limit`'s
+    description: `limit: Annotated[PageLimit, Field(description=...)] = None`). Every field
+    but `ids` is the page's: asking for both ways at once is refused (400)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: Annotated[
+        schemas.StoredText | None,
+        Field(
+            max_length=schemas.MAX_PRODUCT_IDS * 11,
+            description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
+            "left out.",
+            examples=["3,8,9"],
+            # In the document only (the URL then stays short): the check is `_ids`, whose
+            # refusal says the rule.
+            json_schema_extra={"pattern": "^[0-9]{1,10}(,[0-9]{1,10}){0,99}$"},
+        ),
+    ] = None
+    limit: PageLimit = None
+
+    @field_validator("ids")
+    @classmethod
+    def _ids(cls, value: str | None) -> str | None:
+        if value is not None:
+            schemas.parse_product_ids(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Self:
+        page = [name for name in type(self).model_fields if name != "ids"]
+        if self.ids is not None and any(getattr(self, name) is not None for name in page):
+            fields = ", ".join(f"`{name}`" for name in page)
+            raise ValueError(f"ask for `ids` or for a page ({fields}), not both")
+        return self
 
 
 def parse_params(data: Mapping[str, Any], model: type[M]) -> M:

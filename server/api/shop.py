@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.completion import COMPLETE_BY_SHOP, completion
 from server.api.http import (
+    DEFAULT_PAGE,
     PRODUCT_PATH_ID,
+    IdsOrPage,
+    PageLimit,
     RequestError,
     header_text,
     json_response,
@@ -91,32 +94,17 @@ def _catalog(request: Request) -> Catalog:
     return catalog
 
 
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 DEFAULT_MINE = 50
 MAX_MINE = 200
 
 
-class ProductsQuery(BaseModel):
+class ProductsQuery(IdsOrPage):
     """Which products: every one (no parameter), those a page shows (`ids`), or a page of
     them, newest first (`limit`, `before`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    ids: Annotated[
-        schemas.StoredText | None,
-        Field(
-            max_length=schemas.MAX_PRODUCT_IDS * 11,
-            description=f"Only these products: {schemas.PRODUCT_IDS_RULE}. Unknown ids are "
-            "left out.",
-            examples=["3,8,9"],
-        ),
-    ] = None
     limit: Annotated[
-        int | None,
+        PageLimit,
         Field(
-            ge=1,
-            le=MAX_PAGE,
             description=f"A page: the newest products, at most this many (default "
             f"{DEFAULT_PAGE} when `before` is given), listed by id; a `Link` header with "
             '`rel="next"` gives the address of the page of older ones when there are any.',
@@ -131,19 +119,6 @@ class ProductsQuery(BaseModel):
             "header's next page says which).",
         ),
     ] = None
-
-    @field_validator("ids")
-    @classmethod
-    def _ids(cls, value: str | None) -> str | None:
-        if value is not None:
-            schemas.parse_product_ids(value)
-        return value
-
-    @model_validator(mode="after")
-    def _one_way(self) -> ProductsQuery:
-        if self.ids is not None and (self.limit is not None or self.before is not None):
-            raise ValueError("ask for `ids` or for a page (`limit`, `before`), not both")
-        return self
 
 
 @operation(
