@@ -8,15 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import wrk
+from bench.spawn import shares, start_ready
 from bench.stack import descendants_rss
 from bench.wave import percentiles
 from server.devtools.processes import Service
@@ -28,23 +26,13 @@ class Clients:
     """Client processes holding `count` sockets between them."""
 
     def __init__(self, url: str, count: int, product_id: int, processes: int) -> None:
-        per = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "bench.wsclients", url, str(n), str(product_id)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=Path(__file__).resolve().parent.parent,
-            )
-            for n in per
-            if n
-        ]
-        for proc in self.procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"a client process failed: {line!r}")
+        per = shares(count, processes)
+        self.procs = start_ready(
+            "bench.wsclients",
+            [[url, str(n), str(product_id)] for n in per if n],
+            what="client",
+            stdin=True,
+        )
 
     def report(self, version: int) -> tuple[list[int], int]:
         times: list[int] = []

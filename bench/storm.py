@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
 from bench.fanout import Clients
 from bench.rawhttp import now_ms
+from bench.spawn import host_port, shares, start_ready
 from bench.stack import Target
 from bench.wave import percentiles
 from server.domain.clock import iso, parse_iso
 
-ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.025
 
 
@@ -60,35 +57,13 @@ class StatsPoller(threading.Thread):
 def _shoppers(
     service: Target, count: int, processes: int, start_ms: float, body: str, kind: str = "none"
 ) -> list[subprocess.Popen[str]]:
-    address = urlsplit(service.base_url)
-    host, port = address.hostname or "127.0.0.1", str(address.port or 80)
-    per = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.shoppers",
-                host,
-                port,
-                str(n),
-                str(start_ms),
-                body,
-                kind,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        for n in per
-        if n
-    ]
-    for proc in procs:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"a shopper process failed: {line!r}")
-    return procs
+    host, port = host_port(service)
+    per = shares(count, processes)
+    return start_ready(
+        "bench.shoppers",
+        [[host, str(port), str(n), str(start_ms), body, kind] for n in per if n],
+        what="shopper",
+    )
 
 
 def run(

@@ -22,22 +22,19 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
 from bench import identities
 from bench.rawhttp import now_ms
+from bench.spawn import host_port, start_ready
 from bench.stack import Target
 from bench.storm import StatsPoller, _percentiles
 from server.domain.clock import iso, parse_iso
 
-ROOT = Path(__file__).resolve().parent.parent
 # Where the sale's start is parked while the pages open: inside the room's opening
 # (QUEUE_OPENS_SECONDS, 1,800 s by default) so that nobody is turned away, far enough.
 PARKED_SECONDS = 1_500
@@ -72,29 +69,16 @@ def _spawn(
     cookies: list[str],
     processes: int,
 ) -> list[subprocess.Popen[str]]:
-    address = urlsplit(service.base_url)
-    host, port = address.hostname or "127.0.0.1", str(address.port or 80)
-    procs = []
-    for n in range(processes):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.queuers", host, port, str(product_id)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(
-            json.dumps({"offsets": offsets[n::processes], "cookies": cookies[n::processes]}) + "\n"
-        )
-        proc.stdin.flush()
-        procs.append(proc)
-    for proc in procs:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"a shopper process failed: {line!r}")
-    return procs
+    host, port = host_port(service)
+    return start_ready(
+        "bench.queuers",
+        [[host, str(port), str(product_id)]] * processes,
+        what="shopper",
+        first_lines=[
+            json.dumps({"offsets": offsets[n::processes], "cookies": cookies[n::processes]})
+            for n in range(processes)
+        ],
+    )
 
 
 def run(
