@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -29,6 +30,28 @@ T = TypeVar("T")
 
 def product_name() -> str:
     return f"Test product {secrets.token_hex(4)}"
+
+
+# What `product_in_memory` changes: one unit of one, on sale, in a `fifo` room.
+_IN_MEMORY = Product(
+    id=1,
+    name="Drop",
+    price_cents=100,
+    total_stock=1,
+    available_stock=1,
+    version=1,
+    sale_starts_at=None,
+    created_at=0,
+    updated_at=0,
+    queue="fifo",
+)
+
+
+def product_in_memory(**fields: Any) -> Product:
+    """A `Product` made in memory, nothing stored (for the hub, the catalog and the room's
+    pure functions): product 1, "Drop" at 1.00, one unit of one, on sale since always, in a
+    `fifo` room, created and updated at 0; `fields` (Product's own) say what differs."""
+    return replace(_IN_MEMORY, **fields)
 
 
 async def make_product(

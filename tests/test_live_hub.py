@@ -16,12 +16,11 @@ import pytest
 from pydantic_core import to_json
 from starlette.websockets import WebSocketState
 
-from server.domain.model import Product
 from server.domain.waitingroom import Lineup, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import Hub
 from server.service.catalog import Catalog
-from tests.support import eventually
+from tests.support import eventually, product_in_memory
 
 
 class Socket:
@@ -163,20 +162,7 @@ async def test_a_line_that_only_grows_at_the_back_tells_nobody_a_new_position() 
     in `queue` frames. With 15,000 pages in a filling line, a view for each every second was
     a web process's whole CPU (bench `queue`). Someone ahead leaving moves those behind."""
     catalog = Catalog()
-    catalog.apply(
-        Product(
-            id=5,
-            name="Drop",
-            price_cents=100,
-            total_stock=1,
-            available_stock=0,
-            version=1,
-            sale_starts_at=None,
-            created_at=0,
-            updated_at=0,
-            queue="fifo",
-        )
-    )
+    catalog.apply(product_in_memory(id=5, available_stock=0))
     mine = Ticket(5, "anon:me", 20, TicketState.WAITING, joined_at=2)
     room = Room(5, [10, 20], [mine])
     hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
 from server.domain.errors import NotAdmitted
 from server.domain.inventory import ProductChanges
-from server.domain.model import HoldRequest, Product
+from server.domain.model import HoldRequest
 from server.domain.waitingroom import TicketState
 from server.service.shop import Shop as ShopService
 from server.service.transactions import Transactions
@@ -24,7 +24,7 @@ from server.service.waitingroom import Admitter, WaitingRoom
 from server.storage.database import Store
 from server.wire.schemas import ticket_view
 from tests.conftest import Published
-from tests.support import assert_invariant, eventually, serve
+from tests.support import assert_invariant, eventually, product_in_memory, serve
 from tests.test_api import app_settings, assert_error
 from tests.test_queue_api import starts_in, ticket_of
 from tests.test_shoppers import Shop
@@ -210,18 +210,8 @@ async def test_those_who_join_before_a_start_moved_later_are_drawn_too(store: St
 def test_admit_factor_counts_in_decimal(available: int, factor: float, passes: int) -> None:
     """100 units × admitFactor 1.1 is 110 passes, not 111: in binary floating point it is
     110.00000000000001, which rounded up admitted one more than the operator asked."""
-    product = Product(
-        id=1,
-        name="Drop",
-        price_cents=100,
-        total_stock=available,
-        available_stock=available,
-        version=1,
-        sale_starts_at=None,
-        created_at=0,
-        updated_at=0,
-        admit_factor=factor,
-        queue="fifo",
+    product = product_in_memory(
+        total_stock=available, available_stock=available, admit_factor=factor
     )
     assert waitingroom.passes_for(product) == passes
 
@@ -243,18 +233,8 @@ async def test_if_none_match_any_is_not_modified_for_a_ticket_that_exists(shop: 
 def test_a_room_closed_by_the_end_of_its_sale_does_not_say_sold_out() -> None:
     """The sale ends with units left while people wait: their tickets end `sold_out` (the
     room is closed), but "every unit has been sold" would be untrue."""
-    ended = Product(
-        id=1,
-        name="Drop",
-        price_cents=100,
-        total_stock=10,
-        available_stock=7,
-        version=1,
-        sale_starts_at=START,
-        created_at=0,
-        updated_at=0,
-        sale_ends_at=START + 60_000,
-        queue="fifo",
+    ended = product_in_memory(
+        total_stock=10, available_stock=7, sale_starts_at=START, sale_ends_at=START + 60_000
     )
     ticket = waitingroom.Ticket(1, "anon:a", 1, TicketState.SOLD_OUT, START - 1, ended_at=START)
     line = waitingroom.Lineup(1, START + 61_000, (), 0)
