@@ -68,7 +68,6 @@ from server.wire.schemas import (
     OperatorCancelBody,
     ReduceStockBody,
     RestockBody,
-    StatsOut,
     StatsTotalsOut,
     UpdateProductBody,
     product_view,
@@ -216,7 +215,7 @@ async def product_stats(request: Request) -> Response:
     found = await shop_of(request).stats(PRODUCT_PATH_ID.id(request))
     if not found:
         raise PRODUCT_PATH_ID.not_found(request)
-    return json_response(_stats_out(found[0]))
+    return json_response(_stats_view(found[0]))
 
 
 @operation(
@@ -522,21 +521,9 @@ async def cancel_reservation(request: Request) -> Response:
     return json_response(reservation_view(reservation, product_view(product), now=now_ms()))
 
 
-def _stats_out(stats: Stats) -> StatsOut:
-    return StatsOut(
-        product_id=stats.product_id,
-        total=stats.total,
-        available=stats.available,
-        held=stats.held,
-        sold=stats.sold,
-        expired=stats.expired,
-        cancelled=stats.cancelled,
-    )
-
-
 def _stats_view(stats: Stats) -> dict[str, int]:
-    """A `StatsOut`, written out: a page of a thousand through the model took four times as
-    long (4.4 against 1.0 ms)."""
+    """A `StatsOut`, written out (one product's, and each of a page's): a page of a thousand
+    through the model took four times as long (4.4 against 1.0 ms)."""
     return {
         "productId": stats.product_id,
         "total": stats.total,
