@@ -19,7 +19,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import ADMIN_TOKEN, Service, running
-from server.domain import inventory
+from server.domain import inventory, outbox, webhooks
 from server.domain.clock import now_ms
 from server.domain.executor import Executor
 from server.domain.model import HoldRequest, Outcome, Reservation
@@ -65,9 +65,10 @@ def deliverer(store: Store, **overrides: float) -> Deliverer:
 
 
 async def outbox_ids(store: Store) -> set[str]:
+    key = await store.write(webhooks.id_key)
     async with store.reader() as conn:
-        rows = await conn.fetch_all("SELECT id FROM outbox")
-    return {str(r["id"]) for r in rows}
+        rows = await conn.fetch_all("SELECT product_id, version, seq FROM outbox")
+    return {outbox.event_id(key, r["product_id"], r["version"], r["seq"]) for r in rows}
 
 
 async def sale(store: Store, products: int = 2, holds: int = 50) -> dict[str, int]:

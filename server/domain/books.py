@@ -77,14 +77,11 @@ class Books:
         if self.entries:
             await ledger.insert(conn, self.entries)
         if self._events:
-            ids = outbox.new_event_ids(len(self._events))
             await outbox.insert(
                 conn,
                 [
-                    OutboxEvent(event_id, product_id, version, seq, kind, payload, self.now)
-                    for event_id, (product_id, version, seq, kind, payload) in zip(
-                        ids, self._events, strict=True
-                    )
+                    OutboxEvent(product_id, version, seq, kind, payload, self.now)
+                    for (product_id, version, seq, kind, payload) in self._events
                 ],
             )
         self.entries, self._events = [], []

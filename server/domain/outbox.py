@@ -8,7 +8,8 @@ hold's and the stock's figures, in the order `_LAYOUTS` gives for the event's ty
 keys, no nesting and no formatted times; the row's own columns (type, product, version,
 sequence, time) say the rest. The body is rendered from it at delivery (`render`, in the
 worker, outside any transaction): the same bytes every time, so every attempt and every
-endpoint gets the same body, and its `id` (the `webhook-id`) stays the same across retries.
+endpoint gets the same body, and its webhook-id (`event_id`, derived from the row's key:
+product, version, sequence) stays the same across retries.
 A row whose payload is a JSON object is its body already (`product.updated`, which no
 reservation writes, and every row written before migration 0010's release). The shape follows
 the Standard Webhooks recommendation:
@@ -21,8 +22,8 @@ the rest of the books together (README, Performance: what the books cost).
 
 from __future__ import annotations
 
+import hashlib
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,9 +66,9 @@ RESERVATION_EVENTS = {
 
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
-    """An event to deliver: `id` is its webhook-id; ordered per product by (version, seq)."""
+    """An event to deliver, keyed and ordered per product by (version, seq); its webhook-id
+    is derived from that key (`event_id`)."""
 
-    id: str
     product_id: int
     version: int
     seq: int
@@ -76,18 +77,24 @@ class OutboxEvent:
     created_at: int
 
 
-# Each byte of randomness → one of the 32 characters of base32's lowercase alphabet (256 is a
-# multiple of 32, so each character is equally likely).
+# Each byte → one of the 32 characters of base32's lowercase alphabet (256 is a multiple of
+# 32, so each character is equally likely from a uniform byte).
 _BASE32 = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[b % 32] for b in range(256))
 ID_CHARS = 26
 
 
-def new_event_ids(count: int) -> list[str]:
-    """`msg_` and 26 random base32 characters each (130 bits; the shape the API's
-    `^msg_[a-z2-7]{26}$` names), from one read of the OS's randomness for all, mapped in C:
-    `base64.b32encode` per id, in Python, was a tenth of an expiry batch's books."""
-    text = secrets.token_bytes(ID_CHARS * count).translate(_BASE32).decode()
-    return ["msg_" + text[i : i + ID_CHARS] for i in range(0, ID_CHARS * count, ID_CHARS)]
+def event_id(key: bytes, product_id: int, version: int, seq: int) -> str:
+    """The webhook-id of the event (`product_id`, `version`, `seq`): `msg_` and 26 base32
+    characters (the API's `^msg_[a-z2-7]{26}$`, 130 bits) of a keyed BLAKE2b of the event's
+    key. The same for every attempt and every endpoint, as the Standard Webhooks
+    specification asks, and computed, not stored: a random id stored with each event was
+    its own b-tree in every reservation's transaction. `key`: the database's own
+    (`webhooks.id_key`, at most 64 bytes), so that another database's events, which reuse
+    the same (product, version, seq), never share an id with this one's."""
+    digest = hashlib.blake2b(
+        f"{product_id}:{version}:{seq}".encode(), key=key, digest_size=ID_CHARS
+    ).digest()
+    return "msg_" + digest.translate(_BASE32).decode()
 
 
 def stock_data(product_id: int, version: int, seq: int, figures: Figures) -> dict[str, Any]:
@@ -220,9 +227,7 @@ def product_updated(product: Product, changed: Sequence[str], actor: str, at: in
         "changed": list(changed),
         "actor": actor,
     }
-    (event_id,) = new_event_ids(1)
     return OutboxEvent(
-        event_id,
         product.id,
         product.version,
         0,
@@ -232,7 +237,7 @@ def product_updated(product: Product, changed: Sequence[str], actor: str, at: in
     )
 
 
-COLUMNS = "id, product_id, version, seq, type, payload, created_at"
+COLUMNS = "product_id, version, seq, type, payload, created_at"
 INSERT_CHUNK = 1000
 
 
@@ -240,11 +245,11 @@ async def insert(conn: Executor, events: Sequence[OutboxEvent]) -> None:
     """Write `events` with one multi-row INSERT (per `INSERT_CHUNK` rows)."""
     for start in range(0, len(events), INSERT_CHUNK):
         chunk = events[start : start + INSERT_CHUNK]
-        rows, names = values_rows(7, len(chunk))
+        rows, names = values_rows(6, len(chunk))
         flat = [
             value
             for e in chunk
-            for value in (e.id, e.product_id, e.version, e.seq, e.type, e.payload, e.created_at)
+            for value in (e.product_id, e.version, e.seq, e.type, e.payload, e.created_at)
         ]
         await conn.execute(
             f"INSERT INTO outbox ({COLUMNS}) VALUES {rows}", dict(zip(names, flat, strict=True))

@@ -18,7 +18,8 @@ through an index in its order, so a batch costs the same with a month of history
 
 from __future__ import annotations
 
-from server.domain.executor import Executor
+from server.domain import outbox, webhooks
+from server.domain.executor import Executor, Row
 
 DAY_MS = 86_400_000
 
@@ -108,17 +109,42 @@ async def remove_deliveries(conn: Executor, *, cutoff: int, limit: int) -> int:
 async def remove_events(conn: Executor, *, cutoff: int, limit: int) -> int:
     """Remove up to `limit` dispatched events made before `cutoff` that no delivery waits
     for any more, oldest first."""
+    # Not those still to be delivered (through each endpoint's pending deliveries, by the
+    # outbox's key); those delivered and not yet removed are left out below, by their ids.
     rows = await conn.fetch_all(
-        "SELECT o.id FROM outbox o WHERE o.created_at < :cutoff AND o.dispatched_at IS NOT NULL "
-        "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = o.id) "
+        "SELECT o.product_id, o.version, o.seq, o.id FROM outbox o "
+        "WHERE o.dispatched_at IS NOT NULL AND o.created_at < :cutoff "
+        "AND NOT EXISTS (SELECT 1 FROM webhook_endpoints e JOIN webhook_deliveries d "
+        "ON d.endpoint_id = e.id AND d.product_id = o.product_id AND d.version = o.version "
+        "AND d.seq = o.seq AND d.delivered_at IS NULL) "
         "ORDER BY o.created_at LIMIT :limit",
         {"cutoff": cutoff, "limit": limit},
     )
     if not rows:
         return 0
-    names: dict[str, object] = {f"i{n}": str(row["id"]) for n, row in enumerate(rows)}
-    await conn.execute(f"DELETE FROM outbox WHERE id IN ({_ids(names)})", names)
-    return len(rows)
+    key = await webhooks.id_key(conn)
+    ids: dict[str, Row] = {
+        str(row["id"])
+        if row["id"] is not None
+        else outbox.event_id(key, int(row["product_id"]), int(row["version"]), int(row["seq"])): row
+        for row in rows
+    }
+    names: dict[str, object] = {f"i{n}": event for n, event in enumerate(ids)}
+    kept = await conn.fetch_all(
+        f"SELECT DISTINCT event_id FROM webhook_deliveries WHERE event_id IN ({_ids(names)})",
+        names,
+    )
+    for row in kept:
+        del ids[str(row["event_id"])]
+    if not ids:
+        return 0
+    keys: dict[str, object] = {}
+    which = []
+    for n, row in enumerate(ids.values()):
+        which.append(f"(product_id = :p{n} AND version = :v{n} AND seq = :s{n})")
+        keys.update({f"p{n}": row["product_id"], f"v{n}": row["version"], f"s{n}": row["seq"]})
+    await conn.execute(f"DELETE FROM outbox WHERE {' OR '.join(which)}", keys)
+    return len(ids)
 
 
 ENDED_TICKETS = ("reserved", "sold_out", "lapsed", "left")

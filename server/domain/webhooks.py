@@ -24,6 +24,7 @@ then sent again, with the same webhook-id: at least once, in order.
 
 from __future__ import annotations
 
+import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -269,37 +270,55 @@ async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
 
     An endpoint gets the events committed after it was registered."""
     waiting = await conn.fetch_all(
-        "SELECT id FROM outbox WHERE dispatched_at IS NULL "
+        "SELECT product_id, version, seq FROM outbox WHERE dispatched_at IS NULL "
         "ORDER BY product_id, version, seq LIMIT :limit",
         {"limit": limit},
     )
     if not waiting:
         return 0
-    names = {f"i{n}": str(row["id"]) for n, row in enumerate(waiting)}
+    # Per product, the events up to the last one read: a product's events commit in order,
+    # so that is exactly those read (a later commit has a later version).
+    last: dict[int, tuple[int, int]] = {}
+    for row in waiting:
+        last[int(row["product_id"])] = (int(row["version"]), int(row["seq"]))
+    bounds: dict[str, object] = {"now": now}
+    ranges = []
+    for n, (product_id, (version, seq)) in enumerate(sorted(last.items())):
+        ranges.append(
+            f"(product_id = :p{n} AND (version < :v{n} OR (version = :v{n} AND seq <= :s{n})))"
+        )
+        bounds.update({f"p{n}": product_id, f"v{n}": version, f"s{n}": seq})
     taken = await conn.fetch_all(
         "UPDATE outbox SET dispatched_at = :now "
-        f"WHERE id IN ({', '.join(':' + name for name in names)}) AND dispatched_at IS NULL "
+        f"WHERE dispatched_at IS NULL AND ({' OR '.join(ranges)}) "
         "RETURNING id, product_id, version, seq, type, created_at",
-        {"now": now, **names},
+        bounds,
     )
+    key = await id_key(conn)
     rows = sorted(taken, key=lambda r: (int(r["product_id"]), int(r["version"]), int(r["seq"])))
+    ids = [
+        str(row["id"])
+        if row["id"] is not None  # written before migration 0014: its own, random
+        else outbox.event_id(key, int(row["product_id"]), int(row["version"]), int(row["seq"]))
+        for row in rows
+    ]
     active = await endpoints_enabled(conn)
-    deliveries: list[tuple[Row, int]] = []
+    deliveries: list[tuple[Row, str, int]] = []
     per_queue: dict[tuple[int, int], int] = defaultdict(int)
-    for row in rows:
+    for row, event in zip(rows, ids, strict=True):
         for endpoint in active:
             if endpoint.wants(str(row["type"])) and int(row["created_at"]) >= endpoint.created_at:
-                deliveries.append((row, endpoint.id))
+                deliveries.append((row, event, endpoint.id))
                 per_queue[(endpoint.id, int(row["product_id"]))] += 1
     for start in range(0, len(deliveries), 500):
         chunk = deliveries[start : start + 500]
         values: dict[str, object] = {}
         sql = []
-        for n, (row, endpoint_id) in enumerate(chunk):
+        for n, (row, event, endpoint_id) in enumerate(chunk):
             sql.append(f"(:i{n}, :e{n}, :p{n}, :v{n}, :s{n}, :t{n}, :c{n})")
             values.update(
                 {
-                    f"i{n}": row["id"],
+                    f"i{n}": event,
                     f"e{n}": endpoint_id,
                     f"p{n}": row["product_id"],
                     f"v{n}": row["version"],
@@ -322,6 +341,20 @@ async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
             {"e": endpoint_id, "p": product_id, "n": count},
         )
     return len(waiting)
+
+
+async def id_key(conn: Executor) -> bytes:
+    """The database's key for webhook-ids (`outbox.event_id`), made by the first caller."""
+    row = await conn.fetch_one("SELECT secret FROM webhook_id_key WHERE id = 1")
+    if row is None:
+        await conn.execute(
+            "INSERT INTO webhook_id_key (id, secret) VALUES (1, :secret) "
+            "ON CONFLICT (id) DO NOTHING",
+            {"secret": secrets.token_hex(32)},
+        )
+        row = await conn.fetch_one("SELECT secret FROM webhook_id_key WHERE id = 1")
+        assert row is not None
+    return bytes.fromhex(str(row["secret"]))
 
 
 async def endpoints_enabled(conn: Executor) -> list[Endpoint]:
@@ -369,6 +402,10 @@ class Outgoing:
         )
 
 
+# A delivery's event, by the outbox's key.
+JOIN_OUTBOX = (
+    "JOIN outbox o ON o.product_id = d.product_id AND o.version = d.version AND o.seq = d.seq"
+)
 # What a delivery's outbox row is read as.
 OUTGOING = "d.event_id, d.type, d.product_id, d.version, d.seq, d.created_at, d.attempts, o.payload"
 
@@ -414,7 +451,7 @@ async def lease(
         if leased is None:  # another worker took it meanwhile
             continue
         rows = await conn.fetch_all(
-            f"SELECT {OUTGOING} FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
+            f"SELECT {OUTGOING} FROM webhook_deliveries d {JOIN_OUTBOX} "
             "WHERE d.endpoint_id = :e AND d.product_id = :p AND d.delivered_at IS NULL "
             "ORDER BY d.version, d.seq LIMIT :limit",
             {"e": queue["endpoint_id"], "p": queue["product_id"], "limit": per_queue},
@@ -560,7 +597,7 @@ async def take_redeliveries(
     leased until `now + lease_ms` (a worker that dies leaves it to the next)."""
     rows = await conn.fetch_all(
         f"SELECT d.endpoint_id, {OUTGOING} FROM webhook_deliveries d "
-        "JOIN outbox o ON o.id = d.event_id "
+        f"{JOIN_OUTBOX} "
         "WHERE d.redeliver_at IS NOT NULL AND d.redeliver_at <= :now "
         "ORDER BY d.redeliver_at LIMIT :limit",
         {"now": now, "limit": limit},

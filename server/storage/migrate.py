@@ -59,6 +59,15 @@ def _statements(script: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in without_comments.split(";") if s.strip())
 
 
+def dialect(statement: str, *, postgres: bool) -> str:
+    """A migration's statement for its database. Migrations are portable SQL, but for one
+    clause: a table `WITHOUT ROWID` (SQLite: the table is its primary key's b-tree, one
+    write per row instead of two) is an ordinary table on PostgreSQL, which has no rowid."""
+    if postgres:
+        return statement.replace(") WITHOUT ROWID", ")")
+    return statement
+
+
 async def _lock(conn: Executor, postgres: bool) -> None:
     """Inside a write transaction: no other migration runner gets past this at once
     (SQLite's BEGIN IMMEDIATE already holds the write lock)."""
@@ -94,7 +103,7 @@ async def migrate(store: Store, *, up_to: int | None = None) -> list[Migration]:
             if done is not None:
                 return False
             for statement in migration.statements:
-                await conn.execute(statement)
+                await conn.execute(dialect(statement, postgres=not store.is_sqlite))
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (:v, :name, :at)",
                 {"v": migration.version, "name": migration.name, "at": now_ms()},
