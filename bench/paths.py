@@ -29,6 +29,9 @@ from server.storage.database import Store
 # every request completes a fresh one.
 COMPLETE_HOLDS_PER_SECOND = 8_000
 HOLD_BATCH = 1_000
+# Distinct shoppers in the (a) runs "many shoppers" (issue 16): a sale's many, each request
+# the next of them, beside the one shopper of the other identified runs.
+POOL = 1_000
 
 
 @dataclass
@@ -115,15 +118,21 @@ def run(
     def load(path: str, **kwargs: Any) -> wrk.Load:
         return wrk.Load(path, connections=connections, seconds=seconds, **kwargs)
 
-    def reserve(product_id: int, kind: str = "none") -> wrk.Load:
-        # One shopper for the whole run (wrk sends the same headers every time): the most
-        # any one shopper's allowance row is written, the worst case of its cost.
-        (who,) = identities.headers(kind, 1)
+    def reserve(product_id: int, kind: str = "none", shoppers: int = 1) -> wrk.Load:
+        # `shoppers` 1: one shopper for the whole run (wrk sends the same headers every
+        # time): the most any one shopper's allowance row is written, the worst case of its
+        # cost. More: each request the next of that many distinct shoppers, as in a sale.
+        who = identities.headers(kind, shoppers)
+        rotate = None
+        if shoppers > 1:
+            (name,) = who[0]
+            rotate = (name, [w[name] for w in who])
         return load(
             "/api/reservations",
             method="POST",
             body=json.dumps({"productId": product_id, "quantity": 1}),
-            headers={"Content-Type": "application/json", **who},
+            headers={"Content-Type": "application/json", **who[0]},
+            rotate=rotate,
         )
 
     pid = service.web.pid
@@ -148,6 +157,18 @@ def run(
                 "(a) reserve, ample stock, a shop's JWT",
                 service.base_url,
                 reserve(ample, "jwt"),
+                pid,
+            ),
+            _measure(
+                f"(a) reserve, ample stock, {POOL:,} shoppers' cookies",
+                service.base_url,
+                reserve(ample, "cookie", POOL),
+                pid,
+            ),
+            _measure(
+                f"(a) reserve, ample stock, {POOL:,} shoppers' JWTs",
+                service.base_url,
+                reserve(ample, "jwt", POOL),
                 pid,
             ),
             # Anonymous once more: how far the machine's load drifted over the three.

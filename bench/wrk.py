@@ -19,8 +19,10 @@ _SCRIPT = """
 local method, path, body = %(method)s, %(path)s, %(body)s
 local headers = %(headers)s
 local paths_file = %(paths_file)s
+local rotate_name, rotate_file = %(rotate_name)s, %(rotate_file)s
 local threads = {}
 local paths, next_path = nil, 0
+local values, next_value = nil, 0
 
 function setup(thread)
   table.insert(threads, thread)
@@ -32,9 +34,17 @@ function init(args)
     paths = {}
     for line in io.lines(paths_file) do table.insert(paths, line) end
   end
+  if rotate_file then
+    values = {}
+    for line in io.lines(rotate_file) do table.insert(values, line) end
+  end
 end
 
 function request()
+  if values then
+    next_value = next_value %% #values + 1
+    headers[rotate_name] = values[next_value]
+  end
   if paths then
     next_path = next_path %% #paths + 1
     return wrk.format(method, paths[next_path], headers, body)
@@ -84,6 +94,9 @@ class Load:
     # Each request takes the next of these paths instead of `path` (round the list again
     # when it runs out), e.g. a different hold to complete each time.
     paths: list[str] | None = None
+    # (header name, values): each request takes the next value of that header (round the
+    # list again when it runs out), e.g. many shoppers' cookies instead of one's.
+    rotate: tuple[str, list[str]] | None = None
 
 
 @dataclass
@@ -120,12 +133,19 @@ def run(base_url: str, load: Load) -> Result:
         with tempfile.NamedTemporaryFile("w", suffix=".paths", delete=False) as f:
             f.write("\n".join(load.paths) + "\n")
             paths_path = Path(f.name)
+    rotate_path = None
+    if load.rotate:
+        with tempfile.NamedTemporaryFile("w", suffix=".values", delete=False) as f:
+            f.write("\n".join(load.rotate[1]) + "\n")
+            rotate_path = Path(f.name)
     script = _SCRIPT % {
         "method": json.dumps(load.method),
         "path": json.dumps(load.path),
         "body": _lua(load.body),
         "headers": headers,
         "paths_file": _lua(None if paths_path is None else str(paths_path)),
+        "rotate_name": _lua(None if load.rotate is None else load.rotate[0]),
+        "rotate_file": _lua(None if rotate_path is None else str(rotate_path)),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
@@ -147,7 +167,8 @@ def run(base_url: str, load: Load) -> Result:
         ).stdout
     finally:
         script_path.unlink()
-        if paths_path is not None:
-            paths_path.unlink()
+        for made in (paths_path, rotate_path):
+            if made is not None:
+                made.unlink()
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     return Result(**json.loads(line.removeprefix("RESULT ")))
