@@ -6,6 +6,7 @@ one), or else `valkey-server` / `redis-server` on the PATH. It listens on loopba
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -39,11 +40,64 @@ def server_binary() -> str:
     )
 
 
+# Ports handed out by `free_port` in this process: never the same one twice.
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
+# Where `free_port` draws from: at or above FIRST_PORT (clear of the ports services are
+# usually configured on: 5432, 6379, 8000, 9107…), below the kernel's ephemeral range.
+FIRST_PORT = 10_000
+
+
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range:
+    """The ports the kernel gives outgoing connections (and `bind(port 0)`) on this
+    machine, from `path` (Linux); IANA's 49152-65535 where there is no such file."""
+    try:
+        low, high = (int(n) for n in path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """A loopback TCP port for a server of ours to listen on: free when tested, and not
+    handed out before by this process.
+
+    Drawn at random from FIRST_PORT up to the kernel's ephemeral range (`ephemeral_ports`),
+    never from within it: a port there, even one just found free by binding port 0, can be
+    taken by any outgoing connection (a Redis client, a Sentinel, a test's HTTP client)
+    before the server binds it ("[Errno 98] address already in use", as CI met). Below the
+    range only another listener can take it, which is why each is bind-tested first; one
+    picked by another process between the test and the server's bind is still possible
+    (rare: thousands of ports), and `processes.Service.start` starts again on a new port
+    then. Falls back to the kernel's choice if the range leaves no room below it."""
+    ephemeral = ephemeral_ports()
+    below = range(FIRST_PORT, ephemeral.start)
+    if len(below) < 1_000:
+        below = range(1024, ephemeral.start)
+    with _handing_out:
+        for _ in range(200 if len(below) >= 1_000 else 0):
+            port = random.choice(below)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
+        while True:  # no room below the range: the kernel's choice, as before
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listening socket could bind 127.0.0.1:`port` now (no SO_REUSEADDR: a
+    port still in use by a connection counts as taken)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class EmbeddedRedis:

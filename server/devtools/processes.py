@@ -157,12 +157,41 @@ class Service:
         self.web = Process("web", env, log_dir / "web.log")
         self.worker = Process("worker", env, log_dir / "worker.log")
 
+    # How many times `start` tries ports before it gives up on "address already in use".
+    START_TRIES = 3
+
     def start(self, *, worker: bool = True) -> None:
-        self._web_log_start = self.web.log.stat().st_size if self.web.log.exists() else 0
-        self.web.start()
-        if worker:
-            self.worker.start()
-        self.wait_ready()
+        """Start the web processes (and the worker), and wait until they are ready.
+
+        If the web exits at start because its port was taken meanwhile ("[Errno 98] …
+        address already in use": `free_port` tests a port, and another process may bind it
+        before uvicorn does), it starts again on a fresh port, `START_TRIES` times in all:
+        `port` and `base_url` are then the new port's."""
+        for tries_left in reversed(range(self.START_TRIES)):
+            self._web_log_start = self.web.log.stat().st_size if self.web.log.exists() else 0
+            self.web.start()
+            if worker:
+                self.worker.start()
+            try:
+                self.wait_ready()
+                return
+            except RuntimeError:
+                if not tries_left or self.web.running or not self._port_was_taken():
+                    raise
+            self.stop()
+            self._move_to(free_port())
+
+    def _port_was_taken(self) -> bool:
+        """Whether this start's web log says its port was in use."""
+        with self.web.log.open("rb") as log:
+            log.seek(self._web_log_start)
+            return b"address already in use" in log.read()
+
+    def _move_to(self, port: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        for process in (self.web, self.worker):
+            process.env["PORT"] = str(port)
 
     def wait_ready(self, within: float = 30.0) -> None:
         """Until /readyz answers 200 and every web process has started (the processes take a
