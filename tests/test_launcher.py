@@ -192,6 +192,12 @@ def test_a_killed_worker_is_started_again_and_the_shop_stays_up(tmp_path: Path) 
         while (worker := _worker(launcher.pid)) is None:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)  # polling /proc: no event to wait on
+        # Its supervisor's command line does not hold the worker's: `pkill -f "python -m
+        # jobs"` kills the worker alone, and the supervisor starts it again.
+        parent = int(Path(f"/proc/{worker}/stat").read_text().rpartition(")")[2].split()[1])
+        supervisor = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+        assert supervisor[1:3] == [b"-m", b"server.devtools.supervisor"], supervisor
+        assert not any(b"jobs" in arg for arg in supervisor), supervisor
         os.kill(worker, signal.SIGKILL)
 
         deadline = time.monotonic() + RESTARTED_WITHIN_S

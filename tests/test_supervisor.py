@@ -3,6 +3,9 @@ with a growing wait, and each exit is said; a stop signal stops it and its proce
 
 from __future__ import annotations
 
+import os
+import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,11 +18,15 @@ WITHIN_S = 30
 
 
 def _supervised(command: str) -> subprocess.Popen[str]:
-    """`python -m server.devtools.supervisor demo COMMAND`, its stdout to read."""
+    """`python -m server.devtools.supervisor demo`, COMMAND in its environment, its stdout
+    to read; in a session (and process group) of its own, so that a signal by pattern can be
+    kept to what this test started."""
     return subprocess.Popen(
-        [sys.executable, "-m", "server.devtools.supervisor", "demo", command],
+        [sys.executable, "-m", "server.devtools.supervisor", "demo"],
+        env={**os.environ, supervisor.COMMAND_VARIABLE: command},
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
 
 
@@ -65,3 +72,38 @@ def test_a_stop_is_passed_on_to_the_running_process() -> None:
         process.send_signal(signal.SIGTERM)  # the supervisor alone, not its process group
         assert process.wait(WITHIN_S) == 0
         assert process.stdout.read() == "stopped\n"  # and no restart
+
+
+def test_pkill_f_of_the_command_kills_the_process_alone_and_it_is_restarted() -> None:
+    # `pkill -f "python -m jobs"` is how one stops a worker by hand; it used to match the
+    # supervisor too (the command was its argument), and then no one started the worker
+    # again. Kept to this test's process group (-g): other work runs on this machine.
+    mark = f"supervised-{secrets.token_hex(6)}"
+    sleeper = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(600)'"
+    command = f"echo up; exec {sleeper} {mark}"  # its argv holds the mark
+    with _supervised(command) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "up\n"
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        assert mark.encode() not in cmdline
+        assert b"time.sleep" not in cmdline
+        assert supervisor.COMMAND_VARIABLE.encode() not in _child_environ(process.pid)
+        killed = subprocess.run(["pkill", "-g", str(process.pid), "-f", mark], check=False)
+        assert killed.returncode == 0  # something matched: the process, not the supervisor
+        line = process.stdout.readline()
+        assert line.startswith("supervisor: demo exited (killed by SIGTERM) after "), line
+        assert process.poll() is None  # the supervisor lives on
+        assert process.stdout.readline() == "up\n"  # and started it again
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WITHIN_S) == 0
+
+
+def _child_environ(pid: int) -> bytes:
+    """The environment of `pid`'s first child (the supervised process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return Path(f"/proc/{children[0]}/environ").read_bytes()
+
+
+def test_without_a_command_in_the_environment_it_says_how_to_run_it() -> None:
+    assert supervisor.main(["demo"]) == 2
+    assert supervisor.main(["demo", "exec sleep 1"]) == 2

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from server.devtools import demo
+from server.devtools import demo, supervisor
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.infra.settings import Settings
 from server.storage import migrate
@@ -108,15 +108,17 @@ def session_secret(path: Path) -> str:
 def serve_procfile(directory: Path) -> Path:
     """The Procfile as `bin/serve` runs it, written in `directory`: the same lines, but
     the worker's runs under server/devtools/supervisor.py, which starts it again whenever
-    it exits (the web processes stay honcho's: if they die, everything stops)."""
+    it exits (the web processes stay honcho's: if they die, everything stops). The
+    worker's command goes to the supervisor in its environment, not its arguments, so that
+    `pkill -f` of the worker's command kills the worker alone, which is then restarted."""
     lines = []
     for line in PROCFILE.read_text().splitlines():
         name, colon, command = line.partition(":")
         if name.strip() == "worker" and colon:
             command = command.strip()
             line = (
-                f"worker: exec {shlex.quote(sys.executable)} -m server.devtools.supervisor "
-                f"worker {shlex.quote(command)}"
+                f"worker: {supervisor.COMMAND_VARIABLE}={shlex.quote(command)} "
+                f"exec {shlex.quote(sys.executable)} -m server.devtools.supervisor worker"
             )
         lines.append(line)
     path = directory / "Procfile"

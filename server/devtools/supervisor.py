@@ -1,4 +1,5 @@
-"""`python -m server.devtools.supervisor NAME COMMAND`: keep one process running.
+"""`SUPERVISED_COMMAND=COMMAND python -m server.devtools.supervisor NAME`: keep one process
+running.
 
 `bin/serve` runs its worker through this (server/devtools/launcher.py), because honcho stops
 everything as soon as any one of its processes exits: a crashed or killed worker used to
@@ -13,12 +14,18 @@ SIGTERM or SIGINT (honcho stopping, or anyone) stops it for good: the signal is 
 to the process, which is given `STOP_GRACE_S` to finish and then killed; the supervisor
 then exits 0. COMMAND is a shell line (a Procfile's), run with `sh -c`; start it with
 `exec` so that the process supervised, and signalled, is the command itself.
+
+COMMAND comes in the environment (`SUPERVISED_COMMAND`, removed before the command is
+run), not in the supervisor's arguments: `pkill -f "python -m jobs"`, meant for the worker,
+would match a supervisor whose own command line held the worker's and kill it too, and
+then nothing would start the worker again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -29,6 +36,7 @@ MAX_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 15.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+COMMAND_VARIABLE = "SUPERVISED_COMMAND"
 
 
 def _say(line: str) -> None:
@@ -103,10 +111,16 @@ async def _stop(process: asyncio.subprocess.Process, exited: asyncio.Future[int]
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m server.devtools.supervisor NAME COMMAND", file=sys.stderr)
+    """`argv`: NAME alone; the command is taken out of the environment (`COMMAND_VARIABLE`),
+    so that the command supervised does not inherit it."""
+    command = os.environ.pop(COMMAND_VARIABLE, "")
+    if len(argv) != 1 or not command.strip():
+        print(
+            f"usage: {COMMAND_VARIABLE}=COMMAND python -m server.devtools.supervisor NAME",
+            file=sys.stderr,
+        )
         return 2
-    return asyncio.run(supervise(argv[0], argv[1]))
+    return asyncio.run(supervise(argv[0], command))
 
 
 if __name__ == "__main__":
