@@ -108,6 +108,13 @@ async def holds(database_url: str, product_ids: Collection[int]) -> dict[str, di
     return {str(r["id"]): dict(r) for r in rows}
 
 
+def client_key(stored: str | None) -> str | None:
+    """The Idempotency-Key a client sent, from the key as the service stores it: scoped to
+    its caller, `<caller>\t<key>` (server/service/idempotency.py, `scoped_key`), so that a
+    drill's shopper can be found by the key it sent."""
+    return None if stored is None else stored.rpartition("\t")[2]
+
+
 def lost(told: Collection[str], stored: Collection[str]) -> list[str]:
     """No hold lost, none made behind a shopper's back: the holds shoppers were told of
     (201) are exactly the holds the database has."""

@@ -211,23 +211,27 @@ class Drills:
         the service promises to answer with the hold the key made (README, Idempotency).
 
         Such a hold is one whose answer was lost in the fault (the client timed out, the
-        host died) while the request had reached the database; a shopper whose retries
-        ran out of patience learns of it on the next retry. Returns the holds so learnt,
-        and what is wrong: a key answered other than with its hold, or a hold whose
-        shopper had been answered something that decides (201 for another hold, or a 4xx)
-        before this replay, which is a broken idempotency promise, not a lost answer."""
+        host died) while the request had reached the database, and only a shopper whose
+        request is recorded as unknown may have one (`Outcome.unknown`: an attempt of it
+        got no answer that says what it did, or the drill stopped it mid-request); a
+        retry with its key tells. Returns the holds so learnt, and what is wrong: a key
+        answered other than with its hold, a shopper answered 201 for another hold (two
+        holds for one key), or a hold whose shopper had only answers that decide, which
+        is a broken idempotency promise, not a lost answer. A hold whose key is no
+        shopper's of ours is left to `books.lost`, with its row printed."""
         learnt: list[str] = []
         wrong: list[str] = []
         for hold_id, row in stored.items():
             if hold_id in told:
                 continue
-            key = row["idempotency_key"]
+            key = books.client_key(row["idempotency_key"])
             outcome = self.shop.reservations.get(key) if key else None
             if outcome is None:
-                continue  # made by no shopper of ours: books.lost reports it
+                print(f"  hold {hold_id} is no shopper's of ours: {row}", flush=True)
+                continue
             before = (
-                f"{summary(outcome.attempts)} before" if outcome.attempts else "still in flight"
-            )
+                f"{summary(outcome.attempts)} before" if outcome.attempts else "nothing heard"
+            ) + (", stopped mid-request" if outcome.cancelled else "")
             attempts, body = await self.shop.until_decided(
                 "POST",
                 "/api/reservations",
@@ -241,14 +245,19 @@ class Drills:
                     f"hold {hold_id}: its key replayed answered {attempts[-1].status} "
                     f"{attempts[-1].code} ({got}), not the hold ({before})"
                 )
-            elif outcome.attempts and outcome.decided:
+            elif outcome.hold is not None or not outcome.unknown:
                 wrong.append(
                     f"hold {hold_id}: its shopper was answered {outcome.final.status} "
-                    f"{outcome.final.code} ({before}), yet its key had made this hold"
+                    f"{outcome.final.code} ({before}), yet its key had made this hold "
+                    f"(made at {_clock(row['created_at'] / 1000)}; {_timeline(outcome)})"
                 )
             else:
                 learnt.append(hold_id)
-                print(f"  hold {hold_id} learnt by replaying its key ({before})", flush=True)
+                print(
+                    f"  hold {hold_id} learnt by replaying its key ({before}; made at "
+                    f"{_clock(row['created_at'] / 1000)}; {_timeline(outcome)})",
+                    flush=True,
+                )
         return learnt, wrong
 
     async def stock_of(self, product_ids: list[int]) -> dict[int, int]:
@@ -523,12 +532,13 @@ class Drills:
             pages_there = len(self.pages.on(host.name))
             network.cut_off(host, [self.topology.data.address])
             went_out = self._watch_out(host)
-            print(f"  {host.name} cut off from the data host", flush=True)
+            print(f"  {host.name} cut off from the data host at {_clock(time.time())}", flush=True)
             await self._host_out(drill, host, went_out, pages_there)
             out = time.monotonic()
             await asyncio.sleep(3)  # the sale goes on without it
             network.reconnect(host)
             healed = time.monotonic()
+            print(f"  {host.name} reconnected at {_clock(time.time())}", flush=True)
             await asyncio.to_thread(self.cluster.wait_in_service, [host], 60)
             back_after = time.monotonic() - healed
             back = time.monotonic()
@@ -568,7 +578,8 @@ class Drills:
             "every shopper's request decided in the end",
             [f"{len(undecided)} did not"] if undecided else [],
             f"{len(failed)} attempts failed and were retried"
-            + (f" ({summary(failed)})" if failed else ""),
+            + (f" ({summary(failed)})" if failed else "")
+            + (f"; {sale.cut_short} shoppers stopped mid-step" if sale.cut_short else ""),
         )
         primary = self.cluster.redis.primary()
         assert primary is not None
@@ -674,6 +685,22 @@ async def _listen(
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+def _clock(wall: float) -> str:
+    """A wall-clock time (time.time()) as `HH:MM:SS.mmm`, UTC."""
+    return time.strftime("%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}"
+
+
+def _timeline(outcome: Outcome) -> str:
+    """Each attempt of a reservation: status, the app host that answered, when sent and
+    answered (wall clock), for comparing with the hold's created_at."""
+    offset = time.time() - time.monotonic()
+    return ", ".join(
+        f"{a.status} {a.code or ''} by {a.server or 'none'} "
+        f"{_clock(a.started + offset)}-{_clock(a.finished + offset)}"
+        for a in outcome.attempts
+    )
 
 
 def _pct(values: list[int], q: float) -> int | str:

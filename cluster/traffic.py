@@ -59,11 +59,15 @@ class Attempt:
 
 @dataclass
 class Outcome:
-    """What one shopper's reservation came to, after however many attempts."""
+    """What one shopper's reservation came to, after however many attempts (recorded as
+    they are answered, so that a shopper stopped mid-request leaves what it had heard)."""
 
     key: str
     attempts: list[Attempt] = field(default_factory=list)
     hold: dict[str, Any] | None = None
+    # Stopped (its task cancelled: a drill stopping its shoppers) before an answer that
+    # decides: a request it had sent may have made a hold it never heard of.
+    cancelled: bool = False
 
     @property
     def final(self) -> Attempt:
@@ -71,7 +75,28 @@ class Outcome:
 
     @property
     def decided(self) -> bool:
-        return self.final.status in DECIDED
+        return bool(self.attempts) and not self.cancelled and self.final.status in DECIDED
+
+    @property
+    def in_doubt(self) -> list[Attempt]:
+        """Its attempts answered with nothing that says what the request did: no answer
+        (the connection failed, or the shopper stopped waiting after `within`) or a
+        502/503/504. Such a request may have made a hold, even later than an answer to a
+        retry: the drill's shoppers wait 10 s for an answer, while a host cut off from the
+        database carries out what it had queued once it can (a statement may take the
+        busy timeout plus PG_STATEMENT_MARGIN_S, server/storage/database.py, and requests
+        queued behind it wait for it; server/service/batching.py runs a request whose
+        caller went away all the same)."""
+        return [a for a in self.attempts if a.status not in DECIDED]
+
+    @property
+    def unknown(self) -> bool:
+        """Whether the shopper cannot know what its request did: it was stopped with a
+        request in flight, or some attempt's answer said nothing (`in_doubt`), including
+        when a retry's did later (a 409 to the retry does not undo the attempt before it).
+        Only such a request may leave a hold that no shopper was answered 201 for, and a
+        retry with its key tells (README, Idempotency)."""
+        return self.cancelled or not self.decided or bool(self.in_doubt)
 
 
 class Pool:
@@ -190,10 +215,17 @@ class Shop:
         return attempt, parsed
 
     async def until_decided(
-        self, method: str, path: str, *, patience: float = 60.0, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        patience: float = 60.0,
+        attempts: list[Attempt] | None = None,
+        **kwargs: Any,
     ) -> tuple[list[Attempt], Any]:
-        """Send the request until the answer decides, as a shopper's page would."""
-        attempts: list[Attempt] = []
+        """Send the request until the answer decides, as a shopper's page would. Each
+        attempt is appended to `attempts` (a new list if None) as it is answered."""
+        attempts = [] if attempts is None else attempts
         give_up = time.monotonic() + patience
         backoff = 0.2
         while True:
@@ -210,15 +242,23 @@ class Shop:
     async def reserve(
         self, product_id: int, *, quantity: int = 1, key: str | None = None, patience: float = 60
     ) -> Outcome:
+        """One shopper's reservation, until decided or out of patience. Cancelled (a drill
+        stopping its shoppers), the outcome is marked `cancelled`: whatever the request in
+        flight did, this shopper never heard of it."""
         outcome = Outcome(key or secrets.token_urlsafe(12))
         self.reservations.setdefault(outcome.key, outcome)
-        outcome.attempts, body = await self.until_decided(
-            "POST",
-            "/api/reservations",
-            json={"productId": product_id, "quantity": quantity},
-            headers={"Idempotency-Key": outcome.key},
-            patience=patience,
-        )
+        try:
+            _, body = await self.until_decided(
+                "POST",
+                "/api/reservations",
+                json={"productId": product_id, "quantity": quantity},
+                headers={"Idempotency-Key": outcome.key},
+                patience=patience,
+                attempts=outcome.attempts,
+            )
+        except asyncio.CancelledError:
+            outcome.cancelled = True
+            raise
         if outcome.final.status == 201:
             outcome.hold = body
         return outcome
@@ -389,6 +429,9 @@ class SteadySale:
         self.product_id = product_id
         self.outcomes: list[Outcome] = []
         self.finishes: list[Attempt] = []
+        # Shoppers still on a step when `stop`'s time ran out, and cancelled: a reservation
+        # so stopped is marked `Outcome.cancelled` (in `Shop.reservations`, not `outcomes`).
+        self.cut_short = 0
         self._stopping = False
         self._tasks = [asyncio.create_task(self._loop()) for _ in range(shoppers)]
 
@@ -407,6 +450,7 @@ class SteadySale:
         hold made is one a shopper was told of)."""
         self._stopping = True
         _, pending = await asyncio.wait(self._tasks, timeout=within)
+        self.cut_short = len(pending)
         for task in pending:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
