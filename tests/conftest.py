@@ -29,6 +29,7 @@ from server.domain.model import Event
 from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
+from tests.receiver import Receiver
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -228,6 +229,19 @@ async def shop(store: Store, published: Published) -> AsyncIterator[Shop]:
     await shop.start()
     yield shop
     await shop.stop()
+
+
+# -- webhooks ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A shop's webhook receiver on a real server of its own (tests/receiver.py), started
+    for this test and stopped after it."""
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
 
 
 # -- the browser ---------------------------------------------------------------------------

@@ -5,10 +5,6 @@ books still add up afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
 from server.domain.executor import Executor
@@ -27,14 +23,6 @@ async def count(store: Store, table: str, where: str = "1 = 1") -> int:
         row = await conn.fetch_one(f"SELECT COUNT(*) AS n FROM {table} WHERE {where}")
     assert row is not None
     return int(row["n"])
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
 
 
 async def test_old_rows_go_in_bounded_batches_and_the_books_still_add_up(

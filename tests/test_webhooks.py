@@ -33,14 +33,6 @@ from tests.support import assert_reconciled, eventually, hold, make_product, ser
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
-
-
 async def register(store: Store, receiver: Receiver, events: list[str] | None = None) -> int:
     endpoint = await Webhooks(store).create(url=receiver.url, events=events or [], description="")
     receiver.secret = endpoint.secret
