@@ -129,7 +129,6 @@ class Room:
         self.product_id = product_id
         self.places = places
         self.tickets = {t.shopper_id: t for t in tickets}
-        self.drawn_at: int | None = None
 
     def any_rooms(self) -> bool:
         return True
@@ -140,7 +139,6 @@ class Room:
             at=1,
             places=tuple(sorted(self.places)),
             admitted=0,
-            drawn_at=self.drawn_at,
         )
 
     async def tickets_of_shopper(self, shopper_id: str) -> list[Ticket]:

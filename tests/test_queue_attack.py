@@ -31,6 +31,7 @@ from tests.test_shoppers import Shop
 from tests.test_shoppers import reserve as reserve_over_http
 from tests.test_waitingroom import (
     PASS_MS,
+    SEED,
     START,
     join_many,
     line_order,
@@ -184,26 +185,30 @@ async def test_rooms_nobody_is_in_cost_the_admitter_no_write(
 
 
 async def test_those_who_join_before_a_start_moved_later_are_drawn_too(store: Store) -> None:
-    """A random room draws at its start; the operator then moves the start later. Those
-    who join before the new start joined before the start too: they are put in a random
-    order among themselves at it (behind those drawn first, who keep their order), not
-    served in arrival order."""
+    """A random room opens; the operator then moves the start later. Those who join before
+    the new start joined before a start too: they get drawn places (the room's key's
+    order, among those still waiting from before the first start), ahead of those who
+    arrived while it was open, and are not served in arrival order. Positions are hidden
+    again until the new start. Nothing is written at either start."""
     product = await room(store, 1, queue="random")
     early, late = shoppers(50), [f"anon:late{n:03d}" for n in range(60)]
     await join_many(store, product.id, early, at=START - 1_000)
     first = await step(store, product.id, now=START)
-    assert first.drawn == len(early)
-    drawn_order = await line_order(store, product.id, everyone=True)
+    assert len(first.admitted) == 1
+    await join_many(store, product.id, ["anon:open"], at=START + 200)  # while it was open
     later = START + 10 * PASS_MS
     await _edit(store, product.id, now=START + 500, sale_starts_at=later)
     await join_many(store, product.id, late, at=START + 1_000)
-    again = await step(store, product.id, now=later)
-    assert again.drawn == len(late)
-    order = await line_order(store, product.id, everyone=True)
-    assert order[: len(drawn_order)] == drawn_order  # the first draw stands
-    assert sorted(order[len(drawn_order) :]) == late
-    assert order[len(drawn_order) :] != late  # not arrival order (1 in 60! by chance)
-    assert (await step(store, product.id, now=later + 1)).drawn == 0  # once
+    order = await line_order(store, product.id)
+    drawn = sorted([*early, *late], key=lambda s: waitingroom.drawn_place(SEED, s))
+    admitted = first.admitted[0].shopper_id
+    assert order == [s for s in drawn if s != admitted] + ["anon:open"]
+    assert [s for s in order if s in late] != late  # not arrival order (1 in 60! by chance)
+    async with store.reader() as conn:
+        moved = await inventory.get_product(conn, product.id)
+    assert moved is not None
+    assert waitingroom.order_hidden(moved, START + 2_000)
+    assert not waitingroom.order_hidden(moved, later)
 
 
 @pytest.mark.parametrize(("available", "factor", "passes"), [(100, 1.1, 110), (50, 2.2, 110)])

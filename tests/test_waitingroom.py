@@ -1,6 +1,7 @@
 """The waiting room's core (issue 17), against a real database on both backends: tickets,
-the random draw, the gate in the reservation's transaction, passes that lapse, holds that
-expire, the room closing when sold out, and the lease that lets one process admit.
+the random order (a keyed hash at the join), the gate in the reservation's transaction,
+passes that lapse, holds that expire, the room closing when sold out, and the lease that
+lets one process admit.
 
 Times are passed in (ms), as the service passes "now": a sale's minutes take no time here.
 """
@@ -14,18 +15,19 @@ import pytest
 
 from server.domain import inventory, waitingroom
 from server.domain.books import Books
-from server.domain.errors import InsufficientStock, NotAdmitted
+from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
 from server.domain.executor import Executor, Row, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Ticket, TicketState
 from server.storage.database import Store
+from server.wire.schemas import ticket_view
 from tests.support import assert_invariant, assert_reconciled
 
 START = 1_900_000_000_000  # the sale's start, ms
 PASS_MS = 60_000
 HOLD_MS = 120_000
-SEED = b"a fixed seed, so that the statistics below are the same every run"
+SEED = b"a fixed room key, so that the statistics below are the same every run"
 
 
 async def room(
@@ -54,9 +56,11 @@ async def room(
 
 
 async def join_many(store: Store, product_id: int, shoppers: list[str], *, at: int) -> None:
-    """`shoppers` join one after another, a millisecond apart from `at`, in one transaction."""
+    """`shoppers` join one after another, a millisecond apart from `at`, in one transaction
+    (a room's key is `SEED`, so that random orders are the same every run)."""
 
     async def joins(conn: Executor) -> None:
+        await waitingroom.room_key(conn, product_id, new=SEED)
         for n, shopper in enumerate(shoppers):
             await waitingroom.join(conn, product_id, shopper, now=at + n)
 
@@ -66,7 +70,7 @@ async def join_many(store: Store, product_id: int, shoppers: list[str], *, at: i
 async def step(store: Store, product_id: int, *, now: int, holder: str = "a") -> Admission:
     return await store.write(
         lambda conn: waitingroom.admit(
-            conn, product_id, now=now, pass_ms=PASS_MS, holder=holder, lease_ms=2_000, seed=SEED
+            conn, product_id, now=now, pass_ms=PASS_MS, holder=holder, lease_ms=2_000
         )
     )
 
@@ -165,19 +169,10 @@ async def test_a_random_room_admits_in_an_order_independent_of_joining(store: St
     await join_many(store, drawn.id, people, at=START - 60_000)
     fifo = await room(store, 2000, queue="fifo")
     await join_many(store, fifo.id, people, at=START - 60_000)
-    assert await line_order(store, drawn.id) == people  # arrival order until the draw
-
-    first = await step(store, drawn.id, now=START - 1)
-    assert first.drawn == 0  # no draw before the start
-    assert waitingroom.draw_order(SEED, people) != people
-    # The draw, at the start: the line is dealt out again; admission follows it.
-    at_start = await step(store, drawn.id, now=START)
-    assert at_start.drawn == 2000
-    assert len(at_start.admitted) == 1
-    order = await line_order(store, drawn.id, everyone=True)
+    # The order is decided at the joins, by the room's key: the line is in it already.
+    order = await line_order(store, drawn.id)
     assert sorted(order) == people
-    admitted = await ticket(store, drawn.id, order[0])
-    assert admitted.state is TicketState.ADMITTED  # the head of the drawn line
+    assert order == sorted(people, key=lambda s: waitingroom.drawn_place(SEED, s))
     ok, rho = looks_random(people, order)
     assert ok, f"rank correlation {rho:.3f}, or a tenth of the joiners left out of the first"
     # The same statistic tells FIFO apart: it is not random at all.
@@ -185,30 +180,86 @@ async def test_a_random_room_admits_in_an_order_independent_of_joining(store: St
     assert not fifo_ok
     assert fifo_rho > 0.99
 
+    before = await step(store, drawn.id, now=START - 1)
+    assert before.admitted == []
+    # At the start nothing is written but the admission: the head of the line as it was.
+    at_start = await step(store, drawn.id, now=START)
+    assert [t.shopper_id for t in at_start.admitted] == [order[0]]
+    assert await line_order(store, drawn.id, everyone=True) == order
 
-async def test_the_draw_is_made_once_at_the_start_and_later_arrivals_follow(
-    store: Store,
-) -> None:
+
+async def test_drawn_places_sort_before_every_arrival_place() -> None:
+    """The band of drawn places, [-2^62, 0), and arrival places, ms × 2^20 + 20 bits (>= 0
+    from 1970 on; < 2^63 until the year 10889): apart, whatever the key or the clock."""
+    for n in range(1000):
+        place = waitingroom.drawn_place(secrets.token_bytes(32), f"anon:{n}")
+        assert -(1 << 62) <= place < 0
+    assert waitingroom.arrival_place(0) >= 0
+    assert waitingroom.arrival_place(START) < 1 << 63
+    assert waitingroom.drawn_place(SEED, "anon:x") == waitingroom.drawn_place(SEED, "anon:x")
+    assert waitingroom.drawn_place(SEED, "anon:x") != waitingroom.drawn_place(b"other", "anon:x")
+
+
+async def test_leaving_and_joining_again_before_the_start_keeps_the_place(store: Store) -> None:
+    """No re-rolling: a shopper who leaves and joins again before the start gets the same
+    drawn place; one who joins after the start goes to the back in arrival order."""
     product = await room(store, 1, queue="random")
     early = shoppers(50)
     await join_many(store, product.id, early, at=START - 5_000)
-    async with store.reader() as conn:
-        (t,) = await waitingroom.tickets_of(conn, product.id, [early[0]])
-        assert await waitingroom.position(conn, t) is not None
-    at_start = await step(store, product.id, now=START)
-    assert at_start.drawn == 50
-    assert len(at_start.admitted) == 1
+    first = await ticket(store, product.id, early[7])
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, early[7], now=START - 4_000))
+    await join_many(store, product.id, [early[7]], at=START - 3_000)
+    again = await ticket(store, product.id, early[7])
+    assert again.state is TicketState.WAITING
+    assert again.place == first.place
     await join_many(store, product.id, ["anon:late-1", "anon:late-2"], at=START + 100)
-    later = await step(store, product.id, now=START + 200)
-    assert later.drawn == 0  # once
     order = await line_order(store, product.id)
     assert order[-2:] == ["anon:late-1", "anon:late-2"]
+    assert sorted(order[:-2]) == early
+
+
+async def test_positions_in_a_random_room_are_hidden_until_the_start(store: Store) -> None:
+    """Before the start a position would tell the draw early: the view, the refusal and
+    the estimated wait say nothing of it; from the start they do."""
+    product = await room(store, 0, queue="random")
+    people = shoppers(20)
+    await join_many(store, product.id, people, at=START - 5_000)
     async with store.reader() as conn:
-        row = await conn.fetch_one(
-            "SELECT draw_seed FROM queue_rooms WHERE product_id = :p", {"p": product.id}
+        line = await waitingroom.lineup(conn, product.id, now=START - 1)
+        mine = await waitingroom.get_ticket(conn, product.id, people[3])
+        assert mine is not None
+        hidden = ticket_view(mine, product, line, now=START - 1)
+        refused = await waitingroom.refusal(conn, product.id, people[3], now=START - 1)
+        shown = ticket_view(mine, product, line, now=START)
+        told = await waitingroom.refusal(conn, product.id, people[3], now=START)
+    assert hidden["position"] is None
+    assert hidden["ahead"] is None
+    assert "drawn at the start" in hidden["message"]
+    assert refused.position is None
+    assert "drawn at the start" in str(refused)
+    assert shown["position"] == line.ahead_of(mine.place) + 1
+    assert told.position == shown["position"]
+
+
+async def test_the_order_cannot_switch_while_shoppers_are_in_the_room(store: Store) -> None:
+    """fifo ↔ random while tickets are open: 409 `queue_in_use` (their places were given
+    under the other order); switched off first, or with the line empty, it may."""
+    product = await room(store, 5, queue="fifo")
+    await join_many(store, product.id, ["anon:a"], at=START - 5_000)
+
+    async def switch(queue: str) -> Product:
+        outcome = await store.write(
+            lambda conn: inventory.update_product(
+                conn, product.id, ProductChanges(queue=queue), now=START - 4_000
+            )
         )
-    assert row is not None
-    assert row["draw_seed"] == SEED.hex()
+        return outcome.result()
+
+    with pytest.raises(QueueInUse, match="1 shopper is in it"):
+        await switch("random")
+    assert (await switch("fifo")).queue == "fifo"  # no switch: any other edit goes through
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, "anon:a", now=START))
+    assert (await switch("random")).queue == "random"
 
 
 # -- the gate ---------------------------------------------------------------------------------
@@ -472,6 +523,64 @@ async def test_the_operator_turns_a_room_on_and_off(store: Store) -> None:
     on = changed.result()
     assert (on.queue, on.admit_factor) == ("random", 1.5)
     assert on.version > product.version
+
+
+async def test_a_room_switched_off_ends_every_open_ticket_in_bounded_steps(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Switched `off` mid-sale, a room's waiting and admitted tickets would wait for ever:
+    the admitter's steps end them `sold_out` (the page is told the room has closed), a
+    bounded batch a step, head of the line first, and step the room until none is left."""
+    monkeypatch.setattr(waitingroom, "CLOSE_BATCH", 2)
+    product = await room(store, 1)
+    people = shoppers(5)
+    await join_many(store, product.id, people, at=START - 1000)
+    assert len((await step(store, product.id, now=START)).admitted) == 1
+    off = await store.write(
+        lambda conn: inventory.update_product(
+            conn, product.id, ProductChanges(queue="off"), now=START + 10
+        )
+    )
+    product = off.result()
+    closed: list[str] = []
+    for n in range(3):
+        async with store.reader() as conn:
+            assert product.id in await waitingroom.queued_products(conn)
+        done = await step(store, product.id, now=START + 20 + n)
+        assert len(done.closed) <= 2
+        news = done.news()
+        assert news is not None
+        assert news.everyone
+        assert news.shoppers == {t.shopper_id for t in done.closed}
+        closed += [t.shopper_id for t in done.closed]
+    assert sorted(closed) == people
+    async with store.reader() as conn:
+        assert product.id not in await waitingroom.queued_products(conn)
+        line = await waitingroom.lineup(conn, product.id, now=START + 30)
+    ended = await ticket(store, product.id, people[3])
+    assert ended.state is TicketState.SOLD_OUT
+    view = ticket_view(ended, product, line, now=START + 30)
+    assert view["message"] == (
+        "The waiting room has closed: the product is on sale without one now."
+    )
+    # Without a room, anyone reserves; a ticket may be opened again when it is back on.
+    await reserve(store, product.id, "anon:someone", now=START + 40)
+
+
+async def test_the_admitter_reads_only_rooms_someone_is_in(store: Store) -> None:
+    """`queued_products` is a skip scan of the open tickets' index: rooms whose tickets all
+    ended are not read, nor are rooms nobody joined."""
+    ended = await room(store, 1, starts=None)
+    await join_many(store, ended.id, ["anon:gone"], at=START - 1000)
+    await store.write(lambda conn: waitingroom.leave(conn, ended.id, "anon:gone", now=START))
+    empty = await room(store, 1)
+    live = [await room(store, 1) for _ in range(3)]
+    for product in live:
+        await join_many(store, product.id, ["anon:a", "anon:b"], at=START - 1000)
+    await step(store, live[1].id, now=START)  # one admitted, one waiting
+    async with store.reader() as conn:
+        assert await waitingroom.queued_products(conn) == [p.id for p in live]
+    assert empty.id not in [p.id for p in live]
 
 
 # -- one admitter at a time -------------------------------------------------------------------

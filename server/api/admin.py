@@ -355,7 +355,12 @@ async def _edit(request: Request, changes: ProductChanges) -> Product:
     {
         **_CONTROL_ANSWERS,
         "400": INVALID,
-        "409": error("The sale would end before it starts", errors.InvalidSchedule.code),
+        "409": error(
+            "The sale would end before it starts, or a room with shoppers in it would switch "
+            "between `fifo` and `random`",
+            errors.InvalidSchedule.code,
+            errors.QueueInUse.code,
+        ),
         "415": NOT_JSON,
     },
     parameters=[PRODUCT_ID],

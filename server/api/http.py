@@ -77,6 +77,7 @@ _STATUS: dict[type[errors.DomainError], tuple[int, Mapping[str, str]]] = {
     errors.IdempotencyKeyReused: (422, {}),
     errors.QueueOff: (409, {}),
     errors.QueueNotOpen: (409, {}),
+    errors.QueueInUse: (409, {}),
     errors.NoTicket: (404, {}),
     errors.NotAdmitted: (403, {}),
 }

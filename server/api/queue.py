@@ -103,7 +103,8 @@ def _shopper(request: Request) -> Shopper:
     description="One ticket per shopper per product: joining again answers 200 with the "
     "same ticket (a ticket that ended `left`, `sold_out` or `lapsed` is opened again at the "
     "back of the line). In a `random` room, those who join before the sale starts are put in a "
-    "random order at the start (`drawAt`; `position` is null until then). Joins count "
+    "random order (a secret key's, fixed at their joins: joining again gives the same place), "
+    "shown at the start (`drawAt`; `position` is null until then). Joins count "
     "against RESERVE_RATE_LIMIT like reservations.",
 )
 async def join_queue(request: Request) -> Response:
@@ -196,7 +197,7 @@ queue_routes = [
 @operation(
     "getQueueStats",
     "Operator",
-    "A product's waiting room: tickets by state, admissions, the draw",
+    "A product's waiting room: tickets by state, admissions",
     {
         "200": json(ref(schemas.RoomOut), "The room's figures"),
         **OPERATOR_AUTH,
@@ -227,7 +228,6 @@ async def queue_stats(request: Request) -> Response:
             "soldOut": counts["sold_out"],
             "left": counts["left"],
             "admittedLastMinute": stats.admitted_last_minute,
-            "drawnAt": None if stats.drawn_at is None else iso(stats.drawn_at),
             "opensAt": None if opens is None else iso(opens),
         }
     )

@@ -242,6 +242,23 @@ class QueueNotOpen(DomainError):
         return {"opensAt": iso(self.opens_at_ms)}
 
 
+class QueueInUse(DomainError):
+    """The operator switched a room between `fifo` and `random` (or turned one on again
+    before the last tickets of its switch to `off` were closed) while shoppers are in it:
+    their places were decided at their joins under the old order, so the switch waits
+    until nobody waits or holds a pass (`off` first closes every ticket)."""
+
+    code = "queue_in_use"
+
+    def __init__(self, queue: str, wanted: str, open_tickets: int) -> None:
+        people = "1 shopper is" if open_tickets == 1 else f"{open_tickets} shoppers are"
+        super().__init__(
+            f"The waiting room cannot switch from {queue} to {wanted} while {people} in it: "
+            "their places were given in the old order. Switch it off first (every ticket "
+            "ends), or wait until the line is empty."
+        )
+
+
 class NoTicket(DomainError):
     """The caller has no ticket for this product's waiting room (or names no shopper)."""
 

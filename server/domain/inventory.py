@@ -45,6 +45,7 @@ from server.domain.errors import (
     InvalidSchedule,
     NotAdmitted,
     ProductNotFound,
+    QueueInUse,
     ReservationCancelled,
     ReservationCompleted,
     ReservationExpired,
@@ -1208,8 +1209,11 @@ async def update_product(
     process's catalog (which keep the highest version) take the new product.
 
     Outcome errors: `ProductNotFound`; `InvalidSchedule` when the sale would end before it
-    starts. Pausing a paused product keeps when it was first paused. The shop hears of it
-    as `product.updated` (in the outbox, in the same transaction)."""
+    starts; `QueueInUse` when `queue` changes to `fifo` or `random` while tickets are open
+    (waiting or admitted) in the room. Switched `off`, the room's open tickets are closed
+    by the admitter's next steps (`waitingroom.admit`). Pausing a paused product keeps when
+    it was first paused. The shop hears of it as `product.updated` (in the outbox, in the
+    same transaction)."""
     for _ in range(5):
         current = await get_product(conn, product_id)
         if current is None:
@@ -1220,6 +1224,12 @@ async def update_product(
         ends = current.sale_ends_at if changes.sale_ends_at is UNSET else changes.sale_ends_at
         if isinstance(starts, int) and isinstance(ends, int) and ends <= starts:
             return Outcome(error=InvalidSchedule(starts, ends))
+        if changes.queue not in (UNSET, "off", current.queue):
+            assert isinstance(changes.queue, str)
+            # Places were given at the joins under the current order (a random room's
+            # drawn places, or arrival places): no switch while anyone is in line.
+            if people := await waitingroom.open_tickets(conn, product_id):
+                return Outcome(error=QueueInUse(current.queue, changes.queue, people))
         sets = ["version = version + 1", "updated_at = :now"]
         values: dict[str, object] = {"id": product_id, "now": now, "version": current.version}
         if changes.name is not UNSET:

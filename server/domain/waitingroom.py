@@ -1,22 +1,28 @@
-"""The waiting room (issue 17): tickets, the line, passes, the draw, admission, the lease.
+"""The waiting room (issue 17): tickets, the line, passes, admission, the lease.
 
-The database is the truth for all of it (migration 0006): a ticket is a row, its place in
-line a column, an admission an UPDATE of the row, a pass a time on it. Redis only carries
-the news (`RoomChanged`, after commit).
+The database is the truth for all of it (migrations 0006, 0013): a ticket is a row, its
+place in line a column, an admission an UPDATE of the row, a pass a time on it. Redis only
+carries the news (`RoomChanged`, after commit).
 
-- Joining is one insert (`join`): the place is the arrival time in ms times 2^20 plus 20
-  random bits, so arrival order needs no counter that every join would have to update.
-- In `random` mode, `draw` deals the places of those who joined before the sale's start out
-  again in the order of HMAC-SHA256(seed, shopper id) — a uniformly random permutation
-  for a secret seed (a seeded CSPRNG), stored with the room so it can be checked after.
-  Later arrivals keep their arrival places, which are all behind the drawn ones.
+- Joining is one insert (`join`), and the place is decided then, never rewritten:
+  - an arrival place: the arrival time in ms times 2^20 plus 20 random bits (arrival
+    order, ties in a millisecond in a random order; no counter every join would update).
+    For any time after 1970 it is >= 0.
+  - in a `random` room before its start, a drawn place (`drawn_place`): HMAC-SHA256 of the
+    shopper's id under the room's secret key (`room_key`; random, never shown), its first
+    62 bits, minus 2^62: in [-2^62, 0), below every arrival place. Among those who join
+    before the start the order is a uniformly random permutation decided by a secret
+    nobody outside can see or influence; leaving and joining again gives the same place;
+    and at the start nothing is written: the line is already in order. Later arrivals get
+    arrival places, behind all of them. While the room is before its start the order is
+    not shown (`order_hidden`): a position would reveal the draw early.
 - `admit` is one process's step for one product (the lease holder's: `take_lease` fences
   each step): lapse the passes that ran out (and renew those out while the sale is paused
-  or its start was moved later: they cannot be used then), make the draw when it is due, expire the
-  product's overdue holds, then admit from the head of the line as many as the units
-  available allow (`ceil(available × admit_factor / units per pass)`, less the passes
-  already out), or, when nothing is available and nothing held, close the room: every
-  open ticket ends `sold_out`.
+  or its start was moved later: they cannot be used then), expire the product's overdue
+  holds, then admit from the head of the line as many as the units available allow
+  (`ceil(available × admit_factor / units per pass)`, less the passes already out), or,
+  when nothing is available and nothing held, close the room: every open ticket ends
+  `sold_out`. A room switched `off` is closed the same way, `CLOSE_BATCH` tickets a step.
 - `take_passes` is the gate, in the reservation's own transaction: a valid pass of the same
   shopper is used (→ `reserved`) or the request is refused; `give_back_passes` returns the
   passes of requests that then got no stock, in the same transaction.
@@ -38,15 +44,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.domain import inventory
-from server.domain.errors import NotAdmitted
+from server.domain.errors import NotAdmitted, ProductNotFound
 from server.domain.executor import Executor, Row
 from server.domain.model import Event, Product
 
 MODES = ("off", "fifo", "random")
 PLACE_BITS = 20
 LEASE_NAME = "admitter"
-# Rows per statement when the draw writes its places back.
-DRAW_CHUNK = 400
+# Drawn places (random rooms, before the start): the first DRAWN_BITS bits of the keyed
+# hash, less 2^DRAWN_BITS: all in [-2^62, 0), below every arrival place (>= 0).
+DRAWN_BITS = 62
+# "Still waiting" / "still open" in an UPDATE of the tickets a subquery chose, said without
+# an equality on `state`: with one, SQLite walks the whole line's index (product, state) to
+# find them (1 s for 100,000 waiting) instead of the primary key's (product, shopper);
+# PostgreSQL, whose READ COMMITTED re-reads a row changed meanwhile (a shopper who left),
+# needs the condition there. Equal to `state = 'waiting'` by the table's CHECK.
+STILL_WAITING = "state NOT IN ('admitted', 'reserved', 'sold_out', 'lapsed', 'left')"
+STILL_OPEN = "state NOT IN ('reserved', 'sold_out', 'lapsed', 'left')"
+# Open tickets a step closes at most in a room switched `off` (the rest: the next steps).
+CLOSE_BATCH = 2000
 # Shoppers per `IN (…)` list.
 CHUNK = 500
 # The admissions an estimated wait is taken from: the last minute's.
@@ -137,35 +153,91 @@ def opens_at(product: Product, opens_ms: int) -> int | None:
 
 
 def draws(product: Product) -> bool:
-    """Whether the product's line is ordered by a draw at its start."""
+    """Whether those who join the product's line before its start are put in a random
+    order (a `random` room with a start time)."""
     return product.queue == "random" and product.sale_starts_at is not None
+
+
+def order_hidden(product: Product, now: int) -> bool:
+    """Whether positions in the product's line are not shown now: a `random` room before
+    its start, whose drawn places are already in order (showing them would reveal the
+    draw before the start)."""
+    return draws(product) and product.sale_starts_at is not None and now < product.sale_starts_at
+
+
+def drawn_place(key: bytes, shopper_id: str) -> int:
+    """The place of `shopper_id` joining a `random` room before its start: the first
+    `DRAWN_BITS` bits of HMAC-SHA256(`key`, shopper id), less 2^DRAWN_BITS, so in
+    [-2^62, 0), before every arrival place. For a secret key this orders any set of
+    shoppers in a uniformly random permutation; the same shopper always gets the same
+    place (two of 100,000 share one with odds of about 1 in 10^9; the line then orders
+    them by shopper id)."""
+    digest = hmac.new(key, shopper_id.encode(), hashlib.sha256).digest()
+    return (int.from_bytes(digest[:8], "big") >> (64 - DRAWN_BITS)) - (1 << DRAWN_BITS)
+
+
+def arrival_place(now: int) -> int:
+    """An arrival place: `now` (ms) times 2^20 plus 20 random bits; >= 0."""
+    return (now << PLACE_BITS) | secrets.randbits(PLACE_BITS)
+
+
+async def room_key(conn: Executor, product_id: int, *, new: bytes | None = None) -> bytes:
+    """The room's secret key (`queue_rooms.room_key`), made now (random, or `new`: tests
+    fix it) if it has none, in the caller's write transaction. Never changes once made."""
+    row = await conn.fetch_one(
+        "SELECT room_key FROM queue_rooms WHERE product_id = :p", {"p": product_id}
+    )
+    if row is not None and row["room_key"]:
+        return bytes.fromhex(str(row["room_key"]))
+    row = await conn.fetch_one(
+        "INSERT INTO queue_rooms (product_id, room_key) VALUES (:p, :key) "
+        "ON CONFLICT (product_id) DO UPDATE SET "
+        "room_key = COALESCE(queue_rooms.room_key, excluded.room_key) RETURNING room_key",
+        {"p": product_id, "key": (new or secrets.token_bytes(32)).hex()},
+    )
+    assert row is not None
+    return bytes.fromhex(str(row["room_key"]))
 
 
 # -- shoppers: join, read, leave ------------------------------------------------------------
 
 
 async def join(
-    conn: Executor, product_id: int, shopper_id: str, *, now: int
+    conn: Executor, product_id: int, shopper_id: str, *, now: int, key: bytes | None = None
 ) -> tuple[Ticket, bool]:
     """The shopper's ticket, made now if they have none (one insert), and whether it was
     made now. A ticket that ended `left`, `sold_out` or `lapsed` (a turn not taken: the
-    page says "join again") is opened again at the back of the line; any other is returned
-    as it is (one ticket per shopper per product)."""
-    place = (now << PLACE_BITS) | secrets.randbits(PLACE_BITS)
+    page says "join again") is opened again; any other is returned as it is (one ticket
+    per shopper per product). Its place is decided by the insert, from the product's row
+    as it is then: its `drawn_place` in a `random` room before its start (the same one
+    as before, for a shopper who left and joins again), an `arrival_place` at the back
+    otherwise. `key`: the room's (`room_key`; read here when not given). Raises
+    ProductNotFound."""
+    if key is None:
+        key = await room_key(conn, product_id)
     row = await conn.fetch_one(
         "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at) "
-        "VALUES (:p, :s, :place, 'waiting', :now) "
+        "SELECT id, CAST(:s AS TEXT), CASE WHEN queue = 'random' AND sale_starts_at > :now "
+        "THEN CAST(:drawn AS BIGINT) ELSE CAST(:arrival AS BIGINT) END, 'waiting', "
+        "CAST(:now AS BIGINT) FROM products WHERE id = :p "
         "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = 'waiting', "
         "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
         "pass_expires_at = NULL, ended_at = NULL "
         "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed') "
         f"RETURNING {TICKET}",
-        {"p": product_id, "s": shopper_id, "place": place, "now": now},
+        {
+            "p": product_id,
+            "s": shopper_id,
+            "drawn": drawn_place(key, shopper_id),
+            "arrival": arrival_place(now),
+            "now": now,
+        },
     )
     if row is not None:
         return Ticket.from_row(row), True
     existing = await get_ticket(conn, product_id, shopper_id)
-    assert existing is not None, "the insert met a ticket"
+    if existing is None:  # no product's row to select from
+        raise ProductNotFound(product_id)
     return existing, False
 
 
@@ -224,7 +296,7 @@ async def leave(conn: Executor, product_id: int, shopper_id: str, *, now: int) -
 class Lineup:
     """A product's line as read at `at` (ms): the places of those waiting, in order; how
     many hold a pass; the admissions of the last `RATE_WINDOW_MS` and when the first of
-    them was; when the draw was made (None: not yet, or the room has none)."""
+    them was."""
 
     product_id: int
     at: int
@@ -232,7 +304,6 @@ class Lineup:
     admitted: int
     recent_admissions: int = 0
     first_recent_admission: int | None = None
-    drawn_at: int | None = None
 
     @property
     def waiting(self) -> int:
@@ -263,9 +334,6 @@ async def lineup(conn: Executor, product_id: int, *, now: int) -> Lineup:
         "WHERE product_id = :p AND admitted_at IS NOT NULL AND admitted_at >= :since",
         {"p": product_id, "since": now - RATE_WINDOW_MS},
     )
-    room = await conn.fetch_one(
-        "SELECT drawn_at FROM queue_rooms WHERE product_id = :p", {"p": product_id}
-    )
     return Lineup(
         product_id=product_id,
         at=now,
@@ -273,8 +341,17 @@ async def lineup(conn: Executor, product_id: int, *, now: int) -> Lineup:
         admitted=admitted,
         recent_admissions=0 if recent is None else int(recent["n"]),
         first_recent_admission=None if recent is None else _int(recent["first"]),
-        drawn_at=None if room is None else _int(room["drawn_at"]),
     )
+
+
+async def open_tickets(conn: Executor, product_id: int) -> int:
+    """How many tickets of the product are waiting or admitted."""
+    row = await conn.fetch_one(
+        "SELECT COUNT(*) AS n FROM queue_tickets WHERE product_id = :p "
+        "AND state IN ('waiting', 'admitted')",
+        {"p": product_id},
+    )
+    return 0 if row is None else int(row["n"])
 
 
 async def _count(conn: Executor, product_id: int, state: TicketState) -> int:
@@ -295,13 +372,6 @@ async def position(conn: Executor, ticket: Ticket) -> int | None:
         {"p": ticket.product_id, "place": ticket.place},
     )
     return 1 + (0 if row is None else int(row["n"]))
-
-
-async def drawn_at(conn: Executor, product_id: int) -> int | None:
-    row = await conn.fetch_one(
-        "SELECT drawn_at FROM queue_rooms WHERE product_id = :p", {"p": product_id}
-    )
-    return None if row is None else _int(row["drawn_at"])
 
 
 # -- the gate, in the reservation's transaction ---------------------------------------------
@@ -400,7 +470,7 @@ async def take_passes(
             free -= units
             answers.append(False)
         else:
-            answers.append(await refusal(conn, product_id, shopper))
+            answers.append(await refusal(conn, product_id, shopper, now=now))
     return answers
 
 
@@ -418,9 +488,11 @@ async def give_back_passes(conn: Executor, product_id: int, shopper_ids: Sequenc
         )
 
 
-async def refusal(conn: Executor, product_id: int, shopper_id: str | None) -> NotAdmitted:
+async def refusal(
+    conn: Executor, product_id: int, shopper_id: str | None, *, now: int
+) -> NotAdmitted:
     """Why a request without a valid pass is refused: its shopper's position, when waiting
-    in a line that is in order (drawn, or not to be drawn), else the ticket's state."""
+    in a line whose order is shown (`order_hidden`), else the ticket's state. `now`: ms."""
     ticket = None if shopper_id is None else await get_ticket(conn, product_id, shopper_id)
     if ticket is None:
         return NotAdmitted(None)
@@ -429,7 +501,7 @@ async def refusal(conn: Executor, product_id: int, shopper_id: str | None) -> No
     if ticket.state is not TicketState.WAITING:
         return NotAdmitted(None, ticket.state.value)
     product = await inventory.get_product(conn, product_id)
-    if product is not None and draws(product) and await drawn_at(conn, product_id) is None:
+    if product is not None and order_hidden(product, now):
         return NotAdmitted(None, TicketState.WAITING.value)
     return NotAdmitted(await position(conn, ticket), TicketState.WAITING.value)
 
@@ -467,55 +539,6 @@ async def lease_holder(conn: Executor, *, now: int) -> str | None:
     return None if row is None else str(row["holder"])
 
 
-# -- the draw -------------------------------------------------------------------------------
-
-
-def draw_order(seed: bytes, shopper_ids: Sequence[str]) -> list[str]:
-    """`shopper_ids` in a uniformly random order derived from `seed` (a key for
-    HMAC-SHA256): the same seed gives the same order, and without the seed no order can be
-    told from the ids."""
-    return sorted(shopper_ids, key=lambda s: hmac.new(seed, s.encode(), hashlib.sha256).digest())
-
-
-async def draw(
-    conn: Executor, product: Product, *, seed: bytes, now: int, since: int | None = None
-) -> int:
-    """The random draw at the sale's start: the places of those waiting who joined before
-    it (and at or after `since`, ms, when given) are dealt out again in `draw_order`; the
-    room records the draw and its seed. Returns how many were drawn. Done once per start
-    (`queue_rooms.drawn_at`; `due_draw`)."""
-    assert product.sale_starts_at is not None
-    rows = await conn.fetch_all(
-        "SELECT shopper_id, place FROM queue_tickets WHERE product_id = :p "
-        "AND state = 'waiting' AND joined_at < :starts AND joined_at >= :since ORDER BY place",
-        {"p": product.id, "starts": product.sale_starts_at, "since": since or 0},
-    )
-    places = [int(row["place"]) for row in rows]
-    order = draw_order(seed, [str(row["shopper_id"]) for row in rows])
-    dealt = list(zip(order, places, strict=True))
-    for start in range(0, len(dealt), DRAW_CHUNK):
-        chunk = dealt[start : start + DRAW_CHUNK]
-        values: dict[str, object] = {"p": product.id}
-        tuples = []
-        for n, (shopper, place) in enumerate(chunk):
-            tuples.append(f"(CAST(:s{n} AS TEXT), CAST(:n{n} AS BIGINT))")
-            values[f"s{n}"] = shopper
-            values[f"n{n}"] = place
-        await conn.execute(
-            "UPDATE queue_tickets SET place = v.column2 "
-            f"FROM (VALUES {', '.join(tuples)}) AS v "
-            "WHERE queue_tickets.product_id = :p AND queue_tickets.shopper_id = v.column1",
-            values,
-        )
-    await conn.execute(
-        "INSERT INTO queue_rooms (product_id, drawn_at, draw_seed) VALUES (:p, :now, :seed) "
-        "ON CONFLICT (product_id) DO UPDATE SET drawn_at = excluded.drawn_at, "
-        "draw_seed = excluded.draw_seed",
-        {"p": product.id, "now": now, "seed": seed.hex()},
-    )
-    return len(dealt)
-
-
 # -- admission ------------------------------------------------------------------------------
 
 
@@ -529,7 +552,6 @@ class Admission:
     # Passes renewed because the sale is closed (paused, or not started again).
     renewed: list[Ticket] = field(default_factory=list)
     closed: list[Ticket] = field(default_factory=list)
-    drawn: int = 0
     waiting: int = 0
     passes: int = 0
     # Stock events of holds this step expired (published after commit like any).
@@ -539,9 +561,7 @@ class Admission:
 
     @property
     def changed(self) -> bool:
-        return bool(
-            self.admitted or self.lapsed or self.renewed or self.closed or self.drawn or self.events
-        )
+        return bool(self.admitted or self.lapsed or self.renewed or self.closed or self.events)
 
     def news(self) -> RoomChanged | None:
         if self.product is None:
@@ -554,7 +574,7 @@ class Admission:
             self.waiting,
             self.passes,
             shoppers=shoppers,
-            everyone=bool(self.drawn or self.closed),
+            everyone=bool(self.closed),
         )
 
 
@@ -583,17 +603,23 @@ async def admit(
     pass_ms: int,
     holder: str,
     lease_ms: int,
-    seed: bytes | None = None,
 ) -> Admission:
     """One admission step for one product, in the caller's write transaction, fenced by
     the lease (`take_lease`: when another process holds it, nothing is done and
-    `leased` is False). `seed`: for the draw, if it is due (None: a new random one)."""
+    `leased` is False). Nothing is drawn at the start: a random room's line is in order
+    from the joins (`drawn_place`). A room switched `off` with tickets still open is
+    closed, `CLOSE_BATCH` of them a step (their shoppers reserve without a pass now)."""
     if not await take_lease(conn, holder, now=now, lease_ms=lease_ms):
         return Admission(leased=False)
     product = await inventory.get_product(conn, product_id)
-    if product is None or product.queue == "off":
+    if product is None:
         return Admission(product=product)
     step = Admission(product=product)
+    if product.queue == "off":
+        step.closed = await _close(conn, product_id, now=now, limit=CLOSE_BATCH)
+        step.waiting = await _count(conn, product_id, TicketState.WAITING)
+        step.passes = await _count(conn, product_id, TicketState.ADMITTED)
+        return step
     step.lapsed = await _tickets_where(
         conn,
         "UPDATE queue_tickets SET state = 'lapsed', ended_at = :now WHERE product_id = :p "
@@ -613,24 +639,6 @@ async def admit(
             "AND pass_expires_at < :stale",
             {"p": product_id, "now": now, "until": now + pass_ms, "stale": now + pass_ms - 1000},
         )
-    if draws(product) and state != "scheduled":
-        record = await conn.fetch_one(
-            "SELECT drawn_at, draw_seed FROM queue_rooms WHERE product_id = :p", {"p": product_id}
-        )
-        last = None if record is None else _int(record["drawn_at"])
-        assert product.sale_starts_at is not None
-        if last is None:
-            step.drawn = await draw(conn, product, seed=seed or secrets.token_bytes(32), now=now)
-        elif last < product.sale_starts_at:
-            # The start was moved later after the draw: those who joined since then joined
-            # before the start too, and are drawn among themselves (behind the first
-            # drawn, whose order stands), with the room's seed, so both can be checked.
-            kept = None
-            if record is not None and record["draw_seed"]:
-                kept = bytes.fromhex(str(record["draw_seed"]))
-            step.drawn = await draw(
-                conn, product, seed=kept or seed or secrets.token_bytes(32), now=now, since=last
-            )
     if state == "ended":
         step.closed = await _close(conn, product_id, now=now)
     elif state == "open":
@@ -648,10 +656,10 @@ async def admit(
                 step.admitted = await _tickets_where(
                     conn,
                     "UPDATE queue_tickets SET state = 'admitted', admitted_at = :now, "
-                    "pass_expires_at = :until WHERE product_id = :p AND state = 'waiting' "
+                    "pass_expires_at = :until WHERE product_id = :p "
                     "AND shopper_id IN (SELECT shopper_id FROM queue_tickets "
                     "WHERE product_id = :p AND state = 'waiting' "
-                    "ORDER BY place, shopper_id LIMIT :n)",
+                    f"ORDER BY place, shopper_id LIMIT :n) AND {STILL_WAITING}",
                     {"p": product_id, "now": now, "until": now + pass_ms, "n": room},
                 )
     step.waiting = await _count(conn, product_id, TicketState.WAITING)
@@ -659,13 +667,25 @@ async def admit(
     return step
 
 
-async def _close(conn: Executor, product_id: int, *, now: int) -> list[Ticket]:
-    """Nothing left to sell: every open ticket ends `sold_out`."""
+async def _close(
+    conn: Executor, product_id: int, *, now: int, limit: int | None = None
+) -> list[Ticket]:
+    """Nothing left to sell, the sale ended, or the room was switched off: every open
+    ticket ends `sold_out` (at most `limit` of them, head of the line first)."""
+    if limit is None:
+        return await _tickets_where(
+            conn,
+            "UPDATE queue_tickets SET state = 'sold_out', ended_at = :now "
+            "WHERE product_id = :p AND state IN ('waiting', 'admitted')",
+            {"p": product_id, "now": now},
+        )
     return await _tickets_where(
         conn,
         "UPDATE queue_tickets SET state = 'sold_out', ended_at = :now "
-        "WHERE product_id = :p AND state IN ('waiting', 'admitted')",
-        {"p": product_id, "now": now},
+        "WHERE product_id = :p AND shopper_id IN (SELECT shopper_id FROM queue_tickets "
+        "WHERE product_id = :p AND state IN ('waiting', 'admitted') "
+        f"ORDER BY place, shopper_id LIMIT :n) AND {STILL_OPEN}",
+        {"p": product_id, "now": now, "n": limit},
     )
 
 
@@ -676,13 +696,17 @@ async def _tickets_where(conn: Executor, update: str, values: dict[str, object])
 
 async def queued_products(conn: Executor) -> list[int]:
     """The products whose room has someone in it (a ticket waiting or admitted), by id: the
-    only rooms an admission step can change (lapse, renew, draw, admit, close all act on
-    open tickets). A room nobody is in costs nothing, however many past sales had one: one
-    probe of the line's index per product with a room, and no write."""
+    only rooms an admission step can change (lapse, renew, admit, close all act on open
+    tickets; a room switched `off` with open tickets is among them, to be closed). A
+    skip scan of the index of open tickets (migration 0013: `queue_tickets_open`): one
+    seek per room someone is in, however many rooms have ended or tickets wait in each."""
     rows = await conn.fetch_all(
-        "SELECT p.id FROM products p WHERE p.queue <> 'off' AND EXISTS ("
-        "SELECT 1 FROM queue_tickets t WHERE t.product_id = p.id "
-        "AND t.state IN ('waiting', 'admitted')) ORDER BY p.id"
+        "WITH RECURSIVE rooms (id) AS ("
+        "SELECT MIN(product_id) FROM queue_tickets WHERE state IN ('waiting', 'admitted') "
+        "UNION ALL SELECT (SELECT MIN(t.product_id) FROM queue_tickets t "
+        "WHERE t.state IN ('waiting', 'admitted') AND t.product_id > rooms.id) "
+        "FROM rooms WHERE rooms.id IS NOT NULL"
+        ") SELECT id FROM rooms WHERE id IS NOT NULL"
     )
     return [int(row["id"]) for row in rows]
 
@@ -692,12 +716,11 @@ async def queued_products(conn: Executor) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class RoomStats:
-    """A room's tickets by state, its admissions in the last minute, and its draw."""
+    """A room's tickets by state and its admissions in the last minute."""
 
     product_id: int
     by_state: dict[str, int]
     admitted_last_minute: int
-    drawn_at: int | None
 
 
 async def room_stats(conn: Executor, product_id: int, *, now: int) -> RoomStats:
@@ -716,5 +739,4 @@ async def room_stats(conn: Executor, product_id: int, *, now: int) -> RoomStats:
         product_id=product_id,
         by_state=by_state,
         admitted_last_minute=0 if recent is None else int(recent["n"]),
-        drawn_at=await drawn_at(conn, product_id),
     )

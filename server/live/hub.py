@@ -40,7 +40,7 @@ from server.domain.clock import iso, now_ms
 from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
 from server.domain.text import SHOWN_CHARS
-from server.domain.waitingroom import OPEN, Ticket
+from server.domain.waitingroom import OPEN, Ticket, order_hidden
 from server.infra.clients import client_key
 from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
@@ -206,10 +206,12 @@ class Hub:
         self._queue_counts: dict[int, tuple[int, int]] = {}
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
-        # Per room, the line as its positions were last told: (when it was drawn, the places
-        # waiting). Positions move only when someone ahead leaves the line (admitted, left)
-        # or at the draw; joins go to the back, so a line that only grew moves nobody.
-        self._told_lines: dict[int, tuple[int | None, frozenset[int], int]] = {}
+        # Per room, the line as its positions were last told: (whether its order was hidden,
+        # the places waiting, the last place). Positions move only when someone ahead leaves
+        # the line (admitted, left), or show at a random room's start; joins go to the
+        # back, so a line that only grew moves nobody. A random room's line before its start
+        # shows no position (`order_hidden`): joins anywhere in it move nobody either.
+        self._told_lines: dict[int, tuple[bool, frozenset[int], int]] = {}
         self._max_clients = max_clients
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
@@ -427,19 +429,20 @@ class Hub:
                 for product_id, ticket in client.tickets.items():
                     if ticket.state in OPEN:
                         by_product.setdefault(product_id, []).append(client)
+        now = now_ms()
         for product_id, open_ones in by_product.items():
             line = await self._room.line(product_id)
+            product = self._catalog.get(product_id)
+            hidden = product is not None and order_hidden(product, now)
             places = frozenset(line.places)
             last = self._told_lines.get(product_id)
-            self._told_lines[product_id] = (
-                line.drawn_at,
-                places,
-                max(line.places, default=-1),
-            )
+            self._told_lines[product_id] = (hidden, places, max(line.places, default=-1))
             if last is not None:
-                drawn_at, before, back = last
+                was_hidden, before, back = last
+                if hidden and was_hidden:
+                    continue
                 joined_behind = all(place > back for place in places - before)
-                if drawn_at == line.drawn_at and before <= places and joined_behind:
+                if hidden == was_hidden and before <= places and joined_behind:
                     continue
             await self._tell_tickets(open_ones, {product_id})
 

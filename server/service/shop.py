@@ -394,8 +394,8 @@ class Shop:
         )
 
     async def update_product(self, product_id: int, changes: ProductChanges) -> Product:
-        """Edit a product (name, price, schedule, paused), as the operator. Raises
-        `ProductNotFound`, `InvalidSchedule`."""
+        """Edit a product (name, price, schedule, paused, limit, waiting room), as the
+        operator. Raises `ProductNotFound`, `InvalidSchedule`, `QueueInUse`."""
         return await self._write(
             lambda conn, now: inventory.update_product(conn, product_id, changes, now=now)
         )

@@ -90,6 +90,9 @@ class WaitingRoom:
         self._any_rooms = True
         self._rooms_checked_at = -1e9
         self._reading: dict[int, asyncio.Task[Lineup]] = {}
+        # Rooms' secret keys as read (a key never changes once made): a join batch reads
+        # a room's once per process.
+        self._keys: dict[int, bytes] = {}
 
     async def product(self, product_id: int) -> Product:
         """The product, from the catalog when it has it. Raises ProductNotFound."""
@@ -141,15 +144,27 @@ class WaitingRoom:
     ) -> list[tuple[Ticket, bool] | BaseException]:
         """Joins that came together, in one transaction (a storm of joins at a sale's
         start): still one insert each, in the order they came; news of the new tickets,
-        one per room, after commit."""
+        one per room, after commit. A join whose product is gone fails alone."""
 
-        async def insert_all(conn: Executor) -> list[tuple[Ticket, bool]]:
+        async def insert_all(conn: Executor) -> list[tuple[Ticket, bool] | BaseException]:
             now = now_ms()
-            return [await waitingroom.join(conn, p, s, now=now) for p, s in joins]
+            results: list[tuple[Ticket, bool] | BaseException] = []
+            for p, s in joins:
+                key = self._keys.get(p)
+                if key is None:
+                    key = self._keys[p] = await waitingroom.room_key(conn, p)
+                try:
+                    results.append(await waitingroom.join(conn, p, s, now=now, key=key))
+                except ProductNotFound as exc:
+                    results.append(exc)
+            return results
 
         results = await self.store.write(insert_all)
         made: dict[int, set[str]] = {}
-        for ticket, created in results:
+        for result in results:
+            if isinstance(result, BaseException):
+                continue
+            ticket, created = result
             if created:
                 made.setdefault(ticket.product_id, set()).add(ticket.shopper_id)
         if made:
@@ -293,8 +308,7 @@ class Admitter:
     process's catalog and the publisher as any change does; `publish`: where news of
     rooms goes. `pass_ms`: how long a pass lasts; `tick_ms`: how often it looks even when
     not nudged; `lease_ms`: how long its lease lasts unrenewed (how long the rooms wait
-    when it dies). `seed`: the random draws' seed (None: a new random one per draw; tests
-    fix it)."""
+    when it dies)."""
 
     def __init__(
         self,
@@ -306,7 +320,6 @@ class Admitter:
         tick_ms: int,
         lease_ms: int,
         holder: str | None = None,
-        seed: bytes | None = None,
     ) -> None:
         self.store = store
         self.holder = holder or new_holder()
@@ -315,7 +328,6 @@ class Admitter:
         self._pass_ms = pass_ms
         self._tick_s = tick_ms / 1000
         self._lease_ms = lease_ms
-        self._seed = seed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle: dict[int, float] = {}  # product → when a step last found nothing to do
@@ -403,7 +415,6 @@ class Admitter:
                 pass_ms=self._pass_ms,
                 holder=self.holder,
                 lease_ms=self._lease_ms,
-                seed=self._seed,
             )
             return Outcome(step, events=list(step.events))
 
@@ -417,15 +428,13 @@ class Admitter:
             if step.changed or self._counts.get(product_id) != counts:
                 self._counts[product_id] = counts
                 self._publish([news])
-        if step.admitted or step.closed or step.drawn:
+        if step.admitted or step.closed:
             logger.info(
-                "waiting room of product %d: %d admitted, %d lapsed, %d sold out, %d drawn; "
-                "%d waiting",
+                "waiting room of product %d: %d admitted, %d lapsed, %d sold out; %d waiting",
                 product_id,
                 len(step.admitted),
                 len(step.lapsed),
                 len(step.closed),
-                step.drawn,
                 step.waiting,
             )
         return step

@@ -31,7 +31,7 @@ from pydantic.alias_generators import to_camel
 from server.domain import text
 from server.domain.clock import iso
 from server.domain.model import Product, Reservation, Status
-from server.domain.waitingroom import Lineup, Ticket, TicketState, draws
+from server.domain.waitingroom import Lineup, Ticket, TicketState, draws, order_hidden
 
 MAX_INT32 = 2**31 - 1
 # Products a page may name in `GET /api/products?ids=` and `/ws?ids=`: more than any page
@@ -377,7 +377,8 @@ class ErrorOut(_Response):
     position: int | None = Field(
         default=None,
         description="With 403 `not_admitted`: the shopper's place in the waiting room (1 = "
-        "next), or null (no ticket, or the random draw is still to come).",
+        "next), or null (no ticket, or a `random` room before its start: the order is drawn "
+        "at the start).",
     )
     opens_at: str | None = Field(
         default=None,
@@ -663,11 +664,13 @@ class TicketOut(_Response):
     product_id: int
     state: Literal["waiting", "admitted", "reserved", "sold_out", "lapsed", "left"] = Field(
         description="`waiting` in line; `admitted`: a pass to reserve until `passExpiresAt`; "
-        "`reserved`: the pass was used; `sold_out`: nothing left to sell; `lapsed`: the pass "
+        "`reserved`: the pass was used; `sold_out`: nothing left to sell, the sale ended, or "
+        "the room was switched off (`message` says which); `lapsed`: the pass "
         "ran out unused; `left`: the shopper left the line."
     )
     position: int | None = Field(
-        description="Place in line, 1 = next; null when not waiting, or before the random draw."
+        description="Place in line, 1 = next; null when not waiting, or in a `random` room "
+        "before its start (the order is drawn at the start: shown then)."
     )
     ahead: int | None = Field(description="How many wait ahead (position − 1), or null.")
     waiting: int = Field(description="How many tickets wait in this room in all.")
@@ -679,7 +682,8 @@ class TicketOut(_Response):
     )
     joined_at: str = Field(json_schema_extra=_TIME)
     draw_at: str | None = Field(
-        description="`random` rooms: when the draw puts those who joined before it in order.",
+        description="`random` rooms: the start, when the order of those who joined before it "
+        "is shown (it was fixed at their joins by a secret key; nothing is drawn then).",
         json_schema_extra=_TIME,
     )
     held_units: int = Field(description="Units held by others now, which may come back.")
@@ -714,7 +718,6 @@ class RoomOut(_Response):
     sold_out: int
     left: int
     admitted_last_minute: int = Field(description="Admissions in the last 60 s.")
-    drawn_at: str | None = Field(json_schema_extra=_TIME)
     opens_at: str | None = Field(json_schema_extra=_TIME)
 
 
@@ -782,7 +785,7 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
     and the product's held units."""
     position = None
     state = ticket.state
-    if state is TicketState.WAITING and (not draws(product) or line.drawn_at is not None):
+    if state is TicketState.WAITING and not order_hidden(product, now):
         position = line.ahead_of(ticket.place) + 1
     wait = None
     rate = line.admissions_per_second()
@@ -822,6 +825,8 @@ def _ticket_message(
     if state is TicketState.RESERVED:
         return "You used your turn: your reservation is made."
     if state is TicketState.SOLD_OUT:
+        if product.queue == "off":
+            return "The waiting room has closed: the product is on sale without one now."
         if product.sale_state(now) == "ended":
             return "The sale has ended."  # the room closes with it, units left or not
         return "Sold out: every unit has been sold."
@@ -830,7 +835,10 @@ def _ticket_message(
     if state is TicketState.LEFT:
         return "You left the waiting room."
     if position is None:
-        return f"You are in the waiting room; places are drawn at random at {draw_at}."
+        return (
+            "You are in the waiting room; the order is drawn at the start "
+            f"({draw_at}): everyone who joins before then has the same chance."
+        )
     text = f"You are number {position} in line."
     starts = product.sale_starts_at
     if starts is not None and starts > now:

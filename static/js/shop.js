@@ -215,7 +215,11 @@ class Shop {
           ? `You're in line for ${name}: number ${ticket.position}, ${ticket.ahead ?? ticket.position - 1} ahead of you.`
           : `You're in line for ${name}. Your place is drawn at random when the sale starts.`,
       admitted: `Your turn for ${name}: reserve within ${formatDuration(parseTime(ticket.passExpiresAt) - clock.now())}.`,
-      sold_out: `${name} sold out while you waited.`,
+      // A room switched off mid-sale ends its tickets `sold_out` too; the product, off, is
+      // then on sale to anyone.
+      sold_out: this.products.get(id)?.queue === "off"
+        ? `The waiting room for ${name} has closed: reserve it directly.`
+        : `${name} sold out while you waited.`,
       lapsed: `Your turn for ${name} passed; join again to wait for another.`,
       left: known && known.state !== "left" ? `You left the line for ${name}.` : "",
     };
