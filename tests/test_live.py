@@ -13,6 +13,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,48 @@ async def test_messages_that_are_not_understood_get_error_frames(
             await ws.send("again not json")  # the tenth malformed message
             await ws.connection.wait_closed()
             assert ws.connection.close_code == 1008  # too many malformed messages
+
+
+async def test_a_page_joins_a_waiting_room_over_its_socket(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """`{"type": "join", "productId": …}` over the socket the page holds: the ticket frame
+    answers it (the same ticket when sent again), as POST /api/products/{id}/queue would;
+    a socket without a shopper, a product without a room, or a malformed join get an
+    `error` frame naming the product, and the socket stays open."""
+    with two_services(database_url, redis_url, tmp_path) as (a, _):
+        starts = datetime.now(UTC) + timedelta(minutes=5)
+        drop = await a.new_product(3, queue="random", saleStartsAt=starts.isoformat())
+        plain = await a.new_product(3)
+        async with a.client() as client:
+            cookie = (await client.get("/api/me")).headers["set-cookie"].split(";")[0]
+        async with socket_to(a, additional_headers={"Cookie": cookie}) as ws:
+            await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            await ws.send({"type": "join", "productId": drop["id"]})
+            (ticket,) = await ws.frames.wait_for(lambda f: f["type"] == "ticket")
+            assert ticket["ticket"]["productId"] == drop["id"]
+            assert ticket["ticket"]["state"] == "waiting"
+            assert ticket["ticket"]["position"] is None  # a random room before its start
+            await ws.send({"type": "join", "productId": drop["id"]})  # again: the same
+            frames = await ws.frames.wait_for(lambda f: f["type"] == "ticket", count=2)
+            assert frames[1]["ticket"]["joinedAt"] == ticket["ticket"]["joinedAt"]
+            await ws.send({"type": "join", "productId": plain["id"]})
+            await ws.frames.wait_for(
+                lambda f: (
+                    f["type"] == "error"
+                    and f["code"] == "queue_off"
+                    and f["productId"] == plain["id"]
+                )
+            )
+            await ws.send({"type": "join", "productId": "3"})
+            await ws.frames.wait_for(_error("invalid_join"))
+        async with a.client(headers={"Cookie": cookie}) as client:
+            over_http = await client.get(f"/api/products/{drop['id']}/queue")
+        assert over_http.json()["joinedAt"] == ticket["ticket"]["joinedAt"]
+        async with socket_to(a) as anonymous:
+            await anonymous.frames.wait_for(lambda f: f["type"] == "snapshot")
+            await anonymous.send({"type": "join", "productId": drop["id"]})
+            await anonymous.frames.wait_for(_error("no_shopper"))
 
 
 def _error(code: str) -> Callable[[Frame], bool]:

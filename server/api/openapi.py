@@ -58,6 +58,7 @@ _REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     schemas.UpdateProductBody,
     schemas.OperatorCancelBody,
     schemas.WatchMessage,
+    schemas.JoinMessage,
     schemas.CompleteBody,
     schemas.CreateWebhookBody,
     schemas.CreateShopKeyBody,
@@ -123,7 +124,10 @@ or restocked. `/ws?ids=3,8,9` (at most {schemas.MAX_PRODUCT_IDS} ids): only thos
 snapshot and after (ids that are not such a list: an `invalid_ids` error frame and close
 1008). A client that sends `{{"type": "watch", "reservations": [id, …]}}` (at most
 50 ids; it replaces the previous list) gets a `reservation` frame with each hold's state at
-once and whenever its status changes. Keep the highest `version` per product and drop
+once and whenever its status changes. A page whose shopper waits for a product's waiting
+room may join it over its socket, `{{"type": "join", "productId": 3}}`: answered with the
+`ticket` frame (or an `error` frame with `productId`), as `POST /api/products/{{id}}/queue`
+would, without a request of its own. Keep the highest `version` per product and drop
 older frames. A message not understood is answered with an `error` frame; close codes are
 1008 (foreign `Origin`, or ten messages not understood), 1009 (a message over 4 KiB), 1013
 (too many sockets here: try again) and 1001 (the server is going away). When the socket
@@ -306,7 +310,7 @@ def _websocket() -> Schema:
                 schemas.ErrorFrame,
             )
         ],
-        "clientMessages": [ref(schemas.WatchMessage)],
+        "clientMessages": [ref(schemas.WatchMessage), ref(schemas.JoinMessage)],
         "closeCodes": {
             "1001": "The server is going away: reconnect.",
             "1008": "A foreign Origin, ten messages not understood, or invalid `ids`.",

@@ -33,10 +33,12 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.domain.clock import iso, now_ms
+from server.domain.errors import DomainError
 from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
 from server.domain.text import SHOWN_CHARS
@@ -48,9 +50,10 @@ from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.service.waitingroom import LINE_SECONDS, WaitingRoom
+from server.storage.errors import StorageError
 from server.wire.frames import queue_frame, reservation_frame, ticket_frame
 from server.wire.json_text import repeated_key
-from server.wire.schemas import parse_product_ids, ticket_view
+from server.wire.schemas import JoinMessage, parse_product_ids, ticket_view
 
 logger = logging.getLogger(__name__)
 # What a ticket's view says that is not the shopper's own news (see `_tell_tickets`).
@@ -320,6 +323,18 @@ class Hub:
         await self._tell_tickets([client], set(client.tickets), force=True)
         if any(ticket.state in OPEN for ticket in client.tickets.values()):
             self._start_ticketer()  # its position, as the line moves
+
+    @property
+    def room(self) -> WaitingRoom | None:
+        return self._room
+
+    async def joined(self, client: Client, ticket: Ticket) -> None:
+        """The socket's shopper has joined (over this socket): its ticket frame now, and
+        its position as the line moves."""
+        client.tickets[ticket.product_id] = ticket
+        await self._tell_tickets([client], {ticket.product_id}, force=True)
+        if ticket.state in OPEN:
+            self._start_ticketer()
 
     def _room_news(self, frame: dict[str, Any]) -> None:
         product_id = int(frame["productId"])
@@ -670,8 +685,22 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
         shown = loggable(repeated, SHOWN_CHARS)
         problem = ("invalid_json", f'Messages must name each key once: "{shown}" is named twice.')
     if problem is None:
-        if not isinstance(message, dict) or message.get("type") != "watch":
-            problem = ("unknown_message", 'The only message understood is {"type": "watch", …}.')
+        if isinstance(message, dict) and message.get("type") == "join":
+            try:
+                join = JoinMessage.model_validate(message)
+            except ValidationError:
+                problem = (
+                    "invalid_join",
+                    'A join is {"type": "join", "productId": <a product\'s id>}, and nothing else.',
+                )
+            else:
+                await _join(websocket, hub, client, join.product_id)
+                return
+        elif not isinstance(message, dict) or message.get("type") != "watch":
+            problem = (
+                "unknown_message",
+                'The messages understood are {"type": "watch", …} and {"type": "join", …}.',
+            )
         else:
             ids = message.get("reservations")
             if (
@@ -693,6 +722,46 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
     if client.bad_messages >= MAX_BAD_MESSAGES:
         hub.leave(client)
         await websocket.close(POLICY_VIOLATION, "too many malformed messages")
+
+
+async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int) -> None:
+    """A `join` over the socket: the shopper's ticket, as `POST /api/products/{id}/queue`
+    makes it (the same rate limit), answered with its `ticket` frame or an `error` frame
+    naming the product. The page's join needs no connection of its own."""
+
+    def refuse(code: str, text: str) -> None:
+        frame = {"type": "error", "code": code, "message": text, "productId": product_id}
+        client.offer(("join", product_id), to_json(frame).decode())
+
+    room = hub.room
+    if room is None:
+        refuse("queue_off", f"Product {product_id} has no waiting room; reserve it directly.")
+        return
+    if client.shopper is None:
+        refuse(
+            "no_shopper",
+            "Joining a waiting room needs a shopper: open the socket with the `shopper` "
+            "cookie (set by the shop's page and by GET /api/me) or a Shopper-Token.",
+        )
+        return
+    limiter = getattr(websocket.app.state, "rate_limiter", None)
+    if limiter is not None:
+        # As over HTTP: a signed-in shopper is limited as themselves, anyone else per address.
+        who = client.key if client.shopper.startswith("anon:") else client.shopper
+        wait = await limiter.retry_after(who)
+        if wait is not None:
+            refuse("rate_limited", f"Too many requests from you; try again in {wait} seconds.")
+            return
+    try:
+        answer = await room.join(product_id, client.shopper)
+    except DomainError as exc:
+        refuse(exc.code, str(exc))
+        return
+    except StorageError:
+        refuse("unavailable", "The database cannot be reached now; try again in a moment.")
+        return
+    assert answer.ticket is not None
+    await hub.joined(client, answer.ticket)
 
 
 def _watch_problem(message: dict[str, Any], ids: object) -> str:

@@ -56,10 +56,12 @@ JOIN_BATCH = 256
 
 @dataclass(frozen=True, slots=True)
 class TicketAnswer:
-    """A ticket as the API answers it: its view, and whether this request made it."""
+    """A ticket as the API answers it: its view, whether this request made it, and the
+    ticket itself."""
 
     view: dict[str, Any]
     created: bool = False
+    ticket: Ticket | None = None
 
 
 class WaitingRoom:
@@ -131,7 +133,7 @@ class WaitingRoom:
         ticket, created = await self._joins.submit((product_id, shopper_id))
         if created and self._nudge is not None and product.sale_state(now_ms()) == "open":
             self._nudge(product_id)  # before the start nobody is admitted: no hurry
-        return TicketAnswer(await self.view(ticket, product), created)
+        return TicketAnswer(await self.view(ticket, product), created, ticket)
 
     async def start(self) -> None:
         self._joins.start()

@@ -723,8 +723,34 @@ class RoomOut(_Response):
 
 class ErrorFrame(_Response):
     type: Literal["error"]
-    code: Literal["invalid_json", "unknown_message", "invalid_watch", "invalid_ids"]
+    code: Literal[
+        "invalid_json",
+        "unknown_message",
+        "invalid_watch",
+        "invalid_ids",
+        "invalid_join",
+        "no_shopper",
+        "product_not_found",
+        "queue_off",
+        "queue_not_open",
+        "rate_limited",
+        "unavailable",
+    ]
     message: str
+    product_id: int | None = Field(
+        default=None, description="With an error answering a `join`: the product it named."
+    )
+
+
+class JoinMessage(_Request):
+    """Join the product's waiting room, as `POST /api/products/{id}/queue` does, over the
+    socket the page already holds (no request of its own): answered with a `ticket` frame
+    (the new ticket, or the one the shopper had), or an `error` frame with `productId`
+    (`no_shopper`: the socket names no shopper; `product_not_found`, `queue_off`,
+    `queue_not_open`, `rate_limited`, `unavailable`: the database could not be reached)."""
+
+    type: Literal["join"]
+    product_id: Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class WatchMessage(_Request):
