@@ -4,16 +4,16 @@
 `{"offsets": [ms, ...], "cookies": ["shopper=...", ...]}`: for each shopper, when it joins
 the line (ms from the sale's start; negative: before it) and its identity (the `shopper`
 cookie the shop page sets). Each shopper is a page already open: a `/ws` socket with its
-cookie (the server pushes its `ticket` frames there) and a keep-alive connection for its
-requests: opened when it first asks for a shopper who joins before the start (the server
-closes a connection idle for five seconds, so a page loaded a minute ahead opens one again to
-join), three seconds before the start for one who joins in its first second (as the storm's
-shoppers do: ten thousand connections opened in one second would overflow the listen
-backlog). It prints `ready N` once every
-socket has its snapshot, then reads a second line, `{"start_ms": epoch ms}` (the sale's
-start, set once every page is open), then, for each shopper:
+cookie, opened when the page loads (the server pushes its `ticket` frames there), and the
+join goes over that socket (`{"type": "join", "productId": …}`, answered by its `ticket`
+frame): the page has the connection already, as a real one would, so only the join is
+timed, from the message sent to its answer. A connection of its own for requests is opened
+only when the shopper reserves (its `fetch`), and again if the server closed it idle. It
+prints `ready N` once every socket has its snapshot, then reads a second line,
+`{"start_ms": epoch ms}` (the sale's start, set once every page is open), then, for each
+shopper:
 
-1. at its time, `POST /api/products/{id}/queue` (join);
+1. at its time, the join over its socket;
 2. when its socket says `admitted`, at once `POST /api/reservations` (one unit), and on
    the 201 `POST /api/reservations/{id}/complete` (it buys: the room closes once nothing
    is available and nothing is held);
@@ -25,7 +25,8 @@ prints one JSON line `{"shoppers": [Row, ...], "cpu_seconds": s}`, where Row is
 `[offset, join_sent, join_answered, join_status, admitted_at, reserve_sent,
 reserve_answered, reserve_status, complete_answered, complete_status, final_state,
 final_at, position_at_admission, frames, reconnects]` (epoch ms, 0 where it did not
-happen; `reconnects`: connections opened again because the server had closed an idle one).
+happen; `join_status`: 200 for a ticket frame, else the error frame's code; `reconnects`:
+request connections opened, the first included).
 
 The clients are lean (raw asyncio protocols on uvloop), as the storm's are: the measuring
 must not take the CPU the server needs.
@@ -48,7 +49,6 @@ from bench.rawhttp import Connection, Response, now_ms, request_bytes
 from bench.wsclients import Client, _returning
 
 FINAL = {"sold_out", "lapsed", "left"}
-LATE_OPEN_AHEAD_MS = 3_000  # the first second's shoppers open their connection this early
 _STATE = re.compile(rb'"state":"([a-z_]+)"')
 _POSITION = re.compile(rb'"position":(\d+|null)')
 _ID = re.compile(rb'"id":"([^"]+)"')
@@ -91,12 +91,21 @@ class Shopper(Client):
         if not self.ready.done() and payload.startswith(b'{"type":"snapshot"'):
             self.ready.set_result(None)
             return
+        if payload.startswith(b'{"type":"error"') and self.row[1] and not self.joined.done():
+            code = _CODE.search(payload)
+            self.row[2], self.row[3] = now_ms(), code.group(1).decode() if code else "error"
+            self.joined.set_result(None)
+            self.finish(f"join {self.row[3]}", 0)
+            return
         if b'"type":"ticket"' not in payload[:40]:
             return  # stock and queue frames: every page gets them; the shopper needs none
         found = _STATE.search(payload)
         if not found:
             return
         at = now_ms()
+        if self.row[1] and not self.joined.done():  # the answer to its join
+            self.row[2], self.row[3] = at, 200
+            self.joined.set_result(None)
         self.frames += 1
         state = found.group(1).decode()
         if state == self.state:
@@ -138,24 +147,15 @@ class Shopper(Client):
                 return response
         raise AssertionError("unreachable")
 
-    async def join(self, request: bytes) -> None:
+    def join(self, message: bytes) -> None:
+        """Join over the socket: one masked text frame (key 0; `message` under 126 bytes).
+        Its answer is the first ticket (or error) frame after it (`_frame`)."""
+        assert self.transport is not None
         self.row[1] = now_ms()
-        response = await self.send(request)
-        assert self.http is not None
-        self.row[2], self.row[3] = self.http.answered_at, response.status
-        self.joined.set_result(None)
-        if response.status not in (200, 201):
-            found = _CODE.search(response.body)
-            self.finish(f"join {response.status} {found.group(1).decode() if found else ''}", 0)
-            return
-        # The answer may already be final (a late joiner after the room closed).
-        state = _STATE.search(response.body)
-        if state and state.group(1).decode() in FINAL and not self.done.done():
-            self.finish(state.group(1).decode(), self.http.answered_at)
+        self.transport.write(bytes([0x81, 0x80 | len(message)]) + b"\0\0\0\0" + message)
 
     async def buy(self) -> None:
-        await self.joined  # its connection carries one request at a time
-        assert self.http is not None
+        await self.joined
         authority = self.host
         body = json.dumps({"productId": int(self.product), "quantity": 1}).encode()
         self.row[5] = now_ms()
@@ -163,6 +163,7 @@ class Shopper(Client):
         response = await self.send(
             request_bytes("POST", "/api/reservations", authority, body, headers)
         )
+        assert self.http is not None
         self.row[6], self.row[7] = self.http.answered_at, response.status
         if response.status != 201:
             found = _CODE.search(response.body)
@@ -190,7 +191,6 @@ async def main(host: str, port: int, product_id: int) -> None:
     offsets: list[float] = plan["offsets"]
     cookies: list[str] = plan["cookies"]
     loop = asyncio.get_running_loop()
-    authority = f"{host}:{port}"
     shoppers: list[Shopper] = []
     for start in range(0, len(offsets), 100):  # in batches: the listen backlog is finite
         batch = [
@@ -204,40 +204,16 @@ async def main(host: str, port: int, product_id: int) -> None:
     # The sale's start, set once every page is open.
     start_ms = float(json.loads(await loop.run_in_executor(None, sys.stdin.readline))["start_ms"])
 
-    joins = [
-        request_bytes(
-            "POST", f"/api/products/{product_id}/queue", authority, b"", {"Cookie": cookie}
-        )
-        for cookie in cookies
-    ]
+    join = json.dumps({"type": "join", "productId": product_id}).encode()
     order = sorted(range(len(shoppers)), key=lambda i: offsets[i])
-    # Those who join in the sale's first second have their page (and its connection) open
-    # a few seconds ahead, as the storm's shoppers do: 10,000 connections opened in the same
-    # second overflow the listen backlog, which measures the kernel, not the service.
-    late = [shoppers[i] for i in order if offsets[i] >= 0]
-
-    async def open_late() -> None:
-        await asyncio.sleep(max(0.0, (start_ms - LATE_OPEN_AHEAD_MS - now_ms()) / 1000))
-        for first in range(0, len(late), 200):
-            batch = late[first : first + 200]
-            connections = await asyncio.gather(
-                *(Connection.open(host, port) for _ in batch), return_exceptions=True
-            )
-            for shopper, connection in zip(batch, connections, strict=True):
-                if isinstance(connection, Connection) and shopper.http is None:
-                    shopper.http = connection
-                    shopper.reconnects += 1
-
-    opener = loop.create_task(open_late())
     for shopper, offset in zip(shoppers, offsets, strict=True):
         shopper.row[0] = offset
-    tasks = []
     for i in order:
         due = start_ms + offsets[i]
         delay = (due - now_ms()) / 1000
         if delay > 0.002:
             await asyncio.sleep(delay - 0.001)
-        tasks.append(loop.create_task(shoppers[i].join(joins[i])))
+        shoppers[i].join(join)
     deadline = start_ms + float(os.environ.get("QUEUERS_DEADLINE_S", "60")) * 1000
     await asyncio.wait(
         [asyncio.ensure_future(s.done) for s in shoppers],
@@ -258,9 +234,6 @@ async def main(host: str, port: int, product_id: int) -> None:
             shopper.transport.close()
         if shopper.http is not None:
             shopper.http.close()
-    opener.cancel()
-    for task in tasks:
-        task.cancel()
     await asyncio.sleep(0.05)  # let the closes go out
 
 

@@ -1,9 +1,12 @@
 """Scenario `queue`: the waiting room (issue 17). A product of 100 units with a queue (`random`:
-a fair draw at the start) goes on sale a minute ahead; 5,000 shoppers join the line during
-that minute, 10,000 more in the sale's first second. Every shopper is a page already open
-(a `/ws` socket with its own `shopper` cookie; it opens a connection to join), in separate
-processes (`bench/queuers.py`); an admitted shopper reserves one unit the moment its socket
-says so, and buys it at once.
+a fair random order of those who join before the start) goes on sale a minute ahead; 5,000
+shoppers join the line during that minute, 10,000 more in the sale's first second. Every
+shopper is a page already open (a `/ws` socket with its own `shopper` cookie, opened when
+the page loaded, before the start), in separate processes (`bench/queuers.py`); it joins
+over that socket (`{"type": "join"}`, answered by its `ticket` frame), so a join is timed
+from the message to its answer and opens no connection; an admitted shopper reserves one
+unit the moment its socket says so (on a connection it opens then, as a page's `fetch`
+would), and buys it at once.
 
 Reported: the joins' latency (p50/p99/max; those before the start and those in the first
 second apart), the time from the start until the 100 units are held and until they are
@@ -247,9 +250,9 @@ def summarize(
         "wait_from_start_ms": _mean(waits_from_start),
         "wait_from_join_ms": _mean(waits_from_join),
         "ticket_frames": sum(r[FRAMES] for r in rows),
-        # Connections the shoppers opened: each its first when it joins (a page loaded a
-        # minute ahead has lost its connection: uvicorn closes one idle for 5 s), and again
-        # if one was closed idle before a reservation; within the request's time.
+        # Request connections the shoppers opened (joins need none: they go over the
+        # socket): one per shopper who reserves, and again if one was closed idle between
+        # its reservation and its purchase; within the request's time.
         "reconnects": sum(r[RECONNECTS] for r in rows),
         "stats_after": stats,
         "shopper_cpu_seconds": round(shopper_cpu, 2),
