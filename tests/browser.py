@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, Locator, Page, ViewportSize, expect
+import pytest
+from playwright.async_api import Browser, Locator, Page, ViewportSize, WebSocketRoute, expect
 
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import ADMIN_TOKEN, Service
@@ -37,6 +38,8 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 SIZES = {"desktop": DESKTOP, "phone": PHONE}
+# A test run at each of the sizes (its parameter `size`).
+EACH_SIZE = pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
 CHROMIUM_ARGS = ["--disable-gpu", "--no-sandbox", "--disable-background-networking"]
 
 
@@ -178,3 +181,27 @@ async def reserve(site: Service, product_id: int, quantity: int = 1) -> dict[str
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+async def act(site: Service, reservation: dict[str, Any], action: str) -> None:
+    """Another shopper acts on `reservation` (`complete` or `cancel`), not this page."""
+    async with site.client() as client:
+        response = await client.post(f"/api/reservations/{reservation['id']}/{action}")
+    assert response.status_code == 200, response.text
+
+
+def size_name(size: ViewportSize) -> str:
+    return "phone" if size == PHONE else "desktop"
+
+
+class SocketSwitch:
+    """Closes the page's WebSockets while off, passes them to the server while on."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    async def handle(self, socket: WebSocketRoute) -> None:
+        if self.on:
+            socket.connect_to_server()
+        else:
+            await socket.close(code=4002, reason="blocked by the test")

@@ -14,8 +14,10 @@ from playwright.async_api import Browser, Page, ViewportSize, expect
 
 from server.devtools.processes import Service
 from tests.browser import (
+    EACH_SIZE,
     PHONE,
     SIZES,
+    act,
     assert_accessible,
     card,
     new_page,
@@ -25,20 +27,15 @@ from tests.browser import (
     reserve,
     screenshot,
     serve,
+    size_name,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
-
-EACH_SIZE = pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     yield from serve(tmp_path_factory.mktemp("console"))
-
-
-def size_name(size: ViewportSize) -> str:
-    return "phone" if size == PHONE else "desktop"
 
 
 def row(page: Page, product: dict[str, Any]) -> Any:
@@ -51,12 +48,6 @@ async def figures(page: Page, product: dict[str, Any]) -> dict[str, int]:
         text = await row(page, product).locator(f".{key}").inner_text()
         found[key] = int(text.replace(",", ""))
     return found
-
-
-async def act(site: Service, reservation: dict[str, Any], action: str) -> None:
-    async with site.client() as client:
-        response = await client.post(f"/api/reservations/{reservation['id']}/{action}")
-    assert response.status_code == 200, response.text
 
 
 # -- 12. the state now, apart from running totals ----------------------------------------------

@@ -17,7 +17,15 @@ from playwright.async_api import Browser, Page, WebSocketRoute, expect
 
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import ADMIN_TOKEN, Service
-from tests.browser import ARTIFACTS, card, migrated_sqlite, new_product, reserve, serve
+from tests.browser import (
+    ARTIFACTS,
+    SocketSwitch,
+    card,
+    migrated_sqlite,
+    new_product,
+    reserve,
+    serve,
+)
 from tests.browser import open_shop as open_sized_shop
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
@@ -89,19 +97,6 @@ async def test_a_reservation_in_one_page_moves_the_stock_in_another_without_poll
     )
     assert time.monotonic() - started < 1.5
     assert polls == []  # it came over the socket
-
-
-class SocketSwitch:
-    """Closes the page's WebSockets while off, passes them to the server while on."""
-
-    def __init__(self) -> None:
-        self.on = False
-
-    async def handle(self, socket: WebSocketRoute) -> None:
-        if self.on:
-            socket.connect_to_server()
-        else:
-            await socket.close(code=4002, reason="blocked by the test")
 
 
 async def test_without_the_socket_the_page_polls_and_stays_correct(

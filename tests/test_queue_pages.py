@@ -19,8 +19,8 @@ from playwright.async_api import Browser, Page, ViewportSize, expect
 from server.devtools.processes import Service
 from tests.browser import (
     DESKTOP,
+    EACH_SIZE,
     PHONE,
-    SIZES,
     assert_accessible,
     card,
     new_product,
@@ -28,21 +28,17 @@ from tests.browser import (
     open_shop,
     screenshot,
     serve,
+    size_name,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
-EACH_SIZE = pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
 PASS_SECONDS = 20  # long enough to act in, short enough to watch one lapse
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     yield from serve(tmp_path_factory.mktemp("queue"), PASS_SECONDS=str(PASS_SECONDS))
-
-
-def size_name(size: ViewportSize) -> str:
-    return "phone" if size == PHONE else "desktop"
 
 
 @asynccontextmanager

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, Route, ViewportSize, WebSocketRoute, expect
+from playwright.async_api import Browser, Page, Route, ViewportSize, expect
 
 from server.devtools.processes import Service
 from tests.browser import (
+    EACH_SIZE,
     PHONE,
     SIZES,
+    SocketSwitch,
+    act,
     assert_accessible,
     card,
     in_viewport,
@@ -28,21 +31,17 @@ from tests.browser import (
     reserve,
     screenshot,
     serve,
+    size_name,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
-EACH_SIZE = pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
 COUNTDOWN = r"0[12]:\d\d"
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     yield from serve(tmp_path_factory.mktemp("shop"))
-
-
-def size_name(size: ViewportSize) -> str:
-    return "phone" if size == PHONE else "desktop"
 
 
 async def fillers(site: Service, count: int) -> None:
@@ -119,12 +118,6 @@ async def test_the_hold_bar_can_be_folded_away_and_still_shows_the_time_left(
 
 
 # -- 2. all reserved is not sold out ---------------------------------------------------------
-
-
-async def act(site: Service, reservation: dict[str, Any], action: str) -> None:
-    async with site.client() as client:
-        response = await client.post(f"/api/reservations/{reservation['id']}/{action}")
-    assert response.status_code == 200, response.text
 
 
 @EACH_SIZE
@@ -241,19 +234,6 @@ async def test_when_the_shop_cannot_be_reached_the_page_says_so_and_marks_the_st
         await asyncio.to_thread(site.wait_ready)
     await expect(connection).to_have_attribute("data-state", "live", timeout=30_000)
     await expect(stale).to_be_hidden()
-
-
-class SocketSwitch:
-    """Closes the page's WebSockets while off, passes them to the server while on."""
-
-    def __init__(self) -> None:
-        self.on = False
-
-    async def handle(self, socket: WebSocketRoute) -> None:
-        if self.on:
-            socket.connect_to_server()
-        else:
-            await socket.close(code=4002, reason="blocked by the test")
 
 
 async def test_healthy_polling_is_not_mistaken_for_an_outage(
