@@ -190,7 +190,7 @@ async def test_a_random_room_admits_in_an_order_independent_of_joining(store: St
 
 async def test_drawn_places_sort_before_every_arrival_place() -> None:
     """The band of drawn places, [-2^62, 0), and arrival places, ms × 2^20 + 20 bits (>= 0
-    from 1970 on; < 2^63 until the year 10889): apart, whatever the key or the clock."""
+    from 1970 on; < 2^63 until the year 2248): apart, whatever the key or the clock."""
     for n in range(1000):
         place = waitingroom.drawn_place(secrets.token_bytes(32), f"anon:{n}")
         assert -(1 << 62) <= place < 0
