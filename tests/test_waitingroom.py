@@ -8,6 +8,7 @@ Times are passed in (ms), as the service passes "now": a sale's minutes take no 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ from server.domain.executor import Executor, Row, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Ticket, TicketState
+from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
 from server.wire.schemas import ticket_view
 from tests.support import assert_invariant, assert_reconciled
@@ -565,6 +567,87 @@ async def test_a_room_switched_off_ends_every_open_ticket_in_bounded_steps(
     )
     # Without a room, anyone reserves; a ticket may be opened again when it is back on.
     await reserve(store, product.id, "anon:someone", now=START + 40)
+
+
+async def assert_counted(store: Store, product_id: int, step_done: Admission | None = None) -> int:
+    """The room's count of those waiting (migration 0017) equals a recount, and so does
+    the figure `step_done` published."""
+    async with store.reader() as conn:
+        kept = await waitingroom.waiting_count(conn, product_id)
+        row = await conn.fetch_one(
+            "SELECT COUNT(*) AS n FROM queue_tickets WHERE product_id = :p AND state = 'waiting'",
+            {"p": product_id},
+        )
+    assert row is not None
+    assert kept == int(row["n"])
+    if step_done is not None:
+        assert step_done.waiting == kept
+    return kept
+
+
+async def test_the_count_of_those_waiting_equals_a_recount_after_every_change(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No step counts the line: the room keeps how many wait, in the transactions that
+    change it. After joins (one by one and a process's batch), a join again, leaves of a
+    waiting and of an admitted ticket, admissions, lapses, the close when sold out and a
+    room switched off, it equals `COUNT(*)` of the waiting tickets."""
+    product = await room(store, 2)
+    people = shoppers(8)
+    await join_many(store, product.id, people[:6], at=START - 5000)
+    assert await assert_counted(store, product.id) == 6
+    service = WaitingRoom(store, publish=lambda news: None, opens_ms=START)
+    await service.start()
+    try:
+        answers = await asyncio.gather(
+            *(service.join(product.id, s) for s in [*people[6:], people[0]])
+        )
+    finally:
+        await service.stop()
+    assert [a.created for a in answers] == [True, True, False]  # joining again: no new one
+    assert await assert_counted(store, product.id) == 8
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, people[5], now=START - 10))
+    assert await assert_counted(store, product.id) == 7
+    done = await step(store, product.id, now=START)
+    assert len(done.admitted) == 2
+    assert await assert_counted(store, product.id, done) == 5
+    gone = done.admitted[1].shopper_id  # an admitted shopper leaves: no one less waiting
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, gone, now=START + 1))
+    assert await assert_counted(store, product.id) == 5
+    done = await step(store, product.id, now=START + 2)  # the place left goes to the next
+    assert await assert_counted(store, product.id, done) == 4
+    await store.write(  # joining again after leaving: at the back
+        lambda conn: waitingroom.join(conn, product.id, people[5], now=START + 3)
+    )
+    assert await assert_counted(store, product.id) == 5
+    done = await step(store, product.id, now=START + PASS_MS + 10)  # both passes lapse
+    assert len(done.lapsed) == 2
+    assert len(done.admitted) == 2
+    assert await assert_counted(store, product.id, done) == 3
+    for t in done.admitted:
+        held = await reserve(store, product.id, t.shopper_id, now=START + PASS_MS + 20)
+        sold = held.reservation.id
+        await store.write(
+            lambda conn: inventory.complete(conn, sold, now=START + PASS_MS + 21)  # noqa: B023
+        )
+    done = await step(store, product.id, now=START + PASS_MS + 30)  # sold out: closed
+    assert len(done.closed) == 3
+    assert await assert_counted(store, product.id, done) == 0
+
+    monkeypatch.setattr(waitingroom, "CLOSE_BATCH", 2)
+    other = await room(store, 1)
+    await join_many(store, other.id, people[:5], at=START - 1000)
+    done = await step(store, other.id, now=START)
+    assert await assert_counted(store, other.id, done) == 4
+    await store.write(
+        lambda conn: inventory.update_product(
+            conn, other.id, ProductChanges(queue="off"), now=START + 10
+        )
+    )
+    # CLOSE_BATCH a step, head of the line first: the admitted ticket and 1 waiting, then 2.
+    for n, waiting in enumerate((3, 1, 0)):
+        done = await step(store, other.id, now=START + 20 + n)
+        assert await assert_counted(store, other.id, done) == waiting
 
 
 async def test_the_admitter_reads_only_rooms_someone_is_in(store: Store) -> None:

@@ -1,8 +1,9 @@
 """The waiting room (issue 17): tickets, the line, passes, admission, the lease.
 
-The database is the truth for all of it (migrations 0006, 0013): a ticket is a row, its
-place in line a column, an admission an UPDATE of the row, a pass a time on it. Redis only
-carries the news (`RoomChanged`, after commit).
+The database is the truth for all of it (migrations 0006, 0013, 0017): a ticket is a row,
+its place in line a column, an admission an UPDATE of the row, a pass a time on it; each
+room keeps how many wait (`add_waiting`), in the transactions that change it, so that no
+step counts the line. Redis only carries the news (`RoomChanged`, after commit).
 
 - Joining is one insert (`join`), and the place is decided then, never rewritten:
   - an arrival place: the arrival time in ms times 2^20 plus 20 random bits (arrival
@@ -203,7 +204,13 @@ async def room_key(conn: Executor, product_id: int, *, new: bytes | None = None)
 
 
 async def join(
-    conn: Executor, product_id: int, shopper_id: str, *, now: int, key: bytes | None = None
+    conn: Executor,
+    product_id: int,
+    shopper_id: str,
+    *,
+    now: int,
+    key: bytes | None = None,
+    count: bool = True,
 ) -> tuple[Ticket, bool]:
     """The shopper's ticket, made now if they have none (one insert), and whether it was
     made now. A ticket that ended `left`, `sold_out` or `lapsed` (a turn not taken: the
@@ -211,7 +218,10 @@ async def join(
     per shopper per product). Its place is decided by the insert, from the product's row
     as it is then: its `drawn_place` in a `random` room before its start (the same one
     as before, for a shopper who left and joins again), an `arrival_place` at the back
-    otherwise. `key`: the room's (`room_key`; read here when not given). Raises
+    otherwise. `key`: the room's (`room_key`; read here when not given). A ticket made
+    now adds one to the room's count of those waiting (`add_waiting`), unless `count` is
+    False: then the caller adds them, before its transaction commits (a batch of joins
+    adds them once per room, after its tickets: see `add_waiting` on lock order). Raises
     ProductNotFound."""
     if key is None:
         key = await room_key(conn, product_id)
@@ -234,6 +244,8 @@ async def join(
         },
     )
     if row is not None:
+        if count:
+            await add_waiting(conn, product_id, 1)
         return Ticket.from_row(row), True
     existing = await get_ticket(conn, product_id, shopper_id)
     if existing is None:  # no product's row to select from
@@ -277,7 +289,8 @@ async def tickets_of(conn: Executor, product_id: int, shopper_ids: Sequence[str]
 
 async def leave(conn: Executor, product_id: int, shopper_id: str, *, now: int) -> Ticket | None:
     """Leave the line: a waiting or admitted ticket ends `left` (an unused pass goes to the
-    next in line). Returns the ticket as it is now; None when the shopper has none."""
+    next in line; a waiting one is taken off the room's count, `add_waiting`). Returns the
+    ticket as it is now; None when the shopper has none."""
     row = await conn.fetch_one(
         "UPDATE queue_tickets SET state = 'left', ended_at = :now "
         "WHERE product_id = :p AND shopper_id = :s AND state IN ('waiting', 'admitted') "
@@ -285,8 +298,42 @@ async def leave(conn: Executor, product_id: int, shopper_id: str, *, now: int) -
         {"p": product_id, "s": shopper_id, "now": now},
     )
     if row is not None:
-        return Ticket.from_row(row)
+        ticket = Ticket.from_row(row)
+        if was_waiting(ticket):
+            await add_waiting(conn, product_id, -1)
+        return ticket
     return await get_ticket(conn, product_id, shopper_id)
+
+
+def was_waiting(ticket: Ticket) -> bool:
+    """Whether `ticket`, which has just ended (left, sold out), was waiting rather than
+    admitted: a waiting ticket was never admitted (`admitted_at` is NULL: a join, and a
+    join again, set it NULL; only an admission sets it, along with `admitted`)."""
+    return ticket.admitted_at is None
+
+
+async def add_waiting(conn: Executor, product_id: int, delta: int) -> None:
+    """Add `delta` to the room's count of those waiting (`queue_rooms.waiting`, migration
+    0017), in the caller's transaction: every change of a ticket to or from `waiting` does,
+    so the count equals `COUNT(*)` of the waiting tickets at every commit. On PostgreSQL it
+    locks the room's row until commit: callers add after their ticket rows (the admission
+    does too), never before, so that the two never wait for each other in turn."""
+    if delta == 0:
+        return
+    await conn.execute(
+        "INSERT INTO queue_rooms (product_id, waiting) VALUES (:p, :d) "
+        "ON CONFLICT (product_id) DO UPDATE SET waiting = queue_rooms.waiting + excluded.waiting",
+        {"p": product_id, "d": delta},
+    )
+
+
+async def waiting_count(conn: Executor, product_id: int) -> int:
+    """How many wait in the product's room, from its count (`add_waiting`): one row read,
+    however long the line."""
+    row = await conn.fetch_one(
+        "SELECT waiting FROM queue_rooms WHERE product_id = :p", {"p": product_id}
+    )
+    return 0 if row is None else int(row["waiting"])
 
 
 # -- the line -------------------------------------------------------------------------------
@@ -617,9 +664,7 @@ async def admit(
     step = Admission(product=product)
     if product.queue == "off":
         step.closed = await _close(conn, product_id, now=now, limit=CLOSE_BATCH)
-        step.waiting = await _count(conn, product_id, TicketState.WAITING)
-        step.passes = await _count(conn, product_id, TicketState.ADMITTED)
-        return step
+        return await _counted(conn, step)
     step.lapsed = await _tickets_where(
         conn,
         "UPDATE queue_tickets SET state = 'lapsed', ended_at = :now WHERE product_id = :p "
@@ -662,7 +707,19 @@ async def admit(
                     f"ORDER BY place, shopper_id LIMIT :n) AND {STILL_WAITING}",
                     {"p": product_id, "now": now, "until": now + pass_ms, "n": room},
                 )
-    step.waiting = await _count(conn, product_id, TicketState.WAITING)
+    return await _counted(conn, step)
+
+
+async def _counted(conn: Executor, step: Admission) -> Admission:
+    """`step` with the room's figures after it: those it admitted or closed while waiting
+    taken off the room's count (`add_waiting`, after every ticket it changed), then how many
+    wait (that count: one row) and how many passes are out (counted: as many as the units
+    available allow at most, whatever the line's length)."""
+    assert step.product is not None
+    product_id = step.product.id
+    left = len(step.admitted) + sum(1 for t in step.closed if was_waiting(t))
+    await add_waiting(conn, product_id, -left)
+    step.waiting = await waiting_count(conn, product_id)
     step.passes = await _count(conn, product_id, TicketState.ADMITTED)
     return step
 

@@ -151,14 +151,25 @@ class WaitingRoom:
         async def insert_all(conn: Executor) -> list[tuple[Ticket, bool] | BaseException]:
             now = now_ms()
             results: list[tuple[Ticket, bool] | BaseException] = []
+            joined: dict[int, int] = {}
             for p, s in joins:
                 key = self._keys.get(p)
                 if key is None:
                     key = self._keys[p] = await waitingroom.room_key(conn, p)
                 try:
-                    results.append(await waitingroom.join(conn, p, s, now=now, key=key))
+                    ticket, created = await waitingroom.join(
+                        conn, p, s, now=now, key=key, count=False
+                    )
                 except ProductNotFound as exc:
                     results.append(exc)
+                    continue
+                results.append((ticket, created))
+                if created:
+                    joined[p] = joined.get(p, 0) + 1
+            # The rooms' counts once per room, after every ticket (lock order: see
+            # `waitingroom.add_waiting`).
+            for p, n in sorted(joined.items()):
+                await waitingroom.add_waiting(conn, p, n)
             return results
 
         results = await self.store.write(insert_all)
