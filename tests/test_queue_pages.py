@@ -14,15 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, ViewportSize, expect
+from playwright.async_api import Browser, Page, Request, ViewportSize, expect
 
 from server.devtools.processes import Service
 from tests.browser import (
     DESKTOP,
     EACH_SIZE,
     PHONE,
+    SocketSwitch,
     assert_accessible,
     card,
+    new_page,
     new_product,
     open_console,
     open_shop,
@@ -98,6 +100,18 @@ async def start_now(site: Service, product: dict[str, Any]) -> None:
     assert response.status_code == 200, response.text
 
 
+def posted_joins(page: Page) -> list[str]:
+    """The joins the page POSTs from now on (their URLs; a join over the socket is none)."""
+    posted: list[str] = []
+
+    def seen(request: Request) -> None:
+        if request.method == "POST" and request.url.endswith("/queue"):
+            posted.append(request.url)
+
+    page.on("request", seen)
+    return posted
+
+
 async def lobby_text(page: Page, product: dict[str, Any]) -> str:
     return await card(page, product).locator(".lobby").inner_text()
 
@@ -121,10 +135,13 @@ async def test_the_lobby_from_waiting_to_the_shoppers_turn_to_their_hold(
     await expect(join_button).to_be_enabled()
     await assert_accessible(page)
 
+    # The page joins over its socket, which is live: no request of its own.
+    joins_posted = posted_joins(page)
     async with shopper(site) as first:
         await join(first, product)  # another shopper is in line before this one
         await join_button.click()
         await expect(lobby.locator(".lobby-state")).to_be_focused()
+        assert joins_posted == []
         await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
         await expect(lobby.locator(".lobby-place")).to_have_text(
             "Number 2 in line · 1 ahead of you"
@@ -256,6 +273,39 @@ async def test_a_reload_keeps_the_shoppers_place_and_they_can_leave(
     await expect(lobby.get_by_role("button", name="Join the line")).to_be_visible()
     await expect(page.locator("#announcer")).to_have_text("You left the line for Reloaded lamp.")
     await assert_accessible(page)
+
+
+async def test_a_page_without_its_socket_joins_with_a_post(browser: Browser, site: Service) -> None:
+    """The socket closed (a proxy that refuses WebSockets): the page polls, and its join
+    is a POST, with the same lobby; the socket back, the next join goes over it."""
+    product = await new_product(site, "Polled kettle", 5, queue="fifo", saleStartsAt=soon(600))
+    page = await new_page(browser, DESKTOP, locale="en-GB")
+    switch = SocketSwitch()
+    await page.route_web_socket(re.compile("^ws"), switch.handle)
+    await page.goto(site.base_url + "/")
+    connection = page.locator("#connection")
+    await expect(connection).to_have_attribute("data-state", "polling", timeout=10_000)
+    joins_posted = posted_joins(page)
+    lobby = card(page, product).locator(".lobby")
+    await lobby.get_by_role("button", name="Join the line").click()
+    await expect(lobby.locator(".lobby-state")).to_be_focused()
+    await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
+    await expect(lobby.locator(".lobby-place")).to_have_text("Number 1 in line · 0 ahead of you")
+    await expect(page.locator("#announcer")).to_have_text(
+        "You're in line for Polled kettle: number 1, 0 ahead of you."
+    )
+    assert len(joins_posted) == 1
+    await assert_accessible(page)
+    # The socket back: leave, and join again over it (no POST), with the same lobby.
+    switch.on = True
+    await expect(connection).to_have_attribute("data-state", "live", timeout=30_000)
+    await lobby.get_by_role("button", name="Leave the line").click()
+    await expect(lobby.get_by_role("button", name="Join the line")).to_be_visible()
+    await lobby.get_by_role("button", name="Join the line").click()
+    await expect(lobby.locator(".lobby-state")).to_be_focused()
+    await expect(lobby.locator(".lobby-headline")).to_have_text("You're in line.")
+    await expect(lobby.locator(".lobby-place")).to_have_text("Number 1 in line · 0 ahead of you")
+    assert len(joins_posted) == 1
 
 
 # -- the console ---------------------------------------------------------------------------

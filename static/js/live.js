@@ -22,6 +22,10 @@ const POLL_MS = 3000;
 const FIRST_RETRY_MS = 500;
 const MAX_RETRY_MS = 15000;
 const STABLE_MS = 10000;
+// How long a join sent over the socket waits for its answer before the page POSTs instead.
+const JOIN_WAIT_MS = 5000;
+// The HTTP status an `error` frame's code stands for (sentences are chosen by status).
+const JOIN_ERROR_STATUS = { product_not_found: 404, rate_limited: 429, unavailable: 503 };
 
 export class LiveFeed {
   // handlers: products(list), stock(frame), product(product), reservation(reservation),
@@ -34,6 +38,7 @@ export class LiveFeed {
     this.socket = null;
     this.watching = [];
     this.tickets = new Map(); // product id → the ETag of the shopper's ticket last polled
+    this.joins = new Map(); // product id → how to settle the join sent over the socket
     this.retries = 0;
     this.pollTimer = null;
     this.retryTimer = null;
@@ -63,6 +68,43 @@ export class LiveFeed {
     const next = new Map();
     for (const id of productIds) next.set(id, this.tickets.get(id) ?? null);
     this.tickets = next;
+  }
+
+  // Join a product's waiting room over the socket (`{"type": "join", "productId"}`), which
+  // the server answers with the ticket frame or an `error` frame naming the product.
+  // Resolves the ticket; rejects with an ApiError for an error frame; resolves null when
+  // the socket is not live, closes first, has no shopper (`no_shopper`: the POST has the
+  // cookie) or no answer comes within JOIN_WAIT_MS: the caller then POSTs the join
+  // (joining again gives the same ticket, so a join that did arrive is not doubled).
+  join(productId) {
+    if (this.state !== "live" || this.socket?.readyState !== WebSocket.OPEN) {
+      return Promise.resolve(null);
+    }
+    this.settleJoin(productId, { ticket: null }); // one at a time per product
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => this.settleJoin(productId, { ticket: null }), JOIN_WAIT_MS);
+      this.joins.set(productId, { resolve, reject, timer });
+      this.socket.send(JSON.stringify({ type: "join", productId }));
+    });
+  }
+
+  settleJoin(productId, { ticket, error }) {
+    const pending = this.joins.get(productId);
+    if (!pending) return;
+    this.joins.delete(productId);
+    clearTimeout(pending.timer);
+    if (error) pending.reject(error);
+    else pending.resolve(ticket);
+  }
+
+  joinRefused(frame) {
+    if (frame.code === "no_shopper") {
+      this.settleJoin(frame.productId, { ticket: null });
+      return;
+    }
+    const status = JOIN_ERROR_STATUS[frame.code] ?? 409;
+    const error = new ApiError(status, { statusCode: status, code: frame.code, message: frame.message });
+    this.settleJoin(frame.productId, { error });
   }
 
   sendWatch() {
@@ -122,18 +164,24 @@ export class LiveFeed {
         break;
       case "ticket":
         this.handlers.ticket?.(frame.ticket);
+        if (frame.ticket) this.settleJoin(frame.ticket.productId, { ticket: frame.ticket });
         break;
       case "queue":
         this.handlers.queue?.(frame);
         break;
+      case "error":
+        // A join refused names its product; any other error frame is nothing to do.
+        if (frame.productId != null) this.joinRefused(frame);
+        break;
       default:
-        break; // an error frame or a kind this page does not know: nothing to do
+        break; // a kind this page does not know: nothing to do
     }
   }
 
   lost() {
     if (this.state === "live") this.lastHeard = Date.now(); // current until this moment
     this.socket = null;
+    for (const id of [...this.joins.keys()]) this.settleJoin(id, { ticket: null }); // → POST
     // Start the backoff over only after a socket that lasted: one that is accepted and
     // closed again and again must not be retried at full speed.
     if (this.liveSince && Date.now() - this.liveSince > STABLE_MS) this.retries = 0;

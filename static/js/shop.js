@@ -233,7 +233,8 @@ class Shop {
     this.view.render("lobbyBusy", { id: productId, action: "join" });
     let joined = false;
     try {
-      const { data } = await api.joinQueue(productId);
+      // Over the page's socket when it is live (no request of its own), else a POST.
+      const data = (await this.live.join(productId)) ?? (await api.joinQueue(productId)).data;
       this.view.render("lobbyBusy", { id: productId, action: null });
       this.applyTicket(data);
       joined = true;
