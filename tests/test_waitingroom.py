@@ -264,6 +264,47 @@ async def test_the_order_cannot_switch_while_shoppers_are_in_the_room(store: Sto
     assert (await switch("random")).queue == "random"
 
 
+async def test_a_start_given_to_a_waitlist_cannot_put_new_joiners_ahead_of_the_line(
+    store: Store,
+) -> None:
+    """The same switch of order as fifo → random, made with `saleStartsAt`: a random room
+    without a start (a waitlist, in arrival order) given one in the future would give
+    everyone who joins from then a drawn place, ahead of every arrival place of those
+    already waiting (a PATCH of the start alone went through). 409 `queue_in_use` while
+    anyone is in line; a start moved while the order is drawn (earlier, or to now: the sale
+    starts) goes through, and so does a started sale postponed (README: on purpose)."""
+    waitlist = await room(store, 0, queue="random", starts=None)
+    await join_many(store, waitlist.id, ["anon:first"], at=START - 10_000)
+
+    async def edit(product: Product, now: int, *, sale_starts_at: int) -> Product:
+        changes = ProductChanges(sale_starts_at=sale_starts_at)
+        outcome = await store.write(
+            lambda conn: inventory.update_product(conn, product.id, changes, now=now)
+        )
+        return outcome.result()
+
+    with pytest.raises(QueueInUse, match="1 shopper is in it"):
+        await edit(waitlist, START - 5_000, sale_starts_at=START)
+    async with store.reader() as conn:
+        unchanged = await inventory.get_product(conn, waitlist.id)
+    assert unchanged is not None
+    assert unchanged.sale_starts_at is None
+    await join_many(store, waitlist.id, ["anon:second"], at=START - 4_000)
+    assert await line_order(store, waitlist.id) == ["anon:first", "anon:second"]
+
+    started = await room(store, 0, queue="random")
+    await join_many(store, started.id, ["anon:after-start"], at=START + 1_000)
+    later = await edit(started, START + 2_000, sale_starts_at=START + 3_600_000)
+    assert later.sale_starts_at == START + 3_600_000
+
+    drawn = await room(store, 0, queue="random")
+    await join_many(store, drawn.id, ["anon:a", "anon:b"], at=START - 5_000)
+    moved = await edit(drawn, START - 4_000, sale_starts_at=START - 1_000)  # earlier, still ahead
+    assert moved.sale_starts_at == START - 1_000
+    now_on = await edit(drawn, START - 3_000, sale_starts_at=START - 3_000)  # starts now
+    assert now_on.sale_starts_at == START - 3_000
+
+
 # -- the gate ---------------------------------------------------------------------------------
 
 

@@ -357,7 +357,7 @@ async def _edit(request: Request, changes: ProductChanges) -> Product:
         "400": INVALID,
         "409": error(
             "The sale would end before it starts, or a room with shoppers in it would switch "
-            "between `fifo` and `random`",
+            "between `fifo` and `random` (or, `random` without a start, be given one)",
             errors.InvalidSchedule.code,
             errors.QueueInUse.code,
         ),

@@ -244,18 +244,28 @@ class QueueNotOpen(DomainError):
 
 class QueueInUse(DomainError):
     """The operator switched a room between `fifo` and `random` (or turned one on again
-    before the last tickets of its switch to `off` were closed) while shoppers are in it:
+    before the last tickets of its switch to `off` were closed, or gave a `random` room
+    without a start one in the future: `postponed`, the same switch from arrival order to
+    drawn places) while shoppers are in it:
     their places were decided at their joins under the old order, so the switch waits
     until nobody waits or holds a pass (`off` first closes every ticket)."""
 
     code = "queue_in_use"
 
-    def __init__(self, queue: str, wanted: str, open_tickets: int) -> None:
+    def __init__(
+        self, queue: str, wanted: str, open_tickets: int, *, postponed: bool = False
+    ) -> None:
         people = "1 shopper is" if open_tickets == 1 else f"{open_tickets} shoppers are"
+        switch = (
+            "cannot be given a start in the future (its joins would be drawn, ahead of "
+            "those in line by arrival)"
+            if postponed
+            else f"cannot switch from {queue} to {wanted}"
+        )
         super().__init__(
-            f"The waiting room cannot switch from {queue} to {wanted} while {people} in it: "
-            "their places were given in the old order. Switch it off first (every ticket "
-            "ends), or wait until the line is empty."
+            f"The waiting room {switch} while {people} in it: their places were given in "
+            "the old order. Switch it off first (every ticket ends), or wait until the line "
+            "is empty."
         )
 
 

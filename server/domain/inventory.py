@@ -1210,8 +1210,10 @@ async def update_product(
 
     Outcome errors: `ProductNotFound`; `InvalidSchedule` when the sale would end before it
     starts; `QueueInUse` when `queue` changes to `fifo` or `random` while tickets are open
-    (waiting or admitted) in the room. Switched `off`, the room's open tickets are closed
-    by the admitter's next steps (`waitingroom.admit`). Pausing a paused product keeps when
+    (waiting or admitted) in the room, or when a `random` room without a start (a waitlist,
+    in arrival order) is given one in the future (its joins would be drawn, ahead).
+    Switched `off`, the room's open tickets are closed by the admitter's next steps
+    (`waitingroom.admit`). Pausing a paused product keeps when
     it was first paused. The shop hears of it as `product.updated` (in the outbox, in the
     same transaction)."""
     for _ in range(5):
@@ -1230,6 +1232,19 @@ async def update_product(
             # drawn places, or arrival places): no switch while anyone is in line.
             if people := await waitingroom.open_tickets(conn, product_id):
                 return Outcome(error=QueueInUse(current.queue, changes.queue, people))
+        elif (
+            current.queue == "random"
+            and changes.queue in (UNSET, "random")
+            and current.sale_starts_at is None
+            and isinstance(starts, int)
+            and now < starts
+            # The same switch made with the start: a waitlist (arrival order) given a start
+            # would put whoever joins from now (a drawn place, below every arrival place)
+            # ahead of everyone already in line. (A started sale postponed does so on
+            # purpose, README "Waiting room": those who join before the new start are drawn.)
+            and (people := await waitingroom.open_tickets(conn, product_id))
+        ):
+            return Outcome(error=QueueInUse(current.queue, "random", people, postponed=True))
         sets = ["version = version + 1", "updated_at = :now"]
         values: dict[str, object] = {"id": product_id, "now": now, "version": current.version}
         if changes.name is not UNSET:
