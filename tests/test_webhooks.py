@@ -6,12 +6,15 @@ web process fails. Every test has a real HTTP receiver that verifies each signat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -27,6 +30,7 @@ from server.infra.settings import Settings
 from server.service.delivery import Deliverer, backoff_ms
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
+from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.receiver import Receiver
 from tests.support import assert_reconciled, eventually, hold, make_product, serve
 
@@ -59,8 +63,10 @@ def deliverer(store: Store, **overrides: float) -> Deliverer:
 async def outbox_ids(store: Store) -> set[str]:
     key = await store.write(webhooks.id_key)
     async with store.reader() as conn:
-        rows = await conn.fetch_all("SELECT product_id, version, seq FROM outbox")
-    return {outbox.event_id(key, r["product_id"], r["version"], r["seq"]) for r in rows}
+        rows = await conn.fetch_all("SELECT product_id, version, seq, created_at FROM outbox")
+    return {
+        outbox.event_id(key, r["product_id"], r["version"], r["seq"], r["created_at"]) for r in rows
+    }
 
 
 async def sale(store: Store, products: int = 2, holds: int = 50) -> dict[str, int]:
@@ -479,3 +485,73 @@ async def test_a_web_process_killed_between_commit_and_publish_still_sends_the_w
     (created,) = receiver.received
     assert created.type == "reservation.created"
     assert created.body["data"]["reservation"]["id"] == reservation_id
+
+
+async def copy_of(database_url: str, postgres: object) -> str:
+    """A copy of the database as it stands (its store closed): a backup to restore, or a
+    staging copy of production. SQLite: SQLite's online backup; PostgreSQL: a database
+    made from it as template (the caller drops it)."""
+    if database_url.startswith("sqlite"):
+        path = Path(database_url.removeprefix("sqlite:///"))
+        copy = path.with_name("copy-" + path.name)
+        with (
+            contextlib.closing(sqlite3.connect(path)) as source,
+            contextlib.closing(sqlite3.connect(copy)) as target,
+        ):
+            source.backup(target)
+        return f"sqlite:///{copy}"
+    assert isinstance(postgres, PostgresDatabases)
+    name = database_url.rpartition("/")[2]
+    copied = f"{name}_copy"
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{copied}" TEMPLATE "{name}"')
+    finally:
+        await conn.close()
+    return postgres.url(copied)
+
+
+async def dispatched_ids(database_url: str, shopper_quantity: int, product_id: int) -> list[str]:
+    """A hold of `shopper_quantity` units of the product, dispatched to the one endpoint: the
+    webhook-id of its `reservation.created`."""
+    store = Store(database_url)
+    await store.connect()
+    try:
+        await hold(store, product_id, shopper_quantity)
+        await store.write(lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=100))
+        async with store.reader() as conn:
+            rows = await conn.fetch_all(
+                "SELECT event_id FROM webhook_deliveries WHERE product_id = :p "
+                "AND type = 'reservation.created' ORDER BY version DESC LIMIT 1",
+                {"p": product_id},
+            )
+        return [str(row["event_id"]) for row in rows]
+    finally:
+        await store.close()
+
+
+async def test_a_restored_backup_never_gives_a_new_event_a_delivered_events_id(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    """Receivers drop an event whose webhook-id they have seen (Standard Webhooks). Restored
+    from a backup (or copied to staging, the key with it), a database makes its next events
+    with the same (product, version, sequence) as events the receiver already has: a
+    different hold, the same id, and it was dropped. The id now also derives from when the
+    event was made."""
+    store = Store(database_url)
+    await store.connect()
+    try:
+        await Webhooks(store).create(url="http://127.0.0.1:9/", events=[], description="")
+        product = await make_product(store, 10)
+    finally:
+        await store.close()
+    assert len(await dispatched_ids(database_url, 1, product.id)) == 1  # the key is made
+    postgres = request.getfixturevalue("postgres") if "postgres" in database_url else None
+    backup = await copy_of(database_url, postgres)
+    delivered = await dispatched_ids(database_url, 1, product.id)
+    await asyncio.sleep(0.01)  # the restore comes later
+    after_restore = await dispatched_ids(backup, 2, product.id)
+    if isinstance(postgres, PostgresDatabases):
+        postgres.drop(backup.rpartition("/")[2])
+    assert len(delivered) == len(after_restore) == 1
+    assert delivered != after_restore

@@ -83,16 +83,19 @@ _BASE32 = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[b % 32] for b in range(256))
 ID_CHARS = 26
 
 
-def event_id(key: bytes, product_id: int, version: int, seq: int) -> str:
-    """The webhook-id of the event (`product_id`, `version`, `seq`): `msg_` and 26 base32
-    characters (the API's `^msg_[a-z2-7]{26}$`, 130 bits) of a keyed BLAKE2b of the event's
-    key. The same for every attempt and every endpoint, as the Standard Webhooks
-    specification asks, and computed, not stored: a random id stored with each event was
-    its own b-tree in every reservation's transaction. `key`: the database's own
-    (`webhooks.id_key`, at most 64 bytes), so that another database's events, which reuse
-    the same (product, version, seq), never share an id with this one's."""
+def event_id(key: bytes, product_id: int, version: int, seq: int, created_at: int) -> str:
+    """The webhook-id of the event (`product_id`, `version`, `seq`) made at `created_at`
+    (ms): `msg_` and 26 base32 characters (the API's `^msg_[a-z2-7]{26}$`, 130 bits) of a
+    keyed BLAKE2b of those. The same for every attempt and every endpoint, as the Standard
+    Webhooks specification asks (all four are stored with the event), and computed, not
+    stored: a random id stored with each event was its own b-tree in every reservation's
+    transaction. `key`: the database's own (`webhooks.id_key`, at most 64 bytes), so that
+    another database's events, which reuse the same (product, version, seq), never share
+    an id with this one's. `created_at`: because a copy of the database has the key too: a
+    backup restored (or a staging copy) makes its next events with the (product, version,
+    seq) of events receivers already have, and receivers drop an event whose id they saw."""
     digest = hashlib.blake2b(
-        f"{product_id}:{version}:{seq}".encode(), key=key, digest_size=ID_CHARS
+        f"{product_id}:{version}:{seq}:{created_at}".encode(), key=key, digest_size=ID_CHARS
     ).digest()
     return "msg_" + digest.translate(_BASE32).decode()
 

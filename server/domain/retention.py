@@ -112,7 +112,7 @@ async def remove_events(conn: Executor, *, cutoff: int, limit: int) -> int:
     # Not those still to be delivered (through each endpoint's pending deliveries, by the
     # outbox's key); those delivered and not yet removed are left out below, by their ids.
     rows = await conn.fetch_all(
-        "SELECT o.product_id, o.version, o.seq, o.id FROM outbox o "
+        "SELECT o.product_id, o.version, o.seq, o.created_at, o.id FROM outbox o "
         "WHERE o.dispatched_at IS NOT NULL AND o.created_at < :cutoff "
         "AND NOT EXISTS (SELECT 1 FROM webhook_endpoints e JOIN webhook_deliveries d "
         "ON d.endpoint_id = e.id AND d.product_id = o.product_id AND d.version = o.version "
@@ -126,7 +126,13 @@ async def remove_events(conn: Executor, *, cutoff: int, limit: int) -> int:
     ids: dict[str, Row] = {
         str(row["id"])
         if row["id"] is not None
-        else outbox.event_id(key, int(row["product_id"]), int(row["version"]), int(row["seq"])): row
+        else outbox.event_id(
+            key,
+            int(row["product_id"]),
+            int(row["version"]),
+            int(row["seq"]),
+            int(row["created_at"]),
+        ): row
         for row in rows
     }
     names: dict[str, object] = {f"i{n}": event for n, event in enumerate(ids)}

@@ -299,7 +299,13 @@ async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
     ids = [
         str(row["id"])
         if row["id"] is not None  # written before migration 0014: its own, random
-        else outbox.event_id(key, int(row["product_id"]), int(row["version"]), int(row["seq"]))
+        else outbox.event_id(
+            key,
+            int(row["product_id"]),
+            int(row["version"]),
+            int(row["seq"]),
+            int(row["created_at"]),
+        )
         for row in rows
     ]
     active = await endpoints_enabled(conn)
