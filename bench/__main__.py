@@ -175,7 +175,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--history-products",
         type=int,
         default=0,
-        help="products the past holds are spread over (default: one per 100 holds)",
+        help="products of every history database, the empty one's too (default: one per 100 "
+        "holds of the largest history)",
     )
     args = parser.parse_args(argv)
     unknown = set(args.scenarios) - {*SCENARIOS, "all"}
@@ -561,6 +562,13 @@ def run_history(
     return runs
 
 
+def _history_catalog(size: Sizes) -> int:
+    """The products every history database has, the empty one's included, so that every
+    run serves the same catalog: `--history-products`, or one per 100 holds of the largest
+    history."""
+    return size.history_products or max(1, max(size.history_holds, default=0) // 100)
+
+
 def _history_run(
     config: Config,
     holds: int,
@@ -591,7 +599,15 @@ def _history_run(
     ):
         progress.step(f"{config.label} · history: {state}, loading and bare endpoint")
         if holds:
-            loaded = past.load(db_url, past.History(holds=holds, products=size.history_products))
+            loaded = past.load(db_url, past.History(holds=holds, products=_history_catalog(size)))
+        else:
+            # The same catalog without its past holds: the empty database's pages and
+            # snapshots then carry as many products as the history's, so the shares compare
+            # what the holds cost, not the size of a page.
+            loaded = past.load(
+                db_url, past.History(holds=0, products=_history_catalog(size), seed=0)
+            )
+        if holds or loaded.products:
             result["history"]["loaded"] = loaded.summary()
             print(
                 f"  loaded {holds:,} holds over {len(loaded.products):,} products in "
