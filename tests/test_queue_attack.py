@@ -200,7 +200,9 @@ async def test_those_who_join_before_a_start_moved_later_are_drawn_too(store: St
     await _edit(store, product.id, now=START + 500, sale_starts_at=later)
     await join_many(store, product.id, late, at=START + 1_000)
     order = await line_order(store, product.id)
-    drawn = sorted([*early, *late], key=lambda s: waitingroom.drawn_place(SEED, s))
+    places = {s: waitingroom.drawn_place(SEED, START, s) for s in early}
+    places |= {s: waitingroom.drawn_place(SEED, later, s) for s in late}
+    drawn = sorted([*early, *late], key=places.__getitem__)
     admitted = first.admitted[0].shopper_id
     assert order == [s for s in drawn if s != admitted] + ["anon:open"]
     assert [s for s in order if s in late] != late  # not arrival order (1 in 60! by chance)
@@ -265,3 +267,40 @@ async def test_an_admitted_shopper_alone_does_not_gate_a_waitlist_with_units_fre
     for shopper in ("anon:a", "anon:b"):
         assert (await reserve(store, product.id, shopper, now=START + 400)).reservation
     await assert_invariant(store, product.id)
+
+
+# -- a second sale of the same product ---------------------------------------------------------
+
+
+async def test_a_new_sale_of_the_product_draws_a_new_order(store: Store) -> None:
+    """Finding 3 of the second attack: with the place HMAC(key, shopper) alone, a second
+    drop of the same product gave every shopper the place of the first, which all saw once
+    it started. The place is drawn for the sale's start: the same 200 shoppers, joining a
+    second sale (a new start) in the same order, are put in an order independent of the
+    first's (|rho| < 0.2 with the fixed key), and leaving and joining again before the
+    same start keeps the place."""
+    product = await room(store, 1, queue="random")
+    people = shoppers(200)
+    await join_many(store, product.id, people, at=START - 60_000)
+    first = await line_order(store, product.id)
+    # Leaving and joining again before the same start: the same place, no re-roll.
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, first[-1], now=START - 500))
+    await join_many(store, product.id, [first[-1]], at=START - 400)
+    assert await line_order(store, product.id) == first
+    # The first sale ends (every ticket sold out), the operator sets a new start.
+    await store.write(
+        lambda conn: conn.execute(
+            "UPDATE queue_tickets SET state = 'sold_out', ended_at = :t WHERE product_id = :p",
+            {"t": START + 1000, "p": product.id},
+        )
+    )
+    second_start = START + 86_400_000
+    await _edit(store, product.id, now=START + 2000, sale_starts_at=second_start)
+    await join_many(store, product.id, people, at=second_start - 60_000)
+    second = await line_order(store, product.id)
+    assert sorted(second) == people
+    assert second == sorted(people, key=lambda s: waitingroom.drawn_place(SEED, second_start, s))
+    rank = {s: i for i, s in enumerate(first)}
+    n = len(people)
+    rho = 1 - 6 * sum((rank[s] - i) ** 2 for i, s in enumerate(second)) / (n * (n * n - 1))
+    assert abs(rho) < 0.2, f"rank correlation {rho:.3f} between two sales' orders"

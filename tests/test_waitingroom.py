@@ -174,7 +174,7 @@ async def test_a_random_room_admits_in_an_order_independent_of_joining(store: St
     # The order is decided at the joins, by the room's key: the line is in it already.
     order = await line_order(store, drawn.id)
     assert sorted(order) == people
-    assert order == sorted(people, key=lambda s: waitingroom.drawn_place(SEED, s))
+    assert order == sorted(people, key=lambda s: waitingroom.drawn_place(SEED, START, s))
     ok, rho = looks_random(people, order)
     assert ok, f"rank correlation {rho:.3f}, or a tenth of the joiners left out of the first"
     # The same statistic tells FIFO apart: it is not random at all.
@@ -194,12 +194,14 @@ async def test_drawn_places_sort_before_every_arrival_place() -> None:
     """The band of drawn places, [-2^62, 0), and arrival places, ms × 2^20 + 20 bits (>= 0
     from 1970 on; < 2^63 until the year 2248): apart, whatever the key or the clock."""
     for n in range(1000):
-        place = waitingroom.drawn_place(secrets.token_bytes(32), f"anon:{n}")
+        place = waitingroom.drawn_place(secrets.token_bytes(32), START, f"anon:{n}")
         assert -(1 << 62) <= place < 0
     assert waitingroom.arrival_place(0) >= 0
     assert waitingroom.arrival_place(START) < 1 << 63
-    assert waitingroom.drawn_place(SEED, "anon:x") == waitingroom.drawn_place(SEED, "anon:x")
-    assert waitingroom.drawn_place(SEED, "anon:x") != waitingroom.drawn_place(b"other", "anon:x")
+    x = waitingroom.drawn_place(SEED, START, "anon:x")
+    assert x == waitingroom.drawn_place(SEED, START, "anon:x")
+    assert x != waitingroom.drawn_place(b"other", START, "anon:x")
+    assert x != waitingroom.drawn_place(SEED, START + 1, "anon:x")
 
 
 async def test_leaving_and_joining_again_before_the_start_keeps_the_place(store: Store) -> None:

@@ -9,12 +9,15 @@ step counts the line. Redis only carries the news (`RoomChanged`, after commit).
   - an arrival place: the arrival time in ms times 2^20 plus 20 random bits (arrival
     order, ties in a millisecond in a random order; no counter every join would update).
     For any time after 1970 it is >= 0.
-  - in a `random` room before its start, a drawn place (`drawn_place`): HMAC-SHA256 of the
-    shopper's id under the room's secret key (`room_key`; random, never shown), its first
-    62 bits, minus 2^62: in [-2^62, 0), below every arrival place. Among those who join
-    before the start the order is a uniformly random permutation decided by a secret
-    nobody outside can see or influence; leaving and joining again gives the same place;
-    and at the start nothing is written: the line is already in order. Later arrivals get
+  - in a `random` room before its start, a drawn place (`drawn_place`): HMAC-SHA256 of
+    "<sale start in ms>:<shopper id>" under the room's secret key (`room_key`; random,
+    never shown), its first 62 bits, minus 2^62: in [-2^62, 0), below every arrival place.
+    Among those who join before the start the order is a uniformly random permutation
+    decided by a secret nobody outside can see or influence; leaving and joining again
+    before the same start gives the same place; a new sale of the product (a new start)
+    gives a new, independent order (the key alone would repeat the last sale's, which
+    everyone saw once it started); and at the start nothing is written: the line is
+    already in order. Later arrivals get
     arrival places, behind all of them. While the room is before its start the order is
     not shown (`order_hidden`): a position would reveal the draw early.
 - `admit` is one process's step for one product (the lease holder's: `take_lease` fences
@@ -166,14 +169,17 @@ def order_hidden(product: Product, now: int) -> bool:
     return draws(product) and product.sale_starts_at is not None and now < product.sale_starts_at
 
 
-def drawn_place(key: bytes, shopper_id: str) -> int:
-    """The place of `shopper_id` joining a `random` room before its start: the first
-    `DRAWN_BITS` bits of HMAC-SHA256(`key`, shopper id), less 2^DRAWN_BITS, so in
-    [-2^62, 0), before every arrival place. For a secret key this orders any set of
-    shoppers in a uniformly random permutation; the same shopper always gets the same
-    place (two of 100,000 share one with odds of about 1 in 10^9; the line then orders
-    them by shopper id)."""
-    digest = hmac.new(key, shopper_id.encode(), hashlib.sha256).digest()
+def drawn_place(key: bytes, starts: int, shopper_id: str) -> int:
+    """The place of `shopper_id` joining a `random` room before its start `starts` (the
+    product's `sale_starts_at`, ms): the first `DRAWN_BITS` bits of
+    HMAC-SHA256(`key`, f"{starts}:{shopper id}"), less 2^DRAWN_BITS, so in [-2^62, 0),
+    before every arrival place. For a secret key this orders any set of shoppers in a
+    uniformly random permutation; the same shopper gets the same place for the same start
+    (two of 100,000 share one with odds of about 1 in 10^9; the line then orders them by
+    shopper id), and an independent one for another start: each sale of the product (a
+    drop) has its own order, not the last one's again."""
+    message = f"{starts}:{shopper_id}".encode()
+    digest = hmac.new(key, message, hashlib.sha256).digest()
     return (int.from_bytes(digest[:8], "big") >> (64 - DRAWN_BITS)) - (1 << DRAWN_BITS)
 
 
@@ -210,6 +216,7 @@ async def join(
     *,
     now: int,
     key: bytes | None = None,
+    starts: int | None = None,
     count: bool = True,
 ) -> tuple[Ticket, bool]:
     """The shopper's ticket, made now if they have none (one insert), and whether it was
@@ -217,36 +224,53 @@ async def join(
     page says "join again") is opened again; any other is returned as it is (one ticket
     per shopper per product). Its place is decided by the insert, from the product's row
     as it is then: its `drawn_place` in a `random` room before its start (the same one
-    as before, for a shopper who left and joins again), an `arrival_place` at the back
-    otherwise. `key`: the room's (`room_key`; read here when not given). A ticket made
-    now adds one to the room's count of those waiting (`add_waiting`), unless `count` is
-    False: then the caller adds them, before its transaction commits (a batch of joins
-    adds them once per room, after its tickets: see `add_waiting` on lock order). Raises
-    ProductNotFound."""
+    as before, for a shopper who left and joins again before the same start), an
+    `arrival_place` at the back otherwise. `key`: the room's (`room_key`; read here when
+    not given). `starts`: the sale's start the caller expects (ms; a catalog's copy),
+    only a guess: the insert draws only when the row's start is that one, and otherwise
+    inserts nothing, reads the row's start and tries again, so a place is always drawn
+    for the start the row has in the insert's transaction. A ticket made now adds one to
+    the room's count of those waiting (`add_waiting`), unless `count` is False: then the
+    caller adds them, before its transaction commits (a batch of joins adds them once per
+    room, after its tickets: see `add_waiting` on lock order). Raises ProductNotFound."""
     if key is None:
         key = await room_key(conn, product_id)
-    row = await conn.fetch_one(
-        "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at) "
-        "SELECT id, CAST(:s AS TEXT), CASE WHEN queue = 'random' AND sale_starts_at > :now "
-        "THEN CAST(:drawn AS BIGINT) ELSE CAST(:arrival AS BIGINT) END, 'waiting', "
-        "CAST(:now AS BIGINT) FROM products WHERE id = :p "
-        "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = 'waiting', "
-        "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
-        "pass_expires_at = NULL, ended_at = NULL "
-        "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed') "
-        f"RETURNING {TICKET}",
-        {
-            "p": product_id,
-            "s": shopper_id,
-            "drawn": drawn_place(key, shopper_id),
-            "arrival": arrival_place(now),
-            "now": now,
-        },
-    )
-    if row is not None:
-        if count:
-            await add_waiting(conn, product_id, 1)
-        return Ticket.from_row(row), True
+    for _ in range(3):
+        row = await conn.fetch_one(
+            "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at) "
+            "SELECT id, CAST(:s AS TEXT), CASE WHEN queue = 'random' AND sale_starts_at > :now "
+            "THEN CAST(:drawn AS BIGINT) ELSE CAST(:arrival AS BIGINT) END, 'waiting', "
+            "CAST(:now AS BIGINT) FROM products WHERE id = :p AND (queue <> 'random' "
+            "OR sale_starts_at IS NULL OR sale_starts_at <= :now "
+            "OR sale_starts_at = CAST(:starts AS BIGINT)) "
+            "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = 'waiting', "
+            "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
+            "pass_expires_at = NULL, ended_at = NULL "
+            "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed') "
+            f"RETURNING {TICKET}",
+            {
+                "p": product_id,
+                "s": shopper_id,
+                "drawn": drawn_place(key, starts if starts is not None else -1, shopper_id),
+                "starts": starts if starts is not None else -1,
+                "arrival": arrival_place(now),
+                "now": now,
+            },
+        )
+        if row is not None:
+            if count:
+                await add_waiting(conn, product_id, 1)
+            return Ticket.from_row(row), True
+        product = await conn.fetch_one(
+            "SELECT queue, sale_starts_at FROM products WHERE id = :p", {"p": product_id}
+        )
+        if product is None:
+            raise ProductNotFound(product_id)
+        actual = product["sale_starts_at"]
+        drawing = product["queue"] == "random" and actual is not None and actual > now
+        if not drawing or actual == starts:
+            break
+        starts = int(actual)  # drawn for another start: nothing was inserted, again
     existing = await get_ticket(conn, product_id, shopper_id)
     if existing is None:  # no product's row to select from
         raise ProductNotFound(product_id)

@@ -93,7 +93,8 @@ class WaitingRoom:
         self._rooms_checked_at = -1e9
         self._reading: dict[int, asyncio.Task[Lineup]] = {}
         # Rooms' secret keys as read (a key never changes once made): a join batch reads
-        # a room's once per process.
+        # a room's once per process. Each sale still gets its own order: a place is drawn
+        # for the start the product's row has (`waitingroom.drawn_place`).
         self._keys: dict[int, bytes] = {}
 
     async def product(self, product_id: int) -> Product:
@@ -156,9 +157,16 @@ class WaitingRoom:
                 key = self._keys.get(p)
                 if key is None:
                     key = self._keys[p] = await waitingroom.room_key(conn, p)
+                known = self._catalog.get(p) if self._catalog is not None else None
                 try:
                     ticket, created = await waitingroom.join(
-                        conn, p, s, now=now, key=key, count=False
+                        conn,
+                        p,
+                        s,
+                        now=now,
+                        key=key,
+                        starts=known.sale_starts_at if known is not None else None,
+                        count=False,
                     )
                 except ProductNotFound as exc:
                     results.append(exc)

@@ -2,9 +2,12 @@
 --
 -- 1. Each room's secret key (hex, 32 random bytes; never shown): in a `random` room, a
 --    ticket that joins before the start gets its place at join as HMAC-SHA256(key,
---    shopper id), in a band below every arrival place (server/domain/waitingroom.py:
---    `drawn_place`), so the line is already in its random order when the sale starts and
---    nothing is written then. Made by the first join (`room_key`). `drawn_at` and
+--    "<sale start ms>:<shopper id>"), in a band below every arrival place
+--    (server/domain/waitingroom.py: `drawn_place`), so the line is already in its random
+--    order when the sale starts and nothing is written then; the start in the message gives
+--    each sale (drop) of the product its own order, with the same key (comment updated after
+--    the fact: the key alone repeated the order in every drop; no schema change). Made by
+--    the first join (`room_key`). `drawn_at` and
 --    `draw_seed` (0006) are no longer used: nothing is drawn at the start any more; they
 --    stay (a column dropped is a table rebuilt on older SQLite).
 ALTER TABLE queue_rooms ADD COLUMN room_key TEXT;
