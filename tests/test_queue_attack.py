@@ -304,3 +304,18 @@ async def test_a_new_sale_of_the_product_draws_a_new_order(store: Store) -> None
     n = len(people)
     rho = 1 - 6 * sum((rank[s] - i) ** 2 for i, s in enumerate(second)) / (n * (n * n - 1))
     assert abs(rho) < 0.2, f"rank correlation {rho:.3f} between two sales' orders"
+
+
+async def test_a_join_draws_for_the_start_the_row_has_not_a_stale_copy(store: Store) -> None:
+    """A catalog's copy of the start may lag a PATCH: the insert draws only for the start
+    the product's row has in its transaction (otherwise it inserts nothing, reads the row's
+    start and tries again)."""
+    product = await room(store, 1, queue="random")
+
+    async def join_stale(conn: Any) -> Any:
+        await waitingroom.room_key(conn, product.id, new=SEED)
+        return await waitingroom.join(conn, product.id, "anon:x", now=START - 500, starts=START - 7)
+
+    ticket, made = await store.write(join_stale)
+    assert made
+    assert ticket.place == waitingroom.drawn_place(SEED, START, "anon:x")
