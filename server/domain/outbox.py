@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.domain.clock import iso
-from server.domain.executor import Executor, values_rows
+from server.domain.executor import Executor, Row, values_rows
 from server.domain.ledger import Figures, Kind, Movement
 from server.domain.model import Product
 
@@ -98,6 +98,17 @@ def event_id(key: bytes, product_id: int, version: int, seq: int, created_at: in
         f"{product_id}:{version}:{seq}:{created_at}".encode(), key=key, digest_size=ID_CHARS
     ).digest()
     return "msg_" + digest.translate(_BASE32).decode()
+
+
+def stored_event_id(key: bytes, row: Row) -> str:
+    """The webhook-id of a stored outbox row (with `id`, `product_id`, `version`, `seq` and
+    `created_at`): its own random `id` if it was written before migration 0014, else
+    `event_id` of its key and creation time."""
+    if row["id"] is not None:
+        return str(row["id"])
+    return event_id(
+        key, int(row["product_id"]), int(row["version"]), int(row["seq"]), int(row["created_at"])
+    )
 
 
 def stock_data(product_id: int, version: int, seq: int, figures: Figures) -> dict[str, Any]:

@@ -123,18 +123,7 @@ async def remove_events(conn: Executor, *, cutoff: int, limit: int) -> int:
     if not rows:
         return 0
     key = await webhooks.id_key(conn)
-    ids: dict[str, Row] = {
-        str(row["id"])
-        if row["id"] is not None
-        else outbox.event_id(
-            key,
-            int(row["product_id"]),
-            int(row["version"]),
-            int(row["seq"]),
-            int(row["created_at"]),
-        ): row
-        for row in rows
-    }
+    ids: dict[str, Row] = {outbox.stored_event_id(key, row): row for row in rows}
     names: dict[str, object] = {f"i{n}": event for n, event in enumerate(ids)}
     kept = await conn.fetch_all(
         f"SELECT DISTINCT event_id FROM webhook_deliveries WHERE event_id IN ({_ids(names)})",

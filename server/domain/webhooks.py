@@ -296,18 +296,7 @@ async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
     )
     key = await id_key(conn)
     rows = sorted(taken, key=lambda r: (int(r["product_id"]), int(r["version"]), int(r["seq"])))
-    ids = [
-        str(row["id"])
-        if row["id"] is not None  # written before migration 0014: its own, random
-        else outbox.event_id(
-            key,
-            int(row["product_id"]),
-            int(row["version"]),
-            int(row["seq"]),
-            int(row["created_at"]),
-        )
-        for row in rows
-    ]
+    ids = [outbox.stored_event_id(key, row) for row in rows]
     active = await endpoints_enabled(conn)
     deliveries: list[tuple[Row, str, int]] = []
     per_queue: dict[tuple[int, int], int] = defaultdict(int)
