@@ -267,6 +267,82 @@ async def test_two_workers_send_each_event_once_in_order(store: Store, receiver:
     assert one.attempts > 0 or two.attempts > 0
 
 
+class DrippingReceiver:
+    """A receiver that answers every request a byte at a time, a byte every `gap` seconds
+    (for `lasts` seconds): each read is quick, the answer never whole."""
+
+    def __init__(self, gap: float = 0.2, lasts: float = 30.0) -> None:
+        self.gap, self.lasts = gap, lasts
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._answering: set[asyncio.Task[None] | None] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hooks"
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        self._answering.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + b"x-drip: " + b"." * 1000
+            for byte in answer[: int(self.lasts / self.gap)]:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(self.gap)
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            self._answering.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def __aenter__(self) -> DrippingReceiver:
+        self._server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        answering = [t for t in self._answering if t is not None]
+        for task in answering:
+            task.cancel()
+        await asyncio.gather(*answering, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self._server.wait_closed()
+
+
+async def test_an_answer_dripped_a_byte_at_a_time_fails_within_the_timeout(store: Store) -> None:
+    """WEBHOOK_TIMEOUT_SECONDS bounds a whole attempt, not each read: a receiver that sends
+    its answer a byte every 0.2 s must not hold a delivery (and a slot of the worker's
+    WEBHOOK_CONCURRENCY) past it, nor past its queue's lease (attack3 finding 1)."""
+    async with DrippingReceiver() as dripping:
+        webhooks_api = Webhooks(store)
+        endpoint = await webhooks_api.create(url=dripping.url, events=[], description="")
+        product = await make_product(store, 3)
+        await hold(store, product.id, 1)
+        sender = deliverer(store, timeout_s=1.0)
+        sender.start()
+
+        async def failed_attempt() -> str | None:
+            found = await webhooks_api.deliveries(endpoint.id, limit=10)
+            errors = [d.last_error for d in found or () if d.last_error]
+            return errors[0] if errors else None
+
+        try:
+            error = await eventually(failed_attempt, within=6, what="the attempt given up")
+        finally:
+            await sender.stop()
+    assert error is not None
+    assert "TimeoutError" in error, error
+    assert "within 1 s" in error, error
+
+
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
     for failures, ceiling in ((1, 5_000), (2, 10_000), (3, 20_000), (20, 3_600_000)):
         for _ in range(20):

@@ -285,13 +285,23 @@ class Deliverer:
         }
         self.attempts += 1
         try:
-            async with self._client.stream(
-                "POST", endpoint.url, content=payload.encode(), headers=headers
-            ) as response:
+            # The whole attempt within the timeout: httpx's own applies to each read and
+            # write, so a receiver that sent its answer a byte every few seconds held an
+            # attempt (and one of WEBHOOK_CONCURRENCY slots) for as long as it liked, past
+            # the queue's lease (attack3 finding 1).
+            async with (
+                asyncio.timeout(self.timeout_s),
+                self._client.stream(
+                    "POST", endpoint.url, content=payload.encode(), headers=headers
+                ) as response,
+            ):
                 status = response.status_code
                 error = None
                 if not 200 <= status < 300:
                     error = f"HTTP {status}: {await _start_of(response)}"
+        except TimeoutError:
+            status = None
+            error = f"TimeoutError: no whole answer within {self.timeout_s:g} s"
         except (httpx.HTTPError, OSError) as exc:
             status, error = None, f"{type(exc).__name__}: {exc}"[:300]
         (DELIVERED if status is not None and 200 <= status < 300 else FAILED).inc()
