@@ -343,6 +343,25 @@ async def test_an_answer_dripped_a_byte_at_a_time_fails_within_the_timeout(store
     assert "within 1 s" in error, error
 
 
+async def test_a_stored_url_the_client_cannot_parse_fails_its_attempts(store: Store) -> None:
+    """An endpoint stored before the API refused such URLs: each attempt fails with what
+    was wrong (and the endpoint is disabled in time, like any failing one), where the run
+    raised out of the worker, unrecorded, every lease (attack3 finding 2)."""
+    webhooks_api = Webhooks(store)
+    endpoint = await webhooks_api.create(url="http://[zz]/hooks", events=[], description="")
+    product = await make_product(store, 3)
+    await hold(store, product.id, 1)
+    sender = deliverer(store)
+    try:
+        await sender.drain(within=5)
+    finally:
+        await sender.stop()
+    found = await webhooks_api.deliveries(endpoint.id, limit=10)
+    assert found
+    assert found[0].attempts >= 1
+    assert "InvalidURL" in (found[0].last_error or ""), found[0]
+
+
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
     for failures, ceiling in ((1, 5_000), (2, 10_000), (3, 20_000), (20, 3_600_000)):
         for _ in range(20):
@@ -425,6 +444,12 @@ async def test_the_operator_api_refuses_bad_endpoints(client: httpx.AsyncClient)
         {"url": "ftp://example.test/hooks"},
         {"url": "http://127.0.0.1:9/h", "events": ["order.paid"]},
         {"url": "http://127.0.0.1:9/h", "extra": 1},
+        # Each matched the pattern, was stored, and made the worker's runs raise (attack3).
+        {"url": "http://[zz]/hooks"},
+        {"url": "http://xn--/hooks"},
+        {"url": "http://:0/hooks"},
+        {"url": "http://user@/hooks"},
+        {"url": "http://example.test:99999/hooks"},
     ):
         response = await client.post("/api/admin/webhooks", json=body, headers=OPERATOR)
         assert response.status_code == 400, response.text

@@ -302,7 +302,10 @@ class Deliverer:
         except TimeoutError:
             status = None
             error = f"TimeoutError: no whole answer within {self.timeout_s:g} s"
-        except (httpx.HTTPError, OSError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
+            # InvalidURL and ValueError (an IDNA host's UnicodeError): a URL stored before
+            # the API checked that it can be sent to fails each attempt, and the endpoint is
+            # disabled in time, instead of raising out of the run (attack3 finding 2).
             status, error = None, f"{type(exc).__name__}: {exc}"[:300]
         (DELIVERED if status is not None and 200 <= status < 300 else FAILED).inc()
         # What the receiver said is stored: a NUL in its body once made PostgreSQL refuse

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import httpx
 from annotated_types import MaxLen, MinLen
 from pydantic import (
     AfterValidator,
@@ -555,6 +556,23 @@ EventType = Literal[
 ]
 
 
+def _sendable_url(value: str) -> str:
+    """A URL the worker's HTTP client can send to: it parses (`httpx.URL`, as the worker
+    does), names a host, and its port (if any) is 1 to 65535. Raises ValueError otherwise.
+    "http://[zz]/" or "http://xn--/" matched the pattern, was stored, and made every
+    delivery run of the endpoint raise in the worker instead of failing (attack3)."""
+    try:
+        url = httpx.URL(value)
+        url.raw_host.decode("ascii")
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"is not a URL the worker can send to ({exc})") from None
+    if not url.host:
+        raise ValueError("names no host")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError("has a port outside 1 to 65535")
+    return value
+
+
 class CreateWebhookBody(_Request):
     url: Annotated[
         StoredText,
@@ -564,6 +582,7 @@ class CreateWebhookBody(_Request):
             pattern="^https?://[^\\s]+$",
             description="Where to POST the events: an http or https URL.",
         ),
+        AfterValidator(_sendable_url),
     ]
     events: Annotated[
         list[EventType],
