@@ -219,3 +219,68 @@ async def test_a_flush_goes_out_in_slices_and_every_socket_gets_frames_in_order(
     await eventually(
         lambda: _true(all(versions(s) == [1, 2] for s in sockets)), what="both, in order"
     )
+
+
+# -- a client that sends and never reads (attack3 finding 3) ---------------------------------
+
+
+class TalkingSocket(Socket):
+    """A socket whose client sends `messages`, as `WS /ws` receives them, and reads only while
+    `writable` is set; it counts the messages the server has taken."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__()
+        self.scope = {"extensions": {}, "client": ("203.0.113.9", 5000)}
+        self.headers: dict[str, str] = {}
+        self.query_params: dict[str, str] = {}
+        self._messages = list(messages)
+        self.taken = 0
+        self.done = asyncio.Event()
+        self.app: Any = None
+
+    async def accept(self) -> None:
+        pass
+
+    async def receive(self) -> dict[str, Any]:
+        if self.taken == len(self._messages):
+            self.done.set()
+            await asyncio.Event().wait()  # the client sends nothing more
+        self.taken += 1
+        return {"type": "websocket.receive", "text": self._messages[self.taken - 1]}
+
+
+class Identities:
+    def shopper_id_or_none(self, websocket: object) -> str | None:
+        return "anon:talker"
+
+
+async def test_a_client_that_does_not_read_is_taken_no_more_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each `join` is answered with a frame of its own (keyed by its product): a client that
+    sent a join for each of a million product ids and read nothing made the server queue a
+    frame for each of them until it was dropped, 5 s later (tens of MB from one client).
+    The socket's messages are taken only once what it was sent has gone out."""
+    monkeypatch.setattr(live, "SEND_TIMEOUT_SECONDS", 30.0)
+    hub = Hub(Catalog(), max_clients=10)  # no room: every join gets an `error` frame
+    joins = [json.dumps({"type": "join", "productId": n}) for n in range(1, 1001)]
+    socket = TalkingSocket(joins)
+    socket.app = type("App", (), {})()
+    socket.app.state = type("State", (), {})()
+    socket.app.state.hub = hub
+    socket.app.state.settings = type("Settings", (), {"cors_origins": ()})()
+    socket.app.state.identities = Identities()
+    socket.writable.clear()  # the client reads nothing: the snapshot's send waits
+    serving = asyncio.create_task(live.live_updates(socket))  # type: ignore[arg-type]
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert socket.taken <= 2, f"{socket.taken} messages taken from a client that reads nothing"
+        socket.writable.set()  # it reads again: every join is answered, in order
+        await asyncio.wait_for(socket.done.wait(), 10)
+        await eventually(lambda: _true(len(socket.sent) == 1 + len(joins)), what="every answer")
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    answered = [json.loads(text)["productId"] for text in socket.sent[1:]]
+    assert answered == list(range(1, 1001))
