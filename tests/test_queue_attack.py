@@ -14,7 +14,7 @@ import pytest
 
 from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
-from server.domain.errors import NotAdmitted
+from server.domain.errors import NotAdmitted, NoTicket
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest
 from server.domain.waitingroom import TicketState
@@ -319,3 +319,41 @@ async def test_a_join_draws_for_the_start_the_row_has_not_a_stale_copy(store: St
     ticket, made = await store.write(join_stale)
     assert made
     assert ticket.place == waitingroom.drawn_place(SEED, START, "anon:x")
+
+
+async def test_a_leave_that_changes_nothing_costs_no_write_news_or_admission_round(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leaves are not rate limited: a flood of DELETEs from a shopper with no ticket, or
+    one whose ticket has ended, was a write transaction, a message to every web process
+    and an admission round at once, each (attack3 finding 4). Only a leave that ends an
+    open ticket costs those."""
+    product = await room(store, 3, starts=None)
+    await join_many(store, product.id, ["anon:in", "anon:gone"], at=now_ms() - 1_000)
+    news: list[Any] = []
+    nudges: list[int] = []
+    waiting = WaitingRoom(store, publish=news.extend, opens_ms=0, nudge=nudges.append)
+    await waiting.leave(product.id, "anon:gone")
+    assert [n.shoppers for n in news] == [frozenset({"anon:gone"})]
+    assert nudges == [product.id]
+    news.clear()
+    nudges.clear()
+    writes = 0
+    write = store.write
+
+    async def counted(operation: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        return await write(operation)
+
+    monkeypatch.setattr(store, "write", counted)
+    for _ in range(20):
+        await waiting.leave(product.id, "anon:gone")  # left already: 204 again
+        with pytest.raises(NoTicket):
+            await waiting.leave(product.id, "anon:never")
+    assert (writes, news, nudges) == (0, [], [])
+    await waiting.leave(product.id, "anon:in")
+    assert writes == 1
+    assert [n.shoppers for n in news] == [frozenset({"anon:in"})]
+    ticket = await waiting.ticket(product.id, "anon:in")
+    assert ticket["state"] == "left"

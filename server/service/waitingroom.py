@@ -211,11 +211,25 @@ class WaitingRoom:
         await self.product(product_id)
         if shopper_id is None:
             raise NoTicket(product_id)
+        # Leaves are not rate limited (a leave that changes something follows a join, which
+        # is): one that would change nothing (no ticket, or one that has ended) is answered
+        # from a read, with no write, no news and no nudge of the admitter. Each was a write
+        # transaction, a message to every web process and an admission round at once, for
+        # anyone with a cookie, as often as they liked (attack3 finding 4).
+        async with self.store.reader() as conn:
+            ticket = await waitingroom.get_ticket(conn, product_id, shopper_id)
+        if ticket is None:
+            raise NoTicket(product_id)
+        if ticket.state not in waitingroom.OPEN:
+            return
+        now = now_ms()
         ticket = await self.store.write(
-            lambda conn: waitingroom.leave(conn, product_id, shopper_id, now=now_ms())
+            lambda conn: waitingroom.leave(conn, product_id, shopper_id, now=now)
         )
         if ticket is None:
             raise NoTicket(product_id)
+        if ticket.state is not waitingroom.TicketState.LEFT or ticket.ended_at != now:
+            return  # it ended meanwhile (admitted and reserved, sold out): not by this leave
         self._publish([RoomChanged(product_id, None, None, frozenset({shopper_id}))])
         if self._nudge is not None:
             self._nudge(product_id)
