@@ -21,7 +21,10 @@ shopper:
    `lapsed` / `left` (it does not join again).
 
 When every shopper is done, or at the start + the deadline (`QUEUERS_DEADLINE_S`, 60 s), it
-prints one JSON line `{"shoppers": [Row, ...], "cpu_seconds": s}`, where Row is
+prints one JSON line `{"shoppers": [Row, ...], "cpu_seconds": s, "cpu_at_start": s,
+"lags_ms": [ms, ...]}` (its CPU in all and up to the sale's start; how late its event
+loop ran a tick due every 10 ms from a second before the start: a client that is behind
+sends its joins late and reads their answers late), where Row is
 `[offset, join_sent, join_answered, join_status, admitted_at, reserve_sent,
 reserve_answered, reserve_status, complete_answered, complete_status, final_state,
 final_at, position_at_admission, frames, reconnects]` (epoch ms, 0 where it did not
@@ -49,6 +52,8 @@ from bench.rawhttp import Connection, Response, now_ms, request_bytes
 from bench.wsclients import Client, _returning
 
 FINAL = {"sold_out", "lapsed", "left"}
+# How often the process checks that its own loop keeps up (s): see `lags_ms`.
+LAG_TICK_S = 0.01
 _STATE = re.compile(rb'"state":"([a-z_]+)"')
 _POSITION = re.compile(rb'"position":(\d+|null)')
 _ID = re.compile(rb'"id":"([^"]+)"')
@@ -204,6 +209,28 @@ async def main(host: str, port: int, product_id: int) -> None:
     # The sale's start, set once every page is open.
     start_ms = float(json.loads(await loop.run_in_executor(None, sys.stdin.readline))["start_ms"])
 
+    # Whether this process is itself behind (its loop late, so that its joins go out late
+    # and their answers are read late, which would be counted as the server's time): a tick
+    # every LAG_TICK_S from a second before the start, each one's lateness kept, and the
+    # CPU used from the start on.
+    lags: list[float] = []
+    cpu_at_start: list[float] = []
+    ticking = [True]
+
+    def tick(expected: float) -> None:
+        now = loop.time()
+        lags.append(round((now - expected) * 1000, 2))
+        if ticking[0]:
+            loop.call_at(now + LAG_TICK_S, tick, now + LAG_TICK_S)
+
+    def at_start() -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_at_start.append(usage.ru_utime + usage.ru_stime)
+
+    first_tick = loop.time() + max(0.0, (start_ms - 1000 - now_ms()) / 1000)
+    loop.call_at(first_tick, tick, first_tick)
+    loop.call_at(loop.time() + max(0.0, (start_ms - now_ms()) / 1000), at_start)
+
     join = json.dumps({"type": "join", "productId": product_id}).encode()
     order = sorted(range(len(shoppers)), key=lambda i: offsets[i])
     for shopper, offset in zip(shoppers, offsets, strict=True):
@@ -219,12 +246,15 @@ async def main(host: str, port: int, product_id: int) -> None:
         [asyncio.ensure_future(s.done) for s in shoppers],
         timeout=max(0.0, (deadline - now_ms()) / 1000),
     )
+    ticking[0] = False
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
         json.dumps(
             {
                 "shoppers": [s.result() for s in shoppers],
                 "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                "cpu_at_start": cpu_at_start[0] if cpu_at_start else None,
+                "lags_ms": lags,
             }
         ),
         flush=True,

@@ -727,6 +727,22 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
                 lambda q: f"{q.get('reconnects', 0):,}",
             ),
             row("shoppers' CPU (s)", lambda q: str(q["shopper_cpu_seconds"])),
+            row(
+                "… of it from the start on (s)",
+                lambda q: str(q.get("shopper_cpu_after_start_seconds", "–")),
+            ),
+            row(
+                "CPU in the first seconds after the start: web / worker / shoppers (s of CPU in s)",
+                lambda q: _cpu_window(q.get("cpu_first_seconds") or {}),
+            ),
+            row(
+                "shoppers' loops late, from 1 s before the start: p50 / p99 / max",
+                lambda q: pct(q.get("shopper_loop_lag_ms") or {}),
+            ),
+            row(
+                "first-second joins sent late by their process: p50 / p99 / max",
+                lambda q: pct(q.get("join_sent_late_ms") or {}),
+            ),
         ],
     )
     for c in runs:
@@ -734,6 +750,12 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
         if chart:
             lines += [f"![waiting room, {c['label']}]({chart})", ""]
     return lines
+
+
+def _cpu_window(window: dict[str, float]) -> str:
+    if not window:
+        return "–"
+    return f"{window['web']} / {window['worker']} / {window['shoppers']} in {window['seconds']} s"
 
 
 def _kind_rate(kind: str) -> Callable[[dict[str, Any], dict[str, Any]], str]:

@@ -23,8 +23,10 @@ inside it whatever its length).
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -34,7 +36,7 @@ import httpx
 from bench import identities
 from bench.rawhttp import now_ms
 from bench.spawn import host_port, start_ready
-from bench.stack import Target
+from bench.stack import Target, cpu_seconds
 from bench.storm import StatsPoller, _percentiles
 from server.domain.clock import iso, parse_iso
 
@@ -44,6 +46,10 @@ PARKED_SECONDS = 1_500
 # The service's settings for this scenario (a `--set` still wins): every page is a socket,
 # 15,000 of them, more than a process takes by default.
 SETTINGS = {"WS_MAX_CLIENTS": "40000"}
+# How often the CPU of each party is sampled (s), and the window after the start that the
+# report sums it over (ms): the first second's joins and the sale.
+CPU_SAMPLE_S = 0.25
+CPU_WINDOW_MS = 5_000
 
 # The row each shopper process reports (bench/queuers.py).
 (
@@ -63,6 +69,57 @@ SETTINGS = {"WS_MAX_CLIENTS": "40000"}
     FRAMES,
     RECONNECTS,
 ) = range(15)
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds used so far by the service's web processes, its worker and the shoppers'
+    processes, every CPU_SAMPLE_S until stopped: who had the two cores when (the shoppers
+    share them with the service)."""
+
+    def __init__(self, web: int | None, worker: int | None, shoppers: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = {"web": web, "worker": worker}
+        self.shoppers = shoppers
+        self.samples: list[tuple[float, float, float, float]] = []  # (ms, web, worker, shoppers)
+        self.stopping = threading.Event()
+
+    def sample(self) -> None:
+        web, worker = (cpu_seconds(pid) if pid else 0.0 for pid in self.pids.values())
+        self.samples.append((now_ms(), web, worker, sum(cpu_seconds(p) for p in self.shoppers)))
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.sample()
+            self.stopping.wait(CPU_SAMPLE_S)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
+def _profile(*pids: int | None) -> list[subprocess.Popen[bytes]]:
+    """With `BENCH_PYSPY=<folder>` (py-spy installed): each of `pids` (the web processes'
+    command and the worker) sampled by py-spy from 2 s before the start for
+    `BENCH_PYSPY_SECONDS` (15), 100 a second, not stopping it, into `<folder>/<pid>.txt`
+    (`-f raw`: collapsed stacks). Its own CPU is on the same cores: a profiling run's
+    figures are not the bench's."""
+    folder = os.environ.get("BENCH_PYSPY")
+    if not folder:
+        return []
+    os.makedirs(folder, exist_ok=True)
+    seconds = os.environ.get("BENCH_PYSPY_SECONDS", "15")
+    return [
+        subprocess.Popen(
+            [
+                *("py-spy", "record", "-r", "100", "--nonblocking", "--subprocesses", "-f", "raw"),
+                *("-d", seconds, "-o", f"{folder}/{pid}.txt", "--pid", str(pid)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+        if pid
+    ]
 
 
 def _spawn(
@@ -121,6 +178,8 @@ def run(
     poller = StatsPoller(service, product["id"])
     procs: list[subprocess.Popen[str]] = []
     answers: list[dict[str, Any]] = []
+    sampler: CpuSampler | None = None
+    profiling: list[subprocess.Popen[bytes]] = []
     try:
         opening = time.monotonic()
         procs = _spawn(service, product["id"], offsets, cookies, processes)
@@ -141,6 +200,12 @@ def run(
             f"starts in {(start - now_ms()) / 1000:.1f} s",
             flush=True,
         )
+        time.sleep(max(0.0, (start - now_ms()) / 1000 - 2.0))
+        web = getattr(getattr(service, "web", None), "pid", None)
+        worker = getattr(getattr(service, "worker", None), "pid", None)
+        sampler = CpuSampler(web, worker, [proc.pid for proc in procs])
+        sampler.start()
+        profiling = _profile(web, worker)
         time.sleep(max(0.0, (start - now_ms()) / 1000 - 0.5))
         poller.start()
         for proc in procs:
@@ -151,6 +216,10 @@ def run(
     finally:
         if poller.is_alive():
             poller.stop()
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
+        for profiler in profiling:
+            profiler.wait(30)
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -167,6 +236,13 @@ def run(
         stats=stats,
         samples=poller.samples,
         shopper_cpu=sum(a["cpu_seconds"] for a in answers),
+        shopper_cpu_after_start=sum(
+            a["cpu_seconds"] - a["cpu_at_start"]
+            for a in answers
+            if a.get("cpu_at_start") is not None
+        ),
+        lags=[lag for a in answers for lag in a.get("lags_ms", [])],
+        cpu=sampler.samples if sampler is not None else [],
     )
 
 
@@ -182,8 +258,14 @@ def summarize(
     stats: dict[str, Any],
     samples: list[tuple[float, int, int, int]],
     shopper_cpu: float,
+    shopper_cpu_after_start: float = 0.0,
+    lags: list[float] | None = None,
+    cpu: list[tuple[float, float, float, float]] | None = None,
 ) -> dict[str, Any]:
-    """The figures of one run from every shopper's row (times in ms from the start)."""
+    """The figures of one run from every shopper's row (times in ms from the start).
+    `lags`: how late the shoppers' processes ran their loops' ticks (ms; see
+    bench/queuers.py); `cpu`: (epoch ms, web, worker, shoppers' CPU seconds so far)
+    samples (`CpuSampler`)."""
 
     def since(t: float) -> float:
         return round(t - start, 1)
@@ -217,6 +299,23 @@ def summarize(
     # one's when it joined.
     waits_from_start = [r[ADMITTED] - max(start, r[JOIN_SENT]) for r in admitted]
     waits_from_join = [r[ADMITTED] - r[JOIN_SENT] for r in admitted]
+    # Joins of the first second sent late by their own process (ms after they were due).
+    sent_late = [
+        r[JOIN_SENT] - (start + r[OFFSET]) for r in rows if r[JOIN_SENT] and r[OFFSET] >= 0
+    ]
+    # Who used the cores in the sale's first seconds: CPU seconds of each party from the
+    # start to CPU_WINDOW_MS after it (or the last sample before), from `cpu`'s samples.
+    window: dict[str, float] = {}
+    cpu_samples = cpu or []
+    first = next((c for c in cpu_samples if c[0] >= start), None)
+    last = next((c for c in reversed(cpu_samples) if c[0] <= start + CPU_WINDOW_MS), None)
+    if first is not None and last is not None and last[0] > first[0]:
+        window = {
+            "seconds": round((last[0] - first[0]) / 1000, 2),
+            "web": round(last[1] - first[1], 2),
+            "worker": round(last[2] - first[2], 2),
+            "shoppers": round(last[3] - first[3], 2),
+        }
     result: dict[str, Any] = {
         "mode": mode,
         "shoppers": len(rows),
@@ -256,6 +355,10 @@ def summarize(
         "reconnects": sum(r[RECONNECTS] for r in rows),
         "stats_after": stats,
         "shopper_cpu_seconds": round(shopper_cpu, 2),
+        "shopper_cpu_after_start_seconds": round(shopper_cpu_after_start, 2),
+        "cpu_first_seconds": window,
+        "shopper_loop_lag_ms": _rounded(_percentiles(lags or [])),
+        "join_sent_late_ms": _rounded(_percentiles(sent_late)),
         "series": {
             # [ms from the start, latency ms, status] per join, as it was answered
             "joins": [
@@ -271,6 +374,7 @@ def summarize(
                 for r in reserved
             ],
             "stats": [[since(t), a, h, s] for t, a, h, s in samples],
+            "cpu": [[since(t), w, k, c] for t, w, k, c in cpu_samples],
         },
     }
     j, r = result["join_ms"], result["reserve_ms"]
