@@ -20,7 +20,8 @@ from typing import Any
 import jwt
 import pytest
 from annotated_types import MaxLen
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic_core import from_json
 
 import server.api
 from server.domain import text
@@ -29,6 +30,8 @@ from server.service.delivery import Deliverer
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from server.wire import schemas
+from server.wire.json_text import repeated_key
+from server.wire.schemas import JoinMessage, plain_join
 from tests.receiver import Receiver
 from tests.support import eventually, hold, make_product, serve, stats
 from tests.test_api import TOKEN, Api, app_settings, assert_error
@@ -423,3 +426,40 @@ async def test_a_receivers_refusal_with_a_nul_in_it_is_recorded(store: Store) ->
         if sender is not None:
             await sender.stop()
         await receiver.stop()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"join","productId":3}',
+        ' {\n "type" : "join" ,\t"productId" : 42 }\r\n',
+        '{"type":"join","productId":2147483647}',
+        '{"type":"join","productId":2147483648}',  # out of range
+        '{"type":"join","productId":0}',
+        '{"type":"join","productId":03}',  # not JSON
+        '{"type":"join","productId":-3}',
+        '{"type":"join","productId":3.0}',
+        '{"type":"join","productId":"3"}',
+        '{"type":"join","productId":3,"productId":4}',  # a key named twice
+        '{"type":"join","type":"join","productId":3}',
+        '{"productId":3,"type":"join"}',  # another order: the general path takes it
+        '{"type":"join","productId":3,"extra":1}',
+        '{"type":"join","productId":3}x',
+        '{"type":"join","productId":3}{}',
+    ],
+)
+def test_the_plain_join_reads_what_the_general_path_accepts_and_nothing_else(text: str) -> None:
+    """The socket's shortcut for a join as the page writes it (`plain_join`) takes a text
+    only when parsing it, looking for repeated keys and validating it as a `JoinMessage`
+    would accept it with the same product id; anything else goes the general way."""
+    try:
+        parsed = from_json(text)
+        accepted = repeated_key(text) is None and isinstance(parsed, dict)
+        join_id = JoinMessage.model_validate(parsed).product_id if accepted else None
+    except (ValueError, ValidationError):
+        join_id = None
+    fast = plain_join(text)
+    if fast is not None:
+        assert fast == join_id
+    if text.lstrip().startswith('{"type":"join","productId":') and join_id is not None:
+        assert fast == join_id  # the page's own form always takes the shortcut

@@ -311,6 +311,16 @@ async def tickets_of(conn: Executor, product_id: int, shopper_ids: Sequence[str]
     return found
 
 
+async def tickets_of_room(conn: Executor, product_id: int) -> list[Ticket]:
+    """Every ticket of the product's room (one per shopper who ever joined it; ended ones
+    until retention takes them), in one statement: for news of the whole room (it closed),
+    where naming each page's shopper would take a statement per `CHUNK` of them."""
+    rows = await conn.fetch_all(
+        f"SELECT {TICKET} FROM queue_tickets WHERE product_id = :p", {"p": product_id}
+    )
+    return [Ticket.from_row(row) for row in rows]
+
+
 async def leave(conn: Executor, product_id: int, shopper_id: str, *, now: int) -> Ticket | None:
     """Leave the line: a waiting or admitted ticket ends `left` (an unused pass goes to the
     next in line; a waiting one is taken off the room's count, `add_waiting`). Returns the

@@ -53,7 +53,7 @@ from server.service.waitingroom import LINE_SECONDS, WaitingRoom
 from server.storage.errors import StorageError
 from server.wire.frames import queue_frame, reservation_frame, ticket_frame
 from server.wire.json_text import repeated_key
-from server.wire.schemas import JoinMessage, parse_product_ids, ticket_view
+from server.wire.schemas import JoinMessage, parse_product_ids, plain_join, ticket_view
 
 logger = logging.getLogger(__name__)
 # What a ticket's view says that is not the shopper's own news (see `_tell_tickets`).
@@ -428,11 +428,17 @@ class Hub:
 
     async def _reload_tickets(self, product_id: int, shoppers: set[str] | None) -> None:
         assert self._room is not None
-        names = sorted(self._shoppers) if shoppers is None else sorted(shoppers)
-        names = [n for n in names if n in self._shoppers]
-        if not names:
-            return
-        tickets = await self._room.tickets_of(product_id, names)
+        if shoppers is None:
+            # The whole room (it closed, or too many changed to name): one read of it,
+            # rather than a statement per CHUNK of this process's shoppers.
+            if not self._shoppers:
+                return
+            tickets = await self._room.tickets_of_room(product_id)
+        else:
+            names = sorted(n for n in shoppers if n in self._shoppers)
+            if not names:
+                return
+            tickets = await self._room.tickets_of(product_id, names)
         clients = []
         for ticket in tickets:
             for client in self._shoppers.get(ticket.shopper_id, ()):
@@ -494,7 +500,11 @@ class Hub:
                 if not force and client.told.get(product_id) == told:
                     continue
                 client.told[product_id] = told
-                client.offer(("ticket", product_id), to_json(ticket_frame(view)).decode())
+                text = to_json(ticket_frame(view)).decode()
+                # Encoded here, once (a few µs), and written straight to the socket when it
+                # can take it: through the ASGI `send` a frame costs several times more, and
+                # a room that sells out tells every page in it at once.
+                client.offer(("ticket", product_id), text, prepare_text(text))
 
     # -- frames ----------------------------------------------------------------------
 
@@ -689,6 +699,9 @@ async def live_updates(websocket: WebSocket) -> None:
 
 
 async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | None) -> None:
+    if text is not None and (product_id := plain_join(text)) is not None:
+        await _join(websocket, hub, client, product_id)  # the page's join, as it sends it
+        return
     problem = None
     try:
         message = from_json(text) if text is not None else None
@@ -744,7 +757,9 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
 
     def refuse(code: str, text: str) -> None:
         frame = {"type": "error", "code": code, "message": text, "productId": product_id}
-        client.offer(("join", product_id), to_json(frame).decode())
+        # One slot for every refused join of the socket: a socket that stops reading while
+        # it joins product after product keeps only the newest refusal, not one per id.
+        client.offer(("join", 0), to_json(frame).decode())
 
     room = hub.room
     if room is None:
@@ -766,7 +781,7 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
             refuse("rate_limited", f"Too many requests from you; try again in {wait} seconds.")
             return
     try:
-        answer = await room.join(product_id, client.shopper)
+        answer = await room.join(product_id, client.shopper, view=False)  # told below
     except DomainError as exc:
         refuse(exc.code, str(exc))
         return

@@ -121,10 +121,11 @@ class WaitingRoom:
     def opens_at(self, product: Product) -> int | None:
         return waitingroom.opens_at(product, self._opens_ms)
 
-    async def join(self, product_id: int, shopper_id: str) -> TicketAnswer:
-        """The shopper's ticket, made now if they have none (one insert). Raises
-        ProductNotFound, QueueOff (the product has no room), QueueNotOpen (before
-        QUEUE_OPENS_SECONDS ahead of the sale's start)."""
+    async def join(self, product_id: int, shopper_id: str, *, view: bool = True) -> TicketAnswer:
+        """The shopper's ticket, made now if they have none (one insert). `view`: False when
+        the caller makes the view itself (a join over a socket: the hub tells its frame),
+        and the answer's is empty. Raises ProductNotFound, QueueOff (the product has no
+        room), QueueNotOpen (before QUEUE_OPENS_SECONDS ahead of the sale's start)."""
         product = await self.product(product_id)
         if product.queue == "off":
             raise QueueOff(product_id)
@@ -134,7 +135,7 @@ class WaitingRoom:
         ticket, created = await self._joins.submit((product_id, shopper_id))
         if created and self._nudge is not None and product.sale_state(now_ms()) == "open":
             self._nudge(product_id)  # before the start nobody is admitted: no hurry
-        return TicketAnswer(await self.view(ticket, product), created, ticket)
+        return TicketAnswer(await self.view(ticket, product) if view else {}, created, ticket)
 
     async def start(self) -> None:
         self._joins.start()
@@ -316,6 +317,10 @@ class WaitingRoom:
     async def tickets_of(self, product_id: int, shopper_ids: Sequence[str]) -> list[Ticket]:
         async with self.store.reader() as conn:
             return await waitingroom.tickets_of(conn, product_id, shopper_ids)
+
+    async def tickets_of_room(self, product_id: int) -> list[Ticket]:
+        async with self.store.reader() as conn:
+            return await waitingroom.tickets_of_room(conn, product_id)
 
     async def tickets_of_shopper(self, shopper_id: str) -> list[Ticket]:
         async with self.store.reader() as conn:
