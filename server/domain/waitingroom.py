@@ -128,7 +128,10 @@ def _int(value: object) -> int | None:
 @dataclass(frozen=True, slots=True)
 class RoomChanged:
     """News of a product's room, published after commit: how many wait and hold passes,
-    and whose tickets changed (`shoppers`; `everyone`: too many to name, or all of them)."""
+    and whose tickets changed (`shoppers`; `everyone`: too many to name, or all of them).
+    `joined`: shoppers whose tickets a join has just made waiting, at the back of the line
+    or in their drawn places: that moves nobody else, and a page already holding a waiting
+    ticket of theirs has nothing to learn from it (server/live/hub.py)."""
 
     product_id: int
     # None: not counted (a join or a leave; the next admission step counts).
@@ -136,6 +139,7 @@ class RoomChanged:
     admitted: int | None
     shoppers: frozenset[str] = frozenset()
     everyone: bool = False
+    joined: frozenset[str] = frozenset()
 
     def merged(self, later: RoomChanged) -> RoomChanged:
         """This news and `later` news of the same room, as one."""
@@ -145,6 +149,7 @@ class RoomChanged:
             self.admitted if later.admitted is None else later.admitted,
             self.shoppers | later.shoppers,
             self.everyone or later.everyone,
+            self.joined | later.joined,
         )
 
 

@@ -6,8 +6,9 @@ most every `FLUSH_SECONDS` (at once if it has not flushed for that long): a prod
 changes a thousand times a second reaches each page about twenty times a second, always
 ending on its latest value. Reservation frames go only to the sockets watching that hold.
 
-Fan-out is a pass over the sockets, in slices of `FLUSH_SLICE` between which the event loop
-runs what else is ready (requests, new connections). Each frame is encoded once and written to
+Fan-out is a pass over the sockets, in slices of `FLUSH_SLICE` sockets or `SLICE_SECONDS`,
+whichever ends first, between which the event loop runs what else is ready (requests, new
+connections, the joins of a waiting room). Each frame is encoded once and written to
 every socket as it is, through the `flashsale.prepared_frames` extension of our uvicorn
 protocol (server/live/wsprotocol.py): a few µs a socket, against ~15 µs through `send_text`.
 Where that is not available, or a socket's buffer is full, the frame goes through the
@@ -42,7 +43,7 @@ from server.domain.errors import DomainError
 from server.domain.inventory import is_reservation_id
 from server.domain.model import ReservationChanged
 from server.domain.text import SHOWN_CHARS
-from server.domain.waitingroom import OPEN, Ticket, order_hidden
+from server.domain.waitingroom import OPEN, Ticket, TicketState, order_hidden
 from server.infra.clients import client_key
 from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
@@ -66,6 +67,13 @@ MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this
 # ready between two slices: a flush to 15,000 sockets blocked it for a few hundred ms (the
 # waiting room's bench), and every request and connection arriving meanwhile waited.
 FLUSH_SLICE = 1_000
+# ...and a slice ends sooner once it has taken this long (s), checked every
+# `SLICE_CHECK_EVERY` sockets: a join waits for a slice at each of its few turns of the loop
+# (the socket's frame, the batch's transaction, its answer), so on a loaded machine 1,000
+# sockets a slice (tens of ms) put a flush's whole length on a join answered meanwhile
+# (p99 311 ms before the start in the waiting room's bench, at each `queue` frame's flush).
+SLICE_SECONDS = 0.004
+SLICE_CHECK_EVERY = 64
 # A line's counts (`queue` frames) reach every page at most this often (s): they change with
 # every join, and each change is a frame for every socket. With 15,000 pages in a line once
 # a second was half of a web process (the bench's `queue`, py-spy): a count a page shows
@@ -213,6 +221,9 @@ class Hub:
         self._shoppers: dict[str, set[Client]] = {}
         # Per room: shoppers whose tickets changed, to read again (None: every one here).
         self._rooms: dict[int, set[str] | None] = {}
+        # Rooms whose news said someone moved in line (admitted, left, ended): their line is
+        # read again sooner when their tickets are.
+        self._moved_rooms: set[int] = set()
         self._queues: dict[int, str] = {}  # product → `queue` frame, not yet due
         self._due_queues: dict[int, str] = {}  # product → `queue` frame for the next flush
         self._queue_sent_at: dict[int, float] = {}  # product → loop time it was last sent
@@ -362,8 +373,21 @@ class Hub:
             return
         if frame.get("everyone"):
             self._rooms[product_id] = None
+            self._moved_rooms.add(product_id)
         else:
             here = {s for s in frame.get("shoppers", ()) if s in self._shoppers}
+            if here:
+                self._moved_rooms.add(product_id)
+            # A join moves nobody: only this process's other pages of the shopper who do
+            # not hold a waiting ticket of theirs yet (the page that joined here was told
+            # at once, `joined`) have anything to learn; a ticket that ended in between is
+            # named by the news of its end, read again then.
+            here.update(
+                s
+                for s in frame.get("joined", ())
+                if s in self._shoppers
+                and not all(_waiting_in(c, product_id) for c in self._shoppers[s])
+            )
             if here:
                 pending = self._rooms.setdefault(product_id, set())
                 if pending is not None:
@@ -445,8 +469,11 @@ class Hub:
                 client.tickets[product_id] = ticket
                 clients.append(client)
         # Who was admitted or left moves everyone behind them: read the line again, but
-        # not more than five times a second however fast admissions come.
-        await self._room.line(product_id, max_age=0.2)
+        # not more than five times a second however fast admissions come. Joins move
+        # nobody (`_room_news`): the line as last read, as for positions.
+        if product_id in self._moved_rooms:
+            self._moved_rooms.discard(product_id)
+            await self._room.line(product_id, max_age=0.2)
         await self._tell_tickets(clients, {product_id})
 
     async def _tell_positions(self) -> None:
@@ -488,7 +515,15 @@ class Hub:
             if product is None:
                 continue
             line = await self._room.line(product_id)
-            for client in clients:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            for n, client in enumerate(clients):
+                if n % SLICE_CHECK_EVERY == 0 and loop.time() - began >= SLICE_SECONDS:
+                    # A whole room's frames (it sold out: 15,000 pages) in slices, as a
+                    # flush goes: the reservations and steps under way meanwhile are not
+                    # held up for the whole of it.
+                    await asyncio.sleep(0)
+                    began = loop.time()
                 ticket = client.tickets.get(product_id)
                 if ticket is None or client.closed:
                     continue
@@ -577,21 +612,26 @@ class Hub:
         start: int,
         cost: float,
     ) -> None:
-        """The flush's frames to `clients[start:start + FLUSH_SLICE]`; the next slice once
-        the loop has run what else was ready. `cost`: the flush's time so far (s)."""
+        """The flush's frames to `clients[start:start + FLUSH_SLICE]` (fewer once the slice
+        has taken `SLICE_SECONDS`); the next slice once the loop has run what else was
+        ready. `cost`: the flush's time so far (s)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         self._slice_handle = None
-        for client in clients[start : start + FLUSH_SLICE]:
-            wanted = client.products
-            for key, text, encoded in prepared:
-                if wanted is None or key[1] in wanted:
-                    client.offer(key, text, encoded)
+        end = min(start + FLUSH_SLICE, len(clients))
+        at = start
+        while at < end:
+            for client in clients[at : min(at + SLICE_CHECK_EVERY, end)]:
+                wanted = client.products
+                for key, text, encoded in prepared:
+                    if wanted is None or key[1] in wanted:
+                        client.offer(key, text, encoded)
+            at = min(at + SLICE_CHECK_EVERY, end)
+            if loop.time() - began >= SLICE_SECONDS:
+                break
         cost += loop.time() - began
-        if start + FLUSH_SLICE < len(clients):
-            self._slice_handle = loop.call_soon(
-                self._flush_slice, prepared, clients, start + FLUSH_SLICE, cost
-            )
+        if at < len(clients):
+            self._slice_handle = loop.call_soon(self._flush_slice, prepared, clients, at, cost)
             return
         self._last_flush = loop.time()
         self._flush_cost = cost
@@ -790,6 +830,11 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
         return
     assert answer.ticket is not None
     await hub.joined(client, answer.ticket)
+
+
+def _waiting_in(client: Client, product_id: int) -> bool:
+    ticket = client.tickets.get(product_id)
+    return ticket is not None and ticket.state is TicketState.WAITING
 
 
 def _watch_problem(message: dict[str, Any], ids: object) -> str:

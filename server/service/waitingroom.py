@@ -191,7 +191,10 @@ class WaitingRoom:
                 made.setdefault(ticket.product_id, set()).add(ticket.shopper_id)
         if made:
             self._publish(
-                [RoomChanged(pid, None, None, frozenset(names)) for pid, names in made.items()]
+                [
+                    RoomChanged(pid, None, None, joined=frozenset(names))
+                    for pid, names in made.items()
+                ]
             )
         return list(results)
 

@@ -72,12 +72,21 @@ def ticket_frame(view: dict[str, Any]) -> dict[str, Any]:
 
 # The most shoppers a `room` message names; beyond, it says `everyone`.
 MAX_ROOM_SHOPPERS = 2_000
+# ...and the most shoppers it names as having joined (about 40 bytes each).
+MAX_JOINED_SHOPPERS = 20_000
 
 
 def room_message(news: RoomChanged) -> dict[str, Any]:
     """What the web processes tell each other of a room (`RoomChanged`): never sent to a
     page as it is (it names shoppers); each hub turns it into `queue` and `ticket` frames."""
-    everyone = news.everyone or len(news.shoppers) > MAX_ROOM_SHOPPERS
+    # Joins are named however many (up to `MAX_JOINED_SHOPPERS`): a hub checks each name
+    # against its own pages in a µs, while `everyone` makes it read the whole room again and
+    # consider every page in it (news of 2,000 joins at a sale's first second once did).
+    everyone = (
+        news.everyone
+        or len(news.shoppers) > MAX_ROOM_SHOPPERS
+        or len(news.joined) > MAX_JOINED_SHOPPERS
+    )
     return {
         "type": "room",
         "productId": news.product_id,
@@ -85,4 +94,5 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
         "admitted": news.admitted,
         "shoppers": [] if everyone else sorted(news.shoppers),
         "everyone": everyone,
+        "joined": [] if everyone else sorted(news.joined - news.shoppers),
     }
