@@ -184,6 +184,39 @@ async def test_rooms_nobody_is_in_cost_the_admitter_no_write(
     assert [t.shopper_id for t in steps[0].admitted] == ["anon:b"]
 
 
+async def test_the_first_admissions_come_at_the_start_not_a_tick_later(
+    store: Store, published: Published
+) -> None:
+    """The admitter's rounds are a tick apart (here 60 s), but the round that knows of a
+    sale's start runs its next at that start: the first admissions are what a sale's first
+    second waits for, and a round up to a tick late met the start's storm of joins (the
+    waiting room's bench: the first admission 0.1 to 2.1 s after the start)."""
+    starts = now_ms() + 300
+    product = await room(store, 2, starts=starts)
+    await join_many(store, product.id, ["anon:a", "anon:b", "anon:c"], at=now_ms())
+    admitter = Admitter(
+        store,
+        transactions=Transactions(store, published, []),
+        publish=lambda news: None,
+        pass_ms=PASS_MS,
+        tick_ms=60_000,
+        lease_ms=120_000,
+    )
+    assert [s.admitted for s in await admitter.step_all()] == [[]]  # before the start
+    assert admitter.next_start == starts
+    admitter.start()
+    try:
+
+        async def admitted() -> list[str]:
+            order = await line_order(store, product.id)
+            return [] if len(order) > 1 else order
+
+        # Two admitted (two units), one still waiting: long before the next tick.
+        await eventually(admitted, within=20, what="the first admissions, at the start")
+    finally:
+        await admitter.stop()
+
+
 async def test_those_who_join_before_a_start_moved_later_are_drawn_too(store: Store) -> None:
     """A random room opens; the operator then moves the start later. Those who join before
     the new start joined before a start too: they get drawn places (the room's key's
