@@ -64,10 +64,19 @@ MAX_RESTART_DELAY = 10.0
 
 
 async def expire_due(ctx: Ctx, due_ms: int) -> int:
-    """Expire every hold due by now (the job was deferred to `due_ms`)."""
-    expired = await _expire(ctx, BY_JOB)
+    """The job of the bucket ending at `due_ms`: restore each of its holds as it falls due,
+    and by `due_ms` every hold due by then (`Expirer.expire_window`; the web process defers
+    the job to a little before the bucket starts, `server.service.expiry`)."""
+    settings: Settings = ctx["settings"]
+    expirer: Expirer = ctx["expirer"]
+    try:
+        expired = await expirer.expire_window(due_ms, window_ms=settings.expiry_bucket_ms)
+    except (Busy, Unavailable) as exc:
+        logger.warning("expiry postponed: %s", exc)
+        raise Retry(defer=1) from exc
+    _count(expired, BY_JOB)
     if expired.reservations:
-        late = max(expired.at - r.expires_at for r in expired.reservations)
+        late = max((r.ended_at or 0) - r.expires_at for r in expired.reservations)
         logger.debug(
             "expired %d holds due by %d, at most %d ms late",
             len(expired.reservations),
@@ -92,17 +101,6 @@ async def sweep(ctx: Ctx) -> int:
     idempotency: Idempotency = ctx["idempotency"]
     await idempotency.forget_expired()
     return len(expired.reservations)
-
-
-async def _expire(ctx: Ctx, counter: Counter) -> Expired:
-    expirer: Expirer = ctx["expirer"]
-    try:
-        expired = await expirer.expire_overdue()
-    except (Busy, Unavailable) as exc:
-        logger.warning("expiry postponed: %s", exc)
-        raise Retry(defer=1) from exc
-    _count(expired, counter)
-    return expired
 
 
 def _count(expired: Expired, counter: Counter) -> None:
@@ -199,10 +197,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "functions": [func(expire_due, name=EXPIRE_DUE_JOB, keep_result=60, max_tries=10)],
         "redis_pool": redis_client_for(settings),
         "queue_name": QUEUE_NAME,
-        # A deferred job starts within one poll of its time; the expiry jobs' lateness
-        # budget is a bucket plus a poll.
+        # A deferred job starts within one poll of its time; an expiry job is deferred to
+        # more than a poll before its bucket starts (server/service/expiry.py).
         "poll_delay": 0.05,
-        "max_jobs": 4,
+        # A bucket's job waits through its bucket (server/service/expiry.py): with 100 ms
+        # buckets two or three are in hand at once during a wave, mostly asleep.
+        "max_jobs": 8,
         "job_timeout": 120,
         "health_check_interval": 30,
         "health_check_key": HEALTH_CHECK_KEY,

@@ -190,6 +190,13 @@ async def test_expiry_and_holds_by_id_are_planned_right_on_stale_statistics(
             listed = await inventory.list_reservations(
                 Explaining(conn, plans), product_id=None, status=Status.ACTIVE, limit=200
             )
+            # When a bucket's expiry job next wakes: the first open hold of its window.
+            assert (
+                await inventory.next_open_expiry(
+                    Explaining(conn, plans), after=now, until=now + 200_000
+                )
+                == now + 120_000
+            )
         assert len(listed) == 200
 
         for sql, plan in plans:

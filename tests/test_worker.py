@@ -132,6 +132,46 @@ async def test_the_job_run_twice_and_the_sweeper_at_once_restore_once(
         assert {(await reservation(store, h.id)).status for h in held} == {Status.EXPIRED}
 
 
+async def test_a_job_started_before_its_bucket_restores_each_hold_when_due_never_before(
+    database_url: str, redis_url: str
+) -> None:
+    """The bucket's job is started before the bucket (as the web process defers it): it
+    restores each hold of its window when the hold falls due, not at the window's end and
+    never before its expiresAt, a hold made while it waits included; and, last, whatever
+    else is due by the window's end (an older overdue hold)."""
+    settings = settings_for(database_url, redis_url)
+    window_ms = 3_000
+    async with job_context(settings) as ctx:
+        store: Store = ctx["store"]
+        product = await make_product(store, 10)
+        start = now_ms() + 1_000  # time to write the holds on a busy machine
+        due = start + window_ms
+        overdue = await hold(store, product.id, 1, now=start - 10_000, hold_ms=1_000)
+        early = await hold(store, product.id, 2, now=start - 100_000, hold_ms=100_200)
+        late = await hold(store, product.id, 3, now=due - 100_000, hold_ms=100_000)
+        job = asyncio.create_task(_expire_window(ctx, due, window_ms))
+        made_while_waiting = await hold(store, product.id, 1, now=start - 100_000, hold_ms=101_000)
+        assert await job == 4
+        ended: dict[str, int] = {}
+        for h in (early, made_while_waiting, late):
+            r = await reservation(store, h.id)
+            assert r.status is Status.EXPIRED
+            assert r.ended_at is not None
+            assert r.ended_at >= r.expires_at  # never early
+            ended[h.id] = r.ended_at
+        # Restored when due, not when the window ended (a deadline of seconds, not a goal).
+        assert ended[early.id] < due - 1_000
+        assert ended[made_while_waiting.id] < due - 1_000
+        assert (await reservation(store, overdue.id)).status is Status.EXPIRED
+        s = await assert_invariant(store, product.id)
+        assert (s.available, s.held, s.expired) == (10, 0, 7)
+
+
+async def _expire_window(ctx: dict[str, Any], due: int, window_ms: int) -> int:
+    expired = await ctx["expirer"].expire_window(due, window_ms=window_ms)
+    return len(expired.reservations)
+
+
 async def test_a_worker_that_was_down_expires_the_holds_when_it_starts(
     database_url: str, redis_url: str
 ) -> None:

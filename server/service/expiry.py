@@ -11,10 +11,18 @@ Scheduling the deferred jobs that expire holds on time.
 
 One arq job per hold is the slow way through a wave (docs/design.md §9.4: 10,000 holds due in one
 second finished ~50 s late at arq's defaults). Instead, time is cut into buckets of
-`EXPIRY_BUCKET_MS`; each bucket gets one job, deferred to the bucket's end, that expires
+`EXPIRY_BUCKET_MS`; each bucket gets one job, and by the bucket's end that job has expired
 *every* hold due by then. Its job id names the bucket, so every process and every hold of
 that bucket enqueues the same job and arq keeps one; each process also remembers which
 buckets it has enqueued, so a wave costs one Redis round trip per bucket, not per hold.
+
+The job is deferred to `HEAD_START_MS` before the bucket *starts*, not to its end: started
+at the end, a hold due at a bucket's start waited the whole bucket and arq's poll (up to
+100 + 50 ms) before its transaction even began, and the bucket's holds then went in one
+burst. Started early, the job waits for each of its bucket's holds to fall due and restores
+it then (`Expirer.expire_window`; never before: every pass still says `expires_at <= now`,
+with now read inside its transaction), and makes the same last pass at the bucket's end
+that the job always made.
 
 A lost or failed enqueue loses nothing: the holds stay in the database, the worker's sweeper
 (a timer of its own, which needs no Redis) expires them within `SWEEP_SECONDS`, and a
@@ -23,6 +31,7 @@ reservation that needs their units expires them first (`inventory.reserve`, lazy
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +53,17 @@ logger = logging.getLogger(__name__)
 
 # Buckets this far in the past are forgotten: their jobs have run.
 _REMEMBER_MS = 10 * 60 * 1000
+
+# How long before its bucket starts a bucket's job is deferred to: more than arq's poll
+# (`poll_delay`, 50 ms, jobs/worker.py), within which a worker starts a job once its time
+# has come, so that the job is waiting when the bucket's first hold falls due.
+HEAD_START_MS = 100
+
+# The least time (ms) between two passes of one job: the holds that fall due within it are
+# restored together, in one transaction, rather than one transaction (and the write lock)
+# for every distinct millisecond a storm's holds expire at. A hold is restored at most
+# about this long after it is due, besides the pass itself.
+TICK_MS = 20
 
 
 def due_time(expires_at: int, bucket_ms: int) -> int:
@@ -83,7 +103,9 @@ class ExpiryScheduler(Drainer):
                     EXPIRE_DUE_JOB,
                     due,
                     _job_id=expire_due_job_id(due),
-                    _defer_until=datetime.fromtimestamp(due / 1000, UTC),
+                    _defer_until=datetime.fromtimestamp(
+                        (due - self._bucket_ms - HEAD_START_MS) / 1000, UTC
+                    ),
                     _queue_name=QUEUE_NAME,
                 )
             except (RedisError, OSError) as exc:
@@ -118,7 +140,38 @@ class Expirer:
     """
 
     def __init__(self, store: Store, *, publish: EventSink) -> None:
+        self._store = store
         self._transactions = Transactions(store, publish)
+
+    async def expire_window(self, due: int, *, window_ms: int, tick_ms: int = TICK_MS) -> Expired:
+        """A bucket's job: restore each hold due in the window (`due` - `window_ms`, `due`]
+        (ms) as it falls due, then, at or after `due`, every hold due by then.
+
+        Until `due`: read (on a reader, outside any transaction: no write lock is taken
+        while nothing is due) the earliest open hold of the window, wait until it is due
+        and at least `tick_ms` after the previous pass, and run a pass (`expire_overdue`),
+        which expires every hold due by its transaction's now: never one early, however
+        early the job was started. Last, once the clock has reached `due`, the pass the job
+        always made: whatever is due by then, the window's and any earlier hold. Holds made
+        while it waits are read at its next wake. Raises `Busy`/`Unavailable` as
+        `expire_overdue` does (the job retries; what it expired stays expired)."""
+        expired: list[Reservation] = []
+        started = now_ms()
+        last_pass: int | None = None
+        while now_ms() < due:
+            async with self._store.reader() as conn:
+                earliest = await inventory.next_open_expiry(conn, after=due - window_ms, until=due)
+            wake = due if earliest is None else earliest
+            if last_pass is not None:
+                wake = max(wake, last_pass + tick_ms)
+            if wake >= due:
+                break
+            await _sleep_until(wake)
+            last_pass = now_ms()
+            expired.extend((await self.expire_overdue()).reservations)
+        await _sleep_until(due)
+        expired.extend((await self.expire_overdue()).reservations)
+        return Expired(expired, started)
 
     async def expire_overdue(self, *, batch: int = inventory.SWEEP_BATCH) -> Expired:
         """Expire every hold due by now, `batch` holds per transaction."""
@@ -132,3 +185,14 @@ class Expirer:
             expired.extend(done)
             if len(done) < batch:
                 return Expired(expired, started)
+
+
+async def _sleep_until(moment: int) -> None:
+    """Return once the wall clock (`now_ms`) has reached `moment` (ms). asyncio's timers run
+    on the monotonic clock and may fire a little early by the wall clock's reckoning, which
+    is the one a hold's `expiresAt` and a pass's now are read on: so, again until it has."""
+    while True:
+        left = moment - now_ms()
+        if left <= 0:
+            return
+        await asyncio.sleep(left / 1000)
