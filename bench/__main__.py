@@ -48,6 +48,7 @@ from bench import (
 )
 from bench.report import evaluate, markdown
 from server.devtools import history as past
+from server.devtools.processes import Service
 from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -413,7 +414,11 @@ def run_config(
             if "wave" in scenarios:
                 progress.step(f"{config.label} · expiry wave")
                 result["wave"] = wave.run_sync(
-                    db_url, redis.url, holds=size.holds, bucket_ms=settings.expiry_bucket_ms
+                    db_url,
+                    redis.url,
+                    holds=size.holds,
+                    bucket_ms=settings.expiry_bucket_ms,
+                    cpu_of=wave_processes(service),
                 )
             if "webhooks" in scenarios:
                 progress.step(f"{config.label} · webhooks")
@@ -422,7 +427,11 @@ def run_config(
                     # The expiry wave again, its 10,000 holds' events going out meanwhile:
                     # delivery must not delay expiry.
                     return wave.run_sync(
-                        db_url, redis.url, holds=size.holds, bucket_ms=settings.expiry_bucket_ms
+                        db_url,
+                        redis.url,
+                        holds=size.holds,
+                        bucket_ms=settings.expiry_bucket_ms,
+                        cpu_of=wave_processes(service),
                     )
 
                 result["webhooks"] = webhooks.run(
@@ -640,6 +649,7 @@ def _history_run(
                 holds=size.holds,
                 bucket_ms=settings.expiry_bucket_ms,
                 lead_ms=10_000 if holds else wave.LEAD_MS,
+                cpu_of=wave_processes(service),
             )
             note_backlog("after the wave")
             progress.step(f"{config.label} · history: {state}, paths")
@@ -680,6 +690,12 @@ def _history_run(
     for leftover in work.glob("bench.db*"):
         leftover.unlink()
     return result
+
+
+def wave_processes(service: Service) -> dict[str, int]:
+    """The processes whose CPU the wave reports: the worker, which expires the holds, and
+    the web processes (with uvicorn's workers), which forward the frames."""
+    return {"worker": service.worker.pid, "web": service.web.pid}
 
 
 def history_ratios(run: dict[str, Any], empty: dict[str, Any]) -> dict[str, Any]:

@@ -581,6 +581,7 @@ def _wave_section(configs: list[dict[str, Any]], charts: dict[str, str]) -> list
                 " / ".join(_ms(r.get(k)) for k in ("p50", "p90", "p99", "max")),
                 " / ".join(_ms(a.get(k)) for k in ("p50", "p90", "p99", "max")),
                 str(w["missed"]),
+                " / ".join(str(w.get("cpu_ms", {}).get(k, "–")) for k in ("worker", "web")),
             ]
         )
     lines += _table(
@@ -589,6 +590,7 @@ def _wave_section(configs: list[dict[str, Any]], charts: dict[str, str]) -> list
             "restored p50 / p90 / p99 / max (ms)",
             "EXPIRED frame p50 / p90 / p99 / max (ms)",
             "missed",
+            "CPU while it ran: worker / web (ms)",
         ],
         rows,
     )
