@@ -14,7 +14,7 @@ import pytest
 from server.devtools import history
 from server.domain import inventory
 from server.domain.clock import now_ms
-from server.domain.executor import Executor, Row, Values
+from server.domain.executor import Columns, Executor, Row, Values
 from server.domain.model import HoldRequest, Outcome, Reservation, Status
 from server.service.idempotency import Idempotency
 from server.service.shop import Shop
@@ -110,6 +110,11 @@ class Explaining:
     async def execute(self, sql: str, values: Values | None = None) -> None:
         await self._explain(sql, values)
         await self._conn.execute(sql, values)
+
+    async def insert_rows(
+        self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        await self._conn.insert_rows(table, columns, rows)  # an INSERT: no plan to check
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from server.domain import inventory, waitingroom
 from server.domain.books import Books
 from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
-from server.domain.executor import Executor, Row, Values
+from server.domain.executor import Columns, Executor, Row, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Ticket, TicketState
@@ -381,6 +382,12 @@ class Recording:
     async def execute(self, sql: str, values: Values | None = None) -> None:
         self.statements.append(sql)
         await self.conn.execute(sql, values)
+
+    async def insert_rows(
+        self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        self.statements.append(f"INSERT INTO {table}")
+        await self.conn.insert_rows(table, columns, rows)
 
 
 async def statements_of(store: Store, requests: list[HoldRequest], *, now: int) -> list[str]:

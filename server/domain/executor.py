@@ -33,6 +33,38 @@ class Executor(Protocol):
 
     async def execute(self, sql: str, values: Values | None = None) -> None: ...
 
+    async def insert_rows(
+        self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """INSERT `rows` (each a tuple of values in `columns` order) into `table`, in as few
+        statements as the database allows. SQLite: multi-row VALUES (`insert_values`).
+        PostgreSQL: one `INSERT … SELECT * FROM unnest(…)` of one array per column, the
+        same statement text for any number of rows."""
+        ...
+
+
+# A table's columns as (name, SQL type: INTEGER, BIGINT or TEXT), for `Executor.insert_rows`.
+Columns = tuple[tuple[str, str], ...]
+
+# Rows per multi-row VALUES: well inside both databases' limits on bound values.
+INSERT_CHUNK = 1000
+
+
+async def insert_values(
+    conn: Executor, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
+) -> None:
+    """`Executor.insert_rows` as portable SQL: one multi-row INSERT … VALUES per
+    `INSERT_CHUNK` rows, whose placeholders are made once per shape (`values_rows`)."""
+    names = ", ".join(name for name, _ in columns)
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        text, placeholders = values_rows(len(columns), len(chunk))
+        flat = [value for row in chunk for value in row]
+        await conn.execute(
+            f"INSERT INTO {table} ({names}) VALUES {text}",
+            dict(zip(placeholders, flat, strict=True)),
+        )
+
 
 @functools.lru_cache(maxsize=256)
 def values_rows(width: int, count: int) -> tuple[str, tuple[str, ...]]:

@@ -24,7 +24,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.domain.executor import Executor, Row, values_rows
+from server.domain.executor import Columns, Executor, Row
 from server.domain.model import Product, Reservation
 
 # Who moves stock: a shopper (`shopper:<id>` when the shopper is known), the operator, the
@@ -137,19 +137,30 @@ COLUMNS = (
     "product_id, version, seq, movement, reservation_id, units, available, held, sold, total, "
     "actor, at"
 )
-# Rows per INSERT: well inside both databases' limits on bound values (12 per row).
-INSERT_CHUNK = 1000
+_TYPED: Columns = (
+    ("product_id", "INTEGER"),
+    ("version", "BIGINT"),
+    ("seq", "INTEGER"),
+    ("movement", "TEXT"),
+    ("reservation_id", "TEXT"),
+    ("units", "BIGINT"),
+    ("available", "BIGINT"),
+    ("held", "BIGINT"),
+    ("sold", "BIGINT"),
+    ("total", "BIGINT"),
+    ("actor", "TEXT"),
+    ("at", "BIGINT"),
+)
 
 
 async def insert(conn: Executor, entries: Sequence[Entry]) -> None:
-    """Write `entries` with one multi-row INSERT (per `INSERT_CHUNK` rows)."""
-    for start in range(0, len(entries), INSERT_CHUNK):
-        chunk = entries[start : start + INSERT_CHUNK]
-        rows, names = values_rows(12, len(chunk))
-        flat = [
-            value
-            for e in chunk
-            for value in (
+    """Write `entries` (`Executor.insert_rows`: on PostgreSQL one statement of arrays, which
+    cost it and the client about half what 12 bound values a row did)."""
+    await conn.insert_rows(
+        "stock_ledger",
+        _TYPED,
+        [
+            (
                 e.product_id,
                 e.version,
                 e.seq,
@@ -163,11 +174,9 @@ async def insert(conn: Executor, entries: Sequence[Entry]) -> None:
                 e.actor,
                 e.at,
             )
-        ]
-        await conn.execute(
-            f"INSERT INTO stock_ledger ({COLUMNS}) VALUES {rows}",
-            dict(zip(names, flat, strict=True)),
-        )
+            for e in entries
+        ],
+    )
 
 
 # -- reads -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.domain.clock import iso
-from server.domain.executor import Executor, Row, values_rows
+from server.domain.executor import Columns, Executor, Row
 from server.domain.ledger import Figures, Kind, Movement
 from server.domain.model import Product
 
@@ -251,20 +251,20 @@ def product_updated(product: Product, changed: Sequence[str], actor: str, at: in
     )
 
 
-COLUMNS = "product_id, version, seq, type, payload, created_at"
-INSERT_CHUNK = 1000
+_TYPED: Columns = (
+    ("product_id", "INTEGER"),
+    ("version", "BIGINT"),
+    ("seq", "INTEGER"),
+    ("type", "TEXT"),
+    ("payload", "TEXT"),
+    ("created_at", "BIGINT"),
+)
 
 
 async def insert(conn: Executor, events: Sequence[OutboxEvent]) -> None:
-    """Write `events` with one multi-row INSERT (per `INSERT_CHUNK` rows)."""
-    for start in range(0, len(events), INSERT_CHUNK):
-        chunk = events[start : start + INSERT_CHUNK]
-        rows, names = values_rows(6, len(chunk))
-        flat = [
-            value
-            for e in chunk
-            for value in (e.product_id, e.version, e.seq, e.type, e.payload, e.created_at)
-        ]
-        await conn.execute(
-            f"INSERT INTO outbox ({COLUMNS}) VALUES {rows}", dict(zip(names, flat, strict=True))
-        )
+    """Write `events` (`Executor.insert_rows`)."""
+    await conn.insert_rows(
+        "outbox",
+        _TYPED,
+        [(e.product_id, e.version, e.seq, e.type, e.payload, e.created_at) for e in events],
+    )
