@@ -80,6 +80,13 @@ class PostgresDatabases:
     """
 
     AHEAD = 2
+    # At most this many drops at once. Each DROP DATABASE waits for a checkpoint, which on a
+    # busy machine took 40 s (syncing every test database's files): unbounded, a run's
+    # background drops held dozens of the server's connections (100 by default), and other
+    # test runs sharing the server were refused ("too many clients"). Drops waiting together
+    # share one checkpoint, so the bound must not be small: one slot would wait a checkpoint
+    # per test at the session's end.
+    DROPPING = 16
 
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
@@ -90,6 +97,7 @@ class PostgresDatabases:
         )
         self._ready: deque[Future[str]] = deque()
         self._dropping: list[Future[None]] = []
+        self._drop_slots = asyncio.Semaphore(self.DROPPING)
 
     def url(self, name: str) -> str:
         base, _, _ = self.admin_url.rpartition("/")
@@ -139,7 +147,8 @@ class PostgresDatabases:
         self._dropping.append(self._submit(self._drop(name)))
 
     async def _drop(self, name: str) -> None:
-        await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        async with self._drop_slots:
+            await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def close(self) -> None:
         """Drop every database made, the unused ones and the template too."""
