@@ -11,6 +11,7 @@ import base64
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from pydantic_core import from_json, to_json
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,8 +28,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import Service
 from tests.events import Frame, FrameLog
+from tests.support import eventually
 
 pytestmark = pytest.mark.slow
+JWT_SECRET = "the-shop-signs-its-shoppers-with-this-32-byte-key"
 
 
 @contextmanager
@@ -373,6 +377,52 @@ async def test_a_page_joins_a_waiting_room_over_its_socket(
             await anonymous.frames.wait_for(lambda f: f["type"] == "snapshot")
             await anonymous.send({"type": "join", "productId": drop["id"]})
             await anonymous.frames.wait_for(_error("no_shopper"))
+
+
+async def test_a_socket_opened_with_a_shop_token_is_nobodys_once_it_expires(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A socket is told its shopper once, at its handshake, and may stay open for days: one
+    opened with the shop's token went on joining rooms and watching holds as that shopper
+    long after the token expired (and would be refused over HTTP). Past `exp` and the
+    leeway, it is nobody's (attack3 finding 5)."""
+    with two_services(database_url, redis_url, tmp_path, SHOPPER_JWT_SECRET=JWT_SECRET) as (
+        a,
+        _,
+    ):
+        waitlist = await a.new_product(3, queue="fifo")
+        other = await a.new_product(3, queue="fifo")
+        # Expired 27 s ago: valid for 3 s more, with the 30 s of leeway.
+        signed = jwt.encode({"sub": "expiring", "exp": time.time() - 27}, JWT_SECRET, "HS256")
+        bearer = {"Authorization": f"Bearer {signed}"}
+        async with socket_to(a, additional_headers=bearer) as ws:
+            await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            await ws.send({"type": "join", "productId": waitlist["id"]})
+            (ticket,) = await ws.frames.wait_for(lambda f: f["type"] == "ticket")
+            assert ticket["ticket"]["productId"] == waitlist["id"]
+            joins = 0
+
+            async def refused() -> bool:
+                nonlocal joins
+                joins += 1
+                await ws.send({"type": "join", "productId": other["id"]})
+                await ws.frames.wait_for(lambda f: _answers(f, other["id"]), count=joins)
+                return any(_error_saying("has expired")(f) for f in ws.frames.frames)
+
+            await eventually(refused, within=15, what="joins refused once the token expired")
+            assert [f["code"] for f in ws.frames.frames if _error_saying("expired")(f)] == [
+                "no_shopper"
+            ]
+        async with a.client(headers=bearer) as client:
+            over_http = await client.get(f"/api/products/{waitlist['id']}/queue")
+        assert over_http.status_code == 401
+
+
+def _answers(frame: Frame, product_id: int) -> bool:
+    """Whether `frame` answers a join of `product_id`: its ticket, or an error naming it."""
+    if frame["type"] == "ticket":
+        return bool(frame["ticket"]["productId"] == product_id)
+    return frame["type"] == "error" and frame.get("productId") == product_id
 
 
 def _error(code: str) -> Callable[[Frame], bool]:

@@ -253,6 +253,9 @@ class Identities:
     def shopper_id_or_none(self, websocket: object) -> str | None:
         return "anon:talker"
 
+    def signed_in_until(self, websocket: object) -> float | None:
+        return None
+
 
 async def test_a_client_that_does_not_read_is_taken_no_more_messages(
     monkeypatch: pytest.MonkeyPatch,

@@ -191,6 +191,24 @@ class Identities:
             return None
         return None if shopper is None else shopper.id
 
+    def signed_in_until(self, connection: HTTPConnection) -> float | None:
+        """Until when (Unix seconds, `LEEWAY_S` included) the request's shop token names its
+        shopper; None for a request without one. For `WS /ws`, which is told its shopper
+        once, at the handshake, and may stay open for days: past this its shopper is
+        nobody's (attack3 finding 5). Only after `shopper_id_or_none` found the token
+        valid: its signature is not checked again here."""
+        scheme, _, bearer = connection.headers.get("authorization", "").partition(" ")
+        token = bearer.strip()
+        if scheme.lower() != "bearer" or not self._algorithms or self._is_operator(token):
+            return None
+        try:
+            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+            if isinstance(exp, bool) or not isinstance(exp, int | float):
+                return None
+            return float(exp) + LEEWAY_S
+        except (jwt.InvalidTokenError, TypeError, ValueError, OverflowError):
+            return None
+
     def _is_operator(self, token: str) -> bool:
         """The operator's token (ADMIN_TOKEN) is not a shopper's: an operator's tool that
         sends it on every call is a caller without a shopper here."""

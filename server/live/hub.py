@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Coroutine
 from typing import Any
@@ -111,6 +112,9 @@ class Client:
         # The shopper of the socket (its cookie, Shopper-Token or token), whose holds it may
         # watch; None: only holds without a shopper.
         self.shopper: str | None = None
+        # Until when (Unix seconds) the shop's token the socket was opened with names its
+        # shopper (None: no token, or an anonymous shopper, whose cookie does not expire).
+        self.signed_in_until: float | None = None
         self.bad_messages = 0
         # The shopper's waiting-room tickets, by product, and what the page was last told
         # of each (`_told`: the view without its clock, to send only what changed).
@@ -156,6 +160,14 @@ class Client:
         while self._sending is not None and not self.closed:
             await asyncio.wait((self._sending,))
         return not self.closed
+
+    def shopper_now(self) -> str | None:
+        """The socket's shopper, unless the shop's token it was opened with has expired
+        since: then nobody (as over HTTP, where such a token is refused)."""
+        until = self.signed_in_until
+        if until is not None and time.time() > until:
+            return None
+        return self.shopper
 
     async def _finish(self, send: Coroutine[Any, Any, None], waiting_on: object) -> None:
         try:
@@ -723,7 +735,9 @@ async def live_updates(websocket: WebSocket) -> None:
         return
     client = hub.join(websocket, key, products)
     # The app's `server.api.identity.Identities` (the layer above this one keeps it).
-    await hub.identify(client, app.state.identities.shopper_id_or_none(websocket))
+    identities = app.state.identities
+    client.signed_in_until = identities.signed_in_until(websocket)
+    await hub.identify(client, identities.shopper_id_or_none(websocket))
     try:
         while not client.closed:
             message = await websocket.receive()
@@ -805,23 +819,27 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
     if room is None:
         refuse("queue_off", f"Product {product_id} has no waiting room; reserve it directly.")
         return
-    if client.shopper is None:
+    shopper = client.shopper_now()
+    if shopper is None:
         refuse(
             "no_shopper",
             "Joining a waiting room needs a shopper: open the socket with the `shopper` "
-            "cookie (set by the shop's page and by GET /api/me) or a Shopper-Token.",
+            "cookie (set by the shop's page and by GET /api/me) or a Shopper-Token."
+            if client.shopper is None
+            else "The sign-in token this socket was opened with has expired: join with "
+            "the POST, or open the socket again with a new token.",
         )
         return
     limiter = getattr(websocket.app.state, "rate_limiter", None)
     if limiter is not None:
         # As over HTTP: a signed-in shopper is limited as themselves, anyone else per address.
-        who = client.key if client.shopper.startswith("anon:") else client.shopper
+        who = client.key if shopper.startswith("anon:") else shopper
         wait = await limiter.retry_after(who)
         if wait is not None:
             refuse("rate_limited", f"Too many requests from you; try again in {wait} seconds.")
             return
     try:
-        answer = await room.join(product_id, client.shopper, view=False)  # told below
+        answer = await room.join(product_id, shopper, view=False)  # told below
     except DomainError as exc:
         refuse(exc.code, str(exc))
         return
@@ -856,7 +874,7 @@ async def _watch(websocket: WebSocket, hub: Hub, client: Client, ids: list[str])
     shopper's hold is as unknown here as over HTTP), and send each one's current state:
     it may have changed while the page was away."""
     shop: Shop = websocket.app.state.shop
-    visible = await shop.reservations_by_id(ids, client.shopper)
+    visible = await shop.reservations_by_id(ids, client.shopper_now())
     hub.watch(client, [r.id for r in visible])
     now = now_ms()
     for reservation in visible:

@@ -766,7 +766,8 @@ class JoinMessage(_Request):
     """Join the product's waiting room, as `POST /api/products/{id}/queue` does, over the
     socket the page already holds (no request of its own): answered with a `ticket` frame
     (the new ticket, or the one the shopper had), or an `error` frame with `productId`
-    (`no_shopper`: the socket names no shopper; `product_not_found`, `queue_off`,
+    (`no_shopper`: the socket names no shopper, or the shop's token it was opened with
+    has expired since; `product_not_found`, `queue_off`,
     `queue_not_open`, `rate_limited`, `unavailable`: the database could not be reached)."""
 
     type: Literal["join"]
