@@ -10,6 +10,7 @@ product 0.".
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import time
 import types
@@ -20,6 +21,8 @@ from typing import Any
 import jwt
 import pytest
 from annotated_types import MaxLen
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import AfterValidator, BaseModel, ValidationError
 from pydantic_core import from_json
 
@@ -217,6 +220,58 @@ async def test_a_key_named_twice_is_invalid_json_naming_it(
     assert f'"{key}" more than once' in error["message"], error
     assert await _counts(api) == before
     assert (await stats(api.store, product.id)).held == 0
+
+
+def _first_repeated(text: bytes) -> str | None:
+    """The oracle: the parser, told to stop at an object's second use of a key."""
+
+    class Repeated(Exception):
+        pass
+
+    def unique(pairs: list[tuple[str, Any]]) -> None:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise Repeated(key)
+            seen.add(key)
+
+    try:
+        json.loads(text, object_pairs_hook=unique)
+    except Repeated as found:
+        return str(found.args[0])
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+# Pieces of flat objects, and of texts that only look like them: keys that are a colon, a
+# comma or empty, escapes, nesting, stray quotes.
+_KEYS = [b'"a"', b'"b"', b'":b"', b'""', b'"a,"', b'":"', b'"\\u0061"', b'"q\\""']
+_VALUES = [b"1", b'"x"', b'":"', b"null", b'"a"', b'""', b'{"a":1}', b"[1,2]", b'"\\""', b"-1.5e3"]
+_JUNK = [b'"', b":", b",", b"{", b"}", b" ", b"\\", b"a", b"\n"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_KEYS),
+            st.sampled_from([b":", b" : ", b"\t:\n"]),
+            st.sampled_from(_VALUES),
+        ),
+        max_size=6,
+    ),
+    st.lists(st.tuples(st.integers(0, 200), st.sampled_from(_JUNK)), max_size=2),
+)
+def test_the_quick_check_of_repeated_keys_answers_as_the_parser(
+    pairs: list[tuple[bytes, bytes, bytes]], junk: list[tuple[int, bytes]]
+) -> None:
+    # The fast path for flat bodies (json_text._no_repeat_in_flat) never says "none" where
+    # the parser finds one, nor names another key.
+    text = b"{" + b",".join(k + c + v for k, c, v in pairs) + b"}"
+    for at, piece in junk:
+        text = text[: at % (len(text) + 1)] + piece + text[at % (len(text) + 1) :]
+    assert repeated_key(text) == _first_repeated(text)
 
 
 async def test_names_with_any_storable_character_are_kept_as_sent(api: Api) -> None:
