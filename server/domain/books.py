@@ -42,14 +42,25 @@ class Books:
         if not movements:
             return
         after = Figures.of(product)
-        # Walk back from the units after the change to those before the first movement.
-        before = after
+        # Walk back from the units after the change to those before the first movement,
+        # in plain integers: a batch of holds moves once per hold (a `Figures` a step was a
+        # tenth of the writer's Python for a batch).
+        available, held, sold, total = after.available, after.held, after.sold, after.total
         for movement in movements:
-            before = before.plus(DELTAS[movement.kind], -movement.units)
-        figures = before
+            delta, units = DELTAS[movement.kind], movement.units
+            available -= delta.available * units
+            held -= delta.held * units
+            sold -= delta.sold * units
+            total -= delta.total * units
+        before = Figures(available, held, sold, total)
         seq = 0
         for movement in movements:
-            figures = figures.plus(DELTAS[movement.kind], movement.units)
+            delta, units = DELTAS[movement.kind], movement.units
+            available += delta.available * units
+            held += delta.held * units
+            sold += delta.sold * units
+            total += delta.total * units
+            figures = Figures(available, held, sold, total)
             reservation = movement.reservation
             self.entries.append(
                 Entry(

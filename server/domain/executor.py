@@ -8,7 +8,7 @@ inside one transaction (`Store.write`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 Values = Mapping[str, Any]
@@ -61,15 +61,47 @@ async def insert_values(
         text, placeholders = values_rows(len(columns), len(chunk))
         flat = [value for row in chunk for value in row]
         await conn.execute(
-            f"INSERT INTO {table} ({names}) VALUES {text}",
-            dict(zip(placeholders, flat, strict=True)),
+            f"INSERT INTO {table} ({names}) VALUES {text}", InOrder(placeholders, flat)
         )
+
+
+class InOrder(Mapping[str, Any]):
+    """The values of `values_rows`' placeholders: `names` (its names, in order) and `flat`
+    (a value for each, in the same order). Read as a mapping it is `dict(zip(names, flat))`;
+    a driver that binds by number takes `flat` as it is, when the statement's placeholders
+    are `names` in that order (`server.storage.database`), instead of building the dict and
+    looking each name up again: a ledger INSERT of 64 holds binds 768 values.
+
+    Raises ValueError if `names` and `flat` differ in length."""
+
+    __slots__ = ("_by_name", "flat", "names")
+
+    def __init__(self, names: tuple[str, ...], flat: Sequence[Any]) -> None:
+        if len(names) != len(flat):
+            raise ValueError(f"{len(names)} placeholders, {len(flat)} values")
+        self.names = names
+        self.flat = flat
+        self._by_name: dict[str, Any] | None = None
+
+    def _map(self) -> dict[str, Any]:
+        if self._by_name is None:
+            self._by_name = dict(zip(self.names, self.flat, strict=True))
+        return self._by_name
+
+    def __getitem__(self, name: str) -> Any:
+        return self._map()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @functools.lru_cache(maxsize=256)
 def values_rows(width: int, count: int) -> tuple[str, tuple[str, ...]]:
     """`count` rows of `width` placeholders for a multi-row INSERT (`(:v0, :v1), (:v2, :v3)`)
-    and their names in order: bind them with `dict(zip(names, flat_values))`. Made once per
+    and their names in order: bind them with `InOrder(names, flat_values)`. Made once per
     shape, so a batch of holds does not format a name per value."""
     names = tuple(f"v{n}" for n in range(width * count))
     rows = ", ".join(

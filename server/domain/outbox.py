@@ -135,6 +135,26 @@ def body(event_type: str, at: int, data: dict[str, Any]) -> str:
 
 
 _STORED = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The same text as `_STORED` for a flat list of numbers, strings and None, from one encoder
+# made once: `JSONEncoder.encode` makes a new C encoder on every call, which was most of
+# the cost of a hold's event in the writer's transaction (5.5 -> 2.4 us an event).
+# No check for cycles (`markers` None): these lists hold no containers.
+_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE_FLAT: Any = (
+    None
+    if _MAKE_ENCODER is None
+    else _MAKE_ENCODER(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+        False, False, True,
+    )
+)  # fmt: skip
+
+
+def _stored(values: list[Any]) -> str:
+    """`values` (numbers, strings, None) as the JSON text `_STORED` makes of them."""
+    if _ENCODE_FLAT is None:
+        return _STORED(values)
+    return "".join(_ENCODE_FLAT(values, 0))
 
 
 def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | None:
@@ -142,7 +162,7 @@ def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | No
     f = figures
     reservation = movement.reservation
     if reservation is not None and movement.kind in RESERVATION_EVENTS:
-        return RESERVATION_EVENTS[movement.kind], _STORED(
+        return RESERVATION_EVENTS[movement.kind], _stored(
             [
                 reservation.id,
                 reservation.quantity,

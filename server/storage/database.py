@@ -55,7 +55,7 @@ import asyncpg
 from databases import Database, DatabaseURL
 from databases.core import Connection
 
-from server.domain.executor import Columns, Executor, Row, Values, insert_values
+from server.domain.executor import Columns, Executor, InOrder, Row, Values, insert_values
 from server.infra.metrics import DATABASE_BUSY
 from server.storage.errors import Busy, Unavailable, UniqueViolation
 
@@ -274,6 +274,8 @@ def sqlite_bound(sql: str, values: Values | None) -> tuple[str, Sequence[Any]]:
     if not values:
         return sql, ()
     text, names = positional(sql, "?")
+    if type(values) is InOrder and values.names == names:
+        return text, values.flat
     return text, [values[name] for name in names]
 
 
@@ -288,7 +290,10 @@ class PostgresExecutor:
     async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
         text, names = positional(sql)
         given = values or {}
-        rows: list[Row] = await self._raw.fetch(text, *(given[name] for name in names))
+        if type(given) is InOrder and given.names == names:
+            rows: list[Row] = await self._raw.fetch(text, *given.flat)
+            return rows
+        rows = await self._raw.fetch(text, *(given[name] for name in names))
         return rows
 
     async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
