@@ -209,6 +209,48 @@ async def test_complete_and_cancel_answer_for_holds_in_other_states(store: Store
     await assert_invariant(store, product.id)
 
 
+async def test_a_batch_of_completes_answers_each_request_in_order(store: Store) -> None:
+    """One transaction for many completes: each answered as it would be on its own (a
+    hold already bought, a cancelled one, an overdue one expired on the spot, one of another
+    shopper, one that does not exist), and each product changed once, whatever the mix."""
+    one = await make_product(store, 10)
+    two = await make_product(store, 10)
+    mine = await hold(store, one.id, 2)
+    other = await hold(store, two.id, 1)
+    bought = await hold(store, one.id, 1)
+    cancelled = await hold(store, two.id, 1)
+    overdue = await hold(store, one.id, 3, now=now_ms() - 10_000, hold_ms=1_000)
+    await store.write(lambda conn: inventory.complete(conn, bought.id, now=now_ms()))
+    await store.write(lambda conn: inventory.cancel(conn, cancelled.id, now=now_ms()))
+    before = {p.id: (await stats(store, p.id)) for p in (one, two)}
+    requests = [
+        inventory.Completing(mine.id),
+        inventory.Completing(bought.id),
+        inventory.Completing(cancelled.id),
+        inventory.Completing(overdue.id),
+        inventory.Completing("x" * 22),
+        inventory.Completing(other.id, caller="someone"),  # a hold without a shopper: anyone's
+    ]
+    outcomes, events = await store.write(
+        lambda conn: inventory.complete_many(conn, requests, now=now_ms())
+    )
+    assert outcomes[0].result().status is Status.COMPLETED
+    assert outcomes[1].result().completed_at is not None
+    for outcome, error in zip(
+        outcomes[2:5], (ReservationCancelled, ReservationExpired, ReservationNotFound), strict=True
+    ):
+        with pytest.raises(error):
+            outcome.result()
+    assert outcomes[5].result().status is Status.COMPLETED
+    stock = [e.product.id for e in events if isinstance(e, StockChanged)]
+    # Each product once for the completes, and one more for the overdue hold's expiry.
+    assert sorted(stock) == sorted([one.id, two.id, one.id])
+    assert sum(isinstance(e, ReservationChanged) for e in events) == 3
+    s1, s2 = await assert_invariant(store, one.id), await assert_invariant(store, two.id)
+    assert (s1.sold - before[one.id].sold, s1.expired - before[one.id].expired) == (2, 3)
+    assert s2.sold - before[two.id].sold == 1
+
+
 async def _attempt(
     store: Store,
     operation: Callable[..., Awaitable[Outcome[Reservation]]],

@@ -104,6 +104,59 @@ async def test_a_batch_of_holds_is_one_change_with_a_row_per_hold(store: Store) 
     await assert_reconciled(store)
 
 
+async def test_a_batch_of_completes_or_of_cancels_is_one_change_per_product(
+    store: Store,
+) -> None:
+    """Completes (and cancels) are group-committed: a batch moves each product once, with
+    a ledger row and an event per hold, whoever asked and with whatever reference."""
+    one = await make_product(store, 10)
+    two = await make_product(store, 5)
+    a = await hold(store, one.id, 2)
+    b = await hold(store, two.id, 1)
+    c = await hold(store, one.id, 1)
+    d = await hold(store, one.id, 3)
+    e = await hold(store, two.id, 2)
+    completing = [
+        inventory.Completing(a.id),
+        inventory.Completing(b.id, actor="shop", order_reference="R-1"),
+        inventory.Completing(c.id, actor="shop"),
+        inventory.Completing(a.id),  # a copy in the same batch: answered as a retry
+    ]
+    completed, _ = await store.write(
+        lambda conn: inventory.complete_many(conn, completing, now=now_ms())
+    )
+    assert [(o.result().id, o.result().status.value) for o in completed] == [
+        (a.id, "COMPLETED"),
+        (b.id, "COMPLETED"),
+        (c.id, "COMPLETED"),
+        (a.id, "COMPLETED"),
+    ]
+    assert [o.result().order_reference for o in completed] == [None, "R-1", None, None]
+    cancelling = [
+        inventory.Cancelling(d.id),
+        inventory.Cancelling(e.id, actor=ledger.OPERATOR, reason="mispriced"),
+    ]
+    cancelled, _ = await store.write(
+        lambda conn: inventory.cancel_many(conn, cancelling, now=now_ms())
+    )
+    assert [(o.result().cancelled_by, o.result().cancel_reason) for o in cancelled] == [
+        ("shopper", None),
+        ("operator", "mispriced"),
+    ]
+    assert [(e.version, e.seq, *walk([e])[0]) for e in (await rows(store, one.id))[4:]] == [
+        (5, 0, "completed", 2, Figures(4, 4, 2, 10), "shopper"),
+        (5, 1, "completed", 1, Figures(4, 3, 3, 10), "shop"),
+        (6, 0, "cancelled", 3, Figures(7, 0, 3, 10), "shopper"),
+    ]
+    assert [(e.version, e.seq, *walk([e])[0]) for e in (await rows(store, two.id))[3:]] == [
+        (4, 0, "completed", 1, Figures(2, 2, 1, 5), "shop"),
+        (5, 0, "cancelled", 2, Figures(4, 0, 1, 5), "operator"),
+    ]
+    kinds = [event["type"] for event in await outbox(store, one.id)]
+    assert kinds[-3:] == ["reservation.completed", "reservation.completed", "reservation.cancelled"]
+    await assert_reconciled(store)
+
+
 async def test_the_outbox_gets_the_events_of_the_same_transaction(store: Store) -> None:
     product = await make_product(store, 2)
     first = await hold(store, product.id, 1)

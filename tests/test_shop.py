@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from server.domain.errors import InsufficientStock
+from server.domain import inventory
+from server.domain.errors import InsufficientStock, ReservationNotFound
 from server.domain.model import HoldRequest
 from server.service.catalog import Catalog
 from server.service.shop import Shop
@@ -97,3 +98,39 @@ async def test_units_promised_to_a_batch_that_failed_are_offered_again(
     finally:
         await shop.stop()
         await store.close()
+
+
+async def test_completes_and_cancels_that_arrive_together_share_transactions(
+    store: Store, shop_with_catalog: Shop
+) -> None:
+    """Like reservations, the completes (and the cancels) waiting while one transaction runs
+    go together in the next: the product changes once per batch, not once per hold, and
+    each caller still gets its own answer (another shopper's hold is not found)."""
+    shop = shop_with_catalog
+    product = await make_product(store, 100)
+    held = [
+        (await shop.reserve(HoldRequest(product.id, 1, shopper_id=f"s{n % 2}"))).reservation
+        for n in range(40)
+    ]
+    async with store.reader() as conn:
+        before = await inventory.get_product(conn, product.id)
+    assert before is not None
+
+    async def end(n: int, reservation_id: str) -> str:
+        try:
+            if n < 30:
+                done = await shop.complete(reservation_id, caller=f"s{n % 2}")
+            else:
+                done = await shop.cancel(reservation_id, caller="s0")
+        except ReservationNotFound:
+            return "not found"
+        return done.status.value
+
+    answers = await asyncio.gather(*(end(n, r.id) for n, r in enumerate(held)))
+    assert answers == ["COMPLETED"] * 30 + ["CANCELLED", "not found"] * 5
+    s = await assert_invariant(store, product.id)
+    assert (s.sold, s.cancelled, s.held) == (30, 5, 5)
+    async with store.reader() as conn:
+        after = await inventory.get_product(conn, product.id)
+    assert after is not None
+    assert after.version - before.version < 35  # fewer changes than holds ended

@@ -33,7 +33,7 @@ import base64
 import enum
 import secrets
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from server.domain import ledger, outbox, waitingroom
@@ -805,6 +805,213 @@ def _owner(caller: Caller) -> dict[str, object]:
     return {"caller": caller} if isinstance(caller, str) else {}
 
 
+@dataclass(frozen=True, slots=True)
+class Completing:
+    """A request to buy a hold (`complete_many`): `actor` as the ledger says who
+    (`shop` for the shop's backend), the shop's `order_reference` if it gave one, and
+    `caller`: the shopper asking (a hold of another shopper is `ReservationNotFound`), or
+    ANYONE (the shop's backend)."""
+
+    reservation_id: str
+    actor: str = ledger.SHOPPER
+    order_reference: str | None = None
+    caller: Caller = ANYONE
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelling:
+    """A request to give a hold's units back (`cancel_many`): `actor` the shopper
+    (`shopper…`) or the operator (`operator`), `reason` the operator's words for the
+    shopper, `caller` as for `Completing` (the operator: ANYONE)."""
+
+    reservation_id: str
+    actor: str = ledger.SHOPPER
+    reason: str | None = None
+    caller: Caller = ANYONE
+
+
+def _caller_key(caller: Caller) -> tuple[int, str | None]:
+    """`caller` as a key that groups the requests one UPDATE can serve."""
+    return (0, None) if isinstance(caller, _Anyone) else (1, caller)
+
+
+# How a batch ends its holds (`_end_many`): the SET of the holds' UPDATE and its values
+# (`:now` is given), for one group of requests that one UPDATE serves (one caller).
+Ending = tuple[str, dict[str, object]]
+
+
+async def _end_many(
+    conn: Executor,
+    requests: Sequence[Completing | Cancelling],
+    *,
+    now: int,
+    ends_as: Status,
+    group: Callable[[Completing | Cancelling], tuple[object, Ending]],
+    move: Callable[[Executor, Books, list[Reservation], list[str]], Awaitable[Product]],
+) -> tuple[list[Outcome[Reservation]], list[Event]]:
+    """End a batch of holds in one transaction (complete or cancel: `ends_as`), each
+    request answered as it would be on its own, in the order of `requests`.
+
+    Locks are taken as the sweeper takes them (`expire_overdue`): product by product in id
+    order, the product's holds, then the product's row, so that no two writers wait on
+    each other in a cycle. First one read of which product each hold is of; then for each
+    product: one UPDATE of its holds per group of requests (`group`: the requests one
+    UPDATE serves, and its SQL: one for a batch of the same caller's, or of the shop's,
+    calls), a read of each hold the UPDATE left alone (a retry; a hold in another state; an
+    overdue one, expired now, units back, and answered `ReservationExpired`), then `move`:
+    the product's UPDATE for the ended holds (with the actor of each) and its books. The
+    ledger rows and the outbox events of the whole batch go in one INSERT each.
+    """
+    ids = list(dict.fromkeys(r.reservation_id for r in requests))
+    names = {f"r{n}": reservation_id for n, reservation_id in enumerate(ids)}
+    found = await conn.fetch_all(
+        f"SELECT id, product_id FROM reservations WHERE id IN "
+        f"({', '.join(':' + name for name in names)})",
+        names,
+    )
+    product_of = {str(row["id"]): int(row["product_id"]) for row in found}
+    outcomes: dict[int, Outcome[Reservation]] = {}
+    by_product: dict[int, list[int]] = defaultdict(list)
+    for n, request in enumerate(requests):
+        product_id = product_of.get(request.reservation_id)
+        if product_id is None:
+            outcomes[n] = Outcome(error=ReservationNotFound(request.reservation_id))
+        else:
+            by_product[product_id].append(n)
+    events: list[Event] = []
+    books = Books(now=now)
+    for product_id in sorted(by_product):
+        groups: dict[object, tuple[Ending, Caller, list[str]]] = {}
+        for n in by_product[product_id]:
+            request = requests[n]
+            key, ending = group(request)
+            groups.setdefault(key, (ending, request.caller, []))[2].append(request.reservation_id)
+        ended: dict[str, Reservation] = {}
+        for (assignments, values), caller, group_ids in groups.values():
+            ended |= await _end_holds(
+                conn,
+                group_ids,
+                assignments=assignments,
+                values={**values, "now": now},
+                caller=caller,
+            )
+        done: list[int] = []
+        overdue: dict[str, str] = {}  # hold id → the actor of the first request for it
+        for n in by_product[product_id]:
+            request = requests[n]
+            reservation = ended.pop(request.reservation_id, None)
+            if reservation is not None:  # the first request for it: its change
+                done.append(n)
+                outcomes[n] = Outcome(reservation)
+                continue
+            current = await get_reservation(conn, request.reservation_id)
+            if current is None or not may_see(request.caller, current):
+                outcomes[n] = Outcome(error=ReservationNotFound(request.reservation_id))
+            elif current.status is ends_as:  # already: answered with the hold, unchanged
+                outcomes[n] = Outcome(current)
+            elif current.status is Status.COMPLETED:
+                outcomes[n] = Outcome(error=ReservationCompleted())
+            elif current.status is Status.CANCELLED:
+                outcomes[n] = Outcome(error=ReservationCancelled())
+            else:  # EXPIRED, or ACTIVE and due (no job has run yet): expired now
+                if current.status is Status.ACTIVE:
+                    overdue.setdefault(current.id, request.actor)
+                outcomes[n] = Outcome(error=ReservationExpired())
+        if overdue:
+            rows = await _expire_ids(conn, list(overdue), now=now)
+            if rows:  # none: another transaction expired them first
+                holds = [Reservation.from_row(row) for row in rows]
+                product = await _restore(
+                    conn,
+                    books,
+                    holds,
+                    now=now,
+                    ended=Status.EXPIRED,
+                    actor=[overdue[h.id] for h in holds],
+                )
+                events.append(StockChanged(product))
+                events.extend(ReservationChanged(h, product) for h in holds)
+        if done:
+            holds = [outcomes[n].result() for n in done]
+            product = await move(conn, books, holds, [requests[n].actor for n in done])
+            events.append(StockChanged(product))
+            events.extend(ReservationChanged(h, product) for h in holds)
+    await books.write(conn)
+    return [outcomes[n] for n in range(len(requests))], events
+
+
+async def _end_holds(
+    conn: Executor,
+    ids: Sequence[str],
+    *,
+    assignments: str,
+    values: dict[str, object],
+    caller: Caller,
+) -> dict[str, Reservation]:
+    """Those of `ids` that are ACTIVE and not yet due and that `caller` may act on, ended
+    with `assignments` (SQL, its `:name`s in `values`, `:now` the transaction's time), in
+    one UPDATE by primary key; the holds as they are now, by id. Each row changes only if
+    it is still ACTIVE when the UPDATE reaches it, so a hold ends once however many ask."""
+    params: dict[str, object] = {**values, **_owner(caller)}
+    names = []
+    for n, reservation_id in enumerate(dict.fromkeys(ids)):
+        names.append(f":i{n}")
+        params[f"i{n}"] = reservation_id
+    rows = await conn.fetch_all(
+        f"UPDATE reservations SET {assignments} "
+        f"WHERE id IN ({', '.join(names)}) AND status = 'ACTIVE' AND expires_at > :now "
+        f"{_owned_by(caller)}RETURNING {RESERVATION}",
+        params,
+    )
+    return {str(row["id"]): Reservation.from_row(row) for row in rows}
+
+
+async def complete_many(
+    conn: Executor, requests: Sequence[Completing], *, now: int
+) -> tuple[list[Outcome[Reservation]], list[Event]]:
+    """Buy holds, in one transaction: each ACTIVE and not yet due hold → COMPLETED.
+
+    Answers in the order of `requests`. Completing a COMPLETED hold returns it unchanged
+    (its first `order_reference` kept); an overdue one is expired on the spot and answered
+    `ReservationExpired`; a CANCELLED one `ReservationCancelled`; one that does not exist,
+    or that the request's caller may not act on, `ReservationNotFound`. Held units become
+    sold ones in one UPDATE per product: a new version, a stock event, so that every page
+    learns they will not come back. Statements and lock order: `_end_many`."""
+
+    def group(request: Completing | Cancelling) -> tuple[object, Ending]:
+        assert isinstance(request, Completing)
+        return (_caller_key(request.caller), request.order_reference), (
+            "status = 'COMPLETED', completed_at = :now, ended_at = :now, order_reference = :ref",
+            {"ref": request.order_reference},
+        )
+
+    return await _end_many(
+        conn, requests, now=now, ends_as=Status.COMPLETED, group=group, move=_sell
+    )
+
+
+async def _sell(
+    conn: Executor, books: Books, holds: list[Reservation], actors: list[str]
+) -> Product:
+    """The units of `holds` (completed, all of one product) from held to sold, in one
+    UPDATE of the product (its revenue too), and in the books as `actors`' (one a hold)."""
+    quantity = sum(r.quantity for r in holds)
+    sold = await conn.fetch_one(
+        "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q, "
+        "revenue_cents = revenue_cents + :q * price_cents, "
+        "version = version + 1, updated_at = :now "
+        f"WHERE id = :id RETURNING {PRODUCT}",
+        {"id": holds[0].product_id, "q": quantity, "now": books.now},
+    )
+    assert sold is not None, "a hold's product cannot disappear"
+    product = Product.from_row(sold)
+    books.moved(
+        product,
+        [Movement(Kind.COMPLETED, r.quantity, a, r) for r, a in zip(holds, actors, strict=True)],
+    )
+    return product
+
+
 async def complete(
     conn: Executor,
     reservation_id: str,
@@ -814,45 +1021,49 @@ async def complete(
     order_reference: str | None = None,
     caller: Caller = ANYONE,
 ) -> Outcome[Reservation]:
-    """ACTIVE and not yet due → COMPLETED. Completing a COMPLETED hold returns it unchanged
-    (its first `order_reference` kept). `actor`: who completes (`shop` for the shop's
-    backend); `order_reference`: the shop's name for the order, stored on the hold and sent
-    in `reservation.completed`. `caller`: the shopper asking (a hold of another shopper is
-    `ReservationNotFound`), or `ANYONE` (the shop's backend)."""
-    row = await conn.fetch_one(
-        "UPDATE reservations SET status = 'COMPLETED', completed_at = :now, ended_at = :now, "
-        "order_reference = :ref "
-        "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
-        f"{_owned_by(caller)}RETURNING {RESERVATION}",
-        {"id": reservation_id, "now": now, "ref": order_reference, **_owner(caller)},
+    """One hold's `complete_many`: ACTIVE and not yet due → COMPLETED, with its events."""
+    outcomes, events = await complete_many(
+        conn, [Completing(reservation_id, actor, order_reference, caller)], now=now
     )
-    if row is not None:
-        reservation = Reservation.from_row(row)
-        # Held units become sold ones: a change of the product's stock like any other (a new
-        # version, a stock event), so that every page learns that they will not come back.
-        sold = await conn.fetch_one(
-            "UPDATE products SET held_units = held_units - :q, sold_units = sold_units + :q, "
-            "revenue_cents = revenue_cents + :q * price_cents, "
-            "version = version + 1, updated_at = :now "
-            f"WHERE id = :id RETURNING {PRODUCT}",
-            {"id": reservation.product_id, "q": reservation.quantity, "now": now},
+    return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)
+
+
+def _cancelled_by(actor: str) -> str:
+    """Who cancelled, as the hold keeps it (`cancelled_by`): `shopper` or `operator`."""
+    return ledger.OPERATOR if actor == ledger.OPERATOR else ledger.SHOPPER
+
+
+async def cancel_many(
+    conn: Executor, requests: Sequence[Cancelling], *, now: int
+) -> tuple[list[Outcome[Reservation]], list[Event]]:
+    """Give holds' units back, in one transaction: each ACTIVE and not yet due hold →
+    CANCELLED, its units back on sale (and off its shopper's allowance: `_restore`).
+    Cancelling twice returns it.
+
+    Answers in the order of `requests`; the refusals as `complete_many`'s
+    (`ReservationCompleted` for a bought hold). Who cancelled is kept on the hold as
+    `cancelled_by` (`shopper` or `operator`, so that the shopper's page can say who did),
+    with the operator's `reason` as `cancel_reason`. Statements and lock order:
+    `_end_many`."""
+
+    def group(request: Completing | Cancelling) -> tuple[object, Ending]:
+        assert isinstance(request, Cancelling)
+        by = _cancelled_by(request.actor)
+        return (_caller_key(request.caller), by, request.reason), (
+            "status = 'CANCELLED', ended_at = :now, cancelled_by = :by, cancel_reason = :reason",
+            {"by": by, "reason": request.reason},
         )
-        assert sold is not None, "a hold's product cannot disappear"
-        product = Product.from_row(sold)
-        books = Books(now=now)
-        books.moved(product, [Movement(Kind.COMPLETED, reservation.quantity, actor, reservation)])
-        await books.write(conn)
-        return Outcome(
-            reservation, events=[StockChanged(product), ReservationChanged(reservation, product)]
+
+    async def give_back(
+        conn: Executor, books: Books, holds: list[Reservation], actors: list[str]
+    ) -> Product:
+        return await _restore(
+            conn, books, holds, now=books.now, ended=Status.CANCELLED, actor=actors
         )
-    current = await get_reservation(conn, reservation_id)
-    if current is None or not may_see(caller, current):
-        return Outcome(error=ReservationNotFound(reservation_id))
-    if current.status is Status.COMPLETED:
-        return Outcome(current)
-    if current.status is Status.CANCELLED:
-        return Outcome(error=ReservationCancelled())
-    return await _refuse_as_expired(conn, current, now=now, actor=actor)
+
+    return await _end_many(
+        conn, requests, now=now, ends_as=Status.CANCELLED, group=group, move=give_back
+    )
 
 
 async def cancel(
@@ -864,50 +1075,12 @@ async def cancel(
     reason: str | None = None,
     caller: Caller = ANYONE,
 ) -> Outcome[Reservation]:
-    """ACTIVE and not yet due → CANCELLED, units back (and the shopper's allowance).
-    Cancelling twice returns it.
-
-    `actor`: the shopper (`shopper…`) or the operator (`operator`), kept on the hold as
-    `cancelled_by` (`shopper` or `operator`) so that the shopper's page can say who did;
-    `reason`: the operator's words for the shopper, kept as `cancel_reason`. `caller`: as
-    for `complete` (the operator: ANYONE)."""
-    by = ledger.OPERATOR if actor == ledger.OPERATOR else ledger.SHOPPER
-    row = await conn.fetch_one(
-        "UPDATE reservations SET status = 'CANCELLED', ended_at = :now, cancelled_by = :by, "
-        "cancel_reason = :reason "
-        "WHERE id = :id AND status = 'ACTIVE' AND expires_at > :now "
-        f"{_owned_by(caller)}RETURNING {RESERVATION}",
-        {"id": reservation_id, "now": now, "by": by, "reason": reason, **_owner(caller)},
+    """One hold's `cancel_many`: ACTIVE and not yet due → CANCELLED, units back (and the
+    shopper's allowance), with its events."""
+    outcomes, events = await cancel_many(
+        conn, [Cancelling(reservation_id, actor, reason, caller)], now=now
     )
-    if row is not None:
-        reservation = Reservation.from_row(row)
-        books = Books(now=now)
-        product = await _restore(
-            conn, books, [reservation], now=now, ended=Status.CANCELLED, actor=actor
-        )
-        await books.write(conn)
-        return Outcome(
-            reservation,
-            events=[StockChanged(product), ReservationChanged(reservation, product)],
-        )
-    current = await get_reservation(conn, reservation_id)
-    if current is None or not may_see(caller, current):
-        return Outcome(error=ReservationNotFound(reservation_id))
-    if current.status is Status.CANCELLED:
-        return Outcome(current)
-    if current.status is Status.COMPLETED:
-        return Outcome(error=ReservationCompleted())
-    return await _refuse_as_expired(conn, current, now=now, actor=actor)
-
-
-async def _refuse_as_expired(
-    conn: Executor, current: Reservation, *, now: int, actor: str
-) -> Outcome[Reservation]:
-    """The hold is EXPIRED, or ACTIVE but overdue: expire it now if no job has yet."""
-    events: list[Event] = []
-    if current.status is Status.ACTIVE:
-        events = (await expire(conn, current.id, now=now, actor=actor)).events
-    return Outcome(error=ReservationExpired(), events=events)
+    return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)
 
 
 async def expire(
@@ -1017,10 +1190,11 @@ async def _restore(
     *,
     now: int,
     ended: Status,
-    actor: str,
+    actor: str | Sequence[str],
 ) -> Product:
     """Units of `holds` (all of one product) that ended unsold (`ended`: EXPIRED or
-    CANCELLED) back on sale, in one UPDATE, and in the books; and, if the product has a
+    CANCELLED) back on sale, in one UPDATE, and in the books as `actor`'s (one for all, or
+    each hold's); and, if the product has a
     limit per shopper, off their shoppers' allowances (issue 16), after the product's row,
     the order `reserve` and `update_product` take them in. Every way a hold ends unsold
     comes here: cancel, the expiry job, the sweeper, and a request that finds its hold
@@ -1038,7 +1212,11 @@ async def _restore(
     product = Product.from_row(row)
     if product.max_per_shopper is not None:
         await _give_back_allowances(conn, product.id, holds)
-    books.moved(product, [Movement(kind, r.quantity, actor, r) for r in holds])
+    actors = [actor] * len(holds) if isinstance(actor, str) else actor
+    books.moved(
+        product,
+        [Movement(kind, r.quantity, a, r) for r, a in zip(holds, actors, strict=True)],
+    )
     return product
 
 

@@ -98,12 +98,28 @@ class Shop:
         self._holds: GroupCommit[Waiting, Held] = GroupCommit(
             self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
         )
+        # Completes and cancels are group-committed too, each kind in its own transactions
+        # (holds, then products in id order, as every writer takes them).
+        self._completes: GroupCommit[inventory.Completing, Reservation] = GroupCommit(
+            self._complete_batch,
+            max_batch=MAX_BATCH,
+            name="complete-batches",
+        )
+        self._cancels: GroupCommit[inventory.Cancelling, Reservation] = GroupCommit(
+            self._cancel_batch,
+            max_batch=MAX_BATCH,
+            name="cancel-batches",
+        )
 
     async def start(self) -> None:
         self._holds.start()
+        self._completes.start()
+        self._cancels.start()
 
     async def stop(self) -> None:
         await self._holds.stop()
+        await self._completes.stop()
+        await self._cancels.stop()
 
     @property
     def reserve_backlog(self) -> int:
@@ -297,17 +313,12 @@ class Shop:
         with the shop's `order_reference` if it gave one; `caller`: the shopper asking (a
         hold of another shopper is not found), ANYONE for the shop's backend. Raises
         `ReservationNotFound`, `ReservationExpired` (an overdue hold is expired on the
-        spot), `ReservationCancelled`."""
-        return await self._write(
-            lambda conn, now: inventory.complete(
-                conn,
-                reservation_id,
-                now=now,
-                actor=actor,
-                order_reference=order_reference,
-                caller=caller,
-            ),
-            late=True,
+        spot), `ReservationCancelled`; storage's Busy or Unavailable.
+
+        Group-committed: the completes that arrive while a batch is in its transaction go
+        together in the next (`inventory.complete_many`)."""
+        return await self._completes.submit(
+            inventory.Completing(reservation_id, actor, order_reference, caller)
         )
 
     async def cancel(
@@ -321,15 +332,48 @@ class Shop:
         """Give a hold's units back (idempotent), as `actor` (`operator` when the shop
         cancels it, with its `reason` for the shopper), and the shopper's allowance;
         `caller` as for `complete`. Raises `ReservationNotFound`, `ReservationExpired`,
-        `ReservationCompleted`."""
+        `ReservationCompleted`; storage's Busy or Unavailable. Group-committed like
+        `complete` (`inventory.cancel_many`)."""
         if not inventory.is_reservation_id(reservation_id):
             raise ReservationNotFound(reservation_id)
-        return await self._write(
-            lambda conn, now: inventory.cancel(
-                conn, reservation_id, now=now, actor=actor, reason=reason, caller=caller
-            ),
-            late=True,
+        return await self._cancels.submit(
+            inventory.Cancelling(reservation_id, actor, reason, caller)
         )
+
+    async def _complete_batch(
+        self, batch: Sequence[inventory.Completing]
+    ) -> list[Reservation | BaseException]:
+        return await self._end_batch(
+            lambda conn, now: inventory.complete_many(conn, batch, now=now)
+        )
+
+    async def _cancel_batch(
+        self, batch: Sequence[inventory.Cancelling]
+    ) -> list[Reservation | BaseException]:
+        return await self._end_batch(lambda conn, now: inventory.cancel_many(conn, batch, now=now))
+
+    async def _end_batch(
+        self,
+        end: Callable[[Executor, int], Awaitable[tuple[list[Outcome[Reservation]], list[Event]]]],
+    ) -> list[Reservation | BaseException]:
+        """One transaction for a batch of completes or of cancels (`end`, given the
+        transaction's time); each request's hold, or its domain error to raise."""
+
+        async def operation(conn: Executor, now: int) -> Outcome[list[Outcome[Reservation]]]:
+            outcomes, events = await end(conn, now)
+            return Outcome(outcomes, events=events)
+
+        done = await self._transactions.run(operation)
+        expired = _expired(done.events)  # came after expiresAt: expired on the spot
+        if expired:
+            BY_REFUSAL.inc(expired)
+        results: list[Reservation | BaseException] = []
+        for outcome in done.result():
+            if outcome.error is not None:
+                results.append(outcome.error)
+            else:
+                results.append(outcome.result())
+        return results
 
     # -- products ------------------------------------------------------------------------
 
@@ -432,14 +476,8 @@ class Shop:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    async def _write(
-        self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]], *, late: bool = False
-    ) -> T:
+    async def _write(self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]]) -> T:
         outcome = await self._transactions.run(operation)
-        if late:  # a complete or cancel that came after expiresAt expires the hold itself
-            expired = _expired(outcome.events)
-            if expired:
-                BY_REFUSAL.inc(expired)
         return outcome.result()
 
 
