@@ -131,7 +131,12 @@ async def test_complete_racing_expiry_ends_one_way_or_the_other(
     at or after its expiresAt.
 
     Ten lanes run thirty rounds each: a hold falls due 40 ms ahead, the complete is aimed at
-    that instant give or take 15 ms, and the expirer fires at it."""
+    that instant give or take 15 ms, and the expirer fires at it. On a busy machine a request
+    may take longer than that to arrive, and making the hold longer than 40 ms, so that every
+    complete would come too late and the race would not be run: each lane aims by a
+    staircase (10 ms earlier after a complete that lost, 10 ms later after one that won,
+    so it settles where the two meet), and falls due at least twice as far ahead as making
+    its last hold took."""
     lanes, rounds = 10, 30
     product = await make_product(store, lanes * rounds)
     expirer = Expirer(store, publish=lambda events: None)
@@ -142,10 +147,13 @@ async def test_complete_racing_expiry_ends_one_way_or_the_other(
 
     async def lane(client: httpx.AsyncClient) -> list[tuple[Reservation, int]]:
         results = []
+        lead, offset = 40, 0  # ms: how far ahead a hold falls due; the aim against it
         for _ in range(rounds):
-            due = now_ms() + 40
+            started = now_ms()
+            due = started + lead
             held = await hold(store, product.id, 1, now=due - 1_000, hold_ms=1_000)
-            aim = due + rng.randint(-15, 15)
+            lead = max(40, 2 * (now_ms() - started))
+            aim = due + offset + rng.randint(-15, 15)
 
             async def complete(reservation_id: str = held.id, aim: int = aim) -> int:
                 await at(aim)
@@ -161,6 +169,7 @@ async def test_complete_racing_expiry_ends_one_way_or_the_other(
 
             status, _ = await asyncio.gather(complete(), expire())
             results.append((held, status))
+            offset += 10 if status == 200 else -10
         return results
 
     async with service.client(limits=httpx.Limits(max_keepalive_connections=lanes)) as client:
