@@ -42,6 +42,25 @@ from tests.test_waitingroom import (
 )
 
 
+class Writes:
+    """How many write transactions a store has run (`count`) since `count_writes`."""
+
+    count = 0
+
+
+def count_writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> Writes:
+    """Count `store.write` calls from now on (the transactions that take the write lock)."""
+    writes = Writes()
+    write = store.write
+
+    async def counted(operation: Any) -> Any:
+        writes.count += 1
+        return await write(operation)
+
+    monkeypatch.setattr(store, "write", counted)
+    return writes
+
+
 @pytest.fixture
 async def shop(database_url: str, redis_url: str, store: Store) -> AsyncIterator[Shop]:
     settings = app_settings(
@@ -130,15 +149,7 @@ async def test_requests_without_passes_on_a_waitlist_are_refused_without_a_write
     service = ShopService(store, hold_ms=120_000, publish=published)
     service.room = WaitingRoom(store, publish=lambda news: None, opens_ms=0)
     await service.start()
-    writes = 0
-    write = store.write
-
-    async def counted(operation: Any) -> Any:
-        nonlocal writes
-        writes += 1
-        return await write(operation)
-
-    monkeypatch.setattr(store, "write", counted)
+    writes = count_writes(store, monkeypatch)
     try:
         bots = [*line[3:], *(f"anon:bot{n}" for n in range(40)), None]
         answers = await asyncio.gather(
@@ -146,7 +157,7 @@ async def test_requests_without_passes_on_a_waitlist_are_refused_without_a_write
             return_exceptions=True,
         )
         assert all(isinstance(a, NotAdmitted) for a in answers), answers
-        assert writes == 0
+        assert writes.count == 0
         for shopper in first:
             held = await service.reserve(HoldRequest(product.id, 1, shopper_id=shopper))
             assert held.reservation.shopper_id == shopper
@@ -373,22 +384,14 @@ async def test_a_leave_that_changes_nothing_costs_no_write_news_or_admission_rou
     assert nudges == [product.id]
     news.clear()
     nudges.clear()
-    writes = 0
-    write = store.write
-
-    async def counted(operation: Any) -> Any:
-        nonlocal writes
-        writes += 1
-        return await write(operation)
-
-    monkeypatch.setattr(store, "write", counted)
+    writes = count_writes(store, monkeypatch)
     for _ in range(20):
         await waiting.leave(product.id, "anon:gone")  # left already: 204 again
         with pytest.raises(NoTicket):
             await waiting.leave(product.id, "anon:never")
-    assert (writes, news, nudges) == (0, [], [])
+    assert (writes.count, news, nudges) == (0, [], [])
     await waiting.leave(product.id, "anon:in")
-    assert writes == 1
+    assert writes.count == 1
     assert [n.shoppers for n in news] == [frozenset({"anon:in"})]
     ticket = await waiting.ticket(product.id, "anon:in")
     assert ticket["state"] == "left"
