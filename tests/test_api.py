@@ -223,7 +223,7 @@ async def test_a_reservation_is_created_with_the_documented_shape(api: Api) -> N
         "orderReference", "cancelledBy", "cancelReason", "product", "serverTime",
     }  # fmt: skip
     assert body["orderReference"] is None
-    assert len(body["id"]) == 22
+    assert len(body["id"]) == 30
     assert (body["productId"], body["quantity"], body["status"]) == (product.id, 2, "ACTIVE")
     assert body["completedAt"] is None
     for field in ("createdAt", "expiresAt", "serverTime"):

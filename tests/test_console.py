@@ -328,11 +328,11 @@ async def test_the_operator_cancels_a_hold_and_the_shoppers_page_says_so(
 
     page = await open_console(browser, site, size)
     hold_row = page.locator(f'#hold-rows tr[data-id="{reservation_id}"]')
-    await hold_row.get_by_role("button", name=f"Cancel hold {reservation_id[:8]}").click()
+    await hold_row.get_by_role("button", name=f"Cancel hold {reservation_id[8:16]}").click()
     form = page.locator("#cancel-hold-form")
     await expect(form.get_by_label("Reason shown to the shopper (optional)")).to_be_focused()
     await expect(page.locator("#cancel-hold-title")).to_have_text(
-        f"Cancel hold {reservation_id[:8]}…: 1 × {name}"
+        f"Cancel hold {reservation_id[8:16]}…: 1 × {name}"
     )
     await assert_accessible(page)
     await form.get_by_label("Reason shown to the shopper (optional)").fill(
@@ -340,7 +340,7 @@ async def test_the_operator_cancels_a_hold_and_the_shoppers_page_says_so(
     )
     await form.get_by_role("button", name="Cancel the hold").click()
     await expect(page.locator("#holds-message")).to_have_text(
-        f"Cancelled hold {reservation_id[:8]}… (1 × {name}): the units are back on sale and "
+        f"Cancelled hold {reservation_id[8:16]}… (1 × {name}): the units are back on sale and "
         "the shopper has been told."
     )
     await expect(hold_row).to_have_count(0)

@@ -187,7 +187,7 @@ async def _first_release_rows(store: Store, *, sold_off_the_books: int = 0) -> N
                 "INSERT INTO reservations (id, product_id, quantity, status, created_at, "
                 "expires_at, completed_at, ended_at) VALUES (:id, 1, :q, :s, :n, :e, :c, :end)",
                 {
-                    "id": inventory.new_reservation_ids(1)[0],
+                    "id": inventory.new_reservation_ids(1, now=now_ms())[0],
                     "q": quantity,
                     "s": status,
                     "n": now,

@@ -40,6 +40,7 @@ from server.api.openapi import document
 from server.api.pages import SECURITY_HEADERS
 from server.api.spec import RESERVATION_ID_PATTERN
 from server.devtools.processes import Service, running
+from server.domain.clock import now_ms
 from server.domain.inventory import is_reservation_id, new_reservation_ids
 from server.infra.settings import Settings
 from server.live import hub as live
@@ -174,9 +175,10 @@ def test_every_error_response_is_an_error_out(spec: dict[str, Any]) -> None:
 
 
 def test_what_the_document_declares_agrees_with_the_service(spec: dict[str, Any]) -> None:
-    for reservation_id in new_reservation_ids(20):
+    for reservation_id in [*new_reservation_ids(20, now=now_ms()), "a" * 22]:
+        assert is_reservation_id(reservation_id)
         assert re.fullmatch(RESERVATION_ID_PATTERN, reservation_id)
-    for text in ["a" * 21, "a" * 23, "a" * 21 + "!", "ä" * 22]:
+    for text in ["a" * 21, "a" * 23, "a" * 29, "a" * 31, "a" * 29 + "!", "ä" * 22]:
         assert not is_reservation_id(text)
         assert not re.fullmatch(RESERVATION_ID_PATTERN, text)
     watch = WatchMessage.model_json_schema()["properties"]["reservations"]

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from server.api.spec import DATABASE_BUSY as DATABASE_BUSY_CODE
 from server.api.spec import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE_CODE
 from server.domain import errors, text
+from server.domain.inventory import RESERVATION_ID_CHARS, RESERVATION_TIME_CHARS
 from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
@@ -101,7 +102,12 @@ def loggable_path(scope: Mapping[str, Any]) -> str:
         for name, value in params.items():
             text = str(value)
             if name in SECRET_PARAMS and len(text) > SECRET_PREFIX_CHARS:
-                text = text[:SECRET_PREFIX_CHARS] + "..."
+                # A hold id's first characters are its time, no secret and alike for the
+                # holds of a moment: shown, with the secret's prefix after them.
+                timed = len(text) == RESERVATION_ID_CHARS
+                text = (
+                    text[: SECRET_PREFIX_CHARS + (RESERVATION_TIME_CHARS if timed else 0)] + "..."
+                )
             path = path.replace("{" + name + "}", text)
         return loggable(path)
     raw = scope.get("raw_path")

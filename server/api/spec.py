@@ -27,8 +27,9 @@ Schema = dict[str, Any]
 Described = TypeVar("Described")
 
 REF = "#/components/schemas/{model}"
-# What server.domain.inventory.is_reservation_id accepts: 22 characters of URL-safe base64.
-RESERVATION_ID_PATTERN = "^[A-Za-z0-9_-]{22}$"
+# What server.domain.inventory.is_reservation_id accepts: 30 characters of URL-safe base64
+# (22: an id made before the time went first).
+RESERVATION_ID_PATTERN = "^[A-Za-z0-9_-]{22}([A-Za-z0-9_-]{8})?$"
 REQUEST_ID_PATTERN = "^[A-Za-z0-9._:-]{1,64}$"
 
 # Error codes that are not a DomainError class of their own (see server/api/http.py).

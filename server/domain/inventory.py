@@ -88,19 +88,46 @@ RESERVATION = (
 NO_LIMIT = 2**62
 
 
-def new_reservation_ids(count: int) -> list[str]:
-    """128 random bits each, URL-safe: knowing the id is what lets someone act on the hold.
+# The alphabet of an id's time: URL-safe base64's 64 characters in ASCII order, so that ids
+# made later sort after those made before (as text, byte by byte).
+_IN_ORDER = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+RESERVATION_ID_CHARS = 30
+RESERVATION_TIME_CHARS = 8  # the time, first; the random part (22) after it
+OLD_RESERVATION_ID_CHARS = 22  # ids made before the time went first; still valid
+
+
+def new_reservation_ids(count: int, *, now: int) -> list[str]:
+    """`count` new hold ids, 30 characters each: 8 of `now` (milliseconds since the epoch,
+    plus 2^47: 48 bits in an alphabet in ASCII order), then 128 random bits as 22 characters of
+    URL-safe base64. Knowing the id is what lets someone act on the hold: the random part
+    alone is what a guess must find, as it was when the id was nothing else.
+
+    Why the time first: the id is the holds table's primary key. Random ids put each
+    batch's inserts on as many different pages of its index, more of them as the table
+    grows: SQLite's writer took 34 µs a hold with 32,000 holds and 45 µs with 256,000
+    (in process, batches of 64), and a flat 24.6 µs with ids in time order, which land
+    together at the index's end.
 
     One read of the OS's randomness for the whole batch, rather than one per hold."""
+    # 2^47 added: the first character is never "-" (an id that looks like an option), and
+    # the order holds until the year 6429.
+    when = now + 2**47
+    stamp = "".join(_IN_ORDER[(when >> shift) & 63] for shift in range(42, -1, -6))
     entropy = secrets.token_bytes(16 * count)
     return [
-        base64.urlsafe_b64encode(entropy[i : i + 16]).rstrip(b"=").decode()
+        stamp + base64.urlsafe_b64encode(entropy[i : i + 16]).rstrip(b"=").decode()
         for i in range(0, 16 * count, 16)
     ]
 
 
 def is_reservation_id(text: str) -> bool:
-    return len(text) == 22 and all(c.isalnum() or c in "-_" for c in text) and text.isascii()
+    """Whether `text` has the shape of a hold id: 30 URL-safe characters, or 22 (an id made
+    before the time went first)."""
+    return (
+        len(text) in (RESERVATION_ID_CHARS, OLD_RESERVATION_ID_CHARS)
+        and all(c.isalnum() or c in "-_" for c in text)
+        and text.isascii()
+    )
 
 
 # -- reserve ------------------------------------------------------------------------------
@@ -359,7 +386,7 @@ async def _reserve_round(
 
     if granted:
         expires = now + hold_ms
-        ids = new_reservation_ids(len(granted))
+        ids = new_reservation_ids(len(granted), now=now)
         holds = [(rid, requests[i]) for i, rid in zip(granted, ids, strict=True)]
         rows = await _insert_holds(conn, holds, now, expires)
         made: dict[int, list[Movement]] = defaultdict(list)

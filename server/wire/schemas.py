@@ -32,6 +32,7 @@ from pydantic.alias_generators import to_camel
 
 from server.domain import text
 from server.domain.clock import iso
+from server.domain.inventory import RESERVATION_ID_CHARS
 from server.domain.model import Product, Reservation, Status
 from server.domain.waitingroom import Lineup, Ticket, TicketState, draws, order_hidden
 
@@ -100,7 +101,6 @@ SaleTime = Annotated[AwareDatetime, AfterValidator(_in_utc_years)]
 
 
 MAX_STOCK = 1_000_000_000
-RESERVATION_ID_CHARS = 22  # server.domain.inventory.new_reservation_ids
 DEFAULT_MAX_QUANTITY = 10
 
 # Times go out as text in one format, `2026-11-24T22:30:00.123Z` (server.domain.clock.iso).

@@ -13,6 +13,9 @@ const REFRESH_MS = 2000;
 // that a shop of 10,000 products costs it no more than one of 50.
 const PAGE_SIZE = 50;
 const $ = (selector, root = document) => root.querySelector(selector);
+// A hold as the console names it: 8 characters of its id's random part (an id's first 8
+// are the time it was made, alike for the holds of a moment; an id of 22 is all random).
+const shortId = (id) => (id.length === 30 ? id.slice(8, 16) : id.slice(0, 8));
 
 // A sale's start in the operator's zone and in UTC: "Tue, 1 Dec, 18:00 CET (17:00 UTC)".
 function bothZones(ms) {
@@ -378,7 +381,7 @@ class Console {
     form.dataset.id = id;
     form.hidden = false;
     const name = this.products.get(hold.productId)?.name || `Product ${hold.productId}`;
-    $("#cancel-hold-title").textContent = `Cancel hold ${id.slice(0, 8)}…: ${formatCount(hold.quantity)} × ${name}`;
+    $("#cancel-hold-title").textContent = `Cancel hold ${shortId(id)}…: ${formatCount(hold.quantity)} × ${name}`;
     form.elements.reason.value = "";
     form.elements.reason.focus();
   }
@@ -402,7 +405,7 @@ class Console {
       );
       message.className = "message ok";
       message.textContent =
-        `Cancelled hold ${id.slice(0, 8)}… (${formatCount(data.quantity)} × ${data.product.name}): ` +
+        `Cancelled hold ${shortId(id)}… (${formatCount(data.quantity)} × ${data.product.name}): ` +
         "the units are back on sale and the shopper has been told.";
       form.hidden = true;
       delete form.dataset.id;
@@ -771,7 +774,7 @@ class Console {
       row.dataset.expiresAt = hold.expiresAt;
       row.dataset.id = hold.id;
       const cells = [
-        ["Hold", `${hold.id.slice(0, 8)}…`],
+        ["Hold", `${shortId(hold.id)}…`],
         [
           "Product",
           this.products.get(hold.productId)?.name || hold.product?.name || `Product ${hold.productId}`,
@@ -795,7 +798,7 @@ class Console {
           button.type = "button";
           button.className = "cancel-hold secondary small danger";
           button.textContent = "Cancel…";
-          button.setAttribute("aria-label", `Cancel hold ${hold.id.slice(0, 8)}`);
+          button.setAttribute("aria-label", `Cancel hold ${shortId(hold.id)}`);
           cell.append(button);
         }
         row.append(cell);
@@ -811,7 +814,7 @@ class Console {
       $("#cancel-hold-form").hidden = true;
       delete $("#cancel-hold-form").dataset.id;
       $("#holds-message").className = "message";
-      $("#holds-message").textContent = `Hold ${asked.slice(0, 8)}… has ended already.`;
+      $("#holds-message").textContent = `Hold ${shortId(asked)}… has ended already.`;
     }
     this.tick();
   }
