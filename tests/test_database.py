@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.domain.executor import Executor
+from server.domain.executor import Executor, in_list
 from server.storage import migrate
 from server.storage.database import Store, sqlite_bound
 from server.storage.errors import Busy, Unavailable
@@ -233,3 +233,11 @@ def test_sqlite_statements_are_bound_by_number_names_repeated_and_all() -> None:
     })  # fmt: skip
     assert bound.endswith("(?5999, ?6000)")
     assert ordered[-2:] == [2_999, -2_999]
+
+
+def test_an_in_list_names_each_value_and_refuses_none() -> None:
+    """`in_list`: the placeholders of an `IN (…)` and their values, in order; no values is
+    an error, not `IN ()`, which neither database takes."""
+    assert in_list("r", ["a", "b", "a"]) == (":r0, :r1, :r2", {"r0": "a", "r1": "b", "r2": "a"})
+    with pytest.raises(ValueError, match="at least one value"):
+        in_list("r", [])

@@ -8,7 +8,7 @@ inside one transaction (`Store.write`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 Values = Mapping[str, Any]
@@ -96,6 +96,16 @@ class InOrder(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def in_list(prefix: str, values: Iterable[Any]) -> tuple[str, dict[str, Any]]:
+    """`values` as the inside of an SQL `IN (…)`: its named placeholders (`:r0, :r1`, with
+    `prefix` r) and their values by name, to merge into the statement's. At least one value:
+    `IN ()` is not SQL (raises ValueError)."""
+    named = {f"{prefix}{n}": value for n, value in enumerate(values)}
+    if not named:
+        raise ValueError("an IN list needs at least one value")
+    return ", ".join(":" + name for name in named), named
 
 
 @functools.lru_cache(maxsize=256)

@@ -56,7 +56,7 @@ from server.domain.errors import (
     ShopperLimitReached,
     StockCommitted,
 )
-from server.domain.executor import Executor, Row
+from server.domain.executor import Executor, Row, in_list
 from server.domain.ledger import Kind, Movement
 from server.domain.model import (
     Event,
@@ -889,12 +889,9 @@ async def _end_many(
     the product's UPDATE for the ended holds (with the actor of each) and its books. The
     ledger rows and the outbox events of the whole batch go in one INSERT each.
     """
-    ids = list(dict.fromkeys(r.reservation_id for r in requests))
-    names = {f"r{n}": reservation_id for n, reservation_id in enumerate(ids)}
+    listed, names = in_list("r", dict.fromkeys(r.reservation_id for r in requests))
     found = await conn.fetch_all(
-        f"SELECT id, product_id FROM reservations WHERE id IN "
-        f"({', '.join(':' + name for name in names)})",
-        names,
+        f"SELECT id, product_id FROM reservations WHERE id IN ({listed})", names
     )
     product_of = {str(row["id"]): int(row["product_id"]) for row in found}
     outcomes: dict[int, Outcome[Reservation]] = {}
@@ -979,16 +976,12 @@ async def _end_holds(
     with `assignments` (SQL, its `:name`s in `values`, `:now` the transaction's time), in
     one UPDATE by primary key; the holds as they are now, by id. Each row changes only if
     it is still ACTIVE when the UPDATE reaches it, so a hold ends once however many ask."""
-    params: dict[str, object] = {**values, **_owner(caller)}
-    names = []
-    for n, reservation_id in enumerate(dict.fromkeys(ids)):
-        names.append(f":i{n}")
-        params[f"i{n}"] = reservation_id
+    listed, names = in_list("i", dict.fromkeys(ids))
     rows = await conn.fetch_all(
         f"UPDATE reservations SET {assignments} "
-        f"WHERE id IN ({', '.join(names)}) AND status = 'ACTIVE' AND expires_at > :now "
+        f"WHERE id IN ({listed}) AND status = 'ACTIVE' AND expires_at > :now "
         f"{_owned_by(caller)}RETURNING {RESERVATION}",
-        params,
+        {**values, **_owner(caller), **names},
     )
     return {str(row["id"]): Reservation.from_row(row) for row in rows}
 
@@ -1171,11 +1164,11 @@ async def expire_overdue(
 async def _expire_ids(conn: Executor, reservation_ids: Sequence[str], *, now: int) -> list[Row]:
     """ACTIVE and overdue → EXPIRED for those of `reservation_ids` that still are; their
     rows as they now are."""
-    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    listed, names = in_list("r", reservation_ids)
     return list(
         await conn.fetch_all(
             "UPDATE reservations SET status = 'EXPIRED', ended_at = :now "
-            f"WHERE id IN ({', '.join(':' + name for name in names)}) "
+            f"WHERE id IN ({listed}) "
             "AND status = 'ACTIVE' AND expires_at <= :now "
             f"RETURNING {RESERVATION}",
             {"now": now, **names},
@@ -1261,11 +1254,9 @@ async def forget_old_idempotency_keys(conn: Executor, *, now: int, limit: int = 
 async def _forget_keys(conn: Executor, reservation_ids: Sequence[str]) -> None:
     if not reservation_ids:
         return
-    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    listed, names = in_list("r", reservation_ids)
     await conn.execute(
-        "UPDATE reservations SET idempotency_key = NULL "
-        f"WHERE id IN ({', '.join(':' + name for name in names)})",
-        names,
+        f"UPDATE reservations SET idempotency_key = NULL WHERE id IN ({listed})", names
     )
 
 
@@ -1566,11 +1557,9 @@ async def get_reservation(conn: Executor, reservation_id: str) -> Reservation | 
 async def get_reservations(conn: Executor, reservation_ids: Sequence[str]) -> list[Reservation]:
     if not reservation_ids:
         return []
-    names = {f"r{n}": rid for n, rid in enumerate(reservation_ids)}
+    listed, names = in_list("r", reservation_ids)
     rows = await conn.fetch_all(
-        f"SELECT {RESERVATION} FROM reservations "
-        f"WHERE id IN ({', '.join(':' + name for name in names)})",
-        names,
+        f"SELECT {RESERVATION} FROM reservations WHERE id IN ({listed})", names
     )
     return [Reservation.from_row(row) for row in rows]
 
