@@ -317,6 +317,8 @@ class Shop:
 
         Group-committed: the completes that arrive while a batch is in its transaction go
         together in the next (`inventory.complete_many`)."""
+        if not inventory.is_reservation_id(reservation_id):
+            raise ReservationNotFound(reservation_id)
         return await self._completes.submit(
             inventory.Completing(reservation_id, actor, order_reference, caller)
         )
