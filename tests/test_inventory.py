@@ -22,7 +22,9 @@ from server.domain.errors import (
     SaleNotStarted,
     StockNow,
 )
+from server.domain.executor import Executor
 from server.domain.model import (
+    Event,
     HoldRequest,
     Outcome,
     Reservation,
@@ -250,6 +252,53 @@ async def test_a_batch_of_completes_answers_each_request_in_order(store: Store) 
     s1, s2 = await assert_invariant(store, one.id), await assert_invariant(store, two.id)
     assert (s1.sold - before[one.id].sold, s1.expired - before[one.id].expired) == (2, 3)
     assert s2.sold - before[two.id].sold == 1
+
+
+async def test_a_batch_answers_another_shoppers_request_for_a_hold_not_found(
+    store: Store,
+) -> None:
+    """In one batch, another shopper's complete (or cancel) of a hold before its owner's:
+    the owner's request ends the hold, and the other one is not found, as on its own; it
+    neither gets the hold (its product, quantity and status) nor is the ledger's actor of
+    the purchase (attack4: the first request for the hold was answered with what the
+    owner's UPDATE ended, whoever had asked)."""
+    product = await make_product(store, 10)
+    for ends in (Status.COMPLETED, Status.CANCELLED):
+        (held,), _ = await reserve(store, HoldRequest(product.id, 2, shopper_id="alice"))
+        hold_id = held.result().reservation.id
+
+        async def end(
+            conn: Executor, hold_id: str = hold_id, ends: Status = ends
+        ) -> tuple[list[Outcome[Reservation]], list[Event]]:
+            if ends is Status.COMPLETED:
+                return await inventory.complete_many(
+                    conn,
+                    [
+                        inventory.Completing(hold_id, "shopper:mallory", caller="mallory"),
+                        inventory.Completing(hold_id, "shopper:alice", caller="alice"),
+                    ],
+                    now=now_ms(),
+                )
+            return await inventory.cancel_many(
+                conn,
+                [
+                    inventory.Cancelling(hold_id, "shopper:mallory", caller="mallory"),
+                    inventory.Cancelling(hold_id, "shopper:alice", caller="alice"),
+                ],
+                now=now_ms(),
+            )
+
+        outcomes, _ = await store.write(end)
+        with pytest.raises(ReservationNotFound):
+            outcomes[0].result()
+        assert outcomes[1].result().status is ends
+        async with store.reader() as conn:
+            actors = await conn.fetch_all(
+                "SELECT actor FROM stock_ledger WHERE reservation_id = :r AND movement <> 'held'",
+                {"r": hold_id},
+            )
+        assert [row["actor"] for row in actors] == ["shopper:alice"]
+    await assert_invariant(store, product.id)
 
 
 async def _attempt(

@@ -910,23 +910,29 @@ async def _end_many(
             request = requests[n]
             key, ending = group(request)
             groups.setdefault(key, (ending, request.caller, []))[2].append(request.reservation_id)
-        ended: dict[str, Reservation] = {}
-        for (assignments, values), caller, group_ids in groups.values():
-            ended |= await _end_holds(
+        # hold id → the group whose UPDATE ended it, and the hold. Only a request of that
+        # group is answered with the change: an earlier request for the hold from a caller
+        # who may not act on it (another shopper) is not, and is not the ledger's actor.
+        ended: dict[str, tuple[object, Reservation]] = {}
+        for key, ((assignments, values), caller, group_ids) in groups.items():
+            changed = await _end_holds(
                 conn,
                 group_ids,
                 assignments=assignments,
                 values={**values, "now": now},
                 caller=caller,
             )
+            ended |= {hold_id: (key, hold) for hold_id, hold in changed.items()}
         done: list[int] = []
         overdue: dict[str, str] = {}  # hold id → the actor of the first request for it
         for n in by_product[product_id]:
             request = requests[n]
-            reservation = ended.pop(request.reservation_id, None)
-            if reservation is not None:  # the first request for it: its change
+            change = ended.get(request.reservation_id)
+            if change is not None and change[0] == group(request)[0]:
+                # the first request for it of the group that ended it: its change
+                del ended[request.reservation_id]
                 done.append(n)
-                outcomes[n] = Outcome(reservation)
+                outcomes[n] = Outcome(change[1])
                 continue
             current = await get_reservation(conn, request.reservation_id)
             if current is None or not may_see(request.caller, current):
