@@ -634,6 +634,9 @@ async def test_client_values_are_escaped_and_reservation_ids_cut_in_the_log(
                 "/api/reservations", json={"productId": product_id, "quantity": 1}
             )
             reservation_id = hold.json()["id"]
+            # Paths no route matches (attack4): a trailing slash (a redirect) and a typo.
+            for wrong in ("/", "/cancel/", "/cancle"):
+                await client.post(f"/api/reservations/{reservation_id}{wrong}")
             await client.post(f"/api/reservations/{reservation_id}/cancel")
             await client.get(f"/api/reservations/{reservation_id}")
 
@@ -646,6 +649,7 @@ async def test_client_values_are_escaped_and_reservation_ids_cut_in_the_log(
         text = raw.decode()
         assert reservation_id not in text
         assert f"/api/reservations/{reservation_id[:14]}.../cancel" in text  # time + 6
+        assert f"/api/reservations/{reservation_id[:14]}.../cancel/" in text
         if log_format == "json":
             for line in text.splitlines():
                 json.loads(line)
