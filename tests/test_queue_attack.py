@@ -169,6 +169,22 @@ async def test_requests_without_passes_on_a_waitlist_are_refused_without_a_write
 # -- what a room costs after its sale -------------------------------------------------------
 
 
+def quiet_admitter(
+    store: Store, published: Published, *, tick_ms: int, lease_ms: int, holder: str | None = None
+) -> Admitter:
+    """An admitter whose news goes nowhere, rounds `tick_ms` apart (milliseconds), with a
+    lease of `lease_ms` held as `holder` if given (the holder of steps already taken)."""
+    return Admitter(
+        store,
+        transactions=Transactions(store, published, []),
+        publish=lambda news: None,
+        pass_ms=PASS_MS,
+        tick_ms=tick_ms,
+        lease_ms=lease_ms,
+        holder=holder,
+    )
+
+
 async def test_rooms_nobody_is_in_cost_the_admitter_no_write(
     store: Store, published: Published
 ) -> None:
@@ -181,15 +197,7 @@ async def test_rooms_nobody_is_in_cost_the_admitter_no_write(
     await reserve(store, past[0].id, "anon:a", now=now_ms() - 800)  # the last unit
     live = await room(store, 5, starts=None)
     await join_many(store, live.id, ["anon:b"], at=now_ms())
-    admitter = Admitter(
-        store,
-        transactions=Transactions(store, published, []),
-        publish=lambda news: None,
-        pass_ms=PASS_MS,
-        tick_ms=200,
-        lease_ms=2_000,
-        holder="a",  # the holder of the steps above
-    )
+    admitter = quiet_admitter(store, published, tick_ms=200, lease_ms=2_000, holder="a")
     steps = await admitter.step_all()
     assert [s.product.id for s in steps if s.product is not None] == [live.id]
     assert [t.shopper_id for t in steps[0].admitted] == ["anon:b"]
@@ -207,14 +215,7 @@ async def test_the_first_admissions_come_at_the_start_not_a_tick_later(
     starts = now_ms() + 3_000
     product = await room(store, 2, starts=starts)
     await join_many(store, product.id, ["anon:a", "anon:b", "anon:c"], at=now_ms())
-    admitter = Admitter(
-        store,
-        transactions=Transactions(store, published, []),
-        publish=lambda news: None,
-        pass_ms=PASS_MS,
-        tick_ms=60_000,
-        lease_ms=120_000,
-    )
+    admitter = quiet_admitter(store, published, tick_ms=60_000, lease_ms=120_000)
     assert [s.admitted for s in await admitter.step_all()] == [[]]  # before the start
     assert admitter.next_start == starts
     admitter.start()
