@@ -14,7 +14,7 @@ import pytest
 from server.devtools import history
 from server.domain import inventory
 from server.domain.clock import now_ms
-from server.domain.executor import Columns, Executor, Row, Values
+from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.model import HoldRequest, Outcome, Reservation, Status
 from server.service.idempotency import Idempotency
 from server.service.shop import Shop
@@ -115,6 +115,9 @@ class Explaining:
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
     ) -> None:
         await self._conn.insert_rows(table, columns, rows)  # an INSERT: no plan to check
+
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        await self._conn.insert_many(parts)  # INSERTs: no plan to check
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

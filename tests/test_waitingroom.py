@@ -18,7 +18,7 @@ import pytest
 from server.domain import inventory, waitingroom
 from server.domain.books import Books
 from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
-from server.domain.executor import Columns, Executor, Row, Values
+from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Ticket, TicketState
@@ -388,6 +388,10 @@ class Recording:
     ) -> None:
         self.statements.append(f"INSERT INTO {table}")
         await self.conn.insert_rows(table, columns, rows)
+
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        self.statements.append("INSERT INTO " + ", ".join(table for table, _, _ in parts))
+        await self.conn.insert_many(parts)
 
 
 async def statements_of(store: Store, requests: list[HoldRequest], *, now: int) -> list[str]:

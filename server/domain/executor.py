@@ -42,9 +42,22 @@ class Executor(Protocol):
         same statement text for any number of rows."""
         ...
 
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        """INSERT each part's rows (`(table, columns, rows)`, as `insert_rows` takes them)
+        into its table; parts without rows are skipped. PostgreSQL: all of them in one
+        statement (each part but the last a data-modifying `WITH`, one array per column),
+        one round trip however many tables and rows, its text the same for any numbers of
+        rows. SQLite: `insert_rows` for each part in turn (`insert_each`: its statements run
+        on the writer's own thread, with no round trip to save)."""
+        ...
+
 
 # A table's columns as (name, SQL type: INTEGER, BIGINT or TEXT), for `Executor.insert_rows`.
 Columns = tuple[tuple[str, str], ...]
+
+# Rows of one table for `Executor.insert_many`: (table, its columns, the rows, each a tuple of
+# values in `columns` order).
+TableRows = tuple[str, Columns, Sequence[Sequence[Any]]]
 
 # Rows per multi-row VALUES: well inside both databases' limits on bound values.
 INSERT_CHUNK = 1000
@@ -63,6 +76,13 @@ async def insert_values(
         await conn.execute(
             f"INSERT INTO {table} ({names}) VALUES {text}", InOrder(placeholders, flat)
         )
+
+
+async def insert_each(conn: Executor, parts: Sequence[TableRows]) -> None:
+    """`Executor.insert_many` as one `insert_rows` a part, in order."""
+    for table, columns, rows in parts:
+        if rows:
+            await conn.insert_rows(table, columns, rows)
 
 
 class InOrder(Mapping[str, Any]):

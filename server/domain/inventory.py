@@ -56,7 +56,7 @@ from server.domain.errors import (
     ShopperLimitReached,
     StockCommitted,
 )
-from server.domain.executor import Executor, Row, in_list
+from server.domain.executor import Columns, Executor, Row, in_list
 from server.domain.ledger import Kind, Movement
 from server.domain.model import (
     Event,
@@ -190,7 +190,8 @@ async def reserve(
     events: list[Event] = []
     books = Books(now=now)
     swept: set[int] = set()
-    for indexes in _rounds(requests):
+    rounds = _rounds(requests)
+    for indexes in rounds:
         answers, changes = await _reserve_round(
             conn,
             [requests[i] for i in indexes],
@@ -199,6 +200,10 @@ async def reserve(
             now=now,
             hold_ms=hold_ms,
             rooms=rooms,
+            # One round (no Idempotency-Key twice in the batch, the common case): nothing
+            # reads the new holds before the books are written, so they go in the books'
+            # statement. With more, each round must see the holds the rounds before it made.
+            holds_with_books=len(rounds) == 1,
         )
         for i, outcome in zip(indexes, answers, strict=True):
             outcomes[i] = outcome
@@ -233,9 +238,11 @@ async def _reserve_round(
     now: int,
     hold_ms: int,
     rooms: Collection[int] = (),
+    holds_with_books: bool = False,
 ) -> tuple[list[Outcome[Held]], list[Event]]:
     """`reserve` for requests whose Idempotency-Keys are all different. `swept`: the
-    products whose overdue holds this transaction has expired already."""
+    products whose overdue holds this transaction has expired already. `holds_with_books`:
+    the new holds' rows are written with the books (`Books.insert_first`), not at once."""
     outcomes: list[Outcome[Held] | None] = [None] * len(requests)
     fresh = await _replay_idempotent(conn, requests, outcomes, now=now)
 
@@ -388,7 +395,7 @@ async def _reserve_round(
         expires = now + hold_ms
         ids = new_reservation_ids(len(granted), now=now)
         holds = [(rid, requests[i]) for i, rid in zip(granted, ids, strict=True)]
-        rows = await _insert_holds(conn, holds, now, expires)
+        rows = await _insert_holds(conn, holds, now, expires, books if holds_with_books else None)
         made: dict[int, list[Movement]] = defaultdict(list)
         for i, reservation in zip(granted, rows, strict=True):
             outcomes[i] = Outcome(Held(reservation))
@@ -766,24 +773,41 @@ def allocate(available: int, quantities: Iterable[int]) -> list[bool]:
     return fits
 
 
+_HOLD_COLUMNS: Columns = (
+    ("id", "TEXT"),
+    ("product_id", "INTEGER"),
+    ("quantity", "INTEGER"),
+    ("status", "TEXT"),
+    ("created_at", "BIGINT"),
+    ("expires_at", "BIGINT"),
+    ("idempotency_key", "TEXT"),
+    ("shopper_id", "TEXT"),
+)
+
+
 async def _insert_holds(
-    conn: Executor, holds: Sequence[tuple[str, HoldRequest]], now: int, expires: int
+    conn: Executor,
+    holds: Sequence[tuple[str, HoldRequest]],
+    now: int,
+    expires: int,
+    books: Books | None = None,
 ) -> list[Reservation]:
-    rows_sql = []
-    values: dict[str, object] = {"now": now, "exp": expires}
-    for n, (reservation_id, request) in enumerate(holds):
-        rows_sql.append(f"(:i{n}, :p{n}, :q{n}, 'ACTIVE', :now, :exp, :k{n}, :s{n})")
-        values[f"i{n}"] = reservation_id
-        values[f"p{n}"] = request.product_id
-        values[f"q{n}"] = request.quantity
-        values[f"k{n}"] = request.idempotency_key
-        values[f"s{n}"] = request.shopper_id
-    await conn.execute(
-        "INSERT INTO reservations (id, product_id, quantity, status, created_at, expires_at, "
-        "idempotency_key, shopper_id) "
-        f"VALUES {', '.join(rows_sql)}",
-        values,
+    """INSERT the new holds (`Executor.insert_rows`: on PostgreSQL one array per column,
+    the same statement for any number of holds), or hand their rows to `books`, to go in
+    the books' statement (`Books.insert_first`): only when nothing in the transaction reads
+    them before the books are written."""
+    rows = (
+        "reservations",
+        _HOLD_COLUMNS,
+        [
+            (rid, r.product_id, r.quantity, "ACTIVE", now, expires, r.idempotency_key, r.shopper_id)
+            for rid, r in holds
+        ],
     )
+    if books is not None:
+        books.insert_first(rows)
+    else:
+        await conn.insert_rows(*rows)
     return [
         Reservation(
             id=reservation_id,

@@ -24,7 +24,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.domain.executor import Columns, Executor, Row
+from server.domain.executor import Columns, Executor, Row, TableRows
 from server.domain.model import Product, Reservation
 
 # Who moves stock: a shopper (`shopper:<id>` when the shopper is known), the operator, the
@@ -156,7 +156,12 @@ _TYPED: Columns = (
 async def insert(conn: Executor, entries: Sequence[Entry]) -> None:
     """Write `entries` (`Executor.insert_rows`: on PostgreSQL one statement of arrays, which
     cost it and the client about half what 12 bound values a row did)."""
-    await conn.insert_rows(
+    await conn.insert_rows(*rows(entries))
+
+
+def rows(entries: Sequence[Entry]) -> TableRows:
+    """`entries` as the ledger's rows, for `Executor.insert_rows` or `insert_many`."""
+    return (
         "stock_ledger",
         _TYPED,
         [

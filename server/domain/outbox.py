@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from server.domain.clock import iso
-from server.domain.executor import Columns, Executor, Row
+from server.domain.executor import Columns, Executor, Row, TableRows
 from server.domain.ledger import Figures, Kind, Movement
 from server.domain.model import Product
 
@@ -283,8 +283,17 @@ _TYPED: Columns = (
 
 async def insert(conn: Executor, events: Sequence[OutboxEvent]) -> None:
     """Write `events` (`Executor.insert_rows`)."""
-    await conn.insert_rows(
-        "outbox",
-        _TYPED,
-        [(e.product_id, e.version, e.seq, e.type, e.payload, e.created_at) for e in events],
+    await conn.insert_rows(*rows(events))
+
+
+def rows(events: Sequence[OutboxEvent]) -> TableRows:
+    """`events` as the outbox's rows, for `Executor.insert_rows` or `insert_many`."""
+    return rows_of(
+        (e.product_id, e.version, e.seq, e.type, e.payload, e.created_at) for e in events
     )
+
+
+def rows_of(values: Iterable[tuple[int, int, int, str, str, int]]) -> TableRows:
+    """The outbox's rows from their values: (product_id, version, seq, type, payload,
+    created_at), each as `OutboxEvent` has it."""
+    return "outbox", _TYPED, list(values)

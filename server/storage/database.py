@@ -55,7 +55,16 @@ import asyncpg
 from databases import Database, DatabaseURL
 from databases.core import Connection
 
-from server.domain.executor import Columns, Executor, InOrder, Row, Values, insert_values
+from server.domain.executor import (
+    Columns,
+    Executor,
+    InOrder,
+    Row,
+    TableRows,
+    Values,
+    insert_each,
+    insert_values,
+)
 from server.infra.metrics import DATABASE_BUSY
 from server.storage.errors import Busy, Unavailable, UniqueViolation
 
@@ -127,6 +136,9 @@ class SQLiteExecutor:
     ) -> None:
         await insert_values(self, table, columns, rows)
 
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        await insert_each(self, parts)
+
 
 class ImmediateSQLiteExecutor:
     """Runs each statement at once, on the thread that calls it: only ever inside
@@ -149,6 +161,9 @@ class ImmediateSQLiteExecutor:
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
     ) -> None:
         await insert_values(self, table, columns, rows)
+
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        await insert_each(self, parts)
 
 
 _MUST_NOT_WAIT = (
@@ -314,12 +329,45 @@ class PostgresExecutor:
             return
         await self._raw.execute(_unnest_insert(table, columns), *map(list, zip(*rows, strict=True)))
 
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        """One statement for every part (`_unnest_inserts`): a batch of holds writes its
+        holds, ledger rows and outbox events in one round trip, where three statements
+        each waited for PostgreSQL's answer inside the single writer's transaction."""
+        given = [(table, columns, rows) for table, columns, rows in parts if rows]
+        if len(given) < 2:
+            for table, columns, rows in given:
+                await self.insert_rows(table, columns, rows)
+            return
+        arrays: list[list[Any]] = []
+        for _, _, rows in given:
+            arrays += map(list, zip(*rows, strict=True))
+        await self._raw.execute(
+            _unnest_inserts(tuple((table, columns) for table, columns, _ in given)), *arrays
+        )
+
 
 @functools.lru_cache(maxsize=64)
-def _unnest_insert(table: str, columns: Columns) -> str:
+def _unnest_insert(table: str, columns: Columns, first: int = 1) -> str:
+    """An INSERT of one array per column, numbered from `$first`."""
     names = ", ".join(name for name, _ in columns)
-    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(columns, start=1))
+    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(columns, start=first))
     return f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays})"
+
+
+@functools.lru_cache(maxsize=64)
+def _unnest_inserts(tables: tuple[tuple[str, Columns], ...]) -> str:
+    """One statement that inserts into each of `tables` (at least two), arrays numbered
+    in order: every INSERT but the last in a `WITH` (PostgreSQL runs them all, whether or
+    not anything reads them). No table depends on another's rows here (no foreign key
+    between them), so the order in which PostgreSQL runs them does not matter."""
+    inserts = []
+    first = 1
+    for table, columns in tables:
+        inserts.append(_unnest_insert(table, columns, first))
+        first += len(columns)
+    *before, last = inserts
+    ctes = ", ".join(f"w{n} AS ({sql})" for n, sql in enumerate(before))
+    return f"WITH {ctes} {last}"
 
 
 def sqlite_connection_class(busy_timeout_ms: int) -> type[sqlite3.Connection]:
