@@ -346,6 +346,16 @@ class PostgresExecutor:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool does to a connection handed back, after asyncpg's own part (a
+    transaction left open is rolled back): nothing. asyncpg's default then runs `SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`, one more round trip after
+    every unit of work; a writer's batch waited for it under the write lock before its
+    requests were answered. Nothing here leaves session state to reset: no session advisory
+    locks (migrations take a transaction's), no cursors, no LISTEN, only `SET LOCAL`; the
+    session's settings are the connection's own (`server_settings`)."""
+
+
 @functools.lru_cache(maxsize=64)
 def _unnest_insert(table: str, columns: Columns, first: int = 1) -> str:
     """An INSERT of one array per column, numbered from `$first`."""
@@ -408,6 +418,7 @@ class Store:
                 url,
                 min_size=1,
                 max_size=pool_size,
+                reset=_keep_session,
                 timeout=PG_CONNECT_TIMEOUT_S,
                 command_timeout=busy_timeout_ms / 1000 + PG_STATEMENT_MARGIN_S,
                 server_settings={
