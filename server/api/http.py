@@ -4,7 +4,6 @@ errors into responses (`{"statusCode", "error", "code", "message", "details"?}`)
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -19,11 +18,7 @@ from starlette.responses import Response
 from server.api.spec import DATABASE_BUSY as DATABASE_BUSY_CODE
 from server.api.spec import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE_CODE
 from server.domain import errors, text
-from server.domain.inventory import (
-    OLD_RESERVATION_ID_CHARS,
-    RESERVATION_ID_CHARS,
-    RESERVATION_TIME_CHARS,
-)
+from server.domain.inventory import SHOWN_ID_CHARS, id_cut, ids_cut
 from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
@@ -42,7 +37,7 @@ MAX_BODY_BYTES = 16 * 1024
 # Path parameters that let whoever knows them act (a reservation id is a bearer token for
 # its hold): logs show only their first characters, enough to tell lines apart.
 SECRET_PARAMS = frozenset({"reservation_id"})
-SECRET_PREFIX_CHARS = 6
+SECRET_PREFIX_CHARS = SHOWN_ID_CHARS
 
 
 class RequestError(Exception):
@@ -98,8 +93,8 @@ def loggable_path(scope: Mapping[str, Any]) -> str:
     """The request's path as a log line may show it: the route's template with its
     parameters filled in, secret ones (`SECRET_PARAMS`) cut to a prefix; for a path no
     route matched, the path as sent (still percent-encoded), its runs of 22 or more URL-safe
-    characters (a hold id's shape) cut the same way. Escaped and cut short either
-    way (`server.infra.logs.loggable`, `server.domain.text.SHOWN_CHARS`)."""
+    characters (a hold id's shape) cut the same way (`inventory.ids_cut`). Escaped and cut
+    short either way (`server.infra.logs.loggable`, `server.domain.text.SHOWN_CHARS`)."""
     route = scope.get("route")
     params = scope.get("path_params")
     template = getattr(route, "path", None)
@@ -108,7 +103,7 @@ def loggable_path(scope: Mapping[str, Any]) -> str:
         for name, value in params.items():
             text = str(value)
             if name in SECRET_PARAMS and len(text) > SECRET_PREFIX_CHARS:
-                text = _cut_secret(text)
+                text = id_cut(text)
             path = path.replace("{" + name + "}", text)
         return loggable(path)
     # No route: a hold's path with a trailing slash (answered by a redirect, which the
@@ -116,20 +111,7 @@ def loggable_path(scope: Mapping[str, Any]) -> str:
     # (or hold) a hold id is cut as a matched route's is.
     raw = scope.get("raw_path")
     sent = raw.decode("latin-1") if raw else str(scope.get("path", ""))
-    return loggable(_SECRET_LIKE.sub(lambda found: _cut_secret(found.group()), sent))
-
-
-# Runs of URL-safe characters as long as a hold id's random part or longer.
-_SECRET_LIKE = re.compile(f"[A-Za-z0-9_-]{{{OLD_RESERVATION_ID_CHARS},}}")
-
-
-def _cut_secret(text: str) -> str:
-    """A secret path parameter as a log line shows it: its first `SECRET_PREFIX_CHARS`
-    characters and "..."; for a text of a hold id's length, its 8 characters of time
-    before them (an id's first characters are its time, no secret and alike for the
-    holds of a moment)."""
-    timed = len(text) == RESERVATION_ID_CHARS
-    return text[: SECRET_PREFIX_CHARS + (RESERVATION_TIME_CHARS if timed else 0)] + "..."
+    return loggable(ids_cut(sent))
 
 
 def error_body(status: int, code: str, message: str) -> bytes:

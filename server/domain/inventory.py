@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -128,6 +129,28 @@ def is_reservation_id(text: str) -> bool:
         and all(c.isalnum() or c in "-_" for c in text)
         and text.isascii()
     )
+
+
+# Runs of URL-safe characters as long as a hold id's random part or longer: what may be (or
+# hold) a hold id in text a log line shows (a path, a query).
+_ID_LIKE = re.compile(f"[A-Za-z0-9_-]{{{OLD_RESERVATION_ID_CHARS},}}")
+# How many characters of a hold id's random part a log line shows.
+SHOWN_ID_CHARS = 6
+
+
+def id_cut(text: str) -> str:
+    """A hold id (or any text that may be one) as a log line shows it: its first
+    `SHOWN_ID_CHARS` characters and "..."; for a text of a hold id's length, its
+    `RESERVATION_TIME_CHARS` characters of time before them (no secret, and alike for the
+    holds of a moment). Knowing a hold's id is what lets someone act on it."""
+    timed = len(text) == RESERVATION_ID_CHARS
+    return text[: SHOWN_ID_CHARS + (RESERVATION_TIME_CHARS if timed else 0)] + "..."
+
+
+def ids_cut(text: str) -> str:
+    """`text` (a path, a query) with every run of `OLD_RESERVATION_ID_CHARS` or more
+    URL-safe characters, which may be a hold id, cut as `id_cut` cuts one."""
+    return _ID_LIKE.sub(lambda found: id_cut(found.group()), text)
 
 
 # -- reserve ------------------------------------------------------------------------------

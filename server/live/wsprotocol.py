@@ -21,6 +21,11 @@ with almost 4 MB queued in the kernel after the hub had dropped it):
 - every other close (the closing handshake's timeout, a ping that got no answer, the end
   of the application) is given `CLOSE_GRACE_S` to send what is queued, then aborted.
 
+uvicorn logs each handshake with its path and query as sent (`"WebSocket /ws?ids=3" [accepted]`):
+here that line shows them as the access log shows a path no route matches (`HandshakeLog`):
+cut to `MAX_VALUE_CHARS`, and any run of characters that may be a hold id cut to its first
+ones. Whole, a query of 8 KiB was a line of 8 KiB, and a hold id in a path was written out.
+
 Run it with `uvicorn --ws server.live.wsprotocol:FanOutProtocol`; without it, everything works
 through `send` alone, and a client that stops reading is closed by the ping timeout.
 """
@@ -29,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
+from server.domain.inventory import ids_cut
+from server.infra.logs import loggable
 from server.infra.sockets import abort
 
 EXTENSION = "flashsale.prepared_frames"
@@ -96,7 +104,27 @@ class _GracefulTransport:
         return getattr(self._transport, name)
 
 
+class HandshakeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn's logger for a socket, whose handshake lines (`"WebSocket %s" …`: the path
+    and query as sent) show them cut (`inventory.ids_cut`, then `loggable`); every other
+    line as it is."""
+
+    @property
+    def level(self) -> int:  # uvicorn reads it to decide on its TRACE lines
+        level: int = self.logger.level
+        return level
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if len(args) >= 2 and isinstance(msg, str) and '"WebSocket %s"' in msg:
+            args = (args[0], loggable(ids_cut(str(args[1]))), *args[2:])
+        self.logger.log(level, msg, *args, **kwargs)
+
+
 class FanOutProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = HandshakeLog(self.logger)  # type: ignore[assignment]
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None:
