@@ -418,6 +418,55 @@ async def test_a_socket_opened_with_a_shop_token_is_nobodys_once_it_expires(
         assert over_http.status_code == 401
 
 
+async def test_an_expired_shop_token_s_socket_is_told_no_more_of_its_holds(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Past its token's `exp` (and the leeway) a socket is nobody's: it could no longer
+    watch the shopper's holds, but kept being told of those it watched before, for as long
+    as it stayed open (attack5)."""
+    with two_services(database_url, redis_url, tmp_path, SHOPPER_JWT_SECRET=JWT_SECRET) as (
+        a,
+        _,
+    ):
+        product = await a.new_product(5)
+        # Expired 25 s ago: valid for 5 s more, with the 30 s of leeway.
+        signed = jwt.encode({"sub": "expiring", "exp": time.time() - 25}, JWT_SECRET, "HS256")
+        bearer = {"Authorization": f"Bearer {signed}"}
+        async with a.client(headers=bearer) as client:
+            made = await client.post(
+                "/api/reservations", json={"productId": product["id"], "quantity": 1}
+            )
+            assert made.status_code == 201, made.text
+            hold = made.json()
+            async with socket_to(a, additional_headers=bearer) as ws:
+                await ws.send({"type": "watch", "reservations": [hold["id"]]})
+                await ws.status(hold["id"], "ACTIVE")
+
+                async def expired() -> bool:
+                    mine = await client.get(f"/api/reservations/{hold['id']}")
+                    return mine.status_code == 401
+
+                await eventually(expired, within=15, what="the token to expire")
+                async with a.client(headers=a.admin_headers()) as operator:
+                    cancelled = await operator.post(
+                        f"/api/admin/reservations/{hold['id']}/cancel", json={"reason": "test"}
+                    )
+                    assert cancelled.status_code == 200, cancelled.text
+                    # A later change of the product, after the cancel's: once the socket
+                    # has its stock frame, it has had every frame of the cancel.
+                    restocked = await operator.post(
+                        f"/api/admin/products/{product['id']}/restock", json={"quantity": 1}
+                    )
+                    assert restocked.status_code == 200, restocked.text
+                await ws.stock(product["id"], restocked.json()["availableStock"])
+                told = [
+                    f["reservation"]["status"]
+                    for f in ws.frames.frames
+                    if f["type"] == "reservation"
+                ]
+                assert told == ["ACTIVE"]
+
+
 def _answers(frame: Frame, product_id: int) -> bool:
     """Whether `frame` answers a join of `product_id`: its ticket, or an error naming it."""
     if frame["type"] == "ticket":

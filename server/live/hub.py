@@ -115,6 +115,7 @@ class Client:
         # Until when (Unix seconds) the shop's token the socket was opened with names its
         # shopper (None: no token, or an anonymous shopper, whose cookie does not expire).
         self.signed_in_until: float | None = None
+        self.sign_out: asyncio.TimerHandle | None = None  # at `signed_in_until`
         self.bad_messages = 0
         # The shopper's waiting-room tickets, by product, and what the page was last told
         # of each (`_told`: the view without its clock, to send only what changed).
@@ -306,12 +307,10 @@ class Hub:
         if self._per_client[client.key] <= 0:
             del self._per_client[client.key]
         WEBSOCKETS.dec()
-        if client.shopper is not None:
-            same = self._shoppers.get(client.shopper)
-            if same is not None:
-                same.discard(client)
-                if not same:
-                    del self._shoppers[client.shopper]
+        if client.sign_out is not None:
+            client.sign_out.cancel()
+            client.sign_out = None
+        self._unlist(client)
         for reservation_id in client.watching:
             watchers = self._watchers.get(reservation_id)
             if watchers is not None:
@@ -326,6 +325,28 @@ class Hub:
                 client.prepared.abort()  # the socket is gone now, RST; see wsprotocol
             else:
                 asyncio.get_running_loop().create_task(_abandon(client.websocket))
+
+    def _unlist(self, client: Client) -> None:
+        """The socket is told of its shopper's tickets no more."""
+        if client.shopper is not None:
+            same = self._shoppers.get(client.shopper)
+            if same is not None:
+                same.discard(client)
+                if not same:
+                    del self._shoppers[client.shopper]
+
+    def signed_out(self, client: Client) -> None:
+        """The shop's token the socket was opened with has expired (`signed_in_until`): it
+        is told of its shopper's tickets and of the holds it watched no more. Watching
+        them, and joining rooms, it is nobody already (`Client.shopper_now`); it kept
+        being told of those it watched before, for as long as it stayed open (attack5)."""
+        client.sign_out = None
+        if client.closed:
+            return
+        self._unlist(client)
+        client.tickets.clear()
+        client.told.clear()
+        self.watch(client, [])
 
     def watch(self, client: Client, reservation_ids: list[str]) -> None:
         for reservation_id in client.watching - set(reservation_ids):
@@ -345,9 +366,16 @@ class Hub:
     # -- the waiting room's tickets (issue 17) ------------------------------------------
 
     async def identify(self, client: Client, shopper: str | None) -> None:
-        """The socket's shopper: it is told of their tickets now, and as they change."""
+        """The socket's shopper: it is told of their tickets now, and as they change, until
+        the shop's token it was opened with expires (`signed_out`)."""
         client.shopper = shopper
-        if shopper is None or self._room is None or client.closed:
+        if shopper is None or client.closed:
+            return
+        if client.signed_in_until is not None:
+            client.sign_out = asyncio.get_running_loop().call_later(
+                max(0.0, client.signed_in_until - time.time()), self.signed_out, client
+            )
+        if self._room is None:
             return
         self._shoppers.setdefault(shopper, set()).add(client)
         if not self._room.any_rooms():
