@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import random
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -203,6 +205,37 @@ async def test_an_endpoint_failing_for_the_retry_window_is_disabled_and_keeps_it
     finally:
         await sender.stop()
     assert receiver.types() == {"reservation.created": 1}
+
+
+async def test_a_disabled_endpoint_s_secrets_are_not_logged(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker logs an endpoint it disables at ERROR, naming its URL: written whole, the
+    credentials or token a receiver's URL often carries (`user:password@`, `?token=`)
+    went to the logs (attack5). The line names the host and path only."""
+    with contextlib.closing(socket.socket()) as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once it is closed
+    url = f"http://hook-user:hook-password@127.0.0.1:{port}/hooks?token=hook-token#hook-part"
+    endpoint = await Webhooks(store).create(url=url, events=[], description="")
+    product = await make_product(store, 5)
+    await hold(store, product.id, 1)
+    sender = deliverer(store, retry_hours=0.5 / 3600, backoff_s=0.05)  # half a second
+    sender.start()
+    webhooks = Webhooks(store)
+    try:
+        with caplog.at_level(logging.ERROR, logger="server.service.delivery"):
+            await eventually(
+                lambda: _disabled(webhooks, endpoint.id), within=20, what="the endpoint disabled"
+            )
+    finally:
+        await sender.stop()
+    (line,) = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+    assert f"webhook endpoint {endpoint.id} (http://127.0.0.1:{port}/...) disabled" in line
+    assert "hook-user" not in line
+    assert "hook-password" not in line
+    assert "hook-token" not in line
+    assert "hook-part" not in line
 
 
 async def _disabled(webhooks: Webhooks, endpoint_id: int) -> str | None:

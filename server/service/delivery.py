@@ -255,7 +255,7 @@ class Deliverer:
                 "webhook endpoint %d (%s) disabled: it has failed for %g hours "
                 "(WEBHOOK_RETRY_HOURS); enable it in the console once it answers again",
                 endpoint.id,
-                endpoint.url,
+                shown_url(endpoint.url),
                 self.give_up_ms / 3_600_000,
             )
 
@@ -318,6 +318,20 @@ class Deliverer:
         if signer is None:
             signer = self._signers[secret] = Webhook(secret)
         return signer
+
+
+def shown_url(url: str) -> str:
+    """An endpoint's URL as a log line shows it: its scheme, host and port, and "..." for
+    the rest, if any. A receiver's URL often carries a secret (credentials as `user:password@`,
+    a token in its query or its path: `/services/T0/B0/XXXX`), and a log is read by more
+    people than the console, which shows the operator the whole URL."""
+    try:
+        parsed = httpx.URL(url)
+        origin = str(parsed.copy_with(userinfo=b"", path="/", query=None, fragment=None))
+    except (httpx.InvalidURL, ValueError):
+        return "a URL that cannot be read"
+    more = parsed.path not in ("", "/") or parsed.query or parsed.fragment
+    return origin.rstrip("/") + ("/..." if more else "")
 
 
 async def _start_of(response: httpx.Response) -> str:
