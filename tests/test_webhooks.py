@@ -559,6 +559,46 @@ async def test_a_sale_of_fifty_holds_sends_one_event_per_change_in_order(
     await assert_reconciled(store)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_worker_logs_no_secret_of_a_receiver_s_url(
+    database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """httpx logs every request it sends at INFO, the URL whole: with LOG_LEVEL=INFO (the
+    default) each delivery wrote the receiver's credentials and token to the worker's log
+    (attack5)."""
+    with running(
+        database_url,
+        redis_url,
+        tmp_path / "logs",
+        web_concurrency=1,
+        WEBHOOK_POLL_MS="50",
+        LOG_LEVEL="INFO",
+    ) as service:
+        url = receiver.url.replace("http://", "http://hook-user:hook-password@")
+        async with service.client() as client:
+            made = await client.post(
+                "/api/admin/webhooks",
+                json={"url": f"{url}?token=hook-token"},
+                headers=service.admin_headers(),
+            )
+            assert made.status_code == 201, made.text
+            receiver.secret = made.json()["secret"]
+            product = await service.new_product(5)
+            await _reserve(client, product["id"])
+            deliveries = f"/api/admin/webhooks/{made.json()['id']}/deliveries"
+
+            async def delivered() -> bool:
+                # Recorded after the answer came, and after whatever logged it.
+                answer = await client.get(deliveries, headers=service.admin_headers())
+                return [d["status"] for d in answer.json()] == ["delivered"]
+
+            await eventually(delivered, within=30, what="the hold's event delivered")
+        log = service.worker.log.read_text()
+    assert "hook-password" not in log
+    assert "hook-token" not in log
+
+
 async def _all_ended(store: Store) -> bool:
     async with store.reader() as conn:
         row = await conn.fetch_one("SELECT COUNT(*) AS n FROM reservations WHERE ended_at IS NULL")

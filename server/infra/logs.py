@@ -99,3 +99,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         # arq logs every job's start and end at INFO: a line per second from the sweeper
         # alone. Its warnings and errors still show.
         logging.getLogger("arq.worker").setLevel(logging.WARNING)
+    # httpx logs every request it sends at INFO with its URL whole: each webhook delivery
+    # wrote the receiver's credentials and token (`user:password@`, `?token=`) to the
+    # worker's log. What a delivery did is recorded with it, for the console (attack5).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
