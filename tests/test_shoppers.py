@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.api.http import RequestError
-from server.api.identity import COOKIE, Identities
+from server.api.identity import COOKIE, MAX_SHOPPER_COOKIES, Identities
 from server.devtools.processes import running
 from server.domain import inventory
 from server.domain.clock import now_ms
@@ -866,6 +867,30 @@ def test_a_cookie_header_full_of_backslashes_costs_no_time() -> None:
     for _ in range(10):
         assert identities.cookie_shopper(scope) == "bad"  # not signed here: a 401
     assert time.process_time() - started < 0.1
+
+
+def test_a_cookie_header_full_of_shopper_cookies_costs_a_few_signature_checks() -> None:
+    """Each `shopper` cookie's signature is an HMAC to check: a 15 KB Cookie header of
+    1,150 `shopper=x.y` cost 1,150 of them, 7 ms of CPU a request (30 to 150 ms of the
+    event loop on a busy machine), from any client, on any shopper route (attack5). At most
+    `MAX_SHOPPER_COOKIES` are checked; a browser's few are all read."""
+    identities = Identities(Settings(session_secret="s" * 32))
+    signer = identities._signer
+    checks = 0
+
+    def counted(value: str | bytes) -> bytes:
+        nonlocal checks
+        checks += 1
+        return signer.unsign(value)
+
+    identities._signer = SimpleNamespace(unsign=counted, sign=signer.sign)  # type: ignore[assignment]
+    header = "; ".join([f"{COOKIE}=x.y"] * 1150)
+    assert identities.cookie_shopper({"headers": [(b"cookie", header.encode())]}) == "bad"
+    assert checks <= 10  # a browser sends a few
+    # A browser's few (a path's and the root's): the one signed here names the shopper.
+    shopper, token = identities.new_anonymous()
+    few = "; ".join([f"{COOKIE}=x.y"] * (MAX_SHOPPER_COOKIES - 1) + [f"{COOKIE}={token}"])
+    assert identities.cookie_shopper({"headers": [(b"cookie", few.encode())]}) == shopper
 
 
 @pytest.mark.parametrize("exp", [10**400, "1900000000", True], ids=["huge", "string", "bool"])

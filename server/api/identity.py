@@ -62,6 +62,11 @@ T = TypeVar("T")
 LEEWAY_S = 30
 ANONYMOUS = "anon:"
 SIGNED_IN = "shop:"
+# The most `shopper` cookies of one request whose signatures are checked: a browser sends one
+# for each path or domain that set it, a few at most. Each check is an HMAC: a Cookie header
+# of 16 KiB holds 1,300 `shopper=x.y`, which took 30 to 150 ms of the event loop a request
+# (attack5).
+MAX_SHOPPER_COOKIES = 4
 # Where ShopperCookie leaves what it found in the cookie for `Identities.shopper`.
 _SCOPE_KEY = "flashsale.shopper_cookie"
 _BAD = "bad"
@@ -284,8 +289,10 @@ class Identities:
         at one cookie it cannot read, which made a customer a new shopper on every page,
         and it is quadratic in backslashes before Python 3.11.10, CVE-2024-7592: a 15 KB
         header cost 0.68 s of the event loop.) With several `shopper` cookies (a path's
-        and the root's), the first this shop signed names the shopper."""
+        and the root's), the first this shop signed names the shopper, among the first
+        `MAX_SHOPPER_COOKIES`: past them the request's cookie is `_BAD`."""
         found = ""
+        tried = 0
         for name, value in scope.get("headers", ()):
             if name != b"cookie" or COOKIE.encode() not in value:
                 continue
@@ -293,6 +300,9 @@ class Identities:
                 key, sep, token = pair.partition("=")
                 if not sep or key.strip() != COOKIE:
                     continue
+                if tried == MAX_SHOPPER_COOKIES:
+                    return _BAD
+                tried += 1
                 shopper = self.anonymous(token.strip())
                 if shopper is not None:
                     return shopper
