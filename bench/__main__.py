@@ -53,7 +53,7 @@ from server.infra.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SCENARIOS = ["storm", "paths", "wave", "webhooks", "steady", "fanout"]
-SCENARIOS = [*DEFAULT_SCENARIOS, "shoppers", "queue", "history"]
+SCENARIOS = [*DEFAULT_SCENARIOS, "shoppers", "keys", "queue", "history"]
 CONFIGS = ["sqlite-w1", "sqlite-w2", "postgresql-w1", "postgresql-w2"]
 
 
@@ -400,6 +400,18 @@ def run_config(
                         lead_seconds=size.storm_lead,
                         shopper_kind=kind,
                     )
+            if "keys" in scenarios:
+                # The storm again, every request with an Idempotency-Key of its own: what the
+                # fast refusal costs when each promise may be a retry of a hold already made.
+                progress.step(f"{config.label} · storm, every request with an Idempotency-Key")
+                result["storm_keys"] = storm.run(
+                    service,
+                    shoppers=size.storm_shoppers,
+                    sockets=size.storm_sockets,
+                    units=size.storm_units,
+                    lead_seconds=size.storm_lead,
+                    keys=True,
+                )
             if "paths" in scenarios:
                 progress.step(f"{config.label} · paths")
                 result["paths"] = paths.run(
@@ -525,7 +537,7 @@ def run_config(
     }
     if "steady" in result:
         result["steady"]["share_of_bare"] = round(result["steady"]["rps"] / bare_rps, 3)
-    for name in ("storm", "storm_cookie", "storm_jwt"):
+    for name in ("storm", "storm_cookie", "storm_jwt", "storm_keys"):
         if name in result:
             result[name]["share_of_bare"] = round(result[name]["rps"] / bare_rps, 3)
     if fanned:

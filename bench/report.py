@@ -416,7 +416,7 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     )
     if any("storm" in c for c in configs):
         lines += _storm(configs, charts)
-    if any("storm_cookie" in c for c in configs):
+    if any("storm_cookie" in c or "storm_keys" in c for c in configs):
         lines += _identified(configs)
     if any("paths" in c for c in configs):
         lines += _paths(configs, charts)
@@ -488,18 +488,21 @@ _KINDS = {
     "storm": "anonymous (no cookie, no token)",
     "storm_cookie": "each a shopper's cookie",
     "storm_jwt": "each signed in by the shop (JWT)",
+    "storm_keys": "anonymous, each request with an Idempotency-Key",
 }
 
 
 def _identified(configs: list[dict[str, Any]]) -> list[str]:
     """The storm with its shoppers identified (issue 16) beside the anonymous one."""
-    runs = [c for c in configs if "storm_cookie" in c]
+    runs = [c for c in configs if "storm_cookie" in c or "storm_keys" in c]
     lines = [
-        "## Storm with shoppers identified",
+        "## Storm with shoppers identified, or with keys",
         "",
         "The same storm, each shopper a distinct one: anonymous, with the cookie the shop page "
         "sets, or signed in by the shop with a JWT. Each hold then also counts against its "
-        "shopper's allowance (the limit per customer), in the reservation's transaction.",
+        "shopper's allowance (the limit per customer), in the reservation's transaction. "
+        "With keys (`bin/bench keys`): anonymous, each request with an Idempotency-Key of its "
+        "own, so that every promise may be a retry of a hold already made.",
         "",
     ]
     rows = []

@@ -1,12 +1,14 @@
 """A process of storm shoppers: each holds one keep-alive connection and sends one
 reservation at the sale's start.
 
-`python -m bench.shoppers HOST PORT COUNT START_MS BODY [KIND]` opens COUNT connections (a shopper's
-page is already open: its connection is made before the sale, as a browser's would be), prints
-`ready N`, waits for the epoch millisecond START_MS, writes every request in one pass, and
-prints one JSON line when every answer is in: `{"results": [[sent ms, answered ms, status,
-code], ...], "cpu_seconds": s}`. KIND: who the shoppers are (`bench/identities.py`: `none`,
-the default, `cookie` or `jwt`), each a distinct shopper.
+`python -m bench.shoppers HOST PORT COUNT START_MS BODY [KIND [KEYS]]` opens COUNT
+connections (a shopper's page is already open: its connection is made before the sale, as a
+browser's would be), prints `ready N`, waits for the epoch millisecond START_MS, writes every
+request in one pass, and prints one JSON line when every answer is in: `{"results": [[sent
+ms, answered ms, status, code], ...], "cpu_seconds": s}`. KIND: who the shoppers are
+(`bench/identities.py`: `none`, the default, `cookie` or `jwt`), each a distinct shopper.
+KEYS `keys`: each request carries an Idempotency-Key of its own (random), as a client that
+retries safely sends.
 
 They fire at the start exactly, not before: the service and the shoppers read the same
 clock, so a request sent at the start is processed after it, and every 409 `sale_not_started`
@@ -20,6 +22,7 @@ import json
 import re
 import resource
 import sys
+import uuid
 
 import uvloop
 
@@ -30,7 +33,13 @@ _CODE = re.compile(rb'"code":"([a-z_]+)"')
 
 
 async def main(
-    host: str, port: int, count: int, start_ms: float, body: bytes, kind: str = "none"
+    host: str,
+    port: int,
+    count: int,
+    start_ms: float,
+    body: bytes,
+    kind: str = "none",
+    keys: bool = False,
 ) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -41,7 +50,13 @@ async def main(
         )
     authority = f"{host}:{port}"
     requests = [
-        request_bytes("POST", "/api/reservations", authority, body, headers)
+        request_bytes(
+            "POST",
+            "/api/reservations",
+            authority,
+            body,
+            {**headers, "Idempotency-Key": uuid.uuid4().hex} if keys else headers,
+        )
         for headers in identities.headers(kind, count)
     ]
     print(f"ready {count}", flush=True)
@@ -77,4 +92,5 @@ async def main(
 if __name__ == "__main__":
     host, port, count, start_ms, body = sys.argv[1:6]
     kind = sys.argv[6] if len(sys.argv) > 6 else "none"
-    uvloop.run(main(host, int(port), int(count), float(start_ms), body.encode(), kind))
+    keys = len(sys.argv) > 7 and sys.argv[7] == "keys"
+    uvloop.run(main(host, int(port), int(count), float(start_ms), body.encode(), kind, keys))

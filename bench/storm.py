@@ -55,13 +55,23 @@ class StatsPoller(threading.Thread):
 
 
 def _shoppers(
-    service: Target, count: int, processes: int, start_ms: float, body: str, kind: str = "none"
+    service: Target,
+    count: int,
+    processes: int,
+    start_ms: float,
+    body: str,
+    kind: str = "none",
+    keys: bool = False,
 ) -> list[subprocess.Popen[str]]:
     host, port = host_port(service)
     per = shares(count, processes)
     return start_ready(
         "bench.shoppers",
-        [[host, str(port), str(n), str(start_ms), body, kind] for n in per if n],
+        [
+            [host, str(port), str(n), str(start_ms), body, kind, "keys" if keys else "none"]
+            for n in per
+            if n
+        ],
         what="shopper",
     )
 
@@ -75,8 +85,10 @@ def run(
     lead_seconds: float | None = None,
     shopper_kind: str = "none",
     shoppers_ahead: float | None = None,
+    keys: bool = False,
 ) -> dict[str, Any]:
-    """The storm; `shopper_kind`: who the shoppers are (`bench/identities.py`).
+    """The storm; `shopper_kind`: who the shoppers are (`bench/identities.py`); `keys`:
+    every request carries an Idempotency-Key of its own.
 
     `shoppers_ahead`: open the shoppers' connections only this many seconds before the
     start (by default as soon as the sockets are open): a load balancer closes a
@@ -108,7 +120,7 @@ def run(
         if shoppers_ahead is not None:
             time.sleep(max(0.0, (start - now_ms()) / 1000 - shoppers_ahead))
         procs = _shoppers(
-            service, shoppers, max(1, min(4, shoppers // 1_000)), start, body, shopper_kind
+            service, shoppers, max(1, min(4, shoppers // 1_000)), start, body, shopper_kind, keys
         )
         ready_before = (start - now_ms()) / 1000
         if ready_before < 0.2:
@@ -156,6 +168,7 @@ def run(
     last_answer = max((done for _, done, _, _ in answered), default=start)
     result: dict[str, Any] = {
         "shopper_kind": shopper_kind,
+        "keys": keys,
         "shoppers": shoppers,
         "sockets": sockets,
         "units": units,
