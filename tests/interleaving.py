@@ -5,7 +5,9 @@ requests, retry one, reload the catalog, or change the stock from "another proce
 
 It is how tests/test_promises.py checks every fast refusal against the database: at the
 moment a request is refused without reaching the database, the database is asked what it
-would have done with it (`would_grant`).
+would have done with it (`would_grant`). A request that waits for the promises with a key to
+settle before its refusal is reckoned (server/service/promises.py) is *parked*: it is
+answered or sent on in the step that resumes their batch, and checked then.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from server.domain.errors import InsufficientStock, ShopperLimitReached
 from server.domain.inventory import Held
 from server.domain.model import Event, HoldRequest, Reservation, StockChanged
 from server.service.catalog import Catalog
-from server.service.shop import Shop
+from server.service.shop import Shop, Waiting
 from server.storage.database import Store
 
 T = TypeVar("T")
@@ -87,12 +89,6 @@ class GatedStore(Store):
             await gate.resume.wait()
 
 
-def submitted(shop: Shop) -> int:
-    """Requests the shop has sent towards the database so far (waiting or in a batch)."""
-    holds = shop._holds  # the group commit: requests taken into batches, and queued
-    return holds.requests + holds.backlog
-
-
 @dataclass
 class Call:
     request: HoldRequest
@@ -100,6 +96,7 @@ class Call:
     index: int | None  # its place in the order of submission; None if answered at once
     hold_before: Reservation | None  # the hold its key had made when it was sent, if any
     checked: bool = False
+    parked: bool = False  # waited for keyed promises to settle before it was answered
 
 
 class Interleaving:
@@ -114,7 +111,18 @@ class Interleaving:
         self.by_index: dict[int, Call] = {}
         self.taken_elsewhere: list[str] = []
         self.fast_refusals = 0
+        self.parked: list[Call] = []  # waiting for keyed promises to settle
+        # Each request's place in the order the shop submits them to its group commit (the
+        # order of the batches), by the request object's identity.
+        self._places: dict[int, int] = {}
         store.restart(taken=lambda: shop._holds.requests)
+        holds, submit = shop._holds, shop._holds.submit
+
+        async def recorded(request: Waiting) -> Held:
+            self._places[id(request.request)] = len(self._places)
+            return await submit(request)
+
+        holds.submit = recorded  # type: ignore[method-assign]
 
     # -- steps -----------------------------------------------------------------------
 
@@ -125,24 +133,59 @@ class Interleaving:
         towards the database."""
         request = HoldRequest(self.product_id, quantity, key, shopper)
         hold_before = await self._hold_of(key)
-        before = submitted(self.shop)
+        parked = self.shop.promises.parked
         task = asyncio.create_task(self.shop.reserve(request))
         await until(
-            lambda: task.done() or submitted(self.shop) > before, "the request to be answered"
+            lambda: (
+                task.done() or id(request) in self._places or self.shop.promises.parked > parked
+            ),
+            "the request to be answered",
         )
-        index = before if submitted(self.shop) > before else None
-        call = Call(request, task, index, hold_before)
+        call = Call(request, task, self._places.get(id(request)), hold_before)
         self.calls.append(call)
-        if index is not None:
-            self.by_index[index] = call
-        elif isinstance(task.exception(), InsufficientStock | ShopperLimitReached):
-            self.fast_refusals += isinstance(task.exception(), InsufficientStock)
-            # The refusal must hold against the database *now*.
-            assert not await self.would_grant(request), (
-                f"refused {request} at once, but the database would grant it: "
-                f"{await self.describe()}"
-            )
+        if call.index is not None:
+            self.by_index[call.index] = call
+        elif task.done():
+            await self._check_refusal(call)
+        else:
+            call.parked = True
+            self.parked.append(call)
         return call
+
+    async def _check_refusal(self, call: Call) -> None:
+        """`call` was answered without reaching the database: a refusal must hold against
+        the database *now*."""
+        error = call.task.exception()
+        if isinstance(error, InsufficientStock | ShopperLimitReached):
+            self.fast_refusals += isinstance(error, InsufficientStock)
+            assert not await self.would_grant(call.request), (
+                f"refused {call.request} {'after waiting' if call.parked else 'at once'}, "
+                f"but the database would grant it: {await self.describe()}"
+            )
+
+    async def _unpark(self) -> None:
+        """Once a batch's callers resumed: let each parked request whose promises settled be
+        answered, sent on, or parked again, and check the answered ones."""
+
+        def unanswered() -> list[Call]:
+            return [
+                c for c in self.parked if not c.task.done() and id(c.request) not in self._places
+            ]
+
+        await until(
+            lambda: len(unanswered()) == self.shop.promises.parked,
+            "the parked requests to be answered, sent on or parked again",
+        )
+        still = unanswered()
+        for call in self.parked:
+            if call in still:
+                continue
+            call.index = self._places.get(id(call.request))
+            if call.index is not None:
+                self.by_index[call.index] = call
+            else:
+                await self._check_refusal(call)
+        self.parked = still
 
     async def commit(self) -> bool:
         """The oldest batch sent to the database commits (False if none is waiting)."""
@@ -169,6 +212,7 @@ class Interleaving:
         gate.resume.set()
         tasks = [self.by_index[i].task for i in gate.calls if i in self.by_index]
         await until(lambda: all(t.done() for t in tasks), "the batch's callers to resume")
+        await self._unpark()
         return True
 
     async def reload(self) -> None:
@@ -176,10 +220,13 @@ class Interleaving:
         if catalog is not None:
             await catalog.reload(self.store)
 
-    async def take_elsewhere(self, quantity: int, shopper: str | None = None) -> None:
+    async def take_elsewhere(
+        self, quantity: int, shopper: str | None = None, key: str | None = None
+    ) -> None:
         """Another process holds units of the product (if it has them; for `shopper`, if
-        within their limit)."""
-        request = HoldRequest(self.product_id, quantity, shopper_id=shopper)
+        within their limit; with the Idempotency-Key `key`, which a client may then retry
+        here)."""
+        request = HoldRequest(self.product_id, quantity, key, shopper)
         outcomes, events = await self.elsewhere.write(
             lambda conn: inventory.reserve(conn, [request], now=now_ms(), hold_ms=600_000)
         )

@@ -138,6 +138,28 @@ async def test_a_catalog_reload_between_commit_and_resume_refuses_nothing_granta
     assert (await stats(harness.elsewhere, run.product_id)).available == 0
 
 
+@WITH_AND_WITHOUT_CATALOG
+async def test_a_storm_of_keyed_requests_is_refused_without_the_database(
+    harness: Harness, with_catalog: bool
+) -> None:
+    """Every request with an Idempotency-Key: each promise may be a retry of a hold already
+    made (which takes nothing), so the requests behind the promises wait for their batch,
+    and are then refused without a place in a batch, as a storm's thousands must be."""
+    async with harness.drive(10, with_catalog=with_catalog) as run:
+        promised = [await run.reserve(1, f"k-{n}") for n in range(10)]
+        behind = [await run.reserve(1, f"late-{n}") for n in range(30)]
+        assert all(c.index is not None for c in promised)
+        assert all(c.parked and not c.task.done() for c in behind)
+        while await run.resume() or await run.commit():
+            pass
+        assert all(c.index is None for c in behind), "sent to the database"
+        assert run.fast_refusals == 30
+    for call in behind:
+        with pytest.raises(InsufficientStock):
+            await call.task
+    assert all(isinstance(held, Held) for held in [await c.task for c in promised])
+
+
 # -- issue 10, item 9: a retry identical to the hold made is a replay ---------------------
 
 
@@ -252,14 +274,17 @@ async def test_one_shoppers_requests_promise_no_more_than_their_limit(harness: H
 
 Step = tuple[str, int, int]
 
-# A request's `b`: bit 0, whether it has a key; bits 1-2, its shopper (0: none).
+# A request's `b`: bit 0, whether it has a key; bits 1-2, its shopper (0: none). Another
+# process's ("take"): bits 0-1, its shopper; bit 2, whether it has a key. "again": a client
+# retries a hold made (here or in the other process) after losing its answer.
 steps = st.one_of(
     st.tuples(st.just("reserve"), st.integers(1, 3), st.integers(0, 7)),
     st.tuples(st.just("retry"), st.integers(0, 30), st.integers(0, 3)),
+    st.tuples(st.just("again"), st.integers(0, 30), st.just(0)),
     st.tuples(st.just("commit"), st.just(0), st.just(0)),
     st.tuples(st.just("resume"), st.just(0), st.just(0)),
     st.tuples(st.just("reload"), st.just(0), st.just(0)),
-    st.tuples(st.just("take"), st.integers(1, 2), st.integers(0, 3)),
+    st.tuples(st.just("take"), st.integers(1, 2), st.integers(0, 7)),
     st.tuples(st.just("give"), st.just(0), st.just(0)),
 )
 
@@ -283,6 +308,11 @@ async def play(run: Interleaving, script: list[Step]) -> None:
             key, quantity, who = keyed[a % len(keyed)]
             # Mostly the same body (a genuine retry); sometimes another one.
             await run.reserve(quantity if b else quantity % 3 + 1, key, who)
+        elif action == "again":
+            made = [k for k in keyed if await run._hold_of(k[0]) is not None]
+            if made:
+                key, quantity, who = made[a % len(made)]
+                await run.reserve(quantity, key, who)
         elif action == "commit":
             await run.commit()
         elif action == "resume":
@@ -290,7 +320,10 @@ async def play(run: Interleaving, script: list[Step]) -> None:
         elif action == "reload":
             await run.reload()
         elif action == "take":
-            await run.take_elsewhere(a, shopper(b))
+            key = f"p{run.product_id}-key-{len(keyed)}" if b & 4 else None
+            if key is not None:
+                keyed.append((key, a, shopper(b & 3)))
+            await run.take_elsewhere(a, shopper(b & 3), key)
         elif action == "give":
             await run.give_back_elsewhere()
 
@@ -337,6 +370,18 @@ async def check_answers(run: Interleaving) -> None:
         *[("reserve", 1, 2), ("reserve", 1, 4)],
     ],
 )
+# A client's retry of a hold already made, while it waits for its batch, takes nothing: a
+# request for the last unit that arrives meanwhile must still reach the database. The hold
+# made here, or in another process (its figure reaches this one's catalog).
+@example(
+    stock=2,
+    limit=None,
+    script=[
+        *[("reserve", 1, 1), ("commit", 0, 0), ("resume", 0, 0)],
+        *[("again", 0, 0), ("reserve", 1, 0)],
+    ],
+)
+@example(stock=2, limit=None, script=[("take", 1, 4), ("again", 0, 0), ("reserve", 1, 0)])
 @given(
     stock=st.integers(1, 6),
     limit=st.one_of(st.none(), st.integers(1, 3)),

@@ -18,6 +18,10 @@ product as this process last saw it (from its catalog or a read), so the two mus
   process's change arrived, in between): for that figure it is *uncertain*.
 - A copy of a request already waiting (the same Idempotency-Key) is a replay if the first
   makes the hold, but a request of its own if the first is refused: it is uncertain.
+- So is any other request with an Idempotency-Key: the key may have made its hold already (a
+  client's retry after a lost answer; the hold made here or in another process, in a figure
+  or not), and the database then replays that hold and takes nothing. Unless told to count
+  them (`left(…, keys_new=True)`: what the requests would leave if every key were new).
 - The database grants, in order, each request that still fits (first come, first served), so
   a request for more than is left takes nothing and a smaller one behind it may be granted.
 - A request with a shopper, of a product with a limit per shopper (`max_per_shopper`), takes
@@ -36,12 +40,22 @@ So a request queued now can be granted at most `left(figure)` units:
   it takes all it asks for, each shopper's at most the limit (those take their units
   whatever happens to the uncertain ones).
 
+A request for more than `left(figure)` is refused at once. One for more than what the
+requests would leave if every key were new, but no more than `left(figure)`, would be refused
+only if some keyed promises take their units: in a storm where every request carries a key,
+the thousands behind the first hundred promises. Such a request waits, without touching the
+database, until the keyed promises waiting now have settled (`keyed_settled`: their batch
+committed, and the catalog has what it did, or failed; a batch's time, a few ms), and its
+refusal is reckoned again from the newer figure (server/service/shop.py, a bounded number of
+times; then the database decides it).
+
 The database decides every reservation; this only decides which requests are certain to fail.
 tests/test_promises.py checks every fast refusal against the database over many interleavings.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 
@@ -78,15 +92,25 @@ class Promises:
         self._keys: set[str] = set()  # Idempotency-Keys of waiting promises (not copies)
         # product → units of the waiting promises (not copies) that have a shopper
         self._shoppers: Counter[int] = Counter()
+        # Of `_unsent` and `_sent`, the units of promises with a key (not copies)
+        self._keyed_unsent: Counter[int] = Counter()
+        self._keyed_sent: dict[int, Counter[int]] = {}
+        self._newest_keyed: dict[int, Promise] = {}  # product → its newest such promise
+        # promise → what the requests waiting for it to settle wait on, and how many they are
+        self._settling: dict[Promise, asyncio.Future[None]] = {}
+        self._parked: Counter[Promise] = Counter()
 
     def observe(self, product: Product) -> None:
         """A figure of `product` this process has seen (read, committed or received)."""
         if product.version > self._seen.get(product.id, -1):
             self._seen[product.id] = product.version
 
-    def left(self, product: Product) -> int:
+    def left(self, product: Product, *, keys_new: bool = False) -> int:
         """At most how many units of `product` a request queued now could be granted, as
-        of this figure (may be negative). A request for more is certain to be refused."""
+        of this figure (may be negative). A request for more is certain to be refused.
+
+        `keys_new`: count the promises with a key as those without one (as if no key had
+        made a hold yet): a request for more is refused unless some of them are retries."""
         self.observe(product)
         version, figure = product.version, product.available_stock
         limit = product.max_per_shopper
@@ -97,6 +121,13 @@ class Promises:
                 counted += units
             else:
                 uncertain += units
+        if not keys_new:
+            keyed = self._keyed_unsent.get(product.id, 0)
+            for after, units in self._keyed_sent.get(product.id, {}).items():
+                if after >= version:
+                    keyed += units
+            counted -= keyed
+            uncertain += keyed
         shoppers = self._shoppers.get(product.id, 0)
         if limit is not None and shoppers:
             # The shoppers' promises are all uncertain: if no other one is waiting, nothing
@@ -105,7 +136,7 @@ class Promises:
                 self._sent.get(product.id, {}).values()
             ):
                 return figure
-            return self._left_in_order(product, limit)
+            return self._left_in_order(product, limit, keys_new=keys_new)
         if counted + uncertain <= figure:
             return figure - counted
         # More is asked for than the figure has: some waiting requests will be refused.
@@ -116,9 +147,9 @@ class Promises:
                 if promise.quantity <= available:
                     available -= promise.quantity
             return available
-        return self._left_in_order(product, limit)
+        return self._left_in_order(product, limit, keys_new=keys_new)
 
-    def _left_in_order(self, product: Product, limit: int | None) -> int:
+    def _left_in_order(self, product: Product, limit: int | None, *, keys_new: bool) -> int:
         """`left` when some waiting requests are uncertain: the figure minus each counted
         promise that fits even if every request ahead of it takes all it may."""
         version, figure = product.version, product.available_stock
@@ -127,8 +158,10 @@ class Promises:
         queue = self._queue.get(product.id, {})
         if limit is None:
             for promise in queue:
-                counts = not promise.copy and (
-                    promise.sent_after is None or promise.sent_after >= version
+                counts = (
+                    not promise.copy
+                    and (keys_new or promise.key is None)
+                    and (promise.sent_after is None or promise.sent_after >= version)
                 )
                 if counts and ahead + promise.quantity <= figure:
                     available -= promise.quantity
@@ -145,8 +178,10 @@ class Promises:
                     shoppers[shopper] += may
                     ahead += may
                 continue
-            counts = not promise.copy and (
-                promise.sent_after is None or promise.sent_after >= version
+            counts = (
+                not promise.copy
+                and (keys_new or promise.key is None)
+                and (promise.sent_after is None or promise.sent_after >= version)
             )
             if counts and ahead + quantity <= figure:
                 available -= quantity
@@ -173,6 +208,8 @@ class Promises:
         else:
             if key is not None:
                 self._keys.add(key)
+                self._keyed_unsent[request.product_id] += request.quantity
+                self._newest_keyed[request.product_id] = promise
             self._unsent[request.product_id] += request.quantity
             if promise.shopper is not None:
                 self._shoppers[request.product_id] += request.quantity
@@ -188,6 +225,10 @@ class Promises:
             _take(self._unsent, promise.product_id, promise.quantity)
             sent = self._sent.setdefault(promise.product_id, Counter())
             sent[promise.sent_after] += promise.quantity
+            if promise.key is not None:
+                _take(self._keyed_unsent, promise.product_id, promise.quantity)
+                keyed = self._keyed_sent.setdefault(promise.product_id, Counter())
+                keyed[promise.sent_after] += promise.quantity
 
     def settle(self, promise: Promise) -> None:
         """Its batch has committed (and the catalog has what it did) or failed. Once; more
@@ -200,20 +241,52 @@ class Promises:
             _take(self._copies, product_id, promise.quantity)
         elif promise.sent_after is None:
             _take(self._unsent, product_id, promise.quantity)
+            if promise.key is not None:
+                _take(self._keyed_unsent, product_id, promise.quantity)
         else:
-            sent = self._sent[product_id]
-            _take(sent, promise.sent_after, promise.quantity)
-            if not sent:
-                del self._sent[product_id]
+            _take_sent(self._sent, promise)
+            if promise.key is not None:
+                _take_sent(self._keyed_sent, promise)
         if not promise.copy:
             if promise.key is not None:
                 self._keys.discard(promise.key)
+                if self._newest_keyed.get(product_id) is promise:
+                    del self._newest_keyed[product_id]
             if promise.shopper is not None:
                 _take(self._shoppers, product_id, promise.quantity)
         queue = self._queue[product_id]
         del queue[promise]
         if not queue:
             del self._queue[product_id]
+        self._parked.pop(promise, None)
+        settling = self._settling.pop(promise, None)
+        if settling is not None:
+            settling.set_result(None)
+
+    async def keyed_settled(self, product_id: int) -> None:
+        """Wait until the promises with a key of `product_id` waiting now have settled (at
+        once if there are none): until the newest of them has, as batches go in order.
+        Cancelling the wait leaves the promises as they are."""
+        promise = self._newest_keyed.get(product_id)
+        if promise is None:
+            return
+        settling = self._settling.get(promise)
+        if settling is None:
+            settling = asyncio.get_running_loop().create_future()
+            self._settling[promise] = settling
+        self._parked[promise] += 1
+        try:
+            await asyncio.shield(settling)
+        finally:
+            if not settling.done():  # its caller went away first
+                self._parked[promise] -= 1
+                if not self._parked[promise]:
+                    del self._parked[promise]
+
+    @property
+    def parked(self) -> int:
+        """Requests waiting in `keyed_settled` for promises not yet settled."""
+        return sum(self._parked.values())
 
     @property
     def empty(self) -> bool:
@@ -225,6 +298,11 @@ class Promises:
             or self._queue
             or self._keys
             or self._shoppers
+            or self._keyed_unsent
+            or self._keyed_sent
+            or self._newest_keyed
+            or self._settling
+            or self._parked
         )
 
 
@@ -232,3 +310,12 @@ def _take(counter: Counter[int], key: int, units: int) -> None:
     counter[key] -= units
     if not counter[key]:
         del counter[key]
+
+
+def _take_sent(sent: dict[int, Counter[int]], promise: Promise) -> None:
+    """`promise`'s units out of `sent` (product → {version sent after → units})."""
+    assert promise.sent_after is not None
+    by_version = sent[promise.product_id]
+    _take(by_version, promise.sent_after, promise.quantity)
+    if not by_version:
+        del sent[promise.product_id]

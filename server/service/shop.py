@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256
+# How many times a request refused only if the waiting keyed requests take their units waits
+# for their batch before it goes to the database (each wait: one batch's time, a few ms).
+KEYED_WAITS = 3
 BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
 BY_RESERVATION = HOLDS_EXPIRED.labels("reservation")
 
@@ -166,11 +169,37 @@ class Shop:
                 return replay
             async with self.store.reader() as conn:
                 raise await inventory.limit_refusal(conn, product.id, request.shopper_id)
-        # A copy of a request that is waiting joins it (it can only be that hold); any other
-        # is refused now if the units its process knows of are all spoken for: in a storm the
-        # first hundred requests promise the last hundred units, and the thousands behind
-        # them are answered at once, not after a queue of batches.
-        if not self.promises.waiting(request.idempotency_key):
+        replay = await self._refuse_if_certain(product, request, now)
+        if replay is not None:
+            return replay
+        promise = self.promises.make(request)
+        try:
+            return await self._holds.submit(Waiting(request, promise))
+        except Exception:
+            self.promises.settle(promise)  # its batch did, unless it never reached one
+            raise
+
+    async def _refuse_if_certain(
+        self, product: Product, request: HoldRequest, now: int
+    ) -> Held | None:
+        """Raise InsufficientStock (with the units left) if the database is certain to refuse
+        `request` (a figure of its product, at `now`, ms), given the units promised to the
+        requests waiting; return the hold its key made if it has one (a retry), else None:
+        it goes to the database.
+
+        A copy of a request that is waiting joins it (it can only be that hold); any other is
+        refused now if the units its process knows of are all spoken for: in a storm the
+        first hundred requests promise the last hundred units, and the thousands behind them
+        are answered at once, not after a queue of batches. When they are spoken for only if
+        the waiting requests with a key are not retries of holds already made (which take
+        nothing), it waits for those requests' batch and looks again at the catalog's figure
+        (server/service/promises.py; without a catalog, the database's); after `KEYED_WAITS`
+        such waits it goes to the database. Raises what `Store.reader` raises."""
+        for _ in range(KEYED_WAITS + 1):
+            if self.promises.waiting(request.idempotency_key):
+                return None
+            if self.promises.left(product, keys_new=True) >= request.quantity:
+                return None
             left = self.promises.left(product)
             if left < request.quantity and self._overdue.may_have(product, now):
                 # Some of the units counted as held may be in holds past their expiresAt,
@@ -181,19 +210,20 @@ class Shop:
                     product = look.product
                     left = self.promises.left(product)
                 if look.overdue(now_ms()):
-                    left = request.quantity
+                    return None
             if left < request.quantity:
                 # A retried request with a key may have been served already.
                 replay = await self.replay(request)
                 if replay is not None:
                     return replay
                 raise InsufficientStock(max(left, 0), request.quantity, product.stock_now())
-        promise = self.promises.make(request)
-        try:
-            return await self._holds.submit(Waiting(request, promise))
-        except Exception:
-            self.promises.settle(promise)  # its batch did, unless it never reached one
-            raise
+            # Refused only if the keyed promises all take their units: wait for their batch.
+            await self.promises.keyed_settled(product.id)
+            fresh = await self.product(product.id)
+            if fresh is None:
+                raise ProductNotFound(product.id)
+            product, now = fresh, now_ms()
+        return None
 
     async def replay(self, request: HoldRequest) -> Held | None:
         """The hold `request`'s Idempotency-Key made within the idempotency window, if any.
