@@ -251,7 +251,7 @@ _VALUES = [b"1", b'"x"', b'":"', b"null", b'"a"', b'""', b'{"a":1}', b"[1,2]", b
 _JUNK = [b'"', b":", b",", b"{", b"}", b" ", b"\\", b"a", b"\n"]
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     st.lists(
         st.tuples(
