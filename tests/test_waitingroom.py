@@ -17,6 +17,7 @@ import pytest
 
 from server.domain import inventory, waitingroom
 from server.domain.books import Books
+from server.domain.clock import now_ms
 from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
 from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
@@ -276,7 +277,9 @@ async def test_a_start_given_to_a_waitlist_cannot_put_new_joiners_ahead_of_the_l
     already waiting (a PATCH of the start alone went through). 409 `queue_in_use` while
     anyone is in line; a start moved while the order is drawn (earlier, or to now: the sale
     starts) goes through, and so does a started sale postponed (README: on purpose)."""
-    waitlist = await room(store, 0, queue="random", starts=None)
+    # A unit on sale: with nothing available and nothing held the room would be closed, and
+    # a join would end `sold_out` at once.
+    waitlist = await room(store, 1, queue="random", starts=None)
     await join_many(store, waitlist.id, ["anon:first"], at=START - 10_000)
 
     async def edit(product: Product, now: int, *, sale_starts_at: int) -> Product:
@@ -295,7 +298,7 @@ async def test_a_start_given_to_a_waitlist_cannot_put_new_joiners_ahead_of_the_l
     await join_many(store, waitlist.id, ["anon:second"], at=START - 4_000)
     assert await line_order(store, waitlist.id) == ["anon:first", "anon:second"]
 
-    started = await room(store, 0, queue="random")
+    started = await room(store, 1, queue="random")
     await join_many(store, started.id, ["anon:after-start"], at=START + 1_000)
     later = await edit(started, START + 2_000, sale_starts_at=START + 3_600_000)
     assert later.sale_starts_at == START + 3_600_000
@@ -555,12 +558,29 @@ async def test_the_room_closes_when_the_last_unit_is_sold(store: Store) -> None:
     news = end.news()
     assert news is not None
     assert news.everyone  # every page with a ticket here is told
-    # A restock later: sold-out shoppers may join again, at the back.
+    # Joining the closed room again: the ticket ends `sold_out` in the join itself (the
+    # answer says so), not waiting for a step to close it, and nobody is counted waiting.
     again, made = await store.write(
         lambda conn: waitingroom.join(conn, product.id, people[5], now=START + 10)
     )
     assert made
+    assert (again.state, again.ended_at) == (TicketState.SOLD_OUT, START + 10)
+    late, made = await store.write(
+        lambda conn: waitingroom.join(conn, product.id, "anon:late", now=START + 11)
+    )
+    assert made
+    assert late.state is TicketState.SOLD_OUT
+    async with store.reader() as conn:
+        assert await waitingroom.waiting_count(conn, product.id) == 0
+    # A restock later: sold-out shoppers may join again, at the back.
+    await store.write(lambda conn: inventory.restock(conn, product.id, 1, now=START + 20))
+    again, made = await store.write(
+        lambda conn: waitingroom.join(conn, product.id, people[5], now=START + 30)
+    )
+    assert made
     assert again.state is TicketState.WAITING
+    async with store.reader() as conn:
+        assert await waitingroom.waiting_count(conn, product.id) == 1
 
 
 async def test_a_limit_per_shopper_counts_its_units_per_pass(store: Store) -> None:
@@ -637,6 +657,52 @@ async def assert_counted(store: Store, product_id: int, step_done: Admission | N
     if step_done is not None:
         assert step_done.waiting == kept
     return kept
+
+
+async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> None:
+    """A process's joins that come together: a shopper named twice gets one ticket, made
+    once; one already in line keeps theirs; only the new waiting tickets are news and
+    nudge the admitter. In a room that has closed (its last unit sold, nothing held) a
+    join's ticket ends `sold_out` in the join itself: its answer says so, nobody is counted
+    waiting, no news, no nudge (it was made waiting, then closed by the next admission
+    step, after the sale, and every page's process read the whole room again: the waiting
+    room's bench)."""
+    product = await room(store, 1, starts=None)  # a waitlist: open now
+    await join_many(store, product.id, ["anon:first"], at=now_ms() - 10_000)  # the head
+    news: list[waitingroom.RoomChanged] = []
+    nudges: list[int] = []
+    service = WaitingRoom(store, publish=news.extend, opens_ms=START, nudge=nudges.append)
+    await service.start()
+    try:
+        people = ["anon:a", "anon:b", "anon:a", "anon:first"]
+        answers = await asyncio.gather(*(service.join(product.id, s) for s in people))
+        assert [a.created for a in answers] == [True, True, False, False]
+        assert [a.view["state"] for a in answers] == ["waiting"] * 4
+        assert answers[0].ticket == answers[2].ticket
+        assert frozenset().union(*(n.joined for n in news)) == {"anon:a", "anon:b"}
+        assert not any(n.shoppers for n in news)  # joins move nobody
+        assert nudges == [product.id, product.id]
+        async with store.reader() as conn:
+            assert await waitingroom.waiting_count(conn, product.id) == 3
+
+        admitted = (await step(store, product.id, now=now_ms())).admitted
+        assert [t.shopper_id for t in admitted] == ["anon:first"]
+        held = await reserve(store, product.id, "anon:first", now=now_ms())
+        sold = held.reservation.id
+        await store.write(lambda conn: inventory.complete(conn, sold, now=now_ms()))
+        closed = await step(store, product.id, now=now_ms())
+        assert {t.shopper_id for t in closed.closed} == {"anon:a", "anon:b"}
+        news.clear()
+        nudges.clear()
+
+        late = await asyncio.gather(*(service.join(product.id, s) for s in ["anon:c", "anon:a"]))
+        assert [(a.created, a.view["state"]) for a in late] == [(True, "sold_out")] * 2
+        assert (news, nudges) == ([], [])
+        async with store.reader() as conn:
+            assert await waitingroom.waiting_count(conn, product.id) == 0
+            assert await waitingroom.queued_products(conn) == []
+    finally:
+        await service.stop()
 
 
 async def test_the_count_of_those_waiting_equals_a_recount_after_every_change(

@@ -214,6 +214,17 @@ async def room_key(conn: Executor, product_id: int, *, new: bytes | None = None)
 # -- shoppers: join, read, leave ------------------------------------------------------------
 
 
+# A room that has closed, as `admit` closes it: the sale ended, or it is open (started, not
+# paused) with nothing available and nothing held. A ticket made in it ends `sold_out` at
+# once, in its insert: it is told so in the join's answer, and no admission step has to
+# close it (nor every page of the room hear of it) after the sale.
+_CLOSED = (
+    "(sale_ends_at IS NOT NULL AND sale_ends_at <= :now) OR ((sale_starts_at IS NULL "
+    "OR sale_starts_at <= :now) AND paused_at IS NULL AND available_stock <= 0 "
+    "AND held_units <= 0)"
+)
+
+
 async def join(
     conn: Executor,
     product_id: int,
@@ -234,23 +245,29 @@ async def join(
     not given). `starts`: the sale's start the caller expects (ms; a catalog's copy),
     only a guess: the insert draws only when the row's start is that one, and otherwise
     inserts nothing, reads the row's start and tries again, so a place is always drawn
-    for the start the row has in the insert's transaction. A ticket made now adds one to
-    the room's count of those waiting (`add_waiting`), unless `count` is False: then the
+    for the start the row has in the insert's transaction. In a room that has closed
+    (`_CLOSED`: nothing left to sell and nothing held, or the sale ended) the ticket is
+    made `sold_out` at once, as the next admission step would have ended it. A ticket
+    made `waiting` adds one to the room's count of those waiting (`add_waiting`), unless
+    `count` is False: then the
     caller adds them, before its transaction commits (a batch of joins adds them once per
     room, after its tickets: see `add_waiting` on lock order). Raises ProductNotFound."""
     if key is None:
         key = await room_key(conn, product_id)
     for _ in range(3):
         row = await conn.fetch_one(
-            "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at) "
+            "INSERT INTO queue_tickets "
+            "(product_id, shopper_id, place, state, joined_at, ended_at) "
             "SELECT id, CAST(:s AS TEXT), CASE WHEN queue = 'random' AND sale_starts_at > :now "
-            "THEN CAST(:drawn AS BIGINT) ELSE CAST(:arrival AS BIGINT) END, 'waiting', "
-            "CAST(:now AS BIGINT) FROM products WHERE id = :p AND (queue <> 'random' "
+            "THEN CAST(:drawn AS BIGINT) ELSE CAST(:arrival AS BIGINT) END, "
+            f"CASE WHEN {_CLOSED} THEN 'sold_out' ELSE 'waiting' END, CAST(:now AS BIGINT), "
+            f"CASE WHEN {_CLOSED} THEN CAST(:now AS BIGINT) END "
+            "FROM products WHERE id = :p AND (queue <> 'random' "
             "OR sale_starts_at IS NULL OR sale_starts_at <= :now "
             "OR sale_starts_at = CAST(:starts AS BIGINT)) "
-            "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = 'waiting', "
+            "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = excluded.state, "
             "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
-            "pass_expires_at = NULL, ended_at = NULL "
+            "pass_expires_at = NULL, ended_at = excluded.ended_at "
             "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed') "
             f"RETURNING {TICKET}",
             {
@@ -263,9 +280,10 @@ async def join(
             },
         )
         if row is not None:
-            if count:
+            ticket = Ticket.from_row(row)
+            if count and ticket.state is TicketState.WAITING:
                 await add_waiting(conn, product_id, 1)
-            return Ticket.from_row(row), True
+            return ticket, True
         product = await conn.fetch_one(
             "SELECT queue, sale_starts_at FROM products WHERE id = :p", {"p": product_id}
         )

@@ -136,7 +136,8 @@ class WaitingRoom:
         if opens is not None and now_ms() < opens:
             raise QueueNotOpen(opens)
         ticket, created = await self._joins.submit((product_id, shopper_id))
-        if created and self._nudge is not None and product.sale_state(now_ms()) == "open":
+        waiting = created and ticket.state is waitingroom.TicketState.WAITING
+        if waiting and self._nudge is not None and product.sale_state(now_ms()) == "open":
             self._nudge(product_id)  # before the start nobody is admitted: no hurry
         return TicketAnswer(await self.view(ticket, product) if view else {}, created, ticket)
 
@@ -150,8 +151,8 @@ class WaitingRoom:
         self, joins: Sequence[tuple[int, str]]
     ) -> list[tuple[Ticket, bool] | BaseException]:
         """Joins that came together, in one transaction (a storm of joins at a sale's
-        start): still one insert each, in the order they came; news of the new tickets,
-        one per room, after commit. A join whose product is gone fails alone."""
+        start): still one insert each, in the order they came; news of the new waiting
+        tickets, one per room, after commit. A join whose product is gone fails alone."""
 
         async def insert_all(conn: Executor) -> list[tuple[Ticket, bool] | BaseException]:
             now = now_ms()
@@ -176,7 +177,7 @@ class WaitingRoom:
                     results.append(exc)
                     continue
                 results.append((ticket, created))
-                if created:
+                if created and ticket.state is waitingroom.TicketState.WAITING:
                     joined[p] = joined.get(p, 0) + 1
             # The rooms' counts once per room, after every ticket (lock order: see
             # `waitingroom.add_waiting`).
@@ -190,7 +191,9 @@ class WaitingRoom:
             if isinstance(result, BaseException):
                 continue
             ticket, created = result
-            if created:
+            # A ticket made `sold_out` (the room had closed) moves nobody and its page was
+            # told in the answer: no news.
+            if created and ticket.state is waitingroom.TicketState.WAITING:
                 made.setdefault(ticket.product_id, set()).add(ticket.shopper_id)
         if made:
             self._publish(
