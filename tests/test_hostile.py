@@ -333,8 +333,8 @@ async def test_slow_and_idle_connections_are_timed_out_and_capped_per_address(
         database_url,
         redis_url,
         tmp_path,
-        HTTP_HEADER_TIMEOUT_SECONDS="2",
-        HTTP_BODY_TIMEOUT_SECONDS="2",
+        HTTP_HEADER_TIMEOUT_SECONDS="6",
+        HTTP_BODY_TIMEOUT_SECONDS="6",
         MAX_CONNECTIONS_PER_CLIENT="50",
     ) as (service, product_id):
         # A low descriptor limit, as a process manager may set: 300 sockets held by one
@@ -358,23 +358,27 @@ async def test_slow_and_idle_connections_are_timed_out_and_capped_per_address(
         async with Shopper(service, product_id) as shopper:
             opened: list[tuple[str, asyncio.StreamReader, asyncio.StreamWriter]] = []
             started = time.monotonic()
+            # Connections made in the first 3 s: none can time out before 6 s after the first
+            # was accepted, so all are open at once even if the server accepts them late.
+            together = 0
             for n in range(300):
                 kind = list(kinds)[n % len(kinds)]
                 try:
                     reader, writer = await attacker_connection(service)
                 except OSError:
                     continue
+                if time.monotonic() - started < 3:
+                    together = len(opened) + 1
                 writer.write(kinds[kind])
                 opened.append((kind, reader, writer))
+            # read_answer raises TimeoutError if the server keeps one open past 15 s.
             answers = await asyncio.gather(*(read_answer(r, within=15) for _, r, _ in opened))
-            elapsed = time.monotonic() - started
             for _, _, writer in opened:
                 close(writer)
             await shopper.served()
         shopper.check()
         # Every one was closed by the server: at once past the cap of 50, the others within
         # the timeouts (408 for a request begun; nothing for one that sent nothing).
-        assert elapsed < 2 + 2 + 8, elapsed
         by_kind: dict[str, set[int]] = {}
         for (kind, _, _), (status, body) in zip(opened, answers, strict=True):
             by_kind.setdefault(kind, set()).add(status)
@@ -385,8 +389,12 @@ async def test_slow_and_idle_connections_are_timed_out_and_capped_per_address(
         assert by_kind["idle"] == {0}
         for kind in ("half a head", "short body", "slow handshake"):
             assert 408 in by_kind[kind], by_kind
-        timed_out = sum(1 for status, _ in answers if status == 408)
-        assert timed_out <= 50, "more than 50 connections of one address were let in"
+        # Of the connections made in the first 3 s, all open at once, at most 50 were let in.
+        # On a busy machine opening all 300 can take longer than the timeout; those made
+        # later may take the places of connections timed out (53 were let in, load 20).
+        timed_out = sum(1 for status, _ in answers[:together] if status == 408)
+        assert together > 50, f"only {together} connections made within 3 s: nothing to check"
+        assert timed_out <= 50, "more than 50 connections of one address were let in at once"
 
 
 # -- 4. stalled bodies are not work in flight ----------------------------------------------
