@@ -158,12 +158,10 @@ class Promises:
         queue = self._queue.get(product.id, {})
         if limit is None:
             for promise in queue:
-                counts = (
-                    not promise.copy
-                    and (keys_new or promise.key is None)
-                    and (promise.sent_after is None or promise.sent_after >= version)
-                )
-                if counts and ahead + promise.quantity <= figure:
+                if (
+                    _counts(promise, version, keys_new=keys_new)
+                    and ahead + promise.quantity <= figure
+                ):
                     available -= promise.quantity
                 ahead += promise.quantity
             return available
@@ -178,12 +176,7 @@ class Promises:
                     shoppers[shopper] += may
                     ahead += may
                 continue
-            counts = (
-                not promise.copy
-                and (keys_new or promise.key is None)
-                and (promise.sent_after is None or promise.sent_after >= version)
-            )
-            if counts and ahead + quantity <= figure:
+            if _counts(promise, version, keys_new=keys_new) and ahead + quantity <= figure:
                 available -= quantity
             ahead += quantity
         return available
@@ -310,6 +303,17 @@ def _take(counter: Counter[int], key: int, units: int) -> None:
     counter[key] -= units
     if not counter[key]:
         del counter[key]
+
+
+def _counts(promise: Promise, version: int, *, keys_new: bool) -> bool:
+    """Whether `promise` is certain to take its units against a figure of `version`: not a
+    copy, without a key (unless `keys_new`: every key counted as new), and not sent to the
+    database before that figure was read (module docstring)."""
+    return (
+        not promise.copy
+        and (keys_new or promise.key is None)
+        and (promise.sent_after is None or promise.sent_after >= version)
+    )
 
 
 def _take_sent(sent: dict[int, Counter[int]], promise: Promise) -> None:
