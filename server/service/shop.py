@@ -195,7 +195,7 @@ class Shop:
         nothing), it waits for those requests' batch and looks again at the catalog's figure
         (server/service/promises.py; without a catalog, the database's); after `KEYED_WAITS`
         such waits it goes to the database. Raises what `Store.reader` raises."""
-        for _ in range(KEYED_WAITS + 1):
+        for waits in range(KEYED_WAITS + 1):
             if self.promises.waiting(request.idempotency_key):
                 return None
             if self.promises.left(product, keys_new=True) >= request.quantity:
@@ -217,6 +217,8 @@ class Shop:
                 if replay is not None:
                     return replay
                 raise InsufficientStock(max(left, 0), request.quantity, product.stock_now())
+            if waits == KEYED_WAITS:
+                break  # the database decides
             # Refused only if the keyed promises all take their units: wait for their batch.
             await self.promises.keyed_settled(product.id)
             fresh = await self.product(product.id)
