@@ -262,7 +262,11 @@ async def test_silent_connections_to_the_worker_metrics_port_cost_no_thread_each
                 most = max(most, threads(service.worker.pid))
                 await asyncio.sleep(0.05)  # sampling the thread count, not waiting for it
             grown = most - before
-            assert grown <= MAX_SCRAPERS, f"{grown} threads for 200 silent connections"
+            # The count is the whole process's: the worker may start threads of its own in
+            # the window (the default executor's, up to 6 on 2 cores, a database connection's;
+            # CI once saw 10). A thread per connection would be near 200.
+            others = 16
+            assert grown <= MAX_SCRAPERS + others, f"{grown} threads for 200 silent connections"
         finally:
             for _, writer in silent:
                 close(writer)

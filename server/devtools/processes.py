@@ -8,9 +8,11 @@ would set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -174,6 +176,8 @@ class Service:
                 self.worker.start()
             try:
                 self.wait_ready()
+                if worker:
+                    self.wait_worker_ready()
                 return
             except RuntimeError:
                 if not tries_left or self.web.running or not self._port_was_taken():
@@ -211,6 +215,24 @@ class Service:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"web not ready within {within} s:\n{self.logs()}")
+            time.sleep(0.05)
+
+    def wait_worker_ready(self, within: float = 30.0) -> None:
+        """Until the worker's metrics port takes a connection: the worker opens it first
+        thing, so a test that scrapes it, or counts the worker's threads, starts after the
+        worker's own start-up. Raises RuntimeError if the worker exits or is not up in
+        `within` seconds."""
+        if not self.worker.env.get("WORKER_METRICS_PORT"):
+            return
+        port = int(self.worker.env["WORKER_METRICS_PORT"])
+        deadline = time.monotonic() + within
+        while True:
+            if not self.worker.running:
+                raise RuntimeError(f"worker exited at start:\n{self.logs()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready within {within} s:\n{self.logs()}")
             time.sleep(0.05)
 
     def _web_processes_started(self) -> int:
