@@ -501,6 +501,40 @@ async def test_a_replay_is_answered_before_the_rate_limit_and_is_not_counted(
     assert (await stats(store, product.id)).held == 2
 
 
+async def test_a_client_at_its_rate_limit_is_refused_before_its_keys_are_looked_up(
+    database_url: str, redis_url: str, store: Store
+) -> None:
+    """Once a client is at its limit, a request with a fresh Idempotency-Key is 429 without
+    the database being asked for the key: the reservations table is away, so a lookup would
+    fail. A key that made a hold is still replayed (the test above)."""
+    day = 86_400
+    window = int(time.time() // day)
+    settings = app_settings(database_url, redis_url, reserve_rate_limit=(2, day))
+    async for client in serve(settings):
+        api = Api(client, store)
+        product = await make_product(store, 10)
+        first = await api.reserve(product.id, 1, "a")
+        assert first.status_code == 201, first.text
+        assert (await api.reserve(product.id, 1, "b")).status_code == 201
+        await store.write(lambda conn: conn.execute(_RENAME.format("reservations", "away")))
+        try:
+            for n in range(5):
+                body = assert_error(
+                    await api.reserve(product.id, 1, f"fresh-{n}"), 429, "rate_limited"
+                )
+                assert "try again" in body["message"]
+        finally:
+            await store.write(lambda conn: conn.execute(_RENAME.format("away", "reservations")))
+        late = await api.reserve(product.id, 1, "a")
+        assert late.status_code == 201, late.text
+        assert late.json()["id"] == first.json()["id"]
+    assert int(time.time() // day) == window, "the run crossed midnight UTC: inconclusive"
+    assert (await stats(store, product.id)).held == 2
+
+
+_RENAME = "ALTER TABLE {} RENAME TO {}"
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "naïve"])
 async def test_a_malformed_idempotency_key_is_400(api: Api, key: str) -> None:
     product = await make_product(api.store, 5)

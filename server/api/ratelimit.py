@@ -92,6 +92,17 @@ class RateLimiter:
         self._local: dict[str, int] = {}  # client → reservations this process saw this window
         self._counting: set[asyncio.Task[int]] = set()
 
+    def over(self, client: str) -> int | None:
+        """None unless `client` is already at its limit as far as this process knows (its
+        own count of the client, or the shared count Redis last told it): then the whole
+        seconds until the window ends. Counts nothing and waits on nothing, so it can come
+        before anything that costs the shop (a lookup by Idempotency-Key in the database)."""
+        now = time.time()
+        window = int(now // self._per)
+        if window != self._window or self._local.get(client, 0) < self._count:
+            return None
+        return max(1, int((window + 1) * self._per - now + 0.999))
+
     async def retry_after(self, client: str) -> int | None:
         """None if `client` may reserve now; otherwise the seconds until it may. Waits at
         most `timeout_s` for Redis; past that, or if Redis cannot answer, only this
@@ -110,6 +121,9 @@ class RateLimiter:
             used = await asyncio.wait_for(asyncio.shield(counting), self._timeout_s)
         except (CircuitBreakerError, RedisError, OSError, TimeoutError):
             return None  # not waiting longer for Redis; the count goes on without us
+        if window == self._window and client in self._local:
+            # What every process counted: `over` knows the client is at its limit from it.
+            self._local[client] = max(self._local[client], used)
         return None if used <= self._count else wait
 
     def _seen_here(self, client: str, window: int) -> int:

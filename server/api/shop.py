@@ -260,37 +260,53 @@ async def _create_reservation(request: Request) -> Response:
     )
     limiter: RateLimiter | None = request.app.state.rate_limiter
     if limiter is not None:
-        # A retry is answered before the limit, and is not counted (issue 15, item 4): a
-        # shopper whose 201 was lost must be able to learn their own hold while it lasts.
-        # A copy of a request still waiting here can only become that hold: not counted either.
+        client = _limited_as(request, shopper)
+        # The limit comes before the database: a client already at its limit (as this
+        # process knows without asking anyone) is refused at once, unless its key made a
+        # hold here (`recent_keys`) or is a copy of a request still waiting here. Otherwise
+        # a limited client could make the shop read its key index once a request with fresh
+        # keys.
+        wait = limiter.over(client)
+        if wait is not None and not (
+            key is not None and (key in shop.recent_keys or shop.promises.waiting(key))
+        ):
+            raise _rate_limited(wait)
+        # A retry is answered before it is counted (issue 15, item 4): a shopper whose 201
+        # was lost must be able to learn their own hold while it lasts. A copy of a request
+        # still waiting here can only become that hold: not counted either.
         replay = await shop.replay(hold)
         if replay is not None:
+            assert key is not None, "only a keyed request is a replay"
+            shop.recent_keys.add(key)
             return await render_reservation(shop, replay, 201, _REPLAYED_HEADERS)
         if not shop.promises.waiting(hold.idempotency_key):
-            await _within_rate_limit(request, limiter, shopper)
+            wait = await limiter.retry_after(client)
+            if wait is not None:
+                raise _rate_limited(wait)
     held = await shop.reserve(hold)
+    if key is not None:
+        shop.recent_keys.add(key)
     headers = _REPLAYED_HEADERS if held.replayed else None
     return await render_reservation(shop, held, 201, headers)
 
 
-async def _within_rate_limit(
-    request: Request, limiter: RateLimiter, shopper: Shopper | None
-) -> None:
-    """Counts this reservation against its client's limit; 429 if it is over.
+def _limited_as(request: Request, shopper: Shopper | None) -> str:
+    """Who the reservation rate limit counts a request against: the shopper when the shop
+    signed them in (many shoppers may share an address: an office, a mobile carrier's NAT),
+    and the address otherwise: an anonymous shopper's cookie costs nothing to replace, so
+    counting per cookie would let one address make any number of reservations."""
+    if shopper is not None and shopper.signed_in:
+        return shopper.id
+    return client_key(request.scope)
 
-    The client is the shopper when the shop signed them in (many shoppers may share an
-    address: an office, a mobile carrier's NAT), and the address otherwise: an anonymous
-    shopper's cookie costs nothing to replace, so counting per cookie would let one
-    address make any number of reservations."""
-    client = shopper.id if shopper is not None and shopper.signed_in else None
-    wait = await limiter.retry_after(client or client_key(request.scope))
-    if wait is not None:
-        raise RequestError(
-            429,
-            "rate_limited",
-            f"Too many reservations from you; try again in {wait} seconds.",
-            headers={"Retry-After": str(wait)},
-        )
+
+def _rate_limited(wait: int) -> RequestError:
+    return RequestError(
+        429,
+        "rate_limited",
+        f"Too many reservations from you; try again in {wait} seconds.",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 _REPLAYED_HEADERS = {"Idempotent-Replayed": "true"}
