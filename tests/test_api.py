@@ -783,6 +783,21 @@ async def test_a_burst_the_process_cannot_hear_redis_for_in_time_is_still_limite
         await redis.aclose()
 
 
+def test_a_client_out_of_tries_is_logged_once_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    throttle = FailureThrottle(2, 60, what="shop API key", clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="server.api.ratelimit")
+    for second in range(0, 120, 5):  # a guesser using every try it earns back, for 2 minutes
+        now[0] = float(second)
+        if throttle.retry_after("guesser") is None:
+            throttle.failed("guesser")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines  # at 0 s (out of tries) and again a window later
+    assert all("wrong shop API keys from guesser" in line for line in lines)
+
+
 def test_the_sign_in_throttle_gives_tries_back_over_time_and_forgets_old_clients() -> None:
     now = [0.0]
     throttle = FailureThrottle(2, 60, max_clients=3, clock=lambda: now[0])

@@ -132,3 +132,36 @@ async def test_completion_refuses_what_it_cannot_take(client: Client) -> None:
             "ACTIVE"
         )
         assert (await http.post(path)).status_code == 200
+
+
+async def test_wrong_shop_keys_are_throttled_per_address_and_logged_once(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three tries: wrong console-style keys and a wrong guess at a SHOP_API_KEYS key (which
+    looks like a shopper's token) each cost one; then every bearer token from that address is
+    refused before it is looked at, the right key's too (an answer that depended on the key
+    would tell the guesser when it was right), with one log line, not one per attempt."""
+    caplog.set_level("WARNING", logger="server.api.ratelimit")
+    async with client(admin_sign_in_limit=(3, 3600)) as http:
+        reservation_id = await hold(http)
+        path = f"/api/reservations/{reservation_id}/complete"
+        for key in ("fsk_guess-1", "fsk_guess-2", "shop-backend-key-0123456780"):
+            assert (await http.post(path, headers=shop(key))).status_code == 401
+        for key in ("fsk_guess-3", "shop-backend-key-0123456781", SHOP_KEY, SHOP_KEY):
+            refused = await http.post(path, headers=shop(key))
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["code"] == "too_many_failed_sign_ins"
+            assert 1 <= int(refused.headers["retry-after"]) <= 1200
+        logged = [r for r in caplog.records if "wrong shop API keys" in r.getMessage()]
+        assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+        # The hold is untouched, and the shopper (no bearer token) is not throttled.
+        assert (await http.get(f"/api/reservations/{reservation_id}")).json()["status"] == (
+            "ACTIVE"
+        )
+        assert (await http.post(path)).status_code == 200
+    # The right key from a fresh start costs nothing and is never refused.
+    async with client(admin_sign_in_limit=(1, 3600)) as http:
+        for _ in range(3):
+            reservation_id = await hold(http)
+            done = await http.post(f"/api/reservations/{reservation_id}/complete", headers=shop())
+            assert done.status_code == 200, done.text

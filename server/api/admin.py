@@ -5,7 +5,9 @@ a missing or wrong token is 401. Failed sign-ins are throttled per client
 (`ADMIN_SIGN_IN_LIMIT`, 10 a minute by default, server/api/ratelimit.py: `FailureThrottle`):
 past them every operator request from that client is answered 429
 `too_many_failed_sign_ins` with `Retry-After`, whatever token it carries. 18,200 wrong
-tokens in a row were once all answered at once.
+tokens in a row were once all answered at once. A client that runs out of tries is logged
+once a window, not once an attempt. Wrong shop API keys are throttled apart
+(server/api/completion.py).
 """
 
 from __future__ import annotations

@@ -221,4 +221,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.identities = identities
     app.state.sign_in_throttle = FailureThrottle(*settings.admin_sign_in_limit)
+    app.state.shop_key_throttle = FailureThrottle(
+        *settings.admin_sign_in_limit, what="shop API key"
+    )
     return app

@@ -5,6 +5,12 @@ backend, after it has taken the payment: the ledger records `shop`, and it may s
 `{"orderReference": "…"}`, stored on the hold and sent in `reservation.completed`. Without a
 shop key it is the shopper's own call, allowed only while `COMPLETE_BY=shopper` (the
 default). A bearer token that is not meant as a shop key (a shopper's token) is left alone.
+
+Wrong keys are throttled per client address (`FailureThrottle`, `ADMIN_SIGN_IN_LIMIT`, as
+for operator tokens): a bearer token that is neither a valid shop key nor a valid shopper
+token costs the client a try (a wrong guess at a key from SHOP_API_KEYS looks like a
+shopper's token); with none left, every completion with a bearer token from that client is
+429 `too_many_failed_sign_ins` with `Retry-After`, before the key is looked at.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from server.api.http import RequestError, parse_body
+from server.api.identity import shopper_of
+from server.api.ratelimit import FailureThrottle
 from server.domain import ledger
+from server.infra.clients import client_key
+from server.infra.metrics import DEFERRED, SHOP_KEY_THROTTLED
 from server.service.shopkeys import ShopKeys
 from server.wire.schemas import CompleteBody
 
@@ -33,17 +43,40 @@ def shop_keys_of(request: Request) -> ShopKeys:
 
 
 async def completion(request: Request) -> Completion:
-    """Who is completing, and the order reference if the shop gave one. Raises 401 for a
-    shop key that is not (or no longer) valid, 403 for a shopper when COMPLETE_BY=shop,
-    400 for an order reference without a shop key or a body that is not a `CompleteBody`."""
+    """Who is completing, and the order reference if the shop gave one. Raises 429 for a
+    client out of tries (wrong keys, above), 401 for a shop key that is not (or no longer)
+    valid or a bearer token that is neither a shop key nor a valid shopper token, 403 for a
+    shopper when COMPLETE_BY=shop, 400 for an order reference without a shop key or a body
+    that is not a `CompleteBody`."""
     keys = shop_keys_of(request)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
-    by_shop = scheme.lower() == "bearer" and keys.looks_like_a_shop_key(token)
-    if by_shop and not await keys.is_valid(token):
-        raise RequestError(
-            401, "unauthorized", "This shop API key is not valid, or it has been revoked."
-        )
+    bearer = scheme.lower() == "bearer"
+    by_shop = bearer and keys.looks_like_a_shop_key(token)
+    if bearer:
+        throttle: FailureThrottle = request.app.state.shop_key_throttle
+        client = client_key(request.scope)
+        wait = throttle.retry_after(client)
+        if wait is not None:
+            DEFERRED.inc(SHOP_KEY_THROTTLED)
+            raise RequestError(
+                429,
+                "too_many_failed_sign_ins",
+                "Too many wrong shop API keys or tokens from your address; try again in "
+                f"{wait} seconds.",
+                headers={"Retry-After": str(wait)},
+            )
+        if by_shop and not await keys.is_valid(token):
+            throttle.failed(client)
+            raise RequestError(
+                401, "unauthorized", "This shop API key is not valid, or it has been revoked."
+            )
+        if not by_shop:
+            try:  # a shopper's token, or a wrong guess at a key from SHOP_API_KEYS
+                shopper_of(request)
+            except RequestError:
+                throttle.failed(client)
+                raise
     reference = None
     if await request.body():
         reference = (await parse_body(request, CompleteBody)).order_reference

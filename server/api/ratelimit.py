@@ -1,6 +1,6 @@
 """Per-client limits on what costs the shop: reservations (shared through Redis, so that the
-limit holds across every web process and machine) and failed operator sign-ins (in each
-process's memory).
+limit holds across every web process and machine) and failed operator sign-ins and shop API
+keys (in each process's memory).
 
 The reservation limit is a fixed window per client: `INCR` a counter named after the client
 and the window, set to expire with it. The client is `server.infra.clients.client_key`: the
@@ -169,14 +169,16 @@ class RateLimiter:
 class FailureThrottle:
     """At most `count` failures per client per `per_seconds`, as a token bucket: a client
     starts with `count` tries and earns one back every `per_seconds / count` seconds. Used
-    for operator sign-ins (`count`/`per_seconds` from `ADMIN_SIGN_IN_LIMIT`): a wrong token
-    costs a try; with none left, every operator request from that client is refused 429
-    until one is earned back, right token or not (a refusal that depended on the token
-    would tell the guesser when it was right).
+    for operator sign-ins and shop API keys (`count`/`per_seconds` from `ADMIN_SIGN_IN_LIMIT`,
+    one throttle each): a wrong token costs a try; with none left, every request carrying
+    such a credential from that client is refused 429 until one is earned back, right token
+    or not (a refusal that depended on the token would tell the guesser when it was right).
+    The right token costs no try and waits for nothing.
 
     Kept in this process's memory, for at most `max_clients` clients (the oldest forgotten
     first): with W web processes a client gets W times the tries, which still turns
-    guessing a token into centuries of work.
+    guessing a token into centuries of work. A client that runs out of tries is logged
+    (WARNING, naming `what`) at most once per `per_seconds`, not once per attempt.
     """
 
     def __init__(
@@ -184,14 +186,18 @@ class FailureThrottle:
         count: int,
         per_seconds: float,
         *,
+        what: str = "operator token",
         max_clients: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._count = float(count)
+        self._per = per_seconds
         self._rate = count / per_seconds  # tries earned back per second
+        self._what = what
         self._max_clients = max_clients
         self._clock = clock
-        self._tries: dict[str, tuple[float, float]] = {}  # client → (tries left, at)
+        # client → (tries left, at, when it was last logged as out of tries)
+        self._tries: dict[str, tuple[float, float, float]] = {}
 
     def retry_after(self, client: str) -> int | None:
         """None if `client` may try now; otherwise whole seconds until it may."""
@@ -203,15 +209,29 @@ class FailureThrottle:
     def failed(self, client: str) -> None:
         """`client` just failed: one try fewer."""
         now = self._clock()
-        left = self._left(client, now) - 1
-        self._tries.pop(client, None)
-        self._tries[client] = (left, now)  # most recent last
+        entry = self._tries.pop(client, None)
+        logged = -math.inf if entry is None else entry[2]
+        left = self._left_of(entry, now) - 1
+        if left < 1 and now - logged >= self._per:
+            logged = now
+            logger.warning(
+                "wrong %ss from %s: %d within %g s; its requests with one are refused 429 "
+                "until it earns a try back (one every %g s)",
+                self._what,
+                client,
+                self._count,
+                self._per,
+                1 / self._rate,
+            )
+        self._tries[client] = (left, now, logged)  # most recent last
         while len(self._tries) > self._max_clients:
             del self._tries[next(iter(self._tries))]
 
     def _left(self, client: str, now: float) -> float:
-        entry = self._tries.get(client)
+        return self._left_of(self._tries.get(client), now)
+
+    def _left_of(self, entry: tuple[float, float, float] | None, now: float) -> float:
         if entry is None:
             return self._count
-        left, at = entry
+        left, at, _ = entry
         return min(self._count, left + (now - at) * self._rate)

@@ -361,6 +361,12 @@ async def get_reservation(request: Request) -> Response:
         ),
         "403": error("Only the shop's backend completes holds here", COMPLETE_BY_SHOP),
         "404": NO_RESERVATION,
+        "429": error(
+            "Too many wrong shop API keys or shopper tokens from this client lately "
+            "(ADMIN_SIGN_IN_LIMIT): refused for any bearer token until a try is earned back",
+            "too_many_failed_sign_ins",
+            headers={"Retry-After": RETRY_AFTER},
+        ),
         "409": error(
             "The hold expired or was cancelled",
             errors.ReservationExpired.code,

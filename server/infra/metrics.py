@@ -92,6 +92,11 @@ SIGN_IN_THROTTLED = Counter(
     "flashsale_admin_sign_in_throttled_total",
     "Operator API requests refused 429 because their address failed to sign in too often.",
 )
+SHOP_KEY_THROTTLED = Counter(
+    "flashsale_shop_key_throttled_total",
+    "Completions with a bearer token refused 429 because their address sent too many wrong "
+    "shop API keys.",
+)
 PUBSUB_RECONNECTS = Counter(
     "flashsale_pubsub_reconnects_total",
     "Times a web process lost its Redis subscription and subscribed again.",
