@@ -12,6 +12,7 @@ import logging
 import random
 import socket
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from server.domain.executor import Executor
 from server.domain.model import HoldRequest, Outcome, Reservation
 from server.infra.settings import Settings
 from server.service.delivery import Deliverer, backoff_ms
+from server.service.resolver import MAX_LOOKUPS
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
@@ -374,6 +376,62 @@ async def test_an_answer_dripped_a_byte_at_a_time_fails_within_the_timeout(store
     assert error is not None
     assert "TimeoutError" in error, error
     assert "within 1 s" in error, error
+
+
+async def test_a_name_whose_lookup_hangs_holds_neither_the_attempt_nor_the_executor(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system's resolver hangs for one receiver's name (its DNS servers never answer):
+    twelve endpoints on it fail each attempt within WEBHOOK_TIMEOUT_SECONDS, at most
+    MAX_LOOKUPS lookups are ever in the resolver at once, and the event loop's executor
+    stays free for the rest of the process. Before, each attempt's lookup took one of the
+    executor's few threads until the resolver gave up, whatever the timeout."""
+    real = socket.getaddrinfo
+    answer = threading.Event()
+    lock = threading.Lock()
+    inside = [0, 0]  # now, most at once
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host not in ("hangs.invalid", b"hangs.invalid"):  # anyio sends it as bytes
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        with lock:
+            inside[0] += 1
+            inside[1] = max(inside[1], inside[0])
+        try:
+            answer.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    webhooks_api = Webhooks(store)
+    endpoints = [
+        await webhooks_api.create(url="http://hangs.invalid/hook", events=[], description="")
+        for _ in range(12)
+    ]
+    product = await make_product(store, 3)
+    await hold(store, product.id, 1)
+    sender = deliverer(store, timeout_s=1.0)
+    sender.start()
+
+    async def all_failed() -> list[str]:
+        errors: list[str] = []
+        for endpoint in endpoints:
+            found = await webhooks_api.deliveries(endpoint.id, limit=10)
+            errors += [d.last_error for d in found or () if d.last_error]
+        return errors if len(errors) == len(endpoints) else []
+
+    try:
+        errors = await eventually(all_failed, within=20, what="every first attempt given up")
+        # The loop's executor (also what asyncio's own lookups use) still runs work at once.
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 7), 5) == 7
+    finally:
+        answer.set()
+        await sender.stop()
+    assert all("TimeoutError" in error for error in errors), errors
+    assert 1 <= inside[1] <= MAX_LOOKUPS, inside
 
 
 async def test_a_stored_url_the_client_cannot_parse_fails_its_attempts(store: Store) -> None:

@@ -49,6 +49,7 @@ from server.infra.metrics import (
     WEBHOOK_LATENESS,
     WEBHOOK_PENDING,
 )
+from server.service.resolver import Resolver, ResolvingTransport
 from server.storage.database import Store
 from server.storage.errors import Busy, Unavailable
 
@@ -97,10 +98,17 @@ class Deliverer:
         self.concurrency = concurrency
         self.poll_s = poll_ms / 1000
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Names are looked up on threads of the deliverer's own, at most MAX_LOOKUPS at
+        # once (server/service/resolver.py): a receiver whose DNS never answers cannot hold
+        # the event loop's executor, and each attempt's timeout covers its lookup.
+        self._resolver = Resolver()
         self._client = httpx.AsyncClient(
+            transport=ResolvingTransport(
+                self._resolver,
+                limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=64),
+            ),
             timeout=timeout_s,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=64),
             headers={"user-agent": USER_AGENT},
         )
         self._signers: dict[str, Webhook] = {}
@@ -136,6 +144,7 @@ class Deliverer:
             await asyncio.gather(*self._runs, return_exceptions=True)
             self._runs.clear()
         await self._client.aclose()
+        self._resolver.close()
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -285,10 +294,10 @@ class Deliverer:
         }
         self.attempts += 1
         try:
-            # The whole attempt within the timeout: httpx's own applies to each read and
-            # write, so a receiver that sent its answer a byte every few seconds held an
-            # attempt (and one of WEBHOOK_CONCURRENCY slots) for as long as it liked, past
-            # the queue's lease (attack3 finding 1).
+            # The whole attempt within the timeout, the name's lookup included: httpx's own
+            # applies to each read and write, so a receiver that sent its answer a byte
+            # every few seconds held an attempt (and one of WEBHOOK_CONCURRENCY slots) for
+            # as long as it liked, past the queue's lease (attack3 finding 1).
             async with (
                 asyncio.timeout(self.timeout_s),
                 self._client.stream(
