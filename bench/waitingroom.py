@@ -99,10 +99,11 @@ class CpuSampler(threading.Thread):
 
 def _profile(*pids: int | None) -> list[subprocess.Popen[bytes]]:
     """With `BENCH_PYSPY=<folder>` (py-spy installed): each of `pids` (the web processes'
-    command and the worker) sampled by py-spy from 2 s before the start for
-    `BENCH_PYSPY_SECONDS` (15), 100 a second, not stopping it, into `<folder>/<pid>.txt`
-    (`-f raw`: collapsed stacks). Its own CPU is on the same cores: a profiling run's
-    figures are not the bench's."""
+    command, the worker, and the shoppers' processes: the load generator shares the two
+    cores, and its profile says how much of them it takes) sampled by py-spy from 2 s
+    before the start for `BENCH_PYSPY_SECONDS` (15), 100 a second, not stopping it, into
+    `<folder>/<pid>.txt` (`-f raw`: collapsed stacks). Its own CPU is on the same cores: a
+    profiling run's figures are not the bench's."""
     folder = os.environ.get("BENCH_PYSPY")
     if not folder:
         return []
@@ -205,7 +206,7 @@ def run(
         worker = getattr(getattr(service, "worker", None), "pid", None)
         sampler = CpuSampler(web, worker, [proc.pid for proc in procs])
         sampler.start()
-        profiling = _profile(web, worker)
+        profiling = _profile(web, worker, *(proc.pid for proc in procs))
         time.sleep(max(0.0, (start - now_ms()) / 1000 - 0.5))
         poller.start()
         for proc in procs:

@@ -180,6 +180,46 @@ async def test_a_line_that_only_grows_at_the_back_tells_nobody_a_new_position() 
     await eventually(lambda: _true(positions(socket) == [2, 1]), what="the new position")
 
 
+def states(socket: Socket) -> list[str]:
+    tickets = [json.loads(text) for text in socket.sent if '"type":"ticket"' in text]
+    return [frame["ticket"]["state"] for frame in tickets]
+
+
+async def test_a_room_that_closes_tells_its_pages_from_the_news_without_reading_it() -> None:
+    """A step that closes a room (sold out) names whom it closed and when: their pages are
+    told `sold_out` from that alone (every web process read the whole room again, 15,000
+    tickets in the bench, before telling anyone). A page whose copy is not the ticket that
+    was closed (the shopper joined again after the close) reads its ticket instead."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    first = Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)
+    second = Ticket(5, "anon:b", 20, TicketState.ADMITTED, joined_at=3, pass_expires_at=10**13)
+    again = Ticket(5, "anon:c", 30, TicketState.WAITING, joined_at=50)  # after the close
+    room = Room(5, [10, 30], [first, second, again])
+    reads: list[list[str]] = []
+    tickets_of = room.tickets_of
+
+    async def counted(product_id: int, shopper_ids: list[str]) -> list[Ticket]:
+        reads.append(list(shopper_ids))
+        return await tickets_of(product_id, shopper_ids)
+
+    room.tickets_of = counted  # type: ignore[method-assign]
+    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
+    pages = {s: Socket() for s in ("anon:a", "anon:b", "anon:c")}
+    for shopper, page in pages.items():
+        await hub.identify(hub.join(page), shopper)  # type: ignore[arg-type]
+    room.tickets["anon:c"] = Ticket(5, "anon:c", 30, TicketState.SOLD_OUT, 50, ended_at=60)
+    news = {"type": "room", "productId": 5, "waiting": 0, "admitted": 0, "shoppers": []}
+    hub.publish({**news, "closed": ["anon:a", "anon:b", "anon:c"], "closedAt": 40}, b"")
+    await eventually(
+        lambda: _true(all(states(p)[-1:] == ["sold_out"] for p in pages.values())),
+        what="every page told sold_out",
+    )
+    assert reads == [["anon:c"]]  # only the page whose ticket was not the one closed
+    assert states(pages["anon:a"]) == ["waiting", "sold_out"]
+    assert states(pages["anon:b"]) == ["admitted", "sold_out"]
+
+
 def queue_counts(socket: Socket) -> list[int]:
     return [json.loads(text)["waiting"] for text in socket.sent if '"type":"queue"' in text]
 

@@ -131,7 +131,11 @@ class RoomChanged:
     and whose tickets changed (`shoppers`; `everyone`: too many to name, or all of them).
     `joined`: shoppers whose tickets a join has just made waiting, at the back of the line
     or in their drawn places: that moves nobody else, and a page already holding a waiting
-    ticket of theirs has nothing to learn from it (server/live/hub.py)."""
+    ticket of theirs has nothing to learn from it (server/live/hub.py). `closed`: shoppers
+    whose open ticket (waiting or admitted) a step ended `sold_out` at `closed_at` (ms),
+    nothing else of it changed: a hub tells their pages so from the news alone, without
+    reading the room again (a room of 15,000 that sold out was read whole by every web
+    process, then told)."""
 
     product_id: int
     # None: not counted (a join or a leave; the next admission step counts).
@@ -140,16 +144,29 @@ class RoomChanged:
     shoppers: frozenset[str] = frozenset()
     everyone: bool = False
     joined: frozenset[str] = frozenset()
+    closed: frozenset[str] = frozenset()
+    closed_at: int | None = None
 
     def merged(self, later: RoomChanged) -> RoomChanged:
-        """This news and `later` news of the same room, as one."""
+        """This news and `later` news of the same room, as one. Closes at two moments
+        cannot be one `closed_at`: the earlier's shoppers are then named in `shoppers`
+        (their tickets read again)."""
+        closed, closed_at, shoppers = later.closed, later.closed_at, self.shoppers | later.shoppers
+        if not closed:
+            closed, closed_at = self.closed, self.closed_at
+        elif self.closed and self.closed_at == later.closed_at:
+            closed = self.closed | later.closed
+        elif self.closed:
+            shoppers |= self.closed
         return RoomChanged(
             self.product_id,
             self.waiting if later.waiting is None else later.waiting,
             self.admitted if later.admitted is None else later.admitted,
-            self.shoppers | later.shoppers,
+            shoppers,
             self.everyone or later.everyone,
             self.joined | later.joined,
+            closed,
+            closed_at,
         )
 
 
@@ -668,17 +685,20 @@ class Admission:
         return bool(self.admitted or self.lapsed or self.renewed or self.closed or self.events)
 
     def news(self) -> RoomChanged | None:
+        """The step's news: whom it admitted, lapsed or renewed by name (their tickets are
+        read again), whom it closed by name with the moment (`closed_at`: their tickets
+        are known from it), and the room's counts."""
         if self.product is None:
             return None
-        shoppers = frozenset(
-            t.shopper_id for t in (*self.admitted, *self.lapsed, *self.renewed, *self.closed)
-        )
+        shoppers = frozenset(t.shopper_id for t in (*self.admitted, *self.lapsed, *self.renewed))
+        closed = frozenset(t.shopper_id for t in self.closed)
         return RoomChanged(
             self.product.id,
             self.waiting,
             self.passes,
             shoppers=shoppers,
-            everyone=bool(self.closed),
+            closed=closed,
+            closed_at=self.closed[0].ended_at if self.closed else None,
         )
 
 

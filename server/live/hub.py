@@ -28,6 +28,7 @@ fan-out), so the few changes of a sale's first second (units going, then none le
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -234,6 +235,9 @@ class Hub:
         self._shoppers: dict[str, set[Client]] = {}
         # Per room: shoppers whose tickets changed, to read again (None: every one here).
         self._rooms: dict[int, set[str] | None] = {}
+        # Per room: shoppers here whose open tickets a step ended `sold_out`, and when (ms):
+        # told from the news alone, after the reads above (`_close_tickets`).
+        self._closing: dict[int, dict[str, int]] = {}
         # Rooms whose news said someone moved in line (admitted, left, ended): their line is
         # read again sooner when their tickets are.
         self._moved_rooms: set[int] = set()
@@ -416,6 +420,14 @@ class Hub:
             self._moved_rooms.add(product_id)
         else:
             here = {s for s in frame.get("shoppers", ()) if s in self._shoppers}
+            closed_at = frame.get("closedAt")
+            if closed_at is not None:
+                # Closed: known from the news, no read (a room of 15,000 that sold out).
+                at = int(closed_at)
+                closing = {s: at for s in frame.get("closed", ()) if s in self._shoppers}
+                if closing:
+                    self._moved_rooms.add(product_id)
+                    self._closing.setdefault(product_id, {}).update(closing)
             if here:
                 self._moved_rooms.add(product_id)
             # A join moves nobody: only this process's other pages of the shopper who do
@@ -432,7 +444,7 @@ class Hub:
                 pending = self._rooms.setdefault(product_id, set())
                 if pending is not None:
                     pending.update(here)
-        if product_id in self._rooms:
+        if product_id in self._rooms or product_id in self._closing:
             self._start_ticketer()
             self._tickets_due.set()
 
@@ -482,6 +494,11 @@ class Hub:
                 rooms, self._rooms = self._rooms, {}
                 for product_id, shoppers in rooms.items():
                     await self._reload_tickets(product_id, shoppers)
+                # After the reads: one begun before a close committed may have read its
+                # tickets still open.
+                closing, self._closing = self._closing, {}
+                for product_id, closed in closing.items():
+                    await self._close_tickets(product_id, closed)
                 if loop.time() - last_positions >= LINE_SECONDS:
                     last_positions = loop.time()
                     await self._tell_positions()
@@ -515,6 +532,28 @@ class Hub:
             self._moved_rooms.discard(product_id)
             await self._room.line(product_id, max_age=0.2)
         await self._tell_tickets(clients, {product_id})
+
+    async def _close_tickets(self, product_id: int, closed: dict[str, int]) -> None:
+        """News named these shoppers' tickets closed `sold_out` (at the ms given): each page
+        of theirs holding the ticket that was closed (open, joined before then) is told so
+        without a read; one whose copy is not that ticket (it ended and was joined again,
+        or was never read here) reads it."""
+        clients = []
+        again: set[str] = set()
+        for shopper, at in closed.items():
+            for client in self._shoppers.get(shopper, ()):
+                ticket = client.tickets.get(product_id)
+                if ticket is not None and ticket.state in OPEN and ticket.joined_at <= at:
+                    client.tickets[product_id] = dataclasses.replace(
+                        ticket, state=TicketState.SOLD_OUT, ended_at=at
+                    )
+                    clients.append(client)
+                elif ticket is None or ticket.state is not TicketState.SOLD_OUT:
+                    again.add(shopper)
+        if again:
+            await self._reload_tickets(product_id, again)
+        if clients:
+            await self._tell_tickets(clients, {product_id})
 
     async def _tell_positions(self) -> None:
         """Every socket with a ticket waiting or admitted in a line where someone moved: its

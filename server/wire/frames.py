@@ -74,6 +74,8 @@ def ticket_frame(view: dict[str, Any]) -> dict[str, Any]:
 MAX_ROOM_SHOPPERS = 2_000
 # ...and the most shoppers it names as having joined (about 40 bytes each).
 MAX_JOINED_SHOPPERS = 20_000
+# ...and the most it names as closed `sold_out` by a step (a room that sold out: all of it).
+MAX_CLOSED_SHOPPERS = 50_000
 
 
 def room_message(news: RoomChanged) -> dict[str, Any]:
@@ -82,10 +84,13 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
     # Joins are named however many (up to `MAX_JOINED_SHOPPERS`): a hub checks each name
     # against its own pages in a µs, while `everyone` makes it read the whole room again and
     # consider every page in it (news of 2,000 joins at a sale's first second once did).
+    # The same for those a step closed: each hub tells their pages `sold_out` from the names
+    # alone, where `everyone` had every web process read the room whole (15,000 tickets).
     everyone = (
         news.everyone
         or len(news.shoppers) > MAX_ROOM_SHOPPERS
         or len(news.joined) > MAX_JOINED_SHOPPERS
+        or len(news.closed) > MAX_CLOSED_SHOPPERS
     )
     return {
         "type": "room",
@@ -95,4 +100,6 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
         "shoppers": [] if everyone else sorted(news.shoppers),
         "everyone": everyone,
         "joined": [] if everyone else sorted(news.joined - news.shoppers),
+        "closed": [] if everyone else sorted(news.closed),
+        "closedAt": None if everyone else news.closed_at,
     }
