@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from server.api import protocol
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import Service, running
 from server.domain import inventory
@@ -724,3 +725,81 @@ async def test_protocol_errors_answer_the_json_error_shape(
             close(writer)
             assert status == 400, request
             assert_json_error(body, 400, "malformed")
+
+
+# -- 14. pipelined requests ----------------------------------------------------------------
+
+
+async def read_answers(reader: asyncio.StreamReader, within: float = 15) -> list[tuple[int, bytes]]:
+    """Every answer the server writes on a connection until it closes: (status, body)."""
+    data = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(65536):
+                data += chunk
+    answers = []
+    while data.startswith(b"HTTP/1.1 "):
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        answers.append((int(head[9:12]), rest[:length]))
+        data = rest[length:]
+    assert not data, data[:200]
+    return answers
+
+
+async def test_a_refusal_behind_pipelined_requests_comes_after_their_answers(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # attack7: the refusal was written at once, ahead of the answer to the request before
+    # it, and half-closed the connection under it: that answer was lost, and raised two
+    # ERROR tracebacks (98 log lines) for a request of 49 bytes.
+    async with service_with_product(database_url, redis_url, tmp_path) as (service, _):
+        for bad, status, code in (
+            (b"NOT-HTTP\r\n\r\n", 400, "malformed"),
+            (
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"x" * 20_000 + b"\r\n\r\n",
+                431,
+                "header_too_large",
+            ),
+        ):
+            reader, writer = await attacker_connection(service)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + bad)
+            answers = await read_answers(reader)
+            close(writer)
+            assert [s for s, _ in answers] == [200, 200, status], answers
+            assert json.loads(answers[0][1]) == {"status": "ok"}
+            assert_json_error(answers[2][1], status, code)
+        log = service.web.log.read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert "ERROR" not in log, log[-3000:]
+
+
+async def test_requests_pipelined_ahead_of_their_answers_are_bounded(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # attack7: uvicorn parses every request of a read and queues each (about 1 KB): one read
+    # of 256 KiB of small requests queued 7,700, and each answer let it read 256 KiB more.
+    async with service_with_product(database_url, redis_url, tmp_path) as (service, _):
+        async with Shopper(service, (await service.new_product(1_000_000))["id"]) as shopper:
+            before = rss(service)
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            connections = []
+            for _ in range(20):
+                reader, writer = await attacker_connection(service)
+                writer.write(request * (256 * 1024 // len(request)))
+                connections.append((reader, writer))
+            for reader, writer in connections:
+                answers = await read_answers(reader)
+                close(writer)
+                statuses = [s for s, _ in answers]
+                assert statuses[-1] == 429, statuses
+                assert_json_error(answers[-1][1], 429, "too_many_pipelined")
+                assert len(statuses) <= 1 + protocol.MAX_PIPELINED + 1, len(statuses)
+            grown = rss(service) - before
+            assert grown < 40 * MiB, f"the web process grew {grown / MiB:.0f} MiB"
+            await shopper.served()
+        shopper.check()

@@ -30,6 +30,16 @@ and no timer for a request that arrives in one read). What it adds:
   which carry many clients: behind a proxy, the proxy must bound connections per client.
 - **Protocol errors** (a malformed request line, a bad Content-Length) are answered in the
   service's JSON error shape, like every other 4xx, instead of uvicorn's plain text.
+- **Pipelining**: at most `MAX_PIPELINED` requests sent ahead of their answers wait on one
+  connection; the next is refused 429 (uvicorn parses every request of a read and queues
+  each, about 1 KB apiece: one read of 256 KiB of `GET /healthz` queued 7,700 of them, 8.7
+  MiB, and each answer let it read another 256 KiB; attack7).
+- **Refusals in order**: a refusal of a request that came pipelined behind others still
+  being answered is written after their answers (`on_response_complete`), as HTTP/1.1 wants
+  them in order. Written at once, it went ahead of them and half-closed the connection
+  under them: their answers raised `RuntimeError: Cannot call write() after write_eof()`,
+  two ERROR tracebacks (98 log lines) for a request of 49 bytes, and were never sent
+  (attack7).
 
 Each refusal is one access-log line and a count in `flashsale_http_refusals_total{reason}`.
 """
@@ -61,6 +71,9 @@ TIMED_OUT = "flashsale.timed_out"
 # After writing a refusal, how long the client is given to read it while what it still
 # sends is discarded (nginx's lingering_timeout is 5 s, its lingering_time 30 s).
 LINGER_S = 2.0
+# Requests one connection may have waiting behind the one being answered (HTTP/1.1
+# pipelining; browsers do not pipeline, and HTTP clients that do keep a few in flight).
+MAX_PIPELINED = 16
 
 _IDLE, _HEAD, _BODY, _DONE = range(4)  # where the connection is in its current request
 
@@ -113,6 +126,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._key: str | None = None  # the address whose connection count this holds
         self._refusal: _Refusal | None = None
+        # A refusal waiting for the answers of the requests before it (pipelined).
+        self._deferred: _Refusal | None = None
         self._lost = False
 
     # -- the connection ------------------------------------------------------------------
@@ -215,6 +230,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if size > self._max_head:
                 self._refusal = self._head_too_large()
                 raise self._refusal
+        if len(self.pipeline) >= MAX_PIPELINED:
+            self._refusal = _Refusal(
+                429,
+                "too_many_pipelined",
+                f"More than {MAX_PIPELINED} requests were sent ahead of their answers on "
+                "one connection.",
+            )
+            raise self._refusal
         self._phase = _BODY
         self._due = None
         super().on_headers_complete()
@@ -223,6 +246,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _IDLE
         self._due = None
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # the next pipelined request starts, if any
+        refusal = self._deferred
+        if refusal is not None and not self._answering() and not self.transport.is_closing():
+            self._deferred = None
+            self._unset_keepalive_if_required()
+            self._write_error(refusal.status, refusal.reason, refusal.message)
+            self._close()
+
+    def _answering(self) -> bool:
+        """Whether requests of this connection are being answered, or wait their turn."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
 
     # -- deadlines -----------------------------------------------------------------------
 
@@ -280,11 +317,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def _refuse(self, refusal: _Refusal) -> None:
-        """Answer a request that never reached the application, and close."""
+        """Answer a request that never reached the application, and close: at once, or
+        after the answers of the requests before it, when they are still being answered
+        (pipelined: answers go in order, `on_response_complete`). Nothing more is read."""
         self._phase = _DONE
         self._due = None
         DEFERRED.inc(HTTP_REFUSALS.labels(refusal.reason))
         logger.info("- %d %s", refusal.status, refusal.reason)
+        if self._answering():
+            self._deferred = refusal
+            self.flow.pause_reading()
+            return
         self._write_error(refusal.status, refusal.reason, refusal.message)
         self._close()
 

@@ -85,7 +85,7 @@ HTTP_REFUSALS = Counter(
     "flashsale_http_refusals_total",
     "Connections or requests refused before they reached the application, by reason: "
     "header_too_large, too_many_headers, url_too_long, header_timeout, body_timeout, "
-    "malformed, too_many_connections.",
+    "malformed, too_many_connections, too_many_pipelined.",
     ["reason"],
 )
 SIGN_IN_THROTTLED = Counter(
