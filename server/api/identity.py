@@ -32,6 +32,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -375,10 +376,15 @@ class ShopperCookie:
         self.app = app
         self.identities = identities
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Every other request is handed on as it came: the app's own awaitable, with no
+        # coroutine of this layer around it, which each of them would otherwise enter,
+        # suspend and resume through (issue 12: the reservation's cost).
         if scope["type"] != "http" or scope["path"] not in COOKIE_PATHS:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._cookie_path(scope, receive, send)
+
+    async def _cookie_path(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self.identities.cookie_shopper(scope)
         scope[_SCOPE_KEY] = found
         if found and found != _BAD:
