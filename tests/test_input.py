@@ -32,7 +32,7 @@ from server.domain.text import problem
 from server.service.delivery import Deliverer
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
-from server.wire import schemas
+from server.wire import json_text, schemas
 from server.wire.json_text import repeated_key
 from server.wire.schemas import JoinMessage, plain_join
 from tests.receiver import Receiver
@@ -272,6 +272,21 @@ def test_the_quick_check_of_repeated_keys_answers_as_the_parser(
     for at, piece in junk:
         text = text[: at % (len(text) + 1)] + piece + text[at % (len(text) + 1) :]
     assert repeated_key(text) == _first_repeated(text)
+    # Again, as a text already seen (json_text._KNOWN remembers those found clean).
+    assert repeated_key(text) == _first_repeated(text)
+
+
+def test_the_texts_known_clean_are_bounded() -> None:
+    # Every request may send a new body: what is remembered of them stays bounded, in count
+    # and in each text's length, and a longer text is still checked in full each time.
+    for n in range(json_text._KNOWN_MOST * 2):
+        assert repeated_key(b'{"productId": %d, "quantity": 1}' % n) is None
+    assert len(json_text._KNOWN) <= json_text._KNOWN_MOST
+    long = b'{"a": "' + b"x" * json_text._KNOWN_TEXT_MOST + b'"}'
+    assert repeated_key(long) is None
+    assert long not in json_text._KNOWN
+    assert repeated_key(b'{"quantity": 1, "quantity": 500}') == "quantity"
+    assert b'{"quantity": 1, "quantity": 500}' not in json_text._KNOWN
 
 
 async def test_names_with_any_storable_character_are_kept_as_sent(api: Api) -> None:
