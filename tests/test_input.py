@@ -24,17 +24,19 @@ from annotated_types import MaxLen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import AfterValidator, BaseModel, ValidationError
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
 import server.api
 from server.domain import text
+from server.domain.model import Product, Reservation, Status
 from server.domain.text import problem
+from server.service.catalog import Catalog
 from server.service.delivery import Deliverer
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from server.wire import json_text, schemas
 from server.wire.json_text import repeated_key
-from server.wire.schemas import JoinMessage, plain_join
+from server.wire.schemas import JoinMessage, plain_join, product_view
 from tests.receiver import Receiver
 from tests.support import eventually, hold, make_product, serve, stats
 from tests.test_api import TOKEN, Api, app_settings, assert_error
@@ -533,3 +535,27 @@ def test_the_plain_join_reads_what_the_general_path_accepts_and_nothing_else(tex
         assert fast == join_id
     if text.lstrip().startswith('{"type":"join","productId":') and join_id is not None:
         assert fast == join_id  # the page's own form always takes the shortcut
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=20),
+    st.one_of(st.none(), st.text(max_size=20)),
+    st.sampled_from(list(Status)),
+    st.one_of(st.none(), st.integers(0, 2**41)),
+)
+def test_a_hold_rendered_with_its_product_as_json_is_the_same_bytes(
+    name: str, reference: str | None, status: Status, completed: int | None
+) -> None:
+    # The answer with a hold splices in its product's JSON, encoded once per version
+    # (Catalog.view_json); it must be what encoding the whole view gives.
+    product = Product(7, name, 1999, 10, 8, 3, None, 1, 2, held_units=2, max_per_shopper=5)
+    hold = Reservation(
+        "r" * 32, 7, 2, status, 1_700_000_000_000, 1_700_000_600_000, completed, None,
+        order_reference=reference,
+    )  # fmt: skip
+    catalog = Catalog()
+    catalog.apply(product)
+    for _ in range(2):  # encoded, then as remembered
+        spliced = schemas.reservation_json(hold, catalog.view_json(product), now=5)
+        assert spliced == to_json(schemas.reservation_view(hold, product_view(product), now=5))

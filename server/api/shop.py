@@ -83,7 +83,7 @@ from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.storage.errors import Busy, StorageError, Unavailable
 from server.wire import schemas
-from server.wire.schemas import FieldError, ReserveBody, reservation_view
+from server.wire.schemas import FieldError, ReserveBody, reservation_json, reservation_view
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
@@ -452,8 +452,8 @@ async def render_reservation(
     assert product is not None, "a hold's product cannot vanish"
     catalog = shop.catalog
     assert catalog is not None, "web processes have a catalog"
-    view = reservation_view(reservation, catalog.view(product), now=now_ms())
-    return json_response(view, status, headers)
+    body = reservation_json(reservation, catalog.view_json(product), now=now_ms())
+    return json_response(body, status, headers)
 
 
 def _caller(request: Request) -> str | None:

@@ -53,6 +53,8 @@ class Catalog:
         self._products: dict[int, Product] = {}
         self._views: dict[int, dict[str, Any]] = {}
         self._json: dict[int, bytes] = {}  # each product's view, rendered, at its version
+        # `view_json`'s: each product's view (the very dict `_views` holds) and its JSON.
+        self._view_json: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._ids: list[int] | None = None  # sorted; until a product is added
         self._listing: Listing | None = None  # every product; until anything changes
 
@@ -80,6 +82,7 @@ class Catalog:
         self._products[product.id] = product
         self._views.pop(product.id, None)
         self._json.pop(product.id, None)
+        self._view_json.pop(product.id, None)
         self._listing = None
         return True
 
@@ -110,6 +113,19 @@ class Catalog:
             if self._products.get(product.id) == product:
                 self._views[product.id] = view
         return view
+
+    def view_json(self, product: Product) -> bytes:
+        """`view(product)` as JSON, encoded once per version: every answer with a hold
+        embeds its product's view, and re-encoding it cost each reservation's answer (issue
+        12). A product that is not the catalog's own (newer or older) is encoded each time."""
+        view = self.view(product)
+        cached = self._view_json.get(product.id)
+        if cached is not None and cached[0] is view:
+            return cached[1]
+        encoded = to_json(view)
+        if self._views.get(product.id) is view:
+            self._view_json[product.id] = (view, encoded)
+        return encoded
 
     def _encoded(self, product_id: int) -> bytes:
         encoded = self._json.get(product_id)
