@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketState
 from server.domain.waitingroom import Lineup, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import Hub
+from server.live.wsprotocol import EXTENSION
 from server.service.catalog import Catalog
 from tests.support import eventually, product_in_memory
 
@@ -259,6 +260,47 @@ async def test_a_flush_goes_out_in_slices_and_every_socket_gets_frames_in_order(
     await eventually(
         lambda: _true(all(versions(s) == [1, 2] for s in sockets)), what="both, in order"
     )
+
+
+class Prepared:
+    """The `flashsale.prepared_frames` extension of our uvicorn protocol, as the hub sees it:
+    each write (one `transport.write`, one send to the kernel) kept."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, frame: bytes) -> bool:
+        self.writes.append(frame)
+        return True
+
+
+async def test_counts_not_yet_due_go_with_a_flush_in_the_same_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Most of a flush's cost is a write to every socket. A line's counts not yet due go with
+    a flush of stock frames that goes to every page anyway, in the same write, rather than
+    in a flush of their own later (15,000 sockets in the waiting room's bench, flushed every
+    MAX_FLUSH_GAP while its sale's stock changes)."""
+    monkeypatch.setattr(live, "QUEUE_RIDE_SECONDS", 0.0)
+    hub = Hub(Catalog(), max_clients=10)
+    pages = [Prepared() for _ in range(3)]
+    for page in pages:
+        socket = Socket()
+        socket.scope["extensions"][EXTENSION] = page
+        hub.join(socket)  # type: ignore[arg-type]
+    hub.publish({"type": "room", "productId": 5, "waiting": 1, "admitted": 0}, b"")
+    await eventually(lambda: _true(all(len(p.writes) == 1 for p in pages)), what="the first")
+    # The next counts are not due for QUEUE_FRAME_SECONDS; a stock change comes meanwhile.
+    hub.publish({"type": "room", "productId": 5, "waiting": 2, "admitted": 0}, b"")
+    hub.publish(*stock(5, 9, 1))
+    hub.flush()
+    await eventually(lambda: _true(all(len(p.writes) == 2 for p in pages)), what="the flush")
+    for page in pages:
+        last = page.writes[-1].decode(errors="replace")
+        assert '"type":"queue"' in last
+        assert '"waiting":2' in last
+        assert '"type":"stock"' in last
+    assert hub._queues == {}  # nothing left to send on its own
 
 
 # -- a client that sends and never reads (attack3 finding 3) ---------------------------------

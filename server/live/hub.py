@@ -9,8 +9,10 @@ ending on its latest value. Reservation frames go only to the sockets watching t
 Fan-out is a pass over the sockets, in slices of `FLUSH_SLICE` sockets or `SLICE_SECONDS`,
 whichever ends first, between which the event loop runs what else is ready (requests, new
 connections, the joins of a waiting room). Each frame is encoded once and written to
-every socket as it is, through the `flashsale.prepared_frames` extension of our uvicorn
-protocol (server/live/wsprotocol.py): a few µs a socket, against ~15 µs through `send_text`.
+every socket as it is (a flush's frames in one write to a page that takes them all: the
+write, a send to the kernel, is most of a flush's cost), through the
+`flashsale.prepared_frames` extension of our uvicorn protocol (server/live/wsprotocol.py):
+a few µs a socket, against ~15 µs through `send_text`.
 Where that is not available, or a socket's buffer is full, the frame goes through the
 ordinary `send`; a send that would wait is finished by a task of that socket's own, with a
 deadline, while its later frames are coalesced to the newest per product, so that a slow or
@@ -81,6 +83,10 @@ SLICE_CHECK_EVERY = 64
 # a second was half of a web process (the bench's `queue`, py-spy): a count a page shows
 # may be three seconds old.
 QUEUE_FRAME_SECONDS = 3.0
+# ...but they go sooner, at most this often, with a flush of stock or product frames that
+# goes to every page anyway: in the same write as those (`Client.offer_all`), they cost a
+# socket nothing more, where a flush of their own costs a write to each.
+QUEUE_RIDE_SECONDS = 1.0
 FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quiet spell
 SEND_TIMEOUT_SECONDS = 5.0
 MAX_WATCHED = 50
@@ -126,6 +132,16 @@ class Client:
         self._backlog: dict[Key, str] = {}
         self._sending: asyncio.Task[None] | None = None
         self.closed = False
+
+    def offer_all(self, prepared: bytes) -> bool:
+        """Write several frames already encoded, in one write, if the socket can take them
+        now; False: offer each instead (`offer`), as the socket has a send under way, or no
+        prepared frames, or a full buffer."""
+        if self.closed:
+            return True
+        if self._sending is not None or self.prepared is None:
+            return False
+        return self.prepared.write(prepared)
 
     def offer(self, key: Key, text: str, prepared: bytes | None = None) -> None:
         """Send a frame: `text`, and the same already encoded, if the caller has it."""
@@ -673,6 +689,18 @@ class Hub:
         reservations, self._reservations = self._reservations, []
         frames: list[tuple[Key, str]] = [(("product", pid), text) for pid, text in products.items()]
         queues, self._due_queues = self._due_queues, {}
+        if products or stock:
+            # A flush goes to every page anyway: counts not yet due go with it, at most
+            # every QUEUE_RIDE_SECONDS, rather than in a flush of their own later (each a
+            # write to every socket: 15,000 in the waiting room's bench, while its sale's
+            # stock changes are flushed every MAX_FLUSH_GAP).
+            now = loop.time()
+            for product_id in list(self._queues):
+                if now >= self._queue_sent_at.get(product_id, -QUEUE_FRAME_SECONDS) + (
+                    QUEUE_RIDE_SECONDS
+                ):
+                    queues[product_id] = self._queues.pop(product_id)
+                    self._queue_sent_at[product_id] = now
         frames.extend((("queue", pid), text) for pid, text in queues.items())
         for product_id, (version, text) in stock.items():
             self._sent_version[product_id] = version
@@ -682,18 +710,22 @@ class Hub:
                 client.offer(("reservation", reservation_id), text)
         prepared = [(key, text, prepare_text(text)) for key, text in frames]
         clients = list(self.clients) if prepared else []
-        self._flush_slice(prepared, clients, 0, loop.time() - started)
+        together = b"".join(encoded for _, _, encoded in prepared) if len(prepared) > 1 else b""
+        self._flush_slice(prepared, together, clients, 0, loop.time() - started)
 
     def _flush_slice(
         self,
         prepared: list[tuple[Key, str, bytes]],
+        together: bytes,
         clients: list[Client],
         start: int,
         cost: float,
     ) -> None:
         """The flush's frames to `clients[start:start + FLUSH_SLICE]` (fewer once the slice
         has taken `SLICE_SECONDS`); the next slice once the loop has run what else was
-        ready. `cost`: the flush's time so far (s)."""
+        ready. `together`: every frame of `prepared` in one piece, when there are several,
+        written to a page that takes every product in one write (most of a flush's cost is
+        the kernel's send, one a write). `cost`: the flush's time so far (s)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         self._slice_handle = None
@@ -702,6 +734,8 @@ class Hub:
         while at < end:
             for client in clients[at : min(at + SLICE_CHECK_EVERY, end)]:
                 wanted = client.products
+                if wanted is None and together and client.offer_all(together):
+                    continue
                 for key, text, encoded in prepared:
                     if wanted is None or key[1] in wanted:
                         client.offer(key, text, encoded)
@@ -710,7 +744,9 @@ class Hub:
                 break
         cost += loop.time() - began
         if at < len(clients):
-            self._slice_handle = loop.call_soon(self._flush_slice, prepared, clients, at, cost)
+            self._slice_handle = loop.call_soon(
+                self._flush_slice, prepared, together, clients, at, cost
+            )
             return
         self._last_flush = loop.time()
         self._flush_cost = cost
