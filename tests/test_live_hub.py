@@ -21,6 +21,7 @@ from server.live import hub as live
 from server.live.hub import Hub
 from server.live.wsprotocol import EXTENSION
 from server.service.catalog import Catalog
+from server.wire.schemas import ticket_view
 from tests.support import eventually, product_in_memory
 
 
@@ -219,6 +220,30 @@ async def test_a_room_that_closes_tells_its_pages_from_the_news_without_reading_
     assert reads == [["anon:c"]]  # only the page whose ticket was not the one closed
     assert states(pages["anon:a"]) == ["waiting", "sold_out"]
     assert states(pages["anon:b"]) == ["admitted", "sold_out"]
+
+
+async def test_ended_tickets_are_told_exactly_as_their_views_say() -> None:
+    """An ended ticket's frame is its state's template with its own `joinedAt` put in (a
+    room that sells out tells every page at once): the same text as its view's, for every
+    ended state and any moment of joining."""
+    catalog = Catalog()
+    product = product_in_memory(id=5, available_stock=0, held_units=2)
+    catalog.apply(product)
+    tickets = [
+        Ticket(5, f"anon:{state}{n}", n, state, joined_at=1_796_000_000_000 + n * 7_777, ended_at=9)
+        for state in (TicketState.SOLD_OUT, TicketState.RESERVED, TicketState.LAPSED)
+        for n in range(3)
+    ]
+    room = Room(5, [], tickets)
+    hub = Hub(catalog, max_clients=20, room=room)  # type: ignore[arg-type]
+    pages = {t.shopper_id: Socket() for t in tickets}
+    for shopper, page in pages.items():
+        await hub.identify(hub.join(page), shopper)  # type: ignore[arg-type]
+    line = await room.line(5)
+    for ticket in tickets:
+        [sent] = [json.loads(t) for t in pages[ticket.shopper_id].sent if '"ticket"' in t]
+        view = ticket_view(ticket, product, line, now=0)
+        assert {**sent["ticket"], "serverTime": None} == {**view, "serverTime": None}
 
 
 def queue_counts(socket: Socket) -> list[int]:

@@ -45,9 +45,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.domain.clock import iso, now_ms
 from server.domain.errors import DomainError
 from server.domain.inventory import is_reservation_id
-from server.domain.model import ReservationChanged
+from server.domain.model import Product, ReservationChanged
 from server.domain.text import SHOWN_CHARS
-from server.domain.waitingroom import OPEN, Ticket, TicketState, order_hidden
+from server.domain.waitingroom import OPEN, Lineup, Ticket, TicketState, order_hidden
 from server.infra.clients import client_key
 from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
@@ -200,6 +200,46 @@ class Client:
             self._hub.leave(self, f"send failed: {exc!r}")
         finally:
             self._sending = None
+
+
+def _told(view: dict[str, Any]) -> tuple[object, ...]:
+    """What a page was told of its ticket that is its own news (`AMBIENT` left out)."""
+    return tuple(v for k, v in view.items() if k not in AMBIENT)
+
+
+class _EndedFrames:
+    """Ticket frames of ended tickets (`sold_out`, `reserved`, `lapsed`, `left`) of one
+    product at one moment. Such a ticket's view (`ticket_view`) is the same for every ticket
+    of its state but for `joinedAt`: it is made and encoded once per state, and each
+    ticket's frame is that text with its own `joinedAt` put in, ~1 µs where a view and its
+    JSON took ~10 µs (a room of 15,000 that sold out is told to every page at once)."""
+
+    def __init__(self, product: Product, line: Lineup, now: int) -> None:
+        self._product = product
+        self._line = line
+        self._now = now
+        # state → (the text before and after `"joinedAt":"…"`, the told tuple, its index)
+        self._made: dict[TicketState, tuple[str, str, tuple[object, ...], int]] = {}
+
+    def frame(self, ticket: Ticket) -> tuple[tuple[object, ...], str]:
+        """The ticket's told tuple (`_told`) and its frame's text."""
+        made = self._made.get(ticket.state)
+        if made is None:
+            view = ticket_view(ticket, self._product, self._line, now=self._now)
+            text = to_json(ticket_frame(view)).decode()
+            joined = _JOINED.format(view["joinedAt"])
+            at = text.index(joined)
+            told = _told(view)
+            index = [k for k in view if k not in AMBIENT].index("joinedAt")
+            made = (text[:at], text[at + len(joined) :], told, index)
+            self._made[ticket.state] = made
+        before, after, told, index = made
+        joined_at = iso(ticket.joined_at)
+        told = (*told[:index], joined_at, *told[index + 1 :])
+        return told, f'{before}"joinedAt":"{joined_at}"{after}'
+
+
+_JOINED = '"joinedAt":"{}"'
 
 
 async def _resume(coroutine: Coroutine[Any, Any, None], waiting_on: object) -> None:
@@ -612,6 +652,7 @@ class Hub:
             line = await self._room.line(product_id)
             loop = asyncio.get_running_loop()
             began = loop.time()
+            ended = _EndedFrames(product, line, now)
             for n, client in enumerate(clients):
                 if n % SLICE_CHECK_EVERY == 0 and loop.time() - began >= SLICE_SECONDS:
                     # A whole room's frames (it sold out: 15,000 pages) in slices, as a
@@ -622,11 +663,20 @@ class Hub:
                 ticket = client.tickets.get(product_id)
                 if ticket is None or client.closed:
                     continue
+                if ticket.state not in OPEN:
+                    # An ended ticket's frame, from its state's template (a room that sold
+                    # out: 15,000 of them at once).
+                    told, text = ended.frame(ticket)
+                    if not force and client.told.get(product_id) == told:
+                        continue
+                    client.told[product_id] = told
+                    client.offer(("ticket", product_id), text, prepare_text(text))
+                    continue
                 view = ticket_view(ticket, product, line, now=now)
                 # The shopper's own standing: their state, place, pass. The line's total
                 # and the held units change with every join and every hold, and every page
                 # hears of them from `queue` and `stock` frames: they alone are no news.
-                told = tuple(v for k, v in view.items() if k not in AMBIENT)
+                told = _told(view)
                 if not force and client.told.get(product_id) == told:
                     continue
                 client.told[product_id] = told
