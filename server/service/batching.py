@@ -27,6 +27,10 @@ Res = TypeVar("Res")
 BatchFunction = Callable[[Sequence[Req]], Awaitable[Sequence[Res | BaseException]]]
 
 
+class TooLate(Exception):
+    """A request's deadline passed before it was taken into a batch: it was not carried out."""
+
+
 class GroupCommit(Generic[Req, Res]):
     def __init__(
         self, run_batch: BatchFunction[Req, Res], *, max_batch: int, name: str = "group-commit"
@@ -60,15 +64,30 @@ class GroupCommit(Generic[Req, Res]):
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    async def submit(self, request: Req) -> Res:
+    async def submit(self, request: Req, *, deadline: float | None = None) -> Res:
+        """`request`'s result, from its batch. `deadline` (the event loop's clock): if it
+        passes while the request still waits for a batch, the request is taken out, never
+        carried out, and `TooLate` is raised; once in a batch, its result is awaited."""
         if self._task is None:
             raise RuntimeError(f"{self._name} is not running")
-        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Res] = loop.create_future()
         self._pending.append((request, future))
         self._wake.set()
         # If the caller goes away its future is cancelled, but the request is still carried
         # out: it may already be in a transaction, and a hold made for nobody simply expires.
-        return await future
+        if deadline is None:
+            return await future
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            for index, (_, waiting) in enumerate(self._pending):
+                if waiting is future:
+                    del self._pending[index]
+                    future.cancel()
+                    raise TooLate() from None
+        return await future  # in a batch already: the database answers it
 
     async def _run(self) -> None:
         while True:
