@@ -192,14 +192,15 @@ class Shop:
         except Exception as exc:
             self.promises.settle(promise)  # its batch did, unless it never reached one
             if isinstance(exc, TooLate):
-                raise self._not_attempted("waited behind other requests") from None
+                raise self._not_attempted(
+                    f"waited {self._deadline_s * 1000:.0f} ms behind other requests"
+                ) from None
             raise
 
     def _not_attempted(self, why: str) -> NotAttempted:
         return NotAttempted(
-            f"The database is busy: this reservation {why} for "
-            f"{self._deadline_s * 1000:.0f} ms and was not made (nothing changed); try again "
-            "in a moment.",
+            f"The database is busy: this reservation {why} and was not made (nothing "
+            "changed); try again in a moment.",
             random.randint(1, 3),
         )
 
@@ -252,9 +253,11 @@ class Shop:
                 async with asyncio.timeout_at(deadline):
                     await self.promises.keyed_settled(product.id)
             except TimeoutError:
-                raise self._not_attempted("waited for others' batch") from None
+                raise self._not_attempted(
+                    f"waited {self._deadline_s * 1000:.0f} ms for others' batch"
+                ) from None
             if self._batches_failed != failed:
-                raise self._not_attempted("waited for others' batch, which failed,")
+                raise self._not_attempted("waited for others' batch, which the database refused,")
             fresh = await self.product(product.id)
             if fresh is None:
                 raise ProductNotFound(product.id)
