@@ -611,6 +611,42 @@ async def test_a_websocket_client_that_stops_reading_is_cut_off(
             sock.close()
 
 
+async def test_a_websocket_client_flooding_pings_is_dropped_and_kept_no_pongs(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # attack7: every ping's pong was written to the transport, which kept in memory what the
+    # kernel could not take: 100 MiB of pings from a client that reads nothing, 98 MiB kept;
+    # and each ping cost the event loop ~30 us: a shopper's request waited 14 s.
+    async with service_with_product(database_url, redis_url, tmp_path) as (service, product_id):
+        async with Shopper(service, product_id) as shopper:
+            before = rss(service)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind((ATTACKER, 0))
+            sock.connect(("127.0.0.1", service.port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                f"GET /ws?ids={product_id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + os.urandom(125)  # masked
+            chunk = ping * (MiB // len(ping))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(64):
+                        await asyncio.wait_for(loop.sock_sendall(sock, chunk), 30)
+                    pytest.fail("64 MiB of pings were all taken")
+                await shopper.served()
+                grown = rss(service) - before
+                assert grown < 24 * MiB, f"the web process grew {grown / MiB:.0f} MiB"
+            finally:
+                sock.close()
+        shopper.check()
+
+
 # -- 8. a frozen Redis and the rate limit --------------------------------------------------
 
 

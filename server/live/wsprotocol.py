@@ -21,6 +21,15 @@ with almost 4 MB queued in the kernel after the hub had dropped it):
 - every other close (the closing handshake's timeout, a ping that got no answer, the end
   of the application) is given `CLOSE_GRACE_S` to send what is queued, then aborted.
 
+A client's pings (`handle_ping`) are answered only while the socket can take more, and a
+client may send `PING_BURST` at once and one a second after that; past it, it is dropped
+(RST). uvicorn wrote a pong for every ping, so a client that sent pings and read nothing had
+them all kept for it in the process's memory (100 MiB of pings, 98 MiB kept, however quiet
+the shop: the hub notices a client that stops reading only when it has frames to send), and
+each ping took the event loop about 30 µs: 64 MiB of them held a shopper's request up for
+14 s (attack7). Browsers send none; a client's keep-alive pings come every few seconds.
+RFC 6455 (§5.5.3) lets an endpoint answer only the latest of several pings.
+
 uvicorn logs each handshake with its path and query as sent (`"WebSocket /ws?ids=3" [accepted]`):
 here that line shows them as the access log shows a path no route matches (`HandshakeLog`):
 cut to `MAX_VALUE_CHARS`, and any run of characters that may be a hold id cut to its first
@@ -48,6 +57,11 @@ from server.infra.sockets import abort
 EXTENSION = "flashsale.prepared_frames"
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel doubles it for its own bookkeeping
 CLOSE_GRACE_S = 5.0
+# Pings a client may send at once, and then one every PING_REFILL_S (a token bucket).
+PING_BURST = 10
+PING_REFILL_S = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_text(text: str) -> bytes:
@@ -132,6 +146,27 @@ class FanOutProtocol(WebSocketsSansIOProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         super().connection_made(transport)
         self.transport = _GracefulTransport(self.transport, self)  # type: ignore[assignment]
+        self._pings = float(PING_BURST)  # pings the client may send now
+        self._pinged_at = self.loop.time()
+        self._dropped = False
+
+    def handle_ping(self) -> None:
+        """The ping's pong, if the socket can take it now (its buffers are not full); a
+        client past its pings (`PING_BURST`, then one every `PING_REFILL_S`) is dropped.
+        See the module's text."""
+        output = self.conn.data_to_send()
+        now = self.loop.time()
+        self._pings = min(PING_BURST, self._pings + (now - self._pinged_at) / PING_REFILL_S)
+        self._pinged_at = now
+        if self._pings < 1:
+            if not self._dropped:
+                self._dropped = True
+                logger.info("live updates: dropping a client (more than %d pings)", PING_BURST)
+                self.abort()
+            return
+        self._pings -= 1
+        if self.writable.is_set() and not self.transport.is_closing():
+            self.transport.write(b"".join(output))
 
     def abort(self) -> None:
         """Drop the connection now (see `abort`); the application hears a disconnect."""
