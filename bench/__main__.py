@@ -377,41 +377,40 @@ def run_config(
             web_concurrency=config.web_concurrency,
             **{"HOLD_SECONDS": "3600", "LOG_LEVEL": log_level, **overrides},
         ) as service:
-            if "storm" in scenarios:
-                progress.step(f"{config.label} · storm")
-                result["storm"] = storm.run(
-                    service,
-                    shoppers=size.storm_shoppers,
-                    sockets=size.storm_sockets,
-                    units=size.storm_units,
-                    lead_seconds=size.storm_lead,
-                )
-            if "shoppers" in scenarios:
-                # The storm again, each shopper a distinct one: with the cookie the shop
-                # page sets, then signed in by the shop (issue 16), beside the anonymous
-                # storm above (run `storm shoppers` to have both).
-                for kind in ("cookie", "jwt"):
-                    progress.step(f"{config.label} · storm, shoppers identified by {kind}")
-                    result[f"storm_{kind}"] = storm.run(
+            # The storm, and again with each shopper a distinct one (the cookie the shop page
+            # sets, then signed in by the shop, issue 16: run `storm shoppers` to have both
+            # beside the anonymous one), and with every request carrying an Idempotency-Key
+            # of its own (what the fast refusal costs when each promise may be a retry of a
+            # hold already made).
+            storms: list[tuple[str, str, str, dict[str, Any]]] = [
+                ("storm", "storm", "storm", {}),
+                *(
+                    (
+                        "shoppers",
+                        f"storm_{kind}",
+                        f"storm, shoppers identified by {kind}",
+                        {"shopper_kind": kind},
+                    )
+                    for kind in ("cookie", "jwt")
+                ),
+                (
+                    "keys",
+                    "storm_keys",
+                    "storm, every request with an Idempotency-Key",
+                    {"keys": True},
+                ),
+            ]
+            for scenario, name, label, variant in storms:
+                if scenario in scenarios:
+                    progress.step(f"{config.label} · {label}")
+                    result[name] = storm.run(
                         service,
                         shoppers=size.storm_shoppers,
                         sockets=size.storm_sockets,
                         units=size.storm_units,
                         lead_seconds=size.storm_lead,
-                        shopper_kind=kind,
+                        **variant,
                     )
-            if "keys" in scenarios:
-                # The storm again, every request with an Idempotency-Key of its own: what the
-                # fast refusal costs when each promise may be a retry of a hold already made.
-                progress.step(f"{config.label} · storm, every request with an Idempotency-Key")
-                result["storm_keys"] = storm.run(
-                    service,
-                    shoppers=size.storm_shoppers,
-                    sockets=size.storm_sockets,
-                    units=size.storm_units,
-                    lead_seconds=size.storm_lead,
-                    keys=True,
-                )
             if "paths" in scenarios:
                 progress.step(f"{config.label} · paths")
                 result["paths"] = paths.run(

@@ -23,6 +23,7 @@ import re
 import resource
 import sys
 import uuid
+from dataclasses import dataclass
 
 import uvloop
 
@@ -32,15 +33,28 @@ from bench.rawhttp import Connection, now_ms, request_bytes
 _CODE = re.compile(rb'"code":"([a-z_]+)"')
 
 
-async def main(
-    host: str,
-    port: int,
-    count: int,
-    start_ms: float,
-    body: bytes,
-    kind: str = "none",
-    keys: bool = False,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class Volley:
+    """What every shopper process of a storm sends, and when: `body` (JSON) at the epoch
+    millisecond `start_ms`, as `kind` of shopper, with an Idempotency-Key each if `keys`.
+    Carried to the processes as the arguments after COUNT (`args`, `from_args`)."""
+
+    start_ms: float
+    body: str
+    kind: str = "none"
+    keys: bool = False
+
+    def args(self) -> list[str]:
+        return [str(self.start_ms), self.body, self.kind, "keys" if self.keys else "none"]
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> Volley:
+        start_ms, body, *rest = args
+        kind = rest[0] if rest else "none"
+        return cls(float(start_ms), body, kind, len(rest) > 1 and rest[1] == "keys")
+
+
+async def main(host: str, port: int, count: int, volley: Volley) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     connections: list[Connection] = []
@@ -54,18 +68,18 @@ async def main(
             "POST",
             "/api/reservations",
             authority,
-            body,
-            {**headers, "Idempotency-Key": uuid.uuid4().hex} if keys else headers,
+            volley.body.encode(),
+            {**headers, "Idempotency-Key": uuid.uuid4().hex} if volley.keys else headers,
         )
-        for headers in identities.headers(kind, count)
+        for headers in identities.headers(volley.kind, count)
     ]
     print(f"ready {count}", flush=True)
 
     # asyncio's timers are about a millisecond coarse: sleep to just before, then spin.
-    delay = (start_ms - now_ms()) / 1000 - 0.005
+    delay = (volley.start_ms - now_ms()) / 1000 - 0.005
     if delay > 0:
         await asyncio.sleep(delay)
-    while now_ms() < start_ms:
+    while now_ms() < volley.start_ms:
         pass
     sent, futures = [], []
     for connection, request in zip(connections, requests, strict=True):
@@ -90,7 +104,5 @@ async def main(
 
 
 if __name__ == "__main__":
-    host, port, count, start_ms, body = sys.argv[1:6]
-    kind = sys.argv[6] if len(sys.argv) > 6 else "none"
-    keys = len(sys.argv) > 7 and sys.argv[7] == "keys"
-    uvloop.run(main(host, int(port), int(count), float(start_ms), body.encode(), kind, keys))
+    host, port, count = sys.argv[1:4]
+    uvloop.run(main(host, int(port), int(count), Volley.from_args(sys.argv[4:])))

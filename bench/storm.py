@@ -19,6 +19,7 @@ import httpx
 
 from bench.fanout import Clients
 from bench.rawhttp import now_ms
+from bench.shoppers import Volley
 from bench.spawn import host_port, shares, start_ready
 from bench.stack import Target
 from bench.wave import percentiles
@@ -55,23 +56,13 @@ class StatsPoller(threading.Thread):
 
 
 def _shoppers(
-    service: Target,
-    count: int,
-    processes: int,
-    start_ms: float,
-    body: str,
-    kind: str = "none",
-    keys: bool = False,
+    service: Target, count: int, processes: int, volley: Volley
 ) -> list[subprocess.Popen[str]]:
     host, port = host_port(service)
     per = shares(count, processes)
     return start_ready(
         "bench.shoppers",
-        [
-            [host, str(port), str(n), str(start_ms), body, kind, "keys" if keys else "none"]
-            for n in per
-            if n
-        ],
+        [[host, str(port), str(n), *volley.args()] for n in per if n],
         what="shopper",
     )
 
@@ -120,7 +111,10 @@ def run(
         if shoppers_ahead is not None:
             time.sleep(max(0.0, (start - now_ms()) / 1000 - shoppers_ahead))
         procs = _shoppers(
-            service, shoppers, max(1, min(4, shoppers // 1_000)), start, body, shopper_kind, keys
+            service,
+            shoppers,
+            max(1, min(4, shoppers // 1_000)),
+            Volley(start, body, shopper_kind, keys),
         )
         ready_before = (start - now_ms()) / 1000
         if ready_before < 0.2:

@@ -187,16 +187,8 @@ async def test_an_endpoint_failing_for_the_retry_window_is_disabled_and_keeps_it
 ) -> None:
     endpoint_id = await register(store, receiver)
     receiver.fail_next = 10**6
-    product = await make_product(store, 5)
-    await hold(store, product.id, 1)
-    sender = deliverer(store, retry_hours=0.5 / 3600, backoff_s=0.05)  # half a second
-    sender.start()
-    webhooks = Webhooks(store)
-    try:
-        disabled = await eventually(
-            lambda: _disabled(webhooks, endpoint_id), within=20, what="the endpoint disabled"
-        )
-        assert "WEBHOOK_RETRY_HOURS" in (disabled or "")
+    async with disabled_in_half_a_second(store, endpoint_id) as (webhooks, disabled):
+        assert "WEBHOOK_RETRY_HOURS" in disabled
         found = await webhooks.get(endpoint_id)
         assert found is not None
         assert found.pending == 1
@@ -204,8 +196,6 @@ async def test_an_endpoint_failing_for_the_retry_window_is_disabled_and_keeps_it
         receiver.fail_next = 0
         await webhooks.set_enabled(endpoint_id, True)
         await receiver.wait_for(1, within=20)
-    finally:
-        await sender.stop()
     assert receiver.types() == {"reservation.created": 1}
 
 
@@ -220,24 +210,36 @@ async def test_a_disabled_endpoint_s_secrets_are_not_logged(
         port = closed.getsockname()[1]  # nothing listens there once it is closed
     url = f"http://hook-user:hook-password@127.0.0.1:{port}/hooks?token=hook-token#hook-part"
     endpoint = await Webhooks(store).create(url=url, events=[], description="")
-    product = await make_product(store, 5)
-    await hold(store, product.id, 1)
-    sender = deliverer(store, retry_hours=0.5 / 3600, backoff_s=0.05)  # half a second
-    sender.start()
-    webhooks = Webhooks(store)
-    try:
-        with caplog.at_level(logging.ERROR, logger="server.service.delivery"):
-            await eventually(
-                lambda: _disabled(webhooks, endpoint.id), within=20, what="the endpoint disabled"
-            )
-    finally:
-        await sender.stop()
+    caplog.set_level(logging.ERROR, logger="server.service.delivery")
+    async with disabled_in_half_a_second(store, endpoint.id):
+        pass
     (line,) = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
     assert f"webhook endpoint {endpoint.id} (http://127.0.0.1:{port}/...) disabled" in line
     assert "hook-user" not in line
     assert "hook-password" not in line
     assert "hook-token" not in line
     assert "hook-part" not in line
+
+
+@contextlib.asynccontextmanager
+async def disabled_in_half_a_second(
+    store: Store, endpoint_id: int
+) -> AsyncIterator[tuple[Webhooks, str]]:
+    """A hold's event for `endpoint_id`, whose receiver fails, from a deliverer that
+    disables an endpoint failing for half a second (WEBHOOK_RETRY_HOURS): the block runs
+    once it is disabled (with the reason), the deliverer still running until its end."""
+    product = await make_product(store, 5)
+    await hold(store, product.id, 1)
+    sender = deliverer(store, retry_hours=0.5 / 3600, backoff_s=0.05)
+    sender.start()
+    webhooks = Webhooks(store)
+    try:
+        disabled = await eventually(
+            lambda: _disabled(webhooks, endpoint_id), within=20, what="the endpoint disabled"
+        )
+        yield webhooks, disabled or ""
+    finally:
+        await sender.stop()
 
 
 async def _disabled(webhooks: Webhooks, endpoint_id: int) -> str | None:
