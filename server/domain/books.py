@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from server.domain import ledger, outbox
 from server.domain.executor import Executor, TableRows
-from server.domain.ledger import DELTAS, Entry, Figures, Movement
+from server.domain.ledger import DELTAS, Figures, Movement
 from server.domain.model import Product
 
 
@@ -33,7 +33,9 @@ class Books:
 
     def __init__(self, *, now: int) -> None:
         self.now = now
-        self.entries: list[Entry] = []
+        # The ledger's rows, as their values: an `Entry` a hold (a frozen dataclass, set
+        # field by field) cost more than the tuple it was then turned into (issue 12).
+        self._ledger: list[ledger.RowValues] = []
         self._events: list[tuple[int, int, int, str, str]] = []
         self._first: list[TableRows] = []
 
@@ -69,17 +71,20 @@ class Books:
             total += delta.total * units
             figures = Figures(available, held, sold, total)
             reservation = movement.reservation
-            self.entries.append(
-                Entry(
-                    product_id=product.id,
-                    version=product.version,
-                    seq=seq,
-                    kind=movement.kind.value,
-                    reservation_id=None if reservation is None else reservation.id,
-                    units=movement.units,
-                    figures=figures,
-                    actor=movement.actor,
-                    at=self.now,
+            self._ledger.append(
+                (
+                    product.id,
+                    product.version,
+                    seq,
+                    movement.kind.value,
+                    None if reservation is None else reservation.id,
+                    movement.units,
+                    available,
+                    held,
+                    sold,
+                    total,
+                    movement.actor,
+                    self.now,
                 )
             )
             event = outbox.movement_event(movement, figures)
@@ -94,11 +99,11 @@ class Books:
         """Write what was recorded, and the rows handed over (`insert_first`), inside the
         transaction of the change (one statement on PostgreSQL); then forget it all."""
         parts = self._first
-        if self.entries:
-            parts.append(ledger.rows(self.entries))
+        if self._ledger:
+            parts.append(ledger.rows_of(self._ledger))
         if self._events:
             now = self.now
             parts.append(outbox.rows_of((*e, now) for e in self._events))
         if parts:
             await conn.insert_many(parts)
-        self.entries, self._events, self._first = [], [], []
+        self._ledger, self._events, self._first = [], [], []

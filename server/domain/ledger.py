@@ -159,11 +159,18 @@ async def insert(conn: Executor, entries: Sequence[Entry]) -> None:
     await conn.insert_rows(*rows(entries))
 
 
+# A ledger row's values, in `COLUMNS`' order (what `rows` makes of an `Entry`).
+RowValues = tuple[int, int, int, str, str | None, int, int, int, int, int, str, int]
+
+
+def rows_of(values: list[RowValues]) -> TableRows:
+    """The ledger's rows from their values (`RowValues`), for `Executor.insert_many`."""
+    return "stock_ledger", _TYPED, values
+
+
 def rows(entries: Sequence[Entry]) -> TableRows:
     """`entries` as the ledger's rows, for `Executor.insert_rows` or `insert_many`."""
-    return (
-        "stock_ledger",
-        _TYPED,
+    return rows_of(
         [
             (
                 e.product_id,
@@ -180,7 +187,7 @@ def rows(entries: Sequence[Entry]) -> TableRows:
                 e.at,
             )
             for e in entries
-        ],
+        ]
     )
 
 
