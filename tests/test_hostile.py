@@ -611,8 +611,9 @@ async def test_a_websocket_client_that_stops_reading_is_cut_off(
             sock.close()
 
 
+@pytest.mark.parametrize("opcode", [0x89, 0x8A], ids=["pings", "pongs"])
 async def test_a_websocket_client_flooding_pings_is_dropped_and_kept_no_pongs(
-    database_url: str, redis_url: str, tmp_path: Path
+    database_url: str, redis_url: str, tmp_path: Path, opcode: int
 ) -> None:
     # attack7: every ping's pong was written to the transport, which kept in memory what the
     # kernel could not take: 100 MiB of pings from a client that reads nothing, 98 MiB kept;
@@ -630,7 +631,7 @@ async def test_a_websocket_client_flooding_pings_is_dropped_and_kept_no_pongs(
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 "Sec-WebSocket-Version: 13\r\n\r\n".encode()
             )
-            ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + os.urandom(125)  # masked
+            ping = bytes([opcode, 0x80 | 125]) + b"\0\0\0\0" + os.urandom(125)  # masked
             chunk = ping * (MiB // len(ping))
             sock.setblocking(False)
             loop = asyncio.get_running_loop()

@@ -22,13 +22,13 @@ with almost 4 MB queued in the kernel after the hub had dropped it):
   of the application) is given `CLOSE_GRACE_S` to send what is queued, then aborted.
 
 A client's pings (`handle_ping`) are answered only while the socket can take more, and a
-client may send `PING_BURST` at once and one a second after that; past it, it is dropped
-(RST). uvicorn wrote a pong for every ping, so a client that sent pings and read nothing had
-them all kept for it in the process's memory (100 MiB of pings, 98 MiB kept, however quiet
-the shop: the hub notices a client that stops reading only when it has frames to send), and
-each ping took the event loop about 30 µs: 64 MiB of them held a shopper's request up for
-14 s (attack7). Browsers send none; a client's keep-alive pings come every few seconds.
-RFC 6455 (§5.5.3) lets an endpoint answer only the latest of several pings.
+client may send `PING_BURST` pings and pongs at once and one a second after that; past it,
+it is dropped (RST). uvicorn wrote a pong for every ping, so a client that sent pings and
+read nothing had them all kept for it in the process's memory (100 MiB of pings, 98 MiB
+kept, however quiet the shop: the hub notices a client that stops reading only when it has
+frames to send), and each ping or pong took the event loop about 30 µs: 64 MiB of them held
+a shopper's request up for 14 s (attack7). Browsers send none; a client's keep-alive pings
+come every few seconds. RFC 6455 (§5.5.3) lets an endpoint answer only the latest of several pings.
 
 uvicorn logs each handshake with its path and query as sent (`"WebSocket /ws?ids=3" [accepted]`):
 here that line shows them as the access log shows a path no route matches (`HandshakeLog`):
@@ -151,22 +151,32 @@ class FanOutProtocol(WebSocketsSansIOProtocol):
         self._dropped = False
 
     def handle_ping(self) -> None:
-        """The ping's pong, if the socket can take it now (its buffers are not full); a
-        client past its pings (`PING_BURST`, then one every `PING_REFILL_S`) is dropped.
-        See the module's text."""
+        """The ping's pong, if the socket can take it now (its buffers are not full) and
+        the client is within its pings (`_over_budget`). See the module's text."""
         output = self.conn.data_to_send()
+        if self._over_budget():
+            return
+        if self.writable.is_set() and not self.transport.is_closing():
+            self.transport.write(b"".join(output))
+
+    def handle_pong(self, event: Frame) -> None:
+        if not self._over_budget():  # unasked-for pongs cost the loop as much as pings
+            super().handle_pong(event)
+
+    def _over_budget(self) -> bool:
+        """Count a ping or pong of the client's: True, and the client dropped, when it is
+        past `PING_BURST` of them at once and one every `PING_REFILL_S` after that."""
         now = self.loop.time()
         self._pings = min(PING_BURST, self._pings + (now - self._pinged_at) / PING_REFILL_S)
         self._pinged_at = now
-        if self._pings < 1:
-            if not self._dropped:
-                self._dropped = True
-                logger.info("live updates: dropping a client (more than %d pings)", PING_BURST)
-                self.abort()
-            return
-        self._pings -= 1
-        if self.writable.is_set() and not self.transport.is_closing():
-            self.transport.write(b"".join(output))
+        if self._pings >= 1:
+            self._pings -= 1
+            return False
+        if not self._dropped:
+            self._dropped = True
+            logger.info("live updates: dropping a client (more than %d pings)", PING_BURST)
+            self.abort()
+        return True
 
     def abort(self) -> None:
         """Drop the connection now (see `abort`); the application hears a disconnect."""
