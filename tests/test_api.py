@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -471,34 +472,46 @@ async def test_a_retry_with_its_key_gets_its_hold_even_when_sold_out(api: Api) -
     assert_error(await api.reserve(product.id, 1, "someone-else"), 409, "insufficient_stock")
 
 
+@contextlib.asynccontextmanager
+async def two_holds_a_day(
+    database_url: str, redis_url: str, store: Store
+) -> AsyncIterator[tuple[Api, int, str]]:
+    """A shop that lets a client make two holds a day, a product of 10 units, and the
+    client's first hold, made with the key "mine": (api, product id, the hold's id). After
+    the block: the run stayed in one window (a fixed window starts at midnight UTC), and
+    exactly two holds were made."""
+    day = 86_400
+    window = int(time.time() // day)
+    settings = app_settings(database_url, redis_url, reserve_rate_limit=(2, day))
+    async for client in serve(settings):
+        product = await make_product(store, 10)
+        api = Api(client, store)
+        first = await api.reserve(product.id, 1, "mine")
+        assert first.status_code == 201, first.text
+        yield api, product.id, first.json()["id"]
+    assert int(time.time() // day) == window, "the run crossed midnight UTC: inconclusive"
+    assert (await stats(store, product.id)).held == 2
+
+
 async def test_a_replay_is_answered_before_the_rate_limit_and_is_not_counted(
     database_url: str, redis_url: str, store: Store
 ) -> None:
     """A shopper whose 201 was lost retries: the retry returns the hold it made, however
     many times it is sent, and the limit counts only the holds made (issue 15, item 4)."""
-    day = 86_400  # one window for the whole test: a fixed window starts at midnight UTC
-    window = int(time.time() // day)
-    settings = app_settings(database_url, redis_url, reserve_rate_limit=(2, day))
-    async for client in serve(settings):
-        api = Api(client, store)
-        product = await make_product(store, 10)
-        first = await api.reserve(product.id, 1, "mine")
-        assert first.status_code == 201, first.text
+    async with two_holds_a_day(database_url, redis_url, store) as (api, product_id, first):
         for _ in range(5):
-            again = await api.reserve(product.id, 1, "mine")
+            again = await api.reserve(product_id, 1, "mine")
             assert again.status_code == 201, again.text
-            assert again.json()["id"] == first.json()["id"]
+            assert again.json()["id"] == first
             assert again.headers["idempotent-replayed"] == "true"
-        second = await api.reserve(product.id, 1, "another")  # the second of two allowed
+        second = await api.reserve(product_id, 1, "another")  # the second of two allowed
         assert second.status_code == 201, second.text
-        assert_error(await api.reserve(product.id, 1, "third"), 429, "rate_limited")
+        assert_error(await api.reserve(product_id, 1, "third"), 429, "rate_limited")
         # Past the limit, a retry still gets its hold; a different body is still refused.
-        late = await api.reserve(product.id, 1, "mine")
+        late = await api.reserve(product_id, 1, "mine")
         assert late.status_code == 201, late.text
-        assert late.json()["id"] == first.json()["id"]
-        assert_error(await api.reserve(product.id, 2, "mine"), 422, "idempotency_key_reused")
-    assert int(time.time() // day) == window, "the run crossed midnight UTC: inconclusive"
-    assert (await stats(store, product.id)).held == 2
+        assert late.json()["id"] == first
+        assert_error(await api.reserve(product_id, 2, "mine"), 422, "idempotency_key_reused")
 
 
 async def test_a_client_at_its_rate_limit_is_refused_before_its_keys_are_looked_up(
@@ -507,29 +520,20 @@ async def test_a_client_at_its_rate_limit_is_refused_before_its_keys_are_looked_
     """Once a client is at its limit, a request with a fresh Idempotency-Key is 429 without
     the database being asked for the key: the reservations table is away, so a lookup would
     fail. A key that made a hold is still replayed (the test above)."""
-    day = 86_400
-    window = int(time.time() // day)
-    settings = app_settings(database_url, redis_url, reserve_rate_limit=(2, day))
-    async for client in serve(settings):
-        api = Api(client, store)
-        product = await make_product(store, 10)
-        first = await api.reserve(product.id, 1, "a")
-        assert first.status_code == 201, first.text
-        assert (await api.reserve(product.id, 1, "b")).status_code == 201
+    async with two_holds_a_day(database_url, redis_url, store) as (api, product_id, first):
+        assert (await api.reserve(product_id, 1, "another")).status_code == 201
         await store.write(lambda conn: conn.execute(_RENAME.format("reservations", "away")))
         try:
             for n in range(5):
                 body = assert_error(
-                    await api.reserve(product.id, 1, f"fresh-{n}"), 429, "rate_limited"
+                    await api.reserve(product_id, 1, f"fresh-{n}"), 429, "rate_limited"
                 )
                 assert "try again" in body["message"]
         finally:
             await store.write(lambda conn: conn.execute(_RENAME.format("away", "reservations")))
-        late = await api.reserve(product.id, 1, "a")
+        late = await api.reserve(product_id, 1, "mine")
         assert late.status_code == 201, late.text
-        assert late.json()["id"] == first.json()["id"]
-    assert int(time.time() // day) == window, "the run crossed midnight UTC: inconclusive"
-    assert (await stats(store, product.id)).held == 2
+        assert late.json()["id"] == first
 
 
 _RENAME = "ALTER TABLE {} RENAME TO {}"

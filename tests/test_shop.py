@@ -4,6 +4,7 @@ answered at once, without waiting behind the ones it will."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,6 +18,30 @@ from server.storage.database import Store
 from server.storage.errors import Busy, NotAttempted
 from tests.interleaving import until
 from tests.support import assert_invariant, make_product, write_lock_held_elsewhere
+
+
+@contextlib.asynccontextmanager
+async def shop_of_its_own(
+    database_url: str, busy_timeout_ms: int, *, deadline_ms: int = 5_000
+) -> AsyncIterator[Shop]:
+    """A shop with a catalog over a store of its own, whose writes wait `busy_timeout_ms`
+    at most for the database's lock."""
+    store = Store(database_url, busy_timeout_ms=busy_timeout_ms)
+    await store.connect()
+    catalog = Catalog()
+    shop = Shop(
+        store,
+        hold_ms=120_000,
+        publish=lambda events: None,
+        catalog=catalog,
+        deadline_ms=deadline_ms,
+    )
+    await shop.start()
+    try:
+        yield shop
+    finally:
+        await shop.stop()
+        await store.close()
 
 
 @pytest.fixture
@@ -86,22 +111,15 @@ async def test_a_retry_of_a_waiting_request_joins_it_even_with_nothing_left_to_p
 async def test_units_promised_to_a_batch_that_failed_are_offered_again(
     database_url: str,
 ) -> None:
-    store = Store(database_url, busy_timeout_ms=200)
-    await store.connect()
-    catalog = Catalog()
-    shop = Shop(store, hold_ms=120_000, publish=lambda events: None, catalog=catalog)
-    await shop.start()
-    try:
-        product = await make_product(store, 1)
-        await catalog.reload(store)
+    async with shop_of_its_own(database_url, busy_timeout_ms=200) as shop:
+        product = await make_product(shop.store, 1)
+        assert shop.catalog is not None
+        await shop.catalog.reload(shop.store)
         async with write_lock_held_elsewhere(database_url, product.id):
             with pytest.raises(Busy):
                 await shop.reserve(HoldRequest(product.id, 1))
         held = await shop.reserve(HoldRequest(product.id, 1))
         assert held.reservation.quantity == 1
-    finally:
-        await shop.stop()
-        await store.close()
 
 
 async def test_requests_waiting_for_a_batch_the_database_found_busy_do_not_follow_it(
@@ -111,14 +129,11 @@ async def test_requests_waiting_for_a_batch_the_database_found_busy_do_not_follo
     which takes nothing). The database is busy and that batch fails: they are answered
     `NotAttempted` (503, nothing changed, Retry-After spread over 1-3 s) instead of all
     going to the busy database together, each to wait out the busy timeout again."""
-    store = Store(database_url, busy_timeout_ms=300)
-    await store.connect()
-    catalog = Catalog()
-    shop = Shop(store, hold_ms=120_000, publish=lambda events: None, catalog=catalog)
-    await shop.start()
-    try:
+    async with shop_of_its_own(database_url, busy_timeout_ms=300) as shop:
+        store = shop.store
         product = await make_product(store, 10)
-        await catalog.reload(store)
+        assert shop.catalog is not None
+        await shop.catalog.reload(store)
         async with write_lock_held_elsewhere(database_url, product.id):
             first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 10, "k-0")))
             await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
@@ -136,9 +151,6 @@ async def test_requests_waiting_for_a_batch_the_database_found_busy_do_not_follo
         assert shop._holds.requests == 1, "the waiting requests went to the database"
         assert shop.promises.empty
         assert (await assert_invariant(store, product.id)).held == 0
-    finally:
-        await shop.stop()
-        await store.close()
 
 
 async def test_a_request_still_waiting_for_a_batch_at_its_deadline_is_not_made(
@@ -147,11 +159,8 @@ async def test_a_request_still_waiting_for_a_batch_at_its_deadline_is_not_made(
     """The database holds the batch in flight (a lock held elsewhere, a busy timeout of
     10 s); the request queued behind it is answered `NotAttempted` once its deadline
     passes, taken out of the queue, never tried; the batch in flight is still answered."""
-    store = Store(database_url, busy_timeout_ms=10_000)
-    await store.connect()
-    shop = Shop(store, hold_ms=120_000, publish=lambda events: None, deadline_ms=200)
-    await shop.start()
-    try:
+    async with shop_of_its_own(database_url, busy_timeout_ms=10_000, deadline_ms=200) as shop:
+        store = shop.store
         product = await make_product(store, 10)
         async with write_lock_held_elsewhere(database_url, product.id):
             first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1)))
@@ -165,9 +174,6 @@ async def test_a_request_still_waiting_for_a_batch_at_its_deadline_is_not_made(
         assert shop._holds.requests == 1, "the late request went to the database"
         assert shop.promises.empty
         assert (await assert_invariant(store, product.id)).held == 1
-    finally:
-        await shop.stop()
-        await store.close()
 
 
 async def test_completes_and_cancels_that_arrive_together_share_transactions(

@@ -35,7 +35,7 @@ from server.api.http import (
     shop_of,
     shown,
 )
-from server.api.ratelimit import FailureThrottle
+from server.api.ratelimit import FailureThrottle, refuse_if_out_of_tries
 from server.api.spec import (
     DATABASE,
     INVALID,
@@ -62,7 +62,7 @@ from server.domain.errors import ReservationNotFound
 from server.domain.inventory import UNSET, ProductChanges, Stats, is_reservation_id
 from server.domain.model import Product, Status
 from server.infra.clients import client_key
-from server.infra.metrics import DEFERRED, SIGN_IN_THROTTLED
+from server.infra.metrics import SIGN_IN_THROTTLED
 from server.wire import schemas
 from server.wire.schemas import (
     MAX_INT32,
@@ -86,15 +86,9 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
             raise HTTPException(404)
         throttle: FailureThrottle = request.app.state.sign_in_throttle
         client = client_key(request.scope)
-        wait = throttle.retry_after(client)
-        if wait is not None:
-            DEFERRED.inc(SIGN_IN_THROTTLED)
-            raise RequestError(
-                429,
-                "too_many_failed_sign_ins",
-                f"Too many wrong operator tokens from your address; try again in {wait} seconds.",
-                headers={"Retry-After": str(wait)},
-            )
+        refuse_if_out_of_tries(
+            throttle, client, wrong="operator tokens", refusals=SIGN_IN_THROTTLED
+        )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), expected.encode()

@@ -21,10 +21,10 @@ from starlette.requests import Request
 
 from server.api.http import RequestError, parse_body
 from server.api.identity import shopper_of
-from server.api.ratelimit import FailureThrottle
+from server.api.ratelimit import FailureThrottle, refuse_if_out_of_tries
 from server.domain import ledger
 from server.infra.clients import client_key
-from server.infra.metrics import DEFERRED, SHOP_KEY_THROTTLED
+from server.infra.metrics import SHOP_KEY_THROTTLED
 from server.service.shopkeys import ShopKeys
 from server.wire.schemas import CompleteBody
 
@@ -56,16 +56,9 @@ async def completion(request: Request) -> Completion:
     if bearer:
         throttle: FailureThrottle = request.app.state.shop_key_throttle
         client = client_key(request.scope)
-        wait = throttle.retry_after(client)
-        if wait is not None:
-            DEFERRED.inc(SHOP_KEY_THROTTLED)
-            raise RequestError(
-                429,
-                "too_many_failed_sign_ins",
-                "Too many wrong shop API keys or tokens from your address; try again in "
-                f"{wait} seconds.",
-                headers={"Retry-After": str(wait)},
-            )
+        refuse_if_out_of_tries(
+            throttle, client, wrong="shop API keys or tokens", refusals=SHOP_KEY_THROTTLED
+        )
         if by_shop and not await keys.is_valid(token):
             throttle.failed(client)
             raise RequestError(

@@ -25,12 +25,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from circuitbreaker import CircuitBreaker, CircuitBreakerError  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from server.api.http import RequestError
 from server.infra.keys import RATE_LIMIT_PREFIX
+from server.infra.metrics import DEFERRED
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,23 @@ class RateLimiter:
                 pipe.expire(key, self._per * 2)
                 used, _ = await pipe.execute()
         return int(used)
+
+
+def refuse_if_out_of_tries(
+    throttle: FailureThrottle, client: str, *, wrong: str, refusals: Any
+) -> None:
+    """429 `too_many_failed_sign_ins` with `Retry-After` if `client` has no try left with
+    `throttle` (`wrong`: what it sent too many of, for the message; `refusals`: the metric
+    counting such answers)."""
+    wait = throttle.retry_after(client)
+    if wait is not None:
+        DEFERRED.inc(refusals)
+        raise RequestError(
+            429,
+            "too_many_failed_sign_ins",
+            f"Too many wrong {wrong} from your address; try again in {wait} seconds.",
+            headers={"Retry-After": str(wait)},
+        )
 
 
 class FailureThrottle:
