@@ -220,9 +220,10 @@ class Shop:
         nothing), it waits for those requests' batch and looks again at the catalog's figure
         (server/service/promises.py; without a catalog, the database's); after `KEYED_WAITS`
         such waits it goes to the database. Raises what `Store.reader` raises, and
-        `NotAttempted` if `deadline` (the loop's clock) passes while it waits, or the batch
-        it waited for failed: the database was busy or unreachable for it, its own try would
-        most likely fail too, and every request waiting would have gone at once."""
+        `NotAttempted` if `deadline` (the loop's clock) has passed when a wait ends (each
+        wait is one batch's time), or the batch it waited for failed: the database was busy
+        or unreachable for it, its own try would most likely fail too, and every request
+        waiting would have gone at once."""
         for waits in range(KEYED_WAITS + 1):
             if self.promises.waiting(request.idempotency_key):
                 return None
@@ -248,14 +249,14 @@ class Shop:
             if waits == KEYED_WAITS:
                 break  # the database decides
             # Refused only if the keyed promises all take their units: wait for their batch.
+            # No timer of its own (costly in a storm): each wait is one batch's time, so a
+            # request is answered at most that long after its deadline.
             failed = self._batches_failed
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self.promises.keyed_settled(product.id)
-            except TimeoutError:
+            await self.promises.keyed_settled(product.id)
+            if asyncio.get_running_loop().time() >= deadline:
                 raise self._not_attempted(
                     f"waited {self._deadline_s * 1000:.0f} ms for others' batch"
-                ) from None
+                )
             if self._batches_failed != failed:
                 raise self._not_attempted("waited for others' batch, which the database refused,")
             fresh = await self.product(product.id)
