@@ -22,7 +22,7 @@ from tests.support import assert_invariant, make_product, write_lock_held_elsewh
 
 @contextlib.asynccontextmanager
 async def shop_of_its_own(
-    database_url: str, busy_timeout_ms: int, *, deadline_ms: int = 5_000
+    database_url: str, busy_timeout_ms: int, *, deadline_ms: int | None = None
 ) -> AsyncIterator[Shop]:
     """A shop with a catalog over a store of its own, whose writes wait `busy_timeout_ms`
     at most for the database's lock."""

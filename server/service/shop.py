@@ -78,7 +78,7 @@ class Shop:
     `catalog`: this process's view of the products (None: reads go to the database).
     `deadline_ms`: how long a reservation may wait before it reaches the database (behind
     the batches in flight, or for a keyed batch to settle); past it, it is answered
-    `NotAttempted` with nothing done (the app gives DB_BUSY_TIMEOUT_MS).
+    `NotAttempted` with nothing done (the app gives DB_BUSY_TIMEOUT_MS; None: no deadline).
     """
 
     def __init__(
@@ -89,10 +89,10 @@ class Shop:
         publish: EventSink,
         scheduler: ExpiryScheduler | None = None,
         catalog: Catalog | None = None,
-        deadline_ms: int = 5_000,
+        deadline_ms: int | None = None,
     ) -> None:
         self.store = store
-        self._deadline_s = deadline_ms / 1000
+        self._deadline_s = None if deadline_ms is None else deadline_ms / 1000
         # Reserve batches the database refused (busy or unreachable): requests waiting for
         # one to settle do not go to the database in a herd when it fails (`_refuse_if_certain`).
         self._batches_failed = 0
@@ -150,7 +150,9 @@ class Shop:
         body); storage's Busy or Unavailable; `NotAttempted` (a Busy) when the request's
         deadline (`deadline_ms` from now) passed before it reached the database, or the
         batch it waited for failed, with nothing done."""
-        deadline = asyncio.get_running_loop().time() + self._deadline_s
+        deadline = None
+        if self._deadline_s is not None:
+            deadline = asyncio.get_running_loop().time() + self._deadline_s
         product = self.catalog.get(request.product_id) if self.catalog else None
         if product is None:
             product = await self.product(request.product_id)
@@ -193,7 +195,7 @@ class Shop:
             self.promises.settle(promise)  # its batch did, unless it never reached one
             if isinstance(exc, TooLate):
                 raise self._not_attempted(
-                    f"waited {self._deadline_s * 1000:.0f} ms behind other requests"
+                    f"waited {self._deadline_s or 0:.1f} s behind other requests"
                 ) from None
             raise
 
@@ -205,7 +207,7 @@ class Shop:
         )
 
     async def _refuse_if_certain(
-        self, product: Product, request: HoldRequest, now: int, deadline: float
+        self, product: Product, request: HoldRequest, now: int, deadline: float | None
     ) -> Held | None:
         """Raise InsufficientStock (with the units left) if the database is certain to refuse
         `request` (a figure of its product, at `now`, ms), given the units promised to the
@@ -253,10 +255,8 @@ class Shop:
             # request is answered at most that long after its deadline.
             failed = self._batches_failed
             await self.promises.keyed_settled(product.id)
-            if asyncio.get_running_loop().time() >= deadline:
-                raise self._not_attempted(
-                    f"waited {self._deadline_s * 1000:.0f} ms for others' batch"
-                )
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise self._not_attempted(f"waited {self._deadline_s or 0:.1f} s for others' batch")
             if self._batches_failed != failed:
                 raise self._not_attempted("waited for others' batch, which the database refused,")
             fresh = await self.product(product.id)
