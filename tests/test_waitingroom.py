@@ -22,7 +22,7 @@ from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
 from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
-from server.domain.waitingroom import Admission, Ticket, TicketState
+from server.domain.waitingroom import Admission, RoomChanged, Ticket, TicketState
 from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
 from server.wire.schemas import ticket_view
@@ -584,6 +584,36 @@ async def test_the_room_closes_when_the_last_unit_is_sold(store: Store) -> None:
     assert again.state is TicketState.WAITING
     async with store.reader() as conn:
         assert await waitingroom.waiting_count(conn, product.id) == 1
+
+
+async def test_a_steps_news_names_whom_it_admitted_and_their_pass(store: Store) -> None:
+    """Pages are told `admitted` from the news alone (server/live/hub.py): it names the
+    shoppers, when, and until when their passes run. News of two steps merged names the
+    earlier step's among those to read again; one admitted and closed in one message too."""
+    product = await room(store, 2)
+    await join_many(store, product.id, shoppers(3), at=START - 1000)
+    done = await step(store, product.id, now=START)
+    news = done.news()
+    assert news is not None
+    assert news.passed == {t.shopper_id for t in done.admitted}
+    assert (news.passed_at, news.pass_until) == (START, START + PASS_MS)
+    assert not news.shoppers
+    later = RoomChanged(
+        product.id,
+        0,
+        2,
+        passed=frozenset({"anon:z"}),
+        passed_at=START + 5,
+        pass_until=START + 5 + PASS_MS,
+    )
+    merged = news.merged(later)
+    assert merged.passed == {"anon:z"}
+    assert merged.shoppers == news.passed
+    closing = RoomChanged(product.id, 0, 0, closed=frozenset(news.passed), closed_at=START + 9)
+    both = news.merged(closing)
+    assert both.shoppers == news.passed
+    assert not both.passed
+    assert not both.closed
 
 
 async def test_a_limit_per_shopper_counts_its_units_per_pass(store: Store) -> None:

@@ -135,7 +135,10 @@ class RoomChanged:
     whose open ticket (waiting or admitted) a step ended `sold_out` at `closed_at` (ms),
     nothing else of it changed: a hub tells their pages so from the news alone, without
     reading the room again (a room of 15,000 that sold out was read whole by every web
-    process, then told)."""
+    process, then told). `passed`: shoppers whose waiting ticket a step admitted at
+    `passed_at` with a pass until `pass_until` (ms), told from the news alone as well (the
+    first admissions of a sale waited up to a second for reads on a loop busy with its
+    joins)."""
 
     product_id: int
     # None: not counted (a join or a leave; the next admission step counts).
@@ -146,6 +149,9 @@ class RoomChanged:
     joined: frozenset[str] = frozenset()
     closed: frozenset[str] = frozenset()
     closed_at: int | None = None
+    passed: frozenset[str] = frozenset()
+    passed_at: int | None = None
+    pass_until: int | None = None
 
     def merged(self, later: RoomChanged) -> RoomChanged:
         """This news and `later` news of the same room, as one. Closes at two moments
@@ -158,6 +164,18 @@ class RoomChanged:
             closed = self.closed | later.closed
         elif self.closed:
             shoppers |= self.closed
+        passed, passed_at, pass_until = later.passed, later.passed_at, later.pass_until
+        if not passed:
+            passed, passed_at, pass_until = self.passed, self.passed_at, self.pass_until
+        elif self.passed and self.passed_at == later.passed_at:
+            passed = self.passed | later.passed
+        elif self.passed:
+            shoppers |= self.passed
+        # Admitted and closed in one message: which came last is not said; read them.
+        both = passed & closed
+        if both:
+            shoppers |= both
+            passed, closed = passed - both, closed - both
         return RoomChanged(
             self.product_id,
             self.waiting if later.waiting is None else later.waiting,
@@ -167,6 +185,9 @@ class RoomChanged:
             self.joined | later.joined,
             closed,
             closed_at,
+            passed,
+            passed_at,
+            pass_until,
         )
 
 
@@ -690,8 +711,9 @@ class Admission:
         are known from it), and the room's counts."""
         if self.product is None:
             return None
-        shoppers = frozenset(t.shopper_id for t in (*self.admitted, *self.lapsed, *self.renewed))
+        shoppers = frozenset(t.shopper_id for t in (*self.lapsed, *self.renewed))
         closed = frozenset(t.shopper_id for t in self.closed)
+        first = self.admitted[0] if self.admitted else None
         return RoomChanged(
             self.product.id,
             self.waiting,
@@ -699,6 +721,9 @@ class Admission:
             shoppers=shoppers,
             closed=closed,
             closed_at=self.closed[0].ended_at if self.closed else None,
+            passed=frozenset(t.shopper_id for t in self.admitted),
+            passed_at=None if first is None else first.admitted_at,
+            pass_until=None if first is None else first.pass_expires_at,
         )
 
 

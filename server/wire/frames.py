@@ -91,6 +91,7 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
         or len(news.shoppers) > MAX_ROOM_SHOPPERS
         or len(news.joined) > MAX_JOINED_SHOPPERS
         or len(news.closed) > MAX_CLOSED_SHOPPERS
+        or len(news.passed) > MAX_CLOSED_SHOPPERS
     )
     return {
         "type": "room",
@@ -102,4 +103,7 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
         "joined": [] if everyone else sorted(news.joined - news.shoppers),
         "closed": [] if everyone else sorted(news.closed),
         "closedAt": None if everyone else news.closed_at,
+        "passed": [] if everyone else sorted(news.passed),
+        "passedAt": None if everyone else news.passed_at,
+        "passUntil": None if everyone else news.pass_until,
     }
