@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 from pydantic_core import from_json, to_json
 
 import server.api
+from server.api.http import RequestError, parse_params
 from server.domain import text
 from server.domain.model import Product, Reservation, Status
 from server.domain.text import problem
@@ -559,3 +560,16 @@ def test_a_hold_rendered_with_its_product_as_json_is_the_same_bytes(
     for _ in range(2):  # encoded, then as remembered
         spliced = schemas.reservation_json(hold, catalog.view_json(product), now=5)
         assert spliced == to_json(schemas.reservation_view(hold, product_view(product), now=5))
+
+
+@pytest.mark.parametrize(
+    ("sent", "says"),
+    [("", "must be at least 1 character, not 0"), ("A" * 201, "must be at most 200 characters")],
+)
+def test_text_of_the_wrong_length_is_measured_in_characters(sent: str, says: str) -> None:
+    # attack7: text checked by the storable rule first was measured as a list: "Value should
+    # have at least 1 item after validation, not 0." for an empty order reference.
+    with pytest.raises(RequestError) as refused:
+        parse_params({"orderReference": sent}, schemas.CompleteBody)
+    assert str(refused.value.message).startswith(f"orderReference: {says}"), refused.value.message
+    assert "item" not in refused.value.message

@@ -332,6 +332,18 @@ def _invalid(exc: ValidationError, *, echo: bool = False) -> RequestError:
             return RequestError(400, "invalid_json", f"The request body is not valid JSON{where}.")
         if problem["type"] == "extra_forbidden":
             message = "is not a field of this request"
+        elif problem["type"] in ("too_short", "too_long") and isinstance(problem["input"], str):
+            # Text checked after a validator of its own (StoredText) is measured as pydantic
+            # measures a list: "at least 1 item"; these are characters (attack7).
+            short = problem["type"] == "too_short"
+            bound = problem.get("ctx", {}).get("min_length" if short else "max_length")
+            unit = "character" if bound == 1 else "characters"
+            message = (
+                f"must be {'at least' if short else 'at most'} {bound} {unit}, "
+                f"not {len(problem['input'])}"
+            )
+            if echo:
+                message = f'{message}; "{shown(problem["input"])}" was sent'
         elif echo and isinstance(problem["input"], str):
             message = f'{message}; "{shown(problem["input"])}" was sent'
         if problem["type"] == "model_type":
