@@ -118,9 +118,9 @@ class Interleaving:
         store.restart(taken=lambda: shop._holds.requests)
         holds, submit = shop._holds, shop._holds.submit
 
-        async def recorded(request: Waiting, *, deadline: float | None = None) -> Held:
+        async def recorded(request: Waiting) -> Held:
             self._places[id(request.request)] = len(self._places)
-            return await submit(request, deadline=deadline)
+            return await submit(request)
 
         holds.submit = recorded  # type: ignore[method-assign]
 
@@ -341,7 +341,4 @@ def gated_shop(store: GatedStore, *, with_catalog: bool) -> Shop:
         hold_ms=120_000,
         publish=lambda events: None,
         catalog=Catalog() if with_catalog else None,
-        # The test holds each batch as long as its steps take: no request's deadline may
-        # pass meanwhile, on however busy a machine (test_shop.py tests the deadline).
-        deadline_ms=3_600_000,
     )

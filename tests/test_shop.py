@@ -15,15 +15,13 @@ from server.domain.model import HoldRequest
 from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.storage.database import Store
-from server.storage.errors import Busy, NotAttempted
+from server.storage.errors import Busy
 from tests.interleaving import until
 from tests.support import assert_invariant, make_product, write_lock_held_elsewhere
 
 
 @contextlib.asynccontextmanager
-async def shop_of_its_own(
-    database_url: str, busy_timeout_ms: int, *, deadline_ms: int | None = None
-) -> AsyncIterator[Shop]:
+async def shop_of_its_own(database_url: str, busy_timeout_ms: int) -> AsyncIterator[Shop]:
     """A shop with a catalog over a store of its own, whose writes wait `busy_timeout_ms`
     at most for the database's lock."""
     store = Store(database_url, busy_timeout_ms=busy_timeout_ms)
@@ -34,7 +32,6 @@ async def shop_of_its_own(
         hold_ms=120_000,
         publish=lambda events: None,
         catalog=catalog,
-        deadline_ms=deadline_ms,
     )
     await shop.start()
     try:
@@ -120,60 +117,6 @@ async def test_units_promised_to_a_batch_that_failed_are_offered_again(
                 await shop.reserve(HoldRequest(product.id, 1))
         held = await shop.reserve(HoldRequest(product.id, 1))
         assert held.reservation.quantity == 1
-
-
-async def test_requests_waiting_for_a_batch_the_database_found_busy_do_not_follow_it(
-    database_url: str,
-) -> None:
-    """Twenty keyed requests wait for the batch ahead of them to settle (it may be a retry,
-    which takes nothing). The database is busy and that batch fails: they are answered
-    `NotAttempted` (503, nothing changed, Retry-After spread over 1-3 s) instead of all
-    going to the busy database together, each to wait out the busy timeout again."""
-    async with shop_of_its_own(database_url, busy_timeout_ms=300) as shop:
-        store = shop.store
-        product = await make_product(store, 10)
-        assert shop.catalog is not None
-        await shop.catalog.reload(store)
-        async with write_lock_held_elsewhere(database_url, product.id):
-            first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 10, "k-0")))
-            await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
-            behind = [
-                asyncio.create_task(shop.reserve(HoldRequest(product.id, 1, f"k-{n}")))
-                for n in range(1, 21)
-            ]
-            await until(lambda: shop.promises.parked == 20, "the twenty to wait for it")
-            answers = await asyncio.gather(first, *behind, return_exceptions=True)
-        assert isinstance(answers[0], Busy), answers[0]
-        for answer in answers[1:]:
-            assert isinstance(answer, NotAttempted), answer
-            assert 1 <= answer.retry_after_s <= 3
-            assert "nothing changed" in str(answer)
-        assert shop._holds.requests == 1, "the waiting requests went to the database"
-        assert shop.promises.empty
-        assert (await assert_invariant(store, product.id)).held == 0
-
-
-async def test_a_request_still_waiting_for_a_batch_at_its_deadline_is_not_made(
-    database_url: str,
-) -> None:
-    """The database holds the batch in flight (a lock held elsewhere, a busy timeout of
-    10 s); the request queued behind it is answered `NotAttempted` once its deadline
-    passes, taken out of the queue, never tried; the batch in flight is still answered."""
-    async with shop_of_its_own(database_url, busy_timeout_ms=10_000, deadline_ms=200) as shop:
-        store = shop.store
-        product = await make_product(store, 10)
-        async with write_lock_held_elsewhere(database_url, product.id):
-            first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1)))
-            await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
-            with pytest.raises(NotAttempted):
-                await shop.reserve(HoldRequest(product.id, 2))
-            assert not first.done()
-            assert shop.reserve_backlog == 0
-        held = await first
-        assert held.reservation.quantity == 1
-        assert shop._holds.requests == 1, "the late request went to the database"
-        assert shop.promises.empty
-        assert (await assert_invariant(store, product.id)).held == 1
 
 
 async def test_completes_and_cancels_that_arrive_together_share_transactions(

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from server.domain.errors import DomainError
 from server.storage.errors import Busy, Unavailable
@@ -27,10 +27,6 @@ Res = TypeVar("Res")
 BatchFunction = Callable[[Sequence[Req]], Awaitable[Sequence[Res | BaseException]]]
 
 
-class TooLate(Exception):
-    """A request's deadline passed before it was taken into a batch: it was not carried out."""
-
-
 class GroupCommit(Generic[Req, Res]):
     def __init__(
         self, run_batch: BatchFunction[Req, Res], *, max_batch: int, name: str = "group-commit"
@@ -38,10 +34,7 @@ class GroupCommit(Generic[Req, Res]):
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._name = name
-        # Submitted, not yet in a batch: each request, its caller's future, its deadline.
-        self._pending: list[tuple[Req, asyncio.Future[Res], float | None]] = []
-        # One timer for the whole queue (`_expire`), armed while a deadline waits in it.
-        self._expiry: asyncio.TimerHandle | None = None
+        self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Requests taken into batches so far (tests/interleaving.py follows the batches).
@@ -63,53 +56,19 @@ class GroupCommit(Generic[Req, Res]):
         self._wake.set()
         while self._pending:
             await self._run_once()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    async def submit(self, request: Req, *, deadline: float | None = None) -> Res:
-        """`request`'s result, from its batch. `deadline` (the event loop's clock): if it
-        passes while the request still waits for a batch, the request is taken out, never
-        carried out, and `TooLate` is raised; once in a batch, its result is awaited.
-
-        No timer per request (one was ~80 µs a request in a storm of 20,000): one timer
-        for the queue, at the soonest deadline in it, and a look at each request's deadline
-        as its batch is formed."""
+    async def submit(self, request: Req) -> Res:
         if self._task is None:
             raise RuntimeError(f"{self._name} is not running")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Res] = loop.create_future()
-        self._pending.append((request, future, deadline))
+        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
         self._wake.set()
-        if deadline is not None and self._expiry is None:
-            self._expiry = loop.call_at(deadline, self._expire)
         # If the caller goes away its future is cancelled, but the request is still carried
         # out: it may already be in a transaction, and a hold made for nobody simply expires.
         return await future
-
-    def _expire(self) -> None:
-        """Answer `TooLate` to every request whose deadline passed while it waited for a
-        batch, then arm the timer for the soonest deadline left (a scan of the queue, only
-        when a deadline comes)."""
-        self._expiry = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        kept = []
-        soonest: float | None = None
-        for item in self._pending:
-            deadline = item[2]
-            if deadline is not None and deadline <= now:
-                _too_late(item[1])
-                continue
-            kept.append(item)
-            if deadline is not None and (soonest is None or deadline < soonest):
-                soonest = deadline
-        self._pending[:] = kept
-        if soonest is not None:
-            self._expiry = loop.call_at(soonest, self._expire)
 
     async def _run(self) -> None:
         while True:
@@ -119,17 +78,8 @@ class GroupCommit(Generic[Req, Res]):
                 await self._run_once()
 
     async def _run_once(self) -> None:
-        taken = self._pending[: self._max_batch]
+        batch = self._pending[: self._max_batch]
         del self._pending[: self._max_batch]
-        now = asyncio.get_running_loop().time()
-        batch = []
-        for request, future, deadline in taken:
-            if deadline is not None and deadline <= now:
-                _too_late(future)  # its timer has not come round yet: not tried either
-            else:
-                batch.append((request, future))
-        if not batch:
-            return
         self.requests += len(batch)
         await self._settle(batch)
 
@@ -160,11 +110,6 @@ class GroupCommit(Generic[Req, Res]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-
-def _too_late(future: asyncio.Future[Any]) -> None:
-    if not future.done():  # its caller may have gone away
-        future.set_exception(TooLate())
 
 
 def _worth_splitting(exc: Exception) -> bool:

@@ -10,9 +10,7 @@ of the same operations is `server.service.expiry.Expirer`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,7 +35,7 @@ from server.domain.model import (
     Status,
 )
 from server.infra.metrics import HOLDS_EXPIRED
-from server.service.batching import GroupCommit, TooLate
+from server.service.batching import GroupCommit
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
 from server.service.idempotency import Idempotency, RecentKeys
@@ -46,7 +44,7 @@ from server.service.promises import Promise, Promises
 from server.service.transactions import EventSink, Transactions
 from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
-from server.storage.errors import Busy, NotAttempted, Unavailable, UniqueViolation
+from server.storage.errors import UniqueViolation
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +74,6 @@ class Shop:
     promises, the catalog and `publish` after commit. `hold_ms`: how long a hold lasts (ms).
     `scheduler`: enqueues the expiry jobs of new holds (None: the sweeper expires them).
     `catalog`: this process's view of the products (None: reads go to the database).
-    `deadline_ms`: how long a reservation may wait before it reaches the database (behind
-    the batches in flight, or for a keyed batch to settle); past it, it is answered
-    `NotAttempted` with nothing done (the app gives DB_BUSY_TIMEOUT_MS; None: no deadline).
     """
 
     def __init__(
@@ -89,13 +84,8 @@ class Shop:
         publish: EventSink,
         scheduler: ExpiryScheduler | None = None,
         catalog: Catalog | None = None,
-        deadline_ms: int | None = None,
     ) -> None:
         self.store = store
-        self._deadline_s = None if deadline_ms is None else deadline_ms / 1000
-        # Reserve batches the database refused (busy or unreachable): requests waiting for
-        # one to settle do not go to the database in a herd when it fails (`_refuse_if_certain`).
-        self._batches_failed = 0
         self.catalog = catalog
         # The waiting room's early refusal (issue 17), set by the app once it has one.
         self.room: WaitingRoom | None = None
@@ -147,12 +137,7 @@ class Shop:
 
         Raises ProductNotFound, SaleNotStarted, SalePaused, SaleEnded, InsufficientStock
         (with the units left), IdempotencyKeyReused (the key made a hold with another
-        body); storage's Busy or Unavailable; `NotAttempted` (a Busy) when the request's
-        deadline (`deadline_ms` from now) passed before it reached the database, or the
-        batch it waited for failed, with nothing done."""
-        deadline = None
-        if self._deadline_s is not None:
-            deadline = asyncio.get_running_loop().time() + self._deadline_s
+        body); storage's Busy or Unavailable."""
         product = self.catalog.get(request.product_id) if self.catalog else None
         if product is None:
             product = await self.product(request.product_id)
@@ -185,29 +170,18 @@ class Shop:
                 return replay
             async with self.store.reader() as conn:
                 raise await inventory.limit_refusal(conn, product.id, request.shopper_id)
-        replay = await self._refuse_if_certain(product, request, now, deadline)
+        replay = await self._refuse_if_certain(product, request, now)
         if replay is not None:
             return replay
         promise = self.promises.make(request)
         try:
-            return await self._holds.submit(Waiting(request, promise), deadline=deadline)
-        except Exception as exc:
+            return await self._holds.submit(Waiting(request, promise))
+        except Exception:
             self.promises.settle(promise)  # its batch did, unless it never reached one
-            if isinstance(exc, TooLate):
-                raise self._not_attempted(
-                    f"waited {self._deadline_s or 0:.1f} s behind other requests"
-                ) from None
             raise
 
-    def _not_attempted(self, why: str) -> NotAttempted:
-        return NotAttempted(
-            f"The database is busy: this reservation {why} and was not made (nothing "
-            "changed); try again in a moment.",
-            random.randint(1, 3),
-        )
-
     async def _refuse_if_certain(
-        self, product: Product, request: HoldRequest, now: int, deadline: float | None
+        self, product: Product, request: HoldRequest, now: int
     ) -> Held | None:
         """Raise InsufficientStock (with the units left) if the database is certain to refuse
         `request` (a figure of its product, at `now`, ms), given the units promised to the
@@ -221,11 +195,7 @@ class Shop:
         the waiting requests with a key are not retries of holds already made (which take
         nothing), it waits for those requests' batch and looks again at the catalog's figure
         (server/service/promises.py; without a catalog, the database's); after `KEYED_WAITS`
-        such waits it goes to the database. Raises what `Store.reader` raises, and
-        `NotAttempted` if `deadline` (the loop's clock) has passed when a wait ends (each
-        wait is one batch's time), or the batch it waited for failed: the database was busy
-        or unreachable for it, its own try would most likely fail too, and every request
-        waiting would have gone at once."""
+        such waits it goes to the database. Raises what `Store.reader` raises."""
         for waits in range(KEYED_WAITS + 1):
             if self.promises.waiting(request.idempotency_key):
                 return None
@@ -251,14 +221,7 @@ class Shop:
             if waits == KEYED_WAITS:
                 break  # the database decides
             # Refused only if the keyed promises all take their units: wait for their batch.
-            # No timer of its own (costly in a storm): each wait is one batch's time, so a
-            # request is answered at most that long after its deadline.
-            failed = self._batches_failed
             await self.promises.keyed_settled(product.id)
-            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-                raise self._not_attempted(f"waited {self._deadline_s or 0:.1f} s for others' batch")
-            if self._batches_failed != failed:
-                raise self._not_attempted("waited for others' batch, which the database refused,")
             fresh = await self.product(product.id)
             if fresh is None:
                 raise ProductNotFound(product.id)
@@ -297,9 +260,6 @@ class Shop:
                     # (PostgreSQL only). Try again: this time we will find it.
                     if attempt == 2:
                         raise
-                except (Busy, Unavailable):
-                    self._batches_failed += 1
-                    raise
             # The catalog takes what the batch did, and its promises are released, with no
             # wait in between (server/service/promises.py).
             self._transactions.committed(events)
