@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -607,22 +607,15 @@ class Hub:
         of theirs holding the ticket that was closed (open, joined before then) is told so
         without a read; one whose copy is not that ticket (it ended and was joined again,
         or was never read here) reads it."""
-        clients = []
-        again: set[str] = set()
-        for shopper, at in closed.items():
-            for client in self._shoppers.get(shopper, ()):
-                ticket = client.tickets.get(product_id)
-                if ticket is not None and ticket.state in OPEN and ticket.joined_at <= at:
-                    client.tickets[product_id] = dataclasses.replace(
-                        ticket, state=TicketState.SOLD_OUT, ended_at=at
-                    )
-                    clients.append(client)
-                elif ticket is None or ticket.state is not TicketState.SOLD_OUT:
-                    again.add(shopper)
-        if again:
-            await self._reload_tickets(product_id, again)
-        if clients:
-            await self._tell_tickets(clients, {product_id}, any_line=True)
+        await self._tell_named(
+            product_id,
+            {shopper: (at, at) for shopper, at in closed.items()},
+            OPEN,
+            TicketState.SOLD_OUT,
+            lambda ticket, at, _: dataclasses.replace(
+                ticket, state=TicketState.SOLD_OUT, ended_at=at
+            ),
+        )
 
     async def _admit_tickets(self, product_id: int, passed: dict[str, tuple[int, int]]) -> None:
         """News named these shoppers' waiting tickets admitted (when, and until when their
@@ -631,21 +624,37 @@ class Hub:
         On a loop busy with a sale's first joins, the read of the admitted tickets and of
         the line took 0.4-0.5 s each (the first admissions reached their pages 1.1 s after
         they were made)."""
+        await self._tell_named(
+            product_id,
+            passed,
+            frozenset({TicketState.WAITING}),
+            TicketState.ADMITTED,
+            lambda ticket, at, until: dataclasses.replace(
+                ticket, state=TicketState.ADMITTED, admitted_at=at, pass_expires_at=until
+            ),
+        )
+
+    async def _tell_named(
+        self,
+        product_id: int,
+        named: dict[str, tuple[int, int]],
+        was: Collection[TicketState],
+        becomes: TicketState,
+        change: Callable[[Ticket, int, int], Ticket],
+    ) -> None:
+        """The pages of the shoppers news named (shopper -> (at, until), ms) whose copy of
+        their ticket in `product_id` is in a state of `was` and joined by `at`: their copy
+        is `change`d and they are told, without a read. Any other page of theirs, unless
+        its copy already is `becomes`, reads the ticket."""
         clients = []
         again: set[str] = set()
-        for shopper, (at, until) in passed.items():
+        for shopper, (at, until) in named.items():
             for client in self._shoppers.get(shopper, ()):
                 ticket = client.tickets.get(product_id)
-                if (
-                    ticket is not None
-                    and ticket.state is TicketState.WAITING
-                    and ticket.joined_at <= at
-                ):
-                    client.tickets[product_id] = dataclasses.replace(
-                        ticket, state=TicketState.ADMITTED, admitted_at=at, pass_expires_at=until
-                    )
+                if ticket is not None and ticket.state in was and ticket.joined_at <= at:
+                    client.tickets[product_id] = change(ticket, at, until)
                     clients.append(client)
-                elif ticket is None or ticket.state is not TicketState.ADMITTED:
+                elif ticket is None or ticket.state is not becomes:
                     again.add(shopper)
         if again:
             await self._reload_tickets(product_id, again)
