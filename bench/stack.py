@@ -88,6 +88,9 @@ ONE_ADDRESS_FOR_ALL = {"WS_MAX_PER_CLIENT": "100000", "MAX_CONNECTIONS_PER_CLIEN
 # The shop's key for its shoppers' JWTs (issue 16), so that shoppers can be signed in
 # (`bench/identities.py` signs their tokens with it).
 BENCH_JWT_SECRET = "bench-shop-signs-its-shoppers-with-this-secret"
+# The webhooks scenario's receiver listens on 127.0.0.1 (bench/webhooks.py): the local
+# network is refused by default (WEBHOOK_ALLOW_LOCAL_NETWORK).
+LOCAL_RECEIVER = {"WEBHOOK_ALLOW_LOCAL_NETWORK": "true"}
 
 
 @contextmanager
@@ -97,7 +100,12 @@ def service(
     # Every simulated shopper and page comes from 127.0.0.1, while the per-client caps are
     # meant for distinct addresses: lift them (a `--set` still wins) so that the benchmark
     # measures the shop, not one client's allowance.
-    settings = {**ONE_ADDRESS_FOR_ALL, "SHOPPER_JWT_SECRET": BENCH_JWT_SECRET, **settings}
+    settings = {
+        **ONE_ADDRESS_FOR_ALL,
+        **LOCAL_RECEIVER,
+        "SHOPPER_JWT_SECRET": BENCH_JWT_SECRET,
+        **settings,
+    }
     svc = Service(
         database_url, redis_url, work_dir / "logs", web_concurrency=web_concurrency, **settings
     )

@@ -146,6 +146,7 @@ async def resources(settings: Settings) -> AsyncIterator[Ctx]:
                 retry_hours=settings.webhook_retry_hours,
                 concurrency=settings.webhook_concurrency,
                 poll_ms=settings.webhook_poll_ms,
+                allow_local_network=settings.webhook_allow_local_network,
             )
             deliverer.start()
             # The waiting room's admitter (issue 17): it admits whenever it holds the lease,

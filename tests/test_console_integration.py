@@ -18,7 +18,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    yield from serve(tmp_path_factory.mktemp("integration"), WEBHOOK_POLL_MS="50")
+    yield from serve(
+        tmp_path_factory.mktemp("integration"),
+        WEBHOOK_POLL_MS="50",
+        WEBHOOK_ALLOW_LOCAL_NETWORK="true",  # the receiver is on 127.0.0.1
+    )
 
 
 async def test_an_operator_connects_the_shop(browser: Browser, site: Service) -> None:

@@ -31,7 +31,7 @@ from server.domain.executor import Executor
 from server.domain.model import HoldRequest, Outcome, Reservation
 from server.infra.settings import Settings
 from server.service.delivery import Deliverer, backoff_ms
-from server.service.resolver import MAX_LOOKUPS
+from server.service.resolver import MAX_LOOKUPS, local_network
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
@@ -61,6 +61,9 @@ def deliverer(store: Store, **overrides: float) -> Deliverer:
         backoff_s=options["backoff_s"],
         retry_hours=options["retry_hours"],
         poll_ms=int(options["poll_ms"]),
+        # The tests' receivers listen on 127.0.0.1 (the local network is refused by default:
+        # test_a_receiver_on_the_local_network_is_refused_unless_allowed).
+        allow_local_network=bool(options.get("allow_local_network", True)),
     )
 
 
@@ -455,6 +458,97 @@ async def test_a_stored_url_the_client_cannot_parse_fails_its_attempts(store: St
     assert "InvalidURL" in (found[0].last_error or ""), found[0]
 
 
+async def test_a_receiver_on_the_local_network_is_refused_unless_allowed(
+    store: Store, receiver: Receiver
+) -> None:
+    """A webhook URL must not reach the services beside the worker (server-side request
+    forgery): `localhost` resolves to loopback addresses, which the worker refuses to
+    connect to by default; the attempt fails saying why (the receiver gets nothing), and
+    with WEBHOOK_ALLOW_LOCAL_NETWORK the same event goes. Registered through the domain,
+    as the API refuses a plain loopback host (the next test)."""
+    webhooks_api = Webhooks(store)
+    endpoint = await webhooks_api.create(
+        url=f"http://localhost:{receiver.port}/hooks", events=[], description=""
+    )
+    receiver.secret = endpoint.secret
+    product = await make_product(store, 3)
+    await hold(store, product.id, 1)
+    strict = deliverer(store, allow_local_network=False)
+    try:
+        await strict.drain(within=1)
+    finally:
+        await strict.stop()
+    found = await webhooks_api.deliveries(endpoint.id, limit=10)
+    assert found is not None
+    (refused,) = found
+    assert refused.attempts >= 1
+    assert refused.delivered_at is None
+    assert "a loopback address" in (refused.last_error or ""), refused
+    assert "WEBHOOK_ALLOW_LOCAL_NETWORK=true" in (refused.last_error or ""), refused
+    assert receiver.attempts == 0
+
+    await webhooks_api.redeliver(endpoint.id, refused.event_id)
+    allowed = deliverer(store)
+    try:
+        await allowed.drain()
+    finally:
+        await allowed.stop()
+    assert receiver.types() == {"reservation.created": 1}
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "a loopback address"),
+        ("::1", "a loopback address"),
+        ("::ffff:127.0.0.1", "a loopback address"),
+        ("10.1.2.3", "a private address"),
+        ("192.168.0.10", "a private address"),
+        ("172.16.5.4", "a private address"),
+        ("fd00::1", "a private address"),
+        ("169.254.169.254", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("0.0.0.0", "an unspecified address"),
+        ("224.0.0.1", "a multicast address"),
+        ("100.64.0.1", "a non-public address"),
+        ("93.184.215.14", None),
+        ("2606:4700::1111", None),
+    ],
+)
+def test_addresses_off_the_public_internet_are_named(address: str, kind: str | None) -> None:
+    assert local_network(address) == kind
+
+
+async def test_the_operator_api_refuses_a_receiver_on_the_local_network(
+    strict_client: httpx.AsyncClient,
+) -> None:
+    for url in (
+        "http://127.0.0.1:9108/metrics",
+        "http://[::1]:5432/",
+        "http://[::ffff:7f00:1]/hooks",
+        "http://localhost:6379/",
+        "http://LOCALHOST./hooks",
+        "http://shop.localhost/hooks",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/hooks",
+        "http://0.0.0.0:8000/hooks",
+    ):
+        response = await strict_client.post(
+            "/api/admin/webhooks", json={"url": url}, headers=OPERATOR
+        )
+        assert response.status_code == 400, (url, response.text)
+        body = response.json()
+        assert body["code"] == "invalid_request"
+        assert body["details"][0]["field"] == "url"
+        assert "WEBHOOK_ALLOW_LOCAL_NETWORK=true" in body["message"], body
+    listed = await strict_client.get("/api/admin/webhooks", headers=OPERATOR)
+    assert listed.json() == []  # nothing was registered
+    public = await strict_client.post(
+        "/api/admin/webhooks", json={"url": "https://shop.example/hooks"}, headers=OPERATOR
+    )
+    assert public.status_code == 201, public.text
+
+
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
     for failures, ceiling in ((1, 5_000), (2, 10_000), (3, 20_000), (20, 3_600_000)):
         for _ in range(20):
@@ -467,6 +561,19 @@ def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
 
 @pytest.fixture
 async def client(database_url: str, redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        admin_token=ADMIN_TOKEN,
+        webhook_allow_local_network=True,  # the tests' receivers are on 127.0.0.1
+    )
+    async for client in serve(settings):
+        yield client
+
+
+@pytest.fixture
+async def strict_client(database_url: str, redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The operator API with the default settings: the local network refused."""
     settings = Settings(database_url=database_url, redis_url=redis_url, admin_token=ADMIN_TOKEN)
     async for client in serve(settings):
         yield client
@@ -588,6 +695,7 @@ async def test_a_sale_of_fifty_holds_sends_one_event_per_change_in_order(
         HOLD_SECONDS="5",
         WEBHOOK_POLL_MS="50",
         WEBHOOK_TIMEOUT_SECONDS="2",
+        WEBHOOK_ALLOW_LOCAL_NETWORK="true",
     ) as service:
         await _register_over_http(service, receiver)
         product = await service.new_product(40)
@@ -634,6 +742,7 @@ async def test_the_worker_logs_no_secret_of_a_receiver_s_url(
         web_concurrency=1,
         WEBHOOK_POLL_MS="50",
         LOG_LEVEL="INFO",
+        WEBHOOK_ALLOW_LOCAL_NETWORK="true",
     ) as service:
         url = receiver.url.replace("http://", "http://hook-user:hook-password@")
         async with service.client() as client:
@@ -679,6 +788,7 @@ async def test_a_worker_killed_mid_delivery_and_redis_flushed_lose_nothing(
         WEBHOOK_POLL_MS="50",
         WEBHOOK_TIMEOUT_SECONDS="1",
         WEBHOOK_CONCURRENCY="2",
+        WEBHOOK_ALLOW_LOCAL_NETWORK="true",
     ) as service:
         await _register_over_http(service, receiver)
         product = await service.new_product(100)
@@ -704,7 +814,12 @@ async def test_a_web_process_killed_between_commit_and_publish_still_sends_the_w
     database_url: str, own_redis: EmbeddedRedis, tmp_path: Path, receiver: Receiver
 ) -> None:
     with running(
-        database_url, own_redis.url, tmp_path / "logs", web_concurrency=1, WEBHOOK_POLL_MS="50"
+        database_url,
+        own_redis.url,
+        tmp_path / "logs",
+        web_concurrency=1,
+        WEBHOOK_POLL_MS="50",
+        WEBHOOK_ALLOW_LOCAL_NETWORK="true",
     ) as service:
         await _register_over_http(service, receiver)
         product = await service.new_product(5)

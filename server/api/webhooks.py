@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,9 +41,10 @@ from server.api.spec import (
 from server.domain import errors
 from server.domain.clock import iso
 from server.domain.webhooks import Delivery, Endpoint
+from server.service.resolver import local_host
 from server.service.webhooks import Webhooks
 from server.wire import schemas
-from server.wire.schemas import MAX_INT32, CreateWebhookBody
+from server.wire.schemas import MAX_INT32, CreateWebhookBody, FieldError
 
 ENDPOINT_ID = path_parameter(
     "endpoint_id",
@@ -115,6 +117,21 @@ def _delivery_view(d: Delivery) -> dict[str, Any]:
     }
 
 
+def _refuse_local_host(url: str) -> None:
+    """Refuse (400 `invalid_request`, field `url`) a URL whose host is plainly on the local
+    network: an IP address off the public Internet or `localhost`. A name that resolves to
+    such an address is refused by the worker when it connects (server/service/resolver.py)."""
+    kind = local_host(httpx.URL(url).host)
+    if kind is not None:
+        message = (
+            f"names {kind}: webhooks go to the local network only with "
+            "WEBHOOK_ALLOW_LOCAL_NETWORK=true"
+        )
+        raise RequestError(
+            400, "invalid_request", f"url: {message}.", [FieldError(field="url", message=message)]
+        )
+
+
 @operation(
     "createWebhookEndpoint",
     "Webhooks",
@@ -138,6 +155,8 @@ def _delivery_view(d: Delivery) -> dict[str, Any]:
 @operator_only
 async def create_endpoint(request: Request) -> Response:
     body = await parse_body(request, CreateWebhookBody)
+    if not request.app.state.settings.webhook_allow_local_network:
+        _refuse_local_host(body.url)
     endpoint = await webhooks_of(request).create(
         url=body.url, events=sorted(set(body.events)), description=body.description
     )

@@ -83,6 +83,9 @@ class Settings:
     # Requests in flight at once from one worker, and how often it looks for new events.
     webhook_concurrency: int = 16
     webhook_poll_ms: int = 200
+    # Whether webhooks may go to addresses off the public Internet (loopback, private,
+    # link-local): off, so that a webhook URL cannot reach the services beside the worker.
+    webhook_allow_local_network: bool = False
     # Keys the shop's backend completes holds with (`Authorization: Bearer <key>`), besides
     # those made in the console; and who may complete a hold: the shopper (and the shop),
     # or only the shop's backend.
@@ -207,6 +210,10 @@ class Settings:
                 _number(env, "WEBHOOK_CONCURRENCY", 16, minimum=1, integer=True)
             ),
             webhook_poll_ms=int(_number(env, "WEBHOOK_POLL_MS", 200, minimum=10, integer=True)),
+            webhook_allow_local_network=_choice(
+                env, "WEBHOOK_ALLOW_LOCAL_NETWORK", ("false", "true")
+            )
+            == "true",
             shop_api_keys=_keys(env, "SHOP_API_KEYS"),
             complete_by=_choice(env, "COMPLETE_BY", ("shopper", "shop")),
             # At least two days: a hold must outlive its Idempotency-Key's day.

@@ -77,7 +77,10 @@ class Deliverer:
 
     `timeout_s`: one attempt's limit (seconds); `backoff_s`: the first retry's delay;
     `retry_hours`: how long a failing queue is retried before its endpoint is disabled;
-    `concurrency`: queues sent from at once; `poll_ms`: how often to look for new events.
+    `concurrency`: queues sent from at once; `poll_ms`: how often to look for new events;
+    `allow_local_network`: whether receivers off the public Internet (loopback, private,
+    link-local addresses) may be sent to (`WEBHOOK_ALLOW_LOCAL_NETWORK`; see
+    server/service/resolver.py).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Deliverer:
         retry_hours: float = 24.0,
         concurrency: int = 16,
         poll_ms: int = 200,
+        allow_local_network: bool = False,
     ) -> None:
         self.store = store
         self.timeout_s = timeout_s
@@ -106,6 +110,7 @@ class Deliverer:
             transport=ResolvingTransport(
                 self._resolver,
                 limits=httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=64),
+                allow_local_network=allow_local_network,
             ),
             timeout=timeout_s,
             follow_redirects=False,

@@ -12,7 +12,13 @@ lookup included, is bounded by the caller's `asyncio.timeout`).
 
 `ResolvingTransport` is httpx's transport with its connections made through this: a name is
 looked up here, then each of its addresses is tried in turn (IPv6 first, as the system
-orders them); TLS is still checked against the name, not the address.
+orders them); TLS is still checked against the name, not the address. Unless the operator
+allows it (`WEBHOOK_ALLOW_LOCAL_NETWORK=true`), an address that is not on the public Internet
+(loopback, private, link-local such as a cloud's metadata service at 169.254.169.254,
+carrier-grade NAT, multicast, reserved) is never connected to: a webhook URL must not turn the
+worker into a way to reach the services beside it (server-side request forgery). The check is
+made on the addresses actually connected to, after the lookup, so a name that resolves to a
+local address, or comes to (DNS rebinding), is refused as well as a literal one.
 """
 
 from __future__ import annotations
@@ -30,6 +36,46 @@ import httpx
 # Lookups in flight at once, per worker. A healthy resolver answers in milliseconds, so a
 # few threads serve WEBHOOK_CONCURRENCY's deliveries; a hung one holds at most these.
 MAX_LOOKUPS = 4
+
+
+def local_network(address: str) -> str | None:
+    """What kind of non-public address `address` (an IP address, IPv4 or IPv6) is, as a
+    phrase for an error ("a loopback address"), or None when it is a public Internet address
+    a webhook may go to. An IPv4 address written as IPv6 (::ffff:127.0.0.1) is judged as
+    itself. Raises ValueError when `address` is not an IP address."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind, test in (
+        ("an unspecified", ip.is_unspecified),
+        ("a loopback", ip.is_loopback),
+        ("a link-local", ip.is_link_local),
+        ("a multicast", ip.is_multicast),
+        ("a private", ip.is_private),
+        ("a reserved", ip.is_reserved),
+        ("a non-public", not ip.is_global),
+    ):
+        if test:
+            return f"{kind} address"
+    return None
+
+
+def local_host(host: str) -> str | None:
+    """Why the host part of a webhook URL is on the local network without looking it up:
+    an IP address that `local_network` names, or `localhost` (and names under it, RFC 6761);
+    None for any other name (its addresses are judged when the worker connects)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return "a loopback name"
+    try:
+        return local_network(name)
+    except ValueError:
+        return None
+
+
+class LocalNetworkRefused(httpcore.ConnectError):
+    """A webhook's receiver resolved to an address off the public Internet while
+    `WEBHOOK_ALLOW_LOCAL_NETWORK` is off: the attempt fails as a connection would."""
 
 
 def _lookup(host: str, port: int) -> list[str]:
@@ -76,8 +122,9 @@ class Resolver:
 
 
 class _ResolvingBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, *, allow_local_network: bool) -> None:
         self._resolver = resolver
+        self._allow_local_network = allow_local_network
         self._inner = httpcore.AnyIOBackend()
 
     async def connect_tcp(
@@ -94,6 +141,13 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectError(f"{type(exc).__name__}: {exc}") from exc
         failure: httpcore.ConnectError | None = None
         for address in addresses:
+            kind = None if self._allow_local_network else local_network(address)
+            if kind is not None:
+                failure = LocalNetworkRefused(
+                    f"{address} is {kind}: webhooks go to the local network only with "
+                    "WEBHOOK_ALLOW_LOCAL_NETWORK=true"
+                )
+                continue
             try:
                 return await self._inner.connect_tcp(
                     address, port, timeout, local_address, socket_options
@@ -115,10 +169,15 @@ class _ResolvingBackend(httpcore.AsyncNetworkBackend):
 
 
 class ResolvingTransport(httpx.AsyncHTTPTransport):
-    """httpx's own transport (pool, TLS, HTTP/1.1), its names looked up by `resolver`."""
+    """httpx's own transport (pool, TLS, HTTP/1.1), its names looked up by `resolver`, and
+    addresses off the public Internet refused unless `allow_local_network`."""
 
-    def __init__(self, resolver: Resolver, *, limits: httpx.Limits) -> None:
+    def __init__(
+        self, resolver: Resolver, *, limits: httpx.Limits, allow_local_network: bool = False
+    ) -> None:
         super().__init__(limits=limits)
         # httpx (pinned below 0.29 in pyproject.toml) takes no network backend of its own;
         # its pool (httpcore's) does. tests/test_webhooks.py checks that lookups go here.
-        self._pool._network_backend = _ResolvingBackend(resolver)
+        self._pool._network_backend = _ResolvingBackend(
+            resolver, allow_local_network=allow_local_network
+        )
