@@ -161,6 +161,14 @@ def error_response(
 async def domain_error(request: Request, exc: Exception) -> Response:
     """What the stock or the rules refused: 404, 409 or 422 (`_STATUS`)."""
     assert isinstance(exc, errors.DomainError)
+    return domain_response(request, exc)
+
+
+def domain_response(request: Request, exc: errors.DomainError) -> Response:
+    """The answer to a refusal of the stock or the rules (`domain_error`'s), for a route
+    that catches its refusals itself: a storm's sold-out refusals are most of its answers,
+    and each one raised out of the route went up through Starlette's exception middleware
+    to the handler it looks up, a few µs of the event loop a refusal."""
     status, headers = _STATUS.get(type(exc), (500, {}))
     if status >= 500:
         logger.warning("%s answered %d: %s", _where(request), status, exc)

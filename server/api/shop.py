@@ -23,6 +23,7 @@ from server.api.http import (
     IdsOrPage,
     PageLimit,
     RequestError,
+    domain_response,
     header_text,
     json_response,
     parse_body,
@@ -236,7 +237,12 @@ async def get_product(request: Request) -> Response:
 async def create_reservation(request: Request) -> Response:
     try:
         response = await _create_reservation(request)
-    except (DomainError, RequestError, StorageError) as exc:
+    except DomainError as exc:
+        DEFERRED.inc(_RESERVATION_OUTCOMES.get(type(exc), _OTHER_OUTCOME))
+        # Answered here, not raised to the app's handler: the same answer, cheaper, for
+        # the refusals that are most of a storm's answers (`domain_response`).
+        return domain_response(request, exc)
+    except (RequestError, StorageError) as exc:
         if isinstance(exc, RequestError) and exc.status == 429:
             DEFERRED.inc(_RATE_LIMITED)
         else:

@@ -112,6 +112,10 @@ class Promises:
         `keys_new`: count the promises with a key as those without one (as if no key had
         made a hold yet): a request for more is refused unless some of them are retries."""
         self.observe(product)
+        if product.id not in self._queue:
+            # Nothing promised (a sold-out product's refusals): the figure, as the count
+            # below would find it, without walking the counts.
+            return product.available_stock
         version, figure = product.version, product.available_stock
         limit = product.max_per_shopper
         counted = self._unsent.get(product.id, 0)
