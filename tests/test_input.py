@@ -324,6 +324,22 @@ async def test_an_idempotency_key_that_cannot_be_stored_is_400_naming_it(
     assert (s.available, s.held) == (5, 0)
 
 
+async def test_an_idempotency_key_sent_twice_is_400_and_holds_nothing(api: Api) -> None:
+    """Two Idempotency-Key headers: we would read the first, a proxy or log the last (or
+    both joined), two different requests (attack8). Refused, as a JSON key named twice is."""
+    product = await make_product(api.store, 5)
+    response = await api.client.post(
+        "/api/reservations",
+        json={"productId": product.id, "quantity": 1},
+        headers=[(b"Idempotency-Key", b"first"), (b"Idempotency-Key", b"second")],
+    )
+    error = assert_error(response, 400, "invalid_request")
+    assert error["details"][0]["field"] == "Idempotency-Key", error
+    assert "once; 2 were sent" in error["message"], error
+    s = await stats(api.store, product.id)
+    assert (s.available, s.held) == (5, 0)
+
+
 # -- query parameters ---------------------------------------------------------------------
 
 

@@ -477,10 +477,20 @@ def _known_id(request: Request) -> str:
 
 def idempotency_key(request: Request) -> str | None:
     """The request's Idempotency-Key, or None; 400 naming the header if it is not 1 to
-    `MAX_KEY_LENGTH` printable ASCII characters."""
+    `MAX_KEY_LENGTH` printable ASCII characters, or if it is sent more than once: we would
+    read the first, and a proxy, cache or log that reads the last (or joins them) would see
+    another request, as with a JSON key named twice (attack8)."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
+    if (sent := len(request.headers.getlist("idempotency-key"))) > 1:
+        rule = "must be sent once"
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"{IDEMPOTENCY_KEY}: {rule}; {sent} were sent.",
+            [FieldError(field=IDEMPOTENCY_KEY, message=rule)],
+        )
     header_text(IDEMPOTENCY_KEY, key, idempotency.MAX_KEY_LENGTH)
     if not idempotency.is_valid_key(key):
         rule = f"must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters"
