@@ -99,6 +99,8 @@ async def test_metrics_add_up_over_the_web_processes(
                     status="2xx",
                 )
                 == held
+                # Each process's full collection at start-up, timed (server/infra/gcpauses.py).
+                and value(page, "flashsale_gc_pause_seconds_count", generation="2") >= 2
             )
 
         # Each process writes its counts out within a second; /metrics adds them up.

@@ -21,6 +21,7 @@ from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
 from server.api.ratelimit import FailureThrottle, RateLimiter
 from server.domain.clock import now_ms
+from server.infra.gcpauses import time_gc_pauses
 from server.infra.logs import configure_logging
 from server.infra.metrics import DEFERRED
 from server.infra.redis_client import redis_client_for
@@ -50,7 +51,9 @@ def tune_garbage_collector() -> None:
     """Every request allocates a few hundred short-lived objects; at the default threshold
     the collector runs every few requests and cost ~10% of the throughput and most of the
     p99 (bench/README.md). Objects made at start-up live forever: freeze them out of the
-    collector's scans. Once per process."""
+    collector's scans. Once per process. Every collection is timed from then on
+    (server/infra/gcpauses.py)."""
+    time_gc_pauses()
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)

@@ -81,6 +81,13 @@ FANOUT_DURATION = Histogram(
     "Time to hand one flush of live-update frames to every socket of a process.",
     buckets=LATENCY_BUCKETS,
 )
+GC_PAUSE = Histogram(
+    "flashsale_gc_pause_seconds",
+    "Time the garbage collector stopped the process for, by generation (0, 1, 2): a full "
+    "collection walks every object the process holds (~1.5 million with 15,000 sockets).",
+    ["generation"],
+    buckets=LATENCY_BUCKETS,
+)
 HTTP_REFUSALS = Counter(
     "flashsale_http_refusals_total",
     "Connections or requests refused before they reached the application, by reason: "
