@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -367,6 +368,53 @@ async def test_counts_not_yet_due_go_with_a_flush_in_the_same_write(
         assert '"waiting":2' in last
         assert '"type":"stock"' in last
     assert hub._queues == {}  # nothing left to send on its own
+
+
+class CostlyPage(Prepared):
+    """A page whose every write takes the event loop `cost` seconds (the kernel's send to a
+    socket, which most of a flush is), stamped with the loop's time it began at."""
+
+    def __init__(self, cost: float) -> None:
+        super().__init__()
+        self.cost = cost
+        self.at: list[float] = []
+
+    def write(self, frame: bytes) -> bool:
+        self.at.append(asyncio.get_running_loop().time())
+        until = time.perf_counter() + self.cost
+        while time.perf_counter() < until:  # the loop busy, as with a real send
+            pass
+        return super().write(frame)
+
+
+async def test_flushes_that_cost_much_take_at_most_a_quarter_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While stock keeps changing, a flush comes at least every MAX_FLUSH_GAP, unless one
+    costs so much that this would take more than MAX_FANOUT_SHARE of the event loop: then
+    the next waits three times the last one's cost after it (a flush to 15,000 sockets
+    took 0.2-0.4 s, and at every 0.5 s the joins and reservations of a waiting room's sale
+    queued behind them)."""
+    monkeypatch.setattr(live, "MAX_FLUSH_GAP", 0.02)
+    monkeypatch.setattr(live, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(live, "FANOUT_SHARE", 0.01)  # the budget alone would wait longer
+    monkeypatch.setattr(live, "FANOUT_BURST", 0.0)  # and has nothing saved up
+    hub = Hub(Catalog(), max_clients=20)
+    pages = [CostlyPage(0.01) for _ in range(6)]  # a flush: ~60 ms of the loop
+    for page in pages:
+        socket = Socket()
+        socket.scope["extensions"][EXTENSION] = page
+        hub.join(socket)  # type: ignore[arg-type]
+    hub.publish(*stock(7, 9, 1))
+    await eventually(lambda: _true(all(len(p.writes) == 1 for p in pages)), what="the first")
+    hub.flush()  # one with nothing for every socket (a watched hold's frame) costs nothing...
+    first_cost, first_end = hub._flush_cost, hub._last_flush
+    assert first_cost >= 0.05
+    hub.publish(*stock(7, 8, 2))  # the stock keeps changing
+    await eventually(lambda: _true(all(len(p.writes) == 2 for p in pages)), what="the second")
+    began = pages[0].at[-1]  # ...and changes nothing of the wait for the next to all
+    # A timer may fire up to the clock's resolution early; a busy machine only makes it later.
+    assert began - first_end >= 3 * first_cost - 0.005
 
 
 # -- a client that sends and never reads (attack3 finding 3) ---------------------------------

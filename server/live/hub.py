@@ -19,9 +19,11 @@ deadline, while its later frames are coalesced to the newest per product, so tha
 dead client never holds up the others, and one that stays stuck is closed.
 
 While changes keep coming, flushes are spaced so that fan-out takes at most `FANOUT_SHARE`
-of the process, but never more than `MAX_FLUSH_GAP` apart: a flush to 10,000 sockets costs
-~125 ms here (mostly the kernel's send per socket), so at that size pages see sustained
-changes about every 0.5 s and fan-out takes ~20%; up to a few thousand sockets, 10%. The
+of the process, but never more than `MAX_FLUSH_GAP` apart, unless that would take more than
+`MAX_FANOUT_SHARE`: a flush to 10,000 sockets costs ~125 ms here (mostly the kernel's send
+per socket), so at that size pages see sustained changes about every 0.5 s and fan-out takes
+~20%; up to a few thousand sockets, 10%; a flush of 0.3 s (15,000 sockets on a loaded
+machine) comes every 0.9 s, a quarter of the loop. The
 share is a budget that builds up while things are quiet (up to `FANOUT_BURST` seconds of
 fan-out), so the few changes of a sale's first second (units going, then none left) go out
 50 ms apart rather than a throttled half-second apart.
@@ -66,7 +68,13 @@ AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldUnits
 
 FLUSH_SECONDS = 0.05  # at most twenty flushes a second
 FANOUT_SHARE = 0.1  # while changes keep coming, of the event loop's time...
-MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this
+MAX_FLUSH_GAP = 0.5  # ...unless that would leave pages staler than this...
+# ...and yet never more than this share, however large a flush (the gap stretches to
+# `flush_gap_cap`): a flush to 15,000 sockets took 0.2-0.4 s of a loaded machine, so every
+# MAX_FLUSH_GAP was 30-45% of the event loop while a waiting room's sale sold (py-spy, the
+# waiting room's bench: the flushes 28% of the loop's samples in the sale's first seconds),
+# and the joins and the admitted shoppers' reservations queued behind them.
+MAX_FANOUT_SHARE = 0.25
 # A flush goes out to this many sockets at a time, the event loop running whatever else is
 # ready between two slices: a flush to 15,000 sockets blocked it for a few hundred ms (the
 # waiting room's bench), and every request and connection arriving meanwhile waited.
@@ -783,8 +791,16 @@ class Hub:
         self._budget_at = now
         wait_for_budget = max(0.0, self._flush_cost - self._budget) / FANOUT_SHARE
         soonest = self._last_flush + FLUSH_SECONDS
-        at = min(max(soonest, now + wait_for_budget), self._last_flush + MAX_FLUSH_GAP)
+        at = min(max(soonest, now + wait_for_budget), self._last_flush + self.flush_gap_cap)
         self._flush_handle = loop.call_later(max(0.0, at - now), self.flush)
+
+    @property
+    def flush_gap_cap(self) -> float:
+        """The longest a change waits for a flush after the last one ended (s) while
+        changes keep coming: MAX_FLUSH_GAP, or longer where a flush costs so much that
+        flushing that often would take more than MAX_FANOUT_SHARE of the event loop
+        (the last flush's cost standing for the next's)."""
+        return max(MAX_FLUSH_GAP, self._flush_cost * (1 / MAX_FANOUT_SHARE - 1))
 
     def flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -858,11 +874,14 @@ class Hub:
             )
             return
         self._last_flush = loop.time()
-        self._flush_cost = cost
-        # Debt beyond the budget is not carried: past MAX_FLUSH_GAP it is spent anyway.
-        self._budget = max(0.0, self._budget - self._flush_cost)
-        if self.clients:
-            FANOUT_DURATION.observe(self._flush_cost)
+        # Debt beyond the budget is not carried: past `flush_gap_cap` it is spent anyway.
+        self._budget = max(0.0, self._budget - cost)
+        if clients:
+            # What the next flush to every socket is expected to cost. One with only the
+            # frames of watched holds (an admitted shopper's, in a sale) costs next to
+            # nothing, and would have let the next flush to all come as if it did too.
+            self._flush_cost = cost
+            FANOUT_DURATION.observe(cost)
         if self._flush_again:
             self._flush_again = False
             self._schedule_flush()
