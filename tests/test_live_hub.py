@@ -186,6 +186,52 @@ async def test_a_line_that_only_grows_at_the_back_tells_nobody_a_new_position() 
     await eventually(lambda: _true(positions(socket) == [2, 1]), what="the new position")
 
 
+async def test_positions_wait_while_the_loop_is_behind_and_come_once_it_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round of positions is a ticket frame to every waiting page (15,000 in the waiting
+    room's bench): while the event loop runs its timers late (a sale's first second of
+    joins), positions wait, up to POSITIONS_MAX_DEFER_SECONDS; once it is not, they come
+    at the next round."""
+    monkeypatch.setattr(live, "LINE_SECONDS", 0.05)
+    monkeypatch.setattr(live, "POSITIONS_MAX_DEFER_SECONDS", 2.0)
+    monkeypatch.setattr(live, "BUSY_HOLD_SECONDS", 1.0)
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    mine = Ticket(5, "anon:me", 20, TicketState.WAITING, joined_at=2)
+    room = Room(5, [5, 10, 20], [mine])
+    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
+    socket = Socket()
+    client = hub.join(socket)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await hub.identify(client, "anon:me")
+    await eventually(lambda: _true(positions(socket) == [3]), what="the ticket on connect")
+
+    hogging = True
+
+    async def hog() -> None:  # the loop behind: each turn takes 150 ms of CPU
+        while hogging:
+            until = time.perf_counter() + 0.15
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    hogger = asyncio.create_task(hog())
+    try:
+        await eventually(lambda: _true(hub.loop_busy), what="the loop found busy")
+        room.places.remove(5)  # the first is admitted: the line moves
+        await eventually(lambda: _true(positions(socket) == [3, 2]), what="the deferred position")
+        # Not at the next LINE_SECONDS round, but once the deferral ran out.
+        assert loop.time() - began >= 2.0 - 0.01
+    finally:
+        hogging = False
+        await hogger
+    await eventually(lambda: _true(not hub.loop_busy), what="the loop no longer busy")
+    room.places.remove(10)
+    await eventually(lambda: _true(positions(socket) == [3, 2, 1]), what="the next, at once")
+
+
 def states(socket: Socket) -> list[str]:
     tickets = [json.loads(text) for text in socket.sent if '"type":"ticket"' in text]
     return [frame["ticket"]["state"] for frame in tickets]

@@ -96,6 +96,16 @@ QUEUE_FRAME_SECONDS = 3.0
 # socket nothing more, where a flush of their own costs a write to each.
 QUEUE_RIDE_SECONDS = 1.0
 FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quiet spell
+# Whether the event loop is behind: a timer due every LAG_PROBE_SECONDS that runs
+# BUSY_LAG_SECONDS late or more marks the loop busy for BUSY_HOLD_SECONDS. While it is, the
+# rounds that tell waiting pages their new positions (a ticket frame to each: 15,000 in the
+# waiting room's bench, a tenth of its web process's loop in the sale's first seconds, when
+# its 10,000 joins already wanted more than the loop has) wait, up to
+# POSITIONS_MAX_DEFER_SECONDS; a change of a ticket's state (admitted, sold out) never waits.
+LAG_PROBE_SECONDS = 0.05
+BUSY_LAG_SECONDS = 0.05
+BUSY_HOLD_SECONDS = 0.5
+POSITIONS_MAX_DEFER_SECONDS = 5.0
 SEND_TIMEOUT_SECONDS = 5.0
 MAX_WATCHED = 50
 MAX_BAD_MESSAGES = 10
@@ -314,6 +324,8 @@ class Hub:
         self._queue_counts: dict[int, tuple[int, int]] = {}
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
+        self._lag_probe: asyncio.TimerHandle | None = None
+        self._busy_until = 0.0  # loop time until which the loop counts as busy
         # Per room, the line as its positions were last told: (whether its order was hidden,
         # the places waiting, the last place). Positions move only when someone ahead leaves
         # the line (admitted, left), or show at a random room's start; joins go to the
@@ -548,13 +560,33 @@ class Hub:
 
     def _start_ticketer(self) -> None:
         if self._ticketer is None or self._ticketer.done():
-            self._ticketer = asyncio.get_running_loop().create_task(
-                self._tell_tickets_forever(), name="ticket-frames"
-            )
+            loop = asyncio.get_running_loop()
+            self._ticketer = loop.create_task(self._tell_tickets_forever(), name="ticket-frames")
+            if self._lag_probe is None:
+                due = loop.time() + LAG_PROBE_SECONDS
+                self._lag_probe = loop.call_at(due, self._probe_lag, due)
+
+    def _probe_lag(self, due: float) -> None:
+        """The lag probe's timer, due at `due` (loop time): how late it runs says how far
+        behind the event loop is (`loop_busy`)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - due >= BUSY_LAG_SECONDS:
+            self._busy_until = now + BUSY_HOLD_SECONDS
+        self._lag_probe = loop.call_at(
+            now + LAG_PROBE_SECONDS, self._probe_lag, now + LAG_PROBE_SECONDS
+        )
+
+    @property
+    def loop_busy(self) -> bool:
+        """Whether the event loop has lately run a timer BUSY_LAG_SECONDS late or more (only
+        known while some page here holds a ticket: the probe runs with the ticket frames)."""
+        return asyncio.get_running_loop().time() < self._busy_until
 
     async def _tell_tickets_forever(self) -> None:
         """Tickets that changed state are read again and told at once; positions, which
-        change whenever the head of a line moves, at most every `LINE_SECONDS`."""
+        change whenever the head of a line moves, at most every `LINE_SECONDS`, and while
+        the event loop is behind (`loop_busy`) only every POSITIONS_MAX_DEFER_SECONDS."""
         last_positions = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -576,7 +608,10 @@ class Hub:
                 closing, self._closing = self._closing, {}
                 for product_id, closed in closing.items():
                     await self._close_tickets(product_id, closed)
-                if loop.time() - last_positions >= LINE_SECONDS:
+                since = loop.time() - last_positions
+                if since >= LINE_SECONDS and (
+                    since >= POSITIONS_MAX_DEFER_SECONDS or not self.loop_busy
+                ):
                     last_positions = loop.time()
                     await self._tell_positions()
             except asyncio.CancelledError:
@@ -891,6 +926,9 @@ class Hub:
         if self._ticketer is not None:
             self._ticketer.cancel()
             await asyncio.gather(self._ticketer, return_exceptions=True)
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
+            self._lag_probe = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
