@@ -19,7 +19,7 @@ from starlette.websockets import WebSocketState
 
 from server.domain.waitingroom import Lineup, Ticket, TicketState
 from server.live import hub as live
-from server.live.hub import Hub
+from server.live.hub import MESSAGE_BURST, Hub
 from server.live.wsprotocol import EXTENSION
 from server.service.catalog import Catalog
 from server.wire.schemas import ticket_view
@@ -508,7 +508,9 @@ async def test_a_client_that_does_not_read_is_taken_no_more_messages(
     The socket's messages are taken only once what it was sent has gone out."""
     monkeypatch.setattr(live, "SEND_TIMEOUT_SECONDS", 30.0)
     hub = Hub(Catalog(), max_clients=10)  # no room: every join gets an `error` frame
-    joins = [json.dumps({"type": "join", "productId": n}) for n in range(1, 1001)]
+    # As many as a socket may send at once (MESSAGE_BURST): past them, messages are refused
+    # unread (test_live.py's test_a_socket_past_its_messages_is_refused_then_closed).
+    joins = [json.dumps({"type": "join", "productId": n}) for n in range(1, MESSAGE_BURST + 1)]
     socket = TalkingSocket(joins)
     socket.app = type("App", (), {})()
     socket.app.state = type("State", (), {})()
@@ -528,4 +530,4 @@ async def test_a_client_that_does_not_read_is_taken_no_more_messages(
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
     answered = [json.loads(text)["productId"] for text in socket.sent[1:]]
-    assert answered == list(range(1, 1001))
+    assert answered == list(range(1, MESSAGE_BURST + 1))

@@ -109,6 +109,16 @@ POSITIONS_MAX_DEFER_SECONDS = 5.0
 SEND_TIMEOUT_SECONDS = 5.0
 MAX_WATCHED = 50
 MAX_BAD_MESSAGES = 10
+# Messages (`watch`, `join`, anything) a socket may send at once, and then one every
+# MESSAGE_REFILL_S (a token bucket): a page sends a `watch` when it opens and when its holds
+# change and a `join` per room, a handful a minute. Each valid message costs a database read
+# or write, and a client that reads its answers could otherwise send them as fast as the event
+# loop answers: 20 sockets of one client sending `watch` of 50 holds took another shopper's
+# reservation from 0.1 to 2 s (p95). Past the bucket, a message is refused with an `error`
+# frame (`rate_limited`) without being read, and counts as a bad message (MAX_BAD_MESSAGES
+# close the socket). Pings and pongs have their own bucket (server/live/wsprotocol.py).
+MESSAGE_BURST = 30
+MESSAGE_REFILL_S = 0.5
 
 # WebSocket close codes
 POLICY_VIOLATION = 1008
@@ -142,6 +152,8 @@ class Client:
         self.signed_in_until: float | None = None
         self.sign_out: asyncio.TimerHandle | None = None  # at `signed_in_until`
         self.bad_messages = 0
+        self._allowance = float(MESSAGE_BURST)  # messages the client may send now
+        self._allowed_at = time.monotonic()
         # The shopper's waiting-room tickets, by product, and what the page was last told
         # of each (`_told`: the view without its clock, to send only what changed).
         self.tickets: dict[int, Ticket] = {}
@@ -150,6 +162,19 @@ class Client:
         self._backlog: dict[Key, str] = {}
         self._sending: asyncio.Task[None] | None = None
         self.closed = False
+
+    def may_send(self) -> bool:
+        """Count one message of the client's: False when it is past `MESSAGE_BURST` at once
+        and one every `MESSAGE_REFILL_S` after that (the message is then not to be read)."""
+        now = time.monotonic()
+        self._allowance = min(
+            MESSAGE_BURST, self._allowance + (now - self._allowed_at) / MESSAGE_REFILL_S
+        )
+        self._allowed_at = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
 
     def offer_all(self, prepared: bytes) -> bool:
         """Write several frames already encoded, in one write, if the socket can take them
@@ -1014,6 +1039,16 @@ async def live_updates(websocket: WebSocket) -> None:
                 break
             if not await client.sent():  # a client that does not read is answered no more
                 break
+            if not client.may_send():
+                await _refuse(
+                    websocket,
+                    hub,
+                    client,
+                    "rate_limited",
+                    f"Too many messages: at most {MESSAGE_BURST} at once, then one every "
+                    f"{MESSAGE_REFILL_S:g} s; this one was not read.",
+                )
+                continue
             await _handle(websocket, hub, client, message.get("text"))
     except WebSocketDisconnect:
         pass
@@ -1062,11 +1097,16 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
             else:
                 await _watch(websocket, hub, client, ids)
                 return
+    await _refuse(websocket, hub, client, *problem)
+
+
+async def _refuse(websocket: WebSocket, hub: Hub, client: Client, code: str, text: str) -> None:
+    """An `error` frame for a message that was not taken; the socket is closed (1008) at the
+    client's MAX_BAD_MESSAGES-th."""
     client.bad_messages += 1
-    code, text_out = problem
     client.offer(
         ("error", client.bad_messages),
-        to_json({"type": "error", "code": code, "message": text_out}).decode(),
+        to_json({"type": "error", "code": code, "message": text}).decode(),
     )
     if client.bad_messages >= MAX_BAD_MESSAGES:
         hub.leave(client)
