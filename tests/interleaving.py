@@ -23,6 +23,7 @@ from server.domain.clock import now_ms
 from server.domain.errors import InsufficientStock, ShopperLimitReached
 from server.domain.inventory import Held
 from server.domain.model import Event, HoldRequest, Reservation, StockChanged
+from server.service.batching import Check
 from server.service.catalog import Catalog
 from server.service.shop import Shop, Waiting
 from server.storage.database import Store
@@ -118,9 +119,9 @@ class Interleaving:
         store.restart(taken=lambda: shop._holds.requests)
         holds, submit = shop._holds, shop._holds.submit
 
-        async def recorded(request: Waiting) -> Held:
+        async def recorded(request: Waiting, *, check: Check | None = None) -> Held:
             self._places[id(request.request)] = len(self._places)
-            return await submit(request)
+            return await submit(request, check=check)
 
         holds.submit = recorded  # type: ignore[method-assign]
 

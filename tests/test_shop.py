@@ -15,13 +15,15 @@ from server.domain.model import HoldRequest
 from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.storage.database import Store
-from server.storage.errors import Busy
+from server.storage.errors import Busy, NotAttempted
 from tests.interleaving import until
 from tests.support import assert_invariant, make_product, write_lock_held_elsewhere
 
 
 @contextlib.asynccontextmanager
-async def shop_of_its_own(database_url: str, busy_timeout_ms: int) -> AsyncIterator[Shop]:
+async def shop_of_its_own(
+    database_url: str, busy_timeout_ms: int, *, deadline_ms: int | None = None
+) -> AsyncIterator[Shop]:
     """A shop with a catalog over a store of its own, whose writes wait `busy_timeout_ms`
     at most for the database's lock."""
     store = Store(database_url, busy_timeout_ms=busy_timeout_ms)
@@ -32,6 +34,7 @@ async def shop_of_its_own(database_url: str, busy_timeout_ms: int) -> AsyncItera
         hold_ms=120_000,
         publish=lambda events: None,
         catalog=catalog,
+        deadline_ms=deadline_ms,
     )
     await shop.start()
     try:
@@ -117,6 +120,124 @@ async def test_units_promised_to_a_batch_that_failed_are_offered_again(
                 await shop.reserve(HoldRequest(product.id, 1))
         held = await shop.reserve(HoldRequest(product.id, 1))
         assert held.reservation.quantity == 1
+
+
+async def test_requests_waiting_for_a_batch_the_database_found_busy_do_not_follow_it(
+    database_url: str,
+) -> None:
+    """Twenty keyed requests wait for the batch ahead of them to settle (it may be a retry,
+    which takes nothing). The database is busy and that batch fails: they are answered
+    `NotAttempted` (503, nothing changed, Retry-After spread over 1-3 s) instead of all
+    going to the busy database together, each to wait out the busy timeout again."""
+    async with shop_of_its_own(database_url, busy_timeout_ms=300) as shop:
+        store = shop.store
+        product = await make_product(store, 10)
+        assert shop.catalog is not None
+        await shop.catalog.reload(store)
+        async with write_lock_held_elsewhere(database_url, product.id):
+            first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 10, "k-0")))
+            await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
+            behind = [
+                asyncio.create_task(shop.reserve(HoldRequest(product.id, 1, f"k-{n}")))
+                for n in range(1, 21)
+            ]
+            await until(lambda: shop.promises.parked == 20, "the twenty to wait for it")
+            answers = await asyncio.gather(first, *behind, return_exceptions=True)
+        assert isinstance(answers[0], Busy), answers[0]
+        for answer in answers[1:]:
+            assert isinstance(answer, NotAttempted), answer
+            assert 1 <= answer.retry_after_s <= 3
+            assert "nothing changed" in str(answer)
+        assert shop._holds.requests == 1, "the waiting requests went to the database"
+        assert shop.promises.empty
+        assert (await assert_invariant(store, product.id)).held == 0
+
+
+async def test_a_request_queued_behind_a_batch_the_database_refused_is_not_tried(
+    database_url: str,
+) -> None:
+    """A request queued behind a batch of its product (not a keyed wait: units are left for
+    both) is answered `NotAttempted` at once when the database refuses that batch (busy),
+    never tried: it would have waited the busy timeout again."""
+    async with shop_of_its_own(database_url, busy_timeout_ms=300) as shop:
+        product = await make_product(shop.store, 10)
+        assert shop.catalog is not None
+        await shop.catalog.reload(shop.store)
+        async with write_lock_held_elsewhere(database_url, product.id):
+            first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1)))
+            await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
+            behind = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1)))
+            await until(lambda: shop.reserve_backlog == 1, "the second to queue behind it")
+            answers = await asyncio.gather(first, behind, return_exceptions=True)
+        assert isinstance(answers[0], Busy)
+        assert not isinstance(answers[0], NotAttempted)
+        assert isinstance(answers[1], NotAttempted), answers[1]
+        assert "a batch of its product that the database found busy" in str(answers[1])
+        assert shop._holds.requests == 1, "the request behind went to the database"
+        assert shop.promises.empty
+        # A request that comes after the refusal is tried as usual.
+        held = await shop.reserve(HoldRequest(product.id, 2))
+        assert held.reservation.quantity == 2
+
+
+async def test_a_batch_waiting_for_its_products_lock_does_not_use_up_the_deadline_behind_it(
+    database_url: str,
+) -> None:
+    """The partition drill's case: a batch waits for a row lock another host's stranded
+    transaction holds, past the deadline of the request of the same product queued behind
+    it; that wait is the database's (ended by its busy timeout), so once the lock is freed
+    the request is tried and made, not answered 503."""
+    async with shop_of_its_own(database_url, busy_timeout_ms=30_000, deadline_ms=200) as shop:
+        product = await make_product(shop.store, 10)
+        assert shop.catalog is not None
+        await shop.catalog.reload(shop.store)
+        async with write_lock_held_elsewhere(database_url, product.id):
+            first = asyncio.create_task(shop.reserve(HoldRequest(product.id, 1)))
+            await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
+            behind = asyncio.create_task(shop.reserve(HoldRequest(product.id, 2)))
+            await until(lambda: shop.reserve_backlog == 1, "the second to queue behind it")
+            queued = asyncio.get_running_loop().time()
+            await until(
+                lambda: asyncio.get_running_loop().time() - queued > 0.6,
+                "three times the deadline to pass",
+            )
+            assert not behind.done()
+        held = await asyncio.gather(first, behind)
+        assert [h.reservation.quantity for h in held] == [1, 2]
+        assert shop._holds.requests == 2
+        assert (await assert_invariant(shop.store, product.id)).held == 3
+
+
+async def test_a_request_queued_behind_another_products_batch_past_its_deadline_is_not_made(
+    database_url: str,
+) -> None:
+    """The batch in flight holds another product, and waits for the database's lock (held
+    elsewhere, a busy timeout of 30 s) past the deadline of the request queued behind it:
+    that request waited on others' account, and is answered `NotAttempted` as its batch is
+    formed, never tried; the batch in flight is still answered."""
+    async with shop_of_its_own(database_url, busy_timeout_ms=30_000, deadline_ms=200) as shop:
+        locked = await make_product(shop.store, 10)
+        other = await make_product(shop.store, 10)
+        assert shop.catalog is not None
+        await shop.catalog.reload(shop.store)
+        async with write_lock_held_elsewhere(database_url, locked.id):
+            first = asyncio.create_task(shop.reserve(HoldRequest(locked.id, 1)))
+            await until(lambda: shop._holds.requests == 1, "the first batch to be sent")
+            behind = asyncio.create_task(shop.reserve(HoldRequest(other.id, 2)))
+            await until(lambda: shop.reserve_backlog == 1, "the second to queue behind it")
+            queued = asyncio.get_running_loop().time()
+            await until(
+                lambda: asyncio.get_running_loop().time() - queued > 0.3,
+                "the deadline to pass",
+            )
+            assert not first.done()
+        held = await first
+        assert held.reservation.quantity == 1
+        with pytest.raises(NotAttempted, match=r"waited 0\.2 s .*nothing changed"):
+            await behind
+        assert shop._holds.requests == 1, "the late request went to the database"
+        assert shop.promises.empty
+        assert (await assert_invariant(shop.store, other.id)).held == 0
 
 
 async def test_completes_and_cancels_that_arrive_together_share_transactions(

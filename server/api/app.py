@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 publish=publisher.publish,
                 scheduler=scheduler,
                 catalog=catalog,
+                deadline_ms=settings.db_busy_timeout_ms,
             )
             await shop.start()
             stack.push_async_callback(shop.stop)

@@ -22,7 +22,7 @@ from server.domain.inventory import SHOWN_ID_CHARS, id_cut, ids_cut
 from server.infra.logs import loggable
 from server.infra.metrics import DATABASE_BUSY
 from server.service.shop import Shop
-from server.storage.errors import Busy, StorageError, Unavailable
+from server.storage.errors import Busy, NotAttempted, StorageError, Unavailable
 from server.wire import schemas
 from server.wire.json_text import repeated_key
 from server.wire.schemas import MAX_INT32, FieldError
@@ -186,10 +186,12 @@ async def storage_error(request: Request, exc: Exception) -> Response:
     """The database was busy or unreachable: 503 with Retry-After. Any other storage error
     (a UNIQUE constraint the service did not expect) is a bug: 500."""
     assert isinstance(exc, StorageError)
-    known = _STORAGE.get(type(exc))
+    known = _STORAGE.get(Busy if isinstance(exc, Busy) else type(exc))
     if known is None:
         return await internal_error(request, exc)
     status, code, headers = known
+    if isinstance(exc, NotAttempted):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     logger.warning("%s answered %d: %s", _where(request), status, exc)
     if isinstance(exc, Busy):
         DATABASE_BUSY_GAVE_UP.inc()

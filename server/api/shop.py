@@ -82,7 +82,7 @@ from server.infra.metrics import DEFERRED, RESERVATIONS
 from server.service import idempotency
 from server.service.catalog import Catalog
 from server.service.shop import Shop
-from server.storage.errors import Busy, StorageError, Unavailable
+from server.storage.errors import Busy, NotAttempted, StorageError, Unavailable
 from server.wire import schemas
 from server.wire.schemas import FieldError, ReserveBody, reservation_json, reservation_view
 
@@ -330,6 +330,7 @@ _RESERVATION_OUTCOMES = {
     ShopperLimitReached: RESERVATIONS.labels("shopper_limit"),
     RequestError: RESERVATIONS.labels("invalid"),
     Busy: RESERVATIONS.labels("busy"),
+    NotAttempted: RESERVATIONS.labels("busy"),
     Unavailable: RESERVATIONS.labels("busy"),
 }
 

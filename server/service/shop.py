@@ -11,6 +11,7 @@ of the same operations is `server.service.expiry.Expirer`.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -35,7 +36,7 @@ from server.domain.model import (
     Status,
 )
 from server.infra.metrics import HOLDS_EXPIRED
-from server.service.batching import GroupCommit
+from server.service.batching import GroupCommit, Patience
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
 from server.service.idempotency import Idempotency, RecentKeys
@@ -44,7 +45,7 @@ from server.service.promises import Promise, Promises
 from server.service.transactions import EventSink, Transactions
 from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
-from server.storage.errors import UniqueViolation
+from server.storage.errors import NotAttempted, UniqueViolation
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,14 @@ class Shop:
     promises, the catalog and `publish` after commit. `hold_ms`: how long a hold lasts (ms).
     `scheduler`: enqueues the expiry jobs of new holds (None: the sweeper expires them).
     `catalog`: this process's view of the products (None: reads go to the database).
+    `deadline_ms`: how long a reservation may wait for the database on others' account:
+    behind batches of other products, or for the keyed batch of its product to be formed
+    (the time a batch of its own product spends in the database, a lock wait included, is
+    the database's, bounded by its busy timeout, and not counted). Past it, it is answered
+    `NotAttempted` with nothing done, when its batch is formed or a keyed wait ends (the
+    app gives DB_BUSY_TIMEOUT_MS; None: no deadline). Whatever the deadline, a request
+    that waited for a batch of its product the database found busy is
+    answered `NotAttempted` at once, never tried: `ReserveDeadline`.
     """
 
     def __init__(
@@ -84,8 +93,10 @@ class Shop:
         publish: EventSink,
         scheduler: ExpiryScheduler | None = None,
         catalog: Catalog | None = None,
+        deadline_ms: int | None = None,
     ) -> None:
         self.store = store
+        self._deadline_s = None if deadline_ms is None else deadline_ms / 1000
         self.catalog = catalog
         # The waiting room's early refusal (issue 17), set by the app once it has one.
         self.room: WaitingRoom | None = None
@@ -100,7 +111,10 @@ class Shop:
             watchers.append(catalog.apply)
         self._transactions = Transactions(store, publish, watchers)
         self._holds: GroupCommit[Waiting, Held] = GroupCommit(
-            self._reserve_batch, max_batch=MAX_BATCH, name="reserve-batches"
+            self._reserve_batch,
+            max_batch=MAX_BATCH,
+            name="reserve-batches",
+            key=lambda waiting: waiting.request.product_id,
         )
         # Completes and cancels are group-committed too, each kind in its own transactions
         # (holds, then products in id order, as every writer takes them).
@@ -137,7 +151,10 @@ class Shop:
 
         Raises ProductNotFound, SaleNotStarted, SalePaused, SaleEnded, InsufficientStock
         (with the units left), IdempotencyKeyReused (the key made a hold with another
-        body); storage's Busy or Unavailable."""
+        body); storage's Busy or Unavailable; `NotAttempted` (a Busy), with nothing done,
+        when it waited `deadline_ms` on others' account before it reached the database, or
+        waited for a batch of its product that the database refused (`ReserveDeadline`)."""
+        deadline = ReserveDeadline(self._holds, request.product_id, self._deadline_s)
         product = self.catalog.get(request.product_id) if self.catalog else None
         if product is None:
             product = await self.product(request.product_id)
@@ -170,18 +187,18 @@ class Shop:
                 return replay
             async with self.store.reader() as conn:
                 raise await inventory.limit_refusal(conn, product.id, request.shopper_id)
-        replay = await self._refuse_if_certain(product, request, now)
+        replay = await self._refuse_if_certain(product, request, now, deadline)
         if replay is not None:
             return replay
         promise = self.promises.make(request)
         try:
-            return await self._holds.submit(Waiting(request, promise))
+            return await self._holds.submit(Waiting(request, promise), check=deadline)
         except Exception:
             self.promises.settle(promise)  # its batch did, unless it never reached one
             raise
 
     async def _refuse_if_certain(
-        self, product: Product, request: HoldRequest, now: int
+        self, product: Product, request: HoldRequest, now: int, deadline: ReserveDeadline
     ) -> Held | None:
         """Raise InsufficientStock (with the units left) if the database is certain to refuse
         `request` (a figure of its product, at `now`, ms), given the units promised to the
@@ -195,7 +212,11 @@ class Shop:
         the waiting requests with a key are not retries of holds already made (which take
         nothing), it waits for those requests' batch and looks again at the catalog's figure
         (server/service/promises.py; without a catalog, the database's); after `KEYED_WAITS`
-        such waits it goes to the database. Raises what `Store.reader` raises."""
+        such waits it goes to the database. Raises what `Store.reader` raises, and
+        `NotAttempted` when a wait ends past `deadline`, or a batch of its product the
+        database found busy came back meanwhile: its own try would most likely wait out the
+        same lock, and every request waiting would have gone
+        at once."""
         for waits in range(KEYED_WAITS + 1):
             if self.promises.waiting(request.idempotency_key):
                 return None
@@ -221,7 +242,12 @@ class Shop:
             if waits == KEYED_WAITS:
                 break  # the database decides
             # Refused only if the keyed promises all take their units: wait for their batch.
+            # No timer of its own (costly in a storm): the deadline is looked at as each
+            # wait ends.
             await self.promises.keyed_settled(product.id)
+            refusal = deadline.refusal()
+            if refusal is not None:
+                raise refusal
             fresh = await self.product(product.id)
             if fresh is None:
                 raise ProductNotFound(product.id)
@@ -514,6 +540,40 @@ class Shop:
     async def _write(self, operation: Callable[[Executor, int], Awaitable[Outcome[T]]]) -> T:
         outcome = await self._transactions.run(operation)
         return outcome.result()
+
+
+class ReserveDeadline(Patience):
+    """A reservation's deadline (`Shop`'s `deadline_ms`), looked at as its batch is formed
+    and as each keyed wait ends: its `refusal` is `NotAttempted` (503 `database_busy`,
+    nothing done, a `Retry-After` drawn from 1 to 3 s so that those answered together come
+    back spread out) once it has waited `allowance_s` on others' account (not counting the
+    time batches of its product spent in the database: a batch waiting for a row lock, as
+    when another host's stranded transaction holds it, is the database's wait, ended by its
+    own busy timeout), or at once when the database found a batch of its product busy (a
+    lock held past the busy timeout) since it came in: its own try would most likely wait
+    out the same lock, and all the requests waiting would have gone to the database
+    together. None: it goes on."""
+
+    __slots__ = ("_allowance_s",)
+
+    def __init__(
+        self, batches: GroupCommit[Waiting, Held], product_id: int, allowance_s: float | None
+    ) -> None:
+        super().__init__(batches, product_id)
+        self._allowance_s = allowance_s
+
+    def refusal(self) -> NotAttempted | None:
+        if self.refused():
+            why = "waited for a batch of its product that the database found busy,"
+        elif self._allowance_s is not None and self.waited_s() >= self._allowance_s:
+            why = f"waited {self._allowance_s:.1f} s for other requests' turn at the database"
+        else:
+            return None
+        return NotAttempted(
+            f"The database is busy: this reservation {why} and was not made (nothing "
+            "changed); try again in a moment.",
+            random.randint(1, 3),
+        )
 
 
 def _expired(events: Sequence[Event]) -> int:

@@ -19,6 +19,19 @@ class Busy(StorageError):
     `DEADLOCK_RETRIES` times. Worth retrying soon; the API answers 503 `database_busy`."""
 
 
+class NotAttempted(Busy):
+    """A request was not tried, with nothing changed: it waited past its deadline on others'
+    account before it reached the database, or the database found a batch of its product
+    busy while it waited (its own try would most likely have waited out the same lock, and
+    all those waiting would have gone at once; server/service/shop.py: ReserveDeadline).
+    `retry_after_s`: when to try again, drawn at random (1 to 3 s), so that the clients
+    answered together do not all come back together. The API answers 503 `database_busy`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(StorageError):
     """The database cannot be reached, refused the connection, or lost it. The API answers
     503 `database_unavailable`."""
