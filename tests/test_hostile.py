@@ -840,3 +840,35 @@ async def test_requests_pipelined_ahead_of_their_answers_are_bounded(
             assert grown < 40 * MiB, f"the web process grew {grown / MiB:.0f} MiB"
             await shopper.served()
         shopper.check()
+
+
+async def test_a_pipelined_head_split_across_reads_is_measured_from_its_own_start(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Ten pipelined requests of 2 KB each (20 KB in all, more than HTTP_MAX_HEADER_BYTES'
+    # 16 KiB) and the start of an eleventh's head in one read, the rest of that head in the
+    # next: the eleventh's head is 2 KB, and was refused 431 as if it were the whole read.
+    async with service_with_product(database_url, redis_url, tmp_path) as (service, _):
+        pad = b"X-Pad: " + b"p" * 2_000 + b"\r\n"
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n"
+        last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + pad + b"\r\n"
+        split = len(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: pp")
+        assert len(request * 10 + last[:split]) > 16 * 1024
+        reader, writer = await attacker_connection(service)
+        writer.write(request * 10 + last[:split])
+        await writer.drain()
+        # The first answer says the server read the first write (one read, on loopback).
+        first = await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in first.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(last[split:])
+        await writer.drain()
+        answers = await read_answers(reader)
+        close(writer)
+        statuses = [200] + [s for s, _ in answers]
+        assert statuses == [200] * 11, [(s, b[:200]) for s, b in answers]
