@@ -20,7 +20,16 @@ from server.infra.redis_client import redis_client
 from server.infra.settings import Settings, SettingsError
 from server.storage.database import Store
 from server.wire.schemas import ErrorOut, ProductOut, ReservationOut, StatsOut
-from tests.support import assert_invariant, eventually, hold, make_product, serve, stats
+from tests.interleaving import until
+from tests.support import (
+    assert_invariant,
+    eventually,
+    hold,
+    make_product,
+    serve,
+    stats,
+    write_lock_held_elsewhere,
+)
 
 TOKEN = "operator-secret"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -534,6 +543,26 @@ async def test_a_client_at_its_rate_limit_is_refused_before_its_keys_are_looked_
         late = await api.reserve(product_id, 1, "mine")
         assert late.status_code == 201, late.text
         assert late.json()["id"] == first
+
+
+async def test_copies_of_a_request_still_in_its_batch_count_against_the_rate_limit(
+    database_url: str, redis_url: str, store: Store
+) -> None:
+    """A copy of a request still waiting for the database (the same Idempotency-Key) joins
+    it, but is counted like any request: a client at its limit sending copies is refused
+    429 (they were let through uncounted, as many as it sent); the first is still made."""
+    async with two_holds_a_day(database_url, redis_url, store) as (api, product_id, _):
+        transport = api.client._transport
+        assert isinstance(transport, httpx.ASGITransport)
+        shop = transport.app.state.shop  # type: ignore[attr-defined]
+        sent = shop._holds.requests
+        async with write_lock_held_elsewhere(database_url, product_id):
+            waiting = asyncio.create_task(api.reserve(product_id, 1, "waiting"))
+            await until(lambda: shop._holds.requests > sent, "its batch to be sent")
+            for _ in range(5):
+                assert_error(await api.reserve(product_id, 1, "waiting"), 429, "rate_limited")
+        made = await waiting
+        assert made.status_code == 201, made.text
 
 
 _RENAME = "ALTER TABLE {} RENAME TO {}"

@@ -269,26 +269,23 @@ async def _create_reservation(request: Request) -> Response:
         client = _limited_as(request, shopper)
         # The limit comes before the database: a client already at its limit (as this
         # process knows without asking anyone) is refused at once, unless its key made a
-        # hold here (`recent_keys`) or is a copy of a request still waiting here. Otherwise
-        # a limited client could make the shop read its key index once a request with fresh
-        # keys.
+        # hold here (`recent_keys`). Otherwise a limited client could make the shop read
+        # its key index once a request with fresh keys.
         wait = limiter.over(client)
-        if wait is not None and not (
-            key is not None and (key in shop.recent_keys or shop.promises.waiting(key))
-        ):
+        if wait is not None and not (key is not None and key in shop.recent_keys):
             raise _rate_limited(wait)
         # A retry is answered before it is counted (issue 15, item 4): a shopper whose 201
         # was lost must be able to learn their own hold while it lasts. A copy of a request
-        # still waiting here can only become that hold: not counted either.
+        # still waiting here is counted like any request: it joins that request, but a
+        # client could send any number of them, each a walk through the reservation path.
         replay = await shop.replay(hold)
         if replay is not None:
             assert key is not None, "only a keyed request is a replay"
             shop.recent_keys.add(key)
             return await render_reservation(shop, replay, 201, _REPLAYED_HEADERS)
-        if not shop.promises.waiting(hold.idempotency_key):
-            wait = await limiter.retry_after(client)
-            if wait is not None:
-                raise _rate_limited(wait)
+        wait = await limiter.retry_after(client)
+        if wait is not None:
+            raise _rate_limited(wait)
     held = await shop.reserve(hold)
     if key is not None:
         shop.recent_keys.add(key)
