@@ -34,6 +34,7 @@ from server.domain.clock import now_ms
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest
 from server.infra.settings import Settings
+from server.service.shop import RECENT_HOLDS_COUNTED
 from server.storage import migrate
 from server.storage.database import Store
 from tests.support import assert_invariant, assert_reconciled, make_product, serve, stats
@@ -707,6 +708,37 @@ async def test_me_counts_no_overdue_hold_as_held(shop: Shop) -> None:
     assert (await reserve(alice, limited["id"], 4)).status_code == 201
     units = (await alice.get("/api/me")).json()["units"]
     assert units == {str(limited["id"]): 5, str(unlimited["id"]): 1}
+
+
+async def test_me_reads_a_bounded_page_of_a_shoppers_holds(shop: Shop) -> None:
+    """`units` of a product without a limit is counted from the holds that can still be
+    ACTIVE and the shopper's newest RECENT_HOLDS_COUNTED (it read every hold the shopper
+    ever made: ~30 ms after 30,000); of a product with one, the allowance row, exact."""
+    alice = await shop.shopper()
+    shopper = (await alice.get("/api/me")).json()["shopper"]
+    limited = await shop.product(1_000, maxPerShopper=1_000)
+    unlimited = await shop.product(1_000, maxPerShopper=None)
+    bought = RECENT_HOLDS_COUNTED + 5
+    past = now_ms() - 86_400_000
+    # The limited product's holds first: the newest page is of the unlimited one's.
+    for at, product in ((past, limited), (past + 10_000, unlimited)):
+        requests = [HoldRequest(product["id"], 1, shopper_id=shopper)] * bought
+        outcomes, _ = await shop.store.write(
+            functools.partial(inventory.reserve, requests=requests, now=at, hold_ms=60_000)
+        )
+        assert all(o.value is not None for o in outcomes)
+        completing = [inventory.Completing(o.value.reservation.id) for o in outcomes if o.value]
+        ended, _ = await shop.store.write(
+            functools.partial(inventory.complete_many, requests=completing, now=at + 1_000)
+        )
+        assert all(o.error is None for o in ended)
+    assert (await reserve(alice, unlimited["id"], 2)).status_code == 201
+    units = (await alice.get("/api/me")).json()["units"]
+    assert units == {
+        str(limited["id"]): bought,
+        # The active hold, and the newest of the purchases but one.
+        str(unlimited["id"]): 2 + RECENT_HOLDS_COUNTED - 1,
+    }
 
 
 async def limit_per_shopper(store: Store, product_id: int, limit: int) -> None:

@@ -584,7 +584,11 @@ async def reservations_of_caller(request: Request) -> Response:
     "by a client that keeps no cookies. "
     "`units`: per product, the units in the shopper's ACTIVE and COMPLETED holds, "
     'which count against the product\'s `maxPerShopper`. A page shows "you have 1" and '
-    "offers at most `maxPerShopper` minus that.",
+    "offers at most `maxPerShopper` minus that. Exact for a product with a "
+    "`maxPerShopper`; for any other, counted from the holds made within the hold time "
+    "(every one that can be ACTIVE) and the shopper's 200 newest, so that the answer "
+    "costs the same however many holds the shopper made: older purchases are not "
+    "counted (`GET /api/me/reservations` lists holds, newest first).",
 )
 async def me(request: Request) -> Response:
     shopper = shopper_of(request)

@@ -1655,15 +1655,21 @@ async def shopper_units(conn: Executor, shopper_id: str) -> dict[int, int]:
     return {product_id: n for product_id, n in units.items() if n > 0}
 
 
-async def shopper_units_held(conn: Executor, shopper_id: str, *, now: int) -> dict[int, int]:
+async def shopper_units_held(
+    conn: Executor, shopper_id: str, *, now: int, since: int, recent: int
+) -> dict[int, int]:
     """A shopper's units per product in ACTIVE and COMPLETED holds at `now`, an overdue hold
     (ACTIVE past `expires_at`, not yet expired by the worker, the sweeper or a request)
     counting for nothing: the shopper's next reservation expires it first. Products with
     none left out.
 
-    Of a product with an allowance row, the row less the overdue holds (from the product's
-    index of open holds); of any other, the live holds themselves (the shopper's index).
-    One statement, so one snapshot on both databases."""
+    Of a product with an allowance row (a `max_per_shopper`), the row less the overdue holds
+    (from the product's index of open holds): exact, whatever the shopper's history. Of any
+    other, the live holds among the shopper's holds made at or after `since` (ms: the
+    caller gives now less the hold time, so every hold that can still be ACTIVE) and their
+    `recent` newest ones: a bounded read of the shopper's index, where every hold they ever
+    made was read (30,000 of one shopper's holds: ~30 ms); older COMPLETED holds are left
+    out. One statement, so one snapshot on both databases."""
     rows = await conn.fetch_all(
         "SELECT product_id, SUM(units) AS units FROM ("
         " SELECT a.product_id, a.units - COALESCE(("
@@ -1671,12 +1677,20 @@ async def shopper_units_held(conn: Executor, shopper_id: str, *, now: int) -> di
         "  AND o.shopper_id = a.shopper_id AND o.ended_at IS NULL AND o.expires_at <= :now"
         " ), 0) AS units FROM shopper_allowances a WHERE a.shopper_id = :s"
         " UNION ALL"
-        " SELECT r.product_id, r.quantity AS units FROM reservations r WHERE r.shopper_id = :s"
-        " AND (r.status = 'COMPLETED' OR (r.status = 'ACTIVE' AND r.expires_at > :now))"
+        " SELECT r.product_id, r.quantity AS units FROM ("
+        "  SELECT id, product_id, quantity, status, expires_at FROM reservations"
+        "  WHERE shopper_id = :s AND created_at >= :since"
+        "  UNION"
+        "  SELECT id, product_id, quantity, status, expires_at FROM ("
+        "   SELECT id, product_id, quantity, status, expires_at FROM reservations"
+        "   WHERE shopper_id = :s ORDER BY created_at DESC LIMIT :recent"
+        "  ) AS newest"
+        " ) AS r"
+        " WHERE (r.status = 'COMPLETED' OR (r.status = 'ACTIVE' AND r.expires_at > :now))"
         " AND NOT EXISTS (SELECT 1 FROM shopper_allowances w"
         "  WHERE w.shopper_id = :s AND w.product_id = r.product_id)"
         ") AS held GROUP BY product_id",
-        {"s": shopper_id, "now": now},
+        {"s": shopper_id, "now": now, "since": since, "recent": recent},
     )
     return {int(row["product_id"]): int(row["units"]) for row in rows if int(row["units"]) > 0}
 

@@ -54,6 +54,9 @@ MAX_BATCH = 256
 # How many times a request refused only if the waiting keyed requests take their units waits
 # for their batch before it goes to the database (each wait: one batch's time, a few ms).
 KEYED_WAITS = 3
+# Of a product without `maxPerShopper`, how many of a shopper's newest holds `GET /api/me`
+# counts units from (besides every hold that can still be ACTIVE): README, the API table.
+RECENT_HOLDS_COUNTED = 200
 BY_REFUSAL = HOLDS_EXPIRED.labels("refusal")
 BY_RESERVATION = HOLDS_EXPIRED.labels("reservation")
 
@@ -356,9 +359,18 @@ class Shop:
 
     async def shopper_units(self, shopper_id: str) -> dict[int, int]:
         """A shopper's units per product in ACTIVE and COMPLETED holds (what counts
-        against `maxPerShopper`); an overdue hold not yet expired counts for nothing."""
+        against `maxPerShopper`); an overdue hold not yet expired counts for nothing. Of a
+        product without a limit, from the holds made within the hold time (all that can
+        be ACTIVE) and the shopper's `RECENT_HOLDS_COUNTED` newest: a bounded read."""
+        now = now_ms()
         async with self.store.reader() as conn:
-            return await inventory.shopper_units_held(conn, shopper_id, now=now_ms())
+            return await inventory.shopper_units_held(
+                conn,
+                shopper_id,
+                now=now,
+                since=now - self._hold_ms,
+                recent=RECENT_HOLDS_COUNTED,
+            )
 
     async def complete(
         self,

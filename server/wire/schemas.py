@@ -336,7 +336,9 @@ class MeOut(_Response):
         "value), to send as `Shopper-Token` from a client that keeps no cookies."
     )
     units: dict[str, int] = Field(
-        description="Per product id, the shopper's units in ACTIVE and COMPLETED holds."
+        description="Per product id, the shopper's units in ACTIVE and COMPLETED holds: "
+        "exact for a product with `maxPerShopper`; for any other, from the holds made "
+        "within the hold time and the shopper's 200 newest (older purchases not counted)."
     )
 
 
