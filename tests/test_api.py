@@ -810,7 +810,7 @@ async def test_a_burst_the_process_cannot_hear_redis_for_in_time_is_still_limite
 
         await eventually(counted, what="the 20 counts to reach Redis")
         # 5 s, as `app_settings` gives the app: with the default 50 ms a loaded machine's
-        # Redis answered too late, the limit was skipped and the test failed (attack8).
+        # Redis answered too late, the limit was skipped and the test failed.
         other = RateLimiter(redis, count=20, per_seconds=3600, timeout_s=5.0)
         assert await other.retry_after("burst") is not None
         assert await other.retry_after("someone else") is None

@@ -615,7 +615,7 @@ async def test_a_websocket_client_that_stops_reading_is_cut_off(
 async def test_a_websocket_client_flooding_pings_is_dropped_and_kept_no_pongs(
     database_url: str, redis_url: str, tmp_path: Path, opcode: int
 ) -> None:
-    # attack7: every ping's pong was written to the transport, which kept in memory what the
+    # Every ping's pong was written to the transport, which kept in memory what the
     # kernel could not take: 100 MiB of pings from a client that reads nothing, 98 MiB kept;
     # and each ping cost the event loop ~30 us: a shopper's request waited 14 s.
     async with service_with_product(database_url, redis_url, tmp_path) as (service, product_id):
@@ -685,12 +685,12 @@ async def test_client_values_are_escaped_and_reservation_ids_cut_in_the_log(
                 "/api/reservations", json={"productId": product_id, "quantity": 1}
             )
             reservation_id = hold.json()["id"]
-            # Paths no route matches (attack4): a trailing slash (a redirect) and a typo.
+            # Paths no route matches: a trailing slash (a redirect) and a typo.
             for wrong in ("/", "/cancel/", "/cancle"):
                 await client.post(f"/api/reservations/{reservation_id}{wrong}")
             await client.post(f"/api/reservations/{reservation_id}/cancel")
             await client.get(f"/api/reservations/{reservation_id}")
-        # WebSocket handshakes are logged by uvicorn, path and query as sent (attack5): a
+        # WebSocket handshakes are logged by uvicorn, path and query as sent: a
         # hold id in a path no socket route has (refused 403), and in a query, with a query
         # of 4,000 characters.
         ws = service.base_url.replace("http://", "ws://")
@@ -791,7 +791,7 @@ async def read_answers(reader: asyncio.StreamReader, within: float = 15) -> list
 async def test_a_refusal_behind_pipelined_requests_comes_after_their_answers(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    # attack7: the refusal was written at once, ahead of the answer to the request before
+    # The refusal was written at once, ahead of the answer to the request before
     # it, and half-closed the connection under it: that answer was lost, and raised two
     # ERROR tracebacks (98 log lines) for a request of 49 bytes.
     async with service_with_product(database_url, redis_url, tmp_path) as (service, _):
@@ -818,7 +818,7 @@ async def test_a_refusal_behind_pipelined_requests_comes_after_their_answers(
 async def test_requests_pipelined_ahead_of_their_answers_are_bounded(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    # attack7: uvicorn parses every request of a read and queues each (about 1 KB): one read
+    # Uvicorn parses every request of a read and queues each (about 1 KB): one read
     # of 256 KiB of small requests queued 7,700, and each answer let it read 256 KiB more.
     async with service_with_product(database_url, redis_url, tmp_path) as (service, _):
         async with Shopper(service, (await service.new_product(1_000_000))["id"]) as shopper:

@@ -326,7 +326,7 @@ async def test_an_idempotency_key_that_cannot_be_stored_is_400_naming_it(
 
 async def test_an_idempotency_key_sent_twice_is_400_and_holds_nothing(api: Api) -> None:
     """Two Idempotency-Key headers: we would read the first, a proxy or log the last (or
-    both joined), two different requests (attack8). Refused, as a JSON key named twice is."""
+    both joined), two different requests. Refused, as a JSON key named twice is."""
     product = await make_product(api.store, 5)
     response = await api.client.post(
         "/api/reservations",
@@ -590,7 +590,7 @@ def test_a_hold_rendered_with_its_product_as_json_is_the_same_bytes(
     [("", "must be at least 1 character, not 0"), ("A" * 201, "must be at most 200 characters")],
 )
 def test_text_of_the_wrong_length_is_measured_in_characters(sent: str, says: str) -> None:
-    # attack7: text checked by the storable rule first was measured as a list: "Value should
+    # Text checked by the storable rule first was measured as a list: "Value should
     # have at least 1 item after validation, not 0." for an empty order reference.
     with pytest.raises(RequestError) as refused:
         parse_params({"orderReference": sent}, schemas.CompleteBody)

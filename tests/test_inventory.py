@@ -260,7 +260,7 @@ async def test_a_batch_answers_another_shoppers_request_for_a_hold_not_found(
     """In one batch, another shopper's complete (or cancel) of a hold before its owner's:
     the owner's request ends the hold, and the other one is not found, as on its own; it
     neither gets the hold (its product, quantity and status) nor is the ledger's actor of
-    the purchase (attack4: the first request for the hold was answered with what the
+    the purchase (the first request for the hold was answered with what the
     owner's UPDATE ended, whoever had asked)."""
     product = await make_product(store, 10)
     for ends in (Status.COMPLETED, Status.CANCELLED):

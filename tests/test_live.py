@@ -411,7 +411,7 @@ async def test_a_socket_opened_with_a_shop_token_is_nobodys_once_it_expires(
     """A socket is told its shopper once, at its handshake, and may stay open for days: one
     opened with the shop's token went on joining rooms and watching holds as that shopper
     long after the token expired (and would be refused over HTTP). Past `exp` and the
-    leeway, it is nobody's (attack3 finding 5)."""
+    leeway, it is nobody's."""
     with two_services(database_url, redis_url, tmp_path, SHOPPER_JWT_SECRET=JWT_SECRET) as (
         a,
         _,
@@ -454,7 +454,7 @@ async def test_an_expired_shop_token_s_socket_is_told_no_more_of_its_holds(
 ) -> None:
     """Past its token's `exp` (and the leeway) a socket is nobody's: it could no longer
     watch the shopper's holds, but kept being told of those it watched before, for as long
-    as it stayed open (attack5)."""
+    as it stayed open."""
     with two_services(database_url, redis_url, tmp_path, SHOPPER_JWT_SECRET=JWT_SECRET) as (
         a,
         _,

@@ -463,7 +463,7 @@ async def test_flushes_that_cost_much_take_at_most_a_quarter_of_the_loop(
     assert began - first_end >= 3 * first_cost - 0.005
 
 
-# -- a client that sends and never reads (attack3 finding 3) ---------------------------------
+# -- a client that sends and never reads -----------------------------------------------------
 
 
 class TalkingSocket(Socket):

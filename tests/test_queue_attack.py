@@ -373,7 +373,7 @@ async def test_a_leave_that_changes_nothing_costs_no_write_news_or_admission_rou
 ) -> None:
     """Leaves are not rate limited: a flood of DELETEs from a shopper with no ticket, or
     one whose ticket has ended, was a write transaction, a message to every web process
-    and an admission round at once, each (attack3 finding 4). Only a leave that ends an
+    and an admission round at once, each. Only a leave that ends an
     open ticket costs those."""
     product = await room(store, 3, starts=None)
     await join_many(store, product.id, ["anon:in", "anon:gone"], at=now_ms() - 1_000)

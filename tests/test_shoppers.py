@@ -904,7 +904,7 @@ def test_a_cookie_header_full_of_backslashes_costs_no_time() -> None:
 def test_a_cookie_header_full_of_shopper_cookies_costs_a_few_signature_checks() -> None:
     """Each `shopper` cookie's signature is an HMAC to check: a 15 KB Cookie header of
     1,150 `shopper=x.y` cost 1,150 of them, 7 ms of CPU a request (30 to 150 ms of the
-    event loop on a busy machine), from any client, on any shopper route (attack5). At most
+    event loop on a busy machine), from any client, on any shopper route. At most
     `MAX_SHOPPER_COOKIES` are checked; a browser's few are all read."""
     identities = Identities(Settings(session_secret="s" * 32))
     signer = identities._signer

@@ -207,7 +207,7 @@ async def test_a_disabled_endpoint_s_secrets_are_not_logged(
 ) -> None:
     """The worker logs an endpoint it disables at ERROR, naming its URL: written whole, the
     credentials or token a receiver's URL often carries (`user:password@`, `?token=`)
-    went to the logs (attack5). The line names the host and path only."""
+    went to the logs. The line names the host and path only."""
     with contextlib.closing(socket.socket()) as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # nothing listens there once it is closed
@@ -360,7 +360,7 @@ class DrippingReceiver:
 async def test_an_answer_dripped_a_byte_at_a_time_fails_within_the_timeout(store: Store) -> None:
     """WEBHOOK_TIMEOUT_SECONDS bounds a whole attempt, not each read: a receiver that sends
     its answer a byte every 0.2 s must not hold a delivery (and a slot of the worker's
-    WEBHOOK_CONCURRENCY) past it, nor past its queue's lease (attack3 finding 1)."""
+    WEBHOOK_CONCURRENCY) past it, nor past its queue's lease."""
     async with DrippingReceiver() as dripping:
         webhooks_api = Webhooks(store)
         endpoint = await webhooks_api.create(url=dripping.url, events=[], description="")
@@ -442,7 +442,7 @@ async def test_a_name_whose_lookup_hangs_holds_neither_the_attempt_nor_the_execu
 async def test_a_stored_url_the_client_cannot_parse_fails_its_attempts(store: Store) -> None:
     """An endpoint stored before the API refused such URLs: each attempt fails with what
     was wrong (and the endpoint is disabled in time, like any failing one), where the run
-    raised out of the worker, unrecorded, every lease (attack3 finding 2)."""
+    raised out of the worker, unrecorded, every lease."""
     webhooks_api = Webhooks(store)
     endpoint = await webhooks_api.create(url="http://[zz]/hooks", events=[], description="")
     product = await make_product(store, 3)
@@ -644,7 +644,7 @@ async def test_the_operator_api_refuses_bad_endpoints(client: httpx.AsyncClient)
         {"url": "ftp://example.test/hooks"},
         {"url": "http://127.0.0.1:9/h", "events": ["order.paid"]},
         {"url": "http://127.0.0.1:9/h", "extra": 1},
-        # Each matched the pattern, was stored, and made the worker's runs raise (attack3).
+        # Each matched the pattern, was stored, and made the worker's runs raise.
         {"url": "http://[zz]/hooks"},
         {"url": "http://xn--/hooks"},
         {"url": "http://:0/hooks"},
@@ -733,8 +733,7 @@ async def test_the_worker_logs_no_secret_of_a_receiver_s_url(
     database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver
 ) -> None:
     """httpx logs every request it sends at INFO, the URL whole: with LOG_LEVEL=INFO (the
-    default) each delivery wrote the receiver's credentials and token to the worker's log
-    (attack5)."""
+    default) each delivery wrote the receiver's credentials and token to the worker's log."""
     with running(
         database_url,
         redis_url,

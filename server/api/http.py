@@ -342,7 +342,7 @@ def _invalid(exc: ValidationError, *, echo: bool = False) -> RequestError:
             message = "is not a field of this request"
         elif problem["type"] in ("too_short", "too_long") and isinstance(problem["input"], str):
             # Text checked after a validator of its own (StoredText) is measured as pydantic
-            # measures a list: "at least 1 item"; these are characters (attack7).
+            # measures a list: "at least 1 item"; these are characters.
             short = problem["type"] == "too_short"
             bound = problem.get("ctx", {}).get("min_length" if short else "max_length")
             unit = "character" if bound == 1 else "characters"

@@ -65,8 +65,7 @@ ANONYMOUS = "anon:"
 SIGNED_IN = "shop:"
 # The most `shopper` cookies of one request whose signatures are checked: a browser sends one
 # for each path or domain that set it, a few at most. Each check is an HMAC: a Cookie header
-# of 16 KiB holds 1,300 `shopper=x.y`, which took 30 to 150 ms of the event loop a request
-# (attack5).
+# of 16 KiB holds 1,300 `shopper=x.y`, which took 30 to 150 ms of the event loop a request.
 MAX_SHOPPER_COOKIES = 4
 # Where ShopperCookie leaves what it found in the cookie for `Identities.shopper`.
 _SCOPE_KEY = "flashsale.shopper_cookie"
@@ -200,7 +199,7 @@ class Identities:
         """Until when (Unix seconds, `LEEWAY_S` included) the request's shop token names its
         shopper; None for a request without one. For `WS /ws`, which is told its shopper
         once, at the handshake, and may stay open for days: past this its shopper is
-        nobody's (attack3 finding 5). Only after `shopper_id_or_none` found the token
+        nobody's. Only after `shopper_id_or_none` found the token
         valid: its signature is not checked again here."""
         scheme, _, bearer = connection.headers.get("authorization", "").partition(" ")
         token = bearer.strip()

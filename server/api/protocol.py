@@ -33,13 +33,12 @@ and no timer for a request that arrives in one read). What it adds:
 - **Pipelining**: at most `MAX_PIPELINED` requests sent ahead of their answers wait on one
   connection; the next is refused 429 (uvicorn parses every request of a read and queues
   each, about 1 KB apiece: one read of 256 KiB of `GET /healthz` queued 7,700 of them, 8.7
-  MiB, and each answer let it read another 256 KiB; attack7).
+  MiB, and each answer let it read another 256 KiB).
 - **Refusals in order**: a refusal of a request that came pipelined behind others still
   being answered is written after their answers (`on_response_complete`), as HTTP/1.1 wants
   them in order. Written at once, it went ahead of them and half-closed the connection
   under them: their answers raised `RuntimeError: Cannot call write() after write_eof()`,
-  two ERROR tracebacks (98 log lines) for a request of 49 bytes, and were never sent
-  (attack7).
+  two ERROR tracebacks (98 log lines) for a request of 49 bytes, and were never sent.
 
 Each refusal is one access-log line and a count in `flashsale_http_refusals_total{reason}`.
 """

@@ -477,7 +477,7 @@ def idempotency_key(request: Request) -> str | None:
     """The request's Idempotency-Key, or None; 400 naming the header if it is not 1 to
     `MAX_KEY_LENGTH` printable ASCII characters, or if it is sent more than once: we would
     read the first, and a proxy, cache or log that reads the last (or joins them) would see
-    another request, as with a JSON key named twice (attack8)."""
+    another request, as with a JSON key named twice."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None

@@ -101,5 +101,5 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         logging.getLogger("arq.worker").setLevel(logging.WARNING)
     # httpx logs every request it sends at INFO with its URL whole: each webhook delivery
     # wrote the receiver's credentials and token (`user:password@`, `?token=`) to the
-    # worker's log. What a delivery did is recorded with it, for the console (attack5).
+    # worker's log. What a delivery did is recorded with it, for the console.
     logging.getLogger("httpx").setLevel(logging.WARNING)

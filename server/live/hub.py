@@ -216,8 +216,7 @@ class Client:
         usually): True; or until it is dropped (`SEND_TIMEOUT_SECONDS` at most): False.
         The socket's messages are answered only then: a client that sends and never reads
         is taken no further message, so it cannot grow its backlog (a `join` for each of
-        a million product ids queued an `error` frame for each, for 5 s: attack3 finding
-        3)."""
+        a million product ids queued an `error` frame for each, for 5 s)."""
         while self._sending is not None and not self.closed:
             await asyncio.wait((self._sending,))
         return not self.closed
@@ -446,7 +445,7 @@ class Hub:
         """The shop's token the socket was opened with has expired (`signed_in_until`): it
         is told of its shopper's tickets and of the holds it watched no more. Watching
         them, and joining rooms, it is nobody already (`Client.shopper_now`); it kept
-        being told of those it watched before, for as long as it stayed open (attack5)."""
+        being told of those it watched before, for as long as it stayed open."""
         client.sign_out = None
         if client.closed:
             return

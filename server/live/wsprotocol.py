@@ -27,7 +27,7 @@ it is dropped (RST). uvicorn wrote a pong for every ping, so a client that sent 
 read nothing had them all kept for it in the process's memory (100 MiB of pings, 98 MiB
 kept, however quiet the shop: the hub notices a client that stops reading only when it has
 frames to send), and each ping or pong took the event loop about 30 µs: 64 MiB of them held
-a shopper's request up for 14 s (attack7). Browsers send none; a client's keep-alive pings
+a shopper's request up for 14 s. Browsers send none; a client's keep-alive pings
 come every few seconds. RFC 6455 (§5.5.3) lets an endpoint answer only the latest of several pings.
 
 uvicorn logs each handshake with its path and query as sent (`"WebSocket /ws?ids=3" [accepted]`):

@@ -302,7 +302,7 @@ class Deliverer:
             # The whole attempt within the timeout, the name's lookup included: httpx's own
             # applies to each read and write, so a receiver that sent its answer a byte
             # every few seconds held an attempt (and one of WEBHOOK_CONCURRENCY slots) for
-            # as long as it liked, past the queue's lease (attack3 finding 1).
+            # as long as it liked, past the queue's lease.
             async with (
                 asyncio.timeout(self.timeout_s),
                 self._client.stream(
@@ -319,7 +319,7 @@ class Deliverer:
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
             # InvalidURL and ValueError (an IDNA host's UnicodeError): a URL stored before
             # the API checked that it can be sent to fails each attempt, and the endpoint is
-            # disabled in time, instead of raising out of the run (attack3 finding 2).
+            # disabled in time, instead of raising out of the run.
             status, error = None, f"{type(exc).__name__}: {exc}"[:300]
         (DELIVERED if status is not None and 200 <= status < 300 else FAILED).inc()
         # What the receiver said is stored: a NUL in its body once made PostgreSQL refuse

@@ -225,7 +225,7 @@ class WaitingRoom:
         # is): one that would change nothing (no ticket, or one that has ended) is answered
         # from a read, with no write, no news and no nudge of the admitter. Each was a write
         # transaction, a message to every web process and an admission round at once, for
-        # anyone with a cookie, as often as they liked (attack3 finding 4).
+        # anyone with a cookie, as often as they liked.
         async with self.store.reader() as conn:
             ticket = await waitingroom.get_ticket(conn, product_id, shopper_id)
         if ticket is None:

@@ -564,7 +564,7 @@ def _sendable_url(value: str) -> str:
     """A URL the worker's HTTP client can send to: it parses (`httpx.URL`, as the worker
     does), names a host, and its port (if any) is 1 to 65535. Raises ValueError otherwise.
     "http://[zz]/" or "http://xn--/" matched the pattern, was stored, and made every
-    delivery run of the endpoint raise in the worker instead of failing (attack3)."""
+    delivery run of the endpoint raise in the worker instead of failing."""
     try:
         url = httpx.URL(value)
         url.raw_host.decode("ascii")
