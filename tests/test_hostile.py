@@ -573,20 +573,27 @@ def server_side_send_queue(port: int, client_port: int) -> int | None:
     return None
 
 
+def websocket_that_reads_little(service: Service, target: str) -> socket.socket:
+    """A socket from the attacker's address with a 4 KiB receive buffer that has sent a
+    WebSocket handshake for `target` (a path and query) and read nothing yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((ATTACKER, 0))
+    sock.connect(("127.0.0.1", service.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    return sock
+
+
 async def test_a_websocket_client_that_stops_reading_is_cut_off(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     await big_catalog(database_url, 1_500)  # a snapshot of about 400 KB
     async with service_with_product(database_url, redis_url, tmp_path) as (service, product_id):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.bind((ATTACKER, 0))
-        sock.connect(("127.0.0.1", service.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        sock = websocket_that_reads_little(service, "/ws")
         client_port = sock.getsockname()[1]
         try:
             # It never reads. Changes keep coming; the hub gives up after 5 s without room.
@@ -621,16 +628,7 @@ async def test_a_websocket_client_flooding_pings_is_dropped_and_kept_no_pongs(
     async with service_with_product(database_url, redis_url, tmp_path) as (service, product_id):
         async with Shopper(service, product_id) as shopper:
             before = rss(service)
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.bind((ATTACKER, 0))
-            sock.connect(("127.0.0.1", service.port))
-            key = base64.b64encode(os.urandom(16)).decode()
-            sock.sendall(
-                f"GET /ws?ids={product_id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
+            sock = websocket_that_reads_little(service, f"/ws?ids={product_id}")
             ping = bytes([opcode, 0x80 | 125]) + b"\0\0\0\0" + os.urandom(125)  # masked
             chunk = ping * (MiB // len(ping))
             sock.setblocking(False)

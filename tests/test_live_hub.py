@@ -237,6 +237,26 @@ def states(socket: Socket) -> list[str]:
     return [frame["ticket"]["state"] for frame in tickets]
 
 
+async def pages_counting_reads(
+    catalog: Catalog, room: Room, shoppers: list[str]
+) -> tuple[Hub, dict[str, Socket], list[list[str]]]:
+    """A hub over `room` with a page of each of `shoppers`, identified; and the reads of
+    tickets the hub makes from then on, each the list of shoppers it asked for."""
+    reads: list[list[str]] = []
+    tickets_of = room.tickets_of
+
+    async def counted(product_id: int, shopper_ids: list[str]) -> list[Ticket]:
+        reads.append(list(shopper_ids))
+        return await tickets_of(product_id, shopper_ids)
+
+    room.tickets_of = counted  # type: ignore[method-assign]
+    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
+    pages = {s: Socket() for s in shoppers}
+    for shopper, page in pages.items():
+        await hub.identify(hub.join(page), shopper)  # type: ignore[arg-type]
+    return hub, pages, reads
+
+
 async def test_a_room_that_closes_tells_its_pages_from_the_news_without_reading_it() -> None:
     """A step that closes a room (sold out) names whom it closed and when: their pages are
     told `sold_out` from that alone (every web process read the whole room again, 15,000
@@ -248,18 +268,7 @@ async def test_a_room_that_closes_tells_its_pages_from_the_news_without_reading_
     second = Ticket(5, "anon:b", 20, TicketState.ADMITTED, joined_at=3, pass_expires_at=10**13)
     again = Ticket(5, "anon:c", 30, TicketState.WAITING, joined_at=50)  # after the close
     room = Room(5, [10, 30], [first, second, again])
-    reads: list[list[str]] = []
-    tickets_of = room.tickets_of
-
-    async def counted(product_id: int, shopper_ids: list[str]) -> list[Ticket]:
-        reads.append(list(shopper_ids))
-        return await tickets_of(product_id, shopper_ids)
-
-    room.tickets_of = counted  # type: ignore[method-assign]
-    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
-    pages = {s: Socket() for s in ("anon:a", "anon:b", "anon:c")}
-    for shopper, page in pages.items():
-        await hub.identify(hub.join(page), shopper)  # type: ignore[arg-type]
+    hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a", "anon:b", "anon:c"])
     room.tickets["anon:c"] = Ticket(5, "anon:c", 30, TicketState.SOLD_OUT, 50, ended_at=60)
     news = {"type": "room", "productId": 5, "waiting": 0, "admitted": 0, "shoppers": []}
     hub.publish({**news, "closed": ["anon:a", "anon:b", "anon:c"], "closedAt": 40}, b"")
@@ -307,18 +316,7 @@ async def test_admissions_are_told_from_the_news_without_reading_the_tickets() -
     first = Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)
     later = Ticket(5, "anon:b", 20, TicketState.WAITING, joined_at=50)  # after the step
     room = Room(5, [10, 20], [first, later])
-    reads: list[list[str]] = []
-    tickets_of = room.tickets_of
-
-    async def counted(product_id: int, shopper_ids: list[str]) -> list[Ticket]:
-        reads.append(list(shopper_ids))
-        return await tickets_of(product_id, shopper_ids)
-
-    room.tickets_of = counted  # type: ignore[method-assign]
-    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
-    pages = {s: Socket() for s in ("anon:a", "anon:b")}
-    for shopper, page in pages.items():
-        await hub.identify(hub.join(page), shopper)  # type: ignore[arg-type]
+    hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a", "anon:b"])
     until = 1_796_000_060_000
     room.tickets["anon:b"] = Ticket(
         5, "anon:b", 20, TicketState.ADMITTED, 50, admitted_at=60, pass_expires_at=until
