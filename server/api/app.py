@@ -19,7 +19,7 @@ from server.api import shop as storefront
 from server.api.http import EXCEPTION_HANDLERS
 from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
-from server.api.ratelimit import FailureThrottle, RateLimiter
+from server.api.ratelimit import FailureThrottle, RateLimiter, RecentKeys
 from server.domain.clock import now_ms
 from server.infra.gcpauses import time_gc_pauses
 from server.infra.logs import configure_logging
@@ -168,6 +168,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.hub = hub
             app.state.room = room
             app.state.admitter = admitter
+            app.state.recent_keys = RecentKeys()  # holds made or replayed here (a hint)
             app.state.rate_limiter = (
                 RateLimiter(
                     redis,

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -255,3 +256,28 @@ class FailureThrottle:
             return self._count
         left, at, _ = entry
         return min(self._count, left + (now - at) * self._rate)
+
+
+# Keys of the last holds this process made or replayed (`RecentKeys`): at most 20,000 of at
+# most ~300 characters each, a few MB; only holds made (rate-limited) add new ones.
+RECENT_KEYS = 20_000
+
+
+class RecentKeys:
+    """The scoped keys of the last `most` holds this process made or replayed, oldest
+    forgotten first. A client past its rate limit is answered a replay only for one of these
+    (`server.api.shop`): any other key it sends is refused before the database is asked, so a
+    limited client cannot make the shop read its key index once a request with fresh keys."""
+
+    def __init__(self, most: int = RECENT_KEYS) -> None:
+        self._most = most
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._most:
+            self._keys.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys

@@ -33,7 +33,7 @@ from server.api.http import (
 )
 from server.api.identity import MINTED, Shopper, shopper_of
 from server.api.queue import queue_routes
-from server.api.ratelimit import RateLimiter
+from server.api.ratelimit import RateLimiter, RecentKeys
 from server.api.spec import (
     CACHE_CONTROL,
     DATABASE,
@@ -265,14 +265,15 @@ async def _create_reservation(request: Request) -> Response:
         body.product_id, body.quantity, key, shopper_id=shopper.id if shopper else None
     )
     limiter: RateLimiter | None = request.app.state.rate_limiter
+    recent_keys: RecentKeys = request.app.state.recent_keys
     if limiter is not None:
         client = _limited_as(request, shopper)
         # The limit comes before the database: a client already at its limit (as this
         # process knows without asking anyone) is refused at once, unless its key made a
-        # hold here (`recent_keys`). Otherwise a limited client could make the shop read
+        # hold here (`RecentKeys`). Otherwise a limited client could make the shop read
         # its key index once a request with fresh keys.
         wait = limiter.over(client)
-        if wait is not None and not (key is not None and key in shop.recent_keys):
+        if wait is not None and not (key is not None and key in recent_keys):
             raise _rate_limited(wait)
         # A retry is answered before it is counted (issue 15, item 4): a shopper whose 201
         # was lost must be able to learn their own hold while it lasts. A copy of a request
@@ -281,14 +282,14 @@ async def _create_reservation(request: Request) -> Response:
         replay = await shop.replay(hold)
         if replay is not None:
             assert key is not None, "only a keyed request is a replay"
-            shop.recent_keys.add(key)
+            recent_keys.add(key)
             return await render_reservation(shop, replay, 201, _REPLAYED_HEADERS)
         wait = await limiter.retry_after(client)
         if wait is not None:
             raise _rate_limited(wait)
     held = await shop.reserve(hold)
     if key is not None:
-        shop.recent_keys.add(key)
+        recent_keys.add(key)
     headers = _REPLAYED_HEADERS if held.replayed else None
     return await render_reservation(shop, held, 201, headers)
 

@@ -22,7 +22,8 @@ Where each part is kept:
   one after another (`server.domain.inventory.reserve`);
 - in a web process (`Idempotency`, below): a request that would be refused at once, or
   rate-limited, is first looked up by key (it may have been served), unless its client is
-  already at its rate limit and the key is not one of `RecentKeys` (refused before any
+  already at its rate limit and the key is not one of `server.api.ratelimit.RecentKeys`
+  (refused before any
   lookup); the worker frees keys older than the window, a bounded number per sweep;
 - copies still waiting for the database: `server.service.promises` (`Promises.waiting`).
 """
@@ -30,7 +31,6 @@ Where each part is kept:
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 
 from server.domain import inventory
 from server.domain.clock import now_ms
@@ -49,9 +49,6 @@ WINDOW_MS = inventory.IDEMPOTENCY_WINDOW_MS
 # waiting on SQLite's writer.
 KEYS_PER_SWEEP = 1_000
 KEY_BATCH = 250
-# Keys of the last holds this process made or replayed (`RecentKeys`): at most 20,000 of at
-# most ~300 characters each, a few MB; only holds made (rate-limited) add new ones.
-RECENT_KEYS = 20_000
 
 
 def is_valid_key(key: str) -> bool:
@@ -68,26 +65,6 @@ def scoped_key(caller: str, key: str) -> str:
 def same_request(a: HoldRequest, b: HoldRequest) -> bool:
     """Two requests with one key are copies of one request only if they ask the same."""
     return (a.product_id, a.quantity) == (b.product_id, b.quantity)
-
-
-class RecentKeys:
-    """The scoped keys of the last `most` holds this process made or replayed, oldest
-    forgotten first. A client past its rate limit is answered a replay only for one of these
-    (`server.api.shop`): any other key it sends is refused before the database is asked, so a
-    limited client cannot make the shop read its key index once a request with fresh keys."""
-
-    def __init__(self, most: int = RECENT_KEYS) -> None:
-        self._most = most
-        self._keys: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, key: str) -> None:
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        if len(self._keys) > self._most:
-            self._keys.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
 
 
 class Idempotency:

@@ -39,7 +39,7 @@ from server.infra.metrics import HOLDS_EXPIRED
 from server.service.batching import GroupCommit, Patience
 from server.service.catalog import Catalog
 from server.service.expiry import ExpiryScheduler
-from server.service.idempotency import Idempotency, RecentKeys
+from server.service.idempotency import Idempotency
 from server.service.overdue import OverdueHolds
 from server.service.promises import Promise, Promises
 from server.service.transactions import EventSink, Transactions
@@ -107,7 +107,6 @@ class Shop:
         self._scheduler = scheduler
         self.promises = Promises()
         self._idempotency = Idempotency(store)
-        self.recent_keys = RecentKeys()  # keys of holds made or replayed here (a hint only)
         self._overdue = OverdueHolds(store)
         watchers: list[Callable[[Product], object]] = [self.promises.observe]
         if catalog is not None:
