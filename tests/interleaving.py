@@ -27,6 +27,7 @@ from server.service.batching import Check
 from server.service.catalog import Catalog
 from server.service.shop import Shop, Waiting
 from server.storage.database import Store
+from tests.support import cancel_one
 
 T = TypeVar("T")
 
@@ -240,7 +241,7 @@ class Interleaving:
         if self.taken_elsewhere:
             reservation_id = self.taken_elsewhere.pop(0)
             outcome = await self.elsewhere.write(
-                lambda conn: inventory.cancel(conn, reservation_id, now=now_ms())
+                lambda conn: cancel_one(conn, reservation_id, now=now_ms())
             )
             self._announce(outcome.events)
 

@@ -17,10 +17,11 @@ import asyncpg
 import httpx
 
 from server.api.app import create_app
-from server.domain import inventory, outbox
+from server.domain import inventory, ledger, outbox
 from server.domain.clock import now_ms
-from server.domain.inventory import Stats
-from server.domain.model import HoldRequest, Product, Reservation
+from server.domain.executor import Executor
+from server.domain.inventory import Caller, Stats
+from server.domain.model import HoldRequest, Outcome, Product, Reservation
 from server.infra.settings import Settings
 from server.service.ledger import Ledger
 from server.storage.database import Store, sqlite_path
@@ -236,3 +237,39 @@ async def outbox_bodies(
         )
         for r in rows
     ]
+
+
+# One hold's completion or cancellation, through the batch operations the service uses.
+
+
+async def complete_one(
+    conn: Executor,
+    reservation_id: str,
+    *,
+    now: int,
+    actor: str = ledger.SHOPPER,
+    order_reference: str | None = None,
+    caller: Caller = inventory.ANYONE,
+) -> Outcome[Reservation]:
+    """One hold's `complete_many`: ACTIVE and not yet due → COMPLETED, with its events."""
+    outcomes, events = await inventory.complete_many(
+        conn, [inventory.Completing(reservation_id, actor, order_reference, caller)], now=now
+    )
+    return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)
+
+
+async def cancel_one(
+    conn: Executor,
+    reservation_id: str,
+    *,
+    now: int,
+    actor: str = ledger.SHOPPER,
+    reason: str | None = None,
+    caller: Caller = inventory.ANYONE,
+) -> Outcome[Reservation]:
+    """One hold's `cancel_many`: ACTIVE and not yet due → CANCELLED, units back (and the
+    shopper's allowance), with its events."""
+    outcomes, events = await inventory.cancel_many(
+        conn, [inventory.Cancelling(reservation_id, actor, reason, caller)], now=now
+    )
+    return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)

@@ -24,7 +24,7 @@ from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
 from tests.conftest import PostgresDatabases, Published
-from tests.support import assert_invariant, hold, make_product, recount, stats
+from tests.support import assert_invariant, complete_one, hold, make_product, recount, stats
 
 CHECK_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.CheckViolationError)
 
@@ -222,7 +222,7 @@ async def test_migration_0002_counts_the_holds_already_there(release_one: Store)
         (active,) = await inventory.list_reservations(
             conn, product_id=1, status=Status.ACTIVE, limit=1
         )
-    await release_one.write(lambda conn: inventory.complete(conn, active.id, now=now_ms()))
+    await release_one.write(lambda conn: complete_one(conn, active.id, now=now_ms()))
     assert await stats(release_one, 1) == await recount(release_one, 1)
 
 

@@ -20,7 +20,7 @@ from server.service.idempotency import Idempotency
 from server.service.shop import Shop
 from server.storage.database import Store
 from tests.conftest import PostgresDatabases, Published
-from tests.support import assert_reconciled, hold, make_product
+from tests.support import assert_reconciled, cancel_one, complete_one, hold, make_product
 
 SMALL = history.History(holds=3_000, products=30)
 
@@ -192,7 +192,7 @@ async def test_expiry_and_holds_by_id_are_planned_right_on_stale_statistics(
         async def explained(operation: ByIdOperation, conn: Executor) -> Outcome[Reservation]:
             return await operation(Explaining(conn, plans), hold_id, now=now_ms())
 
-        for operation in (inventory.complete, inventory.cancel, inventory.expire):
+        for operation in (complete_one, cancel_one, inventory.expire):
             await store.write(functools.partial(explained, operation))
         async with store.reader() as conn:
             listed = await inventory.list_reservations(

@@ -35,6 +35,8 @@ from server.domain.model import (
 from server.storage.database import Store
 from tests.support import (
     assert_invariant,
+    cancel_one,
+    complete_one,
     eventually,
     hold,
     make_product,
@@ -165,7 +167,7 @@ async def test_old_idempotency_keys_are_forgotten_in_batches(store: Store) -> No
 async def test_complete_is_idempotent_and_keeps_the_units_sold(store: Store) -> None:
     product = await make_product(store, 5)
     held = await hold(store, product.id, 2)
-    done = await store.write(lambda conn: inventory.complete(conn, held.id, now=now_ms()))
+    done = await store.write(lambda conn: complete_one(conn, held.id, now=now_ms()))
     assert done.result().status is Status.COMPLETED
     stock, changed = done.events
     assert isinstance(changed, ReservationChanged)
@@ -173,7 +175,7 @@ async def test_complete_is_idempotent_and_keeps_the_units_sold(store: Store) -> 
     assert isinstance(stock, StockChanged)
     assert (stock.product.held_units, stock.product.available_stock) == (0, 3)
     assert stock.product.version == product.version + 2  # held, then sold
-    again = await store.write(lambda conn: inventory.complete(conn, held.id, now=now_ms()))
+    again = await store.write(lambda conn: complete_one(conn, held.id, now=now_ms()))
     assert again.result().completed_at == done.result().completed_at
     assert again.events == []
     s = await assert_invariant(store, product.id)
@@ -185,7 +187,7 @@ async def test_a_hold_past_its_expiry_can_never_be_completed(store: Store) -> No
     overdue = await hold(store, product.id, 2, now=now_ms() - 10_000, hold_ms=1_000)
     # No job has run: the hold is still ACTIVE in the database.
     assert (await reservation(store, overdue.id)).status is Status.ACTIVE
-    refused = await store.write(lambda conn: inventory.complete(conn, overdue.id, now=now_ms()))
+    refused = await store.write(lambda conn: complete_one(conn, overdue.id, now=now_ms()))
     with pytest.raises(ReservationExpired, match="expired"):
         refused.result()
     # ...and refusing it expired it on the spot, units back.
@@ -198,13 +200,13 @@ async def test_complete_and_cancel_answer_for_holds_in_other_states(store: Store
     product = await make_product(store, 5)
     cancelled = await hold(store, product.id, 1)
     completed = await hold(store, product.id, 1)
-    await store.write(lambda conn: inventory.cancel(conn, cancelled.id, now=now_ms()))
-    await store.write(lambda conn: inventory.complete(conn, completed.id, now=now_ms()))
+    await store.write(lambda conn: cancel_one(conn, cancelled.id, now=now_ms()))
+    await store.write(lambda conn: complete_one(conn, completed.id, now=now_ms()))
     refusals: list[tuple[Callable[..., Awaitable[Outcome[Reservation]]], str, type[Exception]]] = [
-        (inventory.complete, cancelled.id, ReservationCancelled),
-        (inventory.cancel, completed.id, ReservationCompleted),
-        (inventory.complete, "x" * 22, ReservationNotFound),
-        (inventory.cancel, "x" * 22, ReservationNotFound),
+        (complete_one, cancelled.id, ReservationCancelled),
+        (cancel_one, completed.id, ReservationCompleted),
+        (complete_one, "x" * 22, ReservationNotFound),
+        (cancel_one, "x" * 22, ReservationNotFound),
     ]
     for operation, reservation_id, error in refusals:
         with pytest.raises(error):
@@ -223,8 +225,8 @@ async def test_a_batch_of_completes_answers_each_request_in_order(store: Store) 
     bought = await hold(store, one.id, 1)
     cancelled = await hold(store, two.id, 1)
     overdue = await hold(store, one.id, 3, now=now_ms() - 10_000, hold_ms=1_000)
-    await store.write(lambda conn: inventory.complete(conn, bought.id, now=now_ms()))
-    await store.write(lambda conn: inventory.cancel(conn, cancelled.id, now=now_ms()))
+    await store.write(lambda conn: complete_one(conn, bought.id, now=now_ms()))
+    await store.write(lambda conn: cancel_one(conn, cancelled.id, now=now_ms()))
     before = {p.id: (await stats(store, p.id)) for p in (one, two)}
     requests = [
         inventory.Completing(mine.id),
@@ -313,7 +315,7 @@ async def test_cancel_restores_the_units_once(store: Store) -> None:
     product = await make_product(store, 5)
     held = await hold(store, product.id, 3)
     for _ in range(3):
-        outcome = await store.write(lambda conn: inventory.cancel(conn, held.id, now=now_ms()))
+        outcome = await store.write(lambda conn: cancel_one(conn, held.id, now=now_ms()))
         assert outcome.result().status is Status.CANCELLED
     s = await assert_invariant(store, product.id)
     assert (s.available, s.held, s.cancelled) == (5, 0, 3)

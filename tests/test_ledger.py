@@ -22,7 +22,15 @@ from server.infra.settings import Settings
 from server.service.ledger import Ledger
 from server.storage import migrate
 from server.storage.database import Store
-from tests.support import assert_reconciled, hold, make_product, outbox_bodies, serve
+from tests.support import (
+    assert_reconciled,
+    cancel_one,
+    complete_one,
+    hold,
+    make_product,
+    outbox_bodies,
+    serve,
+)
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -46,8 +54,8 @@ async def test_every_movement_writes_a_row_with_the_units_after_it(store: Store)
     product = await make_product(store, 5)
     first = await hold(store, product.id, 2)
     second = await hold(store, product.id, 1)
-    await store.write(lambda conn: inventory.complete(conn, first.id, now=now_ms(), actor="shop"))
-    await store.write(lambda conn: inventory.cancel(conn, second.id, now=now_ms()))
+    await store.write(lambda conn: complete_one(conn, first.id, now=now_ms(), actor="shop"))
+    await store.write(lambda conn: cancel_one(conn, second.id, now=now_ms()))
     late = await hold(store, product.id, 3, now=now_ms() - 10_000, hold_ms=1_000)
     await store.write(lambda conn: inventory.expire_overdue(conn, now=now_ms()))
     await store.write(lambda conn: inventory.restock(conn, product.id, 4, now=now_ms()))
@@ -161,9 +169,9 @@ async def test_the_outbox_gets_the_events_of_the_same_transaction(store: Store) 
     product = await make_product(store, 2)
     first = await hold(store, product.id, 1)
     second = await hold(store, product.id, 1)  # the last unit: sold out
-    await store.write(lambda conn: inventory.cancel(conn, first.id, now=now_ms()))  # back
+    await store.write(lambda conn: cancel_one(conn, first.id, now=now_ms()))  # back
     await store.write(
-        lambda conn: inventory.complete(
+        lambda conn: complete_one(
             conn, second.id, now=now_ms(), actor="shop", order_reference="A-17"
         )
     )
@@ -196,12 +204,12 @@ async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: S
     first = await hold(store, product.id, 1)
     second = await hold(store, product.id, 1)
     await store.write(
-        lambda conn: inventory.cancel(
+        lambda conn: cancel_one(
             conn, first.id, now=now_ms(), actor="operator", reason="Réservé — «test»"
         )
     )
     await store.write(
-        lambda conn: inventory.complete(conn, second.id, now=now_ms(), order_reference="A-17")
+        lambda conn: complete_one(conn, second.id, now=now_ms(), order_reference="A-17")
     )
     await store.write(lambda conn: inventory.reduce_stock(conn, product.id, 1, now=now_ms()))
     async with store.reader() as conn:

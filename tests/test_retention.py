@@ -15,7 +15,7 @@ from server.service.retention import Retention
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from tests.receiver import Receiver
-from tests.support import assert_reconciled, hold, make_product
+from tests.support import assert_reconciled, cancel_one, complete_one, hold, make_product
 
 
 async def count(store: Store, table: str, where: str = "1 = 1") -> int:
@@ -37,7 +37,7 @@ async def test_old_rows_go_in_bounded_batches_and_the_books_still_add_up(
     for _ in range(30):
         done = await hold(store, product.id, 1, now=old)
         await store.write(
-            lambda conn, r=done.id: inventory.complete(conn, r, now=old + 1_000)  # type: ignore[misc]
+            lambda conn, r=done.id: complete_one(conn, r, now=old + 1_000)  # type: ignore[misc]
         )
     still_open = await hold(store, product.id, 1, now=old)
     recent = await hold(store, product.id, 1, key="today")
@@ -74,7 +74,7 @@ async def test_what_is_not_done_with_stays(store: Store, receiver: Receiver) -> 
     product = await make_product(store, 10)
     old = now_ms() - 100 * DAY_MS
     made = await hold(store, product.id, 1, now=old)
-    await store.write(lambda conn: inventory.cancel(conn, made.id, now=old + 1))
+    await store.write(lambda conn: cancel_one(conn, made.id, now=old + 1))
     # Not delivered (no worker ran), not reconciled: the events and the rows wait.
     removed = await Retention(store, days=90).run()
     assert removed["stock_ledger"] == 0

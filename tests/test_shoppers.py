@@ -37,7 +37,15 @@ from server.infra.settings import Settings
 from server.service.shop import RECENT_HOLDS_COUNTED
 from server.storage import migrate
 from server.storage.database import Store
-from tests.support import assert_invariant, assert_reconciled, make_product, serve, stats
+from tests.support import (
+    assert_invariant,
+    assert_reconciled,
+    cancel_one,
+    complete_one,
+    make_product,
+    serve,
+    stats,
+)
 from tests.test_api import TOKEN, app_settings, assert_error
 from tests.test_live import socket_to
 
@@ -485,9 +493,7 @@ async def test_expiry_gives_the_allowance_back_by_every_path(store: Store) -> No
     assert await units("anon:a") == {product.id: 1}
     await store.write(lambda conn: inventory.expire(conn, job, now=now_ms()))
     await store.write(lambda conn: inventory.expire_overdue(conn, now=now_ms(), limit=1))
-    late = await store.write(
-        lambda conn: inventory.complete(conn, lazy, now=now_ms(), caller="anon:c")
-    )
+    late = await store.write(lambda conn: complete_one(conn, lazy, now=now_ms(), caller="anon:c"))
     assert late.error is not None
     assert late.error.code == "reservation_expired"
     async with store.reader() as conn:
@@ -614,10 +620,10 @@ async def test_allowance_rows_only_while_a_product_has_a_limit(store: Store) -> 
             return await inventory.shopper_units(conn, shopper)
 
     bought = await hold("anon:a", 2, at=now_ms())
-    await store.write(lambda conn: inventory.complete(conn, bought, now=now_ms()))
+    await store.write(lambda conn: complete_one(conn, bought, now=now_ms()))
     await hold("anon:a", 1, at=now_ms())
     cancelled = await hold("anon:b", 3, at=now_ms())
-    await store.write(lambda conn: inventory.cancel(conn, cancelled, now=now_ms()))
+    await store.write(lambda conn: cancel_one(conn, cancelled, now=now_ms()))
     expired = await hold("anon:b", 1, at=past, hold_ms=1_000)
     await store.write(lambda conn: inventory.expire(conn, expired, now=now_ms()))
     await hold("anon:c", 1, at=now_ms())

@@ -17,7 +17,7 @@ from server.domain.model import HoldRequest
 from server.infra.settings import Settings
 from server.storage.database import Store
 from server.wire.schemas import HistoryOut
-from tests.support import serve
+from tests.support import complete_one, serve
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 T0 = 1_900_000_000_000  # a whole second, in 2030
@@ -60,12 +60,12 @@ async def a_sale(store: Store) -> int:
 
     first = await hold(3, T0 + 200)
     await hold(2, T0 + 1_500)
-    await write(lambda conn: inventory.complete(conn, first, now=T0 + 2_100))
+    await write(lambda conn: complete_one(conn, first, now=T0 + 2_100))
     await store.write(lambda conn: inventory.expire_overdue(conn, now=T0 + 4_000))
     third = await hold(5, T0 + 4_500)
-    await write(lambda conn: inventory.complete(conn, third, now=T0 + 6_000))
+    await write(lambda conn: complete_one(conn, third, now=T0 + 6_000))
     last = await hold(2, T0 + 8_000)
-    await write(lambda conn: inventory.complete(conn, last, now=T0 + 8_000))
+    await write(lambda conn: complete_one(conn, last, now=T0 + 8_000))
     return product.id
 
 

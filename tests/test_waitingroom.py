@@ -26,7 +26,7 @@ from server.domain.waitingroom import Admission, RoomChanged, Ticket, TicketStat
 from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
 from server.wire.schemas import ticket_view
-from tests.support import assert_invariant, assert_reconciled
+from tests.support import assert_invariant, assert_reconciled, cancel_one, complete_one
 
 START = 1_900_000_000_000  # the sale's start, ms
 PASS_MS = 60_000
@@ -494,7 +494,7 @@ async def test_a_waitlist_gates_only_while_someone_is_in_line(store: Store) -> N
     await join_many(store, product.id, ["anon:w"], at=START + 10)
     with pytest.raises(NotAdmitted):  # someone is in line: the unit coming back is theirs
         await reserve(store, product.id, "anon:other", now=START + 20)
-    await store.write(lambda conn: inventory.cancel(conn, held.reservation.id, now=START + 30))
+    await store.write(lambda conn: cancel_one(conn, held.reservation.id, now=START + 30))
     admitted = await step(store, product.id, now=START + 31)
     assert [t.shopper_id for t in admitted.admitted] == ["anon:w"]
     await reserve(store, product.id, "anon:w", now=START + 40)
@@ -550,7 +550,7 @@ async def test_the_room_closes_when_the_last_unit_is_sold(store: Store) -> None:
     await join_many(store, product.id, people, at=START - 1000)
     await step(store, product.id, now=START)
     held = await reserve(store, product.id, people[0], now=START + 1)
-    await store.write(lambda conn: inventory.complete(conn, held.reservation.id, now=START + 2))
+    await store.write(lambda conn: complete_one(conn, held.reservation.id, now=START + 2))
     end = await step(store, product.id, now=START + 3)
     assert sorted(t.shopper_id for t in end.closed) == people[1:]
     assert end.waiting == 0
@@ -721,7 +721,7 @@ async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> 
         assert [t.shopper_id for t in admitted] == ["anon:first"]
         held = await reserve(store, product.id, "anon:first", now=now_ms())
         sold = held.reservation.id
-        await store.write(lambda conn: inventory.complete(conn, sold, now=now_ms()))
+        await store.write(lambda conn: complete_one(conn, sold, now=now_ms()))
         closed = await step(store, product.id, now=now_ms())
         assert {t.shopper_id for t in closed.closed} == {"anon:a", "anon:b"}
         news.clear()
@@ -780,7 +780,7 @@ async def test_the_count_of_those_waiting_equals_a_recount_after_every_change(
         held = await reserve(store, product.id, t.shopper_id, now=START + PASS_MS + 20)
         sold = held.reservation.id
         await store.write(
-            lambda conn: inventory.complete(conn, sold, now=START + PASS_MS + 21)  # noqa: B023
+            lambda conn: complete_one(conn, sold, now=START + PASS_MS + 21)  # noqa: B023
         )
     done = await step(store, product.id, now=START + PASS_MS + 30)  # sold out: closed
     assert len(done.closed) == 3

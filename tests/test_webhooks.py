@@ -36,7 +36,15 @@ from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.receiver import Receiver
-from tests.support import assert_reconciled, eventually, hold, make_product, serve
+from tests.support import (
+    assert_reconciled,
+    cancel_one,
+    complete_one,
+    eventually,
+    hold,
+    make_product,
+    serve,
+)
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -104,11 +112,11 @@ async def sale(store: Store, products: int = 2, holds: int = 50) -> dict[str, in
 
 
 async def _complete(conn: Executor, reservation_id: str) -> Outcome[Reservation]:
-    return await inventory.complete(conn, reservation_id, now=now_ms())
+    return await complete_one(conn, reservation_id, now=now_ms())
 
 
 async def _cancel(conn: Executor, reservation_id: str) -> Outcome[Reservation]:
-    return await inventory.cancel(conn, reservation_id, now=now_ms())
+    return await cancel_one(conn, reservation_id, now=now_ms())
 
 
 async def test_every_event_arrives_once_signed_and_in_order(
@@ -258,7 +266,7 @@ async def test_an_endpoint_gets_only_the_events_it_asked_for(
     product = await make_product(store, 2)
     first = await hold(store, product.id, 1)
     await hold(store, product.id, 1)
-    await store.write(lambda conn: inventory.complete(conn, first.id, now=now_ms()))
+    await store.write(lambda conn: complete_one(conn, first.id, now=now_ms()))
     sender = deliverer(store)
     try:
         await sender.drain()

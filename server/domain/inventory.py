@@ -1085,22 +1085,6 @@ async def _sell(
     return product
 
 
-async def complete(
-    conn: Executor,
-    reservation_id: str,
-    *,
-    now: int,
-    actor: str = ledger.SHOPPER,
-    order_reference: str | None = None,
-    caller: Caller = ANYONE,
-) -> Outcome[Reservation]:
-    """One hold's `complete_many`: ACTIVE and not yet due → COMPLETED, with its events."""
-    outcomes, events = await complete_many(
-        conn, [Completing(reservation_id, actor, order_reference, caller)], now=now
-    )
-    return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)
-
-
 def _cancelled_by(actor: str) -> str:
     """Who cancelled, as the hold keeps it (`cancelled_by`): `shopper` or `operator`."""
     return ledger.OPERATOR if actor == ledger.OPERATOR else ledger.SHOPPER
@@ -1137,23 +1121,6 @@ async def cancel_many(
     return await _end_many(
         conn, requests, now=now, ends_as=Status.CANCELLED, group=group, move=give_back
     )
-
-
-async def cancel(
-    conn: Executor,
-    reservation_id: str,
-    *,
-    now: int,
-    actor: str = ledger.SHOPPER,
-    reason: str | None = None,
-    caller: Caller = ANYONE,
-) -> Outcome[Reservation]:
-    """One hold's `cancel_many`: ACTIVE and not yet due → CANCELLED, units back (and the
-    shopper's allowance), with its events."""
-    outcomes, events = await cancel_many(
-        conn, [Cancelling(reservation_id, actor, reason, caller)], now=now
-    )
-    return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)
 
 
 async def expire(

@@ -4,7 +4,7 @@ expires what is due (`Expirer`).
 Where the rest of expiry is kept: a hold past its `expiresAt` *reads* EXPIRED at once
 (`server.domain.model.Reservation.effective_status`); the transitions that expire it and
 restore its units, each gated on `status = 'ACTIVE'` so that it happens once
-(`server.domain.inventory.expire`, `expire_overdue`, and `complete`/`cancel` refusing an
+(`server.domain.inventory.expire`, `expire_overdue`, and `complete_many`/`cancel_many` refusing an
 overdue hold); the jobs and the sweeper that call `Expirer` (`jobs/worker.py`).
 
 Scheduling the deferred jobs that expire holds on time.
