@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 from pydantic_core import from_json, to_json
 
 import server.api
-from server.api.http import RequestError, parse_params
+from server.api.http import MAX_DETAILS, RequestError, parse_params
 from server.domain import text
 from server.domain.model import Product, Reservation, Status
 from server.domain.text import problem
@@ -336,6 +336,23 @@ async def test_an_idempotency_key_sent_twice_is_400_and_holds_nothing(api: Api) 
     error = assert_error(response, 400, "invalid_request")
     assert error["details"][0]["field"] == "Idempotency-Key", error
     assert "once; 2 were sent" in error["message"], error
+    s = await stats(api.store, product.id)
+    assert (s.available, s.held) == (5, 0)
+
+
+async def test_a_body_of_many_unknown_fields_is_refused_listing_only_the_first(api: Api) -> None:
+    """A 16 KiB body can name ~1,700 unknown fields; listing each cost the event loop ~0.1 s
+    and answered 100 KB (attack8). The refusal lists the first MAX_DETAILS and says how many
+    there were; nothing is held."""
+    product = await make_product(api.store, 5)
+    body = {"productId": product.id, "quantity": 1} | {f"k{i}": 1 for i in range(1500)}
+    response = await api.client.post("/api/reservations", json=body)
+    error = assert_error(response, 400, "invalid_request")
+    assert len(error["details"]) == MAX_DETAILS, len(error["details"])
+    assert [d["field"] for d in error["details"]] == [f"k{i}" for i in range(MAX_DETAILS)]
+    assert error["message"].startswith("k0: is not a field of this request."), error
+    assert f"There are 1500 problems; the first {MAX_DETAILS} are listed." in error["message"]
+    assert len(response.content) < 4096
     s = await stats(api.store, product.id)
     assert (s.available, s.held) == (5, 0)
 
