@@ -557,6 +557,32 @@ async def test_the_operator_api_refuses_a_receiver_on_the_local_network(
     assert public.status_code == 201, public.text
 
 
+async def test_events_with_no_endpoint_are_passed_over_and_a_later_endpoint_gets_later_ones(
+    store: Store, receiver: Receiver
+) -> None:
+    """With no endpoint enabled, a dispatch marks every waiting event in one statement (none
+    is read back): none of them is ever sent, and an endpoint registered afterwards gets the
+    events committed after it, in order, as one registered all along would."""
+    product = await make_product(store, 10)
+    for _ in range(3):
+        await hold(store, product.id, 1)
+    taken = await store.write(lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=100))
+    assert taken == 0
+    async with store.reader() as conn:
+        left = await conn.fetch_one("SELECT COUNT(*) AS n FROM outbox WHERE dispatched_at IS NULL")
+    assert left is not None
+    assert int(left["n"]) == 0
+    await register(store, receiver)
+    await hold(store, product.id, 2)
+    sender = deliverer(store)
+    try:
+        await sender.drain()
+    finally:
+        await sender.stop()
+    assert receiver.types() == {"reservation.created": 1}
+    assert [e.body["data"]["reservation"]["quantity"] for e in receiver.received] == [2]
+
+
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
     for failures, ceiling in ((1, 5_000), (2, 10_000), (3, 20_000), (20, 3_600_000)):
         for _ in range(20):

@@ -176,13 +176,15 @@ class Deliverer:
     async def step(self) -> int:
         """One turn: dispatch new events, then lease as many queues as there is room for and
         start sending from them (tasks of their own). Returns the runs started."""
-        while (
-            await self.store.write(
-                lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=DISPATCH_BATCH)
-            )
-            == DISPATCH_BATCH
-        ):
-            pass
+        while True:
+            try:
+                taken = await self.store.write(
+                    lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=DISPATCH_BATCH)
+                )
+            except webhooks.EndpointsChanged:
+                continue  # rolled back: dispatched again, to the new endpoint
+            if taken < DISPATCH_BATCH:
+                break
         room = self.concurrency - len(self._runs)
         if room <= 0:
             return 0
