@@ -13,9 +13,10 @@ import random
 import socket
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -27,7 +28,7 @@ from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import ADMIN_TOKEN, Service, running
 from server.domain import inventory, outbox, webhooks
 from server.domain.clock import now_ms
-from server.domain.executor import Executor
+from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.model import HoldRequest, Outcome, Reservation
 from server.infra.settings import Settings
 from server.service.delivery import Deliverer, backoff_ms
@@ -566,8 +567,10 @@ async def test_events_with_no_endpoint_are_passed_over_and_a_later_endpoint_gets
     product = await make_product(store, 10)
     for _ in range(3):
         await hold(store, product.id, 1)
-    taken = await store.write(lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=100))
-    assert taken == 0
+    dispatched = await store.write(
+        lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=100, expect_endpoints=False)
+    )
+    assert dispatched == webhooks.Dispatched(0, ())
     async with store.reader() as conn:
         left = await conn.fetch_one("SELECT COUNT(*) AS n FROM outbox WHERE dispatched_at IS NULL")
     assert left is not None
@@ -581,6 +584,73 @@ async def test_events_with_no_endpoint_are_passed_over_and_a_later_endpoint_gets
         await sender.stop()
     assert receiver.types() == {"reservation.created": 1}
     assert [e.body["data"]["reservation"]["quantity"] for e in receiver.received] == [2]
+
+
+class CountingReads:
+    """An Executor that runs everything on `conn` and keeps the text of each statement."""
+
+    def __init__(self, conn: Executor) -> None:
+        self._conn = conn
+        self.statements: list[str] = []
+
+    def touching(self, table: str) -> list[str]:
+        return [sql for sql in self.statements if table in sql]
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        self.statements.append(sql)
+        return await self._conn.fetch_all(sql, values)
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        self.statements.append(sql)
+        return await self._conn.fetch_one(sql, values)
+
+    async def execute(self, sql: str, values: Values | None = None) -> None:
+        self.statements.append(sql)
+        await self._conn.execute(sql, values)
+
+    async def insert_rows(
+        self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        self.statements.append(f"insert_rows {table}")
+        await self._conn.insert_rows(table, columns, rows)
+
+    async def insert_many(self, parts: Sequence[TableRows]) -> None:
+        self.statements.extend(f"insert_many {table}" for table, _, _ in parts)
+        await self._conn.insert_many(parts)
+
+
+async def test_a_dispatch_reads_the_endpoints_once(store: Store, receiver: Receiver) -> None:
+    """The endpoints table is read once a dispatch, whichever way it takes the events: with
+    endpoints enabled, the one read after taking the events both decides and hands out
+    (it was a probe, then the hand-out's read); with none expected, the one read after
+    marking the events (it was a probe before and after)."""
+    product = await make_product(store, 10)
+    counted: list[CountingReads] = []
+
+    async def dispatch(conn: Executor, expect: bool) -> webhooks.Dispatched:
+        counting = CountingReads(conn)
+        counted.append(counting)
+        return await webhooks.dispatch(counting, now=now_ms(), limit=100, expect_endpoints=expect)
+
+    await hold(store, product.id, 1)
+    nothing = await store.write(functools.partial(dispatch, expect=False))
+    assert nothing == webhooks.Dispatched(0, ())
+    endpoint_id = await register(store, receiver)
+    for quantity in (1, 2):
+        await hold(store, product.id, quantity)
+    found = await store.write(functools.partial(dispatch, expect=True))
+    assert found.taken == 2
+    assert [e.id for e in found.endpoints] == [endpoint_id]
+    idle = await store.write(functools.partial(dispatch, expect=True))
+    assert idle.taken == 0
+    assert [e.id for e in idle.endpoints] == [endpoint_id]
+    for counting in counted:
+        assert len(counting.touching("webhook_endpoints")) == 1, counting.statements
+    async with store.reader() as conn:
+        rows = await conn.fetch_all(
+            "SELECT type FROM webhook_deliveries WHERE endpoint_id = :e", {"e": endpoint_id}
+        )
+    assert [row["type"] for row in rows] == ["reservation.created"] * 2
 
 
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:

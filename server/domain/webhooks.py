@@ -265,34 +265,56 @@ async def redeliver(conn: Executor, endpoint_id: int, event_id: str, *, now: int
 
 
 class EndpointsChanged(Exception):
-    """An endpoint was enabled while `dispatch` marked events as having none to go to: the
-    caller's transaction must be rolled back (raising this does) and the dispatch run again."""
+    """`dispatch` was told to expect no endpoint and found one enabled after marking the
+    waiting events as having none to go to: the caller's transaction must be rolled back
+    (raising this does) and the dispatch run again, expecting endpoints."""
 
 
-async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    """What a `dispatch` did: `taken`, the events it read back and marked (0: none was
+    waiting, or none was read back because no endpoint is enabled); `endpoints`, the
+    enabled endpoints as it read them (once, after taking the events)."""
+
+    taken: int
+    endpoints: tuple[Endpoint, ...]
+
+
+async def dispatch(
+    conn: Executor, *, now: int, limit: int, expect_endpoints: bool = True
+) -> Dispatched:
     """Hand up to `limit` undispatched events, in order per product, to the enabled
-    endpoints that want them; returns how many events were taken (0: none was waiting).
+    endpoints that want them.
 
-    An endpoint gets the events committed after it was registered. With no endpoint
-    enabled, every waiting event is marked dispatched in one statement and 0 is returned:
-    reading each event back, naming it and sorting it cost the worker about 60 µs a hold on
-    SQLite, in write transactions beside the web's writer (the bench's `paths`, a shop with
-    no endpoint). Raises EndpointsChanged when an endpoint was enabled meanwhile (possible
-    on PostgreSQL, where a registration can commit between the two reads)."""
-    if not await _any_enabled(conn):
+    An endpoint gets the events committed after it was registered: the enabled endpoints
+    are read once, after the events are taken (an endpoint not yet seen then committed after
+    every event taken). `expect_endpoints` (the last dispatch's finding; True if unknown)
+    chooses how the events are taken:
+
+    - True: the waiting events are read back, marked and handed out.
+    - False: every waiting event is marked dispatched in one statement, none read back:
+      reading each event back, naming it and sorting it cost the worker about 60 µs a hold
+      on SQLite, in write transactions beside the web's writer (the bench's `paths`, a shop
+      with no endpoint). If an endpoint is enabled after all (registered since the last
+      dispatch, or on PostgreSQL while this one ran), raises EndpointsChanged: the caller
+      rolls back and dispatches again with True, and the endpoint gets its events.
+
+    Either way the endpoints table is read once."""
+    if not expect_endpoints:
         await conn.execute(
             "UPDATE outbox SET dispatched_at = :now WHERE dispatched_at IS NULL", {"now": now}
         )
-        if await _any_enabled(conn):
+        found = await endpoints_enabled(conn)
+        if found:
             raise EndpointsChanged
-        return 0
+        return Dispatched(0, ())
     waiting = await conn.fetch_all(
         "SELECT product_id, version, seq FROM outbox WHERE dispatched_at IS NULL "
         "ORDER BY product_id, version, seq LIMIT :limit",
         {"limit": limit},
     )
     if not waiting:
-        return 0
+        return Dispatched(0, tuple(await endpoints_enabled(conn)))
     # Per product, the events up to the last one read: a product's events commit in order,
     # so that is exactly those read (a later commit has a later version).
     last: dict[int, tuple[int, int]] = {}
@@ -352,7 +374,7 @@ async def dispatch(conn: Executor, *, now: int, limit: int) -> int:
             "SET pending = webhook_queues.pending + excluded.pending",
             {"e": endpoint_id, "p": product_id, "n": count},
         )
-    return len(waiting)
+    return Dispatched(len(waiting), tuple(active))
 
 
 async def id_key(conn: Executor) -> bytes:
@@ -369,14 +391,8 @@ async def id_key(conn: Executor) -> bytes:
     return bytes.fromhex(str(row["secret"]))
 
 
-async def _any_enabled(conn: Executor) -> bool:
-    return (
-        await conn.fetch_one("SELECT 1 FROM webhook_endpoints WHERE enabled = 1 LIMIT 1")
-        is not None
-    )
-
-
 async def endpoints_enabled(conn: Executor) -> list[Endpoint]:
+    """The enabled endpoints, by id (without their pending counts)."""
     rows = await conn.fetch_all(
         f"SELECT {ENDPOINT} FROM webhook_endpoints WHERE enabled = 1 ORDER BY id"
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -42,6 +43,7 @@ from standardwebhooks import Webhook
 
 from server.domain import text, webhooks
 from server.domain.clock import now_ms
+from server.domain.executor import Executor
 from server.domain.webhooks import Attempt, Endpoint, Outgoing, Run
 from server.infra.metrics import (
     WEBHOOK_DELIVERIES,
@@ -118,6 +120,11 @@ class Deliverer:
         )
         self._signers: dict[str, Webhook] = {}
         self._endpoints: dict[int, Endpoint] = {}
+        # Whether the last dispatch found an endpoint enabled (webhooks.dispatch: a shop
+        # with none has its events passed over in one statement each turn). Until the first
+        # dispatch, none is expected: if there is one, that dispatch is rolled back and run
+        # again expecting it.
+        self._expect_endpoints = False
         self._runs: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -178,20 +185,24 @@ class Deliverer:
         start sending from them (tasks of their own). Returns the runs started."""
         while True:
             try:
-                taken = await self.store.write(
-                    lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=DISPATCH_BATCH)
+                dispatched = await self.store.write(
+                    functools.partial(_dispatch, expect_endpoints=self._expect_endpoints)
                 )
             except webhooks.EndpointsChanged:
-                continue  # rolled back: dispatched again, to the new endpoint
-            if taken < DISPATCH_BATCH:
+                self._expect_endpoints = True  # rolled back: dispatched again, to it
+                continue
+            # The endpoints the dispatch read, after taking its events: those the runs
+            # leased below send to, and what the next dispatch expects.
+            self._endpoints = {e.id: e for e in dispatched.endpoints}
+            self._expect_endpoints = bool(dispatched.endpoints)
+            if dispatched.taken < DISPATCH_BATCH:
                 break
         room = self.concurrency - len(self._runs)
         if room <= 0:
             return 0
-        async with self.store.reader() as conn:
-            self._endpoints = {e.id: e for e in await webhooks.endpoints_enabled(conn)}
-            if time.monotonic() - self._pending_checked > 5:
-                self._pending_checked = time.monotonic()
+        if time.monotonic() - self._pending_checked > 5:
+            self._pending_checked = time.monotonic()
+            async with self.store.reader() as conn:
                 WEBHOOK_PENDING.set(await webhooks.pending_total(conn))
         runs = await self.store.write(
             lambda conn: webhooks.lease(
@@ -334,6 +345,13 @@ class Deliverer:
         if signer is None:
             signer = self._signers[secret] = Webhook(secret)
         return signer
+
+
+async def _dispatch(conn: Executor, *, expect_endpoints: bool) -> webhooks.Dispatched:
+    """One dispatch of up to DISPATCH_BATCH events, timed inside its transaction."""
+    return await webhooks.dispatch(
+        conn, now=now_ms(), limit=DISPATCH_BATCH, expect_endpoints=expect_endpoints
+    )
 
 
 def shown_url(url: str) -> str:
