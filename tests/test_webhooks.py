@@ -653,6 +653,84 @@ async def test_a_dispatch_reads_the_endpoints_once(store: Store, receiver: Recei
     assert [row["type"] for row in rows] == ["reservation.created"] * 2
 
 
+async def test_an_endpoint_registered_since_the_last_dispatch_gets_the_events_after_it(
+    store: Store, receiver: Receiver
+) -> None:
+    """The worker learns from a dispatch that no endpoint is enabled, and passes over the
+    next turn's events unread. An endpoint registered meanwhile, and an event committed after
+    it, are found by that next dispatch once it has marked the events: it is rolled back
+    (EndpointsChanged) and run again, and the event is sent."""
+    product = await make_product(store, 10)
+    await hold(store, product.id, 1)
+    sender = deliverer(store)
+    try:
+        assert await sender.step() == 0  # no endpoint: the worker expects none now
+        async with store.reader() as conn:
+            marked = await conn.fetch_one(
+                "SELECT COUNT(*) AS n FROM outbox WHERE dispatched_at IS NULL"
+            )
+        assert marked is not None
+        assert int(marked["n"]) == 0
+        await register(store, receiver)
+        await hold(store, product.id, 3)
+        await sender.drain()
+    finally:
+        await sender.stop()
+    assert [e.body["data"]["reservation"]["quantity"] for e in receiver.received] == [3]
+
+
+@pytest.mark.postgres
+async def test_an_endpoint_enabled_while_a_dispatch_marks_events_rolls_it_back(
+    database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: an endpoint enabled by another connection while the worker's dispatch,
+    expecting none, has marked the waiting events and not yet read the endpoints. The
+    dispatch sees it, rolls back and runs again, and the endpoint gets the event it wants
+    (one made after it, by its time). The race is driven by a hook between the two
+    statements, not by timing: the endpoint is enabled there, on a connection of its own."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite's writer runs one write transaction at a time")
+    store = Store(database_url)
+    other = Store(database_url)
+    await store.connect()
+    await other.connect()
+    try:
+        product = await make_product(store, 10)
+        endpoint_id = await register(store, receiver)
+        await Webhooks(store).set_enabled(endpoint_id, enabled=False)
+        # An event made a minute on, so that the endpoint (enabled, hence wanting events
+        # made from its registration on, with any registration time before it) wants it.
+        await hold(store, product.id, 2, now=now_ms() + 60_000)
+        rolled_back = 0
+        real = webhooks.dispatch
+
+        class EnablingAfterTheMark(CountingReads):
+            async def execute(self, sql: str, values: Values | None = None) -> None:
+                await super().execute(sql, values)
+                if sql.startswith("UPDATE outbox SET dispatched_at") and not rolled_back:
+                    await Webhooks(other).set_enabled(endpoint_id, enabled=True)
+
+        async def hooked(conn: Executor, **options: Any) -> webhooks.Dispatched:
+            nonlocal rolled_back
+            try:
+                return await real(EnablingAfterTheMark(conn), **options)
+            except webhooks.EndpointsChanged:
+                rolled_back += 1
+                raise
+
+        monkeypatch.setattr(webhooks, "dispatch", hooked)
+        sender = deliverer(store)
+        try:
+            await sender.drain()
+        finally:
+            await sender.stop()
+        assert rolled_back == 1
+        assert [e.body["data"]["reservation"]["quantity"] for e in receiver.received] == [2]
+    finally:
+        await other.close()
+        await store.close()
+
+
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:
     for failures, ceiling in ((1, 5_000), (2, 10_000), (3, 20_000), (20, 3_600_000)):
         for _ in range(20):
