@@ -197,7 +197,13 @@ class Service:
         for process in (self.web, self.worker):
             process.env["PORT"] = str(port)
 
-    def wait_ready(self, within: float = 30.0) -> None:
+    # How long `start` waits for the web processes, and then the worker, to be ready (s): a
+    # few seconds on a quiet machine; on two cores at a load average of 15-20 (other test
+    # runs beside) uvicorn's import and the app's startup took more than 30 s, and tests
+    # failed on a busy machine, not on anything they test.
+    READY_WITHIN = 120.0
+
+    def wait_ready(self, within: float = READY_WITHIN) -> None:
         """Until /readyz answers 200 and every web process has started (the processes take a
         moment to start). One process answering is not enough: the others share its listening
         socket from the start, so a connection the kernel hands to one still in its startup
@@ -217,7 +223,7 @@ class Service:
                 raise RuntimeError(f"web not ready within {within} s:\n{self.logs()}")
             time.sleep(0.05)
 
-    def wait_worker_ready(self, within: float = 30.0) -> None:
+    def wait_worker_ready(self, within: float = READY_WITHIN) -> None:
         """Until the worker's metrics port takes a connection: the worker opens it first
         thing, so a test that scrapes it, or counts the worker's threads, starts after the
         worker's own start-up. Raises RuntimeError if the worker exits or is not up in
