@@ -68,6 +68,11 @@ class Socket:
         except ConnectionClosed as closed:
             self.closed = closed
 
+    @property
+    def reader(self) -> asyncio.Task[None]:
+        """Done once the socket has closed and every frame it got is in `frames`."""
+        return self._reader
+
     async def send(self, message: object) -> None:
         await self.connection.send(
             message if isinstance(message, str) else to_json(message).decode()
@@ -361,6 +366,47 @@ async def test_a_socket_past_its_messages_is_refused_then_closed(
             # Closed at the tenth refusal, so the burst itself was taken.
             assert sent >= MESSAGE_BURST + MAX_BAD_MESSAGES - 1
             assert ws.connection.close_code == 1008
+
+
+async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A socket's bucket starts full, so a client that closed each socket after its burst
+    and opened another was never refused: 230 `watch` a second from one address, against
+    the 40 its 20 sockets may send. A client's messages are counted over all its sockets,
+    across reconnects: at most MESSAGE_BURST at once and one every MESSAGE_REFILL_S for
+    each socket it may hold (WS_MAX_PER_CLIENT, 2 here: 60 at once, then 4 a second)."""
+    per_client = 2
+    burst, per_second = MESSAGE_BURST * per_client, per_client / MESSAGE_REFILL_S
+    join = {"type": "join", "productId": 1}  # answered at once: no shopper, no database
+    settings = {"WS_MAX_PER_CLIENT": str(per_client)}
+    with two_services(database_url, redis_url, tmp_path, **settings) as (a, _):
+        started = time.monotonic()
+        taken = refused = 0
+        for _ in range(20):  # sockets, one after another, each sending its own burst
+            async with socket_to(a) as ws:
+                await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+                for _ in range(MESSAGE_BURST):
+                    await ws.send(join)
+                # Each message is answered, in order: a refusal or the join's error frame,
+                # until the socket's tenth refusal closes it (1008).
+                answered = asyncio.ensure_future(
+                    ws.frames.wait_for(lambda f: f["type"] == "error", count=MESSAGE_BURST)
+                )
+                await asyncio.wait({answered, ws.reader}, return_when=asyncio.FIRST_COMPLETED)
+                answered.cancel()
+                with contextlib.suppress(asyncio.CancelledError, AssertionError):
+                    await answered
+                answers = [f for f in ws.frames.frames if f["type"] == "error"]
+                refused += sum(f["code"] == "rate_limited" for f in answers)
+                taken += sum(f["code"] != "rate_limited" for f in answers)
+            if refused:
+                break
+        elapsed = time.monotonic() - started
+        assert refused, f"{taken} messages over 20 sockets, none refused"
+        assert taken <= burst + per_second * elapsed + 1
+        (refusal,) = [f for f in answers if f["code"] == "rate_limited"][:1]
+        assert "from your address over its sockets" in refusal["message"]
 
 
 async def test_a_page_joins_a_waiting_room_over_its_socket(

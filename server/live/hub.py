@@ -119,12 +119,57 @@ MAX_BAD_MESSAGES = 10
 # close the socket). Pings and pongs have their own bucket (server/live/wsprotocol.py).
 MESSAGE_BURST = 30
 MESSAGE_REFILL_S = 0.5
+# ...and per client (`Client.key`), over all its sockets on this process: as many as its
+# WS_MAX_PER_CLIENT sockets would be allowed together (`ClientAllowances`). A socket's own
+# bucket starts full, so a client that closed each socket after its burst and opened another
+# sent 230 `watch` a second from one address (20 sockets at a time), against the 40 that its
+# 20 open sockets may send, and took another shopper's reservation from 46 to 520 ms (p95).
 
 # WebSocket close codes
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 
 Key = tuple[str, int | str]  # ("stock", product id) or ("reservation", id): what coalesces
+
+
+class ClientAllowances:
+    """The messages each client (`Client.key`) may still send over all its sockets on this
+    process: a token bucket of `burst` messages, earning `per_second` back. A client's bucket
+    outlives its sockets: it is kept while the client has one and, once its last closes,
+    until it would be full again (`forget_when_full`), so a socket opened again finds the
+    bucket as the closed one left it. At most one bucket per client with a socket, or
+    whose last socket closed within the last `burst / per_second` seconds."""
+
+    def __init__(self, burst: float, per_second: float) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (allowance, at)
+
+    def _left(self, key: str, now: float) -> float:
+        entry = self._buckets.get(key)
+        if entry is None:
+            return self.burst
+        allowance, at = entry
+        return min(self.burst, allowance + (now - at) * self.per_second)
+
+    def take(self, key: str) -> bool:
+        """Count one message of `key`'s: False (nothing counted) when it has none left."""
+        now = time.monotonic()
+        left = self._left(key, now)
+        if left < 1:
+            return False
+        self._buckets[key] = (left - 1, now)
+        return True
+
+    def seconds_to_full(self, key: str) -> float:
+        """How long until `key`'s bucket is full again (0: it is, or there is none)."""
+        return max(0.0, (self.burst - self._left(key, time.monotonic())) / self.per_second)
+
+    def forget(self, key: str) -> None:
+        self._buckets.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class Client:
@@ -359,6 +404,11 @@ class Hub:
         self._max_clients = max_clients
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
+        # The messages each client may send over all its sockets (MESSAGE_BURST and
+        # MESSAGE_REFILL_S for each socket it may hold), kept across its reconnects.
+        self.allowances = ClientAllowances(
+            MESSAGE_BURST * max_per_client, max_per_client / MESSAGE_REFILL_S
+        )
         self.clients: set[Client] = set()
         self._watchers: dict[str, set[Client]] = {}
         self._stock: dict[int, tuple[int, str]] = {}  # product → (version, frame) to send
@@ -384,6 +434,34 @@ class Hub:
     def full_for(self, key: str) -> bool:
         """Whether the client `key` already has its `max_per_client` sockets here."""
         return self._per_client[key] >= self._max_per_client
+
+    def refusal(self, client: Client) -> str | None:
+        """Count a message the socket `client` sent: None if it may be read, else why not (it
+        is past its socket's MESSAGE_BURST and MESSAGE_REFILL_S, or its client is past
+        those of all the sockets it may hold, `allowances`, however often it reconnected)."""
+        if not client.may_send():
+            return (
+                f"Too many messages: at most {MESSAGE_BURST} at once, then one every "
+                f"{MESSAGE_REFILL_S:g} s; this one was not read."
+            )
+        if not self.allowances.take(client.key):
+            return (
+                f"Too many messages from your address over its sockets: at most "
+                f"{self.allowances.burst:g} at once, then {self.allowances.per_second:g} a "
+                "second; this one was not read."
+            )
+        return None
+
+    def _forget_allowance(self, key: str) -> None:
+        """The client `key` closed its last socket a while ago: once its bucket is full
+        again, drop it (a full bucket is what a client without one gets)."""
+        if key in self._per_client:
+            return  # it came back; its last socket to close will see to it
+        wait = self.allowances.seconds_to_full(key)
+        if wait <= 0:
+            self.allowances.forget(key)
+        else:
+            asyncio.get_running_loop().call_later(wait, self._forget_allowance, key)
 
     # -- sockets ---------------------------------------------------------------------
 
@@ -412,6 +490,7 @@ class Hub:
         self._per_client[client.key] -= 1
         if self._per_client[client.key] <= 0:
             del self._per_client[client.key]
+            self._forget_allowance(client.key)
         WEBSOCKETS.dec()
         if client.sign_out is not None:
             client.sign_out.cancel()
@@ -1038,15 +1117,8 @@ async def live_updates(websocket: WebSocket) -> None:
                 break
             if not await client.sent():  # a client that does not read is answered no more
                 break
-            if not client.may_send():
-                await _refuse(
-                    websocket,
-                    hub,
-                    client,
-                    "rate_limited",
-                    f"Too many messages: at most {MESSAGE_BURST} at once, then one every "
-                    f"{MESSAGE_REFILL_S:g} s; this one was not read.",
-                )
+            if (refusal := hub.refusal(client)) is not None:
+                await _refuse(websocket, hub, client, "rate_limited", refusal)
                 continue
             await _handle(websocket, hub, client, message.get("text"))
     except WebSocketDisconnect:
