@@ -541,6 +541,11 @@ async def test_the_operator_api_refuses_a_receiver_on_the_local_network(
         "http://169.254.169.254/latest/meta-data/",
         "http://10.0.0.7/hooks",
         "http://0.0.0.0:8000/hooks",
+        # IPv4 as the system's resolver also reads it: decimal, hex, short forms.
+        "http://2130706433:9108/metrics",
+        "http://0x7f.1:9108/metrics",
+        "http://127.1:6379/",
+        "http://0:8000/hooks",
     ):
         response = await strict_client.post(
             "/api/admin/webhooks", json={"url": url}, headers=OPERATOR

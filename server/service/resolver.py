@@ -63,13 +63,21 @@ def local_network(address: str) -> str | None:
 def local_host(host: str) -> str | None:
     """Why the host part of a webhook URL is on the local network without looking it up:
     an IP address that `local_network` names, or `localhost` (and names under it, RFC 6761);
-    None for any other name (its addresses are judged when the worker connects)."""
+    None for any other name (its addresses are judged when the worker connects).
+
+    An IPv4 address is also read as the system's resolver reads it (`inet_aton`): in
+    decimal, octal or hex, with fewer than four parts (2130706433, 0x7f.1, 127.1 and 0 are
+    127.0.0.1 and 0.0.0.0 to the worker's lookup), which `ipaddress` does not take."""
     name = host.strip("[]").rstrip(".").lower()
     if name == "localhost" or name.endswith(".localhost"):
         return "a loopback name"
     try:
         return local_network(name)
     except ValueError:
+        pass
+    try:
+        return local_network(socket.inet_ntoa(socket.inet_aton(name)))
+    except (OSError, ValueError):
         return None
 
 
