@@ -516,7 +516,10 @@ class MyReservationsQuery(BaseModel):
 
     status: Annotated[
         Status | None,
-        Field(description="Only holds in this state (ACTIVE: the ones to restore on a page)."),
+        Field(
+            description="Only holds in this state (ACTIVE: the ones to restore on a page), "
+            "among the shopper's 1,000 newest holds."
+        ),
     ] = None
     limit: Annotated[int, Field(ge=1, le=MAX_MINE, description="At most this many.")] = DEFAULT_MINE
 
