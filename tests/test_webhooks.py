@@ -566,8 +566,8 @@ async def test_the_operator_api_refuses_a_receiver_on_the_local_network(
 async def test_events_with_no_endpoint_are_passed_over_and_a_later_endpoint_gets_later_ones(
     store: Store, receiver: Receiver
 ) -> None:
-    """With no endpoint enabled, a dispatch marks every waiting event in one statement (none
-    is read back): none of them is ever sent, and an endpoint registered afterwards gets the
+    """With no endpoint enabled, a dispatch marks the waiting events (none is read back):
+    none of them is ever sent, and an endpoint registered afterwards gets the
     events committed after it, in order, as one registered all along would."""
     product = await make_product(store, 10)
     for _ in range(3):
@@ -734,6 +734,42 @@ async def test_an_endpoint_enabled_while_a_dispatch_marks_events_rolls_it_back(
     finally:
         await other.close()
         await store.close()
+
+
+async def test_with_no_endpoint_a_backlog_is_passed_over_a_bounded_batch_at_a_time(
+    store: Store,
+) -> None:
+    """With no endpoint expected, a dispatch marks at most `limit` waiting events, and says
+    when more are waiting (`taken` is `limit`): all at once, a worker back after a long
+    spell down marked its whole backlog in one statement, 100,000 events holding SQLite's
+    write lock for 8 s while every reservation waited for it. Dispatched again until it
+    answers 0, it passes over them all."""
+    product = await make_product(store, 30)
+    for _ in range(25):
+        await hold(store, product.id, 1)
+
+    async def waiting() -> int:
+        async with store.reader() as conn:
+            row = await conn.fetch_one(
+                "SELECT COUNT(*) AS n FROM outbox WHERE dispatched_at IS NULL"
+            )
+        assert row is not None
+        return int(row["n"])
+
+    left = await waiting()
+    assert left >= 25
+    marked = []
+    while True:
+        dispatched = await store.write(
+            lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=10, expect_endpoints=False)
+        )
+        marked.append(left - (left := await waiting()))
+        assert dispatched.taken == (10 if left else 0), (marked, left)
+        if not dispatched.taken:
+            break
+    assert all(n <= 10 for n in marked), marked
+    assert len(marked) >= 3
+    assert left == 0
 
 
 def test_the_backoff_doubles_with_jitter_up_to_an_hour() -> None:

@@ -273,7 +273,8 @@ class EndpointsChanged(Exception):
 @dataclass(frozen=True, slots=True)
 class Dispatched:
     """What a `dispatch` did: `taken`, the events it read back and marked (0: none was
-    waiting, or none was read back because no endpoint is enabled); `endpoints`, the
+    waiting; with no endpoint expected, none is read back: `limit` while more wait, else 0);
+    `endpoints`, the
     enabled endpoints as it read them (once, after taking the events)."""
 
     taken: int
@@ -292,22 +293,30 @@ async def dispatch(
     chooses how the events are taken:
 
     - True: the waiting events are read back, marked and handed out.
-    - False: every waiting event is marked dispatched in one statement, none read back:
-      reading each event back, naming it and sorting it cost the worker about 60 µs a hold
-      on SQLite, in write transactions beside the web's writer (the bench's `paths`, a shop
-      with no endpoint). If an endpoint is enabled after all (registered since the last
-      dispatch, or on PostgreSQL while this one ran), raises EndpointsChanged: the caller
-      rolls back and dispatches again with True, and the endpoint gets its events.
+    - False: up to `limit` waiting events are marked dispatched in one statement, none read
+      back: reading each event back, naming it and sorting it cost the worker about 60 µs a
+      hold on SQLite, in write transactions beside the web's writer (the bench's `paths`, a
+      shop with no endpoint). `taken` is then `limit` while more are waiting (the caller
+      dispatches again, in a transaction of its own), 0 once none is: all at once, 100,000
+      waiting events (a worker back after a long spell down) held SQLite's write lock for
+      8 s, and every reservation waited DB_BUSY_TIMEOUT_MS for it, then got 503. If an
+      endpoint is enabled after all (registered since the last dispatch, or on PostgreSQL
+      while this one ran), raises EndpointsChanged: the caller rolls back and dispatches
+      again with True, and the endpoint gets its events.
 
     Either way the endpoints table is read once."""
     if not expect_endpoints:
         await conn.execute(
-            "UPDATE outbox SET dispatched_at = :now WHERE dispatched_at IS NULL", {"now": now}
+            "UPDATE outbox SET dispatched_at = :now WHERE dispatched_at IS NULL "
+            "AND (product_id, version, seq) IN (SELECT product_id, version, seq FROM outbox "
+            "WHERE dispatched_at IS NULL LIMIT :limit)",
+            {"now": now, "limit": limit},
         )
         found = await endpoints_enabled(conn)
         if found:
             raise EndpointsChanged
-        return Dispatched(0, ())
+        more = await conn.fetch_one("SELECT 1 FROM outbox WHERE dispatched_at IS NULL LIMIT 1")
+        return Dispatched(0 if more is None else limit, ())
     waiting = await conn.fetch_all(
         "SELECT product_id, version, seq FROM outbox WHERE dispatched_at IS NULL "
         "ORDER BY product_id, version, seq LIMIT :limit",
