@@ -78,8 +78,9 @@ def _ignore_sigint() -> None:
 
 @contextlib.contextmanager
 def _serving(
-    tmp_path: Path, *, background: bool = False
+    tmp_path: Path, *, background: bool = False, until_answering: bool = True
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`bin/serve` on a free port, once the shop answers (or at once: `until_answering`)."""
     port = free_port()
     env = {
         key: value
@@ -107,7 +108,7 @@ def _serving(
     descendants: dict[int, str] = {}
     try:
         deadline = time.monotonic() + STARTED_WITHIN_S
-        while True:
+        while until_answering:
             assert launcher.poll() is None, log.read_text()
             try:
                 response = httpx.get(f"http://127.0.0.1:{port}/api/products", timeout=1)
@@ -139,6 +140,19 @@ def test_serve_starts_everything(tmp_path: Path) -> None:
         assert (tmp_path / "var" / "flashsale.db").exists()
         assert (tmp_path / "var" / "redis").is_dir()
         assert len(_descendants(launcher.pid)) >= 4  # honcho, web, worker, Redis
+
+
+def test_the_urls_are_printed_once_the_shop_answers(tmp_path: Path) -> None:
+    """A newcomer clicks the printed URL at once: it was printed ~5 s before the web process
+    listened, and the click got "connection refused"."""
+    with _serving(tmp_path, until_answering=False) as (launcher, port):
+        log = tmp_path / "serve.log"
+        deadline = time.monotonic() + STARTED_WITHIN_S
+        while f"http://127.0.0.1:{port}/" not in log.read_text():
+            assert launcher.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)  # reading a log as it is written: no event to wait on
+        assert _listening(port), "the URLs were printed before the shop listened"
 
 
 @pytest.mark.parametrize(

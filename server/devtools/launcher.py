@@ -52,6 +52,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 HONCHO_GRACE_S = 20.0
 LEFTOVER_GRACE_S = 5.0
 PORT_FREE_WITHIN_S = 10.0
+LISTEN_WITHIN_S = 60.0  # how long the URLs wait for the web process to listen
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
@@ -157,6 +158,15 @@ def serve(settings: Settings) -> int:
         if not settings.session_secret:
             env["SESSION_SECRET"] = session_secret(VAR / "session-secret")
         asyncio.run(prepare_database(settings, seed=True))
+        # The processes run where this does, so relative paths (./var/) mean the same.
+        procfile = serve_procfile(Path(procfile_dir.name))
+        command = [
+            sys.executable, "-m", "honcho", "start", "--procfile", str(procfile), "web", "worker"
+        ]  # fmt: skip
+        honcho = subprocess.Popen(command, env=env, start_new_session=True)
+        # The URLs once they answer: printed before the web process listened (~5 s), they
+        # sent a newcomer who clicked at once to "connection refused".
+        _wait_until_listening(env["HOST"], int(env["PORT"]), honcho)
         base = f"http://127.0.0.1:{env['PORT']}"
         metrics = (
             f"http://127.0.0.1:{settings.web_metrics_port}/metrics (web), "
@@ -170,12 +180,6 @@ def serve(settings: Settings) -> int:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        # The processes run where this does, so relative paths (./var/) mean the same.
-        procfile = serve_procfile(Path(procfile_dir.name))
-        command = [
-            sys.executable, "-m", "honcho", "start", "--procfile", str(procfile), "web", "worker"
-        ]  # fmt: skip
-        honcho = subprocess.Popen(command, env=env, start_new_session=True)
         code = honcho.wait()
         _say(f"honcho exited (code {code}); stopping what is left")
         return code
@@ -195,6 +199,22 @@ def serve(settings: Settings) -> int:
             print("redis: stopped", flush=True)
         ports = [int(env["PORT"]), settings.web_metrics_port, settings.worker_metrics_port]
         _say_when_free(env["HOST"], [p for p in ports if p])
+
+
+def _wait_until_listening(
+    host: str, port: int, honcho: subprocess.Popen[bytes], within_s: float = LISTEN_WITHIN_S
+) -> None:
+    """Return once `port` on `host` takes a connection (the web process listens), honcho
+    has exited (the caller's wait says why), or `within_s` has passed (the URLs are then
+    printed anyway, and the web's log says what it is doing)."""
+    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    deadline = time.monotonic() + within_s
+    while honcho.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((target, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)  # a server that is starting: there is no event to wait on
 
 
 def _become_subreaper() -> None:
