@@ -183,7 +183,7 @@ def _postgres_available() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresDatabases]:
+def postgres(pytestconfig: pytest.Config) -> PostgresDatabases:
     problem = _postgres_available()
     if problem is not None:
         if IN_CI:
@@ -191,8 +191,11 @@ def postgres() -> Iterator[PostgresDatabases]:
         pytest.skip(problem)
     databases = PostgresDatabases(POSTGRES_ADMIN_URL)
     databases.setup()
-    yield databases
-    databases.close()
+    # Closed as pytest ends, not in the teardown of the session's last test: the drops still
+    # queued then took over 120 s on a busy machine (four test processes at a load average
+    # of 16), and pytest-timeout counted them against that test, which failed.
+    pytestconfig.add_cleanup(databases.close)
+    return databases
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
