@@ -566,9 +566,9 @@ async def test_the_operator_api_refuses_a_receiver_on_the_local_network(
 async def test_events_with_no_endpoint_are_passed_over_and_a_later_endpoint_gets_later_ones(
     store: Store, receiver: Receiver
 ) -> None:
-    """With no endpoint enabled, a dispatch marks the waiting events (none is read back):
-    none of them is ever sent, and an endpoint registered afterwards gets the
-    events committed after it, in order, as one registered all along would."""
+    """With no endpoint enabled, a dispatch removes the waiting events (none is read back):
+    none of them is ever sent, and an endpoint registered afterwards gets the events
+    committed after it, in order, as one registered all along would."""
     product = await make_product(store, 10)
     for _ in range(3):
         await hold(store, product.id, 1)
@@ -577,9 +577,9 @@ async def test_events_with_no_endpoint_are_passed_over_and_a_later_endpoint_gets
     )
     assert dispatched == webhooks.Dispatched(0, ())
     async with store.reader() as conn:
-        left = await conn.fetch_one("SELECT COUNT(*) AS n FROM outbox WHERE dispatched_at IS NULL")
+        left = await conn.fetch_one("SELECT COUNT(*) AS n FROM outbox")
     assert left is not None
-    assert int(left["n"]) == 0
+    assert int(left["n"]) == 0  # removed, not kept for retention: no endpoint will want them
     await register(store, receiver)
     await hold(store, product.id, 2)
     sender = deliverer(store)
@@ -628,7 +628,7 @@ async def test_a_dispatch_reads_the_endpoints_once(store: Store, receiver: Recei
     """The endpoints table is read once a dispatch, whichever way it takes the events: with
     endpoints enabled, the one read after taking the events both decides and hands out
     (it was a probe, then the hand-out's read); with none expected, the one read after
-    marking the events (it was a probe before and after)."""
+    removing the events (it was a probe before and after)."""
     product = await make_product(store, 10)
     counted: list[CountingReads] = []
 
@@ -661,21 +661,19 @@ async def test_a_dispatch_reads_the_endpoints_once(store: Store, receiver: Recei
 async def test_an_endpoint_registered_since_the_last_dispatch_gets_the_events_after_it(
     store: Store, receiver: Receiver
 ) -> None:
-    """The worker learns from a dispatch that no endpoint is enabled, and passes over the
-    next turn's events unread. An endpoint registered meanwhile, and an event committed after
-    it, are found by that next dispatch once it has marked the events: it is rolled back
-    (EndpointsChanged) and run again, and the event is sent."""
+    """The worker learns from a dispatch that no endpoint is enabled, and removes the next
+    turn's events unread. An endpoint registered meanwhile, and an event committed after it,
+    are found by that next dispatch once it has removed the waiting events: it is rolled
+    back (EndpointsChanged) and run again, and the event is sent."""
     product = await make_product(store, 10)
     await hold(store, product.id, 1)
     sender = deliverer(store)
     try:
         assert await sender.step() == 0  # no endpoint: the worker expects none now
         async with store.reader() as conn:
-            marked = await conn.fetch_one(
-                "SELECT COUNT(*) AS n FROM outbox WHERE dispatched_at IS NULL"
-            )
-        assert marked is not None
-        assert int(marked["n"]) == 0
+            left = await conn.fetch_one("SELECT COUNT(*) AS n FROM outbox")
+        assert left is not None
+        assert int(left["n"]) == 0
         await register(store, receiver)
         await hold(store, product.id, 3)
         await sender.drain()
@@ -685,11 +683,11 @@ async def test_an_endpoint_registered_since_the_last_dispatch_gets_the_events_af
 
 
 @pytest.mark.postgres
-async def test_an_endpoint_enabled_while_a_dispatch_marks_events_rolls_it_back(
+async def test_an_endpoint_enabled_while_a_dispatch_removes_events_rolls_it_back(
     database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PostgreSQL: an endpoint enabled by another connection while the worker's dispatch,
-    expecting none, has marked the waiting events and not yet read the endpoints. The
+    expecting none, has removed the waiting events and not yet read the endpoints. The
     dispatch sees it, rolls back and runs again, and the endpoint gets the event it wants
     (one made after it, by its time). The race is driven by a hook between the two
     statements, not by timing: the endpoint is enabled there, on a connection of its own."""
@@ -712,7 +710,7 @@ async def test_an_endpoint_enabled_while_a_dispatch_marks_events_rolls_it_back(
         class EnablingAfterTheMark(CountingReads):
             async def execute(self, sql: str, values: Values | None = None) -> None:
                 await super().execute(sql, values)
-                if sql.startswith("UPDATE outbox SET dispatched_at") and not rolled_back:
+                if sql.startswith("DELETE FROM outbox") and not rolled_back:
                     await Webhooks(other).set_enabled(endpoint_id, enabled=True)
 
         async def hooked(conn: Executor, **options: Any) -> webhooks.Dispatched:
@@ -739,7 +737,7 @@ async def test_an_endpoint_enabled_while_a_dispatch_marks_events_rolls_it_back(
 async def test_with_no_endpoint_a_backlog_is_passed_over_a_bounded_batch_at_a_time(
     store: Store,
 ) -> None:
-    """With no endpoint expected, a dispatch marks at most `limit` waiting events, and says
+    """With no endpoint expected, a dispatch removes at most `limit` waiting events, and says
     when more are waiting (`taken` is `limit`): all at once, a worker back after a long
     spell down marked its whole backlog in one statement, 100,000 events holding SQLite's
     write lock for 8 s while every reservation waited for it. Dispatched again until it

@@ -6,7 +6,8 @@ transaction, the network calls between them and never inside one:
 1. `dispatch`: hand new outbox events to the endpoints that want them, product by product
    in order: a delivery row per (event, endpoint), and the (endpoint, product) queue's
    `pending` count raised. An event is dispatched once (`dispatched_at`, set by a
-   conditional UPDATE: two workers cannot both take it).
+   conditional UPDATE: two workers cannot both take it). With no endpoint enabled, the
+   waiting events are removed instead: none will ever be sent.
 2. `lease`: take queues that have deliveries due, for `lease_ms`: while the lease holds, no
    other worker sends from that queue, so a product's events go to an endpoint one at a
    time, in order (a conditional UPDATE again: the same on SQLite and PostgreSQL, where
@@ -265,7 +266,7 @@ async def redeliver(conn: Executor, endpoint_id: int, event_id: str, *, now: int
 
 
 class EndpointsChanged(Exception):
-    """`dispatch` was told to expect no endpoint and found one enabled after marking the
+    """`dispatch` was told to expect no endpoint and found one enabled after removing the
     waiting events as having none to go to: the caller's transaction must be rolled back
     (raising this does) and the dispatch run again, expecting endpoints."""
 
@@ -293,24 +294,28 @@ async def dispatch(
     chooses how the events are taken:
 
     - True: the waiting events are read back, marked and handed out.
-    - False: up to `limit` waiting events are marked dispatched in one statement, none read
-      back: reading each event back, naming it and sorting it cost the worker about 60 µs a
-      hold on SQLite, in write transactions beside the web's writer (the bench's `paths`, a
-      shop with no endpoint). `taken` is then `limit` while more are waiting (the caller
-      dispatches again, in a transaction of its own), 0 once none is: all at once, 100,000
-      waiting events (a worker back after a long spell down) held SQLite's write lock for
-      8 s, and every reservation waited DB_BUSY_TIMEOUT_MS for it, then got 503. If an
-      endpoint is enabled after all (registered since the last dispatch, or on PostgreSQL
-      while this one ran), raises EndpointsChanged: the caller rolls back and dispatches
-      again with True, and the endpoint gets its events.
+    - False: up to `limit` waiting events are removed in one statement, none read back:
+      reading each event back, naming it and sorting it cost the worker about 60 µs a hold
+      on SQLite, in write transactions beside the web's writer (the bench's `paths`, a shop
+      with no endpoint). Removed, not marked dispatched: no endpoint will ever be sent an
+      event that none was enabled for when it was dispatched, so retention would only
+      remove it later, and marking rewrote each row (and its entries in the indexes of
+      waiting and of dispatched events), about 5 µs a hold more on SQLite, with an outbox
+      that grew by a row a hold beside the ledger. `taken` is then `limit` while more are
+      waiting (the caller dispatches again, in a transaction of its own), 0 once none is:
+      all at once, 100,000 waiting events (a worker back after a long spell down) held
+      SQLite's write lock for 8 s, and every reservation waited DB_BUSY_TIMEOUT_MS for it,
+      then got 503. If an endpoint is enabled after all (registered since the last
+      dispatch, or on PostgreSQL while this one ran), raises EndpointsChanged: the caller
+      rolls back and dispatches again with True, and the endpoint gets its events.
 
     Either way the endpoints table is read once."""
     if not expect_endpoints:
         await conn.execute(
-            "UPDATE outbox SET dispatched_at = :now WHERE dispatched_at IS NULL "
+            "DELETE FROM outbox WHERE dispatched_at IS NULL "
             "AND (product_id, version, seq) IN (SELECT product_id, version, seq FROM outbox "
             "WHERE dispatched_at IS NULL LIMIT :limit)",
-            {"now": now, "limit": limit},
+            {"limit": limit},
         )
         found = await endpoints_enabled(conn)
         if found:
