@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from pydantic_core import to_json
 from starlette.websockets import WebSocketState
+from websockets.frames import Frame, Opcode
 
 from server.domain.waitingroom import Lineup, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import MESSAGE_BURST, Hub
-from server.live.wsprotocol import EXTENSION
+from server.live.wsprotocol import EXTENSION, prepare_text
 from server.service.catalog import Catalog
 from server.wire.schemas import ticket_view
 from tests.support import eventually, product_in_memory
@@ -529,3 +530,64 @@ async def test_a_client_that_does_not_read_is_taken_no_more_messages(
         await asyncio.gather(serving, return_exceptions=True)
     answered = [json.loads(text)["productId"] for text in socket.sent[1:]]
     assert answered == list(range(1, MESSAGE_BURST + 1))
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 1000, 65535, 65536, 70_000])
+def test_a_prepared_frame_is_what_websockets_makes(length: int) -> None:
+    """`prepare_text` writes the header itself (faster than websockets' general
+    `serialize`): byte for byte the frame websockets makes, at each boundary of the
+    payload's length field (RFC 6455 §5.2: 7 bits, then 16, then 64), and for text whose
+    UTF-8 is longer than its characters."""
+    text = ("é" * length)[: length // 2] + "a" * (length - length // 2 * 2)
+    expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    assert prepare_text(text) == expected
+    assert prepare_text("a" * length) == Frame(Opcode.TEXT, b"a" * length).serialize(
+        mask=False, extensions=[]
+    )
+
+
+async def test_a_round_of_positions_gives_way_and_the_next_tells_the_rest_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round of positions stops between two slices when news of a close or of admissions
+    waits (`give_way`): that news is told first (a close once waited 0.7 s behind a round
+    in the waiting room's bench). The next round tells every page the stopped one had not
+    reached, and none of those it had a second time."""
+    monkeypatch.setattr(live, "SLICE_SECONDS", 0.0)  # a slice every SLICE_CHECK_EVERY pages
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    count = 3 * live.SLICE_CHECK_EVERY
+    tickets = [
+        Ticket(5, f"anon:{n}", 100 + n, TicketState.WAITING, joined_at=2) for n in range(count)
+    ]
+    room = Room(5, [10, *(t.place for t in tickets)], tickets)
+    hub = Hub(catalog, max_clients=count, max_per_client=count, room=room)  # type: ignore[arg-type]
+    sockets = []
+    for ticket in tickets:
+        socket = Socket()
+        client = hub.join(socket, key=ticket.shopper_id)  # type: ignore[arg-type]
+        await hub.identify(client, ticket.shopper_id)
+        sockets.append(socket)
+    assert await hub._tell_positions()
+    await eventually(
+        lambda: _true(all(len(positions(s)) == 1 for s in sockets)), what="every page's place"
+    )
+
+    room.places.remove(10)  # the head is admitted: everyone moves up one
+    asked = []
+
+    def give_way() -> bool:
+        asked.append(True)
+        return len(asked) > 1  # news came during the first slice: stop at its end
+
+    assert not await hub._tell_positions(give_way=give_way)
+    assert len(asked) == 2
+    told = [s for s in sockets if len(positions(s)) == 2]
+    assert len(told) == live.SLICE_CHECK_EVERY  # stopped after one slice
+
+    assert await hub._tell_positions()
+    await eventually(
+        lambda: _true(all(len(positions(s)) == 2 for s in sockets)), what="the rest told"
+    )
+    for socket, ticket in zip(sockets, tickets, strict=True):
+        assert positions(socket) == [ticket.place - 98, ticket.place - 99]  # each told once

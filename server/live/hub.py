@@ -86,6 +86,11 @@ FLUSH_SLICE = 1_000
 # (p99 311 ms before the start in the waiting room's bench, at each `queue` frame's flush).
 SLICE_SECONDS = 0.004
 SLICE_CHECK_EVERY = 64
+# ...but a room's close (`sold_out` to every page still in it) and its admissions go in
+# slices this long: they are what those pages wait for, and on a loop busy with a sale's
+# joins each slice waits a turn of the loop (10-50 ms) before the next. In 4 ms slices a
+# close to 7,000 pages took 0.9 s (the waiting room's bench, SQLite, one web process).
+NEWS_SLICE_SECONDS = 0.02
 # A line's counts (`queue` frames) reach every page at most this often (s): they change with
 # every join, and each change is a frame for every socket. With 15,000 pages in a line once
 # a second was half of a web process (the bench's `queue`, py-spy): a count a page shows
@@ -716,11 +721,20 @@ class Hub:
                     since >= POSITIONS_MAX_DEFER_SECONDS or not self.loop_busy
                 ):
                     last_positions = loop.time()
-                    await self._tell_positions()
+                    # A round of positions (a frame to every waiting page, seconds of a
+                    # busy loop in slices) stops for news of a close or of admissions
+                    # that comes meanwhile: it is told first, and the round is done again
+                    # in full at its next turn. A close once waited 0.7 s behind a round
+                    # begun just before it (the waiting room's bench).
+                    await self._tell_positions(give_way=self._news_due)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("live updates: telling tickets failed")
+
+    def _news_due(self) -> bool:
+        """Whether news of a close or of admissions waits to be told (`_tell_named`)."""
+        return bool(self._closing or self._passing)
 
     async def _reload_tickets(self, product_id: int, shoppers: set[str] | None) -> None:
         assert self._room is not None
@@ -805,13 +819,18 @@ class Hub:
         if again:
             await self._reload_tickets(product_id, again)
         if clients:
-            await self._tell_tickets(clients, {product_id}, any_line=True)
+            await self._tell_tickets(
+                clients, {product_id}, any_line=True, slice_seconds=NEWS_SLICE_SECONDS
+            )
 
-    async def _tell_positions(self) -> None:
+    async def _tell_positions(self, give_way: Callable[[], bool] | None = None) -> bool:
         """Every socket with a ticket waiting or admitted in a line where someone moved: its
         view, if its standing changed. A line that only grew at the back (joins) moves
         nobody: nothing is computed for it (with 15,000 pages in a line filling up before a
-        sale, recomputing every view every second was the whole of a web process)."""
+        sale, recomputing every view every second was the whole of a web process).
+        `give_way`: asked between slices; when it says so the round stops (False), and the
+        line it was telling counts as not told (the next round considers every page of it;
+        those told already are not told again, `_told`). True: the round was done."""
         assert self._room is not None
         by_product: dict[int, list[Client]] = {}
         for clients in self._shoppers.values():
@@ -834,7 +853,10 @@ class Hub:
                 joined_behind = all(place > back for place in places - before)
                 if hidden == was_hidden and before <= places and joined_behind:
                     continue
-            await self._tell_tickets(open_ones, {product_id})
+            if not await self._tell_tickets(open_ones, {product_id}, give_way=give_way):
+                self._told_lines.pop(product_id, None)
+                return False
+        return True
 
     async def _tell_tickets(
         self,
@@ -843,11 +865,19 @@ class Hub:
         *,
         force: bool = False,
         any_line: bool = False,
-    ) -> None:
+        slice_seconds: float | None = None,
+        give_way: Callable[[], bool] | None = None,
+    ) -> bool:
         """Each client's ticket of `products`, if its standing changed (always: `force`).
         `any_line`: the tickets are not waiting (admitted, ended), whose views take only the
-        line's total from it: the copy at hand does, however old, with no read."""
+        line's total from it: the copy at hand does, however old, with no read. The pages
+        go in slices of `slice_seconds` (SLICE_SECONDS), the loop running what else is
+        ready between two;
+        `give_way`, asked after each, stops it there when it says so: False. True: every
+        page was considered."""
         assert self._room is not None
+        if slice_seconds is None:
+            slice_seconds = SLICE_SECONDS
         now = now_ms()
         for product_id in products:
             product = self._catalog.get(product_id)
@@ -859,11 +889,13 @@ class Hub:
             began = loop.time()
             ended = _EndedFrames(product, line, now)
             for n, client in enumerate(clients):
-                if n % SLICE_CHECK_EVERY == 0 and loop.time() - began >= SLICE_SECONDS:
+                if n % SLICE_CHECK_EVERY == 0 and loop.time() - began >= slice_seconds:
                     # A whole room's frames (it sold out: 15,000 pages) in slices, as a
                     # flush goes: the reservations and steps under way meanwhile are not
                     # held up for the whole of it.
                     await asyncio.sleep(0)
+                    if give_way is not None and give_way():
+                        return False
                     began = loop.time()
                 ticket = client.tickets.get(product_id)
                 if ticket is None or client.closed:
@@ -890,6 +922,7 @@ class Hub:
                 # can take it: through the ASGI `send` a frame costs several times more, and
                 # a room that sells out tells every page in it at once.
                 client.offer(("ticket", product_id), text, prepare_text(text))
+        return True
 
     # -- frames ----------------------------------------------------------------------
 
