@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import logging
@@ -21,7 +22,7 @@ from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
 from server.api.ratelimit import FailureThrottle, RateLimiter, RecentKeys
 from server.domain.clock import now_ms
-from server.infra.gcpauses import time_gc_pauses
+from server.infra.gcpauses import SaleQuiet, time_gc_pauses
 from server.infra.logs import configure_logging
 from server.infra.metrics import DEFERRED
 from server.infra.redis_client import redis_client_for
@@ -57,6 +58,11 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _nudge_rooms(
@@ -180,6 +186,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 else None
             )
             tune_garbage_collector()
+            # No collections in a sale's first seconds (server/infra/gcpauses.py).
+            quiet = asyncio.create_task(
+                SaleQuiet(lambda: (p.sale_starts_at for p in catalog.all())).run(),
+                name="gc-sale-quiet",
+            )
+            stack.push_async_callback(_cancel, quiet)
             yield
 
     identities = Identities(settings)

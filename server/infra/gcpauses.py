@@ -10,9 +10,11 @@ on a loaded machine. Whether one falls in a sale's first seconds is what this sh
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from server.infra.metrics import GC_PAUSE
@@ -53,3 +55,88 @@ def time_gc_pauses() -> None:
     """Time every collection from now on (once per process: a second call changes nothing)."""
     if _on_gc not in gc.callbacks:
         gc.callbacks.append(_on_gc)
+
+
+# -- no collections in a sale's first seconds ----------------------------------------------
+
+# The collector is off from this long before a sale's start (s)...
+QUIET_BEFORE_S = 2.0
+# ...until this long after it (s): a waiting room's storm of joins, the admitted shoppers'
+# reservations, the last unit sold and the room's close (its bench: 3-6 s on a loaded
+# machine).
+QUIET_AFTER_S = 10.0
+# A quiet spell lasts at most this long (s), and the next may begin only this long after
+# it ended: sales starting one after another cannot keep the collector off, and what is
+# not collected meanwhile (cycles that became garbage) is bounded by what the process
+# allocates in that time.
+QUIET_MAX_S = 15.0
+# How often the starts are looked at (s).
+QUIET_CHECK_S = 0.25
+
+
+class SaleQuiet:
+    """Keeps the garbage collector off in a sale's first seconds, when a pause costs most.
+
+    A web process with 15,000 open pages holds about 1.5 million objects; a generation-1
+    collection among them took 190-230 ms of CPU, and a generation-0 one in a sale's first
+    second 145-170 ms (the waiting room's bench, SQLite, one web process: the web log), on
+    an event loop that a sale's 10,000 joins already keep short of CPU. Unlike other
+    services, this one knows when its storms come: `starts()` gives the sales' start times
+    (ms since the epoch, the catalog's `saleStartsAt`), and from `QUIET_BEFORE_S` before one
+    until `QUIET_AFTER_S` after it the collector is off (`gc.disable`), at most
+    `QUIET_MAX_S` at a time and never two spells closer than that. Collections then resume
+    as their thresholds say (objects keep being counted meanwhile). Reference counting
+    frees everything that is not in a cycle all the while: only cyclic garbage waits.
+
+    `check(now_ms)` decides; `run()` checks every `QUIET_CHECK_S` (the time from `wall_ms`,
+    ms since the epoch) until cancelled, and
+    turns the collector back on when it ends. Only the collector this class turned off
+    is turned on again: one that was off already (a test, a profiler) is left alone."""
+
+    def __init__(
+        self,
+        starts: Callable[[], Iterable[int | None]],
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._starts = starts
+        self._wall_ms = wall_ms
+        self._since: float | None = None  # monotonic time this spell began, if quiet
+        self._ended = -QUIET_MAX_S  # monotonic time the last spell ended
+        self.spells = 0
+
+    @property
+    def quiet(self) -> bool:
+        return self._since is not None
+
+    def check(self, now_ms: int, clock: float | None = None) -> bool:
+        """Turn the collector off or on for the sales' starts as of `now_ms`; True while it
+        is off on this class's account. `clock`: monotonic seconds (tests give it)."""
+        clock = time.monotonic() if clock is None else clock
+        near = any(
+            start is not None
+            and now_ms - QUIET_AFTER_S * 1000 <= start <= now_ms + QUIET_BEFORE_S * 1000
+            for start in self._starts()
+        )
+        if self._since is not None:
+            if not near or clock - self._since >= QUIET_MAX_S:
+                self._resume(clock)
+        elif near and clock - self._ended >= QUIET_MAX_S and gc.isenabled():
+            gc.disable()
+            self._since = clock
+            self.spells += 1
+            logger.info("gc: off for a sale's first seconds")
+        return self._since is not None
+
+    def _resume(self, clock: float) -> None:
+        self._since = None
+        self._ended = clock
+        gc.enable()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self.check(self._wall_ms())
+                await asyncio.sleep(QUIET_CHECK_S)
+        finally:
+            if self._since is not None:
+                self._resume(time.monotonic())
