@@ -88,8 +88,10 @@ SLICE_SECONDS = 0.004
 SLICE_CHECK_EVERY = 64
 # ...but a room's close (`sold_out` to every page still in it) and its admissions go in
 # slices this long: they are what those pages wait for, and on a loop busy with a sale's
-# joins each slice waits a turn of the loop (10-50 ms) before the next. In 4 ms slices a
-# close to 7,000 pages took 0.9 s (the waiting room's bench, SQLite, one web process).
+# joins each slice waits a turn of the loop (10-50 ms) before the next. The waiting room's
+# bench (SQLite, one web process, loaded machine, one run each): a close took 129 µs a page
+# in 4 ms slices, 114 in 20 ms slices and 115 in 50 ms ones: little either way, most of it
+# is the socket write per page on a loop short of CPU.
 NEWS_SLICE_SECONDS = 0.02
 # A line's counts (`queue` frames) reach every page at most this often (s): they change with
 # every join, and each change is a frame for every socket. With 15,000 pages in a line once
