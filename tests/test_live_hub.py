@@ -591,3 +591,43 @@ async def test_a_round_of_positions_gives_way_and_the_next_tells_the_rest_once(
     )
     for socket, ticket in zip(sockets, tickets, strict=True):
         assert positions(socket) == [ticket.place - 98, ticket.place - 99]  # each told once
+
+
+async def test_a_client_that_comes_and_goes_leaves_one_timer_to_forget_its_allowance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client's message allowance is forgotten once its last socket has closed and the
+    allowance is full again, by a timer. One timer per client, however often it comes and
+    goes: a client that drained its allowance, closed its socket and opened another left a
+    timer each time, and each timer set itself again while the allowance was short, so
+    one address that kept its allowance drained and its sockets short-lived had the loop
+    keep a timer for every socket it had opened. The one timer still forgets it."""
+    monkeypatch.setattr(live, "MESSAGE_REFILL_S", 0.01)  # a bucket full again in 0.3 s
+    hub = Hub(Catalog(), max_clients=10, max_per_client=1)
+    loop = asyncio.get_running_loop()
+    call_later = loop.call_later
+    pending: set[asyncio.TimerHandle] = set()
+
+    def counting(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        target = getattr(callback, "func", callback)  # a functools.partial's function
+        if getattr(target, "__func__", None) is not Hub._forget_allowance:
+            return call_later(delay, callback, *args)
+
+        def run() -> None:
+            pending.discard(handle)
+            callback(*args)
+
+        handle = call_later(delay, run)
+        pending.add(handle)
+        return handle
+
+    monkeypatch.setattr(loop, "call_later", counting)
+    for _ in range(50):
+        client = hub.join(Socket(), key="addr:203.0.113.7")  # type: ignore[arg-type]
+        while hub.refusal(client) is None:  # its allowance drained: MESSAGE_BURST here
+            pass
+        hub.leave(client)
+    assert len(hub.allowances) == 1
+    assert len(pending) == 1, f"{len(pending)} timers for one client"
+    await eventually(lambda: _true(not hub.allowances), what="the full bucket to be forgotten")
+    assert not pending

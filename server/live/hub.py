@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -416,6 +417,7 @@ class Hub:
         self.allowances = ClientAllowances(
             MESSAGE_BURST * max_per_client, max_per_client / MESSAGE_REFILL_S
         )
+        self._forgetting: set[str] = set()  # clients with a timer to forget their bucket
         self.clients: set[Client] = set()
         self._watchers: dict[str, set[Client]] = {}
         self._stock: dict[int, tuple[int, str]] = {}  # product → (version, frame) to send
@@ -459,16 +461,26 @@ class Hub:
             )
         return None
 
-    def _forget_allowance(self, key: str) -> None:
-        """The client `key` closed its last socket a while ago: once its bucket is full
-        again, drop it (a full bucket is what a client without one gets)."""
+    def _forget_allowance(self, key: str, *, timer: bool = False) -> None:
+        """The client `key` closed its last socket (or, `timer`, did a while ago): once its
+        bucket is full again, drop it (a full bucket is what a client without one gets).
+        At most one timer per client: a client that drained its bucket and opened and
+        closed a socket again and again left a timer for each, each setting itself again
+        while the bucket was short (one per socket opened, however many)."""
+        if timer:
+            self._forgetting.discard(key)
+        elif key in self._forgetting:
+            return  # its timer sees to it
         if key in self._per_client:
             return  # it came back; its last socket to close will see to it
         wait = self.allowances.seconds_to_full(key)
         if wait <= 0:
             self.allowances.forget(key)
         else:
-            asyncio.get_running_loop().call_later(wait, self._forget_allowance, key)
+            self._forgetting.add(key)
+            asyncio.get_running_loop().call_later(
+                wait, functools.partial(self._forget_allowance, key, timer=True)
+            )
 
     # -- sockets ---------------------------------------------------------------------
 
