@@ -631,3 +631,51 @@ async def test_a_client_that_comes_and_goes_leaves_one_timer_to_forget_its_allow
     assert len(pending) == 1, f"{len(pending)} timers for one client"
     await eventually(lambda: _true(not hub.allowances), what="the full bucket to be forgotten")
     assert not pending
+
+
+async def test_rounds_of_positions_that_give_way_often_still_reach_the_back_of_the_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round of positions that gave way to news is done again from the first page, and
+    news comes often in a sale (admissions every step): a round stopped by news about as
+    far in as the last one never reached the pages behind (news every second slice: the
+    first 64 pages of 256 told, round after round). A round gives way only past the page
+    where the last one stopped, so each gets further, and every page is told once."""
+    monkeypatch.setattr(live, "SLICE_SECONDS", 0.0)  # a slice every SLICE_CHECK_EVERY pages
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    count = 4 * live.SLICE_CHECK_EVERY
+    tickets = [
+        Ticket(5, f"anon:{n}", 100 + n, TicketState.WAITING, joined_at=2) for n in range(count)
+    ]
+    room = Room(5, [10, *(t.place for t in tickets)], tickets)
+    hub = Hub(catalog, max_clients=count, max_per_client=count, room=room)  # type: ignore[arg-type]
+    sockets = []
+    for ticket in tickets:
+        socket = Socket()
+        client = hub.join(socket, key=ticket.shopper_id)  # type: ignore[arg-type]
+        await hub.identify(client, ticket.shopper_id)
+        sockets.append(socket)
+    assert await hub._tell_positions()
+    await eventually(
+        lambda: _true(all(len(positions(s)) == 1 for s in sockets)), what="every page's place"
+    )
+
+    room.places.remove(10)  # the head is admitted: everyone moves up one
+    done = False
+    for _ in range(count // live.SLICE_CHECK_EVERY):
+        asked: list[bool] = []
+
+        def news_every_second_slice(asked: list[bool] = asked) -> bool:
+            asked.append(True)
+            return len(asked) % 2 == 0
+
+        if done := await hub._tell_positions(give_way=news_every_second_slice):
+            break
+    assert done, "no round reached the back of the line"
+    await eventually(
+        lambda: _true(all(len(positions(s)) == 2 for s in sockets)),
+        what="every page told its new place",
+    )
+    for socket, ticket in zip(sockets, tickets, strict=True):
+        assert positions(socket) == [ticket.place - 98, ticket.place - 99]  # each told once

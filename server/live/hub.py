@@ -409,6 +409,9 @@ class Hub:
         # back, so a line that only grew moves nobody. A random room's line before its start
         # shows no position (`order_hidden`): joins anywhere in it move nobody either.
         self._told_lines: dict[int, tuple[bool, frozenset[int], int]] = {}
+        # Per line, the page (its index in the round) where a round of positions last gave
+        # way: the next gives way only past it (`_tell_positions`).
+        self._positions_stopped: dict[int, int] = {}
         self._max_clients = max_clients
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
@@ -844,7 +847,9 @@ class Hub:
         sale, recomputing every view every second was the whole of a web process).
         `give_way`: asked between slices; when it says so the round stops (False), and the
         line it was telling counts as not told (the next round considers every page of it;
-        those told already are not told again, `_told`). True: the round was done."""
+        those told already are not told again, `_told`; and it gives way only past the page
+        where this one stopped, so rounds get further however often news comes). True: the
+        round was done."""
         assert self._room is not None
         by_product: dict[int, list[Client]] = {}
         for clients in self._shoppers.values():
@@ -867,7 +872,18 @@ class Hub:
                 joined_behind = all(place > back for place in places - before)
                 if hidden == was_hidden and before <= places and joined_behind:
                     continue
-            if not await self._tell_tickets(open_ones, {product_id}, give_way=give_way):
+            # A round gives way only past the page where the last one stopped: restarted
+            # from the first page and stopped by news about as often, rounds never reached
+            # the back of a long line while admissions flowed.
+            stopped_at = self._positions_stopped.pop(product_id, -1)
+
+            def stop(n: int, product_id: int = product_id, stopped_at: int = stopped_at) -> bool:
+                if n <= stopped_at or give_way is None or not give_way():
+                    return False
+                self._positions_stopped[product_id] = n
+                return True
+
+            if not await self._tell_tickets(open_ones, {product_id}, give_way=stop):
                 self._told_lines.pop(product_id, None)
                 return False
         return True
@@ -880,15 +896,15 @@ class Hub:
         force: bool = False,
         any_line: bool = False,
         slice_seconds: float | None = None,
-        give_way: Callable[[], bool] | None = None,
+        give_way: Callable[[int], bool] | None = None,
     ) -> bool:
         """Each client's ticket of `products`, if its standing changed (always: `force`).
         `any_line`: the tickets are not waiting (admitted, ended), whose views take only the
         line's total from it: the copy at hand does, however old, with no read. The pages
         go in slices of `slice_seconds` (SLICE_SECONDS), the loop running what else is
         ready between two;
-        `give_way`, asked after each, stops it there when it says so: False. True: every
-        page was considered."""
+        `give_way`, asked after each with the index of the next page, stops it there when it
+        says so: False. True: every page was considered."""
         assert self._room is not None
         if slice_seconds is None:
             slice_seconds = SLICE_SECONDS
@@ -908,7 +924,7 @@ class Hub:
                     # flush goes: the reservations and steps under way meanwhile are not
                     # held up for the whole of it.
                     await asyncio.sleep(0)
-                    if give_way is not None and give_way():
+                    if give_way is not None and give_way(n):
                         return False
                     began = loop.time()
                 ticket = client.tickets.get(product_id)
