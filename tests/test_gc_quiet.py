@@ -70,3 +70,30 @@ async def test_the_task_turns_it_on_again_when_it_ends(monkeypatch: pytest.Monke
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert gc.isenabled()
+
+
+async def test_a_check_that_raises_is_logged_and_the_next_runs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(gcpauses, "QUIET_CHECK_S", 0.01)
+    calls = 0
+
+    def starts() -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the catalog was being rebuilt")
+        return [5_000]
+
+    quiet = SaleQuiet(starts, wall_ms=lambda: 5_000)
+    task = asyncio.create_task(quiet.run())
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if quiet.quiet:
+                break
+        assert quiet.quiet, "no check ran after the one that raised"
+        assert "could not be checked" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

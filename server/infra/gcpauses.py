@@ -135,7 +135,12 @@ class SaleQuiet:
     async def run(self) -> None:
         try:
             while True:
-                self.check(self._wall_ms())
+                try:
+                    self.check(self._wall_ms())
+                except Exception:
+                    # A check that raises (the starts read wrong, say) is logged, and the
+                    # next one runs as usual: the task is not to end for the process's life.
+                    logger.exception("gc: the sales' starts could not be checked")
                 await asyncio.sleep(QUIET_CHECK_S)
         finally:
             if self._since is not None:
