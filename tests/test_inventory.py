@@ -316,7 +316,7 @@ async def test_a_shoppers_holds_by_status_are_looked_for_among_their_newest(
 ) -> None:
     """Listing a shopper's holds by status reads at most `walk` of their newest holds: the
     index has no status, and `status=ACTIVE` of a shopper with 30,000 ended holds read all
-    of them on every request (280 ms of a reader). Without a status, and within the walk,
+    of them on every request (51-102 ms of a reader). Without a status, and within the walk,
     the listing is as before."""
     product = await make_product(store, 100)
     now = now_ms()

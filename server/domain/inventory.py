@@ -1600,7 +1600,7 @@ async def list_shopper_reservations(
     other shoppers have); only those in `status` when given, among the shopper's `walk`
     newest holds (an overdue ACTIVE hold is listed as ACTIVE here: the view shows it
     EXPIRED). The walk is bounded: the index has no status, so `status=ACTIVE` of a shopper
-    with 30,000 ended holds and none active read all 30,000 (280 ms of a reader on a loaded
+    with 30,000 ended holds and none active read all 30,000 (51-102 ms of a reader on a loaded
     machine, every request), and a client can make that many holds by holding and cancelling."""
     values: dict[str, object] = {"s": shopper_id, "limit": limit}
     if status is None:
