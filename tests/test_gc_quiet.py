@@ -10,8 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from server.domain.model import Product
 from server.infra import gcpauses
 from server.infra.gcpauses import QUIET_AFTER_S, QUIET_BEFORE_S, QUIET_MAX_S, SaleQuiet
+from server.service.catalog import Catalog
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +99,41 @@ async def test_a_check_that_raises_is_logged_and_the_next_runs(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _product(product_id: int, version: int, starts: int | None) -> Product:
+    return Product(
+        id=product_id,
+        name=f"p{product_id}",
+        price_cents=100,
+        total_stock=10,
+        available_stock=10,
+        version=version,
+        sale_starts_at=starts,
+        created_at=0,
+        updated_at=0,
+    )
+
+
+def test_the_catalog_gives_the_sales_starts_and_follows_a_start_that_moves() -> None:
+    """What the quiet spells read 4 times a second: kept between calls, and made again when a
+    product comes or its start moves (a stale set would keep the collector on through a
+    sale, or off for one that was moved away)."""
+    catalog = Catalog()
+    catalog.apply(_product(1, 1, 5_000))
+    catalog.apply(_product(2, 1, None))
+    assert catalog.sale_starts() == {5_000}
+    assert catalog.sale_starts() is catalog.sale_starts()
+    catalog.apply_stock(1, 9, 2)  # a stock change keeps the start
+    assert catalog.sale_starts() == {5_000}
+    catalog.apply(_product(1, 3, 9_000))
+    catalog.apply(_product(3, 1, 7_000))
+    assert catalog.sale_starts() == {9_000, 7_000}
+    catalog.apply(_product(3, 2, None))
+    assert catalog.sale_starts() == {9_000}
+    quiet = SaleQuiet(catalog.sale_starts, wall_ms=lambda: 9_000)
+    try:
+        assert quiet.check(9_000, clock=100.0)
+    finally:
+        quiet.check(10**9, clock=200.0)
+    assert gc.isenabled()

@@ -188,7 +188,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             tune_garbage_collector()
             # No collections in a sale's first seconds (server/infra/gcpauses.py).
             quiet = asyncio.create_task(
-                SaleQuiet(lambda: (p.sale_starts_at for p in catalog.all())).run(),
+                SaleQuiet(catalog.sale_starts).run(),
                 name="gc-sale-quiet",
             )
             stack.push_async_callback(_cancel, quiet)

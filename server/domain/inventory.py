@@ -1611,6 +1611,9 @@ async def list_shopper_reservations(
         )
     else:
         values.update(status=status.value, walk=walk)
+        # The walk orders by the index alone (shopper_id, created_at): a tiebreak on id
+        # here would sort all of the shopper's holds to find the newest `walk`. Holds made
+        # in the same millisecond at the walk's edge may fall either side of it.
         rows = await conn.fetch_all(
             f"SELECT {RESERVATION} FROM (SELECT {RESERVATION} FROM reservations "
             "WHERE shopper_id = :s ORDER BY created_at DESC LIMIT :walk) AS newest "

@@ -49,6 +49,9 @@ class Listing:
 
 
 class Catalog:
+    """Every product as this process last saw it (`Product`, by id), with each one's JSON
+    view and the listings made of them cached until the product changes."""
+
     def __init__(self) -> None:
         self._products: dict[int, Product] = {}
         self._views: dict[int, dict[str, Any]] = {}
@@ -57,6 +60,10 @@ class Catalog:
         self._view_json: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._ids: list[int] | None = None  # sorted; until a product is added
         self._listing: Listing | None = None  # every product; until anything changes
+        # The distinct sale start times (ms since the epoch); until a product is added or
+        # its start moves. Read 4 times a second by the collector's quiet spells
+        # (server/infra/gcpauses.py), which must not walk 10,000 products to find them.
+        self._starts: frozenset[int] | None = None
 
     def get(self, product_id: int) -> Product | None:
         return self._products.get(product_id)
@@ -70,6 +77,15 @@ class Catalog:
     def all(self) -> list[Product]:
         return [self._products[i] for i in self.ids()]
 
+    def sale_starts(self) -> frozenset[int]:
+        """The distinct `saleStartsAt` of the products that have one (ms since the epoch);
+        kept between calls, made again only after a product is added or its start moves."""
+        if self._starts is None:
+            self._starts = frozenset(
+                p.sale_starts_at for p in self._products.values() if p.sale_starts_at is not None
+            )
+        return self._starts
+
     def apply(self, product: Product) -> bool:
         """Take a product's state if it is newer than ours; True if it was.
 
@@ -79,6 +95,8 @@ class Catalog:
             return False
         if current is None:
             self._ids = None
+        if current is None or current.sale_starts_at != product.sale_starts_at:
+            self._starts = None
         self._products[product.id] = product
         self._views.pop(product.id, None)
         self._json.pop(product.id, None)
