@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.api.http import RequestError
+from server.infra.buckets import TokenBuckets
 from server.infra.keys import RATE_LIMIT_PREFIX
 from server.infra.metrics import DEFERRED
 
@@ -211,51 +212,41 @@ class FailureThrottle:
         max_clients: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._count = float(count)
+        self._count = count
         self._per = per_seconds
-        self._rate = count / per_seconds  # tries earned back per second
         self._what = what
-        self._max_clients = max_clients
         self._clock = clock
-        # client → (tries left, at, when it was last logged as out of tries)
-        self._tries: dict[str, tuple[float, float, float]] = {}
+        self._tries = TokenBuckets(count, count / per_seconds, max_keys=max_clients, clock=clock)
+        # When each client out of tries was last logged, of at most `max_clients` clients.
+        self._logged: dict[str, float] = {}
+        self._max_clients = max_clients
 
     def retry_after(self, client: str) -> int | None:
         """None if `client` may try now; otherwise whole seconds until it may."""
-        left = self._left(client, self._clock())
-        if left >= 1:
-            return None
-        return max(1, math.ceil((1 - left) / self._rate))
+        wait = self._tries.seconds_until(client)
+        return None if wait <= 0 else max(1, math.ceil(wait))
 
     def failed(self, client: str) -> None:
         """`client` just failed: one try fewer."""
+        left = self._tries.spend(client)
+        if left >= 1:
+            return
         now = self._clock()
-        entry = self._tries.pop(client, None)
-        logged = -math.inf if entry is None else entry[2]
-        left = self._left_of(entry, now) - 1
-        if left < 1 and now - logged >= self._per:
-            logged = now
-            logger.warning(
-                "wrong %ss from %s: %d within %g s; its requests with one are refused 429 "
-                "until it earns a try back (one every %g s)",
-                self._what,
-                client,
-                self._count,
-                self._per,
-                1 / self._rate,
-            )
-        self._tries[client] = (left, now, logged)  # most recent last
-        while len(self._tries) > self._max_clients:
-            del self._tries[next(iter(self._tries))]
-
-    def _left(self, client: str, now: float) -> float:
-        return self._left_of(self._tries.get(client), now)
-
-    def _left_of(self, entry: tuple[float, float, float] | None, now: float) -> float:
-        if entry is None:
-            return self._count
-        left, at, _ = entry
-        return min(self._count, left + (now - at) * self._rate)
+        if now - self._logged.get(client, -math.inf) < self._per:
+            return
+        self._logged.pop(client, None)  # most recently logged last
+        self._logged[client] = now
+        while len(self._logged) > self._max_clients:
+            del self._logged[next(iter(self._logged))]
+        logger.warning(
+            "wrong %ss from %s: %d within %g s; its requests with one are refused 429 "
+            "until it earns a try back (one every %g s)",
+            self._what,
+            client,
+            self._count,
+            self._per,
+            self._per / self._count,
+        )
 
 
 # Keys of the last holds this process made or replayed (`RecentKeys`): at most 20,000 of at

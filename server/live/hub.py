@@ -51,6 +51,7 @@ from server.domain.inventory import is_reservation_id
 from server.domain.model import Product, ReservationChanged
 from server.domain.text import SHOWN_CHARS
 from server.domain.waitingroom import OPEN, Lineup, Ticket, TicketState, order_hidden
+from server.infra.buckets import TokenBucket, TokenBuckets
 from server.infra.clients import client_key
 from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
@@ -128,7 +129,7 @@ MAX_BAD_MESSAGES = 10
 MESSAGE_BURST = 30
 MESSAGE_REFILL_S = 0.5
 # ...and per client (`Client.key`), over all its sockets on this process: as many as its
-# WS_MAX_PER_CLIENT sockets would be allowed together (`ClientAllowances`). A socket's own
+# WS_MAX_PER_CLIENT sockets would be allowed together (`Hub.allowances`). A socket's own
 # bucket starts full, so a client that closed each socket after its burst and opened another
 # sent 230 `watch` a second from one address (20 sockets at a time), against the 40 that its
 # 20 open sockets may send, and took another shopper's reservation from 46 to 520 ms (p95).
@@ -138,46 +139,6 @@ POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 
 Key = tuple[str, int | str]  # ("stock", product id) or ("reservation", id): what coalesces
-
-
-class ClientAllowances:
-    """The messages each client (`Client.key`) may still send over all its sockets on this
-    process: a token bucket of `burst` messages, earning `per_second` back. A client's bucket
-    outlives its sockets: it is kept while the client has one and, once its last closes,
-    until it would be full again (`forget_when_full`), so a socket opened again finds the
-    bucket as the closed one left it. At most one bucket per client with a socket, or
-    whose last socket closed within the last `burst / per_second` seconds."""
-
-    def __init__(self, burst: float, per_second: float) -> None:
-        self.burst = burst
-        self.per_second = per_second
-        self._buckets: dict[str, tuple[float, float]] = {}  # key → (allowance, at)
-
-    def _left(self, key: str, now: float) -> float:
-        entry = self._buckets.get(key)
-        if entry is None:
-            return self.burst
-        allowance, at = entry
-        return min(self.burst, allowance + (now - at) * self.per_second)
-
-    def take(self, key: str) -> bool:
-        """Count one message of `key`'s: False (nothing counted) when it has none left."""
-        now = time.monotonic()
-        left = self._left(key, now)
-        if left < 1:
-            return False
-        self._buckets[key] = (left - 1, now)
-        return True
-
-    def seconds_to_full(self, key: str) -> float:
-        """How long until `key`'s bucket is full again (0: it is, or there is none)."""
-        return max(0.0, (self.burst - self._left(key, time.monotonic())) / self.per_second)
-
-    def forget(self, key: str) -> None:
-        self._buckets.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
 
 
 class Client:
@@ -205,8 +166,8 @@ class Client:
         self.signed_in_until: float | None = None
         self.sign_out: asyncio.TimerHandle | None = None  # at `signed_in_until`
         self.bad_messages = 0
-        self._allowance = float(MESSAGE_BURST)  # messages the client may send now
-        self._allowed_at = time.monotonic()
+        # The messages the socket may send (MESSAGE_BURST, one every MESSAGE_REFILL_S).
+        self._allowance = TokenBucket.full(MESSAGE_BURST, 1 / MESSAGE_REFILL_S)
         # The shopper's waiting-room tickets, by product, and what the page was last told
         # of each (`_told`: the view without its clock, to send only what changed).
         self.tickets: dict[int, Ticket] = {}
@@ -219,15 +180,7 @@ class Client:
     def may_send(self) -> bool:
         """Count one message of the client's: False when it is past `MESSAGE_BURST` at once
         and one every `MESSAGE_REFILL_S` after that (the message is then not to be read)."""
-        now = time.monotonic()
-        self._allowance = min(
-            MESSAGE_BURST, self._allowance + (now - self._allowed_at) / MESSAGE_REFILL_S
-        )
-        self._allowed_at = now
-        if self._allowance < 1:
-            return False
-        self._allowance -= 1
-        return True
+        return self._allowance.take(time.monotonic())
 
     def offer_all(self, prepared: bytes) -> bool:
         """Write several frames already encoded, in one write, if the socket can take them
@@ -416,8 +369,11 @@ class Hub:
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
         # The messages each client may send over all its sockets (MESSAGE_BURST and
-        # MESSAGE_REFILL_S for each socket it may hold), kept across its reconnects.
-        self.allowances = ClientAllowances(
+        # MESSAGE_REFILL_S for each socket it may hold), kept across its reconnects: while
+        # the client has a socket and, once its last closes, until its bucket would be full
+        # again (`_forget_allowance`): at most one bucket per client with a socket, or whose
+        # last socket closed within the last MESSAGE_BURST * MESSAGE_REFILL_S seconds.
+        self.allowances = TokenBuckets(
             MESSAGE_BURST * max_per_client, max_per_client / MESSAGE_REFILL_S
         )
         self._forgetting: set[str] = set()  # clients with a timer to forget their bucket
@@ -459,7 +415,7 @@ class Hub:
         if not self.allowances.take(client.key):
             return (
                 f"Too many messages from your address over its sockets: at most "
-                f"{self.allowances.burst:g} at once, then {self.allowances.per_second:g} a "
+                f"{self.allowances.capacity:g} at once, then {self.allowances.rate:g} a "
                 "second; this one was not read."
             )
         return None
