@@ -121,6 +121,11 @@ async def test_completion_refuses_what_it_cannot_take(client: Client) -> None:
         path = f"/api/reservations/{reservation_id}/complete"
         wrong = await http.post(path, headers=shop("fsk_not-a-key-we-made"))
         assert wrong.status_code == 401
+        # A mistyped SHOP_API_KEYS key reads as a shopper's token: the answer names both
+        # readings, not only "send no Authorization header" (a newcomer's finding).
+        mistyped = await http.post(path, headers=shop("shop-backend-key-0123456780"))
+        assert mistyped.status_code == 401
+        assert "neither a shop API key" in mistyped.json()["message"], mistyped.text
         by_shopper = await http.post(path, json={"orderReference": "X-1"})
         assert by_shopper.status_code == 400
         assert "shop API key" in by_shopper.json()["message"]

@@ -67,9 +67,21 @@ async def completion(request: Request) -> Completion:
         if not by_shop:
             try:  # a shopper's token, or a wrong guess at a key from SHOP_API_KEYS
                 shopper_of(request)
-            except RequestError:
+            except RequestError as refused:
                 throttle.failed(client)
-                raise
+                if refused.status != 401:
+                    raise
+                # Say both readings: a shop's backend with a mistyped key was once told only
+                # that shoppers do not sign in here, and to send no Authorization header.
+                raise RequestError(
+                    401,
+                    refused.code,
+                    "This bearer token is neither a shop API key (one made in the console, "
+                    "fsk_..., or one of SHOP_API_KEYS) nor a valid shopper token: "
+                    + refused.message,
+                    refused.details,
+                    refused.headers,
+                ) from None
     reference = None
     if await request.body():
         reference = (await parse_body(request, CompleteBody)).order_reference
