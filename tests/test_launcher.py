@@ -78,10 +78,16 @@ def _ignore_sigint() -> None:
 
 @contextlib.contextmanager
 def _serving(
-    tmp_path: Path, *, background: bool = False, until_answering: bool = True
+    tmp_path: Path,
+    *,
+    background: bool = False,
+    until_answering: bool = True,
+    metrics_ports: tuple[int, int] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`bin/serve` on a free port, once the shop answers (or at once: `until_answering`)."""
+    """`bin/serve` on a free port, once the shop answers (or at once: `until_answering`);
+    the web's and the worker's metrics on `metrics_ports` (default: free ones)."""
     port = free_port()
+    web_metrics, worker_metrics = metrics_ports or (free_port(), free_port())
     env = {
         key: value
         for key, value in os.environ.items()
@@ -91,8 +97,8 @@ def _serving(
         {
             "PORT": str(port),
             "LOG_LEVEL": "WARNING",
-            "WEB_METRICS_PORT": str(free_port()),
-            "WORKER_METRICS_PORT": str(free_port()),
+            "WEB_METRICS_PORT": str(web_metrics),
+            "WORKER_METRICS_PORT": str(worker_metrics),
         }
     )
     log = tmp_path / "serve.log"
@@ -129,10 +135,36 @@ def _serving(
                 os.kill(pid, signal.SIGKILL)
 
 
+def _metric(page: str, name: str) -> float:
+    """The sum of a metric's samples on a Prometheus text page (0: none)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
+
+
 def test_serve_starts_everything(tmp_path: Path) -> None:
-    with _serving(tmp_path) as (launcher, port):
+    web_metrics, worker_metrics = free_port(), free_port()
+    with _serving(tmp_path, metrics_ports=(web_metrics, worker_metrics)) as (launcher, port):
         response = httpx.get(f"http://127.0.0.1:{port}/api/products")
         assert len(response.json()) == 10  # the demo products
+        held = httpx.post(
+            f"http://127.0.0.1:{port}/api/reservations",
+            json={"productId": response.json()[0]["id"], "quantity": 1},
+            cookies=httpx.get(f"http://127.0.0.1:{port}/api/me").cookies,
+        )
+        assert held.status_code == 201, held.text
+        # Each port shows its own processes' metrics: the worker's showed the web's too (one
+        # metrics directory for both), and a Prometheus scraping both counted holds twice.
+        reservations = "flashsale_reservations_total"
+        deadline = time.monotonic() + STARTED_WITHIN_S
+        while not _metric(httpx.get(f"http://127.0.0.1:{web_metrics}/metrics").text, reservations):
+            assert time.monotonic() < deadline, "the web's metrics never counted the hold"
+            time.sleep(0.1)  # metrics are written out up to a second late: nothing to wait on
+        worker_page = httpx.get(f"http://127.0.0.1:{worker_metrics}/metrics").text
+        assert "flashsale_holds_expired_total" in worker_page
+        assert _metric(worker_page, reservations) == 0, worker_page
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ok"
         log = (tmp_path / "serve.log").read_text()
         assert f"http://127.0.0.1:{port}/" in log

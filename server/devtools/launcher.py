@@ -142,9 +142,9 @@ def serve(settings: Settings) -> int:
     env.setdefault("WEB_CONCURRENCY", str(settings.web_concurrency))
     redis: EmbeddedRedis | None = None
     honcho: subprocess.Popen[bytes] | None = None
-    # The web processes' metric values, fresh for this run and removed after it.
-    metrics_dir = tempfile.TemporaryDirectory(prefix="flashsale-metrics-")
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
+    # No PROMETHEUS_MULTIPROC_DIR here: `python -m server.web` makes its web processes' own
+    # (server/web.py). One given to both web and worker made each metrics port show the
+    # other's values too, and a Prometheus scraping both counted every hold twice.
     procfile_dir = tempfile.TemporaryDirectory(prefix="flashsale-serve-")
     try:
         if not settings.has_redis:
@@ -192,7 +192,6 @@ def serve(settings: Settings) -> int:
         if honcho is not None:
             _stop_honcho(honcho)
         _stop_leftovers(exclude=None if redis is None else redis.pid)
-        metrics_dir.cleanup()
         procfile_dir.cleanup()
         if redis is not None:
             redis.stop()
