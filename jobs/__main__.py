@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__)
     parser.add_argument("--check", action="store_true", help="health check, for probes")
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    settings = Settings.for_command()
     configure_logging(settings.log_level, settings.log_format)
     if args.check:
         return asyncio.run(check_health(settings))

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="run web, worker and Redis for development")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
+    settings = Settings.for_command()
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
         return serve(settings)

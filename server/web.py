@@ -144,7 +144,7 @@ def main() -> None:
     cli: Any = importlib.import_module("uvicorn.main")
     cli.Multiprocess = ReleasingMultiprocess
     with metrics_directory():
-        serve_metrics(Settings.from_env())
+        serve_metrics(Settings.for_command())
         cli.main()
 
 

@@ -262,3 +262,33 @@ def test_a_killed_worker_is_started_again_and_the_shop_stays_up(tmp_path: Path) 
         assert launcher.returncode == 0
         assert not _alive(descendants), f"left running: {_alive(descendants)}"
         assert "serve: stopped everything" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["server", "serve"],
+        ["server", "migrate"],
+        ["jobs"],
+        ["server.web", "--factory", "server.api.app:create_app"],
+    ],
+    ids=["serve", "migrate", "worker", "web"],
+)
+def test_a_setting_that_cannot_be_used_ends_a_command_with_one_line_naming_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Each command's start: exit code 2 and the setting named on one line, not a traceback
+    through the settings' code (a newcomer's `HOLD_SECONDS=soon bin/serve` got 12 lines)."""
+    env = {**os.environ, "HOLD_SECONDS": "soon"}
+    done = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STARTED_WITHIN_S,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.strip() == "configuration error: HOLD_SECONDS must be a number, got 'soon'"
+    assert not (tmp_path / "var").exists()  # nothing was started or made

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,20 @@ class Settings:
         return bool(self.redis_url or self.redis_sentinels)
 
     @classmethod
+    def for_command(cls) -> Settings:
+        """`from_env()` for a command's start (`python -m server`, `python -m server.web`,
+        `python -m jobs`): a setting it cannot use ends the command with exit code 2 and one
+        line naming the setting on stderr, not a traceback through the settings' code."""
+        try:
+            return cls.from_env()
+        except SettingsError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from the environment (`env`, default `os.environ`). Raises
+        `SettingsError` naming the first variable whose value cannot be used."""
         env = os.environ if env is None else env
         sentinels = _addresses(env, "REDIS_SENTINELS", DEFAULT_SENTINEL_PORT)
         if sentinels and env.get("REDIS_URL", "").strip():
