@@ -9,6 +9,7 @@ Times are passed in (ms), as the service passes "now": a sale's minutes take no 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
 from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
-from server.domain.waitingroom import Admission, RoomChanged, Ticket, TicketState
+from server.domain.waitingroom import Admission, Lineup, RoomChanged, Ticket, TicketState
 from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
 from server.wire.schemas import ticket_view
@@ -833,3 +834,28 @@ async def test_one_process_holds_the_lease_until_it_lapses(store: Store) -> None
     assert taken.leased
     assert [t.shopper_id for t in taken.admitted] == ["anon:b"]
     assert not (await step(store, product.id, now=START + 2_100 + PASS_MS, holder="first")).leased
+
+
+def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_nothing_is_available() -> (
+    None
+):
+    """A newcomer's findings: a join's answer, placed in a line read before it joined, said
+    "number 3 in line" with 2 waiting; and the first in line was told a 5 s wait from the last
+    minute's admissions while every unit was held (nobody is admitted until units come back)."""
+    product = Product(
+        id=1, name="p", price_cents=100, total_stock=10, available_stock=2, version=1,
+        sale_starts_at=None, created_at=0, updated_at=0, held_units=8, queue="fifo",
+    )  # fmt: skip
+    line = Lineup(
+        product_id=1, at=60_000, places=(1, 2), admitted=0, recent_admissions=12,
+        first_recent_admission=0,
+    )  # fmt: skip
+    newest = Ticket(product_id=1, shopper_id="anon:c", place=3, state=TicketState.WAITING,
+                    joined_at=59_999)  # fmt: skip
+    view = ticket_view(newest, product, line, now=60_000)
+    assert (view["position"], view["waiting"]) == (3, 3)
+    assert view["estimatedWaitSeconds"] == 15  # 12 admitted in the last minute: 3 / 0.2 a second
+    all_held = dataclasses.replace(product, available_stock=0, held_units=10)
+    view = ticket_view(newest, all_held, line, now=60_000)
+    assert view["estimatedWaitSeconds"] is None
+    assert "10 units are held and may come back" in view["message"]

@@ -878,7 +878,10 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
         position = line.ahead_of(ticket.place) + 1
     wait = None
     rate = line.admissions_per_second()
-    if position is not None and rate:
+    # No estimate while nothing is available: nobody is admitted until units come back,
+    # whatever the last minute's rate was (the first in line was told 5 s while every unit
+    # was held for two minutes more).
+    if position is not None and rate and product.available_stock > 0:
         wait = math.ceil(position / rate)
     draw_at = None
     if draws(product):
@@ -889,7 +892,9 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
         "state": state.value,
         "position": position,
         "ahead": None if position is None else position - 1,
-        "waiting": line.waiting,
+        # The line as last read (up to LINE_SECONDS old) may not hold this ticket yet: a
+        # join's answer said "number 3 in line" with 2 waiting.
+        "waiting": line.waiting if position is None else max(line.waiting, position),
         "estimatedWaitSeconds": wait,
         "passExpiresAt": (
             None
