@@ -546,17 +546,12 @@ def test_a_prepared_frame_is_what_websockets_makes(length: int) -> None:
     )
 
 
-async def test_a_round_of_positions_gives_way_and_the_next_tells_the_rest_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A round of positions stops between two slices when news of a close or of admissions
-    waits (`give_way`): that news is told first (a close once waited 0.7 s behind a round
-    in the waiting room's bench). The next round tells every page the stopped one had not
-    reached, and none of those it had a second time."""
-    monkeypatch.setattr(live, "SLICE_SECONDS", 0.0)  # a slice every SLICE_CHECK_EVERY pages
+async def _line_of_pages(count: int) -> tuple[Room, Hub, list[Ticket], list[Socket]]:
+    """A waiting line of `count` pages for product 5 behind one place (10) at its head: the
+    pages' tickets at places 100, 101, …, each page's socket identified as its shopper, and
+    every page told its place once (a round of positions)."""
     catalog = Catalog()
     catalog.apply(product_in_memory(id=5, available_stock=0))
-    count = 3 * live.SLICE_CHECK_EVERY
     tickets = [
         Ticket(5, f"anon:{n}", 100 + n, TicketState.WAITING, joined_at=2) for n in range(count)
     ]
@@ -572,6 +567,18 @@ async def test_a_round_of_positions_gives_way_and_the_next_tells_the_rest_once(
     await eventually(
         lambda: _true(all(len(positions(s)) == 1 for s in sockets)), what="every page's place"
     )
+    return room, hub, tickets, sockets
+
+
+async def test_a_round_of_positions_gives_way_and_the_next_tells_the_rest_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round of positions stops between two slices when news of a close or of admissions
+    waits (`give_way`): that news is told first (a close once waited 0.7 s behind a round
+    in the waiting room's bench). The next round tells every page the stopped one had not
+    reached, and none of those it had a second time."""
+    monkeypatch.setattr(live, "SLICE_SECONDS", 0.0)  # a slice every SLICE_CHECK_EVERY pages
+    room, hub, tickets, sockets = await _line_of_pages(3 * live.SLICE_CHECK_EVERY)
 
     room.places.remove(10)  # the head is admitted: everyone moves up one
     asked = []
@@ -642,24 +649,8 @@ async def test_rounds_of_positions_that_give_way_often_still_reach_the_back_of_t
     first 64 pages of 256 told, round after round). A round gives way only past the page
     where the last one stopped, so each gets further, and every page is told once."""
     monkeypatch.setattr(live, "SLICE_SECONDS", 0.0)  # a slice every SLICE_CHECK_EVERY pages
-    catalog = Catalog()
-    catalog.apply(product_in_memory(id=5, available_stock=0))
     count = 4 * live.SLICE_CHECK_EVERY
-    tickets = [
-        Ticket(5, f"anon:{n}", 100 + n, TicketState.WAITING, joined_at=2) for n in range(count)
-    ]
-    room = Room(5, [10, *(t.place for t in tickets)], tickets)
-    hub = Hub(catalog, max_clients=count, max_per_client=count, room=room)  # type: ignore[arg-type]
-    sockets = []
-    for ticket in tickets:
-        socket = Socket()
-        client = hub.join(socket, key=ticket.shopper_id)  # type: ignore[arg-type]
-        await hub.identify(client, ticket.shopper_id)
-        sockets.append(socket)
-    assert await hub._tell_positions()
-    await eventually(
-        lambda: _true(all(len(positions(s)) == 1 for s in sockets)), what="every page's place"
-    )
+    room, hub, tickets, sockets = await _line_of_pages(count)
 
     room.places.remove(10)  # the head is admitted: everyone moves up one
     done = False
