@@ -37,6 +37,21 @@ JWT_SECRET = "the-shop-signs-its-shoppers-with-this-32-byte-key"
 
 
 @contextmanager
+def one_service(
+    database_url: str, redis_url: str, logs: Path, **settings: str
+) -> Iterator[Service]:
+    """One web process and the worker, for what a socket to one process shows
+    (`two_services` where frames cross processes): a second service started and unused
+    was a web process's start and stop in every such test."""
+    service = Service(database_url, redis_url, logs / "a", web_concurrency=1, **settings)
+    try:
+        service.start(worker=True)
+        yield service
+    finally:
+        service.stop()
+
+
+@contextmanager
 def two_services(
     database_url: str, redis_url: str, logs: Path, **settings: str
 ) -> Iterator[tuple[Service, Service]]:
@@ -129,7 +144,7 @@ async def reserve(service: Service, product_id: int, quantity: int = 1) -> dict[
 async def test_a_socket_opens_with_a_snapshot(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path) as (a, _):
+    with one_service(database_url, redis_url, tmp_path) as a:
         product = await a.new_product(7)
         async with socket_to(a) as ws:
             (snapshot,) = await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
@@ -175,7 +190,7 @@ async def test_a_page_that_names_its_products_gets_only_those(
 async def test_a_socket_with_bad_ids_is_told_why_and_closed(
     database_url: str, redis_url: str, tmp_path: Path, ids: str, named: str
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path) as (a, _):
+    with one_service(database_url, redis_url, tmp_path) as a:
         async with socket_to(a, f"/ws?ids={ids}") as ws:
             (error,) = await ws.frames.wait_for(_error("invalid_ids"))
             assert named in error["message"], error
@@ -299,7 +314,7 @@ def _read_until_closed(sock: socket.socket, within: float) -> int | None:
 async def test_a_client_that_never_reads_delays_no_one_and_is_closed(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path, WS_PING_SECONDS="1") as (a, _):
+    with one_service(database_url, redis_url, tmp_path, WS_PING_SECONDS="1") as a:
         product = await a.new_product(1_000)
         stuck = _raw_websocket(a)
         try:
@@ -317,7 +332,7 @@ async def test_a_client_that_never_reads_delays_no_one_and_is_closed(
 async def test_messages_that_are_not_understood_get_error_frames(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path) as (a, _):
+    with one_service(database_url, redis_url, tmp_path) as a:
         async with socket_to(a) as ws:
             await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
             for bad, code in [
@@ -352,7 +367,7 @@ async def test_a_socket_past_its_messages_is_refused_then_closed(
     and counts towards the socket's MAX_BAD_MESSAGES. Without the bucket, a client that read
     its answers could send `watch` as fast as the event loop answered, slowing every shopper
     of the process (a reservation's p95 from 0.1 to 2 s)."""
-    with two_services(database_url, redis_url, tmp_path) as (a, _):
+    with one_service(database_url, redis_url, tmp_path) as a:
         async with socket_to(a) as ws:
             await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
             sent = 0
@@ -380,7 +395,7 @@ async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
     burst, per_second = MESSAGE_BURST * per_client, per_client / MESSAGE_REFILL_S
     join = {"type": "join", "productId": 1}  # answered at once: no shopper, no database
     settings = {"WS_MAX_PER_CLIENT": str(per_client)}
-    with two_services(database_url, redis_url, tmp_path, **settings) as (a, _):
+    with one_service(database_url, redis_url, tmp_path, **settings) as a:
         started = time.monotonic()
         taken = refused = 0
         for _ in range(20):  # sockets, one after another, each sending its own burst
@@ -416,7 +431,7 @@ async def test_a_page_joins_a_waiting_room_over_its_socket(
     answers it (the same ticket when sent again), as POST /api/products/{id}/queue would;
     a socket without a shopper, a product without a room, or a malformed join get an
     `error` frame naming the product, and the socket stays open."""
-    with two_services(database_url, redis_url, tmp_path) as (a, _):
+    with one_service(database_url, redis_url, tmp_path) as a:
         starts = datetime.now(UTC) + timedelta(minutes=5)
         drop = await a.new_product(3, queue="random", saleStartsAt=starts.isoformat())
         plain = await a.new_product(3)
@@ -562,7 +577,7 @@ def _error_saying(text: str) -> Callable[[Frame], bool]:
 async def test_an_oversized_message_closes_the_socket(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path) as (a, _):
+    with one_service(database_url, redis_url, tmp_path) as a:
         async with socket_to(a) as ws:
             await ws.send({"type": "watch", "reservations": ["x" * 8_000]})
             await ws.connection.wait_closed()
@@ -572,10 +587,7 @@ async def test_an_oversized_message_closes_the_socket(
 async def test_a_foreign_origin_is_refused_and_the_own_origin_allowed(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path, CORS_ORIGINS="https://shop.example") as (
-        a,
-        _,
-    ):
+    with one_service(database_url, redis_url, tmp_path, CORS_ORIGINS="https://shop.example") as a:
         with pytest.raises(InvalidStatus) as refused:
             async with socket_to(a, origin="https://evil.example"):
                 pass
@@ -588,7 +600,7 @@ async def test_a_foreign_origin_is_refused_and_the_own_origin_allowed(
 async def test_the_connection_cap_answers_1013(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path, WS_MAX_CLIENTS="2") as (a, _):
+    with one_service(database_url, redis_url, tmp_path, WS_MAX_CLIENTS="2") as a:
         async with socket_to(a) as one, socket_to(a) as two:
             await one.frames.wait_for(lambda f: f["type"] == "snapshot")
             await two.frames.wait_for(lambda f: f["type"] == "snapshot")
