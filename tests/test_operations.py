@@ -154,10 +154,12 @@ async def test_request_ids_are_returned_and_logged_as_json_lines(
             return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
         async def logged() -> list[dict[str, object]]:
+            """Both requests' lines, once both are written (the first alone is not done)."""
             wanted = {"lb-7f3a.2", missing.headers["x-request-id"]}
-            return [line for line in lines() if line.get("request_id") in wanted]
+            found = [line for line in lines() if line.get("request_id") in wanted]
+            return found if {line["request_id"] for line in found} == wanted else []
 
-        found = await eventually(logged, within=5, what="the access log lines")
+        found = await eventually(logged, within=30, what="the access log lines")
         by_id = {line["request_id"]: line for line in found}
         assert by_id["lb-7f3a.2"]["logger"] == "flashsale.access"
         assert str(by_id["lb-7f3a.2"]["message"]).startswith("GET /api/products 200 ")
