@@ -76,16 +76,16 @@ class GatedStore(Store):
             gate.commit.set()
             gate.resume.set()
 
-    async def write(self, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def write(self, work: Callable[[Any], Awaitable[T]], *, index_order: bool = False) -> T:
         if self.open:
-            return await super().write(work)
+            return await super().write(work, index_order=index_order)
         taken = self.taken()
         gate = Gate(range(self._given, taken))
         self._given = taken
         self.gates.append(gate)
         await gate.commit.wait()
         try:
-            return await super().write(work)
+            return await super().write(work, index_order=index_order)
         finally:
             gate.committed.set()
             await gate.resume.wait()

@@ -186,7 +186,8 @@ class Deliverer:
         while True:
             try:
                 dispatched = await self.store.write(
-                    functools.partial(_dispatch, expect_endpoints=self._expect_endpoints)
+                    functools.partial(_dispatch, expect_endpoints=self._expect_endpoints),
+                    index_order=True,
                 )
             except webhooks.EndpointsChanged:
                 self._expect_endpoints = True  # rolled back: dispatched again, to it
