@@ -329,8 +329,13 @@ async def dispatch(
         found = await endpoints_enabled(conn)
         if found:
             raise EndpointsChanged
-        more = await conn.fetch_one("SELECT 1 FROM outbox WHERE dispatched_at IS NULL LIMIT 1")
-        return Dispatched(0 if more is None else limit, ())
+        # In the index's order, so that PostgreSQL reads the index (`index_order`): without
+        # an order it chose a sequential scan of the table, dead rows and all, now and then.
+        more = len(waiting) == limit and await conn.fetch_one(
+            "SELECT 1 FROM outbox WHERE dispatched_at IS NULL "
+            "ORDER BY product_id, version, seq LIMIT 1"
+        )
+        return Dispatched(limit if more else 0, ())
     if not waiting:
         return Dispatched(0, tuple(await endpoints_enabled(conn)))
     where, bounds = _read_ranges(waiting)
