@@ -80,6 +80,10 @@ class Console {
     this.holds = [];
     this.rooms = new Map(); // product id → its waiting room's figures
     this.selected = null;
+    // A button to take the focus once it shows ({ selector, id }): the one an action makes
+    // its next (End makes Reopen) may still be hidden when the action returns, since the
+    // page's clock can be a moment behind the server's that ended the sale.
+    this.focusWhenShown = null;
     this.editing = null; // the product the edit form was filled from
     this.refreshing = false;
     this.refreshAgain = false; // a refresh asked for while one was under way
@@ -298,10 +302,19 @@ class Console {
       this.say(`${done} ${data.name}.`);
       // The button pressed may be hidden now (Pause becomes Resume): keep the reader there.
       const next = { pause: "#resume", resume: "#pause", end: "#reopen" }[action];
-      if (next && !$(next).hidden) $(next).focus();
+      if (next) this.focusOnceShown(next, id);
     } catch (error) {
       this.say(this.explain(error), false);
     }
+  }
+
+  // Focus `selector` now if it shows, else when a render of product `id` first shows it,
+  // unless the reader has put the focus somewhere else since (still on the button pressed,
+  // or on nothing because that button is hidden now, it has not moved).
+  focusOnceShown(selector, id) {
+    this.focusWhenShown = null;
+    if (!$(selector).hidden) $(selector).focus();
+    else this.focusWhenShown = { selector, id, from: document.activeElement };
   }
 
   async reopen() {
@@ -309,7 +322,7 @@ class Console {
     try {
       const data = await this.productAction("PATCH", `/api/admin/products/${id}`, { saleEndsAt: null });
       this.say(`Reopened the sale of ${data.name}.`);
-      if (!$("#end-sale").hidden) $("#end-sale").focus();
+      this.focusOnceShown("#end-sale", id);
     } catch (error) {
       this.say(this.explain(error), false);
     }
@@ -750,6 +763,14 @@ class Console {
     $("#resume").hidden = !paused || ended;
     $("#end-sale").hidden = ended || sale.state === "scheduled";
     $("#reopen").hidden = !ended;
+    const pending = this.focusWhenShown;
+    if (pending && (pending.id !== this.selected || !$(pending.selector).hidden)) {
+      this.focusWhenShown = null;
+      const active = document.activeElement;
+      const untouched =
+        !active || active === document.body || active === pending.from || active.closest("[hidden]");
+      if (pending.id === this.selected && untouched) $(pending.selector).focus();
+    }
     $("#reduce-hint").textContent =
       `At most ${formatCount(stats.available)} can be taken away: held and sold units stay.`;
     $("#reduce-form input").setAttribute("aria-label", `Units to take away from ${product?.name || ""}`);
