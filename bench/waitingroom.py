@@ -82,10 +82,16 @@ class CpuSampler(threading.Thread):
         self.shoppers = shoppers
         self.samples: list[tuple[float, float, float, float]] = []  # (ms, web, worker, shoppers)
         self.stopping = threading.Event()
+        # Each shopper process's CPU as last read: one that has exited reads 0 from then on
+        # (no /proc entry), and its seconds must still count (the first second's CPU came
+        # out negative, -5 to -9 s, when the shoppers finished within the window).
+        self._shopper_cpu: dict[int, float] = {}
 
     def sample(self) -> None:
         web, worker = (cpu_seconds(pid) if pid else 0.0 for pid in self.pids.values())
-        self.samples.append((now_ms(), web, worker, sum(cpu_seconds(p) for p in self.shoppers)))
+        for pid in self.shoppers:
+            self._shopper_cpu[pid] = max(self._shopper_cpu.get(pid, 0.0), cpu_seconds(pid))
+        self.samples.append((now_ms(), web, worker, sum(self._shopper_cpu.values())))
 
     def run(self) -> None:
         while not self.stopping.is_set():
