@@ -18,11 +18,12 @@ from pydantic_core import to_json
 from starlette.websockets import WebSocketState
 from websockets.frames import Frame, Opcode
 
-from server.domain.waitingroom import Lineup, Ticket, TicketState
+from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import MESSAGE_BURST, Hub
 from server.live.wsprotocol import EXTENSION, prepare_text
 from server.service.catalog import Catalog
+from server.wire.frames import room_message
 from server.wire.schemas import ticket_view
 from tests.support import eventually, product_in_memory
 
@@ -280,6 +281,28 @@ async def test_a_room_that_closes_tells_its_pages_from_the_news_without_reading_
     assert reads == [["anon:c"]]  # only the page whose ticket was not the one closed
     assert states(pages["anon:a"]) == ["waiting", "sold_out"]
     assert states(pages["anon:b"]) == ["admitted", "sold_out"]
+
+
+async def test_news_made_here_is_told_at_once_and_its_echo_tells_nobody_again() -> None:
+    """The admitting process hands its news to its own hub (`room_news`) before Redis
+    brings it back: its pages are told then, and the same news from the subscription
+    changes nothing and reads nothing."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    first = Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)
+    second = Ticket(5, "anon:b", 20, TicketState.WAITING, joined_at=3)
+    room = Room(5, [10, 20], [first, second])
+    hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a", "anon:b"])
+    news = RoomChanged(5, 0, 0, closed=frozenset({"anon:a", "anon:b"}), closed_at=40)
+    hub.room_news([news])
+    await eventually(
+        lambda: _true(all(states(p)[-1:] == ["sold_out"] for p in pages.values())),
+        what="every page told sold_out",
+    )
+    hub.publish(room_message(news), b"")  # the echo, from the subscription
+    await asyncio.sleep(0.05)
+    assert all(states(p) == ["waiting", "sold_out"] for p in pages.values())
+    assert reads == []
 
 
 async def test_ended_tickets_are_told_exactly_as_their_views_say() -> None:

@@ -203,6 +203,31 @@ async def test_rooms_nobody_is_in_cost_the_admitter_no_write(
     assert [t.shopper_id for t in steps[0].admitted] == ["anon:b"]
 
 
+async def test_the_admitting_process_tells_its_own_pages_its_news_at_once(
+    store: Store, published: Published
+) -> None:
+    """A web process's admitter hands its step's news to that process's hub (`local`) as
+    it publishes it, not a round trip through Redis later: on a loop busy with a sale's
+    joins the close's news took 0.4 s to come back to the very process that made it (the
+    waiting room's bench). The news is the same; the other processes hear it from Redis."""
+    product = await room(store, 1, starts=None)
+    await join_many(store, product.id, ["anon:a", "anon:b"], at=now_ms())
+    sent: list[waitingroom.RoomChanged] = []
+    told: list[waitingroom.RoomChanged] = []
+    admitter = Admitter(
+        store,
+        transactions=Transactions(store, published, []),
+        publish=sent.extend,
+        pass_ms=PASS_MS,
+        tick_ms=60_000,
+        lease_ms=120_000,
+    )
+    admitter.local = told.extend
+    await admitter.step_all()
+    assert told == sent
+    assert [n.passed for n in told] == [frozenset({"anon:a"})]
+
+
 async def test_the_first_admissions_come_at_the_start_not_a_tick_later(
     store: Store, published: Published
 ) -> None:

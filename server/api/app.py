@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 max_clients=settings.ws_max_clients,
                 max_per_client=settings.ws_max_per_client,
             )
+            admitter.local = hub.room_news  # its news to this process's pages at once
             subscriber = Subscriber(redis, store, catalog)
             subscriber.listen(hub.publish)
             subscriber.listen(functools.partial(_nudge_rooms, catalog, admitter, room))

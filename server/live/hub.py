@@ -37,7 +37,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,7 +50,14 @@ from server.domain.errors import DomainError
 from server.domain.inventory import is_reservation_id
 from server.domain.model import Product, ReservationChanged
 from server.domain.text import SHOWN_CHARS
-from server.domain.waitingroom import OPEN, Lineup, Ticket, TicketState, order_hidden
+from server.domain.waitingroom import (
+    OPEN,
+    Lineup,
+    RoomChanged,
+    Ticket,
+    TicketState,
+    order_hidden,
+)
 from server.infra.buckets import TokenBucket, TokenBuckets
 from server.infra.clients import client_key
 from server.infra.logs import loggable
@@ -60,7 +67,7 @@ from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.service.waitingroom import LINE_SECONDS, WaitingRoom
 from server.storage.errors import StorageError
-from server.wire.frames import queue_frame, reservation_frame, ticket_frame
+from server.wire.frames import queue_frame, reservation_frame, room_message, ticket_frame
 from server.wire.json_text import repeated_key
 from server.wire.schemas import JoinMessage, parse_product_ids, plain_join, ticket_view
 
@@ -561,6 +568,12 @@ class Hub:
         if ticket.state in OPEN:
             self._start_ticketer()
 
+    def room_news(self, news: Sequence[RoomChanged]) -> None:
+        """News of rooms made in this process (its admitter's steps), told here at once;
+        the same comes back from the subscription later and changes nothing then."""
+        for one in news:
+            self._room_news(room_message(one))
+
     def _room_news(self, frame: dict[str, Any]) -> None:
         product_id = int(frame["productId"])
         waiting, admitted = frame.get("waiting"), frame.get("admitted")
@@ -740,6 +753,7 @@ class Hub:
         of theirs holding the ticket that was closed (open, joined before then) is told so
         without a read; one whose copy is not that ticket (it ended and was joined again,
         or was never read here) reads it."""
+        began = now_ms()
         await self._tell_named(
             product_id,
             {shopper: (at, at) for shopper, at in closed.items()},
@@ -748,6 +762,16 @@ class Hub:
             lambda ticket, at, _: dataclasses.replace(
                 ticket, state=TicketState.SOLD_OUT, ended_at=at
             ),
+        )
+        # Once a close (at most one a step of the room's admitter): how long its pages here
+        # waited for it, from the close's commit-time clock to the first and the last told.
+        logger.info(
+            "waiting room of product %d: %d shoppers here told sold_out, from %d ms after "
+            "the close to %d ms after it",
+            product_id,
+            len(closed),
+            began - min(closed.values()),
+            now_ms() - min(closed.values()),
         )
 
     async def _admit_tickets(self, product_id: int, passed: dict[str, tuple[int, int]]) -> None:
