@@ -535,7 +535,7 @@ async def test_an_expired_hold_admits_the_next_and_held_units_keep_the_line_wait
     await reserve(store, product.id, "anon:a", now=START + 1)
     waiting = await step(store, product.id, now=START + 2)
     assert waiting.admitted == []
-    assert waiting.closed == []
+    assert not waiting.closed
     assert (await ticket(store, product.id, "anon:b")).state is TicketState.WAITING
     # The hold runs out: the admission itself expires it, and the unit goes to b.
     after = await step(store, product.id, now=START + 1 + HOLD_MS)
@@ -553,7 +553,8 @@ async def test_the_room_closes_when_the_last_unit_is_sold(store: Store) -> None:
     held = await reserve(store, product.id, people[0], now=START + 1)
     await store.write(lambda conn: complete_one(conn, held.reservation.id, now=START + 2))
     end = await step(store, product.id, now=START + 3)
-    assert sorted(t.shopper_id for t in end.closed) == people[1:]
+    assert sorted(end.closed.shoppers) == people[1:]
+    assert end.closed.at == START + 3
     assert end.waiting == 0
     assert end.passes == 0
     news = end.news()
@@ -660,8 +661,8 @@ async def test_a_room_switched_off_ends_every_open_ticket_in_bounded_steps(
         assert len(done.closed) <= 2
         news = done.news()
         assert news is not None
-        assert news.closed == {t.shopper_id for t in done.closed}
-        closed += [t.shopper_id for t in done.closed]
+        assert news.closed == set(done.closed.shoppers)
+        closed += done.closed.shoppers
     assert sorted(closed) == people
     async with store.reader() as conn:
         assert product.id not in await waitingroom.queued_products(conn)
@@ -724,7 +725,7 @@ async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> 
         sold = held.reservation.id
         await store.write(lambda conn: complete_one(conn, sold, now=now_ms()))
         closed = await step(store, product.id, now=now_ms())
-        assert {t.shopper_id for t in closed.closed} == {"anon:a", "anon:b"}
+        assert set(closed.closed.shoppers) == {"anon:a", "anon:b"}
         news.clear()
         nudges.clear()
 
