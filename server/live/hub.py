@@ -754,7 +754,7 @@ class Hub:
         without a read; one whose copy is not that ticket (it ended and was joined again,
         or was never read here) reads it."""
         began = now_ms()
-        await self._tell_named(
+        told = await self._tell_named(
             product_id,
             {shopper: (at, at) for shopper, at in closed.items()},
             OPEN,
@@ -763,16 +763,18 @@ class Hub:
                 ticket, state=TicketState.SOLD_OUT, ended_at=at
             ),
         )
-        # Once a close (at most one a step of the room's admitter): how long its pages here
-        # waited for it, from the close's commit-time clock to the first and the last told.
-        logger.info(
-            "waiting room of product %d: %d shoppers here told sold_out, from %d ms after "
-            "the close to %d ms after it",
-            product_id,
-            len(closed),
-            began - min(closed.values()),
-            now_ms() - min(closed.values()),
-        )
+        if told:
+            # Once a close (at most one a step of the room's admitter; its echo from Redis
+            # tells nobody): how long its pages here waited for it, from the close's clock
+            # (the step's start) to the first and the last told.
+            logger.info(
+                "waiting room of product %d: %d pages here told sold_out, from %d ms after "
+                "the close to %d ms after it",
+                product_id,
+                told,
+                began - min(closed.values()),
+                now_ms() - min(closed.values()),
+            )
 
     async def _admit_tickets(self, product_id: int, passed: dict[str, tuple[int, int]]) -> None:
         """News named these shoppers' waiting tickets admitted (when, and until when their
@@ -798,11 +800,12 @@ class Hub:
         was: Collection[TicketState],
         becomes: TicketState,
         change: Callable[[Ticket, int, int], Ticket],
-    ) -> None:
+    ) -> int:
         """The pages of the shoppers news named (shopper -> (at, until), ms) whose copy of
         their ticket in `product_id` is in a state of `was` and joined by `at`: their copy
         is `change`d and they are told, without a read. Any other page of theirs, unless
-        its copy already is `becomes`, reads the ticket."""
+        its copy already is `becomes`, reads the ticket. Returns how many pages were told
+        without a read."""
         clients = []
         again: set[str] = set()
         for shopper, (at, until) in named.items():
@@ -819,6 +822,7 @@ class Hub:
             await self._tell_tickets(
                 clients, {product_id}, any_line=True, slice_seconds=NEWS_SLICE_SECONDS
             )
+        return len(clients)
 
     async def _tell_positions(self, give_way: Callable[[], bool] | None = None) -> bool:
         """Every socket with a ticket waiting or admitted in a line where someone moved: its
