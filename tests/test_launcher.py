@@ -168,6 +168,8 @@ def test_serve_starts_everything(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ok"
         log = (tmp_path / "serve.log").read_text()
         assert f"http://127.0.0.1:{port}/" in log
+        assert httpx.get(f"http://127.0.0.1:{port}/api/docs").status_code == 200
+        assert f"http://127.0.0.1:{port}/api/docs" in log
         assert "token:" in log
         assert (tmp_path / "var" / "flashsale.db").exists()
         assert (tmp_path / "var" / "redis").is_dir()

@@ -52,12 +52,13 @@ def tune_garbage_collector() -> None:
     """Every request allocates a few hundred short-lived objects; at the default threshold
     the collector runs every few requests and cost ~10% of the throughput and most of the
     p99 (bench/README.md). Objects made at start-up live forever: freeze them out of the
-    collector's scans. Once per process. Every collection is timed from then on
-    (server/infra/gcpauses.py)."""
-    time_gc_pauses()
+    collector's scans. Once per process. Every collection after that one is timed
+    (server/infra/gcpauses.py): timing it too logged a WARNING of a slow collection at every
+    start, before anyone could be kept waiting by it."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+    time_gc_pauses()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -176,6 +176,7 @@ def serve(settings: Settings) -> int:
             f"\n  Shop:             {base}/\n"
             f"  Operator console: {base}/admin   (token: {env['ADMIN_TOKEN']})\n"
             f"  API:              {base}/api/products\n"
+            f"  API reference:    {base}/api/docs\n"
             f"  Metrics:          {metrics}\n\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
