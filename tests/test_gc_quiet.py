@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -140,16 +141,37 @@ def test_the_catalog_gives_the_sales_starts_and_follows_a_start_that_moves() -> 
     assert gc.isenabled()
 
 
+class _Kept(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_the_start_up_collection_is_not_logged_and_later_slow_ones_are(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The start's own full collection (before any request) was timed and logged as a slow
     collection at every start: a WARNING a newcomer saw each time, about nothing."""
     monkeypatch.setattr(gcpauses, "SLOW_SECONDS", 0.0)  # every timed collection is logged
     while gcpauses._on_gc in gc.callbacks:  # installed by an app made earlier in this process
         gc.callbacks.remove(gcpauses._on_gc)  # (the interpreter's own list: changed in place)
-    caplog.set_level("WARNING", logger="server.infra.gcpauses")
-    tune_garbage_collector()
-    assert not [r for r in caplog.records if "collection stopped" in r.getMessage()]
-    gc.collect()
-    assert [r for r in caplog.records if "collection stopped" in r.getMessage()]
+    # A handler of its own on the logger: another test's logging set-up may have stopped
+    # its records from reaching the root logger (and caplog).
+    handler = _Kept(logging.WARNING)
+    records = handler.records
+    logger = logging.getLogger(gcpauses.__name__)
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        tune_garbage_collector()
+        assert not [r for r in records if "collection stopped" in r.getMessage()]
+        gc.collect()
+        assert [r for r in records if "collection stopped" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
