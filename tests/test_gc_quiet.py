@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import Histogram
 
 from server.api.app import tune_garbage_collector
 from server.domain.model import Product
@@ -158,6 +159,10 @@ def test_the_start_up_collection_is_not_logged_and_later_slow_ones_are(
     """The start's own full collection (before any request) was timed and logged as a slow
     collection at every start: a WARNING a newcomer saw each time, about nothing."""
     monkeypatch.setattr(gcpauses, "SLOW_SECONDS", 0.0)  # every timed collection is logged
+    # A histogram of this test's own: the process's may write to a metrics directory an
+    # earlier test removed, and the callback then raised before it logged.
+    pauses = Histogram("gc_pause_test", "test", ["generation"], registry=None)
+    monkeypatch.setattr(gcpauses, "GC_PAUSE", pauses)
     while gcpauses._on_gc in gc.callbacks:  # installed by an app made earlier in this process
         gc.callbacks.remove(gcpauses._on_gc)  # (the interpreter's own list: changed in place)
     # A handler of its own on the logger: another test's logging set-up may have stopped
@@ -171,6 +176,13 @@ def test_the_start_up_collection_is_not_logged_and_later_slow_ones_are(
     try:
         tune_garbage_collector()
         assert not [r for r in records if "collection stopped" in r.getMessage()]
+        timed = [
+            sample.value
+            for metric in pauses.collect()
+            for sample in metric.samples
+            if sample.name == "gc_pause_test_count" and sample.labels["generation"] == "2"
+        ]
+        assert timed == [1.0]  # timed into the metric all the same
         gc.collect()
         assert [r for r in records if "collection stopped" in r.getMessage()]
     finally:

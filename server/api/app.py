@@ -22,6 +22,7 @@ from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
 from server.api.ratelimit import FailureThrottle, RateLimiter, RecentKeys
 from server.domain.clock import now_ms
+from server.infra import gcpauses
 from server.infra.gcpauses import SaleQuiet, time_gc_pauses
 from server.infra.logs import configure_logging
 from server.infra.metrics import DEFERRED
@@ -52,13 +53,13 @@ def tune_garbage_collector() -> None:
     """Every request allocates a few hundred short-lived objects; at the default threshold
     the collector runs every few requests and cost ~10% of the throughput and most of the
     p99 (bench/README.md). Objects made at start-up live forever: freeze them out of the
-    collector's scans. Once per process. Every collection after that one is timed
-    (server/infra/gcpauses.py): timing it too logged a WARNING of a slow collection at every
-    start, before anyone could be kept waiting by it."""
-    gc.collect()
+    collector's scans. Once per process. Every collection is timed from then on
+    (server/infra/gcpauses.py); this first one is not logged as slow, as nobody waits on it."""
+    time_gc_pauses()
+    with gcpauses.unlogged():
+        gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    time_gc_pauses()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

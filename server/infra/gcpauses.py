@@ -11,10 +11,11 @@ on a loaded machine. Whether one falls in a sale's first seconds is what this sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from server.infra.metrics import GC_PAUSE
@@ -26,6 +27,8 @@ SLOW_SECONDS = 0.05
 
 # The running collection's start, if any: (perf_counter, thread_time).
 _started: list[tuple[float, float]] = []
+# Set while collections are timed but not logged (`unlogged`).
+_unlogged: list[bool] = []
 
 
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
@@ -38,7 +41,7 @@ def _on_gc(phase: str, info: dict[str, Any]) -> None:
     took = time.perf_counter() - began
     generation = int(info.get("generation", 0))
     GC_PAUSE.labels(str(generation)).observe(took)
-    if took >= SLOW_SECONDS:
+    if took >= SLOW_SECONDS and not _unlogged:
         # Its CPU beside it: on a machine busier than its cores, a collection's wall time
         # is mostly waiting for a core.
         logger.warning(
@@ -49,6 +52,18 @@ def _on_gc(phase: str, info: dict[str, Any]) -> None:
             (time.thread_time() - cpu_began) * 1000,
             int(info.get("collected", 0)),
         )
+
+
+@contextlib.contextmanager
+def unlogged() -> Iterator[None]:
+    """Collections inside are timed into the metric but not logged, however long: the
+    start's own full collection, before anyone can be kept waiting by it, was a WARNING
+    at every start."""
+    _unlogged.append(True)
+    try:
+        yield
+    finally:
+        _unlogged.pop()
 
 
 def time_gc_pauses() -> None:
