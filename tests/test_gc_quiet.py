@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import Histogram
 
-from server.api.app import tune_garbage_collector
 from server.domain.model import Product
 from server.infra import gcpauses
 from server.infra.gcpauses import QUIET_AFTER_S, QUIET_BEFORE_S, QUIET_MAX_S, SaleQuiet
@@ -142,48 +142,48 @@ def test_the_catalog_gives_the_sales_starts_and_follows_a_start_that_moves() -> 
     assert gc.isenabled()
 
 
-class _Kept(logging.Handler):
-    """Keeps the records it is given."""
+# Run in a fresh interpreter: in a test process, whatever earlier tests did to the collector's
+# callbacks, the logging set-up and the metrics (a removed multiprocess directory) decided
+# the outcome.
+_START_UP_COLLECTION = """
+import gc, json, logging
+from prometheus_client import Histogram
+from server.api.app import tune_garbage_collector
+from server.infra import gcpauses
 
-    def __init__(self, level: int) -> None:
-        super().__init__(level)
-        self.records: list[logging.LogRecord] = []
+class Kept(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+    def emit(self, record):
+        self.records.append(record.getMessage())
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+gcpauses.SLOW_SECONDS = 0.0  # every timed collection is logged
+pauses = gcpauses.GC_PAUSE = Histogram("gc_pause_test", "test", ["generation"], registry=None)
+kept = Kept()
+logging.getLogger(gcpauses.__name__).addHandler(kept)
+logging.getLogger(gcpauses.__name__).setLevel(logging.WARNING)
+tune_garbage_collector()
+at_start = list(kept.records)
+timed = [s.value for m in pauses.collect() for s in m.samples
+         if s.name == "gc_pause_test_count" and s.labels["generation"] == "2"]
+gc.collect()
+print(json.dumps({"at_start": at_start, "timed": timed, "after": kept.records}))
+"""
 
 
-def test_the_start_up_collection_is_not_logged_and_later_slow_ones_are(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The start's own full collection (before any request) was timed and logged as a slow
-    collection at every start: a WARNING a newcomer saw each time, about nothing."""
-    monkeypatch.setattr(gcpauses, "SLOW_SECONDS", 0.0)  # every timed collection is logged
-    # A histogram of this test's own: the process's may write to a metrics directory an
-    # earlier test removed, and the callback then raised before it logged.
-    pauses = Histogram("gc_pause_test", "test", ["generation"], registry=None)
-    monkeypatch.setattr(gcpauses, "GC_PAUSE", pauses)
-    while gcpauses._on_gc in gc.callbacks:  # installed by an app made earlier in this process
-        gc.callbacks.remove(gcpauses._on_gc)  # (the interpreter's own list: changed in place)
-    # A handler of its own on the logger: another test's logging set-up may have stopped
-    # its records from reaching the root logger (and caplog).
-    handler = _Kept(logging.WARNING)
-    records = handler.records
-    logger = logging.getLogger(gcpauses.__name__)
-    monkeypatch.setattr(logger, "disabled", False)
-    monkeypatch.setattr(logger, "level", logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        tune_garbage_collector()
-        assert not [r for r in records if "collection stopped" in r.getMessage()]
-        timed = [
-            sample.value
-            for metric in pauses.collect()
-            for sample in metric.samples
-            if sample.name == "gc_pause_test_count" and sample.labels["generation"] == "2"
-        ]
-        assert timed == [1.0]  # timed into the metric all the same
-        gc.collect()
-        assert [r for r in records if "collection stopped" in r.getMessage()]
-    finally:
-        logger.removeHandler(handler)
+def test_the_start_up_collection_is_timed_but_not_logged_and_later_slow_ones_are() -> None:
+    """The start's own full collection (before any request) was logged as a slow collection
+    at every start: a WARNING a newcomer saw each time, about nothing. It is still timed
+    into the metric (tests/test_operations.py counts it per process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _START_UP_COLLECTION],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["at_start"] == []
+    assert seen["timed"] == [1.0]
+    assert [m for m in seen["after"] if "collection stopped" in m], seen
