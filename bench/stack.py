@@ -54,7 +54,12 @@ def fresh_database(database_url: str | None, work_dir: Path) -> Iterator[str]:
         asyncio.run(_migrate(url))
         yield url
     finally:
-        asyncio.run(_admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        try:
+            asyncio.run(_admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        except (OSError, asyncpg.PostgresError) as exc:
+            # The run's figures matter more than its scratch database: a drop refused by a
+            # server out of connections once lost a whole run's results.json.
+            print(f"bench: could not drop the database {name} ({exc}); drop it by hand")
 
 
 async def _migrate(url: str) -> None:
