@@ -305,6 +305,56 @@ async def test_news_made_here_is_told_at_once_and_its_echo_tells_nobody_again() 
     assert reads == []
 
 
+def _echo(news: RoomChanged) -> dict[str, Any]:
+    """`news` as the subscription brings it back from Redis: its message through JSON."""
+    parsed: dict[str, Any] = json.loads(to_json(room_message(news)))
+    return parsed
+
+
+async def test_the_echo_of_news_told_here_neither_rolls_the_counts_back_nor_reads_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admitting process tells its pages its news at once (`room_news`); the same news
+    comes back from Redis later, possibly after the next step's news was told here too. The
+    echo must not put the line's older counts back (the pages' `queue` frame said 10
+    waiting again, for QUEUE_FRAME_SECONDS, after 6), nor have a room read again that the
+    news itself had this process read whole (`everyone`: a step naming more than
+    MAX_ROOM_SHOPPERS)."""
+    monkeypatch.setattr(live, "QUEUE_FRAME_SECONDS", 0.2)
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=3))
+    ticket = Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)
+    room = Room(5, [10], [ticket])
+    hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a"])
+
+    async def whole_room(product_id: int) -> list[Ticket]:
+        reads.append(["everyone"])
+        return list(room.tickets.values())
+
+    room.tickets_of_room = whole_room  # type: ignore[attr-defined]
+    first = RoomChanged(5, 10, 2, everyone=True)
+    second = RoomChanged(5, 6, 4)
+    hub.room_news([first])
+    await eventually(lambda: _true(len(reads) == 1), what="the room read once")
+    hub.room_news([second])
+    hub.publish(_echo(first), b"")  # Redis brings the first back after the second was told
+    await asyncio.sleep(0.6)  # past QUEUE_FRAME_SECONDS: the counts due are sent
+    assert queue_counts(pages["anon:a"]) == [10, 6]  # not 10 again from the echo
+    hub.publish(_echo(second), b"")
+    await asyncio.sleep(0.6)
+    assert queue_counts(pages["anon:a"]) == [10, 6]
+    # The publisher merges a step's news with joins made meanwhile: that echo is not the
+    # message told here, and its counts are older all the same.
+    third, fourth = RoomChanged(5, 5, 5), RoomChanged(5, 4, 6)
+    hub.room_news([third])
+    await asyncio.sleep(0.3)
+    hub.room_news([fourth])
+    hub.publish(_echo(third.merged(RoomChanged(5, None, None, joined=frozenset({"anon:z"})))), b"")
+    await asyncio.sleep(0.6)
+    assert queue_counts(pages["anon:a"]) == [10, 6, 5, 4]
+    assert len(reads) == 1, reads
+
+
 async def test_ended_tickets_are_told_exactly_as_their_views_say() -> None:
     """An ended ticket's frame is its state's template with its own `joinedAt` put in (a
     room that sells out tells every page at once): the same text as its view's, for every
