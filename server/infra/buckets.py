@@ -2,7 +2,7 @@
 
 One implementation for every per-client allowance the service keeps in a process's memory:
 a WebSocket's messages (`server.live.hub.Client`), a client's messages over all its sockets
-(`server.live.hub.ClientAllowances`), and wrong operator tokens and shop keys
+(`server.live.hub.Hub.allowances`), and wrong operator tokens and shop keys
 (`server.api.ratelimit.FailureThrottle`). The reservation limit, shared across processes
 through Redis, is a fixed window instead (`server.api.ratelimit.RateLimiter`).
 

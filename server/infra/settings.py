@@ -282,7 +282,9 @@ def _rate(env: Mapping[str, str], name: str) -> tuple[int, int] | None:
     try:
         limit = (int(count), int(seconds or "60"))
     except ValueError:
-        raise SettingsError(f"{name} must look like 10/60 (reservations per seconds)") from None
+        raise SettingsError(
+            f"{name} must look like 10/60 (so many per so many seconds), got {raw!r}"
+        ) from None
     if limit[0] < 1 or limit[1] < 1:
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return limit
