@@ -120,8 +120,28 @@ async def test_an_edit_changes_only_what_is_sent_and_moves_no_stock(
         "saleStartsAt": None,
         "saleEndsAt": None,
         "paused": False,
+        "maxPerShopper": product["maxPerShopper"],
+        "queue": "off",
+        "admitFactor": 1.0,
         "version": edited["version"],
     }
+    # The limit per shopper and the waiting room are part of what the shop hears of (a
+    # newcomer's finding: changing them sent an event that named neither).
+    limited = product_of(
+        await client.patch(
+            f"/api/admin/products/{product['id']}",
+            json={"maxPerShopper": 3, "queue": "fifo", "admitFactor": 1.5},
+            headers=OPERATOR,
+        )
+    )
+    event = (await events(store, product["id"]))[-1]
+    assert event["data"]["changed"] == ["maxPerShopper", "queue", "admitFactor"]
+    assert {k: event["data"]["product"][k] for k in ("maxPerShopper", "queue", "admitFactor")} == {
+        "maxPerShopper": 3,
+        "queue": "fifo",
+        "admitFactor": 1.5,
+    }
+    assert event["data"]["product"]["version"] == limited["version"]
     await assert_reconciled(store)
 
 

@@ -1399,6 +1399,7 @@ class ProductChanges:
             "saleStartsAt": self.sale_starts_at,
             "saleEndsAt": self.sale_ends_at,
             "paused": self.paused,
+            "maxPerShopper": self.max_per_shopper,
             "queue": self.queue,
             "admitFactor": self.admit_factor,
         }

@@ -245,7 +245,8 @@ _RESERVATION_TYPES = frozenset(RESERVATION_EVENTS.values())
 
 def product_updated(product: Product, changed: Sequence[str], actor: str, at: int) -> OutboxEvent:
     """`product.updated`: the operator changed the product beyond its stock (name, price,
-    schedule, paused), at the product's new version (seq 0: no movement shares it).
+    schedule, paused, the limit per shopper, the waiting room), at the product's new
+    version (seq 0: no movement shares it).
     `changed`: the fields that were sent, as the API names them."""
     starts, ends = product.sale_starts_at, product.sale_ends_at
     data = {
@@ -256,6 +257,9 @@ def product_updated(product: Product, changed: Sequence[str], actor: str, at: in
             "saleStartsAt": None if starts is None else iso(starts),
             "saleEndsAt": None if ends is None else iso(ends),
             "paused": product.paused_at is not None,
+            "maxPerShopper": product.max_per_shopper,
+            "queue": product.queue,
+            "admitFactor": product.admit_factor,
             "version": product.version,
         },
         "changed": list(changed),
