@@ -424,6 +424,44 @@ async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
         assert "from your address over its sockets" in refusal["message"]
 
 
+async def test_shoppers_the_shop_signed_in_share_no_socket_limits_with_their_address(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Many shoppers share an address (an office, a mobile carrier's NAT): one of them
+    taking WS_MAX_PER_CLIENT sockets, or sending their sockets' messages, left the others
+    none. A shopper the shop signed in is a client of their own; anyone else (an
+    anonymous cookie costs nothing to replace) is counted by address."""
+    anyone = {"type": "join", "productId": 999_999}  # each answered with an error frame
+
+    def bearer(sub: str) -> dict[str, str]:
+        signed = jwt.encode({"sub": sub, "exp": time.time() + 600}, JWT_SECRET, "HS256")
+        return {"Authorization": f"Bearer {signed}"}
+
+    settings = {"WS_MAX_PER_CLIENT": "1", "SHOPPER_JWT_SECRET": JWT_SECRET}
+    with one_service(database_url, redis_url, tmp_path, **settings) as a:
+        async with (
+            socket_to(a, additional_headers=bearer("alice")) as alice,
+            socket_to(a, additional_headers=bearer("bob")) as bob,
+            socket_to(a) as anonymous,
+        ):
+            for ws in (alice, bob, anonymous):  # one address, three clients
+                await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            for headers, whose in ((bearer("alice"), "you"), ({}, "your address")):
+                async with socket_to(a, additional_headers=headers) as again:
+                    await again.connection.wait_closed()
+                    assert again.connection.close_code == 1013
+                    assert again.connection.close_reason == f"too many connections from {whose}"
+            # Alice spends her sockets' messages (the socket's MESSAGE_BURST and hers: one
+            # socket's worth); then Bob's and the anonymous page's are still read.
+            for _ in range(MESSAGE_BURST + 1):
+                await alice.send(anyone)
+            await alice.frames.wait_for(_error("rate_limited"), within=20)
+            for ws in (bob, anonymous):
+                await ws.send(anyone)
+                (answer,) = await ws.frames.wait_for(lambda f: f["type"] == "error", within=20)
+                assert answer["code"] != "rate_limited", answer
+
+
 async def test_a_page_joins_a_waiting_room_over_its_socket(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:

@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.http import RequestError
 from server.domain import text
+from server.infra.clients import SIGNED_IN
 from server.infra.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ T = TypeVar("T")
 # Seconds of clock difference between the shop and us that `exp` tolerates.
 LEEWAY_S = 30
 ANONYMOUS = "anon:"
-SIGNED_IN = "shop:"
 # The most `shopper` cookies of one request whose signatures are checked: a browser sends one
 # for each path or domain that set it, a few at most. Each check is an HMAC: a Cookie header
 # of 16 KiB holds 1,300 `shopper=x.y`, which took 30 to 150 ms of the event loop a request.

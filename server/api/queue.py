@@ -112,8 +112,7 @@ async def join_queue(request: Request) -> Response:
     shopper = _shopper(request)
     limiter: RateLimiter | None = request.app.state.rate_limiter
     if limiter is not None:
-        client = shopper.id if shopper.signed_in else client_key(request.scope)
-        wait = await limiter.retry_after(client)
+        wait = await limiter.retry_after(client_key(request.scope, shopper.id))
         if wait is not None:
             raise RequestError(
                 429,

@@ -299,9 +299,7 @@ def _limited_as(request: Request, shopper: Shopper | None) -> str:
     signed them in (many shoppers may share an address: an office, a mobile carrier's NAT),
     and the address otherwise: an anonymous shopper's cookie costs nothing to replace, so
     counting per cookie would let one address make any number of reservations."""
-    if shopper is not None and shopper.signed_in:
-        return shopper.id
-    return client_key(request.scope)
+    return client_key(request.scope, None if shopper is None else shopper.id)
 
 
 def _rate_limited(wait: int) -> RequestError:

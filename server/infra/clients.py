@@ -5,9 +5,12 @@ A client is named by a key. Today that is its network address (`addr:203.0.113.7
 uvicorn reports it: the connecting address, or the one a trusted proxy forwarded
 (`FORWARDED_ALLOW_IPS`). An IPv6 client is keyed by its /64 network, since one subscriber
 line is given a whole /64 and could otherwise take a new address for every request (the
-convention of CDNs' per-client limits). Once shoppers are known (issue 16), `client_key`
-is where "per shopper when known, per address otherwise" goes: the key becomes
-`shopper:<id>` for a signed-in shopper, and every per-client limit follows.
+convention of CDNs' per-client limits). A shopper the shop signed in (`shop:<sub>`, a token
+only the shop's backend can issue) is a client of their own wherever they connect from
+(`client_key` given their id): many shoppers share an address (an office, a mobile
+carrier's NAT), and one of them must not spend the others' share. An anonymous shopper
+(`anon:<id>`) is keyed by address: their cookie costs nothing to replace, so keying by it
+would let one address be any number of clients.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 UNKNOWN = "addr:unknown"
+# The prefix of a shopper signed in by the shop's token (server/api/identity.py).
+SIGNED_IN = "shop:"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -37,8 +42,12 @@ def address_key(host: str | None) -> str:
     return f"addr:{ip}"
 
 
-def client_key(scope: Mapping[str, Any]) -> str:
-    """The key of the client that made an ASGI request (HTTP or WebSocket)."""
+def client_key(scope: Mapping[str, Any], shopper: str | None = None) -> str:
+    """The key of the client that made an ASGI request (HTTP or WebSocket): `shopper`, the
+    request's shopper id, when the shop signed them in (`shop:<sub>`), else its address
+    (`address_key`)."""
+    if shopper is not None and shopper.startswith(SIGNED_IN):
+        return shopper
     client = scope.get("client")
     return address_key(client[0] if client else None)
 

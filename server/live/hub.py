@@ -332,8 +332,8 @@ class Hub:
     """Every socket of this process, and what to send them.
 
     At most `max_clients` sockets in all, and `max_per_client` per client
-    (`server.infra.clients.client_key`: per address today, per shopper once shoppers are
-    known), so that one client cannot take every slot: 300 sockets from one address once
+    (`server.infra.clients.client_key`: a shopper the shop signed in, else an address), so
+    that one client cannot take every slot: 300 sockets from one address once
     filled `WS_MAX_CLIENTS=300` and every page got 1013 for as long as they were held.
     """
 
@@ -428,8 +428,9 @@ class Hub:
                 f"{MESSAGE_REFILL_S:g} s; this one was not read."
             )
         if not self.allowances.take(client.key):
+            whose = "your address" if client.key.startswith("addr:") else "you"
             return (
-                f"Too many messages from your address over its sockets: at most "
+                f"Too many messages from {whose} over its sockets: at most "
                 f"{self.allowances.capacity:g} at once, then {self.allowances.rate:g} a "
                 "second; this one was not read."
             )
@@ -1191,15 +1192,18 @@ async def live_updates(websocket: WebSocket) -> None:
     if hub.full:
         await websocket.close(TRY_AGAIN_LATER, "too many connections here; try again")
         return
-    key = client_key(websocket.scope)
-    if hub.full_for(key):
-        await websocket.close(TRY_AGAIN_LATER, "too many connections from your address")
-        return
-    client = hub.join(websocket, key, products)
     # The app's `server.api.identity.Identities` (the layer above this one keeps it).
     identities = app.state.identities
+    shopper = identities.shopper_id_or_none(websocket)
+    # A shopper the shop signed in is counted as themselves, anyone else by address.
+    key = client_key(websocket.scope, shopper)
+    if hub.full_for(key):
+        whose = "your address" if key.startswith("addr:") else "you"
+        await websocket.close(TRY_AGAIN_LATER, f"too many connections from {whose}")
+        return
+    client = hub.join(websocket, key, products)
     client.signed_in_until = identities.signed_in_until(websocket)
-    await hub.identify(client, identities.shopper_id_or_none(websocket))
+    await hub.identify(client, shopper)
     try:
         while not client.closed:
             message = await websocket.receive()
@@ -1303,8 +1307,7 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
     limiter = getattr(websocket.app.state, "rate_limiter", None)
     if limiter is not None:
         # As over HTTP: a signed-in shopper is limited as themselves, anyone else per address.
-        who = client.key if shopper.startswith("anon:") else shopper
-        wait = await limiter.retry_after(who)
+        wait = await limiter.retry_after(client_key(client.websocket.scope, shopper))
         if wait is not None:
             refuse("rate_limited", f"Too many requests from you; try again in {wait} seconds.")
             return
