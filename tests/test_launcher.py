@@ -149,6 +149,13 @@ def test_serve_starts_everything(tmp_path: Path) -> None:
     with _serving(tmp_path, metrics_ports=(web_metrics, worker_metrics)) as (launcher, port):
         response = httpx.get(f"http://127.0.0.1:{port}/api/products")
         assert len(response.json()) == 10  # the demo products
+        (drop,) = [p for p in response.json() if p["queue"] != "off"]  # a waiting room to try
+        assert drop["queue"] == "random", drop
+        lobby = httpx.post(
+            f"http://127.0.0.1:{port}/api/products/{drop['id']}/queue",
+            cookies=httpx.get(f"http://127.0.0.1:{port}/api/me").cookies,
+        )
+        assert lobby.status_code == 201, lobby.text  # the room is open: the sale starts soon
         held = httpx.post(
             f"http://127.0.0.1:{port}/api/reservations",
             json={"productId": response.json()[0]["id"], "quantity": 1},

@@ -47,9 +47,11 @@ async def demo_sale(site: Service) -> dict[str, dict[str, Any]]:
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(
         hour=18, minute=0, second=0, microsecond=0
     )
-    for name, cents, stock, starts_in in PRODUCTS:
-        fields = {"saleStartsAt": tomorrow.isoformat()} if starts_in is not None else {}
-        products[name] = await new_product(site, name, stock, price=cents / 100, **fields)
+    for demo in PRODUCTS:  # the watch without its waiting room: a sale that starts later
+        fields = {"saleStartsAt": tomorrow.isoformat()} if demo.starts_in is not None else {}
+        products[demo.name] = await new_product(
+            site, demo.name, demo.stock, price=demo.cents / 100, **fields
+        )
     shoes = products["Aurora running shoes"]["id"]
     for _ in range(6):
         await reserve(site, shoes, 8)
