@@ -837,9 +837,7 @@ async def test_one_process_holds_the_lease_until_it_lapses(store: Store) -> None
     assert not (await step(store, product.id, now=START + 2_100 + PASS_MS, holder="first")).leased
 
 
-def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_nothing_is_available() -> (
-    None
-):
+def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_none_is_admitted() -> None:
     """A newcomer's findings: a join's answer, placed in a line read before it joined, said
     "number 3 in line" with 2 waiting; and the first in line was told a 5 s wait from the last
     minute's admissions while every unit was held (nobody is admitted until units come back)."""
@@ -860,3 +858,11 @@ def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_nothing_
     view = ticket_view(newest, all_held, line, now=60_000)
     assert view["estimatedWaitSeconds"] is None
     assert "10 units are held and may come back" in view["message"]
+    # Two units available and two passes out: nobody more is admitted until a pass lapses
+    # or a unit comes back, however fast the last minute went.
+    covered = dataclasses.replace(line, admitted=2)
+    view = ticket_view(newest, product, covered, now=60_000)
+    assert view["estimatedWaitSeconds"] is None
+    assert "as their turns lapse or units come back" in view["message"]
+    one_short = dataclasses.replace(line, admitted=1)
+    assert ticket_view(newest, product, one_short, now=60_000)["estimatedWaitSeconds"] == 15

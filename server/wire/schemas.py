@@ -35,7 +35,14 @@ from server.domain import text
 from server.domain.clock import iso
 from server.domain.inventory import RESERVATION_ID_CHARS
 from server.domain.model import Product, Reservation, Status
-from server.domain.waitingroom import Lineup, Ticket, TicketState, draws, order_hidden
+from server.domain.waitingroom import (
+    Lineup,
+    Ticket,
+    TicketState,
+    draws,
+    order_hidden,
+    passes_for,
+)
 
 MAX_INT32 = 2**31 - 1
 # Products a page may name in `GET /api/products?ids=` and `/ws?ids=`: more than any page
@@ -698,7 +705,9 @@ class TicketOut(_Response):
     ahead: int | None = Field(description="How many wait ahead (position − 1), or null.")
     waiting: int = Field(description="How many tickets wait in this room in all.")
     estimated_wait_seconds: int | None = Field(
-        description="From the recent admission rate; null when there is none to go by."
+        description="From the recent admission rate; null when there is none to go by, "
+        "no unit is available (only held), or the passes out cover every unit available "
+        "(nobody more is admitted until one lapses or units come back)."
     )
     pass_expires_at: str | None = Field(
         description="While `admitted`: reserve before this.", json_schema_extra=_TIME
@@ -880,8 +889,10 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
     rate = line.admissions_per_second()
     # No estimate while nothing is available: nobody is admitted until units come back,
     # whatever the last minute's rate was (the first in line was told 5 s while every unit
-    # was held for two minutes more).
-    if position is not None and rate and product.available_stock > 0:
+    # was held for two minutes more). Nor while the passes out cover every unit available:
+    # the next is admitted only when one of them lapses or a unit comes back.
+    passes_full = line.admitted >= passes_for(product)
+    if position is not None and rate and product.available_stock > 0 and not passes_full:
         wait = math.ceil(position / rate)
     draw_at = None
     if draws(product):
@@ -904,13 +915,18 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
         "joinedAt": iso(ticket.joined_at),
         "drawAt": draw_at,
         "heldStock": product.held_units,
-        "message": _ticket_message(ticket, product, position, draw_at, now),
+        "message": _ticket_message(ticket, product, position, draw_at, now, passes_full),
         "serverTime": iso(now),
     }
 
 
 def _ticket_message(
-    ticket: Ticket, product: Product, position: int | None, draw_at: str | None, now: int
+    ticket: Ticket,
+    product: Product,
+    position: int | None,
+    draw_at: str | None,
+    now: int,
+    passes_full: bool,
 ) -> str:
     state = ticket.state
     if state is TicketState.ADMITTED:
@@ -940,4 +956,9 @@ def _ticket_message(
     elif product.available_stock <= 0 and product.held_units > 0:
         units = "1 unit is" if product.held_units == 1 else f"{product.held_units} units are"
         text += f" {units} held and may come back."
+    elif product.available_stock > 0 and passes_full:
+        text += (
+            " Everyone ahead with a turn to reserve now covers the units left: you move up "
+            "as their turns lapse or units come back."
+        )
     return text
