@@ -837,6 +837,30 @@ async def test_one_process_holds_the_lease_until_it_lapses(store: Store) -> None
     assert not (await step(store, product.id, now=START + 2_100 + PASS_MS, holder="first")).leased
 
 
+async def test_a_rooms_steps_are_numbered_in_order_across_processes(store: Store) -> None:
+    """Each admission step's news carries its number in its room, one more than the room's
+    last step's whichever process ran that (a hub tells only news newer than it has told:
+    server/live/hub.py); a step fenced out by the lease takes no number and has no news."""
+    product = await room(store, 1)
+    other = await room(store, 1)
+    await join_many(store, product.id, ["anon:a", "anon:b"], at=START - 1000)
+    await join_many(store, other.id, ["anon:c"], at=START - 1000)
+    first = await step(store, product.id, now=START, holder="first")
+    second = await step(store, product.id, now=START + 10, holder="first")
+    assert (await step(store, other.id, now=START + 20, holder="first")).number == 1
+    fenced = await step(store, product.id, now=START + 100, holder="second")
+    taken = await step(store, product.id, now=START + 2_001 + PASS_MS, holder="second")
+    numbers = [s.number for s in (first, second, taken)]
+    assert numbers == [1, 2, 3]
+    assert fenced.news() is None
+    news = [s.news() for s in (first, second, taken)]
+    assert [n.step for n in news if n is not None] == [1, 2, 3]
+    # Merged news (the publisher's) is of the newest step.
+    assert news[0] is not None
+    assert news[2] is not None
+    assert news[2].merged(news[0]).step == 3
+
+
 def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_none_is_admitted() -> None:
     """A newcomer's findings: a join's answer, placed in a line read before it joined, said
     "number 3 in line" with 2 waiting; and the first in line was told a 5 s wait from the last

@@ -314,6 +314,13 @@ async def test_a_sale_through_the_room_with_the_admitting_process_killed(
             living = [page for page in sockets.values() if page.closed is None]
             assert living, f"no page's process lived ({killed} killed)"
             await living[0].frames.wait_for(lambda f: f["type"] == "queue", within=30)
+            # Nobody joins once the sale starts, so the line only shrinks, step after step,
+            # whichever process admits: no page is told an older step's count after a newer
+            # one's (the echo of news its admitter told it at once, or news of the process
+            # that admitted before the kill, arriving late).
+            for page in living:
+                counts = [f["waiting"] for f in page.frames.frames if f["type"] == "queue"]
+                assert counts == sorted(counts, reverse=True), counts
             for page in sockets.values():
                 await page.close()
         finally:

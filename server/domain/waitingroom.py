@@ -1,6 +1,6 @@
 """The waiting room (issue 17): tickets, the line, passes, admission, the lease.
 
-The database is the truth for all of it (migrations 0006, 0013, 0017): a ticket is a row,
+The database is the truth for all of it (migrations 0006, 0013, 0017, 0018): a ticket is a row,
 its place in line a column, an admission an UPDATE of the row, a pass a time on it; each
 room keeps how many wait (`add_waiting`), in the transactions that change it, so that no
 step counts the line. Redis only carries the news (`RoomChanged`, after commit).
@@ -138,7 +138,11 @@ class RoomChanged:
     process, then told). `passed`: shoppers whose waiting ticket a step admitted at
     `passed_at` with a pass until `pass_until` (ms), told from the news alone as well (the
     first admissions of a sale waited up to a second for reads on a loop busy with its
-    joins)."""
+    joins). `step`: the number of the admission step whose news it is (`Admission.number`;
+    None for news of joins, leaves and passes used, which carry no counts): a room's steps
+    are numbered in the order they committed, so a hub tells a step's news only if it is
+    newer than any it has told of that room (server/live/hub.py), whichever process ran
+    it and in whatever order Redis brings it."""
 
     product_id: int
     # None: not counted (a join or a leave; the next admission step counts).
@@ -152,9 +156,12 @@ class RoomChanged:
     passed: frozenset[str] = frozenset()
     passed_at: int | None = None
     pass_until: int | None = None
+    step: int | None = None
 
     def merged(self, later: RoomChanged) -> RoomChanged:
-        """This news and `later` news of the same room, as one. Closes at two moments
+        """This news and `later` news of the same room, as one (of the newer `step`). The
+        publisher merges a step's news only with other steps' (news without a step, joins
+        named, would be dropped with it as not newer). Closes at two moments
         cannot be one `closed_at`: the earlier's shoppers are then named in `shoppers`
         (their tickets read again)."""
         closed, closed_at, shoppers = later.closed, later.closed_at, self.shoppers | later.shoppers
@@ -188,6 +195,7 @@ class RoomChanged:
             passed,
             passed_at,
             pass_until,
+            max(self.step or 0, later.step or 0) or None,
         )
 
 
@@ -717,6 +725,8 @@ class Admission:
     events: list[Event] = field(default_factory=list)
     # False: another process holds the lease; nothing was done.
     leased: bool = True
+    # The step's number in its room (`queue_rooms.step`): its news carries it.
+    number: int = 0
 
     @property
     def changed(self) -> bool:
@@ -741,6 +751,7 @@ class Admission:
             passed=frozenset(t.shopper_id for t in self.admitted),
             passed_at=None if first is None else first.admitted_at,
             pass_until=None if first is None else first.pass_expires_at,
+            step=self.number,
         )
 
 
@@ -831,14 +842,24 @@ async def admit(
 
 async def _counted(conn: Executor, step: Admission) -> Admission:
     """`step` with the room's figures after it: those it admitted or closed while waiting
-    taken off the room's count (`add_waiting`, after every ticket it changed), then how many
-    wait (that count: one row) and how many passes are out (counted: as many as the units
-    available allow at most, whatever the line's length)."""
+    taken off the room's count (as `add_waiting` does, after every ticket it changed), how
+    many wait (that count: one row), the step's number (`queue_rooms.step`, one more than
+    the room's last step's, whichever process ran that) and how many passes are out
+    (counted: as many as the units available allow at most, whatever the line's length)."""
     assert step.product is not None
     product_id = step.product.id
     left = len(step.admitted) + step.closed.waiting
-    await add_waiting(conn, product_id, -left)
-    step.waiting = await waiting_count(conn, product_id)
+    # The room's count less those, and the step's number (migration 0018), in one upsert
+    # (its row is locked after every ticket the step changed: see `add_waiting`).
+    row = await conn.fetch_one(
+        "INSERT INTO queue_rooms (product_id, waiting, step) VALUES (:p, :d, 1) "
+        "ON CONFLICT (product_id) DO UPDATE SET "
+        "waiting = queue_rooms.waiting + excluded.waiting, step = queue_rooms.step + 1 "
+        "RETURNING waiting, step",
+        {"p": product_id, "d": -left},
+    )
+    assert row is not None
+    step.waiting, step.number = int(row["waiting"]), int(row["step"])
     step.passes = await _count(conn, product_id, TicketState.ADMITTED)
     return step
 

@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -107,11 +107,6 @@ NEWS_SLICE_SECONDS = 0.02
 # a second was half of a web process (the bench's `queue`, py-spy): a count a page shows
 # may be three seconds old.
 QUEUE_FRAME_SECONDS = 3.0
-# News this process's admitter told its pages at once (`Hub.room_news`) is kept, a product's
-# last ECHOES_KEPT at most and for ECHO_SECONDS at most (one lost with Redis is forgotten),
-# until the subscription brings it back: that echo is not told again (`Hub._echo`).
-ECHOES_KEPT = 64
-ECHO_SECONDS = 10.0
 # ...but they go sooner, at most this often, with a flush of stock or product frames that
 # goes to every page anyway: in the same write as those (`Client.offer_all`), they cost a
 # socket nothing more, where a flush of their own costs a write to each.
@@ -364,9 +359,9 @@ class Hub:
         self._queue_sent_at: dict[int, float] = {}  # product → loop time it was last sent
         self._queue_timer: asyncio.TimerHandle | None = None
         self._queue_counts: dict[int, tuple[int, int]] = {}
-        # Room news told here first (`room_news`), until its echo: product → (loop time,
-        # the message), oldest first.
-        self._told_here: dict[int, deque[tuple[float, dict[str, Any]]]] = {}
+        # Per room, the number of the newest admission step whose news was told here
+        # (`RoomChanged.step`): news of a step not newer is not told (`_room_news`).
+        self._steps: dict[int, int] = {}
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.TimerHandle | None = None
@@ -579,43 +574,35 @@ class Hub:
 
     def room_news(self, news: Sequence[RoomChanged]) -> None:
         """News of rooms made in this process (its admitter's steps), told here at once;
-        the same comes back from the subscription later and changes nothing then."""
-        now = asyncio.get_running_loop().time()
+        the same comes back from the subscription later, as news of a step told already,
+        and is not told again (`_room_news`)."""
         for one in news:
-            frame = room_message(one)
-            if frame.get("waiting") is not None:
-                told = self._told_here.setdefault(one.product_id, deque(maxlen=ECHOES_KEPT))
-                told.append((now, frame))
-            self._room_news(frame)
-
-    def _echo(self, frame: dict[str, Any]) -> bool | None:
-        """Whether a room message from the subscription is the echo of news told here first
-        (`room_news`, found by its counts): True if exactly that message (nothing to tell
-        again: an `everyone` in it had this process read the room a second time), False if
-        a message the publisher merged it into (joins' names to tell, but not its counts,
-        possibly older than those told here since: the pages' `queue` frame went back from
-        6 waiting to 10 for QUEUE_FRAME_SECONDS), None if not an echo. A room's admitter is
-        one process at a time (its lease): its news comes back in the order it was told."""
-        product_id = int(frame["productId"])
-        told = self._told_here.get(product_id)
-        if not told:
-            return None
-        counts = (frame.get("waiting"), frame.get("admitted"))
-        now = asyncio.get_running_loop().time()
-        while told and now - told[0][0] > ECHO_SECONDS:
-            told.popleft()
-        for n, (_, mine) in enumerate(told):
-            if (mine["waiting"], mine["admitted"]) == counts:
-                exact = mine == frame
-                for _ in range(n + 1):
-                    told.popleft()
-                if not told:
-                    del self._told_here[product_id]
-                return exact
-        return None
+            self._room_news(room_message(one))
 
     def _room_news(self, frame: dict[str, Any]) -> None:
+        """Room news, from this process's admitter or the subscription. News of an admission
+        step (its `step` number) that is not newer than the newest told here of the room is
+        not told: the echo of news this process's admitter told at once (it came back from
+        Redis after the next step's, and put the line's older counts back on the pages for
+        QUEUE_FRAME_SECONDS), or an older step's news that comes after a newer one's (from
+        a process that lost the lease meanwhile). Only its admissions and closes are still
+        looked at, which change a page's copy only if it is still in the state before them
+        (`_tell_named`): a step's news that came late is not lost. Its counts and the
+        tickets it asks to read again are dropped: counts are newer in the news told, and
+        the reads are made by the newer step's news if still needed."""
         product_id = int(frame["productId"])
+        step = frame.get("step")
+        if step is not None:
+            if int(step) <= self._steps.get(product_id, -1):
+                frame = {
+                    **frame,
+                    "waiting": None,
+                    "admitted": None,
+                    "shoppers": (),
+                    "everyone": False,
+                }
+            else:
+                self._steps[product_id] = int(step)
         waiting, admitted = frame.get("waiting"), frame.get("admitted")
         if waiting is not None and admitted is not None:
             counts = (int(waiting), int(admitted))
@@ -997,11 +984,7 @@ class Hub:
             if reservation_id in self._watchers:
                 self._reservations.append((reservation_id, raw.decode()))
         elif kind == "room":
-            echo = self._echo(frame)
-            if echo is None:
-                self._room_news(frame)
-            elif not echo:  # merged with news of others (joins): theirs, not older counts
-                self._room_news({**frame, "waiting": None, "admitted": None})
+            self._room_news(frame)
             return
         else:
             return

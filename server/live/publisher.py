@@ -48,14 +48,17 @@ class Publisher(Drainer):
         self._products: dict[int, Product] = {}
         self._stock: dict[int, Product] = {}
         self._reservations: dict[str, ReservationChanged] = {}
-        # News of waiting rooms, merged per product until sent.
-        self._rooms: dict[int, RoomChanged] = {}
+        # News of waiting rooms, merged per product until sent: admission steps' news
+        # (numbered) apart from the rest (joins, leaves, passes used), which a hub must not
+        # drop with a step's news it has told already (server/live/hub.py).
+        self._rooms: dict[tuple[int, bool], RoomChanged] = {}
 
     def publish(self, events: Iterable[Event | RoomChanged]) -> None:
         for event in events:
             if isinstance(event, RoomChanged):
-                earlier = self._rooms.get(event.product_id)
-                self._rooms[event.product_id] = event if earlier is None else earlier.merged(event)
+                room = (event.product_id, event.step is not None)
+                earlier = self._rooms.get(room)
+                self._rooms[room] = event if earlier is None else earlier.merged(event)
             elif isinstance(event, StockChanged):
                 _keep_newest(self._stock, event.product)
             elif isinstance(event, ProductChanged):
@@ -97,9 +100,9 @@ class Publisher(Drainer):
             for product in stock.values():
                 _keep_newest(self._stock, product)
             self._reservations = {**reservations, **self._reservations}
-            for news in rooms.values():
-                later = self._rooms.get(news.product_id)
-                self._rooms[news.product_id] = news if later is None else news.merged(later)
+            for key, news in rooms.items():
+                later = self._rooms.get(key)
+                self._rooms[key] = news if later is None else news.merged(later)
             return 0.5
         EVENTS_PUBLISHED.inc(len(frames))
         return None

@@ -106,4 +106,5 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
         "passed": [] if everyone else sorted(news.passed),
         "passedAt": None if everyone else news.passed_at,
         "passUntil": None if everyone else news.pass_until,
+        "step": news.step,
     }
