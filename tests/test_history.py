@@ -107,9 +107,9 @@ class Explaining:
         await self._explain(sql, values)
         return await self._conn.fetch_one(sql, values)
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
+    async def execute(self, sql: str, values: Values | None = None) -> int:
         await self._explain(sql, values)
-        await self._conn.execute(sql, values)
+        return await self._conn.execute(sql, values)
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]

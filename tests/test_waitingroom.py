@@ -383,9 +383,9 @@ class Recording:
         self.statements.append(sql)
         return await self.conn.fetch_one(sql, values)
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
+    async def execute(self, sql: str, values: Values | None = None) -> int:
         self.statements.append(sql)
-        await self.conn.execute(sql, values)
+        return await self.conn.execute(sql, values)
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
@@ -737,6 +737,64 @@ async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> 
             assert await waitingroom.queued_products(conn) == []
     finally:
         await service.stop()
+
+
+async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading_it(
+    store: Store,
+) -> None:
+    """A batch of joins reads each product's row once (`opening`) and makes each new ticket
+    from it without reading it back (`join_opened`): what it answers is the row in the
+    database, for a drawn place, a closed room and a ticket opened again; a shopper with
+    an open ticket gets theirs, not a new one; and a row changed after it was read (a new
+    start) is not trusted: the place is drawn for the start the row has."""
+    product = await room(store, 1, queue="random")
+    now = START - 60_000
+
+    async def joined(shopper: str, *, start_moved: int | None = None) -> tuple[Ticket, bool]:
+        async def work(conn: Executor) -> tuple[Ticket, bool]:
+            key = await waitingroom.room_key(conn, product.id, new=SEED)
+            opened = await waitingroom.opening(conn, product.id, now=now)
+            assert opened is not None
+            if start_moved is not None:
+                await conn.execute(
+                    "UPDATE products SET sale_starts_at = :s WHERE id = :p",
+                    {"s": start_moved, "p": product.id},
+                )
+            return await waitingroom.join_opened(conn, opened, shopper, now=now, key=key)
+
+        return await store.write(work)
+
+    made, created = await joined("anon:a")
+    assert created
+    assert made == await ticket(store, product.id, "anon:a")
+    assert made.place == waitingroom.drawn_place(SEED, START, "anon:a")
+    again, created = await joined("anon:a")
+    assert (again, created) == (made, False)
+    moved, created = await joined("anon:b", start_moved=START + 5_000)
+    assert created
+    assert moved == await ticket(store, product.id, "anon:b")
+    assert moved.place == waitingroom.drawn_place(SEED, START + 5_000, "anon:b")
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, "anon:a", now=now))
+    back, created = await joined("anon:a")
+    assert created
+    assert back == await ticket(store, product.id, "anon:a")
+    assert back.state is TicketState.WAITING
+    async with store.reader() as conn:
+        assert await waitingroom.opening(conn, 10**9, now=now) is None
+    # A room that has closed (on sale, nothing available, nothing held): sold out at once.
+    empty = await room(store, 0)
+
+    async def into_empty(conn: Executor) -> tuple[Ticket, bool]:
+        opened = await waitingroom.opening(conn, empty.id, now=START + 1)
+        assert opened is not None
+        assert opened.closed
+        key = await waitingroom.room_key(conn, empty.id)
+        return await waitingroom.join_opened(conn, opened, "anon:c", now=START + 1, key=key)
+
+    closed, created = await store.write(into_empty)
+    assert created
+    assert closed.state is TicketState.SOLD_OUT
+    assert closed == await ticket(store, empty.id, "anon:c")
 
 
 async def test_the_count_of_those_waiting_equals_a_recount_after_every_change(

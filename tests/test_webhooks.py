@@ -610,9 +610,9 @@ class CountingReads:
         self.statements.append(sql)
         return await self._conn.fetch_one(sql, values)
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
+    async def execute(self, sql: str, values: Values | None = None) -> int:
         self.statements.append(sql)
-        await self._conn.execute(sql, values)
+        return await self._conn.execute(sql, values)
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
@@ -709,10 +709,11 @@ async def test_an_endpoint_enabled_while_a_dispatch_removes_events_rolls_it_back
         real = webhooks.dispatch
 
         class EnablingAfterTheMark(CountingReads):
-            async def execute(self, sql: str, values: Values | None = None) -> None:
-                await super().execute(sql, values)
+            async def execute(self, sql: str, values: Values | None = None) -> int:
+                changed = await super().execute(sql, values)
                 if sql.startswith("DELETE FROM outbox") and not rolled_back:
                     await Webhooks(other).set_enabled(endpoint_id, enabled=True)
+                return changed
 
         async def hooked(conn: Executor, **options: Any) -> webhooks.Dispatched:
             nonlocal rolled_back
@@ -792,9 +793,9 @@ class Explaining(CountingReads):
         await self._explain(sql, values)
         return await super().fetch_one(sql, values)
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
+    async def execute(self, sql: str, values: Values | None = None) -> int:
         await self._explain(sql, values)
-        await super().execute(sql, values)
+        return await super().execute(sql, values)
 
 
 def unbounded_reads(plan: dict[str, Any], parent: str = "") -> list[str]:

@@ -31,7 +31,12 @@ class Executor(Protocol):
 
     async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None: ...
 
-    async def execute(self, sql: str, values: Values | None = None) -> None: ...
+    async def execute(self, sql: str, values: Values | None = None) -> int:
+        """Runs a statement; returns how many rows it changed (inserted, updated or
+        deleted, as the database counts them: an upsert's insert or update is one, a
+        conflict it left alone none). A statement that changes nothing returns 0 or what
+        the database says of it (PostgreSQL: a SELECT's row count)."""
+        ...
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]

@@ -158,21 +158,20 @@ class WaitingRoom:
             now = now_ms()
             results: list[tuple[Ticket, bool] | BaseException] = []
             joined: dict[int, int] = {}
+            # Each room's row read once for the batch, in its transaction (`opening`).
+            rooms: dict[int, waitingroom.Opening | None] = {}
             for p, s in joins:
                 key = self._keys.get(p)
                 if key is None:
                     key = self._keys[p] = await waitingroom.room_key(conn, p)
-                known = self._catalog.get(p) if self._catalog is not None else None
+                if p not in rooms:
+                    rooms[p] = await waitingroom.opening(conn, p, now=now)
+                room = rooms[p]
+                if room is None:
+                    results.append(ProductNotFound(p))
+                    continue
                 try:
-                    ticket, created = await waitingroom.join(
-                        conn,
-                        p,
-                        s,
-                        now=now,
-                        key=key,
-                        starts=known.sale_starts_at if known is not None else None,
-                        count=False,
-                    )
+                    ticket, created = await waitingroom.join_opened(conn, room, s, now=now, key=key)
                 except ProductNotFound as exc:
                     results.append(exc)
                     continue

@@ -128,8 +128,10 @@ class SQLiteExecutor:
         rows = await self.fetch_all(sql, values)
         return rows[0] if rows else None
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
+    async def execute(self, sql: str, values: Values | None = None) -> int:
+        before = self._raw.total_changes
         await self._raw.execute_fetchall(*sqlite_bound(sql, values))
+        return int(self._raw.total_changes - before)
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
@@ -154,8 +156,10 @@ class ImmediateSQLiteExecutor:
         rows = self._conn.execute(*sqlite_bound(sql, values)).fetchall()
         return rows[0] if rows else None
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
-        self._conn.execute(*sqlite_bound(sql, values)).fetchall()
+    async def execute(self, sql: str, values: Values | None = None) -> int:
+        cursor = self._conn.execute(*sqlite_bound(sql, values))
+        cursor.fetchall()
+        return max(0, cursor.rowcount)
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
@@ -315,8 +319,16 @@ class PostgresExecutor:
         rows = await self.fetch_all(sql, values)
         return rows[0] if rows else None
 
-    async def execute(self, sql: str, values: Values | None = None) -> None:
-        await self.fetch_all(sql, values)
+    async def execute(self, sql: str, values: Values | None = None) -> int:
+        text, names = positional(sql)
+        given = values or {}
+        if type(given) is InOrder and given.names == names:
+            status = await self._raw.execute(text, *given.flat)
+        else:
+            status = await self._raw.execute(text, *(given[name] for name in names))
+        # The command tag: "INSERT 0 1", "UPDATE 3", "DELETE 0", ...
+        count = status.rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else 0
 
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
