@@ -1,20 +1,16 @@
-"""Shared fixtures: a Redis of the tests' own, and a fresh database per test on both backends.
+"""Shared fixtures: a Redis of the tests' own, and a clean database per test on both backends.
 
 PostgreSQL comes from TEST_POSTGRES_URL (default: the local server's `test` database, used
-only to create and drop one database per test). Where it is unreachable the PostgreSQL tests
-are skipped, except in CI (CI=true), where that is a failure.
+only to create and drop each test process' few databases: tests/pgpool.py). Where it is
+unreachable the PostgreSQL tests are skipped, except in CI (CI=true), where that is a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import secrets
-import threading
-from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +25,7 @@ from server.domain.model import Event
 from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
+from tests.pgpool import PostgresDatabases
 from tests.receiver import Receiver
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -70,99 +67,6 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 # -- databases -----------------------------------------------------------------------------
 
 
-class PostgresDatabases:
-    """Creates a database per test from a template migrated once per session.
-
-    Making a database from the template takes a few hundred milliseconds, most of the
-    PostgreSQL tests' set-up. So the next few are made ahead, on a thread of their own,
-    while tests run, and the used ones are dropped there too: each test still gets a
-    database nobody has touched, without waiting for it to be made.
-    """
-
-    AHEAD = 2
-    # At most this many drops at once. Each DROP DATABASE waits for a checkpoint, which on a
-    # busy machine took 40 s (syncing every test database's files): unbounded, a run's
-    # background drops held dozens of the server's connections (100 by default), and other
-    # test runs sharing the server were refused ("too many clients"). Drops waiting together
-    # share one checkpoint, so the bound must not be small: one slot would wait a checkpoint
-    # per test at the session's end.
-    DROPPING = 16
-
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url = admin_url
-        self.template = f"flashsale_tpl_{secrets.token_hex(4)}"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="postgres-databases", daemon=True
-        )
-        self._ready: deque[Future[str]] = deque()
-        self._dropping: list[Future[None]] = []
-        self._drop_slots = asyncio.Semaphore(self.DROPPING)
-
-    def url(self, name: str) -> str:
-        base, _, _ = self.admin_url.rpartition("/")
-        return f"{base}/{name}"
-
-    async def _admin(self, sql: str) -> None:
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    def setup(self) -> None:
-        self._thread.start()
-        self._submit(self._setup()).result()
-        self._make_ahead()
-
-    async def _setup(self) -> None:
-        await self._admin(f'CREATE DATABASE "{self.template}"')
-        store = Store(self.url(self.template))
-        await store.connect()
-        try:
-            await migrate.migrate(store)
-        finally:
-            await store.close()
-
-    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-
-    def _make_ahead(self) -> None:
-        while len(self._ready) < self.AHEAD:
-            self._ready.append(self._submit(self._create()))
-
-    async def _create(self) -> str:
-        name = f"flashsale_t_{secrets.token_hex(6)}"
-        await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
-        return name
-
-    async def create(self) -> str:
-        """A fresh, migrated database's name."""
-        made = self._ready.popleft()
-        self._make_ahead()
-        return await asyncio.wrap_future(made)
-
-    def drop(self, name: str) -> None:
-        """Drop it in the background (the session's end waits for it)."""
-        self._dropping.append(self._submit(self._drop(name)))
-
-    async def _drop(self, name: str) -> None:
-        async with self._drop_slots:
-            await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def close(self) -> None:
-        """Drop every database made, the unused ones and the template too."""
-        for made in self._ready:
-            with contextlib.suppress(Exception):
-                self.drop(made.result())
-        for dropping in self._dropping:
-            dropping.result()
-        self._submit(self._drop(self.template)).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-
 def run_apart(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion on a thread of its own, whatever loop is running here
     (session fixtures can be set up from inside a test's loop)."""
@@ -190,11 +94,10 @@ def postgres(pytestconfig: pytest.Config) -> PostgresDatabases:
             pytest.fail(problem + " (CI must run the PostgreSQL tests)")
         pytest.skip(problem)
     databases = PostgresDatabases(POSTGRES_ADMIN_URL)
-    databases.setup()
-    # Closed as pytest ends, not in the teardown of the session's last test: the drops still
-    # queued then took over 120 s on a busy machine (four test processes at a load average
-    # of 16), and pytest-timeout counted them against that test, which failed.
+    # Closed as pytest ends, not in the teardown of the session's last test, and closing
+    # leaves the drops to the pool's watchdog (tests/pgpool.py): drops wait for checkpoints.
     pytestconfig.add_cleanup(databases.close)
+    databases.setup()
     return databases
 
 
@@ -210,9 +113,9 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
         return
     postgres: PostgresDatabases = request.getfixturevalue("postgres")
-    name = await postgres.create()
+    name = await postgres.database()
     yield postgres.url(name)
-    postgres.drop(name)
+    postgres.release(name)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +22,8 @@ from server.service.expiry import Expirer
 from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
-from tests.conftest import PostgresDatabases, Published
+from tests.conftest import Published
+from tests.pgpool import PostgresDatabases
 from tests.support import assert_invariant, complete_one, hold, make_product, recount, stats
 
 CHECK_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.CheckViolationError)
@@ -148,7 +148,7 @@ async def release_one(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         name = None
     else:
         postgres: PostgresDatabases = request.getfixturevalue("postgres")
-        name = f"flashsale_t_{secrets.token_hex(6)}"
+        name = postgres.name("_release_one")
         await postgres._admin(f'CREATE DATABASE "{name}"')
         url = postgres.url(name)
     store = Store(url)

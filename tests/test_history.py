@@ -19,7 +19,8 @@ from server.domain.model import HoldRequest, Outcome, Reservation, Status
 from server.service.idempotency import Idempotency
 from server.service.shop import Shop
 from server.storage.database import Store
-from tests.conftest import PostgresDatabases, Published
+from tests.conftest import Published
+from tests.pgpool import PostgresDatabases
 from tests.support import assert_reconciled, cancel_one, complete_one, hold, make_product
 
 SMALL = history.History(holds=3_000, products=30)
@@ -79,9 +80,9 @@ async def test_history_refuses_a_database_that_has_products(
 
 @pytest.fixture
 async def postgres_url(postgres: PostgresDatabases) -> AsyncIterator[str]:
-    name = await postgres.create()
+    name = await postgres.database()
     yield postgres.url(name)
-    postgres.drop(name)
+    postgres.release(name)
 
 
 ByIdOperation = Callable[..., Awaitable[Outcome[Reservation]]]

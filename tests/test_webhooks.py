@@ -36,7 +36,8 @@ from server.service.delivery import Deliverer, backoff_ms
 from server.service.resolver import MAX_LOOKUPS, local_network
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
-from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.pgpool import PostgresDatabases
 from tests.receiver import Receiver
 from tests.support import (
     assert_reconciled,
@@ -1174,7 +1175,7 @@ async def copy_of(database_url: str, postgres: object) -> str:
         return f"sqlite:///{copy}"
     assert isinstance(postgres, PostgresDatabases)
     name = database_url.rpartition("/")[2]
-    copied = f"{name}_copy"
+    copied = postgres.name("_copy")
     conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
         await conn.execute(f'CREATE DATABASE "{copied}" TEMPLATE "{name}"')
