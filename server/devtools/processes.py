@@ -264,7 +264,9 @@ class Service:
         return f"http://127.0.0.1:{self.web.env['WEB_METRICS_PORT']}/metrics"
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+        """A client of the service (httpx.AsyncClient's keyword arguments; timeout 30 s)."""
+        kwargs.setdefault("timeout", 30)
+        return httpx.AsyncClient(base_url=self.base_url, **kwargs)  # type: ignore[arg-type]
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
