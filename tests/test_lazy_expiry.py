@@ -10,14 +10,16 @@ import asyncio
 import logging
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from server.domain import inventory, ledger
 from server.domain.clock import now_ms
-from server.domain.errors import InsufficientStock
+from server.domain.errors import InsufficientStock, ReservationExpired
 from server.domain.model import (
     HoldRequest,
+    Outcome,
     Reservation,
     ReservationChanged,
     Status,
@@ -29,6 +31,8 @@ from server.storage.database import Store
 from tests.support import (
     assert_invariant,
     assert_reconciled,
+    cancel_one,
+    complete_one,
     hold,
     make_product,
     recount,
@@ -286,3 +290,96 @@ async def test_overdue_holds_send_the_request_to_the_database_even_under_the_wri
         assert held.reservation.quantity == 1
     finally:
         await shop.stop()
+
+
+# -- a late complete or cancel: the hold expires with that request's actor ------------------
+
+
+async def expired_actors(store: Store, product_id: int) -> dict[str | None, str]:
+    """Who the ledger and the outbox say expired each of the product's holds: hold id →
+    the `expired` row's actor, checked equal to its `reservation.expired` event's."""
+    by_row = {
+        e.reservation_id: e.actor for e in await rows(store, product_id) if e.kind == "expired"
+    }
+    by_event = {
+        e["data"]["reservation"]["id"]: e["data"]["actor"]
+        for e in await outbox(store, product_id)
+        if e["type"] == "reservation.expired"
+    }
+    assert by_row == by_event
+    return by_row
+
+
+@pytest.mark.parametrize(
+    ("end", "actor"),
+    [
+        (complete_one, ledger.SHOP),
+        (complete_one, ledger.SHOPPER),
+        (cancel_one, ledger.SHOPPER),
+        (cancel_one, ledger.OPERATOR),
+    ],
+)
+async def test_a_late_complete_or_cancel_expires_the_hold_as_its_caller_not_the_worker(
+    store: Store, end: Callable[..., Awaitable[Outcome[Reservation]]], actor: str
+) -> None:
+    """README, webhooks: "A hold that a late complete or cancel finds overdue expires then,
+    with that request's actor (`shopper`, `shop` or `operator`)": the worker did not expire
+    it, and the books say who did."""
+    product = await make_product(store, 3)
+    late = await overdue_hold(store, product.id, 2)
+
+    refused = await store.write(lambda conn: end(conn, late.id, now=now_ms(), actor=actor))
+
+    with pytest.raises(ReservationExpired):
+        refused.result()
+    assert (await reservation(store, late.id)).status is Status.EXPIRED
+    assert await expired_actors(store, product.id) == {late.id: actor}
+    # Expired once, units back once; the worker's sweep after it finds nothing to do.
+    await store.write(lambda conn: inventory.expire_overdue(conn, now=now_ms()))
+    assert await expired_actors(store, product.id) == {late.id: actor}
+    s = await assert_invariant(store, product.id)
+    assert (s.available, s.held, s.expired) == (3, 0, 2)
+    await assert_reconciled(store)
+
+
+async def test_a_batch_of_late_completes_expires_each_hold_as_its_first_caller(
+    store: Store,
+) -> None:
+    """In one batch (complete and cancel are group-committed), each overdue hold expires as
+    the caller of the first request for it, beside a hold that completes as usual; the
+    sweeper's own expiry of another product's hold stays the worker's."""
+    product = await make_product(store, 5)
+    other = await make_product(store, 1)
+    by_shop = await overdue_hold(store, product.id)
+    by_shopper = await overdue_hold(store, product.id)
+    current = await hold(store, product.id)
+    swept = await overdue_hold(store, other.id)
+
+    outcomes, _ = await store.write(
+        lambda conn: inventory.complete_many(
+            conn,
+            [
+                inventory.Completing(by_shop.id, actor=ledger.SHOP),
+                inventory.Completing(by_shopper.id, actor=ledger.SHOPPER),
+                inventory.Completing(by_shop.id, actor=ledger.SHOPPER),  # a second ask
+                inventory.Completing(current.id, actor=ledger.SHOP),
+            ],
+            now=now_ms(),
+        )
+    )
+    await store.write(lambda conn: inventory.expire_overdue(conn, now=now_ms()))
+
+    assert [type(o.error) for o in outcomes] == [
+        ReservationExpired,
+        ReservationExpired,
+        ReservationExpired,
+        type(None),
+    ]
+    assert await expired_actors(store, product.id) == {
+        by_shop.id: ledger.SHOP,
+        by_shopper.id: ledger.SHOPPER,
+    }
+    assert await expired_actors(store, other.id) == {swept.id: ledger.WORKER}
+    completed = [e for e in await rows(store, product.id) if e.kind == "completed"]
+    assert [(e.reservation_id, e.actor) for e in completed] == [(current.id, ledger.SHOP)]
+    await assert_reconciled(store)
