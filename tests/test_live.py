@@ -424,42 +424,100 @@ async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
         assert "from your address over its sockets" in refusal["message"]
 
 
-async def test_shoppers_the_shop_signed_in_share_no_socket_limits_with_their_address(
+def _bearer(sub: str) -> dict[str, str]:
+    signed = jwt.encode({"sub": sub, "exp": time.time() + 600}, JWT_SECRET, "HS256")
+    return {"Authorization": f"Bearer {signed}"}
+
+
+async def _refused(service: Service, headers: dict[str, str]) -> str:
+    """The reason a socket opened with `headers` is closed 1013 for."""
+    async with socket_to(service, additional_headers=headers) as again:
+        await again.connection.wait_closed()
+        assert again.connection.close_code == 1013
+        return again.connection.close_reason or ""
+
+
+async def test_shoppers_the_shop_signed_in_have_socket_limits_of_their_own(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     """Many shoppers share an address (an office, a mobile carrier's NAT): one of them
     taking WS_MAX_PER_CLIENT sockets, or sending their sockets' messages, left the others
     none. A shopper the shop signed in is a client of their own; anyone else (an
-    anonymous cookie costs nothing to replace) is counted by address."""
+    anonymous cookie costs nothing to replace) is counted by address. The address stays
+    bounded whatever its accounts: at most MAX_CONNECTIONS_PER_CLIENT sockets (a
+    scalper's accounts on one address filled the process, and honest pages got 1013)."""
     anyone = {"type": "join", "productId": 999_999}  # each answered with an error frame
-
-    def bearer(sub: str) -> dict[str, str]:
-        signed = jwt.encode({"sub": sub, "exp": time.time() + 600}, JWT_SECRET, "HS256")
-        return {"Authorization": f"Bearer {signed}"}
-
-    settings = {"WS_MAX_PER_CLIENT": "1", "SHOPPER_JWT_SECRET": JWT_SECRET}
+    settings = {
+        "WS_MAX_PER_CLIENT": "1",
+        "MAX_CONNECTIONS_PER_CLIENT": "3",
+        "SHOPPER_JWT_SECRET": JWT_SECRET,
+    }
     with one_service(database_url, redis_url, tmp_path, **settings) as a:
         async with (
-            socket_to(a, additional_headers=bearer("alice")) as alice,
-            socket_to(a, additional_headers=bearer("bob")) as bob,
+            socket_to(a, additional_headers=_bearer("alice")) as alice,
+            socket_to(a, additional_headers=_bearer("bob")) as bob,
             socket_to(a) as anonymous,
         ):
             for ws in (alice, bob, anonymous):  # one address, three clients
                 await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
-            for headers, whose in ((bearer("alice"), "you"), ({}, "your address")):
-                async with socket_to(a, additional_headers=headers) as again:
-                    await again.connection.wait_closed()
-                    assert again.connection.close_code == 1013
-                    assert again.connection.close_reason == f"too many connections from {whose}"
-            # Alice spends her sockets' messages (the socket's MESSAGE_BURST and hers: one
-            # socket's worth); then Bob's and the anonymous page's are still read.
-            for _ in range(MESSAGE_BURST + 1):
-                await alice.send(anyone)
+            assert await _refused(a, _bearer("alice")) == "too many connections from you"
+            assert await _refused(a, {}) == "too many connections from your address"
+            # The address holds its MAX_CONNECTIONS_PER_CLIENT: another account is refused.
+            assert await _refused(a, _bearer("carol")) == "too many connections from your address"
+            # Alice spends her messages (each `watch` of nothing is answered at once, much
+            # faster than they are earned back); then Bob's and the anonymous page's are
+            # still read.
+            with contextlib.suppress(ConnectionClosed):  # at her tenth refusal
+                for _ in range(MESSAGE_BURST + 20):
+                    await alice.send({"type": "watch", "reservations": []})
             await alice.frames.wait_for(_error("rate_limited"), within=20)
             for ws in (bob, anonymous):
                 await ws.send(anyone)
                 (answer,) = await ws.frames.wait_for(lambda f: f["type"] == "error", within=20)
                 assert answer["code"] != "rate_limited", answer
+
+
+async def test_one_address_s_accounts_send_no_more_than_its_sockets_may(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A scalper's accounts on one address, one after another, each with a full allowance
+    of its own: the address's messages over all of them are at most what its
+    MAX_CONNECTIONS_PER_CLIENT sockets may send together (3 here: 90 at once, then 6 a
+    second), across reconnects."""
+    anyone = {"type": "join", "productId": 999_999}
+    sockets = 3
+    burst, per_second = MESSAGE_BURST * sockets, sockets / MESSAGE_REFILL_S
+    settings = {
+        "WS_MAX_PER_CLIENT": "1",
+        "MAX_CONNECTIONS_PER_CLIENT": str(sockets),
+        "SHOPPER_JWT_SECRET": JWT_SECRET,
+    }
+    with one_service(database_url, redis_url, tmp_path, **settings) as a:
+        started = time.monotonic()
+        taken = 0
+        refusals: list[Frame] = []
+        for n in range(10):  # accounts, one after another, each sending its socket's burst
+            async with socket_to(a, additional_headers=_bearer(f"scalper-{n}")) as ws:
+                await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+                for _ in range(MESSAGE_BURST):
+                    await ws.send(anyone)
+                # Each is answered, in order, until the socket's tenth refusal closes it.
+                answered = asyncio.ensure_future(
+                    ws.frames.wait_for(lambda f: f["type"] == "error", count=MESSAGE_BURST)
+                )
+                await asyncio.wait({answered, ws.reader}, return_when=asyncio.FIRST_COMPLETED)
+                answered.cancel()
+                with contextlib.suppress(asyncio.CancelledError, AssertionError):
+                    await answered
+                answers = [f for f in ws.frames.frames if f["type"] == "error"]
+                refusals += [f for f in answers if f["code"] == "rate_limited"]
+                taken += sum(f["code"] != "rate_limited" for f in answers)
+            if refusals:
+                break
+        elapsed = time.monotonic() - started
+        assert refusals, f"{taken} messages from one address's ten accounts, none refused"
+        assert taken <= burst + per_second * elapsed + 1
+        assert "from your address over its sockets" in refusals[0]["message"]
 
 
 async def test_a_page_joins_a_waiting_room_over_its_socket(

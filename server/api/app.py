@@ -156,6 +156,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 room=room,
                 max_clients=settings.ws_max_clients,
                 max_per_client=settings.ws_max_per_client,
+                max_per_address=settings.max_connections_per_client,
             )
             admitter.local = hub.room_news  # its news to this process's pages at once
             subscriber = Subscriber(redis, store, catalog)

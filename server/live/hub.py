@@ -160,6 +160,7 @@ class Client:
     ) -> None:
         self.websocket = websocket
         self.key = key  # who it is, for the per-client cap (server/infra/clients.py)
+        self.address = client_key(websocket.scope)  # where from, for the per-address cap
         # The products this page shows (`/ws?ids=…`), or None: every product.
         self.products = products
         extension = websocket.scope.get("extensions", {}).get(EXTENSION)
@@ -338,6 +339,7 @@ class Hub:
         *,
         max_clients: int,
         max_per_client: int = 20,
+        max_per_address: int = 100,
         room: WaitingRoom | None = None,
     ) -> None:
         self._catalog = catalog
@@ -378,6 +380,14 @@ class Hub:
         self._max_clients = max_clients
         self._max_per_client = max_per_client
         self._per_client: Counter[str] = Counter()
+        # Sockets by address, whoever's they are: shoppers the shop signed in are clients of
+        # their own (`Client.key`), but one address with many accounts must not fill the
+        # process (WS_MAX_CLIENTS / WS_MAX_PER_CLIENT accounts did): at most
+        # `max_per_address` (MAX_CONNECTIONS_PER_CLIENT, the connections an address may
+        # hold) from one address, and their messages within what that many sockets may send
+        # together (`address_allowances`, kept and forgotten as `allowances` are).
+        self._max_per_address = max(max_per_address, max_per_client)
+        self._per_address: Counter[str] = Counter()
         # The messages each client may send over all its sockets (MESSAGE_BURST and
         # MESSAGE_REFILL_S for each socket it may hold), kept across its reconnects: while
         # the client has a socket and, once its last closes, until its bucket would be full
@@ -385,6 +395,9 @@ class Hub:
         # last socket closed within the last MESSAGE_BURST * MESSAGE_REFILL_S seconds.
         self.allowances = TokenBuckets(
             MESSAGE_BURST * max_per_client, max_per_client / MESSAGE_REFILL_S
+        )
+        self.address_allowances = TokenBuckets(
+            MESSAGE_BURST * self._max_per_address, self._max_per_address / MESSAGE_REFILL_S
         )
         self._forgetting: set[str] = set()  # clients with a timer to forget their bucket
         self.clients: set[Client] = set()
@@ -409,9 +422,16 @@ class Hub:
     def full(self) -> bool:
         return len(self.clients) >= self._max_clients
 
-    def full_for(self, key: str) -> bool:
-        """Whether the client `key` already has its `max_per_client` sockets here."""
-        return self._per_client[key] >= self._max_per_client
+    def full_for(self, key: str, address: str | None = None) -> str | None:
+        """Whose sockets here are at their cap, if any: "you" when the client `key` has its
+        `max_per_client`, "your address" when it is the address or `address` (the key of
+        the address it connects from, for a shopper the shop signed in) has its
+        `max_per_address`; None: another may open."""
+        if self._per_client[key] >= self._max_per_client:
+            return "your address" if key.startswith("addr:") else "you"
+        if address is not None and self._per_address[address] >= self._max_per_address:
+            return "your address"
+        return None
 
     def refusal(self, client: Client) -> str | None:
         """Count a message the socket `client` sent: None if it may be read, else why not (it
@@ -422,18 +442,24 @@ class Hub:
                 f"Too many messages: at most {MESSAGE_BURST} at once, then one every "
                 f"{MESSAGE_REFILL_S:g} s; this one was not read."
             )
-        if not self.allowances.take(client.key):
-            whose = "your address" if client.key.startswith("addr:") else "you"
-            return (
-                f"Too many messages from {whose} over its sockets: at most "
-                f"{self.allowances.capacity:g} at once, then {self.allowances.rate:g} a "
-                "second; this one was not read."
-            )
+        # The client's own first: a shopper past theirs spends nothing of their address's.
+        for key, buckets in (
+            (client.key, self.allowances),
+            (client.address, self.address_allowances),
+        ):
+            if not buckets.take(key):
+                whose = "your address" if key.startswith("addr:") else "you"
+                return (
+                    f"Too many messages from {whose} over its sockets: at most "
+                    f"{buckets.capacity:g} at once, then {buckets.rate:g} a "
+                    "second; this one was not read."
+                )
         return None
 
     def _forget_allowance(self, key: str, *, timer: bool = False) -> None:
-        """The client `key` closed its last socket (or, `timer`, did a while ago): once its
-        bucket is full again, drop it (a full bucket is what a client without one gets).
+        """The client or address `key` closed its last socket (or, `timer`, did a while
+        ago): once its buckets are full again, drop them (a full bucket is what a client
+        without one gets).
         At most one timer per client: a client that drained its bucket and opened and
         closed a socket again and again left a timer for each, each setting itself again
         while the bucket was short (one per socket opened, however many)."""
@@ -441,11 +467,14 @@ class Hub:
             self._forgetting.discard(key)
         elif key in self._forgetting:
             return  # its timer sees to it
-        if key in self._per_client:
+        if key in self._per_client or key in self._per_address:
             return  # it came back; its last socket to close will see to it
-        wait = self.allowances.seconds_to_full(key)
+        wait = max(
+            self.allowances.seconds_to_full(key), self.address_allowances.seconds_to_full(key)
+        )
         if wait <= 0:
             self.allowances.forget(key)
+            self.address_allowances.forget(key)
         else:
             self._forgetting.add(key)
             asyncio.get_running_loop().call_later(
@@ -461,6 +490,7 @@ class Hub:
         10,000 products the whole snapshot is 1.35 MB), then the frames of those products."""
         client = Client(websocket, self, key or client_key(websocket.scope), products)
         self._per_client[client.key] += 1
+        self._per_address[client.address] += 1
         listing = self._catalog.listing() if products is None else self._catalog.selection(products)
         snapshot = (
             '{"type":"snapshot","serverTime":"' + iso(now_ms()) + '","products":'
@@ -479,7 +509,11 @@ class Hub:
         self._per_client[client.key] -= 1
         if self._per_client[client.key] <= 0:
             del self._per_client[client.key]
-            self._forget_allowance(client.key)
+        self._per_address[client.address] -= 1
+        if self._per_address[client.address] <= 0:
+            del self._per_address[client.address]
+        for key in {client.key, client.address}:
+            self._forget_allowance(key)
         WEBSOCKETS.dec()
         if client.sign_out is not None:
             client.sign_out.cancel()
@@ -1180,8 +1214,7 @@ async def live_updates(websocket: WebSocket) -> None:
     shopper = identities.shopper_id_or_none(websocket)
     # A shopper the shop signed in is counted as themselves, anyone else by address.
     key = client_key(websocket.scope, shopper)
-    if hub.full_for(key):
-        whose = "your address" if key.startswith("addr:") else "you"
+    if (whose := hub.full_for(key, client_key(websocket.scope))) is not None:
         await websocket.close(TRY_AGAIN_LATER, f"too many connections from {whose}")
         return
     client = hub.join(websocket, key, products)
