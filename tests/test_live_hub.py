@@ -729,13 +729,18 @@ async def test_a_client_that_comes_and_goes_leaves_one_timer_to_forget_its_allow
 
     monkeypatch.setattr(loop, "call_later", counting)
     for _ in range(50):
-        client = hub.join(Socket(), key="addr:203.0.113.7")  # type: ignore[arg-type]
+        socket = Socket()
+        socket.scope["client"] = ("203.0.113.7", 50_000)  # an anonymous page: its address
+        client = hub.join(socket, key="addr:203.0.113.7")  # type: ignore[arg-type]
         while hub.refusal(client) is None:  # its allowance drained: MESSAGE_BURST here
             pass
         hub.leave(client)
-    assert len(hub.allowances) == 1
+    assert len(hub.address_allowances) == 1  # an anonymous page: its address's only
     assert len(pending) == 1, f"{len(pending)} timers for one client"
-    await eventually(lambda: _true(not hub.allowances), what="the full bucket to be forgotten")
+    await eventually(
+        lambda: _true(not hub.allowances and not hub.address_allowances),
+        what="the full buckets to be forgotten",
+    )
     assert not pending
 
 

@@ -384,8 +384,10 @@ class Hub:
         # their own (`Client.key`), but one address with many accounts must not fill the
         # process (WS_MAX_CLIENTS / WS_MAX_PER_CLIENT accounts did): at most
         # `max_per_address` (MAX_CONNECTIONS_PER_CLIENT, the connections an address may
-        # hold) from one address, and their messages within what that many sockets may send
-        # together (`address_allowances`, kept and forgotten as `allowances` are).
+        # hold) from one address, and their messages within one client's allowance
+        # (`address_allowances`, kept and forgotten as `allowances` are): a browser's socket
+        # is keyed by its address anyway (it cannot send the shop's token), and more would
+        # go only to the scripts of an address's many accounts.
         self._max_per_address = max(max_per_address, max_per_client)
         self._per_address: Counter[str] = Counter()
         # The messages each client may send over all its sockets (MESSAGE_BURST and
@@ -396,9 +398,7 @@ class Hub:
         self.allowances = TokenBuckets(
             MESSAGE_BURST * max_per_client, max_per_client / MESSAGE_REFILL_S
         )
-        self.address_allowances = TokenBuckets(
-            MESSAGE_BURST * self._max_per_address, self._max_per_address / MESSAGE_REFILL_S
-        )
+        self.address_allowances = TokenBuckets(self.allowances.capacity, self.allowances.rate)
         self._forgetting: set[str] = set()  # clients with a timer to forget their bucket
         self.clients: set[Client] = set()
         self._watchers: dict[str, set[Client]] = {}
@@ -435,26 +435,29 @@ class Hub:
 
     def refusal(self, client: Client) -> str | None:
         """Count a message the socket `client` sent: None if it may be read, else why not (it
-        is past its socket's MESSAGE_BURST and MESSAGE_REFILL_S, or its client is past
-        those of all the sockets it may hold, `allowances`, however often it reconnected)."""
+        is past its socket's MESSAGE_BURST and MESSAGE_REFILL_S, or its shopper or its
+        address is past those of the sockets one client may hold, `allowances` and
+        `address_allowances`, however often it reconnected)."""
         if not client.may_send():
             return (
                 f"Too many messages: at most {MESSAGE_BURST} at once, then one every "
                 f"{MESSAGE_REFILL_S:g} s; this one was not read."
             )
-        # The client's own first: a shopper past theirs spends nothing of their address's.
-        for key, buckets in (
-            (client.key, self.allowances),
-            (client.address, self.address_allowances),
-        ):
-            if not buckets.take(key):
-                whose = "your address" if key.startswith("addr:") else "you"
-                return (
-                    f"Too many messages from {whose} over its sockets: at most "
-                    f"{buckets.capacity:g} at once, then {buckets.rate:g} a "
-                    "second; this one was not read."
-                )
+        # A shopper the shop signed in: theirs first, so that one past it spends nothing
+        # of their address's. Then the address's, which counts every socket from it.
+        shopper = client.key != client.address
+        if shopper and not self.allowances.take(client.key):
+            return self._too_many("you", self.allowances)
+        if not self.address_allowances.take(client.address):
+            return self._too_many("your address", self.address_allowances)
         return None
+
+    @staticmethod
+    def _too_many(whose: str, buckets: TokenBuckets) -> str:
+        return (
+            f"Too many messages from {whose} over its sockets: at most {buckets.capacity:g} "
+            f"at once, then {buckets.rate:g} a second; this one was not read."
+        )
 
     def _forget_allowance(self, key: str, *, timer: bool = False) -> None:
         """The client or address `key` closed its last socket (or, `timer`, did a while
