@@ -191,7 +191,7 @@ async def test_the_outbox_gets_the_events_of_the_same_transaction(store: Store) 
     assert completed["reservation"]["status"] == "COMPLETED"
     assert completed["reservation"]["orderReference"] == "A-17"
     assert completed["actor"] == "shop"
-    assert completed["stock"]["soldStock"] == 1
+    assert completed["stock"]["soldUnits"] == 1
     assert events[2]["data"]["stock"]["availableStock"] == 0
     assert events[6]["data"]["units"] == 5
 
@@ -230,8 +230,8 @@ async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: S
         stock = {
             "productId": product.id,
             "availableStock": entry.figures.available,
-            "heldStock": entry.figures.held,
-            "soldStock": entry.figures.sold,
+            "heldUnits": entry.figures.held,
+            "soldUnits": entry.figures.sold,
             "totalStock": entry.figures.total,
             "version": version,
             "sequence": seq,

@@ -119,7 +119,7 @@ async def test_a_reservation_needs_a_pass_while_the_room_is_active(shop: Shop) -
     assert held.status_code == 201, held.text
     assert (await first.get(path)).json()["state"] == "reserved"
     waiting = ticket_of(await second.get(path))
-    assert waiting["heldStock"] == 1
+    assert waiting["heldUnits"] == 1
     assert "1 unit is held and may come back" in waiting["message"]
     # The hold is cancelled: its unit goes to the next in line at once.
     cancel = await first.post(f"/api/reservations/{held.json()['id']}/cancel")

@@ -117,8 +117,8 @@ def stock_data(product_id: int, version: int, seq: int, figures: Figures) -> dic
     return {
         "productId": product_id,
         "availableStock": figures.available,
-        "heldStock": figures.held,
-        "soldStock": figures.sold,
+        "heldUnits": figures.held,
+        "soldUnits": figures.sold,
         "totalStock": figures.total,
         "version": version,
         "sequence": seq,

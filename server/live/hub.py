@@ -73,7 +73,7 @@ from server.wire.schemas import JoinMessage, parse_product_ids, plain_join, tick
 
 logger = logging.getLogger(__name__)
 # What a ticket's view says that is not the shopper's own news (see `_tell_tickets`).
-AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldStock", "message"})
+AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldUnits", "message"})
 
 FLUSH_SECONDS = 0.05  # at most twenty flushes a second
 FANOUT_SHARE = 0.1  # while changes keep coming, of the event loop's time...

@@ -718,7 +718,7 @@ class TicketOut(_Response):
         "is shown (it was fixed at their joins by a secret key; nothing is drawn then).",
         json_schema_extra=_TIME,
     )
-    held_stock: int = Field(description="Units held by others now, which may come back.")
+    held_units: int = Field(description="Units held by others now, which may come back.")
     message: str = Field(description="One sentence for the page.")
     server_time: str = Field(
         description="The server's clock when this was rendered.", json_schema_extra=_TIME
@@ -914,7 +914,7 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
         ),
         "joinedAt": iso(ticket.joined_at),
         "drawAt": draw_at,
-        "heldStock": product.held_units,
+        "heldUnits": product.held_units,
         "message": _ticket_message(ticket, product, position, draw_at, now, passes_full),
         "serverTime": iso(now),
     }
