@@ -345,8 +345,8 @@ async def test_news_of_a_step_not_newer_than_one_told_neither_rolls_the_counts_b
     hub.publish(_echo(first), b"")  # Redis brings the first back after the second was told
     page = pages["anon:a"]
     await eventually(lambda: _true(queue_counts(page) == [10, 6]), what="10, then 6")
-    hub.publish(_echo(second), b"")
-    # The publisher merges steps' news: the echo of both, as one, is not newer either.
+    # The publisher may merge steps' news: the echo of the second came merged with the
+    # first's (this process's own news, whose reads it made when it told them).
     hub.publish(_echo(first.merged(second)), b"")
     await asyncio.sleep(0.6)  # past QUEUE_FRAME_SECONDS: anything due has gone
     assert queue_counts(page) == [10, 6]
@@ -378,7 +378,62 @@ async def test_news_of_a_step_not_newer_than_one_told_neither_rolls_the_counts_b
     await asyncio.sleep(0.6)
     assert queue_counts(page) == [10, 6, 5]
     assert states(page) == ["waiting"]
-    assert len(reads) == 1, reads
+    # The late step's reads are made (it is not an echo of news told here): anon:a's.
+    assert reads == [["everyone"], ["anon:a"]], reads
+
+
+async def test_a_late_step_s_lapsed_pass_still_reaches_its_page() -> None:
+    """Process A commits step 3, which lapses anon:a's pass, and is frozen before it
+    publishes; its lease lapses and process B steps on (step 4, told to B's pages at once,
+    nothing about anon:a). A thaws and publishes step 3: B's hub dropped the shoppers of
+    a step not newer than 4, and anon:a's page said "It is your turn" for ever."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=3))
+    until = 1_796_000_060_000
+    admitted = Ticket(
+        5, "anon:a", 10, TicketState.ADMITTED, joined_at=2, admitted_at=3, pass_expires_at=until
+    )
+    room = Room(5, [], [admitted])
+    hub, pages, _ = await pages_counting_reads(catalog, room, ["anon:a"])
+    await eventually(lambda: _true(states(pages["anon:a"]) == ["admitted"]), what="admitted")
+    # Step 3 (A's, committed) lapsed the pass; step 4 (B's) is told first.
+    room.tickets["anon:a"] = Ticket(
+        5, "anon:a", 10, TicketState.LAPSED, joined_at=2, admitted_at=3, pass_expires_at=until
+    )
+    hub.room_news([RoomChanged(5, 0, 0, step=4)])
+    hub.publish(_echo(RoomChanged(5, 0, 0, shoppers=frozenset({"anon:a"}), step=3)), b"")
+    await eventually(
+        lambda: _true(states(pages["anon:a"])[-1:] == ["lapsed"]),
+        what="anon:a told its pass lapsed",
+        within=3,
+    )
+
+
+async def test_a_late_step_that_names_everyone_still_reaches_the_pages() -> None:
+    """A step's news that names too many (`everyone`: MAX_ROOM_SHOPPERS lapsed, or a
+    publisher's merge) carries no names of admitted or closed shoppers: dropped as not
+    newer, nothing of it reached anyone. Here step 3 closed the room (sold out)."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    waiting = Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)
+    room = Room(5, [10], [waiting])
+    hub, pages, _ = await pages_counting_reads(catalog, room, ["anon:a"])
+    await eventually(lambda: _true(states(pages["anon:a"]) == ["waiting"]), what="waiting")
+    room.tickets["anon:a"] = Ticket(5, "anon:a", 10, TicketState.SOLD_OUT, joined_at=2, ended_at=5)
+    room.places = []
+
+    async def whole_room(product_id: int) -> list[Ticket]:
+        return list(room.tickets.values())
+
+    room.tickets_of_room = whole_room  # type: ignore[attr-defined]
+    hub.room_news([RoomChanged(5, 0, 0, step=4)])
+    hub.publish(_echo(RoomChanged(5, 0, 0, everyone=True, step=3)), b"")
+    await asyncio.sleep(0)
+    await eventually(
+        lambda: _true(states(pages["anon:a"])[-1:] == ["sold_out"]),
+        what="anon:a told sold out",
+        within=3,
+    )
 
 
 async def test_ended_tickets_are_told_exactly_as_their_views_say() -> None:

@@ -141,6 +141,9 @@ MESSAGE_REFILL_S = 0.5
 # sent 230 `watch` a second from one address (20 sockets at a time), against the 40 that its
 # 20 open sockets may send, and took another shopper's reservation from 46 to 520 ms (p95).
 
+# Steps of a room told here at once whose echo from Redis is awaited (`Hub._echoes`).
+MAX_ECHOES = 64
+
 # WebSocket close codes
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
@@ -364,6 +367,10 @@ class Hub:
         # Per room, the number of the newest admission step whose news was told here
         # (`RoomChanged.step`): news of a step not newer is not told (`_room_news`).
         self._steps: dict[int, int] = {}
+        # Per room, the steps this process's admitter told here at once (`room_news`) whose
+        # echo from Redis has not come back yet: at most MAX_ECHOES each, the oldest
+        # forgotten first (an echo of a forgotten step is read like late news: no harm).
+        self._echoes: dict[int, set[int]] = {}
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.TimerHandle | None = None
@@ -614,32 +621,38 @@ class Hub:
         the same comes back from the subscription later, as news of a step told already,
         and is not told again (`_room_news`)."""
         for one in news:
-            self._room_news(room_message(one))
+            self._room_news(room_message(one), local=True)
 
-    def _room_news(self, frame: dict[str, Any]) -> None:
+    def _room_news(self, frame: dict[str, Any], *, local: bool = False) -> None:
         """Room news, from this process's admitter or the subscription. News of an admission
         step (its `step` number) that is not newer than the newest told here of the room is
         not told: the echo of news this process's admitter told at once (it came back from
         Redis after the next step's, and put the line's older counts back on the pages for
         QUEUE_FRAME_SECONDS), or an older step's news that comes after a newer one's (from
-        a process that lost the lease meanwhile). Only its admissions and closes are still
-        looked at, which change a page's copy only if it is still in the state before them
-        (`_tell_named`): a step's news that came late is not lost. Its counts and the
-        tickets it asks to read again are dropped: counts are newer in the news told, and
-        the reads are made by the newer step's news if still needed."""
+        a process that lost the lease meanwhile). Its counts are dropped (those told are
+        newer); its admissions and closes change a page's copy only if it is still in the
+        state before them (`_tell_named`); and the tickets it names to read again (passes
+        it lapsed or renewed; `everyone`) are read, unless it is the echo of news this
+        process told itself (`local`, `room_news`), whose reads were made then: a step's
+        news that came late is not lost (the newer step's news does not name them)."""
         product_id = int(frame["productId"])
         step = frame.get("step")
         if step is not None:
-            if int(step) <= self._steps.get(product_id, -1):
-                frame = {
-                    **frame,
-                    "waiting": None,
-                    "admitted": None,
-                    "shoppers": (),
-                    "everyone": False,
-                }
+            number = int(step)
+            echoes = self._echoes.setdefault(product_id, set())
+            echo = not local and number in echoes
+            if echo:  # and of every older step of ours: the publisher may merge them
+                echoes.difference_update([n for n in echoes if n <= number])
+            elif local:
+                echoes.add(number)
+                if len(echoes) > MAX_ECHOES:
+                    echoes.discard(min(echoes))
+            if number <= self._steps.get(product_id, -1):
+                frame = {**frame, "waiting": None, "admitted": None}
+                if echo:
+                    frame.update(shoppers=(), everyone=False)
             else:
-                self._steps[product_id] = int(step)
+                self._steps[product_id] = number
         waiting, admitted = frame.get("waiting"), frame.get("admitted")
         if waiting is not None and admitted is not None:
             counts = (int(waiting), int(admitted))
