@@ -9,6 +9,7 @@ is the real one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -829,3 +830,46 @@ async def test_rounds_of_positions_that_give_way_often_still_reach_the_back_of_t
     )
     for socket, ticket in zip(sockets, tickets, strict=True):
         assert positions(socket) == [ticket.place - 98, ticket.place - 99]  # each told once
+
+
+async def test_a_page_learns_its_estimate_is_gone_when_the_passes_out_come_to_cover_the_units(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No estimate while the passes out cover every unit available. Over /ws the estimate
+    and the message are `AMBIENT`: a page is told them only with news of its own (its
+    place moved). When the passes came to cover the units without anyone moving (the
+    operator reduced the stock, lowered admitFactor or raised maxPerShopper), the page
+    kept "about 1 s" while GET .../queue said there was no estimate."""
+    monkeypatch.setattr(live, "LINE_SECONDS", 0.1)
+    catalog = Catalog()
+    product = product_in_memory(id=5, available_stock=3, total_stock=3, version=1)
+    catalog.apply(product)
+    now = int(time.time() * 1000)
+    line = Lineup(
+        5, now, (10,), admitted=1, recent_admissions=10, first_recent_admission=now - 5_000
+    )
+    room = Room(5, [10], [Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)])
+
+    async def fixed_line(product_id: int, *, max_age: float = 1.0) -> Lineup:
+        return dataclasses.replace(line, at=int(time.time() * 1000))
+
+    room.line = fixed_line  # type: ignore[method-assign]
+    _hub, pages, _ = await pages_counting_reads(catalog, room, ["anon:a"])
+    page = pages["anon:a"]
+    await eventually(lambda: _true(estimates(page)[-1:] == [1]), what="an estimate told")
+    # The operator takes two units away: one unit, one pass out, nobody moves.
+    catalog.apply(dataclasses.replace(product, available_stock=1, total_stock=1, version=2))
+    smaller = catalog.get(5)
+    assert smaller is not None
+    truth = ticket_view(room.tickets["anon:a"], smaller, await fixed_line(5), now=now)
+    assert truth["estimatedWaitSeconds"] is None  # what GET .../queue says now
+    await eventually(
+        lambda: _true(estimates(page)[-1:] == [None]),
+        what="the page told there is no estimate now",
+        within=3,
+    )
+
+
+def estimates(socket: Any) -> list[int | None]:
+    frames = [json.loads(t) for t in socket.sent if '"type":"ticket"' in t]
+    return [f["ticket"]["estimatedWaitSeconds"] for f in frames]

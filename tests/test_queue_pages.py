@@ -223,6 +223,35 @@ async def test_the_line_ends_sold_out_and_says_so(browser: Browser, site: Servic
     await screenshot(page, "shop-queue-sold-out-phone", docs=True)
 
 
+async def test_the_lobby_says_why_no_wait_is_estimated_while_turns_cover_the_units(
+    browser: Browser, site: Service
+) -> None:
+    """The one unit is the turn of the shopper ahead, who has not reserved yet: nobody more
+    is admitted until that turn lapses, and the page says so (it said "the line has not
+    moved", which had just moved)."""
+    product = await new_product(
+        site, "Single espresso cup", 1, queue="fifo", saleStartsAt=soon(600)
+    )
+    page = await open_shop(browser, site, DESKTOP, locale="en-GB")
+    lobby = card(page, product).locator(".lobby")
+    async with shopper(site) as first:
+        await join(first, product)
+        await lobby.get_by_role("button", name="Join the line").click()
+        await expect(lobby.locator(".lobby-place")).to_have_text(
+            "Number 2 in line · 1 ahead of you"
+        )
+        await start_now(site, product)
+        await wait_for_state(first, product, "admitted")
+        await expect(lobby.locator(".lobby-place")).to_have_text(
+            "Number 1 in line · 0 ahead of you", timeout=10_000
+        )
+        await expect(lobby.locator(".lobby-wait")).to_have_text(
+            "Estimated wait: not known: those ahead with a turn now cover every unit left; "
+            "you move up as their turns lapse or units come back.",
+            timeout=10_000,
+        )
+
+
 async def test_a_turn_not_taken_passes_and_the_shopper_may_join_again(
     browser: Browser, site: Service
 ) -> None:

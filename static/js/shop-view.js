@@ -34,6 +34,16 @@ export function keepClear(element, variable) {
   }).observe(element);
 }
 
+// Whether the passes out (`queue.admitted`) cover every unit available, so that nobody more
+// is admitted until one lapses or units come back: the server's rule
+// (server/domain/waitingroom.py `passes_for`), under which it gives no wait estimate.
+function passesCover(product, queue) {
+  const left = product.availableStock;
+  if (left <= 0 || queue?.admitted == null) return false;
+  const exact = (left * (product.admitFactor ?? 1)) / (product.maxPerShopper || 1);
+  return queue.admitted >= Math.ceil(Math.round(exact * 1e9) / 1e9);
+}
+
 export class ShopView {
   constructor() {
     this.onSale = $("#products");
@@ -290,7 +300,10 @@ export class ShopView {
         }
         if (ticket.estimatedWaitSeconds != null) wait = `Estimated wait: ${formatWait(ticket.estimatedWaitSeconds * 1000)}`;
         else if (product.saleStartsAt && Date.parse(product.saleStartsAt) > now) wait = "Turns start when the sale starts.";
-        else wait = "Estimated wait: not known yet (the line has not moved).";
+        else if (left <= 0) wait = "Estimated wait: not known while every unit is held.";
+        else if (passesCover(product, queue)) {
+          wait = "Estimated wait: not known: those ahead with a turn now cover every unit left; you move up as their turns lapse or units come back.";
+        } else wait = "Estimated wait: not known yet (the line has not moved).";
         break;
       case "admitted":
         headline = "Your turn: reserve within";
