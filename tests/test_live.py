@@ -383,6 +383,22 @@ async def test_a_socket_past_its_messages_is_refused_then_closed(
             assert ws.connection.close_code == 1008
 
 
+async def _burst(ws: Socket, message: dict[str, Any]) -> list[Frame]:
+    """Send `message` MESSAGE_BURST times; the `error` frames that answer them. Each is
+    answered, in order (a refusal, or the message's own error frame), until the socket's
+    tenth refusal closes it (1008)."""
+    for _ in range(MESSAGE_BURST):
+        await ws.send(message)
+    answered = asyncio.ensure_future(
+        ws.frames.wait_for(lambda f: f["type"] == "error", count=MESSAGE_BURST)
+    )
+    await asyncio.wait({answered, ws.reader}, return_when=asyncio.FIRST_COMPLETED)
+    answered.cancel()
+    with contextlib.suppress(asyncio.CancelledError, AssertionError):
+        await answered
+    return [f for f in ws.frames.frames if f["type"] == "error"]
+
+
 async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -401,18 +417,7 @@ async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
         for _ in range(20):  # sockets, one after another, each sending its own burst
             async with socket_to(a) as ws:
                 await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
-                for _ in range(MESSAGE_BURST):
-                    await ws.send(join)
-                # Each message is answered, in order: a refusal or the join's error frame,
-                # until the socket's tenth refusal closes it (1008).
-                answered = asyncio.ensure_future(
-                    ws.frames.wait_for(lambda f: f["type"] == "error", count=MESSAGE_BURST)
-                )
-                await asyncio.wait({answered, ws.reader}, return_when=asyncio.FIRST_COMPLETED)
-                answered.cancel()
-                with contextlib.suppress(asyncio.CancelledError, AssertionError):
-                    await answered
-                answers = [f for f in ws.frames.frames if f["type"] == "error"]
+                answers = await _burst(ws, join)
                 refused += sum(f["code"] == "rate_limited" for f in answers)
                 taken += sum(f["code"] != "rate_limited" for f in answers)
             if refused:
@@ -501,17 +506,7 @@ async def test_one_address_s_accounts_send_no_more_than_its_sockets_may(
         for n in range(10):  # accounts, one after another, each sending its socket's burst
             async with socket_to(a, additional_headers=_bearer(f"scalper-{n}")) as ws:
                 await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
-                for _ in range(MESSAGE_BURST):
-                    await ws.send(anyone)
-                # Each is answered, in order, until the socket's tenth refusal closes it.
-                answered = asyncio.ensure_future(
-                    ws.frames.wait_for(lambda f: f["type"] == "error", count=MESSAGE_BURST)
-                )
-                await asyncio.wait({answered, ws.reader}, return_when=asyncio.FIRST_COMPLETED)
-                answered.cancel()
-                with contextlib.suppress(asyncio.CancelledError, AssertionError):
-                    await answered
-                answers = [f for f in ws.frames.frames if f["type"] == "error"]
+                answers = await _burst(ws, anyone)
                 refusals += [f for f in answers if f["code"] == "rate_limited"]
                 taken += sum(f["code"] != "rate_limited" for f in answers)
             if refusals:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, Request, ViewportSize, expect
+from playwright.async_api import Browser, Locator, Page, Request, ViewportSize, expect
 
 from server.devtools.processes import Service
 from tests.browser import (
@@ -98,6 +98,18 @@ async def start_now(site: Service, product: dict[str, Any]) -> None:
             headers=site.admin_headers(),
         )
     assert response.status_code == 200, response.text
+
+
+async def second_after(
+    first: httpx.AsyncClient, lobby: Locator, site: Service, product: dict[str, Any]
+) -> None:
+    """`first` joins the line, then the page (number 2); the sale starts and `first` is
+    admitted."""
+    await join(first, product)
+    await lobby.get_by_role("button", name="Join the line").click()
+    await expect(lobby.locator(".lobby-place")).to_have_text("Number 2 in line · 1 ahead of you")
+    await start_now(site, product)
+    await wait_for_state(first, product, "admitted")
 
 
 def posted_joins(page: Page) -> list[str]:
@@ -202,13 +214,7 @@ async def test_the_line_ends_sold_out_and_says_so(browser: Browser, site: Servic
     page = await open_shop(browser, site, PHONE, locale="en-GB")
     lobby = card(page, product).locator(".lobby")
     async with shopper(site) as first:
-        await join(first, product)
-        await lobby.get_by_role("button", name="Join the line").click()
-        await expect(lobby.locator(".lobby-place")).to_have_text(
-            "Number 2 in line · 1 ahead of you"
-        )
-        await start_now(site, product)
-        await wait_for_state(first, product, "admitted")
+        await second_after(first, lobby, site, product)
         hold = await reserve(first, product)
         response = await first.post(f"/api/reservations/{hold['id']}/complete")
         assert response.status_code == 200, response.text
@@ -235,13 +241,7 @@ async def test_the_lobby_says_why_no_wait_is_estimated_while_turns_cover_the_uni
     page = await open_shop(browser, site, DESKTOP, locale="en-GB")
     lobby = card(page, product).locator(".lobby")
     async with shopper(site) as first:
-        await join(first, product)
-        await lobby.get_by_role("button", name="Join the line").click()
-        await expect(lobby.locator(".lobby-place")).to_have_text(
-            "Number 2 in line · 1 ahead of you"
-        )
-        await start_now(site, product)
-        await wait_for_state(first, product, "admitted")
+        await second_after(first, lobby, site, product)
         await expect(lobby.locator(".lobby-place")).to_have_text(
             "Number 1 in line · 0 ahead of you", timeout=10_000
         )
