@@ -873,3 +873,17 @@ async def test_a_page_learns_its_estimate_is_gone_when_the_passes_out_come_to_co
 def estimates(socket: Any) -> list[int | None]:
     frames = [json.loads(t) for t in socket.sent if '"type":"ticket"' in t]
     return [f["ticket"]["estimatedWaitSeconds"] for f in frames]
+
+
+async def test_a_socket_is_counted_as_the_client_and_address_it_was_given() -> None:
+    """`live_updates` works out a socket's client and address once, before the caps are
+    checked, and the hub counts the socket as those: its `Client` worked the address out
+    from the socket's scope again (three times for every socket opened)."""
+    hub = Hub(Catalog(), max_clients=10, max_per_client=1, max_per_address=2)
+    socket = Socket()
+    socket.scope["client"] = ("203.0.113.7", 50_000)
+    client = hub.join(socket, "shop:alice", address="addr:198.51.100.1")  # type: ignore[arg-type]
+    assert (client.key, client.address) == ("shop:alice", "addr:198.51.100.1")
+    hub.join(Socket(), "shop:bob", address="addr:198.51.100.1")  # type: ignore[arg-type]
+    assert hub.full_for("shop:carol", "addr:198.51.100.1") == "your address"
+    assert hub.full_for("shop:carol", "addr:203.0.113.7") is None

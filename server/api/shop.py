@@ -267,7 +267,11 @@ async def _create_reservation(request: Request) -> Response:
     limiter: RateLimiter | None = request.app.state.rate_limiter
     recent_keys: RecentKeys = request.app.state.recent_keys
     if limiter is not None:
-        client = _limited_as(request, shopper)
+        # Counted against the shopper when the shop signed them in (many shoppers may share
+        # an address: an office, a mobile carrier's NAT), else against the address: an
+        # anonymous shopper's cookie costs nothing to replace, so counting per cookie would
+        # let one address make any number of reservations.
+        client = client_key(request.scope, shopper.id if shopper else None)
         # The limit comes before the database: a client already at its limit (as this
         # process knows without asking anyone) is refused at once, unless its key made a
         # hold here (`RecentKeys`). Otherwise a limited client could make the shop read
@@ -292,14 +296,6 @@ async def _create_reservation(request: Request) -> Response:
         recent_keys.add(key)
     headers = _REPLAYED_HEADERS if held.replayed else None
     return await render_reservation(shop, held, 201, headers)
-
-
-def _limited_as(request: Request, shopper: Shopper | None) -> str:
-    """Who the reservation rate limit counts a request against: the shopper when the shop
-    signed them in (many shoppers may share an address: an office, a mobile carrier's NAT),
-    and the address otherwise: an anonymous shopper's cookie costs nothing to replace, so
-    counting per cookie would let one address make any number of reservations."""
-    return client_key(request.scope, None if shopper is None else shopper.id)
 
 
 def _rate_limited(wait: int) -> RequestError:

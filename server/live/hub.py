@@ -59,7 +59,7 @@ from server.domain.waitingroom import (
     order_hidden,
 )
 from server.infra.buckets import TokenBucket, TokenBuckets
-from server.infra.clients import client_key
+from server.infra.clients import SIGNED_IN, client_key
 from server.infra.logs import loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
@@ -159,11 +159,14 @@ class Client:
         websocket: WebSocket,
         hub: Hub,
         key: str,
+        address: str,
         products: frozenset[int] | None = None,
     ) -> None:
         self.websocket = websocket
-        self.key = key  # who it is, for the per-client cap (server/infra/clients.py)
-        self.address = client_key(websocket.scope)  # where from, for the per-address cap
+        # Who it is, for the per-client caps: a shopper the shop signed in (`shop:<sub>`),
+        # else `address` (server/infra/clients.py `client_key`).
+        self.key = key
+        self.address = address  # where from (`address_key`), for the per-address caps
         # The products this page shows (`/ws?ids=…`), or None: every product.
         self.products = products
         extension = websocket.scope.get("extensions", {}).get(EXTENSION)
@@ -498,11 +501,21 @@ class Hub:
     # -- sockets ---------------------------------------------------------------------
 
     def join(
-        self, websocket: WebSocket, key: str = "", products: frozenset[int] | None = None
+        self,
+        websocket: WebSocket,
+        key: str | None = None,
+        products: frozenset[int] | None = None,
+        *,
+        address: str | None = None,
     ) -> Client:
         """A new socket: its snapshot now (of `products` only, when it names them: with
-        10,000 products the whole snapshot is 1.35 MB), then the frames of those products."""
-        client = Client(websocket, self, key or client_key(websocket.scope), products)
+        10,000 products the whole snapshot is 1.35 MB), then the frames of those products.
+        `address`: the key of the address it connects from (`client_key(scope)`), and
+        `key`: its client's (a signed-in shopper's, else the address); each worked out
+        from the socket's scope when not given."""
+        if address is None:
+            address = client_key(websocket.scope)
+        client = Client(websocket, self, key or address, address, products)
         self._per_client[client.key] += 1
         self._per_address[client.address] += 1
         listing = self._catalog.listing() if products is None else self._catalog.selection(products)
@@ -1232,12 +1245,14 @@ async def live_updates(websocket: WebSocket) -> None:
     # The app's `server.api.identity.Identities` (the layer above this one keeps it).
     identities = app.state.identities
     shopper = identities.shopper_id_or_none(websocket)
-    # A shopper the shop signed in is counted as themselves, anyone else by address.
-    key = client_key(websocket.scope, shopper)
-    if (whose := hub.full_for(key, client_key(websocket.scope))) is not None:
+    # A shopper the shop signed in is counted as themselves, anyone else by address: both
+    # worked out once here, and the socket's `Client` takes them as they are.
+    address = client_key(websocket.scope)
+    key = shopper if shopper is not None and shopper.startswith(SIGNED_IN) else address
+    if (whose := hub.full_for(key, address)) is not None:
         await websocket.close(TRY_AGAIN_LATER, f"too many connections from {whose}")
         return
-    client = hub.join(websocket, key, products)
+    client = hub.join(websocket, key, products, address=address)
     client.signed_in_until = identities.signed_in_until(websocket)
     await hub.identify(client, shopper)
     try:
@@ -1342,8 +1357,9 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
         return
     limiter = getattr(websocket.app.state, "rate_limiter", None)
     if limiter is not None:
-        # As over HTTP: a signed-in shopper is limited as themselves, anyone else per address.
-        wait = await limiter.retry_after(client_key(client.websocket.scope, shopper))
+        # As over HTTP: a signed-in shopper is limited as themselves, anyone else per address
+        # (the socket's key, worked out when it opened).
+        wait = await limiter.retry_after(client.key)
         if wait is not None:
             refuse("rate_limited", f"Too many requests from you; try again in {wait} seconds.")
             return
