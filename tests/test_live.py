@@ -405,10 +405,11 @@ async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
     """A socket's bucket starts full, so a client that closed each socket after its burst
     and opened another was never refused: 230 `watch` a second from one address, against
     the 40 its 20 sockets may send. A client's messages are counted over all its sockets,
-    across reconnects: at most MESSAGE_BURST at once and one every MESSAGE_REFILL_S for
-    each socket it may hold (WS_MAX_PER_CLIENT, 2 here: 60 at once, then 4 a second)."""
+    across reconnects: an address's anonymous sockets together at most half of what the
+    sockets one client may hold may send (WS_MAX_PER_CLIENT, 2 here: MESSAGE_BURST at once,
+    then one every MESSAGE_REFILL_S; the rest is kept for its signed-in shoppers)."""
     per_client = 2
-    burst, per_second = MESSAGE_BURST * per_client, per_client / MESSAGE_REFILL_S
+    burst, per_second = MESSAGE_BURST * per_client / 2, per_client / MESSAGE_REFILL_S / 2
     join = {"type": "join", "productId": 1}  # answered at once: no shopper, no database
     settings = {"WS_MAX_PER_CLIENT": str(per_client)}
     with one_service(database_url, redis_url, tmp_path, **settings) as a:
@@ -426,7 +427,7 @@ async def test_a_client_that_reopens_its_sockets_gets_no_new_messages(
         assert refused, f"{taken} messages over 20 sockets, none refused"
         assert taken <= burst + per_second * elapsed + 1
         (refusal,) = [f for f in answers if f["code"] == "rate_limited"][:1]
-        assert "from your address over its sockets" in refusal["message"]
+        assert "from your address's sockets without a sign-in" in refusal["message"]
 
 
 def _bearer(sub: str) -> dict[str, str]:
@@ -515,6 +516,44 @@ async def test_one_address_s_accounts_send_no_more_than_its_sockets_may(
         assert refusals, f"{taken} messages from one address's ten accounts, none refused"
         assert taken <= burst + per_second * elapsed + 1
         assert "from your address over its sockets" in refusals[0]["message"]
+
+
+async def test_an_anonymous_flood_at_an_address_leaves_its_signed_in_shoppers_their_messages(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """One anonymous script at an address spent the address's whole allowance (one
+    client's), and every shopper the shop signed in behind that address (an office, a
+    carrier's NAT) had their messages refused. The address's anonymous sockets have a
+    share of their own within it, half (WS_MAX_PER_CLIENT 1 here: 15 at once, then 1 a
+    second), so the other half stays its signed-in shoppers'."""
+    anyone = {"type": "join", "productId": 999_999}  # each answered with an error frame
+    settings = {
+        "WS_MAX_PER_CLIENT": "1",
+        "MAX_CONNECTIONS_PER_CLIENT": "3",
+        "SHOPPER_JWT_SECRET": JWT_SECRET,
+    }
+    with one_service(database_url, redis_url, tmp_path, **settings) as a:
+        async with (
+            socket_to(a) as script,
+            socket_to(a, additional_headers=_bearer("alice")) as alice,
+        ):
+            for ws in (script, alice):
+                await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            started = time.monotonic()
+            answers = await _burst(script, anyone)  # its socket's burst: 30
+            elapsed = time.monotonic() - started
+            # Alice, signed in behind the same address, right after: her messages are read
+            # (before, the script had taken the address's allowance, and they were refused).
+            sent = 10
+            for _ in range(sent):
+                await alice.send(anyone)
+            told = await alice.frames.wait_for(lambda f: f["type"] == "error", count=sent)
+            assert not [f for f in told if f["code"] == "rate_limited"], told
+            taken = sum(f["code"] != "rate_limited" for f in answers)
+            refusals = [f for f in answers if f["code"] == "rate_limited"]
+            assert refusals, f"{taken} messages of an anonymous script, none refused"
+            assert taken <= MESSAGE_BURST / 2 + elapsed / MESSAGE_REFILL_S / 2 + 1
+            assert "from your address's sockets without a sign-in" in refusals[0]["message"]
 
 
 async def test_a_page_joins_a_waiting_room_over_its_socket(

@@ -791,10 +791,12 @@ async def test_a_client_that_comes_and_goes_leaves_one_timer_to_forget_its_allow
         while hub.refusal(client) is None:  # its allowance drained: MESSAGE_BURST here
             pass
         hub.leave(client)
-    assert len(hub.address_allowances) == 1  # an anonymous page: its address's only
+    # An anonymous page: its address's buckets only (the address's, and its anonymous share).
+    assert len(hub.address_allowances) == len(hub.anonymous_allowances) == 1
+    assert not hub.allowances
     assert len(pending) == 1, f"{len(pending)} timers for one client"
     await eventually(
-        lambda: _true(not hub.allowances and not hub.address_allowances),
+        lambda: _true(not hub.address_allowances and not hub.anonymous_allowances),
         what="the full buckets to be forgotten",
     )
     assert not pending

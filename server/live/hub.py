@@ -401,7 +401,11 @@ class Hub:
         # hold) from one address, and their messages within one client's allowance
         # (`address_allowances`, kept and forgotten as `allowances` are): a browser's socket
         # is keyed by its address anyway (it cannot send the shop's token), and more would
-        # go only to the scripts of an address's many accounts.
+        # go only to the scripts of an address's many accounts. Within it, the address's
+        # anonymous sockets together have a share of their own, half of it
+        # (`anonymous_allowances`): one anonymous script drained the whole, and every
+        # shopper the shop signed in behind that address was refused (the attacker's
+        # review); now half stays theirs whatever the anonymous sockets send.
         self._max_per_address = max(max_per_address, max_per_client)
         self._per_address: Counter[str] = Counter()
         # The messages each client may send over all its sockets (MESSAGE_BURST and
@@ -413,6 +417,9 @@ class Hub:
             MESSAGE_BURST * max_per_client, max_per_client / MESSAGE_REFILL_S
         )
         self.address_allowances = TokenBuckets(self.allowances.capacity, self.allowances.rate)
+        self.anonymous_allowances = TokenBuckets(
+            self.allowances.capacity / 2, self.allowances.rate / 2
+        )
         self._forgetting: set[str] = set()  # clients with a timer to forget their bucket
         self.clients: set[Client] = set()
         self._watchers: dict[str, set[Client]] = {}
@@ -449,28 +456,42 @@ class Hub:
 
     def refusal(self, client: Client) -> str | None:
         """Count a message the socket `client` sent: None if it may be read, else why not (it
-        is past its socket's MESSAGE_BURST and MESSAGE_REFILL_S, or its shopper or its
-        address is past those of the sockets one client may hold, `allowances` and
-        `address_allowances`, however often it reconnected)."""
+        is past its socket's MESSAGE_BURST and MESSAGE_REFILL_S; or a signed-in shopper past
+        what the sockets one client may hold may send together, `allowances`; or an
+        anonymous socket's address past half that over its anonymous sockets,
+        `anonymous_allowances`; or the address past all of it over every socket from it,
+        `address_allowances`), however often it reconnected. A message refused spends
+        nothing of the allowances after the one that refused it."""
         if not client.may_send():
             return (
                 f"Too many messages: at most {MESSAGE_BURST} at once, then one every "
                 f"{MESSAGE_REFILL_S:g} s; this one was not read."
             )
+        address = client.address
+        if client.key == address:
+            # Anonymous: within the share of the address's anonymous sockets first, so that
+            # they cannot take what its signed-in shoppers may send.
+            if self.anonymous_allowances.left(address) < 1:
+                return self._too_many(
+                    "your address's sockets without a sign-in", self.anonymous_allowances
+                )
+            if not self.address_allowances.take(address):
+                return self._too_many("your address over its sockets", self.address_allowances)
+            self.anonymous_allowances.take(address)
+            return None
         # A shopper the shop signed in: theirs first, so that one past it spends nothing
         # of their address's. Then the address's, which counts every socket from it.
-        shopper = client.key != client.address
-        if shopper and not self.allowances.take(client.key):
-            return self._too_many("you", self.allowances)
-        if not self.address_allowances.take(client.address):
-            return self._too_many("your address", self.address_allowances)
+        if not self.allowances.take(client.key):
+            return self._too_many("you over your sockets", self.allowances)
+        if not self.address_allowances.take(address):
+            return self._too_many("your address over its sockets", self.address_allowances)
         return None
 
     @staticmethod
     def _too_many(whose: str, buckets: TokenBuckets) -> str:
         return (
-            f"Too many messages from {whose} over its sockets: at most {buckets.capacity:g} "
-            f"at once, then {buckets.rate:g} a second; this one was not read."
+            f"Too many messages from {whose}: at most {buckets.capacity:g} at once, then "
+            f"{buckets.rate:g} a second; this one was not read."
         )
 
     def _forget_allowance(self, key: str, *, timer: bool = False) -> None:
@@ -486,12 +507,11 @@ class Hub:
             return  # its timer sees to it
         if key in self._per_client or key in self._per_address:
             return  # it came back; its last socket to close will see to it
-        wait = max(
-            self.allowances.seconds_to_full(key), self.address_allowances.seconds_to_full(key)
-        )
+        every = (self.allowances, self.address_allowances, self.anonymous_allowances)
+        wait = max(buckets.seconds_to_full(key) for buckets in every)
         if wait <= 0:
-            self.allowances.forget(key)
-            self.address_allowances.forget(key)
+            for buckets in every:
+                buckets.forget(key)
         else:
             self._forgetting.add(key)
             asyncio.get_running_loop().call_later(
