@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
+import types
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from websockets.frames import Frame, Opcode
 from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import MESSAGE_BURST, Hub
+from server.live.subscriber import Subscriber
 from server.live.wsprotocol import EXTENSION, prepare_text
 from server.service.catalog import Catalog
 from server.wire.frames import room_message
@@ -889,3 +892,87 @@ async def test_a_socket_is_counted_as_the_client_and_address_it_was_given() -> N
     hub.join(Socket(), "shop:bob", address="addr:198.51.100.1")  # type: ignore[arg-type]
     assert hub.full_for("shop:carol", "addr:198.51.100.1") == "your address"
     assert hub.full_for("shop:carol", "addr:203.0.113.7") is None
+
+
+BAD_ROOM_NEWS: list[dict[str, Any]] = [
+    {"step": "9", "waiting": 1, "admitted": 0},  # a step that is no number
+    {"step": 9, "waiting": "x", "admitted": 0},  # its step fine, its counts not
+    {"step": 9, "waiting": 1, "admitted": None},  # one count of two
+    {"step": True, "waiting": 1, "admitted": 0},
+    {"step": -1, "waiting": 1, "admitted": 0},
+    {"step": 2**63, "waiting": 1, "admitted": 0},
+    {"step": 9, "waiting": 1, "admitted": 0, "productId": "5"},
+    {"step": 9, "waiting": 1, "admitted": 0, "shoppers": "anon:a"},
+    {"step": 9, "waiting": 1, "admitted": 0, "everyone": "yes"},
+    {"step": 9, "waiting": 1, "admitted": 0, "closed": ["anon:a"], "closedAt": "soon"},
+    {"step": 9, "waiting": 1, "admitted": 0, "passed": ["anon:a"], "passedAt": 40},
+    {"step": 9, "waiting": 1, "admitted": 0, "joined": [7]},
+    {"step": 9, "waiting": 1, "admitted": 0, "joined": ["x" * 300]},
+]
+
+
+async def test_bad_room_news_changes_nothing_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room news from Redis is checked whole before anything is made of it: a step that is
+    not a number, or a sound step with counts that are not, set the room's newest step
+    (`_steps`) before the counts failed, and every later step's news up to it was dropped
+    as old (its counts never reached a page). Each bad message raised out of the hub,
+    logged with its traceback every time."""
+    monkeypatch.setattr(live, "QUEUE_FRAME_SECONDS", 0.05)
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=3))
+    room = Room(5, [10], [Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)])
+    hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a"])
+    page = pages["anon:a"]
+    hub.publish(_echo(RoomChanged(5, 10, 2, step=5)), b"")
+    await eventually(lambda: _true(queue_counts(page) == [10]), what="step 5's counts")
+    with caplog.at_level(logging.WARNING, logger="server.live.hub"):
+        for _ in range(3):
+            for bad in BAD_ROOM_NEWS:
+                hub.publish({"type": "room", "productId": 5, **bad}, b"")
+    warnings = [r for r in caplog.records if r.name == "server.live.hub"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # one a minute
+    assert "malformed room message" in warnings[0].getMessage()
+    # Nothing of them kept: the room's newest step, its counts, tickets to read or tell.
+    assert hub._steps == {5: 5}
+    assert hub._queue_counts == {5: (10, 2)}
+    assert (hub._rooms, hub._closing, hub._passing, reads) == ({}, {}, {}, [])
+    # Step 8's news is newer than any sound one told: it is told.
+    hub.publish(_echo(RoomChanged(5, 7, 1, step=8)), b"")
+    await eventually(lambda: _true(queue_counts(page) == [10, 7]), what="step 8's counts")
+
+
+def test_bad_room_news_from_redis_reaches_no_listener_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The subscription checks a room message before any listener sees it: the hub, and the
+    admitter's nudge (`server.api.app._nudge_rooms`, which read its `productId`), take only
+    sound news, and a peer sending bad news again and again writes one line a minute."""
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    subscriber = Subscriber(redis, None, Catalog())  # type: ignore[arg-type]
+    heard: list[dict[str, Any]] = []
+    subscriber.listen(lambda frame, raw: heard.append(frame))
+    with caplog.at_level(logging.WARNING, logger="server.live.subscriber"):
+        for bad in BAD_ROOM_NEWS * 3:
+            subscriber._dispatch(to_json({"type": "room", "productId": 5, **bad}))
+    assert heard == []
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    good = room_message(RoomChanged(5, 3, 1, joined=frozenset({"anon:a"}), step=2))
+    subscriber._dispatch(to_json(good))
+    assert heard == [json.loads(to_json(good))]
+
+
+async def test_only_news_a_process_told_itself_is_awaited_back_as_its_echo() -> None:
+    """A hub awaits the echo from Redis of the steps its own admitter told it (`room_news`)
+    and of nothing else: it made an empty set of echoes for every room whose news it merely
+    got from another process."""
+    catalog = Catalog()
+    hub = Hub(catalog, max_clients=10, room=Room(1, [], []))  # type: ignore[arg-type]
+    for product_id in range(1, 101):
+        hub.publish(_echo(RoomChanged(product_id, 1, 0, step=1)), b"")
+    assert hub._echoes == {}
+    hub.room_news([RoomChanged(7, 1, 0, step=2)])
+    assert hub._echoes == {7: {2}}
+    hub.publish(_echo(RoomChanged(7, 1, 0, step=2)), b"")  # its echo: awaited no more
+    assert hub._echoes == {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,6 +48,38 @@ def loggable(value: str, limit: int = MAX_VALUE_CHARS) -> str:
     if len(value) > limit:
         return escaped(value[:limit]) + "..."
     return escaped(value)
+
+
+class RareLog:
+    """Warnings of one kind, at most one every `every_s` seconds: the first at once, the
+    next once that long has passed, saying how many were left out meanwhile. For what a
+    peer may send again and again (a malformed message), so that it cannot fill the log:
+    at most one line a window, whatever it sends. `clock`: monotonic seconds."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        every_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self.every_s = every_s
+        self._clock = clock
+        self._last: float | None = None
+        self.left_out = 0  # since the last line written
+
+    def warning(self, message: str, *args: object) -> bool:
+        """Log `message % args` as a WARNING, unless one was logged in the last `every_s`
+        seconds: then count it, and say so in the next line. True: it was logged."""
+        now = self._clock()
+        if self._last is not None and now - self._last < self.every_s:
+            self.left_out += 1
+            return False
+        if self.left_out:
+            message += f" (and {self.left_out} more like it left out of the log before it)"
+        self._log.warning(message, *args)
+        self._last, self.left_out = now, 0
+        return True
 
 
 class JsonLines(logging.Formatter):

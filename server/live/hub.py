@@ -60,14 +60,20 @@ from server.domain.waitingroom import (
 )
 from server.infra.buckets import TokenBucket, TokenBuckets
 from server.infra.clients import SIGNED_IN, client_key
-from server.infra.logs import loggable
+from server.infra.logs import RareLog, loggable
 from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
 from server.service.shop import Shop
 from server.service.waitingroom import LINE_SECONDS, WaitingRoom
 from server.storage.errors import StorageError
-from server.wire.frames import queue_frame, reservation_frame, room_message, ticket_frame
+from server.wire.frames import (
+    queue_frame,
+    reservation_frame,
+    room_from_message,
+    room_message,
+    ticket_frame,
+)
 from server.wire.json_text import repeated_key
 from server.wire.schemas import JoinMessage, parse_product_ids, plain_join, ticket_view
 
@@ -143,6 +149,8 @@ MESSAGE_REFILL_S = 0.5
 
 # Steps of a room told here at once whose echo from Redis is awaited (`Hub._echoes`).
 MAX_ECHOES = 64
+# Malformed room messages: at most one warning this often (s), per hub (`Hub._room_message`).
+BAD_NEWS_LOG_SECONDS = 60.0
 
 # WebSocket close codes
 POLICY_VIOLATION = 1008
@@ -378,6 +386,7 @@ class Hub:
         # echo from Redis has not come back yet: at most MAX_ECHOES each, the oldest
         # forgotten first (an echo of a forgotten step is read like late news: no harm).
         self._echoes: dict[int, set[int]] = {}
+        self._bad_news = RareLog(logger, BAD_NEWS_LOG_SECONDS)
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.TimerHandle | None = None
@@ -656,43 +665,65 @@ class Hub:
     def room_news(self, news: Sequence[RoomChanged]) -> None:
         """News of rooms made in this process (its admitter's steps), told here at once;
         the same comes back from the subscription later, as news of a step told already,
-        and is not told again (`_room_news`)."""
+        and is not told again (`_room_news`). Each as the other processes read it
+        (`room_message`: past so many names, `everyone`)."""
         for one in news:
-            self._room_news(room_message(one), local=True)
+            self._room_news(room_from_message(room_message(one)), local=True)
 
-    def _room_news(self, frame: dict[str, Any], *, local: bool = False) -> None:
-        """Room news, from this process's admitter or the subscription. News of an admission
-        step (its `step` number) that is not newer than the newest told here of the room is
-        not told: the echo of news this process's admitter told at once (it came back from
-        Redis after the next step's, and put the line's older counts back on the pages for
-        QUEUE_FRAME_SECONDS), or an older step's news that comes after a newer one's (from
-        a process that lost the lease meanwhile). Its counts are dropped (those told are
-        newer); its admissions and closes change a page's copy only if it is still in the
-        state before them (`_tell_named`); and the tickets it names to read again (passes
-        it lapsed or renewed; `everyone`) are read, unless it is the echo of news this
-        process told itself (`local`, `room_news`), whose reads were made then: a step's
-        news that came late is not lost (the newer step's news does not name them)."""
-        product_id = int(frame["productId"])
-        step = frame.get("step")
-        if step is not None:
-            number = int(step)
-            echoes = self._echoes.setdefault(product_id, set())
-            echo = not local and number in echoes
-            if echo:  # and of every older step of ours: the publisher may merge them
+    def _room_message(self, frame: dict[str, Any]) -> None:
+        """A `room` message from the subscription: told if every field of it is sound
+        (`room_from_message`), else dropped, changing nothing, with a warning (at most one
+        every BAD_NEWS_LOG_SECONDS)."""
+        try:
+            news = room_from_message(frame)
+        except ValueError as exc:
+            self._bad_news.warning(
+                "live updates: ignoring a malformed room message (%s): %s",
+                exc,
+                loggable(repr(frame), SHOWN_CHARS),
+            )
+            return
+        self._room_news(news)
+
+    def _room_news(self, news: RoomChanged, *, local: bool = False) -> None:
+        """Room news, checked already, from this process's admitter or the subscription. News
+        of an admission step (its `step` number) that is not newer than the newest told here
+        of the room is not told: the echo of news this process's admitter told at once (it
+        came back from Redis after the next step's, and put the line's older counts back on
+        the pages for QUEUE_FRAME_SECONDS), or an older step's news that comes after a newer
+        one's (from a process that lost the lease meanwhile). Its counts are dropped (those
+        told are newer); its admissions and closes change a page's copy only if it is still
+        in the state before them (`_tell_named`); and the tickets it names to read again
+        (passes it lapsed or renewed; `everyone`) are read, unless it is the echo of news
+        this process told itself (`local`, `room_news`), whose reads were made then: a
+        step's news that came late is not lost (the newer step's news does not name them)."""
+        product_id = news.product_id
+        waiting, admitted = news.waiting, news.admitted
+        shoppers, everyone = news.shoppers, news.everyone
+        number = news.step
+        if number is not None:
+            newest = self._steps.get(product_id, -1)
+            echoes = self._echoes.get(product_id)
+            echo = not local and echoes is not None and number in echoes
+            if echo and echoes is not None:  # and of every older step of ours: they merge
                 echoes.difference_update([n for n in echoes if n <= number])
+                if not echoes:
+                    del self._echoes[product_id]
             elif local:
+                # Only the steps this process told itself are awaited back: news it merely
+                # gets from others makes no set here.
+                echoes = self._echoes.setdefault(product_id, set())
                 echoes.add(number)
                 if len(echoes) > MAX_ECHOES:
                     echoes.discard(min(echoes))
-            if number <= self._steps.get(product_id, -1):
-                frame = {**frame, "waiting": None, "admitted": None}
+            if number <= newest:
+                waiting = admitted = None
                 if echo:
-                    frame.update(shoppers=(), everyone=False)
+                    shoppers, everyone = frozenset(), False
             else:
                 self._steps[product_id] = number
-        waiting, admitted = frame.get("waiting"), frame.get("admitted")
         if waiting is not None and admitted is not None:
-            counts = (int(waiting), int(admitted))
+            counts = (waiting, admitted)
             if self._queue_counts.get(product_id) != counts:
                 self._queue_counts[product_id] = counts
                 self._queues[product_id] = to_json(
@@ -701,24 +732,22 @@ class Hub:
                 self._schedule_queues()
         if self._room is None:
             return
-        if frame.get("everyone"):
+        if everyone:
             self._rooms[product_id] = None
             self._moved_rooms.add(product_id)
         else:
-            here = {s for s in frame.get("shoppers", ()) if s in self._shoppers}
-            closed_at = frame.get("closedAt")
-            if closed_at is not None:
+            here = {s for s in shoppers if s in self._shoppers}
+            if news.closed_at is not None:
                 # Closed: known from the news, no read (a room of 15,000 that sold out).
-                at = int(closed_at)
-                closing = {s: at for s in frame.get("closed", ()) if s in self._shoppers}
+                at = news.closed_at
+                closing = {s: at for s in news.closed if s in self._shoppers}
                 if closing:
                     self._moved_rooms.add(product_id)
                     self._closing.setdefault(product_id, {}).update(closing)
-            passed_at, pass_until = frame.get("passedAt"), frame.get("passUntil")
-            if passed_at is not None and pass_until is not None:
+            if news.passed_at is not None and news.pass_until is not None:
                 # Admitted: known from the news too, no read.
-                until = (int(passed_at), int(pass_until))
-                passing = {s: until for s in frame.get("passed", ()) if s in self._shoppers}
+                until = (news.passed_at, news.pass_until)
+                passing = {s: until for s in news.passed if s in self._shoppers}
                 if passing:
                     self._moved_rooms.add(product_id)
                     self._passing.setdefault(product_id, {}).update(passing)
@@ -730,7 +759,7 @@ class Hub:
             # named by the news of its end, read again then.
             here.update(
                 s
-                for s in frame.get("joined", ())
+                for s in news.joined - news.shoppers
                 if s in self._shoppers
                 and not all(_waiting_in(c, product_id) for c in self._shoppers[s])
             )
@@ -1071,7 +1100,7 @@ class Hub:
             if reservation_id in self._watchers:
                 self._reservations.append((reservation_id, raw.decode()))
         elif kind == "room":
-            self._room_news(frame)
+            self._room_message(frame)
             return
         else:
             return

@@ -19,12 +19,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.infra.keys import events_channel
+from server.infra.logs import RareLog
 from server.infra.metrics import PUBSUB_RECONNECTS
 from server.infra.redis_client import database_of
 from server.service.catalog import Catalog
 from server.storage.database import Store
 from server.storage.errors import StorageError
-from server.wire.frames import product_frame, product_from_frame, stock_frame
+from server.wire.frames import product_frame, product_from_frame, room_from_message, stock_frame
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 # How often the catalog is reloaded anyway, in case a frame was missed while connected.
 RELOAD_SECONDS = 5.0
+MALFORMED_LOG_SECONDS = 60.0
 
 
 class Subscriber:
@@ -48,6 +50,8 @@ class Subscriber:
         self._reloader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self._stopping = False
+        # Malformed messages: at most one warning a minute, however many come.
+        self._malformed = RareLog(logger, MALFORMED_LOG_SECONDS)
 
     @property
     def stopping(self) -> bool:
@@ -118,8 +122,14 @@ class Subscriber:
                 )
             elif frame["type"] == "product":
                 self._catalog.apply(product_from_frame(frame["product"]))
-        except (ValueError, KeyError, TypeError):
-            logger.warning("live updates: ignoring a malformed message %r", raw[:200])
+            elif frame["type"] == "room":
+                # Checked whole before any listener sees it: the hub's steps, counts and
+                # echoes, and the admitter's nudge, change only for sound news.
+                room_from_message(frame)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._malformed.warning(
+                "live updates: ignoring a malformed message (%s): %r", exc, raw[:200]
+            )
             return
         self._emit(frame, raw)
 

@@ -7,6 +7,7 @@ back from a `product` frame (a web process learning of another process's change)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from server.domain.clock import parse_iso
@@ -76,6 +77,11 @@ MAX_ROOM_SHOPPERS = 2_000
 MAX_JOINED_SHOPPERS = 20_000
 # ...and the most it names as closed `sold_out` by a step (a room that sold out: all of it).
 MAX_CLOSED_SHOPPERS = 50_000
+# The longest shopper id a `room` message may name: `shop:` and a token's `sub` of at most
+# 200 characters (server/api/identity.py `MAX_SUB_LENGTH`), or `anon:` and a random id.
+MAX_SHOPPER_ID_CHARS = 256
+# Counts, steps and times (ms) are BIGINT columns: at most this.
+MAX_NUMBER = 2**63 - 1
 
 
 def room_message(news: RoomChanged) -> dict[str, Any]:
@@ -108,3 +114,65 @@ def room_message(news: RoomChanged) -> dict[str, Any]:
         "passUntil": None if everyone else news.pass_until,
         "step": news.step,
     }
+
+
+def room_from_message(message: Mapping[str, Any]) -> RoomChanged:
+    """The `RoomChanged` a `room` message (`room_message`, from any web process through
+    Redis) tells, every field checked before anything is made of it: `productId` an
+    integer of 1 to MAX_NUMBER; `waiting` and `admitted`, `passedAt` and `passUntil`,
+    each pair both null or both integers of 0 to MAX_NUMBER, as `closedAt` and `step`;
+    `everyone` true or false; `shoppers`, `joined`, `closed` and `passed` lists of at
+    most as many shopper ids as `room_message` names (each a string of 1 to
+    MAX_SHOPPER_ID_CHARS characters). A field that is missing counts as null (or empty,
+    or false): a process of an older release sends fewer; one it does not know is left
+    alone, for the same reason. Raises ValueError saying which field is wrong."""
+    if message.get("type") != "room":
+        raise ValueError("not a room message")
+    product_id = _number(message, "productId", least=1, optional=False)
+    assert product_id is not None
+    waiting, admitted = _number(message, "waiting"), _number(message, "admitted")
+    if (waiting is None) != (admitted is None):
+        raise ValueError("waiting and admitted: both null or both counts")
+    passed_at, pass_until = _number(message, "passedAt"), _number(message, "passUntil")
+    if (passed_at is None) != (pass_until is None):
+        raise ValueError("passedAt and passUntil: both null or both times")
+    everyone = message.get("everyone", False)
+    if not isinstance(everyone, bool):
+        raise ValueError("everyone: not true or false")
+    return RoomChanged(
+        product_id,
+        waiting,
+        admitted,
+        shoppers=_names(message, "shoppers", MAX_ROOM_SHOPPERS),
+        everyone=everyone,
+        joined=_names(message, "joined", MAX_JOINED_SHOPPERS),
+        closed=_names(message, "closed", MAX_CLOSED_SHOPPERS),
+        closed_at=_number(message, "closedAt"),
+        passed=_names(message, "passed", MAX_CLOSED_SHOPPERS),
+        passed_at=passed_at,
+        pass_until=pass_until,
+        step=_number(message, "step"),
+    )
+
+
+def _number(
+    message: Mapping[str, Any], field: str, *, least: int = 0, optional: bool = True
+) -> int | None:
+    value = message.get(field)
+    if value is None and optional:
+        return None
+    # bool is an int in Python, and JSON's true is no count.
+    if type(value) is not int or not least <= value <= MAX_NUMBER:
+        raise ValueError(f"{field}: not an integer of {least} to {MAX_NUMBER}")
+    return value
+
+
+def _names(message: Mapping[str, Any], field: str, most: int) -> frozenset[str]:
+    value = message.get(field)
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or len(value) > most:
+        raise ValueError(f"{field}: not a list of at most {most} shopper ids")
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_SHOPPER_ID_CHARS for n in value):
+        raise ValueError(f"{field}: a name that is not a shopper id")
+    return frozenset(value)
