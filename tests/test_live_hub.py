@@ -976,3 +976,27 @@ async def test_only_news_a_process_told_itself_is_awaited_back_as_its_echo() -> 
     assert hub._echoes == {7: {2}}
     hub.publish(_echo(RoomChanged(7, 1, 0, step=2)), b"")  # its echo: awaited no more
     assert hub._echoes == {}
+
+
+async def test_a_rooms_steps_counted_again_from_far_below_are_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database restored from a backup takes a room's step numbers back by every step
+    since the backup (18,000 an hour while anyone waits): every hub dropped the room's news
+    as old until its steps passed the old number again, and the pages' counts stood still.
+    A step more than STEP_RESET below the newest told is the count started again; news a
+    few steps late is still old news."""
+    monkeypatch.setattr(live, "QUEUE_FRAME_SECONDS", 0.05)
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=3))
+    room = Room(5, [10], [Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)])
+    hub, pages, _ = await pages_counting_reads(catalog, room, ["anon:a"])
+    page = pages["anon:a"]
+    hub.room_news([RoomChanged(5, 10, 2, step=20_000)])
+    await eventually(lambda: _true(queue_counts(page) == [10]), what="10")
+    hub.publish(_echo(RoomChanged(5, 9, 2, step=20_000 - 5)), b"")  # late: old news
+    hub.publish(_echo(RoomChanged(5, 4, 1, step=12)), b"")  # after the restore
+    await eventually(lambda: _true(queue_counts(page) == [10, 4]), what="the restored count")
+    hub.publish(_echo(RoomChanged(5, 3, 1, step=13)), b"")  # and on from there
+    await eventually(lambda: _true(queue_counts(page) == [10, 4, 3]), what="step 13's")
+    assert hub._echoes == {}  # the echo of step 20,000 is awaited no more

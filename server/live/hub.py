@@ -149,6 +149,14 @@ MESSAGE_REFILL_S = 0.5
 
 # Steps of a room told here at once whose echo from Redis is awaited (`Hub._echoes`).
 MAX_ECHOES = 64
+# News of a step more than this many below the newest told of its room is the room's count
+# started again (a database restored from a backup), not late news: told, and counted from
+# (`Hub._room_news`). Late news is a few steps late (a process that lost the lease while
+# its news was on the way: the lease lapses in QUEUE_LEASE_MS, 2 s, and a room steps at most
+# every 20 ms); a restore takes the count back by every step since the backup (a room
+# steps every QUEUE_TICK_MS, 200 ms, while anyone waits: 18,000 an hour). Taking late news
+# for a restart costs a moment of its older counts on the pages, until the next step's.
+STEP_RESET = 1_000
 # Malformed room messages: at most one warning this often (s), per hub (`Hub._room_message`).
 BAD_NEWS_LOG_SECONDS = 60.0
 
@@ -387,6 +395,7 @@ class Hub:
         # forgotten first (an echo of a forgotten step is read like late news: no harm).
         self._echoes: dict[int, set[int]] = {}
         self._bad_news = RareLog(logger, BAD_NEWS_LOG_SECONDS)
+        self._resets = RareLog(logger, BAD_NEWS_LOG_SECONDS)  # steps counted again
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.TimerHandle | None = None
@@ -696,7 +705,10 @@ class Hub:
         in the state before them (`_tell_named`); and the tickets it names to read again
         (passes it lapsed or renewed; `everyone`) are read, unless it is the echo of news
         this process told itself (`local`, `room_news`), whose reads were made then: a
-        step's news that came late is not lost (the newer step's news does not name them)."""
+        step's news that came late is not lost (the newer step's news does not name them).
+        A step more than STEP_RESET below the newest told is not old news but the room's
+        count started again (the database restored from a backup): it is told, and counted
+        from."""
         product_id = news.product_id
         waiting, admitted = news.waiting, news.admitted
         shoppers, everyone = news.shoppers, news.everyone
@@ -704,6 +716,20 @@ class Hub:
         if number is not None:
             newest = self._steps.get(product_id, -1)
             echoes = self._echoes.get(product_id)
+            if number < newest - STEP_RESET:
+                # Restored from a backup: the steps told here, and the echoes awaited, are
+                # of a past the database no longer has. Otherwise pages would be told no
+                # counts until the room's steps passed the old number again.
+                self._resets.warning(
+                    "waiting room of product %d: step %d after step %d; counting its steps "
+                    "from there (the database was restored?)",
+                    product_id,
+                    number,
+                    newest,
+                )
+                self._steps.pop(product_id, None)
+                self._echoes.pop(product_id, None)
+                newest, echoes = -1, None
             echo = not local and echoes is not None and number in echoes
             if echo and echoes is not None:  # and of every older step of ours: they merge
                 echoes.difference_update([n for n in echoes if n <= number])
