@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from server.domain import ledger, outbox
 from server.domain.executor import Executor, in_list
 from server.storage import migrate
 from server.storage.database import Store, sqlite_bound
@@ -50,6 +51,56 @@ async def test_a_write_that_raises_changes_nothing(store: Store) -> None:
     with pytest.raises(Boom):
         await store.write(take_then_fail)
     assert (await stats(store, product.id)).available == 5
+
+
+# Texts a shopper, a shop or an operator may give (a cancel reason, an order reference, a
+# shopper's id), which the books' INSERT must store exactly as given: quotes, backslashes,
+# control characters, JSON's own escapes spelled out, non-ASCII, an astral character.
+AWKWARD_TEXTS = (
+    'say "hi"',
+    "back\\slash \\n not a newline",
+    "tab\there\nnewline\r\x01\x1f",
+    '{"json": [1, 2]}',
+    "\\u00e9 spelled out, é, 中文, 🛒",
+    "NULL",
+    "",
+    "  leading and trailing  ",
+)
+
+
+async def test_inserted_rows_are_stored_exactly_as_given(store: Store) -> None:
+    """`insert_rows` and `insert_many` (on PostgreSQL the rows go as one JSON text a table)
+    store every value as it was given: awkward texts, None, integers past 2**53."""
+    product = await make_product(store, 5)
+    big = 2**62 + 1
+    ledger_rows = [
+        (product.id, big, n, "held", None if n % 2 else text, n, -n, big, 0, 5, text, big - n)
+        for n, text in enumerate(AWKWARD_TEXTS)
+    ]
+    outbox_rows = [
+        (product.id, big, n, text, outbox.body("x", 0, {"t": text}), n)
+        for n, text in enumerate(AWKWARD_TEXTS)
+    ]
+
+    async def write(conn: Executor) -> None:
+        await conn.insert_rows(*ledger.rows_of(ledger_rows[:3]))
+        await conn.insert_many([ledger.rows_of(ledger_rows[3:]), outbox.rows_of(outbox_rows)])
+
+    await store.write(write)
+    async with store.reader() as conn:
+        stored = await conn.fetch_all(
+            f"SELECT {ledger.COLUMNS} FROM stock_ledger WHERE version = :v ORDER BY seq",
+            {"v": big},
+        )
+        events = await conn.fetch_all(
+            "SELECT product_id, version, seq, type, payload, created_at FROM outbox "
+            "WHERE version = :v ORDER BY seq",
+            {"v": big},
+        )
+    ledger_names = ledger.COLUMNS.split(", ")
+    outbox_names = ("product_id", "version", "seq", "type", "payload", "created_at")
+    assert [tuple(row[name] for name in ledger_names) for row in stored] == ledger_rows
+    assert [tuple(row[name] for name in outbox_names) for row in events] == outbox_rows
 
 
 async def test_a_sqlite_write_may_not_wait_on_anything_but_the_database(

@@ -43,14 +43,14 @@ class Executor(Protocol):
     ) -> None:
         """INSERT `rows` (each a tuple of values in `columns` order) into `table`, in as few
         statements as the database allows. SQLite: multi-row VALUES (`insert_values`).
-        PostgreSQL: one `INSERT … SELECT * FROM unnest(…)` of one array per column, the
-        same statement text for any number of rows."""
+        PostgreSQL: one `INSERT … SELECT … FROM jsonb_array_elements(…)` of the rows as one
+        JSON text, the same statement text for any number of rows."""
         ...
 
     async def insert_many(self, parts: Sequence[TableRows]) -> None:
         """INSERT each part's rows (`(table, columns, rows)`, as `insert_rows` takes them)
         into its table; parts without rows are skipped. PostgreSQL: all of them in one
-        statement (each part but the last a data-modifying `WITH`, one array per column),
+        statement (each part but the last a data-modifying `WITH`, one JSON text a part),
         one round trip however many tables and rows, its text the same for any numbers of
         rows. SQLite: `insert_rows` for each part in turn (`insert_each`: its statements run
         on the writer's own thread, with no round trip to save)."""

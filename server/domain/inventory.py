@@ -815,8 +815,8 @@ async def _insert_holds(
     expires: int,
     books: Books | None = None,
 ) -> list[Reservation]:
-    """INSERT the new holds (`Executor.insert_rows`: on PostgreSQL one array per column,
-    the same statement for any number of holds), or hand their rows to `books`, to go in
+    """INSERT the new holds (`Executor.insert_rows`: on PostgreSQL one JSON text of
+    them, the same statement for any number of holds), or hand their rows to `books`, to go in
     the books' statement (`Books.insert_first`): only when nothing in the transaction reads
     them before the books are written."""
     rows = (

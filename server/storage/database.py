@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import random
 import re
@@ -333,28 +334,35 @@ class PostgresExecutor:
     async def insert_rows(
         self, table: str, columns: Columns, rows: Sequence[Sequence[Any]]
     ) -> None:
-        """One `INSERT … SELECT * FROM unnest($1::type[], …)`: the same text for any number
-        of rows, so asyncpg prepares it once and PostgreSQL parses a dozen parameters, not
-        a dozen a row (multi-row VALUES made a new prepared statement for every batch size,
-        and cost the client and the server about twice as much CPU per row)."""
+        """One `INSERT … SELECT … FROM jsonb_array_elements($1)`: the rows as one JSON text
+        (`_json_rows`), the same statement text for any number of rows, so asyncpg prepares
+        it once and PostgreSQL parses one parameter, not a dozen a row (multi-row VALUES
+        made a new prepared statement for every batch size, and cost the client and the
+        server about twice as much CPU per row). Raises asyncpg's errors as `execute`."""
         if not rows:
             return
-        await self._raw.execute(_unnest_insert(table, columns), *map(list, zip(*rows, strict=True)))
+        await self._raw.execute(_json_insert(table, columns), _json_rows(rows))
 
     async def insert_many(self, parts: Sequence[TableRows]) -> None:
-        """One statement for every part (`_unnest_inserts`): a batch of holds writes its
+        """One statement for every part (`_json_inserts`): a batch of holds writes its
         holds, ledger rows and outbox events in one round trip, where three statements
-        each waited for PostgreSQL's answer inside the single writer's transaction."""
+        each waited for PostgreSQL's answer inside the single writer's transaction.
+
+        Each part's rows go as one JSON text, not one array a column: asyncpg checks every
+        element of an array parameter in Python (`isinstance` against the collections'
+        ABCs, to find nested arrays) and encodes it on its own, which cost the web process
+        about 7-10 µs a hold for a batch's 26 values a hold (its hold, ledger row and event),
+        more than the rest of the books together; the JSON text is made by the C encoder in
+        one call a table, about half that, and PostgreSQL's time for the statement did not
+        grow (bench/README.md, "The books' insert as JSON")."""
         given = [(table, columns, rows) for table, columns, rows in parts if rows]
         if len(given) < 2:
             for table, columns, rows in given:
                 await self.insert_rows(table, columns, rows)
             return
-        arrays: list[list[Any]] = []
-        for _, _, rows in given:
-            arrays += map(list, zip(*rows, strict=True))
         await self._raw.execute(
-            _unnest_inserts(tuple((table, columns) for table, columns, _ in given)), *arrays
+            _json_inserts(tuple((table, columns) for table, columns, _ in given)),
+            *(_json_rows(rows) for _, _, rows in given),
         )
 
 
@@ -369,27 +377,56 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _unnest_insert(table: str, columns: Columns, first: int = 1) -> str:
-    """An INSERT of one array per column, numbered from `$first`."""
+def _json_insert(table: str, columns: Columns, number: int = 1) -> str:
+    """An INSERT of the rows in parameter `$number`, a JSON array of arrays (`_json_rows`):
+    each row's values in `columns`' order, each cast to its column's type (`->>` gives
+    a JSON string's text unescaped, and SQL NULL for null)."""
     names = ", ".join(name for name, _ in columns)
-    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(columns, start=first))
-    return f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays})"
+    values = ", ".join(f"CAST(r ->> {index} AS {kind})" for index, (_, kind) in enumerate(columns))
+    return (
+        f"INSERT INTO {table} ({names}) "
+        f"SELECT {values} FROM jsonb_array_elements(CAST(${number} AS jsonb)) AS r"
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _unnest_inserts(tables: tuple[tuple[str, Columns], ...]) -> str:
-    """One statement that inserts into each of `tables` (at least two), arrays numbered
-    in order: every INSERT but the last in a `WITH` (PostgreSQL runs them all, whether or
-    not anything reads them). No table depends on another's rows here (no foreign key
-    between them), so the order in which PostgreSQL runs them does not matter."""
-    inserts = []
-    first = 1
-    for table, columns in tables:
-        inserts.append(_unnest_insert(table, columns, first))
-        first += len(columns)
+def _json_inserts(tables: tuple[tuple[str, Columns], ...]) -> str:
+    """One statement that inserts into each of `tables` (at least two), the n-th table's
+    rows in parameter `$n`: every INSERT but the last in a `WITH` (PostgreSQL runs them all,
+    whether or not anything reads them). No table depends on another's rows here (no
+    foreign key between them), so the order in which PostgreSQL runs them does not
+    matter."""
+    inserts = [
+        _json_insert(table, columns, number)
+        for number, (table, columns) in enumerate(tables, start=1)
+    ]
     *before, last = inserts
     ctes = ", ".join(f"w{n} AS ({sql})" for n, sql in enumerate(before))
     return f"WITH {ctes} {last}"
+
+
+# The JSON text of a list of rows (numbers, strings, None), from one C encoder made once
+# (`json.JSONEncoder.encode` makes a new one on every call). No check for cycles (`markers`
+# None): rows hold no containers but themselves. Python's encoder where the C one is not.
+_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE_ROWS: Any = (
+    None
+    if _MAKE_ENCODER is None
+    else _MAKE_ENCODER(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+        False, False, True,
+    )
+)  # fmt: skip
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """`rows` (each a tuple or list of ints, strings and None) as one JSON array of arrays,
+    for `_json_insert`. Raises TypeError for a value JSON cannot hold."""
+    given = rows if isinstance(rows, list | tuple) else list(rows)
+    if _ENCODE_ROWS is None:
+        return _ENCODE(given)
+    return "".join(_ENCODE_ROWS(given, 0))
 
 
 def sqlite_connection_class(busy_timeout_ms: int) -> type[sqlite3.Connection]:
