@@ -769,3 +769,33 @@ async def _eventually_changed(client: httpx.AsyncClient, etag: str) -> httpx.Res
             return response
         await asyncio.sleep(0.05)
     raise AssertionError("the product list never changed")
+
+
+async def test_a_socket_whose_shop_token_expires_is_its_address_s_from_then_on(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Past its token's `exp` (and the leeway) a socket is nobody's, and it is counted as
+    what it now is, a socket of its address: it kept the shopper's place (and messages)
+    for as long as it stayed open, beside the address's own WS_MAX_PER_CLIENT. Here the
+    address already holds its one anonymous socket: at expiry the socket is closed 1013,
+    as one opened without the token would have been refused."""
+    settings = {
+        "WS_MAX_PER_CLIENT": "1",
+        "MAX_CONNECTIONS_PER_CLIENT": "4",
+        "SHOPPER_JWT_SECRET": JWT_SECRET,
+    }
+    with one_service(database_url, redis_url, tmp_path, **settings) as a:
+        # Expired 27 s ago: valid for 3 s more, with the 30 s of leeway.
+        signed = jwt.encode({"sub": "expiring", "exp": time.time() - 27}, JWT_SECRET, "HS256")
+        async with (
+            socket_to(a) as anonymous,
+            socket_to(a, additional_headers={"Authorization": f"Bearer {signed}"}) as expiring,
+        ):
+            for ws in (anonymous, expiring):
+                await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            async with asyncio.timeout(20):
+                await expiring.connection.wait_closed()
+            assert expiring.connection.close_code == 1013
+            assert expiring.connection.close_reason == "too many connections from your address"
+            await anonymous.send({"type": "join", "productId": 999_999})
+            await anonymous.frames.wait_for(_error("no_shopper"))  # it stays open, answered

@@ -41,14 +41,16 @@ class Socket:
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed_with: int | None = None
+        self.closed_saying: str | None = None
         self.application_state = WebSocketState.CONNECTED
 
     async def send_text(self, text: str) -> None:
         await self.writable.wait()
         self.sent.append(text)
 
-    async def close(self, code: int = 1000) -> None:
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self.closed_with = code
+        self.closed_saying = reason
         self.application_state = WebSocketState.DISCONNECTED
 
 
@@ -1000,3 +1002,23 @@ async def test_a_rooms_steps_counted_again_from_far_below_are_told(
     hub.publish(_echo(RoomChanged(5, 3, 1, step=13)), b"")  # and on from there
     await eventually(lambda: _true(queue_counts(page) == [10, 4, 3]), what="step 13's")
     assert hub._echoes == {}  # the echo of step 20,000 is awaited no more
+
+
+async def test_a_socket_whose_shop_token_expired_counts_as_its_address() -> None:
+    """At its token's expiry a socket opened with the shop's token is its address's, for
+    the caps (`full_for`) and for its messages (the address's anonymous share): it kept
+    the shopper's key, and a place and messages of theirs, for as long as it stayed open."""
+    hub = Hub(Catalog(), max_clients=10, max_per_client=2, max_per_address=4)
+    socket = Socket()
+    client = hub.join(socket, "shop:alice", address="addr:198.51.100.1")  # type: ignore[arg-type]
+    client.signed_in_until = time.time() + 0.05
+    await hub.identify(client, "shop:alice")
+    assert hub.full_for("addr:198.51.100.1") is None
+    hub.join(Socket(), address="addr:198.51.100.1")  # type: ignore[arg-type]
+    await eventually(lambda: _true(client.key == "addr:198.51.100.1"), what="the expiry")
+    assert hub.full_for("addr:198.51.100.1") == "your address"  # its two: both anonymous
+    assert hub.full_for("shop:alice") is None
+    assert hub.refusal(client) is None
+    assert hub.anonymous_allowances.left("addr:198.51.100.1") < hub.anonymous_allowances.capacity
+    assert not hub.allowances  # nothing of Alice's spent
+    assert not client.closed

@@ -180,7 +180,8 @@ class Client:
     ) -> None:
         self.websocket = websocket
         # Who it is, for the per-client caps: a shopper the shop signed in (`shop:<sub>`),
-        # else `address` (server/infra/clients.py `client_key`).
+        # else `address` (server/infra/clients.py `client_key`); `address` from the shop's
+        # token's expiry on (`Hub.signed_out`).
         self.key = key
         self.address = address  # where from (`address_key`), for the per-address caps
         # The products this page shows (`/ws?ids=…`), or None: every product.
@@ -612,7 +613,12 @@ class Hub:
         """The shop's token the socket was opened with has expired (`signed_in_until`): it
         is told of its shopper's tickets and of the holds it watched no more. Watching
         them, and joining rooms, it is nobody already (`Client.shopper_now`); it kept
-        being told of those it watched before, for as long as it stayed open."""
+        being told of those it watched before, for as long as it stayed open.
+        From now on it is a socket of its address, as one opened without the token: it
+        counts towards the address's `max_per_client` (past it, it is closed 1013, as such
+        a socket would have been refused) and its messages are the address's anonymous
+        ones (`refusal`). It kept the shopper's key, and with it a place and messages of
+        the shopper's, for as long as it stayed open."""
         client.sign_out = None
         if client.closed:
             return
@@ -620,6 +626,20 @@ class Hub:
         client.tickets.clear()
         client.told.clear()
         self.watch(client, [])
+        address, shopper = client.address, client.key
+        if shopper == address:
+            return
+        self._per_client[shopper] -= 1
+        if self._per_client[shopper] <= 0:
+            del self._per_client[shopper]
+        client.key = address
+        self._per_client[address] += 1
+        self._forget_allowance(shopper)
+        if self._per_client[address] > self._max_per_client:
+            self.leave(client)
+            asyncio.get_running_loop().create_task(
+                _abandon(client.websocket, "too many connections from your address")
+            )
 
     def watch(self, client: Client, reservation_ids: list[str]) -> None:
         for reservation_id in client.watching - set(reservation_ids):
@@ -1266,13 +1286,13 @@ class Hub:
                 pass
 
 
-async def _abandon(websocket: WebSocket) -> None:
-    """Close a socket we gave up on, without waiting on it for long."""
+async def _abandon(websocket: WebSocket, reason: str | None = None) -> None:
+    """Close a socket we gave up on (1013, with `reason`), without waiting on it for long."""
     if websocket.application_state is WebSocketState.DISCONNECTED:
         return
     try:
         async with asyncio.timeout(1.0):
-            await websocket.close(TRY_AGAIN_LATER)
+            await websocket.close(TRY_AGAIN_LATER, reason)
     except (TimeoutError, RuntimeError, OSError):
         pass
 
