@@ -39,8 +39,13 @@ STOCK = 100
 SOCKETS = 500  # pages with a socket: every tenth shopper
 LAPSERS = 5  # the first admitted who never reserve: their passes lapse
 NOT_BUYING = 5  # the next admitted, who reserve and let their holds expire
+# A pass is good for 30 s: the admitted shoppers below are the test's own HTTP client, which
+# on a loaded machine took longer than the 5 s it had before to see an admission (the test
+# polls the database for it) and reserve, so passes lapsed before it acted, and the sale
+# did not end within its deadline. What is tested is the room, not the client's speed: the
+# LAPSERS' passes still lapse (30 s after they were given), and what lapses admits the next.
 SETTINGS = {
-    "PASS_SECONDS": "5",
+    "PASS_SECONDS": "30",
     "HOLD_SECONDS": "4",
     "QUEUE_TICK_MS": "50",
     "QUEUE_LEASE_MS": "1000",
