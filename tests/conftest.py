@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,16 +102,31 @@ def postgres(pytestconfig: pytest.Config) -> PostgresDatabases:
     return databases
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once per test process, which `database_url` copies for each
+    test: migrating a fresh file took ~0.15 s a test (17 migrations, each committed with an
+    fsync), a copy of the closed file (no WAL left beside it) a fraction of a millisecond."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "flashsale.db"
+
+    async def make() -> None:
+        store = Store(f"sqlite:///{path}")
+        await store.connect()
+        await migrate.migrate(store)
+        await store.close()
+
+    run_apart(make())
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh, migrated database: SQLite in a temp file, or PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'flashsale.db'}"
-        store = Store(url)
-        await store.connect()
-        await migrate.migrate(store)
-        await store.close()
-        yield url
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "flashsale.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
         return
     postgres: PostgresDatabases = request.getfixturevalue("postgres")
     name = await postgres.database()
