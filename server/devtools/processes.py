@@ -53,8 +53,10 @@ class Process:
         # A lower descriptor limit (RLIMIT_NOFILE), as a process manager may set one.
         self.max_open_files = max_open_files
         self._popen: subprocess.Popen[bytes] | None = None
+        self._terminated = False  # SIGTERM sent to the running process
 
     def start(self) -> None:
+        self._terminated = False
         with self.log.open("ab") as out:
             self._popen = subprocess.Popen(
                 ["bash", "-c", self.command],
@@ -84,12 +86,19 @@ class Process:
         if self.running:
             os.killpg(self.pid, sig)
 
+    def terminate(self) -> None:
+        """SIGTERM to its process group, once, without waiting: `stop` then only waits."""
+        if self.running and not self._terminated:
+            os.killpg(self.pid, signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        """SIGTERM (unless `terminate` sent it), then SIGKILL if it does not exit in time;
+        returns the exit code."""
         if self._popen is None:
             return None
         if self.running:
-            os.killpg(self.pid, signal.SIGTERM)
+            self.terminate()
             try:
                 self._popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -97,6 +106,7 @@ class Process:
                 self._popen.wait()
         code = self._popen.returncode
         self._popen = None
+        self._terminated = False
         return code
 
     def wait(self, timeout: float) -> int:
@@ -248,6 +258,11 @@ class Service:
             return log.read().count(b"Application startup complete")
 
     def stop(self) -> None:
+        """Stop the worker and the web processes together: SIGTERM to both, then wait for
+        each (SIGKILL after 15 s). One after the other, a test waited for the sum of their
+        graceful shutdowns (the worker's 0.8-4 s and the web's 0.5-1 s at a load of 10-15)."""
+        self.worker.terminate()
+        self.web.terminate()
         self.worker.stop()
         self.web.stop()
 
