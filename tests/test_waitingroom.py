@@ -948,3 +948,36 @@ def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_none_is_
     assert "as their turns lapse or units come back" in view["message"]
     one_short = dataclasses.replace(line, admitted=1)
     assert ticket_view(newest, product, one_short, now=60_000)["estimatedWaitSeconds"] == 15
+
+
+def test_a_ticket_s_view_says_why_it_has_no_wait_estimate() -> None:
+    """The page re-derived the admission rule (`passes_for`) from the room's counts to say
+    why a ticket had no estimate: the view says why itself (`waitUnknownBecause`), and the
+    page only words it. Null when there is an estimate, or the ticket is not waiting."""
+    product = Product(
+        id=1, name="p", price_cents=100, total_stock=10, available_stock=2, version=1,
+        sale_starts_at=None, created_at=0, updated_at=0, held_units=8, queue="fifo",
+    )  # fmt: skip
+    line = Lineup(
+        product_id=1, at=60_000, places=(1, 2), admitted=0, recent_admissions=12,
+        first_recent_admission=0,
+    )  # fmt: skip
+    waiting = Ticket(product_id=1, shopper_id="anon:c", place=3, state=TicketState.WAITING,
+                     joined_at=59_999)  # fmt: skip
+
+    def because(product: Product, line: Lineup, ticket: Ticket = waiting) -> object:
+        return ticket_view(ticket, product, line, now=60_000)["waitUnknownBecause"]
+
+    assert ticket_view(waiting, product, line, now=60_000)["estimatedWaitSeconds"] == 15
+    assert because(product, line) is None
+    assert because(dataclasses.replace(product, available_stock=0, held_units=10), line) == ("held")
+    assert because(product, dataclasses.replace(line, admitted=2)) == "passes_cover"
+    assert because(product, dataclasses.replace(line, recent_admissions=0)) == "no_admissions"
+    later = dataclasses.replace(product, sale_starts_at=120_000)
+    assert because(later, dataclasses.replace(line, recent_admissions=0)) == "not_started"
+    drawn = dataclasses.replace(later, queue="random")
+    assert because(drawn, line) == "not_started"  # no position before the draw either
+    admitted = dataclasses.replace(
+        waiting, state=TicketState.ADMITTED, admitted_at=59_000, pass_expires_at=80_000
+    )
+    assert because(product, dataclasses.replace(line, admitted=2), admitted) is None

@@ -282,12 +282,12 @@ class Client:
 
 
 def _told(view: dict[str, Any]) -> tuple[object, ...]:
-    """What a page was told of its ticket that is its own news (`AMBIENT` left out), and
-    whether it has an estimate of its wait at all: a number that moves is ambient, but
-    its coming or going (the passes out came to cover every unit available, with nobody
-    moving) is news; the page said "about 1 s" while its ticket's view gave none."""
-    told = tuple(v for k, v in view.items() if k not in AMBIENT)
-    return (*told, view.get("estimatedWaitSeconds") is None)
+    """What a page was told of its ticket that is its own news (`AMBIENT` left out). The
+    estimate of its wait is a number that moves, ambient; but its coming or going, and why
+    there is none (`waitUnknownBecause`: the passes out came to cover every unit available,
+    with nobody moving), is news: the page said "about 1 s" while its ticket's view gave
+    none."""
+    return tuple(v for k, v in view.items() if k not in AMBIENT)
 
 
 class _EndedFrames:

@@ -707,7 +707,18 @@ class TicketOut(_Response):
     estimated_wait_seconds: int | None = Field(
         description="From the recent admission rate; null when there is none to go by, "
         "no unit is available (only held), or the passes out cover every unit available "
-        "(nobody more is admitted until one lapses or units come back)."
+        "(nobody more is admitted until one lapses or units come back): "
+        "`waitUnknownBecause` says which."
+    )
+    wait_unknown_because: Literal["not_started", "held", "passes_cover", "no_admissions"] | None = (
+        Field(
+            description="Why a `waiting` ticket has no `estimatedWaitSeconds`: `not_started`, "
+            "turns start with the sale; `held`, no unit is available, only held (nobody is "
+            "admitted until units come back); `passes_cover`, the passes out cover every unit "
+            "available (the next is admitted when one lapses or units come back); "
+            "`no_admissions`, nobody was admitted lately to go by. Null when there is an "
+            "estimate, or the ticket is not waiting."
+        )
     )
     pass_expires_at: str | None = Field(
         description="While `admitted`: reserve before this.", json_schema_extra=_TIME
@@ -894,6 +905,19 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
     passes_full = line.admitted >= passes_for(product)
     if position is not None and rate and product.available_stock > 0 and not passes_full:
         wait = math.ceil(position / rate)
+    # Why a waiting ticket has no estimate, for the page to word (it re-derived the
+    # admission rule, `passes_for`, to say so: the review's wrong-depth finding).
+    because = None
+    if state is TicketState.WAITING and wait is None:
+        starts = product.sale_starts_at
+        if position is None or (starts is not None and starts > now):
+            because = "not_started"
+        elif product.available_stock <= 0:
+            because = "held"
+        elif passes_full:
+            because = "passes_cover"
+        else:
+            because = "no_admissions"
     draw_at = None
     if draws(product):
         assert product.sale_starts_at is not None
@@ -907,6 +931,7 @@ def ticket_view(ticket: Ticket, product: Product, line: Lineup, *, now: int) -> 
         # join's answer said "number 3 in line" with 2 waiting.
         "waiting": line.waiting if position is None else max(line.waiting, position),
         "estimatedWaitSeconds": wait,
+        "waitUnknownBecause": because,
         "passExpiresAt": (
             None
             if ticket.pass_expires_at is None or state is not TicketState.ADMITTED

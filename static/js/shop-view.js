@@ -34,15 +34,15 @@ export function keepClear(element, variable) {
   }).observe(element);
 }
 
-// Whether the passes out (`queue.admitted`) cover every unit available, so that nobody more
-// is admitted until one lapses or units come back: the server's rule
-// (server/domain/waitingroom.py `passes_for`), under which it gives no wait estimate.
-function passesCover(product, queue) {
-  const left = product.availableStock;
-  if (left <= 0 || queue?.admitted == null) return false;
-  const exact = (left * (product.admitFactor ?? 1)) / (product.maxPerShopper || 1);
-  return queue.admitted >= Math.ceil(Math.round(exact * 1e9) / 1e9);
-}
+// Why a waiting ticket has no wait estimate, as the server says (`waitUnknownBecause`), in
+// the page's words: the page does not work it out itself.
+const WAIT_UNKNOWN = {
+  not_started: "Turns start when the sale starts.",
+  held: "Estimated wait: not known while every unit is held.",
+  passes_cover:
+    "Estimated wait: not known: those ahead with a turn now cover every unit left; you move up as their turns lapse or units come back.",
+  no_admissions: "Estimated wait: not known yet (the line has not moved).",
+};
 
 export class ShopView {
   constructor() {
@@ -299,11 +299,7 @@ export class ShopView {
           note = `${formatCount(mayReturn)} ${mayReturn === 1 ? "unit is" : "units are"} held and may come back.`;
         }
         if (ticket.estimatedWaitSeconds != null) wait = `Estimated wait: ${formatWait(ticket.estimatedWaitSeconds * 1000)}`;
-        else if (product.saleStartsAt && Date.parse(product.saleStartsAt) > now) wait = "Turns start when the sale starts.";
-        else if (left <= 0) wait = "Estimated wait: not known while every unit is held.";
-        else if (passesCover(product, queue)) {
-          wait = "Estimated wait: not known: those ahead with a turn now cover every unit left; you move up as their turns lapse or units come back.";
-        } else wait = "Estimated wait: not known yet (the line has not moved).";
+        else wait = WAIT_UNKNOWN[ticket.waitUnknownBecause] ?? "Estimated wait: not known.";
         break;
       case "admitted":
         headline = "Your turn: reserve within";
