@@ -225,6 +225,40 @@ def test_any_stop_signal_stops_everything_and_frees_the_port(
         assert f"serve: stopped everything; port {port} is free" in log, log
 
 
+def test_a_port_in_use_stops_it_at_once_naming_the_setting(tmp_path: Path) -> None:
+    """With another bin/serve on port 8000, the web process failed to bind, yet the URLs
+    were printed, pointing at the other service's shop, which answered them."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("REDIS_URL", "DATABASE_URL", "ADMIN_TOKEN")
+        }
+        env.update(
+            {
+                "PORT": str(port),
+                "WEB_METRICS_PORT": str(free_port()),
+                "WORKER_METRICS_PORT": "0",
+            }
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "serve"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STARTED_WITHIN_S,
+        )
+    assert done.returncode == 1, done
+    assert f"port {port} (PORT) already in use" in done.stdout, done.stdout
+    assert "PORT=8001" in done.stdout, done.stdout
+    assert "Shop:" not in done.stdout, done.stdout
+    assert not (tmp_path / "var").exists()  # nothing was started: no Redis, no database
+
+
 RESTARTED_WITHIN_S = 30  # the supervisor's first wait is 1 s; the rest is a loaded machine
 
 

@@ -130,8 +130,9 @@ def serve_procfile(directory: Path) -> Path:
 def serve(settings: Settings) -> int:
     """Run everything until a stop signal (`STOP_SIGNALS`) or until honcho exits (a web
     process died: honcho stops the others; a worker that dies is started again instead);
-    then stop all of it. Returns 0 after a stop that was asked for, else honcho's exit
-    code."""
+    then stop all of it. Returns 0 after a stop that was asked for, 1 at once (nothing
+    started) when something already listens on its port or a metrics port, else
+    honcho's exit code."""
     for signum in STOP_SIGNALS:
         # Also undoes the SIG_IGN a shell gives SIGINT in a background job.
         signal.signal(signum, _stop)
@@ -139,6 +140,24 @@ def serve(settings: Settings) -> int:
     env = dict(os.environ)
     env.setdefault("PORT", "8000")
     env.setdefault("HOST", "127.0.0.1")
+    taken = _ports_taken(
+        env["HOST"],
+        {
+            "PORT": int(env["PORT"]),
+            "WEB_METRICS_PORT": settings.web_metrics_port,
+            "WORKER_METRICS_PORT": settings.worker_metrics_port,
+        },
+    )
+    if taken:
+        # Started anyway, the web process failed to bind while the URLs printed were
+        # answered by whatever held the port (another bin/serve's shop).
+        _say(
+            "cannot start: "
+            + ", ".join(f"port {port} ({name})" for name, port in taken.items())
+            + f" already in use on {env['HOST']} (another bin/serve?); choose free ones,"
+            " e.g. PORT=8001 WEB_METRICS_PORT=9117 WORKER_METRICS_PORT=9118 bin/serve"
+        )
+        return 1
     env.setdefault("WEB_CONCURRENCY", str(settings.web_concurrency))
     redis: EmbeddedRedis | None = None
     honcho: subprocess.Popen[bytes] | None = None
@@ -301,6 +320,11 @@ def _say_when_free(host: str, ports: list[int]) -> None:
         _say(f"stopped, but something still listens on port(s) {taken}")
     else:
         _say(f"stopped everything; port {ports[0]} is free")
+
+
+def _ports_taken(host: str, ports: dict[str, int]) -> dict[str, int]:
+    """Those of `ports` (by their setting's name; 0: not used) something listens on."""
+    return {name: port for name, port in ports.items() if port and _listening(host, port)}
 
 
 def _listening(host: str, port: int) -> bool:
