@@ -965,6 +965,43 @@ def test_bad_room_news_from_redis_reaches_no_listener_and_is_logged_once(
     assert heard == [json.loads(to_json(good))]
 
 
+# Stock messages a faulty peer may publish whose numbers are JSON that parses (the parser
+# takes `1e400`, `Infinity` and `NaN`) but are no integers: `int()` of an infinity raises
+# OverflowError, not ValueError.
+BAD_STOCK_NEWS: list[bytes] = [
+    b'{"type":"stock","productId":1,"availableStock":1e400,"version":1}',
+    b'{"type":"stock","productId":Infinity,"availableStock":1,"version":1}',
+    b'{"type":"stock","productId":1,"availableStock":1,"version":1,"heldStock":-Infinity}',
+    b'{"type":"stock","productId":1,"availableStock":NaN,"version":1}',
+]
+
+
+def test_a_stock_message_with_an_infinite_number_is_dropped_like_any_malformed_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stock message whose count is an infinity raised OverflowError out of the
+    subscription's dispatch, which `_run` took for a failed subscriber: it logged the
+    traceback (every time, however often it came), dropped the Redis subscription, slept,
+    subscribed again and reloaded the catalog from the database, and every message
+    published in between (stock, reservations, room news) was lost to this process. It is
+    malformed like any other: dropped, reaching no listener, logged at most once a minute."""
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=1, available_stock=3))
+    subscriber = Subscriber(redis, None, catalog)  # type: ignore[arg-type]
+    heard: list[dict[str, Any]] = []
+    subscriber.listen(lambda frame, raw: heard.append(frame))
+    with caplog.at_level(logging.WARNING, logger="server.live.subscriber"):
+        for bad in BAD_STOCK_NEWS * 3:
+            subscriber._dispatch(bad)
+    assert heard == []
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    assert "malformed" in caplog.records[0].getMessage()
+    product = catalog.get(1)
+    assert product is not None
+    assert product.available_stock == 3
+
+
 async def test_only_news_a_process_told_itself_is_awaited_back_as_its_echo() -> None:
     """A hub awaits the echo from Redis of the steps its own admitter told it (`room_news`)
     and of nothing else: it made an empty set of echoes for every room whose news it merely

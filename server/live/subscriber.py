@@ -126,7 +126,10 @@ class Subscriber:
                 # Checked whole before any listener sees it: the hub's steps, counts and
                 # echoes, and the admitter's nudge, change only for sound news.
                 room_from_message(frame)
-        except (ValueError, KeyError, TypeError) as exc:
+        # OverflowError: `int()` of an infinity (the JSON parser takes `1e400`, `Infinity`),
+        # which escaped to `_run` as a failed subscriber: a new subscription, a catalog
+        # reload, and every message published meanwhile lost, for each such message.
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             self._malformed.warning(
                 "live updates: ignoring a malformed message (%s): %r", exc, raw[:200]
             )
