@@ -1059,3 +1059,34 @@ async def test_a_socket_whose_shop_token_expired_counts_as_its_address() -> None
     assert hub.anonymous_allowances.left("addr:198.51.100.1") < hub.anonymous_allowances.capacity
     assert not hub.allowances  # nothing of Alice's spent
     assert not client.closed
+
+
+# Stock messages whose fields are not what `stock_frame` sends: `int()` took each of them.
+COERCED_STOCK_NEWS: list[bytes] = [
+    b'{"type":"stock","productId":1,"availableStock":"0","version":90}',  # a string
+    b'{"type":"stock","productId":1,"availableStock":0,"version":90,"heldStock":true}',
+    b'{"type":"stock","productId":1.9,"availableStock":0,"version":90}',  # not an id
+    b'{"type":"stock","productId":1,"availableStock":-7,"version":90}',  # no count
+]
+
+
+def test_a_stock_message_of_no_integers_changes_nothing() -> None:
+    """A stock message was read with `int()` (the attacker's review, 12-01): a string, a
+    boolean, a fraction or a negative count from a faulty peer became the product's stock
+    in the catalog (and reached the pages as it was sent), where room news is checked
+    whole (`room_from_message`). Now each field is checked (`stock_from_frame`)."""
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    for bad in COERCED_STOCK_NEWS:
+        catalog = Catalog()
+        catalog.apply(product_in_memory(id=1, available_stock=3))
+        subscriber = Subscriber(redis, None, catalog)  # type: ignore[arg-type]
+        heard: list[dict[str, Any]] = []
+
+        def hear(frame: dict[str, Any], raw: bytes, heard: list[dict[str, Any]] = heard) -> None:
+            heard.append(frame)
+
+        subscriber.listen(hear)
+        subscriber._dispatch(bad)
+        product = catalog.get(1)
+        assert product is not None
+        assert (product.available_stock, heard) == (3, []), bad

@@ -25,7 +25,13 @@ from server.infra.redis_client import database_of
 from server.service.catalog import Catalog
 from server.storage.database import Store
 from server.storage.errors import StorageError
-from server.wire.frames import product_frame, product_from_frame, room_from_message, stock_frame
+from server.wire.frames import (
+    product_frame,
+    product_from_frame,
+    room_from_message,
+    stock_frame,
+    stock_from_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +119,8 @@ class Subscriber:
         try:
             frame = from_json(raw)
             if frame["type"] == "stock":
-                held = frame.get("heldStock")  # absent from a process of an older release
-                self._catalog.apply_stock(
-                    int(frame["productId"]),
-                    int(frame["availableStock"]),
-                    int(frame["version"]),
-                    held=None if held is None else int(held),
-                )
+                product_id, available, version, held = stock_from_frame(frame)
+                self._catalog.apply_stock(product_id, available, version, held=held)
             elif frame["type"] == "product":
                 self._catalog.apply(product_from_frame(frame["product"]))
             elif frame["type"] == "room":

@@ -27,6 +27,20 @@ def stock_frame(product: Product) -> dict[str, Any]:
     }
 
 
+def stock_from_frame(frame: Mapping[str, Any]) -> tuple[int, int, int, int | None]:
+    """(product id, available, version, held or None) of a `stock_frame` from another
+    process, each checked as `room_from_message` checks its numbers: an integer (not a
+    string, a boolean or a fraction, which `int()` took) of 1 (the id) or 0 to MAX_NUMBER;
+    `heldStock` may be missing (a process of an older release). Raises ValueError."""
+    product_id = _number(frame, "productId", least=1, optional=False)
+    available = _number(frame, "availableStock", optional=False)
+    version = _number(frame, "version", optional=False)
+    assert product_id is not None
+    assert available is not None
+    assert version is not None
+    return product_id, available, version, _number(frame, "heldStock")
+
+
 def product_frame(product: Product) -> dict[str, Any]:
     """A `ProductFrame`: a product created, or changed beyond its available stock."""
     return {"type": "product", "product": product_view(product)}
