@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.domain import jsontext
 from server.domain.clock import iso
 from server.domain.executor import Columns, Executor, Row, TableRows
 from server.domain.ledger import Figures, Kind, Movement
@@ -134,35 +135,12 @@ def body(event_type: str, at: int, data: dict[str, Any]) -> str:
     )
 
 
-_STORED = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-# The same text as `_STORED` for a flat list of numbers, strings and None, from one encoder
-# made once: `JSONEncoder.encode` makes a new C encoder on every call, which was most of
-# the cost of a hold's event in the writer's transaction (5.5 -> 2.4 us an event).
-# No check for cycles (`markers` None): these lists hold no containers.
-_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
-_ENCODE_FLAT: Any = (
-    None
-    if _MAKE_ENCODER is None
-    else _MAKE_ENCODER(
-        None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
-        False, False, True,
-    )
-)  # fmt: skip
-
-
-def _stored(values: list[Any]) -> str:
-    """`values` (numbers, strings, None) as the JSON text `_STORED` makes of them."""
-    if _ENCODE_FLAT is None:
-        return _STORED(values)
-    return "".join(_ENCODE_FLAT(values, 0))
-
-
 def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | None:
     """The event a movement causes by itself, if any: (type, stored form)."""
     f = figures
     reservation = movement.reservation
     if reservation is not None and movement.kind in RESERVATION_EVENTS:
-        return RESERVATION_EVENTS[movement.kind], _stored(
+        return RESERVATION_EVENTS[movement.kind], jsontext.compact(
             [
                 reservation.id,
                 reservation.quantity,
@@ -182,7 +160,9 @@ def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | No
         )
     if movement.kind in (Kind.RESTOCKED, Kind.REDUCED):
         kind = PRODUCT_RESTOCKED if movement.kind is Kind.RESTOCKED else PRODUCT_STOCK_REDUCED
-        return kind, _STORED([movement.units, f.available, f.held, f.sold, f.total, movement.actor])
+        return kind, jsontext.compact(
+            [movement.units, f.available, f.held, f.sold, f.total, movement.actor]
+        )
     return None
 
 
@@ -196,7 +176,7 @@ def availability_event(before: Figures, after: Figures, actor: str) -> tuple[str
         kind = PRODUCT_BACK_IN_STOCK
     else:
         return None
-    return kind, _STORED([after.available, after.held, after.sold, after.total, actor])
+    return kind, jsontext.compact([after.available, after.held, after.sold, after.total, actor])
 
 
 def render(

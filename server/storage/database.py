@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import random
 import re
@@ -56,6 +55,7 @@ import asyncpg
 from databases import Database, DatabaseURL
 from databases.core import Connection
 
+from server.domain import jsontext
 from server.domain.executor import (
     Columns,
     Executor,
@@ -405,28 +405,10 @@ def _json_inserts(tables: tuple[tuple[str, Columns], ...]) -> str:
     return f"WITH {ctes} {last}"
 
 
-# The JSON text of a list of rows (numbers, strings, None), from one C encoder made once
-# (`json.JSONEncoder.encode` makes a new one on every call). No check for cycles (`markers`
-# None): rows hold no containers but themselves. Python's encoder where the C one is not.
-_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
-_ENCODE_ROWS: Any = (
-    None
-    if _MAKE_ENCODER is None
-    else _MAKE_ENCODER(
-        None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
-        False, False, True,
-    )
-)  # fmt: skip
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
 def _json_rows(rows: Sequence[Sequence[Any]]) -> str:
     """`rows` (each a tuple or list of ints, strings and None) as one JSON array of arrays,
-    for `_json_insert`. Raises TypeError for a value JSON cannot hold."""
-    given = rows if isinstance(rows, list | tuple) else list(rows)
-    if _ENCODE_ROWS is None:
-        return _ENCODE(given)
-    return "".join(_ENCODE_ROWS(given, 0))
+    for `_json_insert` (`jsontext.compact`). Raises TypeError for a value JSON cannot hold."""
+    return jsontext.compact(rows if isinstance(rows, list | tuple) else list(rows))
 
 
 def sqlite_connection_class(busy_timeout_ms: int) -> type[sqlite3.Connection]:
