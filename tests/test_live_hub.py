@@ -27,9 +27,10 @@ from server.live.hub import MESSAGE_BURST, Hub
 from server.live.subscriber import Subscriber
 from server.live.wsprotocol import EXTENSION, prepare_text
 from server.service.catalog import Catalog
+from server.storage.database import Store
 from server.wire.frames import room_message
 from server.wire.schemas import ticket_view
-from tests.support import eventually, product_in_memory
+from tests.support import eventually, make_product, product_in_memory
 
 
 class Socket:
@@ -1090,3 +1091,32 @@ def test_a_stock_message_of_no_integers_changes_nothing() -> None:
         product = catalog.get(1)
         assert product is not None
         assert (product.available_stock, heard) == (3, []), bad
+
+
+async def test_a_stock_message_of_a_version_far_ahead_is_undone_by_the_next_reload(
+    store: Store,
+) -> None:
+    """The attacker's review (12-01): one stock message with a version far ahead of the
+    product's (2**62, from a faulty peer, or a database restored from a backup under a
+    running process) was kept as the newest, and every later change of the product, the
+    5 s reload from the database included, was older and ignored until the process
+    restarted. The database is the truth: a version there more than VERSION_RESET below
+    the catalog's is taken as it is."""
+    made = await make_product(store, 3)
+    catalog = Catalog()
+    await catalog.reload(store)
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    subscriber = Subscriber(redis, None, catalog)  # type: ignore[arg-type]
+    far = 2**62
+    subscriber._dispatch(
+        b'{"type":"stock","productId":%d,"availableStock":0,"version":%d}' % (made.id, far)
+    )
+    taken = catalog.get(made.id)
+    assert taken is not None
+    assert (taken.available_stock, taken.version) == (0, far)
+    assert [p.id for p in await catalog.reload(store)] == [made.id]
+    now = catalog.get(made.id)
+    assert now is not None
+    assert (now.available_stock, now.version) == (3, made.version)
+    # An ordinary newer change applies again.
+    assert catalog.apply(dataclasses.replace(now, available_stock=2, version=now.version + 1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,8 +28,20 @@ from pydantic_core import to_json
 
 from server.domain.inventory import list_products
 from server.domain.model import Product
+from server.infra.logs import RareLog
 from server.storage.database import Store
 from server.wire.schemas import product_view
+
+logger = logging.getLogger(__name__)
+
+# A product's version in the database more than this below the catalog's is the truth, not
+# an old read: a version the catalog took from a faulty peer's stock message (2**62), or
+# one from before the database was restored from a backup. Either would otherwise freeze
+# the product here (every real change older than it) until the process restarted. A
+# reload's read can legitimately lag the frames that arrive meanwhile by a few versions
+# (one a write batch), never by this many.
+VERSION_RESET = 1_000
+RESET_LOG_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +77,7 @@ class Catalog:
         # its start moves. Read 4 times a second by the collector's quiet spells
         # (server/infra/gcpauses.py), which must not walk 10,000 products to find them.
         self._starts: frozenset[int] | None = None
+        self._resets = RareLog(logger, RESET_LOG_SECONDS)
 
     def get(self, product_id: int) -> Product | None:
         return self._products.get(product_id)
@@ -118,10 +132,26 @@ class Catalog:
         )
 
     async def reload(self, store: Store) -> list[Product]:
-        """Read every product; returns those that were newer than what we had."""
+        """Read every product; returns those that were newer than what we had, and those
+        the database has more than VERSION_RESET versions below ours (taken as they are
+        there: the database is the truth; logged at most once a minute)."""
         async with store.reader() as conn:
             products = await list_products(conn)
-        return [p for p in products if self.apply(p)]
+        changed = []
+        for product in products:
+            current = self._products.get(product.id)
+            if current is not None and current.version > product.version + VERSION_RESET:
+                self._resets.warning(
+                    "catalog: product %d at version %d here but %d in the database; taking "
+                    "the database's (a stock message far ahead, or a restored database?)",
+                    product.id,
+                    current.version,
+                    product.version,
+                )
+                del self._products[product.id]
+            if self.apply(product):
+                changed.append(product)
+        return changed
 
     def view(self, product: Product) -> dict[str, Any]:
         """The product's JSON view, rendered once per version."""
