@@ -76,6 +76,18 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def serve_env(**settings: str) -> dict[str, str]:
+    """This process's environment for a `bin/serve` of the test's own (its embedded Redis
+    and database: no REDIS_URL, DATABASE_URL or ADMIN_TOKEN of ours), with `settings`."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("REDIS_URL", "DATABASE_URL", "ADMIN_TOKEN")
+    }
+    env.update(settings)
+    return env
+
+
 @contextlib.contextmanager
 def _serving(
     tmp_path: Path,
@@ -88,18 +100,11 @@ def _serving(
     the web's and the worker's metrics on `metrics_ports` (default: free ones)."""
     port = free_port()
     web_metrics, worker_metrics = metrics_ports or (free_port(), free_port())
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("REDIS_URL", "DATABASE_URL", "ADMIN_TOKEN")
-    }
-    env.update(
-        {
-            "PORT": str(port),
-            "LOG_LEVEL": "WARNING",
-            "WEB_METRICS_PORT": str(web_metrics),
-            "WORKER_METRICS_PORT": str(worker_metrics),
-        }
+    env = serve_env(
+        PORT=str(port),
+        LOG_LEVEL="WARNING",
+        WEB_METRICS_PORT=str(web_metrics),
+        WORKER_METRICS_PORT=str(worker_metrics),
     )
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -232,18 +237,7 @@ def test_a_port_in_use_stops_it_at_once_naming_the_setting(tmp_path: Path) -> No
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in ("REDIS_URL", "DATABASE_URL", "ADMIN_TOKEN")
-        }
-        env.update(
-            {
-                "PORT": str(port),
-                "WEB_METRICS_PORT": str(free_port()),
-                "WORKER_METRICS_PORT": "0",
-            }
-        )
+        env = serve_env(PORT=str(port), WEB_METRICS_PORT=str(free_port()), WORKER_METRICS_PORT="0")
         done = subprocess.run(
             [sys.executable, "-m", "server", "serve"],
             cwd=tmp_path,

@@ -919,20 +919,27 @@ async def test_a_rooms_steps_are_numbered_in_order_across_processes(store: Store
     assert news[2].merged(news[0]).step == 3
 
 
+# The ticket views' tests: a fifo room of 10 units, 2 on sale and 8 held; two waiting and
+# 12 admitted in the last minute; a third shopper who has just joined.
+VIEWED_PRODUCT = Product(
+    id=1, name="p", price_cents=100, total_stock=10, available_stock=2, version=1,
+    sale_starts_at=None, created_at=0, updated_at=0, held_units=8, queue="fifo",
+)  # fmt: skip
+VIEWED_LINE = Lineup(
+    product_id=1, at=60_000, places=(1, 2), admitted=0, recent_admissions=12,
+    first_recent_admission=0,
+)  # fmt: skip
+THIRD_IN_LINE = Ticket(
+    product_id=1, shopper_id="anon:c", place=3, state=TicketState.WAITING, joined_at=59_999
+)
+
+
 def test_a_ticket_s_view_agrees_with_itself_and_gives_no_estimate_while_none_is_admitted() -> None:
     """A newcomer's findings: a join's answer, placed in a line read before it joined, said
     "number 3 in line" with 2 waiting; and the first in line was told a 5 s wait from the last
     minute's admissions while every unit was held (nobody is admitted until units come back)."""
-    product = Product(
-        id=1, name="p", price_cents=100, total_stock=10, available_stock=2, version=1,
-        sale_starts_at=None, created_at=0, updated_at=0, held_units=8, queue="fifo",
-    )  # fmt: skip
-    line = Lineup(
-        product_id=1, at=60_000, places=(1, 2), admitted=0, recent_admissions=12,
-        first_recent_admission=0,
-    )  # fmt: skip
-    newest = Ticket(product_id=1, shopper_id="anon:c", place=3, state=TicketState.WAITING,
-                    joined_at=59_999)  # fmt: skip
+    product, line = VIEWED_PRODUCT, VIEWED_LINE
+    newest = THIRD_IN_LINE
     view = ticket_view(newest, product, line, now=60_000)
     assert (view["position"], view["waiting"]) == (3, 3)
     assert view["estimatedWaitSeconds"] == 15  # 12 admitted in the last minute: 3 / 0.2 a second
@@ -954,16 +961,8 @@ def test_a_ticket_s_view_says_why_it_has_no_wait_estimate() -> None:
     """The page re-derived the admission rule (`passes_for`) from the room's counts to say
     why a ticket had no estimate: the view says why itself (`waitUnknownBecause`), and the
     page only words it. Null when there is an estimate, or the ticket is not waiting."""
-    product = Product(
-        id=1, name="p", price_cents=100, total_stock=10, available_stock=2, version=1,
-        sale_starts_at=None, created_at=0, updated_at=0, held_units=8, queue="fifo",
-    )  # fmt: skip
-    line = Lineup(
-        product_id=1, at=60_000, places=(1, 2), admitted=0, recent_admissions=12,
-        first_recent_admission=0,
-    )  # fmt: skip
-    waiting = Ticket(product_id=1, shopper_id="anon:c", place=3, state=TicketState.WAITING,
-                     joined_at=59_999)  # fmt: skip
+    product, line = VIEWED_PRODUCT, VIEWED_LINE
+    waiting = THIRD_IN_LINE
 
     def because(product: Product, line: Lineup, ticket: Ticket = waiting) -> object:
         return ticket_view(ticket, product, line, now=60_000)["waitUnknownBecause"]
