@@ -32,13 +32,12 @@ def stock_from_frame(frame: Mapping[str, Any]) -> tuple[int, int, int, int | Non
     process, each checked as `room_from_message` checks its numbers: an integer (not a
     string, a boolean or a fraction, which `int()` took) of 1 (the id) or 0 to MAX_NUMBER;
     `heldStock` may be missing (a process of an older release). Raises ValueError."""
-    product_id = _number(frame, "productId", least=1, optional=False)
-    available = _number(frame, "availableStock", optional=False)
-    version = _number(frame, "version", optional=False)
-    assert product_id is not None
-    assert available is not None
-    assert version is not None
-    return product_id, available, version, _number(frame, "heldStock")
+    return (
+        _required(frame, "productId", least=1),
+        _required(frame, "availableStock"),
+        _required(frame, "version"),
+        _number(frame, "heldStock"),
+    )
 
 
 def product_frame(product: Product) -> dict[str, Any]:
@@ -142,8 +141,7 @@ def room_from_message(message: Mapping[str, Any]) -> RoomChanged:
     alone, for the same reason. Raises ValueError saying which field is wrong."""
     if message.get("type") != "room":
         raise ValueError("not a room message")
-    product_id = _number(message, "productId", least=1, optional=False)
-    assert product_id is not None
+    product_id = _required(message, "productId", least=1)
     waiting, admitted = _number(message, "waiting"), _number(message, "admitted")
     if (waiting is None) != (admitted is None):
         raise ValueError("waiting and admitted: both null or both counts")
@@ -169,12 +167,16 @@ def room_from_message(message: Mapping[str, Any]) -> RoomChanged:
     )
 
 
-def _number(
-    message: Mapping[str, Any], field: str, *, least: int = 0, optional: bool = True
-) -> int | None:
-    value = message.get(field)
-    if value is None and optional:
+def _number(message: Mapping[str, Any], field: str, *, least: int = 0) -> int | None:
+    """`field` of `message`: None if missing or null, else `_required`'s integer."""
+    if message.get(field) is None:
         return None
+    return _required(message, field, least=least)
+
+
+def _required(message: Mapping[str, Any], field: str, *, least: int = 0) -> int:
+    """`field` of `message`, an integer of `least` to MAX_NUMBER; else ValueError."""
+    value = message.get(field)
     # bool is an int in Python, and JSON's true is no count.
     if type(value) is not int or not least <= value <= MAX_NUMBER:
         raise ValueError(f"{field}: not an integer of {least} to {MAX_NUMBER}")
