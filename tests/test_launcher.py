@@ -253,6 +253,49 @@ def test_a_port_in_use_stops_it_at_once_naming_the_setting(tmp_path: Path) -> No
     assert not (tmp_path / "var").exists()  # nothing was started: no Redis, no database
 
 
+# Port settings bin/serve cannot use, and what its one line must name. A traceback for
+# `abc`; 65536 and -1 started everything anyway (the web process then failed to bind, or
+# bound another port); two settings on one port passed the check, which looked for
+# something listening before anything was started.
+BAD_PORTS: list[tuple[dict[str, str], list[str]]] = [
+    ({"PORT": "abc"}, ["PORT", "'abc'"]),
+    ({"PORT": "65536"}, ["PORT", "'65536'"]),
+    ({"PORT": "-1"}, ["PORT", "'-1'"]),
+    ({"PORT": "80.5"}, ["PORT", "'80.5'"]),
+    ({"PORT": "9117", "WEB_METRICS_PORT": "9117"}, ["PORT", "WEB_METRICS_PORT", "9117"]),
+    (
+        {"WEB_METRICS_PORT": "9118", "WORKER_METRICS_PORT": "9118"},
+        ["WEB_METRICS_PORT", "WORKER_METRICS_PORT", "9118"],
+    ),
+    ({"WORKER_METRICS_PORT": "70000"}, ["WORKER_METRICS_PORT", "'70000'"]),
+]
+
+
+@pytest.mark.parametrize(("settings", "named"), BAD_PORTS)
+def test_a_port_setting_that_cannot_be_used_stops_it_at_once_naming_it(
+    tmp_path: Path, settings: dict[str, str], named: list[str]
+) -> None:
+    """PORT, WEB_METRICS_PORT and WORKER_METRICS_PORT are each a port number (1-65535; `0`
+    for a metrics port: none) and no two the same, checked before anything is started or
+    made: exit 1 and one line naming the setting(s) and the value."""
+    ports = {"PORT": str(free_port()), "WEB_METRICS_PORT": "0", "WORKER_METRICS_PORT": "0"}
+    env = serve_env(**{**ports, **settings})
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "serve"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STARTED_WITHIN_S,
+    )
+    assert done.returncode == 1, done
+    assert done.stderr == "", done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    assert all(name in lines[0] for name in named), lines[0]
+    assert not (tmp_path / "var").exists()  # nothing was started: no Redis, no database
+
+
 RESTARTED_WITHIN_S = 30  # the supervisor's first wait is 1 s; the rest is a loaded machine
 
 

@@ -45,6 +45,7 @@ from server.infra.settings import Settings
 from server.storage import migrate
 from server.storage.database import Store
 
+MAX_PORT = 65_535
 VAR = Path("var")  # relative to where it is run, like the default DATABASE_URL
 PROCFILE = Path(__file__).resolve().parents[2] / "Procfile"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -131,23 +132,21 @@ def serve(settings: Settings) -> int:
     """Run everything until a stop signal (`STOP_SIGNALS`) or until honcho exits (a web
     process died: honcho stops the others; a worker that dies is started again instead);
     then stop all of it. Returns 0 after a stop that was asked for, 1 at once (nothing
-    started) when something already listens on its port or a metrics port, else
-    honcho's exit code."""
+    started) when a port setting cannot be used (`port_settings`) or something already
+    listens on its port or a metrics port, else honcho's exit code."""
+    env = dict(os.environ)
+    # Empty counts as unset, as in the Procfile's `${PORT:-8000}`.
+    env["PORT"] = env.get("PORT") or "8000"
+    env["HOST"] = env.get("HOST") or "127.0.0.1"
+    wanted, problem = port_settings(env["PORT"], settings)
+    if problem is not None:
+        _say(f"cannot start: {problem}")
+        return 1
     for signum in STOP_SIGNALS:
         # Also undoes the SIG_IGN a shell gives SIGINT in a background job.
         signal.signal(signum, _stop)
     _become_subreaper()
-    env = dict(os.environ)
-    env.setdefault("PORT", "8000")
-    env.setdefault("HOST", "127.0.0.1")
-    taken = _ports_taken(
-        env["HOST"],
-        {
-            "PORT": int(env["PORT"]),
-            "WEB_METRICS_PORT": settings.web_metrics_port,
-            "WORKER_METRICS_PORT": settings.worker_metrics_port,
-        },
-    )
+    taken = _ports_taken(env["HOST"], wanted)
     if taken:
         # Started anyway, the web process failed to bind while the URLs printed were
         # answered by whatever held the port (another bin/serve's shop).
@@ -320,6 +319,40 @@ def _say_when_free(host: str, ports: list[int]) -> None:
         _say(f"stopped, but something still listens on port(s) {taken}")
     else:
         _say(f"stopped everything; port {ports[0]} is free")
+
+
+def port_settings(port: str, settings: Settings) -> tuple[dict[str, int], str | None]:
+    """The ports `bin/serve` would use, by setting (`PORT`, as given in the environment;
+    `WEB_METRICS_PORT` and `WORKER_METRICS_PORT`, as read by `settings`, 0: none), and
+    why they cannot be used (None: they can): each a decimal port number of 1 to
+    MAX_PORT (a metrics port may be 0), no two the same. Checked before anything is started
+    or made: `PORT=abc` ended in a traceback, 65536 and -1 started everything anyway (the
+    web process then failed to bind), and `PORT=9117 WEB_METRICS_PORT=9117` passed the
+    check for a port in use, which could only see what listened before the start."""
+    problems = []
+    ports: dict[str, int] = {}
+    if port.isascii() and port.isdigit() and 1 <= int(port) <= MAX_PORT:
+        ports["PORT"] = int(port)
+    else:
+        problems.append(f"PORT must be a port number (1-{MAX_PORT}), got {port!r}")
+    for name, number in (
+        ("WEB_METRICS_PORT", settings.web_metrics_port),
+        ("WORKER_METRICS_PORT", settings.worker_metrics_port),
+    ):
+        if 0 <= number <= MAX_PORT:
+            ports[name] = number
+        else:
+            problems.append(
+                f"{name} must be a port number (1-{MAX_PORT}; 0: none), got {str(number)!r}"
+            )
+    by_port: dict[int, list[str]] = {}
+    for name, number in ports.items():
+        if number:
+            by_port.setdefault(number, []).append(name)
+    for number, names in by_port.items():
+        if len(names) > 1:
+            problems.append(f"{' and '.join(names)} are both {number}; each needs its own port")
+    return ports, "; ".join(problems) or None
 
 
 def _ports_taken(host: str, ports: dict[str, int]) -> dict[str, int]:
