@@ -23,11 +23,13 @@ import httpx
 import jwt
 import pytest
 from pydantic_core import from_json, to_json
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import Service
+from server.infra.keys import events_channel
 from server.live.hub import MAX_BAD_MESSAGES, MESSAGE_BURST, MESSAGE_REFILL_S
 from tests.events import Frame, FrameLog
 from tests.support import eventually
@@ -799,3 +801,58 @@ async def test_a_socket_whose_shop_token_expires_is_its_address_s_from_then_on(
             assert expiring.connection.close_reason == "too many connections from your address"
             await anonymous.send({"type": "join", "productId": 999_999})
             await anonymous.frames.wait_for(_error("no_shopper"))  # it stays open, answered
+
+
+def _bad_reservation_news(hold: dict[str, Any]) -> list[bytes]:
+    """Reservation messages a faulty peer may publish, about `hold` where they name one:
+    each reached `Hub.publish` unchecked (a KeyError and its traceback in the log for each
+    one without a reservation), or was passed to the pages watching the hold as it was."""
+    good = {k: hold[k] for k in ("id", "productId", "quantity", "status", "product")}
+    product_id = hold["productId"]
+    return [
+        b'{"type":"reservation"}',
+        b'{"type":"reservation","reservation":null}',
+        b'{"type":"reservation","reservation":[1,2]}',
+        b'{"type":"reservation","reservation":{"status":"CANCELLED"}}',
+        to_json({"type": "reservation", "reservation": {**good, "id": 12}}),
+        to_json({"type": "reservation", "reservation": {**good, "status": "GONE"}}),
+        to_json({"type": "reservation", "reservation": {**good, "quantity": "3"}}),
+        to_json({"type": "reservation", "reservation": {**good, "productId": 2**70}}),
+        to_json({"type": "reservation", "reservation": {**good, "product": None}}),
+        to_json({"type": "reservation", "reservation": {**good, "product": {"id": product_id}}}),
+        to_json({"type": "reservation", "reservation": {k: good[k] for k in ("id", "status")}}),
+        to_json({"type": "reservation", "reservation": {**good, "quantity": 0}}),
+        to_json({"type": "reservation", "reservation": {**good, "productId": True}}),
+        to_json({"type": "reservation", "reservation": {**good, "quantity": 1}}).replace(
+            b'"quantity":1', b'"quantity":NaN'
+        ),
+        to_json({"type": "reservation", "reservation": {**good, "quantity": 1}}).replace(
+            b'"quantity":1', b'"quantity":1e400'
+        ),
+    ]
+
+
+async def test_malformed_reservation_messages_change_nothing_and_are_logged_once(
+    database_url: str, own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """Reservation messages on the channel are checked as stock and room ones are
+    (`reservation_from_message`): a malformed one reaches no listener and no page, and
+    however many come, the web log has one line about them a minute, no traceback; a
+    sound one after them still reaches the page watching its hold."""
+    with one_service(database_url, own_redis.url, tmp_path, HOLD_SECONDS="120") as a:
+        product = await a.new_product(10)
+        hold = await reserve(a, product["id"])
+        async with socket_to(a) as ws, Redis.from_url(own_redis.url) as redis:
+            await ws.send({"type": "watch", "reservations": [hold["id"]]})
+            await ws.status(hold["id"], "ACTIVE")
+            for message in _bad_reservation_news(hold) * 3:
+                await redis.publish(events_channel(0), message)
+            async with a.client() as http:
+                cancelled = await http.post(f"/api/reservations/{hold['id']}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            await ws.status(hold["id"], "CANCELLED")
+            told = [f for f in ws.frames.frames if f["type"] == "reservation"]
+            assert [f["reservation"]["status"] for f in told] == ["ACTIVE", "CANCELLED"]
+        log = a.web.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert sum("malformed" in line for line in log.splitlines()) == 1, log[-3000:]

@@ -28,6 +28,7 @@ from server.storage.errors import StorageError
 from server.wire.frames import (
     product_frame,
     product_from_frame,
+    reservation_from_message,
     room_from_message,
     stock_frame,
     stock_from_frame,
@@ -127,6 +128,10 @@ class Subscriber:
                 # Checked whole before any listener sees it: the hub's steps, counts and
                 # echoes, and the admitter's nudge, change only for sound news.
                 room_from_message(frame)
+            elif frame["type"] == "reservation":
+                # Checked as room news is: one without a reservation reached the hub, whose
+                # KeyError was logged with its traceback for each such message.
+                reservation_from_message(frame)
         # OverflowError: `int()` of an infinity (the JSON parser takes `1e400`, `Infinity`),
         # which escaped to `_run` as a failed subscriber: a new subscription, a catalog
         # reload, and every message published meanwhile lost, for each such message.

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.domain.clock import parse_iso
-from server.domain.model import Product, ReservationChanged
+from server.domain.inventory import is_reservation_id
+from server.domain.model import Product, ReservationChanged, Status
 from server.domain.waitingroom import RoomChanged
 from server.wire.schemas import product_view, reservation_view
 
@@ -72,6 +73,38 @@ def reservation_frame(event: ReservationChanged, *, now: int) -> dict[str, Any]:
     """A `ReservationFrame`: a hold that left ACTIVE, as of `now` (ms)."""
     view = reservation_view(event.reservation, product_view(event.product), now=now)
     return {"type": "reservation", "reservation": view}
+
+
+def reservation_from_message(message: Mapping[str, Any]) -> str:
+    """The id of the hold a `reservation` message (`reservation_frame`, from any process
+    through Redis) tells of, its fields checked before any listener or page sees it, as
+    pages read them: `reservation` an object whose `id` is a reservation id, `productId` an
+    integer of 1 to MAX_NUMBER, `quantity` one of 1 to MAX_NUMBER, `status` one of the
+    holds' statuses, and `product` an object whose `id` is that `productId` and whose
+    `version` and `availableStock` are integers of 0 to MAX_NUMBER (a page applies it as the
+    product's newest state). Other fields are left alone (a process of a newer release may
+    send more). Raises ValueError saying which field is wrong."""
+    if message.get("type") != "reservation":
+        raise ValueError("not a reservation message")
+    reservation = message.get("reservation")
+    if not isinstance(reservation, dict):
+        raise ValueError("reservation: not an object")
+    reservation_id = reservation.get("id")
+    if not isinstance(reservation_id, str) or not is_reservation_id(reservation_id):
+        raise ValueError("reservation.id: not a reservation id")
+    product_id = _required(reservation, "productId", least=1)
+    _required(reservation, "quantity", least=1)
+    if reservation.get("status") not in STATUSES:
+        raise ValueError(f"reservation.status: not one of {', '.join(sorted(STATUSES))}")
+    product = reservation.get("product")
+    if not isinstance(product, dict) or product.get("id") != product_id:
+        raise ValueError("reservation.product: not an object of the reservation's product")
+    _required(product, "version")
+    _required(product, "availableStock")
+    return reservation_id
+
+
+STATUSES = frozenset(status.value for status in Status)
 
 
 def queue_frame(product_id: int, waiting: int, admitted: int) -> dict[str, Any]:
