@@ -212,16 +212,17 @@ async def outbox_bodies(
     where: list[str] = []
     values: dict[str, object] = {}
     if product_id is not None:
-        where.append("product_id = :p")
+        where.append("o.product_id = :p")
         values["p"] = product_id
     if event_type is not None:
-        where.append("type = :t")
+        where.append("o.type = :t")
         values["t"] = event_type
     clause = f"WHERE {' AND '.join(where)} " if where else ""
     async with store.reader() as conn:
         rows = await conn.fetch_all(
-            "SELECT type, payload, product_id, version, seq, created_at FROM outbox "
-            f"{clause}ORDER BY product_id, version, seq",
+            "SELECT o.type, o.payload, o.product_id, o.version, o.seq, o.created_at, "
+            f"{outbox.LEDGER_COLUMNS} FROM outbox o {outbox.LEDGER_JOIN} "
+            f"{clause}ORDER BY o.product_id, o.version, o.seq",
             values,
         )
     return [
@@ -233,6 +234,7 @@ async def outbox_bodies(
                 int(r["version"]),
                 int(r["seq"]),
                 int(r["created_at"]),
+                outbox.ledger_part(r),
             )
         )
         for r in rows

@@ -16,7 +16,7 @@ from server.domain import inventory, ledger
 from server.domain.clock import iso, now_ms
 from server.domain.ledger import Entry, Figures
 from server.domain.model import HoldRequest
-from server.domain.outbox import render
+from server.domain.outbox import LEDGER_COLUMNS, LEDGER_JOIN, ledger_part, render
 from server.infra.metrics import LEDGER_UNRECONCILED
 from server.infra.settings import Settings
 from server.service.ledger import Ledger
@@ -214,8 +214,9 @@ async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: S
     await store.write(lambda conn: inventory.reduce_stock(conn, product.id, 1, now=now_ms()))
     async with store.reader() as conn:
         stored = await conn.fetch_all(
-            "SELECT type, payload, product_id, version, seq, created_at FROM outbox "
-            "WHERE product_id = :p ORDER BY version, seq",
+            "SELECT o.type, o.payload, o.product_id, o.version, o.seq, o.created_at, "
+            f"{LEDGER_COLUMNS} FROM outbox o {LEDGER_JOIN} "
+            "WHERE o.product_id = :p ORDER BY o.version, o.seq",
             {"p": product.id},
         )
         holds = {r.id: r for r in await inventory.get_reservations(conn, [first.id, second.id])}
@@ -224,7 +225,7 @@ async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: S
     for row in stored:
         version, seq = int(row["version"]), int(row["seq"])
         kind, at = str(row["type"]), int(row["created_at"])
-        text = render(kind, str(row["payload"]), product.id, version, seq, at)
+        text = render(kind, str(row["payload"]), product.id, version, seq, at, ledger_part(row))
         assert not str(row["payload"]).startswith("{")  # the compact form was stored
         entry = figures.get((version, seq)) or figures[(version, seq - 1)]
         stock = {
@@ -280,6 +281,26 @@ async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: S
         "product.sold_out",
     ]
     assert "Réservé — «test»" in texts[3]
+
+
+def test_an_event_stored_whole_renders_as_one_stored_with_its_ledger_row() -> None:
+    """Events written before reservation events left the hold's id, units, figures and
+    actor to their ledger row (all fourteen fields stored) render to the same body as one
+    stored today with its ledger row; one of today's without its ledger row is refused,
+    not sent with a made-up hold."""
+    own = ["CANCELLED", 1_000, 601_000, None, None, "operator", "Réservé"]
+    part = ("h-1", 2, 7, 1, 0, 10, "operator")
+    whole = [part[0], part[1], *own, *part[2:]]
+    today = render("reservation.cancelled", json.dumps(own), 3, 9, 1, 2_000, part)
+    before = render("reservation.cancelled", json.dumps(whole), 3, 9, 1, 2_000)
+    assert today == before
+    body = json.loads(today)
+    assert body["data"]["reservation"]["id"] == "h-1"
+    assert body["data"]["reservation"]["quantity"] == 2
+    assert body["data"]["stock"]["availableStock"] == 7
+    assert body["data"]["actor"] == "operator"
+    with pytest.raises(ValueError, match="no ledger row"):
+        render("reservation.cancelled", json.dumps(own), 3, 9, 1, 2_000)
 
 
 async def test_reconciliation_names_a_product_whose_books_do_not_add_up(store: Store) -> None:

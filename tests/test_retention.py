@@ -15,7 +15,14 @@ from server.service.retention import Retention
 from server.service.webhooks import Webhooks
 from server.storage.database import Store
 from tests.receiver import Receiver
-from tests.support import assert_reconciled, cancel_one, complete_one, hold, make_product
+from tests.support import (
+    assert_reconciled,
+    cancel_one,
+    complete_one,
+    hold,
+    make_product,
+    outbox_bodies,
+)
 
 
 async def count(store: Store, table: str, where: str = "1 = 1") -> int:
@@ -81,6 +88,33 @@ async def test_what_is_not_done_with_stays(store: Store, receiver: Receiver) -> 
     assert removed["outbox"] == 0
     assert removed["reservations"] == 1  # the ended hold itself may go
     assert await count(store, "stock_ledger", f"product_id = {product.id}") == 3
+
+
+async def test_a_ledger_row_stays_while_its_event_is_kept(store: Store) -> None:
+    """A reservation event's body takes the hold's id, units, figures and actor from its
+    movement's ledger row at every delivery: an old, proved ledger row whose event is still
+    in the outbox (waiting for an endpoint, however old) is not removed, and goes once the
+    event has."""
+    await Webhooks(store).create(url="https://shop.example/hooks", events=[], description="")
+    product = await make_product(store, 10)
+    old = now_ms() - 100 * DAY_MS
+    made = await hold(store, product.id, 1, now=old)
+    await store.write(lambda conn: cancel_one(conn, made.id, now=old + 1))
+    await Ledger(store).check()  # proved: only the events keep the rows
+    before = await outbox_bodies(store, product_id=product.id)
+    assert [b["data"]["reservation"]["id"] for b in before] == [made.id, made.id]
+
+    removed = await Retention(store, days=90).run()
+    assert removed["stock_ledger"] == 0
+    assert await count(store, "stock_ledger", f"product_id = {product.id}") == 3
+    assert await outbox_bodies(store, product_id=product.id) == before
+
+    await store.write(
+        lambda conn: conn.execute("DELETE FROM outbox WHERE product_id = :p", {"p": product.id})
+    )
+    removed = await Retention(store, days=90).run()
+    assert removed["stock_ledger"] == 2  # the hold's and the cancel's; not today's creation
+    await assert_reconciled(store)
 
 
 async def test_ended_tickets_go_in_bounded_batches_and_open_ones_stay(store: Store) -> None:

@@ -4,12 +4,17 @@ commit can happen without its events and no event without its commit. The worker
 them as webhooks (`server.service.webhooks`).
 
 What the transaction writes is the least the body needs (`stored`): a JSON array of the
-hold's and the stock's figures, in the order `_LAYOUTS` gives for the event's type, with no
-keys, no nesting and no formatted times; the row's own columns (type, product, version,
-sequence, time) say the rest. The body is rendered from it at delivery (`render`, in the
-worker, outside any transaction): the same bytes every time, so every attempt and every
-endpoint gets the same body, and its webhook-id (`event_id`, derived from the row's key:
-product, version, sequence) stays the same across retries.
+hold's and the stock's figures, in the order `render` reads them for the event's type, with
+no keys, no nesting and no formatted times; the row's own columns (type, product, version,
+sequence, time) say the rest. A reservation event stores only what its movement's ledger row
+(written in the same statement, at the same key) does not hold: the hold's id, units, the
+figures and the actor are read from that row at delivery (`LEDGER_JOIN`; ledger rows are
+never changed, and retention keeps one while its event is kept), which cut the WAL that
+every hold's commit must flush on PostgreSQL (README, Performance: what the books cost).
+The body is rendered at delivery (`render`, in the worker, outside any transaction): the
+same bytes every time, so every attempt and every endpoint gets the same body, and its
+webhook-id (`event_id`, derived from the row's key: product, version, sequence) stays the
+same across retries.
 A row whose payload is a JSON object is its body already (`product.updated`, which no
 reservation writes, and every row written before migration 0010's release). The shape follows
 the Standard Webhooks recommendation:
@@ -140,10 +145,11 @@ def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | No
     f = figures
     reservation = movement.reservation
     if reservation is not None and movement.kind in RESERVATION_EVENTS:
+        # Only what the movement's ledger row (same product, version and sequence, written
+        # in the same statement) does not hold: the hold's id, its units, the figures and
+        # the actor are read from that row at delivery (`render`'s `ledger`).
         return RESERVATION_EVENTS[movement.kind], jsontext.compact(
             [
-                reservation.id,
-                reservation.quantity,
                 reservation.status.value,
                 reservation.created_at,
                 reservation.expires_at,
@@ -151,11 +157,6 @@ def movement_event(movement: Movement, figures: Figures) -> tuple[str, str] | No
                 reservation.order_reference,
                 reservation.cancelled_by,
                 reservation.cancel_reason,
-                f.available,
-                f.held,
-                f.sold,
-                f.total,
-                movement.actor,
             ]
         )
     if movement.kind in (Kind.RESTOCKED, Kind.REDUCED):
@@ -179,19 +180,70 @@ def availability_event(before: Figures, after: Figures, actor: str) -> tuple[str
     return kind, jsontext.compact([after.available, after.held, after.sold, after.total, actor])
 
 
+# What a reservation event's body takes from its movement's ledger row (the ledger row of
+# the same product, version and sequence): the hold's id, its units, the product's
+# available, held, sold and total units after the movement, and the actor. Ledger rows are
+# never changed, so the body rendered at any delivery is the one of the commit.
+LedgerPart = tuple[str, int, int, int, int, int, str]
+
+# The ledger's columns a delivery reads with its outbox row (`ledger_part`), from
+# `LEDGER_JOIN`'s `l`.
+LEDGER_COLUMNS = (
+    "l.reservation_id AS l_reservation_id, l.units AS l_units, l.available AS l_available, "
+    "l.held AS l_held, l.sold AS l_sold, l.total AS l_total, l.actor AS l_actor"
+)
+# The ledger row of the outbox row `o` (LEFT: product events have none).
+LEDGER_JOIN = (
+    "LEFT JOIN stock_ledger l ON l.product_id = o.product_id AND l.version = o.version "
+    "AND l.seq = o.seq"
+)
+
+
+def ledger_part(row: Row) -> LedgerPart | None:
+    """`LedgerPart` of a row read with `LEDGER_COLUMNS`; None if it has no ledger row."""
+    if row["l_reservation_id"] is None:
+        return None
+    return (
+        str(row["l_reservation_id"]),
+        int(row["l_units"]),
+        int(row["l_available"]),
+        int(row["l_held"]),
+        int(row["l_sold"]),
+        int(row["l_total"]),
+        str(row["l_actor"]),
+    )
+
+
 def render(
-    event_type: str, stored: str, product_id: int, version: int, seq: int, created_at: int
+    event_type: str,
+    stored: str,
+    product_id: int,
+    version: int,
+    seq: int,
+    created_at: int,
+    ledger: LedgerPart | None = None,
 ) -> str:
-    """The body of an outbox row, exactly as it is sent and signed: from its stored form
-    and its columns (type, product, version, sequence, `created_at`: the event's time, ms).
-    A stored JSON object is the body already. Raises ValueError for a stored form that is
-    neither (no code writes one)."""
+    """The body of an outbox row, exactly as it is sent and signed: from its stored form,
+    its columns (type, product, version, sequence, `created_at`: the event's time, ms) and,
+    for a reservation event, its movement's ledger row (`ledger`, `LedgerPart`: read with
+    `LEDGER_COLUMNS`). A stored JSON object is the body already. Raises ValueError for a
+    stored form that is neither (no code writes one), or a reservation event whose ledger
+    row is not given (retention keeps a ledger row while its outbox row is there)."""
     if stored.startswith("{"):
         return stored
     fields = json.loads(stored)
     if event_type in _RESERVATION_TYPES:
-        (rid, quantity, status, created, expires, completed, ref, by, reason, *rest) = fields
-        *figures, actor = rest
+        if len(fields) == _RESERVATION_OWN_FIELDS:
+            if ledger is None:
+                raise ValueError(
+                    f"the {event_type} event of product {product_id} at ({version}, {seq}) "
+                    "has no ledger row"
+                )
+            rid, quantity, *figures, actor = ledger
+            status, created, expires, completed, ref, by, reason = fields
+        else:  # written whole: a row from before reservation events left their share to the ledger
+            (rid, quantity, status, created, expires, completed, ref, by, reason, *rest) = fields
+            *figures, actor = rest
         data: dict[str, Any] = {
             "reservation": {
                 "id": rid,
@@ -221,6 +273,8 @@ def render(
 
 
 _RESERVATION_TYPES = frozenset(RESERVATION_EVENTS.values())
+# How many fields a reservation event's stored form has when the rest is its ledger row's.
+_RESERVATION_OWN_FIELDS = 7
 
 
 def product_updated(product: Product, changed: Sequence[str], actor: str, at: int) -> OutboxEvent:

@@ -5,7 +5,8 @@
   Idempotency-Key still in its day keeps its hold.
 - Ledger rows before the cutoff that the reconciliation has proved (at or below the
   product's balance in `ledger_balances`): the balance carries their sum, so the ledger
-  still adds up without them. Rows not yet proved wait for the next reconciliation.
+  still adds up without them. Rows not yet proved wait for the next reconciliation, and a
+  row whose outbox event is still kept stays with it (the event's body is rendered from it).
 - Delivered webhook deliveries made before the cutoff, then outbox events made before it
   that have no delivery left (delivered everywhere, or wanted by no endpoint). An event
   still waiting for an endpoint is kept, however old.
@@ -57,9 +58,13 @@ async def remove_ledger_rows(conn: Executor, product_id: int, *, cutoff: int, li
     )
     if not rows:
         return 0
+    # Not a row whose outbox event is still there: a reservation event's body is rendered
+    # from its ledger row at every delivery (`outbox.render`).
     removed = await conn.fetch_all(
         "DELETE FROM stock_ledger WHERE product_id = :p AND version >= :low "
-        "AND version <= :high AND at < :cutoff RETURNING seq",
+        "AND version <= :high AND at < :cutoff AND NOT EXISTS (SELECT 1 FROM outbox o "
+        "WHERE o.product_id = stock_ledger.product_id AND o.version = stock_ledger.version "
+        "AND o.seq = stock_ledger.seq) RETURNING seq",
         {
             "p": product_id,
             "low": int(rows[0]["version"]),

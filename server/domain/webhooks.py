@@ -457,6 +457,8 @@ class Outgoing:
     seq: int
     created_at: int
     attempts: int
+    # What the body takes from the event's ledger row (`outbox.LedgerPart`), if it has one.
+    ledger: outbox.LedgerPart | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Outgoing:
@@ -469,22 +471,33 @@ class Outgoing:
             seq=int(row["seq"]),
             created_at=int(row["created_at"]),
             attempts=int(row["attempts"]),
+            ledger=outbox.ledger_part(row),
         )
 
     def body(self) -> str:
         """The body to send and sign, rendered now (outside any transaction): the same
         text at every attempt."""
         return outbox.render(
-            self.type, self.stored, self.product_id, self.version, self.seq, self.created_at
+            self.type,
+            self.stored,
+            self.product_id,
+            self.version,
+            self.seq,
+            self.created_at,
+            self.ledger,
         )
 
 
-# A delivery's event, by the outbox's key.
+# A delivery's event, by the outbox's key, and its movement's ledger row (`outbox.render`).
 JOIN_OUTBOX = (
-    "JOIN outbox o ON o.product_id = d.product_id AND o.version = d.version AND o.seq = d.seq"
+    "JOIN outbox o ON o.product_id = d.product_id AND o.version = d.version AND o.seq = d.seq "
+    + outbox.LEDGER_JOIN
 )
 # What a delivery's outbox row is read as.
-OUTGOING = "d.event_id, d.type, d.product_id, d.version, d.seq, d.created_at, d.attempts, o.payload"
+OUTGOING = (
+    "d.event_id, d.type, d.product_id, d.version, d.seq, d.created_at, d.attempts, o.payload, "
+    + outbox.LEDGER_COLUMNS
+)
 
 
 @dataclass(frozen=True, slots=True)

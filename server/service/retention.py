@@ -44,7 +44,6 @@ class Retention:
             "reservations": await self._batches(
                 lambda conn: retention.remove_holds(conn, cutoff=cutoff, limit=batch), batch, most
             ),
-            "stock_ledger": await self._ledger(cutoff, batch, most),
             "webhook_deliveries": await self._batches(
                 lambda conn: retention.remove_deliveries(conn, cutoff=cutoff, limit=batch),
                 batch,
@@ -53,6 +52,9 @@ class Retention:
             "outbox": await self._batches(
                 lambda conn: retention.remove_events(conn, cutoff=cutoff, limit=batch), batch, most
             ),
+            # After the events: a ledger row stays while its outbox event does (a reservation
+            # event's body is rendered from it), so the events that went free theirs now.
+            "stock_ledger": await self._ledger(cutoff, batch, most),
             "queue_tickets": await self._batches(
                 lambda conn: retention.remove_tickets(conn, cutoff=cutoff, limit=batch),
                 batch,
