@@ -856,3 +856,31 @@ async def test_malformed_reservation_messages_change_nothing_and_are_logged_once
         log = a.web.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert sum("malformed" in line for line in log.splitlines()) == 1, log[-3000:]
+
+
+async def test_a_product_taken_back_from_the_database_reaches_open_sockets_and_changes_on(
+    database_url: str, own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """A stock message far ahead (a faulty peer's 2**62; a database restored under running
+    processes has the same effect: every version the database now gives is far below the
+    ones told) is undone by the catalog's 5 s reload, but the hub kept the far version as
+    the newest it had sent, and dropped every stock frame below it: open sockets were
+    frozen on that product. The reload's product comes as a `product` frame marked
+    `reset`, and the product's frames go on from its version."""
+    with one_service(database_url, own_redis.url, tmp_path, HOLD_SECONDS="120") as a:
+        product = await a.new_product(10)
+        far = 2**62
+        async with socket_to(a) as ws, Redis.from_url(own_redis.url) as redis:
+            await ws.frames.wait_for(lambda f: f["type"] == "snapshot")
+            message = {"type": "stock", "productId": product["id"], "availableStock": 0}
+            await redis.publish(events_channel(0), to_json({**message, "version": far}))
+            assert (await ws.stock(product["id"], 0))["version"] == far
+            (reset,) = await ws.frames.wait_for(
+                lambda f: f["type"] == "product" and f.get("reset") is True, within=15
+            )
+            assert reset["product"]["id"] == product["id"]
+            assert reset["product"]["availableStock"] == 10
+            assert reset["product"]["version"] == product["version"]
+            held = await reserve(a, product["id"])
+            after = await ws.stock(product["id"], 9)
+            assert after["version"] == held["product"]["version"] > product["version"]

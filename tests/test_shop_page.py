@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, Route, ViewportSize, expect
+from pydantic_core import to_json
+from redis.asyncio import Redis
 
 from server.devtools.processes import Service
+from server.infra.keys import events_channel
 from tests.browser import (
     EACH_SIZE,
     PHONE,
@@ -520,3 +523,24 @@ async def test_a_shop_of_many_products_shows_the_newest_page_and_follows_only_it
     await reserve(big_shop, sale[0]["id"], 1)
     await expect(card(page, sale[0]).locator(".count")).to_have_text("4 of 5 left")
     await page.context.close()
+
+
+async def test_a_product_taken_back_from_the_database_shows_on_an_open_page(
+    browser: Browser, site: Service
+) -> None:
+    """After a database restore (or a faulty peer's stock message far ahead, here), the
+    product's versions are far below those the page holds: it dropped every frame and
+    poll of the product as older, and showed the old stock until it was reloaded. It takes
+    the `product` frame marked `reset` that the web process sends at its next reload (5 s),
+    and the product's changes after it."""
+    product = await new_product(site, "Restored radio", 10)
+    page = await open_shop(browser, site, SIZES["desktop"])
+    stock = card(page, product).locator(".stock .count")
+    await expect(stock).to_have_text("10 of 10 left")
+    far = {"type": "stock", "productId": product["id"], "availableStock": 0, "version": 2**62}
+    async with Redis.from_url(site.web.env["REDIS_URL"]) as redis:
+        await redis.publish(events_channel(0), to_json(far))
+    await expect(stock).to_have_text("Sold out")
+    await expect(stock).to_have_text("10 of 10 left", timeout=15_000)
+    await reserve(site, product["id"])
+    await expect(stock).to_have_text("9 of 10 left")

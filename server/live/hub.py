@@ -444,6 +444,8 @@ class Hub:
         self._watchers: dict[str, set[Client]] = {}
         self._stock: dict[int, tuple[int, str]] = {}  # product → (version, frame) to send
         self._sent_version: dict[int, int] = {}
+        # Products taken back from the database whose `reset` frame has not gone out yet.
+        self._resetting: set[int] = set()
         self._products: dict[int, str] = {}
         self._reservations: list[tuple[str, str]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -1140,7 +1142,19 @@ class Hub:
             if queued is None or queued[0] < version:
                 self._stock[product_id] = (version, raw.decode())
         elif kind == "product":
-            self._products[int(frame["product"]["id"])] = raw.decode()
+            product_id = int(frame["product"]["id"])
+            text = raw.decode()
+            if frame.get("reset") is True:
+                # Taken back from the database (`Subscriber._resync`): its frames go on
+                # from this version, where every one below the versions told was dropped.
+                self._sent_version[product_id] = int(frame["product"]["version"])
+                self._stock.pop(product_id, None)
+                self._resetting.add(product_id)
+            elif product_id in self._resetting:
+                # Newer news of the product before the reset went out: it goes in its place,
+                # and must be taken as a reset too.
+                text = to_json({**frame, "reset": True}).decode()
+            self._products[product_id] = text
         elif kind == "reservation":
             reservation_id = str(frame["reservation"]["id"])
             if reservation_id in self._watchers:
@@ -1184,6 +1198,7 @@ class Hub:
             self._flush_again = True  # after the one under way
             return
         products, self._products = self._products, {}
+        self._resetting.clear()
         stock, self._stock = self._stock, {}
         reservations, self._reservations = self._reservations, []
         frames: list[tuple[Key, str]] = [(("product", pid), text) for pid, text in products.items()]

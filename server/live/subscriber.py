@@ -123,6 +123,10 @@ class Subscriber:
                 product_id, available, version, held = stock_from_frame(frame)
                 self._catalog.apply_stock(product_id, available, version, held=held)
             elif frame["type"] == "product":
+                if "reset" in frame:
+                    # A process's resets are its own (`_resync`): a peer's would take the
+                    # pages' versions back here, where the catalog took nothing back.
+                    raise ValueError("reset: not a field of a published product frame")
                 self._catalog.apply(product_from_frame(frame["product"]))
             elif frame["type"] == "room":
                 # Checked whole before any listener sees it: the hub's steps, counts and
@@ -155,9 +159,14 @@ class Subscriber:
         Every product's stock is passed on, not only what the catalog had not seen: this
         process's own commits reach its catalog at once but its sockets only through Redis,
         so a change committed while Redis was away is in the catalog and on no page. The
-        listeners drop what they have already sent, by version."""
-        for product in await self._catalog.reload(self._store):
-            frame = product_frame(product)
+        listeners drop what they have already sent, by version. A product the catalog took
+        back from the database (`Catalog.reload`'s resets: a restored database, or a
+        version far ahead from a faulty peer undone) goes as a `product` frame marked
+        `reset`: the hub and the pages take it, and the product's frames from it, whatever
+        versions they told or hold."""
+        resets: set[int] = set()
+        for product in await self._catalog.reload(self._store, resets=resets):
+            frame = product_frame(product, reset=product.id in resets)
             self._emit(frame, to_json(frame))
         for product in self._catalog.all():
             frame = stock_frame(product)

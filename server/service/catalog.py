@@ -131,10 +131,12 @@ class Catalog:
             replace(current, available_stock=available, held_units=held_units, version=version)
         )
 
-    async def reload(self, store: Store) -> list[Product]:
+    async def reload(self, store: Store, *, resets: set[int] | None = None) -> list[Product]:
         """Read every product; returns those that were newer than what we had, and those
         the database has more than VERSION_RESET versions below ours (taken as they are
-        there: the database is the truth; logged at most once a minute)."""
+        there: the database is the truth; logged at most once a minute), whose ids are
+        added to `resets` when given: what was told of them (the pages' versions) is to be
+        taken back too (`server.live.subscriber.Subscriber._resync`)."""
         async with store.reader() as conn:
             products = await list_products(conn)
         changed = []
@@ -149,6 +151,8 @@ class Catalog:
                     product.version,
                 )
                 del self._products[product.id]
+                if resets is not None:
+                    resets.add(product.id)
             if self.apply(product):
                 changed.append(product)
         return changed

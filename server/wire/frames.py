@@ -41,9 +41,16 @@ def stock_from_frame(frame: Mapping[str, Any]) -> tuple[int, int, int, int | Non
     )
 
 
-def product_frame(product: Product) -> dict[str, Any]:
-    """A `ProductFrame`: a product created, or changed beyond its available stock."""
-    return {"type": "product", "product": product_view(product)}
+def product_frame(product: Product, *, reset: bool = False) -> dict[str, Any]:
+    """A `ProductFrame`: a product created, or changed beyond its available stock; or,
+    `reset`, taken back from the database at a version far below the newest told (a
+    restored database, or a version far ahead from a faulty peer undone: `Catalog.reload`),
+    which a page takes whatever version it holds. A process tells its own pages of its
+    resets: such a frame is never published."""
+    frame: dict[str, Any] = {"type": "product", "product": product_view(product)}
+    if reset:
+        frame["reset"] = True
+    return frame
 
 
 def product_from_frame(out: dict[str, Any]) -> Product:

@@ -681,6 +681,12 @@ class StockFrame(_Response):
 class ProductFrame(_Response):
     type: Literal["product"]
     product: ProductOut
+    reset: bool = Field(
+        False,
+        description="Present and true when the product was taken back from the database at "
+        "a version far below the ones told before (the database was restored from a "
+        "backup): take it whatever version you hold, and its frames from its version on.",
+    )
 
 
 class ReservationFrame(_Response):

@@ -5,7 +5,7 @@ import { ApiError, api, clock, parseTime, request, sentenceFor } from "./api.js"
 import { Chart } from "./chart.js";
 import { renderConnection } from "./connection.js";
 import { Money, formatCount, formatDuration, formatMoment, localZone } from "./format.js";
-import { LiveFeed } from "./live.js";
+import { LiveFeed, older } from "./live.js";
 
 const TOKEN_KEY = "flashsale.adminToken";
 const REFRESH_MS = 2000;
@@ -499,10 +499,10 @@ class Console {
       this.totals = totals;
       // A refresh under way when the operator acted may bring a product as it was before:
       // never go back to an older version of one (its buttons would flip back and the
-      // focus on them be lost).
+      // focus on them be lost); one far below is the product taken back (`older`).
       products.forEach((p) => {
         const known = this.products.get(p.id);
-        if (!known || p.version >= known.version) this.products.set(p.id, p);
+        if (!known || !older(p.version, known.version)) this.products.set(p.id, p);
       });
       this.stats = new Map(stats.map((s) => [s.productId, s]));
       this.holds = holds;

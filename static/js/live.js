@@ -18,6 +18,18 @@ export const CONNECTION_LABELS = {
   offline: "Can't reach the shop",
 };
 
+// A product's version this far below the one a page holds is not an old frame but the
+// product taken back (the database restored from a backup, or a version far ahead undone):
+// the server's rule too (server/service/catalog.py VERSION_RESET). Frames from different
+// processes arrive out of order by a few versions, never by this many.
+export const VERSION_RESET = 1000;
+
+// Whether `version` of a product is older than `held`, the one the page holds, and to be
+// dropped (`same`: an equal version too); one more than VERSION_RESET below is not.
+export function older(version, held, same = false) {
+  return (version < held || (same && version === held)) && held - version <= VERSION_RESET;
+}
+
 const POLL_MS = 3000;
 const FIRST_RETRY_MS = 500;
 const MAX_RETRY_MS = 15000;
@@ -28,7 +40,7 @@ const JOIN_WAIT_MS = 5000;
 const JOIN_ERROR_STATUS = { product_not_found: 404, rate_limited: 429, unavailable: 503 };
 
 export class LiveFeed {
-  // handlers: products(list), stock(frame), product(product), reservation(reservation),
+  // handlers: products(list), stock(frame), product(product, reset), reservation(reservation),
   // state(name); and, for the waiting room, ticket(ticket), noTicket(productId) (polled: the
   // shopper has none) and queue(frame) (how many wait and are admitted, per product)
   constructor(handlers) {
@@ -157,7 +169,9 @@ export class LiveFeed {
         this.handlers.stock(frame);
         break;
       case "product":
-        this.handlers.product(frame.product);
+        // `reset`: the product was taken back from the database (restored from a backup):
+        // the page takes it whatever version it holds.
+        this.handlers.product(frame.product, frame.reset === true);
         break;
       case "reservation":
         this.handlers.reservation(frame.reservation);

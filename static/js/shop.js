@@ -2,7 +2,7 @@
 
 import { ApiError, api, clock, parseTime, sentenceFor } from "./api.js";
 import { formatDuration } from "./format.js";
-import { LiveFeed } from "./live.js";
+import { LiveFeed, older } from "./live.js";
 import { ShopView } from "./shop-view.js";
 
 const HOLDS_KEY = "flashsale.holds"; // ids of this browser's holds, kept across reloads
@@ -63,7 +63,7 @@ class Shop {
         this.view.render("products", mine);
       },
       stock: (frame) => this.shows(frame.productId) && this.applyStock(frame),
-      product: (product) => this.shows(product.id) && this.applyProduct(product),
+      product: (product, reset) => this.shows(product.id) && this.applyProduct(product, reset),
       reservation: (reservation) => this.applyReservation(reservation),
       state: (state) => this.view.render("connection", { state, lastHeard: this.live.lastHeard }),
       ticket: (ticket) => this.applyTicket(ticket),
@@ -113,9 +113,11 @@ class Shop {
     return this.shown === null || this.shown.has(productId);
   }
 
-  applyProduct(product) {
+  // reset: the server took the product back from its database (a `product` frame marked
+  // `reset`): taken whatever version the page holds.
+  applyProduct(product, reset = false) {
     const known = this.products.get(product.id);
-    if (known && known.version > product.version) return;
+    if (known && !reset && older(product.version, known.version)) return;
     const changed = Boolean(known) && known.availableStock !== product.availableStock;
     this.products.set(product.id, product);
     this.renderProduct(product, changed);
@@ -124,7 +126,7 @@ class Shop {
 
   applyStock({ productId, availableStock, heldStock, version }) {
     const known = this.products.get(productId);
-    if (!known || known.version >= version) return;
+    if (!known || older(version, known.version, true)) return;
     const update = { availableStock, version };
     if (heldStock !== undefined) update.heldStock = heldStock;
     this.applyProduct({ ...known, ...update });
