@@ -14,7 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Locator, Page, Request, ViewportSize, expect
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    Request,
+    ViewportSize,
+    expect,
+)
 
 from server.devtools.processes import Service
 from tests.browser import (
@@ -416,3 +424,42 @@ async def test_the_console_shows_the_waiting_rooms_and_sets_them(
     phone = await open_console(browser, site, PHONE, locale="en-GB")
     await expect(phone.locator(f'#queue-rows tr[data-id="{vinyl["id"]}"]')).to_be_visible()
     await assert_accessible(phone)
+
+
+async def test_a_shopper_without_tickets_sees_no_console_errors_for_the_queued_products(
+    browser: Browser, site: Service
+) -> None:
+    """The page asked for the shopper's ticket of every product with a waiting room it
+    showed, and `GET /api/products/{id}/queue` answers 404 when they have none (as the API
+    documents): a console error in the browser for each such product, at every load. It
+    asks only for those `GET /api/me` names (`tickets`)."""
+    queued = [
+        await new_product(site, f"Queued chair {n}", 5, queue="fifo", saleStartsAt=soon(600))
+        for n in range(3)
+    ]
+    page = await new_page(browser, DESKTOP, locale="en-GB")
+    errors: list[str] = []
+
+    def heard(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("console", heard)
+    await page.goto(site.base_url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    for product in queued:
+        lobby = card(page, product).locator(".lobby")
+        await expect(lobby.get_by_role("button", name="Join the line")).to_be_visible()
+    assert errors == []
+    # Once joined, a reload asks for that ticket, and still shows no error.
+    await (
+        card(page, queued[0]).locator(".lobby").get_by_role("button", name="Join the line").click()
+    )
+    await expect(card(page, queued[0]).locator(".lobby-headline")).to_have_text("You're in line.")
+    await page.reload()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(card(page, queued[0]).locator(".lobby-headline")).to_have_text("You're in line.")
+    await expect(
+        card(page, queued[1]).locator(".lobby").get_by_role("button", name="Join the line")
+    ).to_be_visible()
+    assert errors == []

@@ -82,6 +82,7 @@ from server.infra.metrics import DEFERRED, RESERVATIONS
 from server.service import idempotency
 from server.service.catalog import Catalog
 from server.service.shop import Shop
+from server.service.waitingroom import WaitingRoom
 from server.storage.errors import Busy, NotAttempted, StorageError, Unavailable
 from server.wire import schemas
 from server.wire.schemas import FieldError, ReserveBody, reservation_json, reservation_view
@@ -586,7 +587,10 @@ async def reservations_of_caller(request: Request) -> Response:
     "`maxPerShopper`; for any other, counted from the holds made within the hold time "
     "(every one that can be ACTIVE) and the shopper's 200 newest, so that the answer "
     "costs the same however many holds the shopper made: older purchases are not "
-    "counted (`GET /api/me/reservations` lists holds, newest first).",
+    "counted (`GET /api/me/reservations` lists holds, newest first). "
+    "`tickets`: the products in whose waiting room the shopper has a ticket (at most 100, "
+    "open ones first): `GET /api/products/{{id}}/queue` answers those, and 404 `no_ticket` "
+    "for any other.",
 )
 async def me(request: Request) -> Response:
     shopper = shopper_of(request)
@@ -596,14 +600,24 @@ async def me(request: Request) -> Response:
         # for a client that keeps no cookies (only now: a page's scripts never see it).
         shopper, token = Shopper(minted[0], signed_in=False), minted[1]
     if shopper is None:
-        return json_response({"shopper": None, "signedIn": False, "token": None, "units": {}})
+        return json_response(
+            {"shopper": None, "signedIn": False, "token": None, "units": {}, "tickets": []}
+        )
     units = await shop_of(request).shopper_units(shopper.id)
+    # The rooms the shopper has a ticket in: the shop page asks for those tickets alone,
+    # where it asked for one in every room it showed and each 404 was an error in the
+    # browser's console. No query while no product has a room.
+    room: WaitingRoom | None = getattr(request.app.state, "room", None)
+    tickets = []
+    if token is None and room is not None and room.any_rooms():
+        tickets = sorted({t.product_id for t in await room.tickets_of_shopper(shopper.id)})
     return json_response(
         {
             "shopper": shopper.id,
             "signedIn": shopper.signed_in,
             "token": token,
             "units": {str(product_id): n for product_id, n in sorted(units.items())},
+            "tickets": tickets,
         }
     )
 

@@ -347,6 +347,11 @@ class MeOut(_Response):
         "exact for a product with `maxPerShopper`; for any other, from the holds made "
         "within the hold time and the shopper's 200 newest (older purchases not counted)."
     )
+    tickets: list[int] = Field(
+        description="The ids of the products in whose waiting room the shopper has a ticket "
+        "(at most 100, open ones first): `GET /api/products/{id}/queue` answers those, and "
+        "404 `no_ticket` any other."
+    )
 
 
 class FieldError(_Response):

@@ -50,6 +50,9 @@ class Shop {
     // Per product id, this shopper's units in active and completed holds, as the server
     // counts them against a product's limit per customer (GET /api/me).
     this.owned = new Map();
+    // The products whose waiting room this shopper has a ticket in, as GET /api/me last
+    // said (null: not known).
+    this.ticketed = null;
     this.shown = null; // Set of the product ids this page shows, or null: every product
     // The waiting room (issue 17), per product id with a queue: this shopper's ticket, and
     // how many wait and are admitted (the socket's `queue` frames).
@@ -182,10 +185,13 @@ class Shop {
     return Number.isFinite(lead) ? Date.parse(product.saleStartsAt) - lead * 1000 : null;
   }
 
-  // The shopper's tickets for the queued products the page shows (a reload keeps one's place).
+  // The shopper's tickets for the queued products the page shows (a reload keeps one's place):
+  // those GET /api/me named alone (asked for a product without one, the server answers 404,
+  // an error in the browser's console for each), or, if it could not say, every one.
   async restoreTickets() {
+    const ids = this.queuedIds().filter((id) => !this.ticketed || this.ticketed.has(id));
     await Promise.all(
-      this.queuedIds().map(async (id) => {
+      ids.map(async (id) => {
         try {
           const { data } = await api.ticket(id);
           this.applyTicket(data, { quiet: true });
@@ -300,6 +306,7 @@ class Shop {
     try {
       const { data } = await api.me();
       this.owned = new Map(Object.entries(data.units || {}).map(([id, n]) => [Number(id), n]));
+      if (Array.isArray(data.tickets)) this.ticketed = new Set(data.tickets);
     } catch {
       return; // the figures stay as they were; the server still enforces the limit
     }
