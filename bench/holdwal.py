@@ -7,9 +7,11 @@ in the database named; a superuser).
 A fresh database (dropped afterwards), the service with one web process and no worker (no
 dispatch, no expiry: only what the reservations' transactions write), a product with ample
 stock, `--warm` holds, then `--holds` holds on 64 connections with the WAL's position read
-before and after. The WAL is the whole server's (other databases' too): the records are
-counted only if they touch this database's relations, plus the commit records of the
-transactions that wrote them. Printed: bytes a hold, as records and as full-page images
+before and after (`--checkpoint`: a CHECKPOINT first, so that the full-page images count
+the pages the holds touch; `--history-holds`: a month of past holds loaded first, as
+`bin/bench history` loads them). The WAL is the whole server's (other databases' too): the
+records are counted only if they touch this database's relations, plus the commit records
+of the transactions that wrote them. Printed: bytes a hold, as records and as full-page images
 (which depend on when the last checkpoint was), per relation.
 """
 
@@ -25,6 +27,7 @@ import asyncpg
 import httpx
 
 from bench import stack
+from server.devtools import history as past
 
 
 async def _holds(base_url: str, product_id: int, count: int, connections: int) -> int:
@@ -55,7 +58,9 @@ async def _holds(base_url: str, product_id: int, count: int, connections: int) -
     return made
 
 
-async def _measure(url: str, base_url: str, product_id: int, holds: int) -> dict[str, object]:
+async def _measure(
+    url: str, base_url: str, product_id: int, holds: int, *, checkpoint: bool
+) -> dict[str, object]:
     conn = await asyncpg.connect(url)
     try:
         dboid = await conn.fetchval(
@@ -71,6 +76,10 @@ async def _measure(url: str, base_url: str, product_id: int, holds: int) -> dict
         # otherwise recycle it meanwhile: the server is shared).
         slot = f"holdwal_{dboid}"
         await conn.execute("SELECT pg_create_physical_replication_slot($1, true)", slot)
+        if checkpoint:
+            # Every page's first change after a checkpoint is written whole: from here, the
+            # full-page images count the pages the holds touch.
+            await conn.execute("CHECKPOINT")
         try:
             start = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
             made = await _holds(base_url, product_id, holds, 64)
@@ -115,6 +124,12 @@ def main() -> None:
     parser.add_argument("--holds", type=int, default=5_000)
     parser.add_argument("--warm", type=int, default=1_000)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--history-holds", type=int, default=0, help="past holds to load first (a month's)"
+    )
+    parser.add_argument(
+        "--checkpoint", action="store_true", help="a CHECKPOINT just before the counted holds"
+    )
     args = parser.parse_args()
     settings = dict(s.split("=", 1) for s in args.set)
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,12 +139,19 @@ def main() -> None:
             stack.redis(work) as redis,
         ):
             plain = url.replace("postgresql+asyncpg", "postgresql")
+            if args.history_holds:
+                loaded = past.load(url, past.History(holds=args.history_holds))
+                print(f"loaded {args.history_holds:,} past holds in {loaded.seconds:.0f} s")
             asyncio.run(_extension(plain))
             with stack.service(url, redis.url, work, web_concurrency=1, **settings) as svc:
                 svc.worker.stop()
                 product = asyncio.run(svc.new_product(10_000_000))
                 asyncio.run(_holds(svc.base_url, product["id"], args.warm, 64))
-                result = asyncio.run(_measure(plain, svc.base_url, product["id"], args.holds))
+                result = asyncio.run(
+                    _measure(
+                        plain, svc.base_url, product["id"], args.holds, checkpoint=args.checkpoint
+                    )
+                )
     made = int(result["made"])  # type: ignore[call-overload]
     by_rel: dict[str, list[int]] = result["by_rel"]  # type: ignore[assignment]
     records = sum(v[1] for v in by_rel.values())
