@@ -44,7 +44,11 @@ async def _holds(base_url: str, product_id: int, count: int, connections: int) -
                 queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            response = await client.post("/api/reservations", json=body)
+            try:
+                response = await client.post("/api/reservations", json=body)
+            except httpx.TransportError:  # a kept-alive connection the server closed
+                queue.put_nowait(0)
+                continue
             if response.status_code == 201:
                 made += 1
             elif response.status_code != 503:
