@@ -28,7 +28,7 @@ from server.live.subscriber import Subscriber
 from server.live.wsprotocol import EXTENSION, prepare_text
 from server.service.catalog import Catalog
 from server.storage.database import Store
-from server.wire.frames import room_message
+from server.wire.frames import room_from_message, room_message
 from server.wire.schemas import ticket_view
 from tests.support import eventually, make_product, product_in_memory
 
@@ -280,7 +280,7 @@ async def test_a_room_that_closes_tells_its_pages_from_the_news_without_reading_
     hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a", "anon:b", "anon:c"])
     room.tickets["anon:c"] = Ticket(5, "anon:c", 30, TicketState.SOLD_OUT, 50, ended_at=60)
     news = {"type": "room", "productId": 5, "waiting": 0, "admitted": 0, "shoppers": []}
-    hub.publish({**news, "closed": ["anon:a", "anon:b", "anon:c"], "closedAt": 40}, b"")
+    hub.publish(*_room({**news, "closed": ["anon:a", "anon:b", "anon:c"], "closedAt": 40}))
     await eventually(
         lambda: _true(all(states(p)[-1:] == ["sold_out"] for p in pages.values())),
         what="every page told sold_out",
@@ -306,16 +306,22 @@ async def test_news_made_here_is_told_at_once_and_its_echo_tells_nobody_again() 
         lambda: _true(all(states(p)[-1:] == ["sold_out"] for p in pages.values())),
         what="every page told sold_out",
     )
-    hub.publish(room_message(news), b"")  # the echo, from the subscription
+    hub.publish(*_room(room_message(news)))  # the echo, from the subscription
     await asyncio.sleep(0.05)
     assert all(states(p) == ["waiting", "sold_out"] for p in pages.values())
     assert reads == []
 
 
-def _echo(news: RoomChanged) -> dict[str, Any]:
-    """`news` as the subscription brings it back from Redis: its message through JSON."""
+def _echo(news: RoomChanged) -> tuple[dict[str, Any], bytes, RoomChanged]:
+    """`news` as the subscription brings it back from Redis: its message through JSON, and
+    what the subscription's check made of it (`Hub.publish`'s arguments)."""
     parsed: dict[str, Any] = json.loads(to_json(room_message(news)))
-    return parsed
+    return _room(parsed)
+
+
+def _room(frame: dict[str, Any]) -> tuple[dict[str, Any], bytes, RoomChanged]:
+    """A room message as the subscription passes it on, checked (`Hub.publish`'s arguments)."""
+    return frame, to_json(frame), room_from_message(frame)
 
 
 async def test_news_of_a_step_not_newer_than_one_told_neither_rolls_the_counts_back_nor_reads(
@@ -349,19 +355,19 @@ async def test_news_of_a_step_not_newer_than_one_told_neither_rolls_the_counts_b
     hub.room_news([first])
     await eventually(lambda: _true(len(reads) == 1), what="the room read once")
     hub.room_news([second])
-    hub.publish(_echo(first), b"")  # Redis brings the first back after the second was told
+    hub.publish(*_echo(first))  # Redis brings the first back after the second was told
     page = pages["anon:a"]
     await eventually(lambda: _true(queue_counts(page) == [10, 6]), what="10, then 6")
     # The publisher may merge steps' news: the echo of the second came merged with the
     # first's (this process's own news, whose reads it made when it told them).
-    hub.publish(_echo(first.merged(second)), b"")
+    hub.publish(*_echo(first.merged(second)))
     await asyncio.sleep(0.6)  # past QUEUE_FRAME_SECONDS: anything due has gone
     assert queue_counts(page) == [10, 6]
     # News of joins (no step) is told whatever steps were told: it carries no counts.
-    hub.publish(_echo(RoomChanged(5, None, None, joined=frozenset({"anon:z"}))), b"")
+    hub.publish(*_echo(RoomChanged(5, None, None, joined=frozenset({"anon:z"}))))
     # From the subscription, out of order: step 4 (another process's), then step 3, whose
     # counts equal step 1's, and which admitted anon:b, whose page nobody told.
-    hub.publish(_echo(RoomChanged(5, 5, 5, step=4)), b"")
+    hub.publish(*_echo(RoomChanged(5, 5, 5, step=4)))
     await eventually(lambda: _true(queue_counts(page)[-1:] == [5]), what="5 told")
     until = 1_796_000_060_000
     room.tickets["anon:b"] = Ticket(
@@ -378,7 +384,7 @@ async def test_news_of_a_step_not_newer_than_one_told_neither_rolls_the_counts_b
         pass_until=until,
         step=3,
     )
-    hub.publish(_echo(third), b"")
+    hub.publish(*_echo(third))
     await eventually(
         lambda: _true(states(pages["anon:b"])[-1:] == ["admitted"]), what="anon:b admitted"
     )
@@ -408,7 +414,7 @@ async def test_a_late_step_s_lapsed_pass_still_reaches_its_page() -> None:
         5, "anon:a", 10, TicketState.LAPSED, joined_at=2, admitted_at=3, pass_expires_at=until
     )
     hub.room_news([RoomChanged(5, 0, 0, step=4)])
-    hub.publish(_echo(RoomChanged(5, 0, 0, shoppers=frozenset({"anon:a"}), step=3)), b"")
+    hub.publish(*_echo(RoomChanged(5, 0, 0, shoppers=frozenset({"anon:a"}), step=3)))
     await eventually(
         lambda: _true(states(pages["anon:a"])[-1:] == ["lapsed"]),
         what="anon:a told its pass lapsed",
@@ -434,7 +440,7 @@ async def test_a_late_step_that_names_everyone_still_reaches_the_pages() -> None
 
     room.tickets_of_room = whole_room  # type: ignore[attr-defined]
     hub.room_news([RoomChanged(5, 0, 0, step=4)])
-    hub.publish(_echo(RoomChanged(5, 0, 0, everyone=True, step=3)), b"")
+    hub.publish(*_echo(RoomChanged(5, 0, 0, everyone=True, step=3)))
     await asyncio.sleep(0)
     await eventually(
         lambda: _true(states(pages["anon:a"])[-1:] == ["sold_out"]),
@@ -484,7 +490,9 @@ async def test_admissions_are_told_from_the_news_without_reading_the_tickets() -
         5, "anon:b", 20, TicketState.ADMITTED, 50, admitted_at=60, pass_expires_at=until
     )
     news = {"type": "room", "productId": 5, "waiting": 0, "admitted": 2, "shoppers": []}
-    hub.publish({**news, "passed": ["anon:a", "anon:b"], "passedAt": 40, "passUntil": until}, b"")
+    hub.publish(
+        *_room({**news, "passed": ["anon:a", "anon:b"], "passedAt": 40, "passUntil": until})
+    )
     await eventually(
         lambda: _true(all(states(p)[-1:] == ["admitted"] for p in pages.values())),
         what="both pages told admitted",
@@ -508,7 +516,7 @@ async def test_a_lines_counts_reach_every_page_at_most_so_often_ending_on_the_ne
     socket = Socket()
     hub.join(socket)  # type: ignore[arg-type]
     for waiting in range(1, 51):  # fifty joins in a quarter of a second
-        hub.publish({"type": "room", "productId": 5, "waiting": waiting, "admitted": 0}, b"")
+        hub.publish(*_room({"type": "room", "productId": 5, "waiting": waiting, "admitted": 0}))
         await asyncio.sleep(0.005)
     await eventually(lambda: _true(queue_counts(socket)[-1:] == [50]), what="the newest count")
     assert len(queue_counts(socket)) <= 2  # the first at once, then the newest after 1 s
@@ -561,10 +569,10 @@ async def test_counts_not_yet_due_go_with_a_flush_in_the_same_write(
         socket = Socket()
         socket.scope["extensions"][EXTENSION] = page
         hub.join(socket)  # type: ignore[arg-type]
-    hub.publish({"type": "room", "productId": 5, "waiting": 1, "admitted": 0}, b"")
+    hub.publish(*_room({"type": "room", "productId": 5, "waiting": 1, "admitted": 0}))
     await eventually(lambda: _true(all(len(p.writes) == 1 for p in pages)), what="the first")
     # The next counts are not due for QUEUE_FRAME_SECONDS; a stock change comes meanwhile.
-    hub.publish({"type": "room", "productId": 5, "waiting": 2, "admitted": 0}, b"")
+    hub.publish(*_room({"type": "room", "productId": 5, "waiting": 2, "admitted": 0}))
     hub.publish(*stock(5, 9, 1))
     hub.flush()
     await eventually(lambda: _true(all(len(p.writes) == 2 for p in pages)), what="the flush")
@@ -928,21 +936,24 @@ async def test_bad_room_news_changes_nothing_and_is_logged_once(
     room = Room(5, [10], [Ticket(5, "anon:a", 10, TicketState.WAITING, joined_at=2)])
     hub, pages, reads = await pages_counting_reads(catalog, room, ["anon:a"])
     page = pages["anon:a"]
-    hub.publish(_echo(RoomChanged(5, 10, 2, step=5)), b"")
+    hub.publish(*_echo(RoomChanged(5, 10, 2, step=5)))
     await eventually(lambda: _true(queue_counts(page) == [10]), what="step 5's counts")
-    with caplog.at_level(logging.WARNING, logger="server.live.hub"):
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    subscriber = Subscriber(redis, None, catalog)  # type: ignore[arg-type]
+    subscriber.listen(hub.publish)  # checked there, once: the hub tells what it is given
+    with caplog.at_level(logging.WARNING, logger="server.live.subscriber"):
         for _ in range(3):
             for bad in BAD_ROOM_NEWS:
-                hub.publish({"type": "room", "productId": 5, **bad}, b"")
-    warnings = [r for r in caplog.records if r.name == "server.live.hub"]
+                subscriber._dispatch(to_json({"type": "room", "productId": 5, **bad}))
+    warnings = [r for r in caplog.records if r.name == "server.live.subscriber"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]  # one a minute
-    assert "malformed room message" in warnings[0].getMessage()
+    assert "malformed message" in warnings[0].getMessage()
     # Nothing of them kept: the room's newest step, its counts, tickets to read or tell.
     assert hub._steps == {5: 5}
     assert hub._queue_counts == {5: (10, 2)}
     assert (hub._rooms, hub._closing, hub._passing, reads) == ({}, {}, {}, [])
     # Step 8's news is newer than any sound one told: it is told.
-    hub.publish(_echo(RoomChanged(5, 7, 1, step=8)), b"")
+    hub.publish(*_echo(RoomChanged(5, 7, 1, step=8)))
     await eventually(lambda: _true(queue_counts(page) == [10, 7]), what="step 8's counts")
 
 
@@ -955,7 +966,7 @@ def test_bad_room_news_from_redis_reaches_no_listener_and_is_logged_once(
     redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
     subscriber = Subscriber(redis, None, Catalog())  # type: ignore[arg-type]
     heard: list[dict[str, Any]] = []
-    subscriber.listen(lambda frame, raw: heard.append(frame))
+    subscriber.listen(lambda frame, raw, news: heard.append(frame))
     with caplog.at_level(logging.WARNING, logger="server.live.subscriber"):
         for bad in BAD_ROOM_NEWS * 3:
             subscriber._dispatch(to_json({"type": "room", "productId": 5, **bad}))
@@ -991,7 +1002,7 @@ def test_a_stock_message_with_an_infinite_number_is_dropped_like_any_malformed_o
     catalog.apply(product_in_memory(id=1, available_stock=3))
     subscriber = Subscriber(redis, None, catalog)  # type: ignore[arg-type]
     heard: list[dict[str, Any]] = []
-    subscriber.listen(lambda frame, raw: heard.append(frame))
+    subscriber.listen(lambda frame, raw, news: heard.append(frame))
     with caplog.at_level(logging.WARNING, logger="server.live.subscriber"):
         for bad in BAD_STOCK_NEWS * 3:
             subscriber._dispatch(bad)
@@ -1010,11 +1021,11 @@ async def test_only_news_a_process_told_itself_is_awaited_back_as_its_echo() -> 
     catalog = Catalog()
     hub = Hub(catalog, max_clients=10, room=Room(1, [], []))  # type: ignore[arg-type]
     for product_id in range(1, 101):
-        hub.publish(_echo(RoomChanged(product_id, 1, 0, step=1)), b"")
+        hub.publish(*_echo(RoomChanged(product_id, 1, 0, step=1)))
     assert hub._echoes == {}
     hub.room_news([RoomChanged(7, 1, 0, step=2)])
     assert hub._echoes == {7: {2}}
-    hub.publish(_echo(RoomChanged(7, 1, 0, step=2)), b"")  # its echo: awaited no more
+    hub.publish(*_echo(RoomChanged(7, 1, 0, step=2)))  # its echo: awaited no more
     assert hub._echoes == {}
 
 
@@ -1034,10 +1045,10 @@ async def test_a_rooms_steps_counted_again_from_far_below_are_told(
     page = pages["anon:a"]
     hub.room_news([RoomChanged(5, 10, 2, step=20_000)])
     await eventually(lambda: _true(queue_counts(page) == [10]), what="10")
-    hub.publish(_echo(RoomChanged(5, 9, 2, step=20_000 - 5)), b"")  # late: old news
-    hub.publish(_echo(RoomChanged(5, 4, 1, step=12)), b"")  # after the restore
+    hub.publish(*_echo(RoomChanged(5, 9, 2, step=20_000 - 5)))  # late: old news
+    hub.publish(*_echo(RoomChanged(5, 4, 1, step=12)))  # after the restore
     await eventually(lambda: _true(queue_counts(page) == [10, 4]), what="the restored count")
-    hub.publish(_echo(RoomChanged(5, 3, 1, step=13)), b"")  # and on from there
+    hub.publish(*_echo(RoomChanged(5, 3, 1, step=13)))  # and on from there
     await eventually(lambda: _true(queue_counts(page) == [10, 4, 3]), what="step 13's")
     assert hub._echoes == {}  # the echo of step 20,000 is awaited no more
 
@@ -1083,7 +1094,12 @@ def test_a_stock_message_of_no_integers_changes_nothing() -> None:
         subscriber = Subscriber(redis, None, catalog)  # type: ignore[arg-type]
         heard: list[dict[str, Any]] = []
 
-        def hear(frame: dict[str, Any], raw: bytes, heard: list[dict[str, Any]] = heard) -> None:
+        def hear(
+            frame: dict[str, Any],
+            raw: bytes,
+            news: RoomChanged | None,
+            heard: list[dict[str, Any]] = heard,
+        ) -> None:
             heard.append(frame)
 
         subscriber.listen(hear)

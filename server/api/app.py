@@ -22,6 +22,7 @@ from server.api.identity import Identities, ShopperCookie
 from server.api.middleware import Observed
 from server.api.ratelimit import FailureThrottle, RateLimiter, RecentKeys
 from server.domain.clock import now_ms
+from server.domain.waitingroom import RoomChanged
 from server.infra import gcpauses
 from server.infra.gcpauses import SaleQuiet, time_gc_pauses
 from server.infra.logs import configure_logging
@@ -68,20 +69,25 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def _nudge_rooms(
-    catalog: Catalog, admitter: Admitter, room: WaitingRoom, frame: dict[str, Any], raw: bytes
+    catalog: Catalog,
+    admitter: Admitter,
+    room: WaitingRoom,
+    frame: dict[str, Any],
+    raw: bytes,
+    news: RoomChanged | None,
 ) -> None:
     """A stock change of a product with a waiting room, or a join or leave while its sale is
     on, from any process: the admitter steps at once, if it is the one admitting. News of
     an admission step (it has counts) makes positions here be read again soon."""
     kind = frame.get("type")
-    if kind not in ("stock", "room"):
+    if kind not in ("stock", "room") or (kind == "room" and news is None):
         return
-    product = catalog.get(int(frame["productId"]))
+    product = catalog.get(news.product_id if news is not None else int(frame["productId"]))
     if product is None or product.queue == "off":
         return
     if kind == "stock":
         admitter.nudge(product.id)
-    elif frame.get("waiting") is not None:
+    elif news is not None and news.waiting is not None:
         room.moved(product.id)  # an admission step's news (its own, too: no nudge)
     elif product.sale_state(now_ms()) == "open":
         admitter.nudge(product.id)  # a join or a leave while the sale is on

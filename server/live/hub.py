@@ -157,7 +157,7 @@ MAX_ECHOES = 64
 # steps every QUEUE_TICK_MS, 200 ms, while anyone waits: 18,000 an hour). Taking late news
 # for a restart costs a moment of its older counts on the pages, until the next step's.
 STEP_RESET = 1_000
-# Malformed room messages: at most one warning this often (s), per hub (`Hub._room_message`).
+# Rooms whose steps are counted again: at most one warning this often (s), per hub.
 BAD_NEWS_LOG_SECONDS = 60.0
 
 # WebSocket close codes
@@ -395,7 +395,6 @@ class Hub:
         # echo from Redis has not come back yet: at most MAX_ECHOES each, the oldest
         # forgotten first (an echo of a forgotten step is read like late news: no harm).
         self._echoes: dict[int, set[int]] = {}
-        self._bad_news = RareLog(logger, BAD_NEWS_LOG_SECONDS)
         self._resets = RareLog(logger, BAD_NEWS_LOG_SECONDS)  # steps counted again
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
@@ -700,21 +699,6 @@ class Hub:
         (`room_message`: past so many names, `everyone`)."""
         for one in news:
             self._room_news(room_from_message(room_message(one)), local=True)
-
-    def _room_message(self, frame: dict[str, Any]) -> None:
-        """A `room` message from the subscription: told if every field of it is sound
-        (`room_from_message`), else dropped, changing nothing, with a warning (at most one
-        every BAD_NEWS_LOG_SECONDS)."""
-        try:
-            news = room_from_message(frame)
-        except ValueError as exc:
-            self._bad_news.warning(
-                "live updates: ignoring a malformed room message (%s): %s",
-                exc,
-                loggable(repr(frame), SHOWN_CHARS),
-            )
-            return
-        self._room_news(news)
 
     def _room_news(self, news: RoomChanged, *, local: bool = False) -> None:
         """Room news, checked already, from this process's admitter or the subscription. News
@@ -1131,8 +1115,10 @@ class Hub:
 
     # -- frames ----------------------------------------------------------------------
 
-    def publish(self, frame: dict[str, Any], raw: bytes) -> None:
-        """A frame from the subscription (or a resync): queue it for the next flush."""
+    def publish(self, frame: dict[str, Any], raw: bytes, news: RoomChanged | None = None) -> None:
+        """A frame from the subscription (or a resync), checked there: queue it for the next
+        flush. A `room` message comes with `news`, what the subscription's check made of it
+        (`room_from_message`), told as it is: one without is not told."""
         kind = frame.get("type")
         if kind == "stock":
             product_id, version = int(frame["productId"]), int(frame["version"])
@@ -1160,7 +1146,8 @@ class Hub:
             if reservation_id in self._watchers:
                 self._reservations.append((reservation_id, raw.decode()))
         elif kind == "room":
-            self._room_message(frame)
+            if news is not None:
+                self._room_news(news)
             return
         else:
             return

@@ -18,6 +18,7 @@ from pydantic_core import from_json, to_json
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from server.domain.waitingroom import RoomChanged
 from server.infra.keys import events_channel
 from server.infra.logs import RareLog
 from server.infra.metrics import PUBSUB_RECONNECTS
@@ -37,7 +38,10 @@ from server.wire.frames import (
 logger = logging.getLogger(__name__)
 
 Frame = dict[str, Any]
-FrameListener = Callable[[Frame, bytes], None]
+# A listener gets each message as parsed, as sent (its JSON: what pages are sent), and, for
+# room news, the `RoomChanged` its check made of it (None for any other kind): checked once
+# here, not again by each listener.
+FrameListener = Callable[[Frame, bytes, RoomChanged | None], None]
 
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
@@ -117,6 +121,7 @@ class Subscriber:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _dispatch(self, raw: bytes) -> None:
+        news = None
         try:
             frame = from_json(raw)
             if frame["type"] == "stock":
@@ -130,8 +135,9 @@ class Subscriber:
                 self._catalog.apply(product_from_frame(frame["product"]))
             elif frame["type"] == "room":
                 # Checked whole before any listener sees it: the hub's steps, counts and
-                # echoes, and the admitter's nudge, change only for sound news.
-                room_from_message(frame)
+                # echoes, and the admitter's nudge, change only for sound news; and passed on
+                # as checked, not parsed again by the hub.
+                news = room_from_message(frame)
             elif frame["type"] == "reservation":
                 # Checked as room news is: one without a reservation reached the hub, whose
                 # KeyError was logged with its traceback for each such message.
@@ -144,12 +150,12 @@ class Subscriber:
                 "live updates: ignoring a malformed message (%s): %r", exc, raw[:200]
             )
             return
-        self._emit(frame, raw)
+        self._emit(frame, raw, news)
 
-    def _emit(self, frame: Frame, raw: bytes) -> None:
+    def _emit(self, frame: Frame, raw: bytes, news: RoomChanged | None = None) -> None:
         for listener in self._listeners:
             try:
-                listener(frame, raw)
+                listener(frame, raw, news)
             except Exception:
                 logger.exception("live updates: a listener failed")
 
