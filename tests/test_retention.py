@@ -173,3 +173,47 @@ async def test_ended_tickets_go_in_bounded_batches_and_open_ones_stay(store: Sto
         "anon:new1": "sold_out",
         "anon:new2": "lapsed",
     }
+
+
+async def test_ledger_rows_behind_a_batch_of_kept_events_still_go(store: Store) -> None:
+    """A batch of a product's oldest ledger rows whose events are all still kept (waiting
+    for an endpoint: one that failed for a day and was disabled, say, however old) does
+    not keep the product's later old rows, whose events are gone, in the table forever:
+    the batch is chosen among the rows retention may remove. Each run chose the oldest
+    `batch` rows, removed none of them and stopped at the product."""
+    await Webhooks(store).create(url="https://shop.example/hooks", events=[], description="")
+    product = await make_product(store, 10)
+    old = now_ms() - 100 * DAY_MS
+    for n in range(4):
+        made = await hold(store, product.id, 1, now=old + n * 10)
+        await store.write(
+            lambda conn, r=made.id, at=old + n * 10 + 1: cancel_one(conn, r, now=at)  # type: ignore[misc]
+        )
+    await Ledger(store).check()
+    # The first two holds' events wait (never dispatched); the last two holds' events went
+    # (delivered and removed: as retention would have).
+    async with store.reader() as conn:
+        versions = [
+            int(r["version"])
+            for r in await conn.fetch_all(
+                "SELECT version FROM outbox WHERE product_id = :p ORDER BY version",
+                {"p": product.id},
+            )
+        ]
+    assert len(versions) == 8
+    gone = versions[4]
+    await store.write(
+        lambda conn: conn.execute(
+            "DELETE FROM outbox WHERE product_id = :p AND version >= :v",
+            {"p": product.id, "v": gone},
+        )
+    )
+    retention = Retention(store, days=90)
+    for _ in range(5):  # runs enough to reach every product and row
+        await retention.run(batch=2, most=10)
+    cutoff = now_ms() - 90 * DAY_MS
+    assert await count(store, "stock_ledger", f"product_id = {product.id} AND at < {cutoff}") == 4
+    assert (
+        await count(store, "stock_ledger", f"product_id = {product.id} AND version >= {gone}") == 0
+    )
+    await assert_reconciled(store)

@@ -43,34 +43,49 @@ async def remove_holds(conn: Executor, *, cutoff: int, limit: int) -> int:
     return len(rows)
 
 
-async def remove_ledger_rows(conn: Executor, product_id: int, *, cutoff: int, limit: int) -> int:
-    """Remove up to about `limit` of a product's proved ledger rows from before `cutoff`,
-    oldest first (whole versions: the rows of one change go together)."""
+# Not a ledger row whose outbox event is still there: a reservation event's body is
+# rendered from its ledger row at every delivery (`outbox.render`).
+_EVENT_GONE = (
+    "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.product_id = stock_ledger.product_id "
+    "AND o.version = stock_ledger.version AND o.seq = stock_ledger.seq)"
+)
+
+
+async def ledger_rows_to_remove(
+    conn: Executor, product_id: int, *, cutoff: int, limit: int
+) -> tuple[int, int] | None:
+    """The lowest and highest versions of up to `limit` of a product's proved ledger rows
+    from before `cutoff` whose outbox events are gone, oldest first (None: there are none),
+    for `remove_ledger_rows`. Chosen among the rows that may go: the oldest `limit` rows,
+    when all were kept with their events (an endpoint disabled with a day of events
+    waiting), stopped the product's later old rows from going, run after run. The choice
+    walks past the rows kept (on SQLite ~4 µs each at load 7: 0.4 s for 100,000), so it is
+    read outside the write transaction, which the walk held as long."""
     balance = await conn.fetch_one(
         "SELECT version FROM ledger_balances WHERE product_id = :p", {"p": product_id}
     )
     if balance is None:
-        return 0
+        return None
     rows = await conn.fetch_all(
         "SELECT version FROM stock_ledger WHERE product_id = :p AND at < :cutoff "
-        "AND version <= :proved ORDER BY version LIMIT :limit",
+        f"AND version <= :proved AND {_EVENT_GONE} ORDER BY version LIMIT :limit",
         {"p": product_id, "cutoff": cutoff, "proved": int(balance["version"]), "limit": limit},
     )
     if not rows:
-        return 0
-    # Not a row whose outbox event is still there: a reservation event's body is rendered
-    # from its ledger row at every delivery (`outbox.render`).
+        return None
+    return int(rows[0]["version"]), int(rows[-1]["version"])
+
+
+async def remove_ledger_rows(
+    conn: Executor, product_id: int, versions: tuple[int, int], *, cutoff: int
+) -> int:
+    """Remove a product's ledger rows of `versions` (lowest, highest: from
+    `ledger_rows_to_remove`, whole versions: the rows of one change go together) from
+    before `cutoff` whose outbox events are gone (checked again here, in the write)."""
     removed = await conn.fetch_all(
         "DELETE FROM stock_ledger WHERE product_id = :p AND version >= :low "
-        "AND version <= :high AND at < :cutoff AND NOT EXISTS (SELECT 1 FROM outbox o "
-        "WHERE o.product_id = stock_ledger.product_id AND o.version = stock_ledger.version "
-        "AND o.seq = stock_ledger.seq) RETURNING seq",
-        {
-            "p": product_id,
-            "low": int(rows[0]["version"]),
-            "high": int(rows[-1]["version"]),
-            "cutoff": cutoff,
-        },
+        f"AND version <= :high AND at < :cutoff AND {_EVENT_GONE} RETURNING seq",
+        {"p": product_id, "low": versions[0], "high": versions[1], "cutoff": cutoff},
     )
     return len(removed)
 

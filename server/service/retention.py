@@ -90,11 +90,20 @@ class Retention:
         total = 0
         budget = most
         for product_id in products:
-            trim = functools.partial(
-                retention.remove_ledger_rows, product_id=product_id, cutoff=cutoff, limit=batch
-            )
             while budget > 0:
                 budget -= 1
+                async with self.store.reader() as conn:
+                    versions = await retention.ledger_rows_to_remove(
+                        conn, product_id, cutoff=cutoff, limit=batch
+                    )
+                if versions is None:
+                    break
+                trim = functools.partial(
+                    retention.remove_ledger_rows,
+                    product_id=product_id,
+                    versions=versions,
+                    cutoff=cutoff,
+                )
                 done = await self.store.write(trim)
                 total += done
                 if done < batch:
