@@ -262,6 +262,8 @@ BAD_PORTS: list[tuple[dict[str, str], list[str]]] = [
     ({"PORT": "65536"}, ["PORT", "'65536'"]),
     ({"PORT": "-1"}, ["PORT", "'-1'"]),
     ({"PORT": "80.5"}, ["PORT", "'80.5'"]),
+    # More digits than Python turns into an integer (4,300): int()'s ValueError, a traceback.
+    ({"PORT": "9" * 5000}, ["PORT", "'99999"]),
     ({"PORT": "9117", "WEB_METRICS_PORT": "9117"}, ["PORT", "WEB_METRICS_PORT", "9117"]),
     (
         {"WEB_METRICS_PORT": "9118", "WORKER_METRICS_PORT": "9118"},

@@ -331,7 +331,14 @@ def port_settings(port: str, settings: Settings) -> tuple[dict[str, int], str | 
     check for a port in use, which could only see what listened before the start."""
     problems = []
     ports: dict[str, int] = {}
-    if port.isascii() and port.isdigit() and 1 <= int(port) <= MAX_PORT:
+    # At most as many digits as MAX_PORT ("080" is 80, to uvicorn as well) before `int`:
+    # one of more than 4,300 digits raised its ValueError, a traceback.
+    if (
+        port.isascii()
+        and port.isdigit()
+        and len(port) <= len(str(MAX_PORT))
+        and 1 <= int(port) <= MAX_PORT
+    ):
         ports["PORT"] = int(port)
     else:
         problems.append(f"PORT must be a port number (1-{MAX_PORT}), got {port!r}")
