@@ -741,6 +741,10 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
                 lambda q: _cpu_window(q.get("cpu_first_seconds") or {}),
             ),
             row(
+                "CPU in the minute before the start: web / worker / shoppers (s of CPU in s)",
+                lambda q: _cpu_window(q.get("cpu_minute_before") or {}),
+            ),
+            row(
                 "shoppers' loops late, from 1 s before the start: p50 / p99 / max",
                 lambda q: pct(q.get("shopper_loop_lag_ms") or {}),
             ),

@@ -186,6 +186,7 @@ def run(
     procs: list[subprocess.Popen[str]] = []
     answers: list[dict[str, Any]] = []
     sampler: CpuSampler | None = None
+    before: CpuSampler | None = None  # two samples: the start set, and 2 s before it
     profiling: list[subprocess.Popen[bytes]] = []
     try:
         opening = time.monotonic()
@@ -198,6 +199,10 @@ def run(
         )
         response.raise_for_status()
         start = float(parse_iso(response.json()["saleStartsAt"]))
+        web = getattr(getattr(service, "web", None), "pid", None)
+        worker = getattr(getattr(service, "worker", None), "pid", None)
+        before = CpuSampler(web, worker, [proc.pid for proc in procs])
+        before.sample()
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps({"start_ms": start}) + "\n")
@@ -208,8 +213,7 @@ def run(
             flush=True,
         )
         time.sleep(max(0.0, (start - now_ms()) / 1000 - 2.0))
-        web = getattr(getattr(service, "web", None), "pid", None)
-        worker = getattr(getattr(service, "worker", None), "pid", None)
+        before.sample()
         sampler = CpuSampler(web, worker, [proc.pid for proc in procs])
         sampler.start()
         profiling = _profile(web, worker, *(proc.pid for proc in procs))
@@ -231,6 +235,15 @@ def run(
             if proc.poll() is None:
                 proc.kill()
     stats = httpx.get(poller.url, headers=poller.headers).json()
+    minute: dict[str, float] = {}
+    if before is not None and len(before.samples) == 2:
+        (t0, web0, worker0, shoppers0), (t1, web1, worker1, shoppers1) = before.samples
+        minute = {
+            "seconds": round((t1 - t0) / 1000, 2),
+            "web": round(web1 - web0, 2),
+            "worker": round(worker1 - worker0, 2),
+            "shoppers": round(shoppers1 - shoppers0, 2),
+        }
     rows = [row for answer in answers for row in answer["shoppers"]]
     return summarize(
         rows,
@@ -250,6 +263,7 @@ def run(
         ),
         lags=[lag for a in answers for lag in a.get("lags_ms", [])],
         cpu=sampler.samples if sampler is not None else [],
+        cpu_before=minute,
     )
 
 
@@ -268,11 +282,14 @@ def summarize(
     shopper_cpu_after_start: float = 0.0,
     lags: list[float] | None = None,
     cpu: list[tuple[float, float, float, float]] | None = None,
+    cpu_before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The figures of one run from every shopper's row (times in ms from the start).
     `lags`: how late the shoppers' processes ran their loops' ticks (ms; see
     bench/queuers.py); `cpu`: (epoch ms, web, worker, shoppers' CPU seconds so far)
-    samples (`CpuSampler`)."""
+    samples (`CpuSampler`); `cpu_before`: each party's CPU seconds in the minute before
+    the start (from when the start was set until 2 s before it: the line filling up, and
+    every page told its counts)."""
 
     def since(t: float) -> float:
         return round(t - start, 1)
@@ -364,6 +381,7 @@ def summarize(
         "shopper_cpu_seconds": round(shopper_cpu, 2),
         "shopper_cpu_after_start_seconds": round(shopper_cpu_after_start, 2),
         "cpu_first_seconds": window,
+        "cpu_minute_before": cpu_before or {},
         "shopper_loop_lag_ms": _rounded(_percentiles(lags or [])),
         "join_sent_late_ms": _rounded(_percentiles(sent_late)),
         "series": {
