@@ -225,6 +225,25 @@ async def test_leaving_and_joining_again_before_the_start_keeps_the_place(store:
     assert sorted(order[:-2]) == early
 
 
+async def test_the_line_read_as_one_text_is_the_line_read_row_by_row(store: Store) -> None:
+    """SQLite reads a line's places as one text (`lineup(concat=True)`: a row per person
+    waiting was a step of sqlite3 each, with 15,000 waiting): the same places, in the
+    same order, as the row by row read, drawn places (below zero) and arrivals alike; and
+    an empty line is an empty line."""
+    product = await room(store, 5, queue="random")
+    async with store.reader() as conn:
+        empty = await waitingroom.lineup(conn, product.id, now=START - 1, concat=store.is_sqlite)
+    assert empty.places == ()
+    await join_many(store, product.id, shoppers(300), at=START - 5_000)
+    await join_many(store, product.id, ["anon:late-1", "anon:late-2"], at=START + 100)
+    async with store.reader() as conn:
+        rows = await waitingroom.lineup(conn, product.id, now=START + 200)
+        text = await waitingroom.lineup(conn, product.id, now=START + 200, concat=store.is_sqlite)
+    assert len(rows.places) == 302
+    assert min(rows.places) < 0 <= max(rows.places)
+    assert text == rows
+
+
 async def test_positions_in_a_random_room_are_hidden_until_the_start(store: Store) -> None:
     """Before the start a position would tell the draw early: the view, the refusal and
     the estimated wait say nothing of it; from the start they do."""

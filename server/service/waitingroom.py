@@ -309,7 +309,9 @@ class WaitingRoom:
 
     async def _read_line(self, product_id: int) -> Lineup:
         async with self.store.reader() as conn:
-            line = await waitingroom.lineup(conn, product_id, now=now_ms())
+            line = await waitingroom.lineup(
+                conn, product_id, now=now_ms(), concat=self.store.is_sqlite
+            )
         self._lines[product_id] = line
         return line
 
