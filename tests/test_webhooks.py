@@ -478,6 +478,36 @@ async def test_a_stored_url_the_client_cannot_parse_fails_its_attempts(store: St
     assert "InvalidURL" in (found[0].last_error or ""), found[0]
 
 
+async def test_an_event_whose_body_cannot_be_built_fails_its_attempts(
+    store: Store, receiver: Receiver
+) -> None:
+    """A reservation event's body takes the hold's id, units and figures from its ledger
+    row. Should that row be gone (a worker of an older release removed it: it did not know
+    the event needs it), each attempt fails with what was wrong, recorded like any failure
+    (so the endpoint backs off and is disabled in time, and the console shows why), where
+    the run raised out of the worker unrecorded, every lease, for ever."""
+    endpoint_id = await register(store, receiver)
+    product = await make_product(store, 3)
+    made = await hold(store, product.id, 1)
+    await store.write(
+        lambda conn: conn.execute(
+            "DELETE FROM stock_ledger WHERE reservation_id = :r", {"r": made.id}
+        )
+    )
+    sender = deliverer(store)
+    try:
+        await sender.drain(within=5)
+    finally:
+        await sender.stop()
+    deliveries = await Webhooks(store).deliveries(endpoint_id, limit=10)
+    assert deliveries is not None
+    found = [d for d in deliveries if d.type == "reservation.created"]
+    assert found, "no delivery of the hold's event"
+    assert found[0].attempts >= 1, found
+    assert "cannot be built" in (found[0].last_error or ""), found[0]
+    assert not any(r.type == "reservation.created" for r in receiver.received)
+
+
 async def test_a_receiver_on_the_local_network_is_refused_unless_allowed(
     store: Store, receiver: Receiver
 ) -> None:

@@ -296,11 +296,22 @@ class Deliverer:
         await self.store.write(lambda conn: webhooks.settle_redelivery(conn, endpoint_id, attempt))
 
     async def _post(self, endpoint: Endpoint, outgoing: Outgoing) -> Attempt:
-        """One signed POST of an event; never raises for what the receiver does."""
+        """One signed POST of an event; never raises for what the receiver does, nor for an
+        event whose body cannot be built (a failed attempt that says why)."""
         at = now_ms()
         seconds = at // 1000
         moment = datetime.fromtimestamp(seconds, UTC)
-        payload = outgoing.body()
+        try:
+            payload = outgoing.body()
+        except ValueError as exc:
+            # A reservation event whose ledger row is gone (a worker of a release before
+            # 9276530 removed it, not knowing the body is rendered from it): a failed
+            # attempt, recorded and backed off like any (the endpoint is disabled in time,
+            # the console shows why), not an error out of the run at every lease.
+            FAILED.inc()
+            problem = text.storable(f"the event's body cannot be built: {exc}", MAX_ERROR_CHARS)
+            logger.warning("webhook %s not sent: %s", outgoing.event_id, problem)
+            return Attempt(outgoing.event_id, at, None, problem)
         signature = " ".join(
             self._signer(secret).sign(outgoing.event_id, moment, payload)
             for secret in endpoint.secrets(at)
