@@ -230,6 +230,22 @@ def test_any_stop_signal_stops_everything_and_frees_the_port(
         assert f"serve: stopped everything; port {port} is free" in log, log
 
 
+def _run_to_end(
+    tmp_path: Path, env: dict[str, str], command: tuple[str, ...] = ("server", "serve")
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <command>` in `tmp_path` with `env`, to its end (a refusal: these exit
+    at once), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STARTED_WITHIN_S,
+        check=False,
+    )
+
+
 def test_a_port_in_use_stops_it_at_once_naming_the_setting(tmp_path: Path) -> None:
     """With another bin/serve on port 8000, the web process failed to bind, yet the URLs
     were printed, pointing at the other service's shop, which answered them."""
@@ -238,14 +254,7 @@ def test_a_port_in_use_stops_it_at_once_naming_the_setting(tmp_path: Path) -> No
         other.listen()
         port = other.getsockname()[1]
         env = serve_env(PORT=str(port), WEB_METRICS_PORT=str(free_port()), WORKER_METRICS_PORT="0")
-        done = subprocess.run(
-            [sys.executable, "-m", "server", "serve"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=STARTED_WITHIN_S,
-        )
+        done = _run_to_end(tmp_path, env)
     assert done.returncode == 1, done
     assert f"port {port} (PORT) already in use" in done.stdout, done.stdout
     assert "PORT=8001" in done.stdout, done.stdout
@@ -282,14 +291,7 @@ def test_a_port_setting_that_cannot_be_used_stops_it_at_once_naming_it(
     made: exit 1 and one line naming the setting(s) and the value."""
     ports = {"PORT": str(free_port()), "WEB_METRICS_PORT": "0", "WORKER_METRICS_PORT": "0"}
     env = serve_env(**{**ports, **settings})
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "serve"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=STARTED_WITHIN_S,
-    )
+    done = _run_to_end(tmp_path, env)
     assert done.returncode == 1, done
     assert done.stderr == "", done.stderr
     lines = done.stdout.strip().splitlines()
@@ -362,15 +364,7 @@ def test_a_setting_that_cannot_be_used_ends_a_command_with_one_line_naming_it(
     """Each command's start: exit code 2 and the setting named on one line, not a traceback
     through the settings' code (a newcomer's `HOLD_SECONDS=soon bin/serve` got 12 lines)."""
     env = {**os.environ, "HOLD_SECONDS": "soon"}
-    done = subprocess.run(
-        [sys.executable, "-m", *command],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=STARTED_WITHIN_S,
-        check=False,
-    )
+    done = _run_to_end(tmp_path, env, tuple(command))
     assert done.returncode == 2, done
     assert done.stderr.strip() == "configuration error: HOLD_SECONDS must be a number, got 'soon'"
     assert not (tmp_path / "var").exists()  # nothing was started or made
