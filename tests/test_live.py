@@ -235,13 +235,16 @@ async def test_an_expiry_by_the_worker_reaches_clients_of_both(
 async def test_a_watcher_hears_its_hold_expire_complete_and_cancel(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="1") as (a, b):
+    # Holds of 4 s: long enough for a loaded machine to open the socket and watch a hold, or
+    # complete and cancel two, before they expire (at 1 s one failed so at a load of 7),
+    # short enough to wait for the first one's expiry.
+    with two_services(database_url, redis_url, tmp_path, HOLD_SECONDS="4") as (a, b):
         product = await a.new_product(10)
         to_expire = await reserve(a, product["id"])
         async with socket_to(b) as ws:
             await ws.send({"type": "watch", "reservations": [to_expire["id"]]})
             await ws.status(to_expire["id"], "ACTIVE")  # its current state, at once
-            expired = await ws.status(to_expire["id"], "EXPIRED")
+            expired = await ws.status(to_expire["id"], "EXPIRED", within=30)
             assert expired["reservation"]["product"]["availableStock"] == 10
 
         async with a.client() as http, socket_to(b) as ws:
