@@ -3,8 +3,11 @@ tables, for the benchmark (`bin/bench history`) and for tests (a few thousand ho
 
 `load(database_url, History(holds=1_000_000))` writes products sold one after another over
 `days` days (each sale a slot of `days / products`), and `holds` ended holds spread over
-those sales, COMPLETED, EXPIRED or CANCELLED, half of them with an Idempotency-Key that no
-sweep has cleared yet. The stock books balance, as the service would have left them: no hold
+those sales, COMPLETED, EXPIRED or CANCELLED, half of them made with an Idempotency-Key. As a
+running service would have left them (`History.swept`, the default), the keys of holds older
+than the idempotency window (a day) are already freed, as the worker's sweep frees them while
+they age; `swept=False` loads every key, a backlog the sweep meets at once (a worker that was
+down for days). The stock books balance, as the service would have left them: no hold
 is ACTIVE, so every product's `total_stock == available_stock + sold units`, expired and
 cancelled units having gone back on sale, and its counters (`held_units`, `sold_units`,
 `expired_units`, `cancelled_units`) say so. The data is a function of `History` alone (a
@@ -82,6 +85,9 @@ class History:
     days: int = 30
     keyed_share: float = 0.5  # of the holds made with an Idempotency-Key
     seed: int = 18
+    # The keys of holds older than a day already freed, as the worker's sweep leaves a
+    # running service's; False: every key loaded, for the sweep to clear (a backlog).
+    swept: bool = True
 
     @property
     def product_count(self) -> int:
@@ -200,7 +206,10 @@ class _Month:
                 ended = created + rng.randrange(1_000, HOLD_MS - 1_000)
             key = rng.randbytes(16).hex() if rng.random() < keyed else None
             if key is not None and created <= self.key_cutoff:
-                self.key_backlog += 1
+                if self.history.swept:
+                    key = None  # the sweep freed it a day after the hold was made
+                else:
+                    self.key_backlog += 1
             yield (
                 base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=").decode(),
                 self.product[i],
@@ -319,5 +328,6 @@ async def _key_backlog(database_url: str) -> int:
 
 
 def key_backlog(database_url: str) -> int:
-    """Idempotency keys older than a day that the sweep has not cleared yet."""
+    """Idempotency keys older than a day that the sweep has not cleared yet (0 after a
+    `swept` load)."""
     return asyncio.run(_key_backlog(database_url))
