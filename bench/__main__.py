@@ -680,9 +680,17 @@ def _history_run(
             listed = httpx.get(service.base_url + "/api/products?limit=100").json()
             page_ids = sorted(p["id"] for p in listed)[-100:]
             ws = service.base_url + "/ws"
+            # The CPU each party spent while pages opened the socket: what else (the
+            # worker's sweep, PostgreSQL) took the cores from the web process.
+            cpu_before = {k: stack.cpu_seconds(pid) for k, pid in wave_processes(service).items()}
             result["sockets"] = history.socket_connect_rate(
                 f"{ws}?ids={','.join(map(str, page_ids))}", seconds=size.socket_seconds
             )
+            result["sockets"]["cpu_s"] = {
+                k: round(stack.cpu_seconds(pid) - cpu_before[k], 2)
+                for k, pid in wave_processes(service).items()
+            }
+            print(f"  CPU seconds meanwhile: {result['sockets']['cpu_s']}", flush=True)
             result["sockets_all"] = history.socket_connect_rate(ws, seconds=size.socket_seconds)
             # The product with the most holds: the one (d) made its holds for, created last.
             product_id = max(p["id"] for p in httpx.get(service.base_url + "/api/products").json())
