@@ -92,6 +92,7 @@ class Sizes:
     steady_hold_seconds: float
     history_holds: list[int]  # past holds to load, after the empty run
     history_products: int  # 0: one per 100 holds
+    history_backlog: bool  # load every key, unswept (the default: swept, as a service leaves it)
     socket_seconds: float  # pages opening /ws, in the history scenario
     queue_early: int  # shoppers joining the waiting room in the minute before the start
     queue_late: int  # and in its first second
@@ -179,6 +180,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="products of every history database, the empty one's too (default: one per 100 "
         "holds of the largest history)",
     )
+    parser.add_argument(
+        "--history-backlog",
+        action="store_true",
+        help="load the month with every idempotency key, for the worker to sweep during the "
+        "run (a worker down for days), instead of as a running service leaves it",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.scenarios) - {*SCENARIOS, "all"}
     if unknown:
@@ -228,6 +235,7 @@ def sizes(args: argparse.Namespace) -> Sizes:
         steady_hold_seconds=pick(args.steady_hold_seconds, 10.0, 3.0),
         history_holds=pick(args.history_holds, [100_000, 1_000_000], [2_000, 20_000]),
         history_products=args.history_products,
+        history_backlog=args.history_backlog,
         socket_seconds=5.0 if not quick else 2.0,
         queue_early=pick(args.queue_early, 5_000, 500),
         queue_late=pick(args.queue_late, 10_000, 1_000),
@@ -619,7 +627,10 @@ def _history_run(
     ):
         progress.step(f"{config.label} · history: {state}, loading and bare endpoint")
         if holds:
-            loaded = past.load(db_url, past.History(holds=holds, products=_history_catalog(size)))
+            month = past.History(
+                holds=holds, products=_history_catalog(size), swept=not size.history_backlog
+            )
+            loaded = past.load(db_url, month)
         else:
             # The same catalog without its past holds: the empty database's pages and
             # snapshots then carry as many products as the history's, so the shares compare
