@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -629,6 +630,44 @@ async def test_flushes_that_cost_much_take_at_most_a_quarter_of_the_loop(
     began = pages[0].at[-1]  # ...and changes nothing of the wait for the next to all
     # A timer may fire up to the clock's resolution early; a busy machine only makes it later.
     assert began - first_end >= 3 * first_cost - 0.005
+
+
+async def test_a_lines_counts_come_less_often_where_telling_every_page_costs_much(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line's counts change with every join, and each flush of them is a write to every
+    page: before a sale with 15,000 pages in its line, 300,000 writes in its last minute (a
+    flush every QUEUE_FRAME_SECONDS, 3 s, each 0.3-0.9 s of the loop). Their own flushes
+    take at most QUEUE_FRAME_SHARE of the loop: the next comes the last one's cost over
+    that share after it (here 1 s where 0.05 s was asked), and the newest count still
+    reaches every page."""
+    monkeypatch.setattr(live, "QUEUE_FRAME_SECONDS", 0.05)
+    monkeypatch.setattr(live, "QUEUE_FRAME_SHARE", 0.05)
+    monkeypatch.setattr(live, "QUEUE_FRAME_MAX_SECONDS", 5.0)
+    # The fan-out's own budget alone would let a flush come every 0.15 s here.
+    monkeypatch.setattr(live, "FANOUT_SHARE", 1.0)
+    monkeypatch.setattr(live, "MAX_FANOUT_SHARE", 0.25)
+    hub = Hub(Catalog(), max_clients=20)
+    pages = [CostlyPage(0.01) for _ in range(5)]  # a flush: ~50 ms of the loop
+    for page in pages:
+        socket = Socket()
+        socket.scope["extensions"][EXTENSION] = page
+        hub.join(socket)  # type: ignore[arg-type]
+    began = time.monotonic()
+    waiting = 0
+    while time.monotonic() - began < 2.5:  # a join every 10 ms
+        waiting += 1
+        hub.publish(*_room({"type": "room", "productId": 5, "waiting": waiting, "admitted": 0}))
+        await asyncio.sleep(0.01)
+    newest = f'"waiting":{waiting},'
+    await eventually(
+        lambda: _true(all(newest in p.writes[-1].decode(errors="replace") for p in pages)),
+        what="the newest count on every page",
+    )
+    at = pages[0].at
+    assert len(at) >= 3, at
+    # Each flush took >= 50 ms, so >= 1 s between two (a busy machine only makes it later).
+    assert min(b - a for a, b in itertools.pairwise(at)) >= 0.9, at
 
 
 # -- a client that sends and never reads -----------------------------------------------------

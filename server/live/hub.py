@@ -113,6 +113,15 @@ NEWS_SLICE_SECONDS = 0.02
 # a second was half of a web process (the bench's `queue`, py-spy): a count a page shows
 # may be three seconds old.
 QUEUE_FRAME_SECONDS = 3.0
+# ...or less often: the counts' own flushes (a write to every page) take at most this share
+# of the event loop, the last flush to every page's cost standing for the next's, up to
+# QUEUE_FRAME_MAX_SECONDS between two. With 15,000 pages in a line filling up before a sale
+# they were 300,000 writes in its last minute (a flush every 3 s, each 0.3-0.9 s of a
+# loaded machine's loop): every 6-10 s instead. Counts that ride with a flush of stock or
+# product frames (QUEUE_RIDE_SECONDS) cost nothing more and are not held back by this.
+QUEUE_FRAME_SHARE = 0.05
+QUEUE_FRAME_MAX_SECONDS = 10.0
+_NEVER = -1e9  # the loop time a room's counts were "last sent" before they ever were
 # ...but they go sooner, at most this often, with a flush of stock or product frames that
 # goes to every page anyway: in the same write as those (`Client.offer_all`), they cost a
 # socket nothing more, where a flush of their own costs a write to each.
@@ -803,24 +812,32 @@ class Hub:
             self._start_ticketer()
             self._tickets_due.set()
 
+    @property
+    def queue_gap(self) -> float:
+        """The least time between two of a room's counts in flushes of their own (s):
+        QUEUE_FRAME_SECONDS, or longer where a flush to every page costs so much that this
+        would take more than QUEUE_FRAME_SHARE of the event loop (the last flush to every
+        page's cost standing for the next's), up to QUEUE_FRAME_MAX_SECONDS."""
+        stretched = min(QUEUE_FRAME_MAX_SECONDS, self._flush_cost / QUEUE_FRAME_SHARE)
+        return max(QUEUE_FRAME_SECONDS, stretched)
+
     def _schedule_queues(self) -> None:
         """The pending `queue` frames go out with a flush once each product's last one is
-        QUEUE_FRAME_SECONDS old: the newest counts, at most that often."""
+        `queue_gap` old: the newest counts, at most that often."""
         if self._queue_timer is not None or not self._queues:
             return
         loop = asyncio.get_running_loop()
-        due = min(
-            self._queue_sent_at.get(product_id, -QUEUE_FRAME_SECONDS) + QUEUE_FRAME_SECONDS
-            for product_id in self._queues
-        )
+        gap = self.queue_gap
+        due = min(self._queue_sent_at.get(product_id, _NEVER) + gap for product_id in self._queues)
         self._queue_timer = loop.call_at(due, self._queues_due)
 
     def _queues_due(self) -> None:
         self._queue_timer = None
         now = asyncio.get_running_loop().time()
+        gap = self.queue_gap
         for product_id in list(self._queues):
-            sent = self._queue_sent_at.get(product_id, -QUEUE_FRAME_SECONDS)
-            if now >= sent + QUEUE_FRAME_SECONDS:
+            sent = self._queue_sent_at.get(product_id, _NEVER)
+            if now >= sent + gap:
                 self._due_queues[product_id] = self._queues.pop(product_id)
                 self._queue_sent_at[product_id] = now
         if self._due_queues:
@@ -1197,9 +1214,7 @@ class Hub:
             # stock changes are flushed every MAX_FLUSH_GAP).
             now = loop.time()
             for product_id in list(self._queues):
-                if now >= self._queue_sent_at.get(product_id, -QUEUE_FRAME_SECONDS) + (
-                    QUEUE_RIDE_SECONDS
-                ):
+                if now >= self._queue_sent_at.get(product_id, _NEVER) + QUEUE_RIDE_SECONDS:
                     queues[product_id] = self._queues.pop(product_id)
                     self._queue_sent_at[product_id] = now
         frames.extend((("queue", pid), text) for pid, text in queues.items())
