@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import types
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic_core import to_json
@@ -556,6 +556,18 @@ class Prepared:
         return True
 
 
+P = TypeVar("P", bound=Prepared)
+
+
+def joined_pages(hub: Hub, pages: list[P]) -> list[P]:
+    """`pages` (`Prepared` extensions: what each write sends) joined to `hub`, a socket each."""
+    for page in pages:
+        socket = Socket()
+        socket.scope["extensions"][EXTENSION] = page
+        hub.join(socket)  # type: ignore[arg-type]
+    return pages
+
+
 async def test_counts_not_yet_due_go_with_a_flush_in_the_same_write(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -565,11 +577,7 @@ async def test_counts_not_yet_due_go_with_a_flush_in_the_same_write(
     MAX_FLUSH_GAP while its sale's stock changes)."""
     monkeypatch.setattr(live, "QUEUE_RIDE_SECONDS", 0.0)
     hub = Hub(Catalog(), max_clients=10)
-    pages = [Prepared() for _ in range(3)]
-    for page in pages:
-        socket = Socket()
-        socket.scope["extensions"][EXTENSION] = page
-        hub.join(socket)  # type: ignore[arg-type]
+    pages = joined_pages(hub, [Prepared() for _ in range(3)])
     hub.publish(*_room({"type": "room", "productId": 5, "waiting": 1, "admitted": 0}))
     await eventually(lambda: _true(all(len(p.writes) == 1 for p in pages)), what="the first")
     # The next counts are not due for QUEUE_FRAME_SECONDS; a stock change comes meanwhile.
@@ -615,11 +623,7 @@ async def test_flushes_that_cost_much_take_at_most_a_quarter_of_the_loop(
     monkeypatch.setattr(live, "FANOUT_SHARE", 0.01)  # the budget alone would wait longer
     monkeypatch.setattr(live, "FANOUT_BURST", 0.0)  # and has nothing saved up
     hub = Hub(Catalog(), max_clients=20)
-    pages = [CostlyPage(0.01) for _ in range(6)]  # a flush: ~60 ms of the loop
-    for page in pages:
-        socket = Socket()
-        socket.scope["extensions"][EXTENSION] = page
-        hub.join(socket)  # type: ignore[arg-type]
+    pages = joined_pages(hub, [CostlyPage(0.01) for _ in range(6)])  # a flush: ~60 ms
     hub.publish(*stock(7, 9, 1))
     await eventually(lambda: _true(all(len(p.writes) == 1 for p in pages)), what="the first")
     hub.flush()  # one with nothing for every socket (a watched hold's frame) costs nothing...
@@ -648,11 +652,7 @@ async def test_a_lines_counts_come_less_often_where_telling_every_page_costs_muc
     monkeypatch.setattr(live, "FANOUT_SHARE", 1.0)
     monkeypatch.setattr(live, "MAX_FANOUT_SHARE", 0.25)
     hub = Hub(Catalog(), max_clients=20)
-    pages = [CostlyPage(0.01) for _ in range(5)]  # a flush: ~50 ms of the loop
-    for page in pages:
-        socket = Socket()
-        socket.scope["extensions"][EXTENSION] = page
-        hub.join(socket)  # type: ignore[arg-type]
+    pages = joined_pages(hub, [CostlyPage(0.01) for _ in range(5)])  # a flush: ~50 ms
     began = time.monotonic()
     waiting = 0
     while time.monotonic() - began < 2.5:  # a join every 10 ms
