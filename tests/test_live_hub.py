@@ -670,6 +670,35 @@ async def test_a_lines_counts_come_less_often_where_telling_every_page_costs_muc
     assert min(b - a for a, b in itertools.pairwise(at)) >= 0.9, at
 
 
+async def test_a_page_that_connects_after_the_counts_stopped_changing_is_told_them() -> None:
+    """A room's counts go to the pages connected when they change: a page opened after its
+    line stopped changing (filled up before the start, or a waitlist at rest) was never
+    told how many wait, so it showed no count, and a waitlist with people in it (no start,
+    units left) as open to anyone, offering Reserve (403 `not_admitted`). A new socket is
+    told the newest counts the process knows, after its snapshot (those of products still
+    in the catalog: a deleted product's room is no news)."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5))
+    hub = Hub(catalog, max_clients=10)
+    first = Socket()
+    hub.join(first)  # type: ignore[arg-type]
+    hub.publish(*_room({"type": "room", "productId": 5, "waiting": 3, "admitted": 1}))
+    hub.publish(*_room({"type": "room", "productId": 8, "waiting": 4, "admitted": 0}))
+    await eventually(
+        lambda: _true(any('"waiting":4' in t for t in first.sent)), what="the first page"
+    )
+    later, other = Socket(), Socket()
+    hub.join(later)  # type: ignore[arg-type]
+    hub.join(other, products=frozenset({6}))  # type: ignore[arg-type]
+    await eventually(
+        lambda: _true(any('"type":"queue"' in t and '"waiting":3' in t for t in later.sent)),
+        within=3.0,
+        what="the counts on the page that connected later",
+    )
+    assert not any('"productId":8' in t for t in later.sent)  # not in the catalog
+    assert not any('"type":"queue"' in t for t in other.sent)  # it asked for product 6 only
+
+
 # -- a client that sends and never reads -----------------------------------------------------
 
 

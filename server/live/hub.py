@@ -397,6 +397,10 @@ class Hub:
         self._queue_sent_at: dict[int, float] = {}  # product → loop time it was last sent
         self._queue_timer: asyncio.TimerHandle | None = None
         self._queue_counts: dict[int, tuple[int, int]] = {}
+        # ...and its newest `queue` frame, told to a socket when it connects: counts go to
+        # the pages only when they change, and a page opened after they stopped changing
+        # would show none (and a waitlist with people in it as open to anyone).
+        self._queue_texts: dict[int, str] = {}
         # Per room, the number of the newest admission step whose news was told here
         # (`RoomChanged.step`): news of a step not newer is not told (`_room_news`).
         self._steps: dict[int, int] = {}
@@ -573,6 +577,9 @@ class Hub:
             + listing.body.decode() + "}"
         )  # fmt: skip
         client.offer(("snapshot", 0), snapshot)
+        for product_id, text in self._queue_texts.items():
+            if (products is None or product_id in products) and self._catalog.get(product_id):
+                client.offer(("queue", product_id), text)
         self.clients.add(client)
         WEBSOCKETS.inc()
         return client
@@ -767,9 +774,8 @@ class Hub:
             counts = (waiting, admitted)
             if self._queue_counts.get(product_id) != counts:
                 self._queue_counts[product_id] = counts
-                self._queues[product_id] = to_json(
-                    queue_frame(product_id, counts[0], counts[1])
-                ).decode()
+                text = to_json(queue_frame(product_id, counts[0], counts[1])).decode()
+                self._queues[product_id] = self._queue_texts[product_id] = text
                 self._schedule_queues()
         if self._room is None:
             return
