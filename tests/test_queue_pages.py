@@ -463,3 +463,45 @@ async def test_a_shopper_without_tickets_sees_no_console_errors_for_the_queued_p
         card(page, queued[1]).locator(".lobby").get_by_role("button", name="Join the line")
     ).to_be_visible()
     assert errors == []
+
+
+async def test_a_polling_page_asks_only_for_the_shoppers_own_tickets(
+    browser: Browser, site: Service
+) -> None:
+    """While its socket cannot be used the page polls the tickets it follows: it followed
+    every product with a waiting room it showed, so a shopper without a ticket in them had
+    a `GET /api/products/{id}/queue` answered 404 (as documented) for each, every poll (3 s),
+    each an error in the browser's console: what the page's load no longer does (it asks
+    only for those `GET /api/me` names)."""
+    for n in range(2):
+        await new_product(site, f"Polled lamp {n}", 5, queue="fifo", saleStartsAt=soon(600))
+    page = await new_page(browser, DESKTOP, locale="en-GB")
+    await page.route_web_socket(re.compile("^ws"), SocketSwitch().handle)
+    errors: list[str] = []
+    tickets: list[str] = []
+    polls: list[str] = []
+
+    def heard(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    def asked(request: Request) -> None:
+        if request.method == "GET" and re.search(r"/api/products/\d+/queue", request.url):
+            tickets.append(request.url)
+        elif request.method == "GET" and re.search(r"/api/products(\?|$)", request.url):
+            polls.append(request.url)
+
+    page.on("console", heard)
+    page.on("request", asked)
+    await page.goto(site.base_url + "/")
+    await expect(page.locator("#connection")).to_have_attribute(
+        "data-state", "polling", timeout=10_000
+    )
+    seen = len(polls)
+    async with page.expect_request(re.compile(r"/api/products(\?|$)"), timeout=15_000):
+        pass
+    async with page.expect_request(re.compile(r"/api/products(\?|$)"), timeout=15_000):
+        pass
+    assert len(polls) >= seen + 2
+    assert tickets == []
+    assert errors == []

@@ -124,7 +124,7 @@ class Shop {
     const changed = Boolean(known) && known.availableStock !== product.availableStock;
     this.products.set(product.id, product);
     this.renderProduct(product, changed);
-    if (this.queued(product) !== this.queued(known)) this.live.followTickets(this.queuedIds());
+    if (this.queued(product) !== this.queued(known)) this.live.followTickets(this.ticketIds());
   }
 
   applyStock({ productId, availableStock, heldStock, version }) {
@@ -185,11 +185,18 @@ class Shop {
     return Number.isFinite(lead) ? Date.parse(product.saleStartsAt) - lead * 1000 : null;
   }
 
+  // The queued products the page shows whose ticket the shopper may hold: those GET /api/me
+  // named or the page has seen a ticket of (asked for a product without one, the server
+  // answers 404, an error in the browser's console for each, and while polling at every
+  // poll), or, if it could not say, every one.
+  ticketIds() {
+    return this.queuedIds().filter((id) => !this.ticketed || this.ticketed.has(id) || this.tickets.has(id));
+  }
+
   // The shopper's tickets for the queued products the page shows (a reload keeps one's place):
-  // those GET /api/me named alone (asked for a product without one, the server answers 404,
-  // an error in the browser's console for each), or, if it could not say, every one.
+  // those of `ticketIds`; they are the tickets polled while the socket cannot be used.
   async restoreTickets() {
-    const ids = this.queuedIds().filter((id) => !this.ticketed || this.ticketed.has(id));
+    const ids = this.ticketIds();
     await Promise.all(
       ids.map(async (id) => {
         try {
@@ -200,7 +207,7 @@ class Shop {
         }
       }),
     );
-    this.live.followTickets(this.queuedIds());
+    this.live.followTickets(this.ticketIds());
   }
 
   // A ticket as the server gives it (over the socket, a poll, or an answer); what changed
@@ -210,6 +217,7 @@ class Shop {
     const id = ticket.productId;
     const known = this.tickets.get(id);
     this.tickets.set(id, ticket);
+    if (!known) this.live.followTickets(this.ticketIds()); // polled from now on
     if (ticket.waiting != null) {
       const counts = this.queues.get(id) || {};
       this.queues.set(id, { ...counts, waiting: ticket.waiting });
@@ -306,7 +314,10 @@ class Shop {
     try {
       const { data } = await api.me();
       this.owned = new Map(Object.entries(data.units || {}).map(([id, n]) => [Number(id), n]));
-      if (Array.isArray(data.tickets)) this.ticketed = new Set(data.tickets);
+      if (Array.isArray(data.tickets)) {
+        this.ticketed = new Set(data.tickets);
+        this.live.followTickets(this.ticketIds()); // one made on another page: polled too
+      }
     } catch {
       return; // the figures stay as they were; the server still enforces the limit
     }
