@@ -653,9 +653,11 @@ async def test_a_lines_counts_come_less_often_where_telling_every_page_costs_muc
     monkeypatch.setattr(live, "MAX_FANOUT_SHARE", 0.25)
     hub = Hub(Catalog(), max_clients=20)
     pages = joined_pages(hub, [CostlyPage(0.01) for _ in range(5)])  # a flush: ~50 ms
-    began = time.monotonic()
+    # A join every 10 ms until the pages have had three flushes (about 2 s; later on a busy
+    # machine, where a flush's ~50 ms of writes take longer and the next waits longer).
+    deadline = time.monotonic() + 60
     waiting = 0
-    while time.monotonic() - began < 2.5:  # a join every 10 ms
+    while len(pages[0].at) < 3 and time.monotonic() < deadline:
         waiting += 1
         hub.publish(*_room({"type": "room", "productId": 5, "waiting": waiting, "admitted": 0}))
         await asyncio.sleep(0.01)
