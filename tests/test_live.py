@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -601,6 +602,216 @@ async def test_a_page_joins_a_waiting_room_over_its_socket(
             await anonymous.frames.wait_for(lambda f: f["type"] == "snapshot")
             await anonymous.send({"type": "join", "productId": drop["id"]})
             await anonymous.frames.wait_for(_error("no_shopper"))
+
+
+class _RawPage:
+    """A page's socket, byte by byte: its frames written as sent (masked, split or together
+    as the test says), what the server sends read and parsed here."""
+
+    def __init__(self, service: Service, cookie: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", service.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nCookie: {cookie}\r\n\r\n"
+            ).encode()
+        )
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101"), response
+        self.buffer = response.partition(b"\r\n\r\n")[2]
+        self.texts: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+
+    @staticmethod
+    def frame(message: object, opcode: int = 0x1) -> bytes:
+        """A client's frame (FIN, masked) of `message` (JSON unless it is text already)."""
+        payload = message.encode() if isinstance(message, str) else to_json(message)
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        assert len(payload) < 126
+        return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+    def send(self, *chunks: bytes) -> None:
+        """Each chunk in a write of its own, the next once the server has surely read it
+        apart (it has no way to tell it was split: this only makes the split likely)."""
+        for n, chunk in enumerate(chunks):
+            if n:
+                time.sleep(0.05)
+            self.sock.sendall(chunk)
+
+    def read(self, done: Callable[[list[dict[str, Any]]], bool], within: float = 10) -> None:
+        """Read the server's frames until `done(texts)` (each text frame parsed), or its
+        close."""
+        deadline = time.monotonic() + within
+        while not done(self.texts) and self.close_code is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"not within {within} s; read: {self.texts}")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.close_code = self.close_code or 1006
+                break
+            self.buffer += chunk
+            while len(self.buffer) >= 2:
+                opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+                offset = 2
+                if length == 126:
+                    length, offset = struct.unpack("!H", self.buffer[2:4])[0], 4
+                elif length == 127:
+                    length, offset = struct.unpack("!Q", self.buffer[2:10])[0], 10
+                if len(self.buffer) < offset + length:
+                    break
+                payload = self.buffer[offset : offset + length]
+                self.buffer = self.buffer[offset + length :]
+                if opcode == 0x1:
+                    self.texts.append(from_json(payload))
+                elif opcode == 0x8:
+                    self.close_code = struct.unpack("!H", payload[:2])[0] if payload else 1005
+                elif opcode == 0x9:  # a ping: the pong, masked
+                    self.sock.sendall(self.frame(payload.decode(errors="replace"), 0xA))
+
+    def answers(self) -> list[tuple[str, object]]:
+        """The answers to messages so far: each ticket frame's product and each error's
+        code, in the order they came."""
+        return [
+            ("ticket", f["ticket"]["productId"]) if f["type"] == "ticket" else ("error", f["code"])
+            for f in self.texts
+            if f["type"] in ("ticket", "error")
+        ]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_joins_are_answered_in_order_however_their_frames_arrive(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A page's joins are taken in the socket's protocol (the waiting room's bench: each
+    through the ASGI queue and the socket's task cost a third of a join), and every other
+    message the ordinary way: whatever the mix, and however the frames are cut into reads
+    (a frame split in its header, in its payload; several frames, a ping among them, in
+    one read), every message is answered, in the order sent, as before; malformed joins
+    get their error frames."""
+    with one_service(database_url, redis_url, tmp_path) as a:
+        starts = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+        one = await a.new_product(3, queue="random", saleStartsAt=starts)
+        two = await a.new_product(3, queue="fifo", saleStartsAt=starts)
+        plain = await a.new_product(3)
+        async with a.client() as client:
+            cookie = (await client.get("/api/me")).headers["set-cookie"].split(";")[0]
+        page = await asyncio.to_thread(_RawPage, a, cookie)
+        try:
+            await asyncio.to_thread(page.read, lambda t: any(f["type"] == "snapshot" for f in t))
+            join_one = page.frame(f'{{"type":"join","productId":{one["id"]}}}')
+            join_two = page.frame({"type": "join", "productId": two["id"]})
+            # Split inside the header, then inside the payload.
+            await asyncio.to_thread(page.send, join_one[:1], join_one[1:9], join_one[9:])
+            await asyncio.to_thread(page.read, lambda t: len(page.answers()) == 1)
+            # Several in one read, a ping among them, a general message and malformed joins.
+            burst = b"".join(
+                [
+                    join_two,
+                    page.frame("hi", 0x9),
+                    page.frame({"type": "watch", "reservations": ["short"]}),
+                    join_one,
+                    page.frame({"type": "join", "productId": plain["id"]}),
+                    page.frame({"type": "join", "productId": "3"}),
+                    page.frame({"type": "join", "productId": 987654}),
+                    join_two,
+                ]
+            )
+            await asyncio.to_thread(page.send, burst[:40], burst[40:])
+            await asyncio.to_thread(page.read, lambda t: len(page.answers()) == 8)
+            assert page.answers() == [
+                ("ticket", one["id"]),
+                ("ticket", two["id"]),
+                ("error", "invalid_watch"),
+                ("ticket", one["id"]),
+                ("error", "queue_off"),
+                ("error", "invalid_join"),
+                ("error", "product_not_found"),
+                ("ticket", two["id"]),
+            ]
+            tickets = [f["ticket"] for f in page.texts if f["type"] == "ticket"]
+            assert tickets[0]["joinedAt"] == tickets[2]["joinedAt"]  # one ticket each
+            assert tickets[1]["joinedAt"] == tickets[3]["joinedAt"]
+            assert {t["state"] for t in tickets} == {"waiting"}
+            assert page.close_code is None
+        finally:
+            page.close()
+        assert "Traceback" not in a.logs()
+
+
+def _at_least(page: _RawPage, count: int, _: object) -> bool:
+    return len(page.answers()) >= count
+
+
+async def test_joins_past_a_socket_s_messages_are_refused_then_it_is_closed(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Joins taken in the protocol count against the socket's messages as any other: past
+    MESSAGE_BURST (and what refills meanwhile) each is refused `rate_limited`, not joined,
+    and the socket is closed 1008 at its MAX_BAD_MESSAGES-th refusal."""
+    with one_service(database_url, redis_url, tmp_path) as a:
+        starts = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+        room = await a.new_product(3, queue="fifo", saleStartsAt=starts)
+        async with a.client() as client:
+            cookie = (await client.get("/api/me")).headers["set-cookie"].split(";")[0]
+        page = await asyncio.to_thread(_RawPage, a, cookie)
+        join = page.frame({"type": "join", "productId": room["id"]})
+        try:
+            await asyncio.to_thread(page.read, lambda t: any(f["type"] == "snapshot" for f in t))
+            sent = 0
+            while page.close_code is None and sent < 200:
+                sent += 1
+                await asyncio.to_thread(page.send, join)  # one at a time, each answered
+                answered = functools.partial(_at_least, page, sent)
+                await asyncio.to_thread(page.read, answered)
+            codes = [code for kind, code in page.answers() if kind == "error"]
+            assert codes == ["rate_limited"] * MAX_BAD_MESSAGES
+            assert page.close_code == 1008
+            assert sent - MAX_BAD_MESSAGES >= MESSAGE_BURST
+        finally:
+            page.close()
+        assert "Traceback" not in a.logs()
+
+
+async def test_a_join_whose_socket_closes_before_its_answer_is_still_made(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A page that joins and is gone before its answer (closed, or dropped) leaves its
+    ticket made (its POST or its socket again reads it) and the process serving others."""
+    with one_service(database_url, redis_url, tmp_path) as a:
+        room = await a.new_product(3, queue="fifo")
+        async with a.client() as client:
+            cookie = (await client.get("/api/me")).headers["set-cookie"].split(";")[0]
+        page = await asyncio.to_thread(_RawPage, a, cookie)
+        await asyncio.to_thread(page.read, lambda t: any(f["type"] == "snapshot" for f in t))
+        close = struct.pack("!H", 1000)
+        await asyncio.to_thread(
+            page.send,
+            page.frame({"type": "join", "productId": room["id"]})
+            + bytes([0x88, 0x80 | len(close)])
+            + b"\0\0\0\0"
+            + close,
+        )
+        page.close()
+
+        async def made() -> bool:
+            async with a.client(headers={"Cookie": cookie}) as client:
+                return (await client.get(f"/api/products/{room['id']}/queue")).status_code == 200
+
+        await eventually(made, within=10, what="the ticket of a join whose page left")
+        async with socket_to(a, additional_headers={"Cookie": cookie}) as ws:
+            await ws.send({"type": "join", "productId": room["id"]})
+            await ws.frames.wait_for(lambda f: f["type"] == "ticket")
+        assert "Traceback" not in a.logs()
 
 
 async def test_a_socket_opened_with_a_shop_token_is_nobodys_once_it_expires(

@@ -32,6 +32,7 @@ fan-out), so the few changes of a sale's first second (units going, then none le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -216,6 +217,13 @@ class Client:
         self._backlog: dict[Key, str] = {}
         self._sending: asyncio.Task[None] | None = None
         self.closed = False
+        # Whether the socket's task is reading or handling a message (or not yet reading):
+        # a message is then not taken in the protocol (`Hub.take_join`), so that messages
+        # are answered in the order sent.
+        self.handling = True
+        # A join taken in the protocol whose answer has not gone out yet: done when it has
+        # (the socket's task waits for it before the next message it reads).
+        self.answering: asyncio.Future[None] | None = None
 
     def may_send(self) -> bool:
         """Count one message of the client's: False when it is past `MESSAGE_BURST` at once
@@ -309,7 +317,7 @@ class _EndedFrames:
     def __init__(self, product: Product, line: Lineup, now: int) -> None:
         self._product = product
         self._line = line
-        self._now = now
+        self.now = now
         # state → (the text before and after `"joinedAt":"…"`, the told tuple, its index)
         self._made: dict[TicketState, tuple[str, str, tuple[object, ...], int]] = {}
 
@@ -317,7 +325,7 @@ class _EndedFrames:
         """The ticket's told tuple (`_told`) and its frame's text."""
         made = self._made.get(ticket.state)
         if made is None:
-            view = ticket_view(ticket, self._product, self._line, now=self._now)
+            view = ticket_view(ticket, self._product, self._line, now=self.now)
             text = to_json(ticket_frame(view)).decode()
             joined = _JOINED.format(view["joinedAt"])
             at = text.index(joined)
@@ -471,6 +479,8 @@ class Hub:
         self._budget = FANOUT_BURST  # seconds of fan-out that may be spent now
         self._budget_at = 0.0  # loop time when the budget was last topped up
         self.dropped = 0
+        # The ended tickets' templates last made (`_ended_frames`): when, of what.
+        self._ended: tuple[int, Product, Lineup, _EndedFrames] | None = None
 
     @property
     def full(self) -> bool:
@@ -703,10 +713,107 @@ class Hub:
     async def joined(self, client: Client, ticket: Ticket) -> None:
         """The socket's shopper has joined (over this socket): its ticket frame now, and
         its position as the line moves."""
+        if self.joined_now(client, ticket):
+            return
         client.tickets[ticket.product_id] = ticket
         await self._tell_tickets([client], {ticket.product_id}, force=True)
         if ticket.state in OPEN:
             self._start_ticketer()
+
+    def joined_now(self, client: Client, ticket: Ticket) -> bool:
+        """`joined`, if it needs no read of the line (the process's copy is fresh enough
+        for `WaitingRoom.line`): True, told; False, nothing done."""
+        assert self._room is not None
+        product_id = ticket.product_id
+        product = self._catalog.get(product_id)
+        line = self._room.fresh_line(product_id)
+        if product is None or line is None:
+            return False
+        client.tickets[product_id] = ticket
+        if not client.closed:
+            self._tell_one(client, ticket, product, line, self._ended_frames(product, line), True)
+        if ticket.state in OPEN:
+            self._start_ticketer()
+        return True
+
+    def _ended_frames(self, product: Product, line: Lineup) -> _EndedFrames:
+        """The templates of ended tickets' frames of `product` now: the last ones made, if
+        made this millisecond of this product and line (the answers to a batch of joins
+        go out together: a room that closed answers each `sold_out`)."""
+        now = now_ms()
+        made = self._ended
+        if made is not None and made[0] == now and made[1] is product and made[2] is line:
+            return made[3]
+        ended = _EndedFrames(product, line, now)
+        self._ended = (now, product, line, ended)
+        return ended
+
+    def take_join(self, client: Client, text: str) -> bool:
+        """A message of the socket's, offered by its protocol before the ASGI queue
+        (`PreparedFrames.take_text`): a join written the page's way (`plain_join`) by a
+        socket whose task has no message in hand, nothing left to send and no join being
+        answered, of a product in the catalog, is taken here: counted (`refusal`) and
+        joined as `_join` does, without the message's trip through the socket's task (the
+        join's answer is a callback of its batch's future). False: it goes the ordinary
+        way (`live_updates`), which refuses what is to be refused."""
+        if client.handling or client.answering is not None or client.closed:
+            return False
+        if client._sending is not None:  # a client that does not read: `Client.sent`
+            return False
+        room = self._room
+        product_id = plain_join(text)
+        if room is None or product_id is None:
+            return False
+        product = room.cached_product(product_id)
+        shopper = client.shopper_now()
+        if product is None or shopper is None:
+            return False
+        if (refusal := self.refusal(client)) is not None:
+            if _refused(client, "rate_limited", refusal):
+                self.leave(client)
+                asyncio.get_running_loop().create_task(_close_malformed(client.websocket))
+            return True
+        try:
+            joining = room.join_soon(product, shopper)
+        except DomainError as exc:
+            _refuse_join(client, product_id, exc.code, str(exc))
+            return True
+        client.answering = asyncio.get_running_loop().create_future()
+        joining.add_done_callback(functools.partial(self._answer_join, client, product_id))
+        return True
+
+    def _answer_join(
+        self, client: Client, product_id: int, joining: asyncio.Future[tuple[Ticket, bool]]
+    ) -> None:
+        """A join taken in the protocol (`take_join`) has its batch's answer: tell it."""
+        answering = client.answering
+        if joining.cancelled():
+            client.answering = None  # the process is stopping
+            if answering is not None:
+                answering.set_result(None)
+            return
+        exc = joining.exception()
+        if isinstance(exc, DomainError):
+            _refuse_join(client, product_id, exc.code, str(exc))
+        elif isinstance(exc, StorageError):
+            _refuse_join(client, product_id, "unavailable", UNAVAILABLE)
+        elif exc is not None:
+            logger.error("live updates: a join failed", exc_info=exc)
+            _refuse_join(client, product_id, "unavailable", UNAVAILABLE)
+        else:
+            ticket, _ = joining.result()
+            if not self.joined_now(client, ticket):
+                # The line must be read first: told by a task, the answer still held.
+                task = asyncio.get_running_loop().create_task(self.joined(client, ticket))
+                task.add_done_callback(functools.partial(self._answered, client))
+                return
+        self._answered(client)
+
+    @staticmethod
+    def _answered(client: Client, _: object = None) -> None:
+        answering, client.answering = client.answering, None
+        if answering is not None and not answering.done():
+            answering.set_result(None)
 
     def room_news(self, news: Sequence[RoomChanged]) -> None:
         """News of rooms made in this process (its admitter's steps), told here at once;
@@ -1112,29 +1219,44 @@ class Hub:
                 ticket = client.tickets.get(product_id)
                 if ticket is None or client.closed:
                     continue
-                if ticket.state not in OPEN:
-                    # An ended ticket's frame, from its state's template (a room that sold
-                    # out: 15,000 of them at once).
-                    told, text = ended.frame(ticket)
-                    if not force and client.told.get(product_id) == told:
-                        continue
-                    client.told[product_id] = told
-                    client.offer(("ticket", product_id), text, prepare_text(text))
-                    continue
-                view = ticket_view(ticket, product, line, now=now)
-                # The shopper's own standing: their state, place, pass. The line's total
-                # and the held units change with every join and every hold, and every page
-                # hears of them from `queue` and `stock` frames: they alone are no news.
-                told = _told(view)
-                if not force and client.told.get(product_id) == told:
-                    continue
-                client.told[product_id] = told
-                text = to_json(ticket_frame(view)).decode()
-                # Encoded here, once (a few µs), and written straight to the socket when it
-                # can take it: through the ASGI `send` a frame costs several times more, and
-                # a room that sells out tells every page in it at once.
-                client.offer(("ticket", product_id), text, prepare_text(text))
+                self._tell_one(client, ticket, product, line, ended, force)
         return True
+
+    @staticmethod
+    def _tell_one(
+        client: Client,
+        ticket: Ticket,
+        product: Product,
+        line: Lineup,
+        ended: _EndedFrames,
+        force: bool,
+    ) -> None:
+        """`client`'s `ticket`, if its standing changed since it was last told (always:
+        `force`); `ended`: the templates of ended tickets' frames, whose `now` is the
+        view's."""
+        product_id = ticket.product_id
+        if ticket.state not in OPEN:
+            # An ended ticket's frame, from its state's template (a room that sold out:
+            # 15,000 of them at once).
+            told, text = ended.frame(ticket)
+            if not force and client.told.get(product_id) == told:
+                return
+            client.told[product_id] = told
+            client.offer(("ticket", product_id), text, prepare_text(text))
+            return
+        view = ticket_view(ticket, product, line, now=ended.now)
+        # The shopper's own standing: their state, place, pass. The line's total and the
+        # held units change with every join and every hold, and every page hears of them
+        # from `queue` and `stock` frames: they alone are no news.
+        told = _told(view)
+        if not force and client.told.get(product_id) == told:
+            return
+        client.told[product_id] = told
+        text = to_json(ticket_frame(view)).decode()
+        # Encoded here, once (a few µs), and written straight to the socket when it can
+        # take it: through the ASGI `send` a frame costs several times more, and a room
+        # that sells out tells every page in it at once.
+        client.offer(("ticket", product_id), text, prepare_text(text))
 
     # -- frames ----------------------------------------------------------------------
 
@@ -1373,11 +1495,19 @@ async def live_updates(websocket: WebSocket) -> None:
     client = hub.join(websocket, key, products, address=address)
     client.signed_in_until = identities.signed_in_until(websocket)
     await hub.identify(client, shopper)
+    # A page's joins are taken in the protocol (`Hub.take_join`), unless each must wait
+    # on Redis for the rate limit (RESERVE_RATE_LIMIT): then they come through here.
+    if client.prepared is not None and getattr(app.state, "rate_limiter", None) is None:
+        client.prepared.take_text(functools.partial(hub.take_join, client))
     try:
         while not client.closed:
+            client.handling = False
             message = await websocket.receive()
+            client.handling = True
             if message["type"] == "websocket.disconnect":
                 break
+            if (answering := client.answering) is not None:
+                await asyncio.wait((answering,))  # the join taken before it, answered first
             if not await client.sent():  # a client that does not read is answered no more
                 break
             if (refusal := hub.refusal(client)) is not None:
@@ -1387,6 +1517,8 @@ async def live_updates(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
+        if client.prepared is not None:
+            client.prepared.take_text(None)
         hub.leave(client)
 
 
@@ -1437,14 +1569,35 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
 async def _refuse(websocket: WebSocket, hub: Hub, client: Client, code: str, text: str) -> None:
     """An `error` frame for a message that was not taken; the socket is closed (1008) at the
     client's MAX_BAD_MESSAGES-th."""
+    if _refused(client, code, text):
+        hub.leave(client)
+        await _close_malformed(websocket)
+
+
+def _refused(client: Client, code: str, text: str) -> bool:
+    """`_refuse`'s frame; True: that was the client's MAX_BAD_MESSAGES-th, to be closed."""
     client.bad_messages += 1
     client.offer(
         ("error", client.bad_messages),
         to_json({"type": "error", "code": code, "message": text}).decode(),
     )
-    if client.bad_messages >= MAX_BAD_MESSAGES:
-        hub.leave(client)
+    return client.bad_messages >= MAX_BAD_MESSAGES
+
+
+async def _close_malformed(websocket: WebSocket) -> None:
+    with contextlib.suppress(RuntimeError, OSError):  # closed meanwhile
         await websocket.close(POLICY_VIOLATION, "too many malformed messages")
+
+
+def _refuse_join(client: Client, product_id: int, code: str, text: str) -> None:
+    """A join's `error` frame, naming the product."""
+    frame = {"type": "error", "code": code, "message": text, "productId": product_id}
+    # One slot for every refused join of the socket: a socket that stops reading while it
+    # joins product after product keeps only the newest refusal, not one per id.
+    client.offer(("join", 0), to_json(frame).decode())
+
+
+UNAVAILABLE = "The database cannot be reached now; try again in a moment."
 
 
 async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int) -> None:
@@ -1453,10 +1606,7 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
     naming the product. The page's join needs no connection of its own."""
 
     def refuse(code: str, text: str) -> None:
-        frame = {"type": "error", "code": code, "message": text, "productId": product_id}
-        # One slot for every refused join of the socket: a socket that stops reading while
-        # it joins product after product keeps only the newest refusal, not one per id.
-        client.offer(("join", 0), to_json(frame).decode())
+        _refuse_join(client, product_id, code, text)
 
     room = hub.room
     if room is None:
@@ -1487,7 +1637,7 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
         refuse(exc.code, str(exc))
         return
     except StorageError:
-        refuse("unavailable", "The database cannot be reached now; try again in a moment.")
+        refuse("unavailable", UNAVAILABLE)
         return
     assert answer.ticket is not None
     await hub.joined(client, answer.ticket)

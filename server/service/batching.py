@@ -113,14 +113,19 @@ class GroupCommit(Generic[Req, Res]):
 
         No timer per request (one cost ~80 µs a request in a storm of 20,000 submits): a
         request is looked at when the batches ahead of it are done."""
+        # If the caller goes away its future is cancelled, but the request is still carried
+        # out: it may already be in a transaction, and a hold made for nobody simply expires.
+        return await self.submit_nowait(request, check=check)
+
+    def submit_nowait(self, request: Req, *, check: Check | None = None) -> asyncio.Future[Res]:
+        """`submit` for a caller that is not a coroutine: the future of `request`'s result
+        (or exception), set when its batch is done. Raises RuntimeError when not running."""
         if self._task is None:
             raise RuntimeError(f"{self._name} is not running")
         future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future, check))
         self._wake.set()
-        # If the caller goes away its future is cancelled, but the request is still carried
-        # out: it may already be in a transaction, and a hold made for nobody simply expires.
-        return await future
+        return future
 
     async def _run(self) -> None:
         while True:

@@ -15,6 +15,7 @@ restock; the last unit sold), a join, a leave.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -130,16 +131,39 @@ class WaitingRoom:
         and the answer's is empty. Raises ProductNotFound, QueueOff (the product has no
         room), QueueNotOpen (before QUEUE_OPENS_SECONDS ahead of the sale's start)."""
         product = await self.product(product_id)
+        ticket, created = await self.join_soon(product, shopper_id)
+        return TicketAnswer(await self.view(ticket, product) if view else {}, created, ticket)
+
+    def cached_product(self, product_id: int) -> Product | None:
+        """The product as the process's catalog has it (None: not there, or no catalog)."""
+        return self._catalog.get(product_id) if self._catalog is not None else None
+
+    def join_soon(self, product: Product, shopper_id: str) -> asyncio.Future[tuple[Ticket, bool]]:
+        """`join` for a caller that is not a coroutine (a socket's join, taken in its
+        protocol): the future of the ticket and whether this join made it, set when its
+        batch has committed (or of its error: ProductNotFound, StorageError); the admitter
+        is nudged then as `join` does. Raises QueueOff, QueueNotOpen at once."""
         if product.queue == "off":
-            raise QueueOff(product_id)
+            raise QueueOff(product.id)
         opens = self.opens_at(product)
         if opens is not None and now_ms() < opens:
             raise QueueNotOpen(opens)
-        ticket, created = await self._joins.submit((product_id, shopper_id))
+        joined = self._joins.submit_nowait((product.id, shopper_id))
+        if self._nudge is not None:
+            joined.add_done_callback(functools.partial(self._nudge_if_waiting, product))
+        return joined
+
+    def _nudge_if_waiting(
+        self, product: Product, joined: asyncio.Future[tuple[Ticket, bool]]
+    ) -> None:
+        """A join's batch is done: a new waiting ticket in a sale that is open may be
+        admitted now (before the start nobody is: no hurry)."""
+        if joined.cancelled() or joined.exception() is not None or self._nudge is None:
+            return
+        ticket, created = joined.result()
         waiting = created and ticket.state is waitingroom.TicketState.WAITING
-        if waiting and self._nudge is not None and product.sale_state(now_ms()) == "open":
-            self._nudge(product_id)  # before the start nobody is admitted: no hurry
-        return TicketAnswer(await self.view(ticket, product) if view else {}, created, ticket)
+        if waiting and product.sale_state(now_ms()) == "open":
+            self._nudge(product.id)
 
     async def start(self) -> None:
         self._joins.start()
@@ -294,18 +318,26 @@ class WaitingRoom:
     async def line(self, product_id: int, *, max_age: float = LINE_SECONDS) -> Lineup:
         """The product's line as last read, read again when older than `max_age` seconds;
         one read at a time per product, whoever asks."""
-        line = self._lines.get(product_id)
+        line = self.fresh_line(product_id, max_age=max_age)
         if line is not None:
-            if self._moved.get(product_id, 0) >= line.at:
-                max_age = min(max_age, MOVED_SECONDS)
-            if now_ms() - line.at < max_age * 1000:
-                return line
+            return line
         task = self._reading.get(product_id)
         if task is None:
             task = asyncio.create_task(self._read_line(product_id))
             self._reading[product_id] = task
             task.add_done_callback(lambda _: self._reading.pop(product_id, None))
         return await asyncio.shield(task)
+
+    def fresh_line(self, product_id: int, *, max_age: float = LINE_SECONDS) -> Lineup | None:
+        """The product's line as last read, if `line` would answer with it now (not older
+        than `max_age` seconds, or MOVED_SECONDS once news said it moved); else None."""
+        line = self._lines.get(product_id)
+        if line is not None:
+            if self._moved.get(product_id, 0) >= line.at:
+                max_age = min(max_age, MOVED_SECONDS)
+            if now_ms() - line.at < max_age * 1000:
+                return line
+        return None
 
     async def _read_line(self, product_id: int) -> Lineup:
         async with self.store.reader() as conn:
