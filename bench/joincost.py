@@ -12,8 +12,9 @@ its `/ws` socket with a shopper cookie of its own (`bench/queuers.py`, two proce
 their joins spread evenly over `--seconds` from a moment set once every page is open. It
 reads the web process's CPU seconds (user + system, /proc) every 20 ms, and reports per
 round the CPU from the first join sent to the last answered over the number of joins: µs a
-join (the idle process's own, with those sockets open, beside it: over the second before
-the first join, not subtracted). Also the joins' latency (p50/p99), as the load goes.
+join; and the same less what the idle process takes with those sockets open (its rate over
+the second before the first join, ±10 ms of /proc's ticks: a round that a busy machine
+stretches is mostly idle time). Also the joins' latency (p50/p99), as the load goes.
 
 `--mode sold_out` (default): a product of no units whose sale starts as the joins begin,
 so each join is one insert answered `sold_out` at once: the join's own path, the floor of
@@ -183,6 +184,9 @@ def one_round(
         "web_cpu_s": round(busy, 3),
         "idle_cpu_per_s": round(idle_rate, 3),
         "us_per_join": round(busy / len(answered) * 1e6, 1),
+        "us_per_join_less_idle": round(
+            (busy - idle_rate * (last - first) / 1000) / len(answered) * 1e6, 1
+        ),
         "p50_ms": latencies[len(latencies) // 2],
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "shoppers_cpu_s": round(
