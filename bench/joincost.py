@@ -34,8 +34,10 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,6 +55,11 @@ SAMPLE_S = 0.02
 # How far ahead of the moment the pages are told the joins begin (s): they must all have
 # read it by then.
 LEAD_S = 1.5
+
+
+def _path() -> str:
+    """PATH with this Python's own folder first (py-spy is installed beside it)."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 class Sampler(threading.Thread):
@@ -142,7 +149,8 @@ def one_round(
             profile.mkdir(parents=True, exist_ok=True)
             profiler = subprocess.Popen(
                 [
-                    *("py-spy", "record", "-r", "200", "--nonblocking", "-f", "raw"),
+                    *(shutil.which("py-spy", path=_path()) or "py-spy", "record"),
+                    *("-r", "200", "--nonblocking", "-f", "raw"),
                     *("-d", str(int(seconds + 2)), "-o", str(profile / f"{n}.txt")),
                     *("--pid", str(web)),
                 ],
