@@ -10,7 +10,7 @@ sequence, time) say the rest. A reservation event stores only what its movement'
 (written in the same statement, at the same key) does not hold: the hold's id, units, the
 figures and the actor are read from that row at delivery (`LEDGER_JOIN`; ledger rows are
 never changed, and retention keeps one while its event is kept), which cut the WAL that
-every hold's commit must flush on PostgreSQL (README, Performance: what the books cost).
+every hold's commit must flush on PostgreSQL (docs/bench/journal.md: what the books cost).
 The body is rendered at delivery (`render`, in the worker, outside any transaction): the
 same bytes every time, so every attempt and every endpoint gets the same body, and its
 webhook-id (`event_id`, derived from the row's key: product, version, sequence) stays the
@@ -22,7 +22,7 @@ the Standard Webhooks recommendation:
 ("Integrating with the shop's systems") documents every type.
 
 Rendering the body in the reservation's transaction cost the single SQLite writer more than
-the rest of the books together (README, Performance: what the books cost).
+the rest of the books together (docs/bench/journal.md: what the books cost).
 """
 
 from __future__ import annotations
