@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import json
 import logging
 import time
 import types
+import weakref
 from typing import Any, TypeVar
 
 import pytest
@@ -1206,3 +1208,25 @@ async def test_a_stock_message_of_a_version_far_ahead_is_undone_by_the_next_relo
     assert (now.available_stock, now.version) == (3, made.version)
     # An ordinary newer change applies again.
     assert catalog.apply(dataclasses.replace(now, available_stock=2, version=now.version + 1))
+
+
+async def test_a_detached_task_is_kept_until_it_ends() -> None:
+    """The hub's tasks left to finish on their own (a socket's close, a join's answer)
+    are kept until they end: the event loop holds a task only weakly, and one waiting on a
+    future only it holds was collected, pending, by the next garbage collection."""
+    ended = asyncio.Event()
+    waited: list[weakref.ref[asyncio.Future[None]]] = []
+
+    async def work() -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waited.append(weakref.ref(future))
+        await future
+        ended.set()
+
+    live._detach(work())
+    await asyncio.sleep(0)  # it starts, and waits
+    gc.collect()
+    future = waited[0]()
+    assert future is not None, "the task was collected while it waited"
+    future.set_result(None)
+    await asyncio.wait_for(ended.wait(), 10)

@@ -79,6 +79,21 @@ from server.wire.json_text import repeated_key
 from server.wire.schemas import JoinMessage, parse_product_ids, plain_join, ticket_view
 
 logger = logging.getLogger(__name__)
+
+# The tasks started and left to finish on their own (closing a socket, telling a join's
+# answer): the event loop keeps only a weak reference to a task, so one nothing else holds
+# may be collected before it ends (Python's documentation of `asyncio.create_task`).
+_DETACHED: set[asyncio.Task[Any]] = set()
+
+
+def _detach(work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """Run `work` in a task kept until it ends (`_DETACHED`); the task, for callbacks."""
+    task = asyncio.get_running_loop().create_task(work)
+    _DETACHED.add(task)
+    task.add_done_callback(_DETACHED.discard)
+    return task
+
+
 # What a ticket's view says that is not the shopper's own news (see `_tell_tickets`).
 AMBIENT = frozenset({"serverTime", "waiting", "estimatedWaitSeconds", "heldUnits", "message"})
 
@@ -625,7 +640,7 @@ class Hub:
             if client.prepared is not None:
                 client.prepared.abort()  # the socket is gone now, RST; see wsprotocol
             else:
-                asyncio.get_running_loop().create_task(_abandon(client.websocket))
+                _detach(_abandon(client.websocket))
 
     def _unlist(self, client: Client) -> None:
         """The socket is told of its shopper's tickets no more."""
@@ -664,9 +679,7 @@ class Hub:
         self._forget_allowance(shopper)
         if self._per_client[address] > self._max_per_client:
             self.leave(client)
-            asyncio.get_running_loop().create_task(
-                _abandon(client.websocket, "too many connections from your address")
-            )
+            _detach(_abandon(client.websocket, "too many connections from your address"))
 
     def watch(self, client: Client, reservation_ids: list[str]) -> None:
         for reservation_id in client.watching - set(reservation_ids):
@@ -771,7 +784,7 @@ class Hub:
         if (refusal := self.refusal(client)) is not None:
             if _refused(client, "rate_limited", refusal):
                 self.leave(client)
-                asyncio.get_running_loop().create_task(_close_malformed(client.websocket))
+                _detach(_close_malformed(client.websocket))
             return True
         try:
             joining = room.join_soon(product, shopper)
@@ -804,7 +817,7 @@ class Hub:
             ticket, _ = joining.result()
             if not self.joined_now(client, ticket):
                 # The line must be read first: told by a task, the answer still held.
-                task = asyncio.get_running_loop().create_task(self.joined(client, ticket))
+                task = _detach(self.joined(client, ticket))
                 task.add_done_callback(functools.partial(self._answered, client))
                 return
         self._answered(client)
