@@ -168,6 +168,8 @@ def looks_random(joined: list[str], admitted: list[str]) -> tuple[bool, float]:
     return abs(rho) < 0.1 and deciles == set(range(10)), rho
 
 
+# 4,000 joins one by one, ~16,000 statements: at load on PostgreSQL past the default 120 s.
+@pytest.mark.timeout(600)
 async def test_a_random_room_admits_in_an_order_independent_of_joining(store: Store) -> None:
     people = shoppers(2000)
     drawn = await room(store, 1, queue="random")
