@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from server.storage.database import Store
-from server.wire.schemas import RoomOut, TicketOut
+from server.wire.schemas import QueueCountsOut, RoomOut, TicketOut
 from tests.support import assert_invariant, eventually, serve
 from tests.test_api import app_settings, assert_error
 from tests.test_shoppers import Shop, reserve
@@ -139,6 +139,52 @@ async def _state(client: httpx.AsyncClient, path: str, state: str) -> dict[str, 
     """The ticket, if it is in `state`; {} (not yet) otherwise."""
     body: dict[str, Any] = (await client.get(path)).json()
     return body if body.get("state") == state else {}
+
+
+async def test_every_page_reads_how_many_wait_without_a_ticket(shop: Shop) -> None:
+    """Issue 17: every page sees how many are waiting; one that polls (no socket) and holds
+    no ticket reads it from GET /api/queues, the counts the socket's `queue` frames carry,
+    with an ETag to poll it by. No shopper is needed; only products with a room are listed."""
+    product = await shop.product(1, queue="fifo", saleStartsAt=starts_in(600))
+    plain = await shop.product(5)
+    path = f"/api/products/{product['id']}/queue"
+    for _ in range(3):
+        ticket_of(await (await shop.shopper()).post(path), 201)
+    page = httpx.AsyncClient(transport=shop.app._transport, base_url="http://shop.test")
+    ids = f"{product['id']},{plain['id']},999999"
+
+    async def counts(waiting: int, admitted: int) -> httpx.Response | None:
+        response = await page.get(f"/api/queues?ids={ids}")
+        assert response.status_code == 200, response.text
+        wanted = [{"productId": product["id"], "waiting": waiting, "admitted": admitted}]
+        return response if response.json() == wanted else None
+
+    read = await eventually(lambda: counts(3, 0), within=30, what="three waiting")
+    assert read is not None
+    for one in read.json():
+        QueueCountsOut.model_validate(one)
+    assert read.headers["cache-control"] == "no-cache"
+    etag = read.headers["etag"]
+    again = await page.get(f"/api/queues?ids={ids}", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.headers["etag"] == etag
+    # Every room without `ids`, and at the root like the rest of the shopper API.
+    for every in ("/api/queues", "/queues"):
+        listed = (await page.get(every)).json()
+        assert {"productId": product["id"], "waiting": 3, "admitted": 0} in listed
+        assert plain["id"] not in [one["productId"] for one in listed]
+    # The operator starts the sale now: the one unit admits the head of the line.
+    started = await shop.admin(
+        "PATCH", f"/api/admin/products/{product['id']}", json={"saleStartsAt": starts_in(0)}
+    )
+    assert started.status_code == 200, started.text
+    moved = await eventually(lambda: counts(2, 1), within=30, what="one admitted, two waiting")
+    assert moved is not None
+    assert moved.headers["etag"] != etag
+    stale = await page.get(f"/api/queues?ids={ids}", headers={"If-None-Match": etag})
+    assert stale.status_code == 200
+    for bad in ("ids=", "ids=abc", "ids=0", "limit=5", f"ids={ids}&x=1"):
+        assert_error(await page.get(f"/api/queues?{bad}"), 400, "invalid_request")
 
 
 async def test_the_operator_sets_the_room_and_reads_its_figures(shop: Shop) -> None:

@@ -345,6 +345,32 @@ async def test_a_page_without_its_socket_joins_with_a_post(browser: Browser, sit
     assert len(joins_posted) == 1
 
 
+async def test_a_polling_page_without_a_ticket_shows_how_many_wait(
+    browser: Browser, site: Service
+) -> None:
+    """Issue 17: every page sees how many are waiting, with a polling fallback. A page whose
+    socket cannot be used, of a shopper with no ticket, had no count at all (the counts came
+    only in the socket's `queue` frames): it polls them (GET /api/queues) and the lobby
+    shows them, and follows the line as it grows."""
+    product = await new_product(site, "Polled stool", 5, queue="fifo", saleStartsAt=soon(600))
+    async with shopper(site) as first, shopper(site) as second, shopper(site) as third:
+        await join(first, product)
+        await join(second, product)
+        page = await new_page(browser, DESKTOP, locale="en-GB")
+        await page.route_web_socket(re.compile("^ws"), SocketSwitch().handle)
+        await page.goto(site.base_url + "/")
+        await expect(page.locator("#connection")).to_have_attribute(
+            "data-state", "polling", timeout=10_000
+        )
+        lobby = card(page, product).locator(".lobby")
+        await expect(lobby.get_by_role("button", name="Join the line")).to_be_visible()
+        count = lobby.locator(".lobby-count")
+        await expect(count).to_have_text("2 people waiting", timeout=15_000)
+        await join(third, product)
+        await expect(count).to_have_text("3 people waiting", timeout=15_000)
+        await assert_accessible(page)
+
+
 # -- the console ---------------------------------------------------------------------------
 
 

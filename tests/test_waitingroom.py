@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -24,10 +25,17 @@ from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Lineup, RoomChanged, Ticket, TicketState
-from server.service.waitingroom import WaitingRoom
+from server.service.catalog import Catalog
+from server.service.waitingroom import COUNTS_SECONDS, WaitingRoom
 from server.storage.database import Store
 from server.wire.schemas import ticket_view
-from tests.support import assert_invariant, assert_reconciled, cancel_one, complete_one
+from tests.support import (
+    assert_invariant,
+    assert_reconciled,
+    cancel_one,
+    complete_one,
+    eventually,
+)
 
 START = 1_900_000_000_000  # the sale's start, ms
 PASS_MS = 60_000
@@ -1001,3 +1009,46 @@ def test_a_ticket_s_view_says_why_it_has_no_wait_estimate() -> None:
         waiting, state=TicketState.ADMITTED, admitted_at=59_000, pass_expires_at=80_000
     )
     assert because(product, dataclasses.replace(line, admitted=2), admitted) is None
+
+
+async def test_a_room_s_counts_are_read_once_however_many_pages_ask(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counts polling pages are answered (GET /api/queues): 15,000 pages polling every
+    3 s are 5,000 requests a second; a process reads a room's counts at most once every
+    COUNTS_SECONDS, one read at a time, whoever asks, and only for products with a room
+    (an id of no product, or of one without a room, costs nothing and is left out)."""
+    product = await room(store, 1, starts=None)  # a waitlist: open now
+    plain = await room(store, 5, queue="off")
+    await join_many(store, product.id, ["anon:a", "anon:b", "anon:c"], at=now_ms() - 10_000)
+    catalog = Catalog()
+    await catalog.reload(store)
+    service = WaitingRoom(store, publish=lambda news: None, opens_ms=START, catalog=catalog)
+    reads = 0
+    reader = store.reader
+
+    @asynccontextmanager
+    async def counted() -> AsyncIterator[Executor]:
+        nonlocal reads
+        reads += 1
+        async with reader() as conn:
+            yield conn
+
+    monkeypatch.setattr(store, "reader", counted)
+    ids = [product.id, plain.id, 2_000_000_000]
+    answers = await asyncio.gather(*(service.counts(ids) for _ in range(500)))
+    answers.append(await service.counts(ids))
+    answers.append(await service.counts(None))
+    assert [(c.product_id, c.waiting, c.admitted) for c in answers[0]] == [(product.id, 3, 0)]
+    assert all(a == answers[0] for a in answers)
+    assert reads == 1
+    # The room moves: a process's answer follows within COUNTS_SECONDS, read once again.
+    admitted = (await step(store, product.id, now=now_ms())).admitted
+    assert [t.shopper_id for t in admitted] == ["anon:a"]
+
+    async def moved() -> bool:
+        (counts,) = await service.counts([product.id])
+        return (counts.waiting, counts.admitted) == (2, 1)
+
+    await eventually(moved, within=COUNTS_SECONDS + 10, what="the counts after the admission")
+    assert reads == 2

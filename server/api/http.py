@@ -278,11 +278,8 @@ MAX_PAGE = 1000
 PageLimit = Annotated[int | None, Field(ge=1, le=MAX_PAGE)]
 
 
-class IdsOrPage(BaseModel):
-    """The query of a list of products: those a page shows (`ids`), or a page of them
-    (`limit` and a cursor, an id, that the subclass adds, with what its page is in `limit`'s
-    description: `limit: Annotated[PageLimit, Field(description=...)] = None`). Every field
-    but `ids` is the page's: asking for both ways at once is refused (400)."""
+class ProductIds(BaseModel):
+    """The query of a list of products: those a page shows (`ids`), or every one."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -298,7 +295,6 @@ class IdsOrPage(BaseModel):
             json_schema_extra={"pattern": "^[0-9]{1,10}(,[0-9]{1,10}){0,99}$"},
         ),
     ] = None
-    limit: PageLimit = None
 
     @field_validator("ids")
     @classmethod
@@ -306,6 +302,15 @@ class IdsOrPage(BaseModel):
         if value is not None:
             schemas.parse_product_ids(value)
         return value
+
+
+class IdsOrPage(ProductIds):
+    """The query of a list of products: those a page shows (`ids`), or a page of them
+    (`limit` and a cursor, an id, that the subclass adds, with what its page is in `limit`'s
+    description: `limit: Annotated[PageLimit, Field(description=...)] = None`). Every field
+    but `ids` is the page's: asking for both ways at once is refused (400)."""
+
+    limit: PageLimit = None
 
     @model_validator(mode="after")
     def _one_way(self) -> Self:

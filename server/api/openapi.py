@@ -80,6 +80,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.QueueFrame,
     schemas.ErrorFrame,
     schemas.TicketOut,
+    schemas.QueueCountsOut,
     schemas.RoomOut,
     schemas.LedgerPageOut,
     schemas.HistoryOut,

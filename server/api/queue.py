@@ -1,8 +1,9 @@
 """The waiting room's HTTP API (issue 17): a shopper joins, reads and leaves their ticket;
 the operator reads a room's figures.
 
-`POST|GET|DELETE /api/products/{id}/queue` (and at the root, like the rest of the shopper
-API: `shopper_routes` in server/api/shop.py takes these). The caller is the shopper of the
+`POST|GET|DELETE /api/products/{id}/queue`, and `GET /api/queues`, the rooms' counts for
+pages that poll (and at the root, like the rest of the shopper API: `shopper_routes` in
+server/api/shop.py takes these). The caller is the shopper of the
 request (server/api/identity.py): one ticket per shopper per product.
 """
 
@@ -16,11 +17,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.api.admin import operator_only
-from server.api.http import RequestError, json_response, path_id, path_sent
+from server.api.http import (
+    ProductIds,
+    RequestError,
+    json_response,
+    parse_params,
+    path_id,
+    path_sent,
+)
 from server.api.identity import Shopper, shopper_of
 from server.api.ratelimit import RateLimiter
 from server.api.spec import (
+    CACHE_CONTROL,
     DATABASE,
+    INVALID_REQUEST,
     OPERATOR_AUTH,
     PRODUCT_ID,
     PRODUCT_OR_NO_OPERATOR_API,
@@ -28,11 +38,13 @@ from server.api.spec import (
     RETRY_AFTER,
     SHOPPER_UNAUTHORIZED,
     UNAUTHORIZED,
+    array,
     component_parameter,
     error,
     header,
     json,
     operation,
+    query_parameters,
     ref,
 )
 from server.domain import errors
@@ -51,6 +63,7 @@ ROOM_CLOSED = error(
     errors.QueueNotOpen.code,
 )
 TICKET_ETAG = header("The ticket's version: send it back in If-None-Match.")
+COUNTS_ETAG = header("The counts' version: send it back in If-None-Match.")
 NO_SHOPPER = "no_shopper"
 
 
@@ -64,6 +77,18 @@ def _product_id(request: Request) -> int:
     if product_id is None:
         raise ProductNotFound(path_sent(request, "product_id"))
     return product_id
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    """Whether If-None-Match names `etag`, or `*` (RFC 9110 §13.1.2); tags compare weakly."""
+    sent = request.headers.get("if-none-match")
+    return sent is not None and bool(
+        {"*", etag} & {t.strip().removeprefix("W/") for t in sent.split(",")}
+    )
 
 
 def _shopper(request: Request) -> Shopper:
@@ -151,13 +176,49 @@ async def get_queue_ticket(request: Request) -> Response:
     shopper = shopper_of(request)
     view = await room_of(request).ticket(product_id, None if shopper is None else shopper.id)
     stable = {k: v for k, v in view.items() if k != "serverTime"}
-    etag = '"' + hashlib.blake2b(to_json(stable), digest_size=12).hexdigest() + '"'
+    etag = _etag(to_json(stable))
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    sent = request.headers.get("if-none-match")
-    # `*` matches any current ticket (RFC 9110 §13.1.2); tags compare weakly.
-    if sent is not None and ({"*", etag} & {t.strip().removeprefix("W/") for t in sent.split(",")}):
+    if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
     return json_response(view, headers=headers)
+
+
+@operation(
+    "listQueues",
+    "Waiting room",
+    "How many wait in each waiting room, and how many hold a pass",
+    {
+        "200": json(
+            array(schemas.QueueCountsOut),
+            "The rooms' counts, by product id",
+            {"ETag": COUNTS_ETAG, "Cache-Control": CACHE_CONTROL},
+        ),
+        "304": {
+            "description": "Not modified: the ETag sent in If-None-Match is current",
+            "headers": {"ETag": COUNTS_ETAG, "Cache-Control": CACHE_CONTROL},
+        },
+        "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
+        "503": DATABASE,
+    },
+    parameters=[*query_parameters(ProductIds), component_parameter("IfNoneMatch")],
+    description="The polling fallback of the `queue` frames, for any page (no shopper or "
+    "ticket needed): one entry per product with a waiting room (`queue` not `off`) among "
+    "`ids` (or every product), in the same fields. Poll it with If-None-Match, at the pace "
+    "of GET /api/products (every few seconds): each web process reads a room's counts at "
+    "most once a second, however many pages ask.",
+)
+async def list_queues(request: Request) -> Response:
+    query = parse_params(request.query_params, ProductIds)
+    ids = None if query.ids is None else schemas.parse_product_ids(query.ids)
+    counts = await room_of(request).counts(ids)
+    body = to_json(
+        [{"productId": c.product_id, "waiting": c.waiting, "admitted": c.admitted} for c in counts]
+    )
+    etag = _etag(body)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request, etag):
+        return Response(status_code=304, headers=headers)
+    return json_response(body, headers=headers)
 
 
 @operation(
@@ -187,6 +248,7 @@ async def leave_queue(request: Request) -> Response:
 
 # The shopper API's part (served under /api and at the root with the rest of it).
 queue_routes = [
+    ("/queues", list_queues, ["GET"]),
     ("/products/{product_id}/queue", join_queue, ["POST"]),
     ("/products/{product_id}/queue", get_queue_ticket, ["GET"]),
     ("/products/{product_id}/queue", leave_queue, ["DELETE"]),

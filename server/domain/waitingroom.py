@@ -521,6 +521,15 @@ async def waiting_count(conn: Executor, product_id: int) -> int:
     return 0 if row is None else int(row["waiting"])
 
 
+async def room_counts(conn: Executor, product_id: int) -> tuple[int, int]:
+    """The product's room now: (how many wait, how many hold a pass), the figures of its
+    `queue` frames (`Admission.waiting`, `Admission.passes`). Two reads of one row and of
+    the index of open tickets (as many admitted as the units allow), however long the line."""
+    return await waiting_count(conn, product_id), await _count(
+        conn, product_id, TicketState.ADMITTED
+    )
+
+
 # -- the line -------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,12 @@ RoomSink = Callable[[Sequence[RoomChanged]], None]
 LINE_SECONDS = 1.0
 # ...and once news says it moved (someone admitted, lapsed, sold out).
 MOVED_SECONDS = 0.2
+# How old a room's counts (how many wait, how many hold a pass) may be when a page that
+# polls (GET /api/queues) is answered them (s): each process reads a room's at most this
+# often, however many pages poll (15,000 pages polling every 3 s are 5,000 requests a
+# second, and one read of two rows a second per room). The socket's `queue` frames come
+# at most every QUEUE_FRAME_SECONDS (3 s), so a polling page is no further behind.
+COUNTS_SECONDS = 1.0
 # The least time between two admission rounds when nudges keep coming (a storm of stock
 # changes): each round is a transaction per room; more of them admits no sooner.
 MIN_ROUND_SECONDS = 0.02
@@ -56,6 +62,17 @@ JOIN_BATCH = 256
 # How long after a sale's start its room's first round runs (s): just past it, by the wall
 # clock `sale_state` reads.
 START_LAG_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class RoomCounts:
+    """A product's room as read at `at` (ms since the epoch): how many tickets wait in it
+    and how many hold a pass, what its `queue` frames carry."""
+
+    product_id: int
+    waiting: int
+    admitted: int
+    at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +113,10 @@ class WaitingRoom:
         self._any_rooms = True
         self._rooms_checked_at = -1e9
         self._reading: dict[int, asyncio.Task[Lineup]] = {}
+        # Rooms' counts as last read (`counts`): one entry per product with a room, no more
+        # (only products the catalog has with a queue are read).
+        self._counts: dict[int, RoomCounts] = {}
+        self._counting: dict[int, asyncio.Task[RoomCounts]] = {}
         # Rooms' secret keys as read (a key never changes once made): a join batch reads
         # a room's once per process. Each sale still gets its own order: a place is drawn
         # for the start the product's row has (`waitingroom.drawn_place`).
@@ -355,6 +376,54 @@ class WaitingRoom:
 
     def cached_line(self, product_id: int) -> Lineup | None:
         return self._lines.get(product_id)
+
+    async def counts(self, product_ids: Collection[int] | None = None) -> list[RoomCounts]:
+        """The counts of the rooms of `product_ids` (None: of every product), by product id:
+        those the catalog has with a queue (`fifo` or `random`, open or not yet); other ids
+        are left out. Each room's are read at most once every COUNTS_SECONDS by this process,
+        one read at a time per room, whoever asks (`waitingroom.room_counts`: one row, and
+        the index of those holding a pass), or taken from its line when that was read since
+        (`line`). Raises StorageError when a read fails."""
+        if self._catalog is None:
+            return []
+        if product_ids is None:
+            products = self._catalog.all()
+        else:
+            found = (self._catalog.get(i) for i in sorted(product_ids))
+            products = [p for p in found if p is not None]
+        rooms = [p.id for p in products if p.queue != "off"]
+        now = now_ms()
+        fresh: dict[int, RoomCounts] = {}
+        stale: list[int] = []
+        for product_id in rooms:
+            known = self._counts.get(product_id)
+            line = self._lines.get(product_id)
+            if line is not None and (known is None or line.at > known.at):
+                known = RoomCounts(product_id, line.waiting, line.admitted, line.at)
+            if known is not None and now - known.at < COUNTS_SECONDS * 1000:
+                fresh[product_id] = known
+            else:
+                stale.append(product_id)
+        if stale:
+            read = await asyncio.gather(*(self._read_counts_once(i) for i in stale))
+            fresh.update((c.product_id, c) for c in read)
+        return [fresh[i] for i in rooms]
+
+    async def _read_counts_once(self, product_id: int) -> RoomCounts:
+        task = self._counting.get(product_id)
+        if task is None:
+            task = asyncio.create_task(self._read_counts(product_id))
+            self._counting[product_id] = task
+            task.add_done_callback(lambda _: self._counting.pop(product_id, None))
+        return await asyncio.shield(task)
+
+    async def _read_counts(self, product_id: int) -> RoomCounts:
+        at = now_ms()
+        async with self.store.reader() as conn:
+            waiting, admitted = await waitingroom.room_counts(conn, product_id)
+        counts = RoomCounts(product_id, waiting, admitted, at)
+        self._counts[product_id] = counts
+        return counts
 
     async def tickets_of(self, product_id: int, shopper_ids: Sequence[str]) -> list[Ticket]:
         async with self.store.reader() as conn:

@@ -759,6 +759,15 @@ class QueueFrame(_Response):
     admitted: int = Field(description="Tickets holding a pass now.")
 
 
+class QueueCountsOut(_Response):
+    """A product's waiting room as every page sees it: what its `queue` frames carry, for
+    the pages that poll (`GET /api/queues`)."""
+
+    product_id: int
+    waiting: int = Field(description="Tickets waiting in the product's room.")
+    admitted: int = Field(description="Tickets holding a pass now.")
+
+
 class RoomOut(_Response):
     """The console's figures for a product's waiting room."""
 

@@ -97,5 +97,8 @@ export const api = {
   joinQueue: (productId) => request("POST", `/api/products/${encodeURIComponent(productId)}/queue`),
   ticket: (productId, etag) =>
     request("GET", `/api/products/${encodeURIComponent(productId)}/queue`, { etag }),
+  // How many wait in the waiting rooms of these products (query "ids=3,8"; "": every one)
+  // and hold a pass, what the socket's `queue` frames carry: [{productId, waiting, admitted}].
+  queues: (etag, query = "") => request("GET", query ? `/api/queues?${query}` : "/api/queues", { etag }),
   leaveQueue: (productId) => request("DELETE", `/api/products/${encodeURIComponent(productId)}/queue`),
 };

@@ -3,7 +3,8 @@
 // States: "connecting" (first attempt), "live" (socket open), "reconnecting" (socket lost,
 // trying again), "polling" (no socket for now, but the shop answers: GET /api/products
 // every 3 s with If-None-Match, the watched holds and the shopper's tickets too (each with
-// its own If-None-Match), while the socket is retried with
+// its own If-None-Match), and the waiting rooms' counts (GET /api/queues, what the socket's
+// `queue` frames carry), while the socket is retried with
 // backoff and jitter), "offline" (neither the socket nor the last poll reached the shop:
 // what the page shows is the last it heard, at `lastHeard`). The page stays correct in
 // every state but "offline", where it says that its stock may be out of date.
@@ -50,6 +51,8 @@ export class LiveFeed {
     this.socket = null;
     this.watching = [];
     this.tickets = new Map(); // product id → the ETag of the shopper's ticket last polled
+    this.rooms = []; // the products with a waiting room whose counts are polled
+    this.roomsEtag = null;
     this.joins = new Map(); // product id → how to settle the join sent over the socket
     this.retries = 0;
     this.pollTimer = null;
@@ -80,6 +83,14 @@ export class LiveFeed {
     const next = new Map();
     for (const id of productIds) next.set(id, this.tickets.get(id) ?? null);
     this.tickets = next;
+  }
+
+  // The products with a waiting room this page shows: while polling, their counts (how many
+  // wait, how many hold a pass) are asked for, in one request with its ETag.
+  followQueues(productIds) {
+    const next = [...productIds].sort((a, b) => a - b);
+    if (next.join(",") !== this.rooms.join(",")) this.roomsEtag = null;
+    this.rooms = next;
   }
 
   // Join a product's waiting room over the socket (`{"type": "join", "productId"}`), which
@@ -241,6 +252,21 @@ export class LiveFeed {
         this.handlers.reservation(reservation);
       } catch {
         // A hold that no longer exists, or a blink: the next poll asks again.
+      }
+    }
+    if (this.state === "polling" && this.rooms.length) {
+      // At most 100 ids a request: past that, every room's.
+      const query = this.rooms.length <= 100 ? `ids=${this.rooms.join(",")}` : "";
+      try {
+        const { status, data, etag } = await api.queues(this.roomsEtag, query);
+        if (status === 200) {
+          this.roomsEtag = etag;
+          for (const { productId, waiting, admitted } of data) {
+            this.handlers.queue?.({ type: "queue", productId, waiting, admitted });
+          }
+        }
+      } catch {
+        // A blink: the next poll asks again.
       }
     }
     for (const id of this.state === "polling" ? [...this.tickets.keys()] : []) {

@@ -55,7 +55,8 @@ class Shop {
     this.ticketed = null;
     this.shown = null; // Set of the product ids this page shows, or null: every product
     // The waiting room (issue 17), per product id with a queue: this shopper's ticket, and
-    // how many wait and are admitted (the socket's `queue` frames).
+    // how many wait and are admitted (the socket's `queue` frames, or GET /api/queues while
+    // polling).
     this.tickets = new Map();
     this.queues = new Map();
     this.passSaid = new Map(); // product id → the pass expiry whose end was announced
@@ -124,7 +125,10 @@ class Shop {
     const changed = Boolean(known) && known.availableStock !== product.availableStock;
     this.products.set(product.id, product);
     this.renderProduct(product, changed);
-    if (this.queued(product) !== this.queued(known)) this.live.followTickets(this.ticketIds());
+    if (this.queued(product) !== this.queued(known)) {
+      this.live.followTickets(this.ticketIds());
+      this.live.followQueues(this.queuedIds());
+    }
   }
 
   applyStock({ productId, availableStock, heldStock, version }) {
