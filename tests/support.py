@@ -208,7 +208,7 @@ async def outbox_bodies(
     store: Store, *, product_id: int | None = None, event_type: str | None = None
 ) -> list[dict[str, Any]]:
     """The outbox's events (of one product, or of one type), in order per product, each as
-    the body its webhook sends (`outbox.render`), parsed."""
+    the body its webhook sends (`outbox.StoredEvent.body`, as a delivery's), parsed."""
     where: list[str] = []
     values: dict[str, object] = {}
     if product_id is not None:
@@ -220,25 +220,11 @@ async def outbox_bodies(
     clause = f"WHERE {' AND '.join(where)} " if where else ""
     async with store.reader() as conn:
         rows = await conn.fetch_all(
-            "SELECT o.type, o.payload, o.product_id, o.version, o.seq, o.created_at, "
-            f"{outbox.LEDGER_COLUMNS} FROM outbox o {outbox.LEDGER_JOIN} "
+            f"SELECT {outbox.STORED_COLUMNS} FROM outbox o {outbox.LEDGER_JOIN} "
             f"{clause}ORDER BY o.product_id, o.version, o.seq",
             values,
         )
-    return [
-        json.loads(
-            outbox.render(
-                str(r["type"]),
-                str(r["payload"]),
-                int(r["product_id"]),
-                int(r["version"]),
-                int(r["seq"]),
-                int(r["created_at"]),
-                outbox.ledger_part(r),
-            )
-        )
-        for r in rows
-    ]
+    return [json.loads(outbox.StoredEvent.from_row(r).body()) for r in rows]
 
 
 # One hold's completion or cancellation, through the batch operations the service uses.

@@ -46,6 +46,7 @@ from tests.support import (
     eventually,
     hold,
     make_product,
+    outbox_bodies,
     serve,
 )
 
@@ -1270,3 +1271,48 @@ async def test_a_restored_backup_never_gives_a_new_event_a_delivered_events_id(
         postgres.drop(backup.rpartition("/")[2])
     assert len(delivered) == len(after_restore) == 1
     assert delivered != after_restore
+
+
+async def test_a_delivery_renders_its_outbox_row_as_the_outbox_does(store: Store) -> None:
+    """A delivery's body and the outbox's own rendering of the same row (what the tests
+    check bodies against: `outbox_bodies`) are one function, `outbox.StoredEvent` (the
+    delivery and the tests each spelled out `outbox.render`'s seven arguments: duplicates
+    D6): a delivery leased for each event of a product carries that event's row as the
+    outbox reads it, and sends the body it renders."""
+    await store.write(
+        lambda conn: webhooks.create_endpoint(
+            conn,
+            url="https://hooks.example.com/stock",
+            events=[],
+            description="",
+            secret="whsec_" + "A" * 32,
+            now=now_ms() - 1_000,
+        )
+    )
+    product = await make_product(store, 5)
+    first = await hold(store, product.id, 2)
+    second = await hold(store, product.id, 1)
+    await store.write(lambda conn: cancel_one(conn, first.id, now=now_ms(), reason="changed"))
+    await store.write(lambda conn: complete_one(conn, second.id, now=now_ms()))
+    await store.write(
+        lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=100), index_order=True
+    )
+    runs = await store.write(
+        lambda conn: webhooks.lease(
+            conn, owner="test", now=now_ms(), lease_ms=60_000, queues=10, per_queue=100
+        )
+    )
+    sent = [o for run in runs if run.product_id == product.id for o in run.deliveries]
+    async with store.reader() as conn:
+        rows = await conn.fetch_all(
+            f"SELECT {outbox.STORED_COLUMNS} FROM outbox o {outbox.LEDGER_JOIN} "
+            "WHERE o.product_id = :p ORDER BY o.version, o.seq",
+            {"p": product.id},
+        )
+    stored = [outbox.StoredEvent.from_row(row) for row in rows]
+    assert [o.event for o in sent] == stored
+    assert {e.type for e in stored} >= {"reservation.created", "reservation.cancelled"}
+    assert all(e.ledger is not None for e in stored if e.type.startswith("reservation."))
+    bodies = [json.loads(o.body()) for o in sent]
+    assert bodies == await outbox_bodies(store, product_id=product.id)
+    assert [b["type"] for b in bodies] == [e.type for e in stored]

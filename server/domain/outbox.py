@@ -214,6 +214,56 @@ def ledger_part(row: Row) -> LedgerPart | None:
     )
 
 
+# An outbox row's columns as `StoredEvent.from_row` reads them, with `LEDGER_COLUMNS` and
+# `LEDGER_JOIN` (a delivery reads `type` and the key from its own row: the same values).
+STORED_COLUMNS = (
+    "o.type, o.payload, o.product_id, o.version, o.seq, o.created_at, " + LEDGER_COLUMNS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An outbox row as stored (`stored`: its compact form, or a JSON object), its key
+    (product, version, sequence), `created_at` (the event's time, ms) and its movement's
+    ledger row (`LedgerPart`, for a reservation event): what its body is rendered from, at
+    every delivery and wherever else it is shown (`body`)."""
+
+    type: str
+    stored: str
+    product_id: int
+    version: int
+    seq: int
+    created_at: int
+    ledger: LedgerPart | None = None
+
+    @classmethod
+    def from_row(cls, row: Row) -> StoredEvent:
+        """Of a row read with `type`, `payload`, `product_id`, `version`, `seq`,
+        `created_at` (`STORED_COLUMNS`) and `LEDGER_COLUMNS`."""
+        return cls(
+            type=str(row["type"]),
+            stored=str(row["payload"]),
+            product_id=int(row["product_id"]),
+            version=int(row["version"]),
+            seq=int(row["seq"]),
+            created_at=int(row["created_at"]),
+            ledger=ledger_part(row),
+        )
+
+    def body(self) -> str:
+        """The body sent and signed (`render`): the same text every time. Raises
+        ValueError as `render` does."""
+        return render(
+            self.type,
+            self.stored,
+            self.product_id,
+            self.version,
+            self.seq,
+            self.created_at,
+            self.ledger,
+        )
+
+
 def render(
     event_type: str,
     stored: str,

@@ -446,46 +446,26 @@ async def endpoints_enabled(conn: Executor) -> list[Endpoint]:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A delivery to make: the event's id, and its outbox row as stored (`stored`, the
-    product, version and sequence: `outbox.render` makes the body of them)."""
+    """A delivery to make: the event's id, its attempts so far, and its outbox row as
+    stored, with its ledger row (`event`: `outbox.StoredEvent` renders the body)."""
 
     event_id: str
-    type: str
-    stored: str
-    product_id: int
-    version: int
-    seq: int
-    created_at: int
     attempts: int
-    # What the body takes from the event's ledger row (`outbox.LedgerPart`), if it has one.
-    ledger: outbox.LedgerPart | None = None
+    event: outbox.StoredEvent
 
     @classmethod
     def from_row(cls, row: Row) -> Outgoing:
+        """Of a row read with `OUTGOING` and `JOIN_OUTBOX`."""
         return cls(
             event_id=str(row["event_id"]),
-            type=str(row["type"]),
-            stored=str(row["payload"]),
-            product_id=int(row["product_id"]),
-            version=int(row["version"]),
-            seq=int(row["seq"]),
-            created_at=int(row["created_at"]),
             attempts=int(row["attempts"]),
-            ledger=outbox.ledger_part(row),
+            event=outbox.StoredEvent.from_row(row),
         )
 
     def body(self) -> str:
         """The body to send and sign, rendered now (outside any transaction): the same
-        text at every attempt."""
-        return outbox.render(
-            self.type,
-            self.stored,
-            self.product_id,
-            self.version,
-            self.seq,
-            self.created_at,
-            self.ledger,
-        )
+        text at every attempt. Raises ValueError (`outbox.render`)."""
+        return self.event.body()
 
 
 # A delivery's event, by the outbox's key, and its movement's ledger row (`outbox.render`).
