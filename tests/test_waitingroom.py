@@ -25,6 +25,7 @@ from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
 from server.domain.waitingroom import Admission, Lineup, RoomChanged, Ticket, TicketState
+from server.service import waitingroom as waitingroom_service
 from server.service.catalog import Catalog
 from server.service.waitingroom import COUNTS_SECONDS, WaitingRoom
 from server.storage.database import Store
@@ -1052,3 +1053,55 @@ async def test_a_room_s_counts_are_read_once_however_many_pages_ask(
 
     await eventually(moved, within=COUNTS_SECONDS + 10, what="the counts after the admission")
     assert reads == 2
+
+
+async def test_an_empty_room_is_read_again_only_after_news_of_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shop keeps the rooms of its past sales, empty once their tickets ended. Asked for
+    every room (GET /api/queues), a process read each of them every COUNTS_SECONDS however
+    old: one client polling had every process read every past room every second. A room
+    found empty is read again only when news says it changed (a join, from any process),
+    or after EMPTY_COUNTS_SECONDS without news (Redis down), and COUNTS_READS at a time."""
+    monkeypatch.setattr(waitingroom_service, "COUNTS_SECONDS", 0.05)
+    monkeypatch.setattr(waitingroom_service, "COUNTS_READS", 2)
+    rooms = [await room(store, i, starts=None) for i in range(1, 9)]
+    catalog = Catalog()
+    await catalog.reload(store)
+    service = WaitingRoom(store, publish=lambda news: None, opens_ms=START, catalog=catalog)
+    reads = 0
+    at_once = most_at_once = 0
+    reader = store.reader
+
+    @asynccontextmanager
+    async def counted() -> AsyncIterator[Executor]:
+        nonlocal reads, at_once, most_at_once
+        reads += 1
+        at_once += 1
+        most_at_once = max(most_at_once, at_once)
+        try:
+            async with reader() as conn:
+                await asyncio.sleep(0.01)  # the read takes a while: others ask meanwhile
+                yield conn
+        finally:
+            at_once -= 1
+
+    monkeypatch.setattr(store, "reader", counted)
+    first = await service.counts(None)
+    assert [(c.waiting, c.admitted) for c in first] == [(0, 0)] * len(rooms)
+    assert reads == len(rooms)
+    assert most_at_once <= 2
+    await asyncio.sleep(0.2)  # past COUNTS_SECONDS: a room with people in it is read again
+    await service.counts(None)
+    assert reads == len(rooms)  # the empty ones are not
+    # A join in the first room, and its news: that room alone is read again.
+    await join_many(store, rooms[0].id, ["anon:a"], at=now_ms() - 1_000)
+    service.counts_changed(rooms[0].id)
+    counts = await service.counts(None)
+    assert reads == len(rooms) + 1
+    assert (counts[0].product_id, counts[0].waiting) == (rooms[0].id, 1)
+    # Without news, an empty room's counts are at most EMPTY_COUNTS_SECONDS old.
+    monkeypatch.setattr(waitingroom_service, "EMPTY_COUNTS_SECONDS", 0.05)
+    await asyncio.sleep(0.2)
+    await service.counts(None)
+    assert reads == 2 * len(rooms) + 1

@@ -85,6 +85,8 @@ def _nudge_rooms(
     product = catalog.get(news.product_id if news is not None else int(frame["productId"]))
     if product is None or product.queue == "off":
         return
+    if news is not None:
+        room.counts_changed(product.id)
     if kind == "stock":
         admitter.nudge(product.id)
     elif news is not None and news.waiting is not None:

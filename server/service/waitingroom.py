@@ -54,6 +54,13 @@ MOVED_SECONDS = 0.2
 # second, and one read of two rows a second per room). The socket's `queue` frames come
 # at most every QUEUE_FRAME_SECONDS (3 s), so a polling page is no further behind.
 COUNTS_SECONDS = 1.0
+# ...and a room found empty (nobody waiting, no pass out: a sale over, or a line not begun),
+# until news says it changed (a join anywhere: `counts_changed`), or this long without news
+# (Redis down: no news comes). A shop keeps every past sale's room: asked for every room,
+# each process read each of them every second, however old (GET /api/queues).
+EMPTY_COUNTS_SECONDS = 30.0
+# How many rooms' counts one process reads at a time (each a connection of the pool).
+COUNTS_READS = 4
 # The least time between two admission rounds when nudges keep coming (a storm of stock
 # changes): each round is a transaction per room; more of them admits no sooner.
 MIN_ROUND_SECONDS = 0.02
@@ -117,6 +124,9 @@ class WaitingRoom:
         # (only products the catalog has with a queue are read).
         self._counts: dict[int, RoomCounts] = {}
         self._counting: dict[int, asyncio.Task[RoomCounts]] = {}
+        # When news last said a room changed (ms), for the rooms the catalog has.
+        self._counts_news: dict[int, int] = {}
+        self._counts_reads = asyncio.Semaphore(COUNTS_READS)
         # Rooms' secret keys as read (a key never changes once made): a join batch reads
         # a room's once per process. Each sale still gets its own order: a place is drawn
         # for the start the product's row has (`waitingroom.drawn_place`).
@@ -377,13 +387,20 @@ class WaitingRoom:
     def cached_line(self, product_id: int) -> Lineup | None:
         return self._lines.get(product_id)
 
+    def counts_changed(self, product_id: int) -> None:
+        """News of the product's room (a join, a leave, an admission step), from any
+        process: a room last found empty is read again at the next ask (`counts`)."""
+        self._counts_news[product_id] = now_ms()
+
     async def counts(self, product_ids: Collection[int] | None = None) -> list[RoomCounts]:
         """The counts of the rooms of `product_ids` (None: of every product), by product id:
         those the catalog has with a queue (`fifo` or `random`, open or not yet); other ids
         are left out. Each room's are read at most once every COUNTS_SECONDS by this process,
-        one read at a time per room, whoever asks (`waitingroom.room_counts`: one row, and
-        the index of those holding a pass), or taken from its line when that was read since
-        (`line`). Raises StorageError when a read fails."""
+        one read at a time per room and COUNTS_READS rooms at a time, whoever asks
+        (`waitingroom.room_counts`: one row, and the index of those holding a pass), or taken
+        from its line when that was read since (`line`); a room found empty is read again
+        only after news of it (`counts_changed`) or EMPTY_COUNTS_SECONDS. Raises StorageError
+        when a read fails."""
         if self._catalog is None:
             return []
         if product_ids is None:
@@ -400,7 +417,14 @@ class WaitingRoom:
             line = self._lines.get(product_id)
             if line is not None and (known is None or line.at > known.at):
                 known = RoomCounts(product_id, line.waiting, line.admitted, line.at)
-            if known is not None and now - known.at < COUNTS_SECONDS * 1000:
+            if known is not None and (
+                now - known.at < COUNTS_SECONDS * 1000
+                or (
+                    known.waiting == known.admitted == 0
+                    and now - known.at < EMPTY_COUNTS_SECONDS * 1000
+                    and self._counts_news.get(product_id, -1) < known.at
+                )
+            ):
                 fresh[product_id] = known
             else:
                 stale.append(product_id)
@@ -418,8 +442,8 @@ class WaitingRoom:
         return await asyncio.shield(task)
 
     async def _read_counts(self, product_id: int) -> RoomCounts:
-        at = now_ms()
-        async with self.store.reader() as conn:
+        async with self._counts_reads, self.store.reader() as conn:
+            at = now_ms()
             waiting, admitted = await waitingroom.room_counts(conn, product_id)
         counts = RoomCounts(product_id, waiting, admitted, at)
         self._counts[product_id] = counts
