@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,12 +44,15 @@ JWT_SECRET = "the-shop-signs-its-shoppers-with-this-32-byte-key"
 def one_service(
     database_url: str, redis_url: str, logs: Path, **settings: str
 ) -> Iterator[Service]:
-    """One web process and the worker, for what a socket to one process shows
-    (`two_services` where frames cross processes): a second service started and unused
-    was a web process's start and stop in every such test."""
+    """One web process, for what a socket to one process shows (`two_services` where
+    frames cross processes, or the worker's expiries reach the pages): a second service
+    started and unused was a web process's start and stop in every such test. No worker:
+    a web process publishes its own changes (server/live/publisher.py), and none of these
+    tests has a hold expire, a webhook sent or a room admitted; the worker's start and its
+    stop were 1-4 s of each of them on a busy machine, for nothing they checked."""
     service = Service(database_url, redis_url, logs / "a", web_concurrency=1, **settings)
     try:
-        service.start(worker=True)
+        service.start(worker=False)
         yield service
     finally:
         service.stop()
@@ -58,12 +62,19 @@ def one_service(
 def two_services(
     database_url: str, redis_url: str, logs: Path, **settings: str
 ) -> Iterator[tuple[Service, Service]]:
-    """Two web services on one database and Redis, and one worker."""
+    """Two web services on one database and Redis, and one worker, started together (one
+    after the other, a test waited for both starts: each is mostly the imports' CPU, and
+    the machine has two cores)."""
     first = Service(database_url, redis_url, logs / "a", web_concurrency=1, **settings)
     second = Service(database_url, redis_url, logs / "b", web_concurrency=1, **settings)
     try:
-        first.start(worker=True)
-        second.start(worker=False)
+        with ThreadPoolExecutor(2) as starting:
+            started = [
+                starting.submit(first.start, worker=True),
+                starting.submit(second.start, worker=False),
+            ]
+        for start in started:
+            start.result()
         yield first, second
     finally:
         second.stop()
