@@ -467,7 +467,7 @@ async def test_a_database_held_from_outside_answers_503_in_time_then_serves_agai
     database_url: str, redis_url: str, tmp_path: Path, store: Store
 ) -> None:
     with running(
-        database_url, redis_url, tmp_path / "logs",
+        database_url, redis_url, tmp_path / "logs", worker=False,
         web_concurrency=1, DB_BUSY_TIMEOUT_MS=str(BUSY_TIMEOUT_MS),
     ) as service:  # fmt: skip
         product = await service.new_product(10)

@@ -71,7 +71,9 @@ def process_of(response: httpx.Response) -> str:
 async def test_metrics_add_up_over_the_web_processes(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    with running(database_url, redis_url, tmp_path / "logs", web_concurrency=2) as service:
+    with running(
+        database_url, redis_url, tmp_path / "logs", worker=False, web_concurrency=2
+    ) as service:
         product_id = (await service.new_product(1_000))["id"]
         sold_out = (await service.new_product(0))["id"]
         answered_by: Counter[str] = Counter()
@@ -181,6 +183,7 @@ async def test_the_reservation_limit_holds_across_processes(
         database_url,
         redis_url,
         tmp_path / "logs",
+        worker=False,
         web_concurrency=2,
         RESERVE_RATE_LIMIT="5/60",
         RESERVE_RATE_LIMIT_WAIT_MS="5000",
@@ -252,7 +255,12 @@ async def test_web_removes_its_metrics_directory_and_those_of_killed_runs(
         os.utime(directory, (old, old))
 
     with running(
-        database_url, redis_url, tmp_path / "logs", web_concurrency=2, TMPDIR=str(temp)
+        database_url,
+        redis_url,
+        tmp_path / "logs",
+        worker=False,
+        web_concurrency=2,
+        TMPDIR=str(temp),
     ) as service:
         (ours,) = temp.glob(f"flashsale-metrics-{host}-{service.web.pid}-*")
         async with service.client() as client:
@@ -303,7 +311,9 @@ def test_the_web_listens_with_the_backlog_a_sale_s_first_second_needs(
     or WEB_BACKLOG."""
     # Empty: unset, for the Procfile's ${WEB_BACKLOG:-4096}.
     logs = tmp_path / "logs"
-    with running(database_url, redis_url, logs, web_concurrency=1, WEB_BACKLOG=backlog) as s:
+    with running(
+        database_url, redis_url, logs, worker=False, web_concurrency=1, WEB_BACKLOG=backlog
+    ) as s:
         somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
         expected = int(backlog) if backlog else min(4096, somaxconn)
         assert listen_backlog(s.port) == min(expected, somaxconn)
