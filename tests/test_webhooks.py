@@ -1029,6 +1029,43 @@ async def test_the_operator_api_refuses_bad_endpoints(client: httpx.AsyncClient)
     assert nothing.status_code == 404
 
 
+async def test_at_most_sixteen_endpoints_are_enabled_at_once(client: httpx.AsyncClient) -> None:
+    """Every event is a delivery row per enabled endpoint, written in the worker's dispatch:
+    with no limit, an operator's script registering in a loop made each hold that many."""
+    assert webhooks.MAX_ENABLED_ENDPOINTS == 16
+    made = []
+    for n in range(16):
+        answer = await client.post(
+            "/api/admin/webhooks", json={"url": f"https://shop.example/hooks/{n}"}, headers=OPERATOR
+        )
+        assert answer.status_code == 201, answer.text
+        made.append(answer.json()["id"])
+    refused = await client.post(
+        "/api/admin/webhooks", json={"url": "https://shop.example/hooks/16"}, headers=OPERATOR
+    )
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "too_many_webhook_endpoints"
+    listed = await client.get("/api/admin/webhooks", headers=OPERATOR)
+    assert [e["id"] for e in listed.json()] == made  # nothing was made
+    # A disabled endpoint is not counted: its place can be taken, and it cannot come back
+    # while sixteen others are enabled.
+    off = await client.post(f"/api/admin/webhooks/{made[0]}/disable", headers=OPERATOR)
+    assert off.json()["enabled"] is False
+    another = await client.post(
+        "/api/admin/webhooks", json={"url": "https://shop.example/hooks/16"}, headers=OPERATOR
+    )
+    assert another.status_code == 201, another.text
+    back = await client.post(f"/api/admin/webhooks/{made[0]}/enable", headers=OPERATOR)
+    assert back.status_code == 409, back.text
+    assert back.json()["code"] == "too_many_webhook_endpoints"
+    still = await client.get(f"/api/admin/webhooks/{made[0]}", headers=OPERATOR)
+    assert still.json()["enabled"] is False
+    assert still.json()["disabledReason"] == "disabled by the operator"
+    # Enabling one that is enabled already is no new one.
+    again = await client.post(f"/api/admin/webhooks/{made[1]}/enable", headers=OPERATOR)
+    assert again.status_code == 200, again.text
+
+
 # -- the real service: web processes, a worker, Redis ------------------------------------
 
 

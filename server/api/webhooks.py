@@ -38,7 +38,7 @@ from server.api.spec import (
     query_parameters,
     ref,
 )
-from server.domain import errors
+from server.domain import errors, webhooks
 from server.domain.clock import iso
 from server.domain.webhooks import Delivery, Endpoint
 from server.service.resolver import local_host
@@ -57,6 +57,11 @@ EVENT_ID = path_parameter(
     {"type": "string", "pattern": "^msg_[a-z2-7]{26}$"},
 )
 NO_ENDPOINT = error("There is no such endpoint, or no operator API", NOT_FOUND)
+TOO_MANY_ENDPOINTS = "too_many_webhook_endpoints"
+TOO_MANY = error(
+    f"{webhooks.MAX_ENABLED_ENDPOINTS} endpoints are enabled already: disable one first",
+    TOO_MANY_ENDPOINTS,
+)
 ENDPOINT = json(ref(schemas.WebhookOut), "The endpoint")
 
 
@@ -117,6 +122,16 @@ def _delivery_view(d: Delivery) -> dict[str, Any]:
     }
 
 
+def _too_many() -> RequestError:
+    """409 `too_many_webhook_endpoints`: creating or enabling one would pass the limit."""
+    return RequestError(
+        409,
+        TOO_MANY_ENDPOINTS,
+        f"At most {webhooks.MAX_ENABLED_ENDPOINTS} webhook endpoints may be enabled at once: "
+        "disable one first.",
+    )
+
+
 def _refuse_local_host(url: str) -> None:
     """Refuse (400 `invalid_request`, field `url`) a URL whose host is plainly on the local
     network: an IP address off the public Internet or `localhost`. A name that resolves to
@@ -144,6 +159,7 @@ def _refuse_local_host(url: str) -> None:
         "400": INVALID,
         **OPERATOR_AUTH,
         "404": NO_OPERATOR_API,
+        "409": TOO_MANY,
         "415": NOT_JSON,
         "503": DATABASE,
     },
@@ -157,9 +173,12 @@ async def create_endpoint(request: Request) -> Response:
     body = await parse_body(request, CreateWebhookBody)
     if not request.app.state.settings.webhook_allow_local_network:
         _refuse_local_host(body.url)
-    endpoint = await webhooks_of(request).create(
-        url=body.url, events=sorted(set(body.events)), description=body.description
-    )
+    try:
+        endpoint = await webhooks_of(request).create(
+            url=body.url, events=sorted(set(body.events)), description=body.description
+        )
+    except webhooks.TooManyEndpoints:
+        raise _too_many() from None
     return json_response(_view(endpoint, secret=True), 201)
 
 
@@ -196,7 +215,10 @@ async def get_endpoint(request: Request) -> Response:
 
 def _switch(enabled: bool) -> Any:
     async def switch(request: Request) -> Response:
-        endpoint = await webhooks_of(request).set_enabled(ENDPOINT_PATH_ID.id(request), enabled)
+        try:
+            endpoint = await webhooks_of(request).set_enabled(ENDPOINT_PATH_ID.id(request), enabled)
+        except webhooks.TooManyEndpoints:
+            raise _too_many() from None
         return json_response(_view(ENDPOINT_PATH_ID.found(request, endpoint)))
 
     return switch
@@ -206,7 +228,7 @@ enable_endpoint = operation(
     "enableWebhookEndpoint",
     "Webhooks",
     "Enable an endpoint (its waiting deliveries go at once)",
-    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "503": DATABASE},
+    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "409": TOO_MANY, "503": DATABASE},
     parameters=[ENDPOINT_ID],
     operator=True,
 )(operator_only(_switch(True)))

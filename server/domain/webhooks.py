@@ -93,10 +93,35 @@ class Endpoint:
 
 # -- endpoints (the operator) -------------------------------------------------------------
 
+# Endpoints enabled at once, as Stripe's 16 webhook endpoints per account. Each is sent
+# every event it wants: the worker's dispatch writes a delivery row per event and enabled
+# endpoint, up to DISPATCH_BATCH events at a time, in one write transaction beside the
+# reservations' writer (server/service/delivery.py), and each endpoint's queues take lease
+# slots. Unbounded, an operator's script registering in a loop made every hold that many
+# rows and that many requests. Disabled endpoints are sent nothing and not counted.
+MAX_ENABLED_ENDPOINTS = 16
+
+
+class TooManyEndpoints(Exception):
+    """Creating or enabling an endpoint would make more than MAX_ENABLED_ENDPOINTS enabled
+    (the caller's transaction is rolled back by raising this)."""
+
+
+async def _refuse_beyond_the_limit(conn: Executor) -> None:
+    """Raise TooManyEndpoints if more than MAX_ENABLED_ENDPOINTS endpoints are enabled (after
+    the caller's change, which raising undoes). On SQLite the writer is one at a time, so the
+    limit is exact; on PostgreSQL two creates at once choose the same id and one is retried
+    (`Webhooks.create`), while an enable racing a create may pass it by one."""
+    row = await conn.fetch_one("SELECT COUNT(*) AS n FROM webhook_endpoints WHERE enabled = 1")
+    if row is not None and int(row["n"]) > MAX_ENABLED_ENDPOINTS:
+        raise TooManyEndpoints
+
 
 async def create_endpoint(
     conn: Executor, *, url: str, events: Sequence[str], description: str, secret: str, now: int
 ) -> Endpoint:
+    """Register an enabled endpoint. Raises TooManyEndpoints if MAX_ENABLED_ENDPOINTS are
+    enabled already."""
     # The id is chosen inside the INSERT, as for products (both databases, one statement).
     row = await conn.fetch_one(
         "INSERT INTO webhook_endpoints (id, url, description, events, secret, enabled, "
@@ -112,6 +137,7 @@ async def create_endpoint(
         },
     )
     assert row is not None
+    await _refuse_beyond_the_limit(conn)
     return Endpoint.from_row(row)
 
 
@@ -143,13 +169,15 @@ async def set_enabled(
     conn: Executor, endpoint_id: int, *, enabled: bool, reason: str | None, now: int
 ) -> bool:
     """Turn an endpoint on (its failing queues are tried again at once) or off; False if
-    there is no such endpoint."""
+    there is no such endpoint. Enabling one raises TooManyEndpoints if MAX_ENABLED_ENDPOINTS
+    others are enabled."""
     row = await conn.fetch_one(
         "UPDATE webhook_endpoints SET enabled = :on, disabled_reason = :reason, "
         "updated_at = :now WHERE id = :id RETURNING id",
         {"id": endpoint_id, "on": 1 if enabled else 0, "reason": reason, "now": now},
     )
     if row is not None and enabled:
+        await _refuse_beyond_the_limit(conn)
         await conn.execute(
             "UPDATE webhook_queues SET next_attempt_at = 0, failures = 0, failing_since = NULL "
             "WHERE endpoint_id = :id",
