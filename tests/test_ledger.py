@@ -30,6 +30,7 @@ from tests.support import (
     make_product,
     outbox_bodies,
     serve,
+    stats,
 )
 
 OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -194,6 +195,30 @@ async def test_the_outbox_gets_the_events_of_the_same_transaction(store: Store) 
     assert completed["stock"]["soldUnits"] == 1
     assert events[2]["data"]["stock"]["availableStock"] == 0
     assert events[6]["data"]["units"] == 5
+
+
+async def test_a_change_whose_event_cannot_be_written_is_not_made(store: Store) -> None:
+    """The README's at-least-once rests on the event being written in the change's own
+    transaction: when the event cannot be written (its table is away), neither is the hold,
+    its ledger row, nor the product's new units."""
+    product = await make_product(store, 2)
+    await store.write(lambda conn: conn.execute("ALTER TABLE outbox RENAME TO outbox_away"))
+    try:
+        # Each database's own error, naming the table.
+        with pytest.raises(Exception, match="outbox"):
+            await hold(store, product.id, 1)
+    finally:
+        await store.write(lambda conn: conn.execute("ALTER TABLE outbox_away RENAME TO outbox"))
+    async with store.reader() as conn:
+        held = await conn.fetch_one("SELECT COUNT(*) AS n FROM reservations")
+        moved = await conn.fetch_all(
+            "SELECT movement FROM stock_ledger WHERE product_id = :p", {"p": product.id}
+        )
+    assert held is not None
+    assert int(held["n"]) == 0
+    assert [row["movement"] for row in moved] == ["created"]
+    assert (await stats(store, product.id)).available == 2
+    await assert_reconciled(store)
 
 
 async def test_a_stored_event_renders_to_exactly_the_body_it_always_had(store: Store) -> None:
