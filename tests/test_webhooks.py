@@ -1144,6 +1144,93 @@ async def test_a_sale_of_fifty_holds_sends_one_event_per_change_in_order(
     await assert_reconciled(store)
 
 
+class SilentReceiver:
+    """A receiver that takes every connection and never answers, until `release` closes
+    them all. `taken`: the connections it took."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.taken += 1
+        self._writers.append(writer)
+
+    async def start(self) -> str:
+        """Listen; its URL."""
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hooks"
+
+    def release(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+
+    async def took(self, count: int) -> bool:
+        return self.taken >= count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_receivers_that_never_answer_do_not_delay_expiry(
+    database_url: str, redis_url: str, tmp_path: Path, store: Store
+) -> None:
+    """The README: delivery never delays expiry. Sixteen endpoints (the most) whose receiver
+    takes each request and never answers fill every one of the worker's delivery slots for
+    WEBHOOK_TIMEOUT_SECONDS; the worker still expires the holds, while no attempt has ended.
+    Delivery run in arq's job slots, or awaited by the sweeper, would hold expiry back."""
+    silent = SilentReceiver()
+    url = await silent.start()
+    try:
+        with running(
+            database_url,
+            redis_url,
+            tmp_path / "logs",
+            web_concurrency=1,
+            HOLD_SECONDS="1",
+            SWEEP_SECONDS="1",
+            WEBHOOK_POLL_MS="50",
+            WEBHOOK_TIMEOUT_SECONDS="600",
+            WEBHOOK_CONCURRENCY="16",
+            WEBHOOK_ALLOW_LOCAL_NETWORK="true",
+        ) as service:
+            async with service.client() as client:
+                for n in range(webhooks.MAX_ENABLED_ENDPOINTS):
+                    made = await client.post(
+                        "/api/admin/webhooks",
+                        json={"url": f"{url}/{n}"},
+                        headers=service.admin_headers(),
+                    )
+                    assert made.status_code == 201, made.text
+                products = [await service.new_product(5) for _ in range(2)]
+                # Every endpoint's queue of the first product is leased and its first
+                # event sent, unanswered: every slot of the worker is taken.
+                await _reserve(client, products[0]["id"])
+                await eventually(
+                    lambda: silent.took(webhooks.MAX_ENABLED_ENDPOINTS),
+                    within=60,
+                    what="an attempt in flight to every endpoint",
+                )
+                held = [await _reserve(client, products[n % 2]["id"]) for n in range(4)]
+            await eventually(lambda: _all_ended(store), within=60, what="the holds to expire")
+            async with store.reader() as conn:
+                rows = await conn.fetch_all(
+                    "SELECT reservation_id, actor FROM stock_ledger WHERE movement = 'expired'"
+                )
+                settled = await conn.fetch_one(
+                    "SELECT COUNT(*) AS n FROM webhook_deliveries WHERE attempts > 0"
+                )
+            # Expired by the worker, while every attempt was still waiting for its answer.
+            assert {r["reservation_id"] for r in rows if r["actor"] == "worker"} >= set(held)
+            assert settled is not None
+            assert int(settled["n"]) == 0
+            silent.release()  # the worker's runs end, and it stops at once
+    finally:
+        silent.release()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_the_worker_logs_no_secret_of_a_receiver_s_url(
