@@ -214,8 +214,9 @@ def ledger_part(row: Row) -> LedgerPart | None:
     )
 
 
-# An outbox row's columns as `StoredEvent.from_row` reads them, with `LEDGER_COLUMNS` and
-# `LEDGER_JOIN` (a delivery reads `type` and the key from its own row: the same values).
+# An outbox row's columns as `StoredEvent.from_row` reads them, with `LEDGER_COLUMNS` (from
+# `outbox o` and `LEDGER_JOIN`): the one list every reader of events uses (a delivery's,
+# `webhooks.OUTGOING`).
 STORED_COLUMNS = (
     "o.type, o.payload, o.product_id, o.version, o.seq, o.created_at, " + LEDGER_COLUMNS
 )

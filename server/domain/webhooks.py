@@ -501,11 +501,9 @@ JOIN_OUTBOX = (
     "JOIN outbox o ON o.product_id = d.product_id AND o.version = d.version AND o.seq = d.seq "
     + outbox.LEDGER_JOIN
 )
-# What a delivery's outbox row is read as.
-OUTGOING = (
-    "d.event_id, d.type, d.product_id, d.version, d.seq, d.created_at, d.attempts, o.payload, "
-    + outbox.LEDGER_COLUMNS
-)
+# What a delivery is read as: its own id and attempts, and its event as `StoredEvent` reads
+# it, from the outbox row (the delivery's copies of its type, key and time are the same).
+OUTGOING = "d.event_id, d.attempts, " + outbox.STORED_COLUMNS
 
 
 @dataclass(frozen=True, slots=True)
