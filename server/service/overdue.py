@@ -23,11 +23,11 @@ that reaches the database, the sweeper and the jobs expire the hold regardless).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from server.domain import inventory
 from server.domain.model import Product
+from server.infra.singleflight import SingleFlight
 from server.storage.database import Store
 
 
@@ -50,7 +50,7 @@ class OverdueHolds:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._not_before: dict[int, int] = {}
-        self._looking: dict[int, asyncio.Task[Look]] = {}
+        self._looking: SingleFlight[int, Look] = SingleFlight(self._read, name="overdue-holds")
 
     def may_have(self, product: Product, now: int) -> bool:
         """Whether `product` (a figure of it) may have holds past their expiresAt at `now`
@@ -61,12 +61,7 @@ class OverdueHolds:
         """Read the product and the earliest expiry of its open holds. Requests that ask
         while a read is under way share it (a task of its own, which a request that goes
         away does not cancel). Raises what `Store.reader` raises."""
-        task = self._looking.get(product_id)
-        if task is None:
-            task = asyncio.create_task(self._read(product_id), name="overdue-holds")
-            self._looking[product_id] = task
-            task.add_done_callback(lambda _: self._looking.pop(product_id, None))
-        return await asyncio.shield(task)
+        return await self._looking(product_id)
 
     async def _read(self, product_id: int) -> Look:
         async with self._store.reader() as conn:

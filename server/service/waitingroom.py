@@ -31,6 +31,7 @@ from server.domain.errors import NotAdmitted, NoTicket, ProductNotFound, QueueNo
 from server.domain.executor import Executor
 from server.domain.model import Outcome, Product
 from server.domain.waitingroom import Admission, Lineup, RoomChanged, RoomStats, Ticket
+from server.infra.singleflight import SingleFlight
 from server.service.batching import GroupCommit
 from server.service.catalog import Catalog
 from server.service.transactions import Transactions
@@ -119,11 +120,13 @@ class WaitingRoom:
         self._moved: dict[int, int] = {}  # product → when news last said its line moved
         self._any_rooms = True
         self._rooms_checked_at = -1e9
-        self._reading: dict[int, asyncio.Task[Lineup]] = {}
+        self._reading: SingleFlight[int, Lineup] = SingleFlight(self._read_line, name="queue-line")
         # Rooms' counts as last read (`counts`): one entry per product with a room, no more
         # (only products the catalog has with a queue are read).
         self._counts: dict[int, RoomCounts] = {}
-        self._counting: dict[int, asyncio.Task[RoomCounts]] = {}
+        self._read_counts_once: SingleFlight[int, RoomCounts] = SingleFlight(
+            self._read_counts, name="queue-counts"
+        )
         # When news last said a room changed (ms), for the rooms the catalog has.
         self._counts_news: dict[int, int] = {}
         self._counts_reads = asyncio.Semaphore(COUNTS_READS)
@@ -352,12 +355,7 @@ class WaitingRoom:
         line = self.fresh_line(product_id, max_age=max_age)
         if line is not None:
             return line
-        task = self._reading.get(product_id)
-        if task is None:
-            task = asyncio.create_task(self._read_line(product_id))
-            self._reading[product_id] = task
-            task.add_done_callback(lambda _: self._reading.pop(product_id, None))
-        return await asyncio.shield(task)
+        return await self._reading(product_id)
 
     def fresh_line(self, product_id: int, *, max_age: float = LINE_SECONDS) -> Lineup | None:
         """The product's line as last read, if `line` would answer with it now (not older
@@ -432,14 +430,6 @@ class WaitingRoom:
             read = await asyncio.gather(*(self._read_counts_once(i) for i in stale))
             fresh.update((c.product_id, c) for c in read)
         return [fresh[i] for i in rooms]
-
-    async def _read_counts_once(self, product_id: int) -> RoomCounts:
-        task = self._counting.get(product_id)
-        if task is None:
-            task = asyncio.create_task(self._read_counts(product_id))
-            self._counting[product_id] = task
-            task.add_done_callback(lambda _: self._counting.pop(product_id, None))
-        return await asyncio.shield(task)
 
     async def _read_counts(self, product_id: int) -> RoomCounts:
         async with self._counts_reads, self.store.reader() as conn:

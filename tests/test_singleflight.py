@@ -1,0 +1,68 @@
+"""`SingleFlight` (server/infra/singleflight.py): the one read at a time per key that the
+waiting room's lines and counts and the overdue holds' looks share."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.infra.singleflight import SingleFlight
+
+
+async def test_callers_of_one_key_share_one_run_and_other_keys_run_apart() -> None:
+    started: list[int] = []
+    release = asyncio.Event()
+    both_started = asyncio.Event()
+
+    async def read(key: int) -> str:
+        started.append(key)
+        if len(set(started)) == 2:
+            both_started.set()
+        await release.wait()
+        return f"read {key} #{started.count(key)}"
+
+    once: SingleFlight[int, str] = SingleFlight(read, name="test")
+    callers = [asyncio.create_task(once(k)) for k in (1, 1, 2, 1)]
+    async with asyncio.timeout(5):
+        await both_started.wait()
+    release.set()
+    assert await asyncio.gather(*callers) == ["read 1 #1", "read 1 #1", "read 2 #1", "read 1 #1"]
+    assert sorted(started) == [1, 2]
+    # Once a run has ended, the next ask reads again.
+    assert await once(1) == "read 1 #2"
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_run_of_the_others() -> None:
+    release = asyncio.Event()
+
+    async def read(key: int) -> int:
+        await release.wait()
+        return key * 10
+
+    once: SingleFlight[int, int] = SingleFlight(read, name="test")
+    leaving = asyncio.create_task(once(3))
+    staying = asyncio.create_task(once(3))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    release.set()
+    async with asyncio.timeout(5):
+        assert await staying == 30
+
+
+async def test_a_failed_run_fails_its_callers_and_is_forgotten() -> None:
+    calls = 0
+
+    async def read(key: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the database went away")
+        return key
+
+    once: SingleFlight[int, int] = SingleFlight(read, name="test")
+    with pytest.raises(RuntimeError):
+        await once(7)
+    assert await once(7) == 7
