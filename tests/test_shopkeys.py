@@ -170,3 +170,43 @@ async def test_wrong_shop_keys_are_throttled_per_address_and_logged_once(
             reservation_id = await hold(http)
             done = await http.post(f"/api/reservations/{reservation_id}/complete", headers=shop())
             assert done.status_code == 200, done.text
+
+
+async def test_a_shop_key_on_a_shoppers_endpoint_is_told_what_it_may_call(
+    client: Client,
+) -> None:
+    """A shop's developer who cancels (or reads, or reserves) with the shop key is told that
+    a shop key only completes: 403 `shop_key_not_allowed` naming that endpoint, not a 401
+    about shopper sign-in tokens; nothing changes."""
+    async with client() as http:
+        made = await http.post("/api/admin/shop-keys", json={"name": "orders"}, headers=OPERATOR)
+        console_key = made.json()["key"]
+        reservation_id = await hold(http)
+        product_id = (await http.get(f"/api/reservations/{reservation_id}")).json()["productId"]
+        calls = [
+            ("POST", f"/api/reservations/{reservation_id}/cancel", None),
+            ("GET", f"/api/reservations/{reservation_id}", None),
+            ("POST", "/api/reservations", {"productId": product_id, "quantity": 1}),
+            ("GET", "/api/me/reservations", None),
+            ("GET", "/api/reservations", None),
+            ("GET", "/api/me", None),
+            ("POST", f"/api/products/{product_id}/queue", None),
+            ("GET", f"/api/products/{product_id}/queue", None),
+            ("DELETE", f"/api/products/{product_id}/queue", None),
+            ("POST", f"/reservations/{reservation_id}/cancel", None),
+        ]
+        for key in (SHOP_KEY, console_key, "fsk_revoked-or-mistyped"):
+            for method, path, body in calls:
+                refused = await http.request(method, path, json=body, headers=shop(key))
+                assert refused.status_code == 403, (key, method, path, refused.text)
+                answer = refused.json()
+                assert answer["code"] == "shop_key_not_allowed", (method, path, refused.text)
+                assert "POST /api/reservations/{id}/complete" in answer["message"]
+        still = await http.get(f"/api/reservations/{reservation_id}")
+        assert still.json()["status"] == "ACTIVE"
+        assert (await http.get(f"/api/products/{product_id}")).json()["heldStock"] == 2
+        # The one endpoint a shop key is for still takes it.
+        done = await http.post(
+            f"/api/reservations/{reservation_id}/complete", headers=shop(console_key)
+        )
+        assert done.status_code == 200, done.text

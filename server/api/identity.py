@@ -21,7 +21,10 @@ applies to it, unless REQUIRE_SHOPPER_TOKEN=true, which answers it, and anonymou
 falling back to anonymous would let a broken sign-in buy past the shop's limits.
 
 A bearer token that is a shop API key (server/service/shopkeys.py) is the shop's backend,
-not a shopper: it is left to `server.api.completion`; nor is the operator's ADMIN_TOKEN.
+not a shopper: it is left to `server.api.completion`, and anywhere else a shopper is asked
+for it is 403 `shop_key_not_allowed` (a shop key completes holds, nothing more; it used to
+be read as a shopper's token and answered a 401 about sign-in tokens). The operator's
+ADMIN_TOKEN is not a shopper's either: it names no shopper.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.http import RequestError
+from server.api.spec import SHOP_KEY_NOT_ALLOWED
 from server.domain import text
 from server.infra.clients import SIGNED_IN
 from server.infra.settings import Settings
+from server.service.shopkeys import looks_like_a_shop_key
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ ANONYMOUS = "anon:"
 # for each path or domain that set it, a few at most. Each check is an HMAC: a Cookie header
 # of 16 KiB holds 1,300 `shopper=x.y`, which took 30 to 150 ms of the event loop a request.
 MAX_SHOPPER_COOKIES = 4
+# What a shop API key may call: the one place `server.api.completion` reads it.
+SHOP_KEY_ENDPOINTS = ("POST /api/reservations/{id}/complete",)
 # Where ShopperCookie leaves what it found in the cookie for `Identities.shopper`.
 _SCOPE_KEY = "flashsale.shopper_cookie"
 _BAD = "bad"
@@ -113,6 +120,7 @@ class Identities:
         self._tokens: dict[str, tuple[str, float]] = {}
         self._cookies: dict[str, str] = {}
         self._operator = settings.admin_token.encode()
+        self._shop_keys = [k.encode() for k in settings.shop_api_keys]
         self._key: Any = None
         self._algorithms: list[str] = []
         if settings.shopper_jwt_secret:
@@ -157,10 +165,14 @@ class Identities:
 
         `shop_key`: the request's bearer token is a shop API key (the shop's backend), not
         a shopper's. Raises `RequestError` 401 for a token or cookie that is there but not
-        valid, and for a request without a signed-in shopper when REQUIRE_SHOPPER_TOKEN."""
+        valid, and for a request without a signed-in shopper when REQUIRE_SHOPPER_TOKEN;
+        403 `shop_key_not_allowed` for a bearer token that is a shop API key (valid or not:
+        no table is read), unless `shop_key`."""
         authorization, token, has_cookie = _shopper_headers(connection.scope)
         scheme, _, bearer = authorization.partition(" ")
         if scheme.lower() == "bearer" and not shop_key and not self._is_operator(bearer.strip()):
+            if looks_like_a_shop_key(bearer.strip(), self._shop_keys):
+                raise shop_key_not_allowed()
             return Shopper(self._signed_in(bearer.strip()), signed_in=True)
         if self.require_token:
             raise _unauthorized(
@@ -344,6 +356,18 @@ def _remember(cache: dict[str, T], key: str, value: T) -> None:
 def _reason(exc: Exception) -> str:
     text = str(exc).rstrip(".") or type(exc).__name__
     return text[:1].lower() + text[1:200]
+
+
+def shop_key_not_allowed() -> RequestError:
+    """403 `shop_key_not_allowed`: a shop API key sent where a shopper is asked for."""
+    allowed = ", ".join(SHOP_KEY_ENDPOINTS)
+    return RequestError(
+        403,
+        SHOP_KEY_NOT_ALLOWED,
+        "This is a shop API key: the shop's backend uses it only to complete holds "
+        f"({allowed}). This endpoint is the shopper's: send the shopper's token or cookie, "
+        "or no Authorization header.",
+    )
 
 
 def _unauthorized(message: str) -> RequestError:

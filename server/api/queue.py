@@ -36,6 +36,7 @@ from server.api.spec import (
     PRODUCT_OR_NO_OPERATOR_API,
     RATE_LIMITED,
     RETRY_AFTER,
+    SHOP_KEY_REFUSED,
     SHOPPER_UNAUTHORIZED,
     UNAUTHORIZED,
     array,
@@ -115,6 +116,7 @@ def _shopper(request: Request) -> Shopper:
             NO_SHOPPER,
             UNAUTHORIZED,
         ),
+        "403": SHOP_KEY_REFUSED,
         "404": NO_PRODUCT_OR_ROOM,
         "409": ROOM_CLOSED,
         "429": error(
@@ -160,6 +162,7 @@ async def join_queue(request: Request) -> Response:
             "headers": {"ETag": TICKET_ETAG},
         },
         "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
         "404": error(
             "There is no such product, or the caller has no ticket for it",
             errors.ProductNotFound.code,
@@ -228,6 +231,7 @@ async def list_queues(request: Request) -> Response:
     {
         "204": {"description": "Left: the ticket is `left` (a pass not used goes to the next)"},
         "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
         "404": error(
             "There is no such product, or the caller has no ticket for it",
             errors.ProductNotFound.code,

@@ -50,6 +50,8 @@ from server.api.spec import (
     RESERVATION,
     RESERVATION_ID,
     RETRY_AFTER,
+    SHOP_KEY_NOT_ALLOWED,
+    SHOP_KEY_REFUSED,
     SHOPPER_UNAUTHORIZED,
     UNAUTHORIZED,
     array,
@@ -207,6 +209,13 @@ async def get_product(request: Request) -> Response:
         "400": INVALID,
         "404": NO_PRODUCT,
         "401": SHOPPER_UNAUTHORIZED,
+        "403": error(
+            "A waiting room is in front of the product and the shopper has no valid pass "
+            "(`position` in the body); or the bearer token is a shop API key, which only "
+            "completes holds",
+            errors.NotAdmitted.code,
+            SHOP_KEY_NOT_ALLOWED,
+        ),
         "409": error(
             "Not enough units left (`stock` in the body: the product's stock now), the "
             "sale has not started, is paused by the operator, or has ended, or the shopper "
@@ -332,7 +341,13 @@ _RESERVATION_OUTCOMES = {
     "getReservation",
     "Reservations",
     "A hold's current state",
-    {"200": RESERVATION, "401": SHOPPER_UNAUTHORIZED, "404": NO_RESERVATION, "503": DATABASE},
+    {
+        "200": RESERVATION,
+        "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
+        "404": NO_RESERVATION,
+        "503": DATABASE,
+    },
     parameters=[RESERVATION_ID],
 )
 async def get_reservation(request: Request) -> Response:
@@ -402,6 +417,7 @@ async def complete_reservation(request: Request) -> Response:
     {
         "200": json(ref(schemas.ReservationOut), "The reservation, CANCELLED (again: unchanged)"),
         "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
         "404": NO_RESERVATION,
         "409": error(
             "The hold was already bought, or expired",
@@ -531,6 +547,7 @@ class MyReservationsQuery(BaseModel):
         ),
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
         "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
         "503": DATABASE,
     },
     parameters=query_parameters(MyReservationsQuery),
@@ -563,6 +580,7 @@ async def my_reservations(request: Request) -> Response:
         "200": json(array(schemas.ReservationOut), "The caller's holds, newest first"),
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
         "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
         "503": DATABASE,
     },
     parameters=query_parameters(MyReservationsQuery),
@@ -577,7 +595,12 @@ async def reservations_of_caller(request: Request) -> Response:
     "getMe",
     "Shop",
     "Who the caller is to the shop, and their units of each product",
-    {"200": json(ref(schemas.MeOut), "The caller"), "401": SHOPPER_UNAUTHORIZED, "503": DATABASE},
+    {
+        "200": json(ref(schemas.MeOut), "The caller"),
+        "401": SHOPPER_UNAUTHORIZED,
+        "403": SHOP_KEY_REFUSED,
+        "503": DATABASE,
+    },
     description="A caller without a shopper is given an anonymous one: the `shopper` cookie "
     "comes with the answer, and `token`, the same value, to send as a `Shopper-Token` header "
     "by a client that keeps no cookies. "

@@ -43,6 +43,7 @@ NOT_FOUND = "not_found"
 OVERLOADED = "overloaded"
 DATABASE_BUSY = "database_busy"
 DATABASE_UNAVAILABLE = "database_unavailable"
+SHOP_KEY_NOT_ALLOWED = "shop_key_not_allowed"
 
 
 # -- an endpoint's description ------------------------------------------------------------
@@ -225,6 +226,11 @@ SHOPPER_UNAUTHORIZED = error(
     "REQUIRE_SHOPPER_TOKEN is on and the request has no token",
     UNAUTHORIZED,
     headers={"WWW-Authenticate": header("`Bearer`.")},
+)
+SHOP_KEY_REFUSED = error(
+    "The bearer token is a shop API key: the shop's backend uses one only to complete holds "
+    "(`POST /api/reservations/{id}/complete`), never as a shopper",
+    SHOP_KEY_NOT_ALLOWED,
 )
 UNAUTHORIZED_ANSWER = error("The operator token is missing or wrong", UNAUTHORIZED)
 SIGN_IN_THROTTLED_ANSWER = error(

@@ -28,6 +28,15 @@ def new_key() -> str:
     return PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
 
 
+def looks_like_a_shop_key(token: str, configured: Sequence[bytes]) -> bool:
+    """Whether a bearer token is meant as a shop key (`fsk_…`, or one of `configured`, the
+    keys of SHOP_API_KEYS as bytes) rather than something else sent in Authorization (a
+    shopper's token). Reads no table: a revoked key still looks like one."""
+    return token.startswith(PREFIX) or any(
+        hmac.compare_digest(token.encode(), k) for k in configured
+    )
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -42,9 +51,7 @@ class ShopKeys:
     def looks_like_a_shop_key(self, token: str) -> bool:
         """Whether a bearer token is meant as a shop key (one of ours, or a configured one)
         rather than something else sent in Authorization (a shopper's token)."""
-        return token.startswith(PREFIX) or any(
-            hmac.compare_digest(token.encode(), k) for k in self._configured
-        )
+        return looks_like_a_shop_key(token, self._configured)
 
     async def is_valid(self, key: str) -> bool:
         if any(hmac.compare_digest(key.encode(), k) for k in self._configured):
