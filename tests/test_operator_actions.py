@@ -461,3 +461,48 @@ async def test_the_operator_cannot_cancel_what_is_bought_missing_or_unauthorised
     assert (await client.get(f"/api/reservations/{hold['id']}")).json()["status"] == "ACTIVE"
     s = await stats(store, product["id"])
     assert (s.available, s.held, s.sold) == (3, 1, 1)
+
+
+async def test_every_operator_endpoint_refuses_query_parameters_it_does_not_take(
+    client: httpx.AsyncClient,
+) -> None:
+    """`GET /api/admin/reconcile?productId=8` once answered every product, as if filtered:
+    the operator endpoints that take no query parameters ignored them, while those that take
+    some refused the others. Every operator operation in the document is asked with one it
+    does not list: 400 `invalid_request` naming it, the document says so, nothing changes."""
+    product = await new_product(client, stock=5)
+    hold = await held(client, product["id"])
+    spec = (await client.get("/api/openapi.json")).json()
+    filled = {
+        "product_id": str(product["id"]),
+        "reservation_id": hold["id"],
+        "endpoint_id": "1",
+        "key_id": "1",
+        "event_id": "msg_" + "a" * 26,
+    }
+    asked = 0
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if operation.get("security") != [{"operatorToken": []}]:
+                continue
+            named = {p.get("name") for p in operation["parameters"] if p.get("in") == "query"}
+            unknown = "productId" if "productId" not in named else "bogus"
+            url = path
+            for name, value in filled.items():
+                url = url.replace("{" + name + "}", value)
+            answer = await client.request(
+                method.upper(),
+                f"{url}?{unknown}=8",
+                headers=OPERATOR,
+                json={"quantity": 1} if method != "get" else None,
+            )
+            body = refused(answer, 400, "invalid_request")
+            assert body["details"][0]["field"] == unknown, (method, path, body)
+            assert "invalid_request" in str(operation["responses"]["400"]), (method, path)
+            asked += 1
+    assert asked >= 25
+    after = product_of(await client.get(f"/api/products/{product['id']}"))
+    assert (after["availableStock"], after["heldStock"], after["totalStock"]) == (4, 1, 5)
+    reconciled = await client.get("/api/admin/reconcile", headers=OPERATOR)
+    assert reconciled.status_code == 200, reconciled.text
+    assert reconciled.json()["ok"] is True

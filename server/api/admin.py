@@ -48,6 +48,7 @@ from server.api.spec import (
     PRODUCT_OR_NO_OPERATOR_API,
     RESERVATION_ID,
     array,
+    described,
     error,
     header,
     json,
@@ -79,6 +80,18 @@ from server.wire.schemas import (
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+class NoQuery(BaseModel):
+    """The query of an endpoint that takes none: any parameter is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def takes_query(endpoint: object) -> bool:
+    """Whether the `@operation` of `endpoint` lists a query parameter."""
+    found = described(endpoint)
+    return found is not None and any(p.get("in") == "query" for p in found.parameters)
+
+
 def operator_only(endpoint: Endpoint) -> Endpoint:
     async def guarded(request: Request) -> Response:
         expected: str = request.app.state.settings.admin_token
@@ -99,6 +112,8 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
                 "unauthorized",
                 "This needs the operator token: send Authorization: Bearer <token>.",
             )
+        if request.scope.get("query_string") and not takes_query(guarded):
+            parse_params(request.query_params, NoQuery)
         return await endpoint(request)
 
     guarded.__name__ = endpoint.__name__

@@ -30,6 +30,7 @@ from server.api.http import MAX_BODY_BYTES, json_response
 from server.api.middleware import NEVER_REFUSED
 from server.api.pages import SECURITY_HEADERS, STATIC, page_operation
 from server.api.spec import (
+    INVALID_REQUEST,
     NOT_FOUND,
     OVERLOADED,
     PAYLOAD_TOO_LARGE,
@@ -116,7 +117,8 @@ connection (README, "Limits").
 **Operator API** (`/api/admin/…`): only with `Authorization: Bearer <ADMIN_TOKEN>`. Without
 a token configured it does not exist (404 `{NOT_FOUND}`); a missing or wrong token is 401
 `{UNAUTHORIZED}`; after 10 wrong tokens in a minute from one client, every operator request
-from it is 429 `too_many_failed_sign_ins` with `Retry-After`.
+from it is 429 `too_many_failed_sign_ins` with `Retry-After`. A query parameter an
+operator endpoint does not list is 400 `invalid_request`, naming it.
 
 **Live updates** over `WS /ws` (a WebSocket, which OpenAPI cannot model; see `x-websocket`).
 JSON text frames. On connect the server sends a `snapshot` of every product, then a
@@ -208,6 +210,8 @@ class _Paths:
         responses.setdefault("413", error("The request body is over the limit", PAYLOAD_TOO_LARGE))
         if path not in NEVER_REFUSED:
             responses["503"] = _merge_503(responses.get("503"))
+        if described.operator and not any(p.get("in") == "query" for p in described.parameters):
+            responses["400"] = _merge_400(responses.get("400"))
         for status, response in responses.items():
             # The overload answer is given before a request id is assigned.
             request_id = header("This request's id.", {"type": "string"}, required=status != "503")
@@ -229,6 +233,18 @@ class _Paths:
         if described.operator:
             operation["security"] = [{"operatorToken": []}]
         self.paths.setdefault(path, {})[method] = operation
+
+
+def _merge_400(response: Schema | None) -> Schema:
+    """400 `invalid_request` for a query parameter sent to an operator endpoint that takes
+    none (server/api/admin.py: `operator_only`), plus whatever else it answers 400 for."""
+    unknown = "a query parameter was sent: this endpoint takes none"
+    if response is None:
+        return error(unknown[:1].upper() + unknown[1:], INVALID_REQUEST)
+    codes = error_codes(response)
+    codes += [] if INVALID_REQUEST in codes else [INVALID_REQUEST]
+    said = response["description"].rsplit(" (`code`", 1)[0]
+    return error(f"{said}; or {unknown}", *codes, headers=response.get("headers"))
 
 
 def _merge_503(response: Schema | None) -> Schema:
