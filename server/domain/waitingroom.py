@@ -523,11 +523,20 @@ async def waiting_count(conn: Executor, product_id: int) -> int:
 
 async def room_counts(conn: Executor, product_id: int) -> tuple[int, int]:
     """The product's room now: (how many wait, how many hold a pass), the figures of its
-    `queue` frames (`Admission.waiting`, `Admission.passes`). Two reads of one row and of
-    the index of open tickets (as many admitted as the units allow), however long the line."""
-    return await waiting_count(conn, product_id), await _count(
-        conn, product_id, TicketState.ADMITTED
+    `queue` frames (`Admission.waiting`, `Admission.passes`). One statement, so both are of
+    one snapshot (on PostgreSQL a statement's, outside a transaction; two statements saw an
+    admission step between them: its tickets counted both waiting and admitted): one row
+    and the index of open tickets (as many admitted as the units allow), however long the
+    line."""
+    row = await conn.fetch_one(
+        "SELECT (SELECT waiting FROM queue_rooms WHERE product_id = :p) AS waiting, "
+        "(SELECT COUNT(*) FROM queue_tickets WHERE product_id = :p AND state = :state) "
+        "AS admitted",
+        {"p": product_id, "state": TicketState.ADMITTED.value},
     )
+    assert row is not None
+    waiting = row["waiting"]
+    return 0 if waiting is None else int(waiting), int(row["admitted"])
 
 
 # -- the line -------------------------------------------------------------------------------
