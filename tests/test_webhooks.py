@@ -1030,6 +1030,104 @@ async def test_the_operator_api_refuses_bad_endpoints(client: httpx.AsyncClient)
     assert nothing.status_code == 404
 
 
+class MeetingAfterTheChange(CountingReads):
+    """An Executor that, after the statement that enables or registers an endpoint, waits
+    until the other transaction of the test has made its own (`met`), then goes on: both
+    counts of the limit come after both changes, the interleaving that let each one see
+    only the committed endpoints and its own."""
+
+    def __init__(self, conn: Executor, met: asyncio.Barrier) -> None:
+        super().__init__(conn)
+        self._met = met
+
+    async def fetch_all(self, sql: str, values: Values | None = None) -> Sequence[Row]:
+        rows = await super().fetch_all(sql, values)
+        enabling = sql.startswith("UPDATE webhook_endpoints SET enabled") and bool(
+            (values or {}).get("on")
+        )
+        if enabling or sql.startswith("INSERT INTO webhook_endpoints"):
+            async with asyncio.timeout(10):
+                await self._met.wait()
+        return rows
+
+    async def fetch_one(self, sql: str, values: Values | None = None) -> Row | None:
+        rows = await self.fetch_all(sql, values)
+        return rows[0] if rows else None
+
+
+async def test_endpoints_enabled_at_once_from_two_processes_stay_within_the_limit(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit of 16 holds when two processes enable or register endpoints at once (on
+    PostgreSQL their transactions run together): each counted the endpoints enabled after
+    its own change and, under READ COMMITTED, saw the committed ones and its own only, so
+    with fifteen enabled two enables, or a registration and an enable, made seventeen.
+    Here each process's transaction is held after its change until the other has made its
+    own; the limit's check is taken one at a time, so one of the two is refused. On SQLite
+    the writer is one at a time: the same requests at once end the same (no meeting: the
+    second waits for the writer, and could not meet the first)."""
+    stores = [Store(database_url), Store(database_url)]
+    for one in stores:
+        await one.connect()
+    try:
+        service = Webhooks(stores[0])
+
+        async def register(n: int, store: Store = stores[0]) -> int:
+            url = f"https://shop.example/hooks/{n}"
+            return (await Webhooks(store).create(url=url, events=[], description="")).id
+
+        async def enable(endpoint_id: int, store: Store) -> int:
+            await Webhooks(store).set_enabled(endpoint_id, True)
+            return endpoint_id
+
+        async def enabled() -> list[int]:
+            async with stores[1].reader() as conn:
+                rows = await conn.fetch_all(
+                    "SELECT id FROM webhook_endpoints WHERE enabled = 1 ORDER BY id"
+                )
+            return [int(r["id"]) for r in rows]
+
+        # Fifteen enabled, two disabled.
+        made = [await register(n) for n in range(16)]
+        first, second = made[14:]
+        for endpoint_id in (first, second):
+            await service.set_enabled(endpoint_id, False)
+        made.append(await register(16))
+        assert len(await enabled()) == 15
+        if not stores[0].is_sqlite:
+            met = asyncio.Barrier(2)
+            real_enable, real_create = webhooks.set_enabled, webhooks.create_endpoint
+
+            async def meeting_enable(conn: Executor, endpoint_id: int, **options: Any) -> bool:
+                return await real_enable(MeetingAfterTheChange(conn, met), endpoint_id, **options)
+
+            async def meeting_create(conn: Executor, **options: Any) -> webhooks.Endpoint:
+                return await real_create(MeetingAfterTheChange(conn, met), **options)
+
+            monkeypatch.setattr(webhooks, "set_enabled", meeting_enable)
+            monkeypatch.setattr(webhooks, "create_endpoint", meeting_create)
+
+        # Two enables at once, one in each process.
+        answers = await asyncio.gather(
+            enable(first, stores[0]), enable(second, stores[1]), return_exceptions=True
+        )
+        assert sum(isinstance(a, webhooks.TooManyEndpoints) for a in answers) == 1, answers
+        now_on = await enabled()
+        assert len(now_on) == webhooks.MAX_ENABLED_ENDPOINTS
+        (won,) = [a for a in answers if isinstance(a, int)]
+        lost = second if won == first else first
+        # A registration in one process and an enable in the other, at once.
+        await service.set_enabled(won, False)
+        answers = await asyncio.gather(
+            register(17, stores[0]), enable(lost, stores[1]), return_exceptions=True
+        )
+        assert sum(isinstance(a, webhooks.TooManyEndpoints) for a in answers) == 1, answers
+        assert len(await enabled()) == webhooks.MAX_ENABLED_ENDPOINTS
+    finally:
+        for one in stores:
+            await one.close()
+
+
 async def test_at_most_sixteen_endpoints_are_enabled_at_once(client: httpx.AsyncClient) -> None:
     """Every event is a delivery row per enabled endpoint, written in the worker's dispatch:
     with no limit, an operator's script registering in a loop made each hold that many."""
@@ -1423,6 +1521,7 @@ async def test_a_delivery_renders_its_outbox_row_as_the_outbox_does(store: Store
             description="",
             secret="whsec_" + "A" * 32,
             now=now_ms() - 1_000,
+            postgres=not store.is_sqlite,
         )
     )
     product = await make_product(store, 5)

@@ -107,21 +107,43 @@ class TooManyEndpoints(Exception):
     (the caller's transaction is rolled back by raising this)."""
 
 
-async def _refuse_beyond_the_limit(conn: Executor) -> None:
+# PostgreSQL: the advisory lock (transaction-scoped) that takes the limit's check one
+# transaction at a time (`_refuse_beyond_the_limit`); any number, the service's only one.
+LIMIT_LOCK = 0x5748_4B31
+
+
+async def _refuse_beyond_the_limit(conn: Executor, *, postgres: bool) -> None:
     """Raise TooManyEndpoints if more than MAX_ENABLED_ENDPOINTS endpoints are enabled (after
-    the caller's change, which raising undoes). On SQLite the writer is one at a time, so the
-    limit is exact; on PostgreSQL two creates at once choose the same id and one is retried
-    (`Webhooks.create`), while an enable racing a create may pass it by one."""
+    the caller's change, which raising undoes).
+
+    The count must see every other transaction's change: two made at once, each counting
+    the committed endpoints and its own, both passed with fifteen enabled. SQLite's writer
+    runs one write transaction at a time, so there it does. On PostgreSQL (`postgres`)
+    transactions of several processes run together, under READ COMMITTED: the count is
+    taken under `pg_advisory_xact_lock(LIMIT_LOCK)`, held to the transaction's end, and as
+    a statement after the lock is granted it sees the change of whichever transaction held
+    it before (committed by then); the lock is taken after the caller's own row, and by no
+    other statement, so it cannot close a cycle of waits."""
+    if postgres:
+        await conn.fetch_one("SELECT pg_advisory_xact_lock(:key) AS locked", {"key": LIMIT_LOCK})
     row = await conn.fetch_one("SELECT COUNT(*) AS n FROM webhook_endpoints WHERE enabled = 1")
     if row is not None and int(row["n"]) > MAX_ENABLED_ENDPOINTS:
         raise TooManyEndpoints
 
 
 async def create_endpoint(
-    conn: Executor, *, url: str, events: Sequence[str], description: str, secret: str, now: int
+    conn: Executor,
+    *,
+    url: str,
+    events: Sequence[str],
+    description: str,
+    secret: str,
+    now: int,
+    postgres: bool,
 ) -> Endpoint:
     """Register an enabled endpoint. Raises TooManyEndpoints if MAX_ENABLED_ENDPOINTS are
-    enabled already."""
+    enabled already, counting those of transactions at once (`postgres`: the database runs
+    them together; see `_refuse_beyond_the_limit`)."""
     # The id is chosen inside the INSERT, as for products (both databases, one statement).
     row = await conn.fetch_one(
         "INSERT INTO webhook_endpoints (id, url, description, events, secret, enabled, "
@@ -137,7 +159,7 @@ async def create_endpoint(
         },
     )
     assert row is not None
-    await _refuse_beyond_the_limit(conn)
+    await _refuse_beyond_the_limit(conn, postgres=postgres)
     return Endpoint.from_row(row)
 
 
@@ -166,18 +188,25 @@ async def endpoints(conn: Executor, endpoint_id: int | None = None) -> list[Endp
 
 
 async def set_enabled(
-    conn: Executor, endpoint_id: int, *, enabled: bool, reason: str | None, now: int
+    conn: Executor,
+    endpoint_id: int,
+    *,
+    enabled: bool,
+    reason: str | None,
+    now: int,
+    postgres: bool,
 ) -> bool:
     """Turn an endpoint on (its failing queues are tried again at once) or off; False if
     there is no such endpoint. Enabling one raises TooManyEndpoints if MAX_ENABLED_ENDPOINTS
-    others are enabled."""
+    others are enabled, counting those of transactions at once (`postgres`: see
+    `_refuse_beyond_the_limit`)."""
     row = await conn.fetch_one(
         "UPDATE webhook_endpoints SET enabled = :on, disabled_reason = :reason, "
         "updated_at = :now WHERE id = :id RETURNING id",
         {"id": endpoint_id, "on": 1 if enabled else 0, "reason": reason, "now": now},
     )
     if row is not None and enabled:
-        await _refuse_beyond_the_limit(conn)
+        await _refuse_beyond_the_limit(conn, postgres=postgres)
         await conn.execute(
             "UPDATE webhook_queues SET next_attempt_at = 0, failures = 0, failing_since = NULL "
             "WHERE endpoint_id = :id",

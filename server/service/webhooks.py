@@ -48,6 +48,7 @@ class Webhooks:
                         description=description,
                         secret=secret,
                         now=now_ms(),
+                        postgres=not self.store.is_sqlite,
                     )
                 )
             except UniqueViolation:  # two at once chose the same id (PostgreSQL only)
@@ -69,7 +70,12 @@ class Webhooks:
         reason = None if enabled else DISABLED_BY_OPERATOR
         changed = await self.store.write(
             lambda conn: webhooks.set_enabled(
-                conn, endpoint_id, enabled=enabled, reason=reason, now=now_ms()
+                conn,
+                endpoint_id,
+                enabled=enabled,
+                reason=reason,
+                now=now_ms(),
+                postgres=not self.store.is_sqlite,
             )
         )
         return await self.get(endpoint_id) if changed else None
