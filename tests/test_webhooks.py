@@ -33,6 +33,7 @@ from server.domain.clock import now_ms
 from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.model import HoldRequest, Outcome, Reservation
 from server.infra.settings import Settings
+from server.service import webhooks as webhooks_service
 from server.service.delivery import Deliverer, backoff_ms
 from server.service.resolver import MAX_LOOKUPS, local_network
 from server.service.webhooks import Webhooks
@@ -1551,3 +1552,40 @@ async def test_a_delivery_renders_its_outbox_row_as_the_outbox_does(store: Store
     bodies = [json.loads(o.body()) for o in sent]
     assert bodies == await outbox_bodies(store, product_id=product.id)
     assert [b["type"] for b in bodies] == [e.type for e in stored]
+
+
+async def test_every_secret_rotated_out_within_a_day_keeps_signing_at_most_three(
+    store: Store, receiver: Receiver
+) -> None:
+    """Rotating twice within a day once cut the first secret's day short: the receiver, still
+    on it, refused every delivery. Each secret rotated out keeps its own day; a third
+    rotation within the day drops the oldest, so at most three sign at once."""
+    endpoint_id = await register(store, receiver)
+    first = receiver.secret
+    assert first is not None
+    hooks = Webhooks(store)
+    second = await hooks.rotate(endpoint_id)
+    third = await hooks.rotate(endpoint_id)
+    assert second is not None
+    assert third is not None
+    now = now_ms()
+    assert third.secrets(now) == [third.secret, second.secret, first]
+    product = await make_product(store, 4)
+    sender = deliverer(store)
+    try:
+        for secret in (first, second.secret, third.secret):
+            receiver.secret = secret  # a receiver on any of the three verifies
+            await hold(store, product.id, 1)
+            await sender.drain()
+    finally:
+        await sender.stop()
+    assert receiver.refused_signatures == 0
+    assert len(receiver.ids()) == 3
+    fourth = await hooks.rotate(endpoint_id)
+    assert fourth is not None
+    assert fourth.secrets(now_ms()) == [fourth.secret, third.secret, second.secret]
+    # Each keeps the day it was given when rotated out, not a new one.
+    assert fourth.older_secret_until == third.previous_secret_until
+    # Past their days only the current one signs.
+    later = now + webhooks_service.SECRET_GRACE_MS + 60_000
+    assert fourth.secrets(later) == [fourth.secret]

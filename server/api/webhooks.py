@@ -249,8 +249,9 @@ disable_endpoint = operation(
     {
         "200": json(
             ref(schemas.WebhookSecretOut),
-            "The endpoint with its new secret, shown this once; for a day the old secret "
-            "signs too (two signatures in webhook-signature)",
+            "The endpoint with its new secret, shown this once; the secret it replaces "
+            "signs too for a day, and so does one rotated out earlier while its day lasts "
+            "(up to three signatures in webhook-signature)",
         ),
         **OPERATOR_AUTH,
         "404": NO_ENDPOINT,
@@ -258,6 +259,9 @@ disable_endpoint = operation(
     },
     parameters=[ENDPOINT_ID],
     operator=True,
+    description="Each secret rotated out keeps signing for a day, so rotating twice in a day "
+    "leaves the first one working for a receiver not yet updated. At most three secrets "
+    "sign at once: a third rotation within a day stops the oldest at once.",
 )
 @operator_only
 async def rotate_secret(request: Request) -> Response:

@@ -34,15 +34,20 @@ from server.domain import outbox
 from server.domain.executor import Executor, Row
 
 ENDPOINT = (
-    "id, url, description, events, secret, previous_secret, previous_secret_until, enabled, "
-    "disabled_reason, created_at, updated_at"
+    "id, url, description, events, secret, previous_secret, previous_secret_until, "
+    "older_secret, older_secret_until, enabled, disabled_reason, created_at, updated_at"
 )
+# Secrets that sign at once, at most: the current one and the two rotated out within their
+# day (migration 0019). Standard Webhooks receivers accept any of the signatures.
+MAX_LIVE_SECRETS = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A receiver. `events`: the types it wants (empty: all). `pending`/`failing_since`:
-    its deliveries waiting, and since when (ms) one of its queues has been failing."""
+    its deliveries waiting, and since when (ms) one of its queues has been failing.
+    `previous_secret`/`older_secret`: the secrets rotated out last and before it, which
+    sign too until their `…_until` (ms)."""
 
     id: int
     url: str
@@ -51,6 +56,8 @@ class Endpoint:
     secret: str
     previous_secret: str | None
     previous_secret_until: int | None
+    older_secret: str | None
+    older_secret_until: int | None
     enabled: bool
     disabled_reason: str | None
     created_at: int
@@ -63,6 +70,8 @@ class Endpoint:
         events = str(row["events"])
         until = row["previous_secret_until"]
         previous = row["previous_secret"]
+        older = row["older_secret"]
+        older_until = row["older_secret_until"]
         reason = row["disabled_reason"]
         return cls(
             id=int(row["id"]),
@@ -72,6 +81,8 @@ class Endpoint:
             secret=str(row["secret"]),
             previous_secret=None if previous is None else str(previous),
             previous_secret_until=None if until is None else int(until),
+            older_secret=None if older is None else str(older),
+            older_secret_until=None if older_until is None else int(older_until),
             enabled=bool(row["enabled"]),
             disabled_reason=None if reason is None else str(reason),
             created_at=int(row["created_at"]),
@@ -82,12 +93,15 @@ class Endpoint:
         return not self.events or event_type in self.events
 
     def secrets(self, now: int) -> list[str]:
-        """The secrets to sign with at `now`: the current one, and the previous one during
-        the grace period after a rotation."""
+        """The secrets to sign with at `now`, newest first: the current one, and each one
+        rotated out whose grace period lasts past `now` (at most `MAX_LIVE_SECRETS`)."""
         found = [self.secret]
-        until = self.previous_secret_until
-        if self.previous_secret and until is not None and until > now:
-            found.append(self.previous_secret)
+        for secret, until in (
+            (self.previous_secret, self.previous_secret_until),
+            (self.older_secret, self.older_secret_until),
+        ):
+            if secret and until is not None and until > now:
+                found.append(secret)
         return found
 
 
@@ -218,10 +232,17 @@ async def set_enabled(
 async def rotate_secret(
     conn: Executor, endpoint_id: int, *, secret: str, grace_until: int, now: int
 ) -> bool:
-    """A new signing secret; the old one signs too until `grace_until` (ms)."""
+    """A new signing secret; the one it replaces signs too until `grace_until` (ms), and the
+    one rotated out before that keeps its own grace period if it lasts past `now`. A third
+    secret rotated out within its grace period drops the oldest (`MAX_LIVE_SECRETS`). One
+    UPDATE: its right-hand sides all read the row as it was (SQLite and PostgreSQL)."""
     row = await conn.fetch_one(
-        "UPDATE webhook_endpoints SET previous_secret = secret, secret = :secret, "
-        "previous_secret_until = :until, updated_at = :now WHERE id = :id RETURNING id",
+        "UPDATE webhook_endpoints SET "
+        "older_secret = CASE WHEN previous_secret_until > :now THEN previous_secret END, "
+        "older_secret_until = CASE WHEN previous_secret_until > :now "
+        "THEN previous_secret_until END, "
+        "previous_secret = secret, previous_secret_until = :until, secret = :secret, "
+        "updated_at = :now WHERE id = :id RETURNING id",
         {"id": endpoint_id, "secret": secret, "until": grace_until, "now": now},
     )
     return row is not None

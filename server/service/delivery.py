@@ -21,8 +21,8 @@ lost, since every event is a row written with the change that caused it.
 Each database step is its own short transaction; every HTTP call is made outside any.
 Signing uses the `standardwebhooks` package (`Webhook(secret).sign`): headers `webhook-id`
 (the event's id, the same on every attempt), `webhook-timestamp` (the attempt's, in
-seconds) and `webhook-signature` (`v1,<base64>`; two of them, space-separated, while a
-rotated-out secret is still in its grace period).
+seconds) and `webhook-signature` (`v1,<base64>`; one per live secret, space-separated:
+up to three while secrets rotated out are still in their day, `Endpoint.secrets`).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ from server.domain.webhooks import Delivery, Endpoint
 from server.storage.database import Store
 from server.storage.errors import UniqueViolation
 
-# After a rotation the previous secret signs too, for this long: time for the shop to
-# deploy the new one (receivers accept any of the signatures in the header).
+# After a rotation the secret rotated out signs too, for this long: time for the shop to
+# deploy the new one (receivers accept any of the signatures in the header). Each secret
+# rotated out keeps its own day, up to `webhooks.MAX_LIVE_SECRETS` signing at once.
 SECRET_GRACE_MS = 24 * 3_600_000
 DISABLED_BY_OPERATOR = "disabled by the operator"
 
@@ -81,7 +82,9 @@ class Webhooks:
         return await self.get(endpoint_id) if changed else None
 
     async def rotate(self, endpoint_id: int) -> Endpoint | None:
-        """A new secret (returned, shown once); the old one signs too for a day."""
+        """A new secret (returned, shown once); the one it replaces signs too for a day, as
+        does one rotated out earlier while its day lasts (at most three sign at once: a
+        third rotation within a day drops the oldest)."""
         secret = new_secret()
 
         async def rotate(conn: Executor) -> bool:

@@ -204,7 +204,10 @@ class Integrations {
   async rotate(endpoint) {
     try {
       const { data } = await this.call("POST", `/api/admin/webhooks/${endpoint.id}/rotate-secret`);
-      this.showSecret(data, "New secret made; the old one keeps signing beside it for a day.");
+      this.showSecret(
+        data,
+        "New secret made; the one it replaces keeps signing beside it for a day (at most three sign at once).",
+      );
     } catch (error) {
       this.say("#webhook-message", sentenceFor(error), false);
     }
