@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.api import queue
 from server.storage.database import Store
 from server.wire.schemas import QueueCountsOut, RoomOut, TicketOut
 from tests.support import assert_invariant, eventually, serve
@@ -183,8 +184,94 @@ async def test_every_page_reads_how_many_wait_without_a_ticket(shop: Shop) -> No
     assert moved.headers["etag"] != etag
     stale = await page.get(f"/api/queues?ids={ids}", headers={"If-None-Match": etag})
     assert stale.status_code == 200
-    for bad in ("ids=", "ids=abc", "ids=0", "limit=5", f"ids={ids}&x=1"):
+    for bad in ("ids=", "ids=abc", "ids=0", "limit=0", "after=-1", f"ids={ids}&limit=5", "x=1"):
         assert_error(await page.get(f"/api/queues?{bad}"), 400, "invalid_request")
+
+
+async def test_without_ids_the_rooms_someone_is_in_are_listed_a_page_at_a_time(
+    shop: Shop,
+) -> None:
+    """A shop keeps every past sale's room. Asked without `ids`, GET /api/queues listed every
+    product with a room, and each answer walked them all, however old: now it lists the
+    rooms someone is in (a ticket waiting or holding a pass) whose sale has not ended, a page
+    at a time (`limit`, `after`, and the `Link` header to the next page, as the console's
+    lists). A room nobody joined, and one whose sale ended (its tickets end with it), are
+    left out; asked for by id they are answered (0 and 0)."""
+    rooms = [await shop.product(1, queue="fifo", saleStartsAt=starts_in(600)) for _ in range(3)]
+    empty = await shop.product(1, queue="fifo", saleStartsAt=starts_in(600))
+    ended = await shop.product(1, queue="fifo", saleStartsAt=starts_in(-60))
+    for product in [*rooms, ended]:
+        ticket_of(await (await shop.shopper()).post(f"/api/products/{product['id']}/queue"), 201)
+    over = await shop.admin("POST", f"/api/admin/products/{ended['id']}/end")
+    assert over.status_code == 200, over.text
+    page = httpx.AsyncClient(transport=shop.app._transport, base_url="http://shop.test")
+    wanted = [{"productId": p["id"], "waiting": 1, "admitted": 0} for p in rooms]
+
+    async def listed() -> list[dict[str, Any]] | None:
+        answer = await page.get("/api/queues")
+        assert answer.status_code == 200, answer.text
+        assert "link" not in answer.headers
+        found: list[dict[str, Any]] = answer.json()
+        return found if found == wanted else None
+
+    await eventually(listed, within=30, what="the three rooms someone is in, alone")
+    first = await page.get("/api/queues?limit=2")
+    assert first.json() == wanted[:2]
+    link = f'</api/queues?after={rooms[1]["id"]}&limit=2>; rel="next"'
+    assert first.headers["link"] == link
+    second = await page.get(f"/api/queues?after={rooms[1]['id']}&limit=2")
+    assert second.json() == wanted[2:]
+    assert "link" not in second.headers
+    at_root = await page.get("/queues?limit=1")
+    assert at_root.headers["link"] == f'</queues?after={rooms[0]["id"]}&limit=1>; rel="next"'
+    closed = [
+        {"productId": empty["id"], "waiting": 0, "admitted": 0},
+        {"productId": ended["id"], "waiting": 0, "admitted": 0},
+    ]
+
+    async def by_id() -> bool:
+        found: list[dict[str, Any]] = (
+            await page.get(f"/api/queues?ids={empty['id']},{ended['id']}")
+        ).json()
+        return found == closed
+
+    await eventually(by_id, within=30, what="the rooms not listed, answered by id")
+
+
+async def test_an_answer_is_made_once_a_second_per_query_and_few_are_kept(shop: Shop) -> None:
+    """Each GET /api/queues read the rooms' counts, made the body and hashed it, a 304 as
+    dear as a 200: the cost grew with the requests. Now each distinct query's answer (body,
+    ETag) is made at most once a second and given to every request of it meanwhile; and as
+    a client may vary `ids` without end, at most RENDERED_QUERIES answers are kept."""
+    product = await shop.product(1, queue="fifo", saleStartsAt=starts_in(600))
+    ticket_of(await (await shop.shopper()).post(f"/api/products/{product['id']}/queue"), 201)
+    app = shop.app._transport.app  # type: ignore[attr-defined]
+    room = app.state.room
+    made = 0
+    real = room.counts
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal made
+        made += 1
+        return await real(*args, **kwargs)
+
+    room.counts = counted
+    page = httpx.AsyncClient(transport=shop.app._transport, base_url="http://shop.test")
+    path = f"/api/queues?ids={product['id']}"
+    etag = (await page.get(path)).headers["etag"]
+    made = 0
+    answers = [
+        await page.get(path, headers={"If-None-Match": etag} if n % 2 else {}) for n in range(60)
+    ]
+    assert {a.status_code for a in answers} <= {200, 304}
+    # Within a second or so, two answers made at most (one more when the counts the first
+    # carried were about to be read again).
+    assert made <= 3, made
+    for n in range(queue.RENDERED_QUERIES + 50):
+        assert (
+            await page.get(f"/api/queues?ids={product['id']},{n + 1_000_000}")
+        ).status_code == 200
+    assert len(app.state.queue_counts) == queue.RENDERED_QUERIES
 
 
 async def test_the_operator_sets_the_room_and_reads_its_figures(shop: Shop) -> None:

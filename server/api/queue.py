@@ -10,7 +10,11 @@ request (server/api/identity.py): one ticket per shopper per product.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import Field
 from pydantic_core import to_json
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,7 +22,9 @@ from starlette.routing import Route
 
 from server.api.admin import operator_only
 from server.api.http import (
-    ProductIds,
+    DEFAULT_PAGE,
+    IdsOrPage,
+    PageLimit,
     RequestError,
     json_response,
     parse_params,
@@ -49,10 +55,11 @@ from server.api.spec import (
     ref,
 )
 from server.domain import errors
-from server.domain.clock import iso
+from server.domain.clock import iso, now_ms
 from server.domain.errors import ProductNotFound
 from server.infra.clients import client_key
-from server.service.waitingroom import WaitingRoom
+from server.infra.singleflight import SingleFlight
+from server.service.waitingroom import COUNTS_SECONDS, RoomCounts, WaitingRoom
 from server.wire import schemas
 
 TICKET = ref(schemas.TicketOut)
@@ -186,6 +193,124 @@ async def get_queue_ticket(request: Request) -> Response:
     return json_response(view, headers=headers)
 
 
+class QueuesQuery(IdsOrPage):
+    """Which rooms' counts: those of `ids`, or a page of the rooms someone is in (`after`,
+    `limit`; the first page of `DEFAULT_PAGE` when nothing is asked)."""
+
+    limit: Annotated[
+        PageLimit,
+        Field(
+            description=f"At most this many rooms, by product id (default {DEFAULT_PAGE}); "
+            'a `Link` header with `rel="next"` gives the address of the next page when there '
+            "are more.",
+        ),
+    ] = None
+    after: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=schemas.MAX_INT32,
+            description="The page holds rooms of products with ids above this one (the "
+            "`Link` header's next page says which).",
+        ),
+    ] = None
+
+
+# How long a rendered answer of GET /api/queues is given again to the same query (s): its
+# body and ETag are made once, not per request (a 304 cost as much as a 200: the rooms
+# walked, the body made and hashed). No longer than the counts it carries may be old
+# (`COUNTS_SECONDS`).
+RENDERED_SECONDS = 1.0
+# Answers kept at once, the least recently asked dropped first: a client may vary `ids`
+# without end, and each variant is a query of its own.
+RENDERED_QUERIES = 256
+# A query as cached: the path asked (the `Link` names it), the ids (sorted, no repeats) or
+# None, and the page's `after` and `limit`.
+QueryKey = tuple[str, tuple[int, ...] | None, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """An answer of GET /api/queues as made: its body, ETag and `Link` (None: no next
+    page), and until when (ms) it is given again."""
+
+    body: bytes
+    etag: str
+    link: str | None
+    until: int
+
+
+class RenderedCounts:
+    """The answers of GET /api/queues, one per distinct query, each made at most once every
+    RENDERED_SECONDS (or sooner, when the oldest counts it carries would be read again),
+    one at a time per query whoever asks; at most RENDERED_QUERIES of them kept."""
+
+    def __init__(self, room: WaitingRoom) -> None:
+        self._room = room
+        self._answers: OrderedDict[QueryKey, Rendered] = OrderedDict()
+        self._render_once: SingleFlight[QueryKey, Rendered] = SingleFlight(
+            self._render, name="queue-counts-answer"
+        )
+
+    def __len__(self) -> int:
+        """How many answers are kept (at most RENDERED_QUERIES)."""
+        return len(self._answers)
+
+    async def answer(self, key: QueryKey) -> Rendered:
+        """The answer to `key`, as made within RENDERED_SECONDS, or made now. Raises
+        StorageError when a read fails."""
+        found = self._answers.get(key)
+        if found is not None and now_ms() < found.until:
+            self._answers.move_to_end(key)
+            return found
+        return await self._render_once(key)
+
+    async def _render(self, key: QueryKey) -> Rendered:
+        path, ids, after, limit = key
+        link = None
+        if ids is not None:
+            counts = await self._room.counts(ids)
+        else:
+            listed = [i for i in await self._room.listed() if i > after]
+            if len(listed) > limit:
+                listed = listed[:limit]
+                link = f'<{path}?after={listed[-1]}&limit={limit}>; rel="next"'
+            counts = await self._room.counts(listed)
+        made = now_ms()
+        body = to_json(
+            [
+                {"productId": c.product_id, "waiting": c.waiting, "admitted": c.admitted}
+                for c in counts
+            ]
+        )
+        rendered = Rendered(body, _etag(body), link, _until(made, counts))
+        self._answers[key] = rendered
+        self._answers.move_to_end(key)
+        while len(self._answers) > RENDERED_QUERIES:
+            self._answers.popitem(last=False)
+        return rendered
+
+
+def _until(made: int, counts: list[RoomCounts]) -> int:
+    """Until when an answer made at `made` (ms) of `counts` is given again: RENDERED_SECONDS,
+    and no later than the oldest counts of a room someone is in are COUNTS_SECONDS old (an
+    empty room's are kept longer: `WaitingRoom.counts`)."""
+    until = made + round(RENDERED_SECONDS * 1000)
+    for c in counts:
+        if c.waiting or c.admitted:
+            until = min(until, c.at + round(COUNTS_SECONDS * 1000))
+    return until
+
+
+def counts_answers(request: Request) -> RenderedCounts:
+    """The app's RenderedCounts, made at its first use (one per app)."""
+    state = request.app.state
+    answers: RenderedCounts | None = getattr(state, "queue_counts", None)
+    if answers is None:
+        answers = state.queue_counts = RenderedCounts(room_of(request))
+    return answers
+
+
 @operation(
     "listQueues",
     "Waiting room",
@@ -194,7 +319,15 @@ async def get_queue_ticket(request: Request) -> Response:
         "200": json(
             array(schemas.QueueCountsOut),
             "The rooms' counts, by product id",
-            {"ETag": COUNTS_ETAG, "Cache-Control": CACHE_CONTROL},
+            {
+                "ETag": COUNTS_ETAG,
+                "Cache-Control": CACHE_CONTROL,
+                "Link": header(
+                    "Without `ids`, the next page when there are more rooms: "
+                    '`</api/queues?after=100&limit=100>; rel="next"`',
+                    required=False,
+                ),
+            },
         ),
         "304": {
             "description": "Not modified: the ETag sent in If-None-Match is current",
@@ -203,25 +336,30 @@ async def get_queue_ticket(request: Request) -> Response:
         "400": error("A query parameter is invalid or unknown", INVALID_REQUEST),
         "503": DATABASE,
     },
-    parameters=[*query_parameters(ProductIds), component_parameter("IfNoneMatch")],
+    parameters=[*query_parameters(QueuesQuery), component_parameter("IfNoneMatch")],
     description="The polling fallback of the `queue` frames, for any page (no shopper or "
-    "ticket needed): one entry per product with a waiting room (`queue` not `off`) among "
-    "`ids` (or every product), in the same fields. Poll it with If-None-Match, at the pace "
-    "of GET /api/products (every few seconds): each web process reads a room's counts at "
-    "most once a second, however many pages ask.",
+    "ticket needed), in the same fields: one entry per product with a waiting room (`queue` "
+    "not `off`) among `ids`; without `ids`, a page (by product id) of the rooms someone is "
+    "in (a ticket waiting or holding a pass) whose sale has not ended: a room whose sale "
+    "ended, whose tickets have all ended, or that nobody has joined yet is not listed (its "
+    "counts are 0; ask for it by id). Poll it with If-None-Match, at the pace of GET "
+    "/api/products (every few seconds): each web process reads a room's counts at most once "
+    "a second, and makes the answer to each distinct query at most once a second, however "
+    "many pages ask.",
 )
 async def list_queues(request: Request) -> Response:
-    query = parse_params(request.query_params, ProductIds)
-    ids = None if query.ids is None else schemas.parse_product_ids(query.ids)
-    counts = await room_of(request).counts(ids)
-    body = to_json(
-        [{"productId": c.product_id, "waiting": c.waiting, "admitted": c.admitted} for c in counts]
-    )
-    etag = _etag(body)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if _etag_matches(request, etag):
+    query = parse_params(request.query_params, QueuesQuery)
+    ids = None
+    if query.ids is not None:
+        ids = tuple(sorted(set(schemas.parse_product_ids(query.ids))))
+    key = (request.scope["path"], ids, query.after or 0, query.limit or DEFAULT_PAGE)
+    answer = await counts_answers(request).answer(key)
+    headers = {"ETag": answer.etag, "Cache-Control": "no-cache"}
+    if answer.link is not None:
+        headers["Link"] = answer.link
+    if _etag_matches(request, answer.etag):
         return Response(status_code=304, headers=headers)
-    return json_response(body, headers=headers)
+    return json_response(answer.body, headers=headers)
 
 
 @operation(

@@ -130,6 +130,11 @@ class WaitingRoom:
         # When news last said a room changed (ms), for the rooms the catalog has.
         self._counts_news: dict[int, int] = {}
         self._counts_reads = asyncio.Semaphore(COUNTS_READS)
+        # The rooms someone is in, as last read (`listed`): when, and the product ids.
+        self._occupied: tuple[int, tuple[int, ...]] = (-1, ())
+        self._read_occupied_once: SingleFlight[None, tuple[int, ...]] = SingleFlight(
+            self._read_occupied, name="queue-rooms"
+        )
         # Rooms' secret keys as read (a key never changes once made): a join batch reads
         # a room's once per process. Each sale still gets its own order: a place is drawn
         # for the start the product's row has (`waitingroom.drawn_place`).
@@ -430,6 +435,38 @@ class WaitingRoom:
             read = await asyncio.gather(*(self._read_counts_once(i) for i in stale))
             fresh.update((c.product_id, c) for c in read)
         return [fresh[i] for i in rooms]
+
+    async def listed(self) -> list[int]:
+        """The rooms a list of them without ids names (`GET /api/queues`), by product id:
+        those someone is in (a ticket waiting or holding a pass) whose product the catalog
+        has with a room (`fifo` or `random`) and whose sale has not ended. A room whose sale
+        ended, or whose tickets have all ended, or that nobody has joined yet, is left out
+        (its counts are 0 and 0; ask for it by id). What the rooms are is read at most once
+        every COUNTS_SECONDS by this process, one read at a time, whoever asks: a skip scan
+        of the open tickets' index (`waitingroom.queued_products`), one seek per room someone
+        is in, however many past sales had one. Raises StorageError when the read fails."""
+        if self._catalog is None:
+            return []
+        at, occupied = self._occupied
+        now = now_ms()
+        if now - at >= COUNTS_SECONDS * 1000:
+            occupied = await self._read_occupied_once(None)
+        listed = []
+        for product_id in occupied:
+            product = self._catalog.get(product_id)
+            if product is None or product.queue == "off":
+                continue
+            if product.sale_ends_at is not None and product.sale_ends_at <= now:
+                continue
+            listed.append(product_id)
+        return listed
+
+    async def _read_occupied(self, _: None) -> tuple[int, ...]:
+        async with self.store.reader() as conn:
+            at = now_ms()
+            occupied = tuple(await waitingroom.queued_products(conn))
+        self._occupied = (at, occupied)
+        return occupied
 
     async def _read_counts(self, product_id: int) -> RoomCounts:
         async with self._counts_reads, self.store.reader() as conn:

@@ -761,7 +761,8 @@ class QueueFrame(_Response):
 
 class QueueCountsOut(_Response):
     """A product's waiting room as every page sees it: what its `queue` frames carry, for
-    the pages that poll (`GET /api/queues`)."""
+    the pages that poll (`GET /api/queues`: the rooms of the `ids` asked for, or a page of
+    those someone is in)."""
 
     product_id: int
     waiting: int = Field(description="Tickets waiting in the product's room.")

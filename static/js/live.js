@@ -52,7 +52,7 @@ export class LiveFeed {
     this.watching = [];
     this.tickets = new Map(); // product id → the ETag of the shopper's ticket last polled
     this.rooms = []; // the products with a waiting room whose counts are polled
-    this.roomsEtag = null;
+    this.roomsEtags = []; // the ETag of each request of those counts (100 rooms each)
     this.joins = new Map(); // product id → how to settle the join sent over the socket
     this.retries = 0;
     this.pollTimer = null;
@@ -86,10 +86,10 @@ export class LiveFeed {
   }
 
   // The products with a waiting room this page shows: while polling, their counts (how many
-  // wait, how many hold a pass) are asked for, in one request with its ETag.
+  // wait, how many hold a pass) are asked for, by id, 100 a request, each with its ETag.
   followQueues(productIds) {
     const next = [...productIds].sort((a, b) => a - b);
-    if (next.join(",") !== this.rooms.join(",")) this.roomsEtag = null;
+    if (next.join(",") !== this.rooms.join(",")) this.roomsEtags = [];
     this.rooms = next;
   }
 
@@ -254,13 +254,14 @@ export class LiveFeed {
         // A hold that no longer exists, or a blink: the next poll asks again.
       }
     }
-    if (this.state === "polling" && this.rooms.length) {
-      // At most 100 ids a request: past that, every room's.
-      const query = this.rooms.length <= 100 ? `ids=${this.rooms.join(",")}` : "";
+    // At most 100 ids a request: a request per hundred rooms (without ids the server lists
+    // only the rooms someone is in, and a room that empties would keep its last counts here).
+    for (let n = 0; this.state === "polling" && n * 100 < this.rooms.length; n += 1) {
+      const query = `ids=${this.rooms.slice(n * 100, n * 100 + 100).join(",")}`;
       try {
-        const { status, data, etag } = await api.queues(this.roomsEtag, query);
+        const { status, data, etag } = await api.queues(this.roomsEtags[n] ?? null, query);
         if (status === 200) {
-          this.roomsEtag = etag;
+          this.roomsEtags[n] = etag;
           for (const { productId, waiting, admitted } of data) {
             this.handlers.queue?.({ type: "queue", productId, waiting, admitted });
           }
