@@ -432,6 +432,7 @@ class Hub:
         # forgotten first (an echo of a forgotten step is read like late news: no harm).
         self._echoes: dict[int, set[int]] = {}
         self._resets = RareLog(logger, BAD_NEWS_LOG_SECONDS)  # steps counted again
+        self._unknown_rooms = RareLog(logger, BAD_NEWS_LOG_SECONDS)  # news of no product here
         self._tickets_due = asyncio.Event()
         self._ticketer: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.TimerHandle | None = None
@@ -850,8 +851,21 @@ class Hub:
         step's news that came late is not lost (the newer step's news does not name them).
         A step more than STEP_RESET below the newest told is not old news but the room's
         count started again (the database restored from a backup): it is told, and counted
-        from."""
+        from.
+
+        News of a product this process's catalog does not have is dropped: what is kept per
+        room (steps, counts, frames, echoes, tickets to read) is kept for the catalog's
+        products only, so a faulty peer naming ids without end grows nothing here. A
+        product is in the catalog before news of its room can be: made here, it is there
+        at its commit; made elsewhere, its `product` frame comes first, and the catalog is
+        read again after every subscribe and every RELOAD_SECONDS."""
         product_id = news.product_id
+        if self._catalog.get(product_id) is None:
+            self._unknown_rooms.warning(
+                "waiting room news of product %d, which this process does not know: ignored",
+                product_id,
+            )
+            return
         waiting, admitted = news.waiting, news.admitted
         shoppers, everyone = news.shoppers, news.everyone
         number = news.step
