@@ -420,6 +420,8 @@ NOT_FOUND = [
     ("POST", "/api/admin/webhooks/x1/enable", "not_found", 'There is no webhook endpoint "x1".'),
     ("POST", "/api/admin/webhooks/9/rotate-secret", "not_found",
      "There is no webhook endpoint 9."),
+    ("DELETE", "/api/admin/webhooks/9", "not_found", "There is no webhook endpoint 9."),
+    ("DELETE", "/api/admin/webhooks/x9", "not_found", 'There is no webhook endpoint "x9".'),
     ("GET", "/api/admin/webhooks/abc/deliveries", "not_found",
      'There is no webhook endpoint "abc".'),
     ("POST", "/api/admin/webhooks/3/deliveries/msg_nope/redeliver", "not_found",

@@ -1589,3 +1589,94 @@ async def test_every_secret_rotated_out_within_a_day_keeps_signing_at_most_three
     # Past their days only the current one signs.
     later = now + webhooks_service.SECRET_GRACE_MS + 60_000
     assert fourth.secrets(later) == [fourth.secret]
+
+
+async def test_a_deleted_endpoint_is_sent_nothing_after_the_delete_even_mid_run(
+    store: Store, receiver: Receiver
+) -> None:
+    """Deleting an endpoint while a worker is sending it a run of deliveries: the run stops
+    at its next attempt, the delete returns once it has, and nothing reaches the endpoint
+    after that (its waiting deliveries are dropped); another endpoint gets every event."""
+    gone = await register(store, receiver)
+    other = Receiver()
+    await other.start()
+    hooks = Webhooks(store)
+    try:
+        kept = await hooks.create(url=other.url, events=[], description="")
+        other.secret = kept.secret
+        receiver.delay = 0.2  # a run of 40 to it takes 8 s: under way at the delete
+        product = await make_product(store, 60)
+        for _ in range(40):
+            await hold(store, product.id, 1)
+        sender = deliverer(store, timeout_s=2.0)
+        sender.start()
+        try:
+            await receiver.wait_for(2, what=" before the delete")
+            assert await hooks.delete(gone, wait_s=2.0 + 2.0)
+            sent = receiver.attempts
+            for _ in range(3):
+                await hold(store, product.id, 1)
+            await other.wait_for(43, what=" at the endpoint kept")
+            # Until every run the worker had in hand has ended: one still sending to the
+            # deleted endpoint would go on until its lease's end, 7 s in.
+            await runs_ended(sender, within=20.0)
+        finally:
+            await sender.stop()
+        assert receiver.attempts == sent, "sent to the endpoint after its delete returned"
+        assert len(receiver.ids()) < 40  # the waiting ones were dropped, not sent
+        assert await hooks.get(gone) is None
+        async with store.reader() as conn:
+            for table in ("webhook_deliveries", "webhook_queues"):
+                row = await conn.fetch_one(
+                    f"SELECT COUNT(*) AS n FROM {table} WHERE endpoint_id = :e", {"e": gone}
+                )
+                assert row is not None
+                assert row["n"] == 0, table
+        assert not await hooks.delete(gone, wait_s=0)
+    finally:
+        await other.stop()
+
+
+async def runs_ended(sender: Deliverer, *, within: float) -> None:
+    """Until none of `sender`'s runs is still going (its loop starts none while no queue is
+    due), or fail after `within` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while going := {t for t in sender._runs if not t.done()}:
+        left = deadline - asyncio.get_running_loop().time()
+        assert left > 0, f"{len(going)} runs still going"
+        await asyncio.wait(going, timeout=left)
+
+
+async def test_an_endpoint_being_deleted_cannot_be_enabled_again(store: Store) -> None:
+    """Between the delete's first step and its last (while it waits for the workers), the
+    endpoint is listed disabled, `being deleted`, and neither enabled nor disabled: an
+    enable then would let a worker send to it again."""
+    made = await Webhooks(store).create(url="https://shop.example/hooks", events=[], description="")
+    assert await store.write(lambda conn: webhooks.begin_delete(conn, made.id, now=now_ms()))
+    listed = await Webhooks(store).get(made.id)
+    assert listed is not None
+    assert (listed.enabled, listed.disabled_reason) == (False, webhooks.BEING_DELETED)
+    assert await Webhooks(store).set_enabled(made.id, True) is None
+    assert await Webhooks(store).set_enabled(made.id, False) is None
+    assert await Webhooks(store).delete(made.id, wait_s=0)  # a new DELETE finishes it
+    assert await Webhooks(store).get(made.id) is None
+
+
+async def test_delete_through_the_operator_api(client: httpx.AsyncClient) -> None:
+    made = await client.post(
+        "/api/admin/webhooks",
+        json={"url": "https://shop.example/hooks", "events": []},
+        headers=OPERATOR,
+    )
+    endpoint_id = made.json()["id"]
+    deleted = await client.delete(f"/api/admin/webhooks/{endpoint_id}", headers=OPERATOR)
+    assert deleted.status_code == 204, deleted.text
+    assert deleted.content == b""
+    gone = await client.get(f"/api/admin/webhooks/{endpoint_id}", headers=OPERATOR)
+    assert gone.status_code == 404
+    assert (await client.get("/api/admin/webhooks", headers=OPERATOR)).json() == []
+    again = await client.delete(f"/api/admin/webhooks/{endpoint_id}", headers=OPERATOR)
+    assert again.status_code == 404
+    assert again.json()["message"] == f"There is no webhook endpoint {endpoint_id}."
+    anonymous = await client.delete(f"/api/admin/webhooks/{endpoint_id}")
+    assert anonymous.status_code == 401

@@ -1,5 +1,6 @@
 """The operator's webhook endpoints: register, list, enable/disable, rotate the secret,
-recent deliveries, redeliver one. Only with the operator token (`operator_only`)."""
+recent deliveries, redeliver one, delete one. Only with the operator token
+(`operator_only`)."""
 
 from __future__ import annotations
 
@@ -269,6 +270,38 @@ async def rotate_secret(request: Request) -> Response:
     return json_response(_view(endpoint, secret=True))
 
 
+# Beyond an attempt's timeout, how long a deletion waits for the workers to stop sending.
+DELETE_MARGIN_S = 2.0
+
+
+@operation(
+    "deleteWebhookEndpoint",
+    "Webhooks",
+    "Delete an endpoint, with its deliveries",
+    {
+        "204": {"description": "Deleted: nothing more is sent to it"},
+        **OPERATOR_AUTH,
+        "404": NO_ENDPOINT,
+        "503": DATABASE,
+    },
+    parameters=[ENDPOINT_ID],
+    operator=True,
+    description="Its deliveries still waiting are dropped, never sent, and its delivery "
+    "history goes with it; its events stay for the other endpoints. Nothing is sent to it "
+    "after the 204: the endpoint is disabled first, and the answer waits until the workers "
+    "have stopped sending to it (within WEBHOOK_TIMEOUT_SECONDS plus 2 s; an attempt already "
+    "on the wire may end meanwhile). Meanwhile it is listed disabled, `being deleted`, and "
+    "cannot be enabled.",
+)
+@operator_only
+async def delete_endpoint(request: Request) -> Response:
+    wait_s = request.app.state.settings.webhook_timeout_seconds + DELETE_MARGIN_S
+    endpoint_id = ENDPOINT_PATH_ID.id(request)
+    if not await webhooks_of(request).delete(endpoint_id, wait_s=wait_s):
+        raise ENDPOINT_PATH_ID.not_found(request)
+    return Response(status_code=204)
+
+
 class DeliveryQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
@@ -325,6 +358,7 @@ routes = [
     Route("/api/admin/webhooks", create_endpoint, methods=["POST"]),
     Route("/api/admin/webhooks", list_endpoints, methods=["GET"]),
     Route("/api/admin/webhooks/{endpoint_id}", get_endpoint, methods=["GET"]),
+    Route("/api/admin/webhooks/{endpoint_id}", delete_endpoint, methods=["DELETE"]),
     Route("/api/admin/webhooks/{endpoint_id}/enable", enable_endpoint, methods=["POST"]),
     Route("/api/admin/webhooks/{endpoint_id}/disable", disable_endpoint, methods=["POST"]),
     Route("/api/admin/webhooks/{endpoint_id}/rotate-secret", rotate_secret, methods=["POST"]),

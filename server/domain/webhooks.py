@@ -115,6 +115,10 @@ class Endpoint:
 # rows and that many requests. Disabled endpoints are sent nothing and not counted.
 MAX_ENABLED_ENDPOINTS = 16
 
+# `disabled_reason` of an endpoint while `DELETE /api/admin/webhooks/{id}` waits for the
+# attempts in flight to it to end (server/service/webhooks.py: `Webhooks.delete`).
+BEING_DELETED = "being deleted"
+
 
 class TooManyEndpoints(Exception):
     """Creating or enabling an endpoint would make more than MAX_ENABLED_ENDPOINTS enabled
@@ -211,13 +215,20 @@ async def set_enabled(
     postgres: bool,
 ) -> bool:
     """Turn an endpoint on (its failing queues are tried again at once) or off; False if
-    there is no such endpoint. Enabling one raises TooManyEndpoints if MAX_ENABLED_ENDPOINTS
-    others are enabled, counting those of transactions at once (`postgres`: see
-    `_refuse_beyond_the_limit`)."""
+    there is no such endpoint, or it is being deleted (`BEING_DELETED`). Enabling one raises
+    TooManyEndpoints if MAX_ENABLED_ENDPOINTS others are enabled, counting those of
+    transactions at once (`postgres`: see `_refuse_beyond_the_limit`)."""
     row = await conn.fetch_one(
         "UPDATE webhook_endpoints SET enabled = :on, disabled_reason = :reason, "
-        "updated_at = :now WHERE id = :id RETURNING id",
-        {"id": endpoint_id, "on": 1 if enabled else 0, "reason": reason, "now": now},
+        "updated_at = :now WHERE id = :id "
+        "AND (disabled_reason IS NULL OR disabled_reason <> :deleting) RETURNING id",
+        {
+            "id": endpoint_id,
+            "on": 1 if enabled else 0,
+            "reason": reason,
+            "now": now,
+            "deleting": BEING_DELETED,
+        },
     )
     if row is not None and enabled:
         await _refuse_beyond_the_limit(conn, postgres=postgres)
@@ -226,6 +237,61 @@ async def set_enabled(
             "WHERE endpoint_id = :id",
             {"id": endpoint_id},
         )
+    return row is not None
+
+
+async def begin_delete(conn: Executor, endpoint_id: int, *, now: int) -> bool:
+    """The first step of deleting an endpoint: disable it (no queue of it is leased again,
+    no event is handed to it, a worker stops its runs at their next attempt) and withdraw
+    the redeliveries not yet taken. False if there is no such endpoint."""
+    row = await conn.fetch_one(
+        "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = :reason, "
+        "updated_at = :now WHERE id = :id RETURNING id",
+        {"id": endpoint_id, "reason": BEING_DELETED, "now": now},
+    )
+    if row is None:
+        return False
+    await conn.execute(
+        "UPDATE webhook_deliveries SET redeliver_at = NULL "
+        "WHERE endpoint_id = :id AND redeliver_at IS NOT NULL AND redeliver_at <= :now",
+        {"id": endpoint_id, "now": now},
+    )
+    return True
+
+
+async def sending(conn: Executor, endpoint_id: int, *, now: int) -> bool:
+    """Whether a worker may be sending to an endpoint at `now`: a queue of it leased, or a
+    redelivery to it taken, until later (ms)."""
+    row = await conn.fetch_one(
+        "SELECT 1 AS busy FROM webhook_queues WHERE endpoint_id = :id AND lease_until > :now "
+        "UNION ALL SELECT 1 AS busy FROM webhook_deliveries "
+        "WHERE endpoint_id = :id AND redeliver_at > :now",
+        {"id": endpoint_id, "now": now},
+    )
+    return row is not None
+
+
+async def remove_deliveries(conn: Executor, endpoint_id: int, *, limit: int) -> tuple[int, int]:
+    """Remove up to `limit` deliveries to an endpoint, delivered or not (a step of deleting
+    it: its whole history at once could hold SQLite's write lock for seconds). Returns how
+    many were removed and how many of those were still waiting."""
+    removed = await conn.fetch_all(
+        "DELETE FROM webhook_deliveries WHERE endpoint_id = :id AND event_id IN "
+        "(SELECT event_id FROM webhook_deliveries WHERE endpoint_id = :id LIMIT :limit) "
+        "RETURNING delivered_at",
+        {"id": endpoint_id, "limit": limit},
+    )
+    return len(removed), sum(1 for r in removed if r["delivered_at"] is None)
+
+
+async def delete_endpoint(conn: Executor, endpoint_id: int) -> bool:
+    """The last step of deleting an endpoint: its queues (one per product) and itself;
+    False if there is no such endpoint. Its events stay in the outbox for the other
+    endpoints; retention removes those none waits for."""
+    await conn.execute("DELETE FROM webhook_queues WHERE endpoint_id = :id", {"id": endpoint_id})
+    row = await conn.fetch_one(
+        "DELETE FROM webhook_endpoints WHERE id = :id RETURNING id", {"id": endpoint_id}
+    )
     return row is not None
 
 
@@ -758,6 +824,15 @@ async def take_redeliveries(
         if claimed is not None:
             taken.append((int(row["endpoint_id"]), Outgoing.from_row(row)))
     return taken
+
+
+async def withdraw_redelivery(conn: Executor, endpoint_id: int, event_id: str) -> None:
+    """A redelivery taken but not to be sent (its endpoint is being deleted): given back."""
+    await conn.execute(
+        "UPDATE webhook_deliveries SET redeliver_at = NULL "
+        "WHERE event_id = :id AND endpoint_id = :e",
+        {"id": event_id, "e": endpoint_id},
+    )
 
 
 async def settle_redelivery(conn: Executor, endpoint_id: int, attempt: Attempt) -> None:

@@ -247,12 +247,16 @@ class Deliverer:
         endpoint = self._endpoints.get(run.endpoint_id)
         if endpoint is None:
             return  # disabled meanwhile: the lease runs out, nothing was sent
+        # `self._endpoints` is read again at each turn (every WEBHOOK_POLL_MS while runs go):
+        # a run stops before its next attempt once its endpoint is no longer enabled.
         # Stop sending while there is still time to settle before the lease runs out.
         stop_at = leased_at + self.lease_ms / 1000 - self.timeout_s - 2
         attempts: list[Attempt] = []
         for outgoing in run.deliveries:
             if time.monotonic() > stop_at or self._stopping.is_set():
                 break
+            if run.endpoint_id not in self._endpoints:
+                break  # disabled or being deleted since: this turn's dispatch read so
             attempt = await self._post(endpoint, outgoing)
             attempts.append(attempt)
             if not attempt.delivered:
@@ -291,6 +295,11 @@ class Deliverer:
         async with self.store.reader() as conn:
             found = await webhooks.endpoints(conn, endpoint_id)
         if not found:
+            return
+        if found[0].disabled_reason == webhooks.BEING_DELETED:
+            await self.store.write(
+                lambda conn: webhooks.withdraw_redelivery(conn, endpoint_id, outgoing.event_id)
+            )
             return
         attempt = await self._post(found[0], outgoing)
         await self.store.write(lambda conn: webhooks.settle_redelivery(conn, endpoint_id, attempt))

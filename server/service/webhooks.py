@@ -1,13 +1,17 @@
 """Webhook endpoints, as the operator manages them: register (the signing secret shown
-once), enable and disable, rotate the secret, look at recent deliveries, redeliver one.
+once), enable and disable, rotate the secret, look at recent deliveries, redeliver one,
+delete one.
 
 Delivery itself is the worker's (`server.service.delivery.Deliverer`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import secrets
+import time
 from collections.abc import Sequence
 
 from server.domain import webhooks
@@ -22,6 +26,13 @@ from server.storage.errors import UniqueViolation
 # rotated out keeps its own day, up to `webhooks.MAX_LIVE_SECRETS` signing at once.
 SECRET_GRACE_MS = 24 * 3_600_000
 DISABLED_BY_OPERATOR = "disabled by the operator"
+# Deliveries removed per write transaction when an endpoint is deleted: its history may be
+# months of events, and one statement for all of it would hold SQLite's write lock.
+DELETE_BATCH = 1000
+# How often a deletion looks whether the workers have stopped sending to the endpoint.
+DELETE_POLL_S = 0.05
+
+logger = logging.getLogger(__name__)
 
 
 def new_secret() -> str:
@@ -96,6 +107,47 @@ class Webhooks:
         if not await self.store.write(rotate):
             return None
         return await self.get(endpoint_id)
+
+    async def delete(self, endpoint_id: int, *, wait_s: float) -> bool:
+        """Delete an endpoint, its queues and every delivery to it (the waiting ones are
+        dropped: none is sent after this returns). False if there is no such endpoint.
+
+        First it is disabled (`webhooks.begin_delete`): no queue of it is leased again and
+        each worker stops sending to it at its run's next attempt, once its next turn reads
+        the endpoints (within WEBHOOK_POLL_MS). Then this waits, at most `wait_s` (the
+        caller gives WEBHOOK_TIMEOUT_SECONDS and a margin: an attempt on the wire ends
+        within the timeout), until no worker holds a lease on its queues or a redelivery to
+        it: a lease still held after that is a dead worker's, which sends nothing. Then the
+        deliveries go, `DELETE_BATCH` a transaction, and the endpoint with its queues. If
+        this process stops half-way the endpoint stays disabled, `being deleted`, and a
+        new DELETE finishes it."""
+        if not await self.store.write(
+            lambda conn: webhooks.begin_delete(conn, endpoint_id, now=now_ms())
+        ):
+            return False
+        deadline = time.monotonic() + wait_s
+        while True:
+            async with self.store.reader() as conn:
+                busy = await webhooks.sending(conn, endpoint_id, now=now_ms())
+            if not busy or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(DELETE_POLL_S)
+        dropped = 0
+        while True:
+            removed, waiting = await self.store.write(
+                lambda conn: webhooks.remove_deliveries(conn, endpoint_id, limit=DELETE_BATCH)
+            )
+            dropped += waiting
+            if removed < DELETE_BATCH:
+                break
+        deleted = await self.store.write(lambda conn: webhooks.delete_endpoint(conn, endpoint_id))
+        if deleted:
+            logger.info(
+                "webhook endpoint %d deleted; %d deliveries still waiting were dropped",
+                endpoint_id,
+                dropped,
+            )
+        return deleted
 
     async def deliveries(self, endpoint_id: int, *, limit: int) -> list[Delivery] | None:
         async with self.store.reader() as conn:
