@@ -1,13 +1,13 @@
 """The console's shop integration, as an operator uses it: check the books, register the
 shop's webhook endpoint (its secret shown once), watch a delivery arrive and redeliver it,
-make and revoke a shop API key; every state checked with axe-core."""
+make and revoke a shop API key, delete the endpoint; every state checked with axe-core."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from playwright.async_api import Browser, expect
+from playwright.async_api import Browser, Dialog, expect
 
 from server.devtools.processes import Service
 from tests.browser import SIZES, assert_accessible, new_product, open_console, reserve, serve
@@ -68,6 +68,27 @@ async def test_an_operator_connects_the_shop(browser: Browser, site: Service) ->
         await key_row.get_by_role("button", name="Revoke").click()
         await expect(key_row).to_contain_text("Revoked")
         await assert_accessible(page)
+
+        # Deleting the endpoint, once the operator confirms what it drops: gone from the
+        # list and from the API.
+        asked: list[str] = []
+
+        async def confirm(dialog: Dialog) -> None:
+            asked.append(dialog.message)
+            await dialog.accept()
+
+        page.once("dialog", confirm)
+        await row.get_by_role("button", name=f"Delete {receiver.url}").click()
+        await expect(page.locator("#webhook-message")).to_contain_text("deleted")
+        await expect(page.locator("#webhook-rows tr", has_text=receiver.url)).to_have_count(0)
+        assert asked
+        assert receiver.url in asked[0]
+        assert "delivery history" in asked[0]
+        await expect(page.locator("#webhooks-empty")).to_be_visible()
+        await assert_accessible(page)
+        async with site.client() as client:
+            listed = await client.get("/api/admin/webhooks", headers=site.admin_headers())
+        assert listed.json() == []
     finally:
         await receiver.stop()
 

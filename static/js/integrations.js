@@ -178,6 +178,7 @@ class Integrations {
           `${endpoint.enabled ? "Disable" : "Enable"} ${endpoint.url}`,
         ),
         button("Rotate secret", () => this.rotate(endpoint), `Rotate secret of ${endpoint.url}`),
+        button("Delete", () => this.deleteEndpoint(endpoint), `Delete ${endpoint.url}`, "secondary danger"),
         button(
           "Deliveries",
           () => this.loadDeliveries(endpoint.id, true),
@@ -195,6 +196,25 @@ class Integrations {
     try {
       await this.call("POST", `/api/admin/webhooks/${endpoint.id}/${enabled ? "enable" : "disable"}`);
       this.say("#webhook-message", `${endpoint.url} ${enabled ? "enabled" : "disabled"}.`);
+      await this.refresh();
+    } catch (error) {
+      this.say("#webhook-message", sentenceFor(error), false);
+    }
+  }
+
+  async deleteEndpoint(endpoint) {
+    const waiting = endpoint.pending
+      ? ` Its ${endpoint.pending} waiting deliver${endpoint.pending === 1 ? "y is" : "ies are"} dropped, never sent.`
+      : "";
+    if (!window.confirm(`Delete ${endpoint.url} and its delivery history?${waiting}`)) return;
+    this.say("#webhook-message", `Deleting ${endpoint.url}…`);
+    try {
+      await this.call("DELETE", `/api/admin/webhooks/${endpoint.id}`);
+      if (this.selected === endpoint.id) {
+        this.selected = null;
+        $("#deliveries").hidden = true;
+      }
+      this.say("#webhook-message", `${endpoint.url} deleted: nothing more is sent to it.`);
       await this.refresh();
     } catch (error) {
       this.say("#webhook-message", sentenceFor(error), false);
