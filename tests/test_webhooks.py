@@ -1377,7 +1377,6 @@ async def _all_ended(store: Store) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_worker_killed_mid_delivery_and_redis_flushed_lose_nothing(
     database_url: str, redis_url: str, tmp_path: Path, receiver: Receiver, store: Store
 ) -> None:
@@ -1411,7 +1410,6 @@ async def test_a_worker_killed_mid_delivery_and_redis_flushed_lose_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_web_process_killed_between_commit_and_publish_still_sends_the_webhook(
     database_url: str, own_redis: EmbeddedRedis, tmp_path: Path, receiver: Receiver
 ) -> None:
