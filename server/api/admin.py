@@ -26,8 +26,7 @@ from starlette.routing import Route
 from server.api.http import (
     DEFAULT_PAGE,
     PRODUCT_PATH_ID,
-    IdsOrPage,
-    PageLimit,
+    IdsOrPageAfter,
     RequestError,
     json_response,
     parse_body,
@@ -121,27 +120,9 @@ def operator_only(endpoint: Endpoint) -> Endpoint:
     return guarded
 
 
-class StatsQuery(IdsOrPage):
+class StatsQuery(IdsOrPageAfter):
     """Which products' figures: a page of them by id (`after`, `limit`; the first page of
     `DEFAULT_PAGE` when nothing is asked), or those a page shows (`ids`)."""
-
-    limit: Annotated[
-        PageLimit,
-        Field(
-            description=f"At most this many products, by id (default {DEFAULT_PAGE}); "
-            'a `Link` header with `rel="next"` gives the address of the next page when there '
-            "are more.",
-        ),
-    ] = None
-    after: Annotated[
-        int | None,
-        Field(
-            ge=0,
-            le=MAX_INT32,
-            description="The page holds products with ids above this one (the `Link` "
-            "header's next page says which).",
-        ),
-    ] = None
 
 
 class ReservationQuery(BaseModel):

@@ -321,6 +321,29 @@ class IdsOrPage(ProductIds):
         return self
 
 
+class IdsOrPageAfter(IdsOrPage):
+    """`IdsOrPage` whose page is by product id: `limit` of them after the id `after`, the
+    next page's address in a `Link` header (the console's figures, the rooms' counts)."""
+
+    limit: Annotated[
+        PageLimit,
+        Field(
+            description=f"At most this many, by product id (default {DEFAULT_PAGE}); a "
+            '`Link` header with `rel="next"` gives the address of the next page when there '
+            "are more.",
+        ),
+    ] = None
+    after: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=MAX_INT32,
+            description="The page holds those of products with ids above this one (the "
+            "`Link` header's next page says which).",
+        ),
+    ] = None
+
+
 def parse_params(data: Mapping[str, Any], model: type[M]) -> M:
     """Query parameters as `model` (lax: they arrive as text). A refusal names each
     parameter and the value sent for it."""

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Annotated
 
-from pydantic import Field
 from pydantic_core import to_json
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,8 +21,7 @@ from starlette.routing import Route
 from server.api.admin import operator_only
 from server.api.http import (
     DEFAULT_PAGE,
-    IdsOrPage,
-    PageLimit,
+    IdsOrPageAfter,
     RequestError,
     json_response,
     parse_params,
@@ -193,27 +190,9 @@ async def get_queue_ticket(request: Request) -> Response:
     return json_response(view, headers=headers)
 
 
-class QueuesQuery(IdsOrPage):
+class QueuesQuery(IdsOrPageAfter):
     """Which rooms' counts: those of `ids`, or a page of the rooms someone is in (`after`,
     `limit`; the first page of `DEFAULT_PAGE` when nothing is asked)."""
-
-    limit: Annotated[
-        PageLimit,
-        Field(
-            description=f"At most this many rooms, by product id (default {DEFAULT_PAGE}); "
-            'a `Link` header with `rel="next"` gives the address of the next page when there '
-            "are more.",
-        ),
-    ] = None
-    after: Annotated[
-        int | None,
-        Field(
-            ge=0,
-            le=schemas.MAX_INT32,
-            description="The page holds rooms of products with ids above this one (the "
-            "`Link` header's next page says which).",
-        ),
-    ] = None
 
 
 # How long a rendered answer of GET /api/queues is given again to the same query (s): its
