@@ -1650,7 +1650,11 @@ async def test_an_endpoint_being_deleted_cannot_be_enabled_again(store: Store) -
     endpoint is listed disabled, `being deleted`, and neither enabled nor disabled: an
     enable then would let a worker send to it again."""
     made = await Webhooks(store).create(url="https://shop.example/hooks", events=[], description="")
-    assert await store.write(lambda conn: webhooks.begin_delete(conn, made.id, now=now_ms()))
+    assert await store.write(
+        lambda conn: webhooks.begin_delete(
+            conn, made.id, now=now_ms(), postgres=not store.is_sqlite
+        )
+    )
     listed = await Webhooks(store).get(made.id)
     assert listed is not None
     assert (listed.enabled, listed.disabled_reason) == (False, webhooks.BEING_DELETED)
@@ -1658,6 +1662,61 @@ async def test_an_endpoint_being_deleted_cannot_be_enabled_again(store: Store) -
     assert await Webhooks(store).set_enabled(made.id, False) is None
     assert await Webhooks(store).delete(made.id, wait_s=0)  # a new DELETE finishes it
     assert await Webhooks(store).get(made.id) is None
+
+
+async def test_a_dispatch_under_way_on_postgresql_leaves_no_delivery_behind_a_delete(
+    store: Store, database_url: str
+) -> None:
+    """On PostgreSQL a dispatch that read the endpoint enabled could write its deliveries
+    after the delete had removed the endpoint's: left behind, they would wait forever (and
+    keep their events), or go to the next endpoint made, which is given the same id. The
+    delete's first step now waits for the dispatches under way: here one holds the lock a
+    dispatch hands events out under, writes its delivery, and commits only once the delete
+    is waiting for it."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite's writer runs one write transaction at a time")
+    hooks = Webhooks(store)
+    made = await hooks.create(url="https://shop.example/hooks", events=[], description="")
+    product = await make_product(store, 5)
+    await hold(store, product.id, 1)
+    dispatch = await asyncpg.connect(database_url)
+    watcher = await asyncpg.connect(database_url)
+    try:
+        transaction = dispatch.transaction()
+        await transaction.start()
+        await dispatch.execute("SELECT pg_advisory_xact_lock_shared($1)", webhooks.DELETE_LOCK)
+        await dispatch.execute(
+            "INSERT INTO webhook_deliveries (event_id, endpoint_id, product_id, version, seq, "
+            "type, created_at) VALUES ('msg_under_way', $1, $2, 1, 0, 'reservation.created', "
+            "$3)",
+            made.id,
+            product.id,
+            now_ms(),
+        )
+        deleting = asyncio.create_task(hooks.delete(made.id, wait_s=5.0))
+
+        async def delete_waits() -> bool:
+            waiting = await watcher.fetchval(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND objid = $1 AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())",
+                webhooks.DELETE_LOCK,
+            )
+            return bool(waiting)
+
+        await eventually(delete_waits, within=20, what="the delete waiting for the dispatch")
+        assert not deleting.done()
+        await transaction.commit()
+        assert await asyncio.wait_for(deleting, 20)
+    finally:
+        await dispatch.close()
+        await watcher.close()
+    async with store.reader() as conn:
+        left = await conn.fetch_one(
+            "SELECT COUNT(*) AS n FROM webhook_deliveries WHERE endpoint_id = :e", {"e": made.id}
+        )
+    assert left is not None
+    assert left["n"] == 0
 
 
 async def test_delete_through_the_operator_api(client: httpx.AsyncClient) -> None:

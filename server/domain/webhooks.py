@@ -115,6 +115,9 @@ class Endpoint:
 # rows and that many requests. Disabled endpoints are sent nothing and not counted.
 MAX_ENABLED_ENDPOINTS = 16
 
+# PostgreSQL's transaction advisory lock between dispatches (shared) and deletions
+# (exclusive): see `begin_delete`.
+DELETE_LOCK = 0x5748_4B32
 # `disabled_reason` of an endpoint while `DELETE /api/admin/webhooks/{id}` waits for the
 # attempts in flight to it to end (server/service/webhooks.py: `Webhooks.delete`).
 BEING_DELETED = "being deleted"
@@ -240,10 +243,23 @@ async def set_enabled(
     return row is not None
 
 
-async def begin_delete(conn: Executor, endpoint_id: int, *, now: int) -> bool:
+async def begin_delete(conn: Executor, endpoint_id: int, *, now: int, postgres: bool) -> bool:
     """The first step of deleting an endpoint: disable it (no queue of it is leased again,
     no event is handed to it, a worker stops its runs at their next attempt) and withdraw
-    the redeliveries not yet taken. False if there is no such endpoint."""
+    the redeliveries not yet taken. False if there is no such endpoint.
+
+    Once this has committed, no delivery to the endpoint is still to be written, so the
+    deletion's later steps leave none behind (one written after them would wait for an
+    endpoint of the same id: ids are `MAX(id) + 1`). SQLite's writer runs one write
+    transaction at a time, so a dispatch committed before this or reads it disabled. On
+    PostgreSQL (`postgres`), where they run together, a dispatch that read the endpoint
+    enabled before this commits could write its deliveries after: each dispatch hands
+    events out under `pg_advisory_xact_lock_shared(DELETE_LOCK)`, and this takes it
+    exclusively first, so it waits for the dispatches under way to commit, and a dispatch
+    after it reads the endpoint disabled. The lock is the first either takes, so it cannot
+    close a cycle of waits."""
+    if postgres:
+        await conn.fetch_one("SELECT pg_advisory_xact_lock(:key) AS locked", {"key": DELETE_LOCK})
     row = await conn.fetch_one(
         "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = :reason, "
         "updated_at = :now WHERE id = :id RETURNING id",
@@ -427,7 +443,12 @@ class Dispatched:
 
 
 async def dispatch(
-    conn: Executor, *, now: int, limit: int, expect_endpoints: bool = True
+    conn: Executor,
+    *,
+    now: int,
+    limit: int,
+    expect_endpoints: bool = True,
+    postgres: bool = False,
 ) -> Dispatched:
     """Hand up to `limit` undispatched events, in order per product, to the enabled
     endpoints that want them.
@@ -458,7 +479,9 @@ async def dispatch(
       PostgreSQL while this one ran), raises EndpointsChanged: the caller rolls back and
       dispatches again with True, and the endpoint gets its events.
 
-    Either way the endpoints table is read once."""
+    Either way the endpoints table is read once. On PostgreSQL (`postgres`), where a deletion
+    runs beside it, events are handed out under `pg_advisory_xact_lock_shared(DELETE_LOCK)`
+    (`begin_delete`)."""
     waiting = await conn.fetch_all(
         "SELECT product_id, version, seq FROM outbox WHERE dispatched_at IS NULL "
         "ORDER BY product_id, version, seq LIMIT :limit",
@@ -493,6 +516,10 @@ async def dispatch(
     key = await id_key(conn)
     rows = sorted(taken, key=lambda r: (int(r["product_id"]), int(r["version"]), int(r["seq"])))
     ids = [outbox.stored_event_id(key, row) for row in rows]
+    if postgres:
+        await conn.fetch_one(
+            "SELECT pg_advisory_xact_lock_shared(:key) AS locked", {"key": DELETE_LOCK}
+        )
     active = await endpoints_enabled(conn)
     deliveries: list[tuple[Row, str, int]] = []
     per_queue: dict[tuple[int, int], int] = defaultdict(int)

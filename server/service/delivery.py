@@ -186,7 +186,11 @@ class Deliverer:
         while True:
             try:
                 dispatched = await self.store.write(
-                    functools.partial(_dispatch, expect_endpoints=self._expect_endpoints),
+                    functools.partial(
+                        _dispatch,
+                        expect_endpoints=self._expect_endpoints,
+                        postgres=not self.store.is_sqlite,
+                    ),
                     index_order=True,
                 )
             except webhooks.EndpointsChanged:
@@ -368,10 +372,16 @@ class Deliverer:
         return signer
 
 
-async def _dispatch(conn: Executor, *, expect_endpoints: bool) -> webhooks.Dispatched:
+async def _dispatch(
+    conn: Executor, *, expect_endpoints: bool, postgres: bool
+) -> webhooks.Dispatched:
     """One dispatch of up to DISPATCH_BATCH events, timed inside its transaction."""
     return await webhooks.dispatch(
-        conn, now=now_ms(), limit=DISPATCH_BATCH, expect_endpoints=expect_endpoints
+        conn,
+        now=now_ms(),
+        limit=DISPATCH_BATCH,
+        expect_endpoints=expect_endpoints,
+        postgres=postgres,
     )
 
 

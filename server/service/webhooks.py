@@ -122,7 +122,9 @@ class Webhooks:
         this process stops half-way the endpoint stays disabled, `being deleted`, and a
         new DELETE finishes it."""
         if not await self.store.write(
-            lambda conn: webhooks.begin_delete(conn, endpoint_id, now=now_ms())
+            lambda conn: webhooks.begin_delete(
+                conn, endpoint_id, now=now_ms(), postgres=not self.store.is_sqlite
+            )
         ):
             return False
         deadline = time.monotonic() + wait_s
