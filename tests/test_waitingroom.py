@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -773,7 +774,7 @@ async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading
     store: Store,
 ) -> None:
     """A batch of joins reads each product's row once (`opening`) and makes each new ticket
-    from it without reading it back (`join_opened`): what it answers is the row in the
+    from it without reading it back (`join_opened_many`): what it answers is the row in the
     database, for a drawn place, a closed room and a ticket opened again; a shopper with
     an open ticket gets theirs, not a new one; and a row changed after it was read (a new
     start) is not trusted: the place is drawn for the start the row has."""
@@ -790,7 +791,8 @@ async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading
                     "UPDATE products SET sale_starts_at = :s WHERE id = :p",
                     {"s": start_moved, "p": product.id},
                 )
-            return await waitingroom.join_opened(conn, opened, shopper, now=now, key=key)
+            [made] = await waitingroom.join_opened_many(conn, opened, [shopper], now=now, key=key)
+            return made
 
         return await store.write(work)
 
@@ -819,12 +821,77 @@ async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading
         assert opened is not None
         assert opened.closed
         key = await waitingroom.room_key(conn, empty.id)
-        return await waitingroom.join_opened(conn, opened, "anon:c", now=START + 1, key=key)
+        [made] = await waitingroom.join_opened_many(
+            conn, opened, ["anon:c"], now=START + 1, key=key
+        )
+        return made
 
     closed, created = await store.write(into_empty)
     assert created
     assert closed.state is TicketState.SOLD_OUT
     assert closed == await ticket(store, empty.id, "anon:c")
+
+
+async def test_a_batch_of_joins_is_one_statement_a_power_of_two_and_answers_each_join(
+    store: Store,
+) -> None:
+    """`join_opened_many` with 300 joins of 298 shoppers (two named twice: 256 + 32 + 8 +
+    2 rows, four statements), one holding an open ticket already and one whose ticket ended
+    (`left`): every answer is the row in the database, in the order asked; a duplicate's
+    second answer is the same ticket, not made by it; the open ticket is answered as it is;
+    the ended one is opened again."""
+    product = await room(store, 5, queue="random")
+    now = START - 60_000
+    people = shoppers(298)
+    await join_many(store, product.id, [people[0], people[1]], at=now - 10)
+    await store.write(lambda conn: waitingroom.leave(conn, product.id, people[1], now=now - 5))
+    before = await ticket(store, product.id, people[0])
+    asked = [*people[:150], people[3], *people[150:], people[200]]
+    assert len(asked) == 300
+    statements: list[str] = []
+
+    async def work(conn: Executor) -> list[tuple[Ticket, bool]]:
+        class Counting:
+            def __getattr__(self, name: str) -> object:
+                return getattr(conn, name)
+
+            async def fetch_all(self, sql: str, values: object = None) -> object:
+                if sql.startswith("INSERT INTO queue_tickets"):
+                    statements.append(sql)
+                return await conn.fetch_all(sql, values)  # type: ignore[arg-type]
+
+        key = await waitingroom.room_key(conn, product.id)
+        opened = await waitingroom.opening(conn, product.id, now=now)
+        assert opened is not None
+        return await waitingroom.join_opened_many(
+            Counting(),  # type: ignore[arg-type]
+            opened,
+            asked,
+            now=now,
+            key=key,
+        )
+
+    answers = await store.write(work)
+    assert [len(re.findall(r"CAST\(:s\d", s)) for s in statements] == [256, 32, 8, 2]
+    assert [t.shopper_id for t, _ in answers] == asked
+    for (made, _), shopper in zip(answers, asked, strict=True):
+        assert made == await ticket(store, product.id, shopper)
+        assert made.state is TicketState.WAITING
+    created = {shopper: c for (_, c), shopper in zip(answers, asked, strict=True)}
+    assert answers[0] == (before, False)  # open already: as it was
+    assert answers[1][1]  # it had left, so opened again
+    assert answers[1][0].joined_at == now
+    assert [c for (_, c), s in zip(answers, asked, strict=True) if s == people[3]] == [True, False]
+    assert [c for (_, c), s in zip(answers, asked, strict=True) if s == people[200]] == [
+        True,
+        False,
+    ]
+    assert sum(1 for (_, c) in answers if c) == 297  # every one of them but people[0]
+    assert created[people[2]]
+    key = await store.write(lambda conn: waitingroom.room_key(conn, product.id))
+    assert all(
+        made.place == waitingroom.drawn_place(key, START, made.shopper_id) for made, _ in answers
+    )
 
 
 async def test_the_count_of_those_waiting_equals_a_recount_after_every_change(

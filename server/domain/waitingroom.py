@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import hashlib
 import hmac
 import math
@@ -371,61 +372,115 @@ async def opening(conn: Executor, product_id: int, *, now: int) -> Opening | Non
     return Opening(product_id, int(starts) if draws else None, bool(row["closed"]))
 
 
-# A join's insert when its ticket is known beforehand (`join_opened`): made only if the
-# product's row still says what the `Opening` said, and not read back.
-_JOIN_OPENED = (
-    "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at, ended_at) "
-    "SELECT id, CAST(:s AS TEXT), CAST(:place AS BIGINT), CAST(:state AS TEXT), "
-    "CAST(:now AS BIGINT), CAST(:ended AS BIGINT) FROM products WHERE id = :p "
-    f"AND (CASE WHEN {_CLOSED} THEN 'sold_out' ELSE 'waiting' END) = CAST(:state AS TEXT) "
-    "AND (CASE WHEN queue = 'random' AND sale_starts_at > :now THEN sale_starts_at "
-    "ELSE -1 END) = CAST(:draws_for AS BIGINT) "
-    "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = excluded.state, "
-    "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
-    "pass_expires_at = NULL, ended_at = excluded.ended_at "
-    "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed')"
-)
+# The largest `join_opened_many` statement, in joins; each statement takes a power of two
+# of them up to this, so a database that prepares statements (PostgreSQL) sees at most nine
+# texts, whatever the batches' sizes.
+JOIN_ROWS = 256
 
 
-async def join_opened(
-    conn: Executor, room: Opening, shopper_id: str, *, now: int, key: bytes
-) -> tuple[Ticket, bool]:
-    """`join`, for a batch of joins that read their product's `Opening` in the same
-    transaction: the new ticket is decided here from it (its place: `drawn_place` for the
-    start it draws for, or an `arrival_place`; `sold_out` at once in a room that has
-    closed) and inserted without being read back, the insert guarded by the same
-    conditions on the product's row, so what it made is what the `Opening` said. A join
-    that made nothing (the shopper's ticket is open already; or, on PostgreSQL, the row
-    changed since it was read) is `join`ed as before, which reads the ticket back. The
-    read-back (RETURNING) was about a third of a join's insert on SQLite (the waiting
-    room's bench: its 10,000 joins in the first second). `key`: the room's (`room_key`).
-    Does not count the ticket in `add_waiting` (the caller does, once per room). Raises
-    ProductNotFound."""
-    drawing = room.draws_for is not None
-    if room.draws_for is not None:
-        place = drawn_place(key, room.draws_for, shopper_id)
-    else:
-        place = arrival_place(now)
+@functools.lru_cache(maxsize=16)
+def _join_opened_many_sql(count: int) -> str:
+    """`_JOIN_OPENED` for `count` shoppers at once: their ids and places as a VALUES list
+    (`:s0, :d0, :s1, :d1, …`; a VALUES list's columns are `column1`, `column2` on both
+    databases), returning the shoppers whose tickets it made."""
+    rows = ", ".join(f"(CAST(:s{n} AS TEXT), CAST(:d{n} AS BIGINT))" for n in range(count))
+    return (
+        "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at, ended_at) "
+        "SELECT products.id, joins.column1, joins.column2, CAST(:state AS TEXT), "
+        "CAST(:now AS BIGINT), CAST(:ended AS BIGINT) "
+        f"FROM products, (VALUES {rows}) AS joins WHERE products.id = :p "
+        f"AND (CASE WHEN {_CLOSED} THEN 'sold_out' ELSE 'waiting' END) = CAST(:state AS TEXT) "
+        "AND (CASE WHEN queue = 'random' AND sale_starts_at > :now THEN sale_starts_at "
+        "ELSE -1 END) = CAST(:draws_for AS BIGINT) "
+        "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = excluded.state, "
+        "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
+        "pass_expires_at = NULL, ended_at = excluded.ended_at "
+        "WHERE queue_tickets.state IN ('left', 'sold_out', 'lapsed') "
+        "RETURNING queue_tickets.shopper_id"
+    )
+
+
+def _powers_of_two(count: int, largest: int) -> list[int]:
+    """`count` as a sum of powers of two, none over `largest` (itself one), largest first."""
+    sizes = [largest] * (count // largest)
+    rest = count % largest
+    bit = largest
+    while rest:
+        if rest & bit:
+            sizes.append(bit)
+            rest -= bit
+        bit >>= 1
+    return sizes
+
+
+async def join_opened_many(
+    conn: Executor, room: Opening, shopper_ids: Sequence[str], *, now: int, key: bytes
+) -> list[tuple[Ticket, bool]]:
+    """`join` for shoppers of one room, in a batch of joins that read the product's
+    `Opening` in the same transaction: each new ticket is decided here from it (its place:
+    `drawn_place` for the start it draws for, or an `arrival_place`; `sold_out` at once in
+    a room that has closed) and inserted without being read back (the read-back,
+    RETURNING every column, was about a third of a join's insert on SQLite), by one
+    statement per power of two of the shoppers (`JOIN_ROWS` at most), guarded by the same
+    conditions on the product's row, so what it made is what the `Opening` said. A
+    result for each of `shopper_ids`, in its order. A shopper named twice is joined once:
+    the second gets the same ticket, not made by it. A shopper whose ticket the statement
+    did not make (one open already; on PostgreSQL, the product's row changed since
+    `opening` read it) is `join`ed as before, one by one, which reads the ticket back.
+    `key`: the room's (`room_key`).
+
+    Why: in a sale's first second the SQLite writer ran a join batch's 256 inserts one by
+    one, and between two statements its thread waits for the GIL from the busy event loop
+    (up to the switch interval, 0.2 ms), with the write lock held: ~50 ms a batch, a
+    ceiling of about 5,000 joins a second in one process, and with two processes each
+    waiting for the other's lock. One statement waits once. Does not count the tickets in
+    `add_waiting` (the caller does, once per room). Raises ProductNotFound."""
+    unique = list(dict.fromkeys(shopper_ids))
     state = TicketState.SOLD_OUT if room.closed else TicketState.WAITING
     ended = now if room.closed else None
-    made = await conn.execute(
-        _JOIN_OPENED,
-        {
-            "p": room.product_id,
-            "s": shopper_id,
-            "place": place,
-            "state": state.value,
-            "now": now,
-            "ended": ended,
-            "draws_for": room.draws_for if drawing else -1,
-        },
-    )
-    if made:
-        ticket = Ticket(room.product_id, shopper_id, place, state, now, ended_at=ended)
-        return ticket, True
-    return await join(
-        conn, room.product_id, shopper_id, now=now, key=key, starts=room.draws_for, count=False
-    )
+    if room.draws_for is not None:
+        places = [drawn_place(key, room.draws_for, s) for s in unique]
+    else:
+        places = [arrival_place(now) for _ in unique]
+    fixed = {
+        "p": room.product_id,
+        "state": state.value,
+        "now": now,
+        "ended": ended,
+        "draws_for": room.draws_for if room.draws_for is not None else -1,
+    }
+    made: set[str] = set()
+    at = 0
+    for size in _powers_of_two(len(unique), JOIN_ROWS):
+        values = dict(fixed)
+        for n in range(size):
+            values[f"s{n}"] = unique[at + n]
+            values[f"d{n}"] = places[at + n]
+        rows = await conn.fetch_all(_join_opened_many_sql(size), values)
+        made.update(str(row["shopper_id"]) for row in rows)
+        at += size
+    tickets: dict[str, tuple[Ticket, bool]] = {}
+    for shopper_id, place in zip(unique, places, strict=True):
+        if shopper_id in made:
+            ticket = Ticket(room.product_id, shopper_id, place, state, now, ended_at=ended)
+            tickets[shopper_id] = (ticket, True)
+        else:
+            tickets[shopper_id] = await join(
+                conn,
+                room.product_id,
+                shopper_id,
+                now=now,
+                key=key,
+                starts=room.draws_for,
+                count=False,
+            )
+    answers: list[tuple[Ticket, bool]] = []
+    told: set[str] = set()
+    for shopper_id in shopper_ids:
+        ticket, created = tickets[shopper_id]
+        answers.append((ticket, created and shopper_id not in told))
+        told.add(shopper_id)
+    return answers
 
 
 async def get_ticket(conn: Executor, product_id: int, shopper_id: str) -> Ticket | None:

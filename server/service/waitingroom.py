@@ -214,38 +214,44 @@ class WaitingRoom:
         self, joins: Sequence[tuple[int, str]]
     ) -> list[tuple[Ticket, bool] | BaseException]:
         """Joins that came together, in one transaction (a storm of joins at a sale's
-        start): still one insert each, in the order they came; news of the new waiting
-        tickets, one per room, after commit. A join whose product is gone fails alone."""
+        start): one insert per room (`join_opened_many`), the shoppers in the order they came;
+        news of the new waiting tickets, one per room, after commit. The joins of a product
+        that is gone fail together, and alone."""
 
         async def insert_all(conn: Executor) -> list[tuple[Ticket, bool] | BaseException]:
             now = now_ms()
-            results: list[tuple[Ticket, bool] | BaseException] = []
+            results: list[tuple[Ticket, bool] | BaseException | None] = [None] * len(joins)
+            # Each room's joins together, in the order they came: its row read once, in
+            # this transaction (`opening`), and its tickets made by one statement
+            # (`join_opened_many`).
+            by_room: dict[int, list[int]] = {}
+            for n, (p, _) in enumerate(joins):
+                by_room.setdefault(p, []).append(n)
             joined: dict[int, int] = {}
-            # Each room's row read once for the batch, in its transaction (`opening`).
-            rooms: dict[int, waitingroom.Opening | None] = {}
-            for p, s in joins:
+            for p, indices in by_room.items():
                 key = self._keys.get(p)
                 if key is None:
                     key = self._keys[p] = await waitingroom.room_key(conn, p)
-                if p not in rooms:
-                    rooms[p] = await waitingroom.opening(conn, p, now=now)
-                room = rooms[p]
-                if room is None:
-                    results.append(ProductNotFound(p))
-                    continue
+                room = await waitingroom.opening(conn, p, now=now)
                 try:
-                    ticket, created = await waitingroom.join_opened(conn, room, s, now=now, key=key)
+                    if room is None:
+                        raise ProductNotFound(p)
+                    made = await waitingroom.join_opened_many(
+                        conn, room, [joins[n][1] for n in indices], now=now, key=key
+                    )
                 except ProductNotFound as exc:
-                    results.append(exc)
+                    for n in indices:
+                        results[n] = exc
                     continue
-                results.append((ticket, created))
-                if created and ticket.state is waitingroom.TicketState.WAITING:
-                    joined[p] = joined.get(p, 0) + 1
+                for n, (ticket, created) in zip(indices, made, strict=True):
+                    results[n] = (ticket, created)
+                    if created and ticket.state is waitingroom.TicketState.WAITING:
+                        joined[p] = joined.get(p, 0) + 1
             # The rooms' counts once per room, after every ticket (lock order: see
             # `waitingroom.add_waiting`).
             for p, n in sorted(joined.items()):
                 await waitingroom.add_waiting(conn, p, n)
-            return results
+            return [r for r in results if r is not None]
 
         results = await self.store.write(insert_all)
         made: dict[int, set[str]] = {}
