@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -722,6 +723,50 @@ async def assert_counted(store: Store, product_id: int, step_done: Admission | N
     if step_done is not None:
         assert step_done.waiting == kept
     return kept
+
+
+async def test_joins_batched_together_keep_the_millisecond_each_arrived_in(store: Store) -> None:
+    """`fifo` is arrival order, by the millisecond of arrival (README). A batch of joins
+    gave every join in it the millisecond its transaction began, so shoppers who arrived
+    while the previous batch was in the database (tens of ms in a sale's first second)
+    were put in a random order among themselves: a later one could be served first. Here
+    20 joins arrive a millisecond or more apart while the writer is held, so they go in one
+    batch; the line is in the order they arrived (their names sort the other way, so that
+    the tie-break by shopper id cannot order them)."""
+    product = await room(store, 1, starts=None)  # a waitlist: open now
+    service = WaitingRoom(store, publish=lambda news: None, opens_ms=START)
+    await service.start()
+    # On SQLite the write transaction runs on the writer's own thread, which may only wait
+    # on the database: it blocks there on a thread's event. On PostgreSQL on this loop.
+    held = threading.Event()
+    release = threading.Event()
+    release_here = asyncio.Event()
+
+    async def hold(conn: Executor) -> None:
+        held.set()
+        if store.is_sqlite:
+            release.wait(10)
+        else:
+            await release_here.wait()
+
+    holding = asyncio.create_task(store.write(hold))
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+        people = [f"anon:z{99 - n:02d}" for n in range(21)]
+        joined = []
+        for shopper in people:
+            joined.append(service.join_soon(product, shopper))
+            await asyncio.sleep(0.002)  # the next one arrives two milliseconds later
+        release.set()
+        release_here.set()
+        await asyncio.wait_for(holding, 10)
+        answers = await asyncio.wait_for(asyncio.gather(*joined), 10)
+    finally:
+        release.set()
+        release_here.set()
+        await service.stop()
+    assert all(created for _, created in answers)
+    assert await line_order(store, product.id) == people
 
 
 async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> None:

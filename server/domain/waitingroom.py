@@ -414,7 +414,13 @@ def _powers_of_two(count: int, largest: int) -> list[int]:
 
 
 async def join_opened_many(
-    conn: Executor, room: Opening, shopper_ids: Sequence[str], *, now: int, key: bytes
+    conn: Executor,
+    room: Opening,
+    shopper_ids: Sequence[str],
+    *,
+    now: int,
+    key: bytes,
+    arrived: Sequence[int] | None = None,
 ) -> list[tuple[Ticket, bool]]:
     """`join` for shoppers of one room, in a batch of joins that read the product's
     `Opening` in the same transaction: each new ticket is decided here from it (its place:
@@ -427,7 +433,10 @@ async def join_opened_many(
     the second gets the same ticket, not made by it. A shopper whose ticket the statement
     did not make (one open already; on PostgreSQL, the product's row changed since
     `opening` read it) is `join`ed as before, one by one, which reads the ticket back.
-    `key`: the room's (`room_key`).
+    `key`: the room's (`room_key`). `arrived`: when each join arrived (ms, one per
+    `shopper_ids`; None: `now`), the millisecond its arrival place is made of (a shopper
+    named twice: the first), since `fifo` is arrival order and a batch's joins arrived
+    while the batch before it was in the database, tens of ms apart in a storm.
 
     Why: in a sale's first second the SQLite writer ran a join batch's 256 inserts one by
     one, and between two statements its thread waits for the GIL from the busy event loop
@@ -435,13 +444,18 @@ async def join_opened_many(
     ceiling of about 5,000 joins a second in one process, and with two processes each
     waiting for the other's lock. One statement waits once. Does not count the tickets in
     `add_waiting` (the caller does, once per room). Raises ProductNotFound."""
-    unique = list(dict.fromkeys(shopper_ids))
+    if arrived is None:
+        arrived = [now] * len(shopper_ids)
+    first_arrived: dict[str, int] = {}
+    for shopper_id, at in zip(shopper_ids, arrived, strict=True):
+        first_arrived.setdefault(shopper_id, min(at, now))
+    unique = list(first_arrived)
     state = TicketState.SOLD_OUT if room.closed else TicketState.WAITING
     ended = now if room.closed else None
     if room.draws_for is not None:
         places = [drawn_place(key, room.draws_for, s) for s in unique]
     else:
-        places = [arrival_place(now) for _ in unique]
+        places = [arrival_place(first_arrived[s]) for s in unique]
     fixed = {
         "p": room.product_id,
         "state": state.value,

@@ -114,7 +114,8 @@ class WaitingRoom:
         self._catalog = catalog
         self._nudge = nudge
         self._lines: dict[int, Lineup] = {}
-        self._joins: GroupCommit[tuple[int, str], tuple[Ticket, bool]] = GroupCommit(
+        # A join: its product, its shopper, and when it arrived (ms: its place in `fifo`).
+        self._joins: GroupCommit[tuple[int, str, int], tuple[Ticket, bool]] = GroupCommit(
             self._join_batch, max_batch=JOIN_BATCH, name="queue-joins"
         )
         self._moved: dict[int, int] = {}  # product → when news last said its line moved
@@ -187,7 +188,7 @@ class WaitingRoom:
         opens = self.opens_at(product)
         if opens is not None and now_ms() < opens:
             raise QueueNotOpen(opens)
-        joined = self._joins.submit_nowait((product.id, shopper_id))
+        joined = self._joins.submit_nowait((product.id, shopper_id, now_ms()))
         if self._nudge is not None:
             joined.add_done_callback(functools.partial(self._nudge_if_waiting, product))
         return joined
@@ -211,12 +212,14 @@ class WaitingRoom:
         await self._joins.stop()
 
     async def _join_batch(
-        self, joins: Sequence[tuple[int, str]]
+        self, joins: Sequence[tuple[int, str, int]]
     ) -> list[tuple[Ticket, bool] | BaseException]:
         """Joins that came together, in one transaction (a storm of joins at a sale's
         start): one insert per room (`join_opened_many`), the shoppers in the order they came;
         news of the new waiting tickets, one per room, after commit. The joins of a product
-        that is gone fail together, and alone."""
+        that is gone fail together, and alone. Each arrival place is made of the
+        millisecond its join arrived (`join_soon`), not the batch's: `fifo` is arrival
+        order, and a batch's joins arrived while the batch before it was in the database."""
 
         async def insert_all(conn: Executor) -> list[tuple[Ticket, bool] | BaseException]:
             now = now_ms()
@@ -225,7 +228,7 @@ class WaitingRoom:
             # this transaction (`opening`), and its tickets made by one statement
             # (`join_opened_many`).
             by_room: dict[int, list[int]] = {}
-            for n, (p, _) in enumerate(joins):
+            for n, (p, _, _) in enumerate(joins):
                 by_room.setdefault(p, []).append(n)
             joined: dict[int, int] = {}
             for p, indices in by_room.items():
@@ -237,7 +240,12 @@ class WaitingRoom:
                     if room is None:
                         raise ProductNotFound(p)
                     made = await waitingroom.join_opened_many(
-                        conn, room, [joins[n][1] for n in indices], now=now, key=key
+                        conn,
+                        room,
+                        [joins[n][1] for n in indices],
+                        now=now,
+                        key=key,
+                        arrived=[joins[n][2] for n in indices],
                     )
                 except ProductNotFound as exc:
                     for n in indices:
