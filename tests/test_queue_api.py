@@ -238,6 +238,36 @@ async def test_without_ids_the_rooms_someone_is_in_are_listed_a_page_at_a_time(
     await eventually(by_id, within=30, what="the rooms not listed, answered by id")
 
 
+async def test_a_page_whose_next_page_appears_is_not_answered_not_modified(shop: Shop) -> None:
+    """The ETag of a page of rooms was the hash of its body alone. When a room past the page
+    filled, the page's body stayed the same and its answer gained a `Link` to the next
+    page, but a client polling with If-None-Match was told 304, Not Modified, and so never
+    learnt that there was a next page to read: the ETag covers the `Link` too."""
+    first = await shop.product(1, queue="fifo", saleStartsAt=starts_in(600))
+    later = await shop.product(1, queue="fifo", saleStartsAt=starts_in(600))
+    ticket_of(await (await shop.shopper()).post(f"/api/products/{first['id']}/queue"), 201)
+    page = httpx.AsyncClient(transport=shop.app._transport, base_url="http://shop.test")
+    wanted = [{"productId": first["id"], "waiting": 1, "admitted": 0}]
+
+    async def alone() -> httpx.Response | None:
+        answer = await page.get("/api/queues?limit=1")
+        return answer if answer.json() == wanted and "link" not in answer.headers else None
+
+    etag = (await eventually(alone, within=30, what="the one room someone is in")).headers["etag"]
+    ticket_of(await (await shop.shopper()).post(f"/api/products/{later['id']}/queue"), 201)
+
+    async def linked() -> httpx.Response | None:
+        answer = await page.get("/api/queues?limit=1")
+        return answer if "link" in answer.headers else None
+
+    found = await eventually(linked, within=30, what="a link to the next page")
+    assert found.json() == wanted  # the same body
+    again = await page.get("/api/queues?limit=1", headers={"If-None-Match": etag})
+    assert again.status_code == 200, "a 304 would keep the page without its next one"
+    assert again.headers["link"] == f'</api/queues?after={first["id"]}&limit=1>; rel="next"'
+    assert again.headers["etag"] != etag
+
+
 async def test_an_answer_is_made_once_a_second_per_query_and_few_are_kept(shop: Shop) -> None:
     """Each GET /api/queues read the rooms' counts, made the body and hashed it, a 304 as
     dear as a 200: the cost grew with the requests. Now each distinct query's answer (body,

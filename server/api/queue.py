@@ -68,7 +68,10 @@ ROOM_CLOSED = error(
     errors.QueueNotOpen.code,
 )
 TICKET_ETAG = header("The ticket's version: send it back in If-None-Match.")
-COUNTS_ETAG = header("The counts' version: send it back in If-None-Match.")
+COUNTS_ETAG = header(
+    "The answer's version (the counts and the `Link` to the next page): send it back in "
+    "If-None-Match."
+)
 NO_SHOPPER = "no_shopper"
 
 
@@ -84,8 +87,13 @@ def _product_id(request: Request) -> int:
     return product_id
 
 
-def _etag(body: bytes) -> str:
-    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+def _etag(body: bytes, link: str | None = None) -> str:
+    """A strong ETag of an answer: its body and its `Link` (a page's body may stay the same
+    while a next page appears; a 304 would then keep the client from learning of it)."""
+    digest = hashlib.blake2b(body, digest_size=12)
+    if link is not None:
+        digest.update(b"\nLink: " + link.encode())
+    return '"' + digest.hexdigest() + '"'
 
 
 def _etag_matches(request: Request, etag: str) -> bool:
@@ -262,7 +270,7 @@ class RenderedCounts:
                 for c in counts
             ]
         )
-        rendered = Rendered(body, _etag(body), link, _until(made, counts))
+        rendered = Rendered(body, _etag(body, link), link, _until(made, counts))
         self._answers[key] = rendered
         self._answers.move_to_end(key)
         while len(self._answers) > RENDERED_QUERIES:
