@@ -253,7 +253,9 @@ async def test_a_page_whose_next_page_appears_is_not_answered_not_modified(shop:
         answer = await page.get("/api/queues?limit=1")
         return answer if answer.json() == wanted and "link" not in answer.headers else None
 
-    etag = (await eventually(alone, within=30, what="the one room someone is in")).headers["etag"]
+    before = await eventually(alone, within=30, what="the one room someone is in")
+    assert before is not None
+    etag = before.headers["etag"]
     ticket_of(await (await shop.shopper()).post(f"/api/products/{later['id']}/queue"), 201)
 
     async def linked() -> httpx.Response | None:
@@ -261,6 +263,7 @@ async def test_a_page_whose_next_page_appears_is_not_answered_not_modified(shop:
         return answer if "link" in answer.headers else None
 
     found = await eventually(linked, within=30, what="a link to the next page")
+    assert found is not None
     assert found.json() == wanted  # the same body
     again = await page.get("/api/queues?limit=1", headers={"If-None-Match": etag})
     assert again.status_code == 200, "a 304 would keep the page without its next one"
