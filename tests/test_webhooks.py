@@ -1658,8 +1658,10 @@ async def test_an_endpoint_being_deleted_cannot_be_enabled_again(store: Store) -
     listed = await Webhooks(store).get(made.id)
     assert listed is not None
     assert (listed.enabled, listed.disabled_reason) == (False, webhooks.BEING_DELETED)
-    assert await Webhooks(store).set_enabled(made.id, True) is None
-    assert await Webhooks(store).set_enabled(made.id, False) is None
+    for enabled in (True, False):
+        with pytest.raises(webhooks.EndpointBeingDeleted):
+            await Webhooks(store).set_enabled(made.id, enabled)
+    assert await Webhooks(store).set_enabled(made.id + 1, True) is None  # none such
     assert await Webhooks(store).delete(made.id, wait_s=0)  # a new DELETE finishes it
     assert await Webhooks(store).get(made.id) is None
 
@@ -1717,6 +1719,40 @@ async def test_a_dispatch_under_way_on_postgresql_leaves_no_delivery_behind_a_de
         )
     assert left is not None
     assert left["n"] == 0
+
+
+async def test_enabling_an_endpoint_being_deleted_is_a_conflict_not_a_404(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """An endpoint whose delete is under way (or stopped half-way) is listed, disabled,
+    `being deleted`, with an Enable button in the console; enabling or disabling it answered
+    404 "There is no webhook endpoint N" about an endpoint GET showed. It is a 409 that says
+    why and what to do (DELETE it again to finish), and changes nothing."""
+    made = await client.post(
+        "/api/admin/webhooks",
+        json={"url": "https://shop.example/hooks", "events": []},
+        headers=OPERATOR,
+    )
+    endpoint_id = made.json()["id"]
+    assert await store.write(
+        lambda conn: webhooks.begin_delete(
+            conn, endpoint_id, now=now_ms(), postgres=not store.is_sqlite
+        )
+    )
+    for action in ("enable", "disable"):
+        refused = await client.post(f"/api/admin/webhooks/{endpoint_id}/{action}", headers=OPERATOR)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["code"] == "webhook_endpoint_being_deleted"
+        assert f"DELETE /api/admin/webhooks/{endpoint_id}" in refused.json()["message"]
+    listed = await client.get(f"/api/admin/webhooks/{endpoint_id}", headers=OPERATOR)
+    assert (listed.json()["enabled"], listed.json()["disabledReason"]) == (
+        False,
+        webhooks.BEING_DELETED,
+    )
+    deleted = await client.delete(f"/api/admin/webhooks/{endpoint_id}", headers=OPERATOR)
+    assert deleted.status_code == 204, deleted.text
+    gone = await client.post(f"/api/admin/webhooks/{endpoint_id}/enable", headers=OPERATOR)
+    assert gone.status_code == 404
 
 
 async def test_delete_through_the_operator_api(client: httpx.AsyncClient) -> None:

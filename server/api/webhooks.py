@@ -63,6 +63,11 @@ TOO_MANY = error(
     f"{webhooks.MAX_ENABLED_ENDPOINTS} endpoints are enabled already: disable one first",
     TOO_MANY_ENDPOINTS,
 )
+BEING_DELETED_CODE = "webhook_endpoint_being_deleted"
+BEING_DELETED = error(
+    "The endpoint is being deleted (listed `being deleted`): DELETE it again to finish",
+    BEING_DELETED_CODE,
+)
 ENDPOINT = json(ref(schemas.WebhookOut), "The endpoint")
 
 
@@ -130,6 +135,17 @@ def _too_many() -> RequestError:
         TOO_MANY_ENDPOINTS,
         f"At most {webhooks.MAX_ENABLED_ENDPOINTS} webhook endpoints may be enabled at once: "
         "disable one first.",
+    )
+
+
+def _being_deleted(endpoint_id: int) -> RequestError:
+    """409 `webhook_endpoint_being_deleted`: enabling or disabling an endpoint whose delete
+    is under way, or stopped half-way (it was answered 404 about an endpoint still listed)."""
+    return RequestError(
+        409,
+        BEING_DELETED_CODE,
+        f"Webhook endpoint {endpoint_id} is being deleted, so it can be neither enabled nor "
+        f"disabled; DELETE /api/admin/webhooks/{endpoint_id} again to finish deleting it.",
     )
 
 
@@ -220,6 +236,8 @@ def _switch(enabled: bool) -> Any:
             endpoint = await webhooks_of(request).set_enabled(ENDPOINT_PATH_ID.id(request), enabled)
         except webhooks.TooManyEndpoints:
             raise _too_many() from None
+        except webhooks.EndpointBeingDeleted as exc:
+            raise _being_deleted(exc.endpoint_id) from None
         return json_response(_view(ENDPOINT_PATH_ID.found(request, endpoint)))
 
     return switch
@@ -229,7 +247,18 @@ enable_endpoint = operation(
     "enableWebhookEndpoint",
     "Webhooks",
     "Enable an endpoint (its waiting deliveries go at once)",
-    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "409": TOO_MANY, "503": DATABASE},
+    {
+        "200": ENDPOINT,
+        **OPERATOR_AUTH,
+        "404": NO_ENDPOINT,
+        "409": error(
+            f"{webhooks.MAX_ENABLED_ENDPOINTS} endpoints are enabled already: disable one "
+            "first; or the endpoint is being deleted: DELETE it again to finish",
+            TOO_MANY_ENDPOINTS,
+            BEING_DELETED_CODE,
+        ),
+        "503": DATABASE,
+    },
     parameters=[ENDPOINT_ID],
     operator=True,
 )(operator_only(_switch(True)))
@@ -237,7 +266,13 @@ disable_endpoint = operation(
     "disableWebhookEndpoint",
     "Webhooks",
     "Disable an endpoint (it gets no new events until enabled)",
-    {"200": ENDPOINT, **OPERATOR_AUTH, "404": NO_ENDPOINT, "503": DATABASE},
+    {
+        "200": ENDPOINT,
+        **OPERATOR_AUTH,
+        "404": NO_ENDPOINT,
+        "409": BEING_DELETED,
+        "503": DATABASE,
+    },
     parameters=[ENDPOINT_ID],
     operator=True,
 )(operator_only(_switch(False)))

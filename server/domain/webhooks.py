@@ -123,6 +123,15 @@ DELETE_LOCK = 0x5748_4B32
 BEING_DELETED = "being deleted"
 
 
+class EndpointBeingDeleted(Exception):
+    """The endpoint is being deleted (`BEING_DELETED`): it cannot be enabled or disabled,
+    only deleted (a DELETE again finishes one stopped half-way)."""
+
+    def __init__(self, endpoint_id: int) -> None:
+        super().__init__(endpoint_id)
+        self.endpoint_id = endpoint_id
+
+
 class TooManyEndpoints(Exception):
     """Creating or enabling an endpoint would make more than MAX_ENABLED_ENDPOINTS enabled
     (the caller's transaction is rolled back by raising this)."""
@@ -218,7 +227,8 @@ async def set_enabled(
     postgres: bool,
 ) -> bool:
     """Turn an endpoint on (its failing queues are tried again at once) or off; False if
-    there is no such endpoint, or it is being deleted (`BEING_DELETED`). Enabling one raises
+    there is no such endpoint. Raises EndpointBeingDeleted if it is being deleted
+    (`BEING_DELETED`: enabling it would let a worker send to it again). Enabling one raises
     TooManyEndpoints if MAX_ENABLED_ENDPOINTS others are enabled, counting those of
     transactions at once (`postgres`: see `_refuse_beyond_the_limit`)."""
     row = await conn.fetch_one(
@@ -233,6 +243,14 @@ async def set_enabled(
             "deleting": BEING_DELETED,
         },
     )
+    if row is None:
+        found = await conn.fetch_one(
+            "SELECT 1 AS deleting FROM webhook_endpoints WHERE id = :id "
+            "AND disabled_reason = :deleting",
+            {"id": endpoint_id, "deleting": BEING_DELETED},
+        )
+        if found is not None:
+            raise EndpointBeingDeleted(endpoint_id)
     if row is not None and enabled:
         await _refuse_beyond_the_limit(conn, postgres=postgres)
         await conn.execute(

@@ -78,7 +78,8 @@ class Webhooks:
         return found[0] if found else None
 
     async def set_enabled(self, endpoint_id: int, enabled: bool) -> Endpoint | None:
-        """Enable (failing queues are tried again at once) or disable an endpoint."""
+        """Enable (failing queues are tried again at once) or disable an endpoint; None if
+        there is no such endpoint. Raises EndpointBeingDeleted, TooManyEndpoints."""
         reason = None if enabled else DISABLED_BY_OPERATOR
         changed = await self.store.write(
             lambda conn: webhooks.set_enabled(
