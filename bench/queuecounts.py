@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from bench.stock_history import in_process
 from server.api.app import create_app
 from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
@@ -98,12 +97,7 @@ async def measure(url: str, open_ids: list[int], samples: int) -> dict[str, Any]
     settings = Settings(database_url=url, redis_url="redis://127.0.0.1:1", admin_token="bench")
     app = create_app(settings)
     results: dict[str, Any] = {}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://bench"
-        ) as client,
-    ):
+    async with in_process(app) as client:
         first = await client.get("/api/queues")
         etag = first.headers["etag"]
         requests: dict[str, tuple[str, dict[str, str], int]] = {

@@ -22,18 +22,34 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+from starlette.applications import Starlette
 
 from server.api.app import create_app
 from server.domain.clock import iso, now_ms
 from server.infra.settings import Settings
 from server.storage import migrate
 from server.storage.database import Store, sqlite_path
+
+
+@asynccontextmanager
+async def in_process(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` in this process (its lifespan run around it): the service's own
+    work for a request, without a socket or another process's scheduling."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://bench"
+        ) as client,
+    ):
+        yield client
+
 
 DAY_MS = 86_400_000
 TOKEN = "bench-operator"
@@ -210,12 +226,7 @@ async def measure(url: str, live: int, live_start: int, samples: int) -> dict[st
         ),
     }
     results: dict[str, Any] = {}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://bench"
-        ) as client,
-    ):
+    async with in_process(app) as client:
         for name, (path, params) in requests.items():
             times = []
             for _ in range(samples):
