@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from server.devtools import history
-from server.domain import inventory
+from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
 from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.model import HoldRequest, Outcome, Reservation, Status
@@ -25,6 +25,9 @@ from tests.pgpool import PostgresDatabases
 from tests.support import assert_reconciled, cancel_one, complete_one, hold, make_product
 
 SMALL = history.History(holds=3_000, products=30)
+# The same month with five past waiting rooms of 400 tickets each.
+WITH_ROOMS = dataclasses.replace(SMALL, rooms=5, tickets_per_room=400)
+ENDED = {"reserved", "sold_out", "lapsed", "left"}
 
 
 async def test_loaded_history_balances_and_is_all_ended(store: Store, database_url: str) -> None:
@@ -62,10 +65,71 @@ async def test_loaded_history_balances_and_is_all_ended(store: Store, database_u
 
 
 def test_the_same_history_twice_is_the_same_month() -> None:
-    first = history._Month(SMALL, now=1_800_000_000_000)
-    second = history._Month(SMALL, now=1_800_000_000_000)
+    first = history._Month(WITH_ROOMS, now=1_800_000_000_000)
+    second = history._Month(WITH_ROOMS, now=1_800_000_000_000)
     assert list(first.reservation_rows()) == list(second.reservation_rows())
     assert list(first.product_rows()) == list(second.product_rows())
+    assert list(first.room_rows()) == list(second.room_rows())
+    assert list(first.ticket_rows()) == list(second.ticket_rows())
+
+
+async def test_the_months_past_waiting_rooms_are_ended_and_counted(
+    store: Store, database_url: str
+) -> None:
+    loaded = await asyncio.to_thread(history.load, database_url, WITH_ROOMS)
+    month_starts = now_ms() - (WITH_ROOMS.days + 1) * history.DAY_MS
+
+    async with store.reader() as conn:
+        rooms = await conn.fetch_all(
+            "SELECT r.product_id, r.room_key, r.waiting, p.queue, p.sale_starts_at, "
+            "(SELECT COUNT(*) FROM queue_tickets t WHERE t.product_id = r.product_id "
+            "AND t.state = 'waiting') AS waiting_tickets, "
+            "(SELECT COUNT(*) FROM queue_tickets t WHERE t.product_id = r.product_id "
+            "AND t.state = 'reserved') AS reserved, "
+            "(SELECT COUNT(*) FROM reservations h WHERE h.product_id = r.product_id) AS holds "
+            "FROM queue_rooms r JOIN products p ON p.id = r.product_id ORDER BY r.product_id"
+        )
+        tickets = await conn.fetch_all(
+            "SELECT product_id, shopper_id, state, joined_at, admitted_at, pass_expires_at, "
+            "ended_at FROM queue_tickets"
+        )
+        queued = await conn.fetch_all("SELECT id, queue FROM products WHERE queue <> 'off'")
+        # What the service reads of a room and of a returning shopper.
+        assert await waitingroom.queued_products(conn) == []
+        counts = [await waitingroom.room_counts(conn, r["product_id"]) for r in rooms]
+        shopper = str(tickets[0]["shopper_id"])
+        theirs = await waitingroom.tickets_of_shopper(conn, shopper)
+
+    assert len(rooms) == WITH_ROOMS.rooms
+    assert {r["queue"] for r in rooms} == {"fifo", "random"}
+    assert sorted(q["id"] for q in queued) == [r["product_id"] for r in rooms]
+    for room in rooms:
+        assert len(bytes.fromhex(str(room["room_key"]))) == 32
+        # The room's count is its waiting tickets (none: the sale is over).
+        assert room["waiting"] == room["waiting_tickets"] == 0
+        # Every reserved ticket's pass made one of the product's holds.
+        assert 0 < room["reserved"] <= room["holds"]
+    assert counts == [(0, 0)] * len(rooms)
+    assert len(tickets) == WITH_ROOMS.rooms * WITH_ROOMS.tickets_per_room
+    assert sum(loaded.tickets_by_state.values()) == len(tickets)
+    assert {t["state"] for t in tickets} == ENDED
+    last = now_ms() - 3_600_000
+    for t in tickets:
+        assert month_starts <= t["joined_at"] <= t["ended_at"] <= last
+        if t["state"] in ("reserved", "lapsed"):
+            assert t["joined_at"] <= t["admitted_at"] <= t["ended_at"] <= t["pass_expires_at"]
+        else:
+            assert t["admitted_at"] is None
+            assert t["pass_expires_at"] is None
+    # Shoppers come back: many have tickets of more than one past sale.
+    rooms_of: dict[str, int] = {}
+    for t in tickets:
+        rooms_of[t["shopper_id"]] = rooms_of.get(t["shopper_id"], 0) + 1
+    assert sum(1 for n in rooms_of.values() if n > 1) > len(rooms_of) // 4
+    assert len(theirs) == rooms_of[shopper]
+    assert all(t.state.value in ENDED for t in theirs)
+    # The stock ledger still adds up, rooms or not.
+    await assert_reconciled(store)
 
 
 async def test_history_refuses_a_database_that_has_products(

@@ -13,6 +13,17 @@ cancelled units having gone back on sale, and its counters (`held_units`, `sold_
 `expired_units`, `cancelled_units`) say so. The data is a function of `History` alone (a
 seeded generator), so two runs load the same month.
 
+With `rooms` (0 by default, as `bin/bench history` measures; `bin/bench queue --queue-history`
+loads 30), that many of the month's sales, spread evenly over it, had a waiting room
+(`queue` fifo or random, in turn) and left `tickets_per_room` ended tickets each (15,000 by
+default: 30 rooms are 450,000 tickets), as the service leaves a room once its sale is over:
+the `queue_rooms` row with its secret key, no ticket waiting or admitted (`waiting` 0), every
+ticket ended (`reserved`, `sold_out`, `lapsed` or `left`, `ended_at` set, joined and ended
+within the month). A room's `reserved` tickets are no more than its product's holds (each hold
+was made with a pass). The shoppers come back: every room's tickets are drawn from one pool of
+shoppers five times smaller than all the tickets (at least twice a room's), so a shopper has
+tickets of several past sales, as a page that connects then reads.
+
 The rows go straight into the tables the migrations made, as fast as each database takes
 them: one `executemany` transaction on SQLite, one COPY on PostgreSQL (a million holds in
 about half a minute), then PostgreSQL's `VACUUM ANALYZE`, as autovacuum would have run at
@@ -36,6 +47,7 @@ from typing import Any
 import asyncpg
 
 from server.domain.clock import now_ms
+from server.domain.waitingroom import PLACE_BITS, drawn_place
 from server.storage.database import sqlite_path
 
 DAY_MS = 86_400_000
@@ -73,7 +85,22 @@ PRODUCT_COLUMNS = (
     "sold_units",
     "expired_units",
     "cancelled_units",
+    "queue",
 )
+TICKET_COLUMNS = (
+    "product_id",
+    "shopper_id",
+    "place",
+    "state",
+    "joined_at",
+    "admitted_at",
+    "pass_expires_at",
+    "ended_at",
+)
+ROOM_COLUMNS = ("product_id", "room_key", "waiting", "step")
+QUEUE_MODES = ("random", "fifo")  # the rooms' modes, in turn
+PASS_MS = 60_000  # the passes of the past lasted the default minute (PASS_SECONDS)
+EARLY_MS = 600_000  # a room's early shoppers joined in the ten minutes before its start
 
 
 @dataclass(frozen=True)
@@ -88,10 +115,21 @@ class History:
     # The keys of holds older than a day already freed, as the worker's sweep leaves a
     # running service's; False: every key loaded, for the sweep to clear (a backlog).
     swept: bool = True
+    rooms: int = 0  # past sales that had a waiting room (at most one per product)
+    tickets_per_room: int = 15_000  # ended tickets each such room left
 
     @property
     def product_count(self) -> int:
         return self.products or max(1, self.holds // 100)
+
+    @property
+    def room_count(self) -> int:
+        return min(self.rooms, self.product_count)
+
+    @property
+    def shopper_pool(self) -> int:
+        """How many distinct shoppers the rooms' tickets are drawn from."""
+        return max(2 * self.tickets_per_room, self.room_count * self.tickets_per_room // 5)
 
 
 @dataclass
@@ -116,10 +154,14 @@ class Loaded:
     keys_older_than_a_day: int
     seconds: float
     by_status: dict[str, int] = field(default_factory=dict)  # holds per status
+    tickets_by_state: dict[str, int] = field(default_factory=dict)  # the rooms' tickets
 
     def summary(self) -> dict[str, Any]:
         return {
             "holds": self.history.holds,
+            "rooms": self.history.room_count,
+            "tickets": sum(self.tickets_by_state.values()),
+            "tickets_by_state": self.tickets_by_state,
             "products": len(self.products),
             "days": self.history.days,
             "keyed_holds": round(self.history.holds * self.history.keyed_share),
@@ -169,6 +211,13 @@ class _Month:
         self.slot = span // p
         self.key_cutoff = now - DAY_MS
         self.key_backlog = 0  # keyed holds older than a day, counted as they are written
+        # The products whose sale had a room, spread evenly over the month, and its mode.
+        rooms = history.room_count
+        self.rooms = {
+            1 + (i * p) // rooms + (p // rooms) // 2: QUEUE_MODES[i % len(QUEUE_MODES)]
+            for i in range(rooms)
+        }
+        self.tickets_by_state: dict[str, int] = {}  # counted as they are written
 
     def product_rows(self) -> Iterator[tuple[Any, ...]]:
         rng = random.Random(self.history.seed + 1)
@@ -188,7 +237,90 @@ class _Month:
                 books.sold,
                 books.expired,
                 books.cancelled,
+                self.rooms.get(product_id, "off"),
             )
+
+    def _room_key(self, product_id: int) -> bytes:
+        return random.Random(f"{self.history.seed}:room:{product_id}").randbytes(32)
+
+    def room_rows(self) -> Iterator[tuple[Any, ...]]:
+        for product_id in self.rooms:
+            admitted = min(self.history.tickets_per_room, self._admitted(product_id))
+            # An admission step admits a handful at a time: a plausible count of steps.
+            yield (product_id, self._room_key(product_id).hex(), 0, 1 + admitted // 5)
+
+    def _admitted(self, product_id: int) -> int:
+        """Passes a room gave: one per hold of its product, and a tenth more that lapsed."""
+        holds = self.books[product_id].holds
+        return holds + holds // 10
+
+    def ticket_rows(self) -> Iterator[tuple[Any, ...]]:
+        history = self.history
+        rng = random.Random(history.seed + 3)
+        pool = [
+            "anon:" + base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=").decode()
+            for _ in range(history.shopper_pool)
+        ]
+        counts = dict.fromkeys(("reserved", "sold_out", "lapsed", "left"), 0)
+        last = self.end - 1
+        for product_id, mode in self.rooms.items():
+            key = self._room_key(product_id)
+            starts = self.start + (product_id - 1) * self.slot
+            opens = max(self.start, starts - EARLY_MS)
+            # The sale lasted until its last hold ended, at most its slot.
+            sold_out_at = min(starts + self.slot, last)
+            n = history.tickets_per_room
+            holds = self.books[product_id].holds
+            reserved = min(n, holds)
+            lapsed = min(n - reserved, holds // 10)
+            left = min(n - reserved - lapsed, n // 30)
+            shoppers = rng.sample(pool, n)
+            # A third joined before the start, the rest in its first second.
+            joined = sorted(
+                rng.randrange(opens, starts) if i % 3 == 0 else starts + rng.randrange(0, 1_000)
+                for i in range(n)
+            )
+            places = [
+                drawn_place(key, starts, shopper)
+                if mode == "random" and at < starts
+                else (at << PLACE_BITS) | rng.getrandbits(PLACE_BITS)
+                for shopper, at in zip(shoppers, joined, strict=True)
+            ]
+            # Admitted in the line's order: the first `reserved + lapsed` places, minus those
+            # who left before the start.
+            order = sorted(range(n), key=places.__getitem__)
+            early = [i for i in order if joined[i] < starts]
+            gone = set(rng.sample(early, min(left, len(early))))
+            admitted = [i for i in order if i not in gone][: reserved + lapsed]
+            lapsing = set(rng.sample(admitted, lapsed))
+            window = max(1, min(self.slot // 2, 120_000))
+            admitted_at = sorted(starts + rng.randrange(0, window) for _ in admitted)
+            told: dict[int, tuple[str, int | None, int | None, int]] = {}
+            for i, at in zip(admitted, admitted_at, strict=True):
+                at = max(at, joined[i])
+                expires = at + PASS_MS
+                if i in lapsing:
+                    told[i] = ("lapsed", at, expires, expires)
+                else:
+                    told[i] = ("reserved", at, expires, at + rng.randrange(200, 20_000))
+            for i in gone:
+                told[i] = ("left", None, None, rng.randrange(joined[i], starts))
+            for i in range(n):
+                state, admitted_ms, expires_ms, ended = told.get(
+                    i, ("sold_out", None, None, max(sold_out_at, joined[i]))
+                )
+                counts[state] += 1
+                yield (
+                    product_id,
+                    shoppers[i],
+                    places[i],
+                    state,
+                    min(joined[i], last),
+                    None if admitted_ms is None else min(admitted_ms, last),
+                    None if expires_ms is None else min(expires_ms, last),
+                    min(ended, last),
+                )
+        self.tickets_by_state = counts
 
     def reservation_rows(self) -> Iterator[tuple[Any, ...]]:
         rng = random.Random(self.history.seed + 2)
@@ -244,6 +376,7 @@ def load(database_url: str, history: History) -> Loaded:
         keys_older_than_a_day=month.key_backlog,
         seconds=time.monotonic() - started,
         by_status=by_status,
+        tickets_by_state=month.tickets_by_state,
     )
 
 
@@ -282,6 +415,14 @@ def _load_sqlite(database_url: str, month: _Month) -> None:
             if not chunk:
                 break
             conn.executemany(sql, chunk)
+        conn.executemany(_insert("queue_rooms", ROOM_COLUMNS), month.room_rows())
+        tickets = month.ticket_rows()
+        sql = _insert("queue_tickets", TICKET_COLUMNS)
+        while True:
+            chunk = list(itertools.islice(tickets, CHUNK))
+            if not chunk:
+                break
+            conn.executemany(sql, chunk)
         conn.execute("COMMIT")
         # Into the main file now, not at some later commit of the service's.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -302,9 +443,17 @@ async def _load_postgres(database_url: str, month: _Month) -> None:
             await conn.copy_records_to_table(
                 "reservations", records=month.reservation_rows(), columns=RESERVATION_COLUMNS
             )
+            await conn.copy_records_to_table(
+                "queue_rooms", records=month.room_rows(), columns=ROOM_COLUMNS
+            )
+            await conn.copy_records_to_table(
+                "queue_tickets", records=month.ticket_rows(), columns=TICKET_COLUMNS
+            )
         # What autovacuum would have done at some quiet moment of the month.
         await conn.execute("VACUUM ANALYZE products")
         await conn.execute("VACUUM ANALYZE reservations")
+        await conn.execute("VACUUM ANALYZE queue_rooms")
+        await conn.execute("VACUUM ANALYZE queue_tickets")
     finally:
         await conn.close()
 
