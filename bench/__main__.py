@@ -97,6 +97,9 @@ class Sizes:
     queue_early: int  # shoppers joining the waiting room in the minute before the start
     queue_late: int  # and in its first second
     queue_minute: float  # that minute, in seconds
+    queue_history: bool  # load a month of past sales (holds and rooms) before the scenarios
+    history_rooms: int  # past sales with a waiting room in that month
+    history_tickets: int  # ended tickets per past room
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -161,6 +164,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--queue-minute",
         type=float,
         help="queue: the minute before the start, in seconds (default 60; quick 10)",
+    )
+    parser.add_argument(
+        "--queue-history",
+        action="store_true",
+        help="queue: load a month of past sales into each configuration's fresh database "
+        "first (the largest --history-holds, default 1,000,000 holds, and --history-rooms "
+        "past waiting rooms of --history-tickets ended tickets each); every scenario of the "
+        "run then has it",
+    )
+    parser.add_argument(
+        "--history-rooms",
+        type=int,
+        help="past sales with a waiting room in a loaded month (default 30 with "
+        "--queue-history; quick 3)",
+    )
+    parser.add_argument(
+        "--history-tickets",
+        type=int,
+        help="ended tickets per past waiting room (default 15,000; quick 1,500)",
     )
     parser.add_argument("--steady-seconds", type=float, help="default 60")
     parser.add_argument(
@@ -240,6 +262,9 @@ def sizes(args: argparse.Namespace) -> Sizes:
         queue_early=pick(args.queue_early, 5_000, 500),
         queue_late=pick(args.queue_late, 10_000, 1_000),
         queue_minute=pick(args.queue_minute, 60.0, 10.0),
+        queue_history=args.queue_history,
+        history_rooms=pick(args.history_rooms, 30, 3),
+        history_tickets=pick(args.history_tickets, 15_000, 1_500),
     )
 
 
@@ -375,6 +400,9 @@ def run_config(
         stack.bare(work, web_concurrency=config.web_concurrency) as bare,
     ):
         progress.step(f"{config.label} · bare endpoint")
+        if size.queue_history:
+            result["queue_history"] = load_month(db_url, size)
+            result["label"] += ", a month of history"
         before = wrk.run(bare.base_url, bare_load)
         print(f"  {before.rps:,.0f} req/s, p99 {before.p99_us / 1000:.2f} ms", flush=True)
         after = None
@@ -550,6 +578,28 @@ def run_config(
     if fanned:
         fanned["bare_rps"] = round(bare_rps)
     return {"config": result, **({"fanout": fanned} if fanned else {})}
+
+
+def load_month(db_url: str, size: Sizes) -> dict[str, Any]:
+    """`--queue-history`: a month of past sales, loaded into the fresh database before any
+    scenario (the largest history size's holds, over its catalog, with `history_rooms` past
+    waiting rooms); what was loaded, for the report."""
+    month = past.History(
+        holds=max(size.history_holds, default=1_000_000),
+        products=_history_catalog(size),
+        swept=not size.history_backlog,
+        rooms=size.history_rooms,
+        tickets_per_room=size.history_tickets,
+    )
+    loaded = past.load(db_url, month)
+    summary = loaded.summary()
+    print(
+        f"  a month of history: {summary['holds']:,} holds over {summary['products']:,} "
+        f"products, {summary['rooms']} past waiting rooms with {summary['tickets']:,} ended "
+        f"tickets, loaded in {loaded.seconds:.1f} s",
+        flush=True,
+    )
+    return {"loaded": summary}
 
 
 HISTORY_STEPS = 4  # progress lines per database state: load and bare, wave, paths, pages

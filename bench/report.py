@@ -676,6 +676,15 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
         "Times in ms from the start.",
         "",
     ]
+    for c in runs:
+        loaded = c.get("queue_history", {}).get("loaded")
+        if loaded:  # `--queue-history`
+            lines += [
+                f"{c['label']}: loaded first, {loaded['holds']:,} past holds over "
+                f"{loaded['products']:,} products and {loaded['rooms']} past waiting rooms "
+                f"with {loaded['tickets']:,} ended tickets ({loaded['load_seconds']:g} s).",
+                "",
+            ]
 
     def row(name: str, value: Callable[[dict[str, Any]], str]) -> list[str]:
         return [name, *(value(c["queue"]) for c in runs)]
