@@ -24,13 +24,16 @@ from pydantic_core import to_json
 from starlette.websockets import WebSocketState
 from websockets.frames import Frame, Opcode
 
+from server.domain import waitingroom
 from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
 from server.live import hub as live
 from server.live.hub import MESSAGE_BURST, Hub
 from server.live.subscriber import Subscriber
 from server.live.wsprotocol import EXTENSION, prepare_text
 from server.service.catalog import Catalog
+from server.service.waitingroom import WaitingRoom
 from server.storage.database import Store
+from server.storage.errors import StorageError
 from server.wire.frames import room_from_message, room_message
 from server.wire.schemas import ticket_view
 from tests.support import eventually, make_product, product_in_memory
@@ -168,6 +171,9 @@ class Room:
     def cached_line(self, product_id: int) -> Lineup | None:
         return None
 
+    def fresh_line(self, product_id: int) -> Lineup | None:
+        return None  # none read lately: `joined` reads the line
+
     async def tickets_of_shopper(self, shopper_id: str) -> list[Ticket]:
         found = self.tickets.get(shopper_id)
         return [] if found is None else [found]
@@ -180,6 +186,78 @@ def positions(socket: Socket) -> list[int | None]:
     return [
         json.loads(text)["ticket"]["position"] for text in socket.sent if '"type":"ticket"' in text
     ]
+
+
+class UnreachableRoom(Room):
+    """`Room` whose database cannot be reached while `down` is set: reading its line fails
+    as the store's reads fail then (StorageError)."""
+
+    down = True
+
+    async def line(self, product_id: int, *, max_age: float = 1.0) -> Lineup:
+        if self.down:
+            raise StorageError("the database cannot be reached")
+        return await super().line(product_id, max_age=max_age)
+
+
+async def test_a_join_whose_line_cannot_be_read_is_answered_unavailable() -> None:
+    """A join made (its ticket committed) whose line cannot then be read (the database gone
+    between the two) is answered with an `unavailable` error frame naming the product; the
+    error ended the answering task before, and the page waited for an answer that never
+    came. Once the line can be read, the next round of positions tells the ticket."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    mine = Ticket(5, "anon:me", 20, TicketState.WAITING, joined_at=2)
+    room = UnreachableRoom(5, [10, 20], [])
+    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
+    socket = Socket()
+    client = hub.join(socket)  # type: ignore[arg-type]
+    await hub.identify(client, "anon:me")
+    await hub.joined(client, mine)
+
+    def errors() -> list[dict[str, Any]]:
+        return [f for f in map(json.loads, socket.sent) if f["type"] == "error"]
+
+    await eventually(lambda: _true(len(errors()) == 1), what="the join's answer")
+    assert [(f["code"], f["productId"]) for f in errors()] == [("unavailable", 5)]
+    assert positions(socket) == []
+    room.down = False
+    await hub._tell_positions()
+    await eventually(lambda: _true(positions(socket) == [2]), what="the ticket, told later")
+
+
+async def test_a_join_taken_once_the_joins_have_stopped_is_answered_unavailable(
+    store: Store,
+) -> None:
+    """A join taken in the socket's protocol (`take_join`) after the process's joins have
+    stopped (it is shutting down: `WaitingRoom.stop`) is answered with an `unavailable`
+    error frame naming the product, and nothing is made. The RuntimeError of the stopped
+    batcher escaped the protocol's `data_received` before, which closes the connection."""
+    product = await make_product(store, 3)
+    await store.write(
+        lambda conn: conn.execute(
+            "UPDATE products SET queue = 'fifo' WHERE id = :p", {"p": product.id}
+        )
+    )
+    catalog = Catalog()
+    catalog.apply(dataclasses.replace(product, queue="fifo"))
+    room = WaitingRoom(store, publish=lambda news: None, opens_ms=0, catalog=catalog)
+    await room.start()
+    await room.stop()
+    hub = Hub(catalog, max_clients=10, room=room)
+    socket = Socket()
+    client = hub.join(socket)  # type: ignore[arg-type]
+    await hub.identify(client, "anon:me")
+    client.handling = False  # its task waits for a message, as `live_updates`'s does
+    assert hub.take_join(client, f'{{"type":"join","productId":{product.id}}}')
+
+    def errors() -> list[dict[str, Any]]:
+        return [f for f in map(json.loads, socket.sent) if f["type"] == "error"]
+
+    await eventually(lambda: _true(len(errors()) == 1), what="the join's answer")
+    assert [(f["code"], f["productId"]) for f in errors()] == [("unavailable", product.id)]
+    async with store.reader() as conn:
+        assert await waitingroom.get_ticket(conn, product.id, "anon:me") is None
 
 
 async def test_a_line_that_only_grows_at_the_back_tells_nobody_a_new_position() -> None:

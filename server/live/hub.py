@@ -726,11 +726,20 @@ class Hub:
 
     async def joined(self, client: Client, ticket: Ticket) -> None:
         """The socket's shopper has joined (over this socket): its ticket frame now, and
-        its position as the line moves."""
+        its position as the line moves. If its line cannot be read now (the database is
+        unreachable: StorageError), the join is answered with an `unavailable` error frame
+        naming the product, as a join that could not be made is; the ticket was made, so
+        joining again gives it, and its frame follows once the line can be read. Before,
+        the error ended the task: a join taken in the protocol was never answered (the
+        page waited its 5 s for the answer), and one taken the ordinary way closed the
+        socket."""
         if self.joined_now(client, ticket):
             return
         client.tickets[ticket.product_id] = ticket
-        await self._tell_tickets([client], {ticket.product_id}, force=True)
+        try:
+            await self._tell_tickets([client], {ticket.product_id}, force=True)
+        except StorageError:
+            _refuse_join(client, ticket.product_id, "unavailable", UNAVAILABLE)
         if ticket.state in OPEN:
             self._start_ticketer()
 
@@ -791,6 +800,11 @@ class Hub:
             joining = room.join_soon(product, shopper)
         except DomainError as exc:
             _refuse_join(client, product_id, exc.code, str(exc))
+            return True
+        except RuntimeError:
+            # The process's joins have stopped (it is shutting down): raised out of the
+            # protocol's `data_received`, this closed the connection unanswered.
+            _refuse_join(client, product_id, "unavailable", UNAVAILABLE)
             return True
         client.answering = asyncio.get_running_loop().create_future()
         joining.add_done_callback(functools.partial(self._answer_join, client, product_id))
