@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import secrets
 import threading
@@ -767,6 +768,104 @@ async def test_joins_batched_together_keep_the_millisecond_each_arrived_in(store
         await service.stop()
     assert all(created for _, created in answers)
     assert await line_order(store, product.id) == people
+
+
+class PausingAfterItsFirstTickets(Store):
+    """A web process's Store whose first write that makes tickets stops after that statement
+    until `go` (tickets made, its transaction open): how a test lines up two processes'
+    batches of joins statement by statement. Waits only on this loop (PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.inserted = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def write(self, work: Any, *, index_order: bool = False) -> Any:
+        outer = self
+
+        class Pausing:
+            def __init__(self, conn: Executor) -> None:
+                self._conn = conn
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._conn, name)
+
+            async def fetch_all(self, sql: str, values: Values | None = None) -> Any:
+                rows = await self._conn.fetch_all(sql, values)
+                if sql.startswith("INSERT INTO queue_tickets") and not outer.inserted.is_set():
+                    outer.inserted.set()
+                    await outer.go.wait()
+                return rows
+
+        return await super().write(lambda conn: work(Pausing(conn)), index_order=index_order)
+
+
+async def test_two_processes_batches_of_joins_take_the_tickets_in_one_order(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL: two web processes' batches of joins, at once, name the same shoppers in two
+    rooms (a shopper's join retried on the other process in a storm): one batch came as
+    (room 1, x), (room 2, y), the other as (room 2, y), (room 1, x). Each made its rooms'
+    tickets in the order its joins came, so each held a ticket the other wanted next: a
+    deadlock, which PostgreSQL breaks only after deadlock_timeout (1 s), both batches' joins
+    (up to 256 each) waiting meanwhile, and then one batch again. Rooms are now taken in
+    product id order (and a room's shoppers in id order), so one waits for the other."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite's writer runs one write transaction at a time")
+    one, two = PausingAfterItsFirstTickets(database_url), PausingAfterItsFirstTickets(database_url)
+    await one.connect()
+    await two.connect()
+    services = [WaitingRoom(s, publish=lambda news: None, opens_ms=START) for s in (one, two)]
+    try:
+        first = await room(one, 5, starts=None)  # waitlists: open now
+        second = await room(one, 5, starts=None)
+        for store in (one, two):
+            for product in (first, second):  # each room's key made, as by an earlier join
+                await store.write(lambda conn, p=product.id: waitingroom.room_key(conn, p))
+        for service in services:
+            await service.start()
+
+        async def waiting_for_a_lock() -> bool:
+            async with one.reader() as conn:
+                row = await conn.fetch_one(
+                    "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+            return row is not None and int(row["n"]) > 0
+
+        with caplog.at_level(logging.INFO, logger="server.storage.database"):
+            joins = [
+                services[0].join_soon(first, "anon:x"),
+                services[0].join_soon(second, "anon:y"),
+            ]
+            await asyncio.wait_for(one.inserted.wait(), 10)
+            joins += [
+                services[1].join_soon(second, "anon:y"),
+                services[1].join_soon(first, "anon:x"),
+            ]
+            await eventually(
+                lambda: _either(two.inserted.is_set(), waiting_for_a_lock),
+                within=10,
+                what="the second batch's first tickets made, or it waiting for the first's",
+            )
+            one.go.set()
+            two.go.set()
+            answers = await asyncio.wait_for(asyncio.gather(*joins), 30)
+        lines = [await line_order(one, p.id) for p in (first, second)]
+    finally:
+        one.go.set()
+        two.go.set()
+        for service in services:
+            await service.stop()
+        await one.close()
+        await two.close()
+    assert not [r for r in caplog.records if "deadlock" in r.getMessage()]
+    assert sorted(created for _, created in answers) == [False, False, True, True]
+    assert lines == [["anon:x"], ["anon:y"]]
+
+
+async def _either(done: bool, check: Any) -> bool:
+    return done or bool(await check())
 
 
 async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> None:

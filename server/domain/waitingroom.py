@@ -463,13 +463,18 @@ async def join_opened_many(
         "ended": ended,
         "draws_for": room.draws_for if room.draws_for is not None else -1,
     }
+    place_of = dict(zip(unique, places, strict=True))
+    # The rows in shopper id order, whatever the order asked: two processes' statements
+    # naming the same shoppers then take their rows in one order (on PostgreSQL each waits
+    # for the other's, never each for a row the other holds: a deadlock).
+    in_order = sorted(unique)
     made: set[str] = set()
     at = 0
     for size in _powers_of_two(len(unique), JOIN_ROWS):
         values = dict(fixed)
         for n in range(size):
-            values[f"s{n}"] = unique[at + n]
-            values[f"d{n}"] = places[at + n]
+            values[f"s{n}"] = in_order[at + n]
+            values[f"d{n}"] = place_of[in_order[at + n]]
         rows = await conn.fetch_all(_join_opened_many_sql(size), values)
         made.update(str(row["shopper_id"]) for row in rows)
         at += size

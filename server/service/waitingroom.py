@@ -231,7 +231,11 @@ class WaitingRoom:
             for n, (p, _, _) in enumerate(joins):
                 by_room.setdefault(p, []).append(n)
             joined: dict[int, int] = {}
-            for p, indices in by_room.items():
+            # Rooms in product id order (and, in `join_opened_many`, shoppers in id order):
+            # every batch takes the ticket rows in one order, so two processes' batches
+            # naming the same shoppers wait for one another, never each for the other (a
+            # deadlock PostgreSQL breaks only after deadlock_timeout, a second).
+            for p, indices in sorted(by_room.items()):
                 key = self._keys.get(p)
                 if key is None:
                     key = self._keys[p] = await waitingroom.room_key(conn, p)
