@@ -1635,6 +1635,49 @@ async def test_a_deleted_endpoint_is_sent_nothing_after_the_delete_even_mid_run(
         await other.stop()
 
 
+async def test_a_run_to_a_deleted_endpoint_stops_though_a_new_one_took_its_id(
+    store: Store, receiver: Receiver
+) -> None:
+    """Ids are MAX(id) + 1, so the endpoint registered after the last one is deleted takes
+    its id. A worker's run stops at its next attempt once its turn's dispatch no longer
+    lists the run's endpoint; it looked for the id alone, so with the new endpoint listed
+    under it the run went on sending the old one's events to the old URL (with the old
+    secret) after the delete. Here the delete's wait has run out (`wait_s=0`, as when the
+    worker's loop is held up longer than WEBHOOK_TIMEOUT_SECONDS + 2 s) while an attempt of
+    the run is on the wire: nothing more reaches the old endpoint."""
+    other = Receiver()
+    newcomer = Receiver()
+    await other.start()
+    await newcomer.start()
+    hooks = Webhooks(store)
+    try:
+        kept = await hooks.create(url=other.url, events=[], description="")
+        other.secret = kept.secret
+        gone = await register(store, receiver)  # the last id
+        receiver.delay = 1.0  # each attempt a second: one on the wire at the delete
+        product = await make_product(store, 60)
+        for _ in range(20):
+            await hold(store, product.id, 1)
+        sender = deliverer(store, timeout_s=2.0)
+        sender.start()
+        try:
+            await receiver.wait_for(1, what=" before the delete")
+            assert await hooks.delete(gone, wait_s=0)
+            sent = receiver.attempts
+            made = await hooks.create(url=newcomer.url, events=[], description="")
+            newcomer.secret = made.secret
+            assert made.id == gone  # the id is given again
+            await hold(store, product.id, 1)
+            await newcomer.wait_for(1, what=" at the new endpoint")
+            await runs_ended(sender, within=20.0)
+        finally:
+            await sender.stop()
+        assert receiver.attempts == sent, "sent to the deleted endpoint after its delete"
+    finally:
+        await other.stop()
+        await newcomer.stop()
+
+
 async def runs_ended(sender: Deliverer, *, within: float) -> None:
     """Until none of `sender`'s runs is still going (its loop starts none while no queue is
     due), or fail after `within` s."""
