@@ -770,6 +770,55 @@ async def test_joins_batched_together_keep_the_millisecond_each_arrived_in(store
     assert await line_order(store, product.id) == people
 
 
+async def test_a_join_that_arrived_before_a_random_rooms_start_draws_its_place(
+    store: Store,
+) -> None:
+    """README: in a `random` room everyone who joined before the start is in a random order.
+    A join that arrived before the start, but whose batch reached the database after it (a
+    batch holds the joins that came while the one before it was in the database: hundreds
+    of ms at a sale's start), was given an arrival place, behind every drawn one. Its place
+    is drawn now, as it is for a join that arrived later than it is made."""
+    starts = now_ms() + 300
+    product = await room(store, 1, queue="random", starts=starts)
+    service = WaitingRoom(store, publish=lambda news: None, opens_ms=START)
+    await service.start()
+    held = threading.Event()
+    release = threading.Event()
+    release_here = asyncio.Event()
+
+    async def hold(conn: Executor) -> None:
+        held.set()
+        if store.is_sqlite:
+            release.wait(10)
+        else:
+            await release_here.wait()
+
+    async def started() -> bool:
+        return now_ms() > starts
+
+    try:
+        holding = asyncio.create_task(store.write(hold))
+        assert await asyncio.to_thread(held.wait, 10)
+        before = service.join_soon(product, "anon:before")
+        assert now_ms() < starts, "the machine took the whole 300 ms: run it again"
+        await eventually(started, within=10, what="the sale's start")
+        release.set()
+        release_here.set()
+        await asyncio.wait_for(holding, 10)
+        after = service.join_soon(product, "anon:after")
+        answers = await asyncio.wait_for(asyncio.gather(before, after), 10)
+    finally:
+        release.set()
+        release_here.set()
+        await service.stop()
+    key = await store.write(lambda conn: waitingroom.room_key(conn, product.id))
+    (early, _), (late, _) = answers
+    assert early.place == waitingroom.drawn_place(key, starts, "anon:before")
+    assert early == await ticket(store, product.id, "anon:before")
+    assert late.place >= 0  # an arrival place: it came after the start
+    assert await line_order(store, product.id) == ["anon:before", "anon:after"]
+
+
 class PausingAfterItsFirstTickets(Store):
     """A web process's Store whose first write that makes tickets stops after that statement
     until `go` (tickets made, its transaction open): how a test lines up two processes'

@@ -351,11 +351,15 @@ async def join(
 class Opening:
     """What a join's new ticket takes from its product's row, read once for a batch of
     joins in their write transaction (`opening`): the start a `random` room draws places
-    for (None: it does not draw now) and whether the room has closed (`_CLOSED`)."""
+    for (None: it does not draw now) and whether the room has closed (`_CLOSED`).
+    `random_starts`: a `random` room's start (ms; None: not `random`, or no start),
+    whether or not it has passed: a join that arrived before it draws its place for it
+    though its batch reached the database after it (`join_opened_many`)."""
 
     product_id: int
     draws_for: int | None
     closed: bool
+    random_starts: int | None = None
 
 
 async def opening(conn: Executor, product_id: int, *, now: int) -> Opening | None:
@@ -368,8 +372,9 @@ async def opening(conn: Executor, product_id: int, *, now: int) -> Opening | Non
     if row is None:
         return None
     starts = row["sale_starts_at"]
-    draws = row["queue"] == "random" and starts is not None and int(starts) > now
-    return Opening(product_id, int(starts) if draws else None, bool(row["closed"]))
+    random_starts = int(starts) if row["queue"] == "random" and starts is not None else None
+    draws = random_starts is not None and random_starts > now
+    return Opening(product_id, random_starts if draws else None, bool(row["closed"]), random_starts)
 
 
 # The largest `join_opened_many` statement, in joins; each statement takes a power of two
@@ -380,7 +385,7 @@ JOIN_ROWS = 256
 
 @functools.lru_cache(maxsize=16)
 def _join_opened_many_sql(count: int) -> str:
-    """`_JOIN_OPENED` for `count` shoppers at once: their ids and places as a VALUES list
+    """`join_opened_many`'s insert for `count` shoppers: their ids and places as a VALUES list
     (`:s0, :d0, :s1, :d1, …`; a VALUES list's columns are `column1`, `column2` on both
     databases), returning the shoppers whose tickets it made."""
     rows = ", ".join(f"(CAST(:s{n} AS TEXT), CAST(:d{n} AS BIGINT))" for n in range(count))
@@ -390,8 +395,8 @@ def _join_opened_many_sql(count: int) -> str:
         "CAST(:now AS BIGINT), CAST(:ended AS BIGINT) "
         f"FROM products, (VALUES {rows}) AS joins WHERE products.id = :p "
         f"AND (CASE WHEN {_CLOSED} THEN 'sold_out' ELSE 'waiting' END) = CAST(:state AS TEXT) "
-        "AND (CASE WHEN queue = 'random' AND sale_starts_at > :now THEN sale_starts_at "
-        "ELSE -1 END) = CAST(:draws_for AS BIGINT) "
+        "AND (CASE WHEN queue = 'random' AND sale_starts_at IS NOT NULL THEN sale_starts_at "
+        "ELSE -1 END) = CAST(:random_starts AS BIGINT) "
         "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = excluded.state, "
         "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
         "pass_expires_at = NULL, ended_at = excluded.ended_at "
@@ -452,16 +457,22 @@ async def join_opened_many(
     unique = list(first_arrived)
     state = TicketState.SOLD_OUT if room.closed else TicketState.WAITING
     ended = now if room.closed else None
-    if room.draws_for is not None:
-        places = [drawn_place(key, room.draws_for, s) for s in unique]
-    else:
-        places = [arrival_place(first_arrived[s]) for s in unique]
+    # A `random` room's place is drawn for a join that arrived before its start, though
+    # its batch came after it (README: everyone who joined before the start is in a
+    # random order); an arrival place otherwise.
+    starts = room.random_starts
+    places = [
+        drawn_place(key, starts, s)
+        if starts is not None and first_arrived[s] < starts
+        else arrival_place(first_arrived[s])
+        for s in unique
+    ]
     fixed = {
         "p": room.product_id,
         "state": state.value,
         "now": now,
         "ended": ended,
-        "draws_for": room.draws_for if room.draws_for is not None else -1,
+        "random_starts": starts if starts is not None else -1,
     }
     place_of = dict(zip(unique, places, strict=True))
     # The rows in shopper id order, whatever the order asked: two processes' statements
