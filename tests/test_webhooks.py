@@ -309,6 +309,33 @@ async def test_a_rotated_secret_signs_beside_the_old_one(store: Store, receiver:
     assert len(receiver.ids()) == 3  # two holds and sold out
 
 
+async def test_a_worker_keeps_the_signers_of_live_secrets_only(
+    store: Store, receiver: Receiver
+) -> None:
+    """A worker kept a signer for every secret it ever signed with: one more at each
+    rotation, for as long as it ran, the secrets of deleted endpoints and those past their
+    day included. It keeps those of the endpoints' live secrets (at most three each)."""
+    endpoint_id = await register(store, receiver)
+    product = await make_product(store, 10)
+    sender = deliverer(store)
+    try:
+        for _ in range(6):
+            rotated = await Webhooks(store).rotate(endpoint_id)
+            assert rotated is not None
+            receiver.secret = rotated.secret
+            await hold(store, product.id, 1)
+            await sender.drain()
+        assert len(sender._signers) <= webhooks.MAX_LIVE_SECRETS
+        assert await Webhooks(store).delete(endpoint_id, wait_s=0)
+        await hold(store, product.id, 1)
+        await sender.drain()
+        assert not sender._signers
+    finally:
+        await sender.stop()
+    assert receiver.refused_signatures == 0
+    assert len(receiver.ids()) == 6
+
+
 async def test_two_workers_send_each_event_once_in_order(store: Store, receiver: Receiver) -> None:
     await register(store, receiver)
     products = [await make_product(store, 100) for _ in range(3)]

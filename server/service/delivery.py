@@ -200,6 +200,7 @@ class Deliverer:
             # leased below send to, and what the next dispatch expects.
             self._endpoints = {e.id: e for e in dispatched.endpoints}
             self._expect_endpoints = bool(dispatched.endpoints)
+            self._forget_signers()
             if dispatched.taken < DISPATCH_BATCH:
                 break
         room = self.concurrency - len(self._runs)
@@ -369,6 +370,16 @@ class Deliverer:
         # the whole settling transaction, so the attempt was never recorded (issue 15).
         error = None if error is None else text.storable(error, MAX_ERROR_CHARS)
         return Attempt(outgoing.event_id, at, status, error)
+
+    def _forget_signers(self) -> None:
+        """Keep the signers of the enabled endpoints' live secrets only (at most
+        MAX_LIVE_SECRETS each): one was kept for every secret ever signed with, one more
+        at each rotation for the worker's life, deleted endpoints' secrets included. A
+        redelivery to a disabled endpoint makes its signer again when it needs one."""
+        now = now_ms()
+        live = {s for e in self._endpoints.values() for s in e.secrets(now)}
+        if any(secret not in live for secret in self._signers):
+            self._signers = {s: w for s, w in self._signers.items() if s in live}
 
     def _signer(self, secret: str) -> Webhook:
         signer = self._signers.get(secret)
