@@ -4,6 +4,7 @@ waiting room's lines and counts and the overdue holds' looks share."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -66,3 +67,35 @@ async def test_a_failed_run_fails_its_callers_and_is_forgotten() -> None:
     with pytest.raises(RuntimeError):
         await once(7)
     assert await once(7) == 7
+
+
+async def test_a_run_that_fails_after_all_its_callers_went_away_is_not_logged_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every caller gone (the requests cancelled: clients that hung up while the database was
+    down), then the read fails: nobody took its exception, and asyncio logged "Task
+    exception was never retrieved" at ERROR with a traceback when the task went away, an
+    error report for what is no error of ours. The run's end takes it."""
+    release = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def read(key: int) -> int:
+        try:
+            await release.wait()
+            raise RuntimeError("the database went away")
+        finally:
+            ended.set()
+
+    once: SingleFlight[int, int] = SingleFlight(read, name="test")
+    leaving = asyncio.create_task(once(5))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    release.set()
+    async with asyncio.timeout(5):
+        await ended.wait()
+    await asyncio.sleep(0)  # the run's done callbacks
+    del leaving
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -29,8 +30,15 @@ class SingleFlight(Generic[K, V]):
         if task is None:
             task = asyncio.create_task(self._run(key), name=self._name)
             self._running[key] = task
-            task.add_done_callback(lambda _: self._running.pop(key, None))
+            task.add_done_callback(functools.partial(self._ended, key))
         return await asyncio.shield(task)
+
+    def _ended(self, key: K, task: asyncio.Task[V]) -> None:
+        """A run is over: forget it, and take its exception, which its callers may all have
+        gone without (asyncio would log "Task exception was never retrieved" at ERROR)."""
+        self._running.pop(key, None)
+        if not task.cancelled():
+            task.exception()
 
     async def _run(self, key: K) -> V:
         return await self._read(key)
