@@ -1731,6 +1731,9 @@ async def test_an_endpoint_being_deleted_cannot_be_enabled_again(store: Store) -
     for enabled in (True, False):
         with pytest.raises(webhooks.EndpointBeingDeleted):
             await Webhooks(store).set_enabled(made.id, enabled)
+    with pytest.raises(webhooks.EndpointBeingDeleted):
+        await Webhooks(store).rotate(made.id)
+    assert await Webhooks(store).rotate(made.id + 1) is None  # none such
     assert await Webhooks(store).set_enabled(made.id + 1, True) is None  # none such
     assert await Webhooks(store).delete(made.id, wait_s=0)  # a new DELETE finishes it
     assert await Webhooks(store).get(made.id) is None
@@ -1809,7 +1812,7 @@ async def test_enabling_an_endpoint_being_deleted_is_a_conflict_not_a_404(
             conn, endpoint_id, now=now_ms(), postgres=not store.is_sqlite
         )
     )
-    for action in ("enable", "disable"):
+    for action in ("enable", "disable", "rotate-secret"):
         refused = await client.post(f"/api/admin/webhooks/{endpoint_id}/{action}", headers=OPERATOR)
         assert refused.status_code == 409, refused.text
         assert refused.json()["code"] == "webhook_endpoint_being_deleted"

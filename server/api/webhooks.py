@@ -139,13 +139,15 @@ def _too_many() -> RequestError:
 
 
 def _being_deleted(endpoint_id: int) -> RequestError:
-    """409 `webhook_endpoint_being_deleted`: enabling or disabling an endpoint whose delete
-    is under way, or stopped half-way (it was answered 404 about an endpoint still listed)."""
+    """409 `webhook_endpoint_being_deleted`: enabling, disabling or rotating the secret of
+    an endpoint whose delete is under way, or stopped half-way (it was answered 404 about an
+    endpoint still listed, or 200 with a secret for an endpoint about to go)."""
     return RequestError(
         409,
         BEING_DELETED_CODE,
-        f"Webhook endpoint {endpoint_id} is being deleted, so it can be neither enabled nor "
-        f"disabled; DELETE /api/admin/webhooks/{endpoint_id} again to finish deleting it.",
+        f"Webhook endpoint {endpoint_id} is being deleted, so it can be neither enabled, "
+        "disabled nor given a new secret; "
+        f"DELETE /api/admin/webhooks/{endpoint_id} again to finish deleting it.",
     )
 
 
@@ -291,6 +293,7 @@ disable_endpoint = operation(
         ),
         **OPERATOR_AUTH,
         "404": NO_ENDPOINT,
+        "409": BEING_DELETED,
         "503": DATABASE,
     },
     parameters=[ENDPOINT_ID],
@@ -301,7 +304,10 @@ disable_endpoint = operation(
 )
 @operator_only
 async def rotate_secret(request: Request) -> Response:
-    endpoint = await ENDPOINT_PATH_ID.load(request, webhooks_of(request).rotate)
+    try:
+        endpoint = await ENDPOINT_PATH_ID.load(request, webhooks_of(request).rotate)
+    except webhooks.EndpointBeingDeleted as exc:
+        raise _being_deleted(exc.endpoint_id) from None
     return json_response(_view(endpoint, secret=True))
 
 

@@ -124,8 +124,8 @@ BEING_DELETED = "being deleted"
 
 
 class EndpointBeingDeleted(Exception):
-    """The endpoint is being deleted (`BEING_DELETED`): it cannot be enabled or disabled,
-    only deleted (a DELETE again finishes one stopped half-way)."""
+    """The endpoint is being deleted (`BEING_DELETED`): it cannot be enabled, disabled or
+    given a new secret, only deleted (a DELETE again finishes one stopped half-way)."""
 
     def __init__(self, endpoint_id: int) -> None:
         super().__init__(endpoint_id)
@@ -244,13 +244,7 @@ async def set_enabled(
         },
     )
     if row is None:
-        found = await conn.fetch_one(
-            "SELECT 1 AS deleting FROM webhook_endpoints WHERE id = :id "
-            "AND disabled_reason = :deleting",
-            {"id": endpoint_id, "deleting": BEING_DELETED},
-        )
-        if found is not None:
-            raise EndpointBeingDeleted(endpoint_id)
+        await _refuse_being_deleted(conn, endpoint_id)
     if row is not None and enabled:
         await _refuse_beyond_the_limit(conn, postgres=postgres)
         await conn.execute(
@@ -259,6 +253,17 @@ async def set_enabled(
             {"id": endpoint_id},
         )
     return row is not None
+
+
+async def _refuse_being_deleted(conn: Executor, endpoint_id: int) -> None:
+    """Raise EndpointBeingDeleted if the endpoint is being deleted (`BEING_DELETED`)."""
+    found = await conn.fetch_one(
+        "SELECT 1 AS deleting FROM webhook_endpoints WHERE id = :id "
+        "AND disabled_reason = :deleting",
+        {"id": endpoint_id, "deleting": BEING_DELETED},
+    )
+    if found is not None:
+        raise EndpointBeingDeleted(endpoint_id)
 
 
 async def begin_delete(conn: Executor, endpoint_id: int, *, now: int, postgres: bool) -> bool:
@@ -335,16 +340,27 @@ async def rotate_secret(
     """A new signing secret; the one it replaces signs too until `grace_until` (ms), and the
     one rotated out before that keeps its own grace period if it lasts past `now`. A third
     secret rotated out within its grace period drops the oldest (`MAX_LIVE_SECRETS`). One
-    UPDATE: its right-hand sides all read the row as it was (SQLite and PostgreSQL)."""
+    UPDATE: its right-hand sides all read the row as it was (SQLite and PostgreSQL). False
+    if there is no such endpoint; raises EndpointBeingDeleted if it is being deleted (a
+    secret shown for an endpoint about to go would be deployed for nothing)."""
     row = await conn.fetch_one(
         "UPDATE webhook_endpoints SET "
         "older_secret = CASE WHEN previous_secret_until > :now THEN previous_secret END, "
         "older_secret_until = CASE WHEN previous_secret_until > :now "
         "THEN previous_secret_until END, "
         "previous_secret = secret, previous_secret_until = :until, secret = :secret, "
-        "updated_at = :now WHERE id = :id RETURNING id",
-        {"id": endpoint_id, "secret": secret, "until": grace_until, "now": now},
+        "updated_at = :now WHERE id = :id "
+        "AND (disabled_reason IS NULL OR disabled_reason <> :deleting) RETURNING id",
+        {
+            "id": endpoint_id,
+            "secret": secret,
+            "until": grace_until,
+            "now": now,
+            "deleting": BEING_DELETED,
+        },
     )
+    if row is None:
+        await _refuse_being_deleted(conn, endpoint_id)
     return row is not None
 
 

@@ -96,7 +96,8 @@ class Webhooks:
     async def rotate(self, endpoint_id: int) -> Endpoint | None:
         """A new secret (returned, shown once); the one it replaces signs too for a day, as
         does one rotated out earlier while its day lasts (at most three sign at once: a
-        third rotation within a day drops the oldest)."""
+        third rotation within a day drops the oldest). None if there is no such endpoint.
+        Raises EndpointBeingDeleted."""
         secret = new_secret()
 
         async def rotate(conn: Executor) -> bool:
