@@ -21,6 +21,11 @@ so each join is one insert answered `sold_out` at once: the join's own path, the
 `bin/bench queue --storm-units 0`. `--mode waiting`: a product whose start is far ahead, so
 each join is a waiting ticket (and room news, one a batch): the minute before a start.
 
+`--history`: the fresh database first gets a month of past sales (`bin/bench queue
+--queue-history`'s: a million past holds over 10,000 products, and 30 past waiting rooms of
+15,000 ended tickets each; `server/devtools/history.py`), so that a join's CPU can be read on
+a month-old database beside an empty one.
+
 `--profile DIR`: py-spy samples the web process during the joins (`DIR/<round>.txt`,
 collapsed stacks); a profiling round's CPU includes py-spy's effect on the process.
 
@@ -30,6 +35,7 @@ Run it at `nice -n 19` beside others' work: the figure is CPU per join, not time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -49,6 +55,7 @@ import httpx
 from bench import identities, stack, waitingroom
 from bench.rawhttp import now_ms
 from bench.spawn import host_port, start_ready
+from server.devtools import history as past
 from server.domain.clock import iso
 
 SAMPLE_S = 0.02
@@ -212,6 +219,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["sold_out", "waiting"], default="sold_out")
     parser.add_argument("--database-url")
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--history", action="store_true", help="load a month of past sales first")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -223,44 +231,61 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory(prefix="joincost-") as tmp:
         work = Path(tmp)
-        with (
-            stack.fresh_database(args.database_url, work) as db_url,
-            stack.redis(work) as redis,
-            stack.service(
-                db_url,
-                redis.url,
-                work / "service",
-                web_concurrency=1,
-                **{
-                    "HOLD_SECONDS": "3600",
-                    "LOG_LEVEL": "warning",
-                    **waitingroom.SETTINGS,
-                    **overrides,
-                },
-            ) as service,
-        ):
-            results = []
-            for n in range(args.rounds):
-                result = one_round(
-                    service,
-                    joins=args.joins,
-                    seconds=args.seconds,
-                    mode=args.mode,
-                    profile=args.profile,
-                    n=n,
+        with contextlib.ExitStack() as opened:
+            db_url = opened.enter_context(stack.fresh_database(args.database_url, work))
+            if args.history:
+                loaded = past.load(
+                    db_url,
+                    past.History(holds=1_000_000, rooms=30, tickets_per_room=15_000),
                 )
-                print(json.dumps(result), flush=True)
-                results.append(result)
-            per_join = [r["us_per_join"] for r in results]
-            print(
-                json.dumps(
-                    {
-                        "us_per_join_median": statistics.median(per_join),
-                        "us_per_join": per_join,
-                    }
-                ),
-                flush=True,
+                print(json.dumps({"history": loaded.summary()}), flush=True)
+            _rounds(args, db_url, work, overrides)
+
+
+def _rounds(
+    args: argparse.Namespace,
+    db_url: str,
+    work: Path,
+    overrides: dict[str, str],
+) -> None:
+    """The rounds, on a service of their own over `db_url`."""
+    with (
+        stack.redis(work) as redis,
+        stack.service(
+            db_url,
+            redis.url,
+            work / "service",
+            web_concurrency=1,
+            **{
+                "HOLD_SECONDS": "3600",
+                "LOG_LEVEL": "warning",
+                **waitingroom.SETTINGS,
+                **overrides,
+            },
+        ) as service,
+    ):
+        results = []
+        for n in range(args.rounds):
+            result = one_round(
+                service,
+                joins=args.joins,
+                seconds=args.seconds,
+                mode=args.mode,
+                profile=args.profile,
+                n=n,
             )
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        per_join = [r["us_per_join"] for r in results]
+        print(
+            json.dumps(
+                {
+                    "us_per_join_median": statistics.median(per_join),
+                    "us_per_join": per_join,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
