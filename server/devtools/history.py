@@ -386,6 +386,15 @@ def _insert(table: str, columns: tuple[str, ...]) -> str:
     return f"INSERT INTO {table} ({names}) VALUES ({marks})"
 
 
+def _insert_chunked(
+    conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: Iterator[Any]
+) -> None:
+    """`rows` into `table`, `CHUNK` rows an `executemany`."""
+    sql = _insert(table, columns)
+    while chunk := list(itertools.islice(rows, CHUNK)):
+        conn.executemany(sql, chunk)
+
+
 # The stock ledger's proved balance of each product as loaded (migration 0005 does the same
 # for products that predate the ledger): the month's movements themselves are not loaded,
 # so the reconciliation starts from here, as it would after the worker's last check.
@@ -408,21 +417,9 @@ def _load_sqlite(database_url: str, month: _Month) -> None:
             raise ValueError("the database already has products; history needs an empty one")
         conn.executemany(_insert("products", PRODUCT_COLUMNS), month.product_rows())
         conn.execute(PROVED_BALANCES)
-        rows = month.reservation_rows()
-        sql = _insert("reservations", RESERVATION_COLUMNS)
-        while True:
-            chunk = list(itertools.islice(rows, CHUNK))
-            if not chunk:
-                break
-            conn.executemany(sql, chunk)
+        _insert_chunked(conn, "reservations", RESERVATION_COLUMNS, month.reservation_rows())
         conn.executemany(_insert("queue_rooms", ROOM_COLUMNS), month.room_rows())
-        tickets = month.ticket_rows()
-        sql = _insert("queue_tickets", TICKET_COLUMNS)
-        while True:
-            chunk = list(itertools.islice(tickets, CHUNK))
-            if not chunk:
-                break
-            conn.executemany(sql, chunk)
+        _insert_chunked(conn, "queue_tickets", TICKET_COLUMNS, month.ticket_rows())
         conn.execute("COMMIT")
         # Into the main file now, not at some later commit of the service's.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
