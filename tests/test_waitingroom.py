@@ -9,12 +9,13 @@ Times are passed in (ms), as the service passes "now": a sale's minutes take no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import secrets
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -124,6 +125,39 @@ async def line_order(store: Store, product_id: int, *, everyone: bool = False) -
             {"p": product_id},
         )
     return [str(row["shopper_id"]) for row in rows]
+
+
+@contextlib.asynccontextmanager
+async def writer_held(store: Store) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """The store's writer held by a write transaction that waits: joins submitted meanwhile
+    go in one batch once it ends. Yields `let_go`, which ends it and waits for it; it is let
+    go on exit too. On SQLite the transaction runs on the writer's own thread, which may
+    only wait on the database: it blocks there on a thread's event; on PostgreSQL, on this
+    loop."""
+    held = threading.Event()
+    release = threading.Event()
+    release_here = asyncio.Event()
+
+    async def hold(conn: Executor) -> None:
+        held.set()
+        if store.is_sqlite:
+            release.wait(10)
+        else:
+            await release_here.wait()
+
+    holding = asyncio.create_task(store.write(hold))
+
+    async def let_go() -> None:
+        release.set()
+        release_here.set()
+        await asyncio.wait_for(holding, 10)
+
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+        yield let_go
+    finally:
+        release.set()
+        release_here.set()
 
 
 def shoppers(n: int) -> list[str]:
@@ -737,34 +771,16 @@ async def test_joins_batched_together_keep_the_millisecond_each_arrived_in(store
     product = await room(store, 1, starts=None)  # a waitlist: open now
     service = WaitingRoom(store, publish=lambda news: None, opens_ms=START)
     await service.start()
-    # On SQLite the write transaction runs on the writer's own thread, which may only wait
-    # on the database: it blocks there on a thread's event. On PostgreSQL on this loop.
-    held = threading.Event()
-    release = threading.Event()
-    release_here = asyncio.Event()
-
-    async def hold(conn: Executor) -> None:
-        held.set()
-        if store.is_sqlite:
-            release.wait(10)
-        else:
-            await release_here.wait()
-
-    holding = asyncio.create_task(store.write(hold))
     try:
-        assert await asyncio.to_thread(held.wait, 10)
-        people = [f"anon:z{99 - n:02d}" for n in range(21)]
-        joined = []
-        for shopper in people:
-            joined.append(service.join_soon(product, shopper))
-            await asyncio.sleep(0.002)  # the next one arrives two milliseconds later
-        release.set()
-        release_here.set()
-        await asyncio.wait_for(holding, 10)
+        async with writer_held(store) as let_go:
+            people = [f"anon:z{99 - n:02d}" for n in range(21)]
+            joined = []
+            for shopper in people:
+                joined.append(service.join_soon(product, shopper))
+                await asyncio.sleep(0.002)  # the next one arrives two milliseconds later
+            await let_go()
         answers = await asyncio.wait_for(asyncio.gather(*joined), 10)
     finally:
-        release.set()
-        release_here.set()
         await service.stop()
     assert all(created for _, created in answers)
     assert await line_order(store, product.id) == people
@@ -782,34 +798,19 @@ async def test_a_join_that_arrived_before_a_random_rooms_start_draws_its_place(
     product = await room(store, 1, queue="random", starts=starts)
     service = WaitingRoom(store, publish=lambda news: None, opens_ms=START)
     await service.start()
-    held = threading.Event()
-    release = threading.Event()
-    release_here = asyncio.Event()
-
-    async def hold(conn: Executor) -> None:
-        held.set()
-        if store.is_sqlite:
-            release.wait(10)
-        else:
-            await release_here.wait()
 
     async def started() -> bool:
         return now_ms() > starts
 
     try:
-        holding = asyncio.create_task(store.write(hold))
-        assert await asyncio.to_thread(held.wait, 10)
-        before = service.join_soon(product, "anon:before")
-        assert now_ms() < starts, "the machine took the whole 300 ms: run it again"
-        await eventually(started, within=10, what="the sale's start")
-        release.set()
-        release_here.set()
-        await asyncio.wait_for(holding, 10)
+        async with writer_held(store) as let_go:
+            before = service.join_soon(product, "anon:before")
+            assert now_ms() < starts, "the machine took the whole 300 ms: run it again"
+            await eventually(started, within=10, what="the sale's start")
+            await let_go()
         after = service.join_soon(product, "anon:after")
         answers = await asyncio.wait_for(asyncio.gather(before, after), 10)
     finally:
-        release.set()
-        release_here.set()
         await service.stop()
     key = await store.write(lambda conn: waitingroom.room_key(conn, product.id))
     (early, _), (late, _) = answers
