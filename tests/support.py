@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import httpx
+import pytest
 
 from server.api.app import create_app
 from server.domain import inventory, ledger, outbox
@@ -24,7 +26,9 @@ from server.domain.inventory import Caller, Stats
 from server.domain.model import HoldRequest, Outcome, Product, Reservation
 from server.infra.settings import Settings
 from server.service.ledger import Ledger
+from server.storage import migrate
 from server.storage.database import Store, sqlite_path
+from tests.pgpool import PostgresDatabases
 
 T = TypeVar("T")
 
@@ -261,3 +265,29 @@ async def cancel_one(
         conn, [inventory.Cancelling(reservation_id, actor, reason, caller)], now=now
     )
     return Outcome(outcomes[0].value, error=outcomes[0].error, events=events)
+
+
+@asynccontextmanager
+async def migrated_up_to(
+    request: pytest.FixtureRequest, tmp_path: Path, version: int
+) -> AsyncIterator[Store]:
+    """A database as the release whose last migration was `version` left it, for a test of
+    a later migration on the rows that release wrote: a SQLite file in `tmp_path`, or (for
+    a test parametrized `postgres`, `request.param`) a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / f'up-to-{version}.db'}"
+        name = None
+    else:
+        postgres: PostgresDatabases = request.getfixturevalue("postgres")
+        name = postgres.name(f"_up_to_{version}")
+        await postgres._admin(f'CREATE DATABASE "{name}"')
+        url = postgres.url(name)
+    store = Store(url)
+    await store.connect()
+    try:
+        await migrate.migrate(store, up_to=version)
+        yield store
+    finally:
+        await store.close()
+        if name is not None:
+            postgres.drop(name)

@@ -23,8 +23,15 @@ from server.service.shop import Shop
 from server.storage import migrate
 from server.storage.database import Store
 from tests.conftest import Published
-from tests.pgpool import PostgresDatabases
-from tests.support import assert_invariant, complete_one, hold, make_product, recount, stats
+from tests.support import (
+    assert_invariant,
+    complete_one,
+    hold,
+    make_product,
+    migrated_up_to,
+    recount,
+    stats,
+)
 
 CHECK_VIOLATIONS = (sqlite3.IntegrityError, asyncpg.exceptions.CheckViolationError)
 
@@ -143,21 +150,8 @@ async def test_the_database_refuses_books_that_do_not_balance(store: Store) -> N
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def release_one(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A database as the first release left it: migration 0001 only."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'release-one.db'}"
-        name = None
-    else:
-        postgres: PostgresDatabases = request.getfixturevalue("postgres")
-        name = postgres.name("_release_one")
-        await postgres._admin(f'CREATE DATABASE "{name}"')
-        url = postgres.url(name)
-    store = Store(url)
-    await store.connect()
-    await migrate.migrate(store, up_to=1)
-    yield store
-    await store.close()
-    if name is not None:
-        postgres.drop(name)
+    async with migrated_up_to(request, tmp_path, 1) as store:
+        yield store
 
 
 async def _first_release_rows(store: Store, *, sold_off_the_books: int = 0) -> None:

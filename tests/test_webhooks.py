@@ -37,6 +37,7 @@ from server.service import webhooks as webhooks_service
 from server.service.delivery import Deliverer, backoff_ms
 from server.service.resolver import MAX_LOOKUPS, local_network
 from server.service.webhooks import Webhooks
+from server.storage import migrate
 from server.storage.database import Store
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.pgpool import PostgresDatabases
@@ -48,6 +49,7 @@ from tests.support import (
     eventually,
     hold,
     make_product,
+    migrated_up_to,
     outbox_bodies,
     serve,
 )
@@ -1616,32 +1618,51 @@ async def test_every_secret_rotated_out_within_a_day_keeps_signing_at_most_three
     assert fourth.secrets(later) == [fourth.secret]
 
 
+@pytest.mark.parametrize(
+    ("wait_s", "delay"),
+    [
+        # The delete waits for the run to stop (a run of 40 to it takes 8 s: under way).
+        (2.0 + 2.0, 0.2),
+        # The delete's wait has run out (as when the worker's loop is held up longer than
+        # WEBHOOK_TIMEOUT_SECONDS + 2 s) while an attempt of the run is on the wire.
+        (0.0, 1.0),
+    ],
+)
 async def test_a_deleted_endpoint_is_sent_nothing_after_the_delete_even_mid_run(
-    store: Store, receiver: Receiver
+    store: Store, receiver: Receiver, wait_s: float, delay: float
 ) -> None:
     """Deleting an endpoint while a worker is sending it a run of deliveries: the run stops
-    at its next attempt, the delete returns once it has, and nothing reaches the endpoint
-    after that (its waiting deliveries are dropped); another endpoint gets every event."""
-    gone = await register(store, receiver)
+    at its next attempt, and nothing reaches the endpoint after the delete returns (its
+    waiting deliveries are dropped); the other endpoints get every event. An endpoint
+    registered after the delete has an id of its own: with ids `MAX(id) + 1` it took the
+    deleted one's, and a run that looked for its endpoint's id alone went on sending the
+    old one's events to the old URL."""
     other = Receiver()
+    newcomer = Receiver()
     await other.start()
+    await newcomer.start()
     hooks = Webhooks(store)
     try:
         kept = await hooks.create(url=other.url, events=[], description="")
         other.secret = kept.secret
-        receiver.delay = 0.2  # a run of 40 to it takes 8 s: under way at the delete
+        gone = await register(store, receiver)  # the newest id
+        receiver.delay = delay
         product = await make_product(store, 60)
         for _ in range(40):
             await hold(store, product.id, 1)
         sender = deliverer(store, timeout_s=2.0)
         sender.start()
         try:
-            await receiver.wait_for(2, what=" before the delete")
-            assert await hooks.delete(gone, wait_s=2.0 + 2.0)
+            await receiver.wait_for(1, what=" before the delete")
+            assert await hooks.delete(gone, wait_s=wait_s)
             sent = receiver.attempts
+            made = await hooks.create(url=newcomer.url, events=[], description="")
+            newcomer.secret = made.secret
+            assert made.id > gone  # never an id given before
             for _ in range(3):
                 await hold(store, product.id, 1)
             await other.wait_for(43, what=" at the endpoint kept")
+            await newcomer.wait_for(3, what=" at the new endpoint")
             # Until every run the worker had in hand has ended: one still sending to the
             # deleted endpoint would go on until its lease's end, 7 s in.
             await runs_ended(sender, within=20.0)
@@ -1660,49 +1681,94 @@ async def test_a_deleted_endpoint_is_sent_nothing_after_the_delete_even_mid_run(
         assert not await hooks.delete(gone, wait_s=0)
     finally:
         await other.stop()
-
-
-async def test_a_run_to_a_deleted_endpoint_stops_though_a_new_one_took_its_id(
-    store: Store, receiver: Receiver
-) -> None:
-    """Ids are MAX(id) + 1, so the endpoint registered after the last one is deleted takes
-    its id. A worker's run stops at its next attempt once its turn's dispatch no longer
-    lists the run's endpoint; it looked for the id alone, so with the new endpoint listed
-    under it the run went on sending the old one's events to the old URL (with the old
-    secret) after the delete. Here the delete's wait has run out (`wait_s=0`, as when the
-    worker's loop is held up longer than WEBHOOK_TIMEOUT_SECONDS + 2 s) while an attempt of
-    the run is on the wire: nothing more reaches the old endpoint."""
-    other = Receiver()
-    newcomer = Receiver()
-    await other.start()
-    await newcomer.start()
-    hooks = Webhooks(store)
-    try:
-        kept = await hooks.create(url=other.url, events=[], description="")
-        other.secret = kept.secret
-        gone = await register(store, receiver)  # the last id
-        receiver.delay = 1.0  # each attempt a second: one on the wire at the delete
-        product = await make_product(store, 60)
-        for _ in range(20):
-            await hold(store, product.id, 1)
-        sender = deliverer(store, timeout_s=2.0)
-        sender.start()
-        try:
-            await receiver.wait_for(1, what=" before the delete")
-            assert await hooks.delete(gone, wait_s=0)
-            sent = receiver.attempts
-            made = await hooks.create(url=newcomer.url, events=[], description="")
-            newcomer.secret = made.secret
-            assert made.id == gone  # the id is given again
-            await hold(store, product.id, 1)
-            await newcomer.wait_for(1, what=" at the new endpoint")
-            await runs_ended(sender, within=20.0)
-        finally:
-            await sender.stop()
-        assert receiver.attempts == sent, "sent to the deleted endpoint after its delete"
-    finally:
-        await other.stop()
         await newcomer.stop()
+
+
+async def test_a_second_delete_of_an_endpoint_never_deletes_the_next_one_made(
+    store: Store,
+) -> None:
+    """Two DELETEs of one endpoint at once: both begin (`begin_delete`), the first
+    finishes, an endpoint is registered, and then the second takes its last step. With
+    ids `MAX(id) + 1` the new endpoint had the deleted one's id and the second delete
+    deleted it. Its id is now one never given before, and a delete's later steps act only
+    on an endpoint still being deleted, so nothing of the new one goes."""
+    postgres = not store.is_sqlite
+    hooks = Webhooks(store)
+    made = await hooks.create(url="https://shop.example/old", events=[], description="")
+    product = await make_product(store, 5)
+    for _ in range(2):
+        assert await store.write(
+            lambda conn: webhooks.begin_delete(conn, made.id, now=now_ms(), postgres=postgres)
+        )
+    assert await store.write(lambda conn: webhooks.remove_deliveries(conn, made.id, limit=100)) == (
+        0,
+        0,
+    )
+    assert await store.write(lambda conn: webhooks.delete_endpoint(conn, made.id))
+    new = await hooks.create(url="https://shop.example/new", events=[], description="")
+    assert new.id != made.id
+    await hold(store, product.id, 1)
+    await store.write(  # the new endpoint's delivery and queue
+        lambda conn: webhooks.dispatch(conn, now=now_ms(), limit=100, postgres=postgres),
+        index_order=True,
+    )
+    # The second delete's steps, late: nothing to do.
+    assert await store.write(lambda conn: webhooks.remove_deliveries(conn, made.id, limit=100)) == (
+        0,
+        0,
+    )
+    assert not await store.write(lambda conn: webhooks.delete_endpoint(conn, made.id))
+    # Nor do a delete's later steps touch an endpoint no delete began, whatever its id.
+    assert await store.write(lambda conn: webhooks.remove_deliveries(conn, new.id, limit=100)) == (
+        0,
+        0,
+    )
+    assert not await store.write(lambda conn: webhooks.delete_endpoint(conn, new.id))
+    survivor = await hooks.get(new.id)
+    assert survivor is not None
+    assert (survivor.url, survivor.enabled, survivor.pending) == (
+        "https://shop.example/new",
+        True,
+        1,
+    )
+
+
+@pytest.fixture
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A database as the release before the counter of endpoint ids left it (0019)."""
+    async with migrated_up_to(request, tmp_path, 19) as store:
+        yield store
+
+
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_migration_0020_gives_no_id_still_named_again(database: Store) -> None:
+    """On a database from before the counter of ids (migration 0020), the next endpoint's
+    id is past every id still named: an endpoint's (one half-deleted too), and its queues'
+    and deliveries' (left by a delete stopped half-way, or by a dispatch under way)."""
+    now = now_ms()
+
+    async def before(conn: Executor) -> None:
+        for endpoint_id in (1, 3):
+            await conn.execute(
+                "INSERT INTO webhook_endpoints (id, url, secret, created_at, updated_at) "
+                "VALUES (:id, 'https://shop.example/hooks', 'whsec_x', :now, :now)",
+                {"id": endpoint_id, "now": now},
+            )
+        await conn.execute("INSERT INTO webhook_queues (endpoint_id, product_id) VALUES (5, 1)")
+        await conn.execute(
+            "INSERT INTO webhook_deliveries (event_id, endpoint_id, product_id, version, seq, "
+            "type, created_at) VALUES ('msg_left', 8, 1, 1, 0, 'reservation.created', :now)",
+            {"now": now},
+        )
+
+    await database.write(before)
+    assert [m.version for m in await migrate.migrate(database)][:1] == [20]
+    made = await Webhooks(database).create(
+        url="https://shop.example/new", events=[], description=""
+    )
+    assert made.id == 9
 
 
 async def runs_ended(sender: Deliverer, *, within: float) -> None:

@@ -174,13 +174,21 @@ async def create_endpoint(
     """Register an enabled endpoint. Raises TooManyEndpoints if MAX_ENABLED_ENDPOINTS are
     enabled already, counting those of transactions at once (`postgres`: the database runs
     them together; see `_refuse_beyond_the_limit`)."""
-    # The id is chosen inside the INSERT, as for products (both databases, one statement).
+    # The id from the counter (migration 0020), never one an endpoint had before: with
+    # `MAX(id) + 1` the next endpoint after the newest was deleted took its id, and a
+    # second DELETE of the old one deleted it. On PostgreSQL the counter row's lock, held
+    # to commit, takes registrations one at a time.
+    counted = await conn.fetch_one(
+        "UPDATE id_counters SET last_id = last_id + 1 WHERE name = 'webhook_endpoints' "
+        "RETURNING last_id"
+    )
+    assert counted is not None, "migration 0020 makes the counter's row"
     row = await conn.fetch_one(
         "INSERT INTO webhook_endpoints (id, url, description, events, secret, enabled, "
-        "created_at, updated_at) SELECT COALESCE(MAX(id), 0) + 1, CAST(:url AS TEXT), "
-        "CAST(:description AS TEXT), CAST(:events AS TEXT), CAST(:secret AS TEXT), 1, "
-        f"CAST(:now AS BIGINT), CAST(:now AS BIGINT) FROM webhook_endpoints RETURNING {ENDPOINT}",
+        "created_at, updated_at) VALUES (:id, :url, :description, :events, :secret, 1, "
+        f":now, :now) RETURNING {ENDPOINT}",
         {
+            "id": int(counted["last_id"]),
             "url": url,
             "description": description,
             "events": ",".join(events),
@@ -272,8 +280,8 @@ async def begin_delete(conn: Executor, endpoint_id: int, *, now: int, postgres: 
     the redeliveries not yet taken. False if there is no such endpoint.
 
     Once this has committed, no delivery to the endpoint is still to be written, so the
-    deletion's later steps leave none behind (one written after them would wait for an
-    endpoint of the same id: ids are `MAX(id) + 1`). SQLite's writer runs one write
+    deletion's later steps leave none behind (one written after them would wait forever,
+    for an endpoint that is gone: ids are never given again). SQLite's writer runs one write
     transaction at a time, so a dispatch committed before this or reads it disabled. On
     PostgreSQL (`postgres`), where they run together, a dispatch that read the endpoint
     enabled before this commits could write its deliveries after: each dispatch hands
@@ -310,26 +318,40 @@ async def sending(conn: Executor, endpoint_id: int, *, now: int) -> bool:
     return row is not None
 
 
+# The later steps of a delete act only on an endpoint still being deleted, as its
+# `begin_delete` left it: never on one that is not (ids are never given again, migration
+# 0020; this keeps a step from acting on an endpoint no delete began, whatever the id).
+_STILL_BEING_DELETED = (
+    "EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = :id AND disabled_reason = :deleting)"
+)
+
+
 async def remove_deliveries(conn: Executor, endpoint_id: int, *, limit: int) -> tuple[int, int]:
-    """Remove up to `limit` deliveries to an endpoint, delivered or not (a step of deleting
-    it: its whole history at once could hold SQLite's write lock for seconds). Returns how
+    """Remove up to `limit` deliveries to an endpoint being deleted (`begin_delete`),
+    delivered or not (a step of deleting it: its whole history at once could hold SQLite's
+    write lock for seconds); none of an endpoint that is not being deleted. Returns how
     many were removed and how many of those were still waiting."""
     removed = await conn.fetch_all(
         "DELETE FROM webhook_deliveries WHERE endpoint_id = :id AND event_id IN "
         "(SELECT event_id FROM webhook_deliveries WHERE endpoint_id = :id LIMIT :limit) "
-        "RETURNING delivered_at",
-        {"id": endpoint_id, "limit": limit},
+        f"AND {_STILL_BEING_DELETED} RETURNING delivered_at",
+        {"id": endpoint_id, "limit": limit, "deleting": BEING_DELETED},
     )
     return len(removed), sum(1 for r in removed if r["delivered_at"] is None)
 
 
 async def delete_endpoint(conn: Executor, endpoint_id: int) -> bool:
-    """The last step of deleting an endpoint: its queues (one per product) and itself;
-    False if there is no such endpoint. Its events stay in the outbox for the other
-    endpoints; retention removes those none waits for."""
-    await conn.execute("DELETE FROM webhook_queues WHERE endpoint_id = :id", {"id": endpoint_id})
+    """The last step of deleting an endpoint being deleted (`begin_delete`): its queues
+    (one per product) and itself; False if there is no such endpoint being deleted (gone
+    already: another DELETE of it finished first). Its events stay in the outbox for the
+    other endpoints; retention removes those none waits for."""
+    values = {"id": endpoint_id, "deleting": BEING_DELETED}
+    await conn.execute(
+        f"DELETE FROM webhook_queues WHERE endpoint_id = :id AND {_STILL_BEING_DELETED}", values
+    )
     row = await conn.fetch_one(
-        "DELETE FROM webhook_endpoints WHERE id = :id RETURNING id", {"id": endpoint_id}
+        "DELETE FROM webhook_endpoints WHERE id = :id AND disabled_reason = :deleting RETURNING id",
+        values,
     )
     return row is not None
 

@@ -253,19 +253,18 @@ class Deliverer:
         if endpoint is None:
             return  # disabled meanwhile: the lease runs out, nothing was sent
         # `self._endpoints` is read again at each turn (every WEBHOOK_POLL_MS while runs go):
-        # a run stops before its next attempt once its endpoint is no longer enabled, or
-        # is another one under the same id.
+        # a run stops before its next attempt once its endpoint is no longer enabled. The
+        # endpoints were read by the turn's dispatch and the run leased in a later
+        # transaction, but an id names one endpoint for good (ids are never given again,
+        # migration 0020): the endpoint listed under the run's id is the run's endpoint.
         # Stop sending while there is still time to settle before the lease runs out.
         stop_at = leased_at + self.lease_ms / 1000 - self.timeout_s - 2
         attempts: list[Attempt] = []
         for outgoing in run.deliveries:
             if time.monotonic() > stop_at or self._stopping.is_set():
                 break
-            current = self._endpoints.get(run.endpoint_id)
-            if current is None or current.created_at != endpoint.created_at:
-                # Disabled or being deleted since (this turn's dispatch read so), or deleted
-                # and its id given to an endpoint registered since (ids are MAX(id) + 1):
-                # not the endpoint this run's deliveries are for.
+            if run.endpoint_id not in self._endpoints:
+                # Disabled, being deleted or deleted since (this turn's dispatch read so).
                 break
             attempt = await self._post(endpoint, outgoing)
             attempts.append(attempt)

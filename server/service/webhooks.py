@@ -19,7 +19,6 @@ from server.domain.clock import now_ms
 from server.domain.executor import Executor
 from server.domain.webhooks import Delivery, Endpoint
 from server.storage.database import Store
-from server.storage.errors import UniqueViolation
 
 # After a rotation the secret rotated out signs too, for this long: time for the shop to
 # deploy the new one (receivers accept any of the signatures in the header). Each secret
@@ -48,25 +47,20 @@ class Webhooks:
         self.store = store
 
     async def create(self, *, url: str, events: Sequence[str], description: str) -> Endpoint:
-        """Register an endpoint; the returned one carries its secret (shown once)."""
+        """Register an endpoint; the returned one carries its secret (shown once). Its id is
+        one no endpoint had before (`webhooks.create_endpoint`). Raises TooManyEndpoints."""
         secret = new_secret()
-        for attempt in range(5):
-            try:
-                return await self.store.write(
-                    lambda conn: webhooks.create_endpoint(
-                        conn,
-                        url=url,
-                        events=events,
-                        description=description,
-                        secret=secret,
-                        now=now_ms(),
-                        postgres=not self.store.is_sqlite,
-                    )
-                )
-            except UniqueViolation:  # two at once chose the same id (PostgreSQL only)
-                if attempt == 4:
-                    raise
-        raise AssertionError("unreachable")
+        return await self.store.write(
+            lambda conn: webhooks.create_endpoint(
+                conn,
+                url=url,
+                events=events,
+                description=description,
+                secret=secret,
+                now=now_ms(),
+                postgres=not self.store.is_sqlite,
+            )
+        )
 
     async def all(self) -> list[Endpoint]:
         async with self.store.reader() as conn:
