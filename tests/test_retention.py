@@ -148,7 +148,9 @@ async def test_ended_tickets_go_in_bounded_batches_and_open_ones_stay(store: Sto
                     "ended": ended_at,
                 },
             )
-        # One of the old ones joins again (a `left` ticket reopens at the back): open now.
+        # One of the old ones joins again (a `left` ticket reopens at the back): open now. A
+        # join needs the product to have a room (a product whose `queue` is `off` makes none).
+        await conn.execute("UPDATE products SET queue = 'fifo' WHERE id = :p", {"p": product.id})
         await waitingroom.join(conn, product.id, "anon:old3", now=now)
 
     await store.write(write)

@@ -24,7 +24,7 @@ import pytest
 from server.domain import inventory, waitingroom
 from server.domain.books import Books
 from server.domain.clock import now_ms
-from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse
+from server.domain.errors import InsufficientStock, NotAdmitted, QueueInUse, QueueOff
 from server.domain.executor import Columns, Executor, Row, TableRows, Values
 from server.domain.inventory import ProductChanges
 from server.domain.model import HoldRequest, Product, ReservationChanged
@@ -964,6 +964,12 @@ async def test_a_join_into_a_closed_room_says_sold_out_at_once(store: Store) -> 
         await service.stop()
 
 
+def joined_only(answer: tuple[Ticket, bool] | QueueOff) -> tuple[Ticket, bool]:
+    """A join's answer from `join_opened_many` that is a ticket, not QueueOff."""
+    assert not isinstance(answer, QueueOff), answer
+    return answer
+
+
 async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading_it(
     store: Store,
 ) -> None:
@@ -986,7 +992,7 @@ async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading
                     {"s": start_moved, "p": product.id},
                 )
             [made] = await waitingroom.join_opened_many(conn, opened, [shopper], now=now, key=key)
-            return made
+            return joined_only(made)
 
         return await store.write(work)
 
@@ -1018,12 +1024,99 @@ async def test_a_batchs_join_makes_exactly_the_ticket_it_answers_without_reading
         [made] = await waitingroom.join_opened_many(
             conn, opened, ["anon:c"], now=START + 1, key=key
         )
-        return made
+        return joined_only(made)
 
     closed, created = await store.write(into_empty)
     assert created
     assert closed.state is TicketState.SOLD_OUT
     assert closed == await ticket(store, empty.id, "anon:c")
+
+
+async def test_a_room_switched_off_after_the_check_makes_no_ticket(store: Store) -> None:
+    """The join path checks the product's `queue` in a copy (the catalog's), then inserts:
+    a room switched `off` in between (the operator may switch it at any time) made a
+    `waiting` ticket in a product without a room. The inserts are guarded by the row's
+    mode: nothing is made and the join is refused QueueOff (409), whether the batch read
+    the row before the switch (`opening`) or after, or the join is made alone; another
+    room's joins in the same batch are made."""
+    product = await room(store, 5, starts=None)  # a waitlist: open now
+    other = await room(store, 5, starts=None)
+    now = now_ms()
+
+    async def switch_off(conn: Executor) -> None:
+        await conn.execute("UPDATE products SET queue = 'off' WHERE id = :p", {"p": product.id})
+
+    async def opened_then_switched(conn: Executor) -> list[tuple[Ticket, bool] | QueueOff]:
+        key = await waitingroom.room_key(conn, product.id)
+        opened = await waitingroom.opening(conn, product.id, now=now)
+        assert opened is not None
+        assert opened.queue == "fifo"
+        await switch_off(conn)
+        return await waitingroom.join_opened_many(conn, opened, ["anon:a"], now=now, key=key)
+
+    [answer] = await store.write(opened_then_switched)
+    assert isinstance(answer, QueueOff)
+
+    async def opened_after(conn: Executor) -> None:
+        opened = await waitingroom.opening(conn, product.id, now=now)
+        assert opened is not None
+        assert opened.queue == "off"
+        key = await waitingroom.room_key(conn, product.id)
+        with pytest.raises(QueueOff):
+            await waitingroom.join_opened_many(conn, opened, ["anon:b"], now=now, key=key)
+        with pytest.raises(QueueOff):
+            await waitingroom.join(conn, product.id, "anon:c", now=now)
+
+    await store.write(opened_after)
+    # The service's batch, with the product as its catalog had it before the switch.
+    stale = dataclasses.replace(product, queue="fifo")
+    service = WaitingRoom(store, publish=lambda news: None, opens_ms=0)
+    await service.start()
+    try:
+        refused = service.join_soon(stale, "anon:d")
+        made = service.join_soon(other, "anon:d")
+        with pytest.raises(QueueOff):
+            await asyncio.wait_for(refused, 10)
+        ticket_made, created = await asyncio.wait_for(made, 10)
+    finally:
+        await service.stop()
+    assert created
+    assert ticket_made.product_id == other.id
+    async with store.reader() as conn:
+        assert await waitingroom.tickets_of_room(conn, product.id) == []
+        assert await waitingroom.waiting_count(conn, product.id) == 0
+        assert await waitingroom.waiting_count(conn, other.id) == 1
+
+
+async def test_a_join_decided_one_by_one_keeps_its_arrival_millisecond(store: Store) -> None:
+    """A batch's join whose ticket its statement did not make (the product's row changed
+    since `opening` read it, as on PostgreSQL between two transactions: here a sold-out
+    room restocked) is decided one by one (`join`), and its arrival place is made of the
+    millisecond the join arrived, as the statement's are, not of the batch's: `fifo` is
+    arrival order."""
+    product = await room(store, 0, starts=None)  # on sale, nothing left: closed
+    now = now_ms()
+    arrived = now - 40
+
+    async def work(conn: Executor) -> list[tuple[Ticket, bool] | QueueOff]:
+        key = await waitingroom.room_key(conn, product.id)
+        opened = await waitingroom.opening(conn, product.id, now=now)
+        assert opened is not None
+        assert opened.closed
+        await conn.execute(
+            "UPDATE products SET total_stock = 5, available_stock = 5 WHERE id = :p",
+            {"p": product.id},
+        )
+        return await waitingroom.join_opened_many(
+            conn, opened, ["anon:a"], now=now, key=key, arrived=[arrived]
+        )
+
+    [answer] = await store.write(work)
+    made, created = joined_only(answer)
+    assert created
+    assert made.state is TicketState.WAITING  # not the `sold_out` the stale row said
+    assert made == await ticket(store, product.id, "anon:a")
+    assert made.place >> waitingroom.PLACE_BITS == arrived
 
 
 async def test_a_batch_of_joins_is_one_statement_a_power_of_two_and_answers_each_join(
@@ -1057,13 +1150,14 @@ async def test_a_batch_of_joins_is_one_statement_a_power_of_two_and_answers_each
         key = await waitingroom.room_key(conn, product.id)
         opened = await waitingroom.opening(conn, product.id, now=now)
         assert opened is not None
-        return await waitingroom.join_opened_many(
+        answers = await waitingroom.join_opened_many(
             Counting(),  # type: ignore[arg-type]
             opened,
             asked,
             now=now,
             key=key,
         )
+        return [joined_only(answer) for answer in answers]
 
     answers = await store.write(work)
     assert [len(re.findall(r"CAST\(:s\d", s)) for s in statements] == [256, 32, 8, 2]

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.domain import inventory
-from server.domain.errors import NotAdmitted, ProductNotFound
+from server.domain.errors import NotAdmitted, ProductNotFound, QueueOff
 from server.domain.executor import Executor, Row
 from server.domain.model import Event, Product
 
@@ -281,6 +281,7 @@ async def join(
     key: bytes | None = None,
     starts: int | None = None,
     count: bool = True,
+    arrived: int | None = None,
 ) -> tuple[Ticket, bool]:
     """The shopper's ticket, made now if they have none (one insert), and whether it was
     made now. A ticket that ended `left`, `sold_out` or `lapsed` (a turn not taken: the
@@ -298,19 +299,26 @@ async def join(
     made `waiting` adds one to the room's count of those waiting (`add_waiting`), unless
     `count` is False: then the
     caller adds them, before its transaction commits (a batch of joins adds them once per
-    room, after its tickets: see `add_waiting` on lock order). Raises ProductNotFound."""
+    room, after its tickets: see `add_waiting` on lock order). `arrived`: when the join
+    arrived (ms; None: `now`), the millisecond its arrival place is made of, and before a
+    `random` room's start, what draws its place (as `join_opened_many`). A product whose
+    row says it has no room (`queue` `off`, as the operator may switch it at any time)
+    is given no ticket: the insert is guarded by it, so a room switched off after the
+    caller's check (a catalog's copy) makes none. Raises ProductNotFound, QueueOff."""
     if key is None:
         key = await room_key(conn, product_id)
+    arrived = now if arrived is None else min(arrived, now)
     for _ in range(3):
         row = await conn.fetch_one(
             "INSERT INTO queue_tickets "
             "(product_id, shopper_id, place, state, joined_at, ended_at) "
-            "SELECT id, CAST(:s AS TEXT), CASE WHEN queue = 'random' AND sale_starts_at > :now "
+            "SELECT id, CAST(:s AS TEXT), CASE WHEN queue = 'random' "
+            "AND sale_starts_at > CAST(:arrived AS BIGINT) "
             "THEN CAST(:drawn AS BIGINT) ELSE CAST(:arrival AS BIGINT) END, "
             f"CASE WHEN {_CLOSED} THEN 'sold_out' ELSE 'waiting' END, CAST(:now AS BIGINT), "
             f"CASE WHEN {_CLOSED} THEN CAST(:now AS BIGINT) END "
-            "FROM products WHERE id = :p AND (queue <> 'random' "
-            "OR sale_starts_at IS NULL OR sale_starts_at <= :now "
+            "FROM products WHERE id = :p AND queue <> 'off' AND (queue <> 'random' "
+            "OR sale_starts_at IS NULL OR sale_starts_at <= CAST(:arrived AS BIGINT) "
             "OR sale_starts_at = CAST(:starts AS BIGINT)) "
             "ON CONFLICT (product_id, shopper_id) DO UPDATE SET state = excluded.state, "
             "place = excluded.place, joined_at = excluded.joined_at, admitted_at = NULL, "
@@ -322,7 +330,8 @@ async def join(
                 "s": shopper_id,
                 "drawn": drawn_place(key, starts if starts is not None else -1, shopper_id),
                 "starts": starts if starts is not None else -1,
-                "arrival": arrival_place(now),
+                "arrival": arrival_place(arrived),
+                "arrived": arrived,
                 "now": now,
             },
         )
@@ -336,8 +345,10 @@ async def join(
         )
         if product is None:
             raise ProductNotFound(product_id)
+        if product["queue"] == "off":
+            raise QueueOff(product_id)
         actual = product["sale_starts_at"]
-        drawing = product["queue"] == "random" and actual is not None and actual > now
+        drawing = product["queue"] == "random" and actual is not None and actual > arrived
         if not drawing or actual == starts:
             break
         starts = int(actual)  # drawn for another start: nothing was inserted, again
@@ -350,13 +361,16 @@ async def join(
 @dataclass(frozen=True, slots=True)
 class Opening:
     """What a join's new ticket takes from its product's row, read once for a batch of
-    joins in their write transaction (`opening`): the start a `random` room draws places
-    for (None: it does not draw now) and whether the room has closed (`_CLOSED`).
+    joins in their write transaction (`opening`): the room's `queue` mode (`off`: there is
+    no room, whatever the caller's copy of the product said), the start a `random` room
+    draws places for (None: it does not draw now) and whether the room has closed
+    (`_CLOSED`).
     `random_starts`: a `random` room's start (ms; None: not `random`, or no start),
     whether or not it has passed: a join that arrived before it draws its place for it
     though its batch reached the database after it (`join_opened_many`)."""
 
     product_id: int
+    queue: str
     draws_for: int | None
     closed: bool
     random_starts: int | None = None
@@ -374,7 +388,13 @@ async def opening(conn: Executor, product_id: int, *, now: int) -> Opening | Non
     starts = row["sale_starts_at"]
     random_starts = int(starts) if row["queue"] == "random" and starts is not None else None
     draws = random_starts is not None and random_starts > now
-    return Opening(product_id, random_starts if draws else None, bool(row["closed"]), random_starts)
+    return Opening(
+        product_id,
+        str(row["queue"]),
+        random_starts if draws else None,
+        bool(row["closed"]),
+        random_starts,
+    )
 
 
 # The largest `join_opened_many` statement, in joins; each statement takes a power of two
@@ -393,7 +413,7 @@ def _join_opened_many_sql(count: int) -> str:
         "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at, ended_at) "
         "SELECT products.id, joins.column1, joins.column2, CAST(:state AS TEXT), "
         "CAST(:now AS BIGINT), CAST(:ended AS BIGINT) "
-        f"FROM products, (VALUES {rows}) AS joins WHERE products.id = :p "
+        f"FROM products, (VALUES {rows}) AS joins WHERE products.id = :p AND queue <> 'off' "
         f"AND (CASE WHEN {_CLOSED} THEN 'sold_out' ELSE 'waiting' END) = CAST(:state AS TEXT) "
         "AND (CASE WHEN queue = 'random' AND sale_starts_at IS NOT NULL THEN sale_starts_at "
         "ELSE -1 END) = CAST(:random_starts AS BIGINT) "
@@ -426,7 +446,7 @@ async def join_opened_many(
     now: int,
     key: bytes,
     arrived: Sequence[int] | None = None,
-) -> list[tuple[Ticket, bool]]:
+) -> list[tuple[Ticket, bool] | QueueOff]:
     """`join` for shoppers of one room, in a batch of joins that read the product's
     `Opening` in the same transaction: each new ticket is decided here from it (its place:
     `drawn_place` for the start it draws for, or an `arrival_place`; `sold_out` at once in
@@ -434,10 +454,12 @@ async def join_opened_many(
     RETURNING every column, was about a third of a join's insert on SQLite), by one
     statement per power of two of the shoppers (`JOIN_ROWS` at most), guarded by the same
     conditions on the product's row, so what it made is what the `Opening` said. A
-    result for each of `shopper_ids`, in its order. A shopper named twice is joined once:
-    the second gets the same ticket, not made by it. A shopper whose ticket the statement
-    did not make (one open already; on PostgreSQL, the product's row changed since
-    `opening` read it) is `join`ed as before, one by one, which reads the ticket back.
+    result for each of `shopper_ids`, in its order: the ticket and whether this made it,
+    or QueueOff for a join the product's row refused because the room is `off`. A shopper
+    named twice is joined once: the second gets the same ticket, not made by it. A shopper
+    whose ticket the statement did not make (one open already; on PostgreSQL, the product's
+    row changed since `opening` read it: a room switched `off` among them) is `join`ed as
+    before, one by one, which reads the ticket back, with the same arrival millisecond.
     `key`: the room's (`room_key`). `arrived`: when each join arrived (ms, one per
     `shopper_ids`; None: `now`), the millisecond its arrival place is made of (a shopper
     named twice: the first), since `fifo` is arrival order and a batch's joins arrived
@@ -448,7 +470,10 @@ async def join_opened_many(
     (up to the switch interval, 0.2 ms), with the write lock held: ~50 ms a batch, a
     ceiling of about 5,000 joins a second in one process, and with two processes each
     waiting for the other's lock. One statement waits once. Does not count the tickets in
-    `add_waiting` (the caller does, once per room). Raises ProductNotFound."""
+    `add_waiting` (the caller does, once per room). Raises ProductNotFound, and QueueOff
+    when the `Opening` says the room is `off` (every join of it refused, none made)."""
+    if room.queue == "off":
+        raise QueueOff(room.product_id)
     if arrived is None:
         arrived = [now] * len(shopper_ids)
     first_arrived: dict[str, int] = {}
@@ -489,25 +514,33 @@ async def join_opened_many(
         rows = await conn.fetch_all(_join_opened_many_sql(size), values)
         made.update(str(row["shopper_id"]) for row in rows)
         at += size
-    tickets: dict[str, tuple[Ticket, bool]] = {}
+    tickets: dict[str, tuple[Ticket, bool] | QueueOff] = {}
     for shopper_id, place in zip(unique, places, strict=True):
         if shopper_id in made:
             ticket = Ticket(room.product_id, shopper_id, place, state, now, ended_at=ended)
             tickets[shopper_id] = (ticket, True)
-        else:
+            continue
+        try:
             tickets[shopper_id] = await join(
                 conn,
                 room.product_id,
                 shopper_id,
                 now=now,
                 key=key,
-                starts=room.draws_for,
+                starts=room.random_starts,
                 count=False,
+                arrived=first_arrived[shopper_id],
             )
-    answers: list[tuple[Ticket, bool]] = []
+        except QueueOff as exc:
+            tickets[shopper_id] = exc
+    answers: list[tuple[Ticket, bool] | QueueOff] = []
     told: set[str] = set()
     for shopper_id in shopper_ids:
-        ticket, created = tickets[shopper_id]
+        answer = tickets[shopper_id]
+        if isinstance(answer, QueueOff):
+            answers.append(answer)
+            continue
+        ticket, created = answer
         answers.append((ticket, created and shopper_id not in told))
         told.add(shopper_id)
     return answers

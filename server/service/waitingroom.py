@@ -181,7 +181,8 @@ class WaitingRoom:
     def join_soon(self, product: Product, shopper_id: str) -> asyncio.Future[tuple[Ticket, bool]]:
         """`join` for a caller that is not a coroutine (a socket's join, taken in its
         protocol): the future of the ticket and whether this join made it, set when its
-        batch has committed (or of its error: ProductNotFound, StorageError); the admitter
+        batch has committed (or of its error: ProductNotFound, QueueOff when the product's
+        row says the room is `off` though `product`, a copy, did not, StorageError); the admitter
         is nudged then as `join` does. Raises QueueOff, QueueNotOpen at once."""
         if product.queue == "off":
             raise QueueOff(product.id)
@@ -215,18 +216,21 @@ class WaitingRoom:
         self, joins: Sequence[tuple[int, str, int]]
     ) -> list[tuple[Ticket, bool] | BaseException]:
         """Joins that came together, in one transaction (a storm of joins at a sale's
-        start): one insert per room (`join_opened_many`), the shoppers in the order they came;
-        news of the new waiting tickets, one per room, after commit. The joins of a product
-        that is gone fail together, and alone. Each arrival place is made of the
-        millisecond its join arrived (`join_soon`), not the batch's: `fifo` is arrival
-        order, and a batch's joins arrived while the batch before it was in the database."""
+        start): one insert per room (`join_opened_many`), rooms in product id order and
+        each room's shoppers in shopper id order (below: why); news of the new waiting
+        tickets, one per room, after commit. An answer per join, in `joins`' order. The
+        joins of a product that is gone fail together, and alone (ProductNotFound); so do
+        those of a room the product's row says is `off` (QueueOff: switched off since the
+        caller's catalog said otherwise). Each arrival place is made of the millisecond its
+        join arrived (`join_soon`), not the batch's, in the statement and in a join decided
+        one by one alike: `fifo` is arrival order, and a batch's joins arrived while the
+        batch before it was in the database."""
 
         async def insert_all(conn: Executor) -> list[tuple[Ticket, bool] | BaseException]:
             now = now_ms()
-            results: list[tuple[Ticket, bool] | BaseException | None] = [None] * len(joins)
-            # Each room's joins together, in the order they came: its row read once, in
-            # this transaction (`opening`), and its tickets made by one statement
-            # (`join_opened_many`).
+            answers: dict[int, tuple[Ticket, bool] | BaseException] = {}
+            # Each room's joins together: its row read once, in this transaction
+            # (`opening`), and its tickets made by one statement (`join_opened_many`).
             by_room: dict[int, list[int]] = {}
             for n, (p, _, _) in enumerate(joins):
                 by_room.setdefault(p, []).append(n)
@@ -251,19 +255,23 @@ class WaitingRoom:
                         key=key,
                         arrived=[joins[n][2] for n in indices],
                     )
-                except ProductNotFound as exc:
+                except (ProductNotFound, QueueOff) as exc:
                     for n in indices:
-                        results[n] = exc
+                        answers[n] = exc
                     continue
-                for n, (ticket, created) in zip(indices, made, strict=True):
-                    results[n] = (ticket, created)
+                for n, answer in zip(indices, made, strict=True):
+                    answers[n] = answer
+                    if isinstance(answer, QueueOff):
+                        continue
+                    ticket, created = answer
                     if created and ticket.state is waitingroom.TicketState.WAITING:
                         joined[p] = joined.get(p, 0) + 1
             # The rooms' counts once per room, after every ticket (lock order: see
             # `waitingroom.add_waiting`).
             for p, n in sorted(joined.items()):
                 await waitingroom.add_waiting(conn, p, n)
-            return [r for r in results if r is not None]
+            # Every join is in one room, and each room's loop answered all of its joins.
+            return [answers[n] for n in range(len(joins))]
 
         results = await self.store.write(insert_all)
         made: dict[int, set[str]] = {}
