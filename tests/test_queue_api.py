@@ -279,6 +279,9 @@ async def test_an_answer_is_made_once_a_second_per_query_and_few_are_kept(shop: 
     product = await shop.product(1, queue="fifo", saleStartsAt=starts_in(600))
     ticket_of(await (await shop.shopper()).post(f"/api/products/{product['id']}/queue"), 201)
     app = shop.app._transport.app  # type: ignore[attr-defined]
+    # Made at start-up with the other app state, not by the first GET /api/queues.
+    assert isinstance(app.state.queue_counts, queue.RenderedCounts)
+    assert len(app.state.queue_counts) == 0
     room = app.state.room
     made = 0
     real = room.counts

@@ -185,6 +185,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.subscriber = subscriber
             app.state.hub = hub
             app.state.room = room
+            app.state.queue_counts = queue.RenderedCounts(room)  # GET /api/queues' answers
             app.state.admitter = admitter
             app.state.recent_keys = RecentKeys()  # holds made or replayed here (a hint)
             app.state.rate_limiter = (

@@ -290,11 +290,8 @@ def _until(made: int, counts: list[RoomCounts]) -> int:
 
 
 def counts_answers(request: Request) -> RenderedCounts:
-    """The app's RenderedCounts, made at its first use (one per app)."""
-    state = request.app.state
-    answers: RenderedCounts | None = getattr(state, "queue_counts", None)
-    if answers is None:
-        answers = state.queue_counts = RenderedCounts(room_of(request))
+    """The app's RenderedCounts, made at its start-up with its waiting room (one per app)."""
+    answers: RenderedCounts = request.app.state.queue_counts
     return answers
 
 
