@@ -386,6 +386,30 @@ async def test_a_bad_query_parameter_is_400_naming_it_and_what_was_sent(
     assert named in error["message"], error
 
 
+REPEATED_QUERIES = [
+    ("/api/products?limit=5&limit=7", "limit", 2),
+    ("/api/queues?after=1&limit=2&after=3&after=4", "after", 3),
+    ("/api/admin/reservations?status=ACTIVE&status=EXPIRED", "status", 2),
+    ("/api/admin/products/1/ledger?since=1&since=1", "since", 2),
+]
+
+
+@pytest.mark.parametrize(("path", "field", "times"), REPEATED_QUERIES)
+async def test_a_query_parameter_sent_twice_is_400_naming_it(
+    api: Api, path: str, field: str, times: int
+) -> None:
+    """Each query parameter of ours takes one value (the OpenAPI document lists none as an
+    array): `?limit=5&limit=7` took the last silently, answering what the client may not
+    have asked. It is refused, naming it; a list is one value, comma-separated."""
+    product = await make_product(api.store, 5)
+    error = assert_error(await api.admin("GET", path), 400, "invalid_request")
+    assert error["details"][0]["field"] == field, error
+    assert error["message"] == f"{field}: was sent {times} times; send it once.", error
+    for listing in ("/api/products", "/api/queues", "/api/admin/stats"):
+        listed = await api.admin("GET", f"{listing}?ids={product.id},{product.id + 1}")
+        assert listed.status_code == 200, listed.text
+
+
 # -- ids in the path ------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ errors into responses (`{"statusCode", "error", "code", "message", "details"?}`)
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from starlette.responses import Response
 
 from server.api.spec import DATABASE_BUSY as DATABASE_BUSY_CODE
 from server.api.spec import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE_CODE
+from server.api.spec import query_parameters
 from server.domain import errors, text
 from server.domain.inventory import SHOWN_ID_CHARS, id_cut, ids_cut
 from server.infra.logs import loggable
@@ -346,11 +348,51 @@ class IdsOrPageAfter(IdsOrPage):
 
 def parse_params(data: Mapping[str, Any], model: type[M]) -> M:
     """Query parameters as `model` (lax: they arrive as text). A refusal names each
-    parameter and the value sent for it."""
+    parameter and the value sent for it. A parameter of `model` sent more than once
+    (`?limit=5&limit=7`) is refused, naming it: each of ours takes one value (the OpenAPI
+    document has no array among them), and taking the last silently answered a question
+    the client may not have meant."""
+    repeated = _repeated(data, model)
+    if repeated:
+        name, times = repeated[0]
+        problems = [
+            FieldError(field=shown(n), message=f"was sent {t} times; send it once")
+            for n, t in repeated[:MAX_DETAILS]
+        ]
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"{shown(name)}: was sent {times} times; send it once.",
+            problems,
+        )
     try:
         return model.model_validate(dict(data), strict=False)
     except ValidationError as exc:
         raise _invalid(exc, echo=True) from None
+
+
+def _repeated(data: Mapping[str, Any], model: type[BaseModel]) -> list[tuple[str, int]]:
+    """The parameters of `model` that `data` (a query string's multi-dict) names more than
+    once, with how many times, in the order first sent."""
+    multi = getattr(data, "multi_items", None)
+    if multi is None:
+        return []
+    times: dict[str, int] = {}
+    for key, _ in multi():
+        times[key] = times.get(key, 0) + 1
+    if all(n == 1 for n in times.values()):
+        return []
+    single = _single_valued(model)
+    return [(key, n) for key, n in times.items() if n > 1 and key in single]
+
+
+@functools.cache
+def _single_valued(model: type[BaseModel]) -> frozenset[str]:
+    """The names of `model`'s query parameters that take one value, as the OpenAPI document
+    lists them (`spec.query_parameters`: every one but an array's)."""
+    return frozenset(
+        p["name"] for p in query_parameters(model) if p["schema"].get("type") != "array"
+    )
 
 
 # The most problems one refusal lists. A 16 KiB body can name ~1,700 unknown fields: listing
