@@ -34,6 +34,15 @@ async def test_callers_of_one_key_share_one_run_and_other_keys_run_apart() -> No
     assert await once(1) == "read 1 #2"
 
 
+async def went_away(caller: asyncio.Task[int]) -> None:
+    """`caller`, a task asking a SingleFlight, once it has asked (its run under way), is
+    cancelled: a request whose client hung up."""
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
 async def test_a_caller_that_goes_away_does_not_cancel_the_run_of_the_others() -> None:
     release = asyncio.Event()
 
@@ -42,12 +51,9 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_run_of_the_others() -
         return key * 10
 
     once: SingleFlight[int, int] = SingleFlight(read, name="test")
-    leaving = asyncio.create_task(once(3))
+    leaving = asyncio.create_task(once(3))  # the run's first caller
     staying = asyncio.create_task(once(3))
-    await asyncio.sleep(0)
-    leaving.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await leaving
+    await went_away(leaving)
     release.set()
     async with asyncio.timeout(5):
         assert await staying == 30
@@ -88,10 +94,7 @@ async def test_a_run_that_fails_after_all_its_callers_went_away_is_not_logged_un
 
     once: SingleFlight[int, int] = SingleFlight(read, name="test")
     leaving = asyncio.create_task(once(5))
-    await asyncio.sleep(0)
-    leaving.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await leaving
+    await went_away(leaving)
     release.set()
     async with asyncio.timeout(5):
         await ended.wait()
