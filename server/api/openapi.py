@@ -98,9 +98,10 @@ Hold scarce units during a flash sale, then buy them, cancel, or let the hold ex
 
 JSON in and out, camelCase, times in ISO-8601 UTC with milliseconds and `Z`. Integers
 must be written as JSON integers: `1`, not `1.0` (which JSON Schema's `integer` would
-allow), nor `"1"` or `true`; unknown fields are refused. Every
-response carries the server's time in its `Date` header and an `X-Request-ID` (yours, if
-you sent a sane one).
+allow), nor `"1"` or `true`; unknown fields are refused. Each query parameter takes one
+value (a list is one, comma-separated: `ids=3,8,9`): one sent twice is 400
+`invalid_request` naming it. Every response carries the server's time in its `Date`
+header and an `X-Request-ID` (yours, if you sent a sane one).
 
 **Errors** all have one shape, `ErrorOut`: `{{"statusCode", "error", "code", "message",
 "details"?, "stock"?}}`. `code` is stable, for programs; `message` is one human sentence;
