@@ -58,6 +58,9 @@ class Receiver:
         self.refused_signatures = 0
         self.fail_next = 0
         self.delay = 0.0  # seconds each request takes (a slow receiver)
+        # When given: each request is answered only once it is set (an attempt held on the
+        # wire for as long as a test needs, whatever the machine's load).
+        self.answer_after: asyncio.Event | None = None
         self.failure_body = b"not now"  # what a refusal (`fail_next`) says
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -72,6 +75,8 @@ class Receiver:
         body = await request.body()
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.answer_after is not None:
+            await self.answer_after.wait()
         if self.fail_next > 0:
             self.fail_next -= 1
             return Response(self.failure_body, status_code=500)
