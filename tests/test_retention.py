@@ -8,7 +8,7 @@ from __future__ import annotations
 from server.domain import inventory, waitingroom
 from server.domain.clock import now_ms
 from server.domain.executor import Executor
-from server.domain.retention import DAY_MS
+from server.domain.retention import DAY_MS, FILE_AFTER_MS
 from server.service.delivery import Deliverer
 from server.service.ledger import Ledger
 from server.service.retention import Retention
@@ -219,3 +219,108 @@ async def test_ledger_rows_behind_a_batch_of_kept_events_still_go(store: Store) 
         await count(store, "stock_ledger", f"product_id = {product.id} AND version >= {gone}") == 0
     )
     await assert_reconciled(store)
+
+
+async def test_ended_tickets_are_filed_in_bounded_batches_and_still_found_by_shopper(
+    store: Store, database_url: str
+) -> None:
+    """Tickets that ended more than FILE_AFTER_MS ago are filed (moved to the index of
+    filed tickets by shopper, migration 0021), a bounded batch at a time; open ones and
+    those ended lately are not; and a shopper's tickets are found whether filed or not,
+    a filed one opened again among the open ones first."""
+    rooms = [await make_product(store, 10) for _ in range(3)]
+    now = now_ms()
+    before = now - FILE_AFTER_MS
+    # One shopper in three rooms: a ticket that ended long ago (to file), one that ended a
+    # minute ago (not yet) and one waiting (never). And 24 other shoppers' ended tickets.
+    shopper = "anon:regular"
+    tickets: list[tuple[int, str, str, int | None]] = [
+        (rooms[0].id, shopper, "sold_out", before - 5_000),
+        (rooms[1].id, shopper, "lapsed", now - 60_000),
+        (rooms[2].id, shopper, "waiting", None),
+    ]
+    tickets += [(rooms[0].id, f"anon:other{n}", "sold_out", before - n) for n in range(24)]
+
+    async def write(conn: Executor) -> None:
+        for n, (product_id, who, state, ended_at) in enumerate(tickets):
+            await conn.execute(
+                "INSERT INTO queue_tickets (product_id, shopper_id, place, state, joined_at, "
+                "admitted_at, pass_expires_at, ended_at) "
+                "VALUES (:p, :s, :place, :state, :joined, NULL, NULL, :ended)",
+                {
+                    "p": product_id,
+                    "s": who,
+                    "place": n,
+                    "state": state,
+                    "joined": now - DAY_MS + n,
+                    "ended": ended_at,
+                },
+            )
+
+        # Rooms (a product whose `queue` is `off` makes no ticket: the join below).
+        for room in rooms:
+            await conn.execute("UPDATE products SET queue = 'fifo' WHERE id = :p", {"p": room.id})
+
+    await store.write(write)
+    retention = Retention(store, days=90)
+    first = await retention.run(batch=10, most=2)
+    assert first["queue_tickets_filed"] == 20  # two batches of ten: bounded
+    rest = await retention.run(batch=10, most=100)
+    assert rest["queue_tickets_filed"] == 5
+    assert (await retention.run())["queue_tickets_filed"] == 0
+    async with store.reader() as conn:
+        rows = await conn.fetch_all(
+            "SELECT product_id, shopper_id, filed_at FROM queue_tickets WHERE shopper_id = :s "
+            "OR shopper_id LIKE 'anon:other%'",
+            {"s": shopper},
+        )
+    filed = {(int(r["product_id"]), str(r["shopper_id"])) for r in rows if r["filed_at"]}
+    assert filed == {(rooms[0].id, shopper)} | {(rooms[0].id, f"anon:other{n}") for n in range(24)}
+
+    # The shopper's tickets, filed or not: the open one first, then the latest joined.
+    async with store.reader() as conn:
+        theirs = await waitingroom.tickets_of_shopper(conn, shopper)
+    assert [(t.product_id, t.state.value) for t in theirs] == [
+        (rooms[2].id, "waiting"),
+        (rooms[1].id, "lapsed"),
+        (rooms[0].id, "sold_out"),
+    ]
+    # The filed ticket opened again (a join) stays filed and is found, among the open ones.
+    await store.write(lambda conn: waitingroom.join(conn, rooms[0].id, shopper, now=now_ms()))
+    async with store.reader() as conn:
+        theirs = await waitingroom.tickets_of_shopper(conn, shopper)
+        assert [
+            t.state.value for t in await waitingroom.tickets_of_shopper(conn, shopper, limit=2)
+        ] == [
+            "waiting",
+            "waiting",
+        ]
+    assert {(t.product_id, t.state.value) for t in theirs} == {
+        (rooms[0].id, "waiting"),
+        (rooms[1].id, "lapsed"),
+        (rooms[2].id, "waiting"),
+    }
+    if database_url.startswith("sqlite"):
+        # A sale's joins write no index by shopper over every ticket kept: only the live
+        # tickets' (the month's cost: `python -m bench.joinpages`), and a shopper's tickets
+        # are read through the live and the filed index, no table scan.
+        async with store.reader() as conn:
+            indexes = await conn.fetch_all(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                "AND tbl_name = 'queue_tickets' AND sql IS NOT NULL"
+            )
+            by_shopper = {
+                str(r["name"]): str(r["sql"])
+                for r in indexes
+                if "(shopper_id)" in str(r["sql"]).replace(" ", "")
+            }
+            assert set(by_shopper) == {
+                "queue_tickets_live_of_shopper",
+                "queue_tickets_filed_of_shopper",
+            }, by_shopper
+            plan = await conn.fetch_all(
+                "EXPLAIN QUERY PLAN " + waitingroom.TICKETS_OF_SHOPPER, {"s": shopper, "limit": 100}
+            )
+        details = " | ".join(str(row["detail"]) for row in plan)
+        assert "queue_tickets_live_of_shopper" in details, details
+        assert "queue_tickets_filed_of_shopper" in details, details

@@ -19,7 +19,8 @@ loads 30), that many of the month's sales, spread evenly over it, had a waiting 
 default: 30 rooms are 450,000 tickets), as the service leaves a room once its sale is over:
 the `queue_rooms` row with its secret key, no ticket waiting or admitted (`waiting` 0), every
 ticket ended (`reserved`, `sold_out`, `lapsed` or `left`, `ended_at` set, joined and ended
-within the month). A room's `reserved` tickets are no more than its product's holds (each hold
+within the month) and filed (`filed_at`, as the worker files a ticket `FILE_AFTER_MS` after
+it ended). A room's `reserved` tickets are no more than its product's holds (each hold
 was made with a pass). The shoppers come back: every room's tickets are drawn from one pool of
 shoppers five times smaller than all the tickets (at least twice a room's), so a shopper has
 tickets of several past sales, as a page that connects then reads.
@@ -47,6 +48,7 @@ from typing import Any
 import asyncpg
 
 from server.domain.clock import now_ms
+from server.domain.retention import FILE_AFTER_MS
 from server.domain.waitingroom import PLACE_BITS, drawn_place
 from server.storage.database import sqlite_path
 
@@ -96,6 +98,7 @@ TICKET_COLUMNS = (
     "admitted_at",
     "pass_expires_at",
     "ended_at",
+    "filed_at",
 )
 ROOM_COLUMNS = ("product_id", "room_key", "waiting", "step")
 QUEUE_MODES = ("random", "fifo")  # the rooms' modes, in turn
@@ -319,6 +322,8 @@ class _Month:
                     None if admitted_ms is None else min(admitted_ms, last),
                     None if expires_ms is None else min(expires_ms, last),
                     min(ended, last),
+                    # Filed by the worker's retention run minutes after it ended.
+                    min(ended + FILE_AFTER_MS, last),
                 )
         self.tickets_by_state = counts
 

@@ -11,13 +11,16 @@
   that have no delivery left (delivered everywhere, or wanted by no endpoint). An event
   still waiting for an endpoint is kept, however old.
 - Waiting-room tickets that ended (reserved, sold_out, lapsed, left) before the cutoff.
-  Open tickets (waiting, admitted) are never removed, however old.
+  Open tickets (waiting, admitted) are never removed, however old. Before that, minutes
+  after they ended, they are filed (`file_tickets`): nothing removed, an index moved.
 
 Each function removes at most `limit` rows in one statement per table, choosing them
 through an index in its order, so a batch costs the same with a month of history or a year.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from server.domain import outbox, webhooks
 from server.domain.executor import Executor, Row
@@ -177,6 +180,52 @@ async def remove_tickets(conn: Executor, *, cutoff: int, limit: int) -> int:
     )
     if not rows:
         return 0
+    which, names = _tickets_named(rows)
+    removed = await conn.fetch_all(
+        f"DELETE FROM queue_tickets WHERE {which} "
+        f"AND state IN ({ended}) AND ended_at < :cutoff RETURNING product_id",
+        {"cutoff": cutoff, **names},
+    )
+    return len(removed)
+
+
+# How long after it ended a ticket is filed (ms): after its room's close, when its pages
+# have read its last state, and before the next sales' joins (`file_tickets`).
+FILE_AFTER_MS = 10 * 60_000
+
+
+async def file_tickets(conn: Executor, *, before: int, now: int, limit: int) -> int:
+    """File up to `limit` waiting-room tickets that ended before `before` (ms) and are not
+    filed yet, those that ended first first: `filed_at` = `now`, which moves each from the
+    index of live tickets by shopper to the index of filed ones (migration 0021). Returns
+    how many it filed.
+
+    Why: that index is keyed by the random shopper id, so each entry written lands in a
+    page of its own, which the commit writes out. A sale's joins write only the live
+    index, which holds the tickets open or ended lately (a few rooms'), while the filed
+    one holds RETENTION_DAYS of past rooms; its pages are written here, by the worker,
+    `limit` tickets a transaction, some minutes after the sale (`FILE_AFTER_MS`). A ticket
+    opened again meanwhile (`ended_at` back to NULL) is not filed; one opened again after
+    it was filed stays filed, and is found the same (`waitingroom.tickets_of_shopper`)."""
+    rows = await conn.fetch_all(
+        "SELECT product_id, shopper_id FROM queue_tickets "
+        "WHERE filed_at IS NULL AND ended_at IS NOT NULL AND ended_at < :before "
+        "ORDER BY ended_at LIMIT :limit",
+        {"before": before, "limit": limit},
+    )
+    if not rows:
+        return 0
+    which, names = _tickets_named(rows)
+    return await conn.execute(
+        f"UPDATE queue_tickets SET filed_at = :now WHERE {which} "
+        "AND filed_at IS NULL AND ended_at IS NOT NULL AND ended_at < :before",
+        {"before": before, "now": now, **names},
+    )
+
+
+def _tickets_named(rows: Sequence[Row]) -> tuple[str, dict[str, object]]:
+    """A WHERE condition naming the tickets of `rows` (each with `product_id` and
+    `shopper_id`), a product at a time, and its values."""
     by_product: dict[int, list[str]] = {}
     for row in rows:
         by_product.setdefault(int(row["product_id"]), []).append(str(row["shopper_id"]))
@@ -187,9 +236,4 @@ async def remove_tickets(conn: Executor, *, cutoff: int, limit: int) -> int:
         these: dict[str, object] = {f"s{p}_{n}": s for n, s in enumerate(shopper_ids)}
         names.update(these)
         parts.append(f"(product_id = :p{p} AND shopper_id IN ({_ids(these)}))")
-    removed = await conn.fetch_all(
-        f"DELETE FROM queue_tickets WHERE ({' OR '.join(parts)}) "
-        f"AND state IN ({ended}) AND ended_at < :cutoff RETURNING product_id",
-        {"cutoff": cutoff, **names},
-    )
-    return len(removed)
+    return f"({' OR '.join(parts)})", names

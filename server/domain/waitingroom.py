@@ -554,14 +554,23 @@ async def get_ticket(conn: Executor, product_id: int, shopper_id: str) -> Ticket
     return None if row is None else Ticket.from_row(row)
 
 
+# A shopper's tickets, open ones first, then the latest joined (`tickets_of_shopper`).
+TICKETS_OF_SHOPPER = (
+    f"SELECT {TICKET} FROM (SELECT {TICKET} FROM queue_tickets "
+    "WHERE shopper_id = :s AND filed_at IS NULL "
+    f"UNION ALL SELECT {TICKET} FROM queue_tickets "
+    "WHERE shopper_id = :s AND filed_at IS NOT NULL) AS theirs "
+    "ORDER BY CASE WHEN state IN ('waiting', 'admitted') THEN 0 ELSE 1 END, "
+    "joined_at DESC LIMIT :limit"
+)
+
+
 async def tickets_of_shopper(conn: Executor, shopper_id: str, *, limit: int = 100) -> list[Ticket]:
-    """A shopper's tickets (one per product), at most `limit`, open ones first."""
-    rows = await conn.fetch_all(
-        f"SELECT {TICKET} FROM queue_tickets WHERE shopper_id = :s "
-        "ORDER BY CASE WHEN state IN ('waiting', 'admitted') THEN 0 ELSE 1 END, "
-        "joined_at DESC LIMIT :limit",
-        {"s": shopper_id, "limit": limit},
-    )
+    """A shopper's tickets (one per product), at most `limit`, open ones first, then the
+    latest joined. Two index seeks: the live tickets' and the filed ones' (migration 0021:
+    a sale's joins write only the small live index; `retention.file_tickets` moves ended
+    ones to the filed index later). Every ticket is in exactly one of the two."""
+    rows = await conn.fetch_all(TICKETS_OF_SHOPPER, {"s": shopper_id, "limit": limit})
     return [Ticket.from_row(row) for row in rows]
 
 

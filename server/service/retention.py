@@ -2,7 +2,9 @@
 delivered events and ended waiting-room tickets older than that, in bounded batches
 (`server.domain.retention`), each batch its own short transaction, so that the tables
 stop growing and no run holds the write lock for long. Counted in
-`flashsale_retention_removed_rows_total{table}`."""
+`flashsale_retention_removed_rows_total{table}`. Each run then files the waiting-room
+tickets that ended more than `FILE_AFTER_MS` ago (`retention.file_tickets`), in batches of
+at most `FILE_BATCH`."""
 
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ BATCH = 1000
 # backlog (the first run after the feature arrives on a year of data) clears over a few runs.
 MOST_BATCHES = 20
 PRODUCTS_PER_RUN = 200
+# Tickets filed a transaction, at most: each writes a page of its own of the index of
+# filed tickets (random shopper ids): on a month-old SQLite database 1,000 tickets wrote
+# ~1,300 pages in ~16 ms (`python -m bench.joinpages`); a quarter of BATCH keeps each
+# transaction's hold on the write lock to a few ms, should a sale's joins be waiting.
+FILE_BATCH = 250
 
 
 class Retention:
@@ -38,7 +45,7 @@ class Retention:
 
     async def run(self, *, batch: int = BATCH, most: int = MOST_BATCHES) -> dict[str, int]:
         """One run: up to `most` batches of `batch` rows from each table; the rows removed,
-        by table."""
+        by table, and (`queue_tickets_filed`) the waiting-room tickets filed."""
         cutoff = self.cutoff()
         removed = {
             "reservations": await self._batches(
@@ -66,7 +73,20 @@ class Retention:
                 RETENTION_REMOVED.labels(table).inc(count)
         if any(removed.values()):
             logger.info("retention removed %s", removed)
-        return removed
+        # Then the tickets that ended minutes ago are filed (moved to the index of filed
+        # tickets by shopper: `retention.file_tickets`), off the next sale's joins' path.
+        now = now_ms()
+        filing = min(batch, FILE_BATCH)
+        filed = await self._batches(
+            lambda conn: retention.file_tickets(
+                conn, before=now - retention.FILE_AFTER_MS, now=now, limit=filing
+            ),
+            filing,
+            most,
+        )
+        if filed:
+            logger.info("retention filed %d waiting-room tickets", filed)
+        return {**removed, "queue_tickets_filed": filed}
 
     async def _batches(
         self, work: Callable[[Executor], Awaitable[int]], batch: int, most: int
