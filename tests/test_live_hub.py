@@ -26,6 +26,7 @@ from websockets.frames import Frame, Opcode
 
 from server.domain import waitingroom
 from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
+from server.infra.metrics import DEFERRED, QUEUE_JOIN_DURATION
 from server.live import hub as live
 from server.live.hub import MESSAGE_BURST, Hub
 from server.live.subscriber import Subscriber
@@ -37,6 +38,7 @@ from server.storage.errors import StorageError
 from server.wire.frames import room_from_message, room_message
 from server.wire.schemas import ticket_view
 from tests.support import eventually, make_product, product_in_memory
+from tests.test_waitingroom import writer_held
 
 
 class Socket:
@@ -1341,3 +1343,57 @@ async def test_a_detached_task_is_kept_until_it_ends() -> None:
     assert future is not None, "the task was collected while it waited"
     future.set_result(None)
     await asyncio.wait_for(ended.wait(), 10)
+
+
+def _joins_observed() -> tuple[float, float]:
+    """QUEUE_JOIN_DURATION so far in this process: (count, sum of seconds)."""
+    DEFERRED.flush()
+    samples = {s.name: s.value for s in QUEUE_JOIN_DURATION.collect()[0].samples}
+    return samples["flashsale_queue_join_duration_seconds_count"], samples[
+        "flashsale_queue_join_duration_seconds_sum"
+    ]
+
+
+async def test_a_join_over_a_socket_is_timed_from_its_read_to_its_answer(store: Store) -> None:
+    """The web's own part of a join's latency (`flashsale_queue_join_duration_seconds`):
+    from the message read off its socket to its answer handed to the socket, the wait for
+    its batch's transaction included; one observation per join answered, a refused one
+    too. The waiting room's bench reads it beside the time its shoppers see, to tell the
+    server's part from the kernel's and the load generator's."""
+    product = await make_product(store, 3)
+    await store.write(
+        lambda conn: conn.execute(
+            "UPDATE products SET queue = 'fifo' WHERE id = :p", {"p": product.id}
+        )
+    )
+    catalog = Catalog()
+    catalog.apply(dataclasses.replace(product, queue="fifo"))
+    room = WaitingRoom(store, publish=lambda news: None, opens_ms=0, catalog=catalog)
+    await room.start()
+    try:
+        hub = Hub(catalog, max_clients=10, room=room)
+        socket = Socket()
+        client = hub.join(socket)  # type: ignore[arg-type]
+        await hub.identify(client, "anon:me")
+        client.handling = False  # its task waits for a message, as `live_updates`'s does
+        count, total = _joins_observed()
+        async with writer_held(store) as let_go:
+            began = time.monotonic()
+            assert hub.take_join(client, f'{{"type":"join","productId":{product.id}}}')
+            await asyncio.sleep(0.05)  # the batch waits for the writer this long at least
+            held = time.monotonic() - began
+            assert not any('"type":"ticket"' in text for text in socket.sent)
+            await let_go()
+        await eventually(
+            lambda: _true(any('"type":"ticket"' in text for text in socket.sent)),
+            what="the join's answer",
+        )
+        after, after_total = _joins_observed()
+        assert after == count + 1
+        assert after_total - total >= held
+    finally:
+        await room.stop()
+    # A join refused (the process's joins have stopped) is answered, and timed, too.
+    client.answering = None
+    assert hub.take_join(client, f'{{"type":"join","productId":{product.id}}}')
+    assert _joins_observed()[0] == count + 2

@@ -81,6 +81,14 @@ FANOUT_DURATION = Histogram(
     "Time to hand one flush of live-update frames to every socket of a process.",
     buckets=LATENCY_BUCKETS,
 )
+QUEUE_JOIN_DURATION = Histogram(
+    "flashsale_queue_join_duration_seconds",
+    "Time from a waiting-room join over /ws being read off its socket to its answer (its "
+    "ticket frame, or an error frame) being handed to the socket: the process's own part "
+    "of a join's latency (not the time the message waited in the kernel for a busy event "
+    "loop to read it, nor the answer's way back to the page).",
+    buckets=LATENCY_BUCKETS,
+)
 GC_PAUSE = Histogram(
     "flashsale_gc_pause_seconds",
     "Time the garbage collector stopped the process for, by generation (0, 1, 2): a full "

@@ -62,7 +62,13 @@ from server.domain.waitingroom import (
 from server.infra.buckets import TokenBucket, TokenBuckets
 from server.infra.clients import SIGNED_IN, client_key
 from server.infra.logs import RareLog, loggable
-from server.infra.metrics import FANOUT_DURATION, WEBSOCKETS, WEBSOCKETS_DROPPED
+from server.infra.metrics import (
+    DEFERRED,
+    FANOUT_DURATION,
+    QUEUE_JOIN_DURATION,
+    WEBSOCKETS,
+    WEBSOCKETS_DROPPED,
+)
 from server.live.wsprotocol import EXTENSION, PreparedFrames, prepare_text
 from server.service.catalog import Catalog
 from server.service.shop import Shop
@@ -239,6 +245,9 @@ class Client:
         # A join taken in the protocol whose answer has not gone out yet: done when it has
         # (the socket's task waits for it before the next message it reads).
         self.answering: asyncio.Future[None] | None = None
+        # ...and when it was read off the socket (`time.monotonic()`), for
+        # QUEUE_JOIN_DURATION.
+        self.join_read_at = 0.0
 
     def may_send(self) -> bool:
         """Count one message of the client's: False when it is past `MESSAGE_BURST` at once
@@ -791,6 +800,7 @@ class Hub:
         shopper = client.shopper_now()
         if product is None or shopper is None:
             return False
+        read_at = time.monotonic()
         if (refusal := self.refusal(client)) is not None:
             if _refused(client, "rate_limited", refusal):
                 self.leave(client)
@@ -800,12 +810,15 @@ class Hub:
             joining = room.join_soon(product, shopper)
         except DomainError as exc:
             _refuse_join(client, product_id, exc.code, str(exc))
+            join_answered(read_at)
             return True
         except RuntimeError:
             # The process's joins have stopped (it is shutting down): raised out of the
             # protocol's `data_received`, this closed the connection unanswered.
             _refuse_join(client, product_id, "unavailable", UNAVAILABLE)
+            join_answered(read_at)
             return True
+        client.join_read_at = read_at
         client.answering = asyncio.get_running_loop().create_future()
         joining.add_done_callback(functools.partial(self._answer_join, client, product_id))
         return True
@@ -841,6 +854,7 @@ class Hub:
     def _answered(client: Client, _: object = None) -> None:
         answering, client.answering = client.answering, None
         if answering is not None and not answering.done():
+            join_answered(client.join_read_at)
             answering.set_result(None)
 
     def room_news(self, news: Sequence[RoomChanged]) -> None:
@@ -1563,9 +1577,17 @@ async def live_updates(websocket: WebSocket) -> None:
         hub.leave(client)
 
 
+def join_answered(read_at: float) -> None:
+    """A join over a socket, read at `read_at` (`time.monotonic()`), has its answer handed
+    to the socket now: QUEUE_JOIN_DURATION (the process's part of the join's latency)."""
+    DEFERRED.observe(QUEUE_JOIN_DURATION, time.monotonic() - read_at)
+
+
 async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | None) -> None:
     if text is not None and (product_id := plain_join(text)) is not None:
+        read_at = time.monotonic()
         await _join(websocket, hub, client, product_id)  # the page's join, as it sends it
+        join_answered(read_at)
         return
     problem = None
     try:
@@ -1585,7 +1607,9 @@ async def _handle(websocket: WebSocket, hub: Hub, client: Client, text: str | No
                     'A join is {"type": "join", "productId": <a product\'s id>}, and nothing else.',
                 )
             else:
+                read_at = time.monotonic()
                 await _join(websocket, hub, client, join.product_id)
+                join_answered(read_at)
                 return
         elif not isinstance(message, dict) or message.get("type") != "watch":
             problem = (
