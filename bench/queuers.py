@@ -27,9 +27,11 @@ loop ran a tick due every 10 ms from a second before the start: a client that is
 sends its joins late and reads their answers late), where Row is
 `[offset, join_sent, join_answered, join_status, admitted_at, reserve_sent,
 reserve_answered, reserve_status, complete_answered, complete_status, final_state,
-final_at, position_at_admission, frames, reconnects]` (epoch ms, 0 where it did not
-happen; `join_status`: 200 for a ticket frame, else the error frame's code; `reconnects`:
-request connections opened, the first included).
+final_at, position_at_admission, frames, reconnects, join_made_at]` (epoch ms, 0 where it
+did not happen; `join_status`: 200 for a ticket frame, else the error frame's code;
+`reconnects`: request connections opened, the first included; `join_made_at`: the answer's
+`serverTime`, when the server made it, on the same machine's clock: what splits a join's
+time into its way to the server and through it, and the answer's way back).
 
 The clients are lean (raw asyncio protocols on uvloop), as the storm's are: the measuring
 must not take the CPU the server needs.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import os
 import re
@@ -58,6 +61,16 @@ _STATE = re.compile(rb'"state":"([a-z_]+)"')
 _POSITION = re.compile(rb'"position":(\d+|null)')
 _ID = re.compile(rb'"id":"([^"]+)"')
 _CODE = re.compile(rb'"code":"([a-z_]+)"')
+_SERVER_TIME = re.compile(rb'"serverTime":"([^"]+)"')
+
+
+def _epoch_ms(found: re.Match[bytes] | None) -> float:
+    """The epoch ms of an ISO 8601 time (`serverTime`: "2026-12-02T16:13:16.123Z"), 0 if
+    none."""
+    if found is None:
+        return 0
+    text = found.group(1).decode().replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(text).timestamp() * 1000
 
 
 class Shopper(Client):
@@ -69,7 +82,7 @@ class Shopper(Client):
         self.reconnects = 0  # connections opened (the first, and again after an idle close)
         self.cookie = cookie
         self.http: Connection | None = None
-        self.row: list[object] = [0] * 15
+        self.row: list[object] = [0] * 16
         self.frames = 0  # ticket frames received
         self.state = ""
         self.joined = asyncio.get_running_loop().create_future()
@@ -110,6 +123,7 @@ class Shopper(Client):
         at = now_ms()
         if self.row[1] and not self.joined.done():  # the answer to its join
             self.row[2], self.row[3] = at, 200
+            self.row[15] = _epoch_ms(_SERVER_TIME.search(payload))
             self.joined.set_result(None)
         self.frames += 1
         state = found.group(1).decode()

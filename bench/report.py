@@ -761,6 +761,22 @@ def _queue(configs: list[dict[str, Any]], charts: dict[str, str]) -> list[str]:
                 "first-second joins sent late by their process: p50 / p99 / max",
                 lambda q: pct(q.get("join_sent_late_ms") or {}),
             ),
+            row(
+                "first-second joins, sent to the answer made (its `serverTime`): p50 / p99 / max",
+                lambda q: pct((q.get("join_to_answer_made_ms") or {}).get("first_second", {})),
+            ),
+            row(
+                "… the answer made to read by the shopper: p50 / p99 / max",
+                lambda q: pct((q.get("join_answer_made_to_read_ms") or {}).get("first_second", {})),
+            ),
+            row(
+                "the web's own measure, read to answered (buckets), before the start / "
+                "the sale: p99 within",
+                lambda q: " / ".join(
+                    _ms((q.get("join_server_ms") or {}).get(k, {}).get("p99_within_ms"))
+                    for k in ("before_start", "sale")
+                ),
+            ),
         ],
     )
     for c in runs:

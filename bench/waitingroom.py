@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import threading
 import time
@@ -68,7 +69,57 @@ CPU_WINDOW_MS = 5_000
     POSITION,
     FRAMES,
     RECONNECTS,
-) = range(15)
+    JOIN_MADE,
+) = range(16)
+
+# The web processes' own measure of a join over a socket (server/infra/metrics.py): from
+# its message read off the socket to its answer handed to it, as cumulative buckets.
+JOIN_HISTOGRAM = re.compile(
+    r'^flashsale_queue_join_duration_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M
+)
+
+
+def join_histogram(service: Target) -> dict[float, float]:
+    """The web processes' join histogram now: upper bound (s) → joins at most that long so
+    far, added up over the processes; {} if the service serves no metrics."""
+    env = getattr(getattr(service, "web", None), "env", {})
+    port = env.get("WEB_METRICS_PORT")
+    if not port or port == "0":
+        return {}
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    counts: dict[float, float] = {}
+    for bound, count in JOIN_HISTOGRAM.findall(text):
+        counts[float(bound)] = counts.get(float(bound), 0.0) + float(count)
+    return counts
+
+
+def histogram_between(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """The joins observed between two of `join_histogram`'s readings: how many, the bucket
+    bound (ms) within which the median and the 99th percentile fall, and the share within
+    50 ms (the goal)."""
+    if not after:
+        return {}
+    rows = sorted((b, after[b] - before.get(b, 0.0)) for b in after)
+    total = rows[-1][1] if rows else 0.0
+    if total <= 0:
+        return {"joins": 0}
+
+    def bound(q: float) -> float | None:
+        for upper, count in rows:
+            if count >= q * total:
+                return None if upper == float("inf") else round(upper * 1000, 1)
+        return None
+
+    within = next((count for upper, count in rows if upper >= 0.05), 0.0)
+    return {
+        "joins": int(total),
+        "p50_within_ms": bound(0.5),
+        "p99_within_ms": bound(0.99),
+        "share_within_50ms": round(within / total, 4),
+    }
 
 
 class CpuSampler(threading.Thread):
@@ -188,6 +239,11 @@ def run(
     sampler: CpuSampler | None = None
     before: CpuSampler | None = None  # two samples: the start set, and 2 s before it
     profiling: list[subprocess.Popen[bytes]] = []
+    # The web processes' join histogram (`join_histogram`): as the start is set (no join
+    # yet), 2 s before the start (the minute's joins), and after the run (the sale's).
+    # Not read in between: with one web process the metrics are served from a thread of
+    # that process, whose reading would take the event loop's turn.
+    histograms: list[dict[float, float]] = []
     try:
         opening = time.monotonic()
         procs = _spawn(service, product["id"], offsets, cookies, processes)
@@ -203,6 +259,7 @@ def run(
         worker = getattr(getattr(service, "worker", None), "pid", None)
         before = CpuSampler(web, worker, [proc.pid for proc in procs])
         before.sample()
+        histograms.append(join_histogram(service))
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps({"start_ms": start}) + "\n")
@@ -214,6 +271,7 @@ def run(
         )
         time.sleep(max(0.0, (start - now_ms()) / 1000 - 2.0))
         before.sample()
+        histograms.append(join_histogram(service))
         sampler = CpuSampler(web, worker, [proc.pid for proc in procs])
         sampler.start()
         profiling = _profile(web, worker, *(proc.pid for proc in procs))
@@ -223,7 +281,8 @@ def run(
             assert proc.stdout is not None
             answers.append(json.loads(proc.stdout.readline()))
             proc.wait(30)
-        time.sleep(0.2)
+        time.sleep(1.2)  # the web processes write their metrics out within a second
+        histograms.append(join_histogram(service))
     finally:
         if poller.is_alive():
             poller.stop()
@@ -264,6 +323,14 @@ def run(
         lags=[lag for a in answers for lag in a.get("lags_ms", [])],
         cpu=sampler.samples if sampler is not None else [],
         cpu_before=minute,
+        server_joins=(
+            {
+                "before_start": histogram_between(histograms[0], histograms[1]),
+                "sale": histogram_between(histograms[1], histograms[2]),
+            }
+            if len(histograms) == 3
+            else {}
+        ),
     )
 
 
@@ -283,13 +350,15 @@ def summarize(
     lags: list[float] | None = None,
     cpu: list[tuple[float, float, float, float]] | None = None,
     cpu_before: dict[str, float] | None = None,
+    server_joins: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The figures of one run from every shopper's row (times in ms from the start).
     `lags`: how late the shoppers' processes ran their loops' ticks (ms; see
     bench/queuers.py); `cpu`: (epoch ms, web, worker, shoppers' CPU seconds so far)
     samples (`CpuSampler`); `cpu_before`: each party's CPU seconds in the minute before
     the start (from when the start was set until 2 s before it: the line filling up, and
-    every page told its counts)."""
+    every page told its counts); `server_joins`: the web processes' own measure of the
+    joins (`histogram_between`), `before_start` and `sale` (from 2 s before the start)."""
 
     def since(t: float) -> float:
         return round(t - start, 1)
@@ -323,6 +392,19 @@ def summarize(
     # one's when it joined.
     waits_from_start = [r[ADMITTED] - max(start, r[JOIN_SENT]) for r in admitted]
     waits_from_join = [r[ADMITTED] - r[JOIN_SENT] for r in admitted]
+    # A join's time split at the moment the server made its answer (its `serverTime`, ms):
+    # its way there and through the server (the socket's read, waiting for a busy loop,
+    # the batch and its commit), and the answer's way back (the write, the shopper's read,
+    # waiting for its own busy loop).
+    made = [r for r in joined if len(r) > JOIN_MADE and r[JOIN_MADE] and r[JOIN_STATUS] == 200]
+    there = {
+        "before_start": [r[JOIN_MADE] - r[JOIN_SENT] for r in made if r[OFFSET] < 0],
+        "first_second": [r[JOIN_MADE] - r[JOIN_SENT] for r in made if r[OFFSET] >= 0],
+    }
+    back = {
+        "before_start": [r[JOIN_ANSWERED] - r[JOIN_MADE] for r in made if r[OFFSET] < 0],
+        "first_second": [r[JOIN_ANSWERED] - r[JOIN_MADE] for r in made if r[OFFSET] >= 0],
+    }
     # Joins of the first second sent late by their own process (ms after they were due).
     sent_late = [
         r[JOIN_SENT] - (start + r[OFFSET]) for r in rows if r[JOIN_SENT] and r[OFFSET] >= 0
@@ -384,6 +466,9 @@ def summarize(
         "cpu_minute_before": cpu_before or {},
         "shopper_loop_lag_ms": _rounded(_percentiles(lags or [])),
         "join_sent_late_ms": _rounded(_percentiles(sent_late)),
+        "join_to_answer_made_ms": {k: _rounded(_percentiles(v)) for k, v in there.items()},
+        "join_answer_made_to_read_ms": {k: _rounded(_percentiles(v)) for k, v in back.items()},
+        "join_server_ms": server_joins or {},
         "series": {
             # [ms from the start, latency ms, status] per join, as it was answered
             "joins": [
@@ -403,6 +488,24 @@ def summarize(
         },
     }
     j, r = result["join_ms"], result["reserve_ms"]
+    for when, total, server in (
+        ("before the start", "join_before_start_ms", "before_start"),
+        ("in the first second", "join_first_second_ms", "first_second"),
+    ):
+        there_p99 = result["join_to_answer_made_ms"][server].get("p99")
+        back_p99 = result["join_answer_made_to_read_ms"][server].get("p99")
+        own = result["join_server_ms"].get("sale" if server == "first_second" else server, {})
+        print(
+            f"  joins {when}: p99 {result[total].get('p99')} ms; sent to the answer made "
+            f"p99 {there_p99} ms, made to read p99 {back_p99} ms; the web's own (read to "
+            f"answered) p99 within {own.get('p99_within_ms')} ms",
+            flush=True,
+        )
+    print(
+        f"  the shoppers' loops late p99 {result['shopper_loop_lag_ms'].get('p99')} ms, "
+        f"first-second joins sent late p99 {result['join_sent_late_ms'].get('p99')} ms",
+        flush=True,
+    )
     told = result["sold_out_after_last_sale_ms"]
     print(
         f"  joins p50 {j.get('p50')} p99 {j.get('p99')} max {j.get('max')} ms "
