@@ -1397,3 +1397,40 @@ async def test_a_join_over_a_socket_is_timed_from_its_read_to_its_answer(store: 
     client.answering = None
     assert hub.take_join(client, f'{{"type":"join","productId":{product.id}}}')
     assert _joins_observed()[0] == count + 2
+
+
+async def test_a_flush_of_counts_alone_is_paced_and_ends_its_pacing_for_other_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flush of a line's counts alone (nothing a page must hear soon) goes in slices with
+    the loop left alone between them for three times as long as each took
+    (COUNTS_FLUSH_SHARE): back to back, one to 15,000 pages held the joins of the minute
+    before a sale 60-110 ms every ~8 s. A stock frame due meanwhile ends the pacing: the
+    rest of the counts go at once, then the stock, to every page in that order."""
+    monkeypatch.setattr(live, "COUNTS_SLICE_SECONDS", 0.0)  # a page a slice
+    monkeypatch.setattr(live, "SLICE_CHECK_EVERY", 4)
+    monkeypatch.setattr(live, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(live, "FANOUT_BURST", 10.0)
+    hub = Hub(catalog_of(5), max_clients=20)
+    pages = joined_pages(hub, [CostlyPage(0.01) for _ in range(6)])
+    hub.publish(*_room({"type": "room", "productId": 5, "waiting": 1, "admitted": 0}))
+    await eventually(lambda: _true(all(len(p.writes) == 1 for p in pages)), what="the counts")
+    at = sorted(p.at[0] for p in pages)
+    # Each write took >= 10 ms, so each pause >= 30 ms (a busy machine only makes it later;
+    # a timer may fire up to the clock's resolution early).
+    assert all(b - a >= 0.04 - 0.005 for a, b in itertools.pairwise(at)), at
+    assert not hub._paced
+
+    # Paced so slowly now that the rest would take minutes: a stock change ends it.
+    monkeypatch.setattr(live, "COUNTS_FLUSH_SHARE", 0.0001)
+    hub.publish(*_room({"type": "room", "productId": 5, "waiting": 2, "admitted": 0}))
+    await eventually(lambda: _true(any(len(p.writes) == 2 for p in pages)), what="a slice")
+    assert hub._paced
+    hub.publish(*stock(5, 9, 1))
+    hub.flush()
+    await eventually(
+        lambda: _true(all(len(p.writes) == 3 for p in pages)), what="the rest, then the stock"
+    )
+    for page in pages:
+        assert '"waiting":2' in page.writes[1].decode(errors="replace")
+        assert '"type":"stock"' in page.writes[2].decode(errors="replace")

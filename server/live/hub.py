@@ -148,6 +148,16 @@ _NEVER = -1e9  # the loop time a room's counts were "last sent" before they ever
 # goes to every page anyway: in the same write as those (`Client.offer_all`), they cost a
 # socket nothing more, where a flush of their own costs a write to each.
 QUEUE_RIDE_SECONDS = 1.0
+# A flush of counts alone (no stock, product or hold frames: nothing a page must hear soon)
+# goes out paced: slices of COUNTS_SLICE_SECONDS at most, each followed by a pause that
+# keeps the flush to COUNTS_FLUSH_SHARE of the event loop while it lasts. Back to back, a
+# flush to 15,000 pages was 0.4 s of the loop and of the pages' own (their clients read
+# 15,000 frames in that time): the joins made meanwhile, a minute before a sale, waited
+# 60-110 ms, every ~8 s (the waiting room's bench, 12-02). Paced, it is spread over about
+# four times as long; a flush of anything else due meanwhile ends the pacing (the rest of
+# the counts go at once, then it: no socket gets frames out of order).
+COUNTS_SLICE_SECONDS = 0.002
+COUNTS_FLUSH_SHARE = 0.25
 FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quiet spell
 # Whether the event loop is behind: a timer due every LAG_PROBE_SECONDS that runs
 # BUSY_LAG_SECONDS late or more marks the loop busy for BUSY_HOLD_SECONDS. While it is, the
@@ -499,6 +509,10 @@ class Hub:
         # order).
         self._slice_handle: asyncio.Handle | None = None
         self._flush_again = False
+        # ...whether it is a flush of counts alone, paced (COUNTS_FLUSH_SHARE), and the
+        # arguments of its next slice, to send it at once when another flush is due.
+        self._paced = False
+        self._next_slice: tuple[Any, ...] = ()
         self._last_flush = 0.0
         self._flush_cost = 0.0
         self._budget = FANOUT_BURST  # seconds of fan-out that may be spent now
@@ -1383,6 +1397,12 @@ class Hub:
         self._flush_handle = None
         if self._slice_handle is not None:
             self._flush_again = True  # after the one under way
+            if self._paced:
+                # A flush of counts alone is under way, paced: the rest of it now, so that
+                # the frames due now are not held up by its pauses.
+                self._paced = False
+                self._slice_handle.cancel()
+                self._slice_handle = loop.call_soon(self._flush_slice, *self._next_slice)
             return
         products, self._products = self._products, {}
         self._resetting.clear()
@@ -1410,6 +1430,7 @@ class Hub:
         prepared = [(key, text, prepare_text(text)) for key, text in frames]
         clients = list(self.clients) if prepared else []
         together = b"".join(encoded for _, _, encoded in prepared) if len(prepared) > 1 else b""
+        self._paced = bool(frames) and not products and not stock
         self._flush_slice(prepared, together, clients, 0, loop.time() - started)
 
     def _flush_slice(
@@ -1430,23 +1451,32 @@ class Hub:
         self._slice_handle = None
         end = min(start + FLUSH_SLICE, len(clients))
         at = start
+        paced = self._paced
+        slice_seconds = COUNTS_SLICE_SECONDS if paced else SLICE_SECONDS
+        check_every = SLICE_CHECK_EVERY // 4 if paced else SLICE_CHECK_EVERY
         while at < end:
-            for client in clients[at : min(at + SLICE_CHECK_EVERY, end)]:
+            for client in clients[at : min(at + check_every, end)]:
                 wanted = client.products
                 if wanted is None and together and client.offer_all(together):
                     continue
                 for key, text, encoded in prepared:
                     if wanted is None or key[1] in wanted:
                         client.offer(key, text, encoded)
-            at = min(at + SLICE_CHECK_EVERY, end)
-            if loop.time() - began >= SLICE_SECONDS:
+            at = min(at + check_every, end)
+            if loop.time() - began >= slice_seconds:
                 break
-        cost += loop.time() - began
+        took = loop.time() - began
+        cost += took
         if at < len(clients):
-            self._slice_handle = loop.call_soon(
-                self._flush_slice, prepared, together, clients, at, cost
-            )
+            self._next_slice = (prepared, together, clients, at, cost)
+            if paced:
+                pause = took * (1 / COUNTS_FLUSH_SHARE - 1)
+                self._slice_handle = loop.call_later(pause, self._flush_slice, *self._next_slice)
+            else:
+                self._slice_handle = loop.call_soon(self._flush_slice, *self._next_slice)
             return
+        self._paced = False
+        self._next_slice = ()
         self._last_flush = loop.time()
         # Debt beyond the budget is not carried: past `flush_gap_cap` it is spent anyway.
         self._budget = max(0.0, self._budget - cost)
