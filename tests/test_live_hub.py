@@ -1348,7 +1348,8 @@ async def test_a_detached_task_is_kept_until_it_ends() -> None:
 def _joins_observed() -> tuple[float, float]:
     """QUEUE_JOIN_DURATION so far in this process: (count, sum of seconds)."""
     DEFERRED.flush()
-    samples = {s.name: s.value for s in QUEUE_JOIN_DURATION.collect()[0].samples}
+    (metric,) = QUEUE_JOIN_DURATION.collect()
+    samples = {s.name: s.value for s in metric.samples}
     return samples["flashsale_queue_join_duration_seconds_count"], samples[
         "flashsale_queue_join_duration_seconds_sum"
     ]
@@ -1399,6 +1400,12 @@ async def test_a_join_over_a_socket_is_timed_from_its_read_to_its_answer(store: 
     assert _joins_observed()[0] == count + 2
 
 
+def paced(hub: Hub) -> bool:
+    """Whether a flush of counts alone is under way, paced (a function: mypy narrows an
+    attribute read twice as if it could not change in between)."""
+    return hub._paced
+
+
 async def test_a_flush_of_counts_alone_is_paced_and_ends_its_pacing_for_other_frames(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1419,13 +1426,13 @@ async def test_a_flush_of_counts_alone_is_paced_and_ends_its_pacing_for_other_fr
     # Each write took >= 10 ms, so each pause >= 30 ms (a busy machine only makes it later;
     # a timer may fire up to the clock's resolution early).
     assert all(b - a >= 0.04 - 0.005 for a, b in itertools.pairwise(at)), at
-    assert not hub._paced
+    assert not paced(hub)
 
     # Paced so slowly now that the rest would take minutes: a stock change ends it.
     monkeypatch.setattr(live, "COUNTS_FLUSH_SHARE", 0.0001)
     hub.publish(*_room({"type": "room", "productId": 5, "waiting": 2, "admitted": 0}))
     await eventually(lambda: _true(any(len(p.writes) == 2 for p in pages)), what="a slice")
-    assert hub._paced
+    assert paced(hub)
     hub.publish(*stock(5, 9, 1))
     hub.flush()
     await eventually(
@@ -1434,3 +1441,95 @@ async def test_a_flush_of_counts_alone_is_paced_and_ends_its_pacing_for_other_fr
     for page in pages:
         assert '"waiting":2' in page.writes[1].decode(errors="replace")
         assert '"type":"stock"' in page.writes[2].decode(errors="replace")
+
+
+async def test_positions_wait_while_joins_stream_in_and_a_round_begun_gives_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A storm of joins (JOINS_BUSY_PER_SECOND or more) marks the loop busy before its
+    timers run late: a sale's start shows a random room's drawn order, a round of positions
+    to every page that waited, which went out right as its first second's joins came. A
+    round begun as the storm began gives way once it is found, and is deferred from then as
+    any other, up to POSITIONS_MAX_DEFER_SECONDS; once the joins stop, the rest is told, each
+    page once."""
+    monkeypatch.setattr(live, "LINE_SECONDS", 0.05)
+    monkeypatch.setattr(live, "POSITIONS_MAX_DEFER_SECONDS", 2.0)
+    monkeypatch.setattr(live, "BUSY_HOLD_SECONDS", 0.3)
+    monkeypatch.setattr(live, "JOINS_BUSY_PER_SECOND", 100)
+    monkeypatch.setattr(live, "SLICE_SECONDS", 0.0)  # a slice every SLICE_CHECK_EVERY pages
+    room, hub, tickets, sockets = await _line_of_pages(3 * live.SLICE_CHECK_EVERY)
+    loop = asyncio.get_running_loop()
+    joining = True
+
+    async def storm() -> None:  # 1,000 joins a second, without the loop being behind
+        while joining:
+            for _ in range(10):
+                hub.count_join()
+            await asyncio.sleep(0.01)
+
+    # The storm begins as the first page of a round is told (the round's first slice).
+    first = sockets[0]
+    send = first.send_text
+    storming: list[asyncio.Task[None]] = []
+
+    async def begins_the_storm(text: str) -> None:
+        if not storming:
+            storming.append(asyncio.create_task(storm()))
+            hub._busy_until = loop.time() + live.BUSY_HOLD_SECONDS  # its first probe
+        await send(text)
+
+    first.send_text = begins_the_storm  # type: ignore[method-assign]
+    hub._start_ticketer()
+    room.places.remove(10)  # the head is admitted: everyone moves up one
+    await eventually(lambda: _true(bool(storming)), what="a round to begin")
+    began = loop.time()
+    try:
+        await eventually(
+            lambda: _true(all(len(positions(s)) == 2 for s in sockets)),
+            what="the deferred positions",
+        )
+        # The round gave way after its first slice, and the rest waited for the deferral.
+        assert loop.time() - began >= 2.0 - 0.1
+        assert hub.loop_busy
+    finally:
+        joining = False
+        await asyncio.gather(*storming)
+    for socket, ticket in zip(sockets, tickets, strict=True):
+        assert positions(socket) == [ticket.place - 98, ticket.place - 99]  # each told once
+    await eventually(lambda: _true(not hub.loop_busy), what="the joins over")
+    room.places.remove(100)
+    await eventually(
+        lambda: _true(all(len(positions(s)) == 3 for s in sockets[1:])), what="the next, at once"
+    )
+
+
+async def test_a_step_that_moved_nobody_leaves_the_line_as_read() -> None:
+    """Positions are read again soon (MOVED_SECONDS) after news that moved someone in line:
+    named (left, lapsed), admitted, closed, or a step whose count of passes out is not the
+    line's as read. A step that only counted the joins since the last (a sale's first
+    second: one every 20 ms) moves nobody: with each read as if it did, the line (15,000
+    places) was read every 0.2 s, and the joins answered meanwhile waited for each read."""
+    from server.api.app import _nudge_rooms
+
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, queue="fifo"))
+    moved: list[int] = []
+    line = Lineup(product_id=5, at=1, places=(1, 2, 3), admitted=4)
+    room = types.SimpleNamespace(
+        counts_changed=lambda product_id: None,
+        moved=moved.append,
+        cached_line=lambda product_id: line,
+    )
+    admitter = types.SimpleNamespace(nudge=lambda product_id: None)
+
+    def news(**fields: Any) -> None:
+        frame = {"type": "room", "productId": 5, **fields}
+        _nudge_rooms(catalog, admitter, room, frame, b"", room_from_message(frame))  # type: ignore[arg-type]
+
+    news(waiting=900, admitted=4, step=7)  # the joins counted: nobody moved
+    assert moved == []
+    news(waiting=899, admitted=5, step=8)  # a pass more than the line says
+    news(waiting=899, admitted=4, step=9, passed=["anon:a"], passedAt=5, passUntil=9)
+    news(waiting=0, admitted=4, step=10, closed=["anon:b"], closedAt=6)
+    news(shoppers=["anon:c"])  # a leave: named, not counted
+    assert moved == [5, 5, 5, 5]

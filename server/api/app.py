@@ -77,8 +77,9 @@ def _nudge_rooms(
     news: RoomChanged | None,
 ) -> None:
     """A stock change of a product with a waiting room, or a join or leave while its sale is
-    on, from any process: the admitter steps at once, if it is the one admitting. News of
-    an admission step (it has counts) makes positions here be read again soon."""
+    on, from any process: the admitter steps at once, if it is the one admitting. News
+    that moved someone in line (named, admitted, closed; or a step whose count of passes
+    out is not the line's as read) makes positions here be read again soon."""
     kind = frame.get("type")
     if kind not in ("stock", "room") or (kind == "room" and news is None):
         return
@@ -87,10 +88,19 @@ def _nudge_rooms(
         return
     if news is not None:
         room.counts_changed(product.id)
+        if news.everyone or news.shoppers or news.passed or news.closed:
+            room.moved(product.id)  # someone left the line, or was admitted or closed
     if kind == "stock":
         admitter.nudge(product.id)
     elif news is not None and news.waiting is not None:
-        room.moved(product.id)  # an admission step's news (its own, too: no nudge)
+        # An admission step's news (its own, too: no nudge). One that moved nobody (it
+        # counted the joins since the last: a sale's first second, a step every 20 ms)
+        # leaves the line as read, unless the passes out changed (a view's estimate reads
+        # them): read again for each, the line was read every 0.2 s in a storm of joins,
+        # 15,000 places each time, and the joins answered meanwhile waited for it.
+        line = room.cached_line(product.id)
+        if line is None or line.admitted != news.admitted:
+            room.moved(product.id)
     elif product.sale_state(now_ms()) == "open":
         admitter.nudge(product.id)  # a join or a leave while the sale is on
 

@@ -167,6 +167,12 @@ FANOUT_BURST = 0.25  # seconds of fan-out that may be spent at once after a quie
 # POSITIONS_MAX_DEFER_SECONDS; a change of a ticket's state (admitted, sold out) never waits.
 LAG_PROBE_SECONDS = 0.05
 BUSY_LAG_SECONDS = 0.05
+# ...and so does a storm of joins, JOINS_BUSY_PER_SECOND or more taken here between two
+# probes: it is about to be behind, before its timers say so. A sale's start shows a random
+# room's drawn order, a round of positions to every page that waited (5,000 in the bench),
+# which went out right as its first second's 10,000 joins came (a tenth of the web's
+# samples then, py-spy), since the first probe found the loop behind only after it.
+JOINS_BUSY_PER_SECOND = 1_000
 BUSY_HOLD_SECONDS = 0.5
 POSITIONS_MAX_DEFER_SECONDS = 5.0
 SEND_TIMEOUT_SECONDS = 5.0
@@ -456,6 +462,7 @@ class Hub:
         self._ticketer: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.TimerHandle | None = None
         self._busy_until = 0.0  # loop time until which the loop counts as busy
+        self._joins_taken = 0  # joins taken since the last lag probe
         # Per room, the line as its positions were last told: (whether its order was hidden,
         # the places waiting, the last place). Positions move only when someone ahead leaves
         # the line (admitted, left), or show at a random room's start; joins go to the
@@ -747,6 +754,10 @@ class Hub:
     def room(self) -> WaitingRoom | None:
         return self._room
 
+    def count_join(self) -> None:
+        """A join is being made here (`loop_busy`: a storm of them)."""
+        self._joins_taken += 1
+
     async def joined(self, client: Client, ticket: Ticket) -> None:
         """The socket's shopper has joined (over this socket): its ticket frame now, and
         its position as the line moves. If its line cannot be read now (the database is
@@ -834,6 +845,7 @@ class Hub:
             return True
         client.join_read_at = read_at
         client.answering = asyncio.get_running_loop().create_future()
+        self._joins_taken += 1
         joining.add_done_callback(functools.partial(self._answer_join, client, product_id))
         return True
 
@@ -1039,7 +1051,10 @@ class Hub:
         behind the event loop is (`loop_busy`)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now - due >= BUSY_LAG_SECONDS:
+        joins, self._joins_taken = self._joins_taken, 0
+        since_last = now - due + LAG_PROBE_SECONDS  # since the last probe ran
+        storm = joins >= JOINS_BUSY_PER_SECOND * since_last
+        if now - due >= BUSY_LAG_SECONDS or storm:
             self._busy_until = now + BUSY_HOLD_SECONDS
         self._lag_probe = loop.call_at(
             now + LAG_PROBE_SECONDS, self._probe_lag, now + LAG_PROBE_SECONDS
@@ -1047,16 +1062,18 @@ class Hub:
 
     @property
     def loop_busy(self) -> bool:
-        """Whether the event loop has lately run a timer BUSY_LAG_SECONDS late or more (only
-        known while some page here holds a ticket: the probe runs with the ticket frames)."""
+        """Whether the event loop has lately run a timer BUSY_LAG_SECONDS late or more, or
+        taken JOINS_BUSY_PER_SECOND joins or more (only known while some page here holds a
+        ticket: the probe runs with the ticket frames)."""
         return asyncio.get_running_loop().time() < self._busy_until
 
     async def _tell_tickets_forever(self) -> None:
         """Tickets that changed state are read again and told at once; positions, which
         change whenever the head of a line moves, at most every `LINE_SECONDS`, and while
         the event loop is behind (`loop_busy`) only every POSITIONS_MAX_DEFER_SECONDS."""
-        last_positions = 0.0
         loop = asyncio.get_running_loop()
+        # As if a round had just been due: the first may be deferred too.
+        last_positions = loop.time() - LINE_SECONDS
         while True:
             try:
                 async with asyncio.timeout(LINE_SECONDS):
@@ -1077,16 +1094,27 @@ class Hub:
                 for product_id, closed in closing.items():
                     await self._close_tickets(product_id, closed)
                 since = loop.time() - last_positions
-                if since >= LINE_SECONDS and (
-                    since >= POSITIONS_MAX_DEFER_SECONDS or not self.loop_busy
-                ):
-                    last_positions = loop.time()
+                forced = since >= POSITIONS_MAX_DEFER_SECONDS
+                if since >= LINE_SECONDS and (forced or not self.loop_busy):
+                    deferred_since, last_positions = last_positions, loop.time()
                     # A round of positions (a frame to every waiting page, seconds of a
                     # busy loop in slices) stops for news of a close or of admissions
                     # that comes meanwhile: it is told first, and the round is done again
                     # in full at its next turn. A close once waited 0.7 s behind a round
-                    # begun just before it (the waiting room's bench).
-                    await self._tell_positions(give_way=self._news_due)
+                    # begun just before it (the waiting room's bench). It also stops once
+                    # the loop is found busy (a storm of joins begun as it began: a sale's
+                    # start), unless it was deferred for as long as it may be already: it
+                    # is deferred, still, from when it first was.
+                    busy = [False]
+
+                    def give_way(forced: bool = forced, busy: list[bool] = busy) -> bool:
+                        if self._news_due():
+                            return True
+                        busy[0] = not forced and self.loop_busy
+                        return busy[0]
+
+                    if not await self._tell_positions(give_way=give_way) and busy[0]:
+                        last_positions = deferred_since
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -1726,6 +1754,7 @@ async def _join(websocket: WebSocket, hub: Hub, client: Client, product_id: int)
         if wait is not None:
             refuse("rate_limited", f"Too many requests from you; try again in {wait} seconds.")
             return
+    hub.count_join()
     try:
         answer = await room.join(product_id, shopper, view=False)  # told below
     except DomainError as exc:
