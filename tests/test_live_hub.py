@@ -25,6 +25,7 @@ from starlette.websockets import WebSocketState
 from websockets.frames import Frame, Opcode
 
 from server.domain import waitingroom
+from server.domain.clock import now_ms, parse_iso
 from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
 from server.infra.metrics import DEFERRED, QUEUE_JOIN_DURATION
 from server.live import hub as live
@@ -1533,3 +1534,35 @@ async def test_a_step_that_moved_nobody_leaves_the_line_as_read() -> None:
     news(waiting=0, admitted=4, step=10, closed=["anon:b"], closedAt=6)
     news(shoppers=["anon:c"])  # a leave: named, not counted
     assert moved == [5, 5, 5, 5]
+
+
+class SlowLineRoom(Room):
+    """`Room` whose line is read only once `readable` is set (a busy database's read)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.readable = asyncio.Event()
+
+    async def line(self, product_id: int, *, max_age: float = 1.0) -> Lineup:
+        await self.readable.wait()
+        return await super().line(product_id, max_age=max_age)
+
+
+async def test_a_ticket_frame_s_server_time_is_taken_once_its_line_was_read() -> None:
+    """A join's answer that waits for its line to be read says when it was made, after the
+    read (its `serverTime`: a page's countdown and the waiting room's bench go by it), not
+    when the answer began: under load it said up to 0.3 s too early."""
+    catalog = Catalog()
+    catalog.apply(product_in_memory(id=5, available_stock=0))
+    mine = Ticket(5, "anon:me", 20, TicketState.WAITING, joined_at=2)
+    room = SlowLineRoom(5, [10, 20], [mine])
+    hub = Hub(catalog, max_clients=10, room=room)  # type: ignore[arg-type]
+    socket = Socket()
+    client = hub.join(socket)  # type: ignore[arg-type]
+    answering = asyncio.create_task(hub.joined(client, mine))
+    await asyncio.sleep(0.01)  # the read takes 10 ms
+    read_at = now_ms()
+    room.readable.set()
+    await answering
+    (frame,) = [json.loads(text) for text in socket.sent if '"type":"ticket"' in text]
+    assert parse_iso(frame["ticket"]["serverTime"]) >= read_at
