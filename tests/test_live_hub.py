@@ -608,11 +608,14 @@ async def test_a_lines_counts_reach_every_page_at_most_so_often_ending_on_the_ne
     hub = Hub(catalog_of(5), max_clients=10)
     socket = Socket()
     hub.join(socket)  # type: ignore[arg-type]
+    began = time.monotonic()
     for waiting in range(1, 51):  # fifty joins in a quarter of a second
         hub.publish(*_room({"type": "room", "productId": 5, "waiting": waiting, "admitted": 0}))
         await asyncio.sleep(0.005)
+    took = time.monotonic() - began  # longer on a loaded machine: a count a second more
     await eventually(lambda: _true(queue_counts(socket)[-1:] == [50]), what="the newest count")
-    assert len(queue_counts(socket)) <= 2  # the first at once, then the newest after 1 s
+    # The first at once, then the newest after 1 s (and one a second while they came).
+    assert len(queue_counts(socket)) <= 2 + int(took)
 
 
 async def test_a_flush_goes_out_in_slices_and_every_socket_gets_frames_in_order(
