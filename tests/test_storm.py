@@ -1,13 +1,15 @@
 """Never oversell, never leak: the promises under real concurrency, across real processes.
 
 Two uvicorn processes and a worker (the Procfile's commands) share one database, SQLite or
-PostgreSQL; a thousand shoppers click at once.
+PostgreSQL; a thousand shoppers click at once. One service and database of each kind serve
+the whole module: each storm has products of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from email.utils import parsedate_to_datetime
@@ -16,12 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import Redis as SyncRedis
 
+from server.devtools.embedded_redis import EmbeddedRedis
 from server.devtools.processes import Service, running
 from server.domain.clock import now_ms
 from server.domain.model import Reservation, Status
 from server.service.expiry import Expirer
 from server.storage.database import Store
+from tests.conftest import run_apart
+from tests.pgpool import PostgresDatabases
 from tests.support import assert_invariant, assert_reconciled, hold, make_product, reservation
 
 pytestmark = pytest.mark.slow
@@ -34,9 +40,39 @@ async def books_reconcile_after(store: Store) -> AsyncIterator[None]:
     await assert_reconciled(store)
 
 
-@pytest.fixture
-def service(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Service]:
-    with running(database_url, redis_url, tmp_path / "logs", web_concurrency=2) as svc:
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One database of each kind for the whole module (conftest's, made for each test, with
+    a service started for each, cost every storm a start and a stop of two web processes and
+    a worker): each storm makes products of its own and checks only those, and the books
+    are checked whole after each."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path_factory.mktemp("storm") / "flashsale.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
+        return
+    postgres: PostgresDatabases = request.getfixturevalue("postgres")
+    name = run_apart(postgres.database())
+    yield postgres.url(name)
+    postgres.release(name)
+
+
+@pytest.fixture(scope="module")
+def service(
+    database_url: str, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """The Procfile's two web processes and worker on the module's database, for every
+    storm of the module: none stops or breaks a process."""
+    flushed = SyncRedis.from_url(redis_server.url)
+    flushed.flushall()  # what earlier tests left (conftest's `redis_url` does this per test)
+    flushed.close()
+    logs = tmp_path_factory.mktemp("storm-logs")
+    with running(database_url, redis_server.url, logs, web_concurrency=2) as svc:
         yield svc
 
 
