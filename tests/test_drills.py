@@ -588,17 +588,24 @@ def new_connection_outcome(port: int, within: float) -> str:
 
 
 @SQLITE_ONLY
+# With two, uvicorn's own supervisor would hold the socket open while its workers drain
+# (server/web.py).
 @pytest.mark.parametrize("web_concurrency", [1, 2])
-async def test_on_sigterm_web_finishes_the_request_in_flight_and_exits(
+async def test_on_sigterm_web_refuses_new_connections_finishes_the_request_in_flight_and_exits(
     tmp_path: Path, redis_url: str, store: Store, web_concurrency: int
 ) -> None:
+    """One SIGTERM, two promises: while web drains, a new client is refused at once (not
+    left hanging), and the request in flight gets its answer before web exits. (They were
+    two tests, each starting web and sending SIGTERM with a request in flight.)"""
     with running(
         store.url, redis_url, tmp_path / "logs", worker=False,
         web_concurrency=web_concurrency, DB_BUSY_TIMEOUT_MS="15000",
     ) as service:  # fmt: skip
         product = await service.new_product(10)
         async with sigterm_with_a_request_in_flight(service, store.url, product["id"]) as request:
-            pass
+            # While it drains, a new client is refused at once (and can go elsewhere).
+            outcome = await asyncio.to_thread(new_connection_outcome, service.port, 3.0)
+        assert outcome == "refused"
         # Released: the request in flight gets its proper answer...
         response = request.result()
         assert response.status_code == 201, response.text
@@ -613,24 +620,6 @@ async def test_on_sigterm_web_finishes_the_request_in_flight_and_exits(
     assert held == {response.json()["id"]: "ACTIVE"}
     s = await assert_invariant(store, product["id"])
     assert (s.available, s.held) == (7, 3)
-
-
-@SQLITE_ONLY
-# With two, uvicorn's own supervisor would hold the socket open while its workers drain
-# (server/web.py).
-@pytest.mark.parametrize("web_concurrency", [1, 2])
-async def test_on_sigterm_new_connections_are_refused_not_left_hanging(
-    tmp_path: Path, redis_url: str, store: Store, web_concurrency: int
-) -> None:
-    with running(
-        store.url, redis_url, tmp_path / "logs", worker=False,
-        web_concurrency=web_concurrency, DB_BUSY_TIMEOUT_MS="15000",
-    ) as service:  # fmt: skip
-        product = await service.new_product(10)
-        async with sigterm_with_a_request_in_flight(service, store.url, product["id"]):
-            # While it drains, a new client is refused at once (and can go elsewhere).
-            outcome = await asyncio.to_thread(new_connection_outcome, service.port, 3.0)
-        assert outcome == "refused"
 
 
 @SQLITE_ONLY
