@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,14 @@ import pytest
 from websockets.asyncio.client import connect
 
 from server.api.identity import Identities
-from server.devtools.processes import SESSION_SECRET, Process, Service
+from server.devtools.processes import SESSION_SECRET, Process
 from server.domain import waitingroom
 from server.domain.clock import now_ms
 from server.domain.executor import Executor
 from server.infra.settings import Settings
 from server.storage.database import Store
 from tests.support import assert_invariant, assert_reconciled, eventually, stats
-from tests.test_live import Socket
+from tests.test_live import Socket, two_services
 
 pytestmark = pytest.mark.slow
 
@@ -54,20 +52,6 @@ SETTINGS = {
     "MAX_CONNECTIONS_PER_CLIENT": "10000",
     "LOG_LEVEL": "INFO",
 }
-
-
-@contextmanager
-def two_services(database_url: str, redis_url: str, logs: Path) -> Iterator[list[Service]]:
-    """Two web services (one process each) on one database and Redis, and one worker."""
-    first = Service(database_url, redis_url, logs / "a", web_concurrency=1, **SETTINGS)
-    second = Service(database_url, redis_url, logs / "b", web_concurrency=1, **SETTINGS)
-    try:
-        first.start(worker=True)
-        second.start(worker=False)
-        yield [first, second]
-    finally:
-        second.stop()
-        first.stop()
 
 
 async def holder_pid(store: Store) -> int | None:
@@ -119,7 +103,8 @@ async def test_a_sale_through_the_room_with_the_admitting_process_killed(
     identities = Identities(Settings(session_secret=SESSION_SECRET))
     people = [identities.new_anonymous() for _ in range(TICKETS)]  # (shopper id, token)
     token_of = dict(people)
-    with two_services(database_url, redis_url, tmp_path) as services:
+    # Two web services (one process each) and one worker, started together.
+    with two_services(database_url, redis_url, tmp_path, worker=True, **SETTINGS) as services:
         alive = list(services)
         later = (datetime.now(UTC) + timedelta(minutes=20)).isoformat()  # the room is open
         product = await services[0].new_product(STOCK, queue="fifo", saleStartsAt=later)
