@@ -1327,6 +1327,75 @@ async def test_a_stock_message_of_a_version_far_ahead_is_undone_by_the_next_relo
     assert catalog.apply(dataclasses.replace(now, available_stock=2, version=now.version + 1))
 
 
+async def _rename(store: Store, product_id: int, name: str) -> None:
+    """The product's row changed in the database (a new name, its version up one) with no
+    frame published: what the periodic reload is there to catch."""
+
+    async def write(conn: Any) -> None:
+        await conn.execute(
+            "UPDATE products SET name = :name, version = version + 1 WHERE id = :id",
+            {"name": name, "id": product_id},
+        )
+
+    await store.write(write)
+
+
+async def test_the_periodic_reload_reads_whole_only_the_products_that_differ(
+    store: Store,
+) -> None:
+    """The periodic reload (`whole=False`) reads every version and whole only the rows that
+    differ, or that the catalog has only patched from a stock frame: a row changed with no
+    frame is caught, and so is one whose stock frame came at the row's own version with
+    the rest of the row (its new name) not in it."""
+    first = await make_product(store, 3)
+    second = await make_product(store, 4)
+    catalog = Catalog()
+    await catalog.reload(store)
+    assert await catalog.reload(store, whole=False) == []
+    await _rename(store, first.id, "renamed")
+    changed = await catalog.reload(store, whole=False)
+    assert [(p.id, p.name) for p in changed] == [(first.id, "renamed")]
+    # A stock frame at the version the database has already: the catalog has the version
+    # but not the row's new name; the next periodic reload reads it whole.
+    await _rename(store, second.id, "also renamed")
+    assert catalog.apply_stock(second.id, 4, second.version + 1)
+    patched = catalog.get(second.id)
+    assert patched is not None
+    assert (patched.name, patched.version) == (second.name, second.version + 1)
+    changed = await catalog.reload(store, whole=False)
+    assert [(p.id, p.name) for p in changed] == [(second.id, "also renamed")]
+    # Read whole and the same: not read again.
+    assert await catalog.reload(store, whole=False) == []
+
+
+async def test_the_periodic_reload_passes_on_only_the_stock_that_moved(store: Store) -> None:
+    """After a subscribe every product's stock goes to the listeners; the periodic reload
+    gives only the products whose version moved since (the hub has the others' already),
+    and a product frame for a row the catalog had not seen."""
+    made = [await make_product(store, 2) for _ in range(3)]
+    catalog = Catalog()
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    subscriber = Subscriber(redis, store, catalog)  # type: ignore[arg-type]
+    heard: list[tuple[str, int]] = []
+
+    def hear(frame: dict[str, Any], raw: bytes, news: object) -> None:
+        product_id = frame["productId"] if frame["type"] == "stock" else frame["product"]["id"]
+        heard.append((frame["type"], product_id))
+
+    subscriber.listen(hear)
+    await subscriber._resync()
+    assert sorted(t for t in heard if t[0] == "stock") == [("stock", p.id) for p in made]
+    heard.clear()
+    await subscriber._resync(whole=False)
+    assert heard == []
+    await _rename(store, made[1].id, "renamed")
+    await subscriber._resync(whole=False)
+    assert heard == [("product", made[1].id), ("stock", made[1].id)]
+    heard.clear()
+    await subscriber._resync()  # a subscribe again: everything
+    assert sorted(t for t in heard if t[0] == "stock") == [("stock", p.id) for p in made]
+
+
 async def test_a_detached_task_is_kept_until_it_ends() -> None:
     """The hub's tasks left to finish on their own (a socket's close, a join's answer)
     are kept until they end: the event loop holds a task only weakly, and one waiting on a

@@ -1568,6 +1568,33 @@ async def list_products(conn: Executor) -> list[Product]:
     return [Product.from_row(row) for row in rows]
 
 
+async def product_versions(conn: Executor) -> dict[int, int]:
+    """Every product's version, `{product id: version}`: what the catalog's periodic reload
+    compares with its own, to read whole only the rows that differ. On a month of history
+    (10,000 products) building every row as a `Product` took ~90 ms of the web's event loop
+    every 5 s, in one piece (`Catalog.reload`)."""
+    rows = await conn.fetch_all("SELECT id, version FROM products")
+    return {int(row["id"]): int(row["version"]) for row in rows}
+
+
+# How many ids one `get_products` statement names.
+PRODUCTS_CHUNK = 500
+
+
+async def get_products(conn: Executor, product_ids: Sequence[int]) -> list[Product]:
+    """The products among `product_ids` that exist, by id (in statements of PRODUCTS_CHUNK
+    ids)."""
+    ordered = sorted(set(product_ids))
+    products: list[Product] = []
+    for at in range(0, len(ordered), PRODUCTS_CHUNK):
+        listed, names = in_list("p", ordered[at : at + PRODUCTS_CHUNK])
+        rows = await conn.fetch_all(
+            f"SELECT {PRODUCT} FROM products WHERE id IN ({listed}) ORDER BY id", names
+        )
+        products.extend(Product.from_row(row) for row in rows)
+    return products
+
+
 async def get_reservation(conn: Executor, reservation_id: str) -> Reservation | None:
     row = await conn.fetch_one(
         f"SELECT {RESERVATION} FROM reservations WHERE id = :id", {"id": reservation_id}

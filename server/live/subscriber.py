@@ -56,6 +56,9 @@ class Subscriber:
         self._channel = events_channel(database_of(redis))
         self._store = store
         self._catalog = catalog
+        # Each product's version the last stock frame of `_resync` gave the listeners: a
+        # periodic reload passes on only the products whose version moved since.
+        self._told: dict[int, int] = {}
         self._listeners: list[FrameListener] = []
         self._task: asyncio.Task[None] | None = None
         self._reloader: asyncio.Task[None] | None = None
@@ -159,22 +162,32 @@ class Subscriber:
             except Exception:
                 logger.exception("live updates: a listener failed")
 
-    async def _resync(self) -> None:
-        """Catch up with what was published while we were not subscribed.
+    async def _resync(self, *, whole: bool = True) -> None:
+        """Catch up with what was published while we were not subscribed (`whole`: after
+        every subscribe), or with a frame missed while subscribed (every RELOAD_SECONDS).
 
-        Every product's stock is passed on, not only what the catalog had not seen: this
-        process's own commits reach its catalog at once but its sockets only through Redis,
-        so a change committed while Redis was away is in the catalog and on no page. The
-        listeners drop what they have already sent, by version. A product the catalog took
-        back from the database (`Catalog.reload`'s resets: a restored database, or a
-        version far ahead from a faulty peer undone) goes as a `product` frame marked
-        `reset`: the hub and the pages take it, and the product's frames from it, whatever
-        versions they told or hold."""
+        After a subscribe every product's stock is passed on, not only what the catalog had
+        not seen: this process's own commits reach its catalog at once but its sockets only
+        through Redis, so a change committed while Redis was away is in the catalog and on
+        no page. The periodic reload reads whole only the rows whose version differs from
+        the catalog's (`Catalog.reload`) and passes on the stock of every product whose
+        version moved since the last stock frame given here: the same frames, without
+        building and sending 10,000 unchanged ones every 5 s on a month of history (~90 ms
+        of the event loop in one piece, the waiting room's joins before a start waiting
+        behind it). The listeners drop what they have already sent, by version. A product
+        the catalog took back from the database (`Catalog.reload`'s resets: a restored
+        database, or a version far ahead from a faulty peer undone) goes as a `product`
+        frame marked `reset`: the hub and the pages take it, and the product's frames from
+        it, whatever versions they told or hold."""
         resets: set[int] = set()
-        for product in await self._catalog.reload(self._store, resets=resets):
+        for product in await self._catalog.reload(self._store, resets=resets, whole=whole):
             frame = product_frame(product, reset=product.id in resets)
             self._emit(frame, to_json(frame))
+        told = self._told
         for product in self._catalog.all():
+            if not whole and told.get(product.id) == product.version:
+                continue
+            told[product.id] = product.version
             frame = stock_frame(product)
             self._emit(frame, to_json(frame))
 
@@ -182,7 +195,7 @@ class Subscriber:
         while True:
             await asyncio.sleep(RELOAD_SECONDS)
             try:
-                await self._resync()
+                await self._resync(whole=False)
             except StorageError as exc:
                 logger.warning("catalog reload failed: %s", exc)
             except Exception:

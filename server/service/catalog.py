@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from server.domain.inventory import list_products
+from server.domain.inventory import get_products, list_products, product_versions
 from server.domain.model import Product
 from server.infra.logs import RareLog
 from server.storage.database import Store
@@ -77,6 +77,9 @@ class Catalog:
         # its start moves. Read 4 times a second by the collector's quiet spells
         # (server/infra/gcpauses.py), which must not walk 10,000 products to find them.
         self._starts: frozenset[int] | None = None
+        # Products whose state here was patched from a stock frame (`apply_stock`), not
+        # read whole: the periodic reload reads them whole again even at an equal version.
+        self._patched: set[int] = set()
         self._resets = RareLog(logger, RESET_LOG_SECONDS)
 
     def get(self, product_id: int) -> Product | None:
@@ -106,12 +109,15 @@ class Catalog:
         At equal versions a whole row wins over a view patched from a stock frame."""
         current = self._products.get(product.id)
         if current is not None and (current.version > product.version or current == product):
+            if current == product:
+                self._patched.discard(product.id)  # the whole row says the same
             return False
         if current is None:
             self._ids = None
         if current is None or current.sale_starts_at != product.sale_starts_at:
             self._starts = None
         self._products[product.id] = product
+        self._patched.discard(product.id)
         self._views.pop(product.id, None)
         self._json.pop(product.id, None)
         self._view_json.pop(product.id, None)
@@ -127,18 +133,33 @@ class Catalog:
         if current is None or current.version >= version:
             return False
         held_units = current.held_units if held is None else held
-        return self.apply(
-            replace(current, available_stock=available, held_units=held_units, version=version)
+        patched = replace(
+            current, available_stock=available, held_units=held_units, version=version
         )
+        if not self.apply(patched):
+            return False
+        self._patched.add(product_id)
+        return True
 
-    async def reload(self, store: Store, *, resets: set[int] | None = None) -> list[Product]:
+    async def reload(
+        self, store: Store, *, resets: set[int] | None = None, whole: bool = True
+    ) -> list[Product]:
         """Read every product; returns those that were newer than what we had, and those
         the database has more than VERSION_RESET versions below ours (taken as they are
         there: the database is the truth; logged at most once a minute), whose ids are
         added to `resets` when given: what was told of them (the pages' versions) is to be
-        taken back too (`server.live.subscriber.Subscriber._resync`)."""
+        taken back too (`server.live.subscriber.Subscriber._resync`).
+
+        `whole=False` (the periodic reload): every product's version is read, and only the
+        rows that differ from ours, or that we have only patched from a stock frame, are
+        read whole; the same products are returned and reset as by a whole read."""
         async with store.reader() as conn:
-            products = await list_products(conn)
+            if whole:
+                products = await list_products(conn)
+            else:
+                versions = await product_versions(conn)
+                stale = [i for i, version in versions.items() if self._stale(i, version)]
+                products = await get_products(conn, stale) if stale else []
         changed = []
         for product in products:
             current = self._products.get(product.id)
@@ -156,6 +177,11 @@ class Catalog:
             if self.apply(product):
                 changed.append(product)
         return changed
+
+    def _stale(self, product_id: int, version: int) -> bool:
+        """Whether the database's row at `version` may say what ours does not."""
+        current = self._products.get(product_id)
+        return current is None or current.version != version or product_id in self._patched
 
     def view(self, product: Product) -> dict[str, Any]:
         """The product's JSON view, rendered once per version."""
