@@ -1752,6 +1752,32 @@ async def test_a_second_delete_of_an_endpoint_never_deletes_the_next_one_made(
     )
 
 
+async def test_an_endpoint_the_counter_did_not_give_its_id_leaves_registration_working(
+    store: Store,
+) -> None:
+    """An endpoint row whose id the counter did not give (the release before migration
+    0020 registering `MAX(id) + 1` beside this one in a rolling deploy, a restored or
+    hand-made row) left the counter behind: every registration after it took the counter's
+    next id, hit the primary key and was a 500, the counter rolled back with it, for good
+    (the attacker's review, 12-02). The next id is past both."""
+    hooks = Webhooks(store)
+    first = await hooks.create(url="https://shop.example/a", events=[], description="")
+
+    async def the_old_release_registers(conn: Any) -> None:
+        await conn.execute(
+            "INSERT INTO webhook_endpoints (id, url, description, events, secret, enabled, "
+            "created_at, updated_at) SELECT COALESCE(MAX(id), 0) + 1, 'https://shop.example/b', "
+            "'', '', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 1, 0, 0 FROM webhook_endpoints",
+        )
+
+    for _ in range(2):
+        await store.write(the_old_release_registers)
+    after = await hooks.create(url="https://shop.example/c", events=[], description="")
+    assert after.id == first.id + 3
+    again = await hooks.create(url="https://shop.example/d", events=[], description="")
+    assert again.id == after.id + 1
+
+
 @pytest.fixture
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A database as the release before the counter of endpoint ids left it (0019)."""

@@ -177,10 +177,15 @@ async def create_endpoint(
     # The id from the counter (migration 0020), never one an endpoint had before: with
     # `MAX(id) + 1` the next endpoint after the newest was deleted took its id, and a
     # second DELETE of the old one deleted it. On PostgreSQL the counter row's lock, held
-    # to commit, takes registrations one at a time.
+    # to commit, takes registrations one at a time. The counter never falls behind a row
+    # it did not give (one registered by the release before 0020 still running beside
+    # this one, a restored or hand-made row): the id is past both, or every registration
+    # would hit the primary key, a 500, until the counter was mended by hand (the
+    # attacker's review, 12-02). MAX(id) is one seek of the primary key.
+    top = "(SELECT COALESCE(MAX(id), 0) FROM webhook_endpoints)"
     counted = await conn.fetch_one(
-        "UPDATE id_counters SET last_id = last_id + 1 WHERE name = 'webhook_endpoints' "
-        "RETURNING last_id"
+        f"UPDATE id_counters SET last_id = 1 + CASE WHEN last_id >= {top} THEN last_id "
+        f"ELSE {top} END WHERE name = 'webhook_endpoints' RETURNING last_id"
     )
     assert counted is not None, "migration 0020 makes the counter's row"
     row = await conn.fetch_one(
