@@ -204,6 +204,7 @@ BAD_IDS = [
     ("0", '"0" was sent'),
     (",".join(map(str, range(1, 102))), '"1,2,3,'),
     ("1%002", '"1\\x002" was sent'),
+    ("3,8&ids=9", "ids: was sent 2 times; send it once"),
 ]
 
 

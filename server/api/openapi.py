@@ -125,8 +125,8 @@ operator endpoint does not list is 400 `invalid_request`, naming it.
 JSON text frames. On connect the server sends a `snapshot` of every product, then a
 `stock` frame whenever a product's stock changes and a `product` frame when one is created
 or restocked. `/ws?ids=3,8,9` (at most {schemas.MAX_PRODUCT_IDS} ids): only those products, in the
-snapshot and after (ids that are not such a list: an `invalid_ids` error frame and close
-1008). A client that sends `{{"type": "watch", "reservations": [id, …]}}` (at most
+snapshot and after (ids that are not such a list, or `ids` sent twice: an `invalid_ids` error
+frame and close 1008). A client that sends `{{"type": "watch", "reservations": [id, …]}}` (at most
 50 ids; it replaces the previous list) gets a `reservation` frame with each hold's state at
 once and whenever its status changes. A page whose shopper waits for a product's waiting
 room may join it over its socket, `{{"type": "join", "productId": 3}}`: answered with the

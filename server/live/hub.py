@@ -1574,7 +1574,8 @@ async def live_updates(websocket: WebSocket) -> None:
 
     `/ws?ids=3,8,9`: only those products, in the snapshot and after (a page that shows a
     few products of 10,000 need not take a 1.35 MB snapshot). Ids that are not a list of
-    at most `MAX_PRODUCT_IDS` get an `error` frame (`invalid_ids`) and close 1008."""
+    at most `MAX_PRODUCT_IDS`, or `ids` sent twice, get an `error` frame (`invalid_ids`)
+    and close 1008."""
     app = websocket.app
     hub: Hub = app.state.hub
     if not origin_allowed(websocket, app.state.settings.cors_origins):
@@ -1582,8 +1583,13 @@ async def live_updates(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     products = None
-    if (ids := websocket.query_params.get("ids")) is not None:
+    # Every value, not the last: `?ids=3,8&ids=9` watched product 9 alone, where the API
+    # refuses a parameter sent twice (`parse_params`).
+    if given := websocket.query_params.getlist("ids"):
+        ids = given[-1]
         try:
+            if len(given) > 1:
+                raise ValueError(f"was sent {len(given)} times; send it once")
             products = parse_product_ids(ids)
         except ValueError as exc:
             sent = loggable(ids, SHOWN_CHARS)
