@@ -1471,6 +1471,14 @@ async def test_a_join_over_a_socket_is_timed_from_its_read_to_its_answer(store: 
     client.answering = None
     assert hub.take_join(client, f'{{"type":"join","productId":{product.id}}}')
     assert _joins_observed()[0] == count + 2
+    # And one refused for the socket's rate (its error frame is its answer), as the
+    # socket's task times the same refusal.
+    client.answering = None
+    while client.may_send():
+        pass
+    assert hub.take_join(client, f'{{"type":"join","productId":{product.id}}}')
+    assert any('"rate_limited"' in text for text in socket.sent)
+    assert _joins_observed()[0] == count + 3
 
 
 def paced(hub: Hub) -> bool:

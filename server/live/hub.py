@@ -830,6 +830,9 @@ class Hub:
             if _refused(client, "rate_limited", refusal):
                 self.leave(client)
                 _detach(_close_malformed(client.websocket))
+            # Counted as the socket's task counts its refusal (`_handle`): an error frame
+            # is an answer too.
+            join_answered(read_at)
             return True
         try:
             joining = room.join_soon(product, shopper)
