@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 
 import pytest
 from pydantic_core import to_json
+from starlette.datastructures import QueryParams
 from starlette.websockets import WebSocketState
 from websockets.frames import Frame, Opcode
 
 from server.domain import waitingroom
 from server.domain.clock import now_ms, parse_iso
+from server.domain.model import Product
 from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
 from server.infra.metrics import DEFERRED, QUEUE_JOIN_DURATION
 from server.live import hub as live
@@ -229,13 +231,9 @@ async def test_a_join_whose_line_cannot_be_read_is_answered_unavailable() -> Non
     await eventually(lambda: _true(positions(socket) == [2]), what="the ticket, told later")
 
 
-async def test_a_join_taken_once_the_joins_have_stopped_is_answered_unavailable(
-    store: Store,
-) -> None:
-    """A join taken in the socket's protocol (`take_join`) after the process's joins have
-    stopped (it is shutting down: `WaitingRoom.stop`) is answered with an `unavailable`
-    error frame naming the product, and nothing is made. The RuntimeError of the stopped
-    batcher escaped the protocol's `data_received` before, which closes the connection."""
+async def _fifo_room(store: Store) -> tuple[Product, Catalog, WaitingRoom]:
+    """A product of 3 units with a `fifo` room, in the database and in a catalog, and its
+    process's waiting room, started (the caller stops it)."""
     product = await make_product(store, 3)
     await store.write(
         lambda conn: conn.execute(
@@ -246,6 +244,17 @@ async def test_a_join_taken_once_the_joins_have_stopped_is_answered_unavailable(
     catalog.apply(dataclasses.replace(product, queue="fifo"))
     room = WaitingRoom(store, publish=lambda news: None, opens_ms=0, catalog=catalog)
     await room.start()
+    return product, catalog, room
+
+
+async def test_a_join_taken_once_the_joins_have_stopped_is_answered_unavailable(
+    store: Store,
+) -> None:
+    """A join taken in the socket's protocol (`take_join`) after the process's joins have
+    stopped (it is shutting down: `WaitingRoom.stop`) is answered with an `unavailable`
+    error frame naming the product, and nothing is made. The RuntimeError of the stopped
+    batcher escaped the protocol's `data_received` before, which closes the connection."""
+    product, catalog, room = await _fifo_room(store)
     await room.stop()
     hub = Hub(catalog, max_clients=10, room=room)
     socket = Socket()
@@ -807,7 +816,7 @@ class TalkingSocket(Socket):
         super().__init__()
         self.scope = {"extensions": {}, "client": ("203.0.113.9", 5000)}
         self.headers: dict[str, str] = {}
-        self.query_params: dict[str, str] = {}
+        self.query_params = QueryParams("")  # Starlette's own: `/ws` reads `getlist("ids")`
         self._messages = list(messages)
         self.taken = 0
         self.done = asyncio.Event()
@@ -1434,16 +1443,7 @@ async def test_a_join_over_a_socket_is_timed_from_its_read_to_its_answer(store: 
     its batch's transaction included; one observation per join answered, a refused one
     too. The waiting room's bench reads it beside the time its shoppers see, to tell the
     server's part from the kernel's and the load generator's."""
-    product = await make_product(store, 3)
-    await store.write(
-        lambda conn: conn.execute(
-            "UPDATE products SET queue = 'fifo' WHERE id = :p", {"p": product.id}
-        )
-    )
-    catalog = Catalog()
-    catalog.apply(dataclasses.replace(product, queue="fifo"))
-    room = WaitingRoom(store, publish=lambda news: None, opens_ms=0, catalog=catalog)
-    await room.start()
+    product, catalog, room = await _fifo_room(store)
     try:
         hub = Hub(catalog, max_clients=10, room=room)
         socket = Socket()
