@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -1505,3 +1505,141 @@ async def test_an_empty_room_is_read_again_only_after_news_of_it(
     await asyncio.sleep(0.2)
     await service.counts(None)
     assert reads == 2 * len(rooms) + 1
+
+
+class AskingBeforeCountingPasses(Store):
+    """The admitting process's Store: once `armed`, its first write that counts the passes
+    out (the admission step's `SELECT COUNT(*)` of `admitted` tickets) calls `meanwhile`
+    just before that statement, with the step's transaction open: how a test lines up
+    another process's transaction between two statements of an admission step. On SQLite
+    the step runs on the writer's thread, which may only wait on the database: `meanwhile`
+    is run on the test's loop and waited for there."""
+
+    def __init__(self, url: str, meanwhile: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        super().__init__(url)
+        self._meanwhile = meanwhile
+        self.armed = False  # True: the next step is asked
+        self.asked = False
+
+    async def write(self, work: Any, *, index_order: bool = False) -> Any:
+        outer = self
+        loop = asyncio.get_running_loop()
+
+        class Asking:
+            def __init__(self, conn: Executor) -> None:
+                self._conn = conn
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._conn, name)
+
+            async def fetch_one(self, sql: str, values: Values | None = None) -> Any:
+                counting = (
+                    sql.startswith("SELECT COUNT(*) AS n FROM queue_tickets")
+                    and (values or {}).get("state") == TicketState.ADMITTED.value
+                )
+                if counting and outer.armed and not outer.asked:
+                    outer.asked = True
+                    if outer.is_sqlite:
+                        asyncio.run_coroutine_threadsafe(outer._meanwhile(), loop).result(10)
+                    else:
+                        await outer._meanwhile()
+                return await self._conn.fetch_one(sql, values)
+
+        return await super().write(lambda conn: work(Asking(conn)), index_order=index_order)
+
+
+async def test_reservations_committed_during_an_admission_step_never_admit_more_than_the_units(
+    database_url: str,
+) -> None:
+    """README, "The waiting room": the room admits as long as the units the admitted but not
+    yet reserved shoppers could take stay within what is available. A step read the
+    product's units, then counted the passes out; on PostgreSQL (READ COMMITTED: each
+    statement sees what committed before it) a batch of reservations that committed between
+    the two was counted as passes used but not as units taken, and that many more shoppers
+    were admitted than there were units (a bench run, 2026-12-02: 183 admitted for 100,
+    83 of them refused `insufficient_stock`). Here 10 units, 10 passes out, and a web
+    process's reservations by 6 of them sent between the two statements of the next step:
+    they wait for the step (PostgreSQL: the product's row lock; SQLite: the write lock,
+    refused at once and sent again after it), and no pass is added."""
+    shop = Store(database_url, busy_timeout_ms=0 if database_url.startswith("sqlite") else 5_000)
+    await shop.connect()
+    reserving: list[asyncio.Task[list[inventory.Held | Exception]]] = []
+    refused_busy: list[bool] = []
+    reserved_by = [f"anon:s{i:05d}" for i in range(6)]
+
+    async def reserve_all(now: int) -> list[inventory.Held | Exception]:
+        outcomes, _ = await shop.write(
+            lambda conn: inventory.reserve(
+                conn,
+                [HoldRequest(product.id, 1, shopper_id=s) for s in reserved_by],
+                now=now,
+                hold_ms=HOLD_MS,
+            )
+        )
+        return [o.error if o.error is not None else o.result() for o in outcomes]
+
+    async def waiting_for_a_lock() -> bool:
+        async with shop.reader() as conn:
+            row = await conn.fetch_one(
+                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+        return row is not None and int(row["n"]) > 0
+
+    async def meanwhile() -> None:
+        """The web process's reservations, sent now: committed, or waiting for the step."""
+        task = asyncio.create_task(reserve_all(START + 2))
+        reserving.append(task)
+        if shop.is_sqlite:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            refused_busy.append(task.done() and task.exception() is not None)
+            return
+        await eventually(
+            lambda: _either(task.done(), waiting_for_a_lock),
+            within=10,
+            what="the reservations committed, or waiting for the admission step",
+        )
+
+    admitter = AskingBeforeCountingPasses(database_url, meanwhile)
+    await admitter.connect()
+    try:
+        product = await room(admitter, 10)
+        await join_many(admitter, product.id, shoppers(30), at=START - 1000)
+        first = await admitter.write(
+            lambda conn: waitingroom.admit(
+                conn, product.id, now=START, pass_ms=PASS_MS, holder="a", lease_ms=2_000
+            )
+        )
+        assert len(first.admitted) == 10
+        admitter.armed = True
+        second = await admitter.write(
+            lambda conn: waitingroom.admit(
+                conn, product.id, now=START + 3, pass_ms=PASS_MS, holder="a", lease_ms=2_000
+            )
+        )
+        assert admitter.asked
+        if shop.is_sqlite:
+            # SQLite's write lock fences the whole step: the reservations could not commit
+            # in it; they are sent again after it.
+            assert refused_busy == [True]
+            held = await reserve_all(START + 4)
+        else:
+            held = await asyncio.wait_for(reserving[0], 10)
+        assert all(isinstance(h, inventory.Held) for h in held), held
+        async with admitter.reader() as conn:
+            after = await inventory.get_product(conn, product.id)
+            passes = (await waitingroom.room_counts(conn, product.id))[1]
+        assert after is not None
+        assert (after.available_stock, after.held_units) == (4, 6)
+        assert passes <= after.available_stock, (
+            f"{passes} passes out for {after.available_stock} units available"
+        )
+        assert second.admitted == []
+        await assert_invariant(admitter, product.id)
+    finally:
+        for task in reserving:
+            task.cancel()
+        await asyncio.gather(*reserving, return_exceptions=True)
+        await admitter.close()
+        await shop.close()

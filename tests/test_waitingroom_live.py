@@ -84,6 +84,20 @@ async def in_state(store: Store, product_id: int, *states: str) -> list[str]:
     return [str(row["shopper_id"]) for row in rows]
 
 
+async def passes_and_units(store: Store, product_id: int) -> tuple[int, int]:
+    """The passes out (tickets `admitted`) and the units available, in one statement: one
+    snapshot, so that a reservation (a pass used, a unit taken) is in both or neither."""
+    async with store.reader() as conn:
+        row = await conn.fetch_one(
+            "SELECT (SELECT COUNT(*) FROM queue_tickets WHERE product_id = :p "
+            "AND state = 'admitted') AS passes, "
+            "(SELECT available_stock FROM products WHERE id = :p) AS available",
+            {"p": product_id},
+        )
+    assert row is not None
+    return int(row["passes"]), int(row["available"])
+
+
 async def tickets_by_state(store: Store, product_id: int) -> dict[str, list[str]]:
     async with store.reader() as conn:
         rows = await conn.fetch_all(
@@ -241,6 +255,10 @@ async def test_a_sale_through_the_room_with_the_admitting_process_killed(
                         continue  # its process was killed: the page tries again elsewhere
 
             async def admitted_now() -> bool:
+                # Never more admitted than there are units for (README, "The waiting room":
+                # a pass per unit available, admitFactor 1.0), at every moment looked at.
+                passes, units = await passes_and_units(store, pid)
+                assert passes <= units, f"{passes} passes out for {units} units available"
                 for shopper in await in_state(store, pid, "admitted"):
                     if shopper not in seen:
                         seen.add(shopper)

@@ -495,6 +495,15 @@ async def _take_all(
     )
 
 
+async def lock_product(conn: Executor, product_id: int) -> Product | None:
+    """The product's row as it is now, locked until the caller's transaction ends
+    (`_lock_product`; on SQLite the transaction holds the database's write lock already):
+    no other transaction can change its stock meanwhile. None when there is no such
+    product. Take it after any ticket or hold rows the transaction locks (lock order:
+    docs/design.md §4)."""
+    return await _lock_product(conn, product_id)
+
+
 async def _lock_product(
     conn: Executor, product_id: int, *, no_room: bool = False
 ) -> Product | None:

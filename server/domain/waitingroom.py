@@ -23,8 +23,9 @@ step counts the line. Redis only carries the news (`RoomChanged`, after commit).
 - `admit` is one process's step for one product (the lease holder's: `take_lease` fences
   each step): lapse the passes that ran out (and renew those out while the sale is paused
   or its start was moved later: they cannot be used then), expire the product's overdue
-  holds, then admit from the head of the line as many as the units available allow
-  (`ceil(available × admit_factor / units per pass)`, less the passes already out), or,
+  holds, then, under the product's row lock, admit from the head of the line as many as
+  the units available allow (`ceil(available × admit_factor / units per pass)`, less the
+  passes already out, both read under that lock), or,
   when nothing is available and nothing held, close the room: every open ticket ends
   `sold_out`. A room switched `off` is closed the same way, `CLOSE_BATCH` tickets a step.
 - `take_passes` is the gate, in the reservation's own transaction: a valid pass of the same
@@ -32,8 +33,10 @@ step counts the line. Redis only carries the news (`RoomChanged`, after commit).
   passes of requests that then got no stock, in the same transaction.
 
 Locks (PostgreSQL): a reservation takes its shoppers' ticket rows before the product's row;
-the admission lapses passes (ticket rows) before it touches the product, and its later
-UPDATEs of tickets touch only `waiting` ones, which no reservation locks.
+the admission lapses passes (ticket rows) and expires overdue holds before it locks the
+product's row, and reads the units available and counts the passes out under that lock
+(so that no reservation commits between the two); its later UPDATEs of tickets touch only
+`waiting` ones, which no reservation locks.
 """
 
 from __future__ import annotations
@@ -1068,19 +1071,43 @@ async def admit(
         if product.available_stock <= 0 and product.held_units <= 0:
             step.closed = await _close(conn, product_id, now=now)
         else:
-            out = await _count(conn, product_id, TicketState.ADMITTED)
-            room = passes_for(product) - out
-            if room > 0:
-                step.admitted = await _tickets_where(
-                    conn,
-                    "UPDATE queue_tickets SET state = 'admitted', admitted_at = :now, "
-                    "pass_expires_at = :until WHERE product_id = :p "
-                    "AND shopper_id IN (SELECT shopper_id FROM queue_tickets "
-                    "WHERE product_id = :p AND state = 'waiting' "
-                    f"ORDER BY place, shopper_id LIMIT :n) AND {STILL_WAITING}",
-                    {"p": product_id, "now": now, "until": now + pass_ms, "n": room},
-                )
+            step.admitted = await _admit_head(conn, step, now=now, pass_ms=pass_ms)
     return await _counted(conn, step)
+
+
+async def _admit_head(conn: Executor, step: Admission, *, now: int, pass_ms: int) -> list[Ticket]:
+    """Admit from the head of the line as many as the units available allow, less the
+    passes out, both read under the product's row lock (`inventory.lock_product`), so that
+    they are of one moment: a reservation uses its pass (its ticket `reserved`) and takes
+    its units in one transaction, but on PostgreSQL (READ COMMITTED) each statement sees
+    the commits made before it, and a batch of 83 reservations that committed between a
+    read of the product and the count of the passes was counted as 83 passes fewer out but
+    not as 83 units fewer available: 83 shoppers too many admitted for 100 units (a bench
+    run, 2026-12-02). Locked, the row cannot change until the step commits, and a
+    reservation whose pass is used but not yet committed waits for it with its pass still
+    counted out. Taken after the step lapsed passes and expired holds (tickets and holds
+    before the product, the order every transaction takes them in), and before it changes
+    only `waiting` tickets, which no reservation locks. (Closing the room takes no lock:
+    it ends `admitted` tickets too, which a reservation waiting for the product may hold.)
+    On SQLite the write lock is already held."""
+    assert step.product is not None
+    product = await inventory.lock_product(conn, step.product.id)
+    if product is None:
+        return []
+    step.product = product
+    out = await _count(conn, product.id, TicketState.ADMITTED)
+    room = passes_for(product) - out
+    if room <= 0:
+        return []
+    return await _tickets_where(
+        conn,
+        "UPDATE queue_tickets SET state = 'admitted', admitted_at = :now, "
+        "pass_expires_at = :until WHERE product_id = :p "
+        "AND shopper_id IN (SELECT shopper_id FROM queue_tickets "
+        "WHERE product_id = :p AND state = 'waiting' "
+        f"ORDER BY place, shopper_id LIMIT :n) AND {STILL_WAITING}",
+        {"p": product.id, "now": now, "until": now + pass_ms, "n": room},
+    )
 
 
 async def _counted(conn: Executor, step: Admission) -> Admission:
