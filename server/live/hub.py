@@ -848,7 +848,7 @@ class Hub:
             return True
         client.join_read_at = read_at
         client.answering = asyncio.get_running_loop().create_future()
-        self._joins_taken += 1
+        self.count_join()
         joining.add_done_callback(functools.partial(self._answer_join, client, product_id))
         return True
 
