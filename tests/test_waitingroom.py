@@ -1643,3 +1643,72 @@ async def test_reservations_committed_during_an_admission_step_never_admit_more_
         await asyncio.gather(*reserving, return_exceptions=True)
         await admitter.close()
         await shop.close()
+
+
+async def test_a_waitlists_free_units_and_its_passes_out_are_read_at_one_moment(
+    database_url: str,
+) -> None:
+    """A waitlist (no start) with nobody waiting lets anyone take the units beyond what its
+    passes may (`Gate.free`). The units and the passes out were read in separate
+    statements: on PostgreSQL (READ COMMITTED) three pass holders' reservations that
+    committed in between were three passes fewer out but no units fewer, so seven walk-ins
+    took units where four were free, and the pass holders after them were refused
+    `insufficient_stock` (the attacker's review, 12-02). The reservations commit here just
+    before the gate's first read of the tickets; SQLite's write lock fences the whole
+    transaction, so they cannot (skipped there)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite's writer runs one write transaction at a time")
+    shop = Store(database_url, busy_timeout_ms=5_000)
+    other = Store(database_url, busy_timeout_ms=5_000)
+    await shop.connect()
+    await other.connect()
+    holders = shoppers(6)
+    asked = [False]
+
+    async def reserve(store: Store, who: list[str], now: int, through: Any = None) -> list[Any]:
+        outcomes, _ = await store.write(
+            lambda conn: inventory.reserve(
+                through(conn) if through else conn,
+                [HoldRequest(product.id, 1, shopper_id=s) for s in who],
+                now=now,
+                hold_ms=HOLD_MS,
+            )
+        )
+        return [o.error if o.error is not None else o.result() for o in outcomes]
+
+    class CommitsBeforeTheGate:
+        """The walk-ins' connection: the first read of tickets in their transaction (the
+        gate's) waits for three pass holders' reservations to commit."""
+
+        def __init__(self, conn: Executor) -> None:
+            self._conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+        async def fetch_one(self, sql: str, values: Values | None = None) -> Any:
+            if "FROM queue_tickets" in sql and not asked[0]:
+                asked[0] = True
+                done = await reserve(other, holders[:3], START + 5)
+                assert all(isinstance(h, inventory.Held) for h in done), done
+            return await self._conn.fetch_one(sql, values)
+
+    try:
+        product = await room(shop, 10, starts=None)
+        await join_many(shop, product.id, holders, at=START - 1000)
+        first = await shop.write(
+            lambda conn: waitingroom.admit(
+                conn, product.id, now=START, pass_ms=PASS_MS, holder="a", lease_ms=2_000
+            )
+        )
+        assert len(first.admitted) == 6  # 10 units: 4 free
+        walk_ins = [f"anon:w{i:03d}" for i in range(7)]
+        got = await reserve(shop, walk_ins, START + 6, through=CommitsBeforeTheGate)
+        assert asked[0]
+        rest = await reserve(other, holders[3:], START + 7)
+        taken = [h for h in got if isinstance(h, inventory.Held)]
+        refused = [h for h in rest if not isinstance(h, inventory.Held)]
+        assert (len(taken), refused) == (4, []), (taken, refused)
+    finally:
+        await other.close()
+        await shop.close()

@@ -792,33 +792,42 @@ async def gated(conn: Executor, product_id: int, product: Product | None = None)
     what their passes may take are anyone's (`Gate.free`). `product`: its row as this
     transaction has just read it (else it is read here)."""
     if product is None or product.id != product_id:
-        row = await conn.fetch_one(
-            "SELECT queue, sale_starts_at, max_per_shopper, available_stock FROM products "
-            "WHERE id = :p",
+        read = await conn.fetch_one(
+            "SELECT queue, sale_starts_at, max_per_shopper FROM products WHERE id = :p",
             {"p": product_id},
         )
-        if row is None:
+        if read is None:
             return None
-        queue, starts, limit = row["queue"], row["sale_starts_at"], row["max_per_shopper"]
-        available = int(row["available_stock"])
+        queue, starts, limit = read["queue"], read["sale_starts_at"], read["max_per_shopper"]
     else:
         queue, starts, limit = product.queue, product.sale_starts_at, product.max_per_shopper
-        available = product.available_stock
     if queue == "off":
         return None
     per_pass = int(limit or 1)
     if starts is not None:
         return Gate(per_pass)
-    waiting = await conn.fetch_one(
-        "SELECT 1 AS one FROM queue_tickets WHERE product_id = :p AND state = 'waiting' LIMIT 1",
+    # The units, whether anyone waits and the passes out, in one statement: on PostgreSQL
+    # (READ COMMITTED) each statement sees the commits made before it, and pass holders'
+    # reservations committed between a read of the units (`product`, or a statement of its
+    # own) and the count of passes counted as passes fewer out but not as units fewer:
+    # `Gate.free` too large by as many, walk-ins taking what the passes were promised
+    # and the pass holders refused `insufficient_stock` after (the attacker's review,
+    # 12-02). Not a lock: `take_passes` locks tickets after this, before the product.
+    row = await conn.fetch_one(
+        "SELECT available_stock, CASE WHEN EXISTS (SELECT 1 FROM queue_tickets "
+        "WHERE product_id = :p AND state = 'waiting') THEN 1 ELSE 0 END AS waiting, "
+        "(SELECT COUNT(*) FROM queue_tickets WHERE product_id = :p AND state = 'admitted') "
+        "AS admitted FROM products WHERE id = :p",
         {"p": product_id},
     )
-    if waiting is not None:
+    if row is None:
+        return None
+    if int(row["waiting"]):
         return Gate(per_pass)
-    admitted = await _count(conn, product_id, TicketState.ADMITTED)
+    admitted = int(row["admitted"])
     if admitted == 0:
         return None
-    return Gate(per_pass, max(available - admitted * per_pass, 0))
+    return Gate(per_pass, max(int(row["available_stock"]) - admitted * per_pass, 0))
 
 
 async def take_passes(
