@@ -31,6 +31,7 @@ from server.domain.model import Product
 from server.domain.waitingroom import Lineup, RoomChanged, Ticket, TicketState
 from server.infra.metrics import DEFERRED, QUEUE_JOIN_DURATION
 from server.live import hub as live
+from server.live import subscriber as subscriber_module
 from server.live.hub import MESSAGE_BURST, Hub
 from server.live.subscriber import Subscriber
 from server.live.wsprotocol import EXTENSION, prepare_text
@@ -1403,6 +1404,45 @@ async def test_the_periodic_reload_passes_on_only_the_stock_that_moved(store: St
     heard.clear()
     await subscriber._resync()  # a subscribe again: everything
     assert sorted(t for t in heard if t[0] == "stock") == [("stock", p.id) for p in made]
+
+
+async def test_a_row_at_the_catalogs_version_with_other_content_is_taken_within_a_minute(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fell back a version (a replica that lost the last commit, a restore)
+    and a new commit brought it to the catalog's version with other content: the periodic
+    reload by versions reads it never (its version is the catalog's), so every
+    RELOAD_WHOLE_EVERY-th reads every row whole and takes it (the attacker's review)."""
+    monkeypatch.setattr(subscriber_module, "RELOAD_SECONDS", 0.01)
+    monkeypatch.setattr(subscriber_module, "RELOAD_WHOLE_EVERY", 3)
+    made = await make_product(store, 5)
+    catalog = Catalog()
+    await catalog.reload(store)
+    before = catalog.get(made.id)
+    assert before is not None
+    # A commit this process saw, which the database then lost.
+    assert catalog.apply(dataclasses.replace(before, available_stock=4, version=before.version + 1))
+
+    async def write(conn: Any) -> None:  # another commit, to the same version
+        await conn.execute(
+            "UPDATE products SET available_stock = 2, held_units = 3, version = version + 1 "
+            "WHERE id = :id",
+            {"id": made.id},
+        )
+
+    await store.write(write)
+    assert await catalog.reload(store, whole=False) == []  # by versions: not seen
+    redis = types.SimpleNamespace(connection_pool=types.SimpleNamespace(connection_kwargs={}))
+    subscriber = Subscriber(redis, store, catalog)  # type: ignore[arg-type]
+    reloading = asyncio.create_task(subscriber._reload_forever())
+    try:
+        await eventually(
+            lambda: _true(getattr(catalog.get(made.id), "available_stock", None) == 2),
+            what="the database's row at the catalog's version",
+        )
+    finally:
+        reloading.cancel()
+        await asyncio.gather(reloading, return_exceptions=True)
 
 
 async def test_a_detached_task_is_kept_until_it_ends() -> None:

@@ -47,6 +47,11 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 # How often the catalog is reloaded anyway, in case a frame was missed while connected.
 RELOAD_SECONDS = 5.0
+# Every how many of those reloads one reads every row whole (the others read the versions
+# and whole only the rows whose version differs): a row at the catalog's version with other
+# content (a database fallen back a version or two, to a replica that lost the last commit
+# or a restore, then moved on) is taken within a minute, not never (the attacker's review).
+RELOAD_WHOLE_EVERY = 12
 MALFORMED_LOG_SECONDS = 60.0
 
 
@@ -164,7 +169,8 @@ class Subscriber:
 
     async def _resync(self, *, whole: bool = True) -> None:
         """Catch up with what was published while we were not subscribed (`whole`: after
-        every subscribe), or with a frame missed while subscribed (every RELOAD_SECONDS).
+        every subscribe, and every RELOAD_WHOLE_EVERY periodic reloads), or with a frame
+        missed while subscribed (every RELOAD_SECONDS).
 
         After a subscribe every product's stock is passed on, not only what the catalog had
         not seen: this process's own commits reach its catalog at once but its sockets only
@@ -192,10 +198,12 @@ class Subscriber:
             self._emit(frame, to_json(frame))
 
     async def _reload_forever(self) -> None:
+        reloads = 0
         while True:
             await asyncio.sleep(RELOAD_SECONDS)
+            reloads += 1
             try:
-                await self._resync(whole=False)
+                await self._resync(whole=reloads % RELOAD_WHOLE_EVERY == 0)
             except StorageError as exc:
                 logger.warning("catalog reload failed: %s", exc)
             except Exception:
